@@ -1,0 +1,100 @@
+//! The `fulfillment` command line: one binary, one subcommand per process kind or operator
+//! task. Exit codes: 0 success, 1 failure (or drift found), 2 usage or settings error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::settings::Settings;
+use crate::{store, telemetry};
+
+/// Publisher-side fulfillment engine for Microsoft commercial marketplace SaaS offers.
+#[derive(Debug, Parser)]
+#[command(name = "fulfillment", version, about)]
+pub struct Cli {
+    /// Settings file (TOML); overrides the defaults, and the environment overrides it.
+    #[arg(long, global = true, env = "FULFILLMENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if absent and apply the schema migrations (idempotent).
+    Migrate,
+    /// Print the subscription lifecycle diagram, derived from the state machine itself.
+    StateMachine {
+        #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
+        format: DiagramFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DiagramFormat {
+    Mermaid,
+    Dot,
+}
+
+/// Parses the command line, runs the subcommand and maps the result to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Commands that need no settings run before the settings are read.
+    if let Command::StateMachine { format } = cli.command {
+        print!("{}", render_diagram(format));
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The diagram of the lifecycle in the given format.
+pub fn render_diagram(format: DiagramFormat) -> String {
+    // Wired to fulfillment_state_machine::diagram when that crate lands.
+    format!("{format:?}\n")
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate => {
+            let report = store::migrate(&settings.database).await?;
+            if report.database_created {
+                println!("created database {}", settings.database.url);
+            }
+            if report.applied.is_empty() {
+                println!("schema up to date ({})", settings.database.url);
+            } else {
+                for migration in &report.applied {
+                    println!("applied {migration}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::StateMachine { format } => {
+            print!("{}", render_diagram(format));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

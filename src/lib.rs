@@ -1,0 +1,16 @@
+//! The publisher-side fulfillment engine for Microsoft commercial marketplace SaaS offers.
+//!
+//! Layout: the decisions live in the pure `fulfillment-state-machine` crate; this crate holds
+//! the edges around it, one module each. [`settings`] is the one typed configuration tree,
+//! [`store`] is PostgreSQL (state, event log, inbox, outbox), [`marketplace`] is the client
+//! of Microsoft's SaaS Fulfillment API v2 with its Entra token provider and retry policy,
+//! [`simulator`] is a faithful stand-in for Microsoft's side, [`telemetry`] sets up logs,
+//! and [`cli`] maps the `fulfillment` subcommands onto all of them. `main.rs` only calls
+//! [`cli::main`].
+
+pub mod cli;
+pub mod marketplace;
+pub mod settings;
+pub mod simulator;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! Client of Microsoft's SaaS Fulfillment API v2 (being written).

@@ -1,0 +1,586 @@
+//! One typed settings tree for every subcommand: built-in defaults, then an optional TOML
+//! file, then the environment.
+//!
+//! The conventional variables (`DATABASE_URL`, `AMQP_URL`, `MARKETPLACE_API_URL`,
+//! `ENTRA_AUTHORITY_URL`, `MARKETPLACE_TENANT_ID`, `MARKETPLACE_CLIENT_ID`,
+//! `MARKETPLACE_CLIENT_SECRET`, `LISTEN_ADDR`, `LOG_FORMAT`) map onto their keys; any key can
+//! also be set as `FULFILLMENT__SECTION__KEY`. Values are parsed once, here: an invalid value
+//! fails at startup with a message naming both the variable and the key. Secrets (the client
+//! secret, passwords inside connection URLs) are redacted in `Debug` output.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+use uuid::Uuid;
+
+/// The application id of Microsoft's marketplace SaaS and metering API: the token scope
+/// (`{id}/.default`) or v1 `resource` for our calls, and the `azp`/`appid` of the webhook
+/// tokens Microsoft sends us (marketplace-api.md §2.3, §6.6).
+pub const MARKETPLACE_APP_ID: &str = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7";
+
+/// Environment variables with a conventional name, and the key each one sets.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("DATABASE_URL", "database.url"),
+    ("AMQP_URL", "amqp.url"),
+    ("MARKETPLACE_API_URL", "marketplace.api_url"),
+    ("ENTRA_AUTHORITY_URL", "marketplace.entra_authority_url"),
+    ("MARKETPLACE_TENANT_ID", "marketplace.tenant_id"),
+    ("MARKETPLACE_CLIENT_ID", "marketplace.client_id"),
+    ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
+    ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
+    ("LISTEN_ADDR", "http.listen_addr"),
+    ("LOG_FORMAT", "log.format"),
+];
+
+/// The variable naming an optional settings file.
+pub const CONFIG_FILE_ENV: &str = "FULFILLMENT_CONFIG";
+
+/// Every setting, parsed.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub marketplace: MarketplaceSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct DatabaseSettings {
+    /// `postgres://…`; the database is created by `fulfillment migrate` when absent.
+    pub url: ConnectionUrl,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AmqpSettings {
+    /// `amqp://user:pass@host:port/vhost`.
+    pub url: ConnectionUrl,
+    /// Prefix of every exchange and queue name we declare, so several installations (or
+    /// tests) can share one broker.
+    pub prefix: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct MarketplaceSettings {
+    /// Base of the SaaS Fulfillment API, up to and including `/api`.
+    pub api_url: Url,
+    /// Entra authority (token endpoint and JWKS host).
+    pub entra_authority_url: Url,
+    /// The publisher's Entra tenant (Partner Center → Technical configuration).
+    pub tenant_id: Option<Uuid>,
+    /// The publisher's Entra application (client) id.
+    pub client_id: Option<Uuid>,
+    pub client_secret: Option<SecretString>,
+    pub token_endpoint: TokenEndpoint,
+    pub request_timeout: Duration,
+}
+
+/// Which Entra token endpoint to call (marketplace-api.md §2.2, §2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    /// `/{tenant}/oauth2/v2.0/token` with `scope={app}/.default`.
+    V2,
+    /// `/{tenant}/oauth2/token` with `resource={app}`.
+    V1,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub listen_addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// A connection URL whose password never reaches `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionUrl(Url);
+
+impl ConnectionUrl {
+    /// The full URL, password included: only for handing to a driver.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+
+    /// The same URL with another path (e.g. another database on the same server).
+    pub fn with_path(&self, path: &str) -> Self {
+        let mut url = self.0.clone();
+        url.set_path(path);
+        Self(url)
+    }
+
+    /// Renders the URL with the password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            // Only fails for URLs that cannot have a password, which we just saw has one.
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    }
+}
+
+impl fmt::Debug for ConnectionUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ConnectionUrl").field(&self.redacted()).finish()
+    }
+}
+
+impl fmt::Display for ConnectionUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// A setting that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid setting {key}{}: {reason}", env_hint(key))]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot read settings: {0}")]
+    Source(#[from] config::ConfigError),
+    #[error("settings file {path} does not exist (named by {CONFIG_FILE_ENV} or --config)")]
+    MissingFile { path: PathBuf },
+}
+
+fn env_hint(key: &str) -> String {
+    match ENV_KEYS.iter().find(|(_, k)| *k == key) {
+        Some((var, _)) => format!(" (environment variable {var})"),
+        None => format!(
+            " (environment variable FULFILLMENT__{})",
+            key.replace('.', "__").to_uppercase()
+        ),
+    }
+}
+
+/// The tree as read from the sources, before parsing. Field names are the keys.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawSettings {
+    database: RawDatabase,
+    amqp: RawAmqp,
+    marketplace: RawMarketplace,
+    http: RawHttp,
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawDatabase {
+    url: String,
+    max_connections: u32,
+    acquire_timeout_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAmqp {
+    url: String,
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMarketplace {
+    api_url: String,
+    entra_authority_url: String,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    token_endpoint: String,
+    request_timeout_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawHttp {
+    listen_addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawLog {
+    format: String,
+}
+
+impl Default for RawSettings {
+    fn default() -> Self {
+        Self {
+            database: RawDatabase {
+                url: "postgres://postgres@127.0.0.1:5432/fulfillment".into(),
+                max_connections: 10,
+                acquire_timeout_secs: 5,
+            },
+            amqp: RawAmqp {
+                url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+                prefix: "fulfillment".into(),
+            },
+            marketplace: RawMarketplace {
+                api_url: "https://marketplaceapi.microsoft.com/api".into(),
+                entra_authority_url: "https://login.microsoftonline.com".into(),
+                tenant_id: None,
+                client_id: None,
+                client_secret: None,
+                token_endpoint: "v2".into(),
+                request_timeout_secs: 30,
+            },
+            http: RawHttp {
+                listen_addr: "127.0.0.1:8080".into(),
+            },
+            log: RawLog {
+                format: "pretty".into(),
+            },
+        }
+    }
+}
+
+macro_rules! raw_default {
+    ($($ty:ident => $field:ident),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                RawSettings::default().$field
+            }
+        }
+    )*};
+}
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawLog => log);
+
+impl Settings {
+    /// Reads the process environment and the file it names (or `file`, which wins).
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::from_sources(file, &env)
+    }
+
+    /// Builds the settings from an explicit environment, so tests never touch the process's.
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get(CONFIG_FILE_ENV).map(PathBuf::from));
+        let mut builder = Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError::MissingFile { path });
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let prefixed: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("FULFILLMENT__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("FULFILLMENT")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(prefixed)),
+        );
+        for (var, key) in ENV_KEYS {
+            // An empty variable counts as unset, as shells and compose files often export them.
+            let value = env.get(*var).filter(|v| !v.trim().is_empty()).cloned();
+            builder = builder.set_override_option(*key, value)?;
+        }
+        let raw: RawSettings = builder.build()?.try_deserialize()?;
+        Self::parse(raw)
+    }
+
+    fn parse(raw: RawSettings) -> Result<Self, SettingsError> {
+        let database_url = parse_url("database.url", &raw.database.url)?;
+        if !matches!(database_url.scheme(), "postgres" | "postgresql") {
+            return invalid("database.url", "expected a postgres:// URL");
+        }
+        if database_url.path().trim_start_matches('/').is_empty() {
+            return invalid(
+                "database.url",
+                "the URL names no database (add /fulfillment)",
+            );
+        }
+        let amqp_url = parse_url("amqp.url", &raw.amqp.url)?;
+        if !matches!(amqp_url.scheme(), "amqp" | "amqps") {
+            return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
+        }
+        if raw.amqp.prefix.is_empty()
+            || !raw
+                .amqp
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return invalid(
+                "amqp.prefix",
+                "use letters, digits, '-', '_' or '.' (at least one)",
+            );
+        }
+        if raw.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        let marketplace = MarketplaceSettings {
+            api_url: parse_http_url("marketplace.api_url", &raw.marketplace.api_url)?,
+            entra_authority_url: parse_http_url(
+                "marketplace.entra_authority_url",
+                &raw.marketplace.entra_authority_url,
+            )?,
+            tenant_id: parse_guid("marketplace.tenant_id", raw.marketplace.tenant_id)?,
+            client_id: parse_guid("marketplace.client_id", raw.marketplace.client_id)?,
+            client_secret: raw
+                .marketplace
+                .client_secret
+                .filter(|s| !s.expose_secret().is_empty()),
+            token_endpoint: match raw.marketplace.token_endpoint.trim() {
+                "v2" | "V2" => TokenEndpoint::V2,
+                "v1" | "V1" => TokenEndpoint::V1,
+                other => {
+                    return invalid(
+                        "marketplace.token_endpoint",
+                        format!("expected v2 or v1, got {other:?}"),
+                    );
+                }
+            },
+            request_timeout: positive_secs(
+                "marketplace.request_timeout_secs",
+                raw.marketplace.request_timeout_secs,
+            )?,
+        };
+        Ok(Self {
+            database: DatabaseSettings {
+                url: ConnectionUrl(database_url),
+                max_connections: raw.database.max_connections,
+                acquire_timeout: positive_secs(
+                    "database.acquire_timeout_secs",
+                    raw.database.acquire_timeout_secs,
+                )?,
+            },
+            amqp: AmqpSettings {
+                url: ConnectionUrl(amqp_url),
+                prefix: raw.amqp.prefix,
+            },
+            marketplace,
+            http: HttpSettings {
+                listen_addr: SocketAddr::from_str(raw.http.listen_addr.trim()).map_err(|e| {
+                    SettingsError::Invalid {
+                        key: "http.listen_addr",
+                        reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:8080)"),
+                    }
+                })?,
+            },
+            log: LogSettings {
+                format: match raw.log.format.trim() {
+                    "pretty" => LogFormat::Pretty,
+                    "json" => LogFormat::Json,
+                    other => {
+                        return invalid("log.format", format!("expected pretty or json, got {other:?}"));
+                    }
+                },
+            },
+        })
+    }
+}
+
+fn invalid<T>(key: &'static str, reason: impl Into<String>) -> Result<T, SettingsError> {
+    Err(SettingsError::Invalid {
+        key,
+        reason: reason.into(),
+    })
+}
+
+fn parse_url(key: &'static str, value: &str) -> Result<Url, SettingsError> {
+    // The parse error never echoes the value, which may hold a password.
+    Url::parse(value.trim()).map_err(|e| SettingsError::Invalid {
+        key,
+        reason: format!("not a URL: {e}"),
+    })
+}
+
+fn parse_http_url(key: &'static str, value: &str) -> Result<Url, SettingsError> {
+    let url = parse_url(key, value)?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return invalid(key, "expected an http:// or https:// URL with a host");
+    }
+    Ok(url)
+}
+
+fn parse_guid(key: &'static str, value: Option<String>) -> Result<Option<Uuid>, SettingsError> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => Uuid::parse_str(v)
+            .map(Some)
+            .map_err(|_| SettingsError::Invalid {
+                key,
+                reason: format!("expected a GUID such as 72f988bf-86f1-41af-91ab-2d7cd011db47, got {v:?}"),
+            }),
+    }
+}
+
+fn positive_secs(key: &'static str, secs: u64) -> Result<Duration, SettingsError> {
+    if secs == 0 {
+        return invalid(key, "must be at least 1 second");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_point_at_local_services_and_microsoft() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(
+            s.database.url.expose(),
+            "postgres://postgres@127.0.0.1:5432/fulfillment"
+        );
+        assert_eq!(s.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(
+            s.marketplace.api_url.as_str(),
+            "https://marketplaceapi.microsoft.com/api"
+        );
+        assert_eq!(
+            s.marketplace.entra_authority_url.as_str(),
+            "https://login.microsoftonline.com/"
+        );
+        assert_eq!(s.http.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.marketplace.token_endpoint, TokenEndpoint::V2);
+        assert!(s.marketplace.tenant_id.is_none());
+    }
+
+    #[test]
+    fn conventional_variables_override_defaults() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("DATABASE_URL", "postgres://u:pw@db:5432/other"),
+                ("AMQP_URL", "amqp://a:b@mq:5672/vh"),
+                ("MARKETPLACE_API_URL", "http://127.0.0.1:8090/api"),
+                ("ENTRA_AUTHORITY_URL", "http://127.0.0.1:8090"),
+                ("MARKETPLACE_TENANT_ID", " 72f988bf-86f1-41af-91ab-2d7cd011db47 "),
+                ("MARKETPLACE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+                ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
+                ("LISTEN_ADDR", "0.0.0.0:9000"),
+                ("FULFILLMENT__AMQP__PREFIX", "test-1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://u:pw@db:5432/other");
+        assert_eq!(s.amqp.prefix, "test-1");
+        assert_eq!(s.marketplace.api_url.as_str(), "http://127.0.0.1:8090/api");
+        assert_eq!(
+            s.marketplace.tenant_id.unwrap().to_string(),
+            "72f988bf-86f1-41af-91ab-2d7cd011db47"
+        );
+        assert_eq!(
+            s.marketplace.client_secret.as_ref().unwrap().expose_secret(),
+            "s3cr3t-value"
+        );
+        assert_eq!(s.http.listen_addr.port(), 9000);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets_and_passwords() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("DATABASE_URL", "postgres://u:dbpassword@db/x"),
+                ("AMQP_URL", "amqp://a:mqpassword@mq/vh"),
+                ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
+            ]),
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        for secret in ["dbpassword", "mqpassword", "s3cr3t-value"] {
+            assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+        }
+        assert!(debug.contains("postgres://u:***@db/x"));
+    }
+
+    #[test]
+    fn invalid_values_fail_naming_the_setting() {
+        let cases = [
+            ("DATABASE_URL", "not a url", "DATABASE_URL"),
+            ("DATABASE_URL", "mysql://x/y", "database.url"),
+            ("AMQP_URL", "http://x", "AMQP_URL"),
+            ("MARKETPLACE_API_URL", "ftp://x/api", "MARKETPLACE_API_URL"),
+            ("MARKETPLACE_TENANT_ID", "contoso", "MARKETPLACE_TENANT_ID"),
+            ("MARKETPLACE_CLIENT_ID", "42", "marketplace.client_id"),
+            ("LISTEN_ADDR", "localhost", "LISTEN_ADDR"),
+            ("LOG_FORMAT", "xml", "log.format"),
+            ("MARKETPLACE_TOKEN_ENDPOINT", "v3", "marketplace.token_endpoint"),
+            ("FULFILLMENT__AMQP__PREFIX", "a b", "amqp.prefix"),
+        ];
+        for (var, value, expected) in cases {
+            let err = Settings::from_sources(None, &env(&[(var, value)])).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(expected),
+                "{var}={value}: {message:?} should name {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn password_in_an_invalid_url_is_not_echoed() {
+        let err = Settings::from_sources(
+            None,
+            &env(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn file_layer_sits_between_defaults_and_environment() {
+        let dir = std::env::temp_dir().join(format!("fulfillment-settings-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("settings.toml");
+        std::fs::write(
+            &path,
+            "[amqp]\nprefix = \"from-file\"\n[http]\nlisten_addr = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let s = Settings::from_sources(Some(&path), &env(&[("LISTEN_ADDR", "127.0.0.1:7001")]))
+            .unwrap();
+        assert_eq!(s.amqp.prefix, "from-file");
+        assert_eq!(s.http.listen_addr.port(), 7001);
+
+        std::fs::write(&path, "[amqp]\nprefixx = \"typo\"\n").unwrap();
+        let err = Settings::from_sources(Some(&path), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("prefixx"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let missing = Settings::from_sources(Some(&dir.join("nope.toml")), &env(&[])).unwrap_err();
+        assert!(matches!(missing, SettingsError::MissingFile { .. }));
+    }
+}

@@ -1,0 +1,1 @@
+//! The Marketplace simulator (being written).

@@ -1,0 +1,114 @@
+//! PostgreSQL: the pool, the schema (embedded sqlx migrations) and, in submodules, the
+//! queries of each table. No other module writes SQL.
+
+use std::time::Duration;
+
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Postgres;
+
+use crate::settings::{ConnectionUrl, DatabaseSettings};
+
+/// The migrations in `migrations/`, embedded at compile time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Why the store could not be reached or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot reach PostgreSQL at {url}: {source}. Is it running? Start it with \
+         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or set DATABASE_URL"
+    )]
+    Unreachable {
+        url: ConnectionUrl,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot create database {url}: {source}")]
+    CreateDatabase {
+        url: ConnectionUrl,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub database_created: bool,
+    pub applied: Vec<String>,
+}
+
+/// Opens a pool on an existing database.
+pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect(settings.url.expose())
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            url: settings.url.clone(),
+            source,
+        })
+}
+
+/// Creates the database when absent, then applies the migrations not yet applied. A second
+/// run changes nothing.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, StoreError> {
+    let url = &settings.url;
+    let exists = Postgres::database_exists(url.expose())
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+    if !exists {
+        Postgres::create_database(url.expose())
+            .await
+            .map_err(|source| StoreError::CreateDatabase {
+                url: url.clone(),
+                source,
+            })?;
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url.expose())
+        .await
+        .map_err(|source| StoreError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+    let before = applied_versions(&pool).await?;
+    MIGRATOR.run(&pool).await?;
+    let applied = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !before.contains(&m.version))
+        .map(|m| format!("{} {}", m.version, m.description))
+        .collect();
+    pool.close().await;
+    Ok(MigrationReport {
+        database_created: !exists,
+        applied,
+    })
+}
+
+async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(pool)
+            .await?;
+    if table.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?,
+    )
+}
