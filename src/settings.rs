@@ -146,7 +146,9 @@ impl ConnectionUrl {
 
 impl fmt::Debug for ConnectionUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ConnectionUrl").field(&self.redacted()).finish()
+        f.debug_tuple("ConnectionUrl")
+            .field(&self.redacted())
+            .finish()
     }
 }
 
@@ -395,7 +397,10 @@ impl Settings {
                     "pretty" => LogFormat::Pretty,
                     "json" => LogFormat::Json,
                     other => {
-                        return invalid("log.format", format!("expected pretty or json, got {other:?}"));
+                        return invalid(
+                            "log.format",
+                            format!("expected pretty or json, got {other:?}"),
+                        );
                     }
                 },
             },
@@ -433,7 +438,9 @@ fn parse_guid(key: &'static str, value: Option<String>) -> Result<Option<Uuid>, 
             .map(Some)
             .map_err(|_| SettingsError::Invalid {
                 key,
-                reason: format!("expected a GUID such as 72f988bf-86f1-41af-91ab-2d7cd011db47, got {v:?}"),
+                reason: format!(
+                    "expected a GUID such as 72f988bf-86f1-41af-91ab-2d7cd011db47, got {v:?}"
+                ),
             }),
     }
 }
@@ -486,8 +493,14 @@ mod tests {
                 ("AMQP_URL", "amqp://a:b@mq:5672/vh"),
                 ("MARKETPLACE_API_URL", "http://127.0.0.1:8090/api"),
                 ("ENTRA_AUTHORITY_URL", "http://127.0.0.1:8090"),
-                ("MARKETPLACE_TENANT_ID", " 72f988bf-86f1-41af-91ab-2d7cd011db47 "),
-                ("MARKETPLACE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+                (
+                    "MARKETPLACE_TENANT_ID",
+                    " 72f988bf-86f1-41af-91ab-2d7cd011db47 ",
+                ),
+                (
+                    "MARKETPLACE_CLIENT_ID",
+                    "11111111-2222-3333-4444-555555555555",
+                ),
                 ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
                 ("LISTEN_ADDR", "0.0.0.0:9000"),
                 ("FULFILLMENT__AMQP__PREFIX", "test-1"),
@@ -502,7 +515,11 @@ mod tests {
             "72f988bf-86f1-41af-91ab-2d7cd011db47"
         );
         assert_eq!(
-            s.marketplace.client_secret.as_ref().unwrap().expose_secret(),
+            s.marketplace
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
             "s3cr3t-value"
         );
         assert_eq!(s.http.listen_addr.port(), 9000);
@@ -537,7 +554,11 @@ mod tests {
             ("MARKETPLACE_CLIENT_ID", "42", "marketplace.client_id"),
             ("LISTEN_ADDR", "localhost", "LISTEN_ADDR"),
             ("LOG_FORMAT", "xml", "log.format"),
-            ("MARKETPLACE_TOKEN_ENDPOINT", "v3", "marketplace.token_endpoint"),
+            (
+                "MARKETPLACE_TOKEN_ENDPOINT",
+                "v3",
+                "marketplace.token_endpoint",
+            ),
             ("FULFILLMENT__AMQP__PREFIX", "a b", "amqp.prefix"),
         ];
         for (var, value, expected) in cases {
@@ -552,11 +573,8 @@ mod tests {
 
     #[test]
     fn password_in_an_invalid_url_is_not_echoed() {
-        let err = Settings::from_sources(
-            None,
-            &env(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]),
-        )
-        .unwrap_err();
+        let err = Settings::from_sources(None, &env(&[("DATABASE_URL", "mysql://u:hunter2@db/x")]))
+            .unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
     }
 

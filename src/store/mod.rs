@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use sqlx::Postgres;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::Postgres;
 
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
@@ -99,10 +99,9 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
-    let table: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-            .fetch_one(pool)
-            .await?;
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
     if table.is_none() {
         return Ok(Vec::new());
     }
