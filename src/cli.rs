@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use fulfillment_state_machine::diagram;
 
 use crate::settings::Settings;
 use crate::{store, telemetry};
@@ -30,6 +31,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
         format: DiagramFormat,
     },
+    /// Serve a simulated Microsoft marketplace (Fulfillment, Metering, Entra, webhooks).
+    Simulate(crate::simulator::SimulateArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -75,8 +78,11 @@ pub fn main() -> ExitCode {
 
 /// The diagram of the lifecycle in the given format.
 pub fn render_diagram(format: DiagramFormat) -> String {
-    // Wired to fulfillment_state_machine::diagram when that crate lands.
-    format!("{format:?}\n")
+    let transitions = diagram::transitions();
+    match format {
+        DiagramFormat::Mermaid => diagram::render_mermaid(&transitions),
+        DiagramFormat::Dot => diagram::render_dot(&transitions),
+    }
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
@@ -97,6 +103,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::StateMachine { format } => {
             print!("{}", render_diagram(format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(args) => {
+            crate::simulator::run_until_signalled(&settings, args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,1 +1,615 @@
-//! The Marketplace simulator (being written).
+//! A faithful in-memory stand-in for Microsoft's side of a transactable SaaS offer, used by
+//! every test, demo and benchmark: the SaaS Fulfillment API v2 with its operations, the
+//! Metering API, the Entra token endpoint with JWKS, signed webhooks with redelivery, and
+//! fault injection (marketplace-api.md §13).
+//!
+//! Layout: [`state`] holds the memory and the shared handle; `lifecycle` the rules of §5
+//! and §7; `api` the public routes under `/api`; `metering` §9; `entra` keys and tokens;
+//! `webhooks` the sender; `admin` the `/simulator` control surface; `faults` the chaos
+//! knobs. Every clock is a [`Timings`] field, so tests run the 10-second ACK window in
+//! milliseconds.
+
+mod admin;
+mod api;
+mod entra;
+mod error;
+mod faults;
+mod lifecycle;
+mod metering;
+mod state;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+pub use faults::{Faults, Reorder};
+
+use crate::settings::Settings;
+use entra::KeyRing;
+use state::{Shared, State};
+
+/// The only `api-version` of Fulfillment v2 and Metering (§1.1).
+pub const API_VERSION: &str = "2018-08-31";
+
+/// Which Entra token format the webhook calls carry (§6.6, P23).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum IssuerVersion {
+    /// `iss` = `https://sts.windows.net/{tid}/`, `appid` = the marketplace app.
+    V1,
+    /// `iss` = `{authority}/{tid}/v2.0`, `azp` = the marketplace app.
+    #[default]
+    V2,
+}
+
+/// Every clock of the simulated marketplace; shrink them in tests.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    /// Activate → Subscribed ("a few minutes" in production).
+    pub activation_delay: Duration,
+    /// Publisher PATCH/DELETE → operation Succeeded.
+    pub operation_delay: Duration,
+    /// Customer ChangePlan/ChangeQuantity (and Reinstate) → auto-accepted (10 s, §5.3).
+    pub ack_window: Duration,
+    /// Event → first webhook attempt.
+    pub webhook_delay: Duration,
+    /// Between webhook attempts (8 h / 500 by default, §6.4).
+    pub webhook_retry_interval: Duration,
+    pub webhook_max_attempts: u32,
+    /// Validity of landing-page purchase tokens (24 h, §4.1).
+    pub token_ttl: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            activation_delay: Duration::from_secs(2),
+            operation_delay: Duration::from_secs(2),
+            ack_window: Duration::from_secs(10),
+            webhook_delay: Duration::from_millis(200),
+            webhook_retry_interval: Duration::from_secs(8 * 3600) / 500,
+            webhook_max_attempts: 500,
+            token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Timings {
+    /// Millisecond clocks for tests: everything happens within a few hundred milliseconds.
+    pub fn fast() -> Self {
+        Self {
+            activation_delay: Duration::from_millis(50),
+            operation_delay: Duration::from_millis(100),
+            ack_window: Duration::from_millis(400),
+            webhook_delay: Duration::from_millis(10),
+            webhook_retry_interval: Duration::from_millis(50),
+            webhook_max_attempts: 10,
+            token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// One plan of the simulated catalogue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanSpec {
+    pub offer_id: String,
+    pub plan_id: String,
+    pub display_name: String,
+    pub is_private: bool,
+    pub is_price_per_seat: bool,
+    pub min_quantity: u32,
+    pub max_quantity: u32,
+    /// `P1M`, `P1Y`, ...
+    pub term_unit: String,
+    /// Per term (flat) or per seat and term.
+    pub price: f64,
+    /// Custom metering dimensions (§9).
+    pub dimensions: Vec<String>,
+}
+
+impl PlanSpec {
+    pub fn flat(offer_id: &str, plan_id: &str, price: f64) -> Self {
+        Self {
+            offer_id: offer_id.into(),
+            plan_id: plan_id.into(),
+            display_name: capitalise(plan_id),
+            is_private: false,
+            is_price_per_seat: false,
+            min_quantity: 0,
+            max_quantity: 0,
+            term_unit: "P1M".into(),
+            price,
+            dimensions: Vec::new(),
+        }
+    }
+
+    pub fn per_seat(offer_id: &str, plan_id: &str, price: f64, min: u32, max: u32) -> Self {
+        Self {
+            is_price_per_seat: true,
+            min_quantity: min,
+            max_quantity: max,
+            ..Self::flat(offer_id, plan_id, price)
+        }
+    }
+
+    pub fn with_dimensions(mut self, dimensions: &[&str]) -> Self {
+        self.dimensions = dimensions.iter().map(|d| d.to_string()).collect();
+        self
+    }
+
+    /// Offer `contoso-analytics`: `silver` and `gold` (flat, metered) and `per-seat` (1–100).
+    pub fn default_catalogue() -> Vec<Self> {
+        const OFFER: &str = "contoso-analytics";
+        vec![
+            Self::flat(OFFER, "silver", 100.0).with_dimensions(&["api-calls"]),
+            Self::flat(OFFER, "gold", 250.0).with_dimensions(&["api-calls", "storage-gb"]),
+            Self::per_seat(OFFER, "per-seat", 12.0, 1, 100),
+        ]
+    }
+
+    /// The `Plan` of listAvailablePlans (§3.6).
+    fn to_wire(&self) -> Value {
+        json!({
+            "planId": self.plan_id,
+            "displayName": self.display_name,
+            "isPrivate": self.is_private,
+            "description": format!("{} plan of {}", self.display_name, self.offer_id),
+            "minQuantity": self.min_quantity,
+            "maxQuantity": self.max_quantity,
+            "hasFreeTrials": false,
+            "isPricePerSeat": self.is_price_per_seat,
+            "isStopSell": false,
+            "market": "US",
+            "planComponents": {
+                "recurrentBillingTerms": [{
+                    "currency": "USD",
+                    "price": self.price,
+                    "termUnit": self.term_unit,
+                    "termDescription": if self.term_unit == "P1Y" { "1 year" } else { "1 month" },
+                    "meteredQuantityIncluded": [],
+                }],
+                "meteringDimensions": self.dimensions.iter().map(|d| json!({
+                    "id": d, "currency": "USD", "pricePerUnit": 0.01,
+                    "unitOfMeasure": "unit", "displayName": d,
+                })).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+fn capitalise(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// How to run a simulator.
+#[derive(Clone, Debug)]
+pub struct SimulatorConfig {
+    /// The publisher's Entra tenant (the only tenant the token endpoint serves).
+    pub tenant_id: Uuid,
+    /// The publisher's Entra application: the only client the token endpoint and the API accept.
+    pub client_id: Uuid,
+    /// When set, the token endpoint checks it; otherwise any non-empty secret passes.
+    pub client_secret: Option<SecretString>,
+    /// The publisher's connection webhook; no webhooks are sent without it.
+    pub webhook_url: Option<Url>,
+    /// Landing page for purchase links; defaults to the webhook's origin + `/landing`.
+    pub landing_page_url: Option<Url>,
+    /// The Partner Center publisher id in every resource.
+    pub publisher_id: String,
+    pub issuer: IssuerVersion,
+    pub timings: Timings,
+    /// Load at start, save on change.
+    pub state_file: Option<PathBuf>,
+    pub plans: Vec<PlanSpec>,
+    /// Seeds the fault PRNG (also settable through `PUT /simulator/faults`).
+    pub seed: Option<u64>,
+}
+
+impl SimulatorConfig {
+    /// Defaults for everything but the publisher's identity.
+    pub fn new(tenant_id: Uuid, client_id: Uuid) -> Self {
+        Self {
+            tenant_id,
+            client_id,
+            client_secret: None,
+            webhook_url: None,
+            landing_page_url: None,
+            publisher_id: "contoso".into(),
+            issuer: IssuerVersion::V2,
+            timings: Timings::default(),
+            state_file: None,
+            plans: PlanSpec::default_catalogue(),
+            seed: None,
+        }
+    }
+
+    /// The publisher identity the engine is configured with, so both sides agree.
+    pub fn from_settings(settings: &Settings, webhook_url: Option<Url>) -> anyhow::Result<Self> {
+        let marketplace = &settings.marketplace;
+        let tenant_id = marketplace.tenant_id.context(
+            "MARKETPLACE_TENANT_ID (marketplace.tenant_id) is not set: the simulator needs the publisher's Entra tenant id",
+        )?;
+        let client_id = marketplace.client_id.context(
+            "MARKETPLACE_CLIENT_ID (marketplace.client_id) is not set: the simulator needs the publisher's Entra application id",
+        )?;
+        Ok(Self {
+            client_secret: marketplace.client_secret.clone(),
+            webhook_url,
+            ..Self::new(tenant_id, client_id)
+        })
+    }
+}
+
+/// The `--state-file` contents.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    /// Base64 PKCS#8 signing keys, oldest first.
+    keys: Vec<String>,
+    state: State,
+}
+
+fn load_snapshot(path: &Path) -> anyhow::Result<Option<(State, KeyRing)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let snapshot: Snapshot = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a simulator state file", path.display()))?;
+    Ok(Some((snapshot.state, KeyRing::restore(&snapshot.keys)?)))
+}
+
+fn save_snapshot(shared: &Shared, path: &Path) -> anyhow::Result<()> {
+    shared.dirty.store(false, Ordering::Release);
+    let bytes = shared.read(|state| {
+        #[derive(Serialize)]
+        struct SnapshotRef<'a> {
+            keys: Vec<String>,
+            state: &'a State,
+        }
+        serde_json::to_vec_pretty(&SnapshotRef {
+            keys: shared.keys.export(),
+            state,
+        })
+    })?;
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+/// Starts simulators.
+#[derive(Debug)]
+pub struct Simulator;
+
+impl Simulator {
+    /// Serves the simulator on `listener` (port 0 works) until [`RunningSimulator::shutdown`].
+    pub async fn start(
+        config: SimulatorConfig,
+        listener: TcpListener,
+    ) -> anyhow::Result<RunningSimulator> {
+        let address = listener.local_addr()?;
+        let host = if address.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], address.port()))
+        } else {
+            address
+        };
+        let base_url = Url::parse(&format!("http://{host}/"))?;
+        let restored = match &config.state_file {
+            Some(path) => load_snapshot(path)?,
+            None => None,
+        };
+        let (state, keys) = match restored {
+            Some(restored) => restored,
+            None => (State::default(), KeyRing::generate()?),
+        };
+        let rng = match config.seed.or(state.faults.seed) {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => rand::make_rng(),
+        };
+        let http = reqwest::Client::builder()
+            .build()
+            .context("cannot build the webhook HTTP client")?;
+        let shared = Arc::new(Shared::new(config, base_url, state, keys, rng, http));
+        lifecycle::resume_timers(&shared);
+
+        let router = api::routes(&shared)
+            .merge(entra::routes())
+            .merge(admin::routes())
+            .with_state(Arc::clone(&shared));
+        let stop = shared.cancel.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        if let Some(path) = shared.config.state_file.clone() {
+            let saver = Arc::clone(&shared);
+            shared.tasks.spawn(async move {
+                while saver.sleep(Duration::from_millis(500)).await {
+                    if saver.dirty.load(Ordering::Acquire)
+                        && let Err(e) = save_snapshot(&saver, &path)
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "cannot save the simulator state");
+                    }
+                }
+            });
+        }
+        tracing::info!(url = %shared.base_url, "marketplace simulator listening");
+        Ok(RunningSimulator {
+            shared,
+            server: Some(server),
+        })
+    }
+}
+
+/// A simulator serving in the background; dropping it stops it (without waiting).
+#[derive(Debug)]
+pub struct RunningSimulator {
+    shared: Arc<Shared>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningSimulator {
+    /// `http://127.0.0.1:PORT/`.
+    pub fn base_url(&self) -> Url {
+        self.shared.base_url.clone()
+    }
+
+    /// The `MARKETPLACE_API_URL` for the engine: base + `api`.
+    pub fn api_url(&self) -> Url {
+        self.join("api")
+    }
+
+    /// The `ENTRA_AUTHORITY_URL` for the engine: the base URL itself.
+    pub fn authority_url(&self) -> Url {
+        self.base_url()
+    }
+
+    /// `{base}{tenant}/discovery/v2.0/keys`.
+    pub fn jwks_url(&self) -> Url {
+        self.join(&format!(
+            "{}/discovery/v2.0/keys",
+            self.shared.config.tenant_id
+        ))
+    }
+
+    /// `{base}{tenant}/oauth2/v2.0/token`.
+    pub fn token_url(&self) -> Url {
+        self.join(&format!(
+            "{}/oauth2/v2.0/token",
+            self.shared.config.tenant_id
+        ))
+    }
+
+    /// The `iss` of v2 tokens: `{base}{tenant}/v2.0`.
+    pub fn v2_issuer(&self) -> String {
+        format!(
+            "{}{}/v2.0",
+            self.shared.base_url, self.shared.config.tenant_id
+        )
+    }
+
+    pub fn config(&self) -> &SimulatorConfig {
+        &self.shared.config
+    }
+
+    fn join(&self, path: &str) -> Url {
+        let mut url = self.shared.base_url.clone();
+        url.set_path(path);
+        url
+    }
+
+    /// A webhook bearer token like the ones the sender uses, with `overrides` merged into
+    /// its claims (`{"aud": "other"}`; `null` removes a claim): for verification tests.
+    pub fn mint_webhook_token(&self, overrides: Value) -> anyhow::Result<String> {
+        self.shared.mint_webhook_token(&overrides)
+    }
+
+    /// Signs arbitrary claims with the current key (forged-but-well-signed tokens).
+    pub fn sign_token(&self, claims: &Value) -> anyhow::Result<String> {
+        self.shared.keys.current().sign(claims)
+    }
+
+    /// A valid access token for the public API, as the v2 token endpoint would issue it.
+    pub fn issue_access_token(&self) -> anyhow::Result<String> {
+        self.sign_token(&self.shared.access_token_claims(IssuerVersion::V2))
+    }
+
+    /// Adds a new current signing key; the old ones stay in the JWKS. Returns the new `kid`.
+    pub fn rotate_signing_key(&self) -> anyhow::Result<String> {
+        self.shared.keys.rotate()
+    }
+
+    /// Stops serving, cancels timers and redeliveries, and saves the state file.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shared.cancel.cancel();
+        if let Some(server) = self.server.take() {
+            server.await.context("the simulator server panicked")??;
+        }
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        if let Some(path) = &self.shared.config.state_file {
+            save_snapshot(&self.shared, path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningSimulator {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+/// `fulfillment simulate`: serve the simulated marketplace for a local `fulfillment serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// The publisher's connection webhook (e.g. http://127.0.0.1:8080/webhook).
+    #[arg(long)]
+    pub webhook_url: Option<Url>,
+    /// Landing page for purchase links (default: the webhook's origin + /landing).
+    #[arg(long)]
+    pub landing_url: Option<Url>,
+    /// JSON file to load at start and keep saved.
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Token format of webhook calls.
+    #[arg(long, value_enum, default_value = "v2")]
+    pub issuer: IssuerVersion,
+    /// Activate → Subscribed delay.
+    #[arg(long, value_name = "MS")]
+    pub activation_delay_ms: Option<u64>,
+    /// Publisher PATCH/DELETE → Succeeded delay.
+    #[arg(long, value_name = "MS")]
+    pub operation_delay_ms: Option<u64>,
+    /// Auto-accept window of customer changes (default 10000).
+    #[arg(long, value_name = "MS")]
+    pub ack_window_ms: Option<u64>,
+    /// Event → first webhook attempt.
+    #[arg(long, value_name = "MS")]
+    pub webhook_delay_ms: Option<u64>,
+    /// Between webhook redeliveries (default 57600, i.e. 500 over 8 h).
+    #[arg(long, value_name = "MS")]
+    pub webhook_retry_interval_ms: Option<u64>,
+    /// Webhook attempts before giving up.
+    #[arg(long)]
+    pub webhook_max_attempts: Option<u32>,
+    /// Seed of the fault-injection PRNG.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SimulateArgs {
+    fn apply(self, config: &mut SimulatorConfig) {
+        let ms = Duration::from_millis;
+        let t = &mut config.timings;
+        if let Some(v) = self.activation_delay_ms {
+            t.activation_delay = ms(v);
+        }
+        if let Some(v) = self.operation_delay_ms {
+            t.operation_delay = ms(v);
+        }
+        if let Some(v) = self.ack_window_ms {
+            t.ack_window = ms(v);
+        }
+        if let Some(v) = self.webhook_delay_ms {
+            t.webhook_delay = ms(v);
+        }
+        if let Some(v) = self.webhook_retry_interval_ms {
+            t.webhook_retry_interval = ms(v);
+        }
+        if let Some(v) = self.webhook_max_attempts {
+            t.webhook_max_attempts = v;
+        }
+        config.landing_page_url = self.landing_url;
+        config.state_file = self.state_file;
+        config.issuer = self.issuer;
+        config.seed = self.seed;
+    }
+}
+
+/// Runs the simulator until `shutdown` is cancelled.
+pub async fn run(
+    settings: &Settings,
+    args: SimulateArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = SimulatorConfig::from_settings(settings, args.webhook_url.clone())?;
+    let listen = args.listen;
+    args.apply(&mut config);
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let tenant = config.tenant_id;
+    let client = config.client_id;
+    let webhook = config.webhook_url.clone();
+    let simulator = Simulator::start(config, listener).await?;
+    println!(
+        "marketplace simulator listening on {}",
+        simulator.base_url()
+    );
+    println!("  SaaS Fulfillment + Metering API: {}", simulator.api_url());
+    println!(
+        "  Entra token endpoint:            {}",
+        simulator.token_url()
+    );
+    println!(
+        "  JWKS:                            {}",
+        simulator.jwks_url()
+    );
+    println!(
+        "  admin:                           {}simulator/purchases",
+        simulator.base_url()
+    );
+    match &webhook {
+        Some(url) => println!("  webhooks go to                   {url}"),
+        None => println!("  no --webhook-url: webhooks are not sent"),
+    }
+    println!("for `fulfillment serve`:");
+    println!(
+        "  MARKETPLACE_API_URL={} ENTRA_AUTHORITY_URL={} MARKETPLACE_TENANT_ID={tenant} MARKETPLACE_CLIENT_ID={client}",
+        simulator.api_url().as_str().trim_end_matches('/'),
+        simulator.authority_url()
+    );
+    shutdown.cancelled().await;
+    tracing::info!("marketplace simulator stopping");
+    simulator.shutdown().await
+}
+
+/// [`run`] until ctrl-c or SIGTERM.
+pub async fn run_until_signalled(settings: &Settings, args: SimulateArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        trigger.cancel();
+    });
+    run(settings, args, shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

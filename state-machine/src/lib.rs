@@ -1,1 +1,36 @@
-pub fn placeholder() {}
+//! The pure subscription lifecycle of a Microsoft commercial marketplace SaaS offer:
+//! `(machine, event, now, policy) -> Decision { state, outcome, effects }`.
+//!
+//! Layout:
+//! - [`ids`]: parsed value types (`SubscriptionId`, `PlanId`, `Quantity`, …).
+//! - [`details`]: what we know (`Details`), what Microsoft says (`Snapshot`), `StateName`.
+//! - [`event`]: inputs (`Event`, `Webhook`, `Command`, `EventKind`).
+//! - [`effect`]: outputs (`Effect`, `DomainEvent`).
+//! - [`policy`]: the ISV's rules for changes and activation.
+//! - [`decision`]: the result of one `handle` call.
+//! - [`machine`]: the statig machine and the `SubscriptionMachine` wrapper.
+//! - [`diagram`]: Mermaid/DOT diagrams derived by driving the machine.
+//!
+//! No IO, no clock, no randomness: the worker passes `now` in and executes the effects.
+
+pub mod decision;
+pub mod details;
+pub mod diagram;
+pub mod effect;
+pub mod event;
+pub mod ids;
+pub mod machine;
+pub mod policy;
+
+pub use decision::{Decision, IgnoreReason, Outcome, OutcomeKind};
+pub use details::{Details, MarketplaceStatus, Snapshot, StateName, Term, UnknownStateName};
+pub use diagram::{Transition, render_dot, render_mermaid, transitions};
+pub use effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
+pub use event::{
+    Command, Event, EventKind, OperationStatus, RequestSource, Webhook, WebhookAction,
+};
+pub use ids::{
+    CommandId, InvalidId, OfferId, OperationId, PlanId, Quantity, SubscriptionId, TenantId,
+};
+pub use machine::{ActivationProgress, PendingOperation, SEEN_KEYS_CAPACITY, SubscriptionMachine};
+pub use policy::{ActivationMode, PlanMove, PlanMoves, Policy, SeatLimits, Verdict};

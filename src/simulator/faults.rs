@@ -1,0 +1,139 @@
+//! Fault injection: what `PUT /simulator/faults` sets, and the dice it rolls. The public API
+//! can answer 5xx or 429 (with `Retry-After`) and respond slowly; the webhook sender can
+//! deliver twice, out of order, and invent actions nobody documented (§6.4, §13).
+
+use std::time::Duration;
+
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::state::Shared;
+
+/// The fault settings; every share is a probability in `0.0..=1.0`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Faults {
+    /// Reseeds the fault PRNG when set, for reproducible chaos runs.
+    pub seed: Option<u64>,
+    /// Share of public API calls answered 500.
+    pub share5xx: f64,
+    /// Share of public API calls answered 429 with `Retry-After`.
+    pub share429: f64,
+    /// The `Retry-After` of injected 429s, in seconds.
+    pub retry_after_secs: u64,
+    /// Added to every public API call.
+    pub latency_ms: u64,
+    /// Share of webhooks delivered twice.
+    pub duplicate_deliveries: f64,
+    /// `true` (a 500 ms window) or a window in milliseconds: each webhook waits a random part
+    /// of it first, so close events arrive out of order.
+    pub reorder: Reorder,
+    /// Share of webhooks followed by one with an undocumented `action`.
+    pub unknown_actions: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reorder {
+    Enabled(bool),
+    WindowMs(u64),
+}
+
+impl Default for Reorder {
+    fn default() -> Self {
+        Self::Enabled(false)
+    }
+}
+
+impl Reorder {
+    pub fn window(self) -> Duration {
+        match self {
+            Self::Enabled(false) => Duration::ZERO,
+            Self::Enabled(true) => Duration::from_millis(500),
+            Self::WindowMs(ms) => Duration::from_millis(ms),
+        }
+    }
+}
+
+impl Faults {
+    pub(crate) fn validate(&self) -> Result<(), ApiError> {
+        for (name, share) in [
+            ("share5xx", self.share5xx),
+            ("share429", self.share429),
+            ("duplicateDeliveries", self.duplicate_deliveries),
+            ("unknownActions", self.unknown_actions),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(ApiError::bad_request(format!(
+                    "{name} must lie between 0.0 and 1.0, got {share}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the fault layer decided for one public API call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApiFault {
+    ServerError,
+    Throttled { retry_after_secs: u64 },
+}
+
+impl Shared {
+    /// True with probability `share`.
+    pub fn roll(&self, share: f64) -> bool {
+        share > 0.0 && self.rng().random::<f64>() < share
+    }
+
+    /// A random duration below `window`.
+    pub fn jitter(&self, window: Duration) -> Duration {
+        if window.is_zero() {
+            return Duration::ZERO;
+        }
+        let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(self.rng().random_range(0..millis.max(1)))
+    }
+
+    /// The latency to add and the failure to inject, if any, for one public API call.
+    pub fn api_fault(&self) -> (Duration, Option<ApiFault>) {
+        let faults = self.read(|st| st.faults.clone());
+        let latency = Duration::from_millis(faults.latency_ms);
+        let fault = if self.roll(faults.share5xx) {
+            Some(ApiFault::ServerError)
+        } else if self.roll(faults.share429) {
+            Some(ApiFault::Throttled {
+                retry_after_secs: faults.retry_after_secs,
+            })
+        } else {
+            None
+        };
+        (latency, fault)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reorder_accepts_a_flag_or_a_window() {
+        let f: Faults = serde_json::from_str(r#"{"reorder": true}"#).unwrap();
+        assert_eq!(f.reorder.window(), Duration::from_millis(500));
+        let f: Faults = serde_json::from_str(r#"{"reorder": 1200, "share5xx": 0.5}"#).unwrap();
+        assert_eq!(f.reorder.window(), Duration::from_millis(1200));
+        assert_eq!(f.share5xx, 0.5);
+        assert!(serde_json::from_str::<Faults>(r#"{"share5XX": 1}"#).is_err());
+    }
+
+    #[test]
+    fn shares_outside_zero_to_one_are_rejected() {
+        let f = Faults {
+            share429: 1.5,
+            ..Faults::default()
+        };
+        assert!(f.validate().is_err());
+        assert!(Faults::default().validate().is_ok());
+    }
+}

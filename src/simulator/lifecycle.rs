@@ -1,0 +1,718 @@
+//! The Microsoft-side rules of §5 and §7: purchases, activation, publisher- and
+//! customer-initiated changes, notify-only events, acknowledgements, and the timers that
+//! complete operations (operation delay, the 10-second ACK window with auto-accept).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use time::OffsetDateTime;
+use url::Url;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::state::{
+    AadIdentifier, Action, Operation, OperationStatus, PurchaseToken, RequestSource, Shared, State,
+    Subscription, SubscriptionStatus, term_from, wire_name,
+};
+use super::webhooks;
+
+/// A plan or seat change (§4.6, §4.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    Plan(String),
+    Quantity(u32),
+}
+
+/// A new purchase, as the admin API describes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Purchase {
+    pub offer_id: String,
+    pub plan_id: String,
+    pub quantity: Option<u32>,
+    pub name: Option<String>,
+    pub beneficiary_tenant_id: Option<Uuid>,
+    pub purchaser_tenant_id: Option<Uuid>,
+    pub auto_activate: bool,
+    pub csp: bool,
+    pub is_free_trial: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Purchased {
+    pub subscription_id: Uuid,
+    pub token: String,
+    pub landing_url: Url,
+}
+
+fn not_found(id: Uuid) -> ApiError {
+    ApiError::not_found(format!("Subscription {id} not found"))
+}
+
+/// ChangePlan/ChangeQuantity from the customer's side: the publisher may ACK or reject it
+/// within the window. Reinstate may be ACKed but does not need it.
+pub(crate) fn is_ackable_change(op: &Operation) -> bool {
+    op.source == RequestSource::Azure
+        && matches!(op.action, Action::ChangePlan | Action::ChangeQuantity)
+}
+
+fn new_operation(
+    sub: &Subscription,
+    action: Action,
+    status: OperationStatus,
+    source: RequestSource,
+) -> Operation {
+    Operation {
+        id: Uuid::new_v4(),
+        activity_id: Uuid::new_v4(),
+        action,
+        plan_id: sub.plan_id.clone(),
+        quantity: sub.quantity,
+        status,
+        source,
+        created: OffsetDateTime::now_utc(),
+        resolution: None,
+        error_status_code: String::new(),
+        error_message: String::new(),
+    }
+}
+
+/// A purchase token: standard base64 with at least one `+` and `/`, so a landing page that
+/// does not URL-decode exactly once breaks (P1).
+fn new_purchase_token() -> String {
+    loop {
+        let mut bytes = [0u8; 48];
+        if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+            bytes.copy_from_slice(
+                &[
+                    Uuid::new_v4().into_bytes(),
+                    Uuid::new_v4().into_bytes(),
+                    Uuid::new_v4().into_bytes(),
+                ]
+                .concat(),
+            );
+        }
+        let token = STANDARD.encode(bytes);
+        if token.contains('+') && token.contains('/') {
+            return token;
+        }
+    }
+}
+
+/// Issues a landing-page token for `subscription_id` and the landing URL carrying it.
+pub(crate) fn issue_purchase_token(
+    shared: &Shared,
+    st: &mut State,
+    subscription_id: Uuid,
+) -> (String, Url) {
+    let token = new_purchase_token();
+    let now = OffsetDateTime::now_utc();
+    st.purchase_tokens.retain(|_, t| t.expires_at > now);
+    st.purchase_tokens.insert(
+        token.clone(),
+        PurchaseToken {
+            subscription_id,
+            expires_at: now + shared.config.timings.token_ttl,
+        },
+    );
+    let mut landing = shared.landing_base();
+    landing.query_pairs_mut().append_pair("token", &token);
+    (token, landing)
+}
+
+impl Shared {
+    /// The landing page: configured, else the webhook's origin + `/landing`, else ours.
+    fn landing_base(&self) -> Url {
+        if let Some(url) = &self.config.landing_page_url {
+            return url.clone();
+        }
+        let mut url = self
+            .config
+            .webhook_url
+            .clone()
+            .unwrap_or_else(|| self.base_url.clone());
+        url.set_path("/landing");
+        url.set_query(None);
+        url.set_fragment(None);
+        url
+    }
+}
+
+fn identity(tenant: Option<Uuid>, label: &str) -> AadIdentifier {
+    let tenant_id = tenant.unwrap_or_else(Uuid::new_v4);
+    let short = &tenant_id.simple().to_string()[..8];
+    AadIdentifier {
+        email_id: format!("{label}@customer-{short}.example"),
+        object_id: Uuid::new_v4(),
+        tenant_id,
+        puid: Some(format!(
+            "10032000{}",
+            &Uuid::new_v4().simple().to_string()[..8].to_uppercase()
+        )),
+    }
+}
+
+pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purchased, ApiError> {
+    let plan = shared
+        .plan(&request.offer_id, &request.plan_id)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "offer {} has no plan {}",
+                request.offer_id, request.plan_id
+            ))
+        })?
+        .clone();
+    let quantity = if plan.is_price_per_seat {
+        let quantity = request.quantity.unwrap_or(plan.min_quantity);
+        if !(plan.min_quantity..=plan.max_quantity).contains(&quantity) {
+            return Err(ApiError::bad_request(format!(
+                "quantity {quantity} is outside {}..={} for plan {}",
+                plan.min_quantity, plan.max_quantity, plan.plan_id
+            )));
+        }
+        Some(quantity)
+    } else {
+        None
+    };
+    let beneficiary = identity(request.beneficiary_tenant_id, "admin");
+    let purchaser = match request.purchaser_tenant_id {
+        Some(tenant) if tenant != beneficiary.tenant_id => identity(Some(tenant), "buyer"),
+        _ => beneficiary.clone(),
+    };
+    let now = OffsetDateTime::now_utc();
+    Ok(shared.mutate(|st| {
+        st.next_seq += 1;
+        let id = Uuid::new_v4();
+        let mut subscription = Subscription {
+            id,
+            seq: st.next_seq,
+            name: request.name.unwrap_or_else(|| {
+                format!("{} - {}", plan.display_name, &id.simple().to_string()[..6])
+            }),
+            offer_id: request.offer_id,
+            plan_id: plan.plan_id.clone(),
+            quantity,
+            status: SubscriptionStatus::PendingFulfillmentStart,
+            beneficiary,
+            purchaser,
+            term_unit: plan.term_unit.clone(),
+            term_start: None,
+            term_end: None,
+            auto_renew: true,
+            is_free_trial: request.is_free_trial,
+            allowed_customer_operations: if request.csp {
+                vec!["Read".into()]
+            } else {
+                vec!["Delete".into(), "Update".into(), "Read".into()]
+            },
+            created: now,
+            activation_requested: false,
+            operations: Vec::new(),
+            deliveries: Vec::new(),
+        };
+        let subscribe_op = if request.auto_activate {
+            // Auto-activation (§5.6): billing starts at checkout, a Subscribe webhook follows.
+            start_term(&mut subscription, now);
+            subscription.status = SubscriptionStatus::Subscribed;
+            let op = new_operation(
+                &subscription,
+                Action::Subscribe,
+                OperationStatus::Succeeded,
+                RequestSource::Azure,
+            );
+            let op_id = op.id;
+            subscription.operations.push(op);
+            Some(op_id)
+        } else {
+            None
+        };
+        st.subscriptions.insert(id, subscription);
+        if let Some(op_id) = subscribe_op {
+            webhooks::notify(shared, st, id, op_id);
+        }
+        let (token, landing_url) = issue_purchase_token(shared, st, id);
+        tracing::info!(subscription_id = %id, auto_activate = request.auto_activate, "purchase");
+        Purchased {
+            subscription_id: id,
+            token,
+            landing_url,
+        }
+    }))
+}
+
+fn start_term(sub: &mut Subscription, now: OffsetDateTime) {
+    let (start, end) = term_from(now.date(), &sub.term_unit);
+    sub.term_start = Some(start);
+    sub.term_end = Some(end);
+}
+
+/// Activate (§4.2): 200 means "received"; the subscription becomes Subscribed after
+/// `activation_delay`.
+pub(crate) fn activate(shared: &Arc<Shared>, id: Uuid) -> Result<(), ApiError> {
+    let schedule = shared.mutate(|st| {
+        let sub = st.subscriptions.get_mut(&id).ok_or_else(|| not_found(id))?;
+        match sub.status {
+            SubscriptionStatus::Unsubscribed => Err(not_found(id)),
+            SubscriptionStatus::Suspended => Err(ApiError::bad_request(
+                "The subscription is Suspended and cannot be activated",
+            )),
+            SubscriptionStatus::Subscribed => Ok(false),
+            SubscriptionStatus::PendingFulfillmentStart => {
+                let first = !sub.activation_requested;
+                sub.activation_requested = true;
+                Ok(first)
+            }
+        }
+    })?;
+    if schedule {
+        tracing::info!(subscription_id = %id, "activation requested");
+        shared.spawn_after(shared.config.timings.activation_delay, move |shared| {
+            complete_activation(shared, id);
+        });
+    }
+    Ok(())
+}
+
+fn complete_activation(shared: &Shared, id: Uuid) {
+    shared.mutate(|st| {
+        if let Some(sub) = st.subscriptions.get_mut(&id)
+            && sub.status == SubscriptionStatus::PendingFulfillmentStart
+        {
+            start_term(sub, OffsetDateTime::now_utc());
+            sub.status = SubscriptionStatus::Subscribed;
+            tracing::info!(subscription_id = %id, "activated");
+        }
+    });
+}
+
+fn validate_change(shared: &Shared, sub: &Subscription, change: &Change) -> Result<(), ApiError> {
+    if sub.status != SubscriptionStatus::Subscribed {
+        return Err(ApiError::bad_request(format!(
+            "The subscription is {}; only Subscribed subscriptions can be updated",
+            wire_name(&sub.status)
+        )));
+    }
+    if sub.pending_operation().is_some() {
+        return Err(ApiError::bad_request(
+            "Subscription is locked due to pending operations",
+        ));
+    }
+    match change {
+        Change::Plan(plan_id) => {
+            if shared.plan(&sub.offer_id, plan_id).is_none() {
+                return Err(ApiError::bad_request(format!(
+                    "Plan {plan_id} is not available for this subscription"
+                )));
+            }
+            if *plan_id == sub.plan_id {
+                return Err(ApiError::bad_request(format!(
+                    "The subscription is already on plan {plan_id}"
+                )));
+            }
+        }
+        Change::Quantity(quantity) => {
+            let plan = shared
+                .plan(&sub.offer_id, &sub.plan_id)
+                .filter(|p| p.is_price_per_seat)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("Plan {} is not priced per seat", sub.plan_id))
+                })?;
+            if sub.quantity == Some(*quantity) {
+                return Err(ApiError::bad_request(format!(
+                    "The subscription already has quantity {quantity}"
+                )));
+            }
+            if !(plan.min_quantity..=plan.max_quantity).contains(quantity) {
+                return Err(ApiError::bad_request(format!(
+                    "Quantity {quantity} is outside the plan's limits {}..={}",
+                    plan.min_quantity, plan.max_quantity
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn require_customer_operation(sub: &Subscription, operation: &str) -> Result<(), ApiError> {
+    if sub
+        .allowed_customer_operations
+        .iter()
+        .any(|o| o == operation)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{operation} is not in allowedCustomerOperations for this subscription"
+        )))
+    }
+}
+
+/// A plan/quantity change. `Partner`: the publisher's PATCH, completed after
+/// `operation_delay`. `Azure`: the customer's, auto-accepted after the ACK window.
+pub(crate) fn request_change(
+    shared: &Arc<Shared>,
+    id: Uuid,
+    change: Change,
+    source: RequestSource,
+) -> Result<Uuid, ApiError> {
+    let op_id = shared.mutate(|st| {
+        let sub = st.subscriptions.get_mut(&id).ok_or_else(|| not_found(id))?;
+        if sub.status == SubscriptionStatus::Unsubscribed && source == RequestSource::Partner {
+            return Err(not_found(id));
+        }
+        if source == RequestSource::Partner {
+            require_customer_operation(sub, "Update")?;
+        }
+        validate_change(shared, sub, &change)?;
+        let action = match change {
+            Change::Plan(_) => Action::ChangePlan,
+            Change::Quantity(_) => Action::ChangeQuantity,
+        };
+        let mut op = new_operation(sub, action, OperationStatus::InProgress, source);
+        match change {
+            Change::Plan(plan_id) => op.plan_id = plan_id,
+            Change::Quantity(quantity) => op.quantity = Some(quantity),
+        }
+        let op_id = op.id;
+        sub.operations.push(op);
+        webhooks::notify(shared, st, id, op_id);
+        Ok(op_id)
+    })?;
+    let delay = match source {
+        RequestSource::Partner => shared.config.timings.operation_delay,
+        RequestSource::Azure => {
+            shared.config.timings.webhook_delay + shared.config.timings.ack_window
+        }
+    };
+    schedule_completion(shared, id, op_id, delay);
+    tracing::info!(subscription_id = %id, operation_id = %op_id, ?source, "change requested");
+    Ok(op_id)
+}
+
+/// The publisher's DELETE (§4.8): Unsubscribed after `operation_delay`, then a webhook.
+pub(crate) fn request_cancellation(shared: &Arc<Shared>, id: Uuid) -> Result<Uuid, ApiError> {
+    let op_id = shared.mutate(|st| {
+        let sub = st.subscriptions.get_mut(&id).ok_or_else(|| not_found(id))?;
+        if sub.status == SubscriptionStatus::Unsubscribed {
+            return Err(ApiError::bad_request(
+                "The subscription is already Unsubscribed",
+            ));
+        }
+        require_customer_operation(sub, "Delete")?;
+        if sub.pending_operation().is_some() {
+            return Err(ApiError::conflict(
+                "Subscription is locked due to pending operations",
+            ));
+        }
+        let op = new_operation(
+            sub,
+            Action::Unsubscribe,
+            OperationStatus::InProgress,
+            RequestSource::Partner,
+        );
+        let op_id = op.id;
+        sub.operations.push(op);
+        Ok(op_id)
+    })?;
+    schedule_completion(shared, id, op_id, shared.config.timings.operation_delay);
+    tracing::info!(subscription_id = %id, operation_id = %op_id, "cancellation requested");
+    Ok(op_id)
+}
+
+fn schedule_completion(shared: &Arc<Shared>, id: Uuid, op_id: Uuid, delay: std::time::Duration) {
+    shared.spawn_after(delay, move |shared| {
+        shared.mutate(|st| finish(shared, st, id, op_id, Outcome::Accept("auto-accepted")));
+    });
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Accept(&'static str),
+    Refuse { code: u16, message: &'static str },
+}
+
+/// Ends an InProgress operation (no-op otherwise): applies it on acceptance, keeps the old
+/// values on refusal, and sends the webhooks that follow completion.
+fn finish(shared: &Arc<Shared>, st: &mut State, id: Uuid, op_id: Uuid, outcome: Outcome) {
+    let Some(sub) = st.subscriptions.get_mut(&id) else {
+        return;
+    };
+    let Some(op) = sub.operation(op_id).cloned() else {
+        return;
+    };
+    if op.status != OperationStatus::InProgress {
+        return;
+    }
+    let (status, resolution, error) = match outcome {
+        Outcome::Refuse { code, message } => {
+            (OperationStatus::Failed, message, Some((code, message)))
+        }
+        Outcome::Accept(how) => match op.action {
+            Action::ChangePlan | Action::ChangeQuantity
+                if sub.status != SubscriptionStatus::Subscribed =>
+            {
+                (
+                    OperationStatus::Failed,
+                    "subscription no longer Subscribed",
+                    Some((400, "The subscription is no longer Subscribed")),
+                )
+            }
+            Action::ChangePlan if sub.plan_id == op.plan_id => (
+                OperationStatus::Conflict,
+                "target equals current plan",
+                None,
+            ),
+            Action::ChangeQuantity if sub.quantity == op.quantity => (
+                OperationStatus::Conflict,
+                "target equals current quantity",
+                None,
+            ),
+            Action::Reinstate if sub.status != SubscriptionStatus::Suspended => (
+                OperationStatus::Failed,
+                "subscription no longer Suspended",
+                Some((400, "The subscription is no longer Suspended")),
+            ),
+            _ => (OperationStatus::Succeeded, how, None),
+        },
+    };
+    if status == OperationStatus::Succeeded {
+        apply(shared, sub, &op);
+    }
+    if let Some(stored) = sub.operation_mut(op_id) {
+        stored.status = status;
+        stored.resolution = Some(resolution.to_string());
+        if let Some((code, message)) = error {
+            stored.error_status_code = code.to_string();
+            stored.error_message = message.to_string();
+        }
+    }
+    tracing::info!(subscription_id = %id, operation_id = %op_id, status = %wire_name(&status), resolution, "operation finished");
+    if status == OperationStatus::Succeeded
+        && op.action == Action::Unsubscribe
+        && op.source == RequestSource::Partner
+    {
+        webhooks::notify(shared, st, id, op_id);
+    }
+}
+
+fn apply(shared: &Shared, sub: &mut Subscription, op: &Operation) {
+    match op.action {
+        Action::ChangePlan => {
+            sub.plan_id = op.plan_id.clone();
+            match shared.plan(&sub.offer_id, &sub.plan_id) {
+                Some(plan) if plan.is_price_per_seat => {
+                    sub.quantity = Some(
+                        sub.quantity
+                            .unwrap_or(plan.min_quantity)
+                            .clamp(plan.min_quantity, plan.max_quantity),
+                    );
+                }
+                _ => sub.quantity = None,
+            }
+        }
+        Action::ChangeQuantity => sub.quantity = op.quantity,
+        Action::Reinstate => sub.status = SubscriptionStatus::Subscribed,
+        Action::Unsubscribe => sub.status = SubscriptionStatus::Unsubscribed,
+        Action::Suspend => sub.status = SubscriptionStatus::Suspended,
+        Action::Renew => {
+            let next = sub
+                .term_end
+                .and_then(|end| end.date().next_day())
+                .unwrap_or_else(|| OffsetDateTime::now_utc().date());
+            let (start, end) = term_from(next, &sub.term_unit);
+            sub.term_start = Some(start);
+            sub.term_end = Some(end);
+        }
+        Action::Subscribe => {}
+    }
+}
+
+/// What the publisher's PATCH of an operation says (§4.11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    Success,
+    Failure,
+}
+
+pub(crate) fn acknowledge(
+    shared: &Arc<Shared>,
+    id: Uuid,
+    op_id: Uuid,
+    ack: Ack,
+) -> Result<(), ApiError> {
+    shared.mutate(|st| {
+        let sub = st.subscriptions.get(&id).ok_or_else(|| not_found(id))?;
+        let op = sub
+            .operation(op_id)
+            .ok_or_else(|| ApiError::not_found(format!("Operation {op_id} not found")))?;
+        if op.status != OperationStatus::InProgress {
+            return Err(ApiError::conflict(format!(
+                "Operation {op_id} is {} and can no longer be updated",
+                wire_name(&op.status)
+            )));
+        }
+        let outcome = match ack {
+            Ack::Success => Outcome::Accept("acknowledged Success"),
+            Ack::Failure => Outcome::Refuse {
+                code: 400,
+                message: "rejected by the publisher (PATCH Failure)",
+            },
+        };
+        finish(shared, st, id, op_id, outcome);
+        Ok(())
+    })
+}
+
+/// A 4xx answer to a customer-side ChangePlan/ChangeQuantity webhook (§6.3).
+pub(crate) fn reject_by_webhook(st: &mut State, id: Uuid, op_id: Uuid, status: u16) {
+    let Some(op) = st
+        .subscriptions
+        .get_mut(&id)
+        .and_then(|s| s.operation_mut(op_id))
+    else {
+        return;
+    };
+    if op.status == OperationStatus::InProgress && is_ackable_change(op) {
+        op.status = OperationStatus::Failed;
+        op.resolution = Some(format!("rejected by webhook answer {status}"));
+        op.error_status_code = status.to_string();
+        op.error_message = "The publisher rejected the change".into();
+        tracing::info!(subscription_id = %id, operation_id = %op_id, status, "change rejected by webhook answer");
+    }
+}
+
+/// Customer/Microsoft-side events of the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    Suspend,
+    Reinstate,
+    Unsubscribe,
+    Renew,
+}
+
+pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid, ApiError> {
+    let (op_id, needs_window) = shared.mutate(|st| {
+        let sub = st.subscriptions.get_mut(&id).ok_or_else(|| not_found(id))?;
+        let require = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ApiError::bad_request(format!(
+                    "{what} is not possible while the subscription is {}",
+                    wire_name(&sub.status)
+                )))
+            }
+        };
+        let status = sub.status;
+        let (action, needs_window) = match event {
+            Event::Suspend => {
+                require(status == SubscriptionStatus::Subscribed, "Suspend")?;
+                (Action::Suspend, false)
+            }
+            Event::Renew => {
+                require(status == SubscriptionStatus::Subscribed, "Renew")?;
+                (Action::Renew, false)
+            }
+            Event::Unsubscribe => {
+                require(status != SubscriptionStatus::Unsubscribed, "Unsubscribe")?;
+                (Action::Unsubscribe, false)
+            }
+            Event::Reinstate => {
+                require(status == SubscriptionStatus::Suspended, "Reinstate")?;
+                if sub.pending_operation().is_some() {
+                    return Err(ApiError::bad_request(
+                        "Subscription is locked due to pending operations",
+                    ));
+                }
+                (Action::Reinstate, true)
+            }
+        };
+        let mut op = new_operation(
+            sub,
+            action,
+            OperationStatus::InProgress,
+            RequestSource::Azure,
+        );
+        if !needs_window {
+            // Notify-only: already done when the webhook leaves (§6.3).
+            apply(shared, sub, &op);
+            op.status = OperationStatus::Succeeded;
+            op.resolution = Some("notify-only".into());
+        }
+        let op_id = op.id;
+        sub.operations.push(op);
+        if event == Event::Unsubscribe {
+            // Pending changes die with the subscription.
+            for pending in sub
+                .operations
+                .iter_mut()
+                .filter(|o| o.status == OperationStatus::InProgress)
+            {
+                pending.status = OperationStatus::Failed;
+                pending.resolution = Some("subscription unsubscribed".into());
+            }
+        }
+        webhooks::notify(shared, st, id, op_id);
+        Ok((op_id, needs_window))
+    })?;
+    if needs_window {
+        let timings = &shared.config.timings;
+        schedule_completion(
+            shared,
+            id,
+            op_id,
+            timings.webhook_delay + timings.ack_window,
+        );
+    }
+    tracing::info!(subscription_id = %id, operation_id = %op_id, ?event, "marketplace event");
+    Ok(op_id)
+}
+
+/// After a restart from `--state-file`: re-arms activation and operation timers.
+pub(crate) fn resume_timers(shared: &Arc<Shared>) {
+    let (activations, operations) = shared.read(|st| {
+        let mut activations = Vec::new();
+        let mut operations = Vec::new();
+        for sub in st.subscriptions.values() {
+            if sub.activation_requested && sub.status == SubscriptionStatus::PendingFulfillmentStart
+            {
+                activations.push(sub.id);
+            }
+            for op in sub
+                .operations
+                .iter()
+                .filter(|o| o.status == OperationStatus::InProgress)
+            {
+                operations.push((sub.id, op.id, op.source));
+            }
+        }
+        (activations, operations)
+    });
+    let timings = &shared.config.timings;
+    for id in activations {
+        shared.spawn_after(timings.activation_delay, move |shared| {
+            complete_activation(shared, id)
+        });
+    }
+    for (id, op_id, source) in operations {
+        let delay = match source {
+            RequestSource::Partner => timings.operation_delay,
+            RequestSource::Azure => timings.ack_window,
+        };
+        schedule_completion(shared, id, op_id, delay);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purchase_tokens_need_url_encoding() {
+        for _ in 0..20 {
+            let token = new_purchase_token();
+            assert!(token.contains('+') && token.contains('/'), "{token}");
+            assert_eq!(STANDARD.decode(&token).unwrap().len(), 48);
+        }
+    }
+}

@@ -1,0 +1,1175 @@
+//! The subscription lifecycle as a statig hierarchical state machine (sync mode), and
+//! `SubscriptionMachine`, the wrapper the worker loads, feeds and stores.
+//!
+//! Pure: events, `now` and the policy go in through the external context; a `Decision`
+//! with effects comes out (style principle 1). Effects are pushed only by handlers, never
+//! by entry/exit actions: statig re-runs entry actions when a stored machine is restored,
+//! and a restore must not re-emit anything.
+//!
+//! Hierarchy: `subscribed` and `suspended` share the `live` superstate (Unsubscribe,
+//! reconciliation, publisher-operation bookkeeping, Cancel). `pending_fulfillment` and
+//! the terminal `unsubscribed` stand alone.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+use statig::blocking::{InitializedStateMachine, StateOrSuperstate, UninitializedStateMachine};
+use statig::prelude::*;
+use time::OffsetDateTime;
+
+use crate::decision::{Decision, IgnoreReason, Outcome as Decided};
+use crate::details::{Details, MarketplaceStatus, Snapshot, StateName};
+use crate::effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
+use crate::event::{Command, Event, OperationStatus, RequestSource, Webhook, WebhookAction};
+use crate::ids::{CommandId, OperationId, SubscriptionId};
+use crate::policy::{ActivationMode, Policy, Verdict};
+
+/// How many event keys we remember for deduplication. Microsoft retries one webhook up
+/// to 500 times over 8 hours (P9); the queue's own redeliveries are far fewer.
+pub const SEEN_KEYS_CAPACITY: usize = 512;
+
+/// Where activation stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ActivationProgress {
+    /// Nobody asked to activate yet.
+    NotRequested,
+    /// An `Activate` effect was emitted; waiting for confirmation (P4: async).
+    Requested,
+    /// Activation failed; a new `ActivationRequested` (or landing-page visit) retries.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Microsoft reports the subscription active.
+    Confirmed,
+}
+
+/// A publisher-initiated PATCH/DELETE in flight. Only one at a time: Microsoft locks the
+/// subscription while an operation is pending (P11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOperation {
+    /// Our command.
+    pub command_id: CommandId,
+    /// What we asked for.
+    pub command: Command,
+    /// When we asked (lets the worker time out stuck operations).
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    /// Set once Microsoft answered 202.
+    pub operation_id: Option<OperationId>,
+    /// Operation-Location, set with `operation_id`.
+    pub location: Option<String>,
+    /// The target is already reflected locally (Partner webhook or an observation got there
+    /// first), so success must not announce it again.
+    pub applied: bool,
+}
+
+/// Shared storage of the statig machine: what survives every state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Ledger {
+    subscription_id: SubscriptionId,
+    /// Newest webhook `timeStamp` applied (P10 ordering).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    newest_webhook_at: Option<OffsetDateTime>,
+    /// Newest Resolve/GET observation applied.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    newest_observation_at: Option<OffsetDateTime>,
+    /// Ring of handled event keys, oldest first (P9).
+    #[serde(default)]
+    seen: VecDeque<String>,
+}
+
+/// External context: inputs of one `handle` call and what it produced.
+#[derive(Debug)]
+pub(crate) struct Ctx<'p> {
+    now: OffsetDateTime,
+    policy: &'p Policy,
+    from: StateName,
+    effects: Vec<Effect>,
+    outcome: Option<Decided>,
+}
+
+impl<'p> Ctx<'p> {
+    fn new(now: OffsetDateTime, policy: &'p Policy, from: StateName) -> Self {
+        Ctx {
+            now,
+            policy,
+            from,
+            effects: Vec::new(),
+            outcome: None,
+        }
+    }
+
+    fn push(&mut self, effect: Effect) {
+        self.effects.push(effect);
+    }
+
+    fn publish(&mut self, kind: DomainEventKind, details: &Details, state: StateName) {
+        self.publish_because(kind, details, state, None);
+    }
+
+    fn publish_because(
+        &mut self,
+        kind: DomainEventKind,
+        details: &Details,
+        state: StateName,
+        reason: Option<String>,
+    ) {
+        self.push(Effect::PublishDomainEvent(DomainEvent {
+            kind,
+            plan_id: details.plan_id.clone(),
+            quantity: details.quantity,
+            state,
+            reason,
+        }));
+    }
+
+    fn applied(&mut self, reason: impl Into<String>) {
+        self.outcome = Some(Decided::Applied {
+            reason: reason.into(),
+        });
+    }
+
+    fn rejected(&mut self, reason: impl Into<String>) {
+        self.outcome = Some(Decided::Rejected {
+            reason: reason.into(),
+        });
+    }
+
+    /// Ignoring must leave no trace but the seen key: drop anything pushed so far.
+    fn ignore(&mut self, reason: IgnoreReason) -> Outcome<State> {
+        self.effects.clear();
+        self.outcome = Some(Decided::Ignored { reason });
+        Handled
+    }
+
+    fn not_applicable(&mut self, why: impl Into<String>) -> Outcome<State> {
+        self.ignore(IgnoreReason::NotApplicable(why.into()))
+    }
+
+    /// P9: log-and-200 for unknown actions; a failure would trigger 500 retries.
+    fn unknown_action(&mut self, action: &str) -> Outcome<State> {
+        self.not_applicable(format!("unknown action {action}"))
+    }
+
+    /// A publisher command we refuse without calling Microsoft; the ISV still hears why.
+    fn reject_command(&mut self, details: &Details, reason: String) -> Outcome<State> {
+        let state = self.from;
+        self.publish_because(
+            DomainEventKind::ChangeRejected,
+            details,
+            state,
+            Some(reason.clone()),
+        );
+        self.rejected(reason);
+        Handled
+    }
+}
+
+#[state_machine(
+    initial = "State::pending_fulfillment(Details::default(), ActivationProgress::NotRequested)",
+    state(derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)),
+    superstate(derive(Debug)),
+    after_dispatch = "Self::remember",
+    visibility = "pub(crate)"
+)]
+impl Ledger {
+    /// `PendingFulfillmentStart`: purchased, not yet active.
+    ///
+    /// - `PurchaseResolved`/`Observed` with a pending status: record details; the first
+    ///   sighting publishes `Purchased`; a landing-page resolve under `Automatic` policy
+    ///   emits `Activate` unless activation is already requested (P5). Otherwise stay.
+    /// - `PurchaseResolved`/`Observed` with `Subscribed` → **Subscribed** (auto-activation
+    ///   or "Manage account", P5: no second `Activate`); `Suspended` → **Suspended**;
+    ///   `Unsubscribed` → **Unsubscribed**.
+    /// - `ActivationRequested` → `Activate` (stay). `ActivationFailed` → stay, `Failed`.
+    /// - `ActivationConfirmed` → **Subscribed**.
+    /// - Webhook `Subscribe` (auto-activation, §5.6) → **Subscribed** + `FetchSubscription`.
+    /// - Webhook `Unsubscribe` (cancelled before activation, or a purchase we never saw,
+    ///   P12) → **Unsubscribed**.
+    /// - Publisher commands → rejected: only Subscribed can be changed (§5.2 rules).
+    #[state]
+    fn pending_fulfillment(
+        details: &mut Details,
+        activation: &mut ActivationProgress,
+        context: &mut Ctx<'_>,
+        event: &Event,
+    ) -> Outcome<State> {
+        match event {
+            Event::PurchaseResolved { snapshot, .. } => {
+                converge_pending(details, activation, snapshot, true, context)
+            }
+            Event::Observed { snapshot, .. } => {
+                converge_pending(details, activation, snapshot, false, context)
+            }
+            Event::ActivationRequested { .. } => {
+                if !details.is_known() {
+                    return context
+                        .not_applicable("purchase not resolved yet; nothing to activate");
+                }
+                if matches!(
+                    activation,
+                    ActivationProgress::Requested | ActivationProgress::Confirmed
+                ) {
+                    return context.not_applicable("activation already requested");
+                }
+                *activation = ActivationProgress::Requested;
+                context.push(activate(details));
+                context.applied("activation requested");
+                Handled
+            }
+            Event::ActivationConfirmed { term, .. } => {
+                let mut details = details.clone();
+                if term.is_some() {
+                    details.term = term.clone();
+                }
+                context.publish(DomainEventKind::Activated, &details, StateName::Subscribed);
+                context.applied("activation confirmed");
+                Transition(State::subscribed(details, None))
+            }
+            Event::ActivationFailed { reason, .. } => {
+                *activation = ActivationProgress::Failed {
+                    reason: reason.clone(),
+                };
+                context.publish_because(
+                    DomainEventKind::ActivationFailed,
+                    details,
+                    StateName::PendingFulfillment,
+                    Some(reason.clone()),
+                );
+                context.applied(format!("activation failed: {reason}"));
+                Handled
+            }
+            Event::Webhook(webhook) => match &webhook.action {
+                WebhookAction::Subscribe => {
+                    let details = with_webhook(details, webhook);
+                    context.push(Effect::FetchSubscription);
+                    context.publish(DomainEventKind::Activated, &details, StateName::Subscribed);
+                    context.applied("activated by Microsoft at checkout (auto-activation)");
+                    Transition(State::subscribed(details, None))
+                }
+                WebhookAction::Unsubscribe => {
+                    let details = with_webhook(details, webhook);
+                    context.publish(
+                        DomainEventKind::Unsubscribed,
+                        &details,
+                        StateName::Unsubscribed,
+                    );
+                    context.applied("cancelled before activation (P12)");
+                    Transition(State::unsubscribed(details, activation.clone()))
+                }
+                WebhookAction::Unknown(action) => context.unknown_action(action),
+                other => context.not_applicable(format!(
+                    "{other} does not apply to a subscription pending fulfillment"
+                )),
+            },
+            Event::PublisherCommand { .. } => context.reject_command(
+                details,
+                "only a Subscribed subscription can be changed".to_owned(),
+            ),
+            Event::PublisherOperationAccepted { .. }
+            | Event::PublisherOperationRefused { .. }
+            | Event::OperationResult { .. } => {
+                context.not_applicable("no publisher operation is pending")
+            }
+        }
+    }
+
+    /// `Subscribed`: active.
+    ///
+    /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
+    ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
+    ///   ACK `Failure` (within 10 s, P7). No target in a minimal payload → `FetchSubscription`.
+    /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
+    ///   operation until its result so success is not announced twice.
+    /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
+    ///   `Subscribe`/`Reinstate` → no change.
+    /// - Publisher `ChangePlan`/`ChangeQuantity` → `RequestPlanChange`/`RequestQuantityChange`
+    ///   unless an operation is pending (P11), the value is unchanged, or policy refuses.
+    /// - Everything else → `live`.
+    #[state(superstate = "live")]
+    fn subscribed(
+        details: &mut Details,
+        pending: &mut Option<PendingOperation>,
+        context: &mut Ctx<'_>,
+        event: &Event,
+    ) -> Outcome<State> {
+        match event {
+            Event::Webhook(webhook) => match &webhook.action {
+                WebhookAction::ChangePlan => {
+                    change_plan_webhook(details, pending, webhook, context)
+                }
+                WebhookAction::ChangeQuantity => {
+                    change_quantity_webhook(details, pending, webhook, context)
+                }
+                WebhookAction::Renew => {
+                    if let Some(term) = webhook.subscription.as_ref().and_then(|s| s.term.clone()) {
+                        details.term = Some(term);
+                    }
+                    context.push(Effect::FetchSubscription);
+                    context.publish(DomainEventKind::Renewed, details, StateName::Subscribed);
+                    context.applied("term renewed");
+                    Handled
+                }
+                WebhookAction::Suspend => {
+                    context.push(Effect::FetchSubscription);
+                    context.publish(DomainEventKind::Suspended, details, StateName::Suspended);
+                    context.applied("suspended by Microsoft (payment failed)");
+                    Transition(State::suspended(details.clone(), pending.clone()))
+                }
+                WebhookAction::Subscribe | WebhookAction::Reinstate => {
+                    context.ignore(IgnoreReason::NoChange)
+                }
+                WebhookAction::Unsubscribe | WebhookAction::Unknown(_) => Super,
+            },
+            Event::PublisherCommand {
+                command_id,
+                command,
+            } => match command {
+                Command::ChangePlan { plan_id } => {
+                    if let Some(reason) = pending_lock(pending) {
+                        return context.reject_command(details, reason);
+                    }
+                    if details.plan_id.as_ref() == Some(plan_id) {
+                        return context
+                            .reject_command(details, format!("already on plan {plan_id}"));
+                    }
+                    if let Verdict::Reject { reason } = context
+                        .policy
+                        .decide_plan_change(details.plan_id.as_ref(), plan_id)
+                    {
+                        return context.reject_command(details, reason);
+                    }
+                    *pending = Some(PendingOperation::new(
+                        *command_id,
+                        command.clone(),
+                        context.now,
+                    ));
+                    context.push(Effect::RequestPlanChange {
+                        command_id: *command_id,
+                        plan_id: plan_id.clone(),
+                    });
+                    context.applied(format!("plan change to {plan_id} requested"));
+                    Handled
+                }
+                Command::ChangeQuantity { quantity } => {
+                    if let Some(reason) = pending_lock(pending) {
+                        return context.reject_command(details, reason);
+                    }
+                    if details.quantity == Some(*quantity) {
+                        return context
+                            .reject_command(details, format!("already at {quantity} seats"));
+                    }
+                    if let Verdict::Reject { reason } = context
+                        .policy
+                        .decide_quantity_change(details.quantity, *quantity)
+                    {
+                        return context.reject_command(details, reason);
+                    }
+                    *pending = Some(PendingOperation::new(
+                        *command_id,
+                        command.clone(),
+                        context.now,
+                    ));
+                    context.push(Effect::RequestQuantityChange {
+                        command_id: *command_id,
+                        quantity: *quantity,
+                    });
+                    context.applied(format!("quantity change to {quantity} requested"));
+                    Handled
+                }
+                Command::Cancel => Super,
+            },
+            _ => Super,
+        }
+    }
+
+    /// `Suspended`: payment failed, 30-day grace; keep data restorable (P25).
+    ///
+    /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy).
+    /// - Webhook `Suspend` → no change. `ChangePlan`/`ChangeQuantity`/`Renew`/`Subscribe` →
+    ///   not applicable (only Subscribed can be updated or renewed, §5.2 rules).
+    /// - Publisher `ChangePlan`/`ChangeQuantity` → rejected; `Cancel` is allowed (→ `live`).
+    /// - Everything else → `live`.
+    #[state(superstate = "live")]
+    fn suspended(
+        details: &mut Details,
+        pending: &mut Option<PendingOperation>,
+        context: &mut Ctx<'_>,
+        event: &Event,
+    ) -> Outcome<State> {
+        match event {
+            Event::Webhook(webhook) => match &webhook.action {
+                WebhookAction::Reinstate => {
+                    context.push(Effect::AckOperation {
+                        operation_id: webhook.operation_id,
+                        status: AckStatus::Success,
+                        best_effort: true,
+                    });
+                    context.publish(DomainEventKind::Reinstated, details, StateName::Subscribed);
+                    context.applied("reinstated by Microsoft (payment fixed)");
+                    Transition(State::subscribed(details.clone(), pending.clone()))
+                }
+                WebhookAction::Suspend => context.ignore(IgnoreReason::NoChange),
+                WebhookAction::ChangePlan
+                | WebhookAction::ChangeQuantity
+                | WebhookAction::Renew
+                | WebhookAction::Subscribe => context.not_applicable(format!(
+                    "{} does not apply to a Suspended subscription",
+                    webhook.action
+                )),
+                WebhookAction::Unsubscribe | WebhookAction::Unknown(_) => Super,
+            },
+            Event::PublisherCommand {
+                command: Command::ChangePlan { .. } | Command::ChangeQuantity { .. },
+                ..
+            } => context.reject_command(
+                details,
+                "only a Subscribed subscription can be changed".to_owned(),
+            ),
+            _ => Super,
+        }
+    }
+
+    /// Reactions shared by `Subscribed` and `Suspended`.
+    ///
+    /// - Webhook `Unsubscribe` (customer/CSP cancel, grace over, our DELETE) → **Unsubscribed**.
+    /// - Unknown webhook action → recorded, not applicable (P9).
+    /// - `Observed`/`PurchaseResolved` → converge plan, quantity, term and status
+    ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
+    ///   publisher operation already applied.
+    /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
+    /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
+    ///   failed `OperationResult` → clear the pending operation, rejected.
+    /// - `OperationResult` `Succeeded` → apply the change (once), or **Unsubscribed** for Cancel.
+    #[superstate]
+    fn live(
+        details: &mut Details,
+        pending: &mut Option<PendingOperation>,
+        context: &mut Ctx<'_>,
+        event: &Event,
+    ) -> Outcome<State> {
+        match event {
+            Event::Webhook(webhook) => match &webhook.action {
+                WebhookAction::Unsubscribe => {
+                    context.publish(
+                        DomainEventKind::Unsubscribed,
+                        details,
+                        StateName::Unsubscribed,
+                    );
+                    context.applied("unsubscribed by Microsoft");
+                    Transition(State::unsubscribed(
+                        details.clone(),
+                        ActivationProgress::Confirmed,
+                    ))
+                }
+                WebhookAction::Unknown(action) => context.unknown_action(action),
+                other => {
+                    let from = context.from;
+                    context
+                        .not_applicable(format!("{other} does not apply to a {from} subscription"))
+                }
+            },
+            Event::PurchaseResolved { snapshot, .. } | Event::Observed { snapshot, .. } => {
+                converge_live(details, pending, snapshot, context)
+            }
+            Event::PublisherCommand {
+                command_id,
+                command: Command::Cancel,
+            } => {
+                if let Some(reason) = pending_lock(pending) {
+                    return context.reject_command(details, reason);
+                }
+                *pending = Some(PendingOperation::new(
+                    *command_id,
+                    Command::Cancel,
+                    context.now,
+                ));
+                context.push(Effect::RequestCancel {
+                    command_id: *command_id,
+                });
+                context.applied("cancellation requested");
+                Handled
+            }
+            Event::PublisherCommand { .. } => context.reject_command(
+                details,
+                "only a Subscribed subscription can be changed".to_owned(),
+            ),
+            Event::PublisherOperationAccepted {
+                command_id,
+                operation_id,
+                location,
+            } => match pending {
+                Some(op) if op.command_id == *command_id && op.operation_id.is_none() => {
+                    op.operation_id = Some(*operation_id);
+                    op.location = Some(location.clone());
+                    context.push(Effect::PollOperation {
+                        command_id: *command_id,
+                        operation_id: *operation_id,
+                        location: location.clone(),
+                    });
+                    context.applied(format!("operation {operation_id} accepted by Microsoft"));
+                    Handled
+                }
+                _ => context
+                    .not_applicable(format!("command {command_id} is not awaiting an answer")),
+            },
+            Event::PublisherOperationRefused { command_id, reason } => match pending {
+                Some(op) if op.command_id == *command_id && op.operation_id.is_none() => {
+                    *pending = None;
+                    let state = context.from;
+                    context.publish_because(
+                        DomainEventKind::PublisherOperationFailed,
+                        details,
+                        state,
+                        Some(reason.clone()),
+                    );
+                    context.rejected(format!("Microsoft refused command {command_id}: {reason}"));
+                    Handled
+                }
+                _ => context
+                    .not_applicable(format!("command {command_id} is not awaiting an answer")),
+            },
+            Event::OperationResult {
+                operation_id,
+                status,
+            } => operation_result(details, pending, *operation_id, *status, context),
+            Event::ActivationRequested { .. } | Event::ActivationFailed { .. } => {
+                context.not_applicable("the subscription is already activated")
+            }
+            Event::ActivationConfirmed { .. } => context.ignore(IgnoreReason::NoChange),
+        }
+    }
+
+    /// `Unsubscribed`: terminal. Every event is ignored; nothing resurrects it (P10), and a
+    /// new purchase gets a new subscription id (§5.2 rules).
+    #[state]
+    fn unsubscribed(
+        details: &mut Details,
+        activation: &mut ActivationProgress,
+        context: &mut Ctx<'_>,
+    ) -> Outcome<State> {
+        // Kept for the record (what was cancelled, whether it was ever activated).
+        let _ = (details, activation);
+        context.ignore(IgnoreReason::Terminal)
+    }
+}
+
+impl Ledger {
+    fn new(subscription_id: SubscriptionId) -> Self {
+        Ledger {
+            subscription_id,
+            newest_webhook_at: None,
+            newest_observation_at: None,
+            seen: VecDeque::new(),
+        }
+    }
+
+    /// Bookkeeping after dispatch (runs once per hierarchy level, so it is idempotent):
+    /// remember the key (P9) and, if the event counted, advance the watermark (P10).
+    /// It lives in a dispatch hook, which never runs on restore, unlike entry actions.
+    fn remember(
+        &mut self,
+        _: StateOrSuperstate<'_, State, Superstate<'_>>,
+        event: &Event,
+        context: &mut Ctx<'_>,
+    ) {
+        let key = event.key();
+        if !self.seen.contains(&key) {
+            if self.seen.len() >= SEEN_KEYS_CAPACITY {
+                self.seen.pop_front();
+            }
+            self.seen.push_back(key);
+        }
+        let counted = matches!(
+            context.outcome,
+            Some(Decided::Applied { .. } | Decided::Rejected { .. })
+        );
+        if !counted {
+            return;
+        }
+        match event {
+            Event::Webhook(Webhook {
+                timestamp: Some(at),
+                ..
+            }) => advance(&mut self.newest_webhook_at, *at),
+            Event::PurchaseResolved {
+                resolved_at: at, ..
+            }
+            | Event::Observed {
+                observed_at: at, ..
+            } => advance(&mut self.newest_observation_at, *at),
+            _ => {}
+        }
+    }
+
+    /// Why the event must be ignored before any state sees it, if it must.
+    fn gate(&self, event: &Event) -> Option<IgnoreReason> {
+        if self.seen.contains(&event.key()) {
+            return Some(IgnoreReason::Duplicate);
+        }
+        // Evidence of Unsubscribed is never stale: Microsoft never leaves that state, so
+        // an old Unsubscribe is still true (P10 "never resurrect" cuts both ways).
+        let stale = match event {
+            Event::Webhook(webhook) if webhook.action != WebhookAction::Unsubscribe => {
+                is_older(webhook.timestamp, self.newest_webhook_at)
+            }
+            Event::PurchaseResolved {
+                snapshot,
+                resolved_at: at,
+            }
+            | Event::Observed {
+                snapshot,
+                observed_at: at,
+            } if snapshot.status != MarketplaceStatus::Unsubscribed => {
+                is_older(Some(*at), self.newest_observation_at)
+            }
+            _ => false,
+        };
+        stale.then_some(IgnoreReason::Stale)
+    }
+}
+
+fn advance(mark: &mut Option<OffsetDateTime>, at: OffsetDateTime) {
+    if mark.is_none_or(|newest| at > newest) {
+        *mark = Some(at);
+    }
+}
+
+fn is_older(at: Option<OffsetDateTime>, newest: Option<OffsetDateTime>) -> bool {
+    matches!((at, newest), (Some(at), Some(newest)) if at < newest)
+}
+
+impl PendingOperation {
+    fn new(command_id: CommandId, command: Command, requested_at: OffsetDateTime) -> Self {
+        PendingOperation {
+            command_id,
+            command,
+            requested_at,
+            operation_id: None,
+            location: None,
+            applied: false,
+        }
+    }
+}
+
+fn pending_lock(pending: &Option<PendingOperation>) -> Option<String> {
+    pending.as_ref().map(|op| {
+        format!(
+            "operation pending for command {} (P11: Microsoft locks the subscription)",
+            op.command_id
+        )
+    })
+}
+
+fn activate(details: &Details) -> Effect {
+    Effect::Activate {
+        plan_id: details.plan_id.clone(),
+        quantity: details.quantity,
+    }
+}
+
+/// Details updated from a webhook's snapshot and target fields. Only used on transitions
+/// out of pending, where the webhook is all we know (P12).
+fn with_webhook(details: &Details, webhook: &Webhook) -> Details {
+    let mut merged = match &webhook.subscription {
+        Some(snapshot) => details.merged_with(snapshot),
+        None => details.clone(),
+    };
+    if merged.plan_id.is_none() {
+        merged.plan_id = webhook.plan_id.clone();
+    }
+    if merged.quantity.is_none() {
+        merged.quantity = webhook.quantity;
+    }
+    merged
+}
+
+/// Resolve/GET while pending: record what Microsoft says, activate if policy wants.
+fn converge_pending(
+    details: &mut Details,
+    activation: &mut ActivationProgress,
+    snapshot: &Snapshot,
+    from_landing_page: bool,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let Some(target) = snapshot.status.state() else {
+        return context.not_applicable(format!("unknown status {}", snapshot.status));
+    };
+    let first_sighting = !details.is_known();
+    let merged = details.merged_with(snapshot);
+    if first_sighting && target != StateName::Unsubscribed {
+        context.publish(DomainEventKind::Purchased, &merged, target);
+    }
+    match target {
+        StateName::PendingFulfillment => {
+            // P5: a revisit never re-activates; only a failed activation is retried.
+            let activate_now = from_landing_page
+                && context.policy.activation == ActivationMode::Automatic
+                && merged.is_known()
+                && matches!(
+                    activation,
+                    ActivationProgress::NotRequested | ActivationProgress::Failed { .. }
+                );
+            if merged == *details && !activate_now && !first_sighting {
+                return context.ignore(IgnoreReason::NoChange);
+            }
+            *details = merged;
+            if activate_now {
+                *activation = ActivationProgress::Requested;
+                context.push(activate(details));
+            }
+            context.applied(if from_landing_page {
+                "purchase resolved"
+            } else {
+                "pending purchase observed"
+            });
+            Handled
+        }
+        StateName::Subscribed => {
+            context.publish(DomainEventKind::Activated, &merged, StateName::Subscribed);
+            context.applied("Microsoft reports the subscription active (P5: no second Activate)");
+            Transition(State::subscribed(merged, None))
+        }
+        StateName::Suspended => {
+            context.publish(DomainEventKind::Activated, &merged, StateName::Suspended);
+            context.publish(DomainEventKind::Suspended, &merged, StateName::Suspended);
+            context.applied("Microsoft reports the subscription suspended");
+            Transition(State::suspended(merged, None))
+        }
+        StateName::Unsubscribed => {
+            context.publish(
+                DomainEventKind::Unsubscribed,
+                &merged,
+                StateName::Unsubscribed,
+            );
+            context.applied("Microsoft reports the subscription unsubscribed");
+            Transition(State::unsubscribed(merged, activation.clone()))
+        }
+    }
+}
+
+/// Resolve/GET while live: converge to Microsoft's view, announcing what changed.
+fn converge_live(
+    details: &mut Details,
+    pending: &mut Option<PendingOperation>,
+    snapshot: &Snapshot,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let from = context.from;
+    let Some(target) = snapshot.status.state() else {
+        return context.not_applicable(format!("unknown status {}", snapshot.status));
+    };
+    match target {
+        StateName::PendingFulfillment => context.not_applicable(format!(
+            "Microsoft reports {} for an activated subscription",
+            snapshot.status
+        )),
+        StateName::Unsubscribed => {
+            let merged = details.merged_with(snapshot);
+            context.publish(
+                DomainEventKind::Unsubscribed,
+                &merged,
+                StateName::Unsubscribed,
+            );
+            context.applied("Microsoft reports the subscription unsubscribed");
+            Transition(State::unsubscribed(merged, ActivationProgress::Confirmed))
+        }
+        StateName::Subscribed | StateName::Suspended => {
+            let mut merged = details.merged_with(snapshot);
+            let mut next_pending = pending.clone();
+            if let Some(op) = next_pending.as_mut() {
+                // A snapshot taken while our operation is in flight still shows the old
+                // value: never let it undo a target we already applied.
+                match &op.command {
+                    Command::ChangePlan { plan_id } if op.applied => {
+                        merged.plan_id = details.plan_id.clone();
+                    }
+                    Command::ChangePlan { plan_id } => {
+                        op.applied = merged.plan_id.as_ref() == Some(plan_id);
+                    }
+                    Command::ChangeQuantity { .. } if op.applied => {
+                        merged.quantity = details.quantity;
+                    }
+                    Command::ChangeQuantity { quantity } => {
+                        op.applied = merged.quantity == Some(*quantity);
+                    }
+                    Command::Cancel => {}
+                }
+            }
+            if merged == *details && next_pending == *pending && target == from {
+                return context.ignore(IgnoreReason::NoChange);
+            }
+            if merged.plan_id != details.plan_id {
+                context.publish(DomainEventKind::PlanChanged, &merged, target);
+            }
+            if merged.quantity != details.quantity {
+                context.publish(DomainEventKind::QuantityChanged, &merged, target);
+            }
+            match (from, target) {
+                (StateName::Subscribed, StateName::Suspended) => {
+                    context.publish(DomainEventKind::Suspended, &merged, target)
+                }
+                (StateName::Suspended, StateName::Subscribed) => {
+                    context.publish(DomainEventKind::Reinstated, &merged, target)
+                }
+                _ => {}
+            }
+            context.applied(format!(
+                "converged to Microsoft's view ({})",
+                snapshot.status
+            ));
+            if target == from {
+                *details = merged;
+                *pending = next_pending;
+                Handled
+            } else if target == StateName::Subscribed {
+                Transition(State::subscribed(merged, next_pending))
+            } else {
+                Transition(State::suspended(merged, next_pending))
+            }
+        }
+    }
+}
+
+/// Who started this ChangePlan/ChangeQuantity? `Partner` means us (P18); an unknown
+/// source counts as ours only if it carries our pending operation's id.
+fn is_ours(webhook: &Webhook, pending: &Option<PendingOperation>) -> bool {
+    match webhook.source {
+        RequestSource::Partner => true,
+        RequestSource::Azure => false,
+        RequestSource::Unknown(_) => pending
+            .as_ref()
+            .is_some_and(|op| op.operation_id == Some(webhook.operation_id)),
+    }
+}
+
+fn ack(webhook: &Webhook, status: AckStatus) -> Effect {
+    Effect::AckOperation {
+        operation_id: webhook.operation_id,
+        status,
+        best_effort: false,
+    }
+}
+
+fn change_plan_webhook(
+    details: &mut Details,
+    pending: &mut Option<PendingOperation>,
+    webhook: &Webhook,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let Some(target) = &webhook.plan_id else {
+        // Minimal 2019–2021 payload (§6.2): learn the target from GET instead.
+        context.push(Effect::FetchSubscription);
+        context.applied("ChangePlan without a target plan; fetching the subscription");
+        return Handled;
+    };
+    if is_ours(webhook, pending) {
+        // P18: our own operation; it completes by itself and PATCHing it fails.
+        let matching = pending.as_mut().filter(
+            |op| matches!(&op.command, Command::ChangePlan { plan_id } if plan_id == target),
+        );
+        if details.plan_id.as_ref() == Some(target) {
+            return match matching {
+                Some(op) if !op.applied => {
+                    op.applied = true;
+                    context.applied(format!("our plan change to {target} is under way"));
+                    Handled
+                }
+                _ => context.ignore(IgnoreReason::NoChange),
+            };
+        }
+        if let Some(op) = matching {
+            op.applied = true;
+        }
+        details.plan_id = Some(target.clone());
+        context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
+        context.applied(format!(
+            "plan changed to {target} by our request (P18: no ACK)"
+        ));
+        return Handled;
+    }
+    if details.plan_id.as_ref() == Some(target) {
+        context.push(ack(webhook, AckStatus::Success));
+        context.applied(format!("revert to current plan {target} accepted (P8)"));
+        return Handled;
+    }
+    match context
+        .policy
+        .decide_plan_change(details.plan_id.as_ref(), target)
+    {
+        Verdict::Accept => {
+            details.plan_id = Some(target.clone());
+            context.push(ack(webhook, AckStatus::Success));
+            context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
+            context.applied(format!("plan change to {target} accepted"));
+            Handled
+        }
+        Verdict::Reject { reason } => {
+            context.push(ack(webhook, AckStatus::Failure));
+            context.publish_because(
+                DomainEventKind::ChangeRejected,
+                details,
+                StateName::Subscribed,
+                Some(reason.clone()),
+            );
+            context.rejected(reason);
+            Handled
+        }
+    }
+}
+
+fn change_quantity_webhook(
+    details: &mut Details,
+    pending: &mut Option<PendingOperation>,
+    webhook: &Webhook,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let Some(target) = webhook.quantity else {
+        context.push(Effect::FetchSubscription);
+        context.applied("ChangeQuantity without a target quantity; fetching the subscription");
+        return Handled;
+    };
+    if is_ours(webhook, pending) {
+        let matching = pending.as_mut().filter(
+            |op| matches!(&op.command, Command::ChangeQuantity { quantity } if *quantity == target),
+        );
+        if details.quantity == Some(target) {
+            return match matching {
+                Some(op) if !op.applied => {
+                    op.applied = true;
+                    context.applied(format!("our quantity change to {target} is under way"));
+                    Handled
+                }
+                _ => context.ignore(IgnoreReason::NoChange),
+            };
+        }
+        if let Some(op) = matching {
+            op.applied = true;
+        }
+        details.quantity = Some(target);
+        context.publish(
+            DomainEventKind::QuantityChanged,
+            details,
+            StateName::Subscribed,
+        );
+        context.applied(format!(
+            "quantity changed to {target} by our request (P18: no ACK)"
+        ));
+        return Handled;
+    }
+    if details.quantity == Some(target) {
+        context.push(ack(webhook, AckStatus::Success));
+        context.applied(format!("revert to current quantity {target} accepted (P8)"));
+        return Handled;
+    }
+    match context
+        .policy
+        .decide_quantity_change(details.quantity, target)
+    {
+        Verdict::Accept => {
+            details.quantity = Some(target);
+            context.push(ack(webhook, AckStatus::Success));
+            context.publish(
+                DomainEventKind::QuantityChanged,
+                details,
+                StateName::Subscribed,
+            );
+            context.applied(format!("quantity change to {target} accepted"));
+            Handled
+        }
+        Verdict::Reject { reason } => {
+            context.push(ack(webhook, AckStatus::Failure));
+            context.publish_because(
+                DomainEventKind::ChangeRejected,
+                details,
+                StateName::Subscribed,
+                Some(reason.clone()),
+            );
+            context.rejected(reason);
+            Handled
+        }
+    }
+}
+
+fn operation_result(
+    details: &mut Details,
+    pending: &mut Option<PendingOperation>,
+    operation_id: OperationId,
+    status: OperationStatus,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let Some(op) = pending
+        .as_ref()
+        .filter(|op| op.operation_id == Some(operation_id))
+        .cloned()
+    else {
+        return context.not_applicable(format!(
+            "operation {operation_id} is not ours or not pending"
+        ));
+    };
+    let state = context.from;
+    *pending = None;
+    if status != OperationStatus::Succeeded {
+        let reason = format!("operation {operation_id} ended {status}");
+        if op.applied {
+            // A Partner webhook made us apply the target early; re-read the truth.
+            context.push(Effect::FetchSubscription);
+        }
+        context.publish_because(
+            DomainEventKind::PublisherOperationFailed,
+            details,
+            state,
+            Some(reason.clone()),
+        );
+        context.rejected(reason);
+        return Handled;
+    }
+    match op.command {
+        Command::Cancel => {
+            context.publish(
+                DomainEventKind::Unsubscribed,
+                details,
+                StateName::Unsubscribed,
+            );
+            context.applied(format!("cancellation {operation_id} succeeded"));
+            Transition(State::unsubscribed(
+                details.clone(),
+                ActivationProgress::Confirmed,
+            ))
+        }
+        Command::ChangePlan { plan_id } => {
+            if !op.applied && details.plan_id.as_ref() != Some(&plan_id) {
+                details.plan_id = Some(plan_id.clone());
+                context.publish(DomainEventKind::PlanChanged, details, state);
+            }
+            context.applied(format!("plan change to {plan_id} succeeded"));
+            Handled
+        }
+        Command::ChangeQuantity { quantity } => {
+            if !op.applied && details.quantity != Some(quantity) {
+                details.quantity = Some(quantity);
+                context.publish(DomainEventKind::QuantityChanged, details, state);
+            }
+            context.applied(format!("quantity change to {quantity} succeeded"));
+            Handled
+        }
+    }
+}
+
+/// One subscription's lifecycle: load it, `handle` events, store it (JSON, `jsonb`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionMachine {
+    machine: InitializedStateMachine<Ledger>,
+}
+
+impl SubscriptionMachine {
+    /// A subscription we just heard of: PendingFulfillment, nothing known.
+    pub fn new(id: SubscriptionId) -> Self {
+        Self::initialized(Ledger::new(id).uninitialized_state_machine())
+    }
+
+    /// statig runs entry actions on init (also after a restore). We have none, and
+    /// whatever init could put into the context is thrown away with it.
+    fn initialized(machine: UninitializedStateMachine<Ledger>) -> Self {
+        let policy = Policy::default();
+        let mut throwaway = Ctx::new(
+            OffsetDateTime::UNIX_EPOCH,
+            &policy,
+            StateName::PendingFulfillment,
+        );
+        let machine = machine.init_with_context(&mut throwaway);
+        SubscriptionMachine { machine }
+    }
+
+    /// Decide what `event` means now. Ignored events change nothing but the seen-key set
+    /// and carry no effects.
+    pub fn handle(&mut self, event: &Event, now: OffsetDateTime, policy: &Policy) -> Decision {
+        let from = self.state();
+        if let Some(reason) = self.machine.inner().gate(event) {
+            return Decision::ignored(from, reason);
+        }
+        let mut context = Ctx::new(now, policy, from);
+        self.machine.handle_with_context(event, &mut context);
+        let outcome = context.outcome.unwrap_or_else(|| Decided::Ignored {
+            reason: IgnoreReason::NotApplicable(format!(
+                "{} is not handled in {from}",
+                event.kind()
+            )),
+        });
+        let effects = if outcome.is_ignored() {
+            Vec::new()
+        } else {
+            context.effects
+        };
+        Decision {
+            from,
+            to: self.state(),
+            outcome,
+            effects,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> StateName {
+        match self.machine.state() {
+            State::PendingFulfillment { .. } => StateName::PendingFulfillment,
+            State::Subscribed { .. } => StateName::Subscribed,
+            State::Suspended { .. } => StateName::Suspended,
+            State::Unsubscribed { .. } => StateName::Unsubscribed,
+        }
+    }
+
+    /// What we know about the subscription.
+    pub fn details(&self) -> &Details {
+        match self.machine.state() {
+            State::PendingFulfillment { details, .. }
+            | State::Subscribed { details, .. }
+            | State::Suspended { details, .. }
+            | State::Unsubscribed { details, .. } => details,
+        }
+    }
+
+    /// The subscription id.
+    pub fn subscription_id(&self) -> SubscriptionId {
+        self.machine.inner().subscription_id
+    }
+
+    /// The publisher operation in flight, if any.
+    pub fn pending_operation(&self) -> Option<&PendingOperation> {
+        match self.machine.state() {
+            State::Subscribed { pending, .. } | State::Suspended { pending, .. } => {
+                pending.as_ref()
+            }
+            State::PendingFulfillment { .. } | State::Unsubscribed { .. } => None,
+        }
+    }
+
+    /// Where activation stands.
+    pub fn activation(&self) -> ActivationProgress {
+        match self.machine.state() {
+            State::PendingFulfillment { activation, .. }
+            | State::Unsubscribed { activation, .. } => activation.clone(),
+            State::Subscribed { .. } | State::Suspended { .. } => ActivationProgress::Confirmed,
+        }
+    }
+
+    /// Whether `event` has been handled before (its key is still in the ring).
+    pub fn has_seen(&self, event: &Event) -> bool {
+        self.machine.inner().seen.contains(&event.key())
+    }
+}
+
+impl Serialize for SubscriptionMachine {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.machine.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SubscriptionMachine {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let machine = UninitializedStateMachine::<Ledger>::deserialize(deserializer)?;
+        Ok(Self::initialized(machine))
+    }
+}
