@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod marketplace;
+pub mod queue;
 pub mod settings;
 pub mod simulator;
 pub mod store;
