@@ -16,6 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
+use fulfillment_state_machine::Policy;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
@@ -37,6 +38,16 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
     ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
+    ("WEBHOOK_AUTH", "ingress.webhook_auth"),
+    (
+        "WEBHOOK_AUTH_ALLOW_INSECURE",
+        "ingress.allow_insecure_no_auth",
+    ),
+    ("WEBHOOK_JWKS_URL", "ingress.jwks_url"),
+    ("WEBHOOK_AUDIENCES", "ingress.webhook_audiences"),
+    ("WEBHOOK_BODY_LIMIT_BYTES", "ingress.body_limit_bytes"),
+    ("ENTITLEMENT_API_KEY", "ingress.api_key"),
+    ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
 ];
 
@@ -50,7 +61,35 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     pub marketplace: MarketplaceSettings,
     pub http: HttpSettings,
+    pub ingress: IngressSettings,
+    /// The ISV's rules for plan moves, seat limits and activation (the machine's policy).
+    pub policy: Policy,
     pub log: LogSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct IngressSettings {
+    pub webhook_auth: WebhookAuth,
+    /// JWKS for webhook tokens; default `{ENTRA_AUTHORITY_URL}/{tenant}/discovery/v2.0/keys`.
+    pub jwks_url: Option<Url>,
+    /// Accepted `aud` values of webhook tokens; default: the publisher's client id.
+    pub webhook_audiences: Vec<String>,
+    /// Larger webhook bodies are refused with 413.
+    pub body_limit_bytes: usize,
+    /// Bearer key of the entitlement API (`/api/v1`); without one the API refuses every call.
+    pub api_key: Option<SecretString>,
+    /// How long the webhook handler waits for RabbitMQ's publisher confirm before a 503.
+    pub publish_confirm_timeout: Duration,
+}
+
+/// How webhook calls are authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookAuth {
+    /// Verify Microsoft's Entra JWT (marketplace-api.md §6.6). The only mode for production.
+    Entra,
+    /// No verification, for local emulators that send no token. Needs
+    /// `WEBHOOK_AUTH_ALLOW_INSECURE=true` as well, and logs a warning at startup.
+    InsecureNone,
 }
 
 #[derive(Clone, Debug)]
@@ -187,7 +226,21 @@ struct RawSettings {
     amqp: RawAmqp,
     marketplace: RawMarketplace,
     http: RawHttp,
+    ingress: RawIngress,
+    policy: Policy,
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawIngress {
+    webhook_auth: String,
+    allow_insecure_no_auth: bool,
+    jwks_url: Option<String>,
+    webhook_audiences: Option<String>,
+    body_limit_bytes: usize,
+    api_key: Option<SecretString>,
+    publish_confirm_timeout_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +306,16 @@ impl Default for RawSettings {
             http: RawHttp {
                 listen_addr: "127.0.0.1:8080".into(),
             },
+            ingress: RawIngress {
+                webhook_auth: "entra".into(),
+                allow_insecure_no_auth: false,
+                jwks_url: None,
+                webhook_audiences: None,
+                body_limit_bytes: 64 * 1024,
+                api_key: None,
+                publish_confirm_timeout_ms: 5_000,
+            },
+            policy: Policy::default(),
             log: RawLog {
                 format: "pretty".into(),
             },
@@ -269,7 +332,7 @@ macro_rules! raw_default {
         }
     )*};
 }
-raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawLog => log);
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawLog => log);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -370,7 +433,10 @@ impl Settings {
                 raw.marketplace.request_timeout_secs,
             )?,
         };
+        let ingress = parse_ingress(raw.ingress, marketplace.client_id)?;
         Ok(Self {
+            ingress,
+            policy: raw.policy,
             database: DatabaseSettings {
                 url: ConnectionUrl(database_url),
                 max_connections: raw.database.max_connections,
@@ -406,6 +472,58 @@ impl Settings {
             },
         })
     }
+}
+
+fn parse_ingress(
+    raw: RawIngress,
+    client_id: Option<Uuid>,
+) -> Result<IngressSettings, SettingsError> {
+    let webhook_auth = match raw.webhook_auth.trim() {
+        "entra" => WebhookAuth::Entra,
+        "none" if raw.allow_insecure_no_auth => WebhookAuth::InsecureNone,
+        "none" => {
+            return invalid(
+                "ingress.webhook_auth",
+                "`none` accepts forged webhooks; it is only for local emulators that send no \
+                 token and needs WEBHOOK_AUTH_ALLOW_INSECURE=true as well",
+            );
+        }
+        other => {
+            return invalid(
+                "ingress.webhook_auth",
+                format!("expected entra or none, got {other:?}"),
+            );
+        }
+    };
+    let jwks_url = match raw.jwks_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(url) => Some(parse_http_url("ingress.jwks_url", url)?),
+    };
+    let webhook_audiences: Vec<String> = match raw.webhook_audiences.as_deref() {
+        Some(list) if !list.trim().is_empty() => list
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect(),
+        _ => client_id.map(|id| id.to_string()).into_iter().collect(),
+    };
+    if !(1024..=16 * 1024 * 1024).contains(&raw.body_limit_bytes) {
+        return invalid(
+            "ingress.body_limit_bytes",
+            "must be between 1024 and 16777216",
+        );
+    }
+    if raw.publish_confirm_timeout_ms == 0 {
+        return invalid("ingress.publish_confirm_timeout_ms", "must be at least 1");
+    }
+    Ok(IngressSettings {
+        webhook_auth,
+        jwks_url,
+        webhook_audiences,
+        body_limit_bytes: raw.body_limit_bytes,
+        api_key: raw.api_key.filter(|k| !k.expose_secret().is_empty()),
+        publish_confirm_timeout: Duration::from_millis(raw.publish_confirm_timeout_ms),
+    })
 }
 
 fn invalid<T>(key: &'static str, reason: impl Into<String>) -> Result<T, SettingsError> {
@@ -569,6 +687,59 @@ mod tests {
                 "{var}={value}: {message:?} should name {expected}"
             );
         }
+    }
+
+    #[test]
+    fn no_auth_webhooks_need_the_explicit_insecure_switch() {
+        let err = Settings::from_sources(None, &env(&[("WEBHOOK_AUTH", "none")])).unwrap_err();
+        assert!(
+            err.to_string().contains("WEBHOOK_AUTH_ALLOW_INSECURE"),
+            "{err}"
+        );
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("WEBHOOK_AUTH", "none"),
+                ("WEBHOOK_AUTH_ALLOW_INSECURE", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ingress.webhook_auth, WebhookAuth::InsecureNone);
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.ingress.webhook_auth, WebhookAuth::Entra);
+    }
+
+    #[test]
+    fn ingress_and_policy_settings_parse() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                (
+                    "MARKETPLACE_CLIENT_ID",
+                    "11111111-2222-3333-4444-555555555555",
+                ),
+                ("ENTITLEMENT_API_KEY", "k3y-value"),
+                ("ACTIVATION_MODE", "manual"),
+                ("FULFILLMENT__POLICY__SEATS__MAX", "50"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.ingress.webhook_audiences,
+            vec!["11111111-2222-3333-4444-555555555555".to_string()]
+        );
+        assert_eq!(s.ingress.body_limit_bytes, 64 * 1024);
+        assert_eq!(
+            s.policy.activation,
+            fulfillment_state_machine::ActivationMode::Manual
+        );
+        assert_eq!(s.policy.seats.max, Some(50));
+        assert!(!format!("{s:?}").contains("k3y-value"));
+        let s = Settings::from_sources(None, &env(&[("WEBHOOK_AUDIENCES", "a, api://b")])).unwrap();
+        assert_eq!(s.ingress.webhook_audiences, vec!["a", "api://b"]);
+        let err =
+            Settings::from_sources(None, &env(&[("ACTIVATION_MODE", "sometimes")])).unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
     }
 
     #[test]
