@@ -155,7 +155,10 @@ async fn purchase_resolve_activate_change_plan_and_delete_through_the_client() {
         .await
         .unwrap()
         .into_value();
-    assert!(plans.iter().any(|p| p.plan_id.as_deref() == Some("gold")), "{plans:?}");
+    assert!(
+        plans.iter().any(|p| p.plan_id.as_deref() == Some("gold")),
+        "{plans:?}"
+    );
 
     let accepted = h
         .client
