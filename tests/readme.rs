@@ -49,7 +49,12 @@ fn the_diagram_command_prints_all_four_states() {
     assert!(mermaid.starts_with("stateDiagram-v2"), "{mermaid}");
     let dot = run("dot");
     assert!(dot.starts_with("digraph"), "{dot}");
-    for state in ["PendingFulfillment", "Subscribed", "Suspended", "Unsubscribed"] {
+    for state in [
+        "PendingFulfillment",
+        "Subscribed",
+        "Suspended",
+        "Unsubscribed",
+    ] {
         assert!(mermaid.contains(state), "{state} missing from {mermaid}");
         assert!(dot.contains(state), "{state} missing from {dot}");
     }
