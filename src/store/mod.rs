@@ -7,7 +7,9 @@ use sqlx::Postgres;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use crate::settings::{ConnectionUrl, DatabaseSettings};
+use crate::settings::DatabaseSettings;
+
+pub mod ledger;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -21,13 +23,14 @@ pub enum StoreError {
          or set DATABASE_URL"
     )]
     Unreachable {
-        url: ConnectionUrl,
+        /// Redacted: the password never reaches a message.
+        url: String,
         #[source]
         source: sqlx::Error,
     },
     #[error("cannot create database {url}: {source}")]
     CreateDatabase {
-        url: ConnectionUrl,
+        url: String,
         #[source]
         source: sqlx::Error,
     },
@@ -35,6 +38,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Query(#[from] sqlx::Error),
+    #[error("a stored state machine cannot be read back: {0}")]
+    CorruptMachine(#[source] serde_json::Error),
 }
 
 /// What `migrate` did.
@@ -52,7 +57,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> 
         .connect(settings.url.expose())
         .await
         .map_err(|source| StoreError::Unreachable {
-            url: settings.url.clone(),
+            url: settings.url.redacted(),
             source,
         })
 }
@@ -64,14 +69,14 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
     let exists = Postgres::database_exists(url.expose())
         .await
         .map_err(|source| StoreError::Unreachable {
-            url: url.clone(),
+            url: url.redacted(),
             source,
         })?;
     if !exists {
         Postgres::create_database(url.expose())
             .await
             .map_err(|source| StoreError::CreateDatabase {
-                url: url.clone(),
+                url: url.redacted(),
                 source,
             })?;
     }
@@ -81,7 +86,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
         .connect(url.expose())
         .await
         .map_err(|source| StoreError::Unreachable {
-            url: url.clone(),
+            url: url.redacted(),
             source,
         })?;
     let before = applied_versions(&pool).await?;

@@ -1,0 +1,222 @@
+//! The one transaction that applies an event to a subscription (design.md guarantees 2–4):
+//! dedupe in the inbox, lock the subscription row, restore the machine, decide, append the
+//! event log row, save the state and queue the effects in the outbox — all or nothing.
+//! The caller acks its message only after this returns.
+
+use fulfillment_state_machine::{
+    Decision, Event, Outcome, Policy, SubscriptionId, SubscriptionMachine,
+};
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// Where an event came from, for the inbox and the event log.
+#[derive(Debug, Clone, Default)]
+pub struct EventSource {
+    /// The AMQP message id that carried the event (webhook operation id, command id).
+    pub message_id: Option<String>,
+    /// The inbox key `(message id, kind)`; a second event with the same key is a duplicate.
+    /// `None` for events that are idempotent by themselves (effect results, observations).
+    pub inbox_key: Option<(String, String)>,
+    pub correlation_id: Option<String>,
+    pub request_id: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+/// What one `apply` did.
+#[derive(Debug, Clone)]
+pub enum ApplyOutcome {
+    /// The inbox already held this message: nothing was decided, recorded or queued.
+    Duplicate,
+    /// The machine decided; the decision, its log row and its outbox rows are committed.
+    Decided(Applied),
+}
+
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub subscription_id: Uuid,
+    /// The event-log row (also the CloudEvents id of domain events it produced).
+    pub event_id: Uuid,
+    pub sequence: i64,
+    pub decision: Decision,
+    /// The outbox rows, one per effect, in the machine's order.
+    pub outbox_ids: Vec<Uuid>,
+}
+
+/// Applies `event` to the subscription in one transaction; creates the subscription row on
+/// first sight.
+pub async fn apply(
+    pool: &PgPool,
+    subscription_id: SubscriptionId,
+    event: &Event,
+    source: &EventSource,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<ApplyOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    let id = subscription_id.as_uuid();
+    if let Some((message_id, kind)) = &source.inbox_key {
+        let fresh = sqlx::query(
+            "INSERT INTO inbox (message_id, kind, subscription_id) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(kind)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome::Duplicate);
+        }
+    }
+    let mut machine = lock_or_create(&mut tx, subscription_id).await?;
+    let decision = machine.handle(event, now, policy);
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(sequence), 0) + 1 FROM subscription_events WHERE subscription_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let event_id = Uuid::now_v7();
+    let (outcome, reason) = outcome_columns(&decision.outcome);
+    sqlx::query(
+        "INSERT INTO subscription_events \
+         (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
+          to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(event_id)
+    .bind(id)
+    .bind(sequence)
+    .bind(&source.message_id)
+    .bind(event.key())
+    .bind(event.kind().as_str())
+    .bind(to_json(event))
+    .bind(decision.from.as_str())
+    .bind(decision.to.as_str())
+    .bind(outcome)
+    .bind(reason)
+    .bind(to_json(&decision.effects))
+    .bind(&source.correlation_id)
+    .bind(&source.request_id)
+    .bind(&source.trace_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    save(&mut tx, &machine, now).await?;
+    let mut outbox_ids = Vec::with_capacity(decision.effects.len());
+    for effect in &decision.effects {
+        let outbox_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, correlation_id, \
+             next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7)",
+        )
+        .bind(outbox_id)
+        .bind(id)
+        .bind(event_id)
+        .bind(effect.kind_str())
+        .bind(to_json(effect))
+        .bind(&source.correlation_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        outbox_ids.push(outbox_id);
+    }
+    tx.commit().await?;
+    Ok(ApplyOutcome::Decided(Applied {
+        subscription_id: id,
+        event_id,
+        sequence,
+        decision,
+        outbox_ids,
+    }))
+}
+
+/// The machine of a subscription, if we know it (no lock; for reads).
+pub async fn load(
+    pool: &PgPool,
+    subscription_id: SubscriptionId,
+) -> Result<Option<SubscriptionMachine>, StoreError> {
+    let machine: Option<Value> =
+        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1")
+            .bind(subscription_id.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+    machine.map(restore).transpose()
+}
+
+async fn lock_or_create(
+    tx: &mut Transaction<'static, Postgres>,
+    subscription_id: SubscriptionId,
+) -> Result<SubscriptionMachine, StoreError> {
+    let id = subscription_id.as_uuid();
+    // Two workers meeting a new subscription at once: the insert of one waits for the other's
+    // commit, then does nothing, and both go on to the same row lock.
+    let fresh = SubscriptionMachine::new(subscription_id);
+    sqlx::query(
+        "INSERT INTO subscriptions (id, state, machine) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(fresh.state().as_str())
+    .bind(to_json(&fresh))
+    .execute(&mut **tx)
+    .await?;
+    let machine: Value =
+        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_one(&mut **tx)
+            .await?;
+    restore(machine)
+}
+
+async fn save(
+    tx: &mut Transaction<'static, Postgres>,
+    machine: &SubscriptionMachine,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let details = machine.details();
+    sqlx::query(
+        "UPDATE subscriptions SET machine = $2, state = $3, offer_id = $4, plan_id = $5, \
+         quantity = $6, beneficiary_tenant_id = $7, purchaser_tenant_id = $8, \
+         version = version + 1, updated_at = $9 WHERE id = $1",
+    )
+    .bind(machine.subscription_id().as_uuid())
+    .bind(to_json(machine))
+    .bind(machine.state().as_str())
+    .bind(details.offer_id.as_ref().map(|o| o.as_str().to_string()))
+    .bind(details.plan_id.as_ref().map(|p| p.as_str().to_string()))
+    .bind(
+        details
+            .quantity
+            .map(|q| i32::try_from(q.get()).unwrap_or(i32::MAX)),
+    )
+    .bind(details.beneficiary_tenant.map(|t| t.as_uuid()))
+    .bind(details.purchaser_tenant.map(|t| t.as_uuid()))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn restore(machine: Value) -> Result<SubscriptionMachine, StoreError> {
+    serde_json::from_value(machine).map_err(StoreError::CorruptMachine)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("machine types always serialize to JSON")
+}
+
+fn outcome_columns(outcome: &Outcome) -> (&'static str, String) {
+    match outcome {
+        Outcome::Applied { reason } => ("applied", reason.clone()),
+        Outcome::Rejected { reason } => ("rejected", reason.clone()),
+        Outcome::Ignored { reason } => ("ignored", reason.to_string()),
+    }
+}

@@ -1,0 +1,206 @@
+//! The apply transaction against real PostgreSQL: inbox dedupe, event log, state projection,
+//! outbox, and one decision at a time per subscription under concurrency.
+
+mod common;
+
+use common::TestDatabase;
+use fulfillment_state_machine::{
+    Event, MarketplaceStatus, OfferId, OperationId, PlanId, Policy, RequestSource, Snapshot,
+    StateName, SubscriptionId, Webhook, WebhookAction,
+};
+use marketplace_fulfillment::store::ledger::{self, ApplyOutcome, EventSource};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+fn observed(status: MarketplaceStatus, plan: &str) -> Event {
+    Event::Observed {
+        snapshot: Snapshot {
+            offer_id: Some(OfferId::parse("contoso-analytics").unwrap()),
+            plan_id: Some(PlanId::parse(plan).unwrap()),
+            ..Snapshot::with_status(status)
+        },
+        observed_at: OffsetDateTime::now_utc(),
+    }
+}
+
+fn renew_webhook(operation: Uuid) -> Event {
+    Event::Webhook(Webhook {
+        operation_id: OperationId::from(operation),
+        action: WebhookAction::Renew,
+        source: RequestSource::Azure,
+        timestamp: None,
+        plan_id: None,
+        quantity: None,
+        subscription: None,
+    })
+}
+
+fn from_message(id: &str) -> EventSource {
+    EventSource {
+        message_id: Some(id.to_string()),
+        inbox_key: Some((id.to_string(), "Renew".to_string())),
+        correlation_id: Some("corr-1".into()),
+        ..EventSource::default()
+    }
+}
+
+#[tokio::test]
+async fn first_sight_creates_the_subscription_and_records_the_decision() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let id = SubscriptionId::from(Uuid::new_v4());
+    let outcome = ledger::apply(
+        &pool,
+        id,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        OffsetDateTime::now_utc(),
+        &Policy::default(),
+    )
+    .await
+    .unwrap();
+    let ApplyOutcome::Decided(applied) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(applied.sequence, 1);
+    assert_eq!(applied.decision.to, StateName::Subscribed);
+    assert_eq!(applied.outbox_ids.len(), applied.decision.effects.len());
+
+    let (state, plan, version): (String, Option<String>, i64) =
+        sqlx::query_as("SELECT state, plan_id, version FROM subscriptions WHERE id = $1")
+            .bind(id.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), plan.as_deref(), version),
+        ("Subscribed", Some("gold"), 2)
+    );
+    let (from, to, outcome): (String, String, String) = sqlx::query_as(
+        "SELECT from_state, to_state, outcome FROM subscription_events WHERE id = $1",
+    )
+    .bind(applied.event_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (from.as_str(), to.as_str(), outcome.as_str()),
+        ("PendingFulfillment", "Subscribed", "applied")
+    );
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE event_id = $1")
+        .bind(applied.event_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox as usize, applied.decision.effects.len());
+    let restored = ledger::load(&pool, id).await.unwrap().unwrap();
+    assert_eq!(restored.state(), StateName::Subscribed);
+}
+
+#[tokio::test]
+async fn a_message_seen_before_is_a_duplicate_and_changes_nothing() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let id = SubscriptionId::from(Uuid::new_v4());
+    let now = OffsetDateTime::now_utc();
+    let policy = Policy::default();
+    ledger::apply(
+        &pool,
+        id,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+    let op = Uuid::new_v4();
+    let first = ledger::apply(
+        &pool,
+        id,
+        &renew_webhook(op),
+        &from_message(&op.to_string()),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(first, ApplyOutcome::Decided(_)));
+    let count = |pool: sqlx::PgPool| async move {
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM subscription_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (events, outbox)
+    };
+    let before = count(pool.clone()).await;
+    let second = ledger::apply(
+        &pool,
+        id,
+        &renew_webhook(op),
+        &from_message(&op.to_string()),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(second, ApplyOutcome::Duplicate), "{second:?}");
+    assert_eq!(count(pool.clone()).await, before);
+}
+
+#[tokio::test]
+async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let id = SubscriptionId::from(Uuid::new_v4());
+    let policy = Policy::default();
+    ledger::apply(
+        &pool,
+        id,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        OffsetDateTime::now_utc(),
+        &policy,
+    )
+    .await
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = pool.clone();
+        let policy = policy.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..15 {
+                let op = Uuid::new_v4();
+                let outcome = ledger::apply(
+                    &pool,
+                    id,
+                    &renew_webhook(op),
+                    &from_message(&op.to_string()),
+                    OffsetDateTime::now_utc(),
+                    &policy,
+                )
+                .await
+                .unwrap();
+                assert!(matches!(outcome, ApplyOutcome::Decided(_)));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let sequences: Vec<i64> = sqlx::query_scalar(
+        "SELECT sequence FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
+    )
+    .bind(id.as_uuid())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sequences, (1..=61).collect::<Vec<i64>>());
+    let version: i64 = sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = $1")
+        .bind(id.as_uuid())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 62);
+}
