@@ -15,3 +15,4 @@ pub mod settings;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

@@ -632,6 +632,55 @@ pub struct UsageAggregate {
     pub submitted_count: Option<f64>,
 }
 
+/// A webhook call's body (§6.2). Only `id`, `subscriptionId` and `action` are required:
+/// minimal 2019–2021 payloads still arrive, and Microsoft may add fields (P16).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookPayload {
+    /// The operation id; with `action`, the dedupe key.
+    pub id: Uuid,
+    pub subscription_id: Uuid,
+    /// Kept as sent: unknown actions are accepted and recorded (P9).
+    pub action: String,
+    #[serde(default, deserialize_with = "lenient::uuid")]
+    pub activity_id: Option<Uuid>,
+    #[serde(default, deserialize_with = "lenient::string")]
+    pub publisher_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient::string")]
+    pub offer_id: Option<String>,
+    /// ChangePlan: the target plan; otherwise the current one.
+    #[serde(default, deserialize_with = "lenient::string")]
+    pub plan_id: Option<String>,
+    /// ChangeQuantity: the target quantity; otherwise the current one.
+    #[serde(default, deserialize_with = "lenient::quantity")]
+    pub quantity: Option<u32>,
+    #[serde(
+        default,
+        deserialize_with = "lenient::timestamp",
+        serialize_with = "lenient::serialize_timestamp"
+    )]
+    pub time_stamp: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub status: Option<OperationStatus>,
+    #[serde(default)]
+    pub operation_request_source: Option<RequestSource>,
+    /// A snapshot that may lag behind the action (P13).
+    #[serde(default, deserialize_with = "lenient::object")]
+    pub subscription: Option<Subscription>,
+}
+
+impl WebhookPayload {
+    /// Parses a webhook body with the same leniency as API responses (trimmed keys,
+    /// trailing commas). The error says which required field is missing or malformed.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        match parse_body::<Self>(body)? {
+            Some(payload) if !payload.action.trim().is_empty() => Ok(payload),
+            Some(_) => Err(serde::de::Error::custom("`action` is empty")),
+            None => Err(serde::de::Error::custom("the body is empty")),
+        }
+    }
+}
+
 /// Parses a response body leniently: an empty body is `None`; keys are trimmed (the doc
 /// samples have `"id  "`); trailing commas (also in doc samples) are tolerated.
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
