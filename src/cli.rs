@@ -33,6 +33,13 @@ pub enum Command {
     },
     /// Serve a simulated Microsoft marketplace (Fulfillment, Metering, Entra, webhooks).
     Simulate(crate::simulator::SimulateArgs),
+    /// Serve the ingress: Marketplace webhook, landing page, entitlement API, health and
+    /// metrics. Stops on ctrl-c/SIGTERM after the requests in flight finish.
+    Serve,
+    /// Run a worker: consume Marketplace events and publisher commands, drive each
+    /// subscription through the state machine and carry out its effects. Stops on
+    /// ctrl-c/SIGTERM after the message and the effects in hand.
+    Work,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -107,6 +114,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Simulate(args) => {
             crate::simulator::run_until_signalled(&settings, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            crate::http::serve(settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Work => {
+            crate::worker::run::run_until_signalled(settings).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

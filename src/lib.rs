@@ -9,6 +9,7 @@
 //! [`cli::main`].
 
 pub mod cli;
+pub mod http;
 pub mod marketplace;
 pub mod queue;
 pub mod settings;

@@ -25,6 +25,9 @@ pub struct EventSource {
     pub correlation_id: Option<String>,
     pub request_id: Option<String>,
     pub trace_id: Option<String>,
+    /// When the message reached us (a webhook's receipt at the ingress): the event log
+    /// shows how much of Microsoft's 10-second ACK window (P7) was left.
+    pub received_at: Option<OffsetDateTime>,
 }
 
 /// What one `apply` did.
@@ -89,8 +92,9 @@ pub async fn apply(
     sqlx::query(
         "INSERT INTO subscription_events \
          (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
-          to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+          to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
+          received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(event_id)
     .bind(id)
@@ -108,6 +112,7 @@ pub async fn apply(
     .bind(&source.request_id)
     .bind(&source.trace_id)
     .bind(now)
+    .bind(source.received_at)
     .execute(&mut *tx)
     .await?;
     save(&mut tx, &machine, now).await?;
@@ -128,6 +133,14 @@ pub async fn apply(
         .execute(&mut *tx)
         .await?;
         outbox_ids.push(outbox_id);
+    }
+    if !outbox_ids.is_empty() {
+        // A wake-up hint for outbox runners, delivered on commit; they also poll.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::outbox::NOTIFY_CHANNEL)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(ApplyOutcome::Decided(Applied {
@@ -219,4 +232,70 @@ fn outcome_columns(outcome: &Outcome) -> (&'static str, String) {
         Outcome::Rejected { reason } => ("rejected", reason.clone()),
         Outcome::Ignored { reason } => ("ignored", reason.to_string()),
     }
+}
+
+/// One effect execution for the event log (`outcome = 'recorded'`): the calls made, their
+/// request and correlation ids, statuses and Microsoft's body on failure.
+#[derive(Debug, Clone)]
+pub struct EffectRecord {
+    /// e.g. `effect:ack_operation`.
+    pub event_kind: String,
+    /// Unique per execution, e.g. `effect:{outbox id}:{attempt}`.
+    pub event_key: String,
+    /// The effect, the calls and any measurements, as JSON.
+    pub details: Value,
+    /// A one-line summary.
+    pub reason: String,
+    pub correlation_id: Option<String>,
+    /// The `x-ms-requestid` of the last call.
+    pub request_id: Option<String>,
+}
+
+/// Appends an effect execution to the subscription's event log without deciding anything:
+/// from and to state are the current state. Takes the subscription row lock for the
+/// sequence number. `None` when we do not know the subscription.
+pub async fn record_effect_result(
+    pool: &PgPool,
+    subscription_id: Uuid,
+    record: &EffectRecord,
+    now: OffsetDateTime,
+) -> Result<Option<Uuid>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(subscription_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(state) = state else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(sequence), 0) + 1 FROM subscription_events WHERE subscription_id = $1",
+    )
+    .bind(subscription_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let event_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO subscription_events \
+         (id, subscription_id, sequence, event_key, event_kind, event, from_state, to_state, \
+          outcome, reason, correlation_id, request_id, recorded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 'recorded', $8, $9, $10, $11)",
+    )
+    .bind(event_id)
+    .bind(subscription_id)
+    .bind(sequence)
+    .bind(&record.event_key)
+    .bind(&record.event_kind)
+    .bind(&record.details)
+    .bind(&state)
+    .bind(&record.reason)
+    .bind(&record.correlation_id)
+    .bind(&record.request_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(event_id))
 }

@@ -10,6 +10,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use crate::settings::DatabaseSettings;
 
 pub mod ledger;
+pub mod outbox;
+pub mod subscriptions;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

@@ -1,4 +1,17 @@
 //! The shell around the state machine: turns queue messages into machine events, applies
 //! them through the store's one transaction, and runs the effects the machine decided.
+//!
+//! - [`translate`]: queue messages and Microsoft's wire types → machine events.
+//! - [`consume`]: the consumer loop (inbound queue → `ledger::apply` → ack).
+//! - [`effects`]: the outbox runner and the effect executors (Microsoft calls, domain
+//!   events), whose results come back as machine events.
+//! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
 
+pub mod consume;
+pub mod effects;
+pub mod run;
 pub mod translate;
+
+pub use consume::{Handled, MessageHandler};
+pub use effects::{EffectRunner, EffectsConfig};
+pub use run::{Worker, WorkerConfig, WorkerParts, run_worker};

@@ -1,0 +1,434 @@
+//! The entitlement API under `/api/v1`: the ISV's product asks what a customer may use and
+//! asks for changes. Reads come from PostgreSQL (the worker's projections); commands go
+//! through the inbound queue and the state machine like Microsoft's events, so one
+//! subscription still sees one decision at a time. Every call needs
+//! `Authorization: Bearer <ENTITLEMENT_API_KEY>`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use fulfillment_state_machine::{PlanId, Quantity, StateName};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::state::{AppState, digest_bytes};
+use super::webhook::traceparent_or_new;
+use crate::queue::{InboundMessage, MessageMeta, PublisherCommand};
+use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
+
+/// Page size when `limit` is absent.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// Middleware: refuses every call without the configured bearer key (compared in constant
+/// time, on SHA-256 digests so the key's length does not leak either).
+pub async fn require_api_key(
+    axum::extract::State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let Some(expected) = state.config.api_key_digest else {
+        return Err(ApiError::Unauthorized {
+            reason: "not_configured",
+            message: "the entitlement API key is not configured on this server \
+                      (set ENTITLEMENT_API_KEY); every call is refused until it is"
+                .into(),
+        });
+    };
+    let presented = bearer(request.headers()).ok_or_else(|| ApiError::Unauthorized {
+        reason: "missing",
+        message: "send the entitlement API key as `Authorization: Bearer <key>`".into(),
+    })?;
+    let matches: bool = digest_bytes(presented.as_bytes()).ct_eq(&expected).into();
+    if !matches {
+        return Err(ApiError::Unauthorized {
+            reason: "invalid",
+            message: "the entitlement API key is not valid".into(),
+        });
+    }
+    Ok(next.run(request).await)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, key) = value.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+fn parse_subscription_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw.trim()).map_err(|_| {
+        ApiError::bad_request(format!("the subscription id must be a GUID, got {raw:?}"))
+    })
+}
+
+fn timestamp(at: OffsetDateTime) -> Value {
+    at.format(&Rfc3339)
+        .map(Value::String)
+        .unwrap_or(Value::Null)
+}
+
+/// The JSON view of one subscription.
+pub fn subscription_view(record: &SubscriptionRecord) -> Value {
+    let term = record.term().map(|term| {
+        json!({
+            "termUnit": term.unit,
+            "startDate": term.start.map(timestamp),
+            "endDate": term.end.map(timestamp),
+        })
+    });
+    json!({
+        "id": record.id,
+        "state": record.state,
+        "offerId": record.offer_id,
+        "planId": record.plan_id,
+        "quantity": record.quantity,
+        "term": term,
+        "beneficiaryTenantId": record.beneficiary_tenant_id,
+        "purchaserTenantId": record.purchaser_tenant_id,
+        "createdAt": timestamp(record.created_at),
+        "updatedAt": timestamp(record.updated_at),
+        "version": record.version,
+    })
+}
+
+/// `GET /api/v1/subscriptions/{id}`.
+pub async fn get_subscription(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_subscription_id(&id)?;
+    let record = subscriptions::find(&state.pool, id)
+        .await
+        .map_err(|e| database_error(e, "read the subscription"))?
+        .ok_or_else(|| ApiError::not_found(format!("subscription {id} is not known here")))?;
+    Ok(Json(subscription_view(&record)))
+}
+
+/// Query of `GET /api/v1/subscriptions`; parsed by hand for precise messages.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    state: Option<String>,
+    beneficiary_tenant_id: Option<String>,
+    offer_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn into_filter(self) -> Result<SubscriptionFilter, ApiError> {
+        let non_empty =
+            |v: Option<String>| v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+        let state = match non_empty(self.state) {
+            None => None,
+            Some(raw) => Some(raw.parse::<StateName>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`state` must be one of PendingFulfillment, Subscribed, Suspended, \
+                     Unsubscribed; got {raw:?}"
+                ))
+            })?),
+        };
+        let beneficiary_tenant_id = match non_empty(self.beneficiary_tenant_id) {
+            None => None,
+            Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| {
+                ApiError::bad_request(format!("`beneficiaryTenantId` must be a GUID, got {raw:?}"))
+            })?),
+        };
+        let limit = match non_empty(self.limit) {
+            None => DEFAULT_PAGE_SIZE,
+            Some(raw) => match raw.parse::<u32>() {
+                Ok(n) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "`limit` must be an integer from 1 to {MAX_PAGE_SIZE}, got {raw:?}"
+                    )));
+                }
+            },
+        };
+        let after = match non_empty(self.cursor) {
+            None => None,
+            Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`cursor` must be the `nextCursor` of a previous page, got {raw:?}"
+                ))
+            })?),
+        };
+        Ok(SubscriptionFilter {
+            state,
+            beneficiary_tenant_id,
+            offer_id: non_empty(self.offer_id),
+            after,
+            limit,
+        })
+    }
+}
+
+/// `GET /api/v1/subscriptions?state=&beneficiaryTenantId=&offerId=&limit=&cursor=`: keyset
+/// pages in id order; `nextCursor` is null on the last page.
+pub async fn list_subscriptions(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = query.into_filter()?;
+    let page_size = filter.limit as usize;
+    let mut rows = subscriptions::list(
+        &state.pool,
+        &SubscriptionFilter {
+            limit: filter.limit + 1,
+            ..filter
+        },
+    )
+    .await
+    .map_err(|e| database_error(e, "list subscriptions"))?;
+    let next_cursor = if rows.len() > page_size {
+        rows.truncate(page_size);
+        rows.last().map(|row| row.id)
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "subscriptions": rows.iter().map(subscription_view).collect::<Vec<_>>(),
+        "nextCursor": next_cursor,
+    })))
+}
+
+/// `POST /api/v1/subscriptions/{id}/activate`.
+pub async fn activate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    submit(
+        &state,
+        &id,
+        &headers,
+        |_| Ok(PublisherCommand::Activate),
+        None,
+    )
+    .await
+}
+
+/// `POST /api/v1/subscriptions/{id}/cancel`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    submit(
+        &state,
+        &id,
+        &headers,
+        |_| Ok(PublisherCommand::Cancel),
+        None,
+    )
+    .await
+}
+
+/// `POST /api/v1/subscriptions/{id}/change-plan` with `{"planId": "gold"}`.
+pub async fn change_plan(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let parse = |body: &Map<String, Value>| {
+        let raw = match body.get("planId") {
+            Some(Value::String(raw)) => raw,
+            Some(_) => return Err(ApiError::bad_request("`planId` must be a string")),
+            None => return Err(ApiError::bad_request("`planId` is required")),
+        };
+        let plan_id = PlanId::parse(raw)
+            .map_err(|e| ApiError::bad_request(format!("`planId` is invalid: {e}")))?;
+        Ok(PublisherCommand::ChangePlan {
+            plan_id: plan_id.as_str().to_owned(),
+        })
+    };
+    submit(&state, &id, &headers, parse, Some(&body)).await
+}
+
+/// `POST /api/v1/subscriptions/{id}/change-quantity` with `{"quantity": 12}`.
+pub async fn change_quantity(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let parse = |body: &Map<String, Value>| {
+        let raw = body
+            .get("quantity")
+            .ok_or_else(|| ApiError::bad_request("`quantity` is required"))?;
+        let quantity = raw
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .and_then(|n| Quantity::new(n).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`quantity` must be a whole number of seats of at least 1, got {raw}"
+                ))
+            })?;
+        Ok(PublisherCommand::ChangeQuantity {
+            quantity: quantity.get(),
+        })
+    };
+    submit(&state, &id, &headers, parse, Some(&body)).await
+}
+
+/// Validates, checks the subscription exists, queues the command (confirmed) and answers
+/// 202 with its id.
+async fn submit(
+    state: &AppState,
+    raw_id: &str,
+    headers: &HeaderMap,
+    parse: impl FnOnce(&Map<String, Value>) -> Result<PublisherCommand, ApiError>,
+    body: Option<&Bytes>,
+) -> Result<Response, ApiError> {
+    let subscription_id = parse_subscription_id(raw_id)?;
+    let object = match body {
+        Some(body) => json_object(body)?,
+        None => Map::new(),
+    };
+    let command = parse(&object)?;
+    let known = subscriptions::exists(&state.pool, subscription_id)
+        .await
+        .map_err(|e| database_error(e, "look the subscription up"))?;
+    if !known {
+        return Err(ApiError::not_found(format!(
+            "subscription {subscription_id} is not known here"
+        )));
+    }
+    let command_id = Uuid::new_v4();
+    let kind = match &command {
+        PublisherCommand::Activate => "activate",
+        PublisherCommand::ChangePlan { .. } => "change_plan",
+        PublisherCommand::ChangeQuantity { .. } => "change_quantity",
+        PublisherCommand::Cancel => "cancel",
+    };
+    let message = InboundMessage::Command {
+        command_id,
+        subscription_id,
+        command,
+        requested_by: "api".into(),
+        requested_at: OffsetDateTime::now_utc(),
+    };
+    let meta = MessageMeta {
+        message_id: command_id.to_string(),
+        correlation_id: command_id.to_string(),
+        traceparent: Some(traceparent_or_new(headers)),
+        subscription_id: Some(subscription_id),
+    };
+    let span = tracing::info_span!(
+        "entitlement_command",
+        %subscription_id,
+        command_id = %command_id,
+        correlation_id = %command_id,
+        command = kind,
+    );
+    match state
+        .publish(&message, &meta)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(parent: &span, "command queued");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "commandId": command_id,
+                    "subscriptionId": subscription_id,
+                    "command": kind,
+                    "status": "queued",
+                })),
+            )
+                .into_response())
+        }
+        Err(error) => {
+            tracing::warn!(parent: &span, error = %error, "command not queued; answering 503");
+            Err(ApiError::unavailable(
+                "the command could not be queued; nothing was accepted, retry later",
+            ))
+        }
+    }
+}
+
+/// An empty body counts as `{}`; anything else must be a JSON object.
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn database_error(error: sqlx::Error, what: &str) -> ApiError {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            tracing::warn!(error = %error, "PostgreSQL unavailable; cannot {what}");
+            ApiError::unavailable("the database is unavailable; retry later")
+        }
+        other => ApiError::Internal(anyhow::Error::new(other).context(format!("cannot {what}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_keys_are_read_case_insensitively_and_trimmed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, "bearer  k3y ".parse().unwrap());
+        assert_eq!(bearer(&headers), Some("k3y"));
+        headers.insert(AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+        headers.insert(AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn list_queries_are_validated_with_clear_messages() {
+        let bad = |q: ListQuery, expected: &str| match q.into_filter() {
+            Err(ApiError::BadRequest(m)) => assert!(m.contains(expected), "{m}"),
+            other => panic!("{other:?}"),
+        };
+        bad(
+            ListQuery {
+                state: Some("Active".into()),
+                ..Default::default()
+            },
+            "`state`",
+        );
+        bad(
+            ListQuery {
+                limit: Some("501".into()),
+                ..Default::default()
+            },
+            "`limit`",
+        );
+        bad(
+            ListQuery {
+                cursor: Some("x".into()),
+                ..Default::default()
+            },
+            "`cursor`",
+        );
+        let filter = ListQuery::default().into_filter().unwrap();
+        assert_eq!(filter.limit, DEFAULT_PAGE_SIZE);
+    }
+}

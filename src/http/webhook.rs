@@ -1,0 +1,305 @@
+//! `POST /webhook`: Microsoft's connection webhook (marketplace-api.md §6).
+//!
+//! Order matters: the bearer token is verified before the body is even read; the body is
+//! then parsed leniently (only `id`, `subscriptionId` and `action` are required, §6.2) into
+//! a [`VerifiedWebhook`], the only thing this module publishes; and the answer is 200 only
+//! once RabbitMQ confirmed the message (design guarantee 1). Any failure to queue is a 503
+//! with `Retry-After`, so Microsoft redelivers; an unknown `action` is still a 200 (P9).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::auth::AuthError;
+use super::error::ApiError;
+use super::metrics;
+use super::state::AppState;
+use crate::queue::{InboundMessage, MessageMeta};
+
+/// Proof that the caller passed webhook authentication (or that authentication is
+/// explicitly off). Only [`authenticate`] makes one.
+#[derive(Debug)]
+pub struct AuthenticatedCaller {
+    _private: (),
+}
+
+/// A webhook body that came from an authenticated caller and has the fields the workers
+/// cannot do without. The payload is kept byte for byte (unknown fields included, P16).
+#[derive(Debug)]
+pub struct VerifiedWebhook {
+    pub operation_id: Uuid,
+    pub subscription_id: Uuid,
+    pub action: String,
+    pub activity_id: Option<Uuid>,
+    payload: String,
+}
+
+impl VerifiedWebhook {
+    /// Parses `body` leniently: any JSON object with a GUID `id`, a GUID `subscriptionId`
+    /// and a string `action`; every other field is optional and left to the worker.
+    pub fn parse(_caller: AuthenticatedCaller, body: &[u8]) -> Result<Self, ApiError> {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        let Value::Object(object) = value else {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
+        };
+        let operation_id = required_guid(&object, "id")?;
+        let subscription_id = required_guid(&object, "subscriptionId")?;
+        let action = match object.get("action") {
+            Some(Value::String(action)) if !action.trim().is_empty() => action.trim().to_owned(),
+            Some(Value::String(_)) => {
+                return Err(ApiError::bad_request("`action` must not be empty"));
+            }
+            Some(_) => return Err(ApiError::bad_request("`action` must be a string")),
+            None => return Err(ApiError::bad_request("`action` is required")),
+        };
+        // Optional: a correlation id when it is a GUID, ignored otherwise.
+        let activity_id = object
+            .get("activityId")
+            .and_then(Value::as_str)
+            .and_then(|raw| Uuid::parse_str(raw.trim()).ok());
+        Ok(Self {
+            operation_id,
+            subscription_id,
+            action,
+            activity_id,
+            payload: text.to_owned(),
+        })
+    }
+
+    /// The body exactly as received.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+}
+
+fn required_guid(object: &Map<String, Value>, field: &str) -> Result<Uuid, ApiError> {
+    match object.get(field) {
+        Some(Value::String(raw)) => Uuid::parse_str(raw.trim())
+            .map_err(|_| ApiError::bad_request(format!("`{field}` must be a GUID, got {raw:?}"))),
+        Some(Value::Null) | None => Err(ApiError::bad_request(format!("`{field}` is required"))),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "`{field}` must be a GUID string"
+        ))),
+    }
+}
+
+/// Verifies the `Authorization` header. Missing or invalid tokens are a 401 naming the
+/// reason; a JWKS we cannot fetch is our problem, not the caller's: 503, so Microsoft
+/// retries.
+pub async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<AuthenticatedCaller, ApiError> {
+    let Some(verifier) = &state.verifier else {
+        return Ok(AuthenticatedCaller { _private: () });
+    };
+    let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = match (headers.get(AUTHORIZATION), header) {
+        // Present but not visible ASCII: as good as no bearer token.
+        (Some(_), None) => Some(""),
+        (_, header) => header,
+    };
+    match verifier.verify(header).await {
+        Ok(_claims) => Ok(AuthenticatedCaller { _private: () }),
+        Err(error) => {
+            metrics::record_jwt_rejection(error.reason());
+            if error.is_unavailable() {
+                return Err(ApiError::unavailable(
+                    "the signing keys of the publisher's tenant cannot be fetched right now",
+                ));
+            }
+            Err(unauthorized(error))
+        }
+    }
+}
+
+fn unauthorized(error: AuthError) -> ApiError {
+    ApiError::Unauthorized {
+        reason: error.reason(),
+        message: error.to_string(),
+    }
+}
+
+/// `POST /webhook`.
+pub async fn receive(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let caller = authenticate(&state, request.headers()).await?;
+    let traceparent = traceparent_or_new(request.headers());
+    let limit = state.config.body_limit_bytes;
+    // `DefaultBodyLimit` on the route caps what this buffers.
+    let body = Bytes::from_request(request, &state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::bad_request(format!("cannot read the body: {rejection}"))
+            }
+        })?;
+    let webhook = VerifiedWebhook::parse(caller, &body)?;
+    let correlation_id = webhook.activity_id.unwrap_or_else(Uuid::new_v4);
+    let span = tracing::info_span!(
+        "webhook",
+        operation_id = %webhook.operation_id,
+        subscription_id = %webhook.subscription_id,
+        action = %webhook.action,
+        correlation_id = %correlation_id,
+    );
+    let meta = MessageMeta {
+        message_id: webhook.operation_id.to_string(),
+        correlation_id: correlation_id.to_string(),
+        traceparent: Some(traceparent),
+        subscription_id: Some(webhook.subscription_id),
+    };
+    let message = InboundMessage::Webhook {
+        received_at: OffsetDateTime::now_utc(),
+        payload: webhook.payload().to_owned(),
+    };
+    match state
+        .publish(&message, &meta)
+        .instrument(span.clone())
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(parent: &span, "webhook accepted and queued");
+            Ok(Json(json!({
+                "status": "accepted",
+                "id": webhook.operation_id,
+            })))
+        }
+        Err(error) => {
+            tracing::warn!(parent: &span, error = %error, "webhook not queued; answering 503");
+            Err(ApiError::unavailable(
+                "the event could not be queued; it was not accepted, retry later",
+            ))
+        }
+    }
+}
+
+/// The caller's W3C `traceparent` when well formed, else a new one (sampled).
+pub fn traceparent_or_new(headers: &HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| is_valid_traceparent(v))
+        .map(str::to_owned)
+        .unwrap_or_else(new_traceparent)
+}
+
+/// A fresh `00-{trace-id}-{parent-id}-01`.
+pub fn new_traceparent() -> String {
+    let trace_id = Uuid::new_v4().simple().to_string();
+    let parent_id = Uuid::new_v4().simple().to_string();
+    format!("00-{trace_id}-{}-01", &parent_id[..16])
+}
+
+/// `version-traceid-parentid-flags` per <https://www.w3.org/TR/trace-context/#traceparent-header>:
+/// lower-case hex, no all-zero ids, version `ff` invalid.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    match parts.as_slice() {
+        [version, trace, parent, flags, ..] => {
+            hex(version, 2)
+                && *version != "ff"
+                && (*version != "00" || parts.len() == 4)
+                && hex(trace, 32)
+                && trace.bytes().any(|b| b != b'0')
+                && hex(parent, 16)
+                && parent.bytes().any(|b| b != b'0')
+                && hex(flags, 2)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<VerifiedWebhook, ApiError> {
+        VerifiedWebhook::parse(AuthenticatedCaller { _private: () }, body.as_bytes())
+    }
+
+    const ID: &str = "7d3e9a41-1111-4c6e-9a0b-2f5d0c7e1a01";
+    const SUB: &str = "3f9c6b1e-3333-4d8e-b7a2-5c4e1d2f9a03";
+
+    #[test]
+    fn a_minimal_payload_with_unknown_fields_and_action_parses() {
+        let body = format!(
+            r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Teleport","future":{{"x":1}}}}"#
+        );
+        let webhook = parse(&body).unwrap();
+        assert_eq!(webhook.operation_id.to_string(), ID);
+        assert_eq!(webhook.action, "Teleport");
+        assert_eq!(webhook.payload(), body);
+        assert!(webhook.activity_id.is_none());
+    }
+
+    #[test]
+    fn missing_or_invalid_required_fields_are_bad_requests() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1,2]", "JSON object"),
+            (
+                r#"{"subscriptionId":"x","action":"Renew"}"#,
+                "`id` is required",
+            ),
+            (
+                &format!(r#"{{"id":"{ID}","action":"Renew"}}"#),
+                "`subscriptionId` is required",
+            ),
+            (
+                &format!(r#"{{"id":"nope","subscriptionId":"{SUB}","action":"Renew"}}"#),
+                "`id` must be a GUID",
+            ),
+            (
+                &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":7}}"#),
+                "`action` must be a string",
+            ),
+            (
+                &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}"}}"#),
+                "`action` is required",
+            ),
+        ];
+        for (body, expected) in cases {
+            match parse(body) {
+                Err(ApiError::BadRequest(message)) => {
+                    assert!(message.contains(expected), "{body}: {message}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn traceparents_are_validated() {
+        assert!(is_valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent("garbage"));
+        assert!(is_valid_traceparent(&new_traceparent()));
+    }
+}

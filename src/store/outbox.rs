@@ -1,0 +1,242 @@
+//! The outbox: effects the machine decided, committed with their transition by
+//! [`ledger::apply`](super::ledger::apply), executed afterwards by the worker.
+//!
+//! A runner claims one due row with `FOR UPDATE SKIP LOCKED` and keeps the claiming
+//! transaction open while it executes the effect, then ends the row in that same transaction
+//! (z2p `issue_delivery_worker.rs`): done, rescheduled or dead. A crash in between releases
+//! the lock and the row runs again, so every executor is idempotent.
+//!
+//! Order: only the oldest pending row of a subscription (by event-log sequence, then id) can
+//! be claimed, so one subscription's effects run one at a time and in the machine's order.
+//! A `poll_operation` row only waits for Microsoft and does not hold back the rows behind it.
+//! A `dead` row no longer blocks anything; operators replay it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// The `LISTEN`/`NOTIFY` channel `apply` signals when it queued effects: a wake-up hint
+/// only; runners also poll.
+pub const NOTIFY_CHANNEL: &str = "fulfillment_outbox";
+
+/// One row of `outbox`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: Uuid,
+    pub subscription_id: Uuid,
+    /// The event-log row whose decision produced the effect.
+    pub event_id: Uuid,
+    pub kind: String,
+    /// The serialized `Effect`.
+    pub effect: Value,
+    /// Failed attempts so far (waiting for Microsoft does not count).
+    pub attempts: i32,
+    pub correlation_id: Option<String>,
+    pub last_error: Option<String>,
+    /// What earlier attempts already did (executor-specific JSON object).
+    pub progress: Value,
+    pub created_at: OffsetDateTime,
+}
+
+/// A claimed row: its lock lives as long as this value; end it with one of the methods.
+/// Dropping it rolls back, and the row becomes due again as it was.
+#[derive(Debug)]
+pub struct Claimed {
+    tx: Transaction<'static, Postgres>,
+    pub row: OutboxRow,
+}
+
+/// Claims the most overdue claimable row, if any.
+pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query_as::<_, OutboxRow>(
+        "SELECT o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
+                o.correlation_id, o.last_error, o.progress, o.created_at \
+         FROM outbox o JOIN subscription_events e ON e.id = o.event_id \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND NOT EXISTS ( \
+               SELECT 1 FROM outbox p JOIN subscription_events pe ON pe.id = p.event_id \
+               WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
+                 AND p.kind <> 'poll_operation' AND p.id <> o.id \
+                 AND (pe.sequence, p.id) < (e.sequence, o.id)) \
+         ORDER BY o.next_attempt_at, e.sequence, o.id \
+         LIMIT 1 \
+         FOR UPDATE OF o SKIP LOCKED",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        Some(row) => Ok(Some(Claimed { tx, row })),
+        None => {
+            tx.rollback().await?;
+            Ok(None)
+        }
+    }
+}
+
+impl Claimed {
+    /// The effect is carried out.
+    pub async fn complete(mut self) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'done', last_error = NULL, updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind(self.row.id)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Runs the row again after `delay`. `failed` counts an attempt against the budget
+    /// (a retryable error); waiting for Microsoft to finish something does not.
+    pub async fn reschedule(
+        mut self,
+        delay: Duration,
+        failed: bool,
+        error: Option<&str>,
+        progress: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + $2, \
+                 next_attempt_at = now() + make_interval(secs => $3), \
+                 last_error = coalesce($4, last_error), progress = $5, updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind(self.row.id)
+        .bind(i32::from(failed))
+        .bind(delay.as_secs_f64())
+        .bind(error)
+        .bind(progress)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives up: the row is `dead` with the reason, for an operator to replay.
+    pub async fn bury(mut self, reason: &str, failed: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET status = 'dead', attempts = attempts + $2, last_error = $3, \
+                 updated_at = now() WHERE id = $1",
+        )
+        .bind(self.row.id)
+        .bind(i32::from(failed))
+        .bind(reason)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Pending rows due within `horizon` from now (0 = due now). For "run until idle".
+pub async fn due_within(pool: &PgPool, horizon: Duration) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE status = 'pending' \
+         AND next_attempt_at <= now() + make_interval(secs => $1)",
+    )
+    .bind(horizon.as_secs_f64())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Where the effect row stands among the `publish_domain_event` rows of its decision:
+/// `(1-based position, how many)`. Gives each CloudEvent a stable id.
+pub async fn domain_event_position(
+    pool: &PgPool,
+    row: &OutboxRow,
+) -> Result<(i64, i64), StoreError> {
+    let (position, total): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE id <= $2), count(*) FROM outbox \
+         WHERE event_id = $1 AND kind = 'publish_domain_event'",
+    )
+    .bind(row.event_id)
+    .bind(row.id)
+    .fetch_one(pool)
+    .await?;
+    Ok((position, total))
+}
+
+/// When the message behind the event that produced an effect reached us (webhooks).
+pub async fn event_received_at(
+    pool: &PgPool,
+    event_id: Uuid,
+) -> Result<Option<OffsetDateTime>, StoreError> {
+    Ok(sqlx::query_scalar::<_, Option<OffsetDateTime>>(
+        "SELECT received_at FROM subscription_events WHERE id = $1",
+    )
+    .bind(event_id)
+    .fetch_optional(pool)
+    .await?
+    .flatten())
+}
+
+/// A publisher operation as the worker learns about it (`publisher_operations`).
+#[derive(Debug, Clone)]
+pub struct PublisherOperationUpdate<'a> {
+    pub command_id: Uuid,
+    pub subscription_id: Uuid,
+    /// `ChangePlan`, `ChangeQuantity` or `Cancel`.
+    pub kind: &'a str,
+    pub target_plan_id: Option<&'a str>,
+    pub target_quantity: Option<i32>,
+    pub operation_id: Option<Uuid>,
+    pub operation_location: Option<&'a str>,
+    /// `Requested`, `Accepted`, `Refused`, `Succeeded`, `Failed` or `Conflict`.
+    pub status: &'a str,
+    pub last_error: Option<&'a str>,
+}
+
+/// Inserts or advances the row of a command; known fields are never cleared.
+pub async fn upsert_publisher_operation(
+    pool: &PgPool,
+    update: &PublisherOperationUpdate<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO publisher_operations (command_id, subscription_id, kind, target_plan_id, \
+             target_quantity, operation_id, operation_location, status, last_error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (command_id) DO UPDATE SET \
+             operation_id = coalesce(EXCLUDED.operation_id, publisher_operations.operation_id), \
+             operation_location = coalesce(EXCLUDED.operation_location, \
+                                           publisher_operations.operation_location), \
+             status = EXCLUDED.status, \
+             last_error = coalesce(EXCLUDED.last_error, publisher_operations.last_error), \
+             updated_at = now()",
+    )
+    .bind(update.command_id)
+    .bind(update.subscription_id)
+    .bind(update.kind)
+    .bind(update.target_plan_id)
+    .bind(update.target_quantity)
+    .bind(update.operation_id)
+    .bind(update.operation_location)
+    .bind(update.status)
+    .bind(update.last_error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Sets the final status of the command that owns `operation_id`, if we track it.
+pub async fn finish_publisher_operation(
+    pool: &PgPool,
+    operation_id: Uuid,
+    status: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE publisher_operations SET status = $2, updated_at = now() WHERE operation_id = $1",
+    )
+    .bind(operation_id)
+    .bind(status)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! The consumer loop: one inbound delivery at a time, turned into a machine event and
+//! applied in the store's one transaction, then acked (commit, then ack: guarantee 4).
+//!
+//! - A body that is not a message, or a message that is not an event ⇒ dead-lettered with
+//!   the reason (never a guess).
+//! - A webhook for a subscription we have never seen (P12) ⇒ GET it first and apply the
+//!   observation, then the webhook (a 404 is recorded and the webhook still applied).
+//! - A redelivery ⇒ the inbox makes it a `Duplicate`: logged, acked, nothing else.
+//! - Database or transient Microsoft errors ⇒ the message goes to a retry tier.
+//!
+//! One subscription's events never run at once: `ledger::apply` locks its row, across
+//! processes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fulfillment_state_machine::{Event, Policy};
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::marketplace::{CallContext, Error as ApiError, MarketplaceClient};
+use crate::queue::{InboundConsumer, InboundDelivery, InboundMessage, QueueError, RetryOutcome};
+use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource};
+use crate::store::{StoreError, subscriptions};
+use crate::worker::translate::{self, translate};
+
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The machine decided; committed and acked.
+    Applied,
+    /// Seen before; acked without effect.
+    Duplicate,
+    /// Parked in a retry tier.
+    RetryScheduled,
+    /// In the dead-letter queue.
+    DeadLettered,
+}
+
+/// Counts deliveries in hand and remembers the last one (for "run until idle").
+#[derive(Debug)]
+pub struct ConsumerActivity {
+    in_flight: AtomicUsize,
+    last_delivery: std::sync::Mutex<Instant>,
+}
+
+impl Default for ConsumerActivity {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_delivery: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl ConsumerActivity {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Time since the last delivery arrived.
+    pub fn quiet_for(&self) -> Duration {
+        self.last_delivery
+            .lock()
+            .map(|at| at.elapsed())
+            .unwrap_or_default()
+    }
+}
+
+/// Applies inbound messages. Cheap to clone.
+#[derive(Clone)]
+pub struct MessageHandler {
+    pool: PgPool,
+    client: MarketplaceClient,
+    policy: Arc<Policy>,
+}
+
+impl std::fmt::Debug for MessageHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageHandler").finish_non_exhaustive()
+    }
+}
+
+/// Why a message cannot be applied now.
+enum Failure {
+    Later(String),
+    Never(String),
+}
+
+impl MessageHandler {
+    pub fn new(pool: PgPool, client: MarketplaceClient, policy: Policy) -> Self {
+        Self {
+            pool,
+            client,
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// Handles one delivery to the end: ack, retry tier or dead-letter queue.
+    pub async fn handle(&self, delivery: InboundDelivery) -> Result<Handled, QueueError> {
+        let span = tracing::info_span!(
+            "message",
+            message_id = %delivery.meta.message_id,
+            correlation_id = %delivery.meta.correlation_id,
+            subscription_id = tracing::field::Empty,
+            attempt = delivery.attempt,
+        );
+        self.handle_in_span(delivery).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, delivery: InboundDelivery) -> Result<Handled, QueueError> {
+        let message = match &delivery.message {
+            Ok(message) => message.clone(),
+            Err(reason) => {
+                let reason = format!("not an inbound message: {reason}");
+                delivery.dead_letter(&reason, None).await?;
+                return Ok(Handled::DeadLettered);
+            }
+        };
+        let translated = match translate(&message) {
+            Ok(translated) => translated,
+            Err(error) => {
+                delivery.dead_letter(&error.to_string(), None).await?;
+                return Ok(Handled::DeadLettered);
+            }
+        };
+        tracing::Span::current().record(
+            "subscription_id",
+            tracing::field::display(translated.subscription_id),
+        );
+        let received_at = match &message {
+            InboundMessage::Webhook { received_at, .. } => Some(*received_at),
+            _ => None,
+        };
+        let source = EventSource {
+            message_id: Some(delivery.meta.message_id.clone()).filter(|m| !m.is_empty()),
+            inbox_key: Some(translated.inbox_key.clone()),
+            correlation_id: Some(delivery.meta.correlation_id.clone()).filter(|c| !c.is_empty()),
+            request_id: None,
+            trace_id: delivery.meta.traceparent.as_deref().and_then(trace_id),
+            received_at,
+        };
+        let result = self
+            .apply(
+                &translated.event,
+                translated.subscription_id.as_uuid(),
+                &source,
+            )
+            .await;
+        match result {
+            Ok(ApplyOutcome::Duplicate) => {
+                tracing::info!("duplicate");
+                delivery.ack().await?;
+                Ok(Handled::Duplicate)
+            }
+            Ok(ApplyOutcome::Decided(applied)) => {
+                tracing::info!(
+                    event_id = %applied.event_id,
+                    from = %applied.decision.from,
+                    to = %applied.decision.to,
+                    effects = applied.outbox_ids.len(),
+                    "applied"
+                );
+                delivery.ack().await?;
+                Ok(Handled::Applied)
+            }
+            Err(Failure::Later(error)) => {
+                tracing::warn!(error, "cannot apply the message now");
+                match delivery.retry_later(&error).await? {
+                    RetryOutcome::Scheduled { .. } => Ok(Handled::RetryScheduled),
+                    RetryOutcome::DeadLettered => Ok(Handled::DeadLettered),
+                }
+            }
+            Err(Failure::Never(reason)) => {
+                delivery.dead_letter(&reason, None).await?;
+                Ok(Handled::DeadLettered)
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        event: &Event,
+        subscription_id: Uuid,
+        source: &EventSource,
+    ) -> Result<ApplyOutcome, Failure> {
+        if matches!(event, Event::Webhook(_)) {
+            let known = subscriptions::exists(&self.pool, subscription_id)
+                .await
+                .map_err(|e| Failure::Later(format!("database: {e}")))?;
+            if !known {
+                self.observe_first(subscription_id, source).await?;
+            }
+        }
+        ledger::apply(
+            &self.pool,
+            subscription_id.into(),
+            event,
+            source,
+            OffsetDateTime::now_utc(),
+            &self.policy,
+        )
+        .await
+        .map_err(|error| match error {
+            StoreError::CorruptMachine(_) => Failure::Never(error.to_string()),
+            other => Failure::Later(format!("database: {other}")),
+        })
+    }
+
+    /// P12: a webhook about a subscription we never saw. GET it and apply what Microsoft
+    /// says first, so the webhook meets a machine that knows plan, quantity and state.
+    async fn observe_first(
+        &self,
+        subscription_id: Uuid,
+        source: &EventSource,
+    ) -> Result<(), Failure> {
+        let correlation = source
+            .correlation_id
+            .as_deref()
+            .and_then(|c| Uuid::parse_str(c).ok())
+            .unwrap_or_else(Uuid::new_v4);
+        let ctx = CallContext::new(correlation);
+        let now = OffsetDateTime::now_utc();
+        match self.client.get_subscription(&ctx, subscription_id).await {
+            Ok(found) => {
+                let observed_source = EventSource {
+                    correlation_id: source.correlation_id.clone(),
+                    request_id: Some(found.meta.request_id.to_string()),
+                    message_id: source.message_id.clone(),
+                    ..EventSource::default()
+                };
+                ledger::apply(
+                    &self.pool,
+                    subscription_id.into(),
+                    &translate::observed(&found.value, now),
+                    &observed_source,
+                    now,
+                    &self.policy,
+                )
+                .await
+                .map_err(|e| Failure::Later(format!("database: {e}")))?;
+                Ok(())
+            }
+            Err(error) if error.is_retryable() => Err(Failure::Later(error.to_string())),
+            Err(error) => {
+                // 404: a purchase that never reached us (P12); others (403): report and
+                // still apply the webhook, which is what Microsoft told us.
+                tracing::warn!(%error, "cannot fetch an unknown subscription; applying the webhook anyway");
+                self.record_unknown(subscription_id, source, &error).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Records the failed GET once the webhook created the row: best effort.
+    async fn record_unknown(&self, subscription_id: Uuid, source: &EventSource, error: &ApiError) {
+        let pool = self.pool.clone();
+        let record = EffectRecord {
+            event_kind: "effect:fetch_unknown_subscription".into(),
+            event_key: format!("fetch-unknown:{}", Uuid::now_v7()),
+            details: json!({
+                "call": "get_subscription",
+                "error": error.kind(),
+                "status": error.status(),
+                "body": error.body(),
+                "detail": error.to_string(),
+                "request_id": error.request_id(),
+            }),
+            reason: format!("webhook for an unknown subscription; GET failed: {error}"),
+            correlation_id: source.correlation_id.clone(),
+            request_id: error.request_id().map(|id| id.to_string()),
+        };
+        // The row does not exist yet: record after the webhook has been applied.
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                match ledger::record_effect_result(
+                    &pool,
+                    subscription_id,
+                    &record,
+                    OffsetDateTime::now_utc(),
+                )
+                .await
+                {
+                    Ok(Some(_)) => return,
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot record the failed GET");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+fn trace_id(traceparent: &str) -> Option<String> {
+    let id = traceparent.split('-').nth(1)?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// Consumes until `shutdown`: stops taking deliveries, finishes the one in hand (commit,
+/// then ack) and cancels the consumer so unacked prefetched messages return to the queue.
+pub async fn run_consumer(
+    mut consumer: InboundConsumer,
+    handler: MessageHandler,
+    activity: Arc<ConsumerActivity>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        match next {
+            None => break,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "cannot receive from the inbound queue");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Some(Ok(delivery)) => {
+                activity.in_flight.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut at) = activity.last_delivery.lock() {
+                    *at = Instant::now();
+                }
+                if let Err(error) = handler.handle(delivery).await {
+                    tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
+                }
+                if let Ok(mut at) = activity.last_delivery.lock() {
+                    *at = Instant::now();
+                }
+                activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    consumer.cancel().await;
+    tracing::info!("consumer stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trace_id_is_read_from_a_traceparent() {
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id("garbage"), None);
+        assert_eq!(trace_id("00-xyz-00f067aa0ba902b7-01"), None);
+    }
+}

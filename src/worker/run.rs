@@ -1,0 +1,230 @@
+//! `fulfillment work`: connects PostgreSQL, RabbitMQ and the Marketplace client, then runs
+//! the consumer and the outbox runner until the shutdown token fires (SIGTERM/ctrl-c):
+//! consuming stops, the message in hand is committed and acked, the effects in hand end,
+//! and the process exits 0 (style principle 8: shutdown is passed in, never global).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fulfillment_state_machine::Policy;
+use sqlx::postgres::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::marketplace::{MarketplaceClient, TokenProvider};
+use crate::queue::Broker;
+use crate::settings::Settings;
+use crate::store::{self, outbox};
+use crate::worker::consume::{ConsumerActivity, MessageHandler, run_consumer};
+use crate::worker::effects::{EffectActivity, EffectRunner, EffectsConfig};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unacked deliveries the broker may push ahead (bounded prefetch).
+    pub prefetch: u16,
+    /// Consumer tag; empty lets the broker choose.
+    pub consumer_tag: String,
+    pub effects: EffectsConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            prefetch: 16,
+            consumer_tag: String::new(),
+            effects: EffectsConfig::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Defaults sized for a pool of `max_connections`: each effect in hand holds one
+    /// connection for its claim and needs another for its results.
+    pub fn for_pool(max_connections: u32) -> Self {
+        let mut config = Self::default();
+        let spare = usize::try_from(max_connections.saturating_sub(2) / 2).unwrap_or(1);
+        config.effects.concurrency = spare.clamp(1, 10);
+        config
+    }
+}
+
+/// The connections a worker needs.
+#[derive(Debug, Clone)]
+pub struct WorkerParts {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub client: MarketplaceClient,
+    pub policy: Policy,
+    /// The Fulfillment API base URL (to rebuild operation locations).
+    pub api_url: Url,
+}
+
+impl WorkerParts {
+    /// Connects PostgreSQL and RabbitMQ (declaring the topology) and builds the client.
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        let pool = store::connect(&settings.database).await?;
+        let broker = Broker::connect(&settings.amqp, "fulfillment-worker").await?;
+        let tokens = TokenProvider::new(&settings.marketplace)
+            .context("cannot set up the Entra token provider")?;
+        let client = MarketplaceClient::new(&settings.marketplace, tokens)
+            .context("cannot build the Marketplace client")?;
+        Ok(Self {
+            pool,
+            broker,
+            client,
+            policy: settings.policy.clone(),
+            api_url: settings.marketplace.api_url.clone(),
+        })
+    }
+}
+
+/// A running worker: the consumer and the outbox runner as tasks. Tests start and stop it
+/// in-process.
+#[derive(Debug)]
+pub struct Worker {
+    shutdown: CancellationToken,
+    consumer: JoinHandle<()>,
+    runner: JoinHandle<()>,
+    pool: PgPool,
+    consumer_activity: Arc<ConsumerActivity>,
+    effect_activity: Arc<EffectActivity>,
+}
+
+impl Worker {
+    /// Starts consuming and running effects; both stop when `shutdown` fires (or on
+    /// [`Worker::stop`]).
+    pub async fn spawn(
+        parts: WorkerParts,
+        config: WorkerConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let publisher = parts.broker.publisher().await?;
+        let consumer = parts
+            .broker
+            .consume_inbound(config.prefetch, &config.consumer_tag)
+            .await?;
+        let handler = MessageHandler::new(
+            parts.pool.clone(),
+            parts.client.clone(),
+            parts.policy.clone(),
+        );
+        let runner = EffectRunner::new(
+            parts.pool.clone(),
+            parts.client,
+            publisher,
+            parts.policy,
+            parts.api_url,
+            config.effects,
+        );
+        let consumer_activity = Arc::new(ConsumerActivity::default());
+        let effect_activity = runner.activity();
+        let consumer = tokio::spawn(run_consumer(
+            consumer,
+            handler,
+            consumer_activity.clone(),
+            shutdown.clone(),
+        ));
+        let runner = tokio::spawn(runner.run(shutdown.clone()));
+        tracing::info!("worker started");
+        Ok(Self {
+            shutdown,
+            consumer,
+            runner,
+            pool: parts.pool,
+            consumer_activity,
+            effect_activity,
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Waits until nothing is in hand, no delivery arrived for a moment, and no outbox row
+    /// is due within a few seconds (longer backoffs do not count). For tests.
+    pub async fn wait_until_idle(&self, timeout: Duration) -> anyhow::Result<()> {
+        const QUIET: Duration = Duration::from_millis(300);
+        const HORIZON: Duration = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        let mut calm = 0;
+        loop {
+            let busy = self.consumer_activity.in_flight() > 0
+                || self.effect_activity.in_flight() > 0
+                || self.consumer_activity.quiet_for() < QUIET
+                || outbox::due_within(&self.pool, HORIZON).await? > 0;
+            calm = if busy { 0 } else { calm + 1 };
+            if calm >= 3 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the worker did not become idle within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for both tasks to end (after the shutdown token fired).
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.consumer.await.context("the consumer task panicked")?;
+        self.runner
+            .await
+            .context("the outbox runner task panicked")?;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// Fires the shutdown token and waits for the work in hand to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.join().await
+    }
+}
+
+/// Runs a worker until `shutdown` fires.
+pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let parts = WorkerParts::connect(&settings).await?;
+    let config = WorkerConfig::for_pool(settings.database.max_connections);
+    let broker = parts.broker.clone();
+    let worker = Worker::spawn(parts, config, shutdown).await?;
+    let result = worker.join().await;
+    broker.close().await;
+    result
+}
+
+/// `fulfillment work`: runs until SIGTERM or ctrl-c.
+pub async fn run_until_signalled(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing the work in hand");
+        trigger.cancel();
+    });
+    run_worker(settings, shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

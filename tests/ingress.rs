@@ -1,0 +1,1171 @@
+//! System tests of the ingress (`fulfillment serve`) against real PostgreSQL and RabbitMQ
+//! and the marketplace simulator, each test with its own database, RabbitMQ prefix and
+//! simulator on port 0.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::TestDatabase;
+use fulfillment_state_machine::{SubscriptionId, SubscriptionMachine};
+use marketplace_fulfillment::http::Application;
+use marketplace_fulfillment::queue::{Broker, InboundConsumer, InboundDelivery, InboundMessage};
+use marketplace_fulfillment::settings::Settings;
+use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
+use reqwest::StatusCode;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+const CLIENT_SECRET: &str = "s3cr3t-value";
+const API_KEY: &str = "entitlement-k3y";
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TestApp {
+    address: SocketAddr,
+    http: reqwest::Client,
+    sim: RunningSimulator,
+    pool: PgPool,
+    settings: Settings,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    _db: TestDatabase,
+}
+
+#[derive(Default)]
+struct Options {
+    env: Vec<(&'static str, String)>,
+    timings: Option<Timings>,
+}
+
+async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+async fn spawn_app_with(options: Options) -> TestApp {
+    let (db, pool) = TestDatabase::migrated().await;
+    let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
+    config.client_secret = Some(SecretString::from(CLIENT_SECRET));
+    config.timings = options.timings.unwrap_or_else(Timings::fast);
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::start(config, sim_listener).await.unwrap();
+
+    let mut env: HashMap<String, String> = std::env::vars().collect();
+    let mut set = |key: &str, value: String| {
+        env.insert(key.to_string(), value);
+    };
+    set("DATABASE_URL", db.url().expose().to_string());
+    set("FULFILLMENT__AMQP__PREFIX", db.settings.amqp.prefix.clone());
+    set("MARKETPLACE_API_URL", sim.api_url().to_string());
+    set("ENTRA_AUTHORITY_URL", sim.authority_url().to_string());
+    set("MARKETPLACE_TENANT_ID", sim.config().tenant_id.to_string());
+    set("MARKETPLACE_CLIENT_ID", sim.config().client_id.to_string());
+    set("MARKETPLACE_CLIENT_SECRET", CLIENT_SECRET.to_string());
+    set("LISTEN_ADDR", "127.0.0.1:0".to_string());
+    set("ENTITLEMENT_API_KEY", API_KEY.to_string());
+    for (key, value) in options.env {
+        if value.is_empty() {
+            env.remove(key);
+        } else {
+            env.insert(key.to_string(), value);
+        }
+    }
+    let settings = Settings::from_sources(None, &env).expect("test settings");
+    let application = Application::build(settings.clone())
+        .await
+        .expect("build the ingress");
+    let address = application.local_addr();
+    assert_ne!(application.port(), 0);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    TestApp {
+        address,
+        http: reqwest::Client::new(),
+        sim,
+        pool,
+        settings,
+        shutdown,
+        server: Some(server),
+        _db: db,
+    }
+}
+
+impl TestApp {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    fn webhook_token(&self) -> String {
+        self.sim.mint_webhook_token(json!({})).unwrap()
+    }
+
+    async fn post_webhook(
+        &self,
+        token: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(self.url("/webhook"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(API_KEY)
+    }
+
+    /// A purchase in the simulator: `(subscription id, token, landing URL)`.
+    async fn purchase(
+        &self,
+        offer: &str,
+        plan: &str,
+        quantity: Option<u32>,
+    ) -> (Uuid, String, Url) {
+        let mut body = json!({ "offerId": offer, "planId": plan });
+        if let Some(quantity) = quantity {
+            body["quantity"] = json!(quantity);
+        }
+        let response = self
+            .http
+            .post(self.sim.base_url().join("simulator/purchases").unwrap())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let purchased: Value = response.json().await.unwrap();
+        (
+            purchased["subscriptionId"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            purchased["token"].as_str().unwrap().to_string(),
+            Url::parse(purchased["landingUrl"].as_str().unwrap()).unwrap(),
+        )
+    }
+
+    /// Our own connection to the broker, to look at the inbound queue.
+    async fn broker(&self) -> Broker {
+        Broker::connect(&self.settings.amqp, "ingress-test")
+            .await
+            .unwrap()
+    }
+
+    async fn consumer(&self, broker: &Broker) -> InboundConsumer {
+        broker.consume_inbound(10, "").await.unwrap()
+    }
+
+    async fn insert_subscription(&self, row: Row) {
+        let machine = SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
+        sqlx::query(
+            "INSERT INTO subscriptions (id, offer_id, plan_id, quantity, state, \
+             beneficiary_tenant_id, purchaser_tenant_id, machine) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(row.id)
+        .bind(row.offer)
+        .bind(row.plan)
+        .bind(row.quantity)
+        .bind(row.state)
+        .bind(row.beneficiary)
+        .bind(row.beneficiary)
+        .bind(serde_json::to_value(&machine).unwrap())
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Stops the server, then removes the test's queues and exchanges.
+    async fn finish(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(WAIT, server)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+        }
+        let broker = self.broker().await;
+        broker.delete_topology().await.unwrap();
+        broker.close().await;
+    }
+}
+
+struct Row {
+    id: Uuid,
+    offer: &'static str,
+    plan: &'static str,
+    quantity: Option<i32>,
+    state: &'static str,
+    beneficiary: Uuid,
+}
+
+fn webhook_body(action: &str) -> (Uuid, Uuid, String) {
+    let id = Uuid::new_v4();
+    let subscription = Uuid::new_v4();
+    // Spacing and field order as a sender might produce them: must arrive byte for byte.
+    let body = format!(
+        "{{\"id\": \"{id}\",\n \"activityId\":\"{}\", \"subscriptionId\":\"{subscription}\", \
+         \"action\":\"{action}\", \"timeStamp\":\"2025-03-10T16:34:41.1370170Z\", \
+         \"status\":\"Succeeded\", \"futureField\": {{\"x\": [1, 2]}}}}",
+        Uuid::new_v4()
+    );
+    (id, subscription, body)
+}
+
+async fn next_delivery(consumer: &mut InboundConsumer) -> InboundDelivery {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a message arrives")
+        .expect("the consumer is open")
+        .expect("the delivery is readable")
+}
+
+async fn assert_no_more(consumer: &mut InboundConsumer) {
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(700), consumer.next()).await
+    {
+        panic!("unexpected extra message: {:?}", extra.map(|d| d.meta));
+    }
+}
+
+async fn json_body(response: reqwest::Response) -> Value {
+    response.json().await.unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// Webhook
+
+#[tokio::test]
+async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (id, subscription, body) = webhook_body("Suspend");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    let response = app
+        .http
+        .post(app.url("/webhook"))
+        .bearer_auth(app.webhook_token())
+        .header("content-type", "application/json")
+        .header("traceparent", traceparent)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().contains_key("x-request-id"));
+
+    let delivery = next_delivery(&mut consumer).await;
+    assert_eq!(delivery.meta.message_id, id.to_string());
+    assert_eq!(delivery.meta.subscription_id, Some(subscription));
+    assert_eq!(delivery.meta.traceparent.as_deref(), Some(traceparent));
+    assert_eq!(
+        delivery.headers.get("traceparent").map(String::as_str),
+        Some(traceparent)
+    );
+    match delivery.message.as_ref().unwrap() {
+        InboundMessage::Webhook { payload, .. } => assert_eq!(payload.as_bytes(), body.as_bytes()),
+        other => panic!("{other:?}"),
+    }
+    delivery.ack().await.unwrap();
+    assert_no_more(&mut consumer).await;
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (_, _, body) = webhook_body("Renew");
+    let activity: Value = serde_json::from_str(&body).unwrap();
+    let response = app.post_webhook(Some(&app.webhook_token()), body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let delivery = next_delivery(&mut consumer).await;
+    let traceparent = delivery.meta.traceparent.clone().expect("a traceparent");
+    assert!(
+        traceparent.starts_with("00-") && traceparent.len() == 55,
+        "{traceparent}"
+    );
+    assert_eq!(
+        delivery.meta.correlation_id,
+        activity["activityId"].as_str().unwrap()
+    );
+    delivery.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (_, _, body) = webhook_body("Suspend");
+
+    let response = app.post_webhook(None, body.clone()).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let error = json_body(response).await;
+    assert_eq!(error["error"], "unauthorized");
+    assert_eq!(error["reason"], "missing");
+
+    let wrong_audience = app
+        .sim
+        .mint_webhook_token(json!({ "aud": Uuid::new_v4().to_string() }))
+        .unwrap();
+    let response = app.post_webhook(Some(&wrong_audience), body.clone()).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(json_body(response).await["reason"], "wrong_audience");
+
+    let wrong_app = app
+        .sim
+        .mint_webhook_token(json!({ "azp": Uuid::new_v4().to_string() }))
+        .unwrap();
+    let response = app.post_webhook(Some(&wrong_app), body.clone()).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(json_body(response).await["reason"], "wrong_app");
+
+    let response = app.post_webhook(Some("not-a-jwt"), body.clone()).await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(json_body(response).await["reason"], "malformed");
+
+    // Nothing refused reached the queue, and the refusals are counted.
+    assert_no_more(&mut consumer).await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("jwt_rejections_total")
+                && l.contains("reason=\"wrong_audience\"")),
+        "{metrics}"
+    );
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_actions_accepted() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let token = app.webhook_token();
+
+    let response = app.post_webhook(Some(&token), "{\"id\": ").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let error = json_body(response).await;
+    assert_eq!(error["error"], "bad_request");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{error}"
+    );
+
+    let missing = json!({ "id": Uuid::new_v4(), "action": "Suspend" }).to_string();
+    let response = app.post_webhook(Some(&token), missing).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        json_body(response).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("subscriptionId")
+    );
+
+    let bad_guid = json!({ "id": "42", "subscriptionId": Uuid::new_v4(), "action": "Suspend" });
+    let response = app.post_webhook(Some(&token), bad_guid.to_string()).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let (_, _, small) = webhook_body("Suspend");
+    let padding = "x".repeat(65 * 1024);
+    let oversized = small.replacen('{', &format!("{{\"padding\":\"{padding}\","), 1);
+    let response = app.post_webhook(Some(&token), oversized).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (id, _, unknown) = webhook_body("Teleport");
+    let response = app.post_webhook(Some(&token), unknown.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let delivery = next_delivery(&mut consumer).await;
+    assert_eq!(delivery.meta.message_id, id.to_string());
+    assert!(!delivery.body.is_empty());
+    delivery.ack().await.unwrap();
+    assert_no_more(&mut consumer).await;
+
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+/// Runs `rabbitmqctl` with arguments; panics with its output when it fails.
+async fn rabbitmqctl(args: &[&str]) {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn create_vhost(vhost: &str) {
+    rabbitmqctl(&["add_vhost", vhost]).await;
+    rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]).await;
+}
+
+/// Removes the test vhost even when an assertion fails.
+struct VhostGuard(String);
+
+impl Drop for VhostGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
+    let vhost = format!("test-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    create_vhost(&vhost).await;
+    let _guard = VhostGuard(vhost.clone());
+    let app = spawn_app_with(Options {
+        env: vec![
+            (
+                "AMQP_URL",
+                format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+            ),
+            (
+                "FULFILLMENT__INGRESS__PUBLISH_CONFIRM_TIMEOUT_MS",
+                "2000".to_string(),
+            ),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let token = app.webhook_token();
+    let (_, _, body) = webhook_body("Suspend");
+    assert_eq!(
+        app.post_webhook(Some(&token), body.clone()).await.status(),
+        StatusCode::OK
+    );
+
+    // Outage: the vhost disappears, its connections are closed and cannot come back.
+    rabbitmqctl(&["delete_vhost", &vhost]).await;
+    let (_, _, during) = webhook_body("Suspend");
+    let response = app.post_webhook(Some(&token), during).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let error = json_body(response).await;
+    assert_eq!(error["error"], "unavailable");
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready = json_body(ready).await;
+    assert_eq!(ready["unavailable"], json!(["rabbitmq"]), "{ready}");
+
+    // The broker is back: the same process accepts again within some seconds.
+    create_vhost(&vhost).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut last = StatusCode::SERVICE_UNAVAILABLE;
+    while tokio::time::Instant::now() < deadline {
+        let (_, _, after) = webhook_body("Suspend");
+        last = app.post_webhook(Some(&token), after).await.status();
+        if last == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(last, StatusCode::OK, "the ingress did not recover");
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    let mut app = app;
+    app.shutdown.cancel();
+    if let Some(server) = app.server.take() {
+        tokio::time::timeout(WAIT, server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    // Deleting the vhost (the guard) removes its queues and exchanges.
+}
+
+#[tokio::test]
+async fn startup_fails_naming_the_unreachable_dependency() {
+    let (db, _pool) = TestDatabase::migrated().await;
+    let mut env: HashMap<String, String> = std::env::vars().collect();
+    env.insert("DATABASE_URL".into(), db.url().expose().to_string());
+    env.insert(
+        "AMQP_URL".into(),
+        "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+    );
+    env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
+    env.insert("MARKETPLACE_TENANT_ID".into(), Uuid::new_v4().to_string());
+    env.insert("MARKETPLACE_CLIENT_ID".into(), Uuid::new_v4().to_string());
+    env.insert("MARKETPLACE_CLIENT_SECRET".into(), CLIENT_SECRET.into());
+    let settings = Settings::from_sources(None, &env).unwrap();
+    let error = Application::build(settings).await.unwrap_err();
+    let message = format!("{error:#}");
+    assert!(message.contains("RabbitMQ is unreachable"), "{message}");
+
+    env.insert(
+        "DATABASE_URL".into(),
+        "postgres://postgres@127.0.0.1:1/fulfillment".into(),
+    );
+    let settings = Settings::from_sources(None, &env).unwrap();
+    let error = Application::build(settings).await.unwrap_err();
+    let message = format!("{error:#}");
+    assert!(message.contains("PostgreSQL is unreachable"), "{message}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Landing page
+
+#[tokio::test]
+async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (subscription, token, landing) = app.purchase("contoso-analytics", "silver", None).await;
+    assert!(token.contains('+') && token.contains('/'), "{token}");
+
+    // The simulator's landing link, with its percent-encoded token, pointed at us.
+    let url = format!("{}?{}", app.url("/landing"), landing.query().unwrap());
+    assert!(url.contains("%2B"), "{url}");
+    let response = app.http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let page = response.text().await.unwrap();
+    for expected in [
+        "contoso-analytics",
+        "silver",
+        "activation pending",
+        &subscription.to_string(),
+    ] {
+        assert!(page.contains(expected), "{expected} missing from {page}");
+    }
+
+    let delivery = next_delivery(&mut consumer).await;
+    assert!(
+        delivery
+            .meta
+            .message_id
+            .starts_with(&format!("resolve:{subscription}:")),
+        "{}",
+        delivery.meta.message_id
+    );
+    assert_eq!(delivery.meta.subscription_id, Some(subscription));
+    match delivery.message.as_ref().unwrap() {
+        InboundMessage::PurchaseResolved {
+            subscription: json, ..
+        } => {
+            let resolved: Value = serde_json::from_str(json).unwrap();
+            assert_eq!(resolved["id"], subscription.to_string());
+            assert_eq!(resolved["planId"], "silver");
+        }
+        other => panic!("{other:?}"),
+    }
+    delivery.ack().await.unwrap();
+
+    // A token with a raw, unencoded `+` (a careless proxy) still resolves: never decoded twice.
+    let raw = format!(
+        "{}?token={}",
+        app.url("/landing"),
+        token.replace('/', "%2F").replace('=', "%3D")
+    );
+    let response = app.http.get(&raw).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    next_delivery(&mut consumer).await.ack().await.unwrap();
+
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn the_landing_page_shows_our_state_when_we_know_the_subscription() {
+    let app = spawn_app().await;
+    let (subscription, token, _) = app.purchase("contoso-analytics", "per-seat", Some(5)).await;
+    app.insert_subscription(Row {
+        id: subscription,
+        offer: "contoso-analytics",
+        plan: "per-seat",
+        quantity: Some(5),
+        state: "Subscribed",
+        beneficiary: Uuid::new_v4(),
+    })
+    .await;
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut().append_pair("token", &token);
+    let response = app.http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("active"), "{page}");
+    assert!(!page.contains("activation pending"), "{page}");
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn manual_activation_says_the_publisher_activates() {
+    let app = spawn_app_with(Options {
+        env: vec![("ACTIVATION_MODE", "manual".to_string())],
+        ..Options::default()
+    })
+    .await;
+    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut().append_pair("token", &token);
+    let page = app
+        .http
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("activation pending"), "{page}");
+    assert!(page.contains("waits for the publisher"), "{page}");
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
+    let app = spawn_app_with(Options {
+        timings: Some(Timings {
+            token_ttl: Duration::from_millis(300),
+            ..Timings::fast()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+
+    let response = app.http.get(app.url("/landing")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("missing its purchase token"), "{page}");
+    assert!(page.contains("click Configure account"), "{page}");
+
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut()
+        .append_pair("token", "bm90LWEtcmVhbC10b2tlbg+/<script>");
+    let response = app.http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("expired or is not valid"), "{page}");
+    assert!(page.contains("Azure portal or Microsoft 365"), "{page}");
+    assert!(page.contains("Configure account"), "{page}");
+    assert!(!page.contains("<script>"), "{page}");
+
+    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut().append_pair("token", &token);
+    let response = app.http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("expired"), "{page}");
+    assert!(page.contains("Configure account"), "{page}");
+
+    // Nothing was queued for refused tokens.
+    assert_no_more(&mut consumer).await;
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn microsoft_failing_gives_a_retry_in_a_minute_page() {
+    let app = spawn_app().await;
+    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let faults = app
+        .http
+        .put(app.sim.base_url().join("simulator/faults").unwrap())
+        .json(&json!({ "share5xx": 1.0 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(faults.status().is_success(), "{}", faults.status());
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut().append_pair("token", &token);
+    let response = app.http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let page = response.text().await.unwrap();
+    assert!(page.contains("retry in a minute"), "{page}");
+    app.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Entitlement API
+
+#[tokio::test]
+async fn the_entitlement_api_refuses_missing_and_wrong_keys() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/api/v1/subscriptions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = app
+        .http
+        .get(app.url("/api/v1/subscriptions"))
+        .bearer_auth("entitlement-k3z")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(json_body(response).await["reason"], "invalid");
+    let response = app
+        .http
+        .post(app.url(&format!("/api/v1/subscriptions/{}/cancel", Uuid::new_v4())))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn without_a_configured_key_every_api_call_is_refused() {
+    let app = spawn_app_with(Options {
+        env: vec![("ENTITLEMENT_API_KEY", String::new())],
+        ..Options::default()
+    })
+    .await;
+    let response = app
+        .api(reqwest::Method::GET, "/api/v1/subscriptions")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let error = json_body(response).await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not configured"),
+        "{error}"
+    );
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn subscriptions_can_be_read_filtered_and_paged() {
+    let app = spawn_app().await;
+    let tenant = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = Uuid::new_v4();
+        ids.push(id);
+        app.insert_subscription(Row {
+            id,
+            offer: if i < 3 {
+                "contoso-analytics"
+            } else {
+                "contoso-seats"
+            },
+            plan: "silver",
+            quantity: (i >= 3).then_some(10),
+            state: if i % 2 == 0 {
+                "Subscribed"
+            } else {
+                "PendingFulfillment"
+            },
+            beneficiary: if i == 0 { tenant } else { Uuid::new_v4() },
+        })
+        .await;
+    }
+    ids.sort();
+
+    let one = app
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/subscriptions/{}", ids[0]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), StatusCode::OK);
+    let one = json_body(one).await;
+    assert_eq!(one["id"], ids[0].to_string());
+    assert_eq!(one["planId"], "silver");
+    assert_eq!(one["version"], 1);
+    for field in [
+        "state",
+        "offerId",
+        "quantity",
+        "term",
+        "beneficiaryTenantId",
+        "purchaserTenantId",
+        "updatedAt",
+    ] {
+        assert!(one.get(field).is_some(), "{field} missing from {one}");
+    }
+
+    let unknown = app
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/subscriptions/{}", Uuid::new_v4()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(json_body(unknown).await["error"], "not_found");
+    let bad = app
+        .api(reqwest::Method::GET, "/api/v1/subscriptions/not-a-guid")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    // Paging: 2 + 2 + 1, in id order, no duplicates.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/api/v1/subscriptions?limit=2".to_string();
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let page = json_body(app.api(reqwest::Method::GET, &path).send().await.unwrap()).await;
+        pages += 1;
+        for item in page["subscriptions"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().parse::<Uuid>().unwrap());
+        }
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids);
+
+    let filtered = json_body(
+        app.api(
+            reqwest::Method::GET,
+            "/api/v1/subscriptions?state=Subscribed&offerId=contoso-analytics",
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        filtered["subscriptions"].as_array().unwrap().len(),
+        2,
+        "{filtered}"
+    );
+    let by_tenant = json_body(
+        app.api(
+            reqwest::Method::GET,
+            &format!("/api/v1/subscriptions?beneficiaryTenantId={tenant}"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(by_tenant["subscriptions"].as_array().unwrap().len(), 1);
+    assert_eq!(by_tenant["nextCursor"], Value::Null);
+
+    for bad in [
+        "state=Active",
+        "limit=0",
+        "limit=501",
+        "cursor=zzz",
+        "beneficiaryTenantId=x",
+    ] {
+        let response = app
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/subscriptions?{bad}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn commands_are_validated_queued_and_answered_202() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let id = Uuid::new_v4();
+    app.insert_subscription(Row {
+        id,
+        offer: "contoso-seats",
+        plan: "per-user",
+        quantity: Some(5),
+        state: "Subscribed",
+        beneficiary: Uuid::new_v4(),
+    })
+    .await;
+
+    let cases: [(&str, Option<Value>, &str); 4] = [
+        ("activate", None, "activate"),
+        (
+            "change-plan",
+            Some(json!({ "planId": "gold" })),
+            "change_plan",
+        ),
+        (
+            "change-quantity",
+            Some(json!({ "quantity": 12 })),
+            "change_quantity",
+        ),
+        ("cancel", None, "cancel"),
+    ];
+    for (path, body, kind) in cases {
+        let mut request = app.api(
+            reqwest::Method::POST,
+            &format!("/api/v1/subscriptions/{id}/{path}"),
+        );
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{path}");
+        let accepted = json_body(response).await;
+        let command_id: Uuid = accepted["commandId"].as_str().unwrap().parse().unwrap();
+
+        let delivery = next_delivery(&mut consumer).await;
+        assert_eq!(delivery.meta.message_id, command_id.to_string());
+        match delivery.message.as_ref().unwrap() {
+            InboundMessage::Command {
+                command_id: queued,
+                subscription_id,
+                command,
+                requested_by,
+                ..
+            } => {
+                assert_eq!(*queued, command_id);
+                assert_eq!(*subscription_id, id);
+                assert_eq!(requested_by, "api");
+                let json = serde_json::to_value(command).unwrap();
+                assert_eq!(json["kind"], kind);
+            }
+            other => panic!("{other:?}"),
+        }
+        delivery.ack().await.unwrap();
+    }
+
+    let bad_bodies = [
+        ("change-plan", "{}"),
+        ("change-plan", "{\"planId\": \"  \"}"),
+        ("change-plan", "not json"),
+        ("change-quantity", "{\"quantity\": 0}"),
+        ("change-quantity", "{\"quantity\": \"ten\"}"),
+        ("change-quantity", "{\"quantity\": 1.5}"),
+    ];
+    for (path, body) in bad_bodies {
+        let response = app
+            .api(
+                reqwest::Method::POST,
+                &format!("/api/v1/subscriptions/{id}/{path}"),
+            )
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path} {body}");
+        assert_eq!(json_body(response).await["error"], "bad_request");
+    }
+    let unknown = app
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/v1/subscriptions/{}/cancel", Uuid::new_v4()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let not_guid = app
+        .api(reqwest::Method::POST, "/api/v1/subscriptions/nope/activate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_guid.status(), StatusCode::BAD_REQUEST);
+
+    assert_no_more(&mut consumer).await;
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_parses_and_lists_every_path() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let document: Value = response.json().await.unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.0"));
+    let paths = document["paths"].as_object().unwrap();
+    for path in [
+        "/api/v1/subscriptions",
+        "/api/v1/subscriptions/{id}",
+        "/api/v1/subscriptions/{id}/activate",
+        "/api/v1/subscriptions/{id}/change-plan",
+        "/api/v1/subscriptions/{id}/change-quantity",
+        "/api/v1/subscriptions/{id}/cancel",
+    ] {
+        assert!(paths.contains_key(path), "{path} missing");
+    }
+    app.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Probes, metrics, shutdown
+
+#[tokio::test]
+async fn probes_and_metrics_report() {
+    let app = spawn_app().await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.text().await.unwrap(), "ok");
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(json_body(ready).await["status"], "ready");
+
+    let (_, _, body) = webhook_body("Renew");
+    assert_eq!(
+        app.post_webhook(Some(&app.webhook_token()), body)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    let has = |name: &str, needle: &str| {
+        text.lines()
+            .any(|l| l.starts_with(name) && l.contains(needle))
+    };
+    assert!(has("http_requests_total{", "route=\"/webhook\""), "{text}");
+    assert!(has("http_requests_total{", "status=\"200\""), "{text}");
+    assert!(
+        has(
+            "http_request_duration_seconds_bucket{",
+            "route=\"/webhook\""
+        ),
+        "{text}"
+    );
+    assert!(
+        has("publish_confirm_seconds_bucket{", "outcome=\"confirmed\""),
+        "{text}"
+    );
+    // Drain the queued webhook.
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    next_delivery(&mut consumer).await.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
+    let mut app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (id, _, body) = webhook_body("Suspend");
+    let (head, tail) = body.split_at(body.len() / 2);
+
+    // A webhook whose body is still arriving when the shutdown begins.
+    let mut stream = TcpStream::connect(app.address).await.unwrap();
+    let request = format!(
+        "POST /webhook HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+        app.address,
+        app.webhook_token(),
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    app.shutdown.cancel();
+    let server = app.server.take().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !server.is_finished(),
+        "the server returned with a request in flight"
+    );
+    assert!(
+        TcpStream::connect(app.address).await.is_err(),
+        "new connections are still accepted"
+    );
+
+    stream.write_all(tail.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("the response arrives")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("run_until_stopped returns")
+        .unwrap()
+        .unwrap();
+    let delivery = next_delivery(&mut consumer).await;
+    assert_eq!(delivery.meta.message_id, id.to_string());
+    delivery.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
+}
