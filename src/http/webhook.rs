@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -20,6 +20,7 @@ use super::auth::AuthError;
 use super::error::ApiError;
 use super::metrics;
 use super::state::AppState;
+use crate::marketplace::WebhookPayload;
 use crate::queue::{InboundMessage, MessageMeta};
 
 /// Proof that the caller passed webhook authentication (or that authentication is
@@ -41,36 +42,24 @@ pub struct VerifiedWebhook {
 }
 
 impl VerifiedWebhook {
-    /// Parses `body` leniently: any JSON object with a GUID `id`, a GUID `subscriptionId`
-    /// and a string `action`; every other field is optional and left to the worker.
+    /// Parses `body` with the worker's own parser ([`WebhookPayload::parse`]), so the
+    /// ingress accepts exactly what the worker can decide on: a GUID `id`, a GUID
+    /// `subscriptionId` and a string `action`; every other field is optional.
     pub fn parse(_caller: AuthenticatedCaller, body: &[u8]) -> Result<Self, ApiError> {
         let text = std::str::from_utf8(body)
             .map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))?;
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-        let Value::Object(object) = value else {
-            return Err(ApiError::bad_request("the body must be a JSON object"));
-        };
-        let operation_id = required_guid(&object, "id")?;
-        let subscription_id = required_guid(&object, "subscriptionId")?;
-        let action = match object.get("action") {
-            Some(Value::String(action)) if !action.trim().is_empty() => action.trim().to_owned(),
-            Some(Value::String(_)) => {
-                return Err(ApiError::bad_request("`action` must not be empty"));
+        let payload = WebhookPayload::parse(body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ApiError::bad_request(format!("the body is not valid JSON: {e}"))
+            } else {
+                ApiError::bad_request(format!("the body is not a Marketplace webhook: {e}"))
             }
-            Some(_) => return Err(ApiError::bad_request("`action` must be a string")),
-            None => return Err(ApiError::bad_request("`action` is required")),
-        };
-        // Optional: a correlation id when it is a GUID, ignored otherwise.
-        let activity_id = object
-            .get("activityId")
-            .and_then(Value::as_str)
-            .and_then(|raw| Uuid::parse_str(raw.trim()).ok());
+        })?;
         Ok(Self {
-            operation_id,
-            subscription_id,
-            action,
-            activity_id,
+            operation_id: payload.id,
+            subscription_id: payload.subscription_id,
+            action: payload.action.trim().to_owned(),
+            activity_id: payload.activity_id,
             payload: text.to_owned(),
         })
     }
@@ -78,17 +67,6 @@ impl VerifiedWebhook {
     /// The body exactly as received.
     pub fn payload(&self) -> &str {
         &self.payload
-    }
-}
-
-fn required_guid(object: &Map<String, Value>, field: &str) -> Result<Uuid, ApiError> {
-    match object.get(field) {
-        Some(Value::String(raw)) => Uuid::parse_str(raw.trim())
-            .map_err(|_| ApiError::bad_request(format!("`{field}` must be a GUID, got {raw:?}"))),
-        Some(Value::Null) | None => Err(ApiError::bad_request(format!("`{field}` is required"))),
-        Some(_) => Err(ApiError::bad_request(format!(
-            "`{field}` must be a GUID string"
-        ))),
     }
 }
 
@@ -256,26 +234,30 @@ mod tests {
     fn missing_or_invalid_required_fields_are_bad_requests() {
         let cases = [
             ("not json", "not valid JSON"),
-            ("[1,2]", "JSON object"),
+            ("[1,2]", "not a Marketplace webhook"),
             (
-                r#"{"subscriptionId":"x","action":"Renew"}"#,
-                "`id` is required",
+                &format!(r#"{{"subscriptionId":"{SUB}","action":"Renew"}}"#),
+                "missing field `id`",
             ),
             (
                 &format!(r#"{{"id":"{ID}","action":"Renew"}}"#),
-                "`subscriptionId` is required",
+                "missing field `subscriptionId`",
             ),
             (
                 &format!(r#"{{"id":"nope","subscriptionId":"{SUB}","action":"Renew"}}"#),
-                "`id` must be a GUID",
+                "UUID",
             ),
             (
                 &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":7}}"#),
-                "`action` must be a string",
+                "invalid type",
+            ),
+            (
+                &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":" "}}"#),
+                "`action` is empty",
             ),
             (
                 &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}"}}"#),
-                "`action` is required",
+                "missing field `action`",
             ),
         ];
         for (body, expected) in cases {
