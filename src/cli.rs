@@ -40,6 +40,12 @@ pub enum Command {
     /// subscription through the state machine and carry out its effects. Stops on
     /// ctrl-c/SIGTERM after the message and the effects in hand.
     Work,
+    /// Run the whole lifecycle in one process against the simulator and the local
+    /// PostgreSQL and RabbitMQ, print the timeline, check both sides, exit.
+    Demo(crate::demo::DemoArgs),
+    /// Measure throughput, latency and memory against this machine's own ceilings.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -124,5 +130,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             crate::worker::run::run_until_signalled(settings).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => crate::demo::run(settings, args).await,
+        Command::Bench(command) => crate::bench::run(settings, command).await,
     }
 }

@@ -8,7 +8,9 @@
 //! and [`cli`] maps the `fulfillment` subcommands onto all of them. `main.rs` only calls
 //! [`cli::main`].
 
+pub mod bench;
 pub mod cli;
+pub mod demo;
 pub mod http;
 pub mod marketplace;
 pub mod queue;

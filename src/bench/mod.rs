@@ -1,0 +1,34 @@
+//! `fulfillment bench …`: benchmarks that measure this machine's ceilings in the same run
+//! and report ratios, so the figures mean something on any machine.
+//!
+//! - [`ingress`]: signed webhooks through `fulfillment serve` (a child process) against
+//!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
+//! - [`measure`]: the load driver, percentiles and `/proc` readings.
+//!
+//! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
+
+pub mod ingress;
+pub mod measure;
+
+use std::process::ExitCode;
+
+use crate::settings::Settings;
+
+pub use ingress::IngressBenchArgs;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Signed webhooks through the ingress, against RabbitMQ's confirmed-publish ceiling.
+    Ingress(IngressBenchArgs),
+    /// Internal: a bare axum `POST /webhook` that answers 200 without doing anything, run as
+    /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
+    #[command(hide = true)]
+    BareHttp(ingress::BareHttpArgs),
+}
+
+pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Ingress(args) => ingress::run(settings, args).await,
+        BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
+    }
+}

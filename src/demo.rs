@@ -1,0 +1,1042 @@
+//! `fulfillment demo`: the whole lifecycle in one process. Starts the marketplace simulator,
+//! the ingress and one worker in-process against the local PostgreSQL and RabbitMQ (in a
+//! demo database and under a demo AMQP prefix, never the configured ones), plays a
+//! subscription from purchase to unsubscribe through real HTTP and AMQP, prints the
+//! timeline from the event log and checks that both sides agree.
+//!
+//! Logs stay at `warn` unless `RUST_LOG` says otherwise, so the story on stdout reads well.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use time::OffsetDateTime;
+use time::macros::format_description;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+use crate::http::Application;
+use crate::settings::{ConnectionUrl, Settings, WebhookAuth};
+use crate::simulator::{PlanSpec, Simulator, SimulatorConfig, Timings};
+use crate::store;
+use crate::worker::{EffectsConfig, Worker, WorkerConfig, WorkerParts};
+
+/// Options of `fulfillment demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Leave the demo database in place afterwards for inspection (it is recreated on the
+    /// next run anyway).
+    #[arg(long)]
+    pub keep: bool,
+    /// The policy's seat maximum; the demo asks for 10 seats more and sees it refused.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(8..=90))]
+    pub seat_limit: u32,
+}
+
+const OFFER: &str = "contoso-analytics";
+/// The demo's second per-seat plan, added to the simulator's catalogue.
+const PRO_PLAN: &str = "per-seat-pro";
+/// Longest wait for one step to settle on both sides.
+const STEP_DEADLINE: Duration = Duration::from_secs(30);
+/// Microsoft's window for ACKing a customer change (§5.3), kept realistic.
+const ACK_WINDOW: Duration = Duration::from_secs(10);
+
+/// Runs the demo on a runtime of its own whose threads log at `warn` (or `RUST_LOG`), so the
+/// global subscriber installed by the CLI does not drown the story.
+pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let (send, receive) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("demo".into())
+        .spawn(move || {
+            let dispatch = quiet_dispatch();
+            let _main = tracing::dispatcher::set_default(&dispatch);
+            let threads = dispatch.clone();
+            let result = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(move || {
+                    // Lives as long as the thread: its default stays the quiet subscriber.
+                    std::mem::forget(tracing::dispatcher::set_default(&threads));
+                })
+                .build()
+                .context("cannot start the demo runtime")
+                .and_then(|runtime| runtime.block_on(demo(settings, args)));
+            let _ = send.send(result);
+        })
+        .context("cannot start the demo thread")?;
+    receive.await.context("the demo thread ended abruptly")?
+}
+
+fn quiet_dispatch() -> tracing::Dispatch {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    tracing::Dispatch::new(subscriber)
+}
+
+async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    if !services_reachable(&settings).await {
+        return Ok(ExitCode::FAILURE);
+    }
+
+    // Our own database and names, never the configured ones.
+    let base_name = settings
+        .database
+        .url
+        .url()
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let demo_name = format!("{base_name}_demo");
+    let mut settings = settings;
+    settings.database.url = settings.database.url.with_path(&format!("/{demo_name}"));
+    settings.amqp.prefix = format!("{}-demo", settings.amqp.prefix);
+    drop_database(&settings.database.url).await?;
+    store::migrate(&settings.database)
+        .await
+        .context("cannot create the demo database")?;
+    clear_topology(&settings).await?;
+
+    // A fresh publisher identity, shared by the simulator and the engine.
+    let tenant = Uuid::new_v4();
+    let client = Uuid::new_v4();
+    let secret = format!("demo-{}", Uuid::new_v4().simple());
+    let api_key = format!("demo-key-{}", Uuid::new_v4().simple());
+    let sim_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen for the simulator")?;
+    let sim_base: Url = format!("http://{}/", sim_listener.local_addr()?).parse()?;
+    settings.marketplace.api_url = sim_base.join("api")?;
+    settings.marketplace.entra_authority_url = sim_base.clone();
+    settings.marketplace.tenant_id = Some(tenant);
+    settings.marketplace.client_id = Some(client);
+    settings.marketplace.client_secret = Some(SecretString::from(secret.clone()));
+    settings.ingress.webhook_auth = WebhookAuth::Entra;
+    settings.ingress.jwks_url = None;
+    settings.ingress.webhook_audiences = vec![client.to_string()];
+    settings.ingress.api_key = Some(SecretString::from(api_key.clone()));
+    settings.http.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.policy.seats.max = Some(args.seat_limit);
+    settings.policy.activation = fulfillment_state_machine::ActivationMode::Automatic;
+
+    let application = Application::build(settings.clone())
+        .await
+        .context("cannot start the ingress")?;
+    let ingress = application.local_addr();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+
+    let mut config = SimulatorConfig::new(tenant, client);
+    config.client_secret = Some(SecretString::from(secret));
+    config.webhook_url = Some(format!("http://{ingress}/webhook").parse()?);
+    config.landing_page_url = Some(format!("http://{ingress}/landing").parse()?);
+    // A second per-seat plan: moves between per-seat plans keep the seat count on both
+    // sides (a flat plan has no quantity at Microsoft).
+    config
+        .plans
+        .push(PlanSpec::per_seat(OFFER, PRO_PLAN, 20.0, 1, 100));
+    config.timings = Timings {
+        activation_delay: Duration::from_millis(500),
+        operation_delay: Duration::from_millis(500),
+        ack_window: ACK_WINDOW,
+        webhook_delay: Duration::from_millis(50),
+        webhook_retry_interval: Duration::from_secs(1),
+        webhook_max_attempts: 20,
+        ..Timings::default()
+    };
+    let sim = Simulator::start(config, sim_listener)
+        .await
+        .context("cannot start the simulator")?;
+
+    let parts = WorkerParts::connect(&settings)
+        .await
+        .context("cannot start the worker")?;
+    let broker = parts.broker.clone();
+    let worker_config = WorkerConfig {
+        effects: EffectsConfig {
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(3),
+            operation_poll_interval: Duration::from_millis(250),
+            activation_check_interval: Duration::from_millis(250),
+            ..EffectsConfig::default()
+        },
+        ..WorkerConfig::for_pool(settings.database.max_connections)
+    };
+    let worker = Worker::spawn(parts, worker_config, shutdown.child_token())
+        .await
+        .context("cannot start the worker")?;
+    let pool = store::connect(&settings.database).await?;
+
+    println!("fulfillment demo");
+    println!(
+        "  database {}   AMQP prefix {}   seat limit {}",
+        settings.database.url.redacted(),
+        settings.amqp.prefix,
+        args.seat_limit
+    );
+    println!(
+        "  simulator {}   ingress http://{ingress}   worker in-process   ACK window {}s",
+        sim.base_url(),
+        ACK_WINDOW.as_secs()
+    );
+    println!();
+
+    let mut demo = Demo {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()?,
+        sim_base: sim.base_url(),
+        ingress,
+        api_key,
+        pool: pool.clone(),
+        worker,
+        started,
+        seat_limit: args.seat_limit,
+        expected_ops: Vec::new(),
+        publisher_op: None,
+    };
+    let played = demo.play().await;
+    let verdict = match &played {
+        Ok(id) => Some(demo.report(*id).await),
+        Err(_) => None,
+    };
+
+    // Shut down: stop accepting, finish the work in hand, then remove what the demo made.
+    shutdown.cancel();
+    let worker_stopped = demo.worker.stop().await;
+    let server_stopped = tokio::time::timeout(Duration::from_secs(15), server).await;
+    sim.shutdown().await.ok();
+    let topology = broker.delete_topology().await;
+    broker.close().await;
+    pool.close().await;
+    let dropped = if args.keep {
+        None
+    } else {
+        Some(drop_database(&settings.database.url).await)
+    };
+
+    println!();
+    match (&worker_stopped, &server_stopped) {
+        (Ok(()), Ok(Ok(Ok(())))) => println!("shutdown: ingress and worker stopped gracefully"),
+        _ => println!(
+            "shutdown: worker {worker_stopped:?}, ingress {}",
+            match &server_stopped {
+                Ok(Ok(Ok(()))) => "stopped".to_string(),
+                Ok(Ok(Err(e))) => format!("failed: {e:#}"),
+                Ok(Err(e)) => format!("panicked: {e}"),
+                Err(_) => "did not stop within 15 s".to_string(),
+            }
+        ),
+    }
+    match &topology {
+        Ok(()) => println!(
+            "cleanup: deleted the {}.* queues and exchanges",
+            settings.amqp.prefix
+        ),
+        Err(e) => println!("cleanup: could not delete the demo topology: {e}"),
+    }
+    match &dropped {
+        None => println!(
+            "cleanup: kept database {demo_name} (--keep); inspect it with psql {}",
+            settings.database.url.redacted()
+        ),
+        Some(Ok(())) => println!("cleanup: dropped database {demo_name}"),
+        Some(Err(e)) => println!("cleanup: could not drop database {demo_name}: {e:#}"),
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    match (played, verdict) {
+        (Ok(_), Some(true))
+            if worker_stopped.is_ok() && matches!(server_stopped, Ok(Ok(Ok(())))) =>
+        {
+            println!("demo OK in {elapsed:.1} s: both sides agree, every ACK made exactly once");
+            Ok(ExitCode::SUCCESS)
+        }
+        (Ok(_), _) => {
+            println!("demo FAILED in {elapsed:.1} s: see the mismatches above");
+            Ok(ExitCode::FAILURE)
+        }
+        (Err(e), _) => {
+            println!("demo FAILED in {elapsed:.1} s: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Checks PostgreSQL and RabbitMQ; prints what is missing and how to start it.
+async fn services_reachable(settings: &Settings) -> bool {
+    let admin = settings.database.url.with_path("/postgres");
+    let postgres = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(admin.expose())
+            .await?;
+        sqlx::query("SELECT 1").execute(&pool).await?;
+        pool.close().await;
+        Ok::<_, sqlx::Error>(())
+    };
+    let postgres = match tokio::time::timeout(Duration::from_secs(5), postgres).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    };
+    let rabbit = async {
+        let connection = lapin::Connection::connect(
+            settings.amqp.url.expose(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await?;
+        let _ = connection.close(200, "demo check".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    let rabbit = match tokio::time::timeout(Duration::from_secs(5), rabbit).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    };
+    if let Err(e) = &postgres {
+        println!(
+            "PostgreSQL is not reachable at {} ({e}).\n  Start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n  (or start both services with: bash .ci/services)",
+            settings.database.url.redacted()
+        );
+    }
+    if let Err(e) = &rabbit {
+        println!(
+            "RabbitMQ is not reachable at {} ({e}).\n  Start it with: rabbitmq-server -detached\n  (or start both services with: bash .ci/services)",
+            settings.amqp.url.redacted()
+        );
+    }
+    postgres.is_ok() && rabbit.is_ok()
+}
+
+async fn drop_database(url: &ConnectionUrl) -> anyhow::Result<()> {
+    let name = url.url().path().trim_start_matches('/').to_string();
+    let admin = url.with_path("/postgres");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(admin.expose())
+        .await
+        .with_context(|| format!("cannot connect to {}", admin.redacted()))?;
+    let sql = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
+    let result = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+    pool.close().await;
+    result.with_context(|| format!("cannot drop database {name}"))?;
+    Ok(())
+}
+
+/// Removes what an interrupted earlier run may have left under the demo prefix.
+async fn clear_topology(settings: &Settings) -> anyhow::Result<()> {
+    let broker = crate::queue::Broker::connect(&settings.amqp, "fulfillment-demo")
+        .await
+        .context("cannot connect to RabbitMQ")?;
+    let result = broker.delete_topology().await;
+    broker.close().await;
+    result.context("cannot clear the demo topology")?;
+    Ok(())
+}
+
+/// One side's view: state, plan, quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct View {
+    state: String,
+    plan: Option<String>,
+    quantity: Option<i64>,
+}
+
+impl std::fmt::Display for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} / {} / {}",
+            self.state,
+            self.plan.as_deref().unwrap_or("-"),
+            self.quantity.map_or("-".to_string(), |q| q.to_string())
+        )
+    }
+}
+
+/// A customer-side operation the worker must ACK, and how it should end.
+struct ExpectedOp {
+    id: String,
+    label: String,
+    status: &'static str,
+}
+
+struct Demo {
+    http: reqwest::Client,
+    sim_base: Url,
+    ingress: SocketAddr,
+    api_key: String,
+    pool: PgPool,
+    worker: Worker,
+    started: Instant,
+    seat_limit: u32,
+    expected_ops: Vec<ExpectedOp>,
+    /// The command id of the publisher-initiated plan change.
+    publisher_op: Option<Uuid>,
+}
+
+impl Demo {
+    fn say(&self, text: &str) {
+        println!("[{:6.2}s] {text}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn detail(&self, text: &str) {
+        println!("          {text}");
+    }
+
+    /// The whole lifecycle; returns the subscription id.
+    async fn play(&mut self) -> anyhow::Result<Uuid> {
+        // 1. Purchase.
+        let purchased = self
+            .admin_post(
+                "simulator/purchases",
+                json!({"offerId": OFFER, "planId": "per-seat", "quantity": 5}),
+            )
+            .await?;
+        let id: Uuid = purchased["subscriptionId"]
+            .as_str()
+            .context("no subscriptionId")?
+            .parse()?;
+        let landing = purchased["landingUrl"]
+            .as_str()
+            .context("no landingUrl")?
+            .to_string();
+        self.say(&format!(
+            "1. customer buys {OFFER} / per-seat with 5 seats: subscription {id}"
+        ));
+
+        // 2. Landing page.
+        let response = self.http.get(&landing).send().await?;
+        let status = response.status();
+        let html = response.text().await?;
+        self.say(&format!(
+            "2. customer opens the landing page: HTTP {}",
+            status.as_u16()
+        ));
+        for line in page_text(&html) {
+            self.detail(&format!("| {line}"));
+        }
+        ensure!(status.is_success(), "the landing page answered {status}");
+
+        // 3. Activation.
+        let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
+        self.say(&format!(
+            "3. worker activates automatically: both sides {view}"
+        ));
+
+        // 4. Seat change inside the limit.
+        let op = self
+            .customer(
+                id,
+                json!({"action": "ChangeQuantity", "quantity": 8}),
+                "ChangeQuantity 5 → 8",
+                "Succeeded",
+            )
+            .await?;
+        let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
+        ensure!(
+            view.quantity == Some(8),
+            "the seat change did not land: {view}"
+        );
+        self.say(&format!(
+            "4. customer changes seats 5 → 8: {op}; both sides {view}"
+        ));
+
+        // 5. Seat change above the policy's limit.
+        let too_many = self.seat_limit + 10;
+        let op = self
+            .customer(
+                id,
+                json!({"action": "ChangeQuantity", "quantity": too_many}),
+                &format!("ChangeQuantity 8 → {too_many}"),
+                "Failed",
+            )
+            .await?;
+        let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
+        ensure!(
+            view.quantity == Some(8),
+            "the refused change landed: {view}"
+        );
+        self.say(&format!(
+            "5. customer asks for {too_many} seats (limit {}): refused by policy: {op}; both sides {view}",
+            self.seat_limit
+        ));
+
+        // 6. Plan change by the customer.
+        let op = self
+            .customer(
+                id,
+                json!({"action": "ChangePlan", "planId": PRO_PLAN}),
+                "ChangePlan per-seat → per-seat-pro",
+                "Succeeded",
+            )
+            .await?;
+        let view = self.settle(id, "Subscribed", Some(PRO_PLAN)).await?;
+        self.say(&format!(
+            "6. customer changes plan per-seat → {PRO_PLAN}: {op}; both sides {view}"
+        ));
+
+        // 7. Suspend (Microsoft: payment failed).
+        self.admin_post(
+            &format!("simulator/subscriptions/{id}/actions"),
+            json!({"action": "Suspend"}),
+        )
+        .await?;
+        let view = self.settle(id, "Suspended", Some(PRO_PLAN)).await?;
+        self.say(&format!(
+            "7. Microsoft suspends (payment failed): both sides {view}"
+        ));
+
+        // 8. Reinstate.
+        let op = self
+            .customer(id, json!({"action": "Reinstate"}), "Reinstate", "Succeeded")
+            .await?;
+        let view = self.settle(id, "Subscribed", Some(PRO_PLAN)).await?;
+        self.say(&format!(
+            "8. Microsoft reinstates (payment fixed): {op}; both sides {view}"
+        ));
+
+        // 9. Publisher-initiated plan change through the entitlement API.
+        let response = self
+            .http
+            .post(format!(
+                "http://{}/api/v1/subscriptions/{id}/change-plan",
+                self.ingress
+            ))
+            .bearer_auth(&self.api_key)
+            .json(&json!({"planId": "per-seat"}))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        ensure!(
+            status == reqwest::StatusCode::ACCEPTED,
+            "change-plan answered {status}: {body}"
+        );
+        let command: Uuid = body["commandId"]
+            .as_str()
+            .context("no commandId")?
+            .parse()?;
+        self.publisher_op = Some(command);
+        self.say(&format!(
+            "9. publisher: POST /api/v1/subscriptions/{{id}}/change-plan {{planId: per-seat}} → HTTP 202, command {command}"
+        ));
+        let polled = Instant::now();
+        let operation = self.wait_for_command(command).await?;
+        let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
+        let api: Value = self
+            .http
+            .get(format!("http://{}/api/v1/subscriptions/{id}", self.ingress))
+            .bearer_auth(&self.api_key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        self.detail(&format!(
+            "worker PATCHed the plan, polled operation {operation} to Succeeded in {} ms; GET /api/v1/subscriptions/{{id}} says {} / {}",
+            polled.elapsed().as_millis(),
+            api["state"].as_str().unwrap_or("?"),
+            api["planId"].as_str().unwrap_or("?"),
+        ));
+        self.say(&format!(
+            "   publisher plan change {PRO_PLAN} → per-seat done: both sides {view}"
+        ));
+
+        // 10. Unsubscribe.
+        self.admin_post(
+            &format!("simulator/subscriptions/{id}/actions"),
+            json!({"action": "Unsubscribe"}),
+        )
+        .await?;
+        let view = self.settle(id, "Unsubscribed", Some("per-seat")).await?;
+        self.say(&format!("10. customer unsubscribes: both sides {view}"));
+        Ok(id)
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(self.sim_base.join(path)?)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        ensure!(
+            status.is_success(),
+            "simulator {path} answered {status}: {answer}"
+        );
+        Ok(answer)
+    }
+
+    async fn sim_view(&self, id: Uuid) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(
+                self.sim_base
+                    .join(&format!("simulator/subscriptions/{id}"))?,
+            )
+            .send()
+            .await?;
+        ensure!(
+            response.status().is_success(),
+            "simulator view answered {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
+    async fn engine(&self, id: Uuid) -> anyhow::Result<Option<View>> {
+        let row: Option<(String, Option<String>, Option<i32>)> =
+            sqlx::query_as("SELECT state, plan_id, quantity FROM subscriptions WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(state, plan, quantity)| View {
+            state,
+            plan,
+            quantity: quantity.map(i64::from),
+        }))
+    }
+
+    /// A customer-side action that the worker must ACK: waits until Microsoft's operation
+    /// is final and describes how it ended.
+    async fn customer(
+        &mut self,
+        id: Uuid,
+        body: Value,
+        label: &str,
+        expected: &'static str,
+    ) -> anyhow::Result<String> {
+        let asked = Instant::now();
+        let answer = self
+            .admin_post(&format!("simulator/subscriptions/{id}/actions"), body)
+            .await?;
+        let op = answer["operationId"]
+            .as_str()
+            .context("no operationId")?
+            .to_string();
+        self.expected_ops.push(ExpectedOp {
+            id: op.clone(),
+            label: label.to_string(),
+            status: expected,
+        });
+        let deadline = Instant::now() + STEP_DEADLINE;
+        let operation = loop {
+            let view = self.sim_view(id).await?;
+            let found = view["operations"]
+                .as_array()
+                .and_then(|ops| ops.iter().find(|o| o["id"] == op.as_str()))
+                .cloned();
+            if let Some(found) = found.filter(|o| o["status"] != "InProgress") {
+                break found;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "operation {op} ({label}) still open after {STEP_DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let final_after = asked.elapsed();
+        let ack_ms: Option<i64> = sqlx::query_scalar(
+            "SELECT (event->>'webhook_to_ack_ms')::bigint FROM subscription_events \
+             WHERE subscription_id = $1 AND event_kind = 'effect:ack_operation' \
+             AND event->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
+        )
+        .bind(id)
+        .bind(&op)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let status = operation["status"].as_str().unwrap_or("?");
+        let resolution = operation["resolution"].as_str().unwrap_or("?");
+        ensure!(
+            status == expected,
+            "{label}: Microsoft's operation ended {status} ({resolution}), expected {expected}"
+        );
+        Ok(format!(
+            "Microsoft's operation {status} ({resolution}) {} ms after the request{}",
+            final_after.as_millis(),
+            match ack_ms {
+                Some(ms) => format!(
+                    ", webhook → ACK {ms} ms of the {} s window",
+                    ACK_WINDOW.as_secs()
+                ),
+                None => String::new(),
+            }
+        ))
+    }
+
+    /// Waits until the worker is idle and both sides agree, in `state` (and on `plan`).
+    async fn settle(&self, id: Uuid, state: &str, plan: Option<&str>) -> anyhow::Result<View> {
+        let deadline = Instant::now() + STEP_DEADLINE;
+        loop {
+            let idle = self
+                .worker
+                .wait_until_idle(Duration::from_secs(2))
+                .await
+                .is_ok();
+            let engine = self.engine(id).await?;
+            let sim = sim_side(&self.sim_view(id).await?);
+            if idle
+                && let Some(engine) = &engine
+                && *engine == sim
+                && engine.state == state
+                && (plan.is_none() || engine.plan.as_deref() == plan)
+            {
+                return Ok(sim);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the sides did not settle on {state} within {STEP_DEADLINE:?}: engine {}, marketplace {sim}, worker {}",
+                    engine.map_or("(no row)".to_string(), |e| e.to_string()),
+                    if idle { "idle" } else { "busy" }
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls the publisher operation of a command until Succeeded; returns Microsoft's
+    /// operation id.
+    async fn wait_for_command(&self, command: Uuid) -> anyhow::Result<String> {
+        let deadline = Instant::now() + STEP_DEADLINE;
+        loop {
+            let row: Option<(String, Option<Uuid>, Option<String>)> = sqlx::query_as(
+                "SELECT status, operation_id, last_error FROM publisher_operations WHERE command_id = $1",
+            )
+            .bind(command)
+            .fetch_optional(&self.pool)
+            .await?;
+            match &row {
+                Some((status, Some(op), _)) if status == "Succeeded" => return Ok(op.to_string()),
+                Some((status, _, error))
+                    if matches!(status.as_str(), "Refused" | "Failed" | "Conflict") =>
+                {
+                    bail!(
+                        "the publisher plan change ended {status}: {}",
+                        error.as_deref().unwrap_or("-")
+                    )
+                }
+                _ => {}
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the publisher plan change is still {row:?} after {STEP_DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Prints the timeline and the final check; true when everything matches.
+    async fn report(&self, id: Uuid) -> bool {
+        match self.try_report(id).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                println!("cannot check the result: {e:#}");
+                false
+            }
+        }
+    }
+
+    async fn try_report(&self, id: Uuid) -> anyhow::Result<bool> {
+        type Row = (
+            i64,
+            OffsetDateTime,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Value,
+            Value,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT sequence, recorded_at, event_kind, from_state, to_state, outcome, reason, \
+             effects, event FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let clock = format_description!("[hour]:[minute]:[second].[subsecond digits:3]");
+        println!();
+        println!(
+            "Timeline (event log of subscription {id}, {} rows)",
+            rows.len()
+        );
+        println!(
+            "{:>4}  {:<12}  {:<28}  {:<32}  {:<8}  {:<56}  effects",
+            "seq", "time (UTC)", "event", "from → to", "outcome", "reason"
+        );
+        for (sequence, at, kind, from, to, outcome, reason, effects, event) in &rows {
+            let states = if from == to {
+                from.clone()
+            } else {
+                format!("{from} → {to}")
+            };
+            let mut reason = reason.clone().unwrap_or_default();
+            if let Some(ms) = event["webhook_to_ack_ms"].as_i64() {
+                let _ = write!(reason, " ({ms} ms after the webhook)");
+            }
+            println!(
+                "{sequence:>4}  {:<12}  {kind:<28}  {states:<32}  {outcome:<8}  {:<56}  {}",
+                at.format(&clock).unwrap_or_default(),
+                shorten(&reason, 56),
+                effects_summary(effects)
+            );
+        }
+
+        // Final check.
+        let sim_view = self.sim_view(id).await?;
+        let sim = sim_side(&sim_view);
+        let engine = self.engine(id).await?.context("the engine has no row")?;
+        let mut ok = true;
+        println!();
+        println!("Final check");
+        println!(
+            "  {:<44}  {:<26}  {:<36}  result",
+            "", "engine (PostgreSQL)", "marketplace (simulator)"
+        );
+        let mut line = |what: &str, ours: String, theirs: String, good: bool| {
+            ok &= good;
+            println!(
+                "  {what:<44}  {ours:<26}  {theirs:<36}  {}",
+                if good { "ok" } else { "MISMATCH" }
+            );
+        };
+        let show = |q: Option<i64>| q.map_or("-".to_string(), |q| q.to_string());
+        line(
+            "state",
+            engine.state.clone(),
+            sim.state.clone(),
+            engine.state == sim.state && engine.state == "Unsubscribed",
+        );
+        line(
+            "plan",
+            engine.plan.clone().unwrap_or_default(),
+            sim.plan.clone().unwrap_or_default(),
+            engine.plan == sim.plan && engine.plan.as_deref() == Some("per-seat"),
+        );
+        line(
+            "quantity",
+            show(engine.quantity),
+            show(sim.quantity),
+            engine.quantity == sim.quantity && engine.quantity == Some(8),
+        );
+
+        // Every ACKable customer operation: ACKed exactly once, ended as expected.
+        let operations = sim_view["operations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for op in &operations {
+            let action = op["action"].as_str().unwrap_or("?");
+            let source = op["source"].as_str().unwrap_or("?");
+            let ackable = source == "Azure"
+                && matches!(action, "ChangePlan" | "ChangeQuantity" | "Reinstate");
+            if !ackable {
+                continue;
+            }
+            let op_id = op["id"].as_str().unwrap_or_default();
+            let expected = self.expected_ops.iter().find(|e| e.id == op_id);
+            let label = expected.map_or(action.to_string(), |e| e.label.clone());
+            let (rows, made, ack): (i64, i64, Option<String>) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM outbox WHERE subscription_id = $1 \
+                   AND kind = 'ack_operation' AND effect->>'operation_id' = $2), \
+                 (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
+                   AND event_kind = 'effect:ack_operation' AND event->>'operation_id' = $2 \
+                   AND reason LIKE 'ACK % recorded'), \
+                 (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
+                   AND kind = 'ack_operation' AND effect->>'operation_id' = $2)",
+            )
+            .bind(id)
+            .bind(op_id)
+            .fetch_one(&self.pool)
+            .await?;
+            let status = op["status"].as_str().unwrap_or("?");
+            let resolution = op["resolution"].as_str().unwrap_or("?");
+            let good = rows == 1
+                && made == 1
+                && resolution != "auto-accepted"
+                && expected.is_some_and(|e| e.status == status);
+            line(
+                &format!("ACK {label}"),
+                format!(
+                    "{} ×{made} ({rows} outbox row)",
+                    ack.as_deref().unwrap_or("none")
+                ),
+                format!("{status}: {}", shorten(resolution, 26)),
+                good,
+            );
+        }
+        if operations.is_empty() {
+            line("operations", "-".into(), "none".into(), false);
+        }
+
+        // The publisher-initiated change.
+        if let Some(command) = self.publisher_op {
+            let (status, op): (String, Option<Uuid>) = sqlx::query_as(
+                "SELECT status, operation_id FROM publisher_operations WHERE command_id = $1",
+            )
+            .bind(command)
+            .fetch_one(&self.pool)
+            .await?;
+            let theirs = op
+                .and_then(|op| {
+                    operations
+                        .iter()
+                        .find(|o| o["id"] == op.to_string().as_str())
+                        .and_then(|o| o["status"].as_str().map(str::to_string))
+                })
+                .unwrap_or_else(|| "not found".into());
+            line(
+                "publisher ChangePlan per-seat-pro → per-seat",
+                status.clone(),
+                theirs.clone(),
+                status == "Succeeded" && theirs == "Succeeded",
+            );
+        }
+
+        // Webhooks all delivered; no effect left pending or dead.
+        let webhooks = sim_view["webhooks"].as_array().cloned().unwrap_or_default();
+        let delivered = webhooks.iter().filter(|w| w["delivered"] == true).count();
+        line(
+            "webhooks delivered",
+            format!("{delivered} received"),
+            format!("{} sent", webhooks.len()),
+            delivered == webhooks.len() && !webhooks.is_empty(),
+        );
+        let (pending, dead): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') \
+             FROM outbox WHERE subscription_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        line(
+            "outbox pending / dead",
+            format!("{pending} / {dead}"),
+            String::new(),
+            pending == 0 && dead == 0,
+        );
+        Ok(ok)
+    }
+}
+
+/// The simulator's view of a subscription, in the engine's terms.
+fn sim_side(view: &Value) -> View {
+    let subscription = &view["subscription"];
+    let state = match subscription["saasSubscriptionStatus"]
+        .as_str()
+        .unwrap_or("?")
+    {
+        "PendingFulfillmentStart" | "NotStarted" => "PendingFulfillment",
+        other => other,
+    };
+    View {
+        state: state.to_string(),
+        plan: subscription["planId"].as_str().map(str::to_string),
+        quantity: subscription["quantity"].as_i64(),
+    }
+}
+
+fn effects_summary(effects: &Value) -> String {
+    let Some(effects) = effects.as_array() else {
+        return String::new();
+    };
+    effects
+        .iter()
+        .map(|effect| {
+            let kind = effect["type"].as_str().unwrap_or("?");
+            match effect["status"].as_str() {
+                Some(status) if kind == "ack_operation" => format!("{kind}({status})"),
+                _ => kind.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let mut short: String = text.chars().take(max.saturating_sub(1)).collect();
+    short.push('…');
+    short
+}
+
+/// What a browser would show of a page: the heading, the table rows, the paragraphs.
+fn page_text(html: &str) -> Vec<String> {
+    let body = html
+        .split_once("<body>")
+        .map_or(html, |(_, body)| body)
+        .replace("</th>", ": ")
+        .replace("</h1>", "\n")
+        .replace("</tr>", "\n")
+        .replace("</p>", "\n");
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in body.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&amp;", "&")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_text_is_what_a_browser_shows() {
+        let html = "<html><head><title>T</title></head><body><h1>Thank you</h1>\
+                    <table><tr><th scope=\"row\">Plan</th><td>per-seat</td></tr></table>\
+                    <p class=\"state\">We&#x27;re on it &amp; done.</p></body></html>";
+        assert_eq!(
+            page_text(html),
+            vec!["Thank you", "Plan: per-seat", "We're on it & done."]
+        );
+    }
+
+    #[test]
+    fn effects_are_summarised_by_type() {
+        let effects = json!([
+            {"type": "ack_operation", "status": "Failure"},
+            {"type": "publish_domain_event"}
+        ]);
+        assert_eq!(
+            effects_summary(&effects),
+            "ack_operation(Failure), publish_domain_event"
+        );
+        assert_eq!(shorten("abcdef", 4), "abc…");
+    }
+}

@@ -1,0 +1,55 @@
+//! Smoke test of `fulfillment bench ingress` with tiny numbers against the local PostgreSQL
+//! and RabbitMQ: it completes, exits 0 and ends with a parseable JSON result line. Speed is
+//! measured by the benchmark, never asserted here.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_ingress_runs_and_prints_a_json_result() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+        .args([
+            "bench",
+            "ingress",
+            "--requests",
+            "200",
+            "--concurrency",
+            "8",
+            "--warmup",
+            "20",
+            "--max-seconds",
+            "60",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fulfillment bench ingress");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status.code()
+    );
+    let last = stdout.lines().last().expect("some output");
+    let result: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"));
+    assert_eq!(result["bench"], "ingress");
+    let levels = result["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 1);
+    let level = &levels[0];
+    assert_eq!(level["concurrency"], 8);
+    assert_eq!(level["requests"], 200);
+    for key in ["rps", "p50_ms", "p99_ms", "publish_ceiling_per_s", "ratio"] {
+        assert!(level[key].is_number(), "{key} in {level}");
+    }
+    assert!(level["errors"].is_u64(), "{level}");
+    assert!(
+        result["peak_rss_mib"].as_f64().unwrap_or(0.0) > 0.0,
+        "{result}"
+    );
+    assert!(
+        result["machine"]["cores"].as_u64().unwrap_or(0) > 0,
+        "{result}"
+    );
+}

@@ -1,0 +1,163 @@
+//! `fulfillment demo` end to end: the real binary against the local PostgreSQL and RabbitMQ,
+//! with its own database name and RabbitMQ prefix, so it touches nothing else.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::TestDatabase;
+use sqlx::postgres::PgPool;
+
+fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (Output, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
+    command
+        .arg("demo")
+        .env("DATABASE_URL", db.url().expose())
+        .env("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix)
+        .env_remove("FULFILLMENT_CONFIG")
+        .env_remove("RUST_LOG");
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    let output = command.output().expect("run fulfillment demo");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    (output, stdout)
+}
+
+/// Drops `<name>_demo` if it is still there; returns whether it was.
+async fn drop_demo_database(db: &TestDatabase) -> bool {
+    let name = format!("{}_demo", db.url().url().path().trim_start_matches('/'));
+    let admin = db.url().with_path("/postgres");
+    let pool = PgPool::connect(admin.expose()).await.expect("PostgreSQL");
+    let existed: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    existed
+}
+
+#[tokio::test]
+async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
+    let db = TestDatabase::new();
+    let (output, stdout) = run_demo(&db, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let left_behind = drop_demo_database(&db).await;
+    assert!(
+        output.status.success(),
+        "exit {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+
+    // The story, step by step.
+    for expected in [
+        "1. customer buys contoso-analytics / per-seat with 5 seats",
+        "2. customer opens the landing page: HTTP 200",
+        "| Thank you for your purchase",
+        "| Plan: per-seat",
+        "| Quantity: 5",
+        "3. worker activates automatically: both sides Subscribed / per-seat / 5",
+        "4. customer changes seats 5 → 8: Microsoft's operation Succeeded (acknowledged Success)",
+        "5. customer asks for 60 seats (limit 50): refused by policy: Microsoft's operation Failed",
+        "6. customer changes plan per-seat → per-seat-pro: Microsoft's operation Succeeded",
+        "7. Microsoft suspends (payment failed): both sides Suspended / per-seat-pro / 8",
+        "8. Microsoft reinstates (payment fixed)",
+        "→ HTTP 202, command",
+        "polled operation",
+        "publisher plan change per-seat-pro → per-seat done: both sides Subscribed / per-seat / 8",
+        "10. customer unsubscribes: both sides Unsubscribed / per-seat / 8",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("webhook → ACK"), "{stdout}");
+
+    // The timeline comes from the event log.
+    let timeline = stdout
+        .split("Timeline (event log")
+        .nth(1)
+        .expect("a timeline");
+    for kind in [
+        "PurchaseResolved",
+        "effect:activate",
+        "WebhookChangeQuantity",
+        "WebhookChangePlan",
+        "effect:ack_operation",
+        "PublisherChangePlan",
+        "effect:poll_operation",
+        "Subscribed → Suspended",
+        "→ Unsubscribed",
+        "rejected",
+    ] {
+        assert!(
+            timeline.contains(kind),
+            "timeline misses {kind:?}:\n{timeline}"
+        );
+    }
+
+    // The final check: every line ok, each ACK made once.
+    let check = stdout.split("Final check").nth(1).expect("a final check");
+    assert!(!check.contains("MISMATCH"), "{check}");
+    for row in [
+        "state",
+        "plan",
+        "quantity",
+        "ACK ChangeQuantity 5 → 8",
+        "ACK ChangeQuantity 8 → 60",
+        "ACK ChangePlan per-seat → per-seat-pro",
+        "publisher ChangePlan per-seat-pro → per-seat",
+        "webhooks delivered",
+        "outbox pending / dead",
+    ] {
+        let line = check
+            .lines()
+            .find(|l| l.trim_start().starts_with(row))
+            .unwrap_or_else(|| panic!("no {row:?} row in\n{check}"));
+        assert!(line.trim_end().ends_with("ok"), "{line}");
+    }
+    let ack_rows: Vec<&str> = check
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ACK "))
+        .collect();
+    assert_eq!(ack_rows.len(), 4, "{check}");
+    for row in ack_rows {
+        assert!(row.contains(" ×1 (1 outbox row)"), "{row}");
+    }
+    assert!(
+        stdout.contains("shutdown: ingress and worker stopped gracefully"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cleanup: dropped database"), "{stdout}");
+    assert!(stdout.contains("demo OK in"), "{stdout}");
+    assert!(!left_behind, "the demo left its database behind");
+}
+
+#[tokio::test]
+async fn the_demo_names_the_missing_service_and_how_to_start_it() {
+    let db = TestDatabase::new();
+    let unreachable = db.url().url().clone();
+    let mut unreachable = unreachable;
+    unreachable.set_port(Some(1)).unwrap();
+    let (output, stdout) = run_demo(
+        &db,
+        &[
+            ("DATABASE_URL", unreachable.as_str()),
+            ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("PostgreSQL is not reachable"), "{stdout}");
+    assert!(stdout.contains("pg_ctlcluster"), "{stdout}");
+    assert!(stdout.contains("RabbitMQ is not reachable"), "{stdout}");
+    assert!(stdout.contains("rabbitmq-server -detached"), "{stdout}");
+    assert!(!stdout.contains("customer buys"), "{stdout}");
+}
