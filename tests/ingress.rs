@@ -613,7 +613,9 @@ async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
         token.replace('/', "%2F").replace('=', "%3D")
     );
     let response = app.http.get(&raw).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
+    let status = response.status();
+    let page = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
     next_delivery(&mut consumer).await.ack().await.unwrap();
 
     consumer.cancel().await;

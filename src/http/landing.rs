@@ -50,12 +50,7 @@ pub async fn landing(
         Ok(Query(LandingQuery { token })) => token,
         Err(_) => None,
     };
-    // `Query` has percent-decoded the value exactly once (P1). A purchase token never holds
-    // a space, so a space can only be a literal `+` that arrived unencoded and was read as
-    // form-encoding's space: put it back rather than decode anything again.
-    let token = token
-        .map(|t| t.trim().replace(' ', "+"))
-        .filter(|t| !t.is_empty());
+    let token = token.as_deref().and_then(purchase_token);
     let Some(token) = token else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -366,9 +361,28 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// The purchase token from the decoded query value. `Query` has percent-decoded it exactly
+/// once (P1). A purchase token never holds a space, so a space can only be a literal `+`
+/// that arrived unencoded and was read as form-encoding's space: it is put back before
+/// surrounding whitespace is trimmed (a token may begin or end with `+`), and nothing is
+/// decoded again.
+fn purchase_token(decoded: &str) -> Option<String> {
+    let token = decoded.replace(' ', "+");
+    let token = token.trim();
+    (!token.is_empty()).then(|| token.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_plus_is_restored_even_at_the_ends_of_the_token() {
+        assert_eq!(purchase_token(" ab cd/ef ").as_deref(), Some("+ab+cd/ef+"));
+        assert_eq!(purchase_token("ab+cd/ef=").as_deref(), Some("ab+cd/ef="));
+        assert_eq!(purchase_token("\tab\n").as_deref(), Some("ab"));
+        assert_eq!(purchase_token(""), None);
+    }
 
     #[test]
     fn escape_neutralises_markup() {
