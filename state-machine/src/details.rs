@@ -191,12 +191,17 @@ impl Details {
     }
 
     /// Microsoft is authoritative for what it reports; fields it left out keep our value
-    /// (minimal and lagging payloads, §6.2, P13, P15).
+    /// (minimal and lagging payloads, §6.2, P13, P15). The quantity belongs to the plan: a
+    /// snapshot that names the plan and no quantity describes a plan without seats (a flat
+    /// plan reports `null` or `""`), so the old seat count goes.
     pub fn merged_with(&self, snapshot: &Snapshot) -> Details {
         Details {
             offer_id: snapshot.offer_id.clone().or_else(|| self.offer_id.clone()),
             plan_id: snapshot.plan_id.clone().or_else(|| self.plan_id.clone()),
-            quantity: snapshot.quantity.or(self.quantity),
+            quantity: match snapshot.plan_id {
+                Some(_) => snapshot.quantity,
+                None => snapshot.quantity.or(self.quantity),
+            },
             term: snapshot.term.clone().or_else(|| self.term.clone()),
             beneficiary_tenant: snapshot.beneficiary_tenant.or(self.beneficiary_tenant),
             purchaser_tenant: snapshot.purchaser_tenant.or(self.purchaser_tenant),
@@ -270,6 +275,23 @@ mod tests {
         );
         assert_eq!(MarketplaceStatus::parse("Paused").state(), None);
         assert_eq!(MarketplaceStatus::parse("Paused").as_str(), "Paused");
+    }
+
+    #[test]
+    fn a_snapshot_naming_a_plan_without_seats_clears_the_old_seat_count() {
+        let ours = Details {
+            plan_id: Some(PlanId::parse("per-seat").unwrap()),
+            quantity: Some(Quantity::new(8).unwrap()),
+            ..Details::default()
+        };
+        let flat = Snapshot {
+            plan_id: Some(PlanId::parse("gold").unwrap()),
+            ..Snapshot::with_status(MarketplaceStatus::Subscribed)
+        };
+        assert_eq!(ours.merged_with(&flat).quantity, None);
+        // A minimal payload that names no plan says nothing about seats: ours stay.
+        let minimal = Snapshot::with_status(MarketplaceStatus::Subscribed);
+        assert_eq!(ours.merged_with(&minimal).quantity, ours.quantity);
     }
 
     #[test]
