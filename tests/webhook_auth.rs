@@ -457,6 +457,29 @@ async fn an_expired_token_is_rejected_as_expired() {
     assert_eq!(rejection_reason(&verifier, &token).await, "expired");
 }
 
+/// Verified tokens are remembered (Microsoft reuses one token for an hour of calls), but a
+/// remembered token gets no longer life than its `exp`.
+#[tokio::test]
+async fn a_token_verified_before_is_refused_once_it_expires() {
+    let sim = start_simulator(IssuerVersion::V2).await;
+    let verifier = verifier_for(&sim, None, |c| c.leeway = Duration::ZERO);
+    let token = mint(&sim, json!({ "nbf": now() - 60, "exp": now() + 2 }));
+    verify_token(&verifier, &token).await.unwrap();
+    verify_token(&verifier, &token).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        match verify_token(&verifier, &token).await {
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(claims) => panic!("an expired token is still accepted: {claims:?}"),
+            Err(error) => break error.reason(),
+        }
+    };
+    assert_eq!(reason, "expired");
+}
+
 #[tokio::test]
 async fn a_token_not_valid_yet_is_rejected_as_not_yet_valid() {
     let sim = start_simulator(IssuerVersion::V2).await;

@@ -229,6 +229,22 @@ struct Inner {
     keys: RwLock<Option<Arc<KeySet>>>,
     /// Held while fetching, so concurrent callers share one fetch; holds the last attempt.
     fetch_gate: Mutex<Option<Instant>>,
+    /// Tokens that passed every check, by SHA-256 of the token (see [`VERIFIED_CACHE_SIZE`]).
+    verified: quick_cache::sync::Cache<[u8; 32], Arc<CachedToken>>,
+}
+
+/// How many verified tokens are remembered. Entra hands Microsoft one token per hour and
+/// audience, and Microsoft reuses it for every webhook call in that hour; re-checking its
+/// RS256 signature on each call would be most of the ingress's CPU. A hit is only as good as
+/// the original check: the token's `exp`/`nbf` are checked again on every use, and the key
+/// that signed it must still be in the trusted key set.
+const VERIFIED_CACHE_SIZE: usize = 1024;
+
+/// A token that passed verification: its claims, the key that signed it, and `nbf`.
+struct CachedToken {
+    claims: VerifiedClaims,
+    kid: String,
+    not_before: i64,
 }
 
 impl fmt::Debug for Inner {
@@ -260,6 +276,7 @@ struct RawClaims {
     #[serde(default)]
     appid: Option<String>,
     exp: i64,
+    nbf: i64,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +323,7 @@ impl WebhookVerifier {
                 issuers,
                 keys: RwLock::new(None),
                 fetch_gate: Mutex::new(None),
+                verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_SIZE),
             }),
         }
     }
@@ -335,12 +353,51 @@ impl WebhookVerifier {
 impl Inner {
     async fn verify(&self, authorization: Option<&str>) -> Result<VerifiedClaims, AuthError> {
         let token = bearer_token(authorization)?;
+        let digest = super::state::digest_bytes(token.as_bytes());
+        if let Some(claims) = self.verified_before(&digest) {
+            return Ok(claims);
+        }
         let kid = signing_kid(token)?;
         let key = self.decoding_key(&kid).await?;
-        let claims = jsonwebtoken::decode::<RawClaims>(token, &key, &self.validation)
+        let raw = jsonwebtoken::decode::<RawClaims>(token, &key, &self.validation)
             .map_err(|e| map_jwt_error(e.kind()))?
             .claims;
-        self.check_claims(claims)
+        let not_before = raw.nbf;
+        let claims = self.check_claims(raw)?;
+        self.verified.insert(
+            digest,
+            Arc::new(CachedToken {
+                claims: claims.clone(),
+                kid,
+                not_before,
+            }),
+        );
+        Ok(claims)
+    }
+
+    /// The claims of a token that passed every check before, when it is still within its
+    /// validity window (with the configured leeway) and its signing key is still trusted.
+    /// Anything else goes through the full check again, which names the failure.
+    fn verified_before(&self, digest: &[u8; 32]) -> Option<VerifiedClaims> {
+        let cached = self.verified.get(digest)?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let leeway = i64::try_from(self.config.leeway.as_secs()).unwrap_or(i64::MAX);
+        let in_window = now
+            <= cached
+                .claims
+                .expires_at
+                .unix_timestamp()
+                .saturating_add(leeway)
+            && now >= cached.not_before.saturating_sub(leeway);
+        let key_trusted = self
+            .cached_keys(Instant::now())
+            .is_some_and(|set| set.keys.contains_key(&cached.kid));
+        if in_window && key_trusted {
+            Some(cached.claims.clone())
+        } else {
+            self.verified.remove(digest);
+            None
+        }
     }
 
     fn check_claims(&self, claims: RawClaims) -> Result<VerifiedClaims, AuthError> {

@@ -20,7 +20,7 @@ use super::auth::AuthError;
 use super::error::ApiError;
 use super::metrics;
 use super::state::AppState;
-use crate::marketplace::WebhookPayload;
+use crate::marketplace::WebhookEnvelope;
 use crate::queue::{InboundMessage, MessageMeta};
 
 /// Proof that the caller passed webhook authentication (or that authentication is
@@ -42,13 +42,14 @@ pub struct VerifiedWebhook {
 }
 
 impl VerifiedWebhook {
-    /// Parses `body` with the worker's own parser ([`WebhookPayload::parse`]), so the
-    /// ingress accepts exactly what the worker can decide on: a GUID `id`, a GUID
-    /// `subscriptionId` and a string `action`; every other field is optional.
+    /// Parses `body` with [`WebhookEnvelope::parse`], which accepts exactly what the
+    /// worker's parser ([`WebhookPayload::parse`](crate::marketplace::WebhookPayload::parse))
+    /// accepts: a GUID `id`, a GUID `subscriptionId` and a non-empty string `action`; every
+    /// other field is optional and travels untouched.
     pub fn parse(_caller: AuthenticatedCaller, body: &[u8]) -> Result<Self, ApiError> {
         let text = std::str::from_utf8(body)
             .map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))?;
-        let payload = WebhookPayload::parse(body).map_err(|e| {
+        let envelope = WebhookEnvelope::parse(body).map_err(|e| {
             if e.is_syntax() || e.is_eof() {
                 ApiError::bad_request(format!("the body is not valid JSON: {e}"))
             } else {
@@ -56,10 +57,10 @@ impl VerifiedWebhook {
             }
         })?;
         Ok(Self {
-            operation_id: payload.id,
-            subscription_id: payload.subscription_id,
-            action: payload.action.trim().to_owned(),
-            activity_id: payload.activity_id,
+            operation_id: envelope.id,
+            subscription_id: envelope.subscription_id,
+            action: envelope.action,
+            activity_id: envelope.activity_id,
             payload: text.to_owned(),
         })
     }
@@ -67,6 +68,11 @@ impl VerifiedWebhook {
     /// The body exactly as received.
     pub fn payload(&self) -> &str {
         &self.payload
+    }
+
+    /// The body exactly as received, for the message that carries it.
+    pub fn into_payload(self) -> String {
+        self.payload
     }
 }
 
@@ -140,9 +146,10 @@ pub async fn receive(
         traceparent: Some(traceparent),
         subscription_id: Some(webhook.subscription_id),
     };
+    let operation_id = webhook.operation_id;
     let message = InboundMessage::Webhook {
         received_at: OffsetDateTime::now_utc(),
-        payload: webhook.payload().to_owned(),
+        payload: webhook.into_payload(),
     };
     match state
         .publish(&message, &meta)
@@ -153,7 +160,7 @@ pub async fn receive(
             tracing::info!(parent: &span, "webhook accepted and queued");
             Ok(Json(json!({
                 "status": "accepted",
-                "id": webhook.operation_id,
+                "id": operation_id,
             })))
         }
         Err(error) => {

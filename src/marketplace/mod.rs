@@ -30,5 +30,6 @@ pub use types::{
     OperationStatus, Plan, ReconStatus, RequestSource, ResolvedSubscription, SandboxType,
     SessionMode, SourceOffer, Subscription, SubscriptionStatus, SubscriptionsPage, Term, TermUnit,
     UpdateOperationStatus, UsageAggregate, UsageEvent, UsageEventAdditionalInfo, UsageEventError,
-    UsageEventOutcome, UsageEventResponse, UsageEventStatus, UsageEventsQuery, WebhookPayload,
+    UsageEventOutcome, UsageEventResponse, UsageEventStatus, UsageEventsQuery, WebhookEnvelope,
+    WebhookPayload,
 };

@@ -681,6 +681,94 @@ impl WebhookPayload {
     }
 }
 
+/// The fields of a webhook body that route and dedupe it: what the ingress reads before it
+/// queues the body as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookEnvelope {
+    pub id: Uuid,
+    pub subscription_id: Uuid,
+    /// Trimmed; never empty.
+    pub action: String,
+    pub activity_id: Option<Uuid>,
+}
+
+impl WebhookEnvelope {
+    /// Accepts exactly the bodies [`WebhookPayload::parse`] accepts, with the same values:
+    /// a direct, borrowing parse of the four fields (everything else is skipped unread), and,
+    /// when that fails (padded keys, trailing commas, a duplicate key, a wrong type), the full
+    /// lenient parse, which also names the problem. Exact keys win over padded ones in both.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Direct<'a> {
+            id: Uuid,
+            subscription_id: Uuid,
+            #[serde(borrow)]
+            action: std::borrow::Cow<'a, str>,
+            #[serde(default, deserialize_with = "lenient::uuid")]
+            activity_id: Option<Uuid>,
+        }
+        if may_have_padded_key(body) {
+            return Self::from_full_parse(body);
+        }
+        if let Ok(direct) = serde_json::from_slice::<Direct<'_>>(body) {
+            let action = direct.action.trim();
+            if !action.is_empty() {
+                return Ok(Self {
+                    id: direct.id,
+                    subscription_id: direct.subscription_id,
+                    action: action.to_owned(),
+                    activity_id: direct.activity_id,
+                });
+            }
+        }
+        Self::from_full_parse(body)
+    }
+
+    fn from_full_parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        let payload = WebhookPayload::parse(body)?;
+        Ok(Self {
+            id: payload.id,
+            subscription_id: payload.subscription_id,
+            action: payload.action.trim().to_owned(),
+            activity_id: payload.activity_id,
+        })
+    }
+}
+
+/// True when some object key in `body` might have surrounding whitespace (which the full
+/// parse trims, so `"activityId "` counts there): a quote that opens a key (after `{` or
+/// `,`) followed by whitespace, or a quote that closes a key (before `:`) preceded by it.
+/// Non-ASCII bytes count as whitespace and any backslash escape counts as suspicious, since
+/// `trim` also removes Unicode spaces, written raw or as `\u00a0`. False positives only
+/// cost the slower parse.
+fn may_have_padded_key(body: &[u8]) -> bool {
+    if body.contains(&b'\\') {
+        return true;
+    }
+    let space = |b: u8| b.is_ascii_whitespace() || !b.is_ascii();
+    let before = |i: usize| {
+        body[..i]
+            .iter()
+            .rev()
+            .copied()
+            .find(|b| !b.is_ascii_whitespace())
+    };
+    let after = |i: usize| {
+        body.get(i..)
+            .and_then(|rest| rest.iter().copied().find(|b| !b.is_ascii_whitespace()))
+    };
+    body.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'"')
+        .any(|(i, _)| {
+            let next = body.get(i + 1).copied();
+            let prev = i.checked_sub(1).map(|j| body[j]);
+            (next.is_some_and(space) && matches!(before(i), Some(b'{' | b',')))
+                || (prev.is_some_and(space) && after(i + 1) == Some(b':'))
+        })
+}
+
 /// Parses a response body leniently: an empty body is `None`; keys are trimmed (the doc
 /// samples have `"id  "`); trailing commas (also in doc samples) are tolerated.
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
@@ -1271,5 +1359,120 @@ mod tests {
         let again: Subscription =
             serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(s, again);
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::{WebhookEnvelope, WebhookPayload};
+    use proptest::prelude::*;
+
+    const ID: &str = "8c8a4f6e-6b5e-4e38-9f6b-0a1c2d3e4f50";
+    const SUB: &str = "37f9dea2-4345-438f-b0bd-03d40d28c7e0";
+
+    /// Keys as Microsoft writes them, padded (doc samples), and unrelated ones.
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "id",
+            "id  ",
+            " subscriptionId",
+            "subscriptionId",
+            "action",
+            "action ",
+            "activityId",
+            "activityId ",
+            "activityId\u{a0}",
+            "\\u00a0activityId",
+            "planId",
+            "quantity",
+            "subscription",
+            "status",
+        ])
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop::sample::select(vec![
+            format!("\"{ID}\""),
+            format!("\"{SUB}\""),
+            format!("\" {SUB} \""),
+            "\"ChangePlan\"".to_owned(),
+            "\" Suspend \"".to_owned(),
+            "\"\"".to_owned(),
+            "\"   \"".to_owned(),
+            "null".to_owned(),
+            "42".to_owned(),
+            "{\"id\": 1, \"nested\": [1, 2, {}]}".to_owned(),
+            "[]".to_owned(),
+            "\"not-a-guid\"".to_owned(),
+        ])
+    }
+
+    fn body() -> impl Strategy<Value = String> {
+        // Half the bodies start valid, so acceptance is exercised as much as refusal.
+        (
+            any::<bool>(),
+            prop::collection::vec((key(), value()), 0..10),
+            any::<bool>(),
+        )
+            .prop_map(|(valid_start, mut fields, trailing_comma)| {
+                if valid_start {
+                    let valid = [
+                        ("id", format!("\"{ID}\"")),
+                        ("subscriptionId", format!("\"{SUB}\"")),
+                        ("action", "\"Unsubscribe\"".to_owned()),
+                    ];
+                    fields.splice(0..0, valid);
+                }
+                let mut out = String::from("{");
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&format!("\"{k}\": {v}"));
+                }
+                if trailing_comma && !fields.is_empty() {
+                    out.push(',');
+                }
+                out.push('}');
+                out
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The ingress's fast path accepts exactly what the worker's parser accepts, and reads
+        /// the same values from it.
+        #[test]
+        fn envelope_agrees_with_the_full_parse(body in body()) {
+            let full = WebhookPayload::parse(body.as_bytes());
+            let envelope = WebhookEnvelope::parse(body.as_bytes());
+            match (full, envelope) {
+                (Ok(full), Ok(envelope)) => {
+                    prop_assert_eq!(envelope.id, full.id);
+                    prop_assert_eq!(envelope.subscription_id, full.subscription_id);
+                    prop_assert_eq!(envelope.action.as_str(), full.action.trim());
+                    prop_assert_eq!(envelope.activity_id, full.activity_id);
+                }
+                (Err(_), Err(_)) => {}
+                (full, envelope) => prop_assert!(
+                    false,
+                    "disagree on {}: full {:?}, envelope {:?}",
+                    body,
+                    full.map(|p| p.id),
+                    envelope.map(|e| e.id)
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_minimal_body_parses_directly() {
+        let body = format!(
+            r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":" Reinstate ","x":{{"y":[1]}}}}"#
+        );
+        let envelope = WebhookEnvelope::parse(body.as_bytes()).unwrap();
+        assert_eq!(envelope.action, "Reinstate");
+        assert_eq!(envelope.activity_id, None);
     }
 }

@@ -107,6 +107,7 @@ impl Publisher {
     /// Publishes one inbound message for the workers: persistent, mandatory, confirmed.
     #[tracing::instrument(
         name = "queue.publish_inbound",
+        level = "debug",
         skip_all,
         fields(
             message_id = %meta.message_id,
@@ -145,6 +146,7 @@ impl Publisher {
     /// bound a queue for is not an error (it would otherwise block the outbox forever).
     #[tracing::instrument(
         name = "queue.publish_domain_event",
+        level = "debug",
         skip_all,
         fields(
             routing_key,
