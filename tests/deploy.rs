@@ -958,10 +958,10 @@ fn the_secret_template_holds_placeholders_only() {
                 value.contains("CHANGE-ME"),
                 "{name}.{key} looks like a real value; use a CHANGE-ME placeholder"
             );
-            if let Ok(parsed) = Url::parse(value) {
-                if let Some(password) = parsed.password() {
-                    assert_eq!(password, "CHANGE-ME", "{name}.{key}: password");
-                }
+            if let Ok(parsed) = Url::parse(value)
+                && let Some(password) = parsed.password()
+            {
+                assert_eq!(password, "CHANGE-ME", "{name}.{key}: password");
             }
         }
     }
