@@ -5,7 +5,8 @@
 #
 # - yamllint: every YAML file.
 # - compose-spec: compose.yaml against the Compose specification (merge keys applied).
-# - kubernetes-validate --strict: the built-in Kubernetes kinds (unknown fields rejected).
+# - kubernetes-validate --strict: the built-in Kubernetes kinds (unknown fields rejected),
+#   file by file and, where kubectl is installed, as `kubectl kustomize` builds them.
 # - cloudcoil-models-keda: the KEDA ScaledObject and TriggerAuthentication against models
 #   generated from KEDA's CRDs (2.16: later releases need Python 3.14).
 #
@@ -47,6 +48,16 @@ for file in deploy/kubernetes/*.yaml; do
 done
 "$venv/bin/kubernetes-validate" --strict --quiet "${k8s[@]}"
 echo "  ${#k8s[@]} files valid"
+# The kustomization as a whole, where kubectl (with its built-in kustomize) is installed.
+if command -v kubectl >/dev/null 2>&1; then
+  built=$(mktemp)
+  trap 'rm -f "$built"' EXIT
+  kubectl kustomize deploy/kubernetes >"$built"
+  "$venv/bin/kubernetes-validate" --strict --quiet --no-warn "$built"
+  echo "  kubectl kustomize deploy/kubernetes: $(grep -c '^kind:' "$built") resources valid"
+else
+  echo "  no kubectl: the kustomization itself was not built"
+fi
 
 echo "KEDA"
 "$venv/bin/python" - deploy/kubernetes/keda.yaml <<'PY'
