@@ -72,6 +72,7 @@ fn new_operation(
         source,
         created: OffsetDateTime::now_utc(),
         resolution: None,
+        finished: None,
         error_status_code: String::new(),
         error_message: String::new(),
     }
@@ -481,12 +482,14 @@ fn finish(shared: &Arc<Shared>, st: &mut State, id: Uuid, op_id: Uuid, outcome: 
     if let Some(stored) = sub.operation_mut(op_id) {
         stored.status = status;
         stored.resolution = Some(resolution.to_string());
+        stored.finished = Some(OffsetDateTime::now_utc());
         if let Some((code, message)) = error {
             stored.error_status_code = code.to_string();
             stored.error_message = message.to_string();
         }
     }
     tracing::info!(subscription_id = %id, operation_id = %op_id, status = %wire_name(&status), resolution, "operation finished");
+    shared.operation_finished.notify_waiters();
     if status == OperationStatus::Succeeded
         && op.action == Action::Unsubscribe
         && op.source == RequestSource::Partner
@@ -575,6 +578,7 @@ pub(crate) fn reject_by_webhook(st: &mut State, id: Uuid, op_id: Uuid, status: u
     if op.status == OperationStatus::InProgress && is_ackable_change(op) {
         op.status = OperationStatus::Failed;
         op.resolution = Some(format!("rejected by webhook answer {status}"));
+        op.finished = Some(OffsetDateTime::now_utc());
         op.error_status_code = status.to_string();
         op.error_message = "The publisher rejected the change".into();
         tracing::info!(subscription_id = %id, operation_id = %op_id, status, "change rejected by webhook answer");
@@ -638,6 +642,7 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
             apply(shared, sub, &op);
             op.status = OperationStatus::Succeeded;
             op.resolution = Some("notify-only".into());
+            op.finished = Some(OffsetDateTime::now_utc());
         }
         let op_id = op.id;
         sub.operations.push(op);
@@ -650,6 +655,7 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
             {
                 pending.status = OperationStatus::Failed;
                 pending.resolution = Some("subscription unsubscribed".into());
+                pending.finished = Some(OffsetDateTime::now_utc());
             }
         }
         webhooks::notify(shared, st, id, op_id);

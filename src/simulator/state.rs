@@ -119,6 +119,9 @@ pub(crate) struct Operation {
     pub created: OffsetDateTime,
     /// How the operation ended: "acknowledged", "auto-accepted", "rejected by webhook", ...
     pub resolution: Option<String>,
+    /// When it ended (left InProgress).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished: Option<OffsetDateTime>,
     pub error_status_code: String,
     pub error_message: String,
 }
@@ -206,6 +209,8 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
     pub dirty: AtomicBool,
+    /// Woken whenever an operation ends (benchmarks wait on it instead of polling).
+    pub operation_finished: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Shared {
@@ -235,6 +240,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             dirty: AtomicBool::new(false),
+            operation_finished: tokio::sync::Notify::new(),
         }
     }
 
@@ -411,6 +417,7 @@ impl Subscription {
                     "quantity": o.quantity,
                     "timeStamp": wire_time(o.created),
                     "resolution": o.resolution,
+                    "finishedAt": o.finished.map(wire_time),
                 })
             })
             .collect();
