@@ -278,6 +278,16 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().into(), Value::from(value));
     }
 
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        self.0.insert(field.name().into(), value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        let value = u64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        self.0.insert(field.name().into(), value);
+    }
+
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), Value::from(value));
     }
@@ -355,7 +365,7 @@ mod tests {
             span.record("subscription_id", "s-1");
             let inner = tracing::info_span!("call", endpoint = "patch_operation");
             let _inner = inner.enter();
-            tracing::info!(status = 200u64, "answered");
+            tracing::info!(status = 200u64, elapsed_ms = 408i128, "answered");
             (current_traceparent(), traceparent_of(&inner))
         });
         let lines = buffer.lines();
@@ -368,6 +378,7 @@ mod tests {
         assert_eq!(line["correlation_id"], "c-1");
         assert_eq!(line["endpoint"], "patch_operation");
         assert_eq!(line["status"], 200);
+        assert_eq!(line["elapsed_ms"], 408);
         assert_eq!(line["span"], "call");
         // The outgoing traceparent continues the trace under a span of our own.
         let outgoing = outgoing.expect("a traceparent");
