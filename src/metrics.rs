@@ -110,7 +110,10 @@ fn install() -> PrometheusHandle {
 /// `# HELP` lines.
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route, method and status");
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests by route, method and status"
+    );
     describe_histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         Unit::Seconds,
@@ -139,7 +142,10 @@ fn describe() {
         Unit::Seconds,
         "Webhook receipt to the PATCH of its operation (Microsoft's budget: 10 s)"
     );
-    describe_gauge!(FULFILLMENT_OUTBOX_BACKLOG, "Outbox rows not yet carried out");
+    describe_gauge!(
+        FULFILLMENT_OUTBOX_BACKLOG,
+        "Outbox rows not yet carried out"
+    );
     describe_gauge!(
         FULFILLMENT_OLDEST_UNPROCESSED_EVENT_AGE_SECONDS,
         Unit::Seconds,

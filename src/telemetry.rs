@@ -86,9 +86,12 @@ pub fn shutdown() {
 
 /// Whether an OTLP endpoint is configured through the standard variables.
 fn otlp_configured() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|var| std::env::var(var).is_ok_and(|v| !v.trim().is_empty()))
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|var| std::env::var(var).is_ok_and(|v| !v.trim().is_empty()))
 }
 
 /// The provider, whether it exports, and why it does not when it should.
@@ -132,7 +135,10 @@ where
 }
 
 /// The log layer for `format`, writing to `writer`.
-pub fn log_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+pub fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -237,7 +243,11 @@ where
         let mut line = Map::new();
         line.insert(
             "timestamp".into(),
-            Value::from(OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()),
+            Value::from(
+                OffsetDateTime::now_utc()
+                    .format(&Rfc3339)
+                    .unwrap_or_default(),
+            ),
         );
         line.insert("level".into(), Value::from(metadata.level().as_str()));
         line.insert("target".into(), Value::from(metadata.target()));
@@ -279,12 +289,14 @@ impl Visit for JsonVisitor<'_> {
     }
 
     fn record_i128(&mut self, field: &Field, value: i128) {
-        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        let value =
+            i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
         self.0.insert(field.name().into(), value);
     }
 
     fn record_u128(&mut self, field: &Field, value: u128) {
-        let value = u64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        let value =
+            u64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
         self.0.insert(field.name().into(), value);
     }
 
@@ -360,7 +372,10 @@ mod tests {
                 correlation_id = "c-1",
             );
             let trace_id = continue_trace(&span, Some(PARENT));
-            assert_eq!(trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+            assert_eq!(
+                trace_id.as_deref(),
+                Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            );
             let _entered = span.enter();
             span.record("subscription_id", "s-1");
             let inner = tracing::info_span!("call", endpoint = "patch_operation");
@@ -405,8 +420,8 @@ mod tests {
     #[test]
     fn without_an_opentelemetry_layer_the_trace_id_still_comes_from_the_header() {
         let buffer = Buffer::default();
-        let subscriber = tracing_subscriber::registry()
-            .with(log_layer(LogFormat::Json, buffer.clone()));
+        let subscriber =
+            tracing_subscriber::registry().with(log_layer(LogFormat::Json, buffer.clone()));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("message", trace_id = tracing::field::Empty);
             assert_eq!(

@@ -250,7 +250,11 @@ impl System {
             .send()
             .await
             .unwrap();
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().await.unwrap()
     }
 
@@ -282,7 +286,10 @@ impl System {
             if let Some(status) = status.filter(|s| s != "InProgress") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "operation {op} still open: {view}");
+            assert!(
+                Instant::now() < deadline,
+                "operation {op} still open: {view}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -299,7 +306,10 @@ impl System {
             if delivered {
                 return;
             }
-            assert!(Instant::now() < deadline, "webhook for {op} not delivered: {view}");
+            assert!(
+                Instant::now() < deadline,
+                "webhook for {op} not delivered: {view}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -319,7 +329,10 @@ impl System {
             if now == Some((state.to_string(), Some(plan.to_string()))) {
                 return;
             }
-            assert!(Instant::now() < deadline, "still {now:?}, wanted {state}/{plan}");
+            assert!(
+                Instant::now() < deadline,
+                "still {now:?}, wanted {state}/{plan}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -355,7 +368,11 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
             json!({"offerId": "contoso-analytics", "planId": "silver"}),
         )
         .await;
-    let id: Uuid = purchased["subscriptionId"].as_str().unwrap().parse().unwrap();
+    let id: Uuid = purchased["subscriptionId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let landing = purchased["landingUrl"].as_str().unwrap().to_string();
     let page = system.http.get(&landing).send().await.unwrap();
     assert_eq!(page.status(), 200);
@@ -443,18 +460,27 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         );
     }
     assert_eq!(
-        d(events, &[("action", "PurchaseResolved"), ("outcome", "applied")]),
+        d(
+            events,
+            &[("action", "PurchaseResolved"), ("outcome", "applied")]
+        ),
         1.0,
         "{text}"
     );
     assert_eq!(
-        d(events, &[("action", "WebhookChangePlan"), ("outcome", "applied")]),
+        d(
+            events,
+            &[("action", "WebhookChangePlan"), ("outcome", "applied")]
+        ),
         2.0,
         "{text}"
     );
     assert!(d(events, &[("outcome", "applied")]) >= 4.0, "{text}");
     assert_eq!(
-        d(events, &[("action", "webhook"), ("outcome", "dead_lettered")]),
+        d(
+            events,
+            &[("action", "webhook"), ("outcome", "dead_lettered")]
+        ),
         1.0,
         "{text}"
     );
@@ -493,17 +519,26 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         "the landing page's resolve: {text}"
     );
     assert_eq!(
-        d(requests, &[("endpoint", "patch_operation"), ("status", "200")]),
+        d(
+            requests,
+            &[("endpoint", "patch_operation"), ("status", "200")]
+        ),
         1.0,
         "{text}"
     );
     assert_eq!(
-        d(requests, &[("endpoint", "patch_operation"), ("status", "409")]),
+        d(
+            requests,
+            &[("endpoint", "patch_operation"), ("status", "409")]
+        ),
         1.0,
         "{text}"
     );
     assert!(
-        d(requests, &[("endpoint", "get_subscription"), ("status", "200")]) >= 1.0,
+        d(
+            requests,
+            &[("endpoint", "get_subscription"), ("status", "200")]
+        ) >= 1.0,
         "{text}"
     );
     assert!(
@@ -513,7 +548,10 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
 
     // The ACKs: one in time, one auto-accepted by Microsoft.
     assert_eq!(
-        d("fulfillment_auto_accepted_total", &[("action", "ChangePlan")]),
+        d(
+            "fulfillment_auto_accepted_total",
+            &[("action", "ChangePlan")]
+        ),
         1.0,
         "{text}"
     );
@@ -533,7 +571,10 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
 
     // Dead letters by class; the counters an alert needs exist before their first incident.
     assert_eq!(
-        d("fulfillment_dead_letters_total", &[("reason", "untranslatable")]),
+        d(
+            "fulfillment_dead_letters_total",
+            &[("reason", "untranslatable")]
+        ),
         1.0,
         "{text}"
     );
@@ -552,11 +593,18 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
             &[("action", "ChangeQuantity")][..],
         ),
     ] {
-        assert!(after.get(name, labels).is_some(), "{name}{labels:?}:\n{text}");
+        assert!(
+            after.get(name, labels).is_some(),
+            "{name}{labels:?}:\n{text}"
+        );
     }
 
     // Nothing left in the outbox.
-    assert_eq!(after.get("fulfillment_outbox_backlog", &[]), Some(0.0), "{text}");
+    assert_eq!(
+        after.get("fulfillment_outbox_backlog", &[]),
+        Some(0.0),
+        "{text}"
+    );
     assert_eq!(
         after.get("fulfillment_oldest_unprocessed_event_age_seconds", &[]),
         Some(0.0),
@@ -565,9 +613,8 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
 
     // The ingress's own metrics.
     let ingress_after = scrape(&system.http, system.ingress).await;
-    let di = |name: &str, labels: &[(&str, &str)]| {
-        delta(&ingress_before, &ingress_after, name, labels)
-    };
+    let di =
+        |name: &str, labels: &[(&str, &str)]| delta(&ingress_before, &ingress_after, name, labels);
     assert!(
         di(
             "http_requests_total",
@@ -585,7 +632,10 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         ingress_after.text
     );
     assert!(
-        di("http_request_duration_seconds_count", &[("route", "/webhook")]) >= 2.0,
+        di(
+            "http_request_duration_seconds_count",
+            &[("route", "/webhook")]
+        ) >= 2.0,
         "{}",
         ingress_after.text
     );
@@ -662,7 +712,11 @@ async fn retries_and_token_failures_are_counted() {
             max_attempts: 3,
             max_retry_after: Duration::from_millis(5),
         });
-    client.tokens().token().await.expect("a token before the faults");
+    client
+        .tokens()
+        .token()
+        .await
+        .expect("a token before the faults");
     let response = http
         .put(sim.base_url().join("simulator/faults").unwrap())
         .json(&json!({"share5xx": 1.0}))
@@ -679,7 +733,12 @@ async fn retries_and_token_failures_are_counted() {
     let after = scrape(&http, address).await;
     let text = &after.text;
     assert!(
-        delta(&before, &after, "marketplace_token_refresh_failures_total", &[]) >= 1.0,
+        delta(
+            &before,
+            &after,
+            "marketplace_token_refresh_failures_total",
+            &[]
+        ) >= 1.0,
         "{text}"
     );
     assert!(
@@ -890,7 +949,11 @@ async fn a_webhooks_trace_id_is_on_every_worker_log_line_and_reaches_microsoft()
     let acknowledged = lines
         .wait_for(|v| v["message"] == "operation acknowledged")
         .await;
-    assert_eq!(acknowledged["trace_id"], trace_id.as_str(), "{acknowledged}");
+    assert_eq!(
+        acknowledged["trace_id"],
+        trace_id.as_str(),
+        "{acknowledged}"
+    );
     assert_eq!(acknowledged["operation_id"], operation.to_string());
     assert_eq!(acknowledged["subscription_id"], subscription.to_string());
 

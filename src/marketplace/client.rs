@@ -974,11 +974,7 @@ impl MarketplaceClient {
             .inspect_err(no_response)
             .map_err(|e| Error::from_transport(e, transport_failure()))?
             .to_vec();
-        crate::metrics::record_marketplace_request(
-            endpoint,
-            Some(status.as_u16()),
-            sent.elapsed(),
-        );
+        crate::metrics::record_marketplace_request(endpoint, Some(status.as_u16()), sent.elapsed());
         tracing::debug!(
             method = %request.method,
             path = request.url.path(),

@@ -166,12 +166,12 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, Duration), StoreError> {
 
 /// The kind of the event-log row that produced an effect (`WebhookChangePlan`, …).
 pub async fn event_kind(pool: &PgPool, event_id: Uuid) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar::<_, String>(
-        "SELECT event_kind FROM subscription_events WHERE id = $1",
+    Ok(
+        sqlx::query_scalar::<_, String>("SELECT event_kind FROM subscription_events WHERE id = $1")
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await?,
     )
-    .bind(event_id)
-    .fetch_optional(pool)
-    .await?)
 }
 
 /// Where the effect row stands among the `publish_domain_event` rows of its decision:

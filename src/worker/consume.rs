@@ -301,7 +301,7 @@ impl MessageHandler {
             request_id: error.request_id().map(|id| id.to_string()),
         };
         // The row does not exist yet: record after the webhook has been applied.
-        tokio::spawn(async move {
+        tokio::spawn(Instrument::in_current_span(async move {
             for _ in 0..20 {
                 match ledger::record_effect_result(
                     &pool,
@@ -319,7 +319,7 @@ impl MessageHandler {
                     }
                 }
             }
-        }.in_current_span());
+        }));
     }
 }
 

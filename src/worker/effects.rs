@@ -31,11 +31,11 @@ use tracing::Instrument;
 use url::Url;
 use uuid::Uuid;
 
-use crate::metrics::{self, DeadLetterReason};
 use crate::marketplace::{
     self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, OperationAction,
     SubscriptionStatus, UpdateOperationStatus, UpdateOutcome,
 };
+use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::ledger::{self, EffectRecord, EventSource};
