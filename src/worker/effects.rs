@@ -1092,7 +1092,7 @@ impl EffectRunner {
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),
-            traceparent: None,
+            traceparent: crate::telemetry::current_traceparent(),
             subscription_id: Some(row.subscription_id),
         };
         let bytes = serde_json::to_vec(&body).expect("a CloudEvent always serializes");
