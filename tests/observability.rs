@@ -21,7 +21,7 @@ use marketplace_fulfillment::marketplace::{
     CallContext, MarketplaceClient, RetryPolicy, TokenProvider,
 };
 use marketplace_fulfillment::queue::{Broker, InboundMessage, MessageMeta};
-use marketplace_fulfillment::settings::{Settings, WebhookAuth};
+use marketplace_fulfillment::settings::WebhookAuth;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::{
     EffectsConfig, MetricsListener, Worker, WorkerConfig, WorkerParts,
@@ -126,7 +126,6 @@ fn delta(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -
 
 struct System {
     _db: TestDatabase,
-    settings: Settings,
     pool: PgPool,
     sim: RunningSimulator,
     ingress: SocketAddr,
@@ -192,7 +191,6 @@ impl System {
 
         let mut system = Self {
             _db: db,
-            settings,
             pool,
             sim,
             ingress,
@@ -661,13 +659,12 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         .unwrap();
     assert_eq!(readyz.status(), 200);
 
-    let _ = &system.settings;
     system.stop().await;
 }
 
 #[tokio::test]
 async fn retries_and_token_failures_are_counted() {
-    let (_db, _pool) = TestDatabase::migrated().await;
+    let (db, pool) = TestDatabase::migrated().await;
     let tenant = Uuid::new_v4();
     let client_id = Uuid::new_v4();
     let mut config = SimulatorConfig::new(tenant, client_id);
@@ -677,21 +674,18 @@ async fn retries_and_token_failures_are_counted() {
         .await
         .unwrap();
     let http = reqwest::Client::new();
-    let metrics = MetricsListener::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        _pool.clone(),
-        Broker::connect(&_db.settings.amqp, "observability-test")
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let broker = Broker::connect(&db.settings.amqp, "observability-test")
+        .await
+        .unwrap();
+    let metrics = MetricsListener::bind("127.0.0.1:0".parse().unwrap(), pool, broker.clone())
+        .await
+        .unwrap();
     let address = metrics.local_addr();
     let stop = CancellationToken::new();
     tokio::spawn(metrics.run_until_stopped(stop.clone()));
     let before = scrape(&http, address).await;
 
-    let mut settings = _db.settings.marketplace.clone();
+    let mut settings = db.settings.marketplace.clone();
     settings.api_url = sim.api_url();
     settings.entra_authority_url = sim.authority_url();
     settings.tenant_id = Some(tenant);
@@ -774,6 +768,8 @@ async fn retries_and_token_failures_are_counted() {
         "{text}"
     );
     stop.cancel();
+    broker.delete_topology().await.unwrap();
+    broker.close().await;
     sim.shutdown().await.unwrap();
 }
 
