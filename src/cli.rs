@@ -69,7 +69,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log.format);
+    telemetry::init_service(settings.log.format, service_name(&cli.command));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -80,12 +80,26 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    let result = runtime.block_on(run(cli.command, settings));
+    drop(runtime);
+    // After the runtime: exporting the last spans blocks.
+    telemetry::shutdown();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The OpenTelemetry service name of each process kind (`OTEL_SERVICE_NAME` overrides it).
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Serve => "fulfillment-serve",
+        Command::Work => "fulfillment-work",
+        Command::Simulate(_) => "fulfillment-simulator",
+        _ => "fulfillment",
     }
 }
 

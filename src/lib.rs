@@ -4,7 +4,8 @@
 //! the edges around it, one module each. [`settings`] is the one typed configuration tree,
 //! [`store`] is PostgreSQL (state, event log, inbox, outbox), [`marketplace`] is the client
 //! of Microsoft's SaaS Fulfillment API v2 with its Entra token provider and retry policy,
-//! [`simulator`] is a faithful stand-in for Microsoft's side, [`telemetry`] sets up logs,
+//! [`simulator`] is a faithful stand-in for Microsoft's side, [`telemetry`] sets up logs and
+//! traces, [`metrics`] holds the Prometheus recorder and every metric name,
 //! and [`cli`] maps the `fulfillment` subcommands onto all of them. `main.rs` only calls
 //! [`cli::main`].
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod marketplace;
+pub mod metrics;
 pub mod queue;
 pub mod settings;
 pub mod simulator;

@@ -49,6 +49,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ENTITLEMENT_API_KEY", "ingress.api_key"),
     ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
+    ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
 ];
 
 /// The variable naming an optional settings file.
@@ -65,7 +66,45 @@ pub struct Settings {
     /// The ISV's rules for plan moves, seat limits and activation (the machine's policy).
     pub policy: Policy,
     pub log: LogSettings,
+    pub worker: WorkerSettings,
 }
+
+// ---- worker (observability) ------------------------------------------------------------
+
+/// `[worker]`: how `fulfillment work` runs.
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    /// Where the worker serves `/metrics`, `/healthz` and `/readyz` (port 0 picks one; the
+    /// bound address is logged).
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawWorker {
+    metrics_addr: String,
+}
+
+impl Default for RawWorker {
+    fn default() -> Self {
+        Self {
+            metrics_addr: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+fn parse_worker(raw: RawWorker) -> Result<WorkerSettings, SettingsError> {
+    Ok(WorkerSettings {
+        metrics_addr: SocketAddr::from_str(raw.metrics_addr.trim()).map_err(|e| {
+            SettingsError::Invalid {
+                key: "worker.metrics_addr",
+                reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:9464)"),
+            }
+        })?,
+    })
+}
+
+// ---- end worker ------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
 pub struct IngressSettings {
@@ -229,6 +268,7 @@ struct RawSettings {
     ingress: RawIngress,
     policy: Policy,
     log: RawLog,
+    worker: RawWorker,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +359,7 @@ impl Default for RawSettings {
             log: RawLog {
                 format: "pretty".into(),
             },
+            worker: RawWorker::default(),
         }
     }
 }
@@ -434,7 +475,9 @@ impl Settings {
             )?,
         };
         let ingress = parse_ingress(raw.ingress, marketplace.client_id)?;
+        let worker = parse_worker(raw.worker)?;
         Ok(Self {
+            worker,
             ingress,
             policy: raw.policy,
             database: DatabaseSettings {
@@ -598,6 +641,7 @@ mod tests {
             "https://login.microsoftonline.com/"
         );
         assert_eq!(s.http.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.worker.metrics_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(s.marketplace.token_endpoint, TokenEndpoint::V2);
         assert!(s.marketplace.tenant_id.is_none());
     }
@@ -621,6 +665,7 @@ mod tests {
                 ),
                 ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
                 ("LISTEN_ADDR", "0.0.0.0:9000"),
+                ("WORKER_METRICS_ADDR", "0.0.0.0:0"),
                 ("FULFILLMENT__AMQP__PREFIX", "test-1"),
             ]),
         )
@@ -641,6 +686,7 @@ mod tests {
             "s3cr3t-value"
         );
         assert_eq!(s.http.listen_addr.port(), 9000);
+        assert_eq!(s.worker.metrics_addr.to_string(), "0.0.0.0:0");
     }
 
     #[test]
@@ -672,6 +718,7 @@ mod tests {
             ("MARKETPLACE_CLIENT_ID", "42", "marketplace.client_id"),
             ("LISTEN_ADDR", "localhost", "LISTEN_ADDR"),
             ("LOG_FORMAT", "xml", "log.format"),
+            ("WORKER_METRICS_ADDR", "9464", "WORKER_METRICS_ADDR"),
             (
                 "MARKETPLACE_TOKEN_ENDPOINT",
                 "v3",

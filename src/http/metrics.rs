@@ -1,54 +1,23 @@
-//! Prometheus metrics of the ingress: the process-wide recorder (installed once), the
-//! per-request middleware, and the `/metrics` route that renders them.
+//! Prometheus metrics of the ingress: the per-request middleware and the `/metrics` route.
+//! The process-wide recorder and every metric name live in [`crate::metrics`].
 //!
 //! Names: `http_requests_total{route,method,status}`,
 //! `http_request_duration_seconds{route,status}`, `publish_confirm_seconds{outcome}`,
 //! `jwt_rejections_total{reason}`. `route` is the matched route template (`/api/v1/
 //! subscriptions/{id}`), never the raw path, so label cardinality stays bounded.
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::state::AppState;
-
-pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
-pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
-pub const PUBLISH_CONFIRM_SECONDS: &str = "publish_confirm_seconds";
-pub const JWT_REJECTIONS_TOTAL: &str = "jwt_rejections_total";
-
-/// Buckets for request and confirm latencies: the ingress should answer in milliseconds,
-/// and Microsoft gives up on a webhook call long before the 10 s end.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// The process-wide Prometheus handle. The first call installs the global `metrics`
-/// recorder; later calls (more `Application`s in one test process) share it.
-pub fn prometheus_handle() -> PrometheusHandle {
-    HANDLE.get_or_init(install).clone()
-}
-
-fn install() -> PrometheusHandle {
-    let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), LATENCY_BUCKETS)
-        .expect("the latency buckets are not empty");
-    // Build first so a recorder installed by someone else (another subsystem in the same
-    // process) does not leave us without a handle: we then render our own, empty registry.
-    let recorder = builder.build_recorder();
-    let handle = recorder.handle();
-    if let Err(e) = metrics::set_global_recorder(recorder) {
-        tracing::warn!(error = %e, "a metrics recorder was already installed; /metrics will be empty");
-    }
-    handle
-}
+pub use crate::metrics::{
+    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL, JWT_REJECTIONS_TOTAL,
+    PUBLISH_CONFIRM_SECONDS, prometheus_handle,
+};
 
 /// Counts and times every request under its matched route.
 pub async fn track_requests(request: Request, next: Next) -> Response {

@@ -120,20 +120,29 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The request span: method, path and request id. Never the query string, which carries
-/// the landing page's purchase token.
+/// The request span: method, path, request id and trace id (continuing the caller's
+/// `traceparent`). Never the query string, which carries the landing page's purchase token.
 fn request_span(request: &Request<Body>) -> tracing::Span {
     let request_id = request
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "http_request",
         method = %request.method(),
         path = %request.uri().path(),
         request_id = %request_id,
-    )
+        trace_id = tracing::field::Empty,
+    );
+    // The caller's W3C trace context, when it sent a valid one; else a new trace.
+    let traceparent = request
+        .headers()
+        .get(crate::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| webhook::is_valid_traceparent(v.trim()));
+    crate::telemetry::continue_trace(&span, traceparent);
+    span
 }
 
 /// The ingress process: a bound listener and its connected state.

@@ -172,8 +172,13 @@ pub async fn receive(
     }
 }
 
-/// The caller's W3C `traceparent` when well formed, else a new one (sampled).
+/// The W3C `traceparent` for the message a request queues: the request span's (a child of
+/// the caller's trace, see `request_span`); without an OpenTelemetry layer, the caller's
+/// when well formed, else a new one (sampled).
 pub fn traceparent_or_new(headers: &HeaderMap) -> String {
+    if let Some(current) = crate::telemetry::current_traceparent() {
+        return current;
+    }
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

@@ -40,6 +40,7 @@ const X_MS_CORRELATIONID: HeaderName = HeaderName::from_static("x-ms-correlation
 const X_MS_MARKETPLACE_TOKEN: HeaderName = HeaderName::from_static("x-ms-marketplace-token");
 const OPERATION_LOCATION: HeaderName = HeaderName::from_static("operation-location");
 const OPERATION_ID: HeaderName = HeaderName::from_static("operation-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static(crate::telemetry::TRACEPARENT);
 
 /// The logical job a call belongs to: its `x-ms-correlationid` is sent on every attempt of
 /// every call of the job (§1.2), while `x-ms-requestid` is new per attempt.
@@ -864,6 +865,7 @@ impl MarketplaceClient {
         })
         .adjust(|e: &Error, proposed| policy.adjust(e, proposed))
         .notify(|e: &Error, delay: Duration| {
+            crate::metrics::record_marketplace_retry(endpoint_label(call));
             tracing::warn!(
                 call = call.as_str(),
                 attempt = attempts_ref.load(Ordering::SeqCst),
@@ -931,6 +933,13 @@ impl MarketplaceClient {
             value.set_sensitive(true);
             headers.insert(X_MS_MARKETPLACE_TOKEN, value);
         }
+        // W3C trace context: this call is a child of the span that makes it (the
+        // `marketplace_call` span, itself in the webhook's trace).
+        if let Some(traceparent) = crate::telemetry::current_traceparent()
+            .and_then(|value| HeaderValue::from_str(&value).ok())
+        {
+            headers.insert(TRACEPARENT, traceparent);
+        }
         let mut builder = self
             .http
             .request(request.method.clone(), request.url.clone())
@@ -948,17 +957,24 @@ impl MarketplaceClient {
             failure.correlation_id = Some(ctx.correlation_id);
             failure
         };
+        let endpoint = endpoint_label(request.call);
+        let no_response = |_: &reqwest::Error| {
+            crate::metrics::record_marketplace_request(endpoint, None, sent.elapsed());
+        };
         let response = builder
             .send()
             .await
+            .inspect_err(no_response)
             .map_err(|e| Error::from_transport(e, transport_failure()))?;
         let status = response.status();
         let headers = response.headers().clone();
         let body = response
             .bytes()
             .await
+            .inspect_err(no_response)
             .map_err(|e| Error::from_transport(e, transport_failure()))?
             .to_vec();
+        crate::metrics::record_marketplace_request(endpoint, Some(status.as_u16()), sent.elapsed());
         tracing::debug!(
             method = %request.method,
             path = request.url.path(),
@@ -990,6 +1006,15 @@ impl MarketplaceClient {
                 response_correlation_id: raw.header(&X_MS_CORRELATIONID),
             },
         ))
+    }
+}
+
+/// The `endpoint` label of the Marketplace metrics: the call's name, except that the
+/// acknowledgement is called by its HTTP verb (`patch_operation`), as operators know it.
+fn endpoint_label(call: Call) -> &'static str {
+    match call {
+        Call::UpdateOperation => "patch_operation",
+        other => other.as_str(),
     }
 }
 

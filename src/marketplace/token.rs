@@ -165,7 +165,11 @@ impl TokenProvider {
         {
             return Ok(cached.token.clone());
         }
-        match self.fetch(entra).await {
+        let fetched = self.fetch(entra).await;
+        if fetched.is_err() {
+            crate::metrics::record_token_refresh_failure();
+        }
+        match fetched {
             Ok(fresh) => {
                 let token = fresh.token.clone();
                 *cache = Some(fresh);
@@ -217,8 +221,20 @@ impl TokenProvider {
             .form(&form)
             .send()
             .await
+            .inspect_err(|_| {
+                crate::metrics::record_marketplace_request(
+                    Call::EntraToken.as_str(),
+                    None,
+                    sent_at.elapsed(),
+                )
+            })
             .map_err(|e| Error::from_transport(e, failure()))?;
         let status = response.status().as_u16();
+        crate::metrics::record_marketplace_request(
+            Call::EntraToken.as_str(),
+            Some(status),
+            sent_at.elapsed(),
+        );
         let headers = response.headers().clone();
         let body = response
             .bytes()

@@ -25,6 +25,9 @@ pub struct EventSource {
     pub correlation_id: Option<String>,
     pub request_id: Option<String>,
     pub trace_id: Option<String>,
+    /// W3C trace context of the span that applies the event; stored on the outbox rows so
+    /// their execution continues the trace.
+    pub traceparent: Option<String>,
     /// When the message reached us (a webhook's receipt at the ingress): the event log
     /// shows how much of Microsoft's 10-second ACK window (P7) was left.
     pub received_at: Option<OffsetDateTime>,
@@ -76,6 +79,10 @@ pub async fn apply(
             == 1;
         if !fresh {
             tx.rollback().await?;
+            crate::metrics::record_event(
+                event.kind().as_str(),
+                crate::metrics::EventOutcome::Duplicate,
+            );
             return Ok(ApplyOutcome::Duplicate);
         }
     }
@@ -121,7 +128,8 @@ pub async fn apply(
         let outbox_id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, correlation_id, \
-             next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7)",
+             next_attempt_at, created_at, updated_at, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8)",
         )
         .bind(outbox_id)
         .bind(id)
@@ -130,6 +138,7 @@ pub async fn apply(
         .bind(to_json(effect))
         .bind(&source.correlation_id)
         .bind(now)
+        .bind(&source.traceparent)
         .execute(&mut *tx)
         .await?;
         outbox_ids.push(outbox_id);
@@ -143,6 +152,7 @@ pub async fn apply(
             .await?;
     }
     tx.commit().await?;
+    crate::metrics::record_decision(event.kind(), &decision);
     Ok(ApplyOutcome::Decided(Applied {
         subscription_id: id,
         event_id,

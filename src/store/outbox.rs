@@ -42,6 +42,10 @@ pub struct OutboxRow {
     /// What earlier attempts already did (executor-specific JSON object).
     pub progress: Value,
     pub created_at: OffsetDateTime,
+    /// W3C trace context of the decision; the execution continues its trace. Absent from
+    /// queries that do not select it.
+    #[sqlx(default)]
+    pub traceparent: Option<String>,
 }
 
 /// A claimed row: its lock lives as long as this value; end it with one of the methods.
@@ -57,7 +61,7 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query_as::<_, OutboxRow>(
         "SELECT o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
-                o.correlation_id, o.last_error, o.progress, o.created_at \
+                o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent \
          FROM outbox o JOIN subscription_events e ON e.id = o.event_id \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
            AND NOT EXISTS ( \
@@ -145,6 +149,29 @@ pub async fn due_within(pool: &PgPool, horizon: Duration) -> Result<i64, StoreEr
     .bind(horizon.as_secs_f64())
     .fetch_one(pool)
     .await?)
+}
+
+/// The unfinished outbox: how many rows are pending and how old the oldest is (zero when
+/// there is none). For the backlog gauges.
+pub async fn backlog(pool: &PgPool) -> Result<(i64, Duration), StoreError> {
+    let (pending, oldest_secs): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 \
+         FROM outbox WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await?;
+    let oldest = Duration::from_secs_f64(oldest_secs.unwrap_or(0.0).max(0.0));
+    Ok((pending, oldest))
+}
+
+/// The kind of the event-log row that produced an effect (`WebhookChangePlan`, …).
+pub async fn event_kind(pool: &PgPool, event_id: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar::<_, String>("SELECT event_kind FROM subscription_events WHERE id = $1")
+            .bind(event_id)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// Where the effect row stands among the `publish_domain_event` rows of its decision:

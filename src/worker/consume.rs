@@ -24,6 +24,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::marketplace::{CallContext, Error as ApiError, MarketplaceClient};
+use crate::metrics::{self, DeadLetterReason, EventOutcome};
 use crate::queue::{InboundConsumer, InboundDelivery, InboundMessage, QueueError, RetryOutcome};
 use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource};
 use crate::store::{StoreError, subscriptions};
@@ -108,8 +109,12 @@ impl MessageHandler {
             message_id = %delivery.meta.message_id,
             correlation_id = %delivery.meta.correlation_id,
             subscription_id = tracing::field::Empty,
+            operation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
             attempt = delivery.attempt,
         );
+        // The worker's span continues the trace of the request that queued the message.
+        crate::telemetry::continue_trace(&span, delivery.meta.traceparent.as_deref());
         self.handle_in_span(delivery).instrument(span).await
     }
 
@@ -119,6 +124,7 @@ impl MessageHandler {
             Err(reason) => {
                 let reason = format!("not an inbound message: {reason}");
                 delivery.dead_letter(&reason, None).await?;
+                record_dead_letter("unknown", DeadLetterReason::MalformedMessage);
                 return Ok(Handled::DeadLettered);
             }
         };
@@ -126,6 +132,7 @@ impl MessageHandler {
             Ok(translated) => translated,
             Err(error) => {
                 delivery.dead_letter(&error.to_string(), None).await?;
+                record_dead_letter(message.type_name(), DeadLetterReason::Untranslatable);
                 return Ok(Handled::DeadLettered);
             }
         };
@@ -133,6 +140,13 @@ impl MessageHandler {
             "subscription_id",
             tracing::field::display(translated.subscription_id),
         );
+        if let Event::Webhook(webhook) = &translated.event {
+            tracing::Span::current().record(
+                "operation_id",
+                tracing::field::display(webhook.operation_id),
+            );
+        }
+        let action = translated.event.kind().as_str();
         let received_at = match &message {
             InboundMessage::Webhook { received_at, .. } => Some(*received_at),
             _ => None,
@@ -143,6 +157,8 @@ impl MessageHandler {
             correlation_id: Some(delivery.meta.correlation_id.clone()).filter(|c| !c.is_empty()),
             request_id: None,
             trace_id: delivery.meta.traceparent.as_deref().and_then(trace_id),
+            traceparent: crate::telemetry::current_traceparent()
+                .or_else(|| delivery.meta.traceparent.clone()),
             received_at,
         };
         let result = self
@@ -172,12 +188,19 @@ impl MessageHandler {
             Err(Failure::Later(error)) => {
                 tracing::warn!(error, "cannot apply the message now");
                 match delivery.retry_later(&error).await? {
-                    RetryOutcome::Scheduled { .. } => Ok(Handled::RetryScheduled),
-                    RetryOutcome::DeadLettered => Ok(Handled::DeadLettered),
+                    RetryOutcome::Scheduled { .. } => {
+                        metrics::record_event(action, EventOutcome::RetryScheduled);
+                        Ok(Handled::RetryScheduled)
+                    }
+                    RetryOutcome::DeadLettered => {
+                        record_dead_letter(action, DeadLetterReason::RetriesExhausted);
+                        Ok(Handled::DeadLettered)
+                    }
                 }
             }
             Err(Failure::Never(reason)) => {
                 delivery.dead_letter(&reason, None).await?;
+                record_dead_letter(action, DeadLetterReason::CorruptState);
                 Ok(Handled::DeadLettered)
             }
         }
@@ -232,6 +255,8 @@ impl MessageHandler {
                     correlation_id: source.correlation_id.clone(),
                     request_id: Some(found.meta.request_id.to_string()),
                     message_id: source.message_id.clone(),
+                    trace_id: source.trace_id.clone(),
+                    traceparent: source.traceparent.clone(),
                     ..EventSource::default()
                 };
                 ledger::apply(
@@ -276,7 +301,7 @@ impl MessageHandler {
             request_id: error.request_id().map(|id| id.to_string()),
         };
         // The row does not exist yet: record after the webhook has been applied.
-        tokio::spawn(async move {
+        tokio::spawn(Instrument::in_current_span(async move {
             for _ in 0..20 {
                 match ledger::record_effect_result(
                     &pool,
@@ -294,8 +319,14 @@ impl MessageHandler {
                     }
                 }
             }
-        });
+        }));
     }
+}
+
+/// Counts a message that ends in the dead-letter queue.
+fn record_dead_letter(action: &'static str, reason: DeadLetterReason) {
+    metrics::record_event(action, EventOutcome::DeadLettered);
+    metrics::record_dead_letter(reason);
 }
 
 /// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).

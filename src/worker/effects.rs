@@ -35,6 +35,7 @@ use crate::marketplace::{
     self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, OperationAction,
     SubscriptionStatus, UpdateOperationStatus, UpdateOutcome,
 };
+use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::ledger::{self, EffectRecord, EventSource};
@@ -362,10 +363,14 @@ impl EffectRunner {
             kind = %row.kind,
             attempt = row.attempts + 1,
             correlation_id = row.correlation_id.as_deref().unwrap_or(""),
+            operation_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
+        // The execution continues the trace of the decision (and so of the webhook).
+        crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         async move {
             let disposition = match serde_json::from_value::<Effect>(row.effect.clone()) {
-                Ok(effect) => match self.execute(&row, &effect).await {
+                Ok(effect) => match self.execute(&row, &record_operation_id(effect)).await {
                     Ok(disposition) => disposition,
                     Err(error) => Disposition::Retry {
                         error: format!("database: {error}"),
@@ -404,6 +409,7 @@ impl EffectRunner {
                 let failed = u32::try_from(row.attempts).unwrap_or(0) + 1;
                 if failed >= config.max_attempts {
                     let reason = format!("gave up after {failed} attempts: {error}");
+                    metrics::record_dead_letter(DeadLetterReason::EffectAttemptsExhausted);
                     tracing::error!(reason, "effect dead");
                     self.record_dead(&row, &reason).await;
                     return claimed.bury(&reason, true).await;
@@ -421,6 +427,7 @@ impl EffectRunner {
                     .await
             }
             Disposition::Dead { reason } => {
+                metrics::record_dead_letter(DeadLetterReason::EffectPermanent);
                 tracing::error!(reason, "effect dead");
                 self.record_dead(&row, &reason).await;
                 claimed.bury(&reason, true).await
@@ -670,6 +677,16 @@ impl EffectRunner {
         match result {
             Ok(done) => {
                 log.ok(&done.meta);
+                if let Some(elapsed) = received_at.map(|at| OffsetDateTime::now_utc() - at) {
+                    metrics::record_webhook_to_ack(elapsed.try_into().unwrap_or_default());
+                }
+                if done.value == UpdateOutcome::AlreadyFinal {
+                    let kind = outbox::event_kind(&self.inner.pool, row.event_id)
+                        .await
+                        .ok()
+                        .flatten();
+                    metrics::record_auto_accepted(operation_action(kind.as_deref()));
+                }
                 let reason = match done.value {
                     UpdateOutcome::Recorded => format!("ACK {status} recorded"),
                     UpdateOutcome::AlreadyFinal => {
@@ -1075,7 +1092,7 @@ impl EffectRunner {
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),
-            traceparent: None,
+            traceparent: crate::telemetry::current_traceparent(),
             subscription_id: Some(row.subscription_id),
         };
         let bytes = serde_json::to_vec(&body).expect("a CloudEvent always serializes");
@@ -1129,6 +1146,8 @@ impl EffectRunner {
         let source = EventSource {
             correlation_id: row.correlation_id.clone(),
             request_id,
+            trace_id: crate::telemetry::trace_id_of(&tracing::Span::current()),
+            traceparent: crate::telemetry::current_traceparent(),
             ..EventSource::default()
         };
         ledger::apply(
@@ -1248,6 +1267,34 @@ fn disposition_for(error: &ApiError, progress: Value) -> Disposition {
         Disposition::Dead {
             reason: error.to_string(),
         }
+    }
+}
+
+/// Puts the effect's operation id (if it has one) on the current span.
+fn record_operation_id(effect: Effect) -> Effect {
+    let operation_id = match &effect {
+        Effect::AckOperation { operation_id, .. } | Effect::PollOperation { operation_id, .. } => {
+            Some(*operation_id)
+        }
+        _ => None,
+    };
+    if let Some(id) = operation_id {
+        tracing::Span::current().record("operation_id", tracing::field::display(id));
+    }
+    effect
+}
+
+/// The Marketplace action of the operation an ACK answers, from the kind of the event that
+/// decided the ACK (`fulfillment_auto_accepted_total{action}`).
+fn operation_action(event_kind: Option<&str>) -> &'static str {
+    match event_kind {
+        Some("WebhookChangePlan") => "ChangePlan",
+        Some("WebhookChangeQuantity") => "ChangeQuantity",
+        Some("WebhookReinstate") => "Reinstate",
+        Some("WebhookSuspend") => "Suspend",
+        Some("WebhookUnsubscribe") => "Unsubscribe",
+        Some("WebhookRenew") => "Renew",
+        _ => "other",
     }
 }
 

@@ -6,12 +6,15 @@
 //! - [`effects`]: the outbox runner and the effect executors (Microsoft calls, domain
 //!   events), whose results come back as machine events.
 //! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
+//! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
 
 pub mod consume;
 pub mod effects;
+pub mod listener;
 pub mod run;
 pub mod translate;
 
 pub use consume::{Handled, MessageHandler};
 pub use effects::{EffectRunner, EffectsConfig};
+pub use listener::MetricsListener;
 pub use run::{Worker, WorkerConfig, WorkerParts, run_worker};

@@ -19,6 +19,7 @@ use crate::settings::Settings;
 use crate::store::{self, outbox};
 use crate::worker::consume::{ConsumerActivity, MessageHandler, run_consumer};
 use crate::worker::effects::{EffectActivity, EffectRunner, EffectsConfig};
+use crate::worker::listener::MetricsListener;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -128,6 +129,7 @@ impl Worker {
             shutdown.clone(),
         ));
         let runner = tokio::spawn(runner.run(shutdown.clone()));
+        crate::metrics::register_worker_series();
         tracing::info!("worker started");
         Ok(Self {
             shutdown,
@@ -189,8 +191,21 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     let parts = WorkerParts::connect(&settings).await?;
     let config = WorkerConfig::for_pool(settings.database.max_connections);
     let broker = parts.broker.clone();
+    // /metrics, /healthz, /readyz: up while the worker runs.
+    let listener = MetricsListener::bind(
+        settings.worker.metrics_addr,
+        parts.pool.clone(),
+        parts.broker.clone(),
+    )
+    .await?;
+    let listener_stop = shutdown.child_token();
+    let listener = tokio::spawn(listener.run_until_stopped(listener_stop.clone()));
     let worker = Worker::spawn(parts, config, shutdown).await?;
     let result = worker.join().await;
+    listener_stop.cancel();
+    if let Ok(Err(error)) = listener.await {
+        tracing::warn!(error = %format!("{error:#}"), "the worker metrics listener failed");
+    }
     broker.close().await;
     result
 }
