@@ -79,6 +79,25 @@ pub fn prometheus_handle() -> PrometheusHandle {
     HANDLE.get_or_init(install).clone()
 }
 
+/// Histogram samples pile up in the recorder until something drains them; a scrape does, but
+/// a process nobody scrapes would grow by a few bytes per request forever. A background
+/// thread drains them every few seconds (what `PrometheusBuilder::install` would spawn).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are drained by scrapes only");
+    }
+}
+
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn install() -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -99,7 +118,10 @@ fn install() -> PrometheusHandle {
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
     match metrics::set_global_recorder(recorder) {
-        Ok(()) => describe(),
+        Ok(()) => {
+            describe();
+            spawn_upkeep(handle.clone());
+        }
         Err(e) => {
             tracing::warn!(error = %e, "a metrics recorder was already installed; /metrics will be empty")
         }

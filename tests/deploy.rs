@@ -20,10 +20,6 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-/// Variables read by code that is landing in parallel with these files (the worker's metrics
-/// and probe listener). Drop a name from here once it is in `settings::ENV_KEYS`.
-const AWAITED_ENV: &[&str] = &["WORKER_METRICS_ADDR"];
-
 /// Variables read outside the settings tree: the log filter.
 const OTHER_ENV: &[&str] = &["RUST_LOG"];
 
@@ -977,7 +973,6 @@ fn every_environment_variable_deployed_is_read_by_the_app_and_documented() {
         .map(|(var, _)| *var)
         .chain([CONFIG_FILE_ENV])
         .chain(OTHER_ENV.iter().copied())
-        .chain(AWAITED_ENV.iter().copied())
         .collect();
     let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut note = |var: &str, place: String| {
