@@ -11,9 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,23 +21,18 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::{get, post};
-use lapin::options::QueuePurgeOptions;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
+use super::harness::{BenchEnv, ChildProcess, RssSampler, free_local_address};
 use super::measure::{self, CpuMark, CpuUse, PhaseStats, round};
 use crate::http::webhook::new_traceparent;
-use crate::queue::{Broker, InboundMessage, MessageMeta, Publisher, Topology};
+use crate::queue::{InboundMessage, MessageMeta, Publisher};
 use crate::settings::Settings;
-use crate::simulator::{RunningSimulator, Simulator, SimulatorConfig};
 
 /// The target: at this concurrency, the ingress reaches this share of the
 /// confirmed-publish ceiling with a p99 below this many milliseconds.
@@ -48,10 +42,6 @@ pub const TARGET_MAX_P99_MS: f64 = 20.0;
 
 /// How many distinct subscriptions the webhooks are spread over.
 const SUBSCRIPTIONS: usize = 1024;
-/// How long a child process may take to answer its readiness probe.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a child process may take to drain and exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngressBenchArgs {
@@ -131,258 +121,6 @@ pub async fn run(settings: Settings, args: IngressBenchArgs) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// The throwaway world of one run.
-struct BenchEnv {
-    id: String,
-    settings: Settings,
-    sim: RunningSimulator,
-    broker: Broker,
-    purger: lapin::Connection,
-    client_secret: String,
-}
-
-impl BenchEnv {
-    async fn setup(base: &Settings) -> anyhow::Result<Self> {
-        let id = Uuid::new_v4().simple().to_string()[..12].to_string();
-        let mut settings = base.clone();
-        let base_name = base.database.url.url().path().trim_start_matches('/');
-        settings.database.url = base
-            .database
-            .url
-            .with_path(&format!("/{base_name}_bench_{id}"));
-        settings.amqp.prefix = format!("{}-bench-{id}", base.amqp.prefix);
-
-        crate::store::migrate(&settings.database)
-            .await
-            .context("cannot create the benchmark database")?;
-        let client_secret = format!("bench-secret-{}", Uuid::new_v4().simple());
-        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-        config.client_secret = Some(SecretString::from(client_secret.clone()));
-        let sim = match Simulator::start(config, TcpListener::bind("127.0.0.1:0").await?).await {
-            Ok(sim) => sim,
-            Err(e) => {
-                drop_database(&settings).await;
-                return Err(e.context("cannot start the marketplace simulator"));
-            }
-        };
-        let connected = async {
-            let broker = Broker::connect_with_topology(
-                &settings.amqp,
-                "fulfillment-bench",
-                Topology::new(&settings.amqp.prefix),
-            )
-            .await?;
-            let purger = lapin::Connection::connect(
-                settings.amqp.url.expose(),
-                lapin::ConnectionProperties::default(),
-            )
-            .await
-            .context("cannot open the purging connection to RabbitMQ")?;
-            anyhow::Ok((broker, purger))
-        }
-        .await;
-        let (broker, purger) = match connected {
-            Ok(connected) => connected,
-            Err(e) => {
-                let _ = sim.shutdown().await;
-                drop_database(&settings).await;
-                return Err(e.context("cannot set up the benchmark's RabbitMQ topology"));
-            }
-        };
-        Ok(Self {
-            id,
-            settings,
-            sim,
-            broker,
-            purger,
-            client_secret,
-        })
-    }
-
-    /// Empties the inbound queue so no phase pays for the previous one's backlog.
-    async fn purge(&self) -> anyhow::Result<()> {
-        let channel = self.purger.create_channel().await?;
-        let queue = self.broker.topology().inbound_queue();
-        channel
-            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-            .await
-            .with_context(|| format!("cannot purge {queue}"))?;
-        let _ = channel.close(200, "purged".into()).await;
-        Ok(())
-    }
-
-    /// The environment of `fulfillment serve` pointed at this run's simulator, database
-    /// and topology.
-    fn serve_env(&self, listen: SocketAddr, without_jwt: bool) -> Vec<(String, String)> {
-        let config = self.sim.config();
-        let auth = if without_jwt { "none" } else { "entra" };
-        [
-            ("MARKETPLACE_API_URL", self.sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", self.sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
-            ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
-            ("MARKETPLACE_TOKEN_ENDPOINT", "v2".into()),
-            (
-                "DATABASE_URL",
-                self.settings.database.url.expose().to_string(),
-            ),
-            ("AMQP_URL", self.settings.amqp.url.expose().to_string()),
-            (
-                "FULFILLMENT__AMQP__PREFIX",
-                self.settings.amqp.prefix.clone(),
-            ),
-            ("WEBHOOK_AUTH", auth.into()),
-            ("WEBHOOK_AUTH_ALLOW_INSECURE", without_jwt.to_string()),
-            ("LISTEN_ADDR", listen.to_string()),
-            ("LOG_FORMAT", "json".into()),
-            ("RUST_LOG", "warn".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
-    async fn teardown(self) -> anyhow::Result<()> {
-        let deleted = self.broker.delete_topology().await;
-        self.broker.close().await;
-        let _ = self.purger.close(200, "done".into()).await;
-        let _ = self.sim.shutdown().await;
-        drop_database(&self.settings).await;
-        deleted.context("cannot delete the benchmark's RabbitMQ topology")
-    }
-}
-
-async fn drop_database(settings: &Settings) {
-    let url = &settings.database.url;
-    let name = url.url().path().trim_start_matches('/').to_string();
-    let admin = url.with_path("/postgres");
-    match PgPool::connect(admin.expose()).await {
-        Ok(pool) => {
-            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
-                tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database");
-            }
-            pool.close().await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database")
-        }
-    }
-}
-
-/// A child process of this binary, its output in a log file.
-struct ChildProcess {
-    name: &'static str,
-    child: Child,
-    pid: u32,
-    base: Url,
-    log: PathBuf,
-}
-
-impl ChildProcess {
-    async fn spawn(
-        name: &'static str,
-        id: &str,
-        args: &[&str],
-        env: Vec<(String, String)>,
-        listen: SocketAddr,
-    ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this executable")?;
-        let log = std::env::temp_dir().join(format!("fulfillment-bench-{id}-{name}.log"));
-        let file = std::fs::File::create(&log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(&exe)
-            .args(args)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
-        let pid = child.id().context("the child exited at once")?;
-        Ok(Self {
-            name,
-            child,
-            pid,
-            base: Url::parse(&format!("http://{listen}/"))?,
-            log,
-        })
-    }
-
-    fn url(&self, path: &str) -> Url {
-        let mut url = self.base.clone();
-        url.set_path(path);
-        url
-    }
-
-    /// Polls `GET /readyz` until 200; fails when the child exits or the time is up.
-    async fn wait_ready(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let url = self.url("/readyz");
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited during startup ({status}); its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            if let Ok(response) = http.get(url.clone()).send().await
-                && response.status().is_success()
-            {
-                return Ok(());
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                bail!(
-                    "{} was not ready within {READY_TIMEOUT:?}; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGTERM, then wait for the drain; SIGKILL when it takes too long.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if self.child.try_wait()?.is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.pid.to_string()])
-                .status()
-                .await;
-            match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
-                Ok(status) => {
-                    let status = status?;
-                    if !status.success() {
-                        bail!(
-                            "{} exited with {status} after SIGTERM; its log:\n{}",
-                            self.name,
-                            self.log_tail()
-                        );
-                    }
-                }
-                Err(_) => {
-                    let _ = self.child.kill().await;
-                    bail!(
-                        "{} did not stop within {STOP_TIMEOUT:?} of SIGTERM",
-                        self.name
-                    );
-                }
-            }
-        }
-        let _ = std::fs::remove_file(&self.log);
-        Ok(())
-    }
-}
-
 #[derive(Default)]
 struct Children {
     ingress: Option<ChildProcess>,
@@ -401,49 +139,6 @@ impl Children {
             }
         }
         result
-    }
-}
-
-fn free_local_address() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
-}
-
-/// Samples the ingress's `VmRSS` every 100 ms.
-struct RssSampler {
-    max_kib: Arc<AtomicU64>,
-    stop: CancellationToken,
-}
-
-impl RssSampler {
-    fn start(pid: u32) -> Self {
-        let max_kib = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (max, token) = (Arc::clone(&max_kib), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    _ = token.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Some(rss) = measure::proc_status_kib(pid, "VmRSS") {
-                            max.fetch_max(rss, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        });
-        Self { max_kib, stop }
-    }
-
-    fn max_mib(&self) -> f64 {
-        self.max_kib.load(Ordering::Relaxed) as f64 / 1024.0
-    }
-}
-
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

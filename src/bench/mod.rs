@@ -7,8 +7,10 @@
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
 
+pub mod harness;
 pub mod ingress;
 pub mod measure;
+pub mod pipeline;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,9 @@ pub use ingress::IngressBenchArgs;
 pub enum BenchCommand {
     /// Signed webhooks through the ingress, against RabbitMQ's confirmed-publish ceiling.
     Ingress(IngressBenchArgs),
+    /// Customer seat changes through simulator, ingress, RabbitMQ, worker and PostgreSQL,
+    /// against PostgreSQL's single-row commit ceiling.
+    Pipeline(pipeline::PipelineBenchArgs),
     /// Internal: a bare axum `POST /webhook` that answers 200 without doing anything, run as
     /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
     #[command(hide = true)]
@@ -29,6 +34,7 @@ pub enum BenchCommand {
 pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
+        BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
     }
 }

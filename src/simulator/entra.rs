@@ -33,6 +33,9 @@ use crate::settings::MARKETPLACE_APP_ID;
 /// Lifetime of access tokens and webhook tokens: one hour (§2.4).
 const TOKEN_LIFETIME_SECS: i64 = 3600;
 
+/// How long the webhook sender reuses one token (well inside its lifetime).
+const SENDER_TOKEN_REUSE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// One RSA signing key.
 pub(crate) struct SigningKey {
     pub kid: String,
@@ -265,6 +268,26 @@ impl Shared {
             }
         }
         claims
+    }
+
+    /// The bearer token on the sender's webhook calls. Like Microsoft's sender, which gets
+    /// an hour-long token from Entra and reuses it, one token serves many calls: it is
+    /// minted again after [`SENDER_TOKEN_REUSE`] or when the signing key changes.
+    pub fn sender_webhook_token(&self) -> anyhow::Result<String> {
+        let key = self.keys.current();
+        let mut slot = self
+            .sender_token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((kid, token, minted)) = slot.as_ref()
+            && *kid == key.kid
+            && minted.elapsed() < SENDER_TOKEN_REUSE
+        {
+            return Ok(token.clone());
+        }
+        let token = self.mint_webhook_token(&Value::Null)?;
+        *slot = Some((key.kid.clone(), token.clone(), std::time::Instant::now()));
+        Ok(token)
     }
 
     /// A webhook token with `overrides` merged into the claims (a `null` removes a claim).

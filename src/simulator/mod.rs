@@ -368,8 +368,73 @@ impl Simulator {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperationProgress {
     pub status: String,
+    /// How it ended: "acknowledged", "auto-accepted", ...
+    pub resolution: Option<String>,
     pub created: time::OffsetDateTime,
     pub finished: Option<time::OffsetDateTime>,
+}
+
+/// Reads the state of a running simulator; clones share it.
+#[derive(Debug, Clone)]
+pub struct SimulatorView {
+    shared: Arc<Shared>,
+}
+
+impl SimulatorView {
+    /// An operation as Microsoft would report it, with when it started and ended.
+    pub fn operation_progress(
+        &self,
+        subscription_id: Uuid,
+        operation_id: Uuid,
+    ) -> Option<OperationProgress> {
+        self.shared.read(|st| {
+            let op = st
+                .subscriptions
+                .get(&subscription_id)?
+                .operation(operation_id)?;
+            Some(OperationProgress {
+                status: state::wire_name(&op.status),
+                resolution: op.resolution.clone(),
+                created: op.created,
+                finished: op.finished,
+            })
+        })
+    }
+
+    /// Waits until the operation has ended, or `timeout` passed (then it is returned as it
+    /// stands). `None` when there is no such operation.
+    pub async fn wait_for_operation(
+        &self,
+        subscription_id: Uuid,
+        operation_id: Uuid,
+        timeout: Duration,
+    ) -> Option<OperationProgress> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.operation_finished.notified();
+            let progress = self.operation_progress(subscription_id, operation_id)?;
+            if progress.finished.is_some() || tokio::time::Instant::now() >= deadline {
+                return Some(progress);
+            }
+            // Re-check now and then too: not every way an operation ends wakes waiters.
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
+    /// `saasSubscriptionStatus`, plan and quantity of a subscription as Microsoft has them.
+    pub fn subscription_status(
+        &self,
+        subscription_id: Uuid,
+    ) -> Option<(String, String, Option<u32>)> {
+        self.shared.read(|st| {
+            let sub = st.subscriptions.get(&subscription_id)?;
+            Some((
+                state::wire_name(&sub.status),
+                sub.plan_id.clone(),
+                sub.quantity,
+            ))
+        })
+    }
 }
 
 /// A simulator serving in the background; dropping it stops it (without waiting).
@@ -445,58 +510,11 @@ impl RunningSimulator {
         self.sign_token(&self.shared.access_token_claims(IssuerVersion::V2))
     }
 
-    /// An operation as Microsoft would report it, with when it started and ended.
-    pub fn operation_progress(
-        &self,
-        subscription_id: Uuid,
-        operation_id: Uuid,
-    ) -> Option<OperationProgress> {
-        self.shared.read(|st| {
-            let op = st
-                .subscriptions
-                .get(&subscription_id)?
-                .operation(operation_id)?;
-            Some(OperationProgress {
-                status: state::wire_name(&op.status),
-                created: op.created,
-                finished: op.finished,
-            })
-        })
-    }
-
-    /// Waits until the operation has ended, or `timeout` passed (then it is returned as it
-    /// stands). `None` when there is no such operation.
-    pub async fn wait_for_operation(
-        &self,
-        subscription_id: Uuid,
-        operation_id: Uuid,
-        timeout: Duration,
-    ) -> Option<OperationProgress> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.shared.operation_finished.notified();
-            let progress = self.operation_progress(subscription_id, operation_id)?;
-            if progress.finished.is_some() || tokio::time::Instant::now() >= deadline {
-                return Some(progress);
-            }
-            // Re-check now and then too: not every way an operation ends wakes waiters.
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    /// A cheap, cloneable read-only handle on the simulator's state (for load drivers).
+    pub fn view(&self) -> SimulatorView {
+        SimulatorView {
+            shared: Arc::clone(&self.shared),
         }
-    }
-
-    /// `saasSubscriptionStatus`, plan and quantity of a subscription as Microsoft has them.
-    pub fn subscription_status(
-        &self,
-        subscription_id: Uuid,
-    ) -> Option<(String, String, Option<u32>)> {
-        self.shared.read(|st| {
-            let sub = st.subscriptions.get(&subscription_id)?;
-            Some((
-                state::wire_name(&sub.status),
-                sub.plan_id.clone(),
-                sub.quantity,
-            ))
-        })
     }
 
     /// Adds a new current signing key; the old ones stay in the JWKS. Returns the new `kid`.

@@ -211,6 +211,8 @@ pub(crate) struct Shared {
     pub dirty: AtomicBool,
     /// Woken whenever an operation ends (benchmarks wait on it instead of polling).
     pub operation_finished: tokio::sync::Notify,
+    /// The webhook sender's current token: `(kid, token, minted at)`.
+    pub sender_token: Mutex<Option<(String, String, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -241,6 +243,7 @@ impl Shared {
             cancel: CancellationToken::new(),
             dirty: AtomicBool::new(false),
             operation_finished: tokio::sync::Notify::new(),
+            sender_token: Mutex::new(None),
         }
     }
 

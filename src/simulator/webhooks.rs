@@ -134,7 +134,7 @@ async fn deliver(shared: &Arc<Shared>, job: Job) {
     let timings = &shared.config.timings;
     let max_attempts = timings.webhook_max_attempts.max(1);
     for attempt in 1..=max_attempts {
-        let sent = match shared.mint_webhook_token(&Value::Null) {
+        let sent = match shared.sender_webhook_token() {
             Ok(token) => shared
                 .http
                 .post(job.url.clone())

@@ -1,0 +1,332 @@
+//! What every benchmark needs: a throwaway world (the simulator in process, a fresh
+//! database on `DATABASE_URL`'s server, a `<prefix>-bench-<id>` RabbitMQ topology, all
+//! removed at the end), child processes of this binary with their own logs, and a `VmRSS`
+//! sampler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use lapin::options::QueuePurgeOptions;
+use secrecy::SecretString;
+use sqlx::postgres::PgPool;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+use super::measure;
+use crate::queue::{Broker, Topology};
+use crate::settings::Settings;
+use crate::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+
+/// How long a child process may take to answer its readiness probe.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a child process may take to drain and exit after SIGTERM.
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The throwaway world of one run.
+pub(crate) struct BenchEnv {
+    pub id: String,
+    pub settings: Settings,
+    pub sim: RunningSimulator,
+    pub broker: Broker,
+    pub purger: lapin::Connection,
+    pub client_secret: String,
+}
+
+impl BenchEnv {
+    pub async fn setup(base: &Settings) -> anyhow::Result<Self> {
+        Self::setup_with(base, None).await
+    }
+
+    /// As [`setup`](Self::setup), with the simulator's webhooks sent to `webhook_url`.
+    pub async fn setup_with(base: &Settings, webhook_url: Option<Url>) -> anyhow::Result<Self> {
+        let id = Uuid::new_v4().simple().to_string()[..12].to_string();
+        let mut settings = base.clone();
+        let base_name = base.database.url.url().path().trim_start_matches('/');
+        settings.database.url = base
+            .database
+            .url
+            .with_path(&format!("/{base_name}_bench_{id}"));
+        settings.amqp.prefix = format!("{}-bench-{id}", base.amqp.prefix);
+
+        crate::store::migrate(&settings.database)
+            .await
+            .context("cannot create the benchmark database")?;
+        let client_secret = format!("bench-secret-{}", Uuid::new_v4().simple());
+        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
+        config.client_secret = Some(SecretString::from(client_secret.clone()));
+        config.webhook_url = webhook_url;
+        let sim = match Simulator::start(config, TcpListener::bind("127.0.0.1:0").await?).await {
+            Ok(sim) => sim,
+            Err(e) => {
+                drop_database(&settings).await;
+                return Err(e.context("cannot start the marketplace simulator"));
+            }
+        };
+        let connected = async {
+            let broker = Broker::connect_with_topology(
+                &settings.amqp,
+                "fulfillment-bench",
+                Topology::new(&settings.amqp.prefix),
+            )
+            .await?;
+            let purger = lapin::Connection::connect(
+                settings.amqp.url.expose(),
+                lapin::ConnectionProperties::default(),
+            )
+            .await
+            .context("cannot open the purging connection to RabbitMQ")?;
+            anyhow::Ok((broker, purger))
+        }
+        .await;
+        let (broker, purger) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                let _ = sim.shutdown().await;
+                drop_database(&settings).await;
+                return Err(e.context("cannot set up the benchmark's RabbitMQ topology"));
+            }
+        };
+        Ok(Self {
+            id,
+            settings,
+            sim,
+            broker,
+            purger,
+            client_secret,
+        })
+    }
+
+    /// Empties the inbound queue so no phase pays for the previous one's backlog.
+    pub async fn purge(&self) -> anyhow::Result<()> {
+        let channel = self.purger.create_channel().await?;
+        let queue = self.broker.topology().inbound_queue();
+        channel
+            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .with_context(|| format!("cannot purge {queue}"))?;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(())
+    }
+
+    /// The environment of `fulfillment serve` pointed at this run's simulator, database
+    /// and topology.
+    pub fn serve_env(&self, listen: SocketAddr, without_jwt: bool) -> Vec<(String, String)> {
+        let config = self.sim.config();
+        let auth = if without_jwt { "none" } else { "entra" };
+        [
+            ("MARKETPLACE_API_URL", self.sim.api_url().to_string()),
+            ("ENTRA_AUTHORITY_URL", self.sim.authority_url().to_string()),
+            ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
+            ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
+            ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
+            ("MARKETPLACE_TOKEN_ENDPOINT", "v2".into()),
+            (
+                "DATABASE_URL",
+                self.settings.database.url.expose().to_string(),
+            ),
+            ("AMQP_URL", self.settings.amqp.url.expose().to_string()),
+            (
+                "FULFILLMENT__AMQP__PREFIX",
+                self.settings.amqp.prefix.clone(),
+            ),
+            ("WEBHOOK_AUTH", auth.into()),
+            ("WEBHOOK_AUTH_ALLOW_INSECURE", without_jwt.to_string()),
+            ("LISTEN_ADDR", listen.to_string()),
+            ("LOG_FORMAT", "json".into()),
+            ("RUST_LOG", "warn".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub async fn teardown(self) -> anyhow::Result<()> {
+        let deleted = self.broker.delete_topology().await;
+        self.broker.close().await;
+        let _ = self.purger.close(200, "done".into()).await;
+        let _ = self.sim.shutdown().await;
+        drop_database(&self.settings).await;
+        deleted.context("cannot delete the benchmark's RabbitMQ topology")
+    }
+}
+
+pub(crate) async fn drop_database(settings: &Settings) {
+    let url = &settings.database.url;
+    let name = url.url().path().trim_start_matches('/').to_string();
+    let admin = url.with_path("/postgres");
+    match PgPool::connect(admin.expose()).await {
+        Ok(pool) => {
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database");
+            }
+            pool.close().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database")
+        }
+    }
+}
+
+/// A child process of this binary, its output in a log file.
+pub(crate) struct ChildProcess {
+    pub name: &'static str,
+    pub child: Child,
+    pub pid: u32,
+    pub base: Url,
+    pub log: PathBuf,
+}
+
+impl ChildProcess {
+    pub async fn spawn(
+        name: &'static str,
+        id: &str,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        listen: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let log = std::env::temp_dir().join(format!("fulfillment-bench-{id}-{name}.log"));
+        let file = std::fs::File::create(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(&exe)
+            .args(args)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+        let pid = child.id().context("the child exited at once")?;
+        Ok(Self {
+            name,
+            child,
+            pid,
+            base: Url::parse(&format!("http://{listen}/"))?,
+            log,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(path);
+        url
+    }
+
+    /// Polls `GET /readyz` until 200; fails when the child exits or the time is up.
+    pub async fn wait_ready(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let url = self.url("/readyz");
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited during startup ({status}); its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if let Ok(response) = http.get(url.clone()).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "{} was not ready within {READY_TIMEOUT:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// SIGTERM, then wait for the drain; SIGKILL when it takes too long.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid.to_string()])
+                .status()
+                .await;
+            match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
+                Ok(status) => {
+                    let status = status?;
+                    if !status.success() {
+                        bail!(
+                            "{} exited with {status} after SIGTERM; its log:\n{}",
+                            self.name,
+                            self.log_tail()
+                        );
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill().await;
+                    bail!(
+                        "{} did not stop within {STOP_TIMEOUT:?} of SIGTERM",
+                        self.name
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
+        Ok(())
+    }
+}
+
+pub(crate) fn free_local_address() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Samples the ingress's `VmRSS` every 100 ms.
+pub(crate) struct RssSampler {
+    pub max_kib: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> Self {
+        let max_kib = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (max, token) = (Arc::clone(&max_kib), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Some(rss) = measure::proc_status_kib(pid, "VmRSS") {
+                            max.fetch_max(rss, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        });
+        Self { max_kib, stop }
+    }
+
+    pub fn max_mib(&self) -> f64 {
+        self.max_kib.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,502 @@
+//! `fulfillment bench pipeline`: customer seat changes made on the simulator travel the whole
+//! way (signed webhook, `fulfillment serve`, RabbitMQ, `fulfillment work`, PostgreSQL, the
+//! PATCH that acknowledges the operation) and the simulator times each one from the
+//! operation's creation to its acknowledgement, as Microsoft would.
+//!
+//! The ceiling, measured in the same run: PostgreSQL's single-row commits per second from 8
+//! connections, since every event costs the worker several commits (decision, outbox claim,
+//! effect result). The report gives end-to-end events/s against it, the webhook-to-ACK
+//! latency percentiles and the peak RSS of the ingress and the worker (child processes).
+//!
+//! Changes to one subscription are sequential: Microsoft keeps one operation pending per
+//! subscription, so `--subscriptions` bounds the events in flight. Everything is local and
+//! throwaway (see [`super::harness`]).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use super::harness::{BenchEnv, ChildProcess, RssSampler, free_local_address};
+use super::measure::{self, round};
+use crate::settings::Settings;
+
+/// The issue's targets: end-to-end at least this share of the commit ceiling, ACK p99 below.
+pub const TARGET_MIN_RATIO: f64 = 0.5;
+pub const TARGET_MAX_P99_MS: f64 = 1000.0;
+
+/// Connections of the PostgreSQL ceiling phase.
+const CEILING_CONNECTIONS: usize = 8;
+/// The simulator's per-seat plan and the seat counts the changes alternate between.
+const OFFER: &str = "contoso-analytics";
+const PLAN: &str = "per-seat";
+const SEATS: [u32; 2] = [5, 6];
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineBenchArgs {
+    /// Customer seat changes sent through the whole pipeline (measured).
+    #[arg(long, default_value_t = 2000)]
+    pub events: usize,
+    /// Subscriptions the changes are spread over (each one's changes run one after another).
+    #[arg(long, default_value_t = 200)]
+    pub subscriptions: usize,
+    /// Length of the PostgreSQL commit-ceiling phase, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub ceiling_seconds: u64,
+    /// Deadline of the measured phase in seconds; what did not finish by then counts as failed.
+    #[arg(long, default_value_t = 300)]
+    pub max_seconds: u64,
+}
+
+pub async fn run(settings: Settings, args: PipelineBenchArgs) -> anyhow::Result<ExitCode> {
+    if args.events == 0 || args.subscriptions == 0 {
+        bail!("--events and --subscriptions must be at least 1");
+    }
+    if args.subscriptions > args.events {
+        bail!(
+            "--subscriptions ({}) must not exceed --events ({}): every subscription gets at least one change",
+            args.subscriptions,
+            args.events
+        );
+    }
+    if args.ceiling_seconds == 0 {
+        bail!("--ceiling-seconds must be at least 1");
+    }
+    let started = Instant::now();
+    let ingress_addr = free_local_address()?;
+    let webhook_url = url::Url::parse(&format!("http://{ingress_addr}/webhook"))?;
+    let env = BenchEnv::setup_with(&settings, Some(webhook_url)).await?;
+    let mut children = Vec::new();
+    let outcome = measure_all(&env, &args, ingress_addr, &mut children).await;
+    let mut stopped = Ok(());
+    for child in children {
+        if let Err(e) = child.stop().await {
+            stopped = Err(e);
+        }
+    }
+    let torn_down = env.teardown().await;
+    let report = outcome?;
+    stopped?;
+    torn_down?;
+    report.print(&args, started.elapsed());
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Report {
+    commit_ceiling_per_s: f64,
+    events_per_s: f64,
+    acknowledged: usize,
+    failed: Vec<String>,
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    ack_max_ms: f64,
+    ingress_peak_rss_mib: f64,
+    worker_peak_rss_mib: f64,
+    agreeing_subscriptions: usize,
+    measured_seconds: f64,
+}
+
+async fn measure_all(
+    env: &BenchEnv,
+    args: &PipelineBenchArgs,
+    ingress_addr: std::net::SocketAddr,
+    children: &mut Vec<ChildProcess>,
+) -> anyhow::Result<Report> {
+    eprintln!("bench: PostgreSQL single-row commit ceiling ({CEILING_CONNECTIONS} connections)…");
+    let commit_ceiling_per_s =
+        commit_ceiling(env, Duration::from_secs(args.ceiling_seconds)).await?;
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let ingress = ChildProcess::spawn(
+        "ingress",
+        &env.id,
+        &["serve"],
+        env.serve_env(ingress_addr, false),
+        ingress_addr,
+    )
+    .await?;
+    children.push(ingress);
+    children[0].wait_ready(&http).await?;
+    let worker_addr = free_local_address()?;
+    let mut worker_env = env.serve_env(free_local_address()?, false);
+    worker_env.push(("WORKER_METRICS_ADDR".into(), worker_addr.to_string()));
+    let worker = ChildProcess::spawn("worker", &env.id, &["work"], worker_env, worker_addr).await?;
+    children.push(worker);
+    children[1].wait_ready(&http).await?;
+    let (ingress_pid, worker_pid) = (children[0].pid, children[1].pid);
+    let ingress_rss = RssSampler::start(ingress_pid);
+    let worker_rss = RssSampler::start(worker_pid);
+
+    eprintln!(
+        "bench: {} purchases through the landing page and activation…",
+        args.subscriptions
+    );
+    let subscriptions = purchase_and_activate(env, &http, &children[0], args.subscriptions).await?;
+
+    eprintln!(
+        "bench: {} seat changes over {} subscriptions…",
+        args.events, args.subscriptions
+    );
+    let deadline = Duration::from_secs(args.max_seconds);
+    let measured = Instant::now();
+    let sim_base = env.sim.base_url();
+    let env_sim = Arc::new(SimHandle {
+        http: http.clone(),
+        base: sim_base,
+    });
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, subscription) in subscriptions.iter().copied().enumerate() {
+        let share = args.events / args.subscriptions
+            + usize::from(index < args.events % args.subscriptions);
+        let sim = Arc::clone(&env_sim);
+        let sent = Arc::clone(&sent);
+        let progress_of = env.sim_progress_reader();
+        tasks.spawn(async move {
+            let mut outcomes = Vec::with_capacity(share);
+            for change in 0..share {
+                if measured.elapsed() > deadline {
+                    outcomes.push(Err("deadline passed before it was sent".to_string()));
+                    continue;
+                }
+                let seats = SEATS[(change + 1) % SEATS.len()];
+                let operation = match sim.change_seats(subscription, seats).await {
+                    Ok(operation) => operation,
+                    Err(e) => {
+                        outcomes.push(Err(e));
+                        continue;
+                    }
+                };
+                sent.fetch_add(1, Ordering::Relaxed);
+                let left = deadline.saturating_sub(measured.elapsed());
+                outcomes.push(progress_of.wait(subscription, operation, left).await);
+            }
+            outcomes
+        });
+    }
+    let mut latencies_us = Vec::with_capacity(args.events);
+    let mut failed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        for outcome in joined.context("a load task panicked")? {
+            match outcome {
+                Ok(us) => latencies_us.push(us),
+                Err(reason) => failed.push(reason),
+            }
+        }
+    }
+    let measured_seconds = measured.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let ms = |p: f64| measure::percentile_us(&latencies_us, p) as f64 / 1000.0;
+
+    let agreeing_subscriptions = agreeing(env, &subscriptions).await?;
+    let peak = |pid: u32, sampler: &RssSampler| {
+        measure::proc_status_kib(pid, "VmHWM")
+            .map(|kib| kib as f64 / 1024.0)
+            .unwrap_or_else(|| sampler.max_mib())
+    };
+    Ok(Report {
+        commit_ceiling_per_s,
+        events_per_s: latencies_us.len() as f64 / measured_seconds,
+        acknowledged: latencies_us.len(),
+        failed,
+        ack_p50_ms: ms(0.50),
+        ack_p99_ms: ms(0.99),
+        ack_max_ms: ms(1.0),
+        ingress_peak_rss_mib: peak(ingress_pid, &ingress_rss),
+        worker_peak_rss_mib: peak(worker_pid, &worker_rss),
+        agreeing_subscriptions,
+        measured_seconds,
+    })
+}
+
+/// Single-row INSERT commits from [`CEILING_CONNECTIONS`] connections for `length`.
+async fn commit_ceiling(env: &BenchEnv, length: Duration) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new()
+        .max_connections(CEILING_CONNECTIONS as u32)
+        .connect(env.settings.database.url.expose())
+        .await
+        .context("cannot connect to the benchmark database")?;
+    sqlx::query("CREATE TABLE bench_commit_ceiling (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), body text NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CEILING_CONNECTIONS {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            let mut commits = 0u64;
+            while started.elapsed() < length {
+                sqlx::query("INSERT INTO bench_commit_ceiling (body) VALUES ($1)")
+                    .bind("a row the size of an event-log entry's decision text")
+                    .execute(&pool)
+                    .await?;
+                commits += 1;
+            }
+            anyhow::Ok(commits)
+        });
+    }
+    let mut total = 0u64;
+    while let Some(joined) = tasks.join_next().await {
+        total += joined.context("a ceiling task panicked")??;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_commit_ceiling")
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(rate)
+}
+
+/// The simulator's admin API, as the customer uses it.
+struct SimHandle {
+    http: reqwest::Client,
+    base: url::Url,
+}
+
+impl SimHandle {
+    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        let url = self.base.join(path).map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("simulator unreachable: {e}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("simulator answered {status} without JSON: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("simulator answered {status}: {body}"));
+        }
+        Ok(body)
+    }
+
+    /// The customer changes the seat count; returns the operation id.
+    async fn change_seats(&self, subscription: Uuid, seats: u32) -> Result<Uuid, String> {
+        let answer = self
+            .post(
+                &format!("simulator/subscriptions/{subscription}/actions"),
+                json!({ "action": "ChangeQuantity", "quantity": seats }),
+            )
+            .await?;
+        answer["operationId"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .ok_or_else(|| format!("no operationId in {answer}"))
+    }
+}
+
+/// Reads operation progress from the simulator in this process.
+#[derive(Clone)]
+struct ProgressReader(crate::simulator::SimulatorView);
+
+impl ProgressReader {
+    /// The webhook-to-ACK time in µs of an operation acknowledged by the engine's PATCH;
+    /// anything else (auto-accepted, failed, still pending at the deadline) is an error.
+    async fn wait(
+        &self,
+        subscription: Uuid,
+        operation: Uuid,
+        left: Duration,
+    ) -> Result<u64, String> {
+        let progress = self
+            .0
+            .wait_for_operation(subscription, operation, left)
+            .await
+            .ok_or_else(|| format!("operation {operation} vanished"))?;
+        match (progress.finished, progress.resolution.as_deref()) {
+            (Some(finished), Some("acknowledged")) => {
+                let us = (finished - progress.created).whole_microseconds();
+                Ok(u64::try_from(us).unwrap_or(0))
+            }
+            (Some(_), resolution) => Err(format!(
+                "{} ({})",
+                progress.status,
+                resolution.unwrap_or("no resolution")
+            )),
+            (None, _) => Err("still InProgress at the deadline".into()),
+        }
+    }
+}
+
+impl BenchEnv {
+    fn sim_progress_reader(&self) -> ProgressReader {
+        ProgressReader(self.sim.view())
+    }
+}
+
+/// Buys `count` subscriptions of the per-seat plan and opens each landing page on the
+/// ingress (which resolves the token and queues the purchase for the worker, which
+/// activates it); returns once the simulator shows them all Subscribed.
+async fn purchase_and_activate(
+    env: &BenchEnv,
+    http: &reqwest::Client,
+    ingress: &ChildProcess,
+    count: usize,
+) -> anyhow::Result<Vec<Uuid>> {
+    let sim = SimHandle {
+        http: http.clone(),
+        base: env.sim.base_url(),
+    };
+    let mut subscriptions = Vec::with_capacity(count);
+    for i in 0..count {
+        let answer = sim
+            .post(
+                "simulator/purchases",
+                json!({
+                    "offerId": OFFER,
+                    "planId": PLAN,
+                    "quantity": SEATS[0],
+                    "name": format!("bench-{i}"),
+                }),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let id = answer["subscriptionId"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .with_context(|| format!("no subscriptionId in {answer}"))?;
+        let token = answer["token"]
+            .as_str()
+            .with_context(|| format!("no token in {answer}"))?;
+        let mut landing = ingress.url("/landing");
+        landing.query_pairs_mut().append_pair("token", token);
+        let page = http.get(landing).send().await?;
+        if !page.status().is_success() {
+            bail!(
+                "the landing page answered {} for purchase {i}",
+                page.status()
+            );
+        }
+        subscriptions.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pending = subscriptions
+            .iter()
+            .filter(|id| {
+                env.sim
+                    .view()
+                    .subscription_status(**id)
+                    .is_none_or(|(status, _, _)| status != "Subscribed")
+            })
+            .count();
+        if pending == 0 {
+            return Ok(subscriptions);
+        }
+        if Instant::now() > deadline {
+            bail!("{pending} of {count} subscriptions were not activated within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many subscriptions end with the same state, plan and seats on both sides.
+async fn agreeing(env: &BenchEnv, subscriptions: &[Uuid]) -> anyhow::Result<usize> {
+    let pool = crate::store::connect(&env.settings.database).await?;
+    let mut agree = 0;
+    for id in subscriptions {
+        let ours = crate::store::subscriptions::find(&pool, *id).await?;
+        let theirs = env.sim.view().subscription_status(*id);
+        if let (Some(ours), Some((status, plan, quantity))) = (ours, theirs)
+            && ours.state == status
+            && ours.plan_id.as_deref() == Some(plan.as_str())
+            && ours.quantity.and_then(|q| u32::try_from(q).ok()) == quantity
+        {
+            agree += 1;
+        }
+    }
+    pool.close().await;
+    Ok(agree)
+}
+
+impl Report {
+    fn ratio(&self) -> f64 {
+        if self.commit_ceiling_per_s > 0.0 {
+            self.events_per_s / self.commit_ceiling_per_s
+        } else {
+            0.0
+        }
+    }
+
+    fn target_met(&self) -> bool {
+        self.failed.is_empty()
+            && self.ratio() >= TARGET_MIN_RATIO
+            && self.ack_p99_ms < TARGET_MAX_P99_MS
+    }
+
+    fn print(&self, args: &PipelineBenchArgs, took: Duration) {
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        println!(
+            "fulfillment bench pipeline: {cores} cores, loopback; {} seat changes over {} subscriptions \
+             (simulator → ingress → RabbitMQ → worker → PostgreSQL → PATCH to the simulator)\n",
+            args.events, args.subscriptions
+        );
+        println!(
+            "  end-to-end                      {:>8.0} events/s  ({} acknowledged in {:.1} s)",
+            self.events_per_s, self.acknowledged, self.measured_seconds
+        );
+        println!(
+            "  ceiling: PostgreSQL commits     {:>8.0} /s        ({CEILING_CONNECTIONS} connections, single-row INSERT each)",
+            self.commit_ceiling_per_s
+        );
+        println!("  ratio end-to-end/ceiling        {:>8.2}", self.ratio());
+        println!(
+            "  webhook-to-ACK                  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (operation created → PATCH received, simulator clock)",
+            self.ack_p50_ms, self.ack_p99_ms, self.ack_max_ms
+        );
+        println!(
+            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB",
+            self.ingress_peak_rss_mib, self.worker_peak_rss_mib
+        );
+        println!(
+            "  both sides agree                {} of {} subscriptions",
+            self.agreeing_subscriptions, args.subscriptions
+        );
+        if !self.failed.is_empty() {
+            let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+            for reason in &self.failed {
+                *kinds.entry(reason.as_str()).or_default() += 1;
+            }
+            println!("  not acknowledged: {}", self.failed.len());
+            for (reason, n) in kinds {
+                println!("    {n} × {reason}");
+            }
+        }
+        println!(
+            "\ntarget (≥ {:.0}% of the commit ceiling, ACK p99 < {TARGET_MAX_P99_MS:.0} ms, every change acknowledged): {}",
+            TARGET_MIN_RATIO * 100.0,
+            if self.target_met() { "met" } else { "NOT MET" }
+        );
+        println!("run took {:.1} s", took.as_secs_f64());
+        let json = json!({
+            "bench": "pipeline",
+            "events": args.events,
+            "subscriptions": args.subscriptions,
+            "events_per_s": round(self.events_per_s, 1),
+            "commit_ceiling_per_s": round(self.commit_ceiling_per_s, 1),
+            "ratio": round(self.ratio(), 3),
+            "ack_p50_ms": round(self.ack_p50_ms, 1),
+            "ack_p99_ms": round(self.ack_p99_ms, 1),
+            "ack_max_ms": round(self.ack_max_ms, 1),
+            "acknowledged": self.acknowledged,
+            "not_acknowledged": self.failed.len(),
+            "ingress_peak_rss_mib": round(self.ingress_peak_rss_mib, 1),
+            "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
+            "agreeing_subscriptions": self.agreeing_subscriptions,
+            "target": {"min_ratio": TARGET_MIN_RATIO, "max_p99_ms": TARGET_MAX_P99_MS, "met": self.target_met()},
+        });
+        println!("{json}");
+    }
+}
