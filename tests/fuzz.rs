@@ -1473,6 +1473,7 @@ mod webhook_ingress {
     use super::*;
     use marketplace_fulfillment::marketplace::WebhookPayload;
     use marketplace_fulfillment::queue::{Broker, InboundMessage};
+    use marketplace_fulfillment::worker::translate::translate;
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -1506,15 +1507,28 @@ mod webhook_ingress {
                 let answer = fixture.send(request);
                 let parseable =
                     std::str::from_utf8(&body).is_ok() && WebhookPayload::parse(&body).is_ok();
-                if parseable {
-                    prop_assert_eq!(answer.status.as_u16(), 200, "{}", answer.text());
-                    accepted
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8(body).unwrap());
-                } else {
-                    prop_assert_eq!(answer.status.as_u16(), 400, "{}", answer.text());
-                    prop_assert!(answer.is_json_error(), "{}", answer.text());
+                let has_nul = serde_json::from_slice::<Value>(&body)
+                    .map(|v| holds_nul(&v))
+                    .unwrap_or(false);
+                match answer.status.as_u16() {
+                    200 => {
+                        prop_assert!(parseable, "accepted an unparseable body");
+                        // What the worker will store (event log, inbox key) must be storable.
+                        prop_assert!(storable(&body), "accepted a body the worker cannot store");
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .push(String::from_utf8(body).unwrap());
+                    }
+                    400 => {
+                        prop_assert!(
+                            !parseable || has_nul,
+                            "refused a good body: {}",
+                            answer.text()
+                        );
+                        prop_assert!(answer.is_json_error(), "{}", answer.text());
+                    }
+                    other => prop_assert!(false, "{} {}", other, answer.text()),
                 }
                 Ok(())
             });
@@ -1544,6 +1558,100 @@ mod webhook_ingress {
                 queued.sort();
                 expected.sort();
                 assert_eq!(queued, expected);
+            });
+            fixture.finish();
+        });
+    }
+
+    /// A NUL anywhere in the document's strings or keys.
+    fn holds_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(holds_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+            _ => false,
+        }
+    }
+
+    /// The worker's translation of `body` holds nothing PostgreSQL refuses (NUL in text
+    /// and jsonb): the inbox key and the event it records.
+    fn storable(body: &[u8]) -> bool {
+        let message = InboundMessage::Webhook {
+            received_at: time::OffsetDateTime::now_utc(),
+            payload: String::from_utf8_lossy(body).into_owned(),
+        };
+        match translate(&message) {
+            Ok(translated) => {
+                let (id, kind) = &translated.inbox_key;
+                !id.contains('\0')
+                    && !kind.contains('\0')
+                    && !holds_nul(&serde_json::to_value(&translated.event).unwrap())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Found by `authenticated_bodies_are_accepted_exactly_when_parseable_…`: a webhook with
+    /// a NUL in a string (`"action":"Renew\u0000"`) was accepted and queued, and the worker
+    /// could never store it (PostgreSQL refuses NUL in text and jsonb): it would have been
+    /// retried into the dead-letter queue.
+    #[test]
+    fn regression_a_nul_in_any_string_is_refused_before_queueing() {
+        on_big_stack(|| {
+            let fixture = Fixture::new();
+            let token = fixture.sim.mint_webhook_token(json!({})).unwrap();
+            let bearer = format!("Bearer {token}");
+            let id = uuid::Uuid::new_v4();
+            let sub = uuid::Uuid::new_v4();
+            for body in [
+                format!(r#"{{"id":"{id}","subscriptionId":"{sub}","action":"Renew\u0000"}}"#),
+                format!(
+                    r#"{{"id":"{id}","subscriptionId":"{sub}","action":"Renew","planId":"\u0000gold"}}"#
+                ),
+                format!(
+                    r#"{{"id":"{id}","subscriptionId":"{sub}","action":"Renew","future":{{"a\u0000":[1]}}}}"#
+                ),
+            ] {
+                let request = request(
+                    "POST",
+                    "/webhook",
+                    &[("authorization", bearer.as_str())],
+                    body.clone().into_bytes(),
+                )
+                .unwrap();
+                let answer = fixture.send(request);
+                assert_eq!(answer.status.as_u16(), 400, "{body}: {}", answer.text());
+                assert!(answer.text().contains("NUL"), "{}", answer.text());
+            }
+            // Nothing was queued: a genuine webhook is the first message.
+            let (sentinel, body) = (
+                uuid::Uuid::new_v4(),
+                json!({ "subscriptionId": sub, "action": "Renew" }),
+            );
+            let mut body = body;
+            body["id"] = json!(sentinel);
+            let request = request(
+                "POST",
+                "/webhook",
+                &[("authorization", bearer.as_str())],
+                body.to_string().into_bytes(),
+            )
+            .unwrap();
+            assert_eq!(fixture.send(request).status.as_u16(), 200);
+            fixture.runtime.block_on(async {
+                let broker = Broker::connect(&fixture.settings.amqp, "fuzz-check")
+                    .await
+                    .unwrap();
+                let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+                let first = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(first.meta.message_id, sentinel.to_string());
+                first.ack().await.unwrap();
+                consumer.cancel().await;
+                broker.close().await;
             });
             fixture.finish();
         });
