@@ -208,6 +208,30 @@ impl TestApp {
     }
 }
 
+impl Drop for TestApp {
+    /// A test that failed before `finish` still removes its queues and exchanges.
+    fn drop(&mut self) {
+        if self.server.is_none() {
+            return;
+        }
+        self.shutdown.cancel();
+        let amqp = self.settings.amqp.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                if let Ok(broker) = Broker::connect(&amqp, "attack-cleanup").await {
+                    let _ = broker.delete_topology().await;
+                    broker.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// `(operation id, body)` of a well-formed webhook.
 fn webhook_body(action: &str) -> (Uuid, String) {
     let id = Uuid::new_v4();
