@@ -6,13 +6,13 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fulfillment_state_machine::{PlanId, Quantity, StateName};
+use fulfillment_state_machine::{OfferId, PlanId, Quantity, StateName};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
@@ -66,6 +66,27 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
+/// The `{id}` segment. axum's own rejection (e.g. percent-decoding to invalid UTF-8) is
+/// plain text; callers of this API get JSON errors only.
+fn path_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+}
+
+/// The request body, with axum's plain-text rejections (over the size limit, a broken
+/// stream) turned into JSON errors.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: super::API_BODY_LIMIT,
+            }
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {}", rejection.body_text()))
+        }
+    })
+}
+
 fn parse_subscription_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw.trim()).map_err(|_| {
         ApiError::bad_request(format!("the subscription id must be a GUID, got {raw:?}"))
@@ -105,9 +126,9 @@ pub fn subscription_view(record: &SubscriptionRecord) -> Value {
 /// `GET /api/v1/subscriptions/{id}`.
 pub async fn get_subscription(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_subscription_id(&id)?;
+    let id = parse_subscription_id(&path_id(path)?)?;
     let record = subscriptions::find(&state.pool, id)
         .await
         .map_err(|e| database_error(e, "read the subscription"))?
@@ -164,10 +185,20 @@ impl ListQuery {
                 ))
             })?),
         };
+        let offer_id = match non_empty(self.offer_id) {
+            None => None,
+            // The same rules as stored offer ids (no NUL, which PostgreSQL refuses: a 500).
+            Some(raw) => Some(
+                OfferId::parse(&raw)
+                    .map_err(|e| ApiError::bad_request(format!("`offerId` is invalid: {e}")))?
+                    .as_str()
+                    .to_owned(),
+            ),
+        };
         Ok(SubscriptionFilter {
             state,
             beneficiary_tenant_id,
-            offer_id: non_empty(self.offer_id),
+            offer_id,
             after,
             limit,
         })
@@ -207,12 +238,12 @@ pub async fn list_subscriptions(
 /// `POST /api/v1/subscriptions/{id}/activate`.
 pub async fn activate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     submit(
         &state,
-        &id,
+        &path_id(path)?,
         &headers,
         |_| Ok(PublisherCommand::Activate),
         None,
@@ -223,12 +254,12 @@ pub async fn activate(
 /// `POST /api/v1/subscriptions/{id}/cancel`.
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     submit(
         &state,
-        &id,
+        &path_id(path)?,
         &headers,
         |_| Ok(PublisherCommand::Cancel),
         None,
@@ -239,10 +270,12 @@ pub async fn cancel(
 /// `POST /api/v1/subscriptions/{id}/change-plan` with `{"planId": "gold"}`.
 pub async fn change_plan(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let id = path_id(path)?;
+    let body = body_bytes(body)?;
     let parse = |body: &Map<String, Value>| {
         let raw = match body.get("planId") {
             Some(Value::String(raw)) => raw,
@@ -261,10 +294,12 @@ pub async fn change_plan(
 /// `POST /api/v1/subscriptions/{id}/change-quantity` with `{"quantity": 12}`.
 pub async fn change_quantity(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let id = path_id(path)?;
+    let body = body_bytes(body)?;
     let parse = |body: &Map<String, Value>| {
         let raw = body
             .get("quantity")

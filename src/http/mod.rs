@@ -53,7 +53,7 @@ use crate::settings::Settings;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest body of an entitlement API call.
-const API_BODY_LIMIT: usize = 16 * 1024;
+pub(crate) const API_BODY_LIMIT: usize = 16 * 1024;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

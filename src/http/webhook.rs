@@ -21,6 +21,7 @@ use super::error::ApiError;
 use super::metrics;
 use super::state::AppState;
 use crate::marketplace::WebhookEnvelope;
+use crate::marketplace::types::parse_body;
 use crate::queue::{InboundMessage, MessageMeta};
 
 /// Proof that the caller passed webhook authentication (or that authentication is
@@ -56,6 +57,21 @@ impl VerifiedWebhook {
                 ApiError::bad_request(format!("the body is not a Marketplace webhook: {e}"))
             }
         })?;
+        // PostgreSQL stores no NUL in text or jsonb, so the worker could never record this
+        // event (inbox key, event log) and would retry it into the dead-letter queue: refuse
+        // it here, where the sender hears of it. JSON can only carry a NUL as the escape
+        // `\u0000` (raw control characters are a syntax error), so only a body that holds
+        // that text pays for the full check.
+        if contains_nul_escape(body)
+            && parse_body::<Value>(body)
+                .ok()
+                .flatten()
+                .is_some_and(|value| holds_nul(&value))
+        {
+            return Err(ApiError::bad_request(
+                "the body holds a NUL character (\\u0000), which cannot be stored",
+            ));
+        }
         Ok(Self {
             operation_id: envelope.id,
             subscription_id: envelope.subscription_id,
@@ -73,6 +89,21 @@ impl VerifiedWebhook {
     /// The body exactly as received, for the message that carries it.
     pub fn into_payload(self) -> String {
         self.payload
+    }
+}
+
+/// Whether `body` holds the text `\u0000` anywhere (an over-approximation: `\\u0000` counts).
+fn contains_nul_escape(body: &[u8]) -> bool {
+    body.windows(6).any(|w| w == b"\\u0000")
+}
+
+/// A NUL in any string or key of the document.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -270,6 +301,16 @@ mod tests {
             (
                 &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}"}}"#),
                 "missing field `action`",
+            ),
+            (
+                &format!(r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew\u0000"}}"#),
+                "NUL character",
+            ),
+            (
+                &format!(
+                    r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew","x\u0000":1,}}"#
+                ),
+                "NUL character",
             ),
         ];
         for (body, expected) in cases {

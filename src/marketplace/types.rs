@@ -941,15 +941,17 @@ pub(crate) mod lenient {
                 .or_else(|_| OffsetDateTime::parse(&owned, &Iso8601::DEFAULT))
                 .ok()
         };
+        // `to_offset` panics when UTC falls outside years 0..=9999 (`9999-12-31T23:00-01:00`);
+        // such an instant is as unusable as an unparsable one.
         parsed
-            .map(|t| t.to_offset(UtcOffset::UTC))
+            .and_then(|t| t.checked_to_offset(UtcOffset::UTC))
             .filter(|t| t.year() > 1)
     }
 
     pub(crate) fn format_utc(t: OffsetDateTime) -> String {
         // Formatting RFC 3339 only fails for years outside 0..=9999.
-        t.to_offset(UtcOffset::UTC)
-            .format(&Rfc3339)
+        t.checked_to_offset(UtcOffset::UTC)
+            .and_then(|t| t.format(&Rfc3339).ok())
             .unwrap_or_default()
     }
 

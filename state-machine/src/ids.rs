@@ -123,11 +123,16 @@ macro_rules! name_newtype {
         pub struct $name(String);
 
         impl $name {
-            /// Trims, then requires 1..=256 characters.
+            /// Trims, then requires 1..=256 characters and no control character.
             pub fn parse(raw: &str) -> Result<Self, InvalidId> {
                 let trimmed = raw.trim();
                 if trimmed.is_empty() {
                     return Err(InvalidId::new($field, "empty"));
+                }
+                // Partner Center ids are short printable names; a NUL could not even be
+                // stored (PostgreSQL text and jsonb refuse it).
+                if trimmed.chars().any(char::is_control) {
+                    return Err(InvalidId::new($field, "contains a control character"));
                 }
                 if trimmed.chars().count() > MAX_NAME_LEN {
                     return Err(InvalidId::new(
@@ -267,6 +272,17 @@ mod tests {
             serde_json::to_string(&OfferId::parse("saas-preview").unwrap()).unwrap(),
             "\"saas-preview\""
         );
+    }
+
+    #[test]
+    fn plan_and_offer_ids_refuse_control_characters() {
+        assert_eq!(
+            PlanId::parse("gold\u{0}").unwrap_err().reason,
+            "contains a control character"
+        );
+        assert!(OfferId::parse("contoso\u{1b}[31m").is_err());
+        assert!(serde_json::from_str::<PlanId>(r#""go\u0000ld""#).is_err());
+        assert!(PlanId::parse("plan-ü_1").is_ok());
     }
 
     #[test]

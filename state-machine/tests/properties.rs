@@ -140,7 +140,11 @@ fn policy() -> impl Strategy<Value = Policy> {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: 512,
+        // `scripts/fuzz.sh` raises this through PROPTEST_CASES.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Dependency audit: `cargo deny check` (advisories, licenses, bans, sources; see deny.toml),
+# fully offline. These machines cannot clone the RustSec advisory DB from GitHub, so its
+# snapshot ships as ../shared/tools/rustsec-advisory-db.tar.gz (beside the project's clone);
+# it is unpacked under target/ and cargo-deny reads it without fetching. Extra arguments go
+# to `cargo deny check` (e.g. `bash scripts/deny.sh advisories`).
+#
+# RUSTSEC_DB_TARBALL overrides the snapshot's path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+log() { printf '[deny] %s\n' "$*" >&2; }
+
+CARGO_DENY_VERSION=0.20.2
+if ! cargo deny --version >/dev/null 2>&1; then
+  log "installing cargo-deny $CARGO_DENY_VERSION from crates.io (a few minutes)"
+  cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION"
+fi
+
+tarball=${RUSTSEC_DB_TARBALL:-$root/../shared/tools/rustsec-advisory-db.tar.gz}
+if [ ! -f "$tarball" ]; then
+  log "no advisory DB snapshot at $tarball (set RUSTSEC_DB_TARBALL)"
+  exit 1
+fi
+
+# cargo-deny looks for <db-path>/advisory-db-3157b0e258782691 (named after the default URL),
+# which is the directory inside the tarball. Unpacked again whenever the snapshot changes.
+db_path=${CARGO_TARGET_DIR:-$root/target}/advisory-dbs
+stamp=$db_path/.snapshot
+if [ ! -f "$stamp" ] || [ "$tarball" -nt "$stamp" ]; then
+  log "unpacking $(basename "$tarball") into $db_path"
+  rm -rf "$db_path"
+  mkdir -p "$db_path"
+  tar -xzf "$tarball" -C "$db_path"
+  touch "$stamp"
+fi
+snapshot_date=$(git -C "$db_path/advisory-db-3157b0e258782691" log -1 --format=%cs 2>/dev/null || echo unknown)
+log "cargo-deny $(cargo deny --version | awk '{print $2}'), RustSec snapshot of $snapshot_date"
+
+export FULFILLMENT_ADVISORY_DBS=$db_path
+exec cargo deny --offline --workspace check --show-stats "$@"
