@@ -177,7 +177,12 @@ async fn measure_all(
                 };
                 sent.fetch_add(1, Ordering::Relaxed);
                 let left = deadline.saturating_sub(measured.elapsed());
-                outcomes.push(progress_of.wait(subscription, operation, left).await);
+                outcomes.push(
+                    progress_of
+                        .wait(subscription, operation, left)
+                        .await
+                        .map_err(|reason| format!("operation {operation}: {reason}")),
+                );
             }
             outcomes
         });
@@ -197,6 +202,7 @@ async fn measure_all(
     let ms = |p: f64| measure::percentile_us(&latencies_us, p) as f64 / 1000.0;
 
     let agreeing_subscriptions = agreeing(env, &subscriptions).await?;
+    explain(env, &mut failed).await?;
     let peak = |pid: u32, sampler: &RssSampler| {
         measure::proc_status_kib(pid, "VmHWM")
             .map(|kib| kib as f64 / 1024.0)
@@ -316,14 +322,17 @@ impl ProgressReader {
             .await
             .ok_or_else(|| format!("operation {operation} vanished"))?;
         match (progress.finished, progress.resolution.as_deref()) {
-            (Some(finished), Some("acknowledged")) => {
+            (Some(finished), Some(resolution))
+                if progress.status == "Succeeded" && resolution.starts_with("acknowledged") =>
+            {
                 let us = (finished - progress.created).whole_microseconds();
                 Ok(u64::try_from(us).unwrap_or(0))
             }
             (Some(_), resolution) => Err(format!(
-                "{} ({})",
+                "{} ({}); webhook attempts: [{}]",
                 progress.status,
-                resolution.unwrap_or("no resolution")
+                resolution.unwrap_or("no resolution"),
+                progress.webhook_attempts.join(", ")
             )),
             (None, _) => Err("still InProgress at the deadline".into()),
         }
@@ -400,6 +409,35 @@ async fn purchase_and_activate(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Adds what the engine decided (from its event log) to each failure that names an operation.
+async fn explain(env: &BenchEnv, failed: &mut [String]) -> anyhow::Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let pool = crate::store::connect(&env.settings.database).await?;
+    for reason in failed.iter_mut() {
+        let Some(operation) = reason
+            .strip_prefix("operation ")
+            .and_then(|rest| rest.split(':').next())
+        else {
+            continue;
+        };
+        let decisions: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT outcome, reason FROM subscription_events WHERE message_id = $1 ORDER BY sequence",
+        )
+        .bind(operation)
+        .fetch_all(&pool)
+        .await?;
+        let decisions: Vec<String> = decisions
+            .into_iter()
+            .map(|(outcome, why)| format!("{outcome}: {}", why.unwrap_or_default()))
+            .collect();
+        *reason = format!("{reason}; our event log: [{}]", decisions.join("; "));
+    }
+    pool.close().await;
+    Ok(())
 }
 
 /// How many subscriptions end with the same state, plan and seats on both sides.

@@ -372,6 +372,8 @@ pub struct OperationProgress {
     pub resolution: Option<String>,
     pub created: time::OffsetDateTime,
     pub finished: Option<time::OffsetDateTime>,
+    /// Each webhook delivery attempt for it: the status code, or the error.
+    pub webhook_attempts: Vec<String>,
 }
 
 /// Reads the state of a running simulator; clones share it.
@@ -388,11 +390,21 @@ impl SimulatorView {
         operation_id: Uuid,
     ) -> Option<OperationProgress> {
         self.shared.read(|st| {
-            let op = st
-                .subscriptions
-                .get(&subscription_id)?
-                .operation(operation_id)?;
+            let sub = st.subscriptions.get(&subscription_id)?;
+            let op = sub.operation(operation_id)?;
+            let webhook_attempts = sub
+                .deliveries
+                .iter()
+                .filter(|d| d.operation_id == operation_id)
+                .flat_map(|d| &d.attempts)
+                .map(|a| match (a.status_code, &a.error) {
+                    (Some(code), _) => code.to_string(),
+                    (None, Some(error)) => error.clone(),
+                    (None, None) => "no answer".to_string(),
+                })
+                .collect();
             Some(OperationProgress {
+                webhook_attempts,
                 status: state::wire_name(&op.status),
                 resolution: op.resolution.clone(),
                 created: op.created,
