@@ -13,6 +13,7 @@ pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod marketplace;
+pub mod ops;
 pub mod queue;
 pub mod settings;
 pub mod simulator;

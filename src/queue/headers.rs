@@ -61,7 +61,13 @@ pub fn stringify(table: Option<&FieldTable>) -> BTreeMap<String, String> {
 
 /// `x-attempt` as a number; absent or unreadable counts as 0.
 pub fn attempt(table: Option<&FieldTable>) -> u32 {
-    let Some(value) = table.and_then(|t| t.inner().get(ATTEMPT)) else {
+    count(table, ATTEMPT)
+}
+
+/// A counter header (`x-attempt`, `x-delivery-count`, …) as a number; absent or unreadable
+/// counts as 0.
+pub fn count(table: Option<&FieldTable>, key: &str) -> u32 {
+    let Some(value) = table.and_then(|t| t.inner().get(key)) else {
         return 0;
     };
     let n: i128 = match value {
