@@ -9,8 +9,8 @@
 //! point leaves the message in the dead-letter queue (possibly also in the work queue,
 //! where the worker's inbox dedupes it): never lost.
 //!
-//! The reader sees the messages that were ready when it opened (`expected`), growing its
-//! prefetch window only as far as the messages it still holds need.
+//! The reader sees the messages that were ready when it opened (`expected`), taking a
+//! window of them at a time and more only as far as the messages it still holds need.
 //!
 //! Each return to the queue counts as a delivery for a quorum queue (`x-delivery-count`),
 //! and RabbitMQ 4 drops messages past a queue's delivery limit (20 by default) when, like
@@ -26,6 +26,7 @@ use std::time::Duration;
 use aws_lc_rs::digest;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::SelectAll;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     QueueDeclareOptions,
@@ -116,12 +117,16 @@ pub struct DeadLetterReader {
     exchange: String,
     routing_key: String,
     channel: Channel,
-    consumer: Option<Consumer>,
+    /// One consumer per window: RabbitMQ applies a prefetch only to consumers started
+    /// after it was set, so a read that must hold more starts another consumer.
+    consumers: SelectAll<Consumer>,
+    consumer_tags: Vec<ShortString>,
     publisher: Publisher,
     expected: u32,
     seen: u32,
     window: u16,
-    prefetch: u16,
+    /// What the consumers may hold together.
+    capacity: usize,
     held: usize,
     last_tag: u64,
     /// Held letters due for a refresh on release: tag, body, properties.
@@ -178,12 +183,13 @@ impl Broker {
             exchange: topology.work_exchange(),
             routing_key: INBOUND_ROUTING_KEY.to_string(),
             channel,
-            consumer: None,
+            consumers: SelectAll::new(),
+            consumer_tags: Vec::new(),
             publisher,
             expected: declared.message_count(),
             seen: 0,
             window,
-            prefetch: 0,
+            capacity: 0,
             held: 0,
             last_tag: 0,
             stale: Vec::new(),
@@ -208,11 +214,7 @@ impl DeadLetterReader {
             return Ok(None);
         }
         self.ensure_window().await?;
-        let consumer = match self.consumer.as_mut() {
-            Some(consumer) => consumer,
-            None => return Ok(None),
-        };
-        let delivery = match tokio::time::timeout(QUIET, consumer.next()).await {
+        let delivery = match tokio::time::timeout(QUIET, self.consumers.next()).await {
             Err(_) | Ok(None) => {
                 tracing::warn!(
                     queue = %self.queue,
@@ -268,32 +270,31 @@ impl DeadLetterReader {
         }))
     }
 
-    /// Consumes on first use; widens the prefetch when held messages fill half the window.
+    /// Starts another consumer (with a prefetch of `window`) whenever the messages held
+    /// come within half a window of what the consumers may hold together.
     async fn ensure_window(&mut self) -> Result<(), QueueError> {
         let window = usize::from(self.window);
-        if self.consumer.is_some() && self.held + window / 2 <= usize::from(self.prefetch) {
+        if !self.consumer_tags.is_empty() && self.held + window / 2 <= self.capacity {
             return Ok(());
         }
-        // 0 means unlimited; the read is still bounded by `expected`.
-        let prefetch = u16::try_from(self.held + window).unwrap_or(0);
         self.channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+            .basic_qos(self.window, BasicQosOptions::default())
             .await
             .map_err(QueueError::channel)?;
-        self.prefetch = if prefetch == 0 { u16::MAX } else { prefetch };
-        if self.consumer.is_none() {
-            let consumer = self
-                .channel
-                .basic_consume(
-                    self.queue.as_str().into(),
-                    ShortString::from(format!("dlq-reader-{}", Uuid::new_v4().simple())),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| QueueError::Channel(format!("cannot read {}: {e}", self.queue)))?;
-            self.consumer = Some(consumer);
-        }
+        let tag = ShortString::from(format!("dlq-reader-{}", Uuid::new_v4().simple()));
+        let consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| QueueError::Channel(format!("cannot read {}: {e}", self.queue)))?;
+        self.consumers.push(consumer);
+        self.consumer_tags.push(tag);
+        self.capacity += window;
         Ok(())
     }
 
@@ -334,10 +335,10 @@ impl DeadLetterReader {
     /// Stops reading and returns every held letter to the queue (refreshing the ones read
     /// [`REFRESH_AT`] times); returns how many went back.
     pub async fn release(mut self) -> Result<usize, QueueError> {
-        if let Some(consumer) = self.consumer.take() {
+        for tag in std::mem::take(&mut self.consumer_tags) {
             let _ = self
                 .channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .basic_cancel(tag, BasicCancelOptions::default())
                 .await;
         }
         let stale = std::mem::take(&mut self.stale);

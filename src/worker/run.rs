@@ -189,8 +189,24 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     let parts = WorkerParts::connect(&settings).await?;
     let config = WorkerConfig::for_pool(settings.database.max_connections);
     let broker = parts.broker.clone();
+    // `[reconcile] interval`: this worker also reconciles with Microsoft periodically.
+    let reconciling = match settings.reconcile.interval {
+        Some(_) => {
+            let reconciler =
+                crate::ops::reconcile::reconciler(&settings, "worker:reconcile".into()).await?;
+            Some(tokio::spawn(crate::ops::reconcile::run_periodically(
+                reconciler,
+                settings.reconcile.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let worker = Worker::spawn(parts, config, shutdown).await?;
     let result = worker.join().await;
+    if let Some(reconciling) = reconciling {
+        let _ = reconciling.await;
+    }
     broker.close().await;
     result
 }
