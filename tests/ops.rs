@@ -8,14 +8,14 @@ mod common;
 
 use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use common::TestDatabase;
-use fulfillment_state_machine::{Event, MarketplaceStatus, Snapshot, SubscriptionId};
+use fulfillment_state_machine::{Event, Snapshot, SubscriptionId};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -84,7 +84,8 @@ impl App {
         config.client_secret = Some(SecretString::from(SECRET));
         config.webhook_url = Some(webhook_url);
         config.timings = Timings {
-            ack_window: Duration::from_secs(5),
+            // Our ACK comes well inside it; a lost webhook's change is auto-accepted after it.
+            ack_window: Duration::from_secs(2),
             ..Timings::fast()
         };
         let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
@@ -322,14 +323,10 @@ impl App {
         }
     }
 
-    async fn sim_status(&self, id: Uuid) -> Value {
-        self.sim_view(id).await["subscription"].clone()
-    }
-
     async fn wait_for_sim(&self, id: Uuid, status: &str) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let view = self.sim_status(id).await;
+            let view = self.sim_view(id).await["subscription"].clone();
             if view["saasSubscriptionStatus"] == status {
                 return;
             }
@@ -574,8 +571,8 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     let (code, out, err) = app.cli(&["dlq", "replay", "--reason", "500"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("dry run: 2 of 3"), "{out}");
+    app.wait_for_queue_len(&app.dlq(), 3).await;
     app.idle().await;
-    assert_eq!(app.queue_len(&app.dlq()).await, 3);
     assert!(app.state(a).await.is_none() && app.state(b).await.is_none());
     assert_eq!(app.scalar("SELECT count(*) FROM operator_actions WHERE $1 <> ''", "x").await, 0);
 
@@ -589,7 +586,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.wait_for(a, "Subscribed", Some("silver"), None).await;
     app.wait_for(b, "Unsubscribed", None, None).await;
     app.idle().await;
-    assert_eq!(app.queue_len(&app.dlq()).await, 1, "the poison message stays");
+    app.wait_for_queue_len(&app.dlq(), 1).await; // the poison message stays
     let once = "SELECT count(*) FROM subscription_events WHERE message_id = $1 AND event_kind LIKE 'Webhook%'";
     assert_eq!(app.scalar(once, &op_a).await, 1);
     assert_eq!(app.scalar(once, &op_b).await, 1);
@@ -628,12 +625,12 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     let (code, out, _) = app.cli(&["dlq", "purge", "--id", "poison-1"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("dry run: 1 of 1"), "{out}");
-    assert_eq!(app.queue_len(&app.dlq()).await, 1);
+    app.wait_for_queue_len(&app.dlq(), 1).await;
     let (code, out, err) = app
         .cli(&["dlq", "purge", "--id", "poison-1", "--execute"])
         .await;
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(app.queue_len(&app.dlq()).await, 0);
+    app.wait_for_queue_len(&app.dlq(), 0).await;
     let kept: String = sqlx::query_scalar(
         "SELECT details->>'body' FROM operator_actions WHERE action = 'dlq_purge' AND dead_letter_id = $1",
     )
@@ -679,7 +676,7 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
         .await
         .unwrap();
     assert_eq!((dry.examined, dry.selected.len(), dry.moved), (MESSAGES, MESSAGES, 0));
-    assert_eq!(app.queue_len(&app.dlq()).await, MESSAGES as u32);
+    app.wait_for_queue_len(&app.dlq(), MESSAGES as u32).await;
 
     let report = dlq::replay(&app.broker, &app.pool, &Filter::default(), &options(true), &progress)
         .await
@@ -720,5 +717,325 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     assert_eq!(journalled, MESSAGES as i64);
     assert_eq!(app.queue_len(&app.dlq()).await, 0);
     assert_eq!(app.queue_len(&app.broker.topology().inbound_queue()).await, 0);
+    app.stop().await;
+}
+
+/// Waits until the simulator's operation `op` has left InProgress.
+async fn wait_for_operation(app: &App, id: Uuid, op: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = app.sim_view(id).await;
+        let found = view["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["id"] == op)
+            .cloned();
+        if let Some(found) = found.filter(|o| o["status"] != "InProgress") {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "operation {op} still open: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_action() {
+    let app = App::start(json!({}), 1).await;
+    let id = app.purchase("per-seat", Some(5)).await;
+    app.wait_for(id, "Subscribed", Some("per-seat"), Some(5)).await;
+    app.idle().await;
+    let sid = id.to_string();
+
+    let op = app
+        .customer_action(id, json!({"action": "ChangeQuantity", "quantity": 8}))
+        .await;
+    wait_for_operation(&app, id, &op).await;
+    app.wait_for(id, "Subscribed", None, Some(8)).await;
+    app.idle().await;
+
+    // Publisher commands through the queue and the machine, as the entitlement API's.
+    let (code, out, err) = app
+        .cli(&["subscription", "change-quantity", &sid, "10", "--wait"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("applied"), "{out}");
+    app.wait_for(id, "Subscribed", None, Some(10)).await;
+    app.idle().await;
+    // Already active: the machine says so, and the exit code says it did nothing.
+    let (code, out, _) = app.cli(&["subscription", "activate", &sid, "--wait"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("already activated"), "{out}");
+
+    for action in ["Renew", "Suspend", "Reinstate"] {
+        let op = app.customer_action(id, json!({"action": action})).await;
+        wait_for_operation(&app, id, &op).await;
+        let state = if action == "Suspend" { "Suspended" } else { "Subscribed" };
+        app.wait_for(id, state, None, None).await;
+        app.idle().await;
+    }
+    let op = app
+        .customer_action(id, json!({"action": "ChangePlan", "planId": "gold"}))
+        .await;
+    wait_for_operation(&app, id, &op).await;
+    app.wait_for(id, "Subscribed", Some("gold"), None).await;
+    app.idle().await;
+    let (code, out, err) = app
+        .cli(&["subscription", "change-plan", &sid, "silver", "--wait"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    app.wait_for(id, "Subscribed", Some("silver"), None).await;
+    app.idle().await;
+    let (code, out, err) = app.cli(&["subscription", "cancel", &sid]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queued command"), "{out}");
+    app.wait_for(id, "Unsubscribed", None, None).await;
+    app.idle().await;
+
+    let (code, out, err) = app.cli(&["subscription", "show", &sid]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    for needle in [
+        &format!("Subscription {id}"),
+        "state              Unsubscribed",
+        "landing page resolved the purchase: PendingFulfillmentStart, plan per-seat, 5 seats",
+        "effects: activate",
+        "call activate → HTTP",
+        "Microsoft confirmed the activation",
+        "[PendingFulfillment → Subscribed]",
+        "Microsoft webhook ChangeQuantity to 8 seats",
+        "ack_operation(Success)",
+        "call update_operation → HTTP 200",
+        "publisher command: change quantity to 10",
+        "Microsoft accepted command",
+        "ended Succeeded",
+        "Microsoft webhook Renew",
+        "[Subscribed → Suspended]",
+        "[Suspended → Subscribed]",
+        "Microsoft webhook ChangePlan to plan gold",
+        "publisher command: change plan to silver",
+        "publisher command: cancel",
+        "[Subscribed → Unsubscribed]",
+        "decision: applied — ",
+        "decision: ignored — ",
+        "x-ms-requestid ",
+        "Changes we asked Microsoft for",
+        "publish_domain_event(unsubscribed)",
+    ] {
+        assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
+    }
+    // Every row of the event log is in the timeline, in order.
+    let rows = app
+        .scalar("SELECT count(*) FROM subscription_events WHERE subscription_id::text = $1", &sid)
+        .await;
+    let (_, out, _) = app.cli(&["subscription", "show", &sid, "--json"]).await;
+    let timeline = json_of(&out);
+    let entries = timeline["entries"].as_array().unwrap();
+    assert_eq!(entries.len() as i64, rows);
+    let sequences: Vec<i64> = entries.iter().filter_map(|e| e["sequence"].as_i64()).collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+
+    let (code, out, _) = app.cli(&["subscription", "list", "--state", "Unsubscribed"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&sid) && out.contains("1 subscription(s)"), "{out}");
+    let (_, out, _) = app.cli(&["subscription", "list", "--state", "Subscribed", "--json"]).await;
+    assert_eq!(json_of(&out), json!([]));
+    let (code, _, err) = app.cli(&["subscription", "list", "--state", "Active"]).await;
+    assert_eq!(code, 2, "{err}");
+    let (code, out, _) = app.cli(&["subscription", "show", &Uuid::new_v4().to_string()]).await;
+    assert_eq!(code, 1, "{out}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
+    let app = App::start(json!({}), 1).await;
+    // In agreement to begin with.
+    let state_drift = app.purchase("silver", None).await;
+    let plan_drift = app.purchase("silver", None).await;
+    let quantity_drift = app.purchase("per-seat", Some(5)).await;
+    for id in [state_drift, plan_drift] {
+        app.wait_for(id, "Subscribed", Some("silver"), None).await;
+    }
+    app.wait_for(quantity_drift, "Subscribed", Some("per-seat"), Some(5))
+        .await;
+    app.idle().await;
+    let (code, out, err) = app.cli(&["reconcile"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no drift"), "{out}");
+
+    // Webhooks lost on the way: Microsoft moves on without us.
+    app.deaf.store(true, Ordering::SeqCst);
+    let op = app.customer_action(state_drift, json!({"action": "Suspend"})).await;
+    wait_for_operation(&app, state_drift, &op).await;
+    let op = app
+        .customer_action(plan_drift, json!({"action": "ChangePlan", "planId": "gold"}))
+        .await;
+    wait_for_operation(&app, plan_drift, &op).await; // auto-accepted after the window
+    let op = app
+        .customer_action(quantity_drift, json!({"action": "ChangeQuantity", "quantity": 7}))
+        .await;
+    wait_for_operation(&app, quantity_drift, &op).await;
+    let auto = app.buy("silver", None, true).await;
+    let missing: Uuid = auto["subscriptionId"].as_str().unwrap().parse().unwrap();
+    app.wait_for_sim(missing, "Subscribed").await;
+    app.deaf.store(false, Ordering::SeqCst);
+
+    // A subscription Microsoft never sold (a forged webhook got through, P24).
+    let unknown = Uuid::new_v4();
+    let snapshot: Snapshot = serde_json::from_value(json!({
+        "status": "Subscribed", "offer_id": "contoso-analytics", "plan_id": "gold",
+    }))
+    .unwrap();
+    ledger::apply(
+        &app.pool,
+        SubscriptionId::from(unknown),
+        &Event::Observed {
+            snapshot,
+            observed_at: OffsetDateTime::now_utc(),
+        },
+        &EventSource::default(),
+        OffsetDateTime::now_utc(),
+        &app.settings.policy,
+    )
+    .await
+    .unwrap();
+    assert_eq!(app.state(unknown).await.unwrap().0, "Subscribed");
+
+    // A resolved purchase whose Activate effect died while Microsoft was down: stuck.
+    let created = app.buy("gold", None, false).await;
+    let stuck: Uuid = created["subscriptionId"].as_str().unwrap().parse().unwrap();
+    let resolved = app
+        .client
+        .resolve(&CallContext::random(), created["token"].as_str().unwrap())
+        .await
+        .unwrap()
+        .into_value();
+    app.set_faults(json!({"share5xx": 1.0})).await;
+    let resolved_at = OffsetDateTime::now_utc();
+    app.publish(
+        &InboundMessage::PurchaseResolved {
+            resolved_at,
+            subscription: serde_json::to_string(&resolved.subscription.unwrap()).unwrap(),
+        },
+        &format!("resolve:{stuck}:{}", resolved_at.unix_timestamp_nanos()),
+        Some(stuck),
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while app
+        .scalar(
+            "SELECT count(*) FROM outbox WHERE subscription_id::text = $1 AND kind = 'activate' AND status = 'dead'",
+            &stuck.to_string(),
+        )
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the Activate effect never died");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.set_faults(json!({})).await;
+    app.idle().await;
+    assert_eq!(app.state(stuck).await.unwrap().0, "PendingFulfillment");
+
+    // The report: every kind, each on its subscription; exit 1; nothing changed.
+    let stuck_now = [("FULFILLMENT__RECONCILE__STUCK_PENDING_AFTER_SECS", "0")];
+    let (code, out, err) = app.cli_with(&["reconcile", "--json"], &stuck_now).await;
+    assert_eq!(code, 1, "{out}{err}");
+    let report = json_of(&out);
+    let kinds = |id: Uuid| -> Vec<String> {
+        report["drifts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["subscription_id"] == id.to_string())
+            .map(|d| {
+                d["kinds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| k.as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(kinds(state_drift), ["state_mismatch"], "{report}");
+    assert_eq!(kinds(plan_drift), ["plan_mismatch"], "{report}");
+    assert_eq!(kinds(quantity_drift), ["quantity_mismatch"], "{report}");
+    assert_eq!(kinds(missing), ["missing_here"], "{report}");
+    assert_eq!(kinds(unknown), ["unknown_to_microsoft"], "{report}");
+    assert_eq!(kinds(stuck), ["stuck_pending"], "{report}");
+    assert_eq!(report["drifts"].as_array().unwrap().len(), 6, "{report}");
+    let (code, out, _) = app.cli_with(&["reconcile"], &stuck_now).await;
+    assert_eq!(code, 1);
+    for needle in ["state mismatch", "missing here", "unknown to Microsoft", "stuck in PendingFulfillment", "add --execute"] {
+        assert!(out.contains(needle), "{needle}:\n{out}");
+    }
+    assert_eq!(app.state(state_drift).await.unwrap().0, "Subscribed");
+    assert!(app.state(missing).await.is_none());
+
+    // Healed through the machine, with event-log entries.
+    let (code, out, err) = app.cli_with(&["reconcile", "--execute"], &stuck_now).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("6 healed, 0 left"), "{out}");
+    app.wait_for(state_drift, "Suspended", None, None).await;
+    app.wait_for(plan_drift, "Subscribed", Some("gold"), None).await;
+    app.wait_for(quantity_drift, "Subscribed", None, Some(7)).await;
+    app.wait_for(missing, "Subscribed", Some("silver"), None).await;
+    app.wait_for(unknown, "Unsubscribed", None, None).await;
+    app.wait_for(stuck, "Subscribed", Some("gold"), None).await;
+    app.wait_for_sim(stuck, "Subscribed").await;
+    app.idle().await;
+    for id in [state_drift, plan_drift, quantity_drift, missing, unknown, stuck] {
+        let sid = id.to_string();
+        let drift_rows = app
+            .scalar(
+                "SELECT count(*) FROM subscription_events WHERE subscription_id::text = $1 AND event_kind = 'reconcile:drift'",
+                &sid,
+            )
+            .await;
+        assert_eq!(drift_rows, 1, "{id}");
+        let fed = app
+            .scalar(
+                "SELECT count(*) FROM subscription_events WHERE subscription_id::text = $1 \
+                 AND message_id LIKE 'reconcile:%' AND outcome = 'applied'",
+                &sid,
+            )
+            .await;
+        assert!(fed >= 1, "{id}: nothing fed through the machine");
+    }
+    let (_, out, _) = app.cli(&["subscription", "show", &stuck.to_string()]).await;
+    assert!(out.contains("reconciliation: drift"), "{out}");
+    assert!(out.contains("activation failed: still pending at Microsoft"), "{out}");
+    let (code, out, err) = app.cli_with(&["reconcile"], &stuck_now).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no drift"), "{out}");
+
+    // Never over an event applied after our side was read: the guarded apply refuses.
+    let version: i64 = sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = $1")
+        .bind(plan_drift)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = app
+        .cli(&["subscription", "change-plan", &plan_drift.to_string(), "silver", "--wait"])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let stale = ledger::apply_if_unchanged(
+        &app.pool,
+        SubscriptionId::from(plan_drift),
+        ledger::Expected::Version(version),
+        &Event::Observed {
+            snapshot: serde_json::from_value(json!({"status": "Suspended"})).unwrap(),
+            observed_at: OffsetDateTime::now_utc(),
+        },
+        &EventSource::default(),
+        OffsetDateTime::now_utc(),
+        &app.settings.policy,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(stale, ledger::Guarded::Changed { .. }), "{stale:?}");
+    app.wait_for(plan_drift, "Subscribed", Some("silver"), None).await;
+    app.idle().await;
     app.stop().await;
 }

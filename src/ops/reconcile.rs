@@ -18,8 +18,9 @@
 //!   `Observed Unsubscribed` fed, which ends the entitlement.
 //! - Stuck in PendingFulfillment: when the landing page resolved the purchase and the
 //!   policy activates automatically, an `ActivationRequested` is fed (the machine decides
-//!   whether to activate again); otherwise it is reported for a person (manual activation,
-//!   or a customer who never reached the landing page).
+//!   whether to activate again), preceded by an `ActivationFailed` when an activation was
+//!   requested long ago and never completed (its effect died); otherwise it is reported for
+//!   a person (manual activation, or a customer who never reached the landing page).
 //!
 //! Every heal appends a `reconcile:drift` row to the subscription's event log naming the
 //! drift, the run and Microsoft's request id, next to the machine's own decision.
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fulfillment_state_machine::{
-    ActivationMode, CommandId, Event, MarketplaceStatus, Policy, Snapshot, StateName,
+    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Policy, Snapshot, StateName,
     SubscriptionId, SubscriptionMachine,
 };
 use serde::Serialize;
@@ -391,6 +392,46 @@ impl Reconciler {
                     });
                 }
                 return Ok(Heal::Healed { events });
+            }
+            // Requested long ago and still pending at Microsoft: the Activate effect died
+            // or was lost. Say so to the machine first, so it may ask again.
+            if matches!(
+                machine.as_ref().map(SubscriptionMachine::activation),
+                Some(ActivationProgress::Requested)
+            ) {
+                let event = Event::ActivationFailed {
+                    reason: format!(
+                        "still pending at Microsoft {} after the purchase (reconcile run {run_id})",
+                        human_age(drift.pending_for_secs.unwrap_or_default())
+                    ),
+                    failed_at: now,
+                };
+                match ledger::apply_if_unchanged(
+                    &self.pool,
+                    SubscriptionId::from(id),
+                    expected,
+                    &event,
+                    &source,
+                    now,
+                    &self.policy,
+                )
+                .await?
+                {
+                    Guarded::Changed { .. } => {
+                        return Ok(Heal::Deferred {
+                            reason: "another event was applied meanwhile".into(),
+                        });
+                    }
+                    Guarded::Applied(ApplyOutcome::Duplicate) => {}
+                    Guarded::Applied(ApplyOutcome::Decided(applied)) => events.push(format!(
+                        "{} ActivationFailed: {}",
+                        applied.event_id, applied.decision.outcome
+                    )),
+                }
+                expected = match current_version(&self.pool, id).await? {
+                    Some(version) => Expected::Version(version),
+                    None => Expected::Absent,
+                };
             }
             let event = Event::ActivationRequested {
                 command_id: CommandId::from(Uuid::new_v4()),
