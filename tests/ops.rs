@@ -739,6 +739,24 @@ async fn wait_for_operation(app: &App, id: Uuid, op: &str) -> Value {
     }
 }
 
+/// Waits until the simulator delivered (answered 2xx) a webhook with `action`.
+async fn wait_for_delivery(app: &App, id: Uuid, action: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let view = app.sim_view(id).await;
+        let delivered = view["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["action"] == action && w["delivered"] == true);
+        if delivered {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {action} webhook delivered: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_action() {
     let app = App::start(json!({}), 1).await;
@@ -798,7 +816,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
         &format!("Subscription {id}"),
         "state              Unsubscribed",
         "landing page resolved the purchase: PendingFulfillmentStart, plan per-seat, 5 seats",
-        "effects: activate",
+        ", activate\n",
         "call activate → HTTP",
         "Microsoft confirmed the activation",
         "[PendingFulfillment → Subscribed]",
@@ -867,17 +885,21 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     app.deaf.store(true, Ordering::SeqCst);
     let op = app.customer_action(state_drift, json!({"action": "Suspend"})).await;
     wait_for_operation(&app, state_drift, &op).await;
+    wait_for_delivery(&app, state_drift, "Suspend").await;
     let op = app
         .customer_action(plan_drift, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
     wait_for_operation(&app, plan_drift, &op).await; // auto-accepted after the window
+    wait_for_delivery(&app, plan_drift, "ChangePlan").await;
     let op = app
         .customer_action(quantity_drift, json!({"action": "ChangeQuantity", "quantity": 7}))
         .await;
     wait_for_operation(&app, quantity_drift, &op).await;
+    wait_for_delivery(&app, quantity_drift, "ChangeQuantity").await;
     let auto = app.buy("silver", None, true).await;
     let missing: Uuid = auto["subscriptionId"].as_str().unwrap().parse().unwrap();
     app.wait_for_sim(missing, "Subscribed").await;
+    wait_for_delivery(&app, missing, "Subscribe").await;
     app.deaf.store(false, Ordering::SeqCst);
 
     // A subscription Microsoft never sold (a forged webhook got through, P24).

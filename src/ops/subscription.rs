@@ -196,12 +196,19 @@ pub async fn timeline(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<Timeline
         .as_ref()
         .and_then(|r| serde_json::from_value::<SubscriptionMachine>(r.machine.clone()).ok());
     let (effects_pending, effects_dead) = timeline::outbox_counts(pool, id).await?;
-    let mut entries: Vec<TimelineEntry> = events.iter().map(event_entry).collect();
-    entries.extend(actions.iter().map(operator_entry));
-    entries.sort_by(|a, b| {
-        a.at.cmp(&b.at)
-            .then(a.sequence.unwrap_or(i64::MAX).cmp(&b.sequence.unwrap_or(i64::MAX)))
-    });
+    // The event log in its own order (sequence, assigned under the row lock); operator
+    // actions slotted in by time.
+    let mut operator: Vec<TimelineEntry> = actions.iter().map(operator_entry).collect();
+    operator.sort_by_key(|e| e.at);
+    let mut operator = operator.into_iter().peekable();
+    let mut entries = Vec::with_capacity(events.len() + actions.len());
+    for row in &events {
+        while let Some(action) = operator.next_if(|a| a.at <= row.recorded_at) {
+            entries.push(action);
+        }
+        entries.push(event_entry(row));
+    }
+    entries.extend(operator);
     Ok(Some(Timeline {
         subscription: record
             .as_ref()
@@ -671,9 +678,10 @@ pub fn render_timeline(t: &Timeline) -> String {
                 .target_plan_id
                 .clone()
                 .or(op.target_quantity.map(|q| format!("{q} seats")))
+                .map(|t| format!(" {t}"))
                 .unwrap_or_default();
             out.push_str(&format!(
-                "  {} {} {target}: {} (operation {}){}\n",
+                "  {} {}{target}: {} (operation {}){}\n",
                 when(op.created_at),
                 op.kind,
                 op.status,
@@ -693,7 +701,7 @@ pub fn render_timeline(t: &Timeline) -> String {
             _ => String::new(),
         };
         out.push_str(&format!(
-            "{seq}  {} {}  {}{states}\n",
+            "{seq}  {}{}  {}{states}\n",
             when(e.at),
             clock(e.at).get(8..).unwrap_or(""),
             e.what
