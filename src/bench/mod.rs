@@ -3,12 +3,15 @@
 //!
 //! - [`ingress`]: signed webhooks through `fulfillment serve` (a child process) against
 //!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
+//! - [`replay`]: `dlq replay --execute` of N dead letters against RabbitMQ's
+//!   confirmed-publish ceiling with as many in flight.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
 
 pub mod ingress;
 pub mod measure;
+pub mod replay;
 
 use std::process::ExitCode;
 
@@ -20,6 +23,9 @@ pub use ingress::IngressBenchArgs;
 pub enum BenchCommand {
     /// Signed webhooks through the ingress, against RabbitMQ's confirmed-publish ceiling.
     Ingress(IngressBenchArgs),
+    /// Dead letters replayed to the work queue (confirm, journal, ack), against RabbitMQ's
+    /// confirmed-publish ceiling.
+    Replay(replay::ReplayBenchArgs),
     /// Internal: a bare axum `POST /webhook` that answers 200 without doing anything, run as
     /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
     #[command(hide = true)]
@@ -30,5 +36,6 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
     match command {
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
+        BenchCommand::Replay(args) => replay::run(settings, args).await,
     }
 }

@@ -79,7 +79,7 @@ pub fn parse_age(raw: &str) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
 
-pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
+pub fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 

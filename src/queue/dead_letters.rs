@@ -29,7 +29,7 @@ use futures_util::future::join_all;
 use futures_util::stream::SelectAll;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
@@ -148,6 +148,35 @@ impl Broker {
     /// The dead-letter queues of this topology (one per work queue).
     pub fn dead_letter_queues(&self) -> Vec<String> {
         vec![self.topology().dead_letter_queue()]
+    }
+
+    /// Messages ready in `queue` now (unacknowledged ones not counted).
+    pub async fn ready_messages(&self, queue: &str) -> Result<u32, QueueError> {
+        let channel = self.open_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| QueueError::Channel(format!("cannot inspect {queue}: {e}")))?;
+        let _ = channel.close(200, "inspected".into()).await;
+        Ok(declared.message_count())
+    }
+
+    /// Empties `queue` (benchmarks and tests only).
+    pub async fn purge_queue(&self, queue: &str) -> Result<u32, QueueError> {
+        let channel = self.open_channel().await?;
+        let purged = channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await
+            .map_err(|e| QueueError::Channel(format!("cannot purge {queue}: {e}")))?;
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(purged)
     }
 
     /// Opens a read of `queue` (a name from [`dead_letter_queues`](Self::dead_letter_queues))
