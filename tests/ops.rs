@@ -7,8 +7,8 @@
 mod common;
 
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -271,7 +271,12 @@ impl App {
         id
     }
 
-    async fn publish(&self, message: &InboundMessage, message_id: &str, subscription: Option<Uuid>) {
+    async fn publish(
+        &self,
+        message: &InboundMessage,
+        message_id: &str,
+        subscription: Option<Uuid>,
+    ) {
         let meta = MessageMeta {
             message_id: message_id.to_string(),
             correlation_id: Uuid::new_v4().to_string(),
@@ -363,7 +368,10 @@ impl App {
             if now == len {
                 return;
             }
-            assert!(Instant::now() < deadline, "{queue} holds {now}, wanted {len}");
+            assert!(
+                Instant::now() < deadline,
+                "{queue} holds {now}, wanted {len}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -517,7 +525,15 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     // list: all three, exit 1 (failures found); a table a person can read.
     let (code, out, err) = app.cli(&["dlq", "list"]).await;
     assert_eq!(code, 1, "{out}{err}");
-    for needle in [&op_a, &op_b, "poison-1", "Subscribe", "Unsubscribe", "REASON", "3 dead letter(s)"] {
+    for needle in [
+        &op_a,
+        &op_b,
+        "poison-1",
+        "Subscribe",
+        "Unsubscribe",
+        "REASON",
+        "3 dead letter(s)",
+    ] {
         assert!(out.contains(needle), "{needle} missing:\n{out}");
     }
     // filters
@@ -530,9 +546,15 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     assert_eq!(letter["id"], op_a.as_str());
     assert_eq!(letter["action"], "Subscribe");
     assert_eq!(letter["message_type"], "webhook");
-    assert_eq!(letter["attempts"], 2, "two retry tiers were tried: {letter}");
+    assert_eq!(
+        letter["attempts"], 2,
+        "two retry tiers were tried: {letter}"
+    );
     assert!(letter["first_failure"].as_str() <= letter["last_failure"].as_str());
-    assert!(letter["reason"].as_str().unwrap().contains("500"), "{letter}");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("500"),
+        "{letter}"
+    );
     let (_, out, _) = app
         .cli(&["dlq", "list", "--json", "--action", "unsubscribe"])
         .await;
@@ -540,7 +562,13 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
     assert_eq!(found[0]["subscription_id"], b.to_string());
     let (_, out, _) = app
-        .cli(&["dlq", "list", "--json", "--reason", "not a valid marketplace webhook"])
+        .cli(&[
+            "dlq",
+            "list",
+            "--json",
+            "--reason",
+            "not a valid marketplace webhook",
+        ])
         .await;
     assert_eq!(json_of(&out)[0]["id"], "poison-1");
     let (_, out, _) = app.cli(&["dlq", "list", "--json", "--since", "1h"]).await;
@@ -574,7 +602,11 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.wait_for_queue_len(&app.dlq(), 3).await;
     app.idle().await;
     assert!(app.state(a).await.is_none() && app.state(b).await.is_none());
-    assert_eq!(app.scalar("SELECT count(*) FROM operator_actions WHERE $1 <> ''", "x").await, 0);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM operator_actions WHERE $1 <> ''", "x")
+            .await,
+        0
+    );
 
     // The cause removed, the replay moves both; each is processed exactly once.
     app.set_faults(json!({})).await;
@@ -582,7 +614,10 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
         .cli(&["dlq", "replay", "--reason", "500", "--execute"])
         .await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("2 of 2 selected dead letter(s) replayed"), "{out}");
+    assert!(
+        out.contains("2 of 2 selected dead letter(s) replayed"),
+        "{out}"
+    );
     app.wait_for(a, "Subscribed", Some("silver"), None).await;
     app.wait_for(b, "Unsubscribed", None, None).await;
     app.idle().await;
@@ -590,7 +625,11 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     let once = "SELECT count(*) FROM subscription_events WHERE message_id = $1 AND event_kind LIKE 'Webhook%'";
     assert_eq!(app.scalar(once, &op_a).await, 1);
     assert_eq!(app.scalar(once, &op_b).await, 1);
-    assert_eq!(app.scalar("SELECT count(*) FROM inbox WHERE message_id = $1", &op_a).await, 1);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM inbox WHERE message_id = $1", &op_a)
+            .await,
+        1
+    );
     let journal = "SELECT count(*) FROM operator_actions WHERE action = 'dlq_replay' \
                    AND dead_letter_id = $1 AND performed_by LIKE 'cli:ops-tester@%'";
     assert_eq!(app.scalar(journal, &op_a).await, 1);
@@ -605,8 +644,15 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     .fetch_one(&app.pool)
     .await
     .unwrap();
-    seed_dead_letters(&app, &[(op_a.clone(), Some(a), body.into_bytes())], "HTTP 500 again").await;
-    let (code, out, err) = app.cli(&["dlq", "replay", "--id", &op_a, "--execute"]).await;
+    seed_dead_letters(
+        &app,
+        &[(op_a.clone(), Some(a), body.into_bytes())],
+        "HTTP 500 again",
+    )
+    .await;
+    let (code, out, err) = app
+        .cli(&["dlq", "replay", "--id", &op_a, "--execute"])
+        .await;
     assert_eq!(code, 0, "{out}{err}");
     app.wait_for_queue_len(&app.dlq(), 1).await;
     app.idle().await;
@@ -616,7 +662,10 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     // The timeline shows the replays.
     let (code, out, err) = app.cli(&["subscription", "show", &a.to_string()]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("dead letter {op_a} replayed")), "{out}");
+    assert!(
+        out.contains(&format!("dead letter {op_a} replayed")),
+        "{out}"
+    );
     assert!(out.contains("by cli:ops-tester@"), "{out}");
 
     // Purge: refuses without a filter; a dry run first; then gone, and kept in the journal.
@@ -672,15 +721,30 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     };
     let progress = indicatif::ProgressBar::hidden();
     // The dry run holds all 10,000 at once (its window grows) and returns them.
-    let dry = dlq::replay(&app.broker, &app.pool, &Filter::default(), &options(false), &progress)
-        .await
-        .unwrap();
-    assert_eq!((dry.examined, dry.selected.len(), dry.moved), (MESSAGES, MESSAGES, 0));
+    let dry = dlq::replay(
+        &app.broker,
+        &app.pool,
+        &Filter::default(),
+        &options(false),
+        &progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (dry.examined, dry.selected.len(), dry.moved),
+        (MESSAGES, MESSAGES, 0)
+    );
     app.wait_for_queue_len(&app.dlq(), MESSAGES as u32).await;
 
-    let report = dlq::replay(&app.broker, &app.pool, &Filter::default(), &options(true), &progress)
-        .await
-        .unwrap();
+    let report = dlq::replay(
+        &app.broker,
+        &app.pool,
+        &Filter::default(),
+        &options(true),
+        &progress,
+    )
+    .await
+    .unwrap();
     assert_eq!(report.moved, MESSAGES, "{:?}", report.not_moved);
     assert!(report.not_moved.is_empty());
     assert_eq!(app.queue_len(&app.dlq()).await, 0, "none left behind");
@@ -695,7 +759,9 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let done = app.scalar("SELECT count(*) FROM inbox WHERE kind = $1", "command").await;
+        let done = app
+            .scalar("SELECT count(*) FROM inbox WHERE kind = $1", "command")
+            .await;
         if done == MESSAGES as i64 {
             break;
         }
@@ -712,11 +778,17 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     .unwrap();
     assert_eq!((events, distinct), (MESSAGES as i64, MESSAGES as i64));
     let journalled = app
-        .scalar("SELECT count(DISTINCT dead_letter_id) FROM operator_actions WHERE action = $1", "dlq_replay")
+        .scalar(
+            "SELECT count(DISTINCT dead_letter_id) FROM operator_actions WHERE action = $1",
+            "dlq_replay",
+        )
         .await;
     assert_eq!(journalled, MESSAGES as i64);
     assert_eq!(app.queue_len(&app.dlq()).await, 0);
-    assert_eq!(app.queue_len(&app.broker.topology().inbound_queue()).await, 0);
+    assert_eq!(
+        app.queue_len(&app.broker.topology().inbound_queue()).await,
+        0
+    );
     app.stop().await;
 }
 
@@ -734,7 +806,10 @@ async fn wait_for_operation(app: &App, id: Uuid, op: &str) -> Value {
         if let Some(found) = found.filter(|o| o["status"] != "InProgress") {
             return found;
         }
-        assert!(Instant::now() < deadline, "operation {op} still open: {view}");
+        assert!(
+            Instant::now() < deadline,
+            "operation {op} still open: {view}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -752,7 +827,10 @@ async fn wait_for_delivery(app: &App, id: Uuid, action: &str) {
         if delivered {
             return;
         }
-        assert!(Instant::now() < deadline, "no {action} webhook delivered: {view}");
+        assert!(
+            Instant::now() < deadline,
+            "no {action} webhook delivered: {view}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -761,7 +839,8 @@ async fn wait_for_delivery(app: &App, id: Uuid, action: &str) {
 async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_action() {
     let app = App::start(json!({}), 1).await;
     let id = app.purchase("per-seat", Some(5)).await;
-    app.wait_for(id, "Subscribed", Some("per-seat"), Some(5)).await;
+    app.wait_for(id, "Subscribed", Some("per-seat"), Some(5))
+        .await;
     app.idle().await;
     let sid = id.to_string();
 
@@ -788,7 +867,11 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     for action in ["Renew", "Suspend", "Reinstate"] {
         let op = app.customer_action(id, json!({"action": action})).await;
         wait_for_operation(&app, id, &op).await;
-        let state = if action == "Suspend" { "Suspended" } else { "Subscribed" };
+        let state = if action == "Suspend" {
+            "Suspended"
+        } else {
+            "Subscribed"
+        };
         app.wait_for(id, state, None, None).await;
         app.idle().await;
     }
@@ -843,23 +926,40 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     }
     // Every row of the event log is in the timeline, in order.
     let rows = app
-        .scalar("SELECT count(*) FROM subscription_events WHERE subscription_id::text = $1", &sid)
+        .scalar(
+            "SELECT count(*) FROM subscription_events WHERE subscription_id::text = $1",
+            &sid,
+        )
         .await;
     let (_, out, _) = app.cli(&["subscription", "show", &sid, "--json"]).await;
     let timeline = json_of(&out);
     let entries = timeline["entries"].as_array().unwrap();
     assert_eq!(entries.len() as i64, rows);
-    let sequences: Vec<i64> = entries.iter().filter_map(|e| e["sequence"].as_i64()).collect();
+    let sequences: Vec<i64> = entries
+        .iter()
+        .filter_map(|e| e["sequence"].as_i64())
+        .collect();
     assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
 
-    let (code, out, _) = app.cli(&["subscription", "list", "--state", "Unsubscribed"]).await;
+    let (code, out, _) = app
+        .cli(&["subscription", "list", "--state", "Unsubscribed"])
+        .await;
     assert_eq!(code, 0);
-    assert!(out.contains(&sid) && out.contains("1 subscription(s)"), "{out}");
-    let (_, out, _) = app.cli(&["subscription", "list", "--state", "Subscribed", "--json"]).await;
+    assert!(
+        out.contains(&sid) && out.contains("1 subscription(s)"),
+        "{out}"
+    );
+    let (_, out, _) = app
+        .cli(&["subscription", "list", "--state", "Subscribed", "--json"])
+        .await;
     assert_eq!(json_of(&out), json!([]));
-    let (code, _, err) = app.cli(&["subscription", "list", "--state", "Active"]).await;
+    let (code, _, err) = app
+        .cli(&["subscription", "list", "--state", "Active"])
+        .await;
     assert_eq!(code, 2, "{err}");
-    let (code, out, _) = app.cli(&["subscription", "show", &Uuid::new_v4().to_string()]).await;
+    let (code, out, _) = app
+        .cli(&["subscription", "show", &Uuid::new_v4().to_string()])
+        .await;
     assert_eq!(code, 1, "{out}");
     app.stop().await;
 }
@@ -883,16 +983,24 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
 
     // Webhooks lost on the way: Microsoft moves on without us.
     app.deaf.store(true, Ordering::SeqCst);
-    let op = app.customer_action(state_drift, json!({"action": "Suspend"})).await;
+    let op = app
+        .customer_action(state_drift, json!({"action": "Suspend"}))
+        .await;
     wait_for_operation(&app, state_drift, &op).await;
     wait_for_delivery(&app, state_drift, "Suspend").await;
     let op = app
-        .customer_action(plan_drift, json!({"action": "ChangePlan", "planId": "gold"}))
+        .customer_action(
+            plan_drift,
+            json!({"action": "ChangePlan", "planId": "gold"}),
+        )
         .await;
     wait_for_operation(&app, plan_drift, &op).await; // auto-accepted after the window
     wait_for_delivery(&app, plan_drift, "ChangePlan").await;
     let op = app
-        .customer_action(quantity_drift, json!({"action": "ChangeQuantity", "quantity": 7}))
+        .customer_action(
+            quantity_drift,
+            json!({"action": "ChangeQuantity", "quantity": 7}),
+        )
         .await;
     wait_for_operation(&app, quantity_drift, &op).await;
     wait_for_delivery(&app, quantity_drift, "ChangeQuantity").await;
@@ -989,7 +1097,13 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     assert_eq!(report["drifts"].as_array().unwrap().len(), 6, "{report}");
     let (code, out, _) = app.cli_with(&["reconcile"], &stuck_now).await;
     assert_eq!(code, 1);
-    for needle in ["state mismatch", "missing here", "unknown to Microsoft", "stuck in PendingFulfillment", "add --execute"] {
+    for needle in [
+        "state mismatch",
+        "missing here",
+        "unknown to Microsoft",
+        "stuck in PendingFulfillment",
+        "add --execute",
+    ] {
         assert!(out.contains(needle), "{needle}:\n{out}");
     }
     assert_eq!(app.state(state_drift).await.unwrap().0, "Subscribed");
@@ -1000,14 +1114,24 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("6 healed, 0 left"), "{out}");
     app.wait_for(state_drift, "Suspended", None, None).await;
-    app.wait_for(plan_drift, "Subscribed", Some("gold"), None).await;
-    app.wait_for(quantity_drift, "Subscribed", None, Some(7)).await;
-    app.wait_for(missing, "Subscribed", Some("silver"), None).await;
+    app.wait_for(plan_drift, "Subscribed", Some("gold"), None)
+        .await;
+    app.wait_for(quantity_drift, "Subscribed", None, Some(7))
+        .await;
+    app.wait_for(missing, "Subscribed", Some("silver"), None)
+        .await;
     app.wait_for(unknown, "Unsubscribed", None, None).await;
     app.wait_for(stuck, "Subscribed", Some("gold"), None).await;
     app.wait_for_sim(stuck, "Subscribed").await;
     app.idle().await;
-    for id in [state_drift, plan_drift, quantity_drift, missing, unknown, stuck] {
+    for id in [
+        state_drift,
+        plan_drift,
+        quantity_drift,
+        missing,
+        unknown,
+        stuck,
+    ] {
         let sid = id.to_string();
         let drift_rows = app
             .scalar(
@@ -1027,7 +1151,10 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     }
     let (_, out, _) = app.cli(&["subscription", "show", &stuck.to_string()]).await;
     assert!(out.contains("reconciliation: drift"), "{out}");
-    assert!(out.contains("activation failed: still pending at Microsoft"), "{out}");
+    assert!(
+        out.contains("activation failed: still pending at Microsoft"),
+        "{out}"
+    );
     let (code, out, err) = app.cli_with(&["reconcile"], &stuck_now).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("no drift"), "{out}");
@@ -1039,7 +1166,13 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
         .await
         .unwrap();
     let (code, out, err) = app
-        .cli(&["subscription", "change-plan", &plan_drift.to_string(), "silver", "--wait"])
+        .cli(&[
+            "subscription",
+            "change-plan",
+            &plan_drift.to_string(),
+            "silver",
+            "--wait",
+        ])
         .await;
     assert_eq!(code, 0, "{out}{err}");
     let stale = ledger::apply_if_unchanged(
@@ -1056,8 +1189,40 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     )
     .await
     .unwrap();
-    assert!(matches!(stale, ledger::Guarded::Changed { .. }), "{stale:?}");
-    app.wait_for(plan_drift, "Subscribed", Some("silver"), None).await;
+    assert!(
+        matches!(stale, ledger::Guarded::Changed { .. }),
+        "{stale:?}"
+    );
+    app.wait_for(plan_drift, "Subscribed", Some("silver"), None)
+        .await;
     app.idle().await;
     app.stop().await;
+}
+
+#[tokio::test]
+async fn bench_replay_runs_and_prints_a_json_result() {
+    let db = TestDatabase::new();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+        .args(["bench", "replay", "--messages", "300", "--batch", "50"])
+        .env_remove("FULFILLMENT_CONFIG")
+        .env("RUST_LOG", "warn")
+        .env("DATABASE_URL", db.url().expose())
+        .env("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix)
+        .output()
+        .await
+        .expect("run fulfillment bench replay");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let result = json_of(stdout.lines().last().expect("output"));
+    assert_eq!(result["bench"], "replay");
+    assert_eq!(result["moved"], 300, "{result}");
+    assert_eq!(result["journalled"], 300, "{result}");
+    assert_eq!(result["dlq_left"], 0, "{result}");
+    for key in ["replay_per_s", "publish_ceiling_per_s", "ratio"] {
+        assert!(
+            result[key].as_f64().unwrap_or(0.0) > 0.0,
+            "{key} in {result}"
+        );
+    }
 }

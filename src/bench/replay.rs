@@ -89,7 +89,8 @@ struct Report {
 /// The dead letters: publisher `Activate` commands, as the entitlement API queues them.
 fn message(i: usize) -> (MessageMeta, Vec<u8>) {
     let command_id = Uuid::new_v4();
-    let subscription = Uuid::from_u128(0xbe9c_0000_0000_4000_8000_0000_0000_0000 + (i % 1024) as u128);
+    let subscription =
+        Uuid::from_u128(0xbe9c_0000_0000_4000_8000_0000_0000_0000 + (i % 1024) as u128);
     let body = InboundMessage::Command {
         command_id,
         subscription_id: subscription,
@@ -194,11 +195,10 @@ async fn measure_replay(
     .await?;
     let replay_elapsed = started.elapsed();
     let dlq_left = ready(broker, &topology.dead_letter_queue()).await?;
-    let journalled: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM operator_actions WHERE action = 'dlq_replay'",
-    )
-    .fetch_one(pool)
-    .await?;
+    let journalled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operator_actions WHERE action = 'dlq_replay'")
+            .fetch_one(pool)
+            .await?;
     purge(broker, &topology.inbound_queue()).await?;
     Ok(Report {
         ceiling_per_s: ceiling.ok_per_second(),

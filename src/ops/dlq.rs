@@ -396,9 +396,10 @@ fn detail(letter: &DeadLetter) -> DeadLetterDetail {
             .and_then(|t| OffsetDateTime::from_unix_timestamp(i64::try_from(t).ok()?).ok()),
         delivery_count: letter.delivery_count,
         headers: letter.headers.clone(),
-        last_marketplace_response: letter.headers.get(headers::MARKETPLACE_RESPONSE).map(|r| {
-            serde_json::from_str(r).unwrap_or_else(|_| Value::String(r.clone()))
-        }),
+        last_marketplace_response: letter
+            .headers
+            .get(headers::MARKETPLACE_RESPONSE)
+            .map(|r| serde_json::from_str(r).unwrap_or_else(|_| Value::String(r.clone()))),
         message,
     }
 }
@@ -668,9 +669,7 @@ async fn flush(
     let letters: Vec<&DeadLetter> = batch.iter().collect();
     let mut done: Vec<&DeadLetter> = Vec::with_capacity(letters.len());
     if kind == ActionKind::DlqReplay {
-        let results = reader
-            .replay(&letters, &options.actor, &rfc3339(now))
-            .await;
+        let results = reader.replay(&letters, &options.actor, &rfc3339(now)).await;
         for (letter, result) in letters.iter().zip(results) {
             match result {
                 Ok(()) => done.push(letter),
@@ -687,12 +686,10 @@ async fn flush(
         .iter()
         .map(|letter| journal_entry(kind, letter, &options.actor, now))
         .collect();
-    operator_actions::record_all(pool, &actions)
-        .await
-        .context(
-            "cannot journal this round in operator_actions; its dead letters stay in the \
+    operator_actions::record_all(pool, &actions).await.context(
+        "cannot journal this round in operator_actions; its dead letters stay in the \
              queue (a replayed copy that was already published is deduplicated by the worker)",
-        )?;
+    )?;
     for letter in done {
         match reader.remove(letter).await {
             Ok(()) => report.moved += 1,
@@ -772,7 +769,11 @@ async fn run_with(
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
             } else if found.is_empty() {
-                println!("no dead letter {} in {}", args.id, broker.dead_letter_queues().join(", "));
+                println!(
+                    "no dead letter {} in {}",
+                    args.id,
+                    broker.dead_letter_queues().join(", ")
+                );
             } else {
                 for detail in &found {
                     print!("{}", render_detail(detail));
@@ -783,7 +784,10 @@ async fn run_with(
         DlqCommand::Replay(args) => {
             let filter = Filter::parse(&args.filter, now)?;
             if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-                return Err(UsageError::new("--rate must be a positive number of messages per second").into());
+                return Err(UsageError::new(
+                    "--rate must be a positive number of messages per second",
+                )
+                .into());
             }
             if args.limit == Some(0) {
                 return Err(UsageError::new("--limit must be at least 1").into());
@@ -910,7 +914,9 @@ fn render_detail(d: &DeadLetterDetail) -> String {
     match &d.last_marketplace_response {
         None => text.push_str("  none recorded (the failure did not come from Microsoft)\n"),
         Some(response) => {
-            let status = response["status"].as_u64().map_or("no status".to_string(), |s| format!("HTTP {s}"));
+            let status = response["status"]
+                .as_u64()
+                .map_or("no status".to_string(), |s| format!("HTTP {s}"));
             text.push_str(&format!(
                 "  {} → {status} ({}), x-ms-requestid {}, {} attempt(s)\n",
                 response["call"].as_str().unwrap_or("call"),

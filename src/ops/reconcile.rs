@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fulfillment_state_machine::{
-    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Policy, Snapshot, StateName,
-    SubscriptionId, SubscriptionMachine,
+    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Policy, Snapshot,
+    StateName, SubscriptionId, SubscriptionMachine,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -106,12 +106,20 @@ pub enum Heal {
     /// Not asked to (no `--execute`).
     NotAttempted,
     /// Events were fed through the machine; their event-log ids and decisions.
-    Healed { events: Vec<String> },
+    Healed {
+        events: Vec<String>,
+    },
     /// In flight or changed meanwhile; the next run looks again.
-    Deferred { reason: String },
+    Deferred {
+        reason: String,
+    },
     /// Nothing the reconciler may do; a person decides.
-    NeedsOperator { reason: String },
-    Failed { error: String },
+    NeedsOperator {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// One drifted subscription.
@@ -190,8 +198,12 @@ impl Reconciler {
         ids.dedup();
         let mut drifts = Vec::new();
         for id in ids {
-            let (kinds, pending_for) =
-                compare(ours.get(&id), theirs.get(&id), now, self.stuck_pending_after);
+            let (kinds, pending_for) = compare(
+                ours.get(&id),
+                theirs.get(&id),
+                now,
+                self.stuck_pending_after,
+            );
             if kinds.is_empty() {
                 continue;
             }
@@ -246,7 +258,11 @@ impl Reconciler {
             reason: Some(format!(
                 "{} drifted, {healed} healed{}",
                 report.drifts.len(),
-                if report.executed { "" } else { " (report only)" }
+                if report.executed {
+                    ""
+                } else {
+                    " (report only)"
+                }
             )),
             details: serde_json::to_value(report).unwrap_or_default(),
         };
@@ -263,7 +279,8 @@ impl Reconciler {
         ours: Option<&SubscriptionRecord>,
     ) -> anyhow::Result<Heal> {
         let id = drift.subscription_id;
-        let machine = ours.and_then(|r| serde_json::from_value::<SubscriptionMachine>(r.machine.clone()).ok());
+        let machine = ours
+            .and_then(|r| serde_json::from_value::<SubscriptionMachine>(r.machine.clone()).ok());
         if let Some(op) = machine.as_ref().and_then(|m| m.pending_operation()) {
             return Ok(Heal::Deferred {
                 reason: format!("publisher command {} is in flight", op.command_id),
@@ -462,7 +479,7 @@ impl Reconciler {
                         self.record(id, run_id, &kinds, &request_id, "activation not retried")
                             .await;
                         return Ok(Heal::NeedsOperator {
-                            reason: format!("{}", applied.decision.outcome),
+                            reason: applied.decision.outcome.to_string(),
                         });
                     }
                 }
@@ -491,7 +508,11 @@ impl Reconciler {
             event_kind: "reconcile:drift".into(),
             event_key: format!("reconcile:{run_id}:{id}"),
             details: json!({ "run_id": run_id, "drift": kinds, "by": self.actor }),
-            reason: format!("reconcile run {run_id} by {}: {}; {what}", self.actor, kinds.join(", ")),
+            reason: format!(
+                "reconcile run {run_id} by {}: {}; {what}",
+                self.actor,
+                kinds.join(", ")
+            ),
             correlation_id: Some(run_id.to_string()),
             request_id: request_id.clone(),
         };
@@ -557,7 +578,11 @@ pub fn compare(
             let both_ended = our_state == Some(StateName::Unsubscribed)
                 && their_state == Some(StateName::Unsubscribed);
             if !both_ended {
-                let plan = |p: Option<&str>| p.map(str::trim).filter(|p| !p.is_empty()).map(str::to_string);
+                let plan = |p: Option<&str>| {
+                    p.map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                };
                 if plan(record.plan_id.as_deref()) != plan(subscription.plan_id.as_deref())
                     && subscription.plan_id.is_some()
                 {
@@ -655,7 +680,9 @@ pub async fn run_periodically(
                     );
                 }
             }
-            Err(error) => tracing::warn!(error = %format!("{error:#}"), "reconciliation failed; next run at the next interval"),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "reconciliation failed; next run at the next interval")
+            }
         }
     }
 }

@@ -58,7 +58,8 @@ impl Table {
                 let last = i + 1 == cells.len();
                 out.push_str(cell);
                 if !last {
-                    let pad = widths.get(i).copied().unwrap_or(0) - cell.chars().count().min(widths[i]);
+                    let pad =
+                        widths.get(i).copied().unwrap_or(0) - cell.chars().count().min(widths[i]);
                     out.push_str(&" ".repeat(pad + 2));
                 }
             }

@@ -298,7 +298,10 @@ fn operator_entry(action: &OperatorAction) -> TimelineEntry {
 fn effect_label(effect: &Value) -> String {
     let kind = effect["type"].as_str().unwrap_or("?");
     match kind {
-        "ack_operation" => format!("ack_operation({})", effect["status"].as_str().unwrap_or("?")),
+        "ack_operation" => format!(
+            "ack_operation({})",
+            effect["status"].as_str().unwrap_or("?")
+        ),
         "publish_domain_event" => format!(
             "publish_domain_event({})",
             effect["kind"].as_str().unwrap_or("?")
@@ -355,18 +358,26 @@ fn describe_event(kind: &str, event: &Value) -> String {
             format!(
                 "Microsoft webhook {action}{target} (operation {}, source {})",
                 text(&event["operation_id"]).unwrap_or_default(),
-                text(&event["source"]).filter(|s| !s.is_empty()).unwrap_or_else(|| "unknown".into())
+                text(&event["source"])
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "unknown".into())
             )
         }
         Some("purchase_resolved") => format!(
             "landing page resolved the purchase: {}{}",
             text(&event["snapshot"]["status"]).unwrap_or_default(),
-            plan_and_seats(&event["snapshot"]["plan_id"], &event["snapshot"]["quantity"])
+            plan_and_seats(
+                &event["snapshot"]["plan_id"],
+                &event["snapshot"]["quantity"]
+            )
         ),
         Some("observed") => format!(
             "observed at Microsoft: {}{}",
             text(&event["snapshot"]["status"]).unwrap_or_default(),
-            plan_and_seats(&event["snapshot"]["plan_id"], &event["snapshot"]["quantity"])
+            plan_and_seats(
+                &event["snapshot"]["plan_id"],
+                &event["snapshot"]["quantity"]
+            )
         ),
         Some("activation_requested") => format!(
             "activation requested (command {})",
@@ -507,9 +518,8 @@ async fn run_with(
             )
         }
         SubscriptionCommand::ChangeQuantity(args) => {
-            let quantity = Quantity::new(args.quantity).map_err(|e| {
-                UsageError::new(format!("invalid quantity {}: {e}", args.quantity))
-            })?;
+            let quantity = Quantity::new(args.quantity)
+                .map_err(|e| UsageError::new(format!("invalid quantity {}: {e}", args.quantity)))?;
             (
                 args.id,
                 PublisherCommand::ChangeQuantity {
@@ -531,7 +541,10 @@ async fn run_with(
     };
     if !wait.wait {
         if wait.json {
-            println!("{}", json!({ "commandId": command_id, "subscriptionId": id, "status": "queued" }));
+            println!(
+                "{}",
+                json!({ "commandId": command_id, "subscriptionId": id, "status": "queued" })
+            );
         } else {
             println!("queued command {command_id} for subscription {id}");
         }
@@ -591,7 +604,15 @@ async fn run_list(pool: &PgPool, args: ListArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = Table::new(
-        &["ID", "STATE", "OFFER", "PLAN", "SEATS", "BENEFICIARY TENANT", "UPDATED"],
+        &[
+            "ID",
+            "STATE",
+            "OFFER",
+            "PLAN",
+            "SEATS",
+            "BENEFICIARY TENANT",
+            "UPDATED",
+        ],
         &[36, 18, 30, 24, 6, 36, 19],
     );
     for r in &records {
@@ -643,15 +664,18 @@ pub fn render_timeline(t: &Timeline) -> String {
     field("seats", value(&s["quantity"]));
     field("beneficiary", value(&s["beneficiaryTenantId"]));
     field("purchaser", value(&s["purchaserTenantId"]));
-    field("term", match &s["term"] {
-        Value::Null => "-".into(),
-        term => format!(
-            "{} from {} to {}",
-            value(&term["termUnit"]),
-            value(&term["startDate"]),
-            value(&term["endDate"])
-        ),
-    });
+    field(
+        "term",
+        match &s["term"] {
+            Value::Null => "-".into(),
+            term => format!(
+                "{} from {} to {}",
+                value(&term["termUnit"]),
+                value(&term["startDate"]),
+                value(&term["endDate"])
+            ),
+        },
+    );
     field("activation", value(&t.activation["status"]));
     field(
         "pending operation",
@@ -719,7 +743,8 @@ pub fn render_timeline(t: &Timeline) -> String {
             out.push_str(&format!(
                 "        call {} → {}{}, x-ms-requestid {}{}\n",
                 call.call,
-                call.status.map_or("no response".into(), |s| format!("HTTP {s}")),
+                call.status
+                    .map_or("no response".into(), |s| format!("HTTP {s}")),
                 call.attempts
                     .filter(|a| *a > 1)
                     .map(|a| format!(" after {a} attempts"))

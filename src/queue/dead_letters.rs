@@ -372,7 +372,9 @@ impl DeadLetterReader {
         }
         let stale = std::mem::take(&mut self.stale);
         let refreshes = stale.iter().map(|(_, body, properties)| {
-            let properties = properties.clone().with_headers(copy_headers(properties, &[]));
+            let properties = properties
+                .clone()
+                .with_headers(copy_headers(properties, &[]));
             self.publisher
                 .publish("", &self.queue, body, properties, true)
         });
@@ -404,7 +406,10 @@ impl DeadLetterReader {
                 .await
                 .map_err(QueueError::channel)?;
         }
-        let _ = self.channel.close(200, "dead letters released".into()).await;
+        let _ = self
+            .channel
+            .close(200, "dead letters released".into())
+            .await;
         Ok(returned)
     }
 }
@@ -467,10 +472,18 @@ mod tests {
     fn a_replayed_copy_starts_over_and_says_who_replayed_it() {
         let mut table = FieldTable::default();
         headers::set(&mut table, headers::ATTEMPT, AMQPValue::LongLongInt(4));
-        headers::set(&mut table, headers::FAILURE_REASON, headers::long_string("boom"));
+        headers::set(
+            &mut table,
+            headers::FAILURE_REASON,
+            headers::long_string("boom"),
+        );
         headers::set(&mut table, headers::REPLAY_COUNT, AMQPValue::LongLongInt(1));
         headers::set(&mut table, "x-delivery-count", AMQPValue::LongLongInt(3));
-        headers::set(&mut table, headers::SUBSCRIPTION_ID, headers::long_string("s"));
+        headers::set(
+            &mut table,
+            headers::SUBSCRIPTION_ID,
+            headers::long_string("s"),
+        );
         let letter = DeadLetter {
             queue: "q".into(),
             id: "op".into(),

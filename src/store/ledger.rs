@@ -79,7 +79,9 @@ pub enum Expected {
 pub enum Guarded {
     /// The subscription changed since it was read (another event was applied meanwhile):
     /// nothing was done. `current` is its version now (`None`: still unknown).
-    Changed { current: Option<i64> },
+    Changed {
+        current: Option<i64>,
+    },
     Applied(ApplyOutcome),
 }
 
@@ -95,7 +97,16 @@ pub async fn apply_if_unchanged(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> Result<Guarded, StoreError> {
-    apply_guarded(pool, subscription_id, Some(expected), event, source, now, policy).await
+    apply_guarded(
+        pool,
+        subscription_id,
+        Some(expected),
+        event,
+        source,
+        now,
+        policy,
+    )
+    .await
 }
 
 async fn apply_guarded(

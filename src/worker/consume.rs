@@ -90,7 +90,10 @@ impl std::fmt::Debug for MessageHandler {
 enum Failure {
     Later(String),
     /// Microsoft failed transiently; its answer travels with the message (to the DLQ).
-    LaterFromMicrosoft { error: String, response: String },
+    LaterFromMicrosoft {
+        error: String,
+        response: String,
+    },
     Never(String),
 }
 
