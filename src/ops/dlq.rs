@@ -198,7 +198,7 @@ impl Filter {
     }
 
     pub fn matches(&self, letter: &DeadLetterSummary) -> bool {
-        if !self.ids.is_empty() && !self.ids.iter().any(|id| *id == letter.id) {
+        if !self.ids.is_empty() && !self.ids.contains(&letter.id) {
             return false;
         }
         if self
@@ -216,7 +216,7 @@ impl Filter {
             return false;
         }
         if let Some(since) = self.since
-            && !letter.last_failure.is_some_and(|at| at >= since)
+            && letter.last_failure.is_none_or(|at| at < since)
         {
             return false;
         }

@@ -46,7 +46,7 @@ pub const REFRESH_AT: u32 = 10;
 
 /// How long [`DeadLetterReader::next`] waits for a delivery before deciding that the
 /// messages it expected were taken by someone else.
-const QUIET: Duration = Duration::from_secs(3);
+const QUIET: Duration = Duration::from_secs(5);
 
 /// Headers describing a failure; a replayed copy starts without them.
 const FAILURE_HEADERS: [&str; 5] = [
