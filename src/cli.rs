@@ -46,6 +46,15 @@ pub enum Command {
     /// Measure throughput, latency and memory against this machine's own ceilings.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Dead letters: list, show, replay to the work queue, purge (dry runs unless --execute).
+    #[command(subcommand)]
+    Dlq(crate::ops::dlq::DlqCommand),
+    /// Subscriptions: list, show the timeline from the event log, publisher commands.
+    #[command(subcommand)]
+    Subscription(crate::ops::subscription::SubscriptionCommand),
+    /// Compare Microsoft's List Subscriptions with our state; with --execute, heal the drift
+    /// through the machine. Exit code 1 when drift is found (with --execute: left).
+    Reconcile(crate::ops::reconcile::ReconcileArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -86,6 +95,10 @@ pub fn main() -> ExitCode {
     telemetry::shutdown();
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::ops::UsageError>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -146,5 +159,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => crate::demo::run(settings, args).await,
         Command::Bench(command) => crate::bench::run(settings, command).await,
+        Command::Dlq(command) => crate::ops::dlq::run(&settings, command).await,
+        Command::Subscription(command) => crate::ops::subscription::run(&settings, command).await,
+        Command::Reconcile(args) => crate::ops::reconcile::run(&settings, args).await,
     }
 }

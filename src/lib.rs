@@ -15,6 +15,7 @@ pub mod demo;
 pub mod http;
 pub mod marketplace;
 pub mod metrics;
+pub mod ops;
 pub mod queue;
 pub mod settings;
 pub mod simulator;

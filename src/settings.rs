@@ -67,6 +67,19 @@ pub struct Settings {
     pub policy: Policy,
     pub log: LogSettings,
     pub worker: WorkerSettings,
+    pub reconcile: ReconcileSettings,
+}
+
+/// `[reconcile]`: the periodic reconciliation `fulfillment work` runs, and what counts as
+/// stuck (P27).
+#[derive(Clone, Debug)]
+pub struct ReconcileSettings {
+    /// Between runs inside `fulfillment work`; `None` (0 s, the default) runs none.
+    pub interval: Option<Duration>,
+    /// A purchase PendingFulfillment for longer than this is reported as stuck.
+    pub stuck_pending_after: Duration,
+    /// Whether periodic runs heal (feed observations through the machine) or only report.
+    pub execute: bool,
 }
 
 // ---- worker (observability) ------------------------------------------------------------
@@ -269,6 +282,15 @@ struct RawSettings {
     policy: Policy,
     log: RawLog,
     worker: RawWorker,
+    reconcile: RawReconcile,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawReconcile {
+    interval_secs: u64,
+    stuck_pending_after_secs: u64,
+    execute: bool,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +382,11 @@ impl Default for RawSettings {
                 format: "pretty".into(),
             },
             worker: RawWorker::default(),
+            reconcile: RawReconcile {
+                interval_secs: 0,
+                stuck_pending_after_secs: 24 * 3600,
+                execute: true,
+            },
         }
     }
 }
@@ -374,6 +401,7 @@ macro_rules! raw_default {
     )*};
 }
 raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawLog => log);
+raw_default!(RawReconcile => reconcile);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -476,8 +504,15 @@ impl Settings {
         };
         let ingress = parse_ingress(raw.ingress, marketplace.client_id)?;
         let worker = parse_worker(raw.worker)?;
+        let reconcile = ReconcileSettings {
+            interval: (raw.reconcile.interval_secs > 0)
+                .then(|| Duration::from_secs(raw.reconcile.interval_secs)),
+            stuck_pending_after: Duration::from_secs(raw.reconcile.stuck_pending_after_secs),
+            execute: raw.reconcile.execute,
+        };
         Ok(Self {
             worker,
+            reconcile,
             ingress,
             policy: raw.policy,
             database: DatabaseSettings {
@@ -787,6 +822,26 @@ mod tests {
         let err =
             Settings::from_sources(None, &env(&[("ACTIVATION_MODE", "sometimes")])).unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn reconciliation_is_off_by_default_and_set_through_the_environment() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.reconcile.interval, None);
+        assert_eq!(s.reconcile.stuck_pending_after, Duration::from_secs(86_400));
+        assert!(s.reconcile.execute);
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("FULFILLMENT__RECONCILE__INTERVAL_SECS", "900"),
+                ("FULFILLMENT__RECONCILE__STUCK_PENDING_AFTER_SECS", "3600"),
+                ("FULFILLMENT__RECONCILE__EXECUTE", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.reconcile.interval, Some(Duration::from_secs(900)));
+        assert_eq!(s.reconcile.stuck_pending_after, Duration::from_secs(3600));
+        assert!(!s.reconcile.execute);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //!
 //! - [`ingress`]: signed webhooks through `fulfillment serve` (a child process) against
 //!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
+//! - [`replay`]: `dlq replay --execute` of N dead letters against RabbitMQ's
+//!   confirmed-publish ceiling with as many in flight.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
@@ -11,6 +13,7 @@ pub mod harness;
 pub mod ingress;
 pub mod measure;
 pub mod pipeline;
+pub mod replay;
 
 use std::process::ExitCode;
 
@@ -25,6 +28,9 @@ pub enum BenchCommand {
     /// Customer seat changes through simulator, ingress, RabbitMQ, worker and PostgreSQL,
     /// against PostgreSQL's single-row commit ceiling.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// Dead letters replayed to the work queue (confirm, journal, ack), against RabbitMQ's
+    /// confirmed-publish ceiling.
+    Replay(replay::ReplayBenchArgs),
     /// Internal: a bare axum `POST /webhook` that answers 200 without doing anything, run as
     /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
     #[command(hide = true)]
@@ -36,5 +42,6 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
         BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
+        BenchCommand::Replay(args) => replay::run(settings, args).await,
     }
 }

@@ -22,7 +22,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 /// Headers RabbitMQ owns; a republished copy must not carry the previous copy's history.
-const BROKER_HEADERS: [&str; 8] = [
+pub(crate) const BROKER_HEADERS: [&str; 8] = [
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -281,10 +281,20 @@ impl InboundDelivery {
         )
     )]
     pub async fn retry_later(self, error: &str) -> Result<RetryOutcome, QueueError> {
+        self.retry_later_with_response(error, None).await
+    }
+
+    /// As [`retry_later`](Self::retry_later), keeping Microsoft's answer that caused the
+    /// failure (`x-marketplace-response`), so `fulfillment dlq show` can print it.
+    pub async fn retry_later_with_response(
+        self,
+        error: &str,
+        marketplace_response: Option<&str>,
+    ) -> Result<RetryOutcome, QueueError> {
         let topology = self.publisher_topology();
         let tier = self.attempt as usize;
         let Some(&delay) = topology.retry_delays().get(tier) else {
-            self.dead_letter(error, None).await?;
+            self.dead_letter(error, marketplace_response).await?;
             return Ok(RetryOutcome::DeadLettered);
         };
         ensure_usable(&self.acker)?;
@@ -295,6 +305,13 @@ impl InboundDelivery {
             AMQPValue::LongLongInt(i64::from(self.attempt) + 1),
         );
         headers::set(&mut table, headers::LAST_ERROR, headers::long_string(error));
+        if let Some(response) = marketplace_response {
+            headers::set(
+                &mut table,
+                headers::MARKETPLACE_RESPONSE,
+                headers::long_string(response),
+            );
+        }
         let properties = self
             .properties
             .clone()
@@ -351,9 +368,7 @@ impl InboundDelivery {
             headers::FAILURE_REASON,
             headers::long_string(reason),
         );
-        let now = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc().unix_timestamp().to_string());
+        let now = now_rfc3339();
         headers::set(
             &mut table,
             headers::DEAD_LETTERED_AT,
@@ -389,6 +404,8 @@ impl InboundDelivery {
         self.publisher.topology().clone()
     }
 
+    /// The headers for a republished copy (retry tier or DLQ): ours kept, RabbitMQ's
+    /// dropped, and the time of the first failure set once.
     fn republish_headers(&self) -> FieldTable {
         let mut table = FieldTable::default();
         if let Some(original) = self.properties.headers() {
@@ -398,8 +415,21 @@ impl InboundDelivery {
                 }
             }
         }
+        if !table.inner().contains_key(headers::FIRST_FAILED_AT) {
+            headers::set(
+                &mut table,
+                headers::FIRST_FAILED_AT,
+                headers::long_string(&now_rfc3339()),
+            );
+        }
         table
     }
+}
+
+fn now_rfc3339() -> String {
+    let now = OffsetDateTime::now_utc();
+    now.format(&Rfc3339)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
 /// A delivery from before a connection recovery cannot be settled: republishing it would

@@ -15,6 +15,12 @@ pub const DEAD_LETTERED_AT: &str = "x-dead-lettered-at";
 pub const FAILURE_REASON: &str = "x-failure-reason";
 /// The Marketplace API response that made the failure permanent, when there was one.
 pub const MARKETPLACE_RESPONSE: &str = "x-marketplace-response";
+/// When a worker first failed on this message (RFC 3339); kept across retry tiers.
+pub const FIRST_FAILED_AT: &str = "x-first-failed-at";
+/// How many times an operator replayed the message from a dead-letter queue.
+pub const REPLAY_COUNT: &str = "x-replay-count";
+pub const REPLAYED_AT: &str = "x-replayed-at";
+pub const REPLAYED_BY: &str = "x-replayed-by";
 
 /// Header values longer than this are cut (an error text or a response body must not make a
 /// message huge).
@@ -55,7 +61,13 @@ pub fn stringify(table: Option<&FieldTable>) -> BTreeMap<String, String> {
 
 /// `x-attempt` as a number; absent or unreadable counts as 0.
 pub fn attempt(table: Option<&FieldTable>) -> u32 {
-    let Some(value) = table.and_then(|t| t.inner().get(ATTEMPT)) else {
+    count(table, ATTEMPT)
+}
+
+/// A counter header (`x-attempt`, `x-delivery-count`, …) as a number; absent or unreadable
+/// counts as 0.
+pub fn count(table: Option<&FieldTable>, key: &str) -> u32 {
+    let Some(value) = table.and_then(|t| t.inner().get(key)) else {
         return 0;
     };
     let n: i128 = match value {

@@ -8,6 +8,8 @@
 //!   answers 200 only after a confirm.
 //! - [`consumer`]: the inbound queue with manual acks ([`InboundConsumer`],
 //!   [`InboundDelivery`]).
+//! - [`dead_letters`]: reading, replaying and removing dead letters without loss
+//!   ([`DeadLetterReader`]), for the operator CLI.
 //! - [`message`]: the message contract shared by producers and consumers.
 //!
 //! **Retries are explicit republishes, not nack-to-DLX.** A failed delivery is republished
@@ -23,6 +25,7 @@
 
 pub mod broker;
 pub mod consumer;
+pub mod dead_letters;
 pub mod headers;
 pub mod message;
 pub mod publisher;
@@ -30,6 +33,7 @@ pub mod topology;
 
 pub use broker::{Broker, QueueError};
 pub use consumer::{InboundConsumer, InboundDelivery, RetryOutcome};
+pub use dead_letters::{DeadLetter, DeadLetterReader, dead_letter_id};
 pub use message::{InboundMessage, MessageMeta, PublisherCommand};
 pub use publisher::{PublishError, Publisher};
 pub use topology::Topology;

@@ -63,8 +63,89 @@ pub async fn apply(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> Result<ApplyOutcome, StoreError> {
+    match apply_guarded(pool, subscription_id, None, event, source, now, policy).await? {
+        Guarded::Applied(outcome) => Ok(outcome),
+        Guarded::Changed { .. } => unreachable!("no guard, no refusal"),
+    }
+}
+
+/// What our side looked like when an operator tool decided to feed an event: the
+/// subscription's `version`, or `Absent` when we did not know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    Absent,
+    Version(i64),
+}
+
+/// What [`apply_if_unchanged`] did.
+#[derive(Debug, Clone)]
+pub enum Guarded {
+    /// The subscription changed since it was read (another event was applied meanwhile):
+    /// nothing was done. `current` is its version now (`None`: still unknown).
+    Changed {
+        current: Option<i64>,
+    },
+    Applied(ApplyOutcome),
+}
+
+/// As [`apply`], but only if the subscription is still as `expected` — checked under the
+/// row lock, so the event can never overtake one applied after the caller looked (the
+/// reconciler feeds observations this way and never races the worker).
+pub async fn apply_if_unchanged(
+    pool: &PgPool,
+    subscription_id: SubscriptionId,
+    expected: Expected,
+    event: &Event,
+    source: &EventSource,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Guarded, StoreError> {
+    apply_guarded(
+        pool,
+        subscription_id,
+        Some(expected),
+        event,
+        source,
+        now,
+        policy,
+    )
+    .await
+}
+
+async fn apply_guarded(
+    pool: &PgPool,
+    subscription_id: SubscriptionId,
+    expected: Option<Expected>,
+    event: &Event,
+    source: &EventSource,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Guarded, StoreError> {
     let mut tx = pool.begin().await?;
     let id = subscription_id.as_uuid();
+    if let Some(expected) = expected {
+        let unchanged = match expected {
+            // Creating the row ourselves is the check: it holds the row until commit.
+            Expected::Absent => insert_fresh(&mut tx, subscription_id).await?,
+            Expected::Version(version) => {
+                let current: Option<i64> = sqlx::query_scalar(
+                    "SELECT version FROM subscriptions WHERE id = $1 FOR UPDATE",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                current == Some(version)
+            }
+        };
+        if !unchanged {
+            tx.rollback().await?;
+            let current = sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            return Ok(Guarded::Changed { current });
+        }
+    }
     if let Some((message_id, kind)) = &source.inbox_key {
         let fresh = sqlx::query(
             "INSERT INTO inbox (message_id, kind, subscription_id) VALUES ($1, $2, $3) \
@@ -83,7 +164,7 @@ pub async fn apply(
                 event.kind().as_str(),
                 crate::metrics::EventOutcome::Duplicate,
             );
-            return Ok(ApplyOutcome::Duplicate);
+            return Ok(Guarded::Applied(ApplyOutcome::Duplicate));
         }
     }
     let mut machine = lock_or_create(&mut tx, subscription_id).await?;
@@ -153,13 +234,13 @@ pub async fn apply(
     }
     tx.commit().await?;
     crate::metrics::record_decision(event.kind(), &decision);
-    Ok(ApplyOutcome::Decided(Applied {
+    Ok(Guarded::Applied(ApplyOutcome::Decided(Applied {
         subscription_id: id,
         event_id,
         sequence,
         decision,
         outbox_ids,
-    }))
+    })))
 }
 
 /// The machine of a subscription, if we know it (no lock; for reads).
@@ -182,21 +263,31 @@ async fn lock_or_create(
     let id = subscription_id.as_uuid();
     // Two workers meeting a new subscription at once: the insert of one waits for the other's
     // commit, then does nothing, and both go on to the same row lock.
-    let fresh = SubscriptionMachine::new(subscription_id);
-    sqlx::query(
-        "INSERT INTO subscriptions (id, state, machine) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id)
-    .bind(fresh.state().as_str())
-    .bind(to_json(&fresh))
-    .execute(&mut **tx)
-    .await?;
+    insert_fresh(tx, subscription_id).await?;
     let machine: Value =
         sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_one(&mut **tx)
             .await?;
     restore(machine)
+}
+
+/// Inserts a new machine's row unless one exists; true when this call created it.
+async fn insert_fresh(
+    tx: &mut Transaction<'static, Postgres>,
+    subscription_id: SubscriptionId,
+) -> Result<bool, StoreError> {
+    let fresh = SubscriptionMachine::new(subscription_id);
+    let created = sqlx::query(
+        "INSERT INTO subscriptions (id, state, machine) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(subscription_id.as_uuid())
+    .bind(fresh.state().as_str())
+    .bind(to_json(&fresh))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(created == 1)
 }
 
 async fn save(

@@ -10,8 +10,10 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use crate::settings::DatabaseSettings;
 
 pub mod ledger;
+pub mod operator_actions;
 pub mod outbox;
 pub mod subscriptions;
+pub mod timeline;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

@@ -90,6 +90,11 @@ impl std::fmt::Debug for MessageHandler {
 /// Why a message cannot be applied now.
 enum Failure {
     Later(String),
+    /// Microsoft failed transiently; its answer travels with the message (to the DLQ).
+    LaterFromMicrosoft {
+        error: String,
+        response: String,
+    },
     Never(String),
 }
 
@@ -198,6 +203,22 @@ impl MessageHandler {
                     }
                 }
             }
+            Err(Failure::LaterFromMicrosoft { error, response }) => {
+                tracing::warn!(error, "cannot apply the message now");
+                match delivery
+                    .retry_later_with_response(&error, Some(&response))
+                    .await?
+                {
+                    RetryOutcome::Scheduled { .. } => {
+                        metrics::record_event(action, EventOutcome::RetryScheduled);
+                        Ok(Handled::RetryScheduled)
+                    }
+                    RetryOutcome::DeadLettered => {
+                        record_dead_letter(action, DeadLetterReason::RetriesExhausted);
+                        Ok(Handled::DeadLettered)
+                    }
+                }
+            }
             Err(Failure::Never(reason)) => {
                 delivery.dead_letter(&reason, None).await?;
                 record_dead_letter(action, DeadLetterReason::CorruptState);
@@ -271,7 +292,10 @@ impl MessageHandler {
                 .map_err(|e| Failure::Later(format!("database: {e}")))?;
                 Ok(())
             }
-            Err(error) if error.is_retryable() => Err(Failure::Later(error.to_string())),
+            Err(error) if error.is_retryable() => Err(Failure::LaterFromMicrosoft {
+                error: error.to_string(),
+                response: marketplace_response(&error),
+            }),
             Err(error) => {
                 // 404: a purchase that never reached us (P12); others (403): report and
                 // still apply the webhook, which is what Microsoft told us.
@@ -327,6 +351,19 @@ impl MessageHandler {
 fn record_dead_letter(action: &'static str, reason: DeadLetterReason) {
     metrics::record_event(action, EventOutcome::DeadLettered);
     metrics::record_dead_letter(reason);
+}
+
+/// Microsoft's answer to a failed call, as JSON text for the `x-marketplace-response` header.
+fn marketplace_response(error: &ApiError) -> String {
+    json!({
+        "call": error.failure().map(|f| f.call.as_str()),
+        "error": error.kind(),
+        "status": error.status(),
+        "body": error.body(),
+        "request_id": error.request_id(),
+        "attempts": error.failure().map(|f| f.attempts),
+    })
+    .to_string()
 }
 
 /// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).

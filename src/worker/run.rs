@@ -200,8 +200,24 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     .await?;
     let listener_stop = shutdown.child_token();
     let listener = tokio::spawn(listener.run_until_stopped(listener_stop.clone()));
+    // `[reconcile] interval`: this worker also reconciles with Microsoft periodically.
+    let reconciling = match settings.reconcile.interval {
+        Some(_) => {
+            let reconciler =
+                crate::ops::reconcile::reconciler(&settings, "worker:reconcile".into()).await?;
+            Some(tokio::spawn(crate::ops::reconcile::run_periodically(
+                reconciler,
+                settings.reconcile.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let worker = Worker::spawn(parts, config, shutdown).await?;
     let result = worker.join().await;
+    if let Some(reconciling) = reconciling {
+        let _ = reconciling.await;
+    }
     listener_stop.cancel();
     if let Ok(Err(error)) = listener.await {
         tracing::warn!(error = %format!("{error:#}"), "the worker metrics listener failed");

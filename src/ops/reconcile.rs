@@ -1,0 +1,766 @@
+//! `fulfillment reconcile`: Microsoft's List Subscriptions (§4.3, every page, P28) against
+//! our state, reporting drift of five kinds — missing here, unknown to Microsoft, state,
+//! plan or quantity mismatch — and purchases stuck in PendingFulfillment longer than
+//! `reconcile.stuck_pending_after` (P27: no activation, no revenue).
+//!
+//! With `--execute` each drifted subscription is healed through the machine, never by
+//! writing state:
+//!
+//! - It is skipped (deferred to the next run) while anything is in flight for it: a
+//!   publisher operation the machine is waiting for, effects not yet run, or an operation
+//!   Microsoft still lists as outstanding (§4.9).
+//! - It is fetched again with GET (§4.4, the source of truth), and what Microsoft says is
+//!   fed as an `Observed` event through `ledger::apply_if_unchanged`: under the row lock,
+//!   and only if no other event was applied since our side was read. So a webhook the
+//!   worker applies meanwhile always wins; the reconciler tries again next run.
+//! - Unknown to Microsoft: only when GET also answers 404 (Microsoft lists cancelled
+//!   subscriptions forever, so it never was a purchase of this publisher) is an
+//!   `Observed Unsubscribed` fed, which ends the entitlement.
+//! - Stuck in PendingFulfillment: when the landing page resolved the purchase and the
+//!   policy activates automatically, an `ActivationRequested` is fed (the machine decides
+//!   whether to activate again), preceded by an `ActivationFailed` when an activation was
+//!   requested long ago and never completed (its effect died); otherwise it is reported for
+//!   a person (manual activation, or a customer who never reached the landing page).
+//!
+//! Every heal appends a `reconcile:drift` row to the subscription's event log naming the
+//! drift, the run and Microsoft's request id, next to the machine's own decision.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use fulfillment_state_machine::{
+    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Policy, Snapshot,
+    StateName, SubscriptionId, SubscriptionMachine,
+};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::render::{Table, or_dash};
+use super::{cli_actor, rfc3339};
+use crate::marketplace::{
+    CallContext, Error as ApiError, MarketplaceClient, Subscription, TokenProvider,
+};
+use crate::settings::{ReconcileSettings, Settings};
+use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource, Expected, Guarded};
+use crate::store::operator_actions::{self, ActionKind, NewAction};
+use crate::store::subscriptions::SubscriptionRecord;
+use crate::store::timeline;
+use crate::worker::translate;
+
+#[derive(Debug, clap::Args)]
+pub struct ReconcileArgs {
+    /// Heal the drift through the machine; without it, only report.
+    #[arg(long)]
+    pub execute: bool,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A kind of drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftKind {
+    /// Microsoft lists it; we have never seen it (a lost webhook, a purchase whose customer
+    /// never reached the landing page, P12).
+    MissingHere,
+    /// We have it (not Unsubscribed); Microsoft does not list it.
+    UnknownToMicrosoft,
+    StateMismatch,
+    PlanMismatch,
+    QuantityMismatch,
+    /// PendingFulfillment for longer than `stuck_pending_after` (P27).
+    StuckPending,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingHere => "missing here",
+            Self::UnknownToMicrosoft => "unknown to Microsoft",
+            Self::StateMismatch => "state mismatch",
+            Self::PlanMismatch => "plan mismatch",
+            Self::QuantityMismatch => "quantity mismatch",
+            Self::StuckPending => "stuck in PendingFulfillment",
+        }
+    }
+}
+
+/// One side's view of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Side {
+    pub state: Option<String>,
+    pub plan_id: Option<String>,
+    pub quantity: Option<i64>,
+}
+
+/// What `--execute` did about one drifted subscription.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Heal {
+    /// Not asked to (no `--execute`).
+    NotAttempted,
+    /// Events were fed through the machine; their event-log ids and decisions.
+    Healed {
+        events: Vec<String>,
+    },
+    /// In flight or changed meanwhile; the next run looks again.
+    Deferred {
+        reason: String,
+    },
+    /// Nothing the reconciler may do; a person decides.
+    NeedsOperator {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// One drifted subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct Drift {
+    pub subscription_id: Uuid,
+    pub kinds: Vec<DriftKind>,
+    pub ours: Option<Side>,
+    pub microsoft: Option<Side>,
+    /// How long it has been pending, for `stuck_pending`.
+    pub pending_for_secs: Option<i64>,
+    pub heal: Heal,
+}
+
+/// One reconciliation run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileReport {
+    pub run_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    pub executed: bool,
+    /// Subscriptions Microsoft listed, and the pages' request ids.
+    pub listed_by_microsoft: usize,
+    pub list_request_ids: Vec<String>,
+    pub known_here: usize,
+    pub drifts: Vec<Drift>,
+}
+
+impl ReconcileReport {
+    /// Drift found (without `--execute`) or left (with it).
+    pub fn has_drift(&self) -> bool {
+        self.drifts
+            .iter()
+            .any(|d| !matches!(d.heal, Heal::Healed { .. }))
+    }
+}
+
+/// What the reconciler needs.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    pub pool: PgPool,
+    pub client: MarketplaceClient,
+    pub policy: Policy,
+    pub stuck_pending_after: Duration,
+    /// Who, for the journal (`cli:…` or `worker:reconcile`).
+    pub actor: String,
+}
+
+impl Reconciler {
+    /// One run: read our side, list Microsoft's, compare, and heal when `execute`.
+    pub async fn run(&self, execute: bool) -> anyhow::Result<ReconcileReport> {
+        let run_id = Uuid::now_v7();
+        let started_at = OffsetDateTime::now_utc();
+        let ctx = CallContext::new(run_id);
+        // Our side first: an event applied after this read makes the guarded apply refuse.
+        let ours: HashMap<Uuid, SubscriptionRecord> =
+            super::subscription::list(&self.pool, None, None, None)
+                .await
+                .context("cannot read our subscriptions")?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+        let listed = self
+            .client
+            .list_all_subscriptions(&ctx)
+            .await
+            .context("cannot list Microsoft's subscriptions")?;
+        let theirs: BTreeMap<Uuid, Subscription> = listed
+            .subscriptions
+            .into_iter()
+            .map(|s| (s.id, s))
+            .collect();
+        let now = OffsetDateTime::now_utc();
+        let mut ids: Vec<Uuid> = ours.keys().chain(theirs.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut drifts = Vec::new();
+        for id in ids {
+            let (kinds, pending_for) = compare(
+                ours.get(&id),
+                theirs.get(&id),
+                now,
+                self.stuck_pending_after,
+            );
+            if kinds.is_empty() {
+                continue;
+            }
+            let mut drift = Drift {
+                subscription_id: id,
+                kinds,
+                ours: ours.get(&id).map(our_side),
+                microsoft: theirs.get(&id).map(their_side),
+                pending_for_secs: pending_for.map(|d| d.whole_seconds()),
+                heal: Heal::NotAttempted,
+            };
+            if execute {
+                drift.heal = match self.heal(&ctx, run_id, &drift, ours.get(&id)).await {
+                    Ok(heal) => heal,
+                    Err(error) => Heal::Failed {
+                        error: format!("{error:#}"),
+                    },
+                };
+            }
+            drifts.push(drift);
+        }
+        let report = ReconcileReport {
+            run_id,
+            started_at,
+            executed: execute,
+            listed_by_microsoft: theirs.len(),
+            list_request_ids: listed
+                .pages
+                .iter()
+                .map(|p| p.request_id.to_string())
+                .collect(),
+            known_here: ours.len(),
+            drifts,
+        };
+        self.journal(&report).await;
+        Ok(report)
+    }
+
+    async fn journal(&self, report: &ReconcileReport) {
+        let healed = report
+            .drifts
+            .iter()
+            .filter(|d| matches!(d.heal, Heal::Healed { .. }))
+            .count();
+        let action = NewAction {
+            action: ActionKind::Reconcile,
+            performed_by: self.actor.clone(),
+            performed_at: report.started_at,
+            subscription_id: None,
+            dead_letter_id: None,
+            queue: None,
+            reason: Some(format!(
+                "{} drifted, {healed} healed{}",
+                report.drifts.len(),
+                if report.executed {
+                    ""
+                } else {
+                    " (report only)"
+                }
+            )),
+            details: serde_json::to_value(report).unwrap_or_default(),
+        };
+        if let Err(error) = operator_actions::record_all(&self.pool, &[action]).await {
+            tracing::warn!(%error, "cannot journal the reconciliation run");
+        }
+    }
+
+    async fn heal(
+        &self,
+        ctx: &CallContext,
+        run_id: Uuid,
+        drift: &Drift,
+        ours: Option<&SubscriptionRecord>,
+    ) -> anyhow::Result<Heal> {
+        let id = drift.subscription_id;
+        let machine = ours
+            .and_then(|r| serde_json::from_value::<SubscriptionMachine>(r.machine.clone()).ok());
+        if let Some(op) = machine.as_ref().and_then(|m| m.pending_operation()) {
+            return Ok(Heal::Deferred {
+                reason: format!("publisher command {} is in flight", op.command_id),
+            });
+        }
+        let (pending_effects, _) = timeline::outbox_counts(&self.pool, id).await?;
+        if pending_effects > 0 {
+            return Ok(Heal::Deferred {
+                reason: format!("{pending_effects} effect(s) not yet run"),
+            });
+        }
+        let operations = self.client.list_operations(ctx, id).await?;
+        if let Some(op) = operations
+            .value
+            .iter()
+            .find(|op| op.status.as_ref().is_none_or(|s| !s.is_terminal()))
+        {
+            return Ok(Heal::Deferred {
+                reason: format!(
+                    "operation {} ({}) is still in progress at Microsoft",
+                    op.id,
+                    op.action.as_ref().map_or("?", |a| a.as_str())
+                ),
+            });
+        }
+        let mut expected = match ours {
+            Some(record) => Expected::Version(record.version),
+            None => Expected::Absent,
+        };
+        let now = OffsetDateTime::now_utc();
+        let kinds: Vec<&str> = drift.kinds.iter().map(|k| k.as_str()).collect();
+        let (snapshot, request_id) = match self.client.get_subscription(ctx, id).await {
+            Ok(found) => (
+                translate::snapshot(&found.value),
+                Some(found.meta.request_id.to_string()),
+            ),
+            Err(error @ ApiError::NotFound { .. })
+                if drift.kinds.contains(&DriftKind::UnknownToMicrosoft) =>
+            {
+                let ended = Snapshot {
+                    status: MarketplaceStatus::Unsubscribed,
+                    offer_id: None,
+                    plan_id: None,
+                    quantity: None,
+                    term: None,
+                    beneficiary_tenant: None,
+                    purchaser_tenant: None,
+                    name: None,
+                };
+                (ended, error.request_id().map(|r| r.to_string()))
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let mut events = Vec::new();
+        let source = EventSource {
+            message_id: Some(format!("reconcile:{run_id}")),
+            correlation_id: Some(run_id.to_string()),
+            request_id: request_id.clone(),
+            ..EventSource::default()
+        };
+        let observable = drift.kinds.iter().any(|k| {
+            matches!(
+                k,
+                DriftKind::MissingHere
+                    | DriftKind::UnknownToMicrosoft
+                    | DriftKind::StateMismatch
+                    | DriftKind::PlanMismatch
+                    | DriftKind::QuantityMismatch
+            )
+        });
+        if observable {
+            let event = Event::Observed {
+                snapshot: snapshot.clone(),
+                observed_at: now,
+            };
+            match ledger::apply_if_unchanged(
+                &self.pool,
+                SubscriptionId::from(id),
+                expected,
+                &event,
+                &source,
+                now,
+                &self.policy,
+            )
+            .await?
+            {
+                Guarded::Changed { .. } => {
+                    return Ok(Heal::Deferred {
+                        reason: "another event was applied meanwhile".into(),
+                    });
+                }
+                Guarded::Applied(ApplyOutcome::Duplicate) => {}
+                Guarded::Applied(ApplyOutcome::Decided(applied)) => {
+                    events.push(format!(
+                        "{} Observed: {}",
+                        applied.event_id, applied.decision.outcome
+                    ));
+                    if applied.decision.outcome.is_ignored() {
+                        return Ok(Heal::NeedsOperator {
+                            reason: format!(
+                                "the machine ignored Microsoft's view: {}",
+                                applied.decision.outcome
+                            ),
+                        });
+                    }
+                }
+            }
+            expected = match current_version(&self.pool, id).await? {
+                Some(version) => Expected::Version(version),
+                None => Expected::Absent,
+            };
+        }
+        let still_pending = snapshot.status.state() == Some(StateName::PendingFulfillment);
+        if drift.kinds.contains(&DriftKind::StuckPending) && still_pending {
+            let resolved = timeline::was_resolved(&self.pool, id).await?;
+            if self.policy.activation != ActivationMode::Automatic || !resolved {
+                let reason = if resolved {
+                    "activation is manual: activate with `fulfillment subscription activate`"
+                } else {
+                    "the customer has not reached the landing page yet"
+                };
+                self.record(id, run_id, &kinds, &request_id, reason).await;
+                if events.is_empty() {
+                    return Ok(Heal::NeedsOperator {
+                        reason: reason.into(),
+                    });
+                }
+                return Ok(Heal::Healed { events });
+            }
+            // Requested long ago and still pending at Microsoft: the Activate effect died
+            // or was lost. Say so to the machine first, so it may ask again.
+            if matches!(
+                machine.as_ref().map(SubscriptionMachine::activation),
+                Some(ActivationProgress::Requested)
+            ) {
+                let event = Event::ActivationFailed {
+                    reason: format!(
+                        "still pending at Microsoft {} after the purchase (reconcile run {run_id})",
+                        human_age(drift.pending_for_secs.unwrap_or_default())
+                    ),
+                    failed_at: now,
+                };
+                match ledger::apply_if_unchanged(
+                    &self.pool,
+                    SubscriptionId::from(id),
+                    expected,
+                    &event,
+                    &source,
+                    now,
+                    &self.policy,
+                )
+                .await?
+                {
+                    Guarded::Changed { .. } => {
+                        return Ok(Heal::Deferred {
+                            reason: "another event was applied meanwhile".into(),
+                        });
+                    }
+                    Guarded::Applied(ApplyOutcome::Duplicate) => {}
+                    Guarded::Applied(ApplyOutcome::Decided(applied)) => events.push(format!(
+                        "{} ActivationFailed: {}",
+                        applied.event_id, applied.decision.outcome
+                    )),
+                }
+                expected = match current_version(&self.pool, id).await? {
+                    Some(version) => Expected::Version(version),
+                    None => Expected::Absent,
+                };
+            }
+            let event = Event::ActivationRequested {
+                command_id: CommandId::from(Uuid::new_v4()),
+            };
+            match ledger::apply_if_unchanged(
+                &self.pool,
+                SubscriptionId::from(id),
+                expected,
+                &event,
+                &source,
+                now,
+                &self.policy,
+            )
+            .await?
+            {
+                Guarded::Changed { .. } => {
+                    return Ok(Heal::Deferred {
+                        reason: "another event was applied meanwhile".into(),
+                    });
+                }
+                Guarded::Applied(ApplyOutcome::Duplicate) => {}
+                Guarded::Applied(ApplyOutcome::Decided(applied)) => {
+                    events.push(format!(
+                        "{} ActivationRequested: {}",
+                        applied.event_id, applied.decision.outcome
+                    ));
+                    if applied.decision.outcome.is_ignored() {
+                        self.record(id, run_id, &kinds, &request_id, "activation not retried")
+                            .await;
+                        return Ok(Heal::NeedsOperator {
+                            reason: applied.decision.outcome.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        self.record(id, run_id, &kinds, &request_id, "fed through the machine")
+            .await;
+        if events.is_empty() {
+            return Ok(Heal::Healed {
+                events: vec!["already in agreement when fetched again".into()],
+            });
+        }
+        Ok(Heal::Healed { events })
+    }
+
+    /// Appends a `reconcile:drift` row to the subscription's event log.
+    async fn record(
+        &self,
+        id: Uuid,
+        run_id: Uuid,
+        kinds: &[&str],
+        request_id: &Option<String>,
+        what: &str,
+    ) {
+        let record = EffectRecord {
+            event_kind: "reconcile:drift".into(),
+            event_key: format!("reconcile:{run_id}:{id}"),
+            details: json!({ "run_id": run_id, "drift": kinds, "by": self.actor }),
+            reason: format!(
+                "reconcile run {run_id} by {}: {}; {what}",
+                self.actor,
+                kinds.join(", ")
+            ),
+            correlation_id: Some(run_id.to_string()),
+            request_id: request_id.clone(),
+        };
+        if let Err(error) =
+            ledger::record_effect_result(&self.pool, id, &record, OffsetDateTime::now_utc()).await
+        {
+            tracing::warn!(%error, subscription_id = %id, "cannot record the drift in the event log");
+        }
+    }
+}
+
+async fn current_version(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<i64>> {
+    Ok(crate::store::subscriptions::find(pool, id)
+        .await?
+        .map(|r| r.version))
+}
+
+fn our_side(record: &SubscriptionRecord) -> Side {
+    Side {
+        state: Some(record.state.clone()),
+        plan_id: record.plan_id.clone(),
+        quantity: record.quantity.map(i64::from),
+    }
+}
+
+fn their_side(subscription: &Subscription) -> Side {
+    Side {
+        state: their_state(subscription).map(|s| s.as_str().to_string()),
+        plan_id: subscription.plan_id.clone(),
+        quantity: subscription.quantity.map(i64::from),
+    }
+}
+
+fn their_state(subscription: &Subscription) -> Option<StateName> {
+    subscription
+        .status
+        .as_ref()
+        .and_then(|s| MarketplaceStatus::parse(s.as_str()).state())
+}
+
+/// The drift between our record and Microsoft's, and how long it has been pending.
+pub fn compare(
+    ours: Option<&SubscriptionRecord>,
+    theirs: Option<&Subscription>,
+    now: OffsetDateTime,
+    stuck_after: Duration,
+) -> (Vec<DriftKind>, Option<time::Duration>) {
+    let mut kinds = Vec::new();
+    let their_state = theirs.and_then(their_state);
+    let our_state = ours.and_then(SubscriptionRecord::state_name);
+    match (ours, theirs) {
+        (None, None) => return (kinds, None),
+        (None, Some(_)) => kinds.push(DriftKind::MissingHere),
+        (Some(_), None) => {
+            if our_state != Some(StateName::Unsubscribed) {
+                kinds.push(DriftKind::UnknownToMicrosoft);
+            }
+        }
+        (Some(record), Some(subscription)) => {
+            if their_state.is_some() && our_state != their_state {
+                kinds.push(DriftKind::StateMismatch);
+            }
+            let both_ended = our_state == Some(StateName::Unsubscribed)
+                && their_state == Some(StateName::Unsubscribed);
+            if !both_ended {
+                let plan = |p: Option<&str>| {
+                    p.map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_string)
+                };
+                if plan(record.plan_id.as_deref()) != plan(subscription.plan_id.as_deref())
+                    && subscription.plan_id.is_some()
+                {
+                    kinds.push(DriftKind::PlanMismatch);
+                }
+                if record.quantity.map(i64::from) != subscription.quantity.map(i64::from) {
+                    kinds.push(DriftKind::QuantityMismatch);
+                }
+            }
+        }
+    }
+    // Pending on both sides (or pending at Microsoft and unknown here) for too long.
+    let pending_here = ours.is_none() || our_state == Some(StateName::PendingFulfillment);
+    let pending_there = theirs.is_none() || their_state == Some(StateName::PendingFulfillment);
+    let mut pending_for = None;
+    if pending_here && pending_there {
+        let since = theirs
+            .and_then(|s| s.created)
+            .or(ours.map(|r| r.created_at));
+        if let Some(since) = since {
+            let age = now - since;
+            if age >= stuck_after {
+                kinds.push(DriftKind::StuckPending);
+                pending_for = Some(age);
+            }
+        }
+    }
+    (kinds, pending_for)
+}
+
+// ---- the command line and the worker's timer -----------------------------------------
+
+/// Builds a reconciler from the settings (its own pool and Marketplace client).
+pub async fn reconciler(settings: &Settings, actor: String) -> anyhow::Result<Reconciler> {
+    let pool = crate::store::connect(&settings.database).await?;
+    let tokens = TokenProvider::new(&settings.marketplace)
+        .context("cannot set up the Entra token provider")?;
+    let client = MarketplaceClient::new(&settings.marketplace, tokens)
+        .context("cannot build the Marketplace client")?;
+    Ok(Reconciler {
+        pool,
+        client,
+        policy: settings.policy.clone(),
+        stuck_pending_after: settings.reconcile.stuck_pending_after,
+        actor,
+    })
+}
+
+pub async fn run(settings: &Settings, args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    let reconciler = reconciler(settings, cli_actor()).await?;
+    let report = reconciler.run(args.execute).await;
+    reconciler.pool.close().await;
+    let report = report?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(if report.has_drift() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs a reconciliation every `settings.interval` until `shutdown` (the worker's timer).
+pub async fn run_periodically(
+    reconciler: Reconciler,
+    settings: ReconcileSettings,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(interval) = settings.interval else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match reconciler.run(settings.execute).await {
+            Ok(report) => {
+                let healed = report
+                    .drifts
+                    .iter()
+                    .filter(|d| matches!(d.heal, Heal::Healed { .. }))
+                    .count();
+                if report.drifts.is_empty() {
+                    tracing::info!(run_id = %report.run_id, listed = report.listed_by_microsoft, "reconciled: no drift");
+                } else {
+                    tracing::warn!(
+                        run_id = %report.run_id,
+                        drifted = report.drifts.len(),
+                        healed,
+                        "reconciled: drift found"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "reconciliation failed; next run at the next interval")
+            }
+        }
+    }
+}
+
+pub fn render(report: &ReconcileReport) -> String {
+    let mut out = format!(
+        "Reconciliation {} at {}: Microsoft lists {}, we know {} ({} page(s): x-ms-requestid {})\n",
+        report.run_id,
+        rfc3339(report.started_at),
+        report.listed_by_microsoft,
+        report.known_here,
+        report.list_request_ids.len(),
+        report.list_request_ids.join(", ")
+    );
+    if report.drifts.is_empty() {
+        out.push_str("no drift\n");
+        return out;
+    }
+    let side = |s: &Option<Side>| match s {
+        None => "-".to_string(),
+        Some(s) => format!(
+            "{} {} {}",
+            or_dash(s.state.clone()),
+            or_dash(s.plan_id.clone()),
+            s.quantity.map_or(String::new(), |q| format!("×{q}"))
+        )
+        .trim_end()
+        .to_string(),
+    };
+    let mut table = Table::new(
+        &["SUBSCRIPTION", "DRIFT", "HERE", "MICROSOFT", "RESULT"],
+        &[36, 60, 40, 40, 90],
+    );
+    for d in &report.drifts {
+        let mut kinds: Vec<String> = d.kinds.iter().map(|k| k.as_str().to_string()).collect();
+        if let Some(secs) = d.pending_for_secs
+            && let Some(k) = kinds.iter_mut().find(|k| k.starts_with("stuck"))
+        {
+            *k = format!("{k} for {}", human_age(secs));
+        }
+        let result = match &d.heal {
+            Heal::NotAttempted => "reported (add --execute to heal)".to_string(),
+            Heal::Healed { events } => format!("healed: {}", events.join("; ")),
+            Heal::Deferred { reason } => format!("deferred: {reason}"),
+            Heal::NeedsOperator { reason } => format!("needs an operator: {reason}"),
+            Heal::Failed { error } => format!("failed: {error}"),
+        };
+        table.row(vec![
+            d.subscription_id.to_string(),
+            kinds.join(", "),
+            side(&d.ours),
+            side(&d.microsoft),
+            result,
+        ]);
+    }
+    out.push_str(&table.render());
+    let left = report
+        .drifts
+        .iter()
+        .filter(|d| !matches!(d.heal, Heal::Healed { .. }))
+        .count();
+    out.push_str(&format!(
+        "{} drifted subscription(s); {}\n",
+        report.drifts.len(),
+        if report.executed {
+            format!("{} healed, {left} left", report.drifts.len() - left)
+        } else {
+            "nothing changed (add --execute to heal through the machine)".to_string()
+        }
+    ));
+    out
+}
+
+fn human_age(secs: i64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}

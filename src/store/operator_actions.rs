@@ -1,0 +1,131 @@
+//! The operators' journal (`operator_actions`, append-only): dead-letter replays and purges
+//! and reconciliation runs, with who, when and which message. `fulfillment subscription
+//! show` merges it into the subscription's timeline.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// What an operator did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    DlqReplay,
+    DlqPurge,
+    Reconcile,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DlqReplay => "dlq_replay",
+            Self::DlqPurge => "dlq_purge",
+            Self::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// One journal row to append.
+#[derive(Debug, Clone)]
+pub struct NewAction {
+    pub action: ActionKind,
+    pub performed_by: String,
+    pub performed_at: OffsetDateTime,
+    pub subscription_id: Option<Uuid>,
+    pub dead_letter_id: Option<String>,
+    pub queue: Option<String>,
+    pub reason: Option<String>,
+    pub details: Value,
+}
+
+/// One journal row as stored.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct OperatorAction {
+    pub id: Uuid,
+    pub action: String,
+    pub performed_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub performed_at: OffsetDateTime,
+    pub subscription_id: Option<Uuid>,
+    pub dead_letter_id: Option<String>,
+    pub queue: Option<String>,
+    pub reason: Option<String>,
+    pub details: Value,
+}
+
+/// Appends `actions` in one statement and one commit (a replay records a whole batch).
+pub async fn record_all(pool: &PgPool, actions: &[NewAction]) -> Result<(), sqlx::Error> {
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(actions.len());
+    let mut kinds = Vec::with_capacity(actions.len());
+    let mut by = Vec::with_capacity(actions.len());
+    let mut at = Vec::with_capacity(actions.len());
+    let mut subscriptions = Vec::with_capacity(actions.len());
+    let mut letters = Vec::with_capacity(actions.len());
+    let mut queues = Vec::with_capacity(actions.len());
+    let mut reasons = Vec::with_capacity(actions.len());
+    let mut details = Vec::with_capacity(actions.len());
+    for action in actions {
+        ids.push(Uuid::now_v7());
+        kinds.push(action.action.as_str().to_string());
+        by.push(action.performed_by.clone());
+        at.push(action.performed_at);
+        subscriptions.push(action.subscription_id);
+        letters.push(action.dead_letter_id.clone());
+        queues.push(action.queue.clone());
+        reasons.push(action.reason.clone());
+        details.push(action.details.clone());
+    }
+    sqlx::query(
+        "INSERT INTO operator_actions (id, action, performed_by, performed_at, subscription_id, \
+         dead_letter_id, queue, reason, details) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::uuid[], \
+         $6::text[], $7::text[], $8::text[], $9::jsonb[])",
+    )
+    .bind(ids)
+    .bind(kinds)
+    .bind(by)
+    .bind(at)
+    .bind(subscriptions)
+    .bind(letters)
+    .bind(queues)
+    .bind(reasons)
+    .bind(details)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The journal rows about one subscription, oldest first.
+pub async fn for_subscription(
+    pool: &PgPool,
+    subscription_id: Uuid,
+) -> Result<Vec<OperatorAction>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, action, performed_by, performed_at, subscription_id, dead_letter_id, queue, \
+         reason, details FROM operator_actions WHERE subscription_id = $1 \
+         ORDER BY performed_at, id",
+    )
+    .bind(subscription_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many rows of `action` mention the dead letter `dead_letter_id`.
+pub async fn count_for_dead_letter(
+    pool: &PgPool,
+    action: ActionKind,
+    dead_letter_id: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM operator_actions WHERE action = $1 AND dead_letter_id = $2",
+    )
+    .bind(action.as_str())
+    .bind(dead_letter_id)
+    .fetch_one(pool)
+    .await
+}

@@ -1,0 +1,124 @@
+//! Read queries behind the operator CLI: a subscription's event log and what is still in
+//! flight for it (effects not yet run, publisher operations not yet final).
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use std::collections::HashMap;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// One `subscription_events` row.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct EventRow {
+    pub id: Uuid,
+    pub sequence: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub recorded_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub received_at: Option<OffsetDateTime>,
+    pub message_id: Option<String>,
+    pub event_kind: String,
+    pub event: Value,
+    pub from_state: String,
+    pub to_state: String,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub effects: Value,
+    pub correlation_id: Option<String>,
+    pub request_id: Option<String>,
+}
+
+/// The whole event log of a subscription, in sequence order.
+pub async fn events(pool: &PgPool, subscription_id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, sequence, recorded_at, received_at, message_id, event_kind, event, from_state, \
+         to_state, outcome, reason, effects, correlation_id, request_id \
+         FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
+    )
+    .bind(subscription_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The event-log rows carried by one message (e.g. a command id).
+pub async fn events_of_message(
+    pool: &PgPool,
+    message_id: &str,
+) -> Result<Vec<EventRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, sequence, recorded_at, received_at, message_id, event_kind, event, from_state, \
+         to_state, outcome, reason, effects, correlation_id, request_id \
+         FROM subscription_events WHERE message_id = $1 ORDER BY recorded_at, sequence",
+    )
+    .bind(message_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether the landing page ever resolved this purchase.
+pub async fn was_resolved(pool: &PgPool, subscription_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM subscription_events WHERE subscription_id = $1 \
+         AND event_kind = 'PurchaseResolved')",
+    )
+    .bind(subscription_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Outbox rows by status for one subscription: (pending, dead).
+pub async fn outbox_counts(
+    pool: &PgPool,
+    subscription_id: Uuid,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') \
+         FROM outbox WHERE subscription_id = $1",
+    )
+    .bind(subscription_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Subscriptions with effects still pending, and how many.
+pub async fn pending_effects(pool: &PgPool) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT subscription_id, count(*) FROM outbox WHERE status = 'pending' \
+         GROUP BY subscription_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// One `publisher_operations` row.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct PublisherOperationRow {
+    pub command_id: Uuid,
+    pub kind: String,
+    pub target_plan_id: Option<String>,
+    pub target_quantity: Option<i32>,
+    pub operation_id: Option<Uuid>,
+    pub status: String,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// The changes we asked Microsoft for, oldest first.
+pub async fn publisher_operations(
+    pool: &PgPool,
+    subscription_id: Uuid,
+) -> Result<Vec<PublisherOperationRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT command_id, kind, target_plan_id, target_quantity, operation_id, status, \
+         last_error, created_at, updated_at FROM publisher_operations \
+         WHERE subscription_id = $1 ORDER BY created_at",
+    )
+    .bind(subscription_id)
+    .fetch_all(pool)
+    .await
+}
