@@ -97,7 +97,7 @@ async fn first_sight_creates_the_subscription_and_records_the_decision() {
 }
 
 #[tokio::test]
-async fn a_message_seen_before_is_a_duplicate_and_changes_nothing() {
+async fn a_message_seen_before_is_a_duplicate_that_changes_nothing_but_is_logged_as_ignored() {
     let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
     let now = OffsetDateTime::now_utc();
@@ -147,7 +147,30 @@ async fn a_message_seen_before_is_a_duplicate_and_changes_nothing() {
     .await
     .unwrap();
     assert!(matches!(second, ApplyOutcome::Duplicate), "{second:?}");
-    assert_eq!(count(pool.clone()).await, before);
+    let (events, outbox) = count(pool.clone()).await;
+    assert_eq!(outbox, before.1, "a duplicate queues nothing");
+    assert_eq!(events, before.0 + 1, "the copy is in the event log");
+    let (kind, outcome, reason, from, to, message): (
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT event_kind, outcome, reason, from_state, to_state, message_id \
+             FROM subscription_events ORDER BY sequence DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "WebhookRenew");
+    assert_eq!(outcome, "ignored");
+    assert!(reason.starts_with("duplicate event"), "{reason}");
+    assert_eq!((from.as_str(), to.as_str()), ("Subscribed", "Subscribed"));
+    assert_eq!(message.as_deref(), Some(op.to_string().as_str()));
+    let restored = ledger::load(&pool, id).await.unwrap().unwrap();
+    assert_eq!(restored.state(), StateName::Subscribed);
 }
 
 #[tokio::test]

@@ -281,10 +281,20 @@ impl InboundDelivery {
         )
     )]
     pub async fn retry_later(self, error: &str) -> Result<RetryOutcome, QueueError> {
+        self.retry_later_with_response(error, None).await
+    }
+
+    /// [`retry_later`](Self::retry_later) for a failure that has a Marketplace response: it
+    /// goes into `x-marketplace-response` if the message ends in the dead-letter queue.
+    pub async fn retry_later_with_response(
+        self,
+        error: &str,
+        marketplace_response: Option<&str>,
+    ) -> Result<RetryOutcome, QueueError> {
         let topology = self.publisher_topology();
         let tier = self.attempt as usize;
         let Some(&delay) = topology.retry_delays().get(tier) else {
-            self.dead_letter(error, None).await?;
+            self.dead_letter(error, marketplace_response).await?;
             return Ok(RetryOutcome::DeadLettered);
         };
         ensure_usable(&self.acker)?;
@@ -315,7 +325,8 @@ impl InboundDelivery {
     }
 
     /// Moves the message to the dead-letter queue with why (`x-failure-reason`,
-    /// `x-last-error`), when (`x-dead-lettered-at`), after how many attempts (`x-attempt`)
+    /// `x-last-error`), when (`x-dead-lettered-at`), after how many attempts (`x-attempt`:
+    /// the attempts made, this one included)
     /// and, for a permanent Marketplace failure, its response (`x-marketplace-response`);
     /// confirmed, then acks this delivery.
     #[tracing::instrument(
@@ -336,10 +347,11 @@ impl InboundDelivery {
         ensure_usable(&self.acker)?;
         let topology = self.publisher_topology();
         let mut table = self.republish_headers();
+        // The attempts made, this failed one included.
         headers::set(
             &mut table,
             headers::ATTEMPT,
-            AMQPValue::LongLongInt(i64::from(self.attempt)),
+            AMQPValue::LongLongInt(i64::from(self.attempt) + 1),
         );
         headers::set(
             &mut table,

@@ -569,6 +569,11 @@ impl Ledger {
     /// Bookkeeping after dispatch (runs once per hierarchy level, so it is idempotent):
     /// remember the key (P9) and, if the event counted, advance the watermark (P10).
     /// It lives in a dispatch hook, which never runs on restore, unlike entry actions.
+    ///
+    /// An event counts when it was applied or rejected, and also when it was ignored as
+    /// "no change": the state already reflects it, so anything older is stale. (Without
+    /// that, a Reinstate that overtook its Suspend would be ignored while Subscribed, and
+    /// the late Suspend would then suspend a subscription Microsoft is reinstating.)
     fn remember(
         &mut self,
         _: StateOrSuperstate<'_, State, Superstate<'_>>,
@@ -584,7 +589,13 @@ impl Ledger {
         }
         let counted = matches!(
             context.outcome,
-            Some(Decided::Applied { .. } | Decided::Rejected { .. })
+            Some(
+                Decided::Applied { .. }
+                    | Decided::Rejected { .. }
+                    | Decided::Ignored {
+                        reason: IgnoreReason::NoChange
+                    }
+            )
         );
         if !counted {
             return;

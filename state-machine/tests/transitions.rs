@@ -1040,3 +1040,57 @@ fn renew_takes_the_term_from_the_webhook_snapshot() {
     machine.handle(&renew, t(5), &policy);
     assert_eq!(machine.details().term, Some(term));
 }
+
+/// Feeds `events` in order and returns each decision's outcome.
+fn outcomes(start: Vec<Event>, events: &[Event]) -> (SubscriptionMachine, Vec<Want>) {
+    let policy = Policy::default();
+    let mut machine = machine_after(&start, &policy);
+    let wants = events
+        .iter()
+        .map(|event| Want::of(&machine.handle(event, t(20), &policy).outcome))
+        .collect();
+    (machine, wants)
+}
+
+#[test]
+fn p10_a_suspend_overtaken_by_its_reinstate_is_stale() {
+    // Microsoft suspended (minute 9) and reinstated (minute 10); the Reinstate arrives
+    // first, while we are still Subscribed: no change, but the late Suspend is now stale.
+    let (machine, wants) = outcomes(
+        subscribed(),
+        &[
+            azure(9, WebhookAction::Reinstate, 10),
+            azure(8, WebhookAction::Suspend, 9),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Subscribed);
+}
+
+#[test]
+fn p10_a_reinstate_overtaken_by_a_newer_suspend_is_stale() {
+    // Suspend (3), Reinstate (8), Suspend again (10); the second Suspend arrives before the
+    // Reinstate: no change while Suspended, and the Reinstate behind it is stale.
+    let (machine, wants) = outcomes(
+        suspended(),
+        &[
+            azure(10, WebhookAction::Suspend, 10),
+            azure(9, WebhookAction::Reinstate, 8),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Suspended);
+}
+
+#[test]
+fn a_no_change_observation_also_makes_older_observations_stale() {
+    let (machine, wants) = outcomes(
+        subscribed(),
+        &[
+            observed(MS::Subscribed, "gold", 10, 10),
+            observed(MS::Suspended, "gold", 10, 9),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Subscribed);
+}
