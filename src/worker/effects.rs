@@ -464,6 +464,10 @@ impl EffectRunner {
                 operation_id,
                 location,
             } => self.poll_operation(row, *operation_id, location).await,
+            Effect::ConfirmOperation { operation_id } => {
+                let location = self.operation_location(row.subscription_id, operation_id.as_uuid());
+                self.poll_operation(row, *operation_id, &location).await
+            }
             Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await,
         }
     }
@@ -639,11 +643,9 @@ impl EffectRunner {
         }
     }
 
-    /// PATCH the operation (§4.11). Best-effort ACKs (Reinstate) ignore permanent errors.
-    /// Records the time from webhook receipt to the PATCH (P7). A 409 means Microsoft
-    /// already ended the operation without us — auto-accepted after its 10 s window, or
-    /// failed — so our decision may not be what happened: GET the subscription and feed
-    /// `Observed` (the operation is final, so the GET is not lagging behind it, P13).
+    /// PATCH the operation (§4.11). 409 = already final = done (the `ConfirmOperation` behind
+    /// it learns how it ended). Best-effort ACKs (Reinstate) ignore permanent errors. Records
+    /// the time from webhook receipt to the PATCH (P7).
     async fn ack_operation(
         &self,
         row: &OutboxRow,
@@ -651,17 +653,6 @@ impl EffectRunner {
         status: AckStatus,
         best_effort: bool,
     ) -> Result<Disposition, StoreError> {
-        let progress = object(&row.progress);
-        if progress.get("already_final").and_then(Value::as_bool) == Some(true) {
-            return self
-                .observe(
-                    row,
-                    CallLog::default(),
-                    "operation ended without our ACK",
-                    progress,
-                )
-                .await;
-        }
         let received_at = outbox::event_received_at(&self.inner.pool, row.event_id).await?;
         let wire = match status {
             AckStatus::Success => UpdateOperationStatus::Success,
@@ -697,18 +688,6 @@ impl EffectRunner {
                     "operation acknowledged"
                 );
                 self.record(row, &log, &reason, extra).await;
-                if done.value == UpdateOutcome::AlreadyFinal {
-                    let mut progress = progress;
-                    progress["already_final"] = json!(true);
-                    return self
-                        .observe(
-                            row,
-                            CallLog::default(),
-                            "operation ended without our ACK",
-                            progress,
-                        )
-                        .await;
-                }
                 Ok(Disposition::Done)
             }
             Err(error) if best_effort && !error.is_retryable() => {
@@ -734,24 +713,7 @@ impl EffectRunner {
 
     /// GET the subscription and feed `Observed` (P13, P17). 404: recorded, nothing fed.
     async fn fetch_subscription(&self, row: &OutboxRow) -> Result<Disposition, StoreError> {
-        self.observe(
-            row,
-            CallLog::default(),
-            "subscription fetched",
-            object(&row.progress),
-        )
-        .await
-    }
-
-    /// GET the subscription and feed `Observed`; `why` heads the event-log line. 404:
-    /// recorded, nothing fed. Other failures retry (keeping `progress`) or end the row.
-    async fn observe(
-        &self,
-        row: &OutboxRow,
-        mut log: CallLog,
-        why: &str,
-        progress: Value,
-    ) -> Result<Disposition, StoreError> {
+        let mut log = CallLog::default();
         match self
             .inner
             .client
@@ -760,12 +722,8 @@ impl EffectRunner {
         {
             Ok(found) => {
                 log.ok(&found.meta);
-                let reason = if why == "subscription fetched" {
-                    why.to_string()
-                } else {
-                    format!("{why}; subscription fetched")
-                };
-                self.record(row, &log, &reason, json!({})).await;
+                self.record(row, &log, "subscription fetched", json!({}))
+                    .await;
                 let now = OffsetDateTime::now_utc();
                 self.feed(
                     row,
@@ -786,7 +744,10 @@ impl EffectRunner {
                 .await;
                 Ok(Disposition::Done)
             }
-            Err(error) => self.failed_call(row, log, error, progress).await,
+            Err(error) => {
+                self.failed_call(row, log, error, object(&row.progress))
+                    .await
+            }
         }
     }
 
@@ -995,8 +956,9 @@ impl EffectRunner {
     }
 
     /// GET the Operation-Location until a final status (§7.2), then feed `OperationResult`.
-    /// Past the cap, or when Microsoft no longer knows the operation, GET the subscription
-    /// and feed `Observed` instead.
+    /// Past the cap, or when Microsoft no longer knows the operation (P17), GET the
+    /// subscription and feed `Observed` instead. Also confirms an operation we ACKed
+    /// (`ConfirmOperation`), at its location rebuilt from the API base.
     async fn poll_operation(
         &self,
         row: &OutboxRow,

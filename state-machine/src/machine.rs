@@ -86,6 +86,8 @@ pub(crate) struct Ctx<'p> {
     now: OffsetDateTime,
     policy: &'p Policy,
     from: StateName,
+    /// The event is the result of an operation whose webhook we handled (and ACKed).
+    known_operation: bool,
     effects: Vec<Effect>,
     outcome: Option<Decided>,
 }
@@ -96,6 +98,7 @@ impl<'p> Ctx<'p> {
             now,
             policy,
             from,
+            known_operation: false,
             effects: Vec::new(),
             outcome: None,
         }
@@ -280,7 +283,8 @@ impl Ledger {
     ///
     /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
     ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
-    ///   ACK `Failure` (within 10 s, P7). No target in a minimal payload → `FetchSubscription`.
+    ///   ACK `Failure` (within 10 s, P7). Every ACK is followed by `ConfirmOperation`
+    ///   (its result brings a GET, P13). No target in a minimal payload → `FetchSubscription`.
     /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
     ///   operation until its result so success is not announced twice.
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
@@ -387,7 +391,8 @@ impl Ledger {
 
     /// `Suspended`: payment failed, 30-day grace; keep data restorable (P25).
     ///
-    /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy).
+    /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy),
+    ///   then `ConfirmOperation`.
     /// - Webhook `Suspend` → no change. `ChangePlan`/`ChangeQuantity`/`Renew`/`Subscribe` →
     ///   not applicable (only Subscribed can be updated or renewed, §5.2 rules).
     /// - Publisher `ChangePlan`/`ChangeQuantity` → rejected; `Cancel` is allowed (→ `live`).
@@ -406,6 +411,9 @@ impl Ledger {
                         operation_id: webhook.operation_id,
                         status: AckStatus::Success,
                         best_effort: true,
+                    });
+                    context.push(Effect::ConfirmOperation {
+                        operation_id: webhook.operation_id,
                     });
                     context.publish(DomainEventKind::Reinstated, details, StateName::Subscribed);
                     context.applied("reinstated by Microsoft (payment fixed)");
@@ -442,7 +450,9 @@ impl Ledger {
     /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
-    /// - `OperationResult` `Succeeded` → apply the change (once), or **Unsubscribed** for Cancel.
+    /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
+    ///   (§7.2), or **Unsubscribed** for Cancel. The result of a customer operation we
+    ///   ACKed (its webhook was handled) → `FetchSubscription`: now a GET shows its outcome.
     #[superstate]
     fn live(
         details: &mut Details,
@@ -613,6 +623,12 @@ impl Ledger {
             } => advance(&mut self.newest_observation_at, *at),
             _ => {}
         }
+    }
+
+    /// Whether a webhook of this operation is among the handled keys.
+    fn saw_webhook_of(&self, operation_id: OperationId) -> bool {
+        let prefix = format!("webhook:{operation_id}:");
+        self.seen.iter().any(|key| key.starts_with(&prefix))
     }
 
     /// Why the event must be ignored before any state sees it, if it must.
@@ -856,12 +872,18 @@ fn is_ours(webhook: &Webhook, pending: &Option<PendingOperation>) -> bool {
     }
 }
 
-fn ack(webhook: &Webhook, status: AckStatus) -> Effect {
-    Effect::AckOperation {
+/// ACK the webhook's operation within the window (P7), then confirm its final status: only
+/// once Microsoft reports it final does a GET show the outcome (P13), which the result's
+/// confirming fetch then reads.
+fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
+    context.push(Effect::AckOperation {
         operation_id: webhook.operation_id,
         status,
         best_effort: false,
-    }
+    });
+    context.push(Effect::ConfirmOperation {
+        operation_id: webhook.operation_id,
+    });
 }
 
 fn change_plan_webhook(
@@ -902,7 +924,7 @@ fn change_plan_webhook(
         return Handled;
     }
     if details.plan_id.as_ref() == Some(target) {
-        context.push(ack(webhook, AckStatus::Success));
+        acknowledge(context, webhook, AckStatus::Success);
         context.applied(format!("revert to current plan {target} accepted (P8)"));
         return Handled;
     }
@@ -912,13 +934,13 @@ fn change_plan_webhook(
     {
         Verdict::Accept => {
             details.plan_id = Some(target.clone());
-            context.push(ack(webhook, AckStatus::Success));
+            acknowledge(context, webhook, AckStatus::Success);
             context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
             context.applied(format!("plan change to {target} accepted"));
             Handled
         }
         Verdict::Reject { reason } => {
-            context.push(ack(webhook, AckStatus::Failure));
+            acknowledge(context, webhook, AckStatus::Failure);
             context.publish_because(
                 DomainEventKind::ChangeRejected,
                 details,
@@ -971,7 +993,7 @@ fn change_quantity_webhook(
         return Handled;
     }
     if details.quantity == Some(target) {
-        context.push(ack(webhook, AckStatus::Success));
+        acknowledge(context, webhook, AckStatus::Success);
         context.applied(format!("revert to current quantity {target} accepted (P8)"));
         return Handled;
     }
@@ -981,7 +1003,7 @@ fn change_quantity_webhook(
     {
         Verdict::Accept => {
             details.quantity = Some(target);
-            context.push(ack(webhook, AckStatus::Success));
+            acknowledge(context, webhook, AckStatus::Success);
             context.publish(
                 DomainEventKind::QuantityChanged,
                 details,
@@ -991,7 +1013,7 @@ fn change_quantity_webhook(
             Handled
         }
         Verdict::Reject { reason } => {
-            context.push(ack(webhook, AckStatus::Failure));
+            acknowledge(context, webhook, AckStatus::Failure);
             context.publish_because(
                 DomainEventKind::ChangeRejected,
                 details,
@@ -1016,6 +1038,16 @@ fn operation_result(
         .filter(|op| op.operation_id == Some(operation_id))
         .cloned()
     else {
+        if context.known_operation {
+            // A customer change or reinstatement we acknowledged is final at Microsoft:
+            // only now can a GET be trusted to show its outcome (P13, §7.3) — a plan
+            // without seats, a rejection Microsoft ignored (acc#348), an auto-accept.
+            context.push(Effect::FetchSubscription);
+            context.applied(format!(
+                "operation {operation_id} ended {status} at Microsoft; confirming with GET (P13)"
+            ));
+            return Handled;
+        }
         return context.not_applicable(format!(
             "operation {operation_id} is not ours or not pending"
         ));
@@ -1050,11 +1082,14 @@ fn operation_result(
                 ActivationProgress::Confirmed,
             ))
         }
+        // §7.2 "on Succeeded: apply change locally; GET subscription to confirm": the GET
+        // also brings what the change implies (a flat plan has no seats).
         Command::ChangePlan { plan_id } => {
             if !op.applied && details.plan_id.as_ref() != Some(&plan_id) {
                 details.plan_id = Some(plan_id.clone());
                 context.publish(DomainEventKind::PlanChanged, details, state);
             }
+            context.push(Effect::FetchSubscription);
             context.applied(format!("plan change to {plan_id} succeeded"));
             Handled
         }
@@ -1063,6 +1098,7 @@ fn operation_result(
                 details.quantity = Some(quantity);
                 context.publish(DomainEventKind::QuantityChanged, details, state);
             }
+            context.push(Effect::FetchSubscription);
             context.applied(format!("quantity change to {quantity} succeeded"));
             Handled
         }
@@ -1102,6 +1138,9 @@ impl SubscriptionMachine {
             return Decision::ignored(from, reason);
         }
         let mut context = Ctx::new(now, policy, from);
+        if let Event::OperationResult { operation_id, .. } = event {
+            context.known_operation = self.machine.inner().saw_webhook_of(*operation_id);
+        }
         self.machine.handle_with_context(event, &mut context);
         let outcome = context.outcome.unwrap_or_else(|| Decided::Ignored {
             reason: IgnoreReason::NotApplicable(format!(
