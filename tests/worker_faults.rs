@@ -356,11 +356,12 @@ async fn a_permanently_refused_ack_is_dead_with_microsofts_answer_in_the_outbox_
             (stack.sim_side(id).await.quantity == Some(7)).then_some(())
         })
         .await;
+    stack.settle(&[id], WAIT).await;
     assert_eq!(
         stack.engine(id).await,
         view("Subscribed", "per-seat", Some(7))
     );
-    assert_eq!(stack.outbox_left().await, (0, 1));
+    assert_eq!(stack.outbox_left().await, (0, 1), "only the ACK is dead");
     stack.finish().await;
 }
 
