@@ -69,15 +69,63 @@ pub struct PendingOperation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Ledger {
     subscription_id: SubscriptionId,
-    /// Newest webhook `timeStamp` applied (P10 ordering).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    newest_webhook_at: Option<OffsetDateTime>,
+    /// Newest webhook `timeStamp` applied, per aspect of the subscription (P10 ordering).
+    #[serde(default)]
+    newest_webhooks: Watermarks,
     /// Newest Resolve/GET observation applied.
     #[serde(default, with = "time::serde::rfc3339::option")]
     newest_observation_at: Option<OffsetDateTime>,
     /// Ring of handled event keys, oldest first (P9).
     #[serde(default)]
     seen: VecDeque<String>,
+}
+
+/// The newest webhook `timeStamp` applied for each aspect of a subscription. A webhook is
+/// stale only against a newer one about the same thing: Microsoft runs one operation at a
+/// time per subscription, so an older plan or seat change behind a newer one is already
+/// final, but a Renew or a Suspend says nothing about a seat change the customer made
+/// before it — ignoring that one would leave it unacknowledged, and Microsoft would apply
+/// it 10 s later without us (P7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Watermarks {
+    /// Subscribe, Suspend, Reinstate, Unsubscribe.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    status: Option<OffsetDateTime>,
+    /// ChangePlan, ChangeQuantity (a plan change can change the seats).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    plan_and_seats: Option<OffsetDateTime>,
+    /// Renew.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    term: Option<OffsetDateTime>,
+}
+
+impl Watermarks {
+    /// The watermark of the aspect `action` is about; none for unknown actions.
+    fn of(&mut self, action: &WebhookAction) -> Option<&mut Option<OffsetDateTime>> {
+        match action {
+            WebhookAction::Subscribe
+            | WebhookAction::Suspend
+            | WebhookAction::Reinstate
+            | WebhookAction::Unsubscribe => Some(&mut self.status),
+            WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => {
+                Some(&mut self.plan_and_seats)
+            }
+            WebhookAction::Renew => Some(&mut self.term),
+            WebhookAction::Unknown(_) => None,
+        }
+    }
+
+    fn newest(&self, action: &WebhookAction) -> Option<OffsetDateTime> {
+        match action {
+            WebhookAction::Subscribe
+            | WebhookAction::Suspend
+            | WebhookAction::Reinstate
+            | WebhookAction::Unsubscribe => self.status,
+            WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => self.plan_and_seats,
+            WebhookAction::Renew => self.term,
+            WebhookAction::Unknown(_) => None,
+        }
+    }
 }
 
 /// External context: inputs of one `handle` call and what it produced.
@@ -570,7 +618,7 @@ impl Ledger {
     fn new(subscription_id: SubscriptionId) -> Self {
         Ledger {
             subscription_id,
-            newest_webhook_at: None,
+            newest_webhooks: Watermarks::default(),
             newest_observation_at: None,
             seen: VecDeque::new(),
         }
@@ -613,8 +661,13 @@ impl Ledger {
         match event {
             Event::Webhook(Webhook {
                 timestamp: Some(at),
+                action,
                 ..
-            }) => advance(&mut self.newest_webhook_at, *at),
+            }) => {
+                if let Some(mark) = self.newest_webhooks.of(action) {
+                    advance(mark, *at);
+                }
+            }
             Event::PurchaseResolved {
                 resolved_at: at, ..
             }
@@ -639,9 +692,10 @@ impl Ledger {
         // Evidence of Unsubscribed is never stale: Microsoft never leaves that state, so
         // an old Unsubscribe is still true (P10 "never resurrect" cuts both ways).
         let stale = match event {
-            Event::Webhook(webhook) if webhook.action != WebhookAction::Unsubscribe => {
-                is_older(webhook.timestamp, self.newest_webhook_at)
-            }
+            Event::Webhook(webhook) if webhook.action != WebhookAction::Unsubscribe => is_older(
+                webhook.timestamp,
+                self.newest_webhooks.newest(&webhook.action),
+            ),
             Event::PurchaseResolved {
                 snapshot,
                 resolved_at: at,

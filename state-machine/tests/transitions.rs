@@ -881,9 +881,32 @@ fn cases() -> Vec<Case> {
         ),
         // ── Ordering, duplicates, terminal ─────────────────────────────────────
         case(
-            "P10 webhook older than the newest applied webhook is stale",
-            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            "P10 a plan change older than the newest applied seat change is stale",
+            then(
+                subscribed(),
+                change_quantity(8, RequestSource::Azure, 12, 10),
+            ),
             change_plan(7, RequestSource::Azure, "platinum", 5),
+            Subscribed,
+            vec![],
+            Stale,
+        ),
+        case(
+            "P10 a seat change older than an applied Renew is still decided and ACKed (else Microsoft auto-accepts it without us)",
+            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            change_quantity(7, RequestSource::Azure, 12, 5),
+            Subscribed,
+            vec![
+                ack(7, AckStatus::Success, false),
+                confirm(7),
+                domain(K::QuantityChanged, Some("gold"), Some(12), Subscribed, None),
+            ],
+            Applied,
+        ),
+        case(
+            "P10 a Renew older than the newest applied Renew is stale",
+            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            azure(7, WebhookAction::Renew, 5),
             Subscribed,
             vec![],
             Stale,

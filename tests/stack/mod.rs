@@ -495,13 +495,55 @@ impl Stack {
             if calm >= 3 {
                 return;
             }
-            assert!(
-                Instant::now() < until,
-                "not settled after {deadline:?}:\n{}",
-                problems.join("\n")
-            );
+            if Instant::now() >= until {
+                let mut timelines = String::new();
+                for id in ids
+                    .iter()
+                    .filter(|id| problems.iter().any(|p| p.starts_with(&id.to_string())))
+                    .take(2)
+                {
+                    timelines.push_str(&self.timeline(*id).await);
+                }
+                panic!(
+                    "not settled after {deadline:?}:\n{}\n{timelines}",
+                    problems.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The event log of `id` and Microsoft's view of it, for failure messages.
+    pub async fn timeline(&self, id: Uuid) -> String {
+        let rows: Vec<(i64, String, String, String, String, Option<String>, Value)> =
+            sqlx::query_as(
+                "SELECT sequence, event_kind, from_state, to_state, outcome, reason, effects \
+                 FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        let mut text = format!("--- event log of {id}\n");
+        for (sequence, kind, from, to, outcome, reason, effects) in rows {
+            let effects: Vec<String> = effects
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["type"].as_str().unwrap_or("?").to_string())
+                .collect();
+            text.push_str(&format!(
+                "{sequence:>3} {kind:<28} {from}→{to} {outcome:<8} {} [{}]\n",
+                reason.unwrap_or_default(),
+                effects.join(", ")
+            ));
+        }
+        let view = self.sim_view(id).await;
+        text.push_str(&format!(
+            "--- Microsoft: {}\n--- operations: {}\n",
+            view["subscription"], view["operations"]
+        ));
+        text
     }
 
     /// What is still moving or differs; empty when settled.
