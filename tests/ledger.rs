@@ -227,3 +227,84 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
         .unwrap();
     assert_eq!(version, 62);
 }
+
+#[tokio::test]
+async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
+    use marketplace_fulfillment::store::outbox;
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    // A burst: many subscriptions whose effects (domain events) were queued first …
+    let mut earlier = Vec::new();
+    for _ in 0..5 {
+        let id = SubscriptionId::from(Uuid::new_v4());
+        ledger::apply(
+            &pool,
+            id,
+            &observed(MarketplaceStatus::Subscribed, "gold"),
+            &EventSource::default(),
+            now,
+            &policy,
+        )
+        .await
+        .unwrap();
+        earlier.push(id.as_uuid());
+    }
+    // … then one whose customer changed the plan: its ACK is due within 10 s (P7).
+    let changed = SubscriptionId::from(Uuid::new_v4());
+    ledger::apply(
+        &pool,
+        changed,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+    let change = Event::Webhook(Webhook {
+        plan_id: Some(PlanId::parse("silver").unwrap()),
+        action: WebhookAction::ChangePlan,
+        ..match renew_webhook(Uuid::new_v4()) {
+            Event::Webhook(w) => w,
+            _ => unreachable!(),
+        }
+    });
+    ledger::apply(
+        &pool,
+        changed,
+        &change,
+        &EventSource::default(),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+
+    // The changed subscription's rows run first, its own order kept, up to the ACK.
+    let mut kinds = Vec::new();
+    loop {
+        let claimed = outbox::claim_next(&pool).await.unwrap().expect("a due row");
+        assert_eq!(
+            claimed.row.subscription_id,
+            changed.as_uuid(),
+            "another subscription went first after {kinds:?}"
+        );
+        kinds.push(claimed.row.kind.clone());
+        claimed.complete().await.unwrap();
+        if kinds.last().map(String::as_str) == Some("ack_operation") {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("publish_domain_event")
+    );
+    // Then the others, oldest first.
+    let next = outbox::claim_next(&pool).await.unwrap().expect("a due row");
+    assert!(
+        next.row.subscription_id == changed.as_uuid() || next.row.subscription_id == earlier[0],
+        "{:?}",
+        next.row
+    );
+}
