@@ -515,15 +515,15 @@ impl Stack {
 
     /// The event log of `id` and Microsoft's view of it, for failure messages.
     pub async fn timeline(&self, id: Uuid) -> String {
-        let rows: Vec<(i64, String, String, String, String, Option<String>, Value)> =
-            sqlx::query_as(
-                "SELECT sequence, event_kind, from_state, to_state, outcome, reason, effects \
+        type Row = (i64, String, String, String, String, Option<String>, Value);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT sequence, event_kind, from_state, to_state, outcome, reason, effects \
                  FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
-            )
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap();
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
         let mut text = format!("--- event log of {id}\n");
         for (sequence, kind, from, to, outcome, reason, effects) in rows {
             let effects: Vec<String> = effects
