@@ -21,7 +21,7 @@ use crate::decision::{Decision, IgnoreReason, Outcome as Decided};
 use crate::details::{Details, MarketplaceStatus, Snapshot, StateName};
 use crate::effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
 use crate::event::{Command, Event, OperationStatus, RequestSource, Webhook, WebhookAction};
-use crate::ids::{CommandId, OperationId, SubscriptionId};
+use crate::ids::{CommandId, OperationId, PlanId, Quantity, SubscriptionId};
 use crate::policy::{ActivationMode, Policy, Verdict};
 
 /// How many event keys we remember for deduplication. Microsoft retries one webhook up
@@ -65,6 +65,42 @@ pub struct PendingOperation {
     pub applied: bool,
 }
 
+/// How long an acknowledged change may wait for Microsoft's confirmation before GETs are
+/// believed again (the confirmation normally comes within seconds; this bounds a lost one).
+pub const UNCONFIRMED_TTL: time::Duration = time::Duration::hours(1);
+
+/// A change we acknowledged that Microsoft may not show yet: it applies a customer change
+/// or a reinstatement only after our ACK (§7.3), so until the operation is final a GET can
+/// still show the old plan, seats or status (P13). Observations must not undo it meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unconfirmed {
+    /// The acknowledged operation.
+    pub operation_id: OperationId,
+    /// What it changes.
+    pub change: UnconfirmedChange,
+    /// When we acknowledged it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+/// What an acknowledged operation changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum UnconfirmedChange {
+    /// A customer plan change we accepted.
+    Plan {
+        /// The new plan.
+        plan_id: PlanId,
+    },
+    /// A customer seat change we accepted.
+    Quantity {
+        /// The new seats.
+        quantity: Quantity,
+    },
+    /// A reinstatement we applied.
+    Reinstatement,
+}
+
 /// Shared storage of the statig machine: what survives every state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Ledger {
@@ -78,6 +114,9 @@ pub(crate) struct Ledger {
     /// Ring of handled event keys, oldest first (P9).
     #[serde(default)]
     seen: VecDeque<String>,
+    /// Changes we acknowledged that Microsoft has not confirmed yet (P13).
+    #[serde(default)]
+    unconfirmed: Vec<Unconfirmed>,
 }
 
 /// The newest webhook `timeStamp` applied for each aspect of a subscription. A webhook is
@@ -136,6 +175,8 @@ pub(crate) struct Ctx<'p> {
     from: StateName,
     /// The event is the result of an operation whose webhook we handled (and ACKed).
     known_operation: bool,
+    /// The ledger's unconfirmed changes, as handlers leave them (kept unless ignored).
+    unconfirmed: Vec<Unconfirmed>,
     effects: Vec<Effect>,
     outcome: Option<Decided>,
 }
@@ -147,6 +188,7 @@ impl<'p> Ctx<'p> {
             policy,
             from,
             known_operation: false,
+            unconfirmed: Vec::new(),
             effects: Vec::new(),
             outcome: None,
         }
@@ -154,6 +196,16 @@ impl<'p> Ctx<'p> {
 
     fn push(&mut self, effect: Effect) {
         self.effects.push(effect);
+    }
+
+    /// Observations must not undo `change` until Microsoft confirms `operation_id`.
+    fn await_confirmation(&mut self, operation_id: OperationId, change: UnconfirmedChange) {
+        self.unconfirmed.retain(|u| u.operation_id != operation_id);
+        self.unconfirmed.push(Unconfirmed {
+            operation_id,
+            change,
+            since: self.now,
+        });
     }
 
     fn publish(&mut self, kind: DomainEventKind, details: &Details, state: StateName) {
@@ -463,6 +515,8 @@ impl Ledger {
                     context.push(Effect::ConfirmOperation {
                         operation_id: webhook.operation_id,
                     });
+                    context
+                        .await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
                     context.publish(DomainEventKind::Reinstated, details, StateName::Subscribed);
                     context.applied("reinstated by Microsoft (payment fixed)");
                     Transition(State::subscribed(details.clone(), pending.clone()))
@@ -494,7 +548,8 @@ impl Ledger {
     /// - Unknown webhook action → recorded, not applicable (P9).
     /// - `Observed`/`PurchaseResolved` → converge plan, quantity, term and status
     ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
-    ///   publisher operation already applied.
+    ///   publisher operation already applied, nor a change we acknowledged that Microsoft
+    ///   has not confirmed yet (P13: the GET may predate it).
     /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
@@ -621,6 +676,7 @@ impl Ledger {
             newest_webhooks: Watermarks::default(),
             newest_observation_at: None,
             seen: VecDeque::new(),
+            unconfirmed: Vec::new(),
         }
     }
 
@@ -644,6 +700,9 @@ impl Ledger {
                 self.seen.pop_front();
             }
             self.seen.push_back(key);
+        }
+        if !matches!(context.outcome, Some(Decided::Ignored { .. }) | None) {
+            self.unconfirmed = context.unconfirmed.clone();
         }
         let counted = matches!(
             context.outcome,
@@ -859,6 +918,8 @@ fn converge_live(
         }
         StateName::Subscribed | StateName::Suspended => {
             let mut merged = details.merged_with(snapshot);
+            let (target, held, confirmed) =
+                hold_unconfirmed(details, snapshot, target, &mut merged, context);
             let mut next_pending = pending.clone();
             if let Some(op) = next_pending.as_mut() {
                 // A snapshot taken while our operation is in flight still shows the old
@@ -880,7 +941,14 @@ fn converge_live(
                 }
             }
             if merged == *details && next_pending == *pending && target == from {
-                return context.ignore(IgnoreReason::NoChange);
+                if confirmed.is_empty() {
+                    return context.ignore(IgnoreReason::NoChange);
+                }
+                context.applied(format!(
+                    "Microsoft now shows what operation {} changed",
+                    confirmed.join(", ")
+                ));
+                return Handled;
             }
             if merged.plan_id != details.plan_id {
                 context.publish(DomainEventKind::PlanChanged, &merged, target);
@@ -897,10 +965,16 @@ fn converge_live(
                 }
                 _ => {}
             }
-            context.applied(format!(
-                "converged to Microsoft's view ({})",
-                snapshot.status
-            ));
+            context.applied(if held.is_empty() {
+                format!("converged to Microsoft's view ({})", snapshot.status)
+            } else {
+                format!(
+                    "converged to Microsoft's view ({}), keeping what operation {} changed \
+                     until Microsoft confirms it (P13)",
+                    snapshot.status,
+                    held.join(", ")
+                )
+            });
             if target == from {
                 *details = merged;
                 *pending = next_pending;
@@ -912,6 +986,72 @@ fn converge_live(
             }
         }
     }
+}
+
+/// Keeps in `merged` (and in the returned target state) what acknowledged, unconfirmed
+/// operations changed and `snapshot` does not show yet (P13). Drops entries the snapshot
+/// confirms, that later events made obsolete, or that waited longer than
+/// [`UNCONFIRMED_TTL`]. Returns the target state and the operations held and confirmed.
+fn hold_unconfirmed(
+    details: &Details,
+    snapshot: &Snapshot,
+    mut target: StateName,
+    merged: &mut Details,
+    context: &mut Ctx<'_>,
+) -> (StateName, Vec<String>, Vec<String>) {
+    let from = context.from;
+    let now = context.now;
+    let mut held = Vec::new();
+    let mut confirmed = Vec::new();
+    let mut unconfirmed = std::mem::take(&mut context.unconfirmed);
+    unconfirmed.retain(|u| {
+        // Too old, or made obsolete by a later event: forget it.
+        let obsolete = now - u.since > UNCONFIRMED_TTL
+            || match &u.change {
+                UnconfirmedChange::Plan { plan_id } => details.plan_id.as_ref() != Some(plan_id),
+                UnconfirmedChange::Quantity { quantity } => details.quantity != Some(*quantity),
+                UnconfirmedChange::Reinstatement => from != StateName::Subscribed,
+            };
+        if obsolete {
+            return false;
+        }
+        let shown = match &u.change {
+            UnconfirmedChange::Plan { plan_id } => snapshot.plan_id.as_ref() == Some(plan_id),
+            UnconfirmedChange::Quantity { quantity } => snapshot.quantity == Some(*quantity),
+            UnconfirmedChange::Reinstatement => target == StateName::Subscribed,
+        };
+        if shown {
+            confirmed.push(u.operation_id.to_string());
+            return false;
+        }
+        // The snapshot predates the change: keep ours where it differs.
+        let mut kept = false;
+        match &u.change {
+            UnconfirmedChange::Plan { .. } => {
+                if merged.plan_id != details.plan_id || merged.quantity != details.quantity {
+                    merged.plan_id = details.plan_id.clone();
+                    merged.quantity = details.quantity;
+                    kept = true;
+                }
+            }
+            UnconfirmedChange::Quantity { .. } => {
+                if merged.quantity != details.quantity {
+                    merged.quantity = details.quantity;
+                    kept = true;
+                }
+            }
+            UnconfirmedChange::Reinstatement => {
+                target = StateName::Subscribed;
+                kept = true;
+            }
+        }
+        if kept {
+            held.push(u.operation_id.to_string());
+        }
+        true
+    });
+    context.unconfirmed = unconfirmed;
+    (target, held, confirmed)
 }
 
 /// Who started this ChangePlan/ChangeQuantity? `Partner` means us (P18); an unknown
@@ -989,6 +1129,12 @@ fn change_plan_webhook(
         Verdict::Accept => {
             details.plan_id = Some(target.clone());
             acknowledge(context, webhook, AckStatus::Success);
+            context.await_confirmation(
+                webhook.operation_id,
+                UnconfirmedChange::Plan {
+                    plan_id: target.clone(),
+                },
+            );
             context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
             context.applied(format!("plan change to {target} accepted"));
             Handled
@@ -1058,6 +1204,10 @@ fn change_quantity_webhook(
         Verdict::Accept => {
             details.quantity = Some(target);
             acknowledge(context, webhook, AckStatus::Success);
+            context.await_confirmation(
+                webhook.operation_id,
+                UnconfirmedChange::Quantity { quantity: target },
+            );
             context.publish(
                 DomainEventKind::QuantityChanged,
                 details,
@@ -1096,6 +1246,9 @@ fn operation_result(
             // A customer change or reinstatement we acknowledged is final at Microsoft:
             // only now can a GET be trusted to show its outcome (P13, §7.3) — a plan
             // without seats, a rejection Microsoft ignored (acc#348), an auto-accept.
+            context
+                .unconfirmed
+                .retain(|u| u.operation_id != operation_id);
             context.push(Effect::FetchSubscription);
             context.applied(format!(
                 "operation {operation_id} ended {status} at Microsoft; confirming with GET (P13)"
@@ -1192,6 +1345,7 @@ impl SubscriptionMachine {
             return Decision::ignored(from, reason);
         }
         let mut context = Ctx::new(now, policy, from);
+        context.unconfirmed = self.machine.inner().unconfirmed.clone();
         if let Event::OperationResult { operation_id, .. } = event {
             context.known_operation = self.machine.inner().saw_webhook_of(*operation_id);
         }
@@ -1257,6 +1411,11 @@ impl SubscriptionMachine {
             | State::Unsubscribed { activation, .. } => activation.clone(),
             State::Subscribed { .. } | State::Suspended { .. } => ActivationProgress::Confirmed,
         }
+    }
+
+    /// Changes we acknowledged that Microsoft has not confirmed yet (P13).
+    pub fn unconfirmed(&self) -> &[Unconfirmed] {
+        &self.machine.inner().unconfirmed
     }
 
     /// Whether `event` has been handled before (its key is still in the ring).

@@ -1219,3 +1219,77 @@ fn a_publisher_move_to_a_flat_plan_drops_the_seats_after_the_operation_succeeds(
     assert_eq!(machine.details().plan_id, Some(plan("platinum")));
     assert_eq!(machine.details().quantity, None);
 }
+
+#[test]
+fn p13_a_lagging_get_does_not_undo_an_acknowledged_seat_change_until_microsoft_confirms_it() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    assert_eq!(machine.unconfirmed().len(), 1);
+    // A GET made before Microsoft applied the change (an older fetch, another worker's
+    // check of a new subscription) still shows 10 seats.
+    let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 6), t(6), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
+    assert_eq!(machine.details().quantity, Some(qty(12)));
+    // Microsoft reports the operation final: the entry goes, the GET is believed again.
+    let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(7), &policy);
+    assert_eq!(decision.effects, vec![Effect::FetchSubscription]);
+    assert!(machine.unconfirmed().is_empty());
+    machine.handle(&observed(MS::Subscribed, "gold", 12, 8), t(8), &policy);
+    assert_eq!(machine.details().quantity, Some(qty(12)));
+}
+
+#[test]
+fn p13_when_the_acknowledged_change_failed_at_microsoft_its_get_wins() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    machine.handle(&result(7, OperationStatus::Failed), t(6), &policy);
+    let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 7), t(7), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::Applied);
+    assert_eq!(machine.details().quantity, Some(qty(10)));
+}
+
+#[test]
+fn p13_a_lagging_get_does_not_suspend_a_subscription_we_reinstated() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&suspended(), &policy);
+    machine.handle(&azure(9, WebhookAction::Reinstate, 5), t(5), &policy);
+    assert_eq!(machine.state(), Subscribed);
+    // The Suspend's own GET, made before our ACK reached Microsoft.
+    let decision = machine.handle(&observed(MS::Suspended, "gold", 10, 6), t(6), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
+    assert_eq!(machine.state(), Subscribed);
+    // A later Suspend webhook still suspends, and its GET is believed.
+    machine.handle(&azure(10, WebhookAction::Suspend, 8), t(8), &policy);
+    assert_eq!(machine.state(), Suspended);
+    machine.handle(&observed(MS::Suspended, "gold", 10, 9), t(9), &policy);
+    assert_eq!(machine.state(), Suspended);
+}
+
+#[test]
+fn p13_an_unconfirmed_change_is_forgotten_after_its_time_to_live() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    let late = 5 + UNCONFIRMED_TTL.whole_minutes() + 1;
+    machine.handle(
+        &observed(MS::Subscribed, "gold", 10, late),
+        t(late),
+        &policy,
+    );
+    assert_eq!(machine.details().quantity, Some(qty(10)));
+    assert!(machine.unconfirmed().is_empty());
+}
