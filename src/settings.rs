@@ -65,8 +65,8 @@ pub struct Settings {
     pub ingress: IngressSettings,
     /// The ISV's rules for plan moves, seat limits and activation (the machine's policy).
     pub policy: Policy,
-    pub log: LogSettings,
     pub worker: WorkerSettings,
+    pub log: LogSettings,
     pub reconcile: ReconcileSettings,
 }
 
@@ -82,42 +82,33 @@ pub struct ReconcileSettings {
     pub execute: bool,
 }
 
-// ---- worker (observability) ------------------------------------------------------------
-
-/// `[worker]`: how `fulfillment work` runs.
-#[derive(Clone, Debug)]
+/// How `fulfillment work` consumes and runs effects (`[worker]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerSettings {
+    /// Unacknowledged inbound deliveries RabbitMQ may push ahead to one worker.
+    pub prefetch: u16,
+    /// Effects executed at once; `None`: derived from `database.max_connections` (each
+    /// effect in hand holds two connections).
+    pub effect_concurrency: Option<usize>,
+    /// Failed attempts of one effect before its outbox row is dead.
+    pub max_attempts: u32,
+    /// Fallback poll of the outbox when no `NOTIFY` arrives.
+    pub poll_interval: Duration,
+    /// First retry delay of a failed effect; doubles per attempt (jittered) up to the max.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Between GETs of a publisher operation still in progress (§7.2).
+    pub operation_poll_interval: Duration,
+    /// Polling stops after this; the subscription is then observed (§7.2).
+    pub operation_poll_cap: Duration,
+    /// Between GETs while an activation is pending (P4).
+    pub activation_check_interval: Duration,
+    /// Activation checks stop after this; the subscription is observed as it is.
+    pub activation_wait_cap: Duration,
     /// Where the worker serves `/metrics`, `/healthz` and `/readyz` (port 0 picks one; the
     /// bound address is logged).
     pub metrics_addr: SocketAddr,
 }
-
-#[derive(Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct RawWorker {
-    metrics_addr: String,
-}
-
-impl Default for RawWorker {
-    fn default() -> Self {
-        Self {
-            metrics_addr: "127.0.0.1:9464".into(),
-        }
-    }
-}
-
-fn parse_worker(raw: RawWorker) -> Result<WorkerSettings, SettingsError> {
-    Ok(WorkerSettings {
-        metrics_addr: SocketAddr::from_str(raw.metrics_addr.trim()).map_err(|e| {
-            SettingsError::Invalid {
-                key: "worker.metrics_addr",
-                reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:9464)"),
-            }
-        })?,
-    })
-}
-
-// ---- end worker ------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
 pub struct IngressSettings {
@@ -280,8 +271,8 @@ struct RawSettings {
     http: RawHttp,
     ingress: RawIngress,
     policy: Policy,
-    log: RawLog,
     worker: RawWorker,
+    log: RawLog,
     reconcile: RawReconcile,
 }
 
@@ -291,6 +282,22 @@ struct RawReconcile {
     interval_secs: u64,
     stuck_pending_after_secs: u64,
     execute: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawWorker {
+    prefetch: u16,
+    effect_concurrency: Option<usize>,
+    max_attempts: u32,
+    poll_interval_ms: u64,
+    backoff_base_ms: u64,
+    backoff_max_ms: u64,
+    operation_poll_interval_ms: u64,
+    operation_poll_cap_secs: u64,
+    activation_check_interval_ms: u64,
+    activation_wait_cap_secs: u64,
+    metrics_addr: String,
 }
 
 #[derive(Deserialize)]
@@ -378,10 +385,23 @@ impl Default for RawSettings {
                 publish_confirm_timeout_ms: 5_000,
             },
             policy: Policy::default(),
+            // The worker's code defaults (`WorkerConfig`, `EffectsConfig`).
+            worker: RawWorker {
+                prefetch: 16,
+                effect_concurrency: None,
+                max_attempts: 8,
+                poll_interval_ms: 500,
+                backoff_base_ms: 1_000,
+                backoff_max_ms: 300_000,
+                operation_poll_interval_ms: 1_500,
+                operation_poll_cap_secs: 30 * 60,
+                activation_check_interval_ms: 2_000,
+                activation_wait_cap_secs: 30 * 60,
+                metrics_addr: "127.0.0.1:9464".into(),
+            },
             log: RawLog {
                 format: "pretty".into(),
             },
-            worker: RawWorker::default(),
             reconcile: RawReconcile {
                 interval_secs: 0,
                 stuck_pending_after_secs: 24 * 3600,
@@ -400,8 +420,7 @@ macro_rules! raw_default {
         }
     )*};
 }
-raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawLog => log);
-raw_default!(RawReconcile => reconcile);
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -503,7 +522,7 @@ impl Settings {
             )?,
         };
         let ingress = parse_ingress(raw.ingress, marketplace.client_id)?;
-        let worker = parse_worker(raw.worker)?;
+        let worker = parse_worker(raw.worker, raw.database.max_connections)?;
         let reconcile = ReconcileSettings {
             interval: (raw.reconcile.interval_secs > 0)
                 .then(|| Duration::from_secs(raw.reconcile.interval_secs)),
@@ -511,10 +530,10 @@ impl Settings {
             execute: raw.reconcile.execute,
         };
         Ok(Self {
-            worker,
             reconcile,
             ingress,
             policy: raw.policy,
+            worker,
             database: DatabaseSettings {
                 url: ConnectionUrl(database_url),
                 max_connections: raw.database.max_connections,
@@ -604,6 +623,75 @@ fn parse_ingress(
     })
 }
 
+fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, SettingsError> {
+    if raw.prefetch == 0 {
+        return invalid(
+            "worker.prefetch",
+            "must be at least 1 (0 would let RabbitMQ push unbounded deliveries)",
+        );
+    }
+    if let Some(concurrency) = raw.effect_concurrency {
+        if concurrency == 0 {
+            return invalid("worker.effect_concurrency", "must be at least 1");
+        }
+        // Each effect in hand holds its claimed row's connection and needs a second one
+        // for its results; the consumer needs one more.
+        let needed = concurrency.saturating_mul(2).saturating_add(1);
+        if needed > max_connections as usize {
+            return invalid(
+                "worker.effect_concurrency",
+                format!(
+                    "{concurrency} effects at once need {needed} database connections, but                      database.max_connections is {max_connections}: lower this or raise that"
+                ),
+            );
+        }
+    }
+    if raw.max_attempts == 0 {
+        return invalid("worker.max_attempts", "must be at least 1");
+    }
+    let backoff_base = positive_millis("worker.backoff_base_ms", raw.backoff_base_ms)?;
+    let backoff_max = positive_millis("worker.backoff_max_ms", raw.backoff_max_ms)?;
+    if backoff_max < backoff_base {
+        return invalid(
+            "worker.backoff_max_ms",
+            format!(
+                "must not be below worker.backoff_base_ms ({} ms)",
+                raw.backoff_base_ms
+            ),
+        );
+    }
+    Ok(WorkerSettings {
+        prefetch: raw.prefetch,
+        effect_concurrency: raw.effect_concurrency,
+        max_attempts: raw.max_attempts,
+        poll_interval: positive_millis("worker.poll_interval_ms", raw.poll_interval_ms)?,
+        backoff_base,
+        backoff_max,
+        operation_poll_interval: positive_millis(
+            "worker.operation_poll_interval_ms",
+            raw.operation_poll_interval_ms,
+        )?,
+        operation_poll_cap: positive_secs(
+            "worker.operation_poll_cap_secs",
+            raw.operation_poll_cap_secs,
+        )?,
+        activation_check_interval: positive_millis(
+            "worker.activation_check_interval_ms",
+            raw.activation_check_interval_ms,
+        )?,
+        activation_wait_cap: positive_secs(
+            "worker.activation_wait_cap_secs",
+            raw.activation_wait_cap_secs,
+        )?,
+        metrics_addr: SocketAddr::from_str(raw.metrics_addr.trim()).map_err(|e| {
+            SettingsError::Invalid {
+                key: "worker.metrics_addr",
+                reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:9464)"),
+            }
+        })?,
+    })
+}
+
 fn invalid<T>(key: &'static str, reason: impl Into<String>) -> Result<T, SettingsError> {
     Err(SettingsError::Invalid {
         key,
@@ -639,6 +727,13 @@ fn parse_guid(key: &'static str, value: Option<String>) -> Result<Option<Uuid>, 
                 ),
             }),
     }
+}
+
+fn positive_millis(key: &'static str, millis: u64) -> Result<Duration, SettingsError> {
+    if millis == 0 {
+        return invalid(key, "must be at least 1 millisecond");
+    }
+    Ok(Duration::from_millis(millis))
 }
 
 fn positive_secs(key: &'static str, secs: u64) -> Result<Duration, SettingsError> {
@@ -842,6 +937,100 @@ mod tests {
         assert_eq!(s.reconcile.interval, Some(Duration::from_secs(900)));
         assert_eq!(s.reconcile.stuck_pending_after, Duration::from_secs(3600));
         assert!(!s.reconcile.execute);
+    }
+
+    #[test]
+    fn worker_settings_default_to_the_code_defaults_and_take_env_overrides() {
+        let s = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(s.worker.prefetch, 16);
+        assert_eq!(s.worker.effect_concurrency, None);
+        assert_eq!(s.worker.max_attempts, 8);
+        assert_eq!(s.worker.poll_interval, Duration::from_millis(500));
+        assert_eq!(s.worker.backoff_base, Duration::from_secs(1));
+        assert_eq!(s.worker.backoff_max, Duration::from_secs(300));
+        assert_eq!(
+            s.worker.operation_poll_interval,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(s.worker.operation_poll_cap, Duration::from_secs(1800));
+        assert_eq!(s.worker.activation_check_interval, Duration::from_secs(2));
+        assert_eq!(s.worker.activation_wait_cap, Duration::from_secs(1800));
+
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("FULFILLMENT__WORKER__PREFETCH", "4"),
+                ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "2"),
+                ("FULFILLMENT__WORKER__MAX_ATTEMPTS", "3"),
+                ("FULFILLMENT__WORKER__BACKOFF_BASE_MS", "20"),
+                ("FULFILLMENT__WORKER__BACKOFF_MAX_MS", "200"),
+                ("FULFILLMENT__WORKER__POLL_INTERVAL_MS", "50"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.prefetch, 4);
+        assert_eq!(s.worker.effect_concurrency, Some(2));
+        assert_eq!(s.worker.max_attempts, 3);
+        assert_eq!(s.worker.backoff_base, Duration::from_millis(20));
+        assert_eq!(s.worker.backoff_max, Duration::from_millis(200));
+        assert_eq!(s.worker.poll_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn invalid_worker_settings_fail_naming_the_key_and_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("FULFILLMENT__WORKER__PREFETCH", "0")], "worker.prefetch"),
+            (
+                &[("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "0")],
+                "worker.effect_concurrency",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "5")],
+                "database.max_connections is 10",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__MAX_ATTEMPTS", "0")],
+                "worker.max_attempts",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__POLL_INTERVAL_MS", "0")],
+                "worker.poll_interval_ms",
+            ),
+            (
+                &[
+                    ("FULFILLMENT__WORKER__BACKOFF_BASE_MS", "500"),
+                    ("FULFILLMENT__WORKER__BACKOFF_MAX_MS", "100"),
+                ],
+                "worker.backoff_max_ms",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__OPERATION_POLL_CAP_SECS", "0")],
+                "worker.operation_poll_cap_secs",
+            ),
+        ];
+        for (vars, expected) in cases {
+            let message = Settings::from_sources(None, &env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(expected), "{vars:?}: {message}");
+        }
+        let message = Settings::from_sources(None, &env(&[("FULFILLMENT__WORKER__PREFETCH", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("FULFILLMENT__WORKER__PREFETCH"),
+            "{message}"
+        );
+        // A larger pool makes room for more effects.
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "5"),
+                ("FULFILLMENT__DATABASE__MAX_CONNECTIONS", "11"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.worker.effect_concurrency, Some(5));
     }
 
     #[test]

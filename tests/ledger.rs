@@ -97,7 +97,7 @@ async fn first_sight_creates_the_subscription_and_records_the_decision() {
 }
 
 #[tokio::test]
-async fn a_message_seen_before_is_a_duplicate_and_changes_nothing() {
+async fn a_message_seen_before_is_a_duplicate_that_changes_nothing_but_is_logged_as_ignored() {
     let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
     let now = OffsetDateTime::now_utc();
@@ -147,7 +147,30 @@ async fn a_message_seen_before_is_a_duplicate_and_changes_nothing() {
     .await
     .unwrap();
     assert!(matches!(second, ApplyOutcome::Duplicate), "{second:?}");
-    assert_eq!(count(pool.clone()).await, before);
+    let (events, outbox) = count(pool.clone()).await;
+    assert_eq!(outbox, before.1, "a duplicate queues nothing");
+    assert_eq!(events, before.0 + 1, "the copy is in the event log");
+    let (kind, outcome, reason, from, to, message): (
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT event_kind, outcome, reason, from_state, to_state, message_id \
+             FROM subscription_events ORDER BY sequence DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kind, "WebhookRenew");
+    assert_eq!(outcome, "ignored");
+    assert!(reason.starts_with("duplicate event"), "{reason}");
+    assert_eq!((from.as_str(), to.as_str()), ("Subscribed", "Subscribed"));
+    assert_eq!(message.as_deref(), Some(op.to_string().as_str()));
+    let restored = ledger::load(&pool, id).await.unwrap().unwrap();
+    assert_eq!(restored.state(), StateName::Subscribed);
 }
 
 #[tokio::test]
@@ -203,4 +226,85 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
         .await
         .unwrap();
     assert_eq!(version, 62);
+}
+
+#[tokio::test]
+async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
+    use marketplace_fulfillment::store::outbox;
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    // A burst: many subscriptions whose effects (domain events) were queued first …
+    let mut earlier = Vec::new();
+    for _ in 0..5 {
+        let id = SubscriptionId::from(Uuid::new_v4());
+        ledger::apply(
+            &pool,
+            id,
+            &observed(MarketplaceStatus::Subscribed, "gold"),
+            &EventSource::default(),
+            now,
+            &policy,
+        )
+        .await
+        .unwrap();
+        earlier.push(id.as_uuid());
+    }
+    // … then one whose customer changed the plan: its ACK is due within 10 s (P7).
+    let changed = SubscriptionId::from(Uuid::new_v4());
+    ledger::apply(
+        &pool,
+        changed,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+    let change = Event::Webhook(Webhook {
+        plan_id: Some(PlanId::parse("silver").unwrap()),
+        action: WebhookAction::ChangePlan,
+        ..match renew_webhook(Uuid::new_v4()) {
+            Event::Webhook(w) => w,
+            _ => unreachable!(),
+        }
+    });
+    ledger::apply(
+        &pool,
+        changed,
+        &change,
+        &EventSource::default(),
+        now,
+        &policy,
+    )
+    .await
+    .unwrap();
+
+    // The changed subscription's rows run first, its own order kept, up to the ACK.
+    let mut kinds = Vec::new();
+    loop {
+        let claimed = outbox::claim_next(&pool).await.unwrap().expect("a due row");
+        assert_eq!(
+            claimed.row.subscription_id,
+            changed.as_uuid(),
+            "another subscription went first after {kinds:?}"
+        );
+        kinds.push(claimed.row.kind.clone());
+        claimed.complete().await.unwrap();
+        if kinds.last().map(String::as_str) == Some("ack_operation") {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("publish_domain_event")
+    );
+    // Then the others, oldest first.
+    let next = outbox::claim_next(&pool).await.unwrap().expect("a due row");
+    assert!(
+        next.row.subscription_id == changed.as_uuid() || next.row.subscription_id == earlier[0],
+        "{:?}",
+        next.row
+    );
 }

@@ -444,9 +444,10 @@ async fn a_failing_message_returns_through_each_retry_tier_then_dead_letters() {
     );
 
     let dead = get_one(&broker.topology().dead_letter_queue()).await;
+    // Three attempts were made: the first and one per tier.
     assert_eq!(
         header(&dead, "x-attempt").as_deref(),
-        Some("LongLongInt(2)")
+        Some("LongLongInt(3)")
     );
     assert_eq!(
         header(&dead, "x-last-error").as_deref(),
@@ -527,6 +528,11 @@ async fn a_poison_body_is_reported_and_can_be_dead_lettered_with_the_response() 
     assert_eq!(
         header(&dead, "x-marketplace-response").as_deref(),
         Some(r#"{"status":400,"body":"bad"}"#)
+    );
+    assert_eq!(
+        header(&dead, "x-attempt").as_deref(),
+        Some("LongLongInt(1)"),
+        "dead-lettered at its first attempt"
     );
     wait_until_empty(&broker.topology().inbound_queue()).await;
 

@@ -592,9 +592,21 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
     let events = app.events(id).await;
     let decisions = events
         .iter()
-        .filter(|(kind, _, _, _)| kind == "WebhookChangePlan")
+        .filter(|(kind, outcome, _, _)| kind == "WebhookChangePlan" && outcome == "applied")
         .count();
     assert_eq!(decisions, 1, "{events:#?}");
+    // The copy is in the event log, ignored as a duplicate.
+    let copies = events
+        .iter()
+        .filter(|(kind, outcome, reason, _)| {
+            kind == "WebhookChangePlan"
+                && outcome == "ignored"
+                && reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("duplicate event"))
+        })
+        .count();
+    assert_eq!(copies, 1, "{events:#?}");
     let acks = events
         .iter()
         .filter(|(kind, _, _, _)| kind == "effect:ack_operation")

@@ -332,7 +332,8 @@ impl InboundDelivery {
     }
 
     /// Moves the message to the dead-letter queue with why (`x-failure-reason`,
-    /// `x-last-error`), when (`x-dead-lettered-at`), after how many attempts (`x-attempt`)
+    /// `x-last-error`), when (`x-dead-lettered-at`), after how many attempts (`x-attempt`:
+    /// the attempts made, this one included)
     /// and, for a permanent Marketplace failure, its response (`x-marketplace-response`);
     /// confirmed, then acks this delivery.
     #[tracing::instrument(
@@ -353,10 +354,11 @@ impl InboundDelivery {
         ensure_usable(&self.acker)?;
         let topology = self.publisher_topology();
         let mut table = self.republish_headers();
+        // The attempts made, this failed one included.
         headers::set(
             &mut table,
             headers::ATTEMPT,
-            AMQPValue::LongLongInt(i64::from(self.attempt)),
+            AMQPValue::LongLongInt(i64::from(self.attempt) + 1),
         );
         headers::set(
             &mut table,

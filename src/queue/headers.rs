@@ -8,7 +8,8 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const SUBSCRIPTION_ID: &str = "x-subscription-id";
 /// `InboundMessage::type_name`.
 pub const MESSAGE_TYPE: &str = "x-message-type";
-/// How many times a worker already failed on this message (0 on first publish).
+/// How many times a worker already failed on this message (0 on first publish); in the
+/// dead-letter queue, the attempts made in all.
 pub const ATTEMPT: &str = "x-attempt";
 pub const LAST_ERROR: &str = "x-last-error";
 pub const DEAD_LETTERED_AT: &str = "x-dead-lettered-at";

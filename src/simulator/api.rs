@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -98,7 +98,11 @@ async fn inject_faults(
     request: Request,
     next: Next,
 ) -> Response {
-    let (latency, fault) = shared.api_fault();
+    let call = request
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|route| super::faults::call_name(request.method().as_str(), route.as_str()));
+    let (latency, fault) = shared.api_fault(call);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
@@ -113,6 +117,14 @@ async fn inject_faults(
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, retry_after_secs.to_string())],
             Json(json!({"code": "TooManyRequests", "message": "Rate limit exceeded; retry later."})),
+        )
+            .into_response(),
+        Some(ApiFault::Fixed { call, status }) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            Json(json!({"error": {
+                "code": if status < 500 { "BadRequest" } else { "UnexpectedError" },
+                "message": format!("{call} failed: injected fault (failCalls)"),
+            }})),
         )
             .into_response(),
     }

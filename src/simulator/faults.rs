@@ -1,7 +1,9 @@
 //! Fault injection: what `PUT /simulator/faults` sets, and the dice it rolls. The public API
-//! can answer 5xx or 429 (with `Retry-After`) and respond slowly; the webhook sender can
-//! deliver twice, out of order, and invent actions nobody documented (§6.4, §13).
+//! can answer 5xx or 429 (with `Retry-After`), respond slowly, or fail one kind of call with
+//! a fixed status (`failCalls`); the webhook sender can deliver twice, out of order, and
+//! invent actions nobody documented (§6.4, §13).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::RngExt;
@@ -31,6 +33,66 @@ pub struct Faults {
     pub reorder: Reorder,
     /// Share of webhooks followed by one with an undocumented `action`.
     pub unknown_actions: f64,
+    /// Calls answered with a fixed status every time, by call name (see [`CALLS`]): e.g.
+    /// `{"updateOperation": 400}` makes every ACK fail for good. Wins over the shares.
+    pub fail_calls: BTreeMap<String, u16>,
+}
+
+/// The public API calls `failCalls` can name: `(name, method, route)`.
+pub const CALLS: &[(&str, &str, &str)] = &[
+    ("listSubscriptions", "GET", "/api/saas/subscriptions"),
+    ("resolve", "POST", "/api/saas/subscriptions/resolve"),
+    (
+        "getSubscription",
+        "GET",
+        "/api/saas/subscriptions/{subscription_id}",
+    ),
+    (
+        "updateSubscription",
+        "PATCH",
+        "/api/saas/subscriptions/{subscription_id}",
+    ),
+    (
+        "deleteSubscription",
+        "DELETE",
+        "/api/saas/subscriptions/{subscription_id}",
+    ),
+    (
+        "activate",
+        "POST",
+        "/api/saas/subscriptions/{subscription_id}/activate",
+    ),
+    (
+        "listAvailablePlans",
+        "GET",
+        "/api/saas/subscriptions/{subscription_id}/listAvailablePlans",
+    ),
+    (
+        "listOperations",
+        "GET",
+        "/api/saas/subscriptions/{subscription_id}/operations",
+    ),
+    (
+        "getOperation",
+        "GET",
+        "/api/saas/subscriptions/{subscription_id}/operations/{operation_id}",
+    ),
+    (
+        "updateOperation",
+        "PATCH",
+        "/api/saas/subscriptions/{subscription_id}/operations/{operation_id}",
+    ),
+    ("usageEvent", "POST", "/api/usageEvent"),
+    ("batchUsageEvent", "POST", "/api/batchUsageEvent"),
+    ("usageEvents", "GET", "/api/usageEvents"),
+];
+
+/// The `failCalls` name of a request, from its method and matched route.
+pub(crate) fn call_name(method: &str, route: &str) -> Option<&'static str> {
+    CALLS
+        .iter()
+        .find(|(_, m, r)| *m == method && *r == route)
+        .map(|(name, _, _)| *name)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +132,20 @@ impl Faults {
                 )));
             }
         }
+        for (call, status) in &self.fail_calls {
+            if !CALLS.iter().any(|(name, _, _)| name == call) {
+                let known: Vec<&str> = CALLS.iter().map(|(name, _, _)| *name).collect();
+                return Err(ApiError::bad_request(format!(
+                    "failCalls names an unknown call {call:?}; known calls: {}",
+                    known.join(", ")
+                )));
+            }
+            if !(400..=599).contains(status) {
+                return Err(ApiError::bad_request(format!(
+                    "failCalls.{call} must be an HTTP error status (400..=599), got {status}"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -78,7 +154,14 @@ impl Faults {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ApiFault {
     ServerError,
-    Throttled { retry_after_secs: u64 },
+    Throttled {
+        retry_after_secs: u64,
+    },
+    /// `failCalls`: this status, every time.
+    Fixed {
+        call: &'static str,
+        status: u16,
+    },
 }
 
 impl Shared {
@@ -96,11 +179,20 @@ impl Shared {
         Duration::from_millis(self.rng().random_range(0..millis.max(1)))
     }
 
-    /// The latency to add and the failure to inject, if any, for one public API call.
-    pub fn api_fault(&self) -> (Duration, Option<ApiFault>) {
+    /// The latency to add and the failure to inject, if any, for one public API call
+    /// (`call`: its `failCalls` name, when it has one).
+    pub fn api_fault(&self, call: Option<&'static str>) -> (Duration, Option<ApiFault>) {
         let faults = self.read(|st| st.faults.clone());
         let latency = Duration::from_millis(faults.latency_ms);
-        let fault = if self.roll(faults.share5xx) {
+        let fixed = call.and_then(|call| {
+            faults
+                .fail_calls
+                .get(call)
+                .map(|&status| ApiFault::Fixed { call, status })
+        });
+        let fault = if fixed.is_some() {
+            fixed
+        } else if self.roll(faults.share5xx) {
             Some(ApiFault::ServerError)
         } else if self.roll(faults.share429) {
             Some(ApiFault::Throttled {
@@ -125,6 +217,34 @@ mod tests {
         assert_eq!(f.reorder.window(), Duration::from_millis(1200));
         assert_eq!(f.share5xx, 0.5);
         assert!(serde_json::from_str::<Faults>(r#"{"share5XX": 1}"#).is_err());
+    }
+
+    #[test]
+    fn fail_calls_name_known_calls_and_error_statuses() {
+        let f: Faults = serde_json::from_str(r#"{"failCalls": {"updateOperation": 400}}"#).unwrap();
+        assert!(f.validate().is_ok());
+        assert_eq!(f.fail_calls["updateOperation"], 400);
+        let f: Faults = serde_json::from_str(r#"{"failCalls": {"patchThing": 400}}"#).unwrap();
+        let err = f.validate().unwrap_err();
+        assert!(err.message.contains("getSubscription"), "{}", err.message);
+        let f: Faults = serde_json::from_str(r#"{"failCalls": {"activate": 200}}"#).unwrap();
+        assert!(f.validate().is_err());
+    }
+
+    #[test]
+    fn a_call_is_named_by_its_method_and_route() {
+        assert_eq!(
+            call_name("GET", "/api/saas/subscriptions/{subscription_id}"),
+            Some("getSubscription")
+        );
+        assert_eq!(
+            call_name(
+                "PATCH",
+                "/api/saas/subscriptions/{subscription_id}/operations/{operation_id}"
+            ),
+            Some("updateOperation")
+        );
+        assert_eq!(call_name("PUT", "/api/saas/subscriptions"), None);
     }
 
     #[test]

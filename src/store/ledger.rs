@@ -36,7 +36,8 @@ pub struct EventSource {
 /// What one `apply` did.
 #[derive(Debug, Clone)]
 pub enum ApplyOutcome {
-    /// The inbox already held this message: nothing was decided, recorded or queued.
+    /// The inbox already held this message: nothing was decided or queued; the copy is
+    /// recorded in the event log as ignored (a duplicate), so redeliveries stay visible.
     Duplicate,
     /// The machine decided; the decision, its log row and its outbox rows are committed.
     Decided(Applied),
@@ -159,7 +160,16 @@ async fn apply_guarded(
         .rows_affected()
             == 1;
         if !fresh {
-            tx.rollback().await?;
+            record_duplicate(
+                &mut tx,
+                subscription_id,
+                event,
+                source,
+                (message_id, kind),
+                now,
+            )
+            .await?;
+            tx.commit().await?;
             crate::metrics::record_event(
                 event.kind().as_str(),
                 crate::metrics::EventOutcome::Duplicate,
@@ -241,6 +251,60 @@ async fn apply_guarded(
         decision,
         outbox_ids,
     })))
+}
+
+/// Appends an `ignored` row for a message the inbox has seen: the machine is not asked,
+/// nothing is queued. Skipped when the subscription row does not exist (the inbox key
+/// belongs to another subscription).
+async fn record_duplicate(
+    tx: &mut Transaction<'static, Postgres>,
+    subscription_id: SubscriptionId,
+    event: &Event,
+    source: &EventSource,
+    (message_id, kind): (&str, &str),
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let id = subscription_id.as_uuid();
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(state) = state else {
+        return Ok(());
+    };
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(sequence), 0) + 1 FROM subscription_events WHERE subscription_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO subscription_events \
+         (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
+          to_state, outcome, reason, correlation_id, request_id, trace_id, recorded_at, \
+          received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, 'ignored', $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id)
+    .bind(sequence)
+    .bind(&source.message_id)
+    .bind(event.key())
+    .bind(event.kind().as_str())
+    .bind(to_json(event))
+    .bind(&state)
+    .bind(format!(
+        "duplicate event: message {message_id} ({kind}) was handled before (inbox)"
+    ))
+    .bind(&source.correlation_id)
+    .bind(&source.request_id)
+    .bind(&source.trace_id)
+    .bind(now)
+    .bind(source.received_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The machine of a subscription, if we know it (no lock; for reads).

@@ -8,7 +8,9 @@
 //!
 //! Order: only the oldest pending row of a subscription (by event-log sequence, then id) can
 //! be claimed, so one subscription's effects run one at a time and in the machine's order.
-//! A `poll_operation` row only waits for Microsoft and does not hold back the rows behind it.
+//! `poll_operation` and `confirm_operation` rows only wait for Microsoft and do not hold
+//! back the rows behind them (see [`WAITING_KINDS`]). Subscriptions with an ACK pending go
+//! first, so a burst of domain events cannot eat Microsoft's 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
 
 use std::time::Duration;
@@ -24,6 +26,10 @@ use super::StoreError;
 /// The `LISTEN`/`NOTIFY` channel `apply` signals when it queued effects: a wake-up hint
 /// only; runners also poll.
 pub const NOTIFY_CHANNEL: &str = "fulfillment_outbox";
+
+/// Effect kinds that wait for Microsoft to finish an operation; they never block the
+/// rows behind them.
+pub const WAITING_KINDS: [&str; 2] = ["poll_operation", "confirm_operation"];
 
 /// One row of `outbox`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -56,7 +62,9 @@ pub struct Claimed {
     pub row: OutboxRow,
 }
 
-/// Claims the most overdue claimable row, if any.
+/// Claims the most overdue claimable row, if any — first among the subscriptions that
+/// have an ACK waiting: Microsoft's 10-second window (P7) must not be spent behind a burst
+/// of other subscriptions' domain events.
 pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query_as::<_, OutboxRow>(
@@ -67,12 +75,16 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
            AND NOT EXISTS ( \
                SELECT 1 FROM outbox p JOIN subscription_events pe ON pe.id = p.event_id \
                WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
-                 AND p.kind <> 'poll_operation' AND p.id <> o.id \
+                 AND p.kind <> ALL($1) AND p.id <> o.id \
                  AND (pe.sequence, p.id) < (e.sequence, o.id)) \
-         ORDER BY o.next_attempt_at, e.sequence, o.id \
+         ORDER BY EXISTS ( \
+                      SELECT 1 FROM outbox a WHERE a.subscription_id = o.subscription_id \
+                        AND a.status = 'pending' AND a.kind = 'ack_operation') DESC, \
+                  o.next_attempt_at, e.sequence, o.id \
          LIMIT 1 \
          FOR UPDATE OF o SKIP LOCKED",
     )
+    .bind(&WAITING_KINDS[..])
     .fetch_optional(&mut *tx)
     .await?;
     match row {

@@ -4,9 +4,12 @@
 //! - A body that is not a message, or a message that is not an event ⇒ dead-lettered with
 //!   the reason (never a guess).
 //! - A webhook for a subscription we have never seen (P12) ⇒ GET it first and apply the
-//!   observation, then the webhook (a 404 is recorded and the webhook still applied).
-//! - A redelivery ⇒ the inbox makes it a `Duplicate`: logged, acked, nothing else.
-//! - Database or transient Microsoft errors ⇒ the message goes to a retry tier.
+//!   observation, then the webhook. A 404 (a purchase Microsoft no longer knows) still
+//!   applies the webhook, with the 404 in the event log; any other refusal (400, 403)
+//!   dead-letters the message with Microsoft's response: nothing is applied on a guess.
+//! - A redelivery ⇒ the inbox makes it a `Duplicate`: logged as ignored, acked, nothing else.
+//! - Database or transient Microsoft errors ⇒ the message goes to a retry tier, then to the
+//!   dead-letter queue (with Microsoft's last response, if any).
 //!
 //! One subscription's events never run at once: `ledger::apply` locks its row, across
 //! processes.
@@ -87,15 +90,26 @@ impl std::fmt::Debug for MessageHandler {
     }
 }
 
-/// Why a message cannot be applied now.
+/// Why a message cannot be applied now; `response` is Microsoft's answer, if one caused it
+/// (`x-marketplace-response` in the dead-letter queue).
 enum Failure {
-    Later(String),
-    /// Microsoft failed transiently; its answer travels with the message (to the DLQ).
-    LaterFromMicrosoft {
+    Later {
         error: String,
-        response: String,
+        response: Option<String>,
     },
-    Never(String),
+    Never {
+        reason: String,
+        response: Option<String>,
+    },
+}
+
+impl Failure {
+    fn database(error: impl std::fmt::Display) -> Self {
+        Failure::Later {
+            error: format!("database: {error}"),
+            response: None,
+        }
+    }
 }
 
 impl MessageHandler {
@@ -190,23 +204,10 @@ impl MessageHandler {
                 delivery.ack().await?;
                 Ok(Handled::Applied)
             }
-            Err(Failure::Later(error)) => {
-                tracing::warn!(error, "cannot apply the message now");
-                match delivery.retry_later(&error).await? {
-                    RetryOutcome::Scheduled { .. } => {
-                        metrics::record_event(action, EventOutcome::RetryScheduled);
-                        Ok(Handled::RetryScheduled)
-                    }
-                    RetryOutcome::DeadLettered => {
-                        record_dead_letter(action, DeadLetterReason::RetriesExhausted);
-                        Ok(Handled::DeadLettered)
-                    }
-                }
-            }
-            Err(Failure::LaterFromMicrosoft { error, response }) => {
+            Err(Failure::Later { error, response }) => {
                 tracing::warn!(error, "cannot apply the message now");
                 match delivery
-                    .retry_later_with_response(&error, Some(&response))
+                    .retry_later_with_response(&error, response.as_deref())
                     .await?
                 {
                     RetryOutcome::Scheduled { .. } => {
@@ -219,8 +220,8 @@ impl MessageHandler {
                     }
                 }
             }
-            Err(Failure::Never(reason)) => {
-                delivery.dead_letter(&reason, None).await?;
+            Err(Failure::Never { reason, response }) => {
+                delivery.dead_letter(&reason, response.as_deref()).await?;
                 record_dead_letter(action, DeadLetterReason::CorruptState);
                 Ok(Handled::DeadLettered)
             }
@@ -233,15 +234,16 @@ impl MessageHandler {
         subscription_id: Uuid,
         source: &EventSource,
     ) -> Result<ApplyOutcome, Failure> {
+        let mut unknown_to_microsoft = None;
         if matches!(event, Event::Webhook(_)) {
             let known = subscriptions::exists(&self.pool, subscription_id)
                 .await
-                .map_err(|e| Failure::Later(format!("database: {e}")))?;
+                .map_err(Failure::database)?;
             if !known {
-                self.observe_first(subscription_id, source).await?;
+                unknown_to_microsoft = self.observe_first(subscription_id, source).await?;
             }
         }
-        ledger::apply(
+        let outcome = ledger::apply(
             &self.pool,
             subscription_id.into(),
             event,
@@ -251,18 +253,27 @@ impl MessageHandler {
         )
         .await
         .map_err(|error| match error {
-            StoreError::CorruptMachine(_) => Failure::Never(error.to_string()),
-            other => Failure::Later(format!("database: {other}")),
-        })
+            StoreError::CorruptMachine(_) => Failure::Never {
+                reason: error.to_string(),
+                response: None,
+            },
+            other => Failure::database(other),
+        })?;
+        if let (Some(error), ApplyOutcome::Decided(_)) = (&unknown_to_microsoft, &outcome) {
+            self.record_unknown(subscription_id, source, error).await;
+        }
+        Ok(outcome)
     }
 
     /// P12: a webhook about a subscription we never saw. GET it and apply what Microsoft
     /// says first, so the webhook meets a machine that knows plan, quantity and state.
+    /// Returns the 404 when Microsoft does not know it either (the webhook then applies on
+    /// its own, a tombstone for an Unsubscribe); other refusals are failures.
     async fn observe_first(
         &self,
         subscription_id: Uuid,
         source: &EventSource,
-    ) -> Result<(), Failure> {
+    ) -> Result<Option<ApiError>, Failure> {
         let correlation = source
             .correlation_id
             .as_deref()
@@ -289,26 +300,32 @@ impl MessageHandler {
                     &self.policy,
                 )
                 .await
-                .map_err(|e| Failure::Later(format!("database: {e}")))?;
-                Ok(())
+                .map_err(Failure::database)?;
+                Ok(None)
             }
-            Err(error) if error.is_retryable() => Err(Failure::LaterFromMicrosoft {
-                error: error.to_string(),
-                response: marketplace_response(&error),
-            }),
+            Err(error @ ApiError::NotFound { .. }) => {
+                tracing::warn!(%error, "Microsoft does not know the subscription either (P12); applying the webhook");
+                Ok(Some(error))
+            }
             Err(error) => {
-                // 404: a purchase that never reached us (P12); others (403): report and
-                // still apply the webhook, which is what Microsoft told us.
-                tracing::warn!(%error, "cannot fetch an unknown subscription; applying the webhook anyway");
-                self.record_unknown(subscription_id, source, &error).await;
-                Ok(())
+                let reason =
+                    format!("cannot verify a webhook for an unknown subscription (P12): {error}");
+                let response = Some(marketplace_response(&error));
+                if error.is_retryable() {
+                    Err(Failure::Later {
+                        error: reason,
+                        response,
+                    })
+                } else {
+                    Err(Failure::Never { reason, response })
+                }
             }
         }
     }
 
-    /// Records the failed GET once the webhook created the row: best effort.
+    /// Records the 404 of [`Self::observe_first`] once the webhook created the row (best
+    /// effort: the decision is already committed).
     async fn record_unknown(&self, subscription_id: Uuid, source: &EventSource, error: &ApiError) {
-        let pool = self.pool.clone();
         let record = EffectRecord {
             event_kind: "effect:fetch_unknown_subscription".into(),
             event_key: format!("fetch-unknown:{}", Uuid::now_v7()),
@@ -320,30 +337,20 @@ impl MessageHandler {
                 "detail": error.to_string(),
                 "request_id": error.request_id(),
             }),
-            reason: format!("webhook for an unknown subscription; GET failed: {error}"),
+            reason: format!("webhook for a subscription Microsoft does not know (P12): {error}"),
             correlation_id: source.correlation_id.clone(),
             request_id: error.request_id().map(|id| id.to_string()),
         };
-        // The row does not exist yet: record after the webhook has been applied.
-        tokio::spawn(Instrument::in_current_span(async move {
-            for _ in 0..20 {
-                match ledger::record_effect_result(
-                    &pool,
-                    subscription_id,
-                    &record,
-                    OffsetDateTime::now_utc(),
-                )
-                .await
-                {
-                    Ok(Some(_)) => return,
-                    Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot record the failed GET");
-                        return;
-                    }
-                }
-            }
-        }));
+        if let Err(error) = ledger::record_effect_result(
+            &self.pool,
+            subscription_id,
+            &record,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        {
+            tracing::warn!(%error, "cannot record the failed GET in the event log");
+        }
     }
 }
 
@@ -353,7 +360,7 @@ fn record_dead_letter(action: &'static str, reason: DeadLetterReason) {
     metrics::record_dead_letter(reason);
 }
 
-/// Microsoft's answer to a failed call, as JSON text for the `x-marketplace-response` header.
+/// Microsoft's answer as the `x-marketplace-response` header: call, status, body, ids.
 fn marketplace_response(error: &ApiError) -> String {
     json!({
         "call": error.failure().map(|f| f.call.as_str()),
@@ -361,6 +368,7 @@ fn marketplace_response(error: &ApiError) -> String {
         "status": error.status(),
         "body": error.body(),
         "request_id": error.request_id(),
+        "response_request_id": error.failure().and_then(|f| f.response_request_id.clone()),
         "attempts": error.failure().map(|f| f.attempts),
     })
     .to_string()

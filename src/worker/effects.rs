@@ -471,6 +471,10 @@ impl EffectRunner {
                 operation_id,
                 location,
             } => self.poll_operation(row, *operation_id, location).await,
+            Effect::ConfirmOperation { operation_id } => {
+                let location = self.operation_location(row.subscription_id, operation_id.as_uuid());
+                self.poll_operation(row, *operation_id, &location).await
+            }
             Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await,
         }
     }
@@ -646,8 +650,9 @@ impl EffectRunner {
         }
     }
 
-    /// PATCH the operation (§4.11). 409 = already final = done. Best-effort ACKs (Reinstate)
-    /// ignore permanent errors. Records the time from webhook receipt to the PATCH (P7).
+    /// PATCH the operation (§4.11). 409 = already final = done (the `ConfirmOperation` behind
+    /// it learns how it ended). Best-effort ACKs (Reinstate) ignore permanent errors. Records
+    /// the time from webhook receipt to the PATCH (P7).
     async fn ack_operation(
         &self,
         row: &OutboxRow,
@@ -968,8 +973,9 @@ impl EffectRunner {
     }
 
     /// GET the Operation-Location until a final status (§7.2), then feed `OperationResult`.
-    /// Past the cap, or when Microsoft no longer knows the operation, GET the subscription
-    /// and feed `Observed` instead.
+    /// Past the cap, or when Microsoft no longer knows the operation (P17), GET the
+    /// subscription and feed `Observed` instead. Also confirms an operation we ACKed
+    /// (`ConfirmOperation`), at its location rebuilt from the API base.
     async fn poll_operation(
         &self,
         row: &OutboxRow,

@@ -46,10 +46,36 @@ impl WorkerConfig {
     /// connection for its claim and needs another for its results.
     pub fn for_pool(max_connections: u32) -> Self {
         let mut config = Self::default();
-        let spare = usize::try_from(max_connections.saturating_sub(2) / 2).unwrap_or(1);
-        config.effects.concurrency = spare.clamp(1, 10);
+        config.effects.concurrency = concurrency_for_pool(max_connections);
         config
     }
+
+    /// The `[worker]` settings; an unset effect concurrency is sized for the pool.
+    pub fn from_settings(settings: &Settings) -> Self {
+        let worker = &settings.worker;
+        Self {
+            prefetch: worker.prefetch,
+            consumer_tag: String::new(),
+            effects: EffectsConfig {
+                concurrency: worker
+                    .effect_concurrency
+                    .unwrap_or_else(|| concurrency_for_pool(settings.database.max_connections)),
+                poll_interval: worker.poll_interval,
+                max_attempts: worker.max_attempts,
+                backoff_base: worker.backoff_base,
+                backoff_max: worker.backoff_max,
+                operation_poll_interval: worker.operation_poll_interval,
+                operation_poll_cap: worker.operation_poll_cap,
+                activation_check_interval: worker.activation_check_interval,
+                activation_wait_cap: worker.activation_wait_cap,
+            },
+        }
+    }
+}
+
+fn concurrency_for_pool(max_connections: u32) -> usize {
+    let spare = usize::try_from(max_connections.saturating_sub(2) / 2).unwrap_or(1);
+    spare.clamp(1, 10)
 }
 
 /// The connections a worker needs.
@@ -189,7 +215,13 @@ impl Worker {
 /// Runs a worker until `shutdown` fires.
 pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let parts = WorkerParts::connect(&settings).await?;
-    let config = WorkerConfig::for_pool(settings.database.max_connections);
+    let config = WorkerConfig::from_settings(&settings);
+    tracing::info!(
+        prefetch = config.prefetch,
+        effect_concurrency = config.effects.concurrency,
+        max_attempts = config.effects.max_attempts,
+        "worker settings"
+    );
     let broker = parts.broker.clone();
     // /metrics, /healthz, /readyz: up while the worker runs.
     let listener = MetricsListener::bind(
@@ -257,5 +289,45 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn the_default_settings_give_the_code_defaults() {
+        let settings = Settings::from_sources(None, &HashMap::new()).unwrap();
+        let from_settings = WorkerConfig::from_settings(&settings);
+        let coded = WorkerConfig::for_pool(settings.database.max_connections);
+        assert_eq!(from_settings.prefetch, coded.prefetch);
+        assert_eq!(
+            format!("{:?}", from_settings.effects),
+            format!("{:?}", coded.effects)
+        );
+    }
+
+    #[test]
+    fn settings_reach_the_worker_config() {
+        let env: HashMap<String, String> = [
+            ("FULFILLMENT__WORKER__PREFETCH", "3"),
+            ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "2"),
+            ("FULFILLMENT__WORKER__BACKOFF_BASE_MS", "25"),
+            ("FULFILLMENT__WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = WorkerConfig::from_settings(&Settings::from_sources(None, &env).unwrap());
+        assert_eq!(config.prefetch, 3);
+        assert_eq!(config.effects.concurrency, 2);
+        assert_eq!(config.effects.backoff_base, Duration::from_millis(25));
+        assert_eq!(
+            config.effects.activation_check_interval,
+            Duration::from_millis(100)
+        );
     }
 }

@@ -58,6 +58,13 @@ pub enum Effect {
         /// Operation-Location.
         location: String,
     },
+    /// After an ACK: GET the operation until Microsoft reports it final, then feed
+    /// `Event::OperationResult`. Microsoft applies a change only after the ACK (§7.3), so
+    /// until then a GET of the subscription may still show the old values (P13).
+    ConfirmOperation {
+        /// The acknowledged operation.
+        operation_id: OperationId,
+    },
     /// Tell the ISV's systems (outbox → broker).
     PublishDomainEvent(DomainEvent),
 }
@@ -73,6 +80,7 @@ impl Effect {
             Effect::RequestQuantityChange { .. } => "request_quantity_change",
             Effect::RequestCancel { .. } => "request_cancel",
             Effect::PollOperation { .. } => "poll_operation",
+            Effect::ConfirmOperation { .. } => "confirm_operation",
             Effect::PublishDomainEvent(_) => "publish_domain_event",
         }
     }

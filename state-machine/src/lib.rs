@@ -32,5 +32,8 @@ pub use event::{
 pub use ids::{
     CommandId, InvalidId, OfferId, OperationId, PlanId, Quantity, SubscriptionId, TenantId,
 };
-pub use machine::{ActivationProgress, PendingOperation, SEEN_KEYS_CAPACITY, SubscriptionMachine};
+pub use machine::{
+    ActivationProgress, PendingOperation, SEEN_KEYS_CAPACITY, SubscriptionMachine, UNCONFIRMED_TTL,
+    Unconfirmed, UnconfirmedChange,
+};
 pub use policy::{ActivationMode, PlanMove, PlanMoves, Policy, SeatLimits, Verdict};

@@ -21,7 +21,7 @@ use crate::decision::{Decision, IgnoreReason, Outcome as Decided};
 use crate::details::{Details, MarketplaceStatus, Snapshot, StateName};
 use crate::effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
 use crate::event::{Command, Event, OperationStatus, RequestSource, Webhook, WebhookAction};
-use crate::ids::{CommandId, OperationId, SubscriptionId};
+use crate::ids::{CommandId, OperationId, PlanId, Quantity, SubscriptionId};
 use crate::policy::{ActivationMode, Policy, Verdict};
 
 /// How many event keys we remember for deduplication. Microsoft retries one webhook up
@@ -65,19 +65,106 @@ pub struct PendingOperation {
     pub applied: bool,
 }
 
+/// How long an acknowledged change may wait for Microsoft's confirmation before GETs are
+/// believed again (the confirmation normally comes within seconds; this bounds a lost one).
+pub const UNCONFIRMED_TTL: time::Duration = time::Duration::hours(1);
+
+/// A change we acknowledged that Microsoft may not show yet: it applies a customer change
+/// or a reinstatement only after our ACK (§7.3), so until the operation is final a GET can
+/// still show the old plan, seats or status (P13). Observations must not undo it meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unconfirmed {
+    /// The acknowledged operation.
+    pub operation_id: OperationId,
+    /// What it changes.
+    pub change: UnconfirmedChange,
+    /// When we acknowledged it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+/// What an acknowledged operation changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum UnconfirmedChange {
+    /// A customer plan change we accepted.
+    Plan {
+        /// The new plan.
+        plan_id: PlanId,
+    },
+    /// A customer seat change we accepted.
+    Quantity {
+        /// The new seats.
+        quantity: Quantity,
+    },
+    /// A reinstatement we applied.
+    Reinstatement,
+}
+
 /// Shared storage of the statig machine: what survives every state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Ledger {
     subscription_id: SubscriptionId,
-    /// Newest webhook `timeStamp` applied (P10 ordering).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    newest_webhook_at: Option<OffsetDateTime>,
+    /// Newest webhook `timeStamp` applied, per aspect of the subscription (P10 ordering).
+    #[serde(default)]
+    newest_webhooks: Watermarks,
     /// Newest Resolve/GET observation applied.
     #[serde(default, with = "time::serde::rfc3339::option")]
     newest_observation_at: Option<OffsetDateTime>,
     /// Ring of handled event keys, oldest first (P9).
     #[serde(default)]
     seen: VecDeque<String>,
+    /// Changes we acknowledged that Microsoft has not confirmed yet (P13).
+    #[serde(default)]
+    unconfirmed: Vec<Unconfirmed>,
+}
+
+/// The newest webhook `timeStamp` applied for each aspect of a subscription. A webhook is
+/// stale only against a newer one about the same thing: Microsoft runs one operation at a
+/// time per subscription, so an older plan or seat change behind a newer one is already
+/// final, but a Renew or a Suspend says nothing about a seat change the customer made
+/// before it — ignoring that one would leave it unacknowledged, and Microsoft would apply
+/// it 10 s later without us (P7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Watermarks {
+    /// Subscribe, Suspend, Reinstate, Unsubscribe.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    status: Option<OffsetDateTime>,
+    /// ChangePlan, ChangeQuantity (a plan change can change the seats).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    plan_and_seats: Option<OffsetDateTime>,
+    /// Renew.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    term: Option<OffsetDateTime>,
+}
+
+impl Watermarks {
+    /// The watermark of the aspect `action` is about; none for unknown actions.
+    fn of(&mut self, action: &WebhookAction) -> Option<&mut Option<OffsetDateTime>> {
+        match action {
+            WebhookAction::Subscribe
+            | WebhookAction::Suspend
+            | WebhookAction::Reinstate
+            | WebhookAction::Unsubscribe => Some(&mut self.status),
+            WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => {
+                Some(&mut self.plan_and_seats)
+            }
+            WebhookAction::Renew => Some(&mut self.term),
+            WebhookAction::Unknown(_) => None,
+        }
+    }
+
+    fn newest(&self, action: &WebhookAction) -> Option<OffsetDateTime> {
+        match action {
+            WebhookAction::Subscribe
+            | WebhookAction::Suspend
+            | WebhookAction::Reinstate
+            | WebhookAction::Unsubscribe => self.status,
+            WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => self.plan_and_seats,
+            WebhookAction::Renew => self.term,
+            WebhookAction::Unknown(_) => None,
+        }
+    }
 }
 
 /// External context: inputs of one `handle` call and what it produced.
@@ -86,6 +173,10 @@ pub(crate) struct Ctx<'p> {
     now: OffsetDateTime,
     policy: &'p Policy,
     from: StateName,
+    /// The event is the result of an operation whose webhook we handled (and ACKed).
+    known_operation: bool,
+    /// The ledger's unconfirmed changes, as handlers leave them (kept unless ignored).
+    unconfirmed: Vec<Unconfirmed>,
     effects: Vec<Effect>,
     outcome: Option<Decided>,
 }
@@ -96,6 +187,8 @@ impl<'p> Ctx<'p> {
             now,
             policy,
             from,
+            known_operation: false,
+            unconfirmed: Vec::new(),
             effects: Vec::new(),
             outcome: None,
         }
@@ -103,6 +196,16 @@ impl<'p> Ctx<'p> {
 
     fn push(&mut self, effect: Effect) {
         self.effects.push(effect);
+    }
+
+    /// Observations must not undo `change` until Microsoft confirms `operation_id`.
+    fn await_confirmation(&mut self, operation_id: OperationId, change: UnconfirmedChange) {
+        self.unconfirmed.retain(|u| u.operation_id != operation_id);
+        self.unconfirmed.push(Unconfirmed {
+            operation_id,
+            change,
+            since: self.now,
+        });
     }
 
     fn publish(&mut self, kind: DomainEventKind, details: &Details, state: StateName) {
@@ -280,7 +383,8 @@ impl Ledger {
     ///
     /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
     ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
-    ///   ACK `Failure` (within 10 s, P7). No target in a minimal payload → `FetchSubscription`.
+    ///   ACK `Failure` (within 10 s, P7). Every ACK is followed by `ConfirmOperation`
+    ///   (its result brings a GET, P13). No target in a minimal payload → `FetchSubscription`.
     /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
     ///   operation until its result so success is not announced twice.
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
@@ -387,7 +491,8 @@ impl Ledger {
 
     /// `Suspended`: payment failed, 30-day grace; keep data restorable (P25).
     ///
-    /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy).
+    /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy),
+    ///   then `ConfirmOperation`.
     /// - Webhook `Suspend` → no change. `ChangePlan`/`ChangeQuantity`/`Renew`/`Subscribe` →
     ///   not applicable (only Subscribed can be updated or renewed, §5.2 rules).
     /// - Publisher `ChangePlan`/`ChangeQuantity` → rejected; `Cancel` is allowed (→ `live`).
@@ -407,6 +512,11 @@ impl Ledger {
                         status: AckStatus::Success,
                         best_effort: true,
                     });
+                    context.push(Effect::ConfirmOperation {
+                        operation_id: webhook.operation_id,
+                    });
+                    context
+                        .await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
                     context.publish(DomainEventKind::Reinstated, details, StateName::Subscribed);
                     context.applied("reinstated by Microsoft (payment fixed)");
                     Transition(State::subscribed(details.clone(), pending.clone()))
@@ -438,11 +548,14 @@ impl Ledger {
     /// - Unknown webhook action → recorded, not applicable (P9).
     /// - `Observed`/`PurchaseResolved` → converge plan, quantity, term and status
     ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
-    ///   publisher operation already applied.
+    ///   publisher operation already applied, nor a change we acknowledged that Microsoft
+    ///   has not confirmed yet (P13: the GET may predate it).
     /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
-    /// - `OperationResult` `Succeeded` → apply the change (once), or **Unsubscribed** for Cancel.
+    /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
+    ///   (§7.2), or **Unsubscribed** for Cancel. The result of a customer operation we
+    ///   ACKed (its webhook was handled) → `FetchSubscription`: now a GET shows its outcome.
     #[superstate]
     fn live(
         details: &mut Details,
@@ -560,15 +673,21 @@ impl Ledger {
     fn new(subscription_id: SubscriptionId) -> Self {
         Ledger {
             subscription_id,
-            newest_webhook_at: None,
+            newest_webhooks: Watermarks::default(),
             newest_observation_at: None,
             seen: VecDeque::new(),
+            unconfirmed: Vec::new(),
         }
     }
 
     /// Bookkeeping after dispatch (runs once per hierarchy level, so it is idempotent):
     /// remember the key (P9) and, if the event counted, advance the watermark (P10).
     /// It lives in a dispatch hook, which never runs on restore, unlike entry actions.
+    ///
+    /// An event counts when it was applied or rejected, and also when it was ignored as
+    /// "no change": the state already reflects it, so anything older is stale. (Without
+    /// that, a Reinstate that overtook its Suspend would be ignored while Subscribed, and
+    /// the late Suspend would then suspend a subscription Microsoft is reinstating.)
     fn remember(
         &mut self,
         _: StateOrSuperstate<'_, State, Superstate<'_>>,
@@ -582,9 +701,18 @@ impl Ledger {
             }
             self.seen.push_back(key);
         }
+        if !matches!(context.outcome, Some(Decided::Ignored { .. }) | None) {
+            self.unconfirmed = context.unconfirmed.clone();
+        }
         let counted = matches!(
             context.outcome,
-            Some(Decided::Applied { .. } | Decided::Rejected { .. })
+            Some(
+                Decided::Applied { .. }
+                    | Decided::Rejected { .. }
+                    | Decided::Ignored {
+                        reason: IgnoreReason::NoChange
+                    }
+            )
         );
         if !counted {
             return;
@@ -592,8 +720,13 @@ impl Ledger {
         match event {
             Event::Webhook(Webhook {
                 timestamp: Some(at),
+                action,
                 ..
-            }) => advance(&mut self.newest_webhook_at, *at),
+            }) => {
+                if let Some(mark) = self.newest_webhooks.of(action) {
+                    advance(mark, *at);
+                }
+            }
             Event::PurchaseResolved {
                 resolved_at: at, ..
             }
@@ -604,6 +737,12 @@ impl Ledger {
         }
     }
 
+    /// Whether a webhook of this operation is among the handled keys.
+    fn saw_webhook_of(&self, operation_id: OperationId) -> bool {
+        let prefix = format!("webhook:{operation_id}:");
+        self.seen.iter().any(|key| key.starts_with(&prefix))
+    }
+
     /// Why the event must be ignored before any state sees it, if it must.
     fn gate(&self, event: &Event) -> Option<IgnoreReason> {
         if self.seen.contains(&event.key()) {
@@ -612,9 +751,10 @@ impl Ledger {
         // Evidence of Unsubscribed is never stale: Microsoft never leaves that state, so
         // an old Unsubscribe is still true (P10 "never resurrect" cuts both ways).
         let stale = match event {
-            Event::Webhook(webhook) if webhook.action != WebhookAction::Unsubscribe => {
-                is_older(webhook.timestamp, self.newest_webhook_at)
-            }
+            Event::Webhook(webhook) if webhook.action != WebhookAction::Unsubscribe => is_older(
+                webhook.timestamp,
+                self.newest_webhooks.newest(&webhook.action),
+            ),
             Event::PurchaseResolved {
                 snapshot,
                 resolved_at: at,
@@ -778,6 +918,8 @@ fn converge_live(
         }
         StateName::Subscribed | StateName::Suspended => {
             let mut merged = details.merged_with(snapshot);
+            let (target, held, confirmed) =
+                hold_unconfirmed(details, snapshot, target, &mut merged, context);
             let mut next_pending = pending.clone();
             if let Some(op) = next_pending.as_mut() {
                 // A snapshot taken while our operation is in flight still shows the old
@@ -799,7 +941,14 @@ fn converge_live(
                 }
             }
             if merged == *details && next_pending == *pending && target == from {
-                return context.ignore(IgnoreReason::NoChange);
+                if confirmed.is_empty() {
+                    return context.ignore(IgnoreReason::NoChange);
+                }
+                context.applied(format!(
+                    "Microsoft now shows what operation {} changed",
+                    confirmed.join(", ")
+                ));
+                return Handled;
             }
             if merged.plan_id != details.plan_id {
                 context.publish(DomainEventKind::PlanChanged, &merged, target);
@@ -816,10 +965,16 @@ fn converge_live(
                 }
                 _ => {}
             }
-            context.applied(format!(
-                "converged to Microsoft's view ({})",
-                snapshot.status
-            ));
+            context.applied(if held.is_empty() {
+                format!("converged to Microsoft's view ({})", snapshot.status)
+            } else {
+                format!(
+                    "converged to Microsoft's view ({}), keeping what operation {} changed \
+                     until Microsoft confirms it (P13)",
+                    snapshot.status,
+                    held.join(", ")
+                )
+            });
             if target == from {
                 *details = merged;
                 *pending = next_pending;
@@ -831,6 +986,72 @@ fn converge_live(
             }
         }
     }
+}
+
+/// Keeps in `merged` (and in the returned target state) what acknowledged, unconfirmed
+/// operations changed and `snapshot` does not show yet (P13). Drops entries the snapshot
+/// confirms, that later events made obsolete, or that waited longer than
+/// [`UNCONFIRMED_TTL`]. Returns the target state and the operations held and confirmed.
+fn hold_unconfirmed(
+    details: &Details,
+    snapshot: &Snapshot,
+    mut target: StateName,
+    merged: &mut Details,
+    context: &mut Ctx<'_>,
+) -> (StateName, Vec<String>, Vec<String>) {
+    let from = context.from;
+    let now = context.now;
+    let mut held = Vec::new();
+    let mut confirmed = Vec::new();
+    let mut unconfirmed = std::mem::take(&mut context.unconfirmed);
+    unconfirmed.retain(|u| {
+        // Too old, or made obsolete by a later event: forget it.
+        let obsolete = now - u.since > UNCONFIRMED_TTL
+            || match &u.change {
+                UnconfirmedChange::Plan { plan_id } => details.plan_id.as_ref() != Some(plan_id),
+                UnconfirmedChange::Quantity { quantity } => details.quantity != Some(*quantity),
+                UnconfirmedChange::Reinstatement => from != StateName::Subscribed,
+            };
+        if obsolete {
+            return false;
+        }
+        let shown = match &u.change {
+            UnconfirmedChange::Plan { plan_id } => snapshot.plan_id.as_ref() == Some(plan_id),
+            UnconfirmedChange::Quantity { quantity } => snapshot.quantity == Some(*quantity),
+            UnconfirmedChange::Reinstatement => target == StateName::Subscribed,
+        };
+        if shown {
+            confirmed.push(u.operation_id.to_string());
+            return false;
+        }
+        // The snapshot predates the change: keep ours where it differs.
+        let mut kept = false;
+        match &u.change {
+            UnconfirmedChange::Plan { .. } => {
+                if merged.plan_id != details.plan_id || merged.quantity != details.quantity {
+                    merged.plan_id = details.plan_id.clone();
+                    merged.quantity = details.quantity;
+                    kept = true;
+                }
+            }
+            UnconfirmedChange::Quantity { .. } => {
+                if merged.quantity != details.quantity {
+                    merged.quantity = details.quantity;
+                    kept = true;
+                }
+            }
+            UnconfirmedChange::Reinstatement => {
+                target = StateName::Subscribed;
+                kept = true;
+            }
+        }
+        if kept {
+            held.push(u.operation_id.to_string());
+        }
+        true
+    });
+    context.unconfirmed = unconfirmed;
+    (target, held, confirmed)
 }
 
 /// Who started this ChangePlan/ChangeQuantity? `Partner` means us (P18); an unknown
@@ -845,12 +1066,18 @@ fn is_ours(webhook: &Webhook, pending: &Option<PendingOperation>) -> bool {
     }
 }
 
-fn ack(webhook: &Webhook, status: AckStatus) -> Effect {
-    Effect::AckOperation {
+/// ACK the webhook's operation within the window (P7), then confirm its final status: only
+/// once Microsoft reports it final does a GET show the outcome (P13), which the result's
+/// confirming fetch then reads.
+fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
+    context.push(Effect::AckOperation {
         operation_id: webhook.operation_id,
         status,
         best_effort: false,
-    }
+    });
+    context.push(Effect::ConfirmOperation {
+        operation_id: webhook.operation_id,
+    });
 }
 
 fn change_plan_webhook(
@@ -891,7 +1118,7 @@ fn change_plan_webhook(
         return Handled;
     }
     if details.plan_id.as_ref() == Some(target) {
-        context.push(ack(webhook, AckStatus::Success));
+        acknowledge(context, webhook, AckStatus::Success);
         context.applied(format!("revert to current plan {target} accepted (P8)"));
         return Handled;
     }
@@ -901,13 +1128,19 @@ fn change_plan_webhook(
     {
         Verdict::Accept => {
             details.plan_id = Some(target.clone());
-            context.push(ack(webhook, AckStatus::Success));
+            acknowledge(context, webhook, AckStatus::Success);
+            context.await_confirmation(
+                webhook.operation_id,
+                UnconfirmedChange::Plan {
+                    plan_id: target.clone(),
+                },
+            );
             context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
             context.applied(format!("plan change to {target} accepted"));
             Handled
         }
         Verdict::Reject { reason } => {
-            context.push(ack(webhook, AckStatus::Failure));
+            acknowledge(context, webhook, AckStatus::Failure);
             context.publish_because(
                 DomainEventKind::ChangeRejected,
                 details,
@@ -960,7 +1193,7 @@ fn change_quantity_webhook(
         return Handled;
     }
     if details.quantity == Some(target) {
-        context.push(ack(webhook, AckStatus::Success));
+        acknowledge(context, webhook, AckStatus::Success);
         context.applied(format!("revert to current quantity {target} accepted (P8)"));
         return Handled;
     }
@@ -970,7 +1203,11 @@ fn change_quantity_webhook(
     {
         Verdict::Accept => {
             details.quantity = Some(target);
-            context.push(ack(webhook, AckStatus::Success));
+            acknowledge(context, webhook, AckStatus::Success);
+            context.await_confirmation(
+                webhook.operation_id,
+                UnconfirmedChange::Quantity { quantity: target },
+            );
             context.publish(
                 DomainEventKind::QuantityChanged,
                 details,
@@ -980,7 +1217,7 @@ fn change_quantity_webhook(
             Handled
         }
         Verdict::Reject { reason } => {
-            context.push(ack(webhook, AckStatus::Failure));
+            acknowledge(context, webhook, AckStatus::Failure);
             context.publish_because(
                 DomainEventKind::ChangeRejected,
                 details,
@@ -1005,6 +1242,19 @@ fn operation_result(
         .filter(|op| op.operation_id == Some(operation_id))
         .cloned()
     else {
+        if context.known_operation {
+            // A customer change or reinstatement we acknowledged is final at Microsoft:
+            // only now can a GET be trusted to show its outcome (P13, §7.3) — a plan
+            // without seats, a rejection Microsoft ignored (acc#348), an auto-accept.
+            context
+                .unconfirmed
+                .retain(|u| u.operation_id != operation_id);
+            context.push(Effect::FetchSubscription);
+            context.applied(format!(
+                "operation {operation_id} ended {status} at Microsoft; confirming with GET (P13)"
+            ));
+            return Handled;
+        }
         return context.not_applicable(format!(
             "operation {operation_id} is not ours or not pending"
         ));
@@ -1039,11 +1289,14 @@ fn operation_result(
                 ActivationProgress::Confirmed,
             ))
         }
+        // §7.2 "on Succeeded: apply change locally; GET subscription to confirm": the GET
+        // also brings what the change implies (a flat plan has no seats).
         Command::ChangePlan { plan_id } => {
             if !op.applied && details.plan_id.as_ref() != Some(&plan_id) {
                 details.plan_id = Some(plan_id.clone());
                 context.publish(DomainEventKind::PlanChanged, details, state);
             }
+            context.push(Effect::FetchSubscription);
             context.applied(format!("plan change to {plan_id} succeeded"));
             Handled
         }
@@ -1052,6 +1305,7 @@ fn operation_result(
                 details.quantity = Some(quantity);
                 context.publish(DomainEventKind::QuantityChanged, details, state);
             }
+            context.push(Effect::FetchSubscription);
             context.applied(format!("quantity change to {quantity} succeeded"));
             Handled
         }
@@ -1091,6 +1345,10 @@ impl SubscriptionMachine {
             return Decision::ignored(from, reason);
         }
         let mut context = Ctx::new(now, policy, from);
+        context.unconfirmed = self.machine.inner().unconfirmed.clone();
+        if let Event::OperationResult { operation_id, .. } = event {
+            context.known_operation = self.machine.inner().saw_webhook_of(*operation_id);
+        }
         self.machine.handle_with_context(event, &mut context);
         let outcome = context.outcome.unwrap_or_else(|| Decided::Ignored {
             reason: IgnoreReason::NotApplicable(format!(
@@ -1153,6 +1411,11 @@ impl SubscriptionMachine {
             | State::Unsubscribed { activation, .. } => activation.clone(),
             State::Subscribed { .. } | State::Suspended { .. } => ActivationProgress::Confirmed,
         }
+    }
+
+    /// Changes we acknowledged that Microsoft has not confirmed yet (P13).
+    pub fn unconfirmed(&self) -> &[Unconfirmed] {
+        &self.machine.inner().unconfirmed
     }
 
     /// Whether `event` has been handled before (its key is still in the ring).

@@ -93,6 +93,12 @@ fn ack(n: u128, status: AckStatus, best_effort: bool) -> Effect {
     }
 }
 
+fn confirm(n: u128) -> Effect {
+    Effect::ConfirmOperation {
+        operation_id: op(n),
+    }
+}
+
 fn gold(kind: DomainEventKind, state: StateName) -> Effect {
     domain(kind, Some("gold"), Some(10), state, None)
 }
@@ -319,6 +325,7 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(7, AckStatus::Success, false),
+                confirm(7),
                 domain(K::PlanChanged, Some("platinum"), Some(10), Subscribed, None),
             ],
             Applied,
@@ -328,7 +335,7 @@ fn cases() -> Vec<Case> {
             subscribed(),
             change_plan(7, RequestSource::Azure, "gold", 5),
             Subscribed,
-            vec![ack(7, AckStatus::Success, false)],
+            vec![ack(7, AckStatus::Success, false), confirm(7)],
             Applied,
         ),
         with_policy(
@@ -346,6 +353,7 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
+                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -372,6 +380,7 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(7, AckStatus::Success, false),
+                confirm(7),
                 domain(K::QuantityChanged, Some("gold"), Some(20), Subscribed, None),
             ],
             Applied,
@@ -381,7 +390,7 @@ fn cases() -> Vec<Case> {
             subscribed(),
             change_quantity(7, RequestSource::Azure, 10, 5),
             Subscribed,
-            vec![ack(7, AckStatus::Success, false)],
+            vec![ack(7, AckStatus::Success, false), confirm(7)],
             Applied,
         ),
         with_policy(
@@ -399,6 +408,7 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
+                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -425,6 +435,7 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
+                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -473,7 +484,7 @@ fn cases() -> Vec<Case> {
             ),
             result(50, OperationStatus::Succeeded),
             Subscribed,
-            vec![],
+            vec![Effect::FetchSubscription],
             Applied,
         ),
         // ── §5.2 Renew / Suspend / Unsubscribe ─────────────────────────────────
@@ -667,17 +678,14 @@ fn cases() -> Vec<Case> {
             Rejected,
         ),
         case(
-            "§5.2 publisher PATCH succeeds: plan applied",
+            "§5.2/§7.2 publisher PATCH succeeds: plan applied, then confirmed with GET",
             subscribed_changing_plan(),
             result(50, OperationStatus::Succeeded),
             Subscribed,
-            vec![domain(
-                K::PlanChanged,
-                Some("platinum"),
-                Some(10),
-                Subscribed,
-                None,
-            )],
+            vec![
+                domain(K::PlanChanged, Some("platinum"), Some(10), Subscribed, None),
+                Effect::FetchSubscription,
+            ],
             Applied,
         ),
         case(
@@ -715,6 +723,36 @@ fn cases() -> Vec<Case> {
                 Some(&format!("operation {} ended Conflict", op(50))),
             )],
             Rejected,
+        ),
+        case(
+            "P13 the result of a customer change we ACKed is confirmed with GET",
+            then(
+                subscribed(),
+                change_plan(7, RequestSource::Azure, "platinum", 5),
+            ),
+            result(7, OperationStatus::Succeeded),
+            Subscribed,
+            vec![Effect::FetchSubscription],
+            Applied,
+        ),
+        case(
+            "P13 a failed customer change we ACKed is confirmed with GET (acc#348)",
+            then(
+                subscribed(),
+                change_plan(7, RequestSource::Azure, "platinum", 5),
+            ),
+            result(7, OperationStatus::Failed),
+            Subscribed,
+            vec![Effect::FetchSubscription],
+            Applied,
+        ),
+        case(
+            "P13 the result of a reinstatement we ACKed is confirmed with GET",
+            then(suspended(), azure(9, WebhookAction::Reinstate, 5)),
+            result(9, OperationStatus::Succeeded),
+            Subscribed,
+            vec![Effect::FetchSubscription],
+            Applied,
         ),
         case(
             "result for an operation we are not waiting for is not applicable",
@@ -774,6 +812,7 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(9, AckStatus::Success, true),
+                confirm(9),
                 gold(K::Reinstated, Subscribed),
             ],
             Applied,
@@ -842,9 +881,32 @@ fn cases() -> Vec<Case> {
         ),
         // ── Ordering, duplicates, terminal ─────────────────────────────────────
         case(
-            "P10 webhook older than the newest applied webhook is stale",
-            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            "P10 a plan change older than the newest applied seat change is stale",
+            then(
+                subscribed(),
+                change_quantity(8, RequestSource::Azure, 12, 10),
+            ),
             change_plan(7, RequestSource::Azure, "platinum", 5),
+            Subscribed,
+            vec![],
+            Stale,
+        ),
+        case(
+            "P10 a seat change older than an applied Renew is still decided and ACKed (else Microsoft auto-accepts it without us)",
+            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            change_quantity(7, RequestSource::Azure, 12, 5),
+            Subscribed,
+            vec![
+                ack(7, AckStatus::Success, false),
+                confirm(7),
+                domain(K::QuantityChanged, Some("gold"), Some(12), Subscribed, None),
+            ],
+            Applied,
+        ),
+        case(
+            "P10 a Renew older than the newest applied Renew is stale",
+            then(subscribed(), azure(8, WebhookAction::Renew, 10)),
+            azure(7, WebhookAction::Renew, 5),
             Subscribed,
             vec![],
             Stale,
@@ -1039,4 +1101,195 @@ fn renew_takes_the_term_from_the_webhook_snapshot() {
     });
     machine.handle(&renew, t(5), &policy);
     assert_eq!(machine.details().term, Some(term));
+}
+
+/// Feeds `events` in order and returns each decision's outcome.
+fn outcomes(start: Vec<Event>, events: &[Event]) -> (SubscriptionMachine, Vec<Want>) {
+    let policy = Policy::default();
+    let mut machine = machine_after(&start, &policy);
+    let wants = events
+        .iter()
+        .map(|event| Want::of(&machine.handle(event, t(20), &policy).outcome))
+        .collect();
+    (machine, wants)
+}
+
+#[test]
+fn p10_a_suspend_overtaken_by_its_reinstate_is_stale() {
+    // Microsoft suspended (minute 9) and reinstated (minute 10); the Reinstate arrives
+    // first, while we are still Subscribed: no change, but the late Suspend is now stale.
+    let (machine, wants) = outcomes(
+        subscribed(),
+        &[
+            azure(9, WebhookAction::Reinstate, 10),
+            azure(8, WebhookAction::Suspend, 9),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Subscribed);
+}
+
+#[test]
+fn p10_a_reinstate_overtaken_by_a_newer_suspend_is_stale() {
+    // Suspend (3), Reinstate (8), Suspend again (10); the second Suspend arrives before the
+    // Reinstate: no change while Suspended, and the Reinstate behind it is stale.
+    let (machine, wants) = outcomes(
+        suspended(),
+        &[
+            azure(10, WebhookAction::Suspend, 10),
+            azure(9, WebhookAction::Reinstate, 8),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Suspended);
+}
+
+#[test]
+fn a_no_change_observation_also_makes_older_observations_stale() {
+    let (machine, wants) = outcomes(
+        subscribed(),
+        &[
+            observed(MS::Subscribed, "gold", 10, 10),
+            observed(MS::Suspended, "gold", 10, 9),
+        ],
+    );
+    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(machine.state(), Subscribed);
+}
+
+/// A snapshot of a plan without seats (a flat plan: Microsoft reports no quantity).
+fn flat(plan_id: &str, minute: i64) -> Event {
+    Event::Observed {
+        snapshot: Snapshot {
+            plan_id: Some(plan(plan_id)),
+            quantity: None,
+            ..Snapshot::with_status(MS::Subscribed)
+        },
+        observed_at: t(minute),
+    }
+}
+
+#[test]
+fn a_customer_move_to_a_flat_plan_drops_the_seats_once_microsoft_confirms_it() {
+    // Subscribed on per-seat gold with 10 seats; the customer moves to flat platinum. The
+    // ACK is followed by a confirmation, not by a GET: before the operation is final a GET
+    // may still show gold/10 (P13).
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    let decision = machine.handle(
+        &change_plan(7, RequestSource::Azure, "platinum", 5),
+        t(5),
+        &policy,
+    );
+    assert_eq!(
+        decision.effects[..2],
+        [ack(7, AckStatus::Success, false), confirm(7)]
+    );
+    assert!(!decision.effects.contains(&Effect::FetchSubscription));
+    // Microsoft reports the operation final: now the GET is safe.
+    let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(6), &policy);
+    assert_eq!(decision.effects, vec![Effect::FetchSubscription]);
+    let decision = machine.handle(&flat("platinum", 7), t(7), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::Applied);
+    assert_eq!(machine.details().plan_id, Some(plan("platinum")));
+    assert_eq!(
+        machine.details().quantity,
+        None,
+        "the old seat count is gone"
+    );
+    assert!(
+        decision.effects.contains(&domain(
+            K::QuantityChanged,
+            Some("platinum"),
+            None,
+            Subscribed,
+            None
+        )),
+        "{decision:?}"
+    );
+}
+
+#[test]
+fn a_publisher_move_to_a_flat_plan_drops_the_seats_after_the_operation_succeeds() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed_changing_plan(), &policy);
+    let decision = machine.handle(&result(50, OperationStatus::Succeeded), t(6), &policy);
+    assert!(decision.effects.contains(&Effect::FetchSubscription));
+    machine.handle(&flat("platinum", 7), t(7), &policy);
+    assert_eq!(machine.details().plan_id, Some(plan("platinum")));
+    assert_eq!(machine.details().quantity, None);
+}
+
+#[test]
+fn p13_a_lagging_get_does_not_undo_an_acknowledged_seat_change_until_microsoft_confirms_it() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    assert_eq!(machine.unconfirmed().len(), 1);
+    // A GET made before Microsoft applied the change (an older fetch, another worker's
+    // check of a new subscription) still shows 10 seats.
+    let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 6), t(6), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
+    assert_eq!(machine.details().quantity, Some(qty(12)));
+    // Microsoft reports the operation final: the entry goes, the GET is believed again.
+    let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(7), &policy);
+    assert_eq!(decision.effects, vec![Effect::FetchSubscription]);
+    assert!(machine.unconfirmed().is_empty());
+    machine.handle(&observed(MS::Subscribed, "gold", 12, 8), t(8), &policy);
+    assert_eq!(machine.details().quantity, Some(qty(12)));
+}
+
+#[test]
+fn p13_when_the_acknowledged_change_failed_at_microsoft_its_get_wins() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    machine.handle(&result(7, OperationStatus::Failed), t(6), &policy);
+    let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 7), t(7), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::Applied);
+    assert_eq!(machine.details().quantity, Some(qty(10)));
+}
+
+#[test]
+fn p13_a_lagging_get_does_not_suspend_a_subscription_we_reinstated() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&suspended(), &policy);
+    machine.handle(&azure(9, WebhookAction::Reinstate, 5), t(5), &policy);
+    assert_eq!(machine.state(), Subscribed);
+    // The Suspend's own GET, made before our ACK reached Microsoft.
+    let decision = machine.handle(&observed(MS::Suspended, "gold", 10, 6), t(6), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
+    assert_eq!(machine.state(), Subscribed);
+    // A later Suspend webhook still suspends, and its GET is believed.
+    machine.handle(&azure(10, WebhookAction::Suspend, 8), t(8), &policy);
+    assert_eq!(machine.state(), Suspended);
+    machine.handle(&observed(MS::Suspended, "gold", 10, 9), t(9), &policy);
+    assert_eq!(machine.state(), Suspended);
+}
+
+#[test]
+fn p13_an_unconfirmed_change_is_forgotten_after_its_time_to_live() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(
+        &change_quantity(7, RequestSource::Azure, 12, 5),
+        t(5),
+        &policy,
+    );
+    let late = 5 + UNCONFIRMED_TTL.whole_minutes() + 1;
+    machine.handle(
+        &observed(MS::Subscribed, "gold", 10, late),
+        t(late),
+        &policy,
+    );
+    assert_eq!(machine.details().quantity, Some(qty(10)));
+    assert!(machine.unconfirmed().is_empty());
 }
