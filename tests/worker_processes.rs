@@ -321,6 +321,74 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
     stack.finish().await;
 }
 
+#[tokio::test]
+async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let stack = Stack::start(options()).await;
+    let mut worker = stack.spawn_worker_process(&[]);
+    wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
+    let (id, _) = stack.purchase("per-seat", Some(4), true).await;
+    stack.settle(&[id], Duration::from_secs(60)).await;
+    // Every call to Microsoft now takes 3 s: the ACK is in hand when SIGTERM arrives.
+    stack.set_faults(json!({"latencyMs": 3000})).await;
+    let op = stack
+        .act(id, json!({"action": "ChangeQuantity", "quantity": 5}))
+        .await;
+    stack
+        .wait_for("the worker executing the ACK", || async {
+            // Pending, and locked by the worker's claim (SKIP LOCKED does not see it).
+            let (pending, free): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM outbox WHERE kind = 'ack_operation' \
+                           AND status = 'pending'), \
+                        (SELECT count(*) FROM (SELECT id FROM outbox \
+                           WHERE kind = 'ack_operation' AND status = 'pending' \
+                           FOR UPDATE SKIP LOCKED) AS unlocked)",
+            )
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+            (pending == 1 && free == 0).then_some(())
+        })
+        .await;
+    worker.terminate();
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(40));
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM outbox WHERE kind = 'ack_operation'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("done", 0),
+        "the ACK was finished"
+    );
+
+    stack.set_faults(json!({})).await;
+    let mut successor = stack.spawn_worker_process(&[]);
+    wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
+    stack.settle(&[id], Duration::from_secs(60)).await;
+    let acks = stack
+        .events(id)
+        .await
+        .into_iter()
+        .filter(|r| r.event_kind == "effect:ack_operation" && r.event["operation_id"] == op)
+        .count();
+    assert_eq!(acks, 1, "the ACK ran once");
+    let view = stack.sim_view(id).await;
+    let operation = view["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == op.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(operation["resolution"], "acknowledged Success", "{view}");
+    successor.terminate();
+    assert!(successor.wait_exit(Duration::from_secs(60)).await.success());
+    stack.finish().await;
+}
+
 #[test]
 fn an_invalid_worker_setting_stops_fulfillment_work_naming_the_key() {
     let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
