@@ -547,8 +547,8 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     assert_eq!(letter["action"], "Subscribe");
     assert_eq!(letter["message_type"], "webhook");
     assert_eq!(
-        letter["attempts"], 2,
-        "two retry tiers were tried: {letter}"
+        letter["attempts"], 3,
+        "the first try and two retry tiers were made: {letter}"
     );
     assert!(letter["first_failure"].as_str() <= letter["last_failure"].as_str());
     assert!(
@@ -622,7 +622,9 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.wait_for(b, "Unsubscribed", None, None).await;
     app.idle().await;
     app.wait_for_queue_len(&app.dlq(), 1).await; // the poison message stays
-    let once = "SELECT count(*) FROM subscription_events WHERE message_id = $1 AND event_kind LIKE 'Webhook%'";
+    // Decided once: a later copy is only logged as an ignored duplicate (inbox).
+    let once = "SELECT count(*) FROM subscription_events WHERE message_id = $1 AND event_kind LIKE 'Webhook%' AND NOT (outcome = 'ignored' AND coalesce(reason, '') LIKE 'duplicate event:%')";
+    let duplicates = "SELECT count(*) FROM subscription_events WHERE message_id = $1 AND outcome = 'ignored' AND reason LIKE 'duplicate event:%'";
     assert_eq!(app.scalar(once, &op_a).await, 1);
     assert_eq!(app.scalar(once, &op_b).await, 1);
     assert_eq!(
@@ -657,6 +659,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.wait_for_queue_len(&app.dlq(), 1).await;
     app.idle().await;
     assert_eq!(app.scalar(once, &op_a).await, 1);
+    assert_eq!(app.scalar(duplicates, &op_a).await, 1);
     assert_eq!(app.scalar(journal, &op_a).await, 2);
 
     // The timeline shows the replays.
