@@ -291,6 +291,9 @@ impl Ledger {
     /// - Webhook `Subscribe` (auto-activation, §5.6) → **Subscribed** + `FetchSubscription`.
     /// - Webhook `Unsubscribe` (cancelled before activation, or a purchase we never saw,
     ///   P12) → **Unsubscribed**.
+    /// - Webhook `ChangePlan`/`ChangeQuantity` from the customer for a resolved purchase →
+    ///   **Subscribed** (`Activated`) and the change decided as there: Microsoft allows
+    ///   changes only once it has the subscription Subscribed, and the ACK window runs.
     /// - Publisher commands → rejected: only Subscribed can be changed (§5.2 rules).
     #[state]
     fn pending_fulfillment(
@@ -361,6 +364,9 @@ impl Ledger {
                     );
                     context.applied("cancelled before activation (P12)");
                     Transition(State::unsubscribed(details, activation.clone()))
+                }
+                WebhookAction::ChangePlan | WebhookAction::ChangeQuantity if details.is_known() => {
+                    customer_change_implies_activation(details, webhook, context)
                 }
                 WebhookAction::Unknown(action) => context.unknown_action(action),
                 other => context.not_applicable(format!(
@@ -1078,6 +1084,42 @@ fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
     context.push(Effect::ConfirmOperation {
         operation_id: webhook.operation_id,
     });
+}
+
+/// A customer's ChangePlan/ChangeQuantity for a purchase we still hold as pending: Microsoft
+/// lets customers change only Subscribed subscriptions, so the webhook is news that the
+/// activation (ours, or Microsoft's at checkout) took effect before our own check saw it.
+/// Waiting for that check would let the 10 s window pass and Microsoft auto-accept the
+/// change unanswered; instead the subscription becomes **Subscribed** (`Activated`) and the
+/// change is decided as in Subscribed. If that decision is to ignore it, nothing moves.
+fn customer_change_implies_activation(
+    details: &Details,
+    webhook: &Webhook,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let mut subscribed = details.clone();
+    let mut pending = None;
+    context.publish(
+        DomainEventKind::Activated,
+        &subscribed,
+        StateName::Subscribed,
+    );
+    let _ = match webhook.action {
+        WebhookAction::ChangePlan => {
+            change_plan_webhook(&mut subscribed, &mut pending, webhook, context)
+        }
+        _ => change_quantity_webhook(&mut subscribed, &mut pending, webhook, context),
+    };
+    match &mut context.outcome {
+        Some(Decided::Applied { reason } | Decided::Rejected { reason }) => {
+            *reason = format!(
+                "activation implied: Microsoft sends a customer's change only for a Subscribed \
+                 subscription; {reason}"
+            );
+            Transition(State::subscribed(subscribed, pending))
+        }
+        _ => Handled,
+    }
 }
 
 fn change_plan_webhook(
