@@ -428,8 +428,26 @@ impl Ledger {
                     context.applied("suspended by Microsoft (payment failed)");
                     Transition(State::suspended(details.clone(), pending.clone()))
                 }
-                WebhookAction::Subscribe | WebhookAction::Reinstate => {
-                    context.ignore(IgnoreReason::NoChange)
+                WebhookAction::Subscribe => context.ignore(IgnoreReason::NoChange),
+                WebhookAction::Reinstate => {
+                    // Already Subscribed here: the Reinstate overtook its Suspend (P10).
+                    // Microsoft still holds the operation open until we answer or its window
+                    // ends, and a GET meanwhile says Suspended; answering it, and keeping
+                    // Subscribed against lagging GETs until it is confirmed, ends that.
+                    context.push(Effect::AckOperation {
+                        operation_id: webhook.operation_id,
+                        status: AckStatus::Success,
+                        best_effort: true,
+                    });
+                    context.push(Effect::ConfirmOperation {
+                        operation_id: webhook.operation_id,
+                    });
+                    context
+                        .await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
+                    context.applied(
+                        "reinstatement acknowledged; already Subscribed here (it overtook its Suspend)",
+                    );
+                    Handled
                 }
                 WebhookAction::Unsubscribe | WebhookAction::Unknown(_) => Super,
             },

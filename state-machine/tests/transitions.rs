@@ -539,12 +539,12 @@ fn cases() -> Vec<Case> {
             NoChange,
         ),
         case(
-            "Reinstate while Subscribed is no change",
+            "Reinstate while Subscribed (it overtook its Suspend) is ACKed best-effort and confirmed",
             subscribed(),
             azure(8, WebhookAction::Reinstate, 5),
             Subscribed,
-            vec![],
-            NoChange,
+            vec![ack(8, AckStatus::Success, true), confirm(8)],
+            Applied,
         ),
         case(
             "P9 unknown action is recorded but not applicable",
@@ -1135,7 +1135,8 @@ fn outcomes(start: Vec<Event>, events: &[Event]) -> (SubscriptionMachine, Vec<Wa
 #[test]
 fn p10_a_suspend_overtaken_by_its_reinstate_is_stale() {
     // Microsoft suspended (minute 9) and reinstated (minute 10); the Reinstate arrives
-    // first, while we are still Subscribed: no change, but the late Suspend is now stale.
+    // first, while we are still Subscribed: it is answered (Microsoft holds it open until
+    // then), and the late Suspend is now stale.
     let (machine, wants) = outcomes(
         subscribed(),
         &[
@@ -1143,7 +1144,21 @@ fn p10_a_suspend_overtaken_by_its_reinstate_is_stale() {
             azure(8, WebhookAction::Suspend, 9),
         ],
     );
-    assert_eq!(wants, vec![Want::NoChange, Want::Stale]);
+    assert_eq!(wants, vec![Want::Applied, Want::Stale]);
+    assert_eq!(machine.state(), Subscribed);
+}
+
+#[test]
+fn p13_a_lagging_get_does_not_suspend_us_after_a_reinstate_that_overtook_its_suspend() {
+    // Found by the duplicate-and-reorder system test: the Reinstate came first and was
+    // ignored, the Suspend was stale, a GET made while Microsoft still held the Reinstate
+    // open said Suspended, and nothing ever answered the Reinstate or looked again.
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    machine.handle(&azure(9, WebhookAction::Reinstate, 10), t(10), &policy);
+    machine.handle(&azure(8, WebhookAction::Suspend, 9), t(10), &policy);
+    let decision = machine.handle(&observed(MS::Suspended, "gold", 10, 11), t(11), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
     assert_eq!(machine.state(), Subscribed);
 }
 
