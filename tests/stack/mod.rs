@@ -607,6 +607,8 @@ impl Stack {
             .env_remove("FULFILLMENT_CONFIG")
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "pretty")
+            // Several workers (and tests) run at once: each its own metrics port.
+            .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
