@@ -38,5 +38,11 @@ fi
 snapshot_date=$(git -C "$db_path/advisory-db-3157b0e258782691" log -1 --format=%cs 2>/dev/null || echo unknown)
 log "cargo-deny $(cargo deny --version | awk '{print $2}'), RustSec snapshot of $snapshot_date"
 
+# `--offline` also keeps `cargo metadata` offline, and metadata covers every platform's
+# dependencies (Windows-only crates too), which a Linux build never downloads: fetch them
+# from the registry first (the advisory database itself stays the offline snapshot).
+log "fetching the sources of every platform's dependencies (cargo fetch --locked)"
+cargo fetch --locked --quiet
+
 export FULFILLMENT_ADVISORY_DBS=$db_path
 exec cargo deny --offline --workspace check --show-stats "$@"
