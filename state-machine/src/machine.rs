@@ -434,16 +434,7 @@ impl Ledger {
                     // Microsoft still holds the operation open until we answer or its window
                     // ends, and a GET meanwhile says Suspended; answering it, and keeping
                     // Subscribed against lagging GETs until it is confirmed, ends that.
-                    context.push(Effect::AckOperation {
-                        operation_id: webhook.operation_id,
-                        status: AckStatus::Success,
-                        best_effort: true,
-                    });
-                    context.push(Effect::ConfirmOperation {
-                        operation_id: webhook.operation_id,
-                    });
-                    context
-                        .await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
+                    acknowledge_reinstatement(context, webhook);
                     context.applied(
                         "reinstatement acknowledged; already Subscribed here (it overtook its Suspend)",
                     );
@@ -531,16 +522,7 @@ impl Ledger {
         match event {
             Event::Webhook(webhook) => match &webhook.action {
                 WebhookAction::Reinstate => {
-                    context.push(Effect::AckOperation {
-                        operation_id: webhook.operation_id,
-                        status: AckStatus::Success,
-                        best_effort: true,
-                    });
-                    context.push(Effect::ConfirmOperation {
-                        operation_id: webhook.operation_id,
-                    });
-                    context
-                        .await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
+                    acknowledge_reinstatement(context, webhook);
                     context.publish(DomainEventKind::Reinstated, details, StateName::Subscribed);
                     context.applied("reinstated by Microsoft (payment fixed)");
                     Transition(State::subscribed(details.clone(), pending.clone()))
@@ -1102,6 +1084,20 @@ fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
     context.push(Effect::ConfirmOperation {
         operation_id: webhook.operation_id,
     });
+}
+
+/// ACK a Reinstate (best-effort: Microsoft auto-accepts it anyway), confirm it, and keep
+/// Subscribed against GETs that still say Suspended until Microsoft reports it final (P13).
+fn acknowledge_reinstatement(context: &mut Ctx<'_>, webhook: &Webhook) {
+    context.push(Effect::AckOperation {
+        operation_id: webhook.operation_id,
+        status: AckStatus::Success,
+        best_effort: true,
+    });
+    context.push(Effect::ConfirmOperation {
+        operation_id: webhook.operation_id,
+    });
+    context.await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
 }
 
 /// A customer's ChangePlan/ChangeQuantity for a purchase we still hold as pending: Microsoft
