@@ -14,12 +14,11 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::harness::{BenchEnv, ChildProcess, RssSampler, free_local_address};
@@ -139,7 +138,12 @@ async fn measure_all(
         "bench: {} purchases through the landing page and activation…",
         args.subscriptions
     );
-    let subscriptions = purchase_and_activate(env, &http, &children[0], args.subscriptions).await?;
+    let sim = Arc::new(SimHandle {
+        http: http.clone(),
+        base: env.sim.base_url(),
+    });
+    let subscriptions =
+        purchase_and_activate(env, &sim, &http, &children[0], args.subscriptions).await?;
 
     eprintln!(
         "bench: {} seat changes over {} subscriptions…",
@@ -147,19 +151,12 @@ async fn measure_all(
     );
     let deadline = Duration::from_secs(args.max_seconds);
     let measured = Instant::now();
-    let sim_base = env.sim.base_url();
-    let env_sim = Arc::new(SimHandle {
-        http: http.clone(),
-        base: sim_base,
-    });
-    let sent = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, subscription) in subscriptions.iter().copied().enumerate() {
         let share = args.events / args.subscriptions
             + usize::from(index < args.events % args.subscriptions);
-        let sim = Arc::clone(&env_sim);
-        let sent = Arc::clone(&sent);
-        let progress_of = env.sim_progress_reader();
+        let sim = Arc::clone(&sim);
+        let progress_of = ProgressReader(env.sim.view());
         tasks.spawn(async move {
             let mut outcomes = Vec::with_capacity(share);
             for change in 0..share {
@@ -175,7 +172,6 @@ async fn measure_all(
                         continue;
                     }
                 };
-                sent.fetch_add(1, Ordering::Relaxed);
                 let left = deadline.saturating_sub(measured.elapsed());
                 outcomes.push(
                     progress_of
@@ -201,8 +197,10 @@ async fn measure_all(
     latencies_us.sort_unstable();
     let ms = |p: f64| measure::percentile_us(&latencies_us, p) as f64 / 1000.0;
 
-    let agreeing_subscriptions = agreeing(env, &subscriptions).await?;
-    explain(env, &mut failed).await?;
+    let pool = crate::store::connect(&env.settings.database).await?;
+    let agreeing_subscriptions = agreeing(env, &pool, &subscriptions).await?;
+    explain(&pool, &mut failed).await?;
+    pool.close().await;
     let peak = |pid: u32, sampler: &RssSampler| {
         measure::proc_status_kib(pid, "VmHWM")
             .map(|kib| kib as f64 / 1024.0)
@@ -339,25 +337,16 @@ impl ProgressReader {
     }
 }
 
-impl BenchEnv {
-    fn sim_progress_reader(&self) -> ProgressReader {
-        ProgressReader(self.sim.view())
-    }
-}
-
 /// Buys `count` subscriptions of the per-seat plan and opens each landing page on the
 /// ingress (which resolves the token and queues the purchase for the worker, which
 /// activates it); returns once the simulator shows them all Subscribed.
 async fn purchase_and_activate(
     env: &BenchEnv,
+    sim: &SimHandle,
     http: &reqwest::Client,
     ingress: &ChildProcess,
     count: usize,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let sim = SimHandle {
-        http: http.clone(),
-        base: env.sim.base_url(),
-    };
     let mut subscriptions = Vec::with_capacity(count);
     for i in 0..count {
         let answer = sim
@@ -412,11 +401,7 @@ async fn purchase_and_activate(
 }
 
 /// Adds what the engine decided (from its event log) to each failure that names an operation.
-async fn explain(env: &BenchEnv, failed: &mut [String]) -> anyhow::Result<()> {
-    if failed.is_empty() {
-        return Ok(());
-    }
-    let pool = crate::store::connect(&env.settings.database).await?;
+async fn explain(pool: &PgPool, failed: &mut [String]) -> anyhow::Result<()> {
     for reason in failed.iter_mut() {
         let Some(operation) = reason
             .strip_prefix("operation ")
@@ -428,7 +413,7 @@ async fn explain(env: &BenchEnv, failed: &mut [String]) -> anyhow::Result<()> {
             "SELECT outcome, reason FROM subscription_events WHERE message_id = $1 ORDER BY sequence",
         )
         .bind(operation)
-        .fetch_all(&pool)
+        .fetch_all(pool)
         .await?;
         let decisions: Vec<String> = decisions
             .into_iter()
@@ -436,16 +421,14 @@ async fn explain(env: &BenchEnv, failed: &mut [String]) -> anyhow::Result<()> {
             .collect();
         *reason = format!("{reason}; our event log: [{}]", decisions.join("; "));
     }
-    pool.close().await;
     Ok(())
 }
 
 /// How many subscriptions end with the same state, plan and seats on both sides.
-async fn agreeing(env: &BenchEnv, subscriptions: &[Uuid]) -> anyhow::Result<usize> {
-    let pool = crate::store::connect(&env.settings.database).await?;
+async fn agreeing(env: &BenchEnv, pool: &PgPool, subscriptions: &[Uuid]) -> anyhow::Result<usize> {
     let mut agree = 0;
     for id in subscriptions {
-        let ours = crate::store::subscriptions::find(&pool, *id).await?;
+        let ours = crate::store::subscriptions::find(pool, *id).await?;
         let theirs = env.sim.view().subscription_status(*id);
         if let (Some(ours), Some((status, plan, quantity))) = (ours, theirs)
             && ours.state == status
@@ -455,7 +438,6 @@ async fn agreeing(env: &BenchEnv, subscriptions: &[Uuid]) -> anyhow::Result<usiz
             agree += 1;
         }
     }
-    pool.close().await;
     Ok(agree)
 }
 
