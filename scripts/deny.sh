@@ -18,9 +18,16 @@ if ! cargo deny --version >/dev/null 2>&1; then
   cargo install --locked cargo-deny --version "$CARGO_DENY_VERSION"
 fi
 
-tarball=${RUSTSEC_DB_TARBALL:-$root/../shared/tools/rustsec-advisory-db.tar.gz}
+# The snapshot lives in ../shared/tools beside the project. A clone made elsewhere (e.g. a
+# CI check in /tmp) finds it beside the local repository it was cloned from.
+snapshot=shared/tools/rustsec-advisory-db.tar.gz
+tarball=${RUSTSEC_DB_TARBALL:-$root/../$snapshot}
+origin=$(git -C "$root" config --get remote.origin.url 2>/dev/null || true)
+if [ -z "${RUSTSEC_DB_TARBALL:-}" ] && [ ! -f "$tarball" ] && [ -d "$origin" ]; then
+  tarball=$origin/../$snapshot
+fi
 if [ ! -f "$tarball" ]; then
-  log "no advisory DB snapshot at $tarball (set RUSTSEC_DB_TARBALL)"
+  log "no advisory DB snapshot at $root/../$snapshot${origin:+ or beside $origin} (set RUSTSEC_DB_TARBALL)"
   exit 1
 fi
 
