@@ -88,7 +88,7 @@ pub struct WorkerSettings {
     /// Unacknowledged inbound deliveries RabbitMQ may push ahead to one worker.
     pub prefetch: u16,
     /// Effects executed at once; `None`: derived from `database.max_connections` (each
-    /// effect in hand holds two connections).
+    /// effect in hand holds a connection).
     pub effect_concurrency: Option<usize>,
     /// Failed attempts of one effect before its outbox row is dead.
     pub max_attempts: u32,
@@ -634,14 +634,15 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
         if concurrency == 0 {
             return invalid("worker.effect_concurrency", "must be at least 1");
         }
-        // Each effect in hand holds its claimed row's connection and needs a second one
-        // for its results; the consumer needs one more.
-        let needed = concurrency.saturating_mul(2).saturating_add(1);
+        // Each effect in hand holds its claimed row's connection (some read through a
+        // second one briefly); the consumer needs at least one more, and one stays spare.
+        let needed = concurrency.saturating_add(2);
         if needed > max_connections as usize {
             return invalid(
                 "worker.effect_concurrency",
                 format!(
-                    "{concurrency} effects at once need {needed} database connections, but                      database.max_connections is {max_connections}: lower this or raise that"
+                    "{concurrency} effects at once need {needed} database connections, but \
+                     database.max_connections is {max_connections}: lower this or raise that"
                 ),
             );
         }
@@ -985,7 +986,7 @@ mod tests {
                 "worker.effect_concurrency",
             ),
             (
-                &[("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "5")],
+                &[("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "9")],
                 "database.max_connections is 10",
             ),
             (
@@ -1025,12 +1026,12 @@ mod tests {
         let s = Settings::from_sources(
             None,
             &env(&[
-                ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "5"),
+                ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "9"),
                 ("FULFILLMENT__DATABASE__MAX_CONNECTIONS", "11"),
             ]),
         )
         .unwrap();
-        assert_eq!(s.worker.effect_concurrency, Some(5));
+        assert_eq!(s.worker.effect_concurrency, Some(9));
     }
 
     #[test]

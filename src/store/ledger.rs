@@ -4,10 +4,10 @@
 //! The caller acks its message only after this returns.
 
 use fulfillment_state_machine::{
-    Decision, Event, Outcome, Policy, SubscriptionId, SubscriptionMachine,
+    Decision, Effect, Event, Outcome, Policy, SubscriptionId, SubscriptionMachine,
 };
 use serde_json::Value;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -177,13 +177,49 @@ async fn apply_guarded(
             return Ok(Guarded::Applied(ApplyOutcome::Duplicate));
         }
     }
-    let mut machine = lock_or_create(&mut tx, subscription_id).await?;
+    let applied = decide(&mut tx, subscription_id, event, source, now, policy).await?;
+    tx.commit().await?;
+    crate::metrics::record_decision(event.kind(), &applied.decision);
+    Ok(Guarded::Applied(ApplyOutcome::Decided(applied)))
+}
+
+/// As [`apply`] for an event without an inbox key, inside the caller's transaction (an
+/// effect's result, committed together with its outbox row's new status). The decision
+/// counts in the metrics once the caller has committed ([`record_applied`]).
+pub async fn apply_in(
+    conn: &mut PgConnection,
+    subscription_id: SubscriptionId,
+    event: &Event,
+    source: &EventSource,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Applied, StoreError> {
+    decide(conn, subscription_id, event, source, now, policy).await
+}
+
+/// Counts a decision made by [`apply_in`] after its transaction committed.
+pub fn record_applied(event: &Event, applied: &Applied) {
+    crate::metrics::record_decision(event.kind(), &applied.decision);
+}
+
+/// Locks (or creates) the subscription, lets the machine decide, appends the event-log
+/// row, saves the state and queues the effects; the caller commits.
+async fn decide(
+    conn: &mut PgConnection,
+    subscription_id: SubscriptionId,
+    event: &Event,
+    source: &EventSource,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> Result<Applied, StoreError> {
+    let id = subscription_id.as_uuid();
+    let mut machine = lock_or_create(conn, subscription_id).await?;
     let decision = machine.handle(event, now, policy);
     let sequence: i64 = sqlx::query_scalar(
         "SELECT coalesce(max(sequence), 0) + 1 FROM subscription_events WHERE subscription_id = $1",
     )
     .bind(id)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
     let event_id = Uuid::now_v7();
     let (outcome, reason) = outcome_columns(&decision.outcome);
@@ -211,26 +247,45 @@ async fn apply_guarded(
     .bind(&source.trace_id)
     .bind(now)
     .bind(source.received_at)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    save(&mut tx, &machine, now).await?;
+    save(conn, &machine, now).await?;
+    // A decision that answers Microsoft puts the subscription's pending rows first (P7):
+    // the ACK waits behind them, so they all go before other subscriptions' rows. Rows a
+    // runner holds right now are skipped; they are running already.
+    let acknowledges = decision
+        .effects
+        .iter()
+        .any(|effect| matches!(effect, Effect::AckOperation { .. }));
+    if acknowledges {
+        sqlx::query(
+            "UPDATE outbox SET priority = 0 WHERE id IN ( \
+                 SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
+                   AND priority <> 0 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    }
     let mut outbox_ids = Vec::with_capacity(decision.effects.len());
     for effect in &decision.effects {
         let outbox_id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, correlation_id, \
-             next_attempt_at, created_at, updated_at, traceparent) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8)",
+            "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
+             correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10)",
         )
         .bind(outbox_id)
         .bind(id)
         .bind(event_id)
+        .bind(sequence)
         .bind(effect.kind_str())
         .bind(to_json(effect))
         .bind(&source.correlation_id)
         .bind(now)
         .bind(&source.traceparent)
-        .execute(&mut *tx)
+        .bind(if acknowledges { 0_i16 } else { 1 })
+        .execute(&mut *conn)
         .await?;
         outbox_ids.push(outbox_id);
     }
@@ -239,18 +294,16 @@ async fn apply_guarded(
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(super::outbox::NOTIFY_CHANNEL)
             .bind(id.to_string())
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tx.commit().await?;
-    crate::metrics::record_decision(event.kind(), &decision);
-    Ok(Guarded::Applied(ApplyOutcome::Decided(Applied {
+    Ok(Applied {
         subscription_id: id,
         event_id,
         sequence,
         decision,
         outbox_ids,
-    })))
+    })
 }
 
 /// Appends an `ignored` row for a message the inbox has seen: the machine is not asked,
@@ -321,24 +374,24 @@ pub async fn load(
 }
 
 async fn lock_or_create(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     subscription_id: SubscriptionId,
 ) -> Result<SubscriptionMachine, StoreError> {
     let id = subscription_id.as_uuid();
     // Two workers meeting a new subscription at once: the insert of one waits for the other's
     // commit, then does nothing, and both go on to the same row lock.
-    insert_fresh(tx, subscription_id).await?;
+    insert_fresh(conn, subscription_id).await?;
     let machine: Value =
         sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *conn)
             .await?;
     restore(machine)
 }
 
 /// Inserts a new machine's row unless one exists; true when this call created it.
 async fn insert_fresh(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     subscription_id: SubscriptionId,
 ) -> Result<bool, StoreError> {
     let fresh = SubscriptionMachine::new(subscription_id);
@@ -348,14 +401,14 @@ async fn insert_fresh(
     .bind(subscription_id.as_uuid())
     .bind(fresh.state().as_str())
     .bind(to_json(&fresh))
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     Ok(created == 1)
 }
 
 async fn save(
-    tx: &mut Transaction<'static, Postgres>,
+    conn: &mut PgConnection,
     machine: &SubscriptionMachine,
     now: OffsetDateTime,
 ) -> Result<(), StoreError> {
@@ -378,7 +431,7 @@ async fn save(
     .bind(details.beneficiary_tenant.map(|t| t.as_uuid()))
     .bind(details.purchaser_tenant.map(|t| t.as_uuid()))
     .bind(now)
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -426,20 +479,31 @@ pub async fn record_effect_result(
     now: OffsetDateTime,
 ) -> Result<Option<Uuid>, StoreError> {
     let mut tx = pool.begin().await?;
+    let recorded = record_effect_result_in(&mut tx, subscription_id, record, now).await?;
+    tx.commit().await?;
+    Ok(recorded)
+}
+
+/// As [`record_effect_result`], inside the caller's transaction.
+pub async fn record_effect_result_in(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+    record: &EffectRecord,
+    now: OffsetDateTime,
+) -> Result<Option<Uuid>, StoreError> {
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1 FOR UPDATE")
             .bind(subscription_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?;
     let Some(state) = state else {
-        tx.rollback().await?;
         return Ok(None);
     };
     let sequence: i64 = sqlx::query_scalar(
         "SELECT coalesce(max(sequence), 0) + 1 FROM subscription_events WHERE subscription_id = $1",
     )
     .bind(subscription_id)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
     let event_id = Uuid::now_v7();
     sqlx::query(
@@ -459,8 +523,7 @@ pub async fn record_effect_result(
     .bind(&record.correlation_id)
     .bind(&record.request_id)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
-    tx.commit().await?;
     Ok(Some(event_id))
 }

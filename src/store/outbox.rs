@@ -6,11 +6,14 @@
 //! (z2p `issue_delivery_worker.rs`): done, rescheduled or dead. A crash in between releases
 //! the lock and the row runs again, so every executor is idempotent.
 //!
-//! Order: only the oldest pending row of a subscription (by event-log sequence, then id) can
-//! be claimed, so one subscription's effects run one at a time and in the machine's order.
-//! `poll_operation` and `confirm_operation` rows only wait for Microsoft and do not hold
-//! back the rows behind them (see [`WAITING_KINDS`]). Subscriptions with an ACK pending go
-//! first, so a burst of domain events cannot eat Microsoft's 10-second window (P7).
+//! Order, per subscription, in the machine's order (event-log sequence, then id): a row
+//! that changes something at Microsoft (activate, ACK, publisher PATCH/DELETE) holds back
+//! every row behind it; a read or a notification ([`INDEPENDENT_KINDS`]: the confirming
+//! GET, a domain event) holds back only the rows of its own kind behind it, so domain
+//! events leave in order but an ACK never waits for the previous change's GET or domain
+//! event; `poll_operation` and `confirm_operation` rows only wait for Microsoft and hold
+//! back nothing ([`WAITING_KINDS`]). Subscriptions with an ACK pending go first, so a
+//! burst of domain events cannot eat Microsoft's 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
 
 use std::time::Duration;
@@ -30,6 +33,10 @@ pub const NOTIFY_CHANNEL: &str = "fulfillment_outbox";
 /// Effect kinds that wait for Microsoft to finish an operation; they never block the
 /// rows behind them.
 pub const WAITING_KINDS: [&str; 2] = ["poll_operation", "confirm_operation"];
+
+/// Effect kinds that change nothing at Microsoft: they hold back only later rows of their
+/// own kind. Every other kind (and any kind added later) holds back all later rows.
+pub const INDEPENDENT_KINDS: [&str; 2] = ["fetch_subscription", "publish_domain_event"];
 
 /// One row of `outbox`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -62,31 +69,67 @@ pub struct Claimed {
     pub row: OutboxRow,
 }
 
+/// The columns of [`OutboxRow`], as the claim queries select them. The claim queries are
+/// assembled from these constants only (hence `AssertSqlSafe`).
+const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
+     o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent";
+
+/// The claimability test (see the module docs): no earlier pending row of the same
+/// subscription that holds this one back. `$1` binds [`WAITING_KINDS`], `$2`
+/// [`INDEPENDENT_KINDS`]. An index probe on `outbox_pending_subscription_idx`.
+const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
+         SELECT 1 FROM outbox p \
+         WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
+           AND p.kind <> ALL($1) AND (p.kind = o.kind OR p.kind <> ALL($2)) \
+           AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
+
 /// Claims the most overdue claimable row, if any — first among the subscriptions that
-/// have an ACK waiting: Microsoft's 10-second window (P7) must not be spent behind a burst
-/// of other subscriptions' domain events.
+/// have an ACK waiting (`priority` 0, set by `ledger::apply`): Microsoft's 10-second
+/// window (P7) must not be spent behind a burst of other subscriptions' domain events.
+///
+/// The scan follows `outbox_claim_idx` (priority, due time) and stops at the first row
+/// that is claimable and not locked by another runner, so a claim costs the rows it skips,
+/// not the size of the backlog.
 pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query_as::<_, OutboxRow>(
-        "SELECT o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
-                o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent \
-         FROM outbox o JOIN subscription_events e ON e.id = o.event_id \
+    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND NOT EXISTS ( \
-               SELECT 1 FROM outbox p JOIN subscription_events pe ON pe.id = p.event_id \
-               WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
-                 AND p.kind <> ALL($1) AND p.id <> o.id \
-                 AND (pe.sequence, p.id) < (e.sequence, o.id)) \
-         ORDER BY EXISTS ( \
-                      SELECT 1 FROM outbox a WHERE a.subscription_id = o.subscription_id \
-                        AND a.status = 'pending' AND a.kind = 'ack_operation') DESC, \
-                  o.next_attempt_at, e.sequence, o.id \
+           AND {NOTHING_BEFORE_IT} \
+         ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
-         FOR UPDATE OF o SKIP LOCKED",
-    )
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
     .bind(&WAITING_KINDS[..])
+    .bind(&INDEPENDENT_KINDS[..])
     .fetch_optional(&mut *tx)
     .await?;
+    finish_claim(tx, row).await
+}
+
+/// Claims the row `id` if it is claimable now: pending, due, not held back by an earlier
+/// row of its subscription, and not held by another runner. `None` otherwise (done already, behind
+/// another row, or being executed elsewhere): the runners will take it in its turn.
+pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<Claimed>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
+         WHERE o.id = $3 AND o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND {NOTHING_BEFORE_IT} \
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
+    .bind(&WAITING_KINDS[..])
+    .bind(&INDEPENDENT_KINDS[..])
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    finish_claim(tx, row).await
+}
+
+async fn finish_claim(
+    tx: Transaction<'static, Postgres>,
+    row: Option<OutboxRow>,
+) -> Result<Option<Claimed>, StoreError> {
     match row {
         Some(row) => Ok(Some(Claimed { tx, row })),
         None => {
@@ -97,6 +140,13 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
 }
 
 impl Claimed {
+    /// A savepoint in the claim's transaction, for what the execution writes with the row's
+    /// end (one commit for both); dropped without commit it rolls back to the savepoint and
+    /// the claim can still reschedule the row.
+    pub async fn savepoint(&mut self) -> Result<Transaction<'_, Postgres>, StoreError> {
+        Ok(sqlx::Acquire::begin(&mut self.tx).await?)
+    }
+
     /// The effect is carried out.
     pub async fn complete(mut self) -> Result<(), StoreError> {
         sqlx::query(

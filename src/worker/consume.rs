@@ -1,5 +1,7 @@
-//! The consumer loop: one inbound delivery at a time, turned into a machine event and
-//! applied in the store's one transaction, then acked (commit, then ack: guarantee 4).
+//! The consumer loop: inbound deliveries, each turned into a machine event and applied in
+//! the store's one transaction, then acked (commit, then ack: guarantee 4), then its
+//! effects started at once (the ACK fast path). Several subscriptions are handled at once;
+//! one subscription's deliveries one after another, in arrival order.
 //!
 //! - A body that is not a message, or a message that is not an event ⇒ dead-lettered with
 //!   the reason (never a guess).
@@ -14,6 +16,7 @@
 //! One subscription's events never run at once: `ledger::apply` locks its row, across
 //! processes.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +25,9 @@ use fulfillment_state_machine::{Event, Policy};
 use serde_json::json;
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -31,6 +36,7 @@ use crate::metrics::{self, DeadLetterReason, EventOutcome};
 use crate::queue::{InboundConsumer, InboundDelivery, InboundMessage, QueueError, RetryOutcome};
 use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource};
 use crate::store::{StoreError, subscriptions};
+use crate::worker::effects::EffectRunner;
 use crate::worker::translate::{self, translate};
 
 /// What became of one delivery.
@@ -82,6 +88,9 @@ pub struct MessageHandler {
     pool: PgPool,
     client: MarketplaceClient,
     policy: Arc<Policy>,
+    /// Executes a decision's effects right after its commit (the ACK fast path); without
+    /// it they wait for an outbox runner.
+    effects: Option<EffectRunner>,
 }
 
 impl std::fmt::Debug for MessageHandler {
@@ -118,7 +127,14 @@ impl MessageHandler {
             pool,
             client,
             policy: Arc::new(policy),
+            effects: None,
         }
+    }
+
+    /// Runs each decision's effects in the consuming task right after commit and ack.
+    pub fn with_effects(mut self, effects: EffectRunner) -> Self {
+        self.effects = Some(effects);
+        self
     }
 
     /// Handles one delivery to the end: ack, retry tier or dead-letter queue.
@@ -202,6 +218,9 @@ impl MessageHandler {
                     "applied"
                 );
                 delivery.ack().await?;
+                if let Some(effects) = &self.effects {
+                    effects.execute_now(&applied.outbox_ids).await;
+                }
                 Ok(Handled::Applied)
             }
             Err(Failure::Later { error, response }) => {
@@ -380,15 +399,47 @@ fn trace_id(traceparent: &str) -> Option<String> {
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
-/// Consumes until `shutdown`: stops taking deliveries, finishes the one in hand (commit,
-/// then ack) and cancels the consumer so unacked prefetched messages return to the queue.
+/// The ordering key of a delivery: its subscription, when the message names one.
+fn ordering_key(delivery: &InboundDelivery) -> Option<Uuid> {
+    let message = delivery.message.as_ref().ok()?;
+    translate(message)
+        .ok()
+        .map(|translated| translated.subscription_id.as_uuid())
+}
+
+/// Per-subscription queues of deliveries waiting for the one in hand.
+type Lanes = Arc<std::sync::Mutex<HashMap<Uuid, VecDeque<Dispatched>>>>;
+
+/// A delivery and the concurrency permit it holds until it is handled.
+struct Dispatched {
+    delivery: InboundDelivery,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Consumes until `shutdown`. Up to `concurrency` deliveries are handled at once, but one
+/// subscription's deliveries one after another, in the order they arrived (its "lane";
+/// across processes the subscription row lock serializes them). On shutdown: stops taking
+/// deliveries, finishes those in hand (commit, then ack) and cancels the consumer so
+/// unacked prefetched messages return to the queue.
 pub async fn run_consumer(
     mut consumer: InboundConsumer,
     handler: MessageHandler,
     activity: Arc<ConsumerActivity>,
+    concurrency: usize,
     shutdown: CancellationToken,
 ) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let lanes: Lanes = Arc::default();
+    let tasks = TaskTracker::new();
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -398,6 +449,7 @@ pub async fn run_consumer(
             None => break,
             Some(Err(error)) => {
                 tracing::warn!(%error, "cannot receive from the inbound queue");
+                drop(permit);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -408,18 +460,80 @@ pub async fn run_consumer(
                 if let Ok(mut at) = activity.last_delivery.lock() {
                     *at = Instant::now();
                 }
-                if let Err(error) = handler.handle(delivery).await {
-                    tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
+                let key = ordering_key(&delivery);
+                let dispatched = Dispatched {
+                    delivery,
+                    _permit: permit,
+                };
+                let Some(key) = key else {
+                    // Nothing to order by (unreadable): handled on its own.
+                    let (handler, activity) = (handler.clone(), activity.clone());
+                    tasks.spawn(async move { handle_one(&handler, &activity, dispatched).await });
+                    continue;
+                };
+                let first = match lanes.lock() {
+                    Ok(mut lanes) => match lanes.get_mut(&key) {
+                        Some(waiting) => {
+                            waiting.push_back(dispatched);
+                            None
+                        }
+                        None => {
+                            lanes.insert(key, VecDeque::new());
+                            Some(dispatched)
+                        }
+                    },
+                    Err(_) => Some(dispatched),
+                };
+                if let Some(first) = first {
+                    let (handler, activity, lanes) =
+                        (handler.clone(), activity.clone(), lanes.clone());
+                    tasks.spawn(async move {
+                        run_lane(&handler, &activity, &lanes, key, first).await;
+                    });
                 }
-                if let Ok(mut at) = activity.last_delivery.lock() {
-                    *at = Instant::now();
-                }
-                activity.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
+    tasks.close();
+    tasks.wait().await;
     consumer.cancel().await;
     tracing::info!("consumer stopped");
+}
+
+/// Handles `first`, then whatever queued behind it on the same subscription, until the
+/// lane is empty; the lane is removed under the same lock the dispatcher queues under, so
+/// no delivery is left behind.
+async fn run_lane(
+    handler: &MessageHandler,
+    activity: &ConsumerActivity,
+    lanes: &Lanes,
+    key: Uuid,
+    first: Dispatched,
+) {
+    let mut next = Some(first);
+    while let Some(dispatched) = next {
+        handle_one(handler, activity, dispatched).await;
+        next = match lanes.lock() {
+            Ok(mut lanes) => {
+                let queued = lanes.get_mut(&key).and_then(VecDeque::pop_front);
+                if queued.is_none() {
+                    lanes.remove(&key);
+                }
+                queued
+            }
+            Err(_) => None,
+        };
+    }
+}
+
+async fn handle_one(handler: &MessageHandler, activity: &ConsumerActivity, dispatched: Dispatched) {
+    if let Err(error) = handler.handle(dispatched.delivery).await {
+        tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
+    }
+    if let Ok(mut at) = activity.last_delivery.lock() {
+        *at = Instant::now();
+    }
+    activity.in_flight.fetch_sub(1, Ordering::SeqCst);
 }
 
 #[cfg(test)]

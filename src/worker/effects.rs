@@ -12,6 +12,7 @@
 //! attempts, or at once for a permanent error, the row is `dead` with the reason, also in
 //! the event log, for an operator to replay.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -45,9 +46,9 @@ use crate::worker::translate;
 /// How effects are run; tests shrink the clocks.
 #[derive(Debug, Clone)]
 pub struct EffectsConfig {
-    /// Effects executed at once (each holds a claimed row and calls Microsoft at most once
-    /// at a time; §8.1 suggests ≤ 10 calls in flight). Each also needs a second pool
-    /// connection for its results, so keep it below half the pool.
+    /// Effects executed at once, by the runners and the consumer's fast path together (each
+    /// holds a claimed row, and its connection, and calls Microsoft at most once at a time;
+    /// §8.1 suggests ≤ 10 calls in flight). Keep it at least 2 below the pool size.
     pub concurrency: usize,
     /// Fallback poll of the outbox when no `NOTIFY` arrives.
     pub poll_interval: Duration,
@@ -203,6 +204,82 @@ impl CallLog {
     }
 }
 
+/// What an execution writes besides its row's end: event-log records of the calls made
+/// and results fed back through the machine. Collected while Microsoft is called and
+/// written in the claim's transaction by [`EffectRunner::settle`].
+enum Write {
+    Record(EffectRecord),
+    Feed { event: Event, source: EventSource },
+}
+
+/// A claimed row being executed, with the writes it collects.
+struct Execution {
+    row: OutboxRow,
+    writes: std::sync::Mutex<Vec<Write>>,
+}
+
+impl Execution {
+    fn new(row: OutboxRow) -> Self {
+        Self {
+            row,
+            writes: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn push(&self, write: Write) {
+        if let Ok(mut writes) = self.writes.lock() {
+            writes.push(write);
+        }
+    }
+
+    fn take_writes(&self) -> Vec<Write> {
+        self.writes
+            .lock()
+            .map(|mut writes| std::mem::take(&mut *writes))
+            .unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Execution {
+    type Target = OutboxRow;
+
+    fn deref(&self) -> &OutboxRow {
+        &self.row
+    }
+}
+
+/// Writes an execution's records and feeds, in order, in `conn`'s transaction; returns the
+/// decisions the feeds made (to count and to run their effects after commit).
+async fn write_all(
+    conn: &mut sqlx::PgConnection,
+    row: &OutboxRow,
+    writes: Vec<Write>,
+    policy: &Policy,
+) -> Result<Vec<(Event, ledger::Applied)>, StoreError> {
+    let now = OffsetDateTime::now_utc();
+    let mut fed = Vec::new();
+    for write in writes {
+        match write {
+            Write::Record(record) => {
+                ledger::record_effect_result_in(conn, row.subscription_id, &record, now).await?;
+            }
+            Write::Feed { event, source } => {
+                let applied = ledger::apply_in(
+                    conn,
+                    SubscriptionId::from(row.subscription_id),
+                    &event,
+                    &source,
+                    now,
+                    policy,
+                )
+                .await?;
+                fed.push((event, applied));
+            }
+        }
+    }
+    Ok(fed)
+}
+
 /// Counts effects being executed (for "run until idle").
 #[derive(Debug, Default)]
 pub struct EffectActivity {
@@ -231,6 +308,9 @@ struct Inner {
     config: EffectsConfig,
     wake: Notify,
     activity: Arc<EffectActivity>,
+    /// One per effect in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
+    /// each claim holds a pool connection while Microsoft answers.
+    permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for EffectRunner {
@@ -258,9 +338,10 @@ impl EffectRunner {
                 publisher,
                 policy,
                 api_url,
-                config,
                 wake: Notify::new(),
                 activity: Arc::new(EffectActivity::default()),
+                permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                config,
             }),
         }
     }
@@ -288,7 +369,7 @@ impl EffectRunner {
                 None
             }
         };
-        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        let permits = self.inner.permits.clone();
         let tasks = TaskTracker::new();
         'outer: loop {
             loop {
@@ -343,6 +424,49 @@ impl EffectRunner {
         tracing::info!("outbox runner stopped");
     }
 
+    /// The fast path after a commit: executes the rows a decision just queued, and the rows
+    /// their results queue in turn, in the caller's task, so an ACK leaves as soon as its
+    /// decision is committed instead of waiting for a runner to notice it (P7). Each row is
+    /// claimed like any other ([`outbox::claim`]); one that is not claimable now (held back
+    /// by an earlier row, held by a runner, not due, done already) is left to the runners.
+    /// Returns how many ran.
+    pub async fn execute_now(&self, ids: &[Uuid]) -> usize {
+        /// Executions per call; a longer chain is left to the runners.
+        const MAX_CHAIN: usize = 16;
+        let mut todo: VecDeque<Uuid> = ids.iter().copied().collect();
+        let mut ran = 0;
+        let mut left_over = false;
+        while let Some(id) = todo.pop_front() {
+            if ran == MAX_CHAIN {
+                left_over = true;
+                break;
+            }
+            let Ok(_permit) = self.inner.permits.acquire().await else {
+                break;
+            };
+            let claimed = match outbox::claim(&self.inner.pool, id).await {
+                Ok(Some(claimed)) => claimed,
+                Ok(None) => {
+                    left_over = true;
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim a fresh outbox row; the runners will");
+                    left_over = true;
+                    break;
+                }
+            };
+            self.inner.activity.in_flight.fetch_add(1, Ordering::SeqCst);
+            todo.extend(self.execute_claimed(claimed).await);
+            self.inner.activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            ran += 1;
+        }
+        if left_over {
+            self.inner.wake.notify_one();
+        }
+        ran
+    }
+
     /// Executes due rows one by one until none is due; returns how many ran. For tests
     /// and one-shot tools.
     pub async fn run_until_idle(&self) -> Result<usize, StoreError> {
@@ -354,7 +478,8 @@ impl EffectRunner {
         Ok(ran)
     }
 
-    async fn execute_claimed(&self, claimed: Claimed) {
+    /// Executes a claimed row and ends it; returns the outbox rows its results queued.
+    async fn execute_claimed(&self, claimed: Claimed) -> Vec<Uuid> {
         let row = claimed.row.clone();
         let span = tracing::info_span!(
             "effect",
@@ -369,31 +494,82 @@ impl EffectRunner {
         // The execution continues the trace of the decision (and so of the webhook).
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         async move {
-            let disposition = match serde_json::from_value::<Effect>(row.effect.clone()) {
-                Ok(effect) => match self.execute(&row, &record_operation_id(effect)).await {
+            let execution = Execution::new(row);
+            let disposition = match serde_json::from_value::<Effect>(execution.effect.clone()) {
+                Ok(effect) => match self.execute(&execution, &record_operation_id(effect)).await {
                     Ok(disposition) => disposition,
                     Err(error) => Disposition::Retry {
                         error: format!("database: {error}"),
                         retry_after: None,
-                        progress: row.progress.clone(),
+                        progress: execution.progress.clone(),
                     },
                 },
                 Err(error) => Disposition::Dead {
                     reason: format!("the stored effect cannot be read: {error}"),
                 },
             };
-            if let Err(error) = self.settle(claimed, disposition).await {
-                tracing::warn!(%error, "cannot settle the outbox row; it will run again");
+            match self.settle(claimed, execution, disposition).await {
+                Ok(follow_ups) => follow_ups,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot settle the outbox row; it will run again");
+                    Vec::new()
+                }
             }
         }
         .instrument(span)
         .await
     }
 
-    async fn settle(&self, claimed: Claimed, disposition: Disposition) -> Result<(), StoreError> {
+    /// Ends the row as `disposition` says, writing what the execution recorded and fed in
+    /// the same transaction (one commit). When those writes fail, the row is retried with
+    /// the database error instead (counting an attempt), so nothing is half-recorded.
+    async fn settle(
+        &self,
+        mut claimed: Claimed,
+        execution: Execution,
+        disposition: Disposition,
+    ) -> Result<Vec<Uuid>, StoreError> {
         let config = &self.inner.config;
-        let row = claimed.row.clone();
-        match disposition {
+        let row = execution.row.clone();
+        let mut disposition = disposition;
+        // Burying records why, with the rest.
+        let dead_reason = match &disposition {
+            Disposition::Retry { error, .. }
+                if u32::try_from(row.attempts).unwrap_or(0) + 1 >= config.max_attempts =>
+            {
+                Some(format!(
+                    "gave up after {} attempts: {error}",
+                    u32::try_from(row.attempts).unwrap_or(0) + 1
+                ))
+            }
+            Disposition::Dead { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        if let Some(reason) = &dead_reason {
+            self.record_dead(&execution, reason).await;
+        }
+        let mut follow_ups = Vec::new();
+        let mut fed = Vec::new();
+        let writes = execution.take_writes();
+        if !writes.is_empty() {
+            let mut savepoint = claimed.savepoint().await?;
+            match write_all(&mut savepoint, &row, writes, &self.inner.policy).await {
+                Ok(applied) => {
+                    savepoint.commit().await?;
+                    fed = applied;
+                }
+                Err(error) => {
+                    drop(savepoint);
+                    tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
+                    disposition = Disposition::Retry {
+                        error: format!("database: {error}"),
+                        retry_after: None,
+                        progress: row.progress.clone(),
+                    };
+                }
+            }
+        }
+        let ended = match disposition {
             Disposition::Done => {
                 tracing::debug!("effect done");
                 claimed.complete().await
@@ -408,34 +584,40 @@ impl EffectRunner {
             } => {
                 let failed = u32::try_from(row.attempts).unwrap_or(0) + 1;
                 if failed >= config.max_attempts {
-                    let reason = format!("gave up after {failed} attempts: {error}");
+                    let reason = dead_reason
+                        .unwrap_or_else(|| format!("gave up after {failed} attempts: {error}"));
                     metrics::record_dead_letter(DeadLetterReason::EffectAttemptsExhausted);
                     tracing::error!(reason, "effect dead");
-                    self.record_dead(&row, &reason).await;
-                    return claimed.bury(&reason, true).await;
+                    claimed.bury(&reason, true).await
+                } else {
+                    let delay = retry_delay(
+                        config.backoff_base,
+                        config.backoff_max,
+                        failed,
+                        retry_after,
+                        rand::random::<f64>(),
+                    );
+                    tracing::warn!(error, ?delay, "effect failed; retrying later");
+                    claimed
+                        .reschedule(delay, true, Some(&error), &progress)
+                        .await
                 }
-                let delay = retry_delay(
-                    config.backoff_base,
-                    config.backoff_max,
-                    failed,
-                    retry_after,
-                    rand::random::<f64>(),
-                );
-                tracing::warn!(error, ?delay, "effect failed; retrying later");
-                claimed
-                    .reschedule(delay, true, Some(&error), &progress)
-                    .await
             }
             Disposition::Dead { reason } => {
                 metrics::record_dead_letter(DeadLetterReason::EffectPermanent);
                 tracing::error!(reason, "effect dead");
-                self.record_dead(&row, &reason).await;
                 claimed.bury(&reason, true).await
             }
+        };
+        ended?;
+        for (event, applied) in fed {
+            ledger::record_applied(&event, &applied);
+            follow_ups.extend(applied.outbox_ids);
         }
+        Ok(follow_ups)
     }
 
-    async fn execute(&self, row: &OutboxRow, effect: &Effect) -> Result<Disposition, StoreError> {
+    async fn execute(&self, row: &Execution, effect: &Effect) -> Result<Disposition, StoreError> {
         match effect {
             Effect::Activate { plan_id, quantity } => {
                 self.activate(row, plan_id.as_ref(), *quantity).await
@@ -486,7 +668,7 @@ impl EffectRunner {
     /// refusal on a subscription that is not `Subscribed` feed `ActivationFailed`.
     async fn activate(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         plan_id: Option<&PlanId>,
         quantity: Option<Quantity>,
     ) -> Result<Disposition, StoreError> {
@@ -655,7 +837,7 @@ impl EffectRunner {
     /// the time from webhook receipt to the PATCH (P7).
     async fn ack_operation(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         operation_id: OperationId,
         status: AckStatus,
         best_effort: bool,
@@ -729,7 +911,7 @@ impl EffectRunner {
     }
 
     /// GET the subscription and feed `Observed` (P13, P17). 404: recorded, nothing fed.
-    async fn fetch_subscription(&self, row: &OutboxRow) -> Result<Disposition, StoreError> {
+    async fn fetch_subscription(&self, row: &Execution) -> Result<Disposition, StoreError> {
         let mut log = CallLog::default();
         match self
             .inner
@@ -778,7 +960,7 @@ impl EffectRunner {
     /// operation holds the lock, §4.8) is retried.
     async fn request_change(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         command_id: CommandId,
         change: Change<'_>,
     ) -> Result<Disposition, StoreError> {
@@ -892,7 +1074,7 @@ impl EffectRunner {
 
     async fn accepted(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         command_id: CommandId,
         operation_id: Uuid,
         location: String,
@@ -930,7 +1112,7 @@ impl EffectRunner {
     /// After an unknown outcome: is our change already under way, or done?
     async fn find_under_way(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         change: &Change<'_>,
         log: &mut CallLog,
     ) -> Result<Option<UnderWay>, ApiError> {
@@ -978,7 +1160,7 @@ impl EffectRunner {
     /// (`ConfirmOperation`), at its location rebuilt from the API base.
     async fn poll_operation(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         operation_id: OperationId,
         location: &str,
     ) -> Result<Disposition, StoreError> {
@@ -1085,7 +1267,7 @@ impl EffectRunner {
     /// Publishes the CloudEvent on the domain exchange (confirmed).
     async fn publish_domain_event(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         event: &DomainEvent,
     ) -> Result<Disposition, StoreError> {
         let (position, total) = outbox::domain_event_position(&self.inner.pool, row).await?;
@@ -1125,7 +1307,7 @@ impl EffectRunner {
     /// Records the failed call and turns the error into a retry or a dead row.
     async fn failed_call(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         mut log: CallLog,
         error: ApiError,
         progress: Value,
@@ -1142,10 +1324,10 @@ impl EffectRunner {
     }
 
     /// Feeds an effect's result back through the machine (no inbox key: the machine's
-    /// own key check makes a repeat harmless).
+    /// own key check makes a repeat harmless). Written with the row's end.
     async fn feed(
         &self,
-        row: &OutboxRow,
+        row: &Execution,
         event: Event,
         request_id: Option<String>,
     ) -> Result<(), StoreError> {
@@ -1156,21 +1338,12 @@ impl EffectRunner {
             traceparent: crate::telemetry::current_traceparent(),
             ..EventSource::default()
         };
-        ledger::apply(
-            &self.inner.pool,
-            SubscriptionId::from(row.subscription_id),
-            &event,
-            &source,
-            OffsetDateTime::now_utc(),
-            &self.inner.policy,
-        )
-        .await?;
+        row.push(Write::Feed { event, source });
         Ok(())
     }
 
-    /// Appends the execution to the event log; a failure to record is logged, not fatal
-    /// (the effect itself happened).
-    async fn record(&self, row: &OutboxRow, log: &CallLog, reason: &str, extra: Value) {
+    /// Appends the execution to the event log, with the row's end.
+    async fn record(&self, row: &Execution, log: &CallLog, reason: &str, extra: Value) {
         let mut details = json!({
             "outbox_id": row.id,
             "attempt": row.attempts + 1,
@@ -1180,27 +1353,17 @@ impl EffectRunner {
         if let (Some(details), Value::Object(extra)) = (details.as_object_mut(), extra) {
             details.extend(extra);
         }
-        let record = EffectRecord {
+        row.push(Write::Record(EffectRecord {
             event_kind: format!("effect:{}", row.kind),
             event_key: format!("effect:{}:{}", row.id, Uuid::now_v7()),
             details,
             reason: reason.to_string(),
             correlation_id: row.correlation_id.clone(),
             request_id: log.last_request_id.clone(),
-        };
-        if let Err(error) = ledger::record_effect_result(
-            &self.inner.pool,
-            row.subscription_id,
-            &record,
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        {
-            tracing::warn!(%error, "cannot record the effect result in the event log");
-        }
+        }));
     }
 
-    async fn record_dead(&self, row: &OutboxRow, reason: &str) {
+    async fn record_dead(&self, row: &Execution, reason: &str) {
         self.record(
             row,
             &CallLog::default(),

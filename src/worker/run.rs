@@ -43,7 +43,8 @@ impl Default for WorkerConfig {
 
 impl WorkerConfig {
     /// Defaults sized for a pool of `max_connections`: each effect in hand holds one
-    /// connection for its claim and needs another for its results.
+    /// connection for its claim (its results are written in the claim's transaction), and
+    /// some read through a second one briefly; the rest is left to the consumer.
     pub fn for_pool(max_connections: u32) -> Self {
         let mut config = Self::default();
         config.effects.concurrency = concurrency_for_pool(max_connections);
@@ -73,9 +74,10 @@ impl WorkerConfig {
     }
 }
 
+/// Two thirds of the pool, at most 10 calls in flight to Microsoft (§8.1).
 fn concurrency_for_pool(max_connections: u32) -> usize {
-    let spare = usize::try_from(max_connections.saturating_sub(2) / 2).unwrap_or(1);
-    spare.clamp(1, 10)
+    let share = usize::try_from(max_connections.saturating_mul(2) / 3).unwrap_or(1);
+    share.clamp(1, 10)
 }
 
 /// The connections a worker needs.
@@ -133,25 +135,23 @@ impl Worker {
             .broker
             .consume_inbound(config.prefetch, &config.consumer_tag)
             .await?;
-        let handler = MessageHandler::new(
-            parts.pool.clone(),
-            parts.client.clone(),
-            parts.policy.clone(),
-        );
         let runner = EffectRunner::new(
             parts.pool.clone(),
-            parts.client,
+            parts.client.clone(),
             publisher,
-            parts.policy,
+            parts.policy.clone(),
             parts.api_url,
             config.effects,
         );
+        let handler = MessageHandler::new(parts.pool.clone(), parts.client, parts.policy)
+            .with_effects(runner.clone());
         let consumer_activity = Arc::new(ConsumerActivity::default());
         let effect_activity = runner.activity();
         let consumer = tokio::spawn(run_consumer(
             consumer,
             handler,
             consumer_activity.clone(),
+            usize::from(config.prefetch),
             shutdown.clone(),
         ));
         let runner = tokio::spawn(runner.run(shutdown.clone()));
