@@ -104,6 +104,9 @@ pub struct ChaosBenchArgs {
     /// lists on DATABASE_URL's port.
     #[arg(long)]
     pub postgres_restart_command: Option<String>,
+    /// Keep the run's database (event log, outbox, state) for inspection.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 impl ChaosBenchArgs {
@@ -184,13 +187,17 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
     let keep_logs = !matches!(&outcome, Ok(report) if report.passed());
     let logs = fleet.logs();
     let stopped = fleet.stop(keep_logs).await;
-    let torn_down = env.teardown().await;
+    let kept = args.keep.then(|| env.settings.database.url.redacted());
+    let torn_down = env.teardown_keeping_database(args.keep).await;
     let mut report = outcome?;
     report.stop_errors = stopped;
     if let Err(e) = torn_down {
         eprintln!("chaos: teardown: {e:#}");
     }
     report.print(&args, seed, started.elapsed());
+    if let Some(url) = kept {
+        eprintln!("chaos: the database is kept: {url}");
+    }
     if report.passed() {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -240,6 +247,10 @@ async fn run_in(
         activation_timeout,
     )
     .await?;
+    let pool = crate::store::connect(&env.settings.database).await?;
+    // The run is about a running business, not the seconds after checkout: our side must
+    // have confirmed every activation before the customers act.
+    wait_until_subscribed_here(&pool, &subscriptions, Instant::now() + activation_timeout).await?;
 
     set_faults(&fleet.http, env, seed).await?;
     let plan = ChaosPlan::new(args, args.webhooks);
@@ -262,7 +273,6 @@ async fn run_in(
     let load_seconds = load_started.elapsed().as_secs_f64();
 
     eprintln!("chaos: load done in {load_seconds:.1} s; waiting for quiescence…");
-    let pool = crate::store::connect(&env.settings.database).await?;
     let settle_started = Instant::now();
     let quiescent = wait_for_quiescence(env, fleet, &pool, deadline).await?;
     let settle_seconds = settle_started.elapsed().as_secs_f64();
@@ -1007,6 +1017,31 @@ impl Customer {
     }
 }
 
+async fn wait_until_subscribed_here(
+    pool: &PgPool,
+    subscriptions: &[Uuid],
+    until: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let subscribed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM subscriptions WHERE id = ANY($1) AND state = 'Subscribed'",
+        )
+        .bind(subscriptions)
+        .fetch_one(pool)
+        .await?;
+        if subscribed as usize == subscriptions.len() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            bail!(
+                "only {subscribed} of {} subscriptions are Subscribed on our side, though the simulator activated them all",
+                subscriptions.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn set_faults(http: &reqwest::Client, env: &BenchEnv, seed: u64) -> anyhow::Result<()> {
     let url = env.sim.base_url().join("simulator/faults")?;
     let response = http
@@ -1558,6 +1593,7 @@ mod tests {
             broker_closes: closes,
             postgres_restarts: restarts,
             postgres_restart_command: None,
+            keep: false,
         }
     }
 

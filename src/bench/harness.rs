@@ -186,11 +186,18 @@ impl BenchEnv {
     }
 
     pub async fn teardown(self) -> anyhow::Result<()> {
+        self.teardown_keeping_database(false).await
+    }
+
+    /// As [`teardown`](Self::teardown), leaving the database for inspection when `keep`.
+    pub async fn teardown_keeping_database(self, keep: bool) -> anyhow::Result<()> {
         let deleted = self.broker.delete_topology().await;
         self.broker.close().await;
         let _ = self.purger.close(200, "done".into()).await;
         let _ = self.sim.shutdown().await;
-        drop_database(&self.settings).await;
+        if !keep {
+            drop_database(&self.settings).await;
+        }
         deleted.context("cannot delete the benchmark's RabbitMQ topology")
     }
 }
