@@ -48,6 +48,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::harness::{
@@ -74,6 +75,16 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIET_POLLS: u32 = 3;
 /// The two workers.
 const WORKERS: usize = 2;
+/// How often the customers' gate reads the outbox backlog.
+const BACKLOG_POLL: Duration = Duration::from_millis(250);
+
+/// The outbox backlog above which the customers pause. Microsoft does not wait for a slow
+/// publisher, but a run that piles up more work than the workers can do only measures how
+/// long they take to catch up (and lets every ACK miss its 10 s window); the chaos is
+/// meant for a pipeline that keeps up.
+fn backlog_cap(subscriptions: usize) -> usize {
+    subscriptions.max(100)
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChaosBenchArgs {
@@ -215,6 +226,13 @@ async fn run_in(
     deadline: Instant,
     fleet: &mut Fleet,
 ) -> anyhow::Result<Report> {
+    let analyzer = env.analyze_while_autovacuum_off().await?;
+    if analyzer.is_some() {
+        eprintln!(
+            "chaos: autovacuum is off on this server; the run ANALYZEs its database every {} s instead",
+            super::harness::ANALYZE_EVERY.as_secs()
+        );
+    }
     fleet.start(env, ingress_addr).await?;
     let sim = Arc::new(SimHandle {
         http: fleet.http.clone(),
@@ -261,14 +279,21 @@ async fn run_in(
         plan.describe()
     );
     let load_started = Instant::now();
-    let gate = Arc::new(Gate::new(plan.first_allowance(args.webhooks)));
+    let gate = Arc::new(Gate::new(
+        plan.first_allowance(args.webhooks),
+        backlog_cap(args.subscriptions),
+    ));
+    let backlog_watch = CancellationToken::new();
+    watch_backlog(pool.clone(), Arc::clone(&gate), backlog_watch.clone());
     let drivers = spawn_drivers(env, &sim, &subscriptions, args, seed, &gate, deadline);
     let disturbed = plan
         .carry_out(env, fleet, restart, &gate, seed, deadline)
         .await;
     // Whatever happened to the disturbances, the customers may finish.
     gate.allow(usize::MAX);
-    let tally = collect(drivers).await?;
+    let tally = collect(drivers).await;
+    backlog_watch.cancel();
+    let tally = tally?;
     let disturbances = disturbed?;
     let load_seconds = load_started.elapsed().as_secs_f64();
 
@@ -774,19 +799,25 @@ impl Kind {
     }
 }
 
-/// Lets the customers go up to `allowed` webhooks; the disturbances move it forward.
+/// Lets the customers go up to `allowed` webhooks (the disturbances move it forward), and
+/// only while the engine's outbox backlog is below `backlog_cap`.
 struct Gate {
     issued: AtomicUsize,
     passed: AtomicUsize,
     allowed: watch::Sender<usize>,
+    /// Outbox rows pending, as last read (see [`watch_backlog`]).
+    backlog: AtomicUsize,
+    backlog_cap: usize,
 }
 
 impl Gate {
-    fn new(allowed: usize) -> Self {
+    fn new(allowed: usize, backlog_cap: usize) -> Self {
         Self {
             issued: AtomicUsize::new(0),
             passed: AtomicUsize::new(0),
             allowed: watch::Sender::new(allowed),
+            backlog: AtomicUsize::new(0),
+            backlog_cap,
         }
     }
 
@@ -800,10 +831,17 @@ impl Gate {
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        if admitted {
-            self.passed.fetch_add(1, Ordering::SeqCst);
+        if !admitted {
+            return false;
         }
-        admitted
+        while self.backlog.load(Ordering::Relaxed) > self.backlog_cap {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(BACKLOG_POLL).await;
+        }
+        self.passed.fetch_add(1, Ordering::SeqCst);
+        true
     }
 
     fn passed(&self) -> usize {
@@ -919,6 +957,27 @@ impl Action {
             _ => None,
         }
     }
+}
+
+/// Keeps [`Gate::backlog`] current until `stop`; a failed read (PostgreSQL restarting)
+/// keeps the last figure.
+fn watch_backlog(pool: PgPool, gate: Arc<Gate>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            if let Ok(pending) =
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE status = 'pending'")
+                    .fetch_one(&pool)
+                    .await
+            {
+                gate.backlog
+                    .store(usize::try_from(pending).unwrap_or(0), Ordering::Relaxed);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(BACKLOG_POLL) => {}
+            }
+        }
+    });
 }
 
 fn spawn_drivers(

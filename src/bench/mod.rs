@@ -10,7 +10,8 @@
 //!   confirmed-publish ceiling with as many in flight.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
-//! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
+//! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure;
+//! `chaos` also exits 1 when its checks fail (something lost, applied twice or divergent).
 
 pub mod chaos;
 pub mod harness;
