@@ -50,9 +50,13 @@ fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_
     assert_eq!(result["duplicate_transitions"], 0, "{context}");
     assert_eq!(result["divergent_subscriptions"], 0, "{context}");
     assert_eq!(result["subscriptions"], 60, "{context}");
-    assert_eq!(result["webhooks_sent"], 600, "{context}");
-    assert!(
-        result["webhooks_accepted"].as_u64().unwrap_or(0) > 0,
+    // Customers only ask what the simulator allows, so (nearly) every action is a webhook.
+    let sent = result["webhooks_sent"].as_u64().unwrap_or(0);
+    assert!(sent >= 570, "{context}");
+    assert_eq!(
+        result["webhooks_accepted"].as_u64().unwrap_or(0)
+            + result["webhooks_never_accepted"].as_u64().unwrap_or(0),
+        sent,
         "{context}"
     );
     assert_eq!(result["worker_kills"], 3, "{context}");

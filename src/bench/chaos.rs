@@ -136,9 +136,7 @@ impl ChaosBenchArgs {
             bail!("--max-seconds must be at least 60");
         }
         if self.worker_kills > 100 || self.broker_closes > 10 || self.postgres_restarts > 10 {
-            bail!(
-                "at most 100 --worker-kills, 10 --broker-closes and 10 --postgres-restarts"
-            );
+            bail!("at most 100 --worker-kills, 10 --broker-closes and 10 --postgres-restarts");
         }
         if self.postgres_restart_command.is_some() && self.postgres_restarts == 0 {
             bail!("--postgres-restart-command needs --postgres-restarts of at least 1");
@@ -173,7 +171,9 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
         .unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0 >> 1);
     let restart = match args.postgres_restarts {
         0 => None,
-        _ => Some(PostgresRestart::discover(&settings, args.postgres_restart_command.as_deref()).await?),
+        _ => Some(
+            PostgresRestart::discover(&settings, args.postgres_restart_command.as_deref()).await?,
+        ),
     };
     rabbitmqctl(&["list_connections", "pid", "-q", "--no-table-headers"])
         .await
@@ -194,7 +194,16 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
         env.settings.amqp.prefix
     );
     let mut fleet = Fleet::new()?;
-    let outcome = run_in(&env, &args, seed, restart.as_ref(), ingress_addr, deadline, &mut fleet).await;
+    let outcome = run_in(
+        &env,
+        &args,
+        seed,
+        restart.as_ref(),
+        ingress_addr,
+        deadline,
+        &mut fleet,
+    )
+    .await;
     let keep_logs = !matches!(&outcome, Ok(report) if report.passed());
     let logs = fleet.logs();
     let stopped = fleet.stop(keep_logs).await;
@@ -212,7 +221,10 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
     if report.passed() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("chaos: the logs of the processes are kept: {}", logs.join(", "));
+        eprintln!(
+            "chaos: the logs of the processes are kept: {}",
+            logs.join(", ")
+        );
         Ok(ExitCode::from(1))
     }
 }
@@ -849,7 +861,8 @@ impl Gate {
     }
 
     fn allow(&self, upto: usize) {
-        self.allowed.send_modify(|allowed| *allowed = (*allowed).max(upto));
+        self.allowed
+            .send_modify(|allowed| *allowed = (*allowed).max(upto));
     }
 }
 
@@ -940,7 +953,11 @@ impl Action {
                     if plan == PER_SEAT_PLAN {
                         let mut target = rng.random_range(SEAT_RANGE);
                         if Some(target) == seats {
-                            target = if target == *SEAT_RANGE.end() { 1 } else { target + 1 };
+                            target = if target == *SEAT_RANGE.end() {
+                                1
+                            } else {
+                                target + 1
+                            };
                         }
                         Action::ChangeQuantity(target)
                     } else if plan == FLAT_PLANS[0] {
@@ -1039,13 +1056,20 @@ impl Customer {
                 break;
             }
             let Some((status, plan, seats)) = self.view.subscription_status(self.id) else {
-                *tally.refused.entry("subscription vanished".into()).or_default() += 1;
+                *tally
+                    .refused
+                    .entry("subscription vanished".into())
+                    .or_default() += 1;
                 continue;
             };
             let last = step + 1 == self.actions;
-            let Some(action) =
-                Action::next(&mut self.rng, &status, &plan, seats, last && self.unsubscribes)
-            else {
+            let Some(action) = Action::next(
+                &mut self.rng,
+                &status,
+                &plan,
+                seats,
+                last && self.unsubscribes,
+            ) else {
                 *tally
                     .refused
                     .entry(format!("nothing to do while {status}"))
@@ -1240,7 +1264,9 @@ async fn audit(
             let Some(op_id) = uuid_at(&op["id"]) else {
                 continue;
             };
-            let entry = operations.entry(op_id).or_insert_with(|| (id, OperationAudit::default()));
+            let entry = operations
+                .entry(op_id)
+                .or_insert_with(|| (id, OperationAudit::default()));
             entry.1.action = op["action"].as_str().unwrap_or_default().to_string();
             entry.1.status = op["status"].as_str().unwrap_or_default().to_string();
             entry.1.resolution = op["resolution"].as_str().unwrap_or_default().to_string();
@@ -1252,7 +1278,9 @@ async fn audit(
             let Some(op_id) = uuid_at(&delivery["operationId"]) else {
                 continue;
             };
-            let entry = operations.entry(op_id).or_insert_with(|| (id, OperationAudit::default()));
+            let entry = operations
+                .entry(op_id)
+                .or_insert_with(|| (id, OperationAudit::default()));
             entry.1.deliveries += 1;
             if delivery["duplicate"].as_bool() == Some(true) {
                 report.duplicate_deliveries += 1;
@@ -1345,7 +1373,9 @@ async fn audit(
         if dead_lettered.contains(op_id) {
             report.accepted_in_dead_letters += 1;
         } else {
-            report.lost.push(format!("{subscription} {} {op_id}", op.action));
+            report
+                .lost
+                .push(format!("{subscription} {} {op_id}", op.action));
         }
     }
 
@@ -1366,12 +1396,11 @@ async fn audit(
     .fetch_one(pool)
     .await? as usize;
 
-    let rows: Vec<(Uuid, String, Option<String>, Option<i32>)> = sqlx::query_as(
-        "SELECT id, state, plan_id, quantity FROM subscriptions WHERE id = ANY($1)",
-    )
-    .bind(subscriptions)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(Uuid, String, Option<String>, Option<i32>)> =
+        sqlx::query_as("SELECT id, state, plan_id, quantity FROM subscriptions WHERE id = ANY($1)")
+            .bind(subscriptions)
+            .fetch_all(pool)
+            .await?;
     let rows: HashMap<Uuid, (String, Option<String>, Option<i32>)> = rows
         .into_iter()
         .map(|(id, state, plan, seats)| (id, (state, plan, seats)))
@@ -1379,7 +1408,9 @@ async fn audit(
     report.subscriptions = subscriptions.len();
     for id in subscriptions {
         let Some((status, plan, seats)) = theirs.get(id) else {
-            report.divergent.push(format!("{id}: the simulator does not know it"));
+            report
+                .divergent
+                .push(format!("{id}: the simulator does not know it"));
             continue;
         };
         match rows.get(id) {
@@ -1500,7 +1531,11 @@ impl Report {
             .iter()
             .map(|(action, n)| format!("{action} {n}"))
             .collect();
-        println!("\n  customer actions                {} ({})", self.tally.sent_total(), actions.join(", "));
+        println!(
+            "\n  customer actions                {} ({})",
+            self.tally.sent_total(),
+            actions.join(", ")
+        );
         if !self.tally.refused.is_empty() || self.tally.skipped > 0 {
             println!(
                 "  actions not sent                {} refused by the simulator, {} skipped at the deadline",
@@ -1523,8 +1558,14 @@ impl Report {
             self.duplicate_deliveries,
             answers.join(", ")
         );
-        println!("  webhooks accepted (2xx once)    {}", self.webhooks_accepted);
-        println!("  webhooks never accepted         {}", self.never_accepted.len());
+        println!(
+            "  webhooks accepted (2xx once)    {}",
+            self.webhooks_accepted
+        );
+        println!(
+            "  webhooks never accepted         {}",
+            self.never_accepted.len()
+        );
         for line in self.never_accepted.iter().take(10) {
             println!("    {line}");
         }
@@ -1675,7 +1716,10 @@ mod tests {
         assert_eq!(marks, [100, 200, 300, 400, 500, 600]);
         assert_eq!(plan.first_allowance(700), 200);
         assert!(ChaosPlan::new(&args(0, 0, 0), 700).steps.is_empty());
-        assert_eq!(ChaosPlan::new(&args(0, 0, 0), 700).first_allowance(700), 700);
+        assert_eq!(
+            ChaosPlan::new(&args(0, 0, 0), 700).first_allowance(700),
+            700
+        );
     }
 
     #[test]
@@ -1701,7 +1745,10 @@ mod tests {
             Action::next(&mut rng, "Suspended", "gold", None, true),
             Some(Action::Unsubscribe)
         );
-        assert_eq!(Action::next(&mut rng, "Unsubscribed", "gold", None, false), None);
+        assert_eq!(
+            Action::next(&mut rng, "Unsubscribed", "gold", None, false),
+            None
+        );
     }
 
     #[test]

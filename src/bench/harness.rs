@@ -15,7 +15,8 @@ use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -242,7 +243,17 @@ impl BenchEnv {
     /// use as they grow: the outbox claim took 0.5–1.4 s per call at a thousand pending
     /// rows instead of milliseconds, and activations crawled. `None` when autovacuum is on.
     pub async fn analyze_while_autovacuum_off(&self) -> anyhow::Result<Option<Analyzer>> {
-        let pool = PgPool::connect(self.settings.database.url.expose())
+        // ANALYZE takes a second or two under load: not worth a slow-statement warning.
+        let options: PgConnectOptions = self
+            .settings
+            .database
+            .url
+            .expose()
+            .parse()
+            .context("DATABASE_URL is not a PostgreSQL URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.disable_statement_logging())
             .await
             .context("cannot connect to the benchmark database")?;
         let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")

@@ -22,8 +22,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::harness::{
-    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address,
-    purchase_and_activate,
+    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address, purchase_and_activate,
 };
 use super::measure::{self, round};
 use crate::settings::Settings;
