@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lapin::options::QueuePurgeOptions;
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::FieldTable;
 use secrecy::SecretString;
-use sqlx::postgres::PgPool;
+use serde_json::{Value, json};
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +50,16 @@ impl BenchEnv {
 
     /// As [`setup`](Self::setup), with the simulator's webhooks sent to `webhook_url`.
     pub async fn setup_with(base: &Settings, webhook_url: Option<Url>) -> anyhow::Result<Self> {
+        Self::setup_with_simulator(base, webhook_url, |_| {}).await
+    }
+
+    /// As [`setup_with`](Self::setup_with), with the simulator's configuration adjusted by
+    /// `configure` (clocks, seed) before it starts.
+    pub async fn setup_with_simulator(
+        base: &Settings,
+        webhook_url: Option<Url>,
+        configure: impl FnOnce(&mut SimulatorConfig),
+    ) -> anyhow::Result<Self> {
         let id = Uuid::new_v4().simple().to_string()[..12].to_string();
         let mut settings = base.clone();
         let base_name = base.database.url.url().path().trim_start_matches('/');
@@ -68,6 +81,7 @@ impl BenchEnv {
             config.timings.webhook_delay = Duration::ZERO;
         }
         config.webhook_url = webhook_url;
+        configure(&mut config);
         let sim = match Simulator::start(config, TcpListener::bind("127.0.0.1:0").await?).await {
             Ok(sim) => sim,
             Err(e) => {
@@ -121,6 +135,25 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// Messages ready in `queue` and its consumers, as RabbitMQ counts them now (on the
+    /// purging connection, which carries no name and so is never closed by `bench chaos`).
+    pub async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
+        let channel = self.purger.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot inspect {queue}"))?;
+        let _ = channel.close(200, "inspected".into()).await;
+        Ok((declared.message_count(), declared.consumer_count()))
+    }
+
     /// The environment of `fulfillment serve` pointed at this run's simulator, database
     /// and topology.
     pub fn serve_env(&self, listen: SocketAddr, without_jwt: bool) -> Vec<(String, String)> {
@@ -154,11 +187,18 @@ impl BenchEnv {
     }
 
     pub async fn teardown(self) -> anyhow::Result<()> {
+        self.teardown_keeping_database(false).await
+    }
+
+    /// As [`teardown`](Self::teardown), leaving the database for inspection when `keep`.
+    pub async fn teardown_keeping_database(self, keep: bool) -> anyhow::Result<()> {
         let deleted = self.broker.delete_topology().await;
         self.broker.close().await;
         let _ = self.purger.close(200, "done".into()).await;
         let _ = self.sim.shutdown().await;
-        drop_database(&self.settings).await;
+        if !keep {
+            drop_database(&self.settings).await;
+        }
         deleted.context("cannot delete the benchmark's RabbitMQ topology")
     }
 }
@@ -181,6 +221,69 @@ pub(crate) async fn drop_database(settings: &Settings) {
     }
 }
 
+/// While alive, runs `ANALYZE` on a database every [`ANALYZE_EVERY`]; see
+/// [`BenchEnv::analyze_while_autovacuum_off`].
+pub(crate) struct Analyzer {
+    stop: CancellationToken,
+}
+
+impl Drop for Analyzer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// How often [`Analyzer`] refreshes the statistics.
+pub(crate) const ANALYZE_EVERY: Duration = Duration::from_secs(5);
+
+impl BenchEnv {
+    /// Stands in for autovacuum's ANALYZE when the server runs without it (CI machines
+    /// turn it off). A throwaway database then never gets statistics, and the plans that
+    /// PostgreSQL caches for prepared statements while the tables are nearly empty stay in
+    /// use as they grow: the outbox claim took 0.5–1.4 s per call at a thousand pending
+    /// rows instead of milliseconds, and activations crawled. `None` when autovacuum is on.
+    pub async fn analyze_while_autovacuum_off(&self) -> anyhow::Result<Option<Analyzer>> {
+        // ANALYZE takes a second or two under load: not worth a slow-statement warning.
+        let options: PgConnectOptions = self
+            .settings
+            .database
+            .url
+            .expose()
+            .parse()
+            .context("DATABASE_URL is not a PostgreSQL URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.disable_statement_logging())
+            .await
+            .context("cannot connect to the benchmark database")?;
+        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&pool)
+            .await?;
+        if autovacuum == "on" {
+            pool.close().await;
+            return Ok(None);
+        }
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ANALYZE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => {
+                        // Fails while PostgreSQL restarts; the next tick tries again.
+                        if let Err(e) = sqlx::query("ANALYZE").execute(&pool).await {
+                            tracing::debug!(error = %e, "ANALYZE of the benchmark database failed");
+                        }
+                    }
+                }
+            }
+            pool.close().await;
+        });
+        Ok(Some(Analyzer { stop }))
+    }
+}
+
 /// A child process of this binary, its output in a log file.
 pub(crate) struct ChildProcess {
     pub name: &'static str,
@@ -188,6 +291,10 @@ pub(crate) struct ChildProcess {
     pub pid: u32,
     pub base: Url,
     pub log: PathBuf,
+    /// Keep the log file when the process is stopped (a failed run wants it read).
+    pub keep_log: bool,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl ChildProcess {
@@ -198,19 +305,11 @@ impl ChildProcess {
         env: Vec<(String, String)>,
         listen: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this executable")?;
         let log = std::env::temp_dir().join(format!("fulfillment-bench-{id}-{name}.log"));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(&exe)
-            .args(args)
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone()?))
-            .stderr(Stdio::from(file))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = start(&args, &env, file)?;
         let pid = child.id().context("the child exited at once")?;
         Ok(Self {
             name,
@@ -218,7 +317,36 @@ impl ChildProcess {
             pid,
             base: Url::parse(&format!("http://{listen}/"))?,
             log,
+            keep_log: false,
+            args,
+            env,
         })
+    }
+
+    /// SIGKILL, no chance to finish anything; returns once the process is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        // tokio's `kill` is SIGKILL on Unix, then waits.
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill {} (pid {})", self.name, self.pid))
+    }
+
+    /// Starts the same command again (after [`kill`](Self::kill) or an exit), its output
+    /// appended to the same log.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        self.child = start(&self.args, &self.env, file)?;
+        self.pid = self.child.id().context("the child exited at once")?;
+        Ok(())
+    }
+
+    /// The exit status when the process has ended.
+    pub fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     pub fn url(&self, path: &str) -> Url {
@@ -288,9 +416,24 @@ impl ChildProcess {
                 }
             }
         }
-        let _ = std::fs::remove_file(&self.log);
+        if !self.keep_log {
+            let _ = std::fs::remove_file(&self.log);
+        }
         Ok(())
     }
+}
+
+fn start(args: &[String], env: &[(String, String)], log: std::fs::File) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    Command::new(&exe)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))
 }
 
 pub(crate) fn free_local_address() -> anyhow::Result<SocketAddr> {
@@ -333,5 +476,135 @@ impl RssSampler {
 impl Drop for RssSampler {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// The offer of the simulator's default catalogue.
+pub(crate) const OFFER: &str = "contoso-analytics";
+
+/// The simulator's admin API, as the customer uses it.
+pub(crate) struct SimHandle {
+    pub http: reqwest::Client,
+    pub base: Url,
+}
+
+impl SimHandle {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        let url = self.base.join(path).map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("simulator unreachable: {e}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|e| format!("simulator answered {status} without JSON: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("simulator answered {status}: {body}"));
+        }
+        Ok(body)
+    }
+
+    /// A customer- or Microsoft-side action (`{action, planId?, quantity?}`) on
+    /// `subscription`; returns the operation id.
+    pub async fn act(&self, subscription: Uuid, action: Value) -> Result<Uuid, String> {
+        let answer = self
+            .post(
+                &format!("simulator/subscriptions/{subscription}/actions"),
+                action,
+            )
+            .await?;
+        answer["operationId"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .ok_or_else(|| format!("no operationId in {answer}"))
+    }
+
+    /// The customer changes the seat count; returns the operation id.
+    pub async fn change_seats(&self, subscription: Uuid, seats: u32) -> Result<Uuid, String> {
+        self.act(
+            subscription,
+            json!({ "action": "ChangeQuantity", "quantity": seats }),
+        )
+        .await
+    }
+}
+
+/// One purchase for [`purchase_and_activate`]: a plan of [`OFFER`], with seats when it is
+/// priced per seat.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Order {
+    pub plan: &'static str,
+    pub quantity: Option<u32>,
+}
+
+/// Buys one subscription per order and opens each landing page on the ingress (which
+/// resolves the token and queues the purchase for the worker, which activates it); returns
+/// the subscription ids, in order, once the simulator shows them all Subscribed.
+pub(crate) async fn purchase_and_activate(
+    env: &BenchEnv,
+    sim: &SimHandle,
+    http: &reqwest::Client,
+    ingress: &ChildProcess,
+    orders: &[Order],
+    timeout: Duration,
+) -> anyhow::Result<Vec<Uuid>> {
+    let mut subscriptions = Vec::with_capacity(orders.len());
+    for (i, order) in orders.iter().enumerate() {
+        let answer = sim
+            .post(
+                "simulator/purchases",
+                json!({
+                    "offerId": OFFER,
+                    "planId": order.plan,
+                    "quantity": order.quantity,
+                    "name": format!("bench-{i}"),
+                }),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let id = answer["subscriptionId"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .with_context(|| format!("no subscriptionId in {answer}"))?;
+        let token = answer["token"]
+            .as_str()
+            .with_context(|| format!("no token in {answer}"))?;
+        let mut landing = ingress.url("/landing");
+        landing.query_pairs_mut().append_pair("token", token);
+        let page = http.get(landing).send().await?;
+        if !page.status().is_success() {
+            bail!(
+                "the landing page answered {} for purchase {i}",
+                page.status()
+            );
+        }
+        subscriptions.push(id);
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pending = subscriptions
+            .iter()
+            .filter(|id| {
+                env.sim
+                    .view()
+                    .subscription_status(**id)
+                    .is_none_or(|(status, _, _)| status != "Subscribed")
+            })
+            .count();
+        if pending == 0 {
+            return Ok(subscriptions);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{pending} of {} subscriptions were not activated within {timeout:?}",
+                orders.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

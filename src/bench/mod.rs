@@ -3,12 +3,17 @@
 //!
 //! - [`ingress`]: signed webhooks through `fulfillment serve` (a child process) against
 //!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
+//! - [`chaos`]: webhooks through ingress, RabbitMQ, two workers and PostgreSQL while
+//!   workers are killed, broker connections closed and PostgreSQL restarted; checks that
+//!   nothing was lost, done twice or left different from the simulator (exit 1 otherwise).
 //! - [`replay`]: `dlq replay --execute` of N dead letters against RabbitMQ's
 //!   confirmed-publish ceiling with as many in flight.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
-//! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure.
+//! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure;
+//! `chaos` also exits 1 when its checks fail (something lost, applied twice or divergent).
 
+pub mod chaos;
 pub mod harness;
 pub mod ingress;
 pub mod measure;
@@ -28,6 +33,10 @@ pub enum BenchCommand {
     /// Customer seat changes through simulator, ingress, RabbitMQ, worker and PostgreSQL,
     /// against PostgreSQL's single-row commit ceiling.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// Webhooks through ingress, RabbitMQ, two workers and PostgreSQL while workers are
+    /// SIGKILLed, RabbitMQ connections force-closed and PostgreSQL restarted; exit 0 only
+    /// when nothing was lost, nothing applied twice and both sides agree.
+    Chaos(chaos::ChaosBenchArgs),
     /// Dead letters replayed to the work queue (confirm, journal, ack), against RabbitMQ's
     /// confirmed-publish ceiling.
     Replay(replay::ReplayBenchArgs),
@@ -43,5 +52,6 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
         BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
         BenchCommand::Replay(args) => replay::run(settings, args).await,
+        BenchCommand::Chaos(args) => chaos::run(settings, args).await,
     }
 }

@@ -17,11 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
-use super::harness::{BenchEnv, ChildProcess, RssSampler, free_local_address};
+use super::harness::{
+    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address, purchase_and_activate,
+};
 use super::measure::{self, round};
 use crate::settings::Settings;
 
@@ -32,7 +34,6 @@ pub const TARGET_MAX_P99_MS: f64 = 1000.0;
 /// Connections of the PostgreSQL ceiling phase.
 const CEILING_CONNECTIONS: usize = 8;
 /// The simulator's per-seat plan and the seat counts the changes alternate between.
-const OFFER: &str = "contoso-analytics";
 const PLAN: &str = "per-seat";
 const SEATS: [u32; 2] = [5, 6];
 
@@ -142,8 +143,22 @@ async fn measure_all(
         http: http.clone(),
         base: env.sim.base_url(),
     });
-    let subscriptions =
-        purchase_and_activate(env, &sim, &http, &children[0], args.subscriptions).await?;
+    let orders = vec![
+        Order {
+            plan: PLAN,
+            quantity: Some(SEATS[0]),
+        };
+        args.subscriptions
+    ];
+    let subscriptions = purchase_and_activate(
+        env,
+        &sim,
+        &http,
+        &children[0],
+        &orders,
+        Duration::from_secs(120),
+    )
+    .await?;
 
     eprintln!(
         "bench: {} seat changes over {} subscriptions…",
@@ -259,48 +274,6 @@ async fn commit_ceiling(env: &BenchEnv, length: Duration) -> anyhow::Result<f64>
     Ok(rate)
 }
 
-/// The simulator's admin API, as the customer uses it.
-struct SimHandle {
-    http: reqwest::Client,
-    base: url::Url,
-}
-
-impl SimHandle {
-    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
-        let url = self.base.join(path).map_err(|e| e.to_string())?;
-        let response = self
-            .http
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("simulator unreachable: {e}"))?;
-        let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| format!("simulator answered {status} without JSON: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("simulator answered {status}: {body}"));
-        }
-        Ok(body)
-    }
-
-    /// The customer changes the seat count; returns the operation id.
-    async fn change_seats(&self, subscription: Uuid, seats: u32) -> Result<Uuid, String> {
-        let answer = self
-            .post(
-                &format!("simulator/subscriptions/{subscription}/actions"),
-                json!({ "action": "ChangeQuantity", "quantity": seats }),
-            )
-            .await?;
-        answer["operationId"]
-            .as_str()
-            .and_then(|id| Uuid::parse_str(id).ok())
-            .ok_or_else(|| format!("no operationId in {answer}"))
-    }
-}
-
 /// Reads operation progress from the simulator in this process.
 #[derive(Clone)]
 struct ProgressReader(crate::simulator::SimulatorView);
@@ -334,69 +307,6 @@ impl ProgressReader {
             )),
             (None, _) => Err("still InProgress at the deadline".into()),
         }
-    }
-}
-
-/// Buys `count` subscriptions of the per-seat plan and opens each landing page on the
-/// ingress (which resolves the token and queues the purchase for the worker, which
-/// activates it); returns once the simulator shows them all Subscribed.
-async fn purchase_and_activate(
-    env: &BenchEnv,
-    sim: &SimHandle,
-    http: &reqwest::Client,
-    ingress: &ChildProcess,
-    count: usize,
-) -> anyhow::Result<Vec<Uuid>> {
-    let mut subscriptions = Vec::with_capacity(count);
-    for i in 0..count {
-        let answer = sim
-            .post(
-                "simulator/purchases",
-                json!({
-                    "offerId": OFFER,
-                    "planId": PLAN,
-                    "quantity": SEATS[0],
-                    "name": format!("bench-{i}"),
-                }),
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let id = answer["subscriptionId"]
-            .as_str()
-            .and_then(|id| Uuid::parse_str(id).ok())
-            .with_context(|| format!("no subscriptionId in {answer}"))?;
-        let token = answer["token"]
-            .as_str()
-            .with_context(|| format!("no token in {answer}"))?;
-        let mut landing = ingress.url("/landing");
-        landing.query_pairs_mut().append_pair("token", token);
-        let page = http.get(landing).send().await?;
-        if !page.status().is_success() {
-            bail!(
-                "the landing page answered {} for purchase {i}",
-                page.status()
-            );
-        }
-        subscriptions.push(id);
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pending = subscriptions
-            .iter()
-            .filter(|id| {
-                env.sim
-                    .view()
-                    .subscription_status(**id)
-                    .is_none_or(|(status, _, _)| status != "Subscribed")
-            })
-            .count();
-        if pending == 0 {
-            return Ok(subscriptions);
-        }
-        if Instant::now() > deadline {
-            bail!("{pending} of {count} subscriptions were not activated within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -113,14 +113,18 @@ impl Broker {
     ) -> Result<Broker, QueueError> {
         let url = settings.url.expose().to_string();
         let redacted_url = settings.url.redacted();
-        let connection = open_connection(&url, &redacted_url, connection_name).await?;
+        // The prefix in the name tells operators (`rabbitmqctl list_connections
+        // client_properties`, the management UI) which deployment a connection belongs to,
+        // and lets `bench chaos` close only its own.
+        let connection_name = connection_name_for(connection_name, topology.prefix());
+        let connection = open_connection(&url, &redacted_url, &connection_name).await?;
         declare_topology(&connection, &topology).await?;
         tracing::info!(url = %redacted_url, prefix = topology.prefix(), "connected to RabbitMQ");
         Ok(Broker {
             inner: Arc::new(BrokerInner {
                 url,
                 redacted_url,
-                connection_name: connection_name.to_string(),
+                connection_name,
                 topology,
                 link: RwLock::new(Link {
                     generation: 0,
@@ -287,6 +291,12 @@ impl Broker {
         });
         Ok(link)
     }
+}
+
+/// The `connection_name` client property: the process kind and the topology prefix, e.g.
+/// `fulfillment-worker (fulfillment)`.
+pub fn connection_name_for(process: &str, prefix: &str) -> String {
+    format!("{process} ({prefix})")
 }
 
 async fn open_connection(

@@ -376,6 +376,13 @@ pub struct OperationProgress {
     pub webhook_attempts: Vec<String>,
 }
 
+/// See [`SimulatorView::outstanding`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outstanding {
+    pub operations_in_progress: usize,
+    pub deliveries_pending: usize,
+}
+
 /// Reads the state of a running simulator; clones share it.
 #[derive(Debug, Clone)]
 pub struct SimulatorView {
@@ -431,6 +438,27 @@ impl SimulatorView {
             // Re-check now and then too: not every way an operation ends wakes waiters.
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
         }
+    }
+
+    /// What is still moving: operations in progress and webhook deliveries not yet final
+    /// (delivered, rejected or given up), over every subscription.
+    pub fn outstanding(&self) -> Outstanding {
+        self.shared.read(|st| {
+            let mut outstanding = Outstanding::default();
+            for sub in st.subscriptions.values() {
+                outstanding.operations_in_progress += sub
+                    .operations
+                    .iter()
+                    .filter(|o| o.status == state::OperationStatus::InProgress)
+                    .count();
+                outstanding.deliveries_pending += sub
+                    .deliveries
+                    .iter()
+                    .filter(|d| d.outcome == state::DeliveryOutcome::Pending)
+                    .count();
+            }
+            outstanding
+        })
     }
 
     /// `saasSubscriptionStatus`, plan and quantity of a subscription as Microsoft has them.
