@@ -294,6 +294,9 @@ impl Ledger {
     /// - Webhook `ChangePlan`/`ChangeQuantity` from the customer for a resolved purchase →
     ///   **Subscribed** (`Activated`) and the change decided as there: Microsoft allows
     ///   changes only once it has the subscription Subscribed, and the ACK window runs.
+    /// - Webhook `Suspend`/`Reinstate` for a resolved purchase → **Suspended** /
+    ///   **Subscribed** (`Activated` first; the Reinstate ACKed best-effort): likewise news
+    ///   of an activation our check had not seen yet.
     /// - Publisher commands → rejected: only Subscribed can be changed (§5.2 rules).
     #[state]
     fn pending_fulfillment(
@@ -367,6 +370,27 @@ impl Ledger {
                 }
                 WebhookAction::ChangePlan | WebhookAction::ChangeQuantity if details.is_known() => {
                     customer_change_implies_activation(details, webhook, context)
+                }
+                // Microsoft suspends and reinstates only what it holds as Subscribed: as for
+                // a customer's change, the activation took effect before our check saw it.
+                WebhookAction::Suspend if details.is_known() => {
+                    context.push(Effect::FetchSubscription);
+                    context.publish(DomainEventKind::Activated, details, StateName::Subscribed);
+                    context.publish(DomainEventKind::Suspended, details, StateName::Suspended);
+                    context.applied(
+                        "activation implied: Microsoft suspends only a Subscribed subscription; \
+                         suspended by Microsoft (payment failed)",
+                    );
+                    Transition(State::suspended(details.clone(), None))
+                }
+                WebhookAction::Reinstate if details.is_known() => {
+                    acknowledge_reinstatement(context, webhook);
+                    context.publish(DomainEventKind::Activated, details, StateName::Subscribed);
+                    context.applied(
+                        "activation implied: Microsoft reinstates only a subscription it \
+                         activated; reinstatement acknowledged",
+                    );
+                    Transition(State::subscribed(details.clone(), None))
                 }
                 WebhookAction::Unknown(action) => context.unknown_action(action),
                 other => context.not_applicable(format!(

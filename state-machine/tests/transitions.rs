@@ -555,6 +555,30 @@ fn cases() -> Vec<Case> {
             NotApplicable,
         ),
         case(
+            "Suspend while pending implies the activation our check had not seen yet",
+            pending_resolved(),
+            azure(8, WebhookAction::Suspend, 5),
+            Suspended,
+            vec![
+                Effect::FetchSubscription,
+                gold(K::Activated, Subscribed),
+                gold(K::Suspended, Suspended),
+            ],
+            Applied,
+        ),
+        case(
+            "Reinstate while pending implies the activation and is ACKed best-effort",
+            pending_resolved(),
+            azure(8, WebhookAction::Reinstate, 5),
+            Subscribed,
+            vec![
+                ack(8, AckStatus::Success, true),
+                confirm(8),
+                gold(K::Activated, Subscribed),
+            ],
+            Applied,
+        ),
+        case(
             "P9 unknown action while pending is not applicable",
             pending_resolved(),
             azure(8, WebhookAction::parse("Transfer"), 5),
