@@ -21,3 +21,7 @@ DROP INDEX outbox_pending_subscription_idx;
 CREATE INDEX outbox_pending_subscription_idx ON outbox (subscription_id, event_sequence, id)
     WHERE status = 'pending';
 CREATE INDEX outbox_claim_idx ON outbox (priority, next_attempt_at) WHERE status = 'pending';
+
+-- A domain event's position among its decision's domain events (its CloudEvents id) is
+-- counted by event_id: without this index every publish scanned the whole outbox.
+CREATE INDEX outbox_event_idx ON outbox (event_id);
