@@ -378,15 +378,18 @@ async fn lock_or_create(
     subscription_id: SubscriptionId,
 ) -> Result<SubscriptionMachine, StoreError> {
     let id = subscription_id.as_uuid();
+    let lock = || {
+        sqlx::query_scalar::<_, Value>("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+    };
+    // Known (the common case): one statement.
+    if let Some(machine) = lock().fetch_optional(&mut *conn).await? {
+        return restore(machine);
+    }
     // Two workers meeting a new subscription at once: the insert of one waits for the other's
     // commit, then does nothing, and both go on to the same row lock.
     insert_fresh(conn, subscription_id).await?;
-    let machine: Value =
-        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
-    restore(machine)
+    restore(lock().fetch_one(&mut *conn).await?)
 }
 
 /// Inserts a new machine's row unless one exists; true when this call created it.

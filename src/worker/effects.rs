@@ -311,6 +311,9 @@ struct Inner {
     /// One per effect in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
     /// each claim holds a pool connection while Microsoft answers.
     permits: Arc<Semaphore>,
+    /// Effects running in their own tasks (the runner's, and the follow-ups of the fast
+    /// path); the runner waits for them on shutdown.
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for EffectRunner {
@@ -341,6 +344,7 @@ impl EffectRunner {
                 wake: Notify::new(),
                 activity: Arc::new(EffectActivity::default()),
                 permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                tasks: TaskTracker::new(),
                 config,
             }),
         }
@@ -370,7 +374,7 @@ impl EffectRunner {
             }
         };
         let permits = self.inner.permits.clone();
-        let tasks = TaskTracker::new();
+        let tasks = &self.inner.tasks;
         'outer: loop {
             loop {
                 let permit = tokio::select! {
@@ -424,16 +428,37 @@ impl EffectRunner {
         tracing::info!("outbox runner stopped");
     }
 
-    /// The fast path after a commit: executes the rows a decision just queued, and the rows
-    /// their results queue in turn, in the caller's task, so an ACK leaves as soon as its
-    /// decision is committed instead of waiting for a runner to notice it (P7). Each row is
-    /// claimed like any other ([`outbox::claim`]); one that is not claimable now (held back
-    /// by an earlier row, held by a runner, not due, done already) is left to the runners.
-    /// Returns how many ran.
+    /// The fast path after a commit: executes the rows a decision just queued, in order, in
+    /// the caller's task, so an ACK leaves as soon as its decision is committed instead of
+    /// waiting for a runner to notice it (P7). The rows their results queue (confirming the
+    /// operation, the GET after it) continue in a task of their own, so the caller — one
+    /// subscription's consumer lane — is free for the subscription's next message. Each row
+    /// is claimed like any other ([`outbox::claim`]); one that is not claimable now (held
+    /// back by an earlier row, held by a runner, not due, done already) is left to the
+    /// runners. Returns how many ran in the caller's task.
     pub async fn execute_now(&self, ids: &[Uuid]) -> usize {
-        /// Executions per call; a longer chain is left to the runners.
+        let (ran, follow_ups) = self
+            .execute_chain(ids.iter().copied().collect(), false)
+            .await;
+        if !follow_ups.is_empty() {
+            let runner = self.clone();
+            self.inner.tasks.spawn(async move {
+                runner.execute_chain(follow_ups, true).await;
+            });
+        }
+        ran
+    }
+
+    /// Executes `todo` in order; with `follow` also the rows their results queue (at most
+    /// 16 executions), otherwise returns those.
+    async fn execute_chain(
+        &self,
+        mut todo: VecDeque<Uuid>,
+        follow: bool,
+    ) -> (usize, VecDeque<Uuid>) {
+        /// Executions per chain; a longer one is left to the runners.
         const MAX_CHAIN: usize = 16;
-        let mut todo: VecDeque<Uuid> = ids.iter().copied().collect();
+        let mut follow_ups = VecDeque::new();
         let mut ran = 0;
         let mut left_over = false;
         while let Some(id) = todo.pop_front() {
@@ -457,14 +482,19 @@ impl EffectRunner {
                 }
             };
             self.inner.activity.in_flight.fetch_add(1, Ordering::SeqCst);
-            todo.extend(self.execute_claimed(claimed).await);
+            let queued = self.execute_claimed(claimed).await;
             self.inner.activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if follow {
+                todo.extend(queued);
+            } else {
+                follow_ups.extend(queued);
+            }
             ran += 1;
         }
         if left_over {
             self.inner.wake.notify_one();
         }
-        ran
+        (ran, follow_ups)
     }
 
     /// Executes due rows one by one until none is due; returns how many ran. For tests
