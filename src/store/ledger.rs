@@ -177,34 +177,23 @@ async fn apply_guarded(
             return Ok(Guarded::Applied(ApplyOutcome::Duplicate));
         }
     }
-    let applied = decide(&mut tx, subscription_id, event, source, now, policy).await?;
+    let applied = apply_in(&mut tx, subscription_id, event, source, now, policy).await?;
     tx.commit().await?;
-    crate::metrics::record_decision(event.kind(), &applied.decision);
+    record_applied(event, &applied);
     Ok(Guarded::Applied(ApplyOutcome::Decided(applied)))
 }
 
-/// As [`apply`] for an event without an inbox key, inside the caller's transaction (an
-/// effect's result, committed together with its outbox row's new status). The decision
-/// counts in the metrics once the caller has committed ([`record_applied`]).
-pub async fn apply_in(
-    conn: &mut PgConnection,
-    subscription_id: SubscriptionId,
-    event: &Event,
-    source: &EventSource,
-    now: OffsetDateTime,
-    policy: &Policy,
-) -> Result<Applied, StoreError> {
-    decide(conn, subscription_id, event, source, now, policy).await
-}
-
-/// Counts a decision made by [`apply_in`] after its transaction committed.
+/// Counts a decision in the metrics once its transaction committed.
 pub fn record_applied(event: &Event, applied: &Applied) {
     crate::metrics::record_decision(event.kind(), &applied.decision);
 }
 
-/// Locks (or creates) the subscription, lets the machine decide, appends the event-log
-/// row, saves the state and queues the effects; the caller commits.
-async fn decide(
+/// As [`apply`] for an event without an inbox key, inside the caller's transaction (an
+/// effect's result, committed together with its outbox row's new status): locks (or
+/// creates) the subscription, lets the machine decide, appends the event-log row, saves the
+/// state and queues the effects; the caller commits, then counts the decision
+/// ([`record_applied`]).
+pub async fn apply_in(
     conn: &mut PgConnection,
     subscription_id: SubscriptionId,
     event: &Event,

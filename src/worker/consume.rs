@@ -410,6 +410,14 @@ fn ordering_key(delivery: &InboundDelivery) -> Option<Uuid> {
 /// Per-subscription queues of deliveries waiting for the one in hand.
 type Lanes = Arc<std::sync::Mutex<HashMap<Uuid, VecDeque<Dispatched>>>>;
 
+/// The lanes, locked. Nothing panics while they are locked, so a poisoned lock still holds
+/// consistent lanes: taking it anyway never strands a queued delivery.
+fn lock_lanes(lanes: &Lanes) -> std::sync::MutexGuard<'_, HashMap<Uuid, VecDeque<Dispatched>>> {
+    lanes
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A delivery and the concurrency permit it holds until it is handled.
 struct Dispatched {
     delivery: InboundDelivery,
@@ -471,8 +479,9 @@ pub async fn run_consumer(
                     tasks.spawn(async move { handle_one(&handler, &activity, dispatched).await });
                     continue;
                 };
-                let first = match lanes.lock() {
-                    Ok(mut lanes) => match lanes.get_mut(&key) {
+                let first = {
+                    let mut lanes = lock_lanes(&lanes);
+                    match lanes.get_mut(&key) {
                         Some(waiting) => {
                             waiting.push_back(dispatched);
                             None
@@ -481,8 +490,7 @@ pub async fn run_consumer(
                             lanes.insert(key, VecDeque::new());
                             Some(dispatched)
                         }
-                    },
-                    Err(_) => Some(dispatched),
+                    }
                 };
                 if let Some(first) = first {
                     let (handler, activity, lanes) =
@@ -513,16 +521,11 @@ async fn run_lane(
     let mut next = Some(first);
     while let Some(dispatched) = next {
         handle_one(handler, activity, dispatched).await;
-        next = match lanes.lock() {
-            Ok(mut lanes) => {
-                let queued = lanes.get_mut(&key).and_then(VecDeque::pop_front);
-                if queued.is_none() {
-                    lanes.remove(&key);
-                }
-                queued
-            }
-            Err(_) => None,
-        };
+        let mut waiting = lock_lanes(lanes);
+        next = waiting.get_mut(&key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            waiting.remove(&key);
+        }
     }
 }
 

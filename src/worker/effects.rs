@@ -562,15 +562,13 @@ impl EffectRunner {
         let config = &self.inner.config;
         let row = execution.row.clone();
         let mut disposition = disposition;
+        // This execution's failure, if it fails, is attempt number `failed`.
+        let failed = u32::try_from(row.attempts).unwrap_or(0) + 1;
+        let gave_up = |error: &str| format!("gave up after {failed} attempts: {error}");
         // Burying records why, with the rest.
         let dead_reason = match &disposition {
-            Disposition::Retry { error, .. }
-                if u32::try_from(row.attempts).unwrap_or(0) + 1 >= config.max_attempts =>
-            {
-                Some(format!(
-                    "gave up after {} attempts: {error}",
-                    u32::try_from(row.attempts).unwrap_or(0) + 1
-                ))
+            Disposition::Retry { error, .. } if failed >= config.max_attempts => {
+                Some(gave_up(error))
             }
             Disposition::Dead { reason } => Some(reason.clone()),
             _ => None,
@@ -578,7 +576,6 @@ impl EffectRunner {
         if let Some(reason) = &dead_reason {
             self.record_dead(&execution, reason).await;
         }
-        let mut follow_ups = Vec::new();
         let mut fed = Vec::new();
         let writes = execution.take_writes();
         if !writes.is_empty() {
@@ -612,10 +609,8 @@ impl EffectRunner {
                 retry_after,
                 progress,
             } => {
-                let failed = u32::try_from(row.attempts).unwrap_or(0) + 1;
                 if failed >= config.max_attempts {
-                    let reason = dead_reason
-                        .unwrap_or_else(|| format!("gave up after {failed} attempts: {error}"));
+                    let reason = dead_reason.unwrap_or_else(|| gave_up(&error));
                     metrics::record_dead_letter(DeadLetterReason::EffectAttemptsExhausted);
                     tracing::error!(reason, "effect dead");
                     claimed.bury(&reason, true).await
@@ -640,11 +635,13 @@ impl EffectRunner {
             }
         };
         ended?;
-        for (event, applied) in fed {
-            ledger::record_applied(&event, &applied);
-            follow_ups.extend(applied.outbox_ids);
-        }
-        Ok(follow_ups)
+        Ok(fed
+            .into_iter()
+            .flat_map(|(event, applied)| {
+                ledger::record_applied(&event, &applied);
+                applied.outbox_ids
+            })
+            .collect())
     }
 
     async fn execute(&self, row: &Execution, effect: &Effect) -> Result<Disposition, StoreError> {
