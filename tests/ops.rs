@@ -346,15 +346,7 @@ impl App {
 
     async fn queue_len(&self, queue: &str) -> u32 {
         let (connection, channel) = lapin_channel(&self.settings).await;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = marketplace_fulfillment::queue::dead_letters::inspect_queue(&channel, queue)
             .await
             .unwrap();
         let _ = connection.close(200, "counted".into()).await;

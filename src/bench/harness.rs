@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueuePurgeOptions;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
@@ -139,15 +138,7 @@ impl BenchEnv {
     /// purging connection, which carries no name and so is never closed by `bench chaos`).
     pub async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
         let channel = self.purger.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = crate::queue::dead_letters::inspect_queue(&channel, queue)
             .await
             .with_context(|| format!("cannot inspect {queue}"))?;
         let _ = channel.close(200, "inspected".into()).await;

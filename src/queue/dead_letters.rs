@@ -153,15 +153,7 @@ impl Broker {
     /// Messages ready in `queue` now (unacknowledged ones not counted).
     pub async fn ready_messages(&self, queue: &str) -> Result<u32, QueueError> {
         let channel = self.open_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = inspect_queue(&channel, queue)
             .await
             .map_err(|e| QueueError::Channel(format!("cannot inspect {queue}: {e}")))?;
         let _ = channel.close(200, "inspected".into()).await;
@@ -195,15 +187,7 @@ impl Broker {
         }
         let publisher = self.publisher().await?;
         let channel = self.open_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = inspect_queue(&channel, queue)
             .await
             .map_err(|e| QueueError::Channel(format!("cannot inspect {queue}: {e}")))?;
         let window = window.max(1);
@@ -453,6 +437,21 @@ fn copy_headers(properties: &BasicProperties, drop: &[&str]) -> FieldTable {
         }
     }
     table
+}
+
+/// `queue` as RabbitMQ holds it now (ready messages, consumers), without creating it: a
+/// passive declare, which fails when the queue does not exist.
+pub async fn inspect_queue(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 #[cfg(test)]
