@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::routing::post;
 use common::TestDatabase;
 use fulfillment_state_machine::{Event, Snapshot, SubscriptionId};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{
