@@ -43,6 +43,19 @@ impl RetryPolicy {
         }
     }
 
+    /// The worker's: one quick retry (0.2–1 s, `Retry-After` capped at 1 s), then the
+    /// failure is handed back to the outbox backoff or the retry queues. Retrying in place
+    /// for long would hold an effect slot and the subscription's lane while other
+    /// customers' changes wait out their 10 s ACK window (P7).
+    pub fn hand_back() -> Self {
+        Self {
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
+            max_attempts: 2,
+            max_retry_after: Duration::from_secs(1),
+        }
+    }
+
     /// The delay before the attempt after `attempt` (1-based) failed with `error`, or `None`
     /// to give up: not retryable, or attempts exhausted. A `Retry-After` wins, capped at
     /// `max_retry_after`; otherwise the jittered exponential delay.
@@ -184,6 +197,17 @@ mod tests {
         assert_eq!(p.delay_for(4, &transient()), None);
         assert_eq!(p.delay_for(1, &not_found()), None);
         assert_eq!(RetryPolicy::never().delay_for(1, &transient()), None);
+    }
+
+    #[test]
+    fn the_worker_retries_once_quickly_then_hands_the_failure_back() {
+        let p = RetryPolicy::hand_back();
+        let d = p.delay_for(1, &transient()).unwrap();
+        assert!(d >= MS(200) && d <= MS(400), "{d:?}");
+        assert_eq!(p.delay_for(2, &transient()), None);
+        let asked = throttled(Some(Duration::from_secs(30)));
+        assert_eq!(p.delay_for(1, &asked), Some(Duration::from_secs(1)));
+        assert_eq!(p.delay_for(2, &asked), None);
     }
 
     #[test]

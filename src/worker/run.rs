@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::marketplace::{MarketplaceClient, TokenProvider};
+use crate::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use crate::queue::Broker;
 use crate::settings::Settings;
 use crate::store::{self, outbox};
@@ -99,7 +99,8 @@ impl WorkerParts {
         let tokens = TokenProvider::new(&settings.marketplace)
             .context("cannot set up the Entra token provider")?;
         let client = MarketplaceClient::new(&settings.marketplace, tokens)
-            .context("cannot build the Marketplace client")?;
+            .context("cannot build the Marketplace client")?
+            .with_retry_policy(RetryPolicy::hand_back());
         Ok(Self {
             pool,
             broker,

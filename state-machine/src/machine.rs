@@ -574,7 +574,8 @@ impl Ledger {
 
     /// Reactions shared by `Subscribed` and `Suspended`.
     ///
-    /// - Webhook `Unsubscribe` (customer/CSP cancel, grace over, our DELETE) → **Unsubscribed**.
+    /// - Webhook `Unsubscribe` (customer/CSP cancel, grace over, our DELETE) → **Unsubscribed**
+    ///   + `FetchSubscription` (the ended subscription's final plan, seats and term).
     /// - Unknown webhook action → recorded, not applicable (P9).
     /// - `Observed`/`PurchaseResolved` → converge plan, quantity, term and status
     ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
@@ -596,6 +597,9 @@ impl Ledger {
         match event {
             Event::Webhook(webhook) => match &webhook.action {
                 WebhookAction::Unsubscribe => {
+                    // The final details (a change Microsoft completed without our ACK, a
+                    // renewal) are read once the subscription has ended.
+                    context.push(Effect::FetchSubscription);
                     context.publish(
                         DomainEventKind::Unsubscribed,
                         details,
@@ -685,17 +689,71 @@ impl Ledger {
         }
     }
 
-    /// `Unsubscribed`: terminal. Every event is ignored; nothing resurrects it (P10), and a
-    /// new purchase gets a new subscription id (§5.2 rules).
+    /// `Unsubscribed`: terminal. Nothing resurrects it (P10), and a new purchase gets a new
+    /// subscription id (§5.2 rules). The record of what ended (plan, seats, term) still
+    /// follows Microsoft, because events interleave (P10: a change's webhook can arrive
+    /// after the Unsubscribe, its operation completed or auto-accepted meanwhile):
+    ///
+    /// - `Observed`/`PurchaseResolved` showing `Unsubscribed` → details converge to it
+    ///   (no transition, no domain event; the ISV already heard `Unsubscribed`).
+    /// - Webhook `ChangePlan`/`ChangeQuantity` → `ConfirmOperation` (no ACK: nothing is
+    ///   decided for an ended subscription); its result then brings a GET.
+    /// - Webhook `Renew` → `FetchSubscription`.
+    /// - `OperationResult` → `FetchSubscription`: whatever the operation changed is final.
+    /// - Everything else is ignored as terminal.
     #[state]
     fn unsubscribed(
         details: &mut Details,
         activation: &mut ActivationProgress,
         context: &mut Ctx<'_>,
+        event: &Event,
     ) -> Outcome<State> {
-        // Kept for the record (what was cancelled, whether it was ever activated).
-        let _ = (details, activation);
-        context.ignore(IgnoreReason::Terminal)
+        // `activation` is kept for the record: whether it was ever activated.
+        let _ = activation;
+        match event {
+            Event::PurchaseResolved { snapshot, .. } | Event::Observed { snapshot, .. }
+                if snapshot.status == MarketplaceStatus::Unsubscribed =>
+            {
+                let merged = details.merged_with(snapshot);
+                if merged == *details {
+                    return context.ignore(IgnoreReason::NoChange);
+                }
+                *details = merged;
+                context.applied("the ended subscription's details converged to Microsoft's view");
+                Handled
+            }
+            Event::Webhook(webhook) => match webhook.action {
+                WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => {
+                    context.push(Effect::ConfirmOperation {
+                        operation_id: webhook.operation_id,
+                    });
+                    context.applied(format!(
+                        "{} after Unsubscribe (P10): not acknowledged, following operation {} \
+                         to its end",
+                        webhook.action, webhook.operation_id
+                    ));
+                    Handled
+                }
+                WebhookAction::Renew => {
+                    context.push(Effect::FetchSubscription);
+                    context.applied("Renew after Unsubscribe (P10): reading the final term");
+                    Handled
+                }
+                _ => context.ignore(IgnoreReason::Terminal),
+            },
+            Event::OperationResult {
+                operation_id,
+                status,
+            } => {
+                context.push(Effect::FetchSubscription);
+                context.applied(format!(
+                    "operation {operation_id} ended {status} after Unsubscribe; reading the \
+                     final details"
+                ));
+                Handled
+            }
+            _ => context.ignore(IgnoreReason::Terminal),
+        }
     }
 }
 

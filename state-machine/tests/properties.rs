@@ -168,8 +168,18 @@ proptest! {
             prop_assert_eq!(decision.from, before_state);
             prop_assert_eq!(decision.to, machine.state());
             if was_unsubscribed {
+                // Terminal: the state never moves, nothing is acknowledged or announced;
+                // only reads that bring the ended subscription's final details.
                 prop_assert_eq!(machine.state(), StateName::Unsubscribed);
-                prop_assert!(decision.outcome.is_ignored());
+                prop_assert_eq!(machine.pending_operation().cloned(), before_pending.clone());
+                prop_assert!(
+                    decision.effects.iter().all(|effect| matches!(
+                        effect,
+                        Effect::FetchSubscription | Effect::ConfirmOperation { .. }
+                    )),
+                    "{:?}",
+                    decision
+                );
             }
             if decision.outcome.is_ignored() {
                 prop_assert!(decision.effects.is_empty(), "{:?}", decision);
