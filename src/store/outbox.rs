@@ -12,7 +12,9 @@
 //! GET, a domain event) holds back only the rows of its own kind behind it, so domain
 //! events leave in order but an ACK never waits for the previous change's GET or domain
 //! event; `poll_operation` and `confirm_operation` rows only wait for Microsoft and hold
-//! back nothing ([`WAITING_KINDS`]). Subscriptions with an ACK pending go first, so a
+//! back nothing ([`WAITING_KINDS`]), nor does an `activate` whose POST went out (it only
+//! waits for Microsoft to report Subscribed, P4: a customer's first change right after
+//! checkout is acknowledged without waiting for our next activation check). Subscriptions with an ACK pending go first, so a
 //! burst of domain events cannot eat Microsoft's 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
 
@@ -76,11 +78,13 @@ const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect
 
 /// The claimability test (see the module docs): no earlier pending row of the same
 /// subscription that holds this one back. `$1` binds [`WAITING_KINDS`], `$2`
-/// [`INDEPENDENT_KINDS`]. An index probe on `outbox_pending_subscription_idx`.
+/// [`INDEPENDENT_KINDS`]; an activation whose POST was sent (`progress.activate_sent`, set
+/// by the executor) waits like them. An index probe on `outbox_pending_subscription_idx`.
 const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
          SELECT 1 FROM outbox p \
          WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
            AND p.kind <> ALL($1) AND (p.kind = o.kind OR p.kind <> ALL($2)) \
+           AND NOT (p.kind = 'activate' AND p.progress @> '{\"activate_sent\": true}') \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
 /// Claims the most overdue claimable row, if any — first among the subscriptions that

@@ -262,13 +262,19 @@ impl MessageHandler {
                 unknown_to_microsoft = self.observe_first(subscription_id, source).await?;
             }
         }
-        let outcome = ledger::apply(
+        // With an effect runner, the decision's rows run right after the ack (fast path).
+        let runs = match self.effects {
+            Some(_) => ledger::Runs::Here,
+            None => ledger::Runs::Anywhere,
+        };
+        let outcome = ledger::apply_to_run(
             &self.pool,
             subscription_id.into(),
             event,
             source,
             OffsetDateTime::now_utc(),
             &self.policy,
+            runs,
         )
         .await
         .map_err(|error| match error {

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fulfillment_state_machine::{
@@ -271,6 +271,9 @@ async fn write_all(
                     &source,
                     now,
                     policy,
+                    // This runner goes on with them: the chain, or its own wake-up when
+                    // the row ends.
+                    ledger::Runs::Here,
                 )
                 .await?;
                 fed.push((event, applied));
@@ -307,6 +310,9 @@ struct Inner {
     api_url: Url,
     config: EffectsConfig,
     wake: Notify,
+    /// The fast path left a row it could not claim (held back by an earlier row): the
+    /// runner is woken again when a fast-path execution ends, since that may free it.
+    deferred: AtomicBool,
     activity: Arc<EffectActivity>,
     /// One per effect in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
     /// each claim holds a pool connection while Microsoft answers.
@@ -342,6 +348,7 @@ impl EffectRunner {
                 policy,
                 api_url,
                 wake: Notify::new(),
+                deferred: AtomicBool::new(false),
                 activity: Arc::new(EffectActivity::default()),
                 permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 tasks: TaskTracker::new(),
@@ -355,9 +362,10 @@ impl EffectRunner {
     }
 
     /// Runs due effects until `shutdown`; then finishes the effects in hand and returns.
-    /// Wakes on `NOTIFY fulfillment_outbox` (sent by `ledger::apply` on commit), when an
-    /// effect ends (the next row of its subscription may be due), and every
-    /// `poll_interval`.
+    /// Wakes on `NOTIFY fulfillment_outbox` (sent on commit by decisions nobody runs at
+    /// once: reconciliation, a consumer without effects), when an effect ends (the next row
+    /// of its subscription may be due), when the fast path leaves a row, and every
+    /// `poll_interval` (which also finds rows another process's decision left).
     pub async fn run(self, shutdown: CancellationToken) {
         let config = &self.inner.config;
         let mut listener = match PgListener::connect_with(&self.inner.pool).await {
@@ -472,6 +480,7 @@ impl EffectRunner {
             let claimed = match outbox::claim(&self.inner.pool, id).await {
                 Ok(Some(claimed)) => claimed,
                 Ok(None) => {
+                    self.inner.deferred.store(true, Ordering::SeqCst);
                     left_over = true;
                     continue;
                 }
@@ -484,6 +493,9 @@ impl EffectRunner {
             self.inner.activity.in_flight.fetch_add(1, Ordering::SeqCst);
             let queued = self.execute_claimed(claimed).await;
             self.inner.activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if self.inner.deferred.swap(false, Ordering::SeqCst) {
+                self.inner.wake.notify_one();
+            }
             if follow {
                 todo.extend(queued);
             } else {
