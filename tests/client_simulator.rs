@@ -53,6 +53,7 @@ impl Harness {
                 max_delay: Duration::from_millis(50),
                 max_attempts: 6,
                 max_retry_after: Duration::from_secs(2),
+                give_up_beyond_cap: false,
             });
         Self {
             sim,

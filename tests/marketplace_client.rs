@@ -55,6 +55,7 @@ fn fast_policy() -> RetryPolicy {
         max_delay: Duration::from_millis(10),
         max_attempts: 4,
         max_retry_after: Duration::from_secs(2),
+        give_up_beyond_cap: false,
     }
 }
 

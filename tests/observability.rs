@@ -705,6 +705,7 @@ async fn retries_and_token_failures_are_counted() {
             max_delay: Duration::from_millis(5),
             max_attempts: 3,
             max_retry_after: Duration::from_millis(5),
+            give_up_beyond_cap: false,
         });
     client
         .tokens()

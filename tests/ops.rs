@@ -104,6 +104,7 @@ impl App {
                 max_delay: Duration::from_millis(20),
                 max_attempts: 2,
                 max_retry_after: Duration::from_millis(50),
+                give_up_beyond_cap: false,
             });
         let mut app = Self {
             db,

@@ -231,6 +231,7 @@ impl Stack {
                 max_delay: Duration::from_millis(20),
                 max_attempts: 2,
                 max_retry_after: Duration::from_millis(50),
+                give_up_beyond_cap: false,
             });
         let parts = WorkerParts {
             pool: self.pool.clone(),
