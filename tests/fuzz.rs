@@ -1872,10 +1872,7 @@ mod state_machine {
                             // ended subscription's final details.
                             prop_assert_eq!(machine.state(), StateName::Unsubscribed);
                             prop_assert!(
-                                decision.effects.iter().all(|effect| matches!(
-                                    effect,
-                                    Effect::FetchSubscription | Effect::ConfirmOperation { .. }
-                                )),
+                                decision.effects.iter().all(Effect::is_read),
                                 "{:?}",
                                 decision
                             );

@@ -84,6 +84,18 @@ impl Effect {
             Effect::PublishDomainEvent(_) => "publish_domain_event",
         }
     }
+
+    /// A read of Microsoft's view (GET subscription or operation): it changes nothing at
+    /// Microsoft and tells the ISV nothing. The only effects an Unsubscribed subscription
+    /// still has.
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Effect::FetchSubscription
+                | Effect::PollOperation { .. }
+                | Effect::ConfirmOperation { .. }
+        )
+    }
 }
 
 /// The PATCH body status; different words from the operation status (P6).

@@ -173,10 +173,7 @@ proptest! {
                 prop_assert_eq!(machine.state(), StateName::Unsubscribed);
                 prop_assert_eq!(machine.pending_operation().cloned(), before_pending.clone());
                 prop_assert!(
-                    decision.effects.iter().all(|effect| matches!(
-                        effect,
-                        Effect::FetchSubscription | Effect::ConfirmOperation { .. }
-                    )),
+                    decision.effects.iter().all(Effect::is_read),
                     "{:?}",
                     decision
                 );
