@@ -92,7 +92,7 @@ pub struct WorkerSettings {
     pub effect_concurrency: Option<usize>,
     /// Failed attempts of one effect before its outbox row is dead.
     pub max_attempts: u32,
-    /// Fallback poll of the outbox when no `NOTIFY` arrives.
+    /// Poll of the outbox between wake-ups: the longest a row another worker process left waits.
     pub poll_interval: Duration,
     /// First retry delay of a failed effect; doubles per attempt (jittered) up to the max.
     pub backoff_base: Duration,

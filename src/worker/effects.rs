@@ -50,7 +50,7 @@ pub struct EffectsConfig {
     /// holds a claimed row, and its connection, and calls Microsoft at most once at a time;
     /// §8.1 suggests ≤ 10 calls in flight). Keep it at least 2 below the pool size.
     pub concurrency: usize,
-    /// Fallback poll of the outbox when no `NOTIFY` arrives.
+    /// Poll of the outbox between wake-ups: the longest a row another worker process left waits.
     pub poll_interval: Duration,
     /// Failed attempts before a row is dead.
     pub max_attempts: u32,
