@@ -431,11 +431,8 @@ impl Ledger {
     ) -> Outcome<State> {
         match event {
             Event::Webhook(webhook) => match &webhook.action {
-                WebhookAction::ChangePlan => {
-                    change_plan_webhook(details, pending, webhook, context)
-                }
-                WebhookAction::ChangeQuantity => {
-                    change_quantity_webhook(details, pending, webhook, context)
+                WebhookAction::ChangePlan | WebhookAction::ChangeQuantity => {
+                    change_webhook(details, pending, webhook, context)
                 }
                 WebhookAction::Renew => {
                     if let Some(term) = webhook.subscription.as_ref().and_then(|s| s.term.clone()) {
@@ -1200,12 +1197,7 @@ fn customer_change_implies_activation(
         &subscribed,
         StateName::Subscribed,
     );
-    let _ = match webhook.action {
-        WebhookAction::ChangePlan => {
-            change_plan_webhook(&mut subscribed, &mut pending, webhook, context)
-        }
-        _ => change_quantity_webhook(&mut subscribed, &mut pending, webhook, context),
-    };
+    let _ = change_webhook(&mut subscribed, &mut pending, webhook, context);
     match &mut context.outcome {
         Some(Decided::Applied { reason } | Decided::Rejected { reason }) => {
             *reason = format!(
@@ -1218,99 +1210,116 @@ fn customer_change_implies_activation(
     }
 }
 
-fn change_plan_webhook(
-    details: &mut Details,
-    pending: &mut Option<PendingOperation>,
-    webhook: &Webhook,
-    context: &mut Ctx<'_>,
-) -> Outcome<State> {
-    let Some(target) = &webhook.plan_id else {
-        // Minimal 2019–2021 payload (§6.2): learn the target from GET instead.
-        context.push(Effect::FetchSubscription);
-        context.applied("ChangePlan without a target plan; fetching the subscription");
-        return Handled;
-    };
-    if is_ours(webhook, pending) {
-        // P18: our own operation; it completes by itself and PATCHing it fails.
-        let matching = pending.as_mut().filter(
-            |op| matches!(&op.command, Command::ChangePlan { plan_id } if plan_id == target),
-        );
-        if details.plan_id.as_ref() == Some(target) {
-            return match matching {
-                Some(op) if !op.applied => {
-                    op.applied = true;
-                    context.applied(format!("our plan change to {target} is under way"));
-                    Handled
-                }
-                _ => context.ignore(IgnoreReason::NoChange),
-            };
+/// The target of a customer's ChangePlan/ChangeQuantity webhook: the one thing the two
+/// decisions differ in.
+#[derive(Debug, Clone, Copy)]
+enum Target<'w> {
+    Plan(&'w PlanId),
+    Quantity(Quantity),
+}
+
+impl Target<'_> {
+    /// What the webhook asks for; `None` for a minimal payload (§6.2) without it.
+    fn of(webhook: &Webhook) -> Option<Target<'_>> {
+        match webhook.action {
+            WebhookAction::ChangePlan => webhook.plan_id.as_ref().map(Target::Plan),
+            _ => webhook.quantity.map(Target::Quantity),
         }
-        if let Some(op) = matching {
-            op.applied = true;
-        }
-        details.plan_id = Some(target.clone());
-        context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
-        context.applied(format!(
-            "plan changed to {target} by our request (P18: no ACK)"
-        ));
-        return Handled;
     }
-    if details.plan_id.as_ref() == Some(target) {
-        acknowledge(context, webhook, AckStatus::Success);
-        context.applied(format!("revert to current plan {target} accepted (P8)"));
-        return Handled;
-    }
-    match context
-        .policy
-        .decide_plan_change(details.plan_id.as_ref(), target)
-    {
-        Verdict::Accept => {
-            details.plan_id = Some(target.clone());
-            acknowledge(context, webhook, AckStatus::Success);
-            context.await_confirmation(
-                webhook.operation_id,
-                UnconfirmedChange::Plan {
-                    plan_id: target.clone(),
-                },
-            );
-            context.publish(DomainEventKind::PlanChanged, details, StateName::Subscribed);
-            context.applied(format!("plan change to {target} accepted"));
-            Handled
+
+    /// "plan" or "quantity", for the decision's reason.
+    fn noun(self) -> &'static str {
+        match self {
+            Target::Plan(_) => "plan",
+            Target::Quantity(_) => "quantity",
         }
-        Verdict::Reject { reason } => {
-            acknowledge(context, webhook, AckStatus::Failure);
-            context.publish_because(
-                DomainEventKind::ChangeRejected,
-                details,
-                StateName::Subscribed,
-                Some(reason.clone()),
-            );
-            context.rejected(reason);
-            Handled
+    }
+
+    fn is_current(self, details: &Details) -> bool {
+        match self {
+            Target::Plan(plan_id) => details.plan_id.as_ref() == Some(plan_id),
+            Target::Quantity(quantity) => details.quantity == Some(quantity),
+        }
+    }
+
+    fn apply(self, details: &mut Details) {
+        match self {
+            Target::Plan(plan_id) => details.plan_id = Some(plan_id.clone()),
+            Target::Quantity(quantity) => details.quantity = Some(quantity),
+        }
+    }
+
+    /// Whether our pending command asks for this very change.
+    fn is_requested_by(self, command: &Command) -> bool {
+        match (self, command) {
+            (Target::Plan(target), Command::ChangePlan { plan_id }) => plan_id == target,
+            (Target::Quantity(target), Command::ChangeQuantity { quantity }) => *quantity == target,
+            _ => false,
+        }
+    }
+
+    fn decide(self, policy: &Policy, details: &Details) -> Verdict {
+        match self {
+            Target::Plan(plan_id) => policy.decide_plan_change(details.plan_id.as_ref(), plan_id),
+            Target::Quantity(quantity) => policy.decide_quantity_change(details.quantity, quantity),
+        }
+    }
+
+    fn unconfirmed(self) -> UnconfirmedChange {
+        match self {
+            Target::Plan(plan_id) => UnconfirmedChange::Plan {
+                plan_id: plan_id.clone(),
+            },
+            Target::Quantity(quantity) => UnconfirmedChange::Quantity { quantity },
+        }
+    }
+
+    fn changed(self) -> DomainEventKind {
+        match self {
+            Target::Plan(_) => DomainEventKind::PlanChanged,
+            Target::Quantity(_) => DomainEventKind::QuantityChanged,
         }
     }
 }
 
-fn change_quantity_webhook(
+impl std::fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Plan(plan_id) => write!(f, "{plan_id}"),
+            Target::Quantity(quantity) => write!(f, "{quantity}"),
+        }
+    }
+}
+
+/// A ChangePlan/ChangeQuantity webhook while Subscribed: ours (P18: applied, no ACK), a
+/// revert to the current value (P8: ACK Success), or the customer's change, decided by the
+/// policy and acknowledged either way within the window (P7).
+fn change_webhook(
     details: &mut Details,
     pending: &mut Option<PendingOperation>,
     webhook: &Webhook,
     context: &mut Ctx<'_>,
 ) -> Outcome<State> {
-    let Some(target) = webhook.quantity else {
+    let Some(target) = Target::of(webhook) else {
+        // Minimal 2019–2021 payload (§6.2): learn the target from GET instead.
         context.push(Effect::FetchSubscription);
-        context.applied("ChangeQuantity without a target quantity; fetching the subscription");
+        context.applied(format!(
+            "{} without a target; fetching the subscription",
+            webhook.action
+        ));
         return Handled;
     };
+    let noun = target.noun();
     if is_ours(webhook, pending) {
-        let matching = pending.as_mut().filter(
-            |op| matches!(&op.command, Command::ChangeQuantity { quantity } if *quantity == target),
-        );
-        if details.quantity == Some(target) {
+        // P18: our own operation; it completes by itself and PATCHing it fails.
+        let matching = pending
+            .as_mut()
+            .filter(|op| target.is_requested_by(&op.command));
+        if target.is_current(details) {
             return match matching {
                 Some(op) if !op.applied => {
                     op.applied = true;
-                    context.applied(format!("our quantity change to {target} is under way"));
+                    context.applied(format!("our {noun} change to {target} is under way"));
                     Handled
                 }
                 _ => context.ignore(IgnoreReason::NoChange),
@@ -1319,39 +1328,25 @@ fn change_quantity_webhook(
         if let Some(op) = matching {
             op.applied = true;
         }
-        details.quantity = Some(target);
-        context.publish(
-            DomainEventKind::QuantityChanged,
-            details,
-            StateName::Subscribed,
-        );
+        target.apply(details);
+        context.publish(target.changed(), details, StateName::Subscribed);
         context.applied(format!(
-            "quantity changed to {target} by our request (P18: no ACK)"
+            "{noun} changed to {target} by our request (P18: no ACK)"
         ));
         return Handled;
     }
-    if details.quantity == Some(target) {
+    if target.is_current(details) {
         acknowledge(context, webhook, AckStatus::Success);
-        context.applied(format!("revert to current quantity {target} accepted (P8)"));
+        context.applied(format!("revert to current {noun} {target} accepted (P8)"));
         return Handled;
     }
-    match context
-        .policy
-        .decide_quantity_change(details.quantity, target)
-    {
+    match target.decide(context.policy, details) {
         Verdict::Accept => {
-            details.quantity = Some(target);
+            target.apply(details);
             acknowledge(context, webhook, AckStatus::Success);
-            context.await_confirmation(
-                webhook.operation_id,
-                UnconfirmedChange::Quantity { quantity: target },
-            );
-            context.publish(
-                DomainEventKind::QuantityChanged,
-                details,
-                StateName::Subscribed,
-            );
-            context.applied(format!("quantity change to {target} accepted"));
+            context.await_confirmation(webhook.operation_id, target.unconfirmed());
+            context.publish(target.changed(), details, StateName::Subscribed);
+            context.applied(format!("{noun} change to {target} accepted"));
             Handled
         }
         Verdict::Reject { reason } => {
