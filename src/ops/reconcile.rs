@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fulfillment_state_machine::{
-    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Policy, Snapshot,
-    StateName, SubscriptionId, SubscriptionMachine,
+    ActivationMode, ActivationProgress, CommandId, Event, MarketplaceStatus, Outcome, Policy,
+    Snapshot, StateName, SubscriptionId, SubscriptionMachine,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -120,6 +120,22 @@ pub enum Heal {
     Failed {
         error: String,
     },
+}
+
+/// What feeding one event during a heal came to.
+enum Fed {
+    /// Another event was applied since the run looked: nothing was fed.
+    Changed,
+    /// The event was fed before (same inbox key).
+    Duplicate,
+    /// The machine decided this.
+    Decided(Outcome),
+}
+
+fn deferred() -> Heal {
+    Heal::Deferred {
+        reason: "another event was applied meanwhile".into(),
+    }
 }
 
 /// One drifted subscription.
@@ -356,42 +372,18 @@ impl Reconciler {
                 snapshot: snapshot.clone(),
                 observed_at: now,
             };
-            match ledger::apply_if_unchanged(
-                &self.pool,
-                SubscriptionId::from(id),
-                expected,
-                &event,
-                &source,
-                now,
-                &self.policy,
-            )
-            .await?
+            match self
+                .feed_if_unchanged(id, &mut expected, &event, &source, now, &mut events)
+                .await?
             {
-                Guarded::Changed { .. } => {
-                    return Ok(Heal::Deferred {
-                        reason: "another event was applied meanwhile".into(),
+                Fed::Changed => return Ok(deferred()),
+                Fed::Decided(outcome) if outcome.is_ignored() => {
+                    return Ok(Heal::NeedsOperator {
+                        reason: format!("the machine ignored Microsoft's view: {outcome}"),
                     });
                 }
-                Guarded::Applied(ApplyOutcome::Duplicate) => {}
-                Guarded::Applied(ApplyOutcome::Decided(applied)) => {
-                    events.push(format!(
-                        "{} Observed: {}",
-                        applied.event_id, applied.decision.outcome
-                    ));
-                    if applied.decision.outcome.is_ignored() {
-                        return Ok(Heal::NeedsOperator {
-                            reason: format!(
-                                "the machine ignored Microsoft's view: {}",
-                                applied.decision.outcome
-                            ),
-                        });
-                    }
-                }
+                Fed::Decided(_) | Fed::Duplicate => {}
             }
-            expected = match current_version(&self.pool, id).await? {
-                Some(version) => Expected::Version(version),
-                None => Expected::Absent,
-            };
         }
         let still_pending = snapshot.status.state() == Some(StateName::PendingFulfillment);
         if drift.kinds.contains(&DriftKind::StuckPending) && still_pending {
@@ -423,66 +415,29 @@ impl Reconciler {
                     ),
                     failed_at: now,
                 };
-                match ledger::apply_if_unchanged(
-                    &self.pool,
-                    SubscriptionId::from(id),
-                    expected,
-                    &event,
-                    &source,
-                    now,
-                    &self.policy,
-                )
-                .await?
-                {
-                    Guarded::Changed { .. } => {
-                        return Ok(Heal::Deferred {
-                            reason: "another event was applied meanwhile".into(),
-                        });
-                    }
-                    Guarded::Applied(ApplyOutcome::Duplicate) => {}
-                    Guarded::Applied(ApplyOutcome::Decided(applied)) => events.push(format!(
-                        "{} ActivationFailed: {}",
-                        applied.event_id, applied.decision.outcome
-                    )),
+                let fed = self
+                    .feed_if_unchanged(id, &mut expected, &event, &source, now, &mut events)
+                    .await?;
+                if matches!(fed, Fed::Changed) {
+                    return Ok(deferred());
                 }
-                expected = match current_version(&self.pool, id).await? {
-                    Some(version) => Expected::Version(version),
-                    None => Expected::Absent,
-                };
             }
             let event = Event::ActivationRequested {
                 command_id: CommandId::from(Uuid::new_v4()),
             };
-            match ledger::apply_if_unchanged(
-                &self.pool,
-                SubscriptionId::from(id),
-                expected,
-                &event,
-                &source,
-                now,
-                &self.policy,
-            )
-            .await?
+            match self
+                .feed_if_unchanged(id, &mut expected, &event, &source, now, &mut events)
+                .await?
             {
-                Guarded::Changed { .. } => {
-                    return Ok(Heal::Deferred {
-                        reason: "another event was applied meanwhile".into(),
+                Fed::Changed => return Ok(deferred()),
+                Fed::Decided(outcome) if outcome.is_ignored() => {
+                    self.record(id, run_id, &kinds, &request_id, "activation not retried")
+                        .await;
+                    return Ok(Heal::NeedsOperator {
+                        reason: outcome.to_string(),
                     });
                 }
-                Guarded::Applied(ApplyOutcome::Duplicate) => {}
-                Guarded::Applied(ApplyOutcome::Decided(applied)) => {
-                    events.push(format!(
-                        "{} ActivationRequested: {}",
-                        applied.event_id, applied.decision.outcome
-                    ));
-                    if applied.decision.outcome.is_ignored() {
-                        self.record(id, run_id, &kinds, &request_id, "activation not retried")
-                            .await;
-                        return Ok(Heal::NeedsOperator {
-                            reason: applied.decision.outcome.to_string(),
-                        });
-                    }
-                }
+                Fed::Decided(_) | Fed::Duplicate => {}
             }
         }
         self.record(id, run_id, &kinds, &request_id, "fed through the machine")
@@ -493,6 +448,48 @@ impl Reconciler {
             });
         }
         Ok(Heal::Healed { events })
+    }
+
+    /// Feeds `event` through the machine unless the subscription changed since `expected`
+    /// (checked under the row lock, so it never overtakes the worker); notes the decision in
+    /// `events` and moves `expected` past it for the next event of the same run.
+    async fn feed_if_unchanged(
+        &self,
+        id: Uuid,
+        expected: &mut Expected,
+        event: &Event,
+        source: &EventSource,
+        now: OffsetDateTime,
+        events: &mut Vec<String>,
+    ) -> anyhow::Result<Fed> {
+        let guarded = ledger::apply_if_unchanged(
+            &self.pool,
+            SubscriptionId::from(id),
+            *expected,
+            event,
+            source,
+            now,
+            &self.policy,
+        )
+        .await?;
+        let fed = match guarded {
+            Guarded::Changed { .. } => return Ok(Fed::Changed),
+            Guarded::Applied(ApplyOutcome::Duplicate) => Fed::Duplicate,
+            Guarded::Applied(ApplyOutcome::Decided(applied)) => {
+                events.push(format!(
+                    "{} {}: {}",
+                    applied.event_id,
+                    event.kind(),
+                    applied.decision.outcome
+                ));
+                Fed::Decided(applied.decision.outcome)
+            }
+        };
+        *expected = match current_version(&self.pool, id).await? {
+            Some(version) => Expected::Version(version),
+            None => Expected::Absent,
+        };
+        Ok(fed)
     }
 
     /// Appends a `reconcile:drift` row to the subscription's event log.
