@@ -229,6 +229,62 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
 }
 
 #[tokio::test]
+async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next_sequence() {
+    // A worker of the version before `subscriptions.last_sequence` (a rolling upgrade)
+    // appends with max(sequence) + 1 and leaves the counter behind; the next append of
+    // this version must go past it instead of colliding forever.
+    let (_db, pool) = TestDatabase::migrated().await;
+    let id = SubscriptionId::from(Uuid::new_v4());
+    let policy = Policy::default();
+    let apply = |op: Uuid| {
+        let pool = pool.clone();
+        let policy = policy.clone();
+        async move {
+            ledger::apply(
+                &pool,
+                id,
+                &renew_webhook(op),
+                &from_message(&op.to_string()),
+                OffsetDateTime::now_utc(),
+                &policy,
+            )
+            .await
+        }
+    };
+    ledger::apply(
+        &pool,
+        id,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        OffsetDateTime::now_utc(),
+        &policy,
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO subscription_events (id, subscription_id, sequence, event_key, event_kind, \
+         event, from_state, to_state, outcome) \
+         VALUES ($1, $2, 2, 'old-writer', 'Observed', '{}', 'Subscribed', 'Subscribed', \
+         'ignored')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id.as_uuid())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let outcome = apply(Uuid::new_v4()).await.unwrap();
+    let ApplyOutcome::Decided(applied) = outcome else {
+        panic!("a fresh message is decided: {outcome:?}");
+    };
+    assert_eq!(applied.sequence, 3);
+    let again = apply(Uuid::new_v4()).await.unwrap();
+    let ApplyOutcome::Decided(applied) = again else {
+        panic!("a fresh message is decided: {again:?}");
+    };
+    assert_eq!(applied.sequence, 4);
+}
+
+#[tokio::test]
 async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     use marketplace_fulfillment::store::outbox;
     let (_db, pool) = TestDatabase::migrated().await;

@@ -54,6 +54,21 @@ pub struct Applied {
     pub outbox_ids: Vec<Uuid>,
 }
 
+/// The event log's next sequence for the subscription `$id` names, in an `UPDATE
+/// subscriptions` that holds its row: the counter, or past the log's newest row if a writer
+/// that does not keep the counter (a worker of the version before it, during a rolling
+/// upgrade) appended since. An index probe on `(subscription_id, sequence)`.
+macro_rules! next_sequence {
+    ($id:literal) => {
+        concat!(
+            "GREATEST(last_sequence, (SELECT coalesce(max(e.sequence), 0) \
+             FROM subscription_events e WHERE e.subscription_id = ",
+            $id,
+            ")) + 1"
+        )
+    };
+}
+
 /// Who executes the outbox rows a decision queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runs {
@@ -257,12 +272,13 @@ pub async fn apply_in(
     let (outcome, reason) = outcome_columns(&decision.outcome);
     let details = machine.details();
     // Save the machine, take the next sequence and append the event-log row: one statement.
-    let sequence: i64 = sqlx::query_scalar(
+    let sequence: i64 = sqlx::query_scalar(concat!(
         "WITH saved AS ( \
              UPDATE subscriptions SET machine = $2, state = $3, offer_id = $4, plan_id = $5, \
                quantity = $6, beneficiary_tenant_id = $7, purchaser_tenant_id = $8, \
-               version = version + 1, last_sequence = last_sequence + 1, updated_at = $9 \
-             WHERE id = $1 RETURNING last_sequence) \
+               version = version + 1, updated_at = $9, last_sequence = ",
+        next_sequence!("$1"),
+        " WHERE id = $1 RETURNING last_sequence) \
          INSERT INTO subscription_events \
          (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
           to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
@@ -270,7 +286,7 @@ pub async fn apply_in(
          SELECT $10, $1, saved.last_sequence, $11, $12, $13, $14, $15, $3, $16, $17, $18, $19, \
                 $20, $21, $9, $22 FROM saved \
          RETURNING sequence",
-    )
+    ))
     .bind(id)
     .bind(to_json(&machine))
     .bind(machine.state().as_str())
@@ -369,17 +385,18 @@ async fn record_duplicate(
 ) -> Result<(), StoreError> {
     let id = subscription_id.as_uuid();
     // No row, no log: the insert selects from the bumped counter.
-    sqlx::query(
+    sqlx::query(concat!(
         "WITH bumped AS ( \
-             UPDATE subscriptions SET last_sequence = last_sequence + 1 WHERE id = $2 \
-             RETURNING state, last_sequence) \
+             UPDATE subscriptions SET last_sequence = ",
+        next_sequence!("$2"),
+        " WHERE id = $2 RETURNING state, last_sequence) \
          INSERT INTO subscription_events \
          (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
           to_state, outcome, reason, correlation_id, request_id, trace_id, recorded_at, \
           received_at) \
          SELECT $1, $2, bumped.last_sequence, $3, $4, $5, $6, bumped.state, bumped.state, \
                 'ignored', $7, $8, $9, $10, $11, $12 FROM bumped",
-    )
+    ))
     .bind(Uuid::now_v7())
     .bind(id)
     .bind(&source.message_id)
@@ -505,16 +522,17 @@ pub async fn record_effect_result_in(
     now: OffsetDateTime,
 ) -> Result<Option<Uuid>, StoreError> {
     let event_id = Uuid::now_v7();
-    let appended = sqlx::query(
+    let appended = sqlx::query(concat!(
         "WITH bumped AS ( \
-             UPDATE subscriptions SET last_sequence = last_sequence + 1 WHERE id = $2 \
-             RETURNING state, last_sequence) \
+             UPDATE subscriptions SET last_sequence = ",
+        next_sequence!("$2"),
+        " WHERE id = $2 RETURNING state, last_sequence) \
          INSERT INTO subscription_events \
          (id, subscription_id, sequence, event_key, event_kind, event, from_state, to_state, \
           outcome, reason, correlation_id, request_id, recorded_at) \
          SELECT $1, $2, bumped.last_sequence, $3, $4, $5, bumped.state, bumped.state, \
                 'recorded', $6, $7, $8, $9 FROM bumped",
-    )
+    ))
     .bind(event_id)
     .bind(subscription_id)
     .bind(&record.event_key)
