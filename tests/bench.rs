@@ -1,4 +1,4 @@
-//! Smoke test of `fulfillment bench ingress` with tiny numbers against the local PostgreSQL
+//! Smoke tests of `fulfillment bench ingress` and `bench pipeline` with tiny numbers against the local PostgreSQL
 //! and RabbitMQ: it completes, exits 0 and ends with a parseable JSON result line. Speed is
 //! measured by the benchmark, never asserted here.
 
@@ -52,4 +52,47 @@ fn bench_ingress_runs_and_prints_a_json_result() {
         result["machine"]["cores"].as_u64().unwrap_or(0) > 0,
         "{result}"
     );
+}
+
+#[test]
+fn bench_pipeline_runs_acknowledges_every_change_and_drains_the_outbox() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+        .args([
+            "bench",
+            "pipeline",
+            "--events",
+            "20",
+            "--subscriptions",
+            "4",
+            "--ceiling-seconds",
+            "1",
+            "--max-seconds",
+            "120",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fulfillment bench pipeline");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status.code()
+    );
+    let last = stdout.lines().last().expect("some output");
+    let result: Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"));
+    assert_eq!(result["bench"], "pipeline");
+    assert_eq!(result["acknowledged"], 20, "{result}");
+    assert_eq!(result["not_acknowledged"], 0, "{result}");
+    assert_eq!(result["agreeing_subscriptions"], 4, "{result}");
+    for key in [
+        "events_per_s",
+        "commit_ceiling_per_s",
+        "ratio",
+        "ack_p99_ms",
+        "effects_drained_s",
+    ] {
+        assert!(result[key].is_number(), "{key} in {result}");
+    }
 }
