@@ -1,6 +1,6 @@
-//! Smoke tests of `fulfillment bench ingress` and `bench pipeline` with tiny numbers against the local PostgreSQL
-//! and RabbitMQ: it completes, exits 0 and ends with a parseable JSON result line. Speed is
-//! measured by the benchmark, never asserted here.
+//! Smoke tests of `fulfillment bench ingress` and `bench pipeline` with tiny numbers against
+//! the local PostgreSQL and RabbitMQ: each completes, exits 0 and ends with a parseable JSON
+//! result line. Speed is measured by the benchmarks, never asserted here.
 
 use std::process::Command;
 
