@@ -6,24 +6,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn bench_ingress_runs_and_prints_a_json_result() {
+/// Runs `fulfillment bench <args>`, asserts it exits 0 and returns its last line as JSON.
+fn run_bench(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .args([
-            "bench",
-            "ingress",
-            "--requests",
-            "200",
-            "--concurrency",
-            "8",
-            "--warmup",
-            "20",
-            "--max-seconds",
-            "60",
-        ])
+        .arg("bench")
+        .args(args)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run fulfillment bench ingress");
+        .unwrap_or_else(|e| panic!("run fulfillment bench {}: {e}", args[0]));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -32,8 +22,22 @@ fn bench_ingress_runs_and_prints_a_json_result() {
         output.status.code()
     );
     let last = stdout.lines().last().expect("some output");
-    let result: Value = serde_json::from_str(last)
-        .unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"));
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"))
+}
+
+#[test]
+fn bench_ingress_runs_and_prints_a_json_result() {
+    let result = run_bench(&[
+        "ingress",
+        "--requests",
+        "200",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "20",
+        "--max-seconds",
+        "60",
+    ]);
     assert_eq!(result["bench"], "ingress");
     let levels = result["levels"].as_array().expect("levels");
     assert_eq!(levels.len(), 1);
@@ -56,32 +60,17 @@ fn bench_ingress_runs_and_prints_a_json_result() {
 
 #[test]
 fn bench_pipeline_runs_acknowledges_every_change_and_drains_the_outbox() {
-    let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .args([
-            "bench",
-            "pipeline",
-            "--events",
-            "20",
-            "--subscriptions",
-            "4",
-            "--ceiling-seconds",
-            "1",
-            "--max-seconds",
-            "120",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run fulfillment bench pipeline");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status.code()
-    );
-    let last = stdout.lines().last().expect("some output");
-    let result: Value = serde_json::from_str(last)
-        .unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"));
+    let result = run_bench(&[
+        "pipeline",
+        "--events",
+        "20",
+        "--subscriptions",
+        "4",
+        "--ceiling-seconds",
+        "1",
+        "--max-seconds",
+        "120",
+    ]);
     assert_eq!(result["bench"], "pipeline");
     assert_eq!(result["acknowledged"], 20, "{result}");
     assert_eq!(result["not_acknowledged"], 0, "{result}");

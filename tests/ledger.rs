@@ -9,6 +9,7 @@ use fulfillment_state_machine::{
     StateName, SubscriptionId, Webhook, WebhookAction,
 };
 use marketplace_fulfillment::store::ledger::{self, ApplyOutcome, EventSource};
+use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -42,6 +43,40 @@ fn from_message(id: &str) -> EventSource {
         correlation_id: Some("corr-1".into()),
         ..EventSource::default()
     }
+}
+
+/// Our side's first sight of the subscription: Microsoft reports it Subscribed on gold.
+async fn seen_subscribed(pool: &PgPool, id: SubscriptionId, now: OffsetDateTime, policy: &Policy) {
+    ledger::apply(
+        pool,
+        id,
+        &observed(MarketplaceStatus::Subscribed, "gold"),
+        &EventSource::default(),
+        now,
+        policy,
+    )
+    .await
+    .unwrap();
+}
+
+/// A Renew webhook of operation `op`, carried by a message of the same id.
+async fn apply_renew(
+    pool: &PgPool,
+    id: SubscriptionId,
+    op: Uuid,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> ApplyOutcome {
+    ledger::apply(
+        pool,
+        id,
+        &renew_webhook(op),
+        &from_message(&op.to_string()),
+        now,
+        policy,
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -102,27 +137,9 @@ async fn a_message_seen_before_is_a_duplicate_that_changes_nothing_but_is_logged
     let id = SubscriptionId::from(Uuid::new_v4());
     let now = OffsetDateTime::now_utc();
     let policy = Policy::default();
-    ledger::apply(
-        &pool,
-        id,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        now,
-        &policy,
-    )
-    .await
-    .unwrap();
+    seen_subscribed(&pool, id, now, &policy).await;
     let op = Uuid::new_v4();
-    let first = ledger::apply(
-        &pool,
-        id,
-        &renew_webhook(op),
-        &from_message(&op.to_string()),
-        now,
-        &policy,
-    )
-    .await
-    .unwrap();
+    let first = apply_renew(&pool, id, op, now, &policy).await;
     assert!(matches!(first, ApplyOutcome::Decided(_)));
     let count = |pool: sqlx::PgPool| async move {
         let events: i64 = sqlx::query_scalar("SELECT count(*) FROM subscription_events")
@@ -136,16 +153,7 @@ async fn a_message_seen_before_is_a_duplicate_that_changes_nothing_but_is_logged
         (events, outbox)
     };
     let before = count(pool.clone()).await;
-    let second = ledger::apply(
-        &pool,
-        id,
-        &renew_webhook(op),
-        &from_message(&op.to_string()),
-        now,
-        &policy,
-    )
-    .await
-    .unwrap();
+    let second = apply_renew(&pool, id, op, now, &policy).await;
     assert!(matches!(second, ApplyOutcome::Duplicate), "{second:?}");
     let (events, outbox) = count(pool.clone()).await;
     assert_eq!(outbox, before.1, "a duplicate queues nothing");
@@ -178,16 +186,7 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
     let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
     let policy = Policy::default();
-    ledger::apply(
-        &pool,
-        id,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        OffsetDateTime::now_utc(),
-        &policy,
-    )
-    .await
-    .unwrap();
+    seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &policy).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let pool = pool.clone();
@@ -195,16 +194,7 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
         tasks.push(tokio::spawn(async move {
             for _ in 0..15 {
                 let op = Uuid::new_v4();
-                let outcome = ledger::apply(
-                    &pool,
-                    id,
-                    &renew_webhook(op),
-                    &from_message(&op.to_string()),
-                    OffsetDateTime::now_utc(),
-                    &policy,
-                )
-                .await
-                .unwrap();
+                let outcome = apply_renew(&pool, id, op, OffsetDateTime::now_utc(), &policy).await;
                 assert!(matches!(outcome, ApplyOutcome::Decided(_)));
             }
         }));
@@ -236,31 +226,7 @@ async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next
     let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
     let policy = Policy::default();
-    let apply = |op: Uuid| {
-        let pool = pool.clone();
-        let policy = policy.clone();
-        async move {
-            ledger::apply(
-                &pool,
-                id,
-                &renew_webhook(op),
-                &from_message(&op.to_string()),
-                OffsetDateTime::now_utc(),
-                &policy,
-            )
-            .await
-        }
-    };
-    ledger::apply(
-        &pool,
-        id,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        OffsetDateTime::now_utc(),
-        &policy,
-    )
-    .await
-    .unwrap();
+    seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &policy).await;
     sqlx::query(
         "INSERT INTO subscription_events (id, subscription_id, sequence, event_key, event_kind, \
          event, from_state, to_state, outcome) \
@@ -272,12 +238,13 @@ async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next
     .execute(&pool)
     .await
     .unwrap();
-    let outcome = apply(Uuid::new_v4()).await.unwrap();
+    let now = OffsetDateTime::now_utc();
+    let outcome = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
     let ApplyOutcome::Decided(applied) = outcome else {
         panic!("a fresh message is decided: {outcome:?}");
     };
     assert_eq!(applied.sequence, 3);
-    let again = apply(Uuid::new_v4()).await.unwrap();
+    let again = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
     let ApplyOutcome::Decided(applied) = again else {
         panic!("a fresh message is decided: {again:?}");
     };
@@ -294,30 +261,12 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     let mut earlier = Vec::new();
     for _ in 0..5 {
         let id = SubscriptionId::from(Uuid::new_v4());
-        ledger::apply(
-            &pool,
-            id,
-            &observed(MarketplaceStatus::Subscribed, "gold"),
-            &EventSource::default(),
-            now,
-            &policy,
-        )
-        .await
-        .unwrap();
+        seen_subscribed(&pool, id, now, &policy).await;
         earlier.push(id.as_uuid());
     }
     // … then one whose customer changed the plan: its ACK is due within 10 s (P7).
     let changed = SubscriptionId::from(Uuid::new_v4());
-    ledger::apply(
-        &pool,
-        changed,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        now,
-        &policy,
-    )
-    .await
-    .unwrap();
+    seen_subscribed(&pool, changed, now, &policy).await;
     let change = Event::Webhook(Webhook {
         plan_id: Some(PlanId::parse("silver").unwrap()),
         action: WebhookAction::ChangePlan,

@@ -14,8 +14,9 @@
 //! event; `poll_operation` and `confirm_operation` rows only wait for Microsoft and hold
 //! back nothing ([`WAITING_KINDS`]), nor does an `activate` whose POST went out (it only
 //! waits for Microsoft to report Subscribed, P4: a customer's first change right after
-//! checkout is acknowledged without waiting for our next activation check). Subscriptions with an ACK pending go first, so a
-//! burst of domain events cannot eat Microsoft's 10-second window (P7).
+//! checkout is acknowledged without waiting for our next activation check). Subscriptions
+//! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
+//! 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
 
 use std::time::Duration;
