@@ -40,6 +40,13 @@ pub const FULFILLMENT_OUTBOX_BACKLOG: &str = "fulfillment_outbox_backlog";
 /// Gauge: age of the oldest pending outbox row (0 when there is none).
 pub const FULFILLMENT_OLDEST_UNPROCESSED_EVENT_AGE_SECONDS: &str =
     "fulfillment_oldest_unprocessed_event_age_seconds";
+/// Gauge: age of the oldest inbound delivery this worker holds unacknowledged (0 when it
+/// holds none). Grows without bound only when the worker is stuck.
+pub const FULFILLMENT_OLDEST_DELIVERY_HELD_SECONDS: &str =
+    "fulfillment_oldest_delivery_held_seconds";
+/// Gauge: inbound deliveries held unacknowledged longer than `worker.stall_after_secs`;
+/// above 0 the worker's `/readyz` answers 503.
+pub const FULFILLMENT_DELIVERIES_HELD_TOO_LONG: &str = "fulfillment_deliveries_held_too_long";
 /// Counter `{action}`: operations Microsoft had already closed when we acknowledged them
 /// (PATCH answered 409): auto-accepted because we answered late, or decided elsewhere.
 pub const FULFILLMENT_AUTO_ACCEPTED_TOTAL: &str = "fulfillment_auto_accepted_total";
@@ -172,6 +179,15 @@ fn describe() {
         FULFILLMENT_OLDEST_UNPROCESSED_EVENT_AGE_SECONDS,
         Unit::Seconds,
         "Age of the oldest outbox row not yet carried out"
+    );
+    describe_gauge!(
+        FULFILLMENT_OLDEST_DELIVERY_HELD_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest inbound delivery this worker holds unacknowledged"
+    );
+    describe_gauge!(
+        FULFILLMENT_DELIVERIES_HELD_TOO_LONG,
+        "Inbound deliveries held unacknowledged longer than worker.stall_after_secs"
     );
     describe_counter!(
         FULFILLMENT_AUTO_ACCEPTED_TOTAL,
@@ -334,6 +350,12 @@ pub fn record_webhook_to_ack(elapsed: Duration) {
 /// `action` is the Marketplace action of the operation (`ChangePlan`, …).
 pub fn record_auto_accepted(action: &'static str) {
     metrics::counter!(FULFILLMENT_AUTO_ACCEPTED_TOTAL, "action" => action).increment(1);
+}
+
+/// What the worker holds: the oldest delivery's age and how many are stalled.
+pub fn set_deliveries_held(oldest_age: Duration, held_too_long: usize) {
+    metrics::gauge!(FULFILLMENT_OLDEST_DELIVERY_HELD_SECONDS).set(oldest_age.as_secs_f64());
+    metrics::gauge!(FULFILLMENT_DELIVERIES_HELD_TOO_LONG).set(held_too_long as f64);
 }
 
 pub fn set_outbox_backlog(pending: u64, oldest_age: Duration) {

@@ -105,6 +105,12 @@ pub struct WorkerSettings {
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,
+    /// On SIGTERM, how long the work in hand may take to finish; what is still in hand
+    /// then is abandoned to the broker's redelivery and the outbox's next claim.
+    pub shutdown_grace: Duration,
+    /// A delivery held unacknowledged longer than this means the worker is stuck: `/readyz`
+    /// answers 503 and `fulfillment_deliveries_held_too_long` counts it.
+    pub stall_after: Duration,
     /// Where the worker serves `/metrics`, `/healthz` and `/readyz` (port 0 picks one; the
     /// bound address is logged).
     pub metrics_addr: SocketAddr,
@@ -297,6 +303,8 @@ struct RawWorker {
     operation_poll_cap_secs: u64,
     activation_check_interval_ms: u64,
     activation_wait_cap_secs: u64,
+    shutdown_grace_secs: u64,
+    stall_after_secs: u64,
     metrics_addr: String,
 }
 
@@ -397,6 +405,9 @@ impl Default for RawSettings {
                 operation_poll_cap_secs: 30 * 60,
                 activation_check_interval_ms: 2_000,
                 activation_wait_cap_secs: 30 * 60,
+                // Below Kubernetes' default terminationGracePeriodSeconds (30).
+                shutdown_grace_secs: 20,
+                stall_after_secs: 60,
                 metrics_addr: "127.0.0.1:9464".into(),
             },
             log: RawLog {
@@ -684,6 +695,8 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
             "worker.activation_wait_cap_secs",
             raw.activation_wait_cap_secs,
         )?,
+        shutdown_grace: positive_secs("worker.shutdown_grace_secs", raw.shutdown_grace_secs)?,
+        stall_after: positive_secs("worker.stall_after_secs", raw.stall_after_secs)?,
         metrics_addr: SocketAddr::from_str(raw.metrics_addr.trim()).map_err(|e| {
             SettingsError::Invalid {
                 key: "worker.metrics_addr",

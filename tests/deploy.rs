@@ -40,6 +40,8 @@ const COUNTERS_AND_GAUGES: &[&str] = &[
     "fulfillment_oldest_unprocessed_event_age_seconds",
     "marketplace_token_refresh_failures_total",
     "fulfillment_auto_accepted_total",
+    "fulfillment_oldest_delivery_held_seconds",
+    "fulfillment_deliveries_held_too_long",
 ];
 const HISTOGRAMS: &[&str] = &[
     "http_request_duration_seconds",

@@ -136,6 +136,7 @@ impl App {
             prefetch: 32,
             consumer_tag: String::new(),
             effects: EffectsConfig::fast(),
+            ..WorkerConfig::default()
         };
         let worker = Worker::spawn(parts, config, CancellationToken::new())
             .await

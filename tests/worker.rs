@@ -138,6 +138,7 @@ impl App {
             prefetch: 8,
             consumer_tag: String::new(),
             effects: EffectsConfig::fast(),
+            ..WorkerConfig::default()
         };
         let worker = Worker::spawn(parts, config, CancellationToken::new())
             .await

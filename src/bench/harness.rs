@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lapin::options::QueuePurgeOptions;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
@@ -38,7 +37,6 @@ pub(crate) struct BenchEnv {
     pub settings: Settings,
     pub sim: RunningSimulator,
     pub broker: Broker,
-    pub purger: lapin::Connection,
     pub client_secret: String,
 }
 
@@ -88,28 +86,19 @@ impl BenchEnv {
                 return Err(e.context("cannot start the marketplace simulator"));
             }
         };
-        let connected = async {
-            let broker = Broker::connect_with_topology(
-                &settings.amqp,
-                "fulfillment-bench",
-                Topology::new(&settings.amqp.prefix),
-            )
-            .await?;
-            let purger = lapin::Connection::connect(
-                settings.amqp.url.expose(),
-                lapin::ConnectionProperties::default(),
-            )
-            .await
-            .context("cannot open the purging connection to RabbitMQ")?;
-            anyhow::Ok((broker, purger))
-        }
+        let connected = Broker::connect_with_topology(
+            &settings.amqp,
+            "fulfillment-bench",
+            Topology::new(&settings.amqp.prefix),
+        )
         .await;
-        let (broker, purger) = match connected {
+        let broker = match connected {
             Ok(connected) => connected,
             Err(e) => {
                 let _ = sim.shutdown().await;
                 drop_database(&settings).await;
-                return Err(e.context("cannot set up the benchmark's RabbitMQ topology"));
+                return Err(anyhow::Error::new(e)
+                    .context("cannot set up the benchmark's RabbitMQ topology"));
             }
         };
         Ok(Self {
@@ -117,32 +106,28 @@ impl BenchEnv {
             settings,
             sim,
             broker,
-            purger,
             client_secret,
         })
     }
 
     /// Empties the inbound queue so no phase pays for the previous one's backlog.
     pub async fn purge(&self) -> anyhow::Result<()> {
-        let channel = self.purger.create_channel().await?;
         let queue = self.broker.topology().inbound_queue();
-        channel
-            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+        self.broker
+            .purge_queue(&queue)
             .await
-            .with_context(|| format!("cannot purge {queue}"))?;
-        let _ = channel.close(200, "purged".into()).await;
-        Ok(())
+            .map(|_| ())
+            .with_context(|| format!("cannot purge {queue}"))
     }
 
-    /// Messages ready in `queue` and its consumers, as RabbitMQ counts them now (on the
-    /// purging connection, which carries no name and so is never closed by `bench chaos`).
+    /// Messages ready in `queue` and its consumers, as RabbitMQ counts them now (through
+    /// the bench's own broker handle, which comes back after `bench chaos` closes or
+    /// restarts RabbitMQ).
     pub async fn queue_counts(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
-        let channel = self.purger.create_channel().await?;
-        let declared = crate::queue::dead_letters::inspect_queue(&channel, queue)
+        self.broker
+            .queue_counts(queue)
             .await
-            .with_context(|| format!("cannot inspect {queue}"))?;
-        let _ = channel.close(200, "inspected".into()).await;
-        Ok((declared.message_count(), declared.consumer_count()))
+            .with_context(|| format!("cannot inspect {queue}"))
     }
 
     /// The environment of `fulfillment serve` pointed at this run's simulator, database
@@ -185,7 +170,6 @@ impl BenchEnv {
     pub async fn teardown_keeping_database(self, keep: bool) -> anyhow::Result<()> {
         let deleted = self.broker.delete_topology().await;
         self.broker.close().await;
-        let _ = self.purger.close(200, "done".into()).await;
         let _ = self.sim.shutdown().await;
         if !keep {
             drop_database(&self.settings).await;

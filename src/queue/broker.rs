@@ -1,17 +1,23 @@
 //! The connection to RabbitMQ: connect, declare the topology, and keep a working connection
 //! behind a cheap handle for the lifetime of the process.
 //!
-//! Two layers of recovery. lapin's own (`enable_auto_recover`) reconnects and replays
-//! channels, confirm mode, QoS and consumers; callers wait for it with
-//! `Channel::wait_for_recovery` and retry. When that cannot help (recovery gave up, the error
-//! is not recoverable) [`Broker::reconnect`] replaces the connection with a new one, with
-//! backoff, and bumps a generation number so publishers and consumers know to open new
-//! channels. No process restart is ever needed.
+//! **One recovery mechanism, ours.** lapin's auto-recovery is off: with it, a broker restart
+//! (`rabbitmqctl stop_app`/`start_app`) left channels in its `Reconnecting` state, where an
+//! ack, a publish or a `wait_for_recovery` could wait forever, and a worker wedged holding
+//! its whole prefetch (issue #14). Without it a lost connection fails every call on it at
+//! once (acks report the delivery unusable, publishes and consumers get an error).
+//!
+//! A supervisor task owns the connection: it checks it every [`SUPERVISE_INTERVAL`], or at
+//! once when a caller reports a failure, and replaces a dead or unresponsive connection
+//! with a new one (backoff up to [`MAX_RECONNECT_DELAY`], for as long as the process runs),
+//! bumping a generation number so publishers and consumers open new channels. Callers never
+//! reconnect themselves; they wait for the next generation within their own deadline. Every
+//! call that waits for the broker is bounded ([`OPERATION_TIMEOUT`]). No process restart is
+//! ever needed.
 
 use crate::queue::publisher::Publisher;
 use crate::queue::topology::{ArgValue, ExchangeType, Topology};
 use crate::settings::AmqpSettings;
-use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -19,13 +25,20 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 /// How long one connection attempt (TCP + AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one call that waits for the broker's answer may take (channel open, QoS,
+/// consume, cancel, ack); past it the call fails and the connection is suspect.
+pub(crate) const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the supervisor looks at the connection when nobody reported a failure.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(500);
+/// The longest pause between two reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(3);
 
 /// What went wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +61,8 @@ pub enum QueueError {
     Ack(String),
     #[error("the broker connection was closed by this process")]
     Closed,
+    #[error("RabbitMQ did not answer {call} within {after:?}")]
+    Unresponsive { call: &'static str, after: Duration },
 }
 
 impl QueueError {
@@ -75,6 +90,11 @@ struct BrokerInner {
     publisher: Mutex<Option<Publisher>>,
     /// Announces each replacement of the connection to publishers and consumers.
     generation: watch::Sender<u64>,
+    /// Wakes the supervisor when a caller saw the connection fail.
+    wake: Arc<Notify>,
+    /// A generation whose connection looks connected but stopped answering: the supervisor
+    /// replaces it. `u64::MAX` when none.
+    condemned: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -120,7 +140,8 @@ impl Broker {
         let connection = open_connection(&url, &redacted_url, &connection_name).await?;
         declare_topology(&connection, &topology).await?;
         tracing::info!(url = %redacted_url, prefix = topology.prefix(), "connected to RabbitMQ");
-        Ok(Broker {
+        let wake = Arc::new(Notify::new());
+        let broker = Broker {
             inner: Arc::new(BrokerInner {
                 url,
                 redacted_url,
@@ -134,8 +155,12 @@ impl Broker {
                 closed: AtomicBool::new(false),
                 publisher: Mutex::new(None),
                 generation: watch::Sender::new(0),
+                wake: wake.clone(),
+                condemned: AtomicU64::new(u64::MAX),
             }),
-        })
+        };
+        tokio::spawn(supervise(Arc::downgrade(&broker.inner), wake));
+        Ok(broker)
     }
 
     pub fn topology(&self) -> &Topology {
@@ -156,16 +181,23 @@ impl Broker {
     /// True while the connection is up (lapin is not in the middle of a recovery). For
     /// `/readyz`.
     pub fn is_connected(&self) -> bool {
-        !self.is_closed() && self.link().connection.status().connected()
+        let link = self.link();
+        !self.is_closed() && link.connection.status().connected() && !self.is_condemned(&link)
     }
 
     /// Closes the connection; consumers end, publishes fail with `Unavailable`.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        // Wakes consumers waiting for a recovery that will not come now.
+        // Wakes consumers waiting for a recovery that will not come now, and the supervisor.
         self.inner.generation.send_modify(|_| {});
+        self.inner.wake.notify_one();
         let link = self.link();
-        if let Err(err) = link.connection.close(200, "closing".into()).await {
+        if let Err(err) = bounded(
+            "connection.close",
+            link.connection.close(200, "closing".into()),
+        )
+        .await
+        {
             tracing::debug!(error = %err, "closing the RabbitMQ connection");
         }
     }
@@ -196,7 +228,20 @@ impl Broker {
         Ok(())
     }
 
-    /// Changes whenever [`Broker::reconnect`] replaced the connection.
+    /// Messages ready in `queue` and its consumers, as RabbitMQ counts them now.
+    pub async fn queue_counts(&self, queue: &str) -> Result<(u32, u32), QueueError> {
+        let channel = self.open_channel().await?;
+        let declared = bounded(
+            "queue.declare (passive)",
+            crate::queue::dead_letters::inspect_queue(&channel, queue),
+        )
+        .await;
+        close_quietly(channel, "inspected");
+        let declared = declared?;
+        Ok((declared.message_count(), declared.consumer_count()))
+    }
+
+    /// Changes whenever the supervisor replaced the connection.
     pub(crate) fn generations(&self) -> watch::Receiver<u64> {
         self.inner.generation.subscribe()
     }
@@ -213,63 +258,121 @@ impl Broker {
             .clone()
     }
 
-    /// A new channel on the current connection; replaces the connection when it is gone
-    /// for good.
+    /// A new channel on a working connection, waiting at most [`CONNECT_TIMEOUT`] for the
+    /// supervisor to replace a lost one (operator commands, tests).
     pub(crate) async fn open_channel(&self) -> Result<Channel, QueueError> {
-        let (_, channel) = self.open_channel_with_generation().await?;
-        Ok(channel)
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.open_channel_with_generation()).await {
+            Ok(opened) => opened.map(|(_, channel)| channel),
+            Err(_) => Err(QueueError::Unresponsive {
+                call: "a working connection",
+                after: CONNECT_TIMEOUT,
+            }),
+        }
     }
 
+    /// A new channel on a working connection, waiting for the supervisor to replace a lost
+    /// one for as long as that takes: callers bound it with their own deadline.
     pub(crate) async fn open_channel_with_generation(&self) -> Result<(u64, Channel), QueueError> {
-        if self.is_closed() {
-            return Err(QueueError::Closed);
-        }
-        let link = self.link();
-        match link.connection.create_channel().await {
+        let link = self.connected_link().await?;
+        match bounded("channel.open", link.connection.create_channel()).await {
             Ok(channel) => Ok((link.generation, channel)),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot open a RabbitMQ channel; reconnecting");
-                let link = self.reconnect(link.generation).await?;
-                let channel = link
-                    .connection
-                    .create_channel()
-                    .await
-                    .map_err(QueueError::channel)?;
-                Ok((link.generation, channel))
+            Err(error) => {
+                self.report_failure(link.generation, &error);
+                Err(error)
             }
         }
     }
 
-    /// Replaces the connection of generation `seen` with a new one (with backoff), unless
-    /// another task already did, or lapin recovered it meanwhile. Returns the current link.
-    pub(crate) async fn reconnect(&self, seen: u64) -> Result<Link, QueueError> {
+    /// The current connection once it is up: at once when it is, else after the supervisor
+    /// replaced it. Cancel-safe.
+    pub(crate) async fn connected_link(&self) -> Result<Link, QueueError> {
+        let mut generations = self.generations();
+        loop {
+            if self.is_closed() {
+                return Err(QueueError::Closed);
+            }
+            let link = self.link();
+            if link.connection.status().connected() && !self.is_condemned(&link) {
+                return Ok(link);
+            }
+            self.inner.wake.notify_one();
+            // The supervisor may fail to reconnect for a while; look again now and then.
+            let _ = tokio::time::timeout(SUPERVISE_INTERVAL, replaced(&mut generations)).await;
+        }
+    }
+
+    /// A caller's call on generation `generation` failed. A connection that still claims
+    /// to be up but let a call time out is condemned: the supervisor replaces it.
+    pub(crate) fn report_failure(&self, generation: u64, error: &QueueError) {
+        if matches!(error, QueueError::Unresponsive { .. }) {
+            self.inner.condemned.store(generation, Ordering::SeqCst);
+        }
+        self.inner.wake.notify_one();
+    }
+
+    fn is_condemned(&self, link: &Link) -> bool {
+        self.inner.condemned.load(Ordering::SeqCst) == link.generation
+    }
+}
+
+/// Owns the connection for the broker's lifetime: replaces it whenever it is lost or
+/// condemned. Ends when the broker is closed or dropped.
+async fn supervise(broker: Weak<BrokerInner>, wake: Arc<Notify>) {
+    let mut failures: u32 = 0;
+    loop {
+        let pause = if failures == 0 {
+            SUPERVISE_INTERVAL
+        } else {
+            Duration::from_millis(200)
+                .saturating_mul(1 << failures.min(5))
+                .min(MAX_RECONNECT_DELAY)
+        };
+        let _ = tokio::time::timeout(pause, wake.notified()).await;
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        let broker = Broker { inner };
+        if broker.is_closed() {
+            return;
+        }
+        let link = broker.link();
+        if link.connection.status().connected() && !broker.is_condemned(&link) {
+            failures = 0;
+            continue;
+        }
+        match broker.replace(link.generation).await {
+            Ok(_) => failures = 0,
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %error, attempt = failures, "RabbitMQ reconnect failed; retrying");
+            }
+        }
+    }
+}
+
+impl Broker {
+    /// Replaces the connection of generation `seen` with a new one (one attempt), unless
+    /// another call already did. Only the supervisor calls it.
+    async fn replace(&self, seen: u64) -> Result<Link, QueueError> {
         let _guard = self.inner.reconnecting.lock().await;
         if self.is_closed() {
             return Err(QueueError::Closed);
         }
         let current = self.link();
-        if current.generation != seen || current.connection.status().connected() {
+        if current.generation != seen {
             return Ok(current);
         }
         let inner = &self.inner;
-        let connection = (|| async {
-            let connection =
-                open_connection(&inner.url, &inner.redacted_url, &inner.connection_name).await?;
-            declare_topology(&connection, &inner.topology).await?;
-            Ok::<_, QueueError>(connection)
-        })
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .with_max_times(6)
-                .with_jitter(),
-        )
-        .when(|e| !matches!(e, QueueError::Declare { .. }))
-        .notify(|err, delay| {
-            tracing::warn!(error = %err, ?delay, "RabbitMQ reconnect failed; retrying");
-        })
-        .await?;
+        let connection =
+            open_connection(&inner.url, &inner.redacted_url, &inner.connection_name).await?;
+        if let Err(error) = declare_topology(&connection, &inner.topology).await {
+            let _ = tokio::time::timeout(
+                OPERATION_TIMEOUT,
+                connection.close(200, "declaration failed".into()),
+            )
+            .await;
+            return Err(error);
+        }
         let link = Link {
             generation: current.generation + 1,
             connection: Arc::new(connection),
@@ -284,12 +387,37 @@ impl Broker {
             generation = link.generation,
             "replaced the RabbitMQ connection"
         );
-        // The old connection may still be retrying in lapin's IO loop: stop it.
+        // The old connection may still be open (condemned): close it, which also returns
+        // its unacked deliveries to their queues.
         let old = current.connection;
         tokio::spawn(async move {
-            let _ = old.close(200, "replaced".into()).await;
+            let _ =
+                tokio::time::timeout(OPERATION_TIMEOUT, old.close(200, "replaced".into())).await;
         });
         Ok(link)
+    }
+}
+
+/// Closes a channel in the background (its unacked deliveries return to their queue); a
+/// channel on a dead connection fails at once, an unresponsive one after the bound.
+pub(crate) fn close_quietly(channel: Channel, reason: &'static str) {
+    tokio::spawn(async move {
+        let _ = bounded("channel.close", channel.close(200, reason.into())).await;
+    });
+}
+
+/// Awaits a call that waits for the broker, at most [`OPERATION_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    call: &'static str,
+    future: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, QueueError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(QueueError::Channel(format!("{call}: {error}"))),
+        Err(_) => Err(QueueError::Unresponsive {
+            call,
+            after: OPERATION_TIMEOUT,
+        }),
     }
 }
 
@@ -308,22 +436,11 @@ async fn open_connection(
         url: redacted_url.to_string(),
         reason,
     };
-    // lapin with auto-recovery retries the first TCP connect too, for a long time; a broker
-    // that is simply not there must fail fast with a clear message instead.
+    // A broker that is simply not there must fail fast with a clear message.
     probe_tcp(url).await.map_err(fail)?;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(connection_name))
-        .enable_auto_recover()
-        // lapin's default schedule (1 s doubling to 60 s, 16 times) leaves the ingress
-        // answering 503 for minutes after the broker is back; reconnect sooner and let
-        // `Broker::reconnect` take over when this gives up.
-        .with_backoff(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(3))
-                .with_max_times(10)
-                .with_jitter(),
-        );
+    // No `enable_auto_recover`: the supervisor is the one recovery mechanism (module doc).
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(fail(err.to_string())),
@@ -359,8 +476,19 @@ async fn probe_tcp(url: &str) -> Result<(), String> {
 }
 
 /// Declares every exchange, queue and binding; RabbitMQ treats an identical redeclaration
-/// as a no-op.
+/// as a no-op. Bounded like a connection attempt: a broker that stops answering half-way
+/// fails it.
 async fn declare_topology(connection: &Connection, topology: &Topology) -> Result<(), QueueError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, declare_each(connection, topology)).await {
+        Ok(declared) => declared,
+        Err(_) => Err(QueueError::Unresponsive {
+            call: "the topology declaration",
+            after: CONNECT_TIMEOUT,
+        }),
+    }
+}
+
+async fn declare_each(connection: &Connection, topology: &Topology) -> Result<(), QueueError> {
     let channel = connection
         .create_channel()
         .await

@@ -3,10 +3,15 @@
 //!
 //! A delivery is acked only after the worker committed its effects; a crash before that
 //! means RabbitMQ redelivers (`redelivered = true`), and the worker dedupes. Deliveries
-//! received before a connection recovery cannot be acked any more ([`QueueError::Ack`]):
-//! the broker redelivers them too.
+//! received on a connection that has since been lost cannot be acked any more
+//! ([`QueueError::Ack`], at once, never a wait): the broker redelivers them too.
+//!
+//! The consumer never waits on a dead channel: a stream error, the end of the stream, a
+//! channel that is no longer open (checked every [`WATCH_INTERVAL`] even when the stream
+//! says nothing) or a replaced connection all make it subscribe again on the current
+//! connection, and every call that waits for the broker is bounded.
 
-use crate::queue::broker::{Broker, QueueError, replaced};
+use crate::queue::broker::{Broker, QueueError, bounded, close_quietly, replaced};
 use crate::queue::headers;
 use crate::queue::message::{InboundMessage, MessageMeta};
 use crate::queue::publisher::Publisher;
@@ -20,6 +25,9 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
+
+/// How often a consumer waiting for deliveries checks that its channel is still open.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Headers RabbitMQ owns; a republished copy must not carry the previous copy's history.
 pub(crate) const BROKER_HEADERS: [&str; 8] = [
@@ -42,8 +50,8 @@ pub enum RetryOutcome {
     DeadLettered,
 }
 
-/// The inbound queue as a stream of deliveries. Survives connection loss: it waits for
-/// lapin's recovery, or subscribes again on a new connection.
+/// The inbound queue as a stream of deliveries. Survives connection loss: it subscribes
+/// again once the broker's supervisor has a working connection.
 pub struct InboundConsumer {
     broker: Broker,
     publisher: Publisher,
@@ -53,6 +61,8 @@ pub struct InboundConsumer {
     channel: Channel,
     consumer: Consumer,
     failures: u32,
+    /// The stream failed or ended: subscribe again before reading.
+    stale: bool,
     generations: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -93,6 +103,7 @@ impl Broker {
             channel,
             consumer,
             failures: 0,
+            stale: false,
             generations,
         })
     }
@@ -104,26 +115,36 @@ async fn subscribe(
     consumer_tag: &str,
 ) -> Result<(u64, Channel, Consumer), QueueError> {
     let (generation, channel) = broker.open_channel_with_generation().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(QueueError::channel)?;
-    let tag = ShortString::try_new(consumer_tag).map_err(QueueError::channel)?;
-    let consumer = channel
-        .basic_consume(
-            broker.topology().inbound_queue().as_str().into(),
-            tag,
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
+    let subscribed = async {
+        bounded(
+            "basic.qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let tag = ShortString::try_new(consumer_tag).map_err(QueueError::channel)?;
+        bounded(
+            "basic.consume",
+            channel.basic_consume(
+                broker.topology().inbound_queue().as_str().into(),
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
         )
         .await
-        .map_err(|e| {
-            QueueError::Channel(format!(
-                "cannot consume {}: {e}",
+    }
+    .await;
+    match subscribed {
+        Ok(consumer) => Ok((generation, channel, consumer)),
+        Err(error) => {
+            broker.report_failure(generation, &error);
+            close_quietly(channel, "subscription failed");
+            Err(QueueError::Channel(format!(
+                "cannot consume {}: {error}",
                 broker.topology().inbound_queue()
-            ))
-        })?;
-    Ok((generation, channel, consumer))
+            )))
+        }
+    }
 }
 
 impl InboundConsumer {
@@ -134,8 +155,10 @@ impl InboundConsumer {
             if self.broker.is_closed() {
                 return None;
             }
-            if self.broker.link().generation != self.generation {
-                // Another task replaced the connection this consumer's channel was on.
+            if self.stale
+                || self.broker.link().generation != self.generation
+                || !self.channel.status().connected()
+            {
                 if let Err(e) = self.resubscribe().await {
                     return Some(Err(e));
                 }
@@ -144,6 +167,9 @@ impl InboundConsumer {
             let item = tokio::select! {
                 item = self.consumer.next() => item,
                 () = replaced(&mut self.generations) => continue,
+                // Look at the channel now and then: a stream that says nothing about a
+                // dead channel must not hold the consumer.
+                () = tokio::time::sleep(WATCH_INTERVAL) => continue,
             };
             match item {
                 Some(Ok(delivery)) => {
@@ -151,26 +177,17 @@ impl InboundConsumer {
                     return Some(Ok(InboundDelivery::new(delivery, self.publisher.clone())));
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(error = %error, "consumer error; waiting for RabbitMQ recovery");
-                    let recovered = tokio::select! {
-                        recovered = self.channel.wait_for_recovery(error) => recovered,
-                        () = replaced(&mut self.generations) => continue,
-                    };
-                    if let Err(error) = recovered {
-                        tracing::warn!(error = %error, "recovery impossible; subscribing again");
-                        if let Err(e) = self.resubscribe().await {
-                            return Some(Err(e));
-                        }
-                    }
+                    tracing::warn!(error = %error, "consumer error; subscribing again");
+                    self.broker
+                        .report_failure(self.generation, &QueueError::channel(&error));
+                    self.stale = true;
                 }
                 None => {
                     if self.broker.is_closed() {
                         return None;
                     }
                     tracing::warn!("the broker ended the consumer; subscribing again");
-                    if let Err(e) = self.resubscribe().await {
-                        return Some(Err(e));
-                    }
+                    self.stale = true;
                 }
             }
         }
@@ -178,13 +195,21 @@ impl InboundConsumer {
 
     /// Stops consuming: deliveries not yet acked go back to the queue.
     pub async fn cancel(self) {
-        let _ = self
-            .channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await;
-        let _ = self.channel.close(200, "consumer stopped".into()).await;
+        let _ = bounded(
+            "basic.cancel",
+            self.channel
+                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default()),
+        )
+        .await;
+        let _ = bounded(
+            "channel.close",
+            self.channel.close(200, "consumer stopped".into()),
+        )
+        .await;
     }
 
+    /// Subscribes on the current connection, waiting for the supervisor to have one; a
+    /// backoff between failed attempts. Cancel-safe.
     async fn resubscribe(&mut self) -> Result<(), QueueError> {
         if self.failures > 0 {
             let backoff = Duration::from_millis(200)
@@ -193,15 +218,13 @@ impl InboundConsumer {
             tokio::time::sleep(backoff).await;
         }
         self.failures += 1;
-        self.broker.reconnect(self.generation).await?;
         let (generation, channel, consumer) =
             subscribe(&self.broker, self.prefetch, &self.consumer_tag).await?;
         let old = std::mem::replace(&mut self.channel, channel);
-        tokio::spawn(async move {
-            let _ = old.close(200, "resubscribed".into()).await;
-        });
+        close_quietly(old, "resubscribed");
         self.generation = generation;
         self.consumer = consumer;
+        self.stale = false;
         tracing::info!(generation, "consuming again");
         Ok(())
     }
@@ -447,7 +470,7 @@ fn ensure_usable(acker: &Acker) -> Result<(), QueueError> {
 }
 
 async fn ack(acker: &Acker) -> Result<(), QueueError> {
-    match acker.ack(BasicAckOptions::default()).await {
+    match bounded("basic.ack", acker.ack(BasicAckOptions::default())).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(QueueError::Ack(
             "already settled, or the channel it arrived on is gone".into(),

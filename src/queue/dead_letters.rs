@@ -35,7 +35,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use uuid::Uuid;
 
-use crate::queue::broker::{Broker, QueueError};
+use crate::queue::broker::{Broker, QueueError, bounded, close_quietly};
 use crate::queue::consumer::BROKER_HEADERS;
 use crate::queue::headers;
 use crate::queue::publisher::{PublishError, Publisher};
@@ -152,23 +152,20 @@ impl Broker {
 
     /// Messages ready in `queue` now (unacknowledged ones not counted).
     pub async fn ready_messages(&self, queue: &str) -> Result<u32, QueueError> {
-        let channel = self.open_channel().await?;
-        let declared = inspect_queue(&channel, queue)
-            .await
-            .map_err(|e| QueueError::Channel(format!("cannot inspect {queue}: {e}")))?;
-        let _ = channel.close(200, "inspected".into()).await;
-        Ok(declared.message_count())
+        let (ready, _consumers) = self.queue_counts(queue).await?;
+        Ok(ready)
     }
 
     /// Empties `queue` (benchmarks and tests only).
     pub async fn purge_queue(&self, queue: &str) -> Result<u32, QueueError> {
         let channel = self.open_channel().await?;
-        let purged = channel
-            .queue_purge(queue.into(), QueuePurgeOptions::default())
-            .await
-            .map_err(|e| QueueError::Channel(format!("cannot purge {queue}: {e}")))?;
-        let _ = channel.close(200, "purged".into()).await;
-        Ok(purged)
+        let purged = bounded(
+            "queue.purge",
+            channel.queue_purge(queue.into(), QueuePurgeOptions::default()),
+        )
+        .await;
+        close_quietly(channel, "purged");
+        purged.map_err(|e| QueueError::Channel(format!("cannot purge {queue}: {e}")))
     }
 
     /// Opens a read of `queue` (a name from [`dead_letter_queues`](Self::dead_letter_queues))
@@ -187,7 +184,7 @@ impl Broker {
         }
         let publisher = self.publisher().await?;
         let channel = self.open_channel().await?;
-        let declared = inspect_queue(&channel, queue)
+        let declared = bounded("queue.declare (passive)", inspect_queue(&channel, queue))
             .await
             .map_err(|e| QueueError::Channel(format!("cannot inspect {queue}: {e}")))?;
         let window = window.max(1);
@@ -290,21 +287,24 @@ impl DeadLetterReader {
         if !self.consumer_tags.is_empty() && self.held + window / 2 <= self.capacity {
             return Ok(());
         }
-        self.channel
-            .basic_qos(self.window, BasicQosOptions::default())
-            .await
-            .map_err(QueueError::channel)?;
+        bounded(
+            "basic.qos",
+            self.channel
+                .basic_qos(self.window, BasicQosOptions::default()),
+        )
+        .await?;
         let tag = ShortString::from(format!("dlq-reader-{}", Uuid::new_v4().simple()));
-        let consumer = self
-            .channel
-            .basic_consume(
+        let consumer = bounded(
+            "basic.consume",
+            self.channel.basic_consume(
                 self.queue.as_str().into(),
                 tag.clone(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await
-            .map_err(|e| QueueError::Channel(format!("cannot read {}: {e}", self.queue)))?;
+            ),
+        )
+        .await
+        .map_err(|e| QueueError::Channel(format!("cannot read {}: {e}", self.queue)))?;
         self.consumers.push(consumer);
         self.consumer_tags.push(tag);
         self.capacity += window;
@@ -336,10 +336,13 @@ impl DeadLetterReader {
 
     /// Acks the letter: it leaves the dead-letter queue for good.
     pub async fn remove(&mut self, letter: &DeadLetter) -> Result<(), QueueError> {
-        self.channel
-            .basic_ack(letter.tag, BasicAckOptions::default())
-            .await
-            .map_err(|e| QueueError::Ack(e.to_string()))?;
+        bounded(
+            "basic.ack",
+            self.channel
+                .basic_ack(letter.tag, BasicAckOptions::default()),
+        )
+        .await
+        .map_err(|e| QueueError::Ack(e.to_string()))?;
         self.held = self.held.saturating_sub(1);
         self.stale.retain(|(tag, _, _)| *tag != letter.tag);
         Ok(())
@@ -349,10 +352,12 @@ impl DeadLetterReader {
     /// [`REFRESH_AT`] times); returns how many went back.
     pub async fn release(mut self) -> Result<usize, QueueError> {
         for tag in std::mem::take(&mut self.consumer_tags) {
-            let _ = self
-                .channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await;
+            let _ = bounded(
+                "basic.cancel",
+                self.channel
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
         }
         let stale = std::mem::take(&mut self.stale);
         let refreshes = stale.iter().map(|(_, body, properties)| {
@@ -366,10 +371,12 @@ impl DeadLetterReader {
         for ((tag, _, _), result) in stale.iter().zip(results) {
             match result {
                 Ok(()) => {
-                    self.channel
-                        .basic_ack(*tag, BasicAckOptions::default())
-                        .await
-                        .map_err(|e| QueueError::Ack(e.to_string()))?;
+                    bounded(
+                        "basic.ack",
+                        self.channel.basic_ack(*tag, BasicAckOptions::default()),
+                    )
+                    .await
+                    .map_err(|e| QueueError::Ack(e.to_string()))?;
                     self.held = self.held.saturating_sub(1);
                 }
                 Err(error) => {
@@ -379,21 +386,23 @@ impl DeadLetterReader {
         }
         let returned = self.held;
         if self.last_tag > 0 && returned > 0 {
-            self.channel
-                .basic_nack(
+            bounded(
+                "basic.nack",
+                self.channel.basic_nack(
                     self.last_tag,
                     BasicNackOptions {
                         multiple: true,
                         requeue: true,
                     },
-                )
-                .await
-                .map_err(QueueError::channel)?;
+                ),
+            )
+            .await?;
         }
-        let _ = self
-            .channel
-            .close(200, "dead letters released".into())
-            .await;
+        let _ = bounded(
+            "channel.close",
+            self.channel.close(200, "dead letters released".into()),
+        )
+        .await;
         Ok(returned)
     }
 }

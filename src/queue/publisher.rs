@@ -2,12 +2,13 @@
 //! responsibility for the message (publisher confirm, persistent, routed to a durable queue).
 //! The ingress answers 200 on that and 503 on any [`PublishError`], so Microsoft retries.
 //!
-//! A publish that meets a broken connection waits for lapin's recovery and tries once more;
-//! if recovery cannot help it has the [`Broker`] replace the connection and tries a last
-//! time, all within `recovery_timeout`. A retried publish may duplicate a message whose
-//! confirm was lost: consumers dedupe on `message_id` (at-least-once).
+//! A publish that meets a broken channel or connection tries again on a new channel, after
+//! the [`Broker`]'s supervisor replaced a lost connection, until it is confirmed or
+//! `recovery_timeout` is over; the whole publish, waits included, is bounded by it. A
+//! retried publish may duplicate a message whose confirm was lost: consumers dedupe on
+//! `message_id` (at-least-once).
 
-use crate::queue::broker::{Broker, QueueError, replaced};
+use crate::queue::broker::{Broker, QueueError, bounded};
 use crate::queue::headers;
 use crate::queue::message::{InboundMessage, MessageMeta};
 use crate::queue::topology::INBOUND_ROUTING_KEY;
@@ -22,6 +23,8 @@ use tokio::time::Instant;
 
 pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Between two tries of one publish on a failing connection.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 const JSON: &str = "application/json";
 const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
@@ -199,61 +202,60 @@ impl Publisher {
             }
         };
         let deadline = Instant::now() + self.recovery_timeout;
-
-        let mut generations = self.shared.broker.generations();
-        let (generation, channel) = self.channel().await?;
-        let error = match attempt(channel.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(Failure::Final(e)) => return Err(e),
-            Err(Failure::Channel(e)) => e,
-        };
-        tracing::warn!(error = %error, "publish failed; waiting for RabbitMQ recovery");
-
-        // lapin's own recovery: the same channel comes back with confirm mode on. Give it half
-        // the budget, so that a replacement connection still has time.
-        // Stop waiting early when another task already replaced the connection.
-        let half = Instant::now() + (deadline - Instant::now()) / 2;
-        let recovered = tokio::select! {
-            recovered = tokio::time::timeout_at(half, channel.wait_for_recovery(error)) => {
-                matches!(recovered, Ok(Ok(())))
+        let mut last_error: Option<String> = None;
+        loop {
+            if self.shared.broker.is_closed() {
+                return Err(PublishError::Unavailable(QueueError::Closed.to_string()));
             }
-            () = replaced(&mut generations) => false,
-        };
-        if recovered {
-            match attempt(channel).await {
-                Ok(()) => {
-                    tracing::info!("published after RabbitMQ recovery");
-                    return Ok(());
+            let round = async {
+                let (generation, channel) = self.channel().await?;
+                match attempt(channel).await {
+                    Ok(()) => Ok(Ok(())),
+                    Err(Failure::Final(e)) => Ok(Err(e)),
+                    Err(Failure::Channel(e)) => {
+                        self.forget_channel(generation).await;
+                        self.shared
+                            .broker
+                            .report_failure(generation, &QueueError::Channel(e.to_string()));
+                        Err(PublishError::Unavailable(e.to_string()))
+                    }
                 }
-                Err(Failure::Final(e)) => return Err(e),
-                Err(Failure::Channel(e)) => {
-                    tracing::warn!(error = %e, "publish failed again after recovery");
+            };
+            match tokio::time::timeout_at(deadline, round).await {
+                Ok(Ok(outcome)) => {
+                    if outcome.is_ok() && last_error.is_some() {
+                        tracing::info!("published after RabbitMQ came back");
+                    }
+                    return outcome;
                 }
+                Ok(Err(PublishError::Unavailable(reason))) => {
+                    if last_error.is_none() {
+                        tracing::warn!(error = %reason, "publish failed; trying again on a new channel");
+                    }
+                    last_error = Some(reason);
+                    // A channel that fails at once (the connection is going down) must not
+                    // spin: the supervisor needs a moment to notice.
+                    if tokio::time::timeout_at(deadline, tokio::time::sleep(RETRY_PAUSE))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(Err(other)) => return Err(other),
+                Err(_) => break,
             }
         }
-
-        // Recovery could not help: a new connection (or a new channel on a recovered one).
-        self.forget_channel(generation).await;
-        let broker = &self.shared.broker;
-        match tokio::time::timeout_at(deadline, broker.reconnect(generation)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(PublishError::Unavailable(e.to_string())),
-            Err(_) => {
-                return Err(PublishError::Unavailable(format!(
-                    "no connection to RabbitMQ within {:?}",
-                    self.recovery_timeout
-                )));
-            }
-        }
-        let (_, channel) = self.channel().await?;
-        match attempt(channel).await {
-            Ok(()) => {
-                tracing::info!("published on a new RabbitMQ connection");
-                Ok(())
-            }
-            Err(Failure::Final(e)) => Err(e),
-            Err(Failure::Channel(e)) => Err(PublishError::Unavailable(e.to_string())),
-        }
+        Err(PublishError::Unavailable(match last_error {
+            Some(reason) => format!(
+                "no working connection to RabbitMQ within {:?} (last error: {reason})",
+                self.recovery_timeout
+            ),
+            None => format!(
+                "no working connection to RabbitMQ within {:?}",
+                self.recovery_timeout
+            ),
+        }))
     }
 
     /// The confirm-mode channel, opened on the current connection when missing or stale.
@@ -262,22 +264,32 @@ impl Publisher {
         if broker.is_closed() {
             return Err(PublishError::Unavailable(QueueError::Closed.to_string()));
         }
+        // Held while a channel is opened, so that one caller opens it for all; the callers'
+        // deadlines bound the wait.
         let mut slot = self.shared.channel.lock().await;
         let current_generation = broker.link().generation;
-        if let Some((generation, channel)) = slot.as_ref() {
-            let status = channel.status();
-            if *generation == current_generation && (status.connected() || status.reconnecting()) {
-                return Ok((*generation, channel.clone()));
-            }
+        if let Some((generation, channel)) = slot.as_ref()
+            && *generation == current_generation
+            && channel.status().connected()
+        {
+            return Ok((*generation, channel.clone()));
         }
+        *slot = None;
         let (generation, channel) = broker
             .open_channel_with_generation()
             .await
             .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| PublishError::Unavailable(format!("cannot enable confirms: {e}")))?;
+        if let Err(error) = bounded(
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await
+        {
+            broker.report_failure(generation, &error);
+            return Err(PublishError::Unavailable(format!(
+                "cannot enable confirms: {error}"
+            )));
+        }
         *slot = Some((generation, channel.clone()));
         Ok((generation, channel))
     }
@@ -303,10 +315,17 @@ async fn publish_once(
         mandatory,
         ..BasicPublishOptions::default()
     };
-    let confirm = channel
-        .basic_publish(exchange, routing_key, options, body, properties)
-        .await
-        .map_err(Failure::Channel)?;
+    // The frame is handed to lapin's IO loop; a connection that stopped answering must not
+    // hold the publish past the confirm timeout.
+    let confirm = match tokio::time::timeout(
+        confirm_timeout,
+        channel.basic_publish(exchange, routing_key, options, body, properties),
+    )
+    .await
+    {
+        Ok(sent) => sent.map_err(Failure::Channel)?,
+        Err(_) => return Err(Failure::Final(PublishError::Timeout)),
+    };
     match tokio::time::timeout(confirm_timeout, confirm).await {
         Err(_) => Err(Failure::Final(PublishError::Timeout)),
         // The connection dropped before the confirm: publishing again may duplicate the

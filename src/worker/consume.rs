@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fulfillment_state_machine::{Event, Policy};
@@ -52,11 +52,16 @@ pub enum Handled {
     DeadLettered,
 }
 
-/// Counts deliveries in hand and remembers the last one (for "run until idle").
+/// Counts deliveries in hand, remembers when each arrived (a worker that holds one for
+/// long is stuck: the metrics and `/readyz` say so) and when the last one did (for "run
+/// until idle").
 #[derive(Debug)]
 pub struct ConsumerActivity {
     in_flight: AtomicUsize,
     last_delivery: std::sync::Mutex<Instant>,
+    /// Deliveries in hand (handled or waiting in their lane), by a local number.
+    held: std::sync::Mutex<HashMap<u64, Instant>>,
+    next_number: AtomicU64,
 }
 
 impl Default for ConsumerActivity {
@@ -64,13 +69,65 @@ impl Default for ConsumerActivity {
         Self {
             in_flight: AtomicUsize::new(0),
             last_delivery: std::sync::Mutex::new(Instant::now()),
+            held: std::sync::Mutex::default(),
+            next_number: AtomicU64::new(0),
         }
     }
+}
+
+/// What a worker holds unacknowledged, for the metrics and `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldDeliveries {
+    /// Age of the oldest delivery in hand (zero when none).
+    pub oldest: Duration,
+    /// Deliveries held longer than the stall threshold.
+    pub stalled: usize,
 }
 
 impl ConsumerActivity {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The deliveries in hand now, against `stall_after`.
+    pub fn held(&self, stall_after: Duration) -> HeldDeliveries {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let ages = held
+            .values()
+            .map(|since| now.saturating_duration_since(*since));
+        let (oldest, stalled) = ages.fold((Duration::ZERO, 0), |(oldest, stalled), age| {
+            (oldest.max(age), stalled + usize::from(age > stall_after))
+        });
+        HeldDeliveries { oldest, stalled }
+    }
+
+    fn hold(&self) -> u64 {
+        let number = self.next_number.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        if let Ok(mut at) = self.last_delivery.lock() {
+            *at = now;
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(number, now);
+        number
+    }
+
+    fn release(&self, number: u64) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&number);
+        if let Ok(mut at) = self.last_delivery.lock() {
+            *at = Instant::now();
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Time since the last delivery arrived.
@@ -424,9 +481,11 @@ fn lock_lanes(lanes: &Lanes) -> std::sync::MutexGuard<'_, HashMap<Uuid, VecDeque
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A delivery and the concurrency permit it holds until it is handled.
+/// A delivery, its number in [`ConsumerActivity`] and the concurrency permit it holds
+/// until it is handled.
 struct Dispatched {
     delivery: InboundDelivery,
+    number: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -434,7 +493,8 @@ struct Dispatched {
 /// subscription's deliveries one after another, in the order they arrived (its "lane";
 /// across processes the subscription row lock serializes them). On shutdown: stops taking
 /// deliveries, finishes those in hand (commit, then ack) and cancels the consumer so
-/// unacked prefetched messages return to the queue.
+/// unacked prefetched messages return to the queue ([`Worker`](crate::worker::run::Worker)
+/// bounds how long that may take).
 pub async fn run_consumer(
     mut consumer: InboundConsumer,
     handler: MessageHandler,
@@ -470,13 +530,11 @@ pub async fn run_consumer(
                 }
             }
             Some(Ok(delivery)) => {
-                activity.in_flight.fetch_add(1, Ordering::SeqCst);
-                if let Ok(mut at) = activity.last_delivery.lock() {
-                    *at = Instant::now();
-                }
+                let number = activity.hold();
                 let key = ordering_key(&delivery);
                 let dispatched = Dispatched {
                     delivery,
+                    number,
                     _permit: permit,
                 };
                 let Some(key) = key else {
@@ -536,13 +594,15 @@ async fn run_lane(
 }
 
 async fn handle_one(handler: &MessageHandler, activity: &ConsumerActivity, dispatched: Dispatched) {
-    if let Err(error) = handler.handle(dispatched.delivery).await {
+    let Dispatched {
+        delivery,
+        number,
+        _permit,
+    } = dispatched;
+    if let Err(error) = handler.handle(delivery).await {
         tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
     }
-    if let Ok(mut at) = activity.last_delivery.lock() {
-        *at = Instant::now();
-    }
-    activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+    activity.release(number);
 }
 
 #[cfg(test)]

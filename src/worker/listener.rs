@@ -1,9 +1,12 @@
 //! The worker's own small HTTP listener (`worker.metrics_addr`, default `127.0.0.1:9464`):
-//! `/metrics` (Prometheus), `/healthz` (the process runs) and `/readyz` (PostgreSQL answers
-//! and the RabbitMQ connection is up). It also refreshes the outbox backlog gauges, every
-//! few seconds and on each scrape, so they are current whoever reads them.
+//! `/metrics` (Prometheus), `/healthz` (the process runs) and `/readyz` (PostgreSQL answers,
+//! the RabbitMQ connection is up and no inbound delivery has been held longer than
+//! `worker.stall_after_secs`: a worker that cannot make progress says so). It also
+//! refreshes the outbox backlog and held-delivery gauges, every few seconds and on each
+//! scrape, so they are current whoever reads them.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics;
 use crate::queue::Broker;
 use crate::store::outbox;
+use crate::worker::consume::ConsumerActivity;
 
 /// Between two refreshes of the backlog gauges (and upkeep of the histograms).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
@@ -33,6 +37,20 @@ struct ListenerState {
     pool: PgPool,
     broker: Broker,
     metrics: PrometheusHandle,
+    /// The consumer whose held deliveries count for readiness, with the stall threshold.
+    consumer: Option<(Arc<ConsumerActivity>, Duration)>,
+}
+
+impl ListenerState {
+    /// Deliveries held too long (0 without a consumer), refreshing the gauges.
+    fn stalled_deliveries(&self) -> usize {
+        let Some((activity, stall_after)) = &self.consumer else {
+            return 0;
+        };
+        let held = activity.held(*stall_after);
+        metrics::set_deliveries_held(held.oldest, held.stalled);
+        held.stalled
+    }
 }
 
 /// A bound listener, not yet serving.
@@ -64,8 +82,16 @@ impl MetricsListener {
                 pool,
                 broker,
                 metrics: metrics::prometheus_handle(),
+                consumer: None,
             },
         })
+    }
+
+    /// Counts `activity`'s deliveries held longer than `stall_after` in the gauges and
+    /// against readiness.
+    pub fn watching(mut self, activity: Arc<ConsumerActivity>, stall_after: Duration) -> Self {
+        self.state.consumer = Some((activity, stall_after));
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -90,6 +116,7 @@ impl MetricsListener {
                         _ = stop.cancelled() => break,
                         _ = tick.tick() => {
                             refresh_backlog_gauges(&state.pool).await;
+                            state.stalled_deliveries();
                             state.metrics.run_upkeep();
                         }
                     }
@@ -129,14 +156,15 @@ pub async fn refresh_backlog_gauges(pool: &PgPool) {
 /// `GET /metrics`: the gauges refreshed, then the Prometheus text format.
 async fn render(State(state): State<ListenerState>) -> impl IntoResponse {
     refresh_backlog_gauges(&state.pool).await;
+    state.stalled_deliveries();
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
     )
 }
 
-/// `GET /readyz`: 200 when PostgreSQL answers and RabbitMQ is connected, else 503 naming
-/// what is down.
+/// `GET /readyz`: 200 when PostgreSQL answers, RabbitMQ is connected and no delivery is
+/// stalled, else 503 naming what is wrong (`postgresql`, `rabbitmq`, `stalled_deliveries`).
 async fn readyz(State(state): State<ListenerState>) -> Response {
     let database = matches!(
         tokio::time::timeout(
@@ -147,10 +175,15 @@ async fn readyz(State(state): State<ListenerState>) -> Response {
         Ok(Ok(_))
     );
     let broker = state.broker.is_connected();
-    let unavailable: Vec<&str> = [(!database, "postgresql"), (!broker, "rabbitmq")]
-        .into_iter()
-        .filter_map(|(down, name)| down.then_some(name))
-        .collect();
+    let stalled = state.stalled_deliveries();
+    let unavailable: Vec<&str> = [
+        (!database, "postgresql"),
+        (!broker, "rabbitmq"),
+        (stalled > 0, "stalled_deliveries"),
+    ]
+    .into_iter()
+    .filter_map(|(down, name)| down.then_some(name))
+    .collect();
     let status = if unavailable.is_empty() {
         StatusCode::OK
     } else {

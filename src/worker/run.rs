@@ -29,6 +29,9 @@ pub struct WorkerConfig {
     /// Consumer tag; empty lets the broker choose.
     pub consumer_tag: String,
     pub effects: EffectsConfig,
+    /// Once shutdown fires, how long the work in hand may take before it is abandoned (the
+    /// broker redelivers its deliveries, the outbox re-runs its effects).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -37,6 +40,7 @@ impl Default for WorkerConfig {
             prefetch: 16,
             consumer_tag: String::new(),
             effects: EffectsConfig::default(),
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -70,6 +74,7 @@ impl WorkerConfig {
                 activation_check_interval: worker.activation_check_interval,
                 activation_wait_cap: worker.activation_wait_cap,
             },
+            shutdown_grace: worker.shutdown_grace,
         }
     }
 }
@@ -121,6 +126,7 @@ pub struct Worker {
     pool: PgPool,
     consumer_activity: Arc<ConsumerActivity>,
     effect_activity: Arc<EffectActivity>,
+    shutdown_grace: Duration,
 }
 
 impl Worker {
@@ -165,7 +171,13 @@ impl Worker {
             pool: parts.pool,
             consumer_activity,
             effect_activity,
+            shutdown_grace: config.shutdown_grace,
         })
+    }
+
+    /// The consumer's deliveries in hand (for the metrics listener).
+    pub fn consumer_activity(&self) -> Arc<ConsumerActivity> {
+        self.consumer_activity.clone()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -196,13 +208,49 @@ impl Worker {
         }
     }
 
-    /// Waits for both tasks to end (after the shutdown token fired).
+    /// Waits for both tasks to end. Once the shutdown token fired they have
+    /// `shutdown_grace` to finish the work in hand, whatever it waits for (a broker or a
+    /// database that does not answer); then they are aborted: the broker redelivers the
+    /// deliveries they held, and their claimed outbox rows are claimed again.
     pub async fn join(self) -> anyhow::Result<()> {
-        self.consumer.await.context("the consumer task panicked")?;
-        self.runner
-            .await
-            .context("the outbox runner task panicked")?;
-        tracing::info!("worker stopped");
+        let Worker {
+            shutdown,
+            mut consumer,
+            mut runner,
+            consumer_activity,
+            effect_activity,
+            shutdown_grace,
+            ..
+        } = self;
+        let both = async {
+            (&mut consumer)
+                .await
+                .context("the consumer task panicked")?;
+            (&mut runner)
+                .await
+                .context("the outbox runner task panicked")?;
+            anyhow::Ok(())
+        };
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(shutdown_grace).await;
+        };
+        tokio::select! {
+            ended = both => {
+                ended?;
+                tracing::info!("worker stopped");
+            }
+            () = grace_over => {
+                tracing::warn!(
+                    deliveries = consumer_activity.in_flight(),
+                    effects = effect_activity.in_flight(),
+                    grace = ?shutdown_grace,
+                    "shutdown grace period over; abandoning the work in hand (the broker redelivers its deliveries, the outbox re-runs its effects)"
+                );
+                consumer.abort();
+                runner.abort();
+            }
+        }
         Ok(())
     }
 
@@ -224,13 +272,12 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
         "worker settings"
     );
     let broker = parts.broker.clone();
+    let pool = parts.pool.clone();
+    let worker = Worker::spawn(parts, config, shutdown.clone()).await?;
     // /metrics, /healthz, /readyz: up while the worker runs.
-    let listener = MetricsListener::bind(
-        settings.worker.metrics_addr,
-        parts.pool.clone(),
-        parts.broker.clone(),
-    )
-    .await?;
+    let listener = MetricsListener::bind(settings.worker.metrics_addr, pool, broker.clone())
+        .await?
+        .watching(worker.consumer_activity(), settings.worker.stall_after);
     let listener_stop = shutdown.child_token();
     let listener = tokio::spawn(listener.run_until_stopped(listener_stop.clone()));
     // `[reconcile] interval`: this worker also reconciles with Microsoft periodically.
@@ -246,10 +293,13 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
         }
         None => None,
     };
-    let worker = Worker::spawn(parts, config, shutdown).await?;
+    let grace = settings.worker.shutdown_grace;
     let result = worker.join().await;
-    if let Some(reconciling) = reconciling {
-        let _ = reconciling.await;
+    if let Some(mut reconciling) = reconciling
+        && tokio::time::timeout(grace, &mut reconciling).await.is_err()
+    {
+        tracing::warn!("the periodic reconcile did not stop within the grace period; abandoned");
+        reconciling.abort();
     }
     listener_stop.cancel();
     if let Ok(Err(error)) = listener.await {

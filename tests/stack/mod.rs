@@ -244,6 +244,7 @@ impl Stack {
             prefetch: 8,
             consumer_tag: String::new(),
             effects: self.effects.clone(),
+            ..WorkerConfig::default()
         };
         let worker = Worker::spawn(parts, config, CancellationToken::new())
             .await
