@@ -46,6 +46,45 @@ pub enum StoreError {
     CorruptMachine(#[source] serde_json::Error),
 }
 
+impl StoreError {
+    /// The database could not be reached or is restarting (connection refused or lost,
+    /// pool timeout, server shutting down or starting): nothing is wrong with the request,
+    /// and the same call will work once PostgreSQL is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Query(error) => is_unavailable(error),
+            _ => false,
+        }
+    }
+}
+
+/// See [`StoreError::is_unavailable`]. SQLSTATE class 08 is "connection exception"; 57P01-03
+/// are the server shutting down or not yet accepting connections; 53300 is "too many
+/// connections".
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// One round trip: `Ok` when PostgreSQL answers (readiness probes, waiting for it to come
+/// back).
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(())
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationReport {

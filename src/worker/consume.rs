@@ -159,6 +159,10 @@ impl std::fmt::Debug for MessageHandler {
 /// Why a message cannot be applied now; `response` is Microsoft's answer, if one caused it
 /// (`x-marketplace-response` in the dead-letter queue).
 enum Failure {
+    /// PostgreSQL cannot be reached: the message is fine, the same apply will work once it
+    /// is back. The delivery is held (not moved to a retry tier, whose delays would make
+    /// every ACK of the outage miss Microsoft's 10 s window).
+    DatabaseUnavailable { error: String },
     Later {
         error: String,
         response: Option<String>,
@@ -170,13 +174,22 @@ enum Failure {
 }
 
 impl Failure {
-    fn database(error: impl std::fmt::Display) -> Self {
-        Failure::Later {
-            error: format!("database: {error}"),
-            response: None,
+    fn database(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            Failure::DatabaseUnavailable {
+                error: error.to_string(),
+            }
+        } else {
+            Failure::Later {
+                error: format!("database: {error}"),
+                response: None,
+            }
         }
     }
 }
+
+/// Between two looks at a database that is down, while a delivery is held.
+const DATABASE_RECHECK: Duration = Duration::from_millis(500);
 
 impl MessageHandler {
     pub fn new(pool: PgPool, client: MarketplaceClient, policy: Policy) -> Self {
@@ -253,13 +266,23 @@ impl MessageHandler {
                 .or_else(|| delivery.meta.traceparent.clone()),
             received_at,
         };
-        let result = self
-            .apply(
-                &translated.event,
-                translated.subscription_id.as_uuid(),
-                &source,
-            )
-            .await;
+        let result = loop {
+            let result = self
+                .apply(
+                    &translated.event,
+                    translated.subscription_id.as_uuid(),
+                    &source,
+                )
+                .await;
+            let Err(Failure::DatabaseUnavailable { error }) = &result else {
+                break result;
+            };
+            tracing::warn!(
+                error,
+                "PostgreSQL is unavailable; holding the delivery until it answers"
+            );
+            self.wait_for_database().await;
+        };
         match result {
             Ok(ApplyOutcome::Duplicate) => {
                 tracing::info!("duplicate");
@@ -281,25 +304,51 @@ impl MessageHandler {
                 Ok(Handled::Applied)
             }
             Err(Failure::Later { error, response }) => {
-                tracing::warn!(error, "cannot apply the message now");
-                match delivery
-                    .retry_later_with_response(&error, response.as_deref())
-                    .await?
-                {
-                    RetryOutcome::Scheduled { .. } => {
-                        metrics::record_event(action, EventOutcome::RetryScheduled);
-                        Ok(Handled::RetryScheduled)
-                    }
-                    RetryOutcome::DeadLettered => {
-                        record_dead_letter(action, DeadLetterReason::RetriesExhausted);
-                        Ok(Handled::DeadLettered)
-                    }
-                }
+                self.retry_later(delivery, action, &error, response.as_deref())
+                    .await
             }
             Err(Failure::Never { reason, response }) => {
                 delivery.dead_letter(&reason, response.as_deref()).await?;
                 record_dead_letter(action, DeadLetterReason::CorruptState);
                 Ok(Handled::DeadLettered)
+            }
+            // The loop above holds these; were one to reach here, a retry tier is right.
+            Err(Failure::DatabaseUnavailable { error }) => {
+                self.retry_later(delivery, action, &format!("database: {error}"), None)
+                    .await
+            }
+        }
+    }
+
+    /// Parks the delivery in its retry tier (or the dead-letter queue once they are used up).
+    async fn retry_later(
+        &self,
+        delivery: InboundDelivery,
+        action: &'static str,
+        error: &str,
+        response: Option<&str>,
+    ) -> Result<Handled, QueueError> {
+        tracing::warn!(error, "cannot apply the message now");
+        match delivery.retry_later_with_response(error, response).await? {
+            RetryOutcome::Scheduled { .. } => {
+                metrics::record_event(action, EventOutcome::RetryScheduled);
+                Ok(Handled::RetryScheduled)
+            }
+            RetryOutcome::DeadLettered => {
+                record_dead_letter(action, DeadLetterReason::RetriesExhausted);
+                Ok(Handled::DeadLettered)
+            }
+        }
+    }
+
+    /// Returns once PostgreSQL answers again. Unbounded on purpose: a worker whose database
+    /// is down can do nothing else; its `/readyz` says so, and shutdown aborts the wait.
+    async fn wait_for_database(&self) {
+        loop {
+            tokio::time::sleep(DATABASE_RECHECK).await;
+            if crate::store::ping(&self.pool).await.is_ok() {
+                tracing::info!("PostgreSQL answers again; applying the held delivery");
+                return;
             }
         }
     }
@@ -314,7 +363,7 @@ impl MessageHandler {
         if matches!(event, Event::Webhook(_)) {
             let known = subscriptions::exists(&self.pool, subscription_id)
                 .await
-                .map_err(Failure::database)?;
+                .map_err(|e| Failure::database(e.into()))?;
             if !known {
                 unknown_to_microsoft = self.observe_first(subscription_id, source).await?;
             }

@@ -167,12 +167,8 @@ async fn render(State(state): State<ListenerState>) -> impl IntoResponse {
 /// stalled, else 503 naming what is wrong (`postgresql`, `rabbitmq`, `stalled_deliveries`).
 async fn readyz(State(state): State<ListenerState>) -> Response {
     let database = matches!(
-        tokio::time::timeout(
-            DATABASE_TIMEOUT,
-            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
-        )
-        .await,
-        Ok(Ok(_))
+        tokio::time::timeout(DATABASE_TIMEOUT, crate::store::ping(&state.pool)).await,
+        Ok(Ok(()))
     );
     let broker = state.broker.is_connected();
     let stalled = state.stalled_deliveries();
