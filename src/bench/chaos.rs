@@ -10,7 +10,15 @@
 //! - every RabbitMQ connection of this run is force-closed (`rabbitmqctl close_connection`;
 //!   the connections carry the run's prefix in their name, so nothing else is touched);
 //! - PostgreSQL is restarted (`pg_ctlcluster … restart` for the cluster `pg_lsclusters`
-//!   lists on `DATABASE_URL`'s port, or `--postgres-restart-command`).
+//!   lists on `DATABASE_URL`'s port, or `--postgres-restart-command`);
+//! - RabbitMQ is restarted (`--broker-restarts`: `rabbitmqctl stop_app`, 4 s down,
+//!   `start_app`, or `--broker-restart-command`), which takes every connection down for
+//!   seconds, not just one;
+//! - `fulfillment serve` is SIGKILLed and restarted (`--ingress-kills`): Microsoft sees
+//!   connection errors and redelivers;
+//! - PostgreSQL is stopped for `--postgres-outage-secs`, then started;
+//! - the simulator answers 503 to every API call for `--marketplace-outage-secs`
+//!   (`failCalls`), then recovers.
 //!
 //! The processes must recover on their own; the run only waits for their readiness probes.
 //! Each disturbance is tied to the load's progress (the customers pause at the next
@@ -30,9 +38,16 @@
 //!   Must be 0.
 //! - **dead letters**: the dead-letter queue and dead outbox rows, grouped by reason
 //!   (allowed, listed).
+//! - **auto-accepted**: customer changes Microsoft accepted because our ACK came after its
+//!   10 s window. Excused only when the whole window lies inside a disturbance we caused
+//!   (from its start until every process is ready again); any other must be 0.
+//! - **ready again**: after each disturbance ends (the broker or database started again, the
+//!   killed process started again, the API answering again), every process must answer its
+//!   readiness probe within [`READY_WITHIN`].
 //!
-//! Exit code 0 only when nothing was lost, duplicated or divergent, every process recovered
-//! and the run settled before `--max-seconds`. Everything is throwaway (see
+//! Exit code 0 only when nothing was lost, duplicated or divergent, no change was
+//! auto-accepted outside a disturbance, every process recovered in time and the run settled
+//! before `--max-seconds`. Everything is throwaway (see
 //! [`super::harness`]); a failed run keeps the child processes' logs and names them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -57,6 +72,7 @@ use super::harness::{
 use super::measure::round;
 use crate::settings::Settings;
 use crate::simulator::SimulatorView;
+use time::OffsetDateTime;
 
 /// The faults of the issue: shares of API calls answered 500 and 429, of webhooks sent
 /// twice, and the window within which webhooks are shuffled.
@@ -69,8 +85,15 @@ const REORDER_WINDOW_MS: u64 = 500;
 const WEBHOOK_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Effect retry delays of the workers, compressed the same way (production: up to 300 s).
 const WORKER_BACKOFF_MAX_MS: u64 = 10_000;
-/// How long a process may take to be ready again after a disturbance.
+/// How long a process may take to be ready again after a disturbance before the run gives
+/// up on it.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How soon after a disturbance ends every process must be ready again for the run to pass.
+const READY_WITHIN: Duration = Duration::from_secs(15);
+/// How long the default `--broker-restarts` keeps RabbitMQ stopped.
+const BROKER_DOWN: Duration = Duration::from_secs(4);
+/// Microsoft's window for the ACK of a customer's change (the simulator's default).
+const ACK_WINDOW: Duration = Duration::from_secs(10);
 /// Quiet polls in a row, one second apart, that make the run quiescent.
 const QUIET_POLLS: u32 = 3;
 /// The two workers.
@@ -115,12 +138,58 @@ pub struct ChaosBenchArgs {
     /// lists on DATABASE_URL's port.
     #[arg(long)]
     pub postgres_restart_command: Option<String>,
+    /// Times RabbitMQ is restarted during the load: `rabbitmqctl stop_app`, 4 s down,
+    /// `rabbitmqctl start_app` (every connection goes down for seconds, not just one).
+    #[arg(long, default_value_t = 1)]
+    pub broker_restarts: usize,
+    /// Shell command that restarts RabbitMQ instead (it may keep the broker down a while).
+    #[arg(long)]
+    pub broker_restart_command: Option<String>,
+    /// Times `fulfillment serve` is SIGKILLed and restarted during the load.
+    #[arg(long, default_value_t = 1)]
+    pub ingress_kills: usize,
+    /// Stop PostgreSQL once during the load for this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub postgres_outage_secs: u64,
+    /// Shell command that stops PostgreSQL for the outage. Default: `pg_ctlcluster
+    /// --skip-systemctl-redirect VERSION CLUSTER stop` for the cluster on DATABASE_URL's port.
+    #[arg(long)]
+    pub postgres_stop_command: Option<String>,
+    /// Shell command that starts PostgreSQL after the outage (default: `pg_ctlcluster … start`).
+    #[arg(long)]
+    pub postgres_start_command: Option<String>,
+    /// The simulator answers 503 to every API call once during the load for this many
+    /// seconds (0: never), then recovers.
+    #[arg(long, default_value_t = 0)]
+    pub marketplace_outage_secs: u64,
     /// Keep the run's database (event log, outbox, state) for inspection.
     #[arg(long)]
     pub keep: bool,
 }
 
 impl ChaosBenchArgs {
+    /// Every disturbance but the worker kills, each kind with its count.
+    fn specials(&self) -> [(Disturbance, usize); 6] {
+        [
+            (Disturbance::CloseBrokerConnections, self.broker_closes),
+            (Disturbance::RestartPostgres, self.postgres_restarts),
+            (Disturbance::RestartBroker, self.broker_restarts),
+            (Disturbance::KillIngress, self.ingress_kills),
+            (
+                Disturbance::PostgresOutage,
+                usize::from(self.postgres_outage_secs > 0),
+            ),
+            (
+                Disturbance::MarketplaceOutage,
+                usize::from(self.marketplace_outage_secs > 0),
+            ),
+        ]
+    }
+
+    fn special_disturbances(&self) -> usize {
+        self.specials().iter().map(|(_, n)| n).sum()
+    }
+
     fn validate(&self, settings: &Settings) -> anyhow::Result<()> {
         if self.subscriptions < 2 {
             bail!("--subscriptions must be at least 2 (one on a flat plan, one per seat)");
@@ -135,13 +204,55 @@ impl ChaosBenchArgs {
         if self.max_seconds < 60 {
             bail!("--max-seconds must be at least 60");
         }
-        if self.worker_kills > 100 || self.broker_closes > 10 || self.postgres_restarts > 10 {
-            bail!("at most 100 --worker-kills, 10 --broker-closes and 10 --postgres-restarts");
+        if self.worker_kills > 100
+            || self.broker_closes > 10
+            || self.postgres_restarts > 10
+            || self.broker_restarts > 10
+            || self.ingress_kills > 20
+        {
+            bail!(
+                "at most 100 --worker-kills, 10 --broker-closes, 10 --postgres-restarts, 10 --broker-restarts and 20 --ingress-kills"
+            );
         }
-        if self.postgres_restart_command.is_some() && self.postgres_restarts == 0 {
-            bail!("--postgres-restart-command needs --postgres-restarts of at least 1");
+        for (flag, secs) in [
+            ("--postgres-outage-secs", self.postgres_outage_secs),
+            ("--marketplace-outage-secs", self.marketplace_outage_secs),
+        ] {
+            if secs > 300 {
+                bail!("{flag} must be at most 300 (the run is bounded), got {secs}");
+            }
         }
-        let disturbances = self.worker_kills + self.broker_closes + self.postgres_restarts;
+        for (flag, given, needs, count) in [
+            (
+                "--postgres-restart-command",
+                self.postgres_restart_command.is_some(),
+                "--postgres-restarts of at least 1",
+                self.postgres_restarts,
+            ),
+            (
+                "--broker-restart-command",
+                self.broker_restart_command.is_some(),
+                "--broker-restarts of at least 1",
+                self.broker_restarts,
+            ),
+            (
+                "--postgres-stop-command",
+                self.postgres_stop_command.is_some(),
+                "--postgres-outage-secs of at least 1",
+                usize::from(self.postgres_outage_secs > 0),
+            ),
+            (
+                "--postgres-start-command",
+                self.postgres_start_command.is_some(),
+                "--postgres-outage-secs of at least 1",
+                usize::from(self.postgres_outage_secs > 0),
+            ),
+        ] {
+            if given && count == 0 {
+                bail!("{flag} needs {needs}");
+            }
+        }
+        let disturbances = self.worker_kills + self.special_disturbances();
         if disturbances >= self.webhooks {
             bail!(
                 "--webhooks ({}) must exceed the number of disturbances ({disturbances}), so each one happens during the load",
@@ -169,12 +280,7 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
     let seed = args
         .seed
         .unwrap_or_else(|| Uuid::new_v4().as_u64_pair().0 >> 1);
-    let restart = match args.postgres_restarts {
-        0 => None,
-        _ => Some(
-            PostgresRestart::discover(&settings, args.postgres_restart_command.as_deref()).await?,
-        ),
-    };
+    let controls = Controls::discover(&settings, &args).await?;
     rabbitmqctl(&["list_connections", "pid", "-q", "--no-table-headers"])
         .await
         .context("bench chaos closes RabbitMQ connections with rabbitmqctl, which must work here (as a user allowed to run it)")?;
@@ -198,7 +304,7 @@ pub async fn run(settings: Settings, args: ChaosBenchArgs) -> anyhow::Result<Exi
         &env,
         &args,
         seed,
-        restart.as_ref(),
+        &controls,
         ingress_addr,
         deadline,
         &mut fleet,
@@ -233,7 +339,7 @@ async fn run_in(
     env: &BenchEnv,
     args: &ChaosBenchArgs,
     seed: u64,
-    restart: Option<&PostgresRestart>,
+    controls: &Controls,
     ingress_addr: SocketAddr,
     deadline: Instant,
     fleet: &mut Fleet,
@@ -282,7 +388,7 @@ async fn run_in(
     // have confirmed every activation before the customers act.
     wait_until_subscribed_here(&pool, &subscriptions, Instant::now() + activation_timeout).await?;
 
-    set_faults(&fleet.http, env, seed).await?;
+    set_faults(&fleet.http, env, seed, false).await?;
     let plan = ChaosPlan::new(args, args.webhooks);
     eprintln!(
         "chaos: {} webhooks over {} subscriptions with faults on; disturbances: {}",
@@ -299,7 +405,7 @@ async fn run_in(
     watch_backlog(pool.clone(), Arc::clone(&gate), backlog_watch.clone());
     let drivers = spawn_drivers(env, &sim, &subscriptions, args, seed, &gate, deadline);
     let disturbed = plan
-        .carry_out(env, fleet, restart, &gate, seed, deadline)
+        .carry_out(env, fleet, controls, &gate, seed, deadline)
         .await;
     // Whatever happened to the disturbances, the customers may finish.
     gate.allow(usize::MAX);
@@ -318,6 +424,7 @@ async fn run_in(
     let mut report = audit(env, &fleet.http, &pool, &subscriptions).await?;
     pool.close().await;
     report.tally = tally;
+    report.excuse_auto_accepts(&disturbances);
     report.disturbances = disturbances;
     report.unexpected_exits = std::mem::take(&mut fleet.unexpected_exits);
     report.quiescent = quiescent;
@@ -476,15 +583,29 @@ enum Disturbance {
     KillWorker(usize),
     CloseBrokerConnections,
     RestartPostgres,
+    RestartBroker,
+    KillIngress,
+    PostgresOutage,
+    MarketplaceOutage,
 }
 
-/// What one disturbance did and how long the processes took to be ready again.
+/// What one disturbance did, how long it lasted and how long the processes took to be
+/// ready again after it ended.
 #[derive(Debug, Clone)]
 struct Disturbed {
+    kind: Disturbance,
     what: String,
     /// Webhooks sent before it began.
     at_webhook: usize,
+    /// From its start to its end (the broker or database started again, the killed process
+    /// started again, the API answering again).
+    lasted: Duration,
+    /// From its end until every process was ready again.
     recovered_after: Duration,
+    /// Wall-clock start, and when every process was ready again: the span in which an
+    /// auto-accepted change is excused.
+    began_at: OffsetDateTime,
+    ready_at: OffsetDateTime,
     detail: String,
 }
 
@@ -498,13 +619,14 @@ impl ChaosPlan {
     /// Spreads the disturbances evenly over the load: RabbitMQ closes and PostgreSQL
     /// restarts between the worker kills.
     fn new(args: &ChaosBenchArgs, total: usize) -> Self {
+        let kinds = args.specials();
+        let rounds = kinds.iter().map(|(_, n)| *n).max().unwrap_or(0);
         let mut specials = Vec::new();
-        for i in 0..args.broker_closes.max(args.postgres_restarts) {
-            if i < args.broker_closes {
-                specials.push(Disturbance::CloseBrokerConnections);
-            }
-            if i < args.postgres_restarts {
-                specials.push(Disturbance::RestartPostgres);
+        for i in 0..rounds {
+            for (kind, count) in kinds {
+                if i < count {
+                    specials.push(kind);
+                }
             }
         }
         let count = args.worker_kills + specials.len();
@@ -541,6 +663,10 @@ impl ChaosPlan {
                 Disturbance::KillWorker(k) => format!("SIGKILL worker-{} at {at}", k % WORKERS + 1),
                 Disturbance::CloseBrokerConnections => format!("RabbitMQ close at {at}"),
                 Disturbance::RestartPostgres => format!("PostgreSQL restart at {at}"),
+                Disturbance::RestartBroker => format!("RabbitMQ restart at {at}"),
+                Disturbance::KillIngress => format!("SIGKILL ingress at {at}"),
+                Disturbance::PostgresOutage => format!("PostgreSQL outage at {at}"),
+                Disturbance::MarketplaceOutage => format!("Marketplace API outage at {at}"),
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -556,7 +682,7 @@ impl ChaosPlan {
         &self,
         env: &BenchEnv,
         fleet: &mut Fleet,
-        restart: Option<&PostgresRestart>,
+        controls: &Controls,
         gate: &Gate,
         seed: u64,
         deadline: Instant,
@@ -573,63 +699,101 @@ impl ChaosPlan {
             }
             fleet.revive_exited(deadline).await?;
             let at_webhook = gate.passed();
-            let (what, detail, recovered_after) = match disturbance {
-                Disturbance::KillWorker(k) => {
+            let began = Instant::now();
+            let began_at = OffsetDateTime::now_utc();
+            let (what, detail, ended) = match disturbance {
+                Disturbance::KillWorker(_) | Disturbance::KillIngress => {
                     let http = fleet.http.clone();
-                    let worker = fleet.worker(*k);
-                    let (name, pid) = (worker.name, worker.pid);
-                    worker.kill().await?;
-                    let began = Instant::now();
+                    let process = match disturbance {
+                        Disturbance::KillWorker(k) => fleet.worker(*k),
+                        _ => &mut fleet.processes[0],
+                    };
+                    let (name, pid) = (process.name, process.pid);
+                    process.kill().await?;
                     let down = Duration::from_millis(rng.random_range(500..3000));
                     tokio::time::sleep(down).await;
-                    let starts = restart_until_ready(worker, &http, deadline).await?;
+                    let ended = Instant::now();
+                    let starts = restart_until_ready(process, &http, deadline).await?;
                     (
                         format!("SIGKILL {name}"),
                         format!(
-                            "pid {pid} killed, down {:.1} s, ready after {} start(s)",
+                            "pid {pid} killed, down {:.1} s, ready after {starts} start(s)",
                             down.as_secs_f64(),
-                            starts
                         ),
-                        began.elapsed(),
+                        ended,
                     )
                 }
                 Disturbance::CloseBrokerConnections => {
                     let closed = close_connections(env.broker.topology().prefix()).await?;
-                    let recovered =
-                        wait_for_recovery(env, fleet, deadline, "RabbitMQ close").await?;
                     (
                         "RabbitMQ connections force-closed".to_string(),
                         format!("{closed} connections of this run closed"),
-                        recovered,
+                        Instant::now(),
                     )
                 }
                 Disturbance::RestartPostgres => {
-                    let Some(restart) = restart else {
-                        bail!("a PostgreSQL restart was planned without a way to restart it");
-                    };
-                    let began = Instant::now();
+                    let restart = controls.postgres("restart", |c| c.restart.as_ref())?;
                     restart.run().await?;
-                    let restarted_in = began.elapsed();
-                    wait_for_recovery(env, fleet, deadline, "PostgreSQL restart").await?;
                     (
                         "PostgreSQL restarted".to_string(),
+                        format!("`{}` took {:.1} s", restart.display, secs(began)),
+                        Instant::now(),
+                    )
+                }
+                Disturbance::RestartBroker => {
+                    let restart = &controls.broker_restart;
+                    restart.run().await?;
+                    (
+                        "RabbitMQ restarted".to_string(),
+                        format!("`{}` took {:.1} s", restart.display, secs(began)),
+                        Instant::now(),
+                    )
+                }
+                Disturbance::PostgresOutage => {
+                    let stop = controls.postgres("stop", |c| c.stop.as_ref())?;
+                    let start = controls.postgres("start", |c| c.start.as_ref())?;
+                    stop.run().await?;
+                    let down = Duration::from_secs(controls.postgres_outage_secs);
+                    tokio::time::sleep(down).await;
+                    start.run().await?;
+                    (
+                        "PostgreSQL stopped".to_string(),
                         format!(
-                            "`{}` took {:.1} s",
-                            restart.display,
-                            restarted_in.as_secs_f64()
+                            "`{}`, {} s down, `{}`; {:.1} s in all",
+                            stop.display,
+                            down.as_secs(),
+                            start.display,
+                            secs(began)
                         ),
-                        began.elapsed(),
+                        Instant::now(),
+                    )
+                }
+                Disturbance::MarketplaceOutage => {
+                    set_faults(&fleet.http, env, seed, true).await?;
+                    let down = Duration::from_secs(controls.marketplace_outage_secs);
+                    tokio::time::sleep(down).await;
+                    set_faults(&fleet.http, env, seed, false).await?;
+                    (
+                        "Marketplace API outage".to_string(),
+                        format!("every API call answered 503 for {} s", down.as_secs()),
+                        Instant::now(),
                     )
                 }
             };
+            wait_for_recovery(env, fleet, deadline, &what).await?;
+            let recovered_after = ended.elapsed();
             eprintln!(
-                "chaos: {what} at webhook {at_webhook}: {detail}; ready again after {:.1} s",
+                "chaos: {what} at webhook {at_webhook}: {detail}; ready again {:.1} s after it ended",
                 recovered_after.as_secs_f64()
             );
             done.push(Disturbed {
+                kind: *disturbance,
                 what,
                 at_webhook,
+                lasted: ended.saturating_duration_since(began),
                 recovered_after,
+                began_at,
+                ready_at: OffsetDateTime::now_utc(),
                 detail,
             });
             let next = self.steps.get(i + 2).map_or(self.total, |(at, _)| *at);
@@ -637,6 +801,10 @@ impl ChaosPlan {
         }
         Ok(done)
     }
+}
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
 }
 
 /// Waits until every process is ready and both workers consume the inbound queue again;
@@ -728,63 +896,137 @@ async fn run_tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// How PostgreSQL is restarted.
+/// A shell step of a disturbance: a program and its arguments.
 #[derive(Debug)]
-struct PostgresRestart {
+struct ShellStep {
     program: String,
     args: Vec<String>,
     display: String,
 }
 
-impl PostgresRestart {
-    /// `--postgres-restart-command`, or `pg_ctlcluster` for the cluster listening on
-    /// `DATABASE_URL`'s port.
-    async fn discover(settings: &Settings, command: Option<&str>) -> anyhow::Result<Self> {
-        if let Some(command) = command {
-            return Ok(Self {
-                program: "sh".into(),
-                args: vec!["-c".into(), command.into()],
-                display: command.into(),
-            });
+impl ShellStep {
+    fn shell(command: &str) -> Self {
+        Self {
+            program: "sh".into(),
+            args: vec!["-c".into(), command.into()],
+            display: command.into(),
         }
-        let port = settings.database.url.url().port().unwrap_or(5432);
-        let clusters = run_tool("pg_lsclusters", &["--no-header"]).await.with_context(|| {
-            "bench chaos restarts PostgreSQL and cannot find how: pg_lsclusters is missing or failed; \
-             pass --postgres-restart-command, or --postgres-restarts 0 to skip the restart"
-        })?;
-        let found = clusters.lines().find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                [version, cluster, p, ..] if p.parse() == Ok(port) => {
-                    Some((version.to_string(), cluster.to_string()))
-                }
-                _ => None,
-            }
-        });
-        let Some((version, cluster)) = found else {
-            bail!(
-                "pg_lsclusters lists no cluster on port {port} (DATABASE_URL); pass --postgres-restart-command, \
-                 or --postgres-restarts 0 to skip the restart. pg_lsclusters says:\n{clusters}"
-            );
-        };
-        let args: Vec<String> = ["--skip-systemctl-redirect", &version, &cluster, "restart"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        Ok(Self {
-            display: format!("pg_ctlcluster {}", args.join(" ")),
-            program: "pg_ctlcluster".into(),
-            args,
-        })
     }
 
     async fn run(&self) -> anyhow::Result<()> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         run_tool(&self.program, &args)
             .await
-            .with_context(|| format!("cannot restart PostgreSQL with `{}`", self.display))?;
+            .with_context(|| format!("`{}` failed", self.display))?;
         Ok(())
     }
+}
+
+/// How the run restarts, stops and starts PostgreSQL (`None` where nothing asks for it).
+#[derive(Debug, Default)]
+struct PostgresControl {
+    restart: Option<ShellStep>,
+    stop: Option<ShellStep>,
+    start: Option<ShellStep>,
+}
+
+/// How the run disturbs the services it does not own.
+#[derive(Debug)]
+struct Controls {
+    postgres: PostgresControl,
+    broker_restart: ShellStep,
+    postgres_outage_secs: u64,
+    marketplace_outage_secs: u64,
+}
+
+impl Controls {
+    /// The commands the arguments ask for: the given ones, or `pg_ctlcluster` for the
+    /// cluster listening on `DATABASE_URL`'s port, and `rabbitmqctl stop_app`/`start_app`.
+    async fn discover(settings: &Settings, args: &ChaosBenchArgs) -> anyhow::Result<Self> {
+        let restarts = args.postgres_restarts > 0;
+        let outage = args.postgres_outage_secs > 0;
+        let needs_cluster = (restarts && args.postgres_restart_command.is_none())
+            || (outage
+                && (args.postgres_stop_command.is_none() || args.postgres_start_command.is_none()));
+        let cluster = match needs_cluster {
+            true => Some(postgres_cluster(settings).await?),
+            false => None,
+        };
+        let step = |given: &Option<String>, verb: &str| {
+            given.as_deref().map(ShellStep::shell).or_else(|| {
+                cluster.as_ref().map(|(version, name)| {
+                    let args: Vec<String> = ["--skip-systemctl-redirect", version, name, verb]
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect();
+                    ShellStep {
+                        display: format!("pg_ctlcluster {}", args.join(" ")),
+                        program: "pg_ctlcluster".into(),
+                        args,
+                    }
+                })
+            })
+        };
+        let postgres = PostgresControl {
+            restart: restarts
+                .then(|| step(&args.postgres_restart_command, "restart"))
+                .flatten(),
+            stop: outage
+                .then(|| step(&args.postgres_stop_command, "stop"))
+                .flatten(),
+            start: outage
+                .then(|| step(&args.postgres_start_command, "start"))
+                .flatten(),
+        };
+        let broker_restart = match &args.broker_restart_command {
+            Some(command) => ShellStep::shell(command),
+            None => ShellStep::shell(&format!(
+                "rabbitmqctl -q stop_app && sleep {} && rabbitmqctl -q start_app",
+                BROKER_DOWN.as_secs()
+            )),
+        };
+        Ok(Self {
+            postgres,
+            broker_restart,
+            postgres_outage_secs: args.postgres_outage_secs,
+            marketplace_outage_secs: args.marketplace_outage_secs,
+        })
+    }
+
+    fn postgres(
+        &self,
+        verb: &str,
+        pick: impl Fn(&PostgresControl) -> Option<&ShellStep>,
+    ) -> anyhow::Result<&ShellStep> {
+        pick(&self.postgres)
+            .with_context(|| format!("a PostgreSQL {verb} was planned without a way to {verb} it"))
+    }
+}
+
+/// The `pg_ctlcluster` version and cluster name listening on `DATABASE_URL`'s port.
+async fn postgres_cluster(settings: &Settings) -> anyhow::Result<(String, String)> {
+    let port = settings.database.url.url().port().unwrap_or(5432);
+    let clusters = run_tool("pg_lsclusters", &["--no-header"]).await.with_context(|| {
+        "bench chaos restarts and stops PostgreSQL and cannot find how: pg_lsclusters is missing or \
+         failed; pass --postgres-restart-command (and --postgres-stop-command, \
+         --postgres-start-command), or --postgres-restarts 0 and --postgres-outage-secs 0"
+    })?;
+    let found = clusters.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [version, cluster, p, ..] if p.parse() == Ok(port) => {
+                Some((version.to_string(), cluster.to_string()))
+            }
+            _ => None,
+        }
+    });
+    found.with_context(|| {
+        format!(
+            "pg_lsclusters lists no cluster on port {port} (DATABASE_URL); pass \
+             --postgres-restart-command (and --postgres-stop-command, --postgres-start-command), \
+             or --postgres-restarts 0 and --postgres-outage-secs 0. pg_lsclusters says:\n{clusters}"
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1125,8 +1367,21 @@ async fn wait_until_subscribed_here(
     }
 }
 
-async fn set_faults(http: &reqwest::Client, env: &BenchEnv, seed: u64) -> anyhow::Result<()> {
+/// The run's faults; with `outage`, every public API call also answers 503.
+async fn set_faults(
+    http: &reqwest::Client,
+    env: &BenchEnv,
+    seed: u64,
+    outage: bool,
+) -> anyhow::Result<()> {
     let url = env.sim.base_url().join("simulator/faults")?;
+    let fail_calls: serde_json::Map<String, Value> = match outage {
+        true => crate::simulator::FAULT_CALLS
+            .iter()
+            .map(|(name, _, _)| (name.to_string(), json!(503)))
+            .collect(),
+        false => serde_json::Map::new(),
+    };
     let response = http
         .put(url)
         .json(&json!({
@@ -1136,6 +1391,7 @@ async fn set_faults(http: &reqwest::Client, env: &BenchEnv, seed: u64) -> anyhow
             "retryAfterSecs": RETRY_AFTER_SECS,
             "duplicateDeliveries": SHARE_DUPLICATES,
             "reorder": REORDER_WINDOW_MS,
+            "failCalls": fail_calls,
         }))
         .send()
         .await?;
@@ -1218,6 +1474,8 @@ struct OperationAudit {
     accepted: bool,
     /// Every answer the ingress gave, by status code (or `error`).
     answers: Vec<String>,
+    /// When Microsoft created it: its ACK window starts here.
+    created: Option<OffsetDateTime>,
 }
 
 async fn audit(
@@ -1270,6 +1528,9 @@ async fn audit(
             entry.1.action = op["action"].as_str().unwrap_or_default().to_string();
             entry.1.status = op["status"].as_str().unwrap_or_default().to_string();
             entry.1.resolution = op["resolution"].as_str().unwrap_or_default().to_string();
+            entry.1.created = op["timeStamp"].as_str().and_then(|t| {
+                OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            });
         }
         for delivery in view["webhooks"].as_array().into_iter().flatten() {
             if delivery["injected"].as_bool() == Some(true) {
@@ -1341,6 +1602,12 @@ async fn audit(
     }
 
     for (op_id, (subscription, op)) in &operations {
+        if op.resolution == "auto-accepted" {
+            report.auto_accepted.push(AutoAccepted {
+                line: format!("{subscription} {} {op_id}", op.action),
+                created: op.created,
+            });
+        }
         *report
             .operations
             .entry(format!(
@@ -1486,6 +1753,17 @@ struct Report {
     dead_letter_reasons: BTreeMap<String, usize>,
     /// The simulator's operations by action, status and resolution.
     operations: BTreeMap<String, usize>,
+    /// Changes Microsoft accepted because our ACK was late.
+    auto_accepted: Vec<AutoAccepted>,
+    /// Of those, the ones whose whole window fell inside a disturbance.
+    auto_accepted_excused: usize,
+}
+
+/// A change Microsoft accepted because our ACK came after its window.
+#[derive(Debug, Clone)]
+struct AutoAccepted {
+    line: String,
+    created: Option<OffsetDateTime>,
 }
 
 impl Report {
@@ -1496,6 +1774,39 @@ impl Report {
             && self.unexpected_exits.is_empty()
             && self.stop_errors.is_empty()
             && self.quiescent
+            && self.auto_accepted_late().is_empty()
+            && self.slow_recoveries().is_empty()
+    }
+
+    /// Keeps, among the auto-accepted changes, those whose 10 s window did not lie wholly
+    /// inside one disturbance (from its start until every process was ready again).
+    fn excuse_auto_accepts(&mut self, disturbances: &[Disturbed]) {
+        let window = time::Duration::try_from(ACK_WINDOW).unwrap_or(time::Duration::ZERO);
+        let (excused, late): (Vec<AutoAccepted>, Vec<AutoAccepted>) =
+            std::mem::take(&mut self.auto_accepted)
+                .into_iter()
+                .partition(|accepted| {
+                    accepted.created.is_some_and(|created| {
+                        disturbances
+                            .iter()
+                            .any(|d| d.began_at <= created && created + window <= d.ready_at)
+                    })
+                });
+        self.auto_accepted_excused = excused.len();
+        self.auto_accepted = late;
+    }
+
+    /// Auto-accepted changes not excused by a disturbance.
+    fn auto_accepted_late(&self) -> &[AutoAccepted] {
+        &self.auto_accepted
+    }
+
+    /// Disturbances after which some process took longer than [`READY_WITHIN`].
+    fn slow_recoveries(&self) -> Vec<&Disturbed> {
+        self.disturbances
+            .iter()
+            .filter(|d| d.recovered_after > READY_WITHIN)
+            .collect()
     }
 
     fn print(&self, args: &ChaosBenchArgs, seed: u64, took: Duration) {
@@ -1512,13 +1823,22 @@ impl Report {
             SHARE_DUPLICATES * 100.0,
             WEBHOOK_RETRY_INTERVAL.as_secs()
         );
-        println!("  disturbances (during the load)");
+        println!(
+            "  disturbances (during the load; ready again = every process ready after it ended, at most {} s)",
+            READY_WITHIN.as_secs()
+        );
         for d in &self.disturbances {
             println!(
-                "    at webhook {:>5}  {:<36} ready again after {:>5.1} s  ({})",
+                "    at webhook {:>5}  {:<34} lasted {:>5.1} s, ready again after {:>5.1} s{}  ({})",
                 d.at_webhook,
                 d.what,
+                d.lasted.as_secs_f64(),
                 d.recovered_after.as_secs_f64(),
+                if d.recovered_after > READY_WITHIN {
+                    " TOO SLOW"
+                } else {
+                    ""
+                },
                 d.detail
             );
         }
@@ -1600,6 +1920,14 @@ impl Report {
             println!("    {line}");
         }
         println!(
+            "  auto-accepted by Microsoft      {} outside any disturbance, {} with the whole 10 s window inside one",
+            self.auto_accepted.len(),
+            self.auto_accepted_excused
+        );
+        for accepted in self.auto_accepted.iter().take(10) {
+            println!("    {}", accepted.line);
+        }
+        println!(
             "  dead letters                    {} in the queue, {} dead outbox rows",
             self.dead_letters_queue, self.dead_letters_outbox
         );
@@ -1633,7 +1961,7 @@ impl Report {
         println!(
             "result: {}",
             if self.passed() {
-                "PASSED (nothing lost, nothing twice, both sides agree)"
+                "PASSED (nothing lost, nothing twice, both sides agree, nothing auto-accepted outside a disturbance, every process ready in time)"
             } else {
                 "FAILED"
             }
@@ -1655,9 +1983,17 @@ impl Report {
             "dead_letters_queue": self.dead_letters_queue,
             "dead_letters_outbox": self.dead_letters_outbox,
             "dead_letter_reasons": self.dead_letter_reasons,
-            "worker_kills": self.count(|d| d.starts_with("SIGKILL")),
-            "broker_closes": self.count(|d| d.starts_with("RabbitMQ")),
-            "postgres_restarts": self.count(|d| d.starts_with("PostgreSQL")),
+            "auto_accepted": self.auto_accepted.len() + self.auto_accepted_excused,
+            "auto_accepted_in_disturbances": self.auto_accepted_excused,
+            "auto_accepted_late": self.auto_accepted.len(),
+            "worker_kills": self.count(|d| matches!(d, Disturbance::KillWorker(_))),
+            "broker_closes": self.count(|d| *d == Disturbance::CloseBrokerConnections),
+            "postgres_restarts": self.count(|d| *d == Disturbance::RestartPostgres),
+            "broker_restarts": self.count(|d| *d == Disturbance::RestartBroker),
+            "ingress_kills": self.count(|d| *d == Disturbance::KillIngress),
+            "postgres_outages": self.count(|d| *d == Disturbance::PostgresOutage),
+            "marketplace_outages": self.count(|d| *d == Disturbance::MarketplaceOutage),
+            "slow_recoveries": self.slow_recoveries().len(),
             "unexpected_exits": self.unexpected_exits.len(),
             "max_recovery_s": round(
                 self.disturbances
@@ -1674,8 +2010,8 @@ impl Report {
         println!("{json}");
     }
 
-    fn count(&self, what: impl Fn(&str) -> bool) -> usize {
-        self.disturbances.iter().filter(|d| what(&d.what)).count()
+    fn count(&self, kind: impl Fn(&Disturbance) -> bool) -> usize {
+        self.disturbances.iter().filter(|d| kind(&d.kind)).count()
     }
 }
 
@@ -1693,6 +2029,13 @@ mod tests {
             broker_closes: closes,
             postgres_restarts: restarts,
             postgres_restart_command: None,
+            broker_restarts: 0,
+            broker_restart_command: None,
+            ingress_kills: 0,
+            postgres_outage_secs: 0,
+            postgres_stop_command: None,
+            postgres_start_command: None,
+            marketplace_outage_secs: 0,
             keep: false,
         }
     }

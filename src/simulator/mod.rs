@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-pub use faults::{Faults, Reorder};
+pub use faults::{CALLS as FAULT_CALLS, Faults, Reorder};
 
 use crate::settings::Settings;
 use entra::KeyRing;
