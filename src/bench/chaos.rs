@@ -689,8 +689,11 @@ impl ChaosPlan {
     ) -> anyhow::Result<Vec<Disturbed>> {
         let mut rng = StdRng::seed_from_u64(seed ^ 0xc4a0_5eed);
         let mut done = Vec::with_capacity(self.steps.len());
+        // Each disturbance is judged on its own: the next one starts at least one ACK window
+        // after the processes were ready again, so no change's window spans two of them.
+        let mut calm_until = Instant::now();
         for (i, (at, disturbance)) in self.steps.iter().enumerate() {
-            while gate.passed() < *at {
+            while gate.passed() < *at || Instant::now() < calm_until {
                 fleet.revive_exited(deadline).await?;
                 if Instant::now() > deadline {
                     bail!("the deadline passed before the disturbances were over");
@@ -782,6 +785,7 @@ impl ChaosPlan {
             };
             wait_for_recovery(env, fleet, deadline, &what).await?;
             let recovered_after = ended.elapsed();
+            calm_until = Instant::now() + ACK_WINDOW;
             eprintln!(
                 "chaos: {what} at webhook {at_webhook}: {detail}; ready again {:.1} s after it ended",
                 recovered_after.as_secs_f64()
@@ -1793,7 +1797,28 @@ impl Report {
                     })
                 });
         self.auto_accepted_excused = excused.len();
-        self.auto_accepted = late;
+        // Say where each late one sat against the disturbances, for whoever reads the report.
+        self.auto_accepted = late
+            .into_iter()
+            .map(|mut accepted| {
+                if let Some(created) = accepted.created {
+                    let overlapping = disturbances
+                        .iter()
+                        .find(|d| d.began_at <= created + window && created <= d.ready_at);
+                    let note = match overlapping {
+                        Some(d) => format!(
+                            " (window opened {:+.1} s from the start of \"{}\", which was over after {:.1} s)",
+                            (created - d.began_at).as_seconds_f64(),
+                            d.what,
+                            (d.ready_at - d.began_at).as_seconds_f64()
+                        ),
+                        None => " (no disturbance overlaps its window)".to_string(),
+                    };
+                    accepted.line.push_str(&note);
+                }
+                accepted
+            })
+            .collect();
     }
 
     /// Auto-accepted changes not excused by a disturbance.
@@ -1924,7 +1949,7 @@ impl Report {
             self.auto_accepted.len(),
             self.auto_accepted_excused
         );
-        for accepted in self.auto_accepted.iter().take(10) {
+        for accepted in self.auto_accepted.iter().take(20) {
             println!("    {}", accepted.line);
         }
         println!(
