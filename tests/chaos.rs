@@ -1,17 +1,80 @@
-//! The short chaos run (issue #8): `fulfillment bench chaos` with small numbers against the
-//! local PostgreSQL and RabbitMQ — workers SIGKILLed and restarted, this run's RabbitMQ
-//! connections force-closed, PostgreSQL restarted, simulator faults on — must exit 0 with
-//! nothing lost, nothing applied twice and both sides agreeing.
+//! What operations do to the brokers, against the local PostgreSQL and RabbitMQ (issues #8
+//! and #14):
 //!
-//! It restarts the local PostgreSQL server, which would disturb tests running beside it;
-//! cargo runs test binaries one after another, and this binary holds this one test only.
+//! - the short chaos run: `fulfillment bench chaos` with small numbers — workers SIGKILLed
+//!   and restarted, this run's RabbitMQ connections force-closed, PostgreSQL restarted and
+//!   stopped for a while, RabbitMQ restarted, the ingress SIGKILLed, the Marketplace API
+//!   down for a while, simulator faults on — must exit 0 with nothing lost, nothing applied
+//!   twice, both sides agreeing, no change auto-accepted outside a disturbance and every
+//!   process ready again in time;
+//! - the wedge of issue #14 at its root: a broker restart while deliveries are in hand and
+//!   publishes in flight leaves no delivery unacknowledged and no publish hanging;
+//! - SIGTERM ends a worker within its grace period while RabbitMQ is down.
+//!
+//! These restart the local PostgreSQL and RabbitMQ servers, which would disturb tests running
+//! beside them: cargo runs test binaries one after another, and the tests of this binary
+//! take turns ([`one_at_a_time`]).
 
-use std::process::Command;
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use marketplace_fulfillment::queue::{Broker, InboundMessage, MessageMeta};
 use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+mod common;
+
+/// The tests of this binary disturb the same servers: one at a time.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// RabbitMQ stopped (`stop_app`) until this is dropped: started again even when the test
+/// fails, so nothing after it finds the broker down.
+struct BrokerStopped;
+
+impl BrokerStopped {
+    fn now() -> Self {
+        rabbitmqctl(&["-q", "stop_app"]);
+        BrokerStopped
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        rabbitmqctl(&["-q", "start_app"]);
+    }
+}
 
 #[test]
 fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_does() {
+    let _turn = one_at_a_time();
     let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
         .args([
             "bench",
@@ -23,13 +86,21 @@ fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_
             "--seed",
             "8",
             "--worker-kills",
-            "3",
+            "2",
             "--broker-closes",
             "1",
             "--postgres-restarts",
             "1",
+            "--broker-restarts",
+            "1",
+            "--ingress-kills",
+            "1",
+            "--postgres-outage-secs",
+            "5",
+            "--marketplace-outage-secs",
+            "5",
             "--max-seconds",
-            "420",
+            "480",
         ])
         .env("RUST_LOG", "warn")
         .output()
@@ -49,6 +120,8 @@ fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_
     assert_eq!(result["events_lost"], 0, "{context}");
     assert_eq!(result["duplicate_transitions"], 0, "{context}");
     assert_eq!(result["divergent_subscriptions"], 0, "{context}");
+    assert_eq!(result["auto_accepted_late"], 0, "{context}");
+    assert_eq!(result["slow_recoveries"], 0, "{context}");
     assert_eq!(result["subscriptions"], 60, "{context}");
     // Customers only ask what the simulator allows, so (nearly) every action is a webhook.
     let sent = result["webhooks_sent"].as_u64().unwrap_or(0);
@@ -59,12 +132,247 @@ fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_
         sent,
         "{context}"
     );
-    assert_eq!(result["worker_kills"], 3, "{context}");
-    assert_eq!(result["broker_closes"], 1, "{context}");
-    assert_eq!(result["postgres_restarts"], 1, "{context}");
+    for (key, count) in [
+        ("worker_kills", 2),
+        ("broker_closes", 1),
+        ("postgres_restarts", 1),
+        ("broker_restarts", 1),
+        ("ingress_kills", 1),
+        ("postgres_outages", 1),
+        ("marketplace_outages", 1),
+    ] {
+        assert_eq!(result[key], count, "{key}: {context}");
+    }
     assert_eq!(result["unexpected_exits"], 0, "{context}");
     assert!(
         result["duplicate_deliveries"].as_u64().unwrap_or(0) > 0,
         "duplicates were injected: {context}"
     );
+}
+
+/// Issue #14: with lapin's auto-recovery, a broker restart left channels `Reconnecting`;
+/// acks, publishes and waits for recovery hung there, and a worker held its whole prefetch
+/// unacknowledged for good. Now every delivery confirmed before, during or after the
+/// restart is consumed and acked, every publish ends within its budget, and the queue ends
+/// empty with nothing unacknowledged.
+#[test]
+fn a_broker_restart_under_load_leaves_no_delivery_unacknowledged() {
+    let _turn = one_at_a_time();
+    let settings = common::test_settings();
+    runtime().block_on(async move {
+        let broker = Broker::connect(&settings.amqp, "wedge-test")
+            .await
+            .expect("connect to RabbitMQ");
+        let inbound = broker.topology().inbound_queue();
+        let publisher = broker.publisher().await.expect("a publisher");
+        let mut consumer = broker
+            .consume_inbound(16, "wedge-test")
+            .await
+            .expect("a consumer");
+
+        // The consumer: handles each delivery for a moment (deliveries are in hand when the
+        // broker goes), then acks it.
+        let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let consuming = tokio::spawn({
+            let acked = Arc::clone(&acked);
+            async move {
+                while let Some(item) = consumer.next().await {
+                    let Ok(delivery) = item else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    let id = delivery.meta.message_id.clone();
+                    if delivery.ack().await.is_ok() {
+                        acked.lock().unwrap().insert(id);
+                    }
+                }
+            }
+        });
+
+        // The load: 400 publishes, one every 10 ms; the broker restarts after the first
+        // second. Each publish must end (confirmed or refused) within its recovery budget.
+        let publishing = tokio::spawn({
+            let publisher = publisher.clone();
+            async move {
+                let mut confirmed = HashSet::new();
+                let mut refused = 0;
+                for _ in 0..400 {
+                    let meta = MessageMeta {
+                        message_id: Uuid::new_v4().to_string(),
+                        correlation_id: Uuid::new_v4().to_string(),
+                        traceparent: None,
+                        subscription_id: Some(Uuid::new_v4()),
+                    };
+                    let message = InboundMessage::Webhook {
+                        received_at: OffsetDateTime::now_utc(),
+                        payload: r#"{"id":"op","action":"Suspend"}"#.into(),
+                    };
+                    let started = Instant::now();
+                    let published = publisher.publish_inbound(&message, &meta).await;
+                    assert!(
+                        started.elapsed() < Duration::from_secs(20),
+                        "a publish took {:?}",
+                        started.elapsed()
+                    );
+                    match published {
+                        Ok(()) => {
+                            confirmed.insert(meta.message_id);
+                        }
+                        Err(_) => refused += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (confirmed, refused)
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = tokio::task::spawn_blocking(BrokerStopped::now)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::task::spawn_blocking(move || drop(stopped))
+            .await
+            .unwrap();
+        let started_again = Instant::now();
+
+        let (confirmed, refused) = publishing.await.expect("the publisher task");
+        assert!(
+            confirmed.len() >= 300,
+            "most publishes are confirmed ({} confirmed, {refused} refused while the broker was down)",
+            confirmed.len()
+        );
+        // Every confirmed message is consumed and acked, soon after the broker is back.
+        loop {
+            let missing = confirmed.difference(&acked.lock().unwrap()).count();
+            if missing == 0 {
+                break;
+            }
+            assert!(
+                started_again.elapsed() < Duration::from_secs(60),
+                "{missing} confirmed messages were never acked after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Nothing is left in the queue, ready or unacknowledged.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let vhost = settings.amqp.url.url().path().trim_start_matches('/');
+        let vhost = match vhost {
+            "" => "/".to_string(),
+            encoded => url_decoded(encoded),
+        };
+        loop {
+            let listing = rabbitmqctl(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "-p",
+                &vhost,
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ]);
+            let line = listing
+                .lines()
+                .find(|line| line.split('\t').next() == Some(inbound.as_str()))
+                .unwrap_or_else(|| panic!("{inbound} is not listed:\n{listing}"))
+                .to_string();
+            if line.split('\t').skip(1).all(|count| count.trim() == "0") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{inbound} still holds messages (name, ready, unacked): {line}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        broker.delete_topology().await.expect("delete the topology");
+        broker.close().await;
+        consuming.await.expect("the consumer task ends");
+    });
+}
+
+fn url_decoded(text: &str) -> String {
+    url::form_urlencoded::parse(format!("v={text}").as_bytes())
+        .next()
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
+}
+
+/// Issue #14: a wedged worker ignored SIGTERM. With RabbitMQ down, a worker waiting for it
+/// still ends within its grace period once signalled.
+#[test]
+fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
+    let _turn = one_at_a_time();
+    let runtime = runtime();
+    let (db, _pool) = runtime.block_on(common::TestDatabase::migrated());
+    let grace = Duration::from_secs(3);
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+        .arg("work")
+        .env_remove("FULFILLMENT_CONFIG")
+        .env("DATABASE_URL", db.url().expose())
+        .env("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix)
+        .env("MARKETPLACE_API_URL", "http://127.0.0.1:9/api/")
+        .env("ENTRA_AUTHORITY_URL", "http://127.0.0.1:9/")
+        .env("MARKETPLACE_TENANT_ID", Uuid::new_v4().to_string())
+        .env("MARKETPLACE_CLIENT_ID", Uuid::new_v4().to_string())
+        .env("MARKETPLACE_CLIENT_SECRET", "not-used")
+        .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
+        .env(
+            "FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS",
+            grace.as_secs().to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start fulfillment work");
+    // Started: it declared its topology (the inbound queue exists).
+    let inbound = format!("{}.inbound", db.settings.amqp.prefix);
+    let started = Instant::now();
+    while !rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
+        .lines()
+        .any(|name| name.trim() == inbound)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the worker did not start"
+        );
+        assert!(
+            worker.try_wait().unwrap().is_none(),
+            "the worker exited at start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let stopped = BrokerStopped::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let signalled = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let signalled_at = Instant::now();
+    let bound = grace + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if signalled_at.elapsed() > bound {
+            let _ = worker.kill();
+            panic!("the worker did not end within {bound:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(stopped);
+    assert!(status.success(), "{status}");
+    // Its topology, on the broker that is back.
+    runtime.block_on(async {
+        let broker = Broker::connect(&db.settings.amqp, "sigterm-test-cleanup")
+            .await
+            .expect("RabbitMQ is back");
+        broker.delete_topology().await.expect("delete the topology");
+        broker.close().await;
+    });
 }
