@@ -72,6 +72,22 @@ impl Drop for BrokerStopped {
     }
 }
 
+/// A broker handle on `settings`, once RabbitMQ takes declarations again: right after
+/// `start_app` it answers INTERNAL_ERROR to quorum queue declarations for a moment.
+async fn broker_when_back(settings: &marketplace_fulfillment::settings::AmqpSettings) -> Broker {
+    let started = Instant::now();
+    loop {
+        match Broker::connect(settings, "chaos-test").await {
+            Ok(broker) => return broker,
+            Err(error) if started.elapsed() < Duration::from_secs(60) => {
+                eprintln!("RabbitMQ not back yet: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("RabbitMQ did not come back within 60 s: {error}"),
+        }
+    }
+}
+
 #[test]
 fn a_short_chaos_run_loses_nothing_repeats_nothing_and_ends_where_the_simulator_does() {
     let _turn = one_at_a_time();
@@ -160,9 +176,7 @@ fn a_broker_restart_under_load_leaves_no_delivery_unacknowledged() {
     let _turn = one_at_a_time();
     let settings = common::test_settings();
     runtime().block_on(async move {
-        let broker = Broker::connect(&settings.amqp, "wedge-test")
-            .await
-            .expect("connect to RabbitMQ");
+        let broker = broker_when_back(&settings.amqp).await;
         let inbound = broker.topology().inbound_queue();
         let publisher = broker.publisher().await.expect("a publisher");
         let mut consumer = broker
@@ -306,7 +320,11 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
     let _turn = one_at_a_time();
     let runtime = runtime();
     let (db, _pool) = runtime.block_on(common::TestDatabase::migrated());
+    // The worker's topology declared beforehand, once the broker takes declarations.
+    runtime.block_on(async { broker_when_back(&db.settings.amqp).await.close().await });
     let grace = Duration::from_secs(3);
+    let log_path = std::env::temp_dir().join(format!("sigterm-test-{}.log", Uuid::new_v4()));
+    let log = std::fs::File::create(&log_path).expect("a log file");
     let mut worker = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
         .arg("work")
         .env_remove("FULFILLMENT_CONFIG")
@@ -322,11 +340,12 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
             "FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS",
             grace.as_secs().to_string(),
         )
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start fulfillment work");
+    let log_of = || std::fs::read_to_string(&log_path).unwrap_or_default();
     // Started: it declared its topology (the inbound queue exists).
     let inbound = format!("{}.inbound", db.settings.amqp.prefix);
     let started = Instant::now();
@@ -361,17 +380,19 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
         }
         if signalled_at.elapsed() > bound {
             let _ = worker.kill();
-            panic!("the worker did not end within {bound:?} of SIGTERM");
+            panic!(
+                "the worker did not end within {bound:?} of SIGTERM; its log:\n{}",
+                log_of()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     drop(stopped);
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "{status}; its log:\n{}", log_of());
+    let _ = std::fs::remove_file(&log_path);
     // Its topology, on the broker that is back.
     runtime.block_on(async {
-        let broker = Broker::connect(&db.settings.amqp, "sigterm-test-cleanup")
-            .await
-            .expect("RabbitMQ is back");
+        let broker = broker_when_back(&db.settings.amqp).await;
         broker.delete_topology().await.expect("delete the topology");
         broker.close().await;
     });
