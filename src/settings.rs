@@ -405,7 +405,8 @@ impl Default for RawSettings {
                 operation_poll_cap_secs: 30 * 60,
                 activation_check_interval_ms: 2_000,
                 activation_wait_cap_secs: 30 * 60,
-                // Below Kubernetes' default terminationGracePeriodSeconds (30).
+                // Below Kubernetes' default terminationGracePeriodSeconds (30), and the 60 s
+                // of deploy/kubernetes/worker-deployment.yaml.
                 shutdown_grace_secs: 20,
                 stall_after_secs: 60,
                 metrics_addr: "127.0.0.1:9464".into(),
@@ -969,6 +970,8 @@ mod tests {
         assert_eq!(s.worker.operation_poll_cap, Duration::from_secs(1800));
         assert_eq!(s.worker.activation_check_interval, Duration::from_secs(2));
         assert_eq!(s.worker.activation_wait_cap, Duration::from_secs(1800));
+        assert_eq!(s.worker.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(s.worker.stall_after, Duration::from_secs(60));
 
         let s = Settings::from_sources(
             None,
@@ -1020,6 +1023,14 @@ mod tests {
             (
                 &[("FULFILLMENT__WORKER__OPERATION_POLL_CAP_SECS", "0")],
                 "worker.operation_poll_cap_secs",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "0")],
+                "worker.shutdown_grace_secs",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__STALL_AFTER_SECS", "0")],
+                "worker.stall_after_secs",
             ),
         ];
         for (vars, expected) in cases {

@@ -80,7 +80,7 @@ impl Default for ConsumerActivity {
 pub struct HeldDeliveries {
     /// Age of the oldest delivery in hand (zero when none).
     pub oldest: Duration,
-    /// Deliveries held longer than the stall threshold.
+    /// Deliveries held for the stall threshold or longer.
     pub stalled: usize,
 }
 
@@ -100,7 +100,7 @@ impl ConsumerActivity {
             .values()
             .map(|since| now.saturating_duration_since(*since));
         let (oldest, stalled) = ages.fold((Duration::ZERO, 0), |(oldest, stalled), age| {
-            (oldest.max(age), stalled + usize::from(age > stall_after))
+            (oldest.max(age), stalled + usize::from(age >= stall_after))
         });
         HeldDeliveries { oldest, stalled }
     }
@@ -657,6 +657,28 @@ async fn handle_one(handler: &MessageHandler, activity: &ConsumerActivity, dispa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_deliveries_are_counted_until_released_and_stall_past_the_threshold() {
+        let activity = ConsumerActivity::default();
+        assert_eq!(
+            activity.held(Duration::ZERO),
+            HeldDeliveries {
+                oldest: Duration::ZERO,
+                stalled: 0
+            }
+        );
+        let first = activity.hold();
+        let second = activity.hold();
+        assert_eq!(activity.in_flight(), 2);
+        assert_eq!(activity.held(Duration::ZERO).stalled, 2);
+        assert_eq!(activity.held(Duration::from_secs(3600)).stalled, 0);
+        activity.release(first);
+        assert_eq!(activity.held(Duration::ZERO).stalled, 1);
+        activity.release(second);
+        assert_eq!(activity.in_flight(), 0);
+        assert_eq!(activity.held(Duration::ZERO).oldest, Duration::ZERO);
+    }
 
     #[test]
     fn the_trace_id_is_read_from_a_traceparent() {
