@@ -27,11 +27,73 @@ use uuid::Uuid;
 
 mod common;
 
-/// The tests of this binary disturb the same servers: one at a time.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
+/// The tests of this binary disturb the same servers: one at a time, each leaving RabbitMQ
+/// able to declare new topologies for whatever runs next.
+fn one_at_a_time() -> Turn {
     static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    Turn {
+        _lock: TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+    }
+}
+
+struct Turn {
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
+        let _ = std::thread::spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(leave_rabbitmq_healthy());
+        })
+        .join();
+    }
+}
+
+/// RabbitMQ 3.10 (Debian 12's) sometimes comes back from `stop_app`/`start_app` unable to
+/// declare *new* quorum queues with at-least-once dead-lettering (its `rabbit_fifo_dlx_sup`
+/// is gone; declarations answer INTERNAL_ERROR) while the existing ones keep working. The
+/// test binaries after this one declare fresh topologies: when a probe's declaration fails,
+/// the node is restarted.
+async fn leave_rabbitmq_healthy() {
+    let probe = || async {
+        let settings = common::test_settings();
+        let broker = Broker::connect(&settings.amqp, "chaos-test-probe").await?;
+        let deleted = broker.delete_topology().await;
+        broker.close().await;
+        deleted
+    };
+    // Right after `start_app` declarations fail for a moment anyway: give it 15 s.
+    let since = Instant::now();
+    let error = loop {
+        match probe().await {
+            Ok(()) => return,
+            Err(error) if since.elapsed() > Duration::from_secs(15) => break error,
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
+    eprintln!("RabbitMQ cannot declare a new topology ({error}); restarting the node");
+    let _ = Command::new("rabbitmqctl").args(["-q", "stop"]).status();
+    let _ = Command::new("rabbitmq-server").arg("-detached").status();
+    let started = Instant::now();
+    while !Command::new("rabbitmqctl")
+        .args(["-q", "await_startup"])
+        .status()
+        .is_ok_and(|status| status.success())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "RabbitMQ did not start again"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    if let Err(error) = probe().await {
+        panic!("RabbitMQ still cannot declare a new topology after a restart: {error}");
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
