@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Dependency audit: `cargo deny check` (advisories, licenses, bans, sources; see deny.toml),
-# fully offline. These machines cannot clone the RustSec advisory DB from GitHub, so its
-# snapshot ships as ../shared/tools/rustsec-advisory-db.tar.gz (beside the project's clone);
-# it is unpacked under target/ and cargo-deny reads it without fetching. Extra arguments go
+# Dependency audit: `cargo deny check` (advisories, licenses, bans, sources; see deny.toml).
+# Where a snapshot of the RustSec advisory DB exists as ../shared/tools/rustsec-advisory-db.tar.gz
+# (beside the project's clone: these machines cannot clone it from GitHub) it runs fully
+# offline on it, unpacked under target/; anywhere else cargo-deny fetches the database. Extra arguments go
 # to `cargo deny check` (e.g. `bash scripts/deny.sh advisories`).
 #
 # RUSTSEC_DB_TARBALL overrides the snapshot's path.
@@ -27,8 +27,10 @@ if [ -z "${RUSTSEC_DB_TARBALL:-}" ] && [ ! -f "$tarball" ] && [ -d "$origin" ]; 
   tarball=$origin/../$snapshot
 fi
 if [ ! -f "$tarball" ]; then
-  log "no advisory DB snapshot at $root/../$snapshot${origin:+ or beside $origin} (set RUSTSEC_DB_TARBALL)"
-  exit 1
+  # Anywhere else (a fork, a laptop, a CI runner with network access): cargo-deny fetches
+  # the advisory database itself into its default location.
+  log "no advisory DB snapshot at $root/../$snapshot${origin:+ or beside $origin}; letting cargo-deny fetch the RustSec database (set RUSTSEC_DB_TARBALL to use a snapshot)"
+  exec cargo deny --workspace check --show-stats "$@"
 fi
 
 # cargo-deny looks for <db-path>/advisory-db-3157b0e258782691 (named after the default URL),
