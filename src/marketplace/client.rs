@@ -108,6 +108,9 @@ pub struct Accepted {
     pub operation_id: Uuid,
     /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`].
     pub operation_location: Url,
+    /// `Retry-After` (production sends 10 s, §15.1): the first poll waits this long, and
+    /// polls never come closer together.
+    pub retry_after: Option<Duration>,
 }
 
 /// The result of acknowledging an operation (§4.11).
@@ -521,12 +524,14 @@ impl MarketplaceClient {
         let header_id = raw
             .header(&OPERATION_ID)
             .and_then(|id| Uuid::parse_str(&id).ok());
+        let retry_after = super::error::retry_after(&raw.headers, time::OffsetDateTime::now_utc());
         match (location, header_id) {
             (Some(location), header_id) => {
                 match operation_id_from_location(&location).or(header_id) {
                     Some(operation_id) => Ok(Accepted {
                         operation_id,
                         operation_location: location,
+                        retry_after,
                     }),
                     None => Err(Error::permanent(raw.failure(format!(
                         "no operation id in Operation-Location {location}"
@@ -536,6 +541,7 @@ impl MarketplaceClient {
             (None, Some(operation_id)) => Ok(Accepted {
                 operation_id,
                 operation_location: self.operation_url(subscription_id, operation_id),
+                retry_after,
             }),
             (None, None) => Err(Error::permanent(raw.failure(format!(
                 "HTTP {} without Operation-Location; reconcile with list_operations",
@@ -544,9 +550,10 @@ impl MarketplaceClient {
         }
     }
 
-    /// Operations still awaiting our acknowledgement (§4.9). `{}`, `{"operations":[]}`, an
-    /// empty body and a 404 (what the real API may answer for an unknown subscription, P19)
-    /// all mean none; the 404 shows in `meta.status`.
+    /// Operations still awaiting our acknowledgement (§4.9; never our own PATCH/DELETE,
+    /// §15.2). `{"operations":[…]}` (the docs) and a bare array (Microsoft's emulator) are
+    /// both read; `{}`, an empty body and a 404 (what the real API may answer for an
+    /// unknown subscription, P19) all mean none; the 404 shows in `meta.status`.
     pub async fn list_operations(
         &self,
         ctx: &CallContext,
@@ -565,9 +572,10 @@ impl MarketplaceClient {
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
             match raw.status {
                 404 => Ok(Vec::new()),
-                _ if raw.is_success() => {
-                    Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations)
-                }
+                _ if raw.is_success() => Ok(raw
+                    .json::<OperationsWire>()?
+                    .map(OperationsWire::into_operations)
+                    .unwrap_or_default()),
                 _ => Err(raw.error()),
             }
         })
