@@ -430,9 +430,15 @@ impl MarketplaceClient {
             marketplace_token: None,
         };
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
-            match raw.is_success() {
-                true => Ok(raw.json::<PlansWire>()?.unwrap_or_default().plans),
-                false => Err(raw.error()),
+            match raw.status {
+                _ if raw.is_success() => Ok(raw.json::<PlansWire>()?.unwrap_or_default().plans),
+                // An ended subscription has no plans to switch to and answers 403: a fact
+                // about the subscription, not our credentials (those fail every call).
+                403 => Err(Error::permanent(raw.failure(
+                    "HTTP 403 (no plans for this subscription, e.g. an ended one; \
+                     not a credentials problem)",
+                ))),
+                _ => Err(raw.error()),
             }
         })
         .await

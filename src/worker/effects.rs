@@ -61,11 +61,15 @@ pub struct EffectsConfig {
     /// First retry delay; doubles per failed attempt, with jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Between GETs of an Operation-Location still in progress (§7.2: every few seconds).
+    /// First delay between GETs of an Operation-Location still in progress; grows to 10 s
+    /// (§7.2: every 2–10 s), never below the 202's `Retry-After` (§15.1).
     pub operation_poll_interval: Duration,
-    /// Polling stops after this; the subscription is then fetched and observed (§7.2).
+    /// Polling stops after this; the subscription is then fetched and observed (§7.2). Also
+    /// the budget for following a lost answer and for waiting for a lock (see
+    /// [`EffectsConfig::protocol`]).
     pub operation_poll_cap: Duration,
-    /// Between GETs while an activation is still pending (P4: it is asynchronous).
+    /// First delay between GETs while an activation is still pending (P4: it is
+    /// asynchronous); grows to 15 s (§15.4).
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,
