@@ -387,9 +387,10 @@ impl Row {
         }
     }
 
-    fn then_fresh_token(self) -> Self {
+    /// Whether the progress afterwards marks a fresh token as tried (P2).
+    fn fresh_token(self, fresh_token_tried: bool) -> Self {
         Row {
-            fresh_token_tried: true,
+            fresh_token_tried,
             ..self
         }
     }
@@ -436,7 +437,7 @@ fn rows() -> Vec<Row> {
             .attempts(7),
         row("P2", "activate 401 is tried once more with a fresh token", activate(), fresh(),
             Some((activate_call(), unauthorized(401))), Make(activate_call()))
-            .then_fresh_token(),
+            .fresh_token(true),
         row("P2", "activate 403 with a fresh token too gives up", activate(),
             token_tried(fresh()), Some((activate_call(), unauthorized(403))),
             GiveUp(GiveUpWhy::Permanent)),
@@ -501,7 +502,7 @@ fn rows() -> Vec<Row> {
         row("§6.3", "a best-effort ACK still retries a 5xx", ack(true), fresh(),
             Some((ack_call(), server_error())), Retry(secs(1))),
         row("P2", "ACK 401 is tried once more with a fresh token", ack(false), fresh(),
-            Some((ack_call(), unauthorized(401))), Make(ack_call())).then_fresh_token(),
+            Some((ack_call(), unauthorized(401))), Make(ack_call())).fresh_token(true),
         row("P2", "ACK 401 with a fresh token too gives up", ack(false), token_tried(fresh()),
             Some((ack_call(), unauthorized(401))), GiveUp(GiveUpWhy::Permanent)),
         row("§6.3 P2", "a best-effort ACK refused with a fresh token too is ignored", ack(true),
@@ -520,9 +521,13 @@ fn rows() -> Vec<Row> {
             Some((Call::GetSubscription, reset())), Retry(secs(1))),
         row("§8.1", "GET 429 waits at least Retry-After", fetch(), fresh(),
             Some((Call::GetSubscription, throttled(secs(30)))), Retry(secs(30))),
+        row("P2", "a success with the fresh token clears the mark for later 401s", fetch(),
+            token_tried(fresh()),
+            Some((Call::GetSubscription, subscription("Subscribed", "gold", 5))),
+            Finish(vec![E::Observed])).fresh_token(false),
         row("P2", "GET 403 is tried once more with a fresh token", fetch(), fresh(),
             Some((Call::GetSubscription, unauthorized(403))), Make(Call::GetSubscription))
-            .then_fresh_token(),
+            .fresh_token(true),
         // ── Poll our operation / confirm an acknowledged one ────────────────────
         row("§15.1", "the first poll waits for the 202's Retry-After", poll(Some(secs(10))),
             fresh(), None, Wait(secs(9))).stage("polling"),
@@ -567,7 +572,7 @@ fn rows() -> Vec<Row> {
             Some((get_operation(true), throttled(secs(5)))), Retry(secs(5))),
         row("P2", "a poll answered 401 is tried once more with a fresh token", poll(None),
             polling(1), Some((get_operation(true), unauthorized(401))),
-            Make(get_operation(true))).then_fresh_token(),
+            Make(get_operation(true))).fresh_token(true),
         // ── Publisher plan change (PATCH) ───────────────────────────────────────
         row("§4.6", "a plan change PATCHes planId", change_plan(), fresh(), None,
             Make(patch_plan())).command(C::Requested),
@@ -605,7 +610,7 @@ fn rows() -> Vec<Row> {
             .stage("following").command(C::Requested),
         row("P2", "a PATCH answered 401 is tried once more with a fresh token",
             change_plan(), fresh(), Some((patch_plan(), unauthorized(401))),
-            Make(patch_plan())).then_fresh_token(),
+            Make(patch_plan())).fresh_token(true),
         row("§15.2", "a followed PATCH is first looked for with GET subscription",
             change_plan(), lost(1), None, Make(Call::GetSubscription)),
         row("§15.2 §7.2", "GET shows the target plan: the lost PATCH succeeded",

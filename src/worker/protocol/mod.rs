@@ -407,6 +407,18 @@ impl CommandStatus {
 
 /// The next step of `turn.effect`'s protocol.
 pub fn step(turn: &Turn<'_>) -> Next {
+    let mut next = step_of_effect(turn);
+    // A fresh token that worked clears the mark: a 401 much later gets its own retry.
+    if turn
+        .answered
+        .is_some_and(|a| !matches!(a.answer, Answer::Unauthorized { .. }))
+    {
+        next.progress.fresh_token_tried = false;
+    }
+    next
+}
+
+fn step_of_effect(turn: &Turn<'_>) -> Next {
     match turn.effect {
         Effect::Activate { plan_id, quantity } => activate::step(turn, plan_id.as_ref(), *quantity),
         Effect::AckOperation {
