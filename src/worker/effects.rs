@@ -1133,6 +1133,78 @@ mod tests {
     use fulfillment_state_machine::{DomainEventKind, StateName};
 
     use super::*;
+    use crate::marketplace::Failure;
+
+    fn failure(call: marketplace::Call, status: Option<u16>, body: &str) -> Box<Failure> {
+        let failure = Failure::new(call, "test");
+        Box::new(match status {
+            Some(status) => failure.with_status(status, body.as_bytes()),
+            None => failure,
+        })
+    }
+
+    fn transient(cause: TransientCause, status: Option<u16>) -> ApiError {
+        ApiError::Transient {
+            cause,
+            failure: failure(marketplace::Call::ChangePlan, status, ""),
+        }
+    }
+
+    #[test]
+    fn failed_calls_become_the_answer_classes_of_the_protocols() {
+        use marketplace::Call as Wire;
+        let class = |error: ApiError| match classify(&error) {
+            Answer::BadRequest { locked, .. } => format!("400 locked={locked}"),
+            Answer::Unauthorized { status, .. } => format!("unauthorized {status}"),
+            Answer::NotFound { .. } => "not found".into(),
+            Answer::Conflict { .. } => "conflict".into(),
+            Answer::Throttled { retry_after, .. } => format!("throttled {retry_after:?}"),
+            Answer::ServerError { status, .. } => format!("5xx {status}"),
+            Answer::Timeout { .. } => "timeout".into(),
+            Answer::ConnectionReset { .. } => "reset".into(),
+            Answer::NotSent { .. } => "not sent".into(),
+            Answer::Unexpected { status, .. } => format!("unexpected {status:?}"),
+            other => format!("{other:?}"),
+        };
+        let permanent = |status: u16, body: &str| ApiError::Permanent {
+            failure: failure(Wire::ChangePlan, Some(status), body),
+        };
+        let locked = r#"{"error":{"message":"Subscription is locked due to pending operations"}}"#;
+        assert_eq!(class(permanent(400, locked)), "400 locked=true");
+        assert_eq!(
+            class(permanent(400, "Plan gold is not available")),
+            "400 locked=false"
+        );
+        assert_eq!(class(permanent(422, "")), "unexpected Some(422)");
+        assert_eq!(class(transient(TransientCause::Timeout, None)), "timeout");
+        assert_eq!(class(transient(TransientCause::Network, None)), "reset");
+        assert_eq!(class(transient(TransientCause::Connect, None)), "not sent");
+        assert_eq!(
+            class(transient(TransientCause::Status, Some(502))),
+            "5xx 502"
+        );
+        let throttled = |status: u16| ApiError::Throttled {
+            retry_after: Some(Duration::from_secs(3)),
+            failure: failure(Wire::ChangePlan, Some(status), ""),
+        };
+        assert_eq!(class(throttled(429)), "throttled Some(3s)");
+        // A 503 with Retry-After may have been processed: not "never sent".
+        assert_eq!(class(throttled(503)), "5xx 503");
+        // The token request failed: the call itself never left.
+        let token = ApiError::Transient {
+            cause: TransientCause::Status,
+            failure: failure(Wire::EntraToken, Some(503), ""),
+        };
+        assert_eq!(class(token), "not sent");
+        let unauthorized = ApiError::Unauthorized {
+            failure: failure(Wire::GetSubscription, Some(403), ""),
+        };
+        assert_eq!(class(unauthorized), "unauthorized 403");
+        let conflict = ApiError::Conflict {
+            failure: failure(Wire::DeleteSubscription, Some(409), ""),
+        };
+        assert_eq!(class(conflict), "conflict");
+    }
 
     #[test]
     fn a_domain_event_becomes_a_cloudevent_with_a_stable_id() {
