@@ -324,7 +324,7 @@ struct Inner {
     client: MarketplaceClient,
     publisher: Publisher,
     policy: Policy,
-    /// The Fulfillment API base, to rebuild an operation's location (§4.10).
+    /// The Fulfillment API base the client calls (shown by `Debug`).
     api_url: Url,
     config: EffectsConfig,
     wake: Notify,
