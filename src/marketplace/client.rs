@@ -2,8 +2,8 @@
 //! §9), each returning the value plus the [`CallMeta`] the event log records.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -144,6 +144,10 @@ pub struct MarketplaceClient {
     base: Url,
     tokens: TokenProvider,
     retry: RetryPolicy,
+    /// Hosts whose links were already replayed on the base and logged: production puts
+    /// Operation-Location and `@nextLink` on another host every time (§15.1), so the
+    /// rebase is worth one warning per host, not one per poll.
+    rebased_hosts: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for MarketplaceClient {
@@ -241,6 +245,7 @@ impl MarketplaceClient {
             base: base_with_slash(&settings.api_url),
             tokens,
             retry: RetryPolicy::default(),
+            rebased_hosts: Arc::default(),
         })
     }
 
@@ -797,15 +802,29 @@ impl MarketplaceClient {
     /// A link from Microsoft, used as-is when it points at the configured API (so its
     /// encoded continuation token is not re-encoded, P28). Otherwise the bearer token must
     /// not follow it: its query is replayed on `{base}{fallback_path}`.
+    /// Whether `link`'s host is rebased for the first time (then it is logged).
+    fn first_rebase_from(&self, link: &Url) -> bool {
+        let host = link.host_str().unwrap_or_default().to_owned();
+        self.rebased_hosts
+            .lock()
+            .map(|mut hosts| hosts.insert(host))
+            .unwrap_or(false)
+    }
+
     fn same_origin_or_rebased(&self, link: &Url, fallback_path: &str) -> Url {
         let mut url = if link.origin() == self.base.origin() {
             link.clone()
         } else {
-            tracing::warn!(
-                link = %link,
-                base = %self.base,
-                "Marketplace link points to another host; replaying it on the configured base"
-            );
+            if self.first_rebase_from(link) {
+                tracing::warn!(
+                    link = %link,
+                    base = %self.base,
+                    "Marketplace links point to another host; replaying them on the configured \
+                     base (logged once per host)"
+                );
+            } else {
+                tracing::debug!(link = %link, "Marketplace link replayed on the configured base");
+            }
             let path = fallback_path
                 .strip_prefix(self.base.path())
                 .unwrap_or(fallback_path)
@@ -1116,6 +1135,34 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_on_another_host_are_replayed_on_the_base_and_logged_once_per_host() {
+        let client = MarketplaceClient {
+            http: build_http_client(Duration::from_secs(5)).unwrap(),
+            base: Url::parse("http://127.0.0.1:8090/api/").unwrap(),
+            tokens: TokenProvider::from_static("token".to_owned().into()),
+            retry: RetryPolicy::default(),
+            rebased_hosts: Arc::default(),
+        };
+        let location = Url::parse(
+            "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/x/operations/y\
+             ?api-version=2018-08-31",
+        )
+        .unwrap();
+        let rebased = client.same_origin_or_rebased(&location, location.path());
+        assert_eq!(
+            rebased.as_str(),
+            "http://127.0.0.1:8090/api/saas/subscriptions/x/operations/y?api-version=2018-08-31"
+        );
+        assert!(!client.first_rebase_from(&location), "already logged");
+        let other = Url::parse("https://other.example/api/saas/subscriptions").unwrap();
+        assert!(client.first_rebase_from(&other));
+        assert!(
+            !client.clone().first_rebase_from(&other),
+            "clones share the memory"
+        );
+    }
 
     #[test]
     fn the_operation_id_comes_from_operation_location() {
