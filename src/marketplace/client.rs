@@ -377,9 +377,12 @@ impl MarketplaceClient {
                 return Err(raw.error());
             }
             let wire: SubscriptionsPageWire = raw.json()?.unwrap_or_default();
+            let next_link = self
+                .next_link(wire.next_link, wire.continuation_token)
+                .map_err(|detail| Error::permanent(raw.failure(detail)))?;
             Ok(SubscriptionsPage {
                 subscriptions: wire.subscriptions,
-                next_link: self.next_link(wire.next_link, wire.continuation_token),
+                next_link,
             })
         })
         .await
@@ -844,12 +847,30 @@ impl MarketplaceClient {
     }
 
     /// `@nextLink` (absolute, or relative to the base), or the 2019 body `continuationToken`.
-    fn next_link(&self, link: Option<String>, token: Option<String>) -> Option<Url> {
+    /// A link that does not parse (the docs' sample is `"https:// https://…"`, §15.1) is
+    /// followed by its `continuationToken=`, which the docs allow extracting; without one it
+    /// is an error, never a silent last page.
+    fn next_link(
+        &self,
+        link: Option<String>,
+        token: Option<String>,
+    ) -> Result<Option<Url>, String> {
+        let page = |token: &str| self.url("saas/subscriptions", &[("continuationToken", token)]);
         if let Some(link) = link.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()) {
-            return Url::parse(&link).or_else(|_| self.base.join(&link)).ok();
+            if let Ok(url) = Url::parse(&link).or_else(|_| self.base.join(&link)) {
+                return Ok(Some(url));
+            }
+            let query = link.rsplit_once('?').map(|(_, query)| query).unwrap_or("");
+            return url::form_urlencoded::parse(query.as_bytes())
+                .find(|(key, value)| key == "continuationToken" && !value.trim().is_empty())
+                .map(|(_, token)| Some(page(&token)))
+                .ok_or_else(|| {
+                    format!("@nextLink {link:?} neither parses nor has a continuationToken")
+                });
         }
-        let token = token.filter(|t| !t.trim().is_empty())?;
-        Some(self.url("saas/subscriptions", &[("continuationToken", &token)]))
+        Ok(token
+            .filter(|t| !t.trim().is_empty())
+            .map(|token| page(&token)))
     }
 
     /// Runs `request` under the retry policy; `interpret` turns each response into a value
@@ -1264,16 +1285,37 @@ mod tests {
             c.same_origin_or_rebased(&op, op.path()).as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions/s/operations/o?api-version=2018-08-31"
         );
-        assert_eq!(c.next_link(Some("  ".into()), None), None);
+        assert_eq!(c.next_link(Some("  ".into()), None), Ok(None));
         assert_eq!(
-            c.next_link(None, Some("tok+1".into())).unwrap().as_str(),
+            c.next_link(None, Some("tok+1".into()))
+                .unwrap()
+                .unwrap()
+                .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=tok%2B1"
         );
         assert_eq!(
             c.next_link(Some("saas/subscriptions?continuationToken=x".into()), None)
                 .unwrap()
+                .unwrap()
                 .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?continuationToken=x"
         );
+    }
+
+    /// §15.1: the docs' only sample link is malformed; its continuation token still leads
+    /// to the next page, and a link with neither is an error, not the last page.
+    #[test]
+    fn a_next_link_that_does_not_parse_falls_back_to_its_token_or_fails() {
+        let c = client("https://marketplaceapi.microsoft.com/api");
+        let malformed = "https:// https://marketplaceapi.microsoft.com/api/saas/subscriptions\
+                         ?continuationToken=ab%2Bcd&api-version=2018-08-31";
+        assert_eq!(
+            c.next_link(Some(malformed.into()), None)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=ab%2Bcd"
+        );
+        assert!(c.next_link(Some("https:// nowhere".into()), None).is_err());
     }
 }
