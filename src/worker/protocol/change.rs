@@ -104,22 +104,32 @@ fn first_answer(turn: &Turn<'_>, command_id: CommandId, send: &Call, answer: &An
     match answer {
         Answer::Accepted { .. } => accepted(turn, command_id, answer),
         // The request left and its answer did not come back (§15.2).
-        unknown if unknown.outcome_is_unknown() => {
-            wait(turn, start(FollowCause::LostAnswer), unknown.describe())
-        }
+        unknown if unknown.outcome_is_unknown() => wait(
+            turn,
+            command_id,
+            start(FollowCause::LostAnswer),
+            unknown.describe(),
+        ),
         // A 2xx we could not read (e.g. a 202 without Operation-Location): Microsoft took
         // it, so it is followed, not refused.
         Answer::Unexpected {
             status: Some(200..=299),
             detail,
-        } => wait(turn, start(FollowCause::LostAnswer), detail.clone()),
+        } => wait(
+            turn,
+            command_id,
+            start(FollowCause::LostAnswer),
+            detail.clone(),
+        ),
         // P11: a pending operation holds the lock — another one, or ours if an attempt of
         // ours crashed after sending. Either way only time tells.
         Answer::BadRequest {
             locked: true,
             detail,
         }
-        | Answer::Conflict { detail } => wait(turn, start(FollowCause::Locked), detail.clone()),
+        | Answer::Conflict { detail } => {
+            wait(turn, command_id, start(FollowCause::Locked), detail.clone())
+        }
         Answer::BadRequest { detail, .. }
         | Answer::NotFound { detail }
         | Answer::Unexpected { detail, .. } => refused(turn, command_id, detail),
@@ -158,7 +168,7 @@ fn follow(
             Answer::Unauthorized { .. } if !turn.progress.fresh_token_tried => {
                 turn.failed(&Call::GetSubscription, answer)
             }
-            other => wait(turn, following, other.describe()),
+            other => wait(turn, command_id, following, other.describe()),
         };
     }
     let Some(answer) = turn.answer_to(|c| c == send) else {
@@ -169,6 +179,7 @@ fn follow(
         // A lost answer to the repeat, too: whatever we followed, it is now unknown.
         unknown if unknown.outcome_is_unknown() => wait(
             turn,
+            command_id,
             Following {
                 cause: FollowCause::LostAnswer,
                 ..following
@@ -179,18 +190,15 @@ fn follow(
             turn.failed(send, answer)
         }
         // 400 (locked or "already so"), 409, 429, no connection: still unknown.
-        other => wait(turn, following, other.describe()),
+        other => wait(turn, command_id, following, other.describe()),
     }
 }
 
 /// Look again later, unless the budget is spent.
-fn wait(turn: &Turn<'_>, following: Following, because: String) -> Next {
+fn wait(turn: &Turn<'_>, command_id: CommandId, following: Following, because: String) -> Next {
     let budget = match following.cause {
         FollowCause::LostAnswer => turn.config.unknown_outcome_budget,
         FollowCause::Locked => turn.config.lock_wait_budget,
-    };
-    let Some(command_id) = command_of(turn.effect) else {
-        return turn.give_up("not a publisher change".to_owned());
     };
     if elapsed(following.since, turn.now) > budget {
         return match following.cause {
