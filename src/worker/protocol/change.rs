@@ -17,9 +17,7 @@
 //! a followed lost answer ends "unknown, needs an operator"; a lock that never cleared
 //! ends refused.
 
-use fulfillment_state_machine::{
-    CommandId, Effect, Event, OperationId, OperationStatus, PlanId, Quantity,
-};
+use fulfillment_state_machine::{CommandId, Event, OperationId, OperationStatus, PlanId, Quantity};
 
 use super::{
     Answer, Call, CommandRecord, CommandStatus, FollowCause, GiveUpWhy, Next,
@@ -66,10 +64,7 @@ impl Target {
     }
 }
 
-pub fn step(turn: &Turn<'_>, target: &Target) -> Next {
-    let Some(command_id) = command_of(turn.effect) else {
-        return turn.give_up("not a publisher change".to_owned());
-    };
+pub fn step(turn: &Turn<'_>, command_id: CommandId, target: &Target) -> Next {
     let send = target.call();
     match &turn.progress.stage {
         Stage::Following {
@@ -326,13 +321,4 @@ fn command(status: CommandStatus, error: Option<&str>) -> Record {
         location: None,
         error: error.map(str::to_owned),
     })
-}
-
-fn command_of(effect: &Effect) -> Option<CommandId> {
-    match effect {
-        Effect::RequestPlanChange { command_id, .. }
-        | Effect::RequestQuantityChange { command_id, .. }
-        | Effect::RequestCancel { command_id } => Some(*command_id),
-        _ => None,
-    }
 }

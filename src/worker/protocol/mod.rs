@@ -427,13 +427,17 @@ fn step_of_effect(turn: &Turn<'_>) -> Next {
             best_effort,
         } => acknowledge::step(turn, *operation_id, *status, *best_effort),
         Effect::FetchSubscription => observe::fetch(turn),
-        Effect::RequestPlanChange { plan_id, .. } => {
-            change::step(turn, &change::Target::Plan(plan_id.clone()))
+        Effect::RequestPlanChange {
+            command_id,
+            plan_id,
+        } => change::step(turn, *command_id, &change::Target::Plan(plan_id.clone())),
+        Effect::RequestQuantityChange {
+            command_id,
+            quantity,
+        } => change::step(turn, *command_id, &change::Target::Quantity(*quantity)),
+        Effect::RequestCancel { command_id } => {
+            change::step(turn, *command_id, &change::Target::Cancel)
         }
-        Effect::RequestQuantityChange { quantity, .. } => {
-            change::step(turn, &change::Target::Quantity(*quantity))
-        }
-        Effect::RequestCancel { .. } => change::step(turn, &change::Target::Cancel),
         Effect::PollOperation {
             operation_id,
             location,
