@@ -5,7 +5,9 @@
 //! [`store`] is PostgreSQL (state, event log, inbox, outbox), [`marketplace`] is the client
 //! of Microsoft's SaaS Fulfillment API v2 with its Entra token provider and retry policy,
 //! [`simulator`] is a faithful stand-in for Microsoft's side, [`telemetry`] sets up logs and
-//! traces, [`metrics`] holds the Prometheus recorder and every metric name,
+//! traces, [`metrics`] holds the Prometheus recorder and every metric name, [`worker`] is the
+//! shell around the machine — its `protocol` module holds the Microsoft side of each effect
+//! as pure steps, and the effect runner only carries them out —
 //! and [`cli`] maps the `fulfillment` subcommands onto all of them. `main.rs` only calls
 //! [`cli::main`].
 

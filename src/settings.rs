@@ -99,9 +99,12 @@ pub struct WorkerSettings {
     pub backoff_max: Duration,
     /// Between GETs of a publisher operation still in progress (§7.2).
     pub operation_poll_interval: Duration,
-    /// Polling stops after this; the subscription is then observed (§7.2).
+    /// Polling stops after this; the subscription is then observed (§7.2). Also how long a
+    /// PATCH/DELETE whose answer was lost is followed, and a DELETE answered 409 waits for
+    /// the lock (§15.2, §4.8): each as long as an operation may run.
     pub operation_poll_cap: Duration,
-    /// Between GETs while an activation is pending (P4).
+    /// First delay between GETs while an activation is pending (P4); grows by half per
+    /// check to about 15 s (§15.4).
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,

@@ -1812,7 +1812,7 @@ mod state_machine {
             1 => (".{0,20}", instant()).prop_map(|(reason, failed_at)| Event::ActivationFailed { reason, failed_at }),
             2 => (cmd.clone(), command).prop_map(|(command_id, command)| Event::PublisherCommand { command_id, command }),
             2 => (cmd.clone(), op.clone(), ".{0,20}").prop_map(|(command_id, operation_id, location)| {
-                Event::PublisherOperationAccepted { command_id, operation_id, location }
+                Event::PublisherOperationAccepted { command_id, operation_id, location, retry_after_ms: None }
             }),
             1 => (cmd, ".{0,20}").prop_map(|(command_id, reason)| Event::PublisherOperationRefused { command_id, reason }),
             2 => (op, prop_oneof![Just(OperationStatus::Succeeded), Just(OperationStatus::Failed), Just(OperationStatus::Conflict)])

@@ -345,6 +345,26 @@ async fn available_plans_pass_the_plan_filter() {
     assert_eq!(plans[0].source_offers.len(), 1);
 }
 
+#[tokio::test]
+async fn available_plans_refused_with_403_are_not_a_credentials_failure() {
+    let (server, client) = setup().await;
+    api_call(
+        "GET",
+        format!("/api/saas/subscriptions/{SUB}/listAvailablePlans"),
+    )
+    .respond_with(ResponseTemplate::new(403))
+    .expect(1)
+    .mount(&server)
+    .await;
+    let error = client
+        .list_available_plans(&CallContext::random(), sub_id(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), "permanent", "{error}");
+    assert_eq!(error.status(), Some(403));
+    assert!(!error.to_string().contains("credentials (check"), "{error}");
+}
+
 fn accepted(location: &str) -> ResponseTemplate {
     ResponseTemplate::new(202).insert_header("Operation-Location", location)
 }
@@ -385,6 +405,7 @@ async fn changes_and_cancellation_return_the_operation_to_poll() {
 
     let plan = client.change_plan(&ctx, sub_id(), "gold").await.unwrap();
     assert_eq!(plan.meta.status, 202);
+    assert_eq!(plan.value.retry_after, None);
     assert_eq!(plan.value.operation_id, op_id());
     assert_eq!(plan.value.operation_location.as_str(), location);
     let qty = client.change_quantity(&ctx, sub_id(), 25).await.unwrap();
@@ -400,6 +421,47 @@ async fn changes_and_cancellation_return_the_operation_to_poll() {
     assert!(polled.value.status.unwrap().is_terminal());
     let direct = client.get_operation(&ctx, sub_id(), op_id()).await.unwrap();
     assert_eq!(direct.value.id, op_id());
+}
+
+/// §15.1: production's 202 carries `Retry-After: 10`, the first poll's delay and floor.
+#[tokio::test]
+async fn a_202_keeps_its_retry_after() {
+    let (server, client) = setup().await;
+    let location = format!(
+        "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/{SUB}/operations/{OP}\
+         ?api-version=2018-08-31"
+    );
+    api_call("DELETE", format!("/api/saas/subscriptions/{SUB}"))
+        .respond_with(accepted(&location).insert_header("Retry-After", "10"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let accepted = client
+        .delete_subscription(&CallContext::random(), sub_id())
+        .await
+        .unwrap()
+        .into_value();
+    assert_eq!(accepted.operation_id, op_id());
+    assert_eq!(accepted.retry_after, Some(Duration::from_secs(10)));
+}
+
+/// §15.2: the emulator answers List operations with a bare array.
+#[tokio::test]
+async fn list_operations_reads_a_bare_array() {
+    let (server, client) = setup().await;
+    api_call("GET", format!("/api/saas/subscriptions/{SUB}/operations"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!([operation_json("InProgress")])),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let ops = client
+        .list_operations(&CallContext::random(), sub_id())
+        .await
+        .unwrap();
+    assert_eq!(ops.value.len(), 1);
+    assert_eq!(ops.value[0].id, op_id());
 }
 
 #[tokio::test]

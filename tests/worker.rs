@@ -345,6 +345,45 @@ impl App {
         .unwrap()
     }
 
+    /// Publishes a publisher command; returns its id.
+    async fn command(&self, id: Uuid, command: PublisherCommand) -> Uuid {
+        let command_id = Uuid::new_v4();
+        let message = InboundMessage::Command {
+            command_id,
+            subscription_id: id,
+            command,
+            requested_by: "api".into(),
+            requested_at: OffsetDateTime::now_utc(),
+        };
+        self.publish(&message, &command_id.to_string(), id).await;
+        command_id
+    }
+
+    /// Waits until our command's row in `publisher_operations` is final; returns it.
+    async fn wait_for_command(&self, command_id: Uuid) -> (String, Option<String>) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let row: Option<(String, Option<String>)> = sqlx::query_as(
+                "SELECT status, last_error FROM publisher_operations WHERE command_id = $1",
+            )
+            .bind(command_id)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            if let Some(row) = row
+                .as_ref()
+                .filter(|(s, _)| s != "Requested" && s != "Accepted")
+            {
+                return row.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "command {command_id} still {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn set_faults(&self, faults: Value) {
         self.admin(reqwest::Method::PUT, "simulator/faults", faults)
             .await;
@@ -784,4 +823,121 @@ async fn a_poison_message_is_dead_lettered_with_the_reason() {
     assert_eq!(known, 0);
     delete_queue(&app.settings, &app.domain_queue).await;
     app.stop().await;
+}
+
+/// §15.2: Microsoft carries a PATCH out and its 202 is lost on the way back. The runner
+/// follows the subscription instead of counting the repeat's 400 "locked" as a refusal.
+#[tokio::test]
+async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_out() {
+    let app = App::start(json!({})).await;
+    let id = app.subscribed("silver", None).await;
+    app.idle().await;
+    drain(&app.settings, &app.domain_queue).await;
+    app.set_faults(json!({"loseResponses": {"updateSubscription": 1}}))
+        .await;
+    let command_id = app
+        .command(
+            id,
+            PublisherCommand::ChangePlan {
+                plan_id: "gold".into(),
+            },
+        )
+        .await;
+
+    let (status, last_error) = app.wait_for_command(command_id).await;
+    app.idle().await;
+    assert_eq!(status, "Succeeded", "{last_error:?}");
+    assert_lost_answer_was_followed(&app, id).await;
+    let view = app.sim_view(id).await;
+    assert_eq!(view["subscription"]["planId"], "gold");
+    let (state, plan, _) = app.state(id).await.unwrap();
+    assert_eq!(
+        (state.as_str(), plan.as_deref()),
+        ("Subscribed", Some("gold"))
+    );
+    let announced = announced(&app).await;
+    let changes = announced.iter().filter(|t| t.ends_with("plan_changed"));
+    assert_eq!(changes.count(), 1, "announced once: {announced:?}");
+    delete_queue(&app.settings, &app.domain_queue).await;
+    app.stop().await;
+}
+
+/// §15.2: the same for DELETE: Microsoft cancels, the 202 is lost, the command succeeds.
+#[tokio::test]
+async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_out() {
+    let app = App::start(json!({})).await;
+    let id = app.subscribed("silver", None).await;
+    app.idle().await;
+    drain(&app.settings, &app.domain_queue).await;
+    app.set_faults(json!({"loseResponses": {"deleteSubscription": 1}}))
+        .await;
+    let command_id = app.command(id, PublisherCommand::Cancel).await;
+
+    let (status, last_error) = app.wait_for_command(command_id).await;
+    app.idle().await;
+    assert_eq!(status, "Succeeded", "{last_error:?}");
+    assert_lost_answer_was_followed(&app, id).await;
+    let view = app.sim_view(id).await;
+    assert_eq!(
+        view["subscription"]["saasSubscriptionStatus"],
+        "Unsubscribed"
+    );
+    app.wait_for_state(id, "Unsubscribed").await;
+    let announced = announced(&app).await;
+    let ends = announced
+        .iter()
+        .filter(|t| t.ends_with("subscription.unsubscribed"));
+    assert_eq!(ends.count(), 1, "announced once: {announced:?}");
+    delete_queue(&app.settings, &app.domain_queue).await;
+    app.stop().await;
+}
+
+/// The fault fired (the answer was lost), and nothing counted it as Microsoft's refusal.
+async fn assert_lost_answer_was_followed(app: &App, id: Uuid) {
+    let faults = app
+        .admin(reqwest::Method::GET, "simulator/faults", Value::Null)
+        .await;
+    assert_eq!(
+        faults["loseResponses"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|left| left.as_u64().unwrap())
+            .sum::<u64>(),
+        0,
+        "the answer was lost: {faults}"
+    );
+    let events = app.events(id).await;
+    assert!(
+        events
+            .iter()
+            .any(|(_, outcome, reason, _)| outcome == "recorded"
+                && reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("outcome unknown"))),
+        "the lost answer is in the event log: {events:#?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|(kind, ..)| kind == "PublisherOperationRefused"),
+        "{events:#?}"
+    );
+}
+
+/// The CloudEvents types announced to the ISV since the last drain; never
+/// `publisher_operation_failed` here.
+async fn announced(app: &App) -> Vec<String> {
+    let types: Vec<String> = drain(&app.settings, &app.domain_queue)
+        .await
+        .into_iter()
+        .map(|(body, _)| body["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        !types
+            .iter()
+            .any(|t| t.ends_with("publisher_operation_failed")),
+        "{types:?}"
+    );
+    types
 }

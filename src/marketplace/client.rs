@@ -2,8 +2,8 @@
 //! §9), each returning the value plus the [`CallMeta`] the event log records.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::Retryable;
@@ -108,6 +108,9 @@ pub struct Accepted {
     pub operation_id: Uuid,
     /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`].
     pub operation_location: Url,
+    /// `Retry-After` (production sends 10 s, §15.1): the first poll waits this long, and
+    /// polls never come closer together.
+    pub retry_after: Option<Duration>,
 }
 
 /// The result of acknowledging an operation (§4.11).
@@ -141,6 +144,10 @@ pub struct MarketplaceClient {
     base: Url,
     tokens: TokenProvider,
     retry: RetryPolicy,
+    /// Hosts whose links were already replayed on the base and logged: production puts
+    /// Operation-Location and `@nextLink` on another host every time (§15.1), so the
+    /// rebase is worth one warning per host, not one per poll.
+    rebased_hosts: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for MarketplaceClient {
@@ -238,6 +245,7 @@ impl MarketplaceClient {
             base: base_with_slash(&settings.api_url),
             tokens,
             retry: RetryPolicy::default(),
+            rebased_hosts: Arc::default(),
         })
     }
 
@@ -369,9 +377,12 @@ impl MarketplaceClient {
                 return Err(raw.error());
             }
             let wire: SubscriptionsPageWire = raw.json()?.unwrap_or_default();
+            let next_link = self
+                .next_link(wire.next_link, wire.continuation_token)
+                .map_err(|detail| Error::permanent(raw.failure(detail)))?;
             Ok(SubscriptionsPage {
                 subscriptions: wire.subscriptions,
-                next_link: self.next_link(wire.next_link, wire.continuation_token),
+                next_link,
             })
         })
         .await
@@ -427,9 +438,15 @@ impl MarketplaceClient {
             marketplace_token: None,
         };
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
-            match raw.is_success() {
-                true => Ok(raw.json::<PlansWire>()?.unwrap_or_default().plans),
-                false => Err(raw.error()),
+            match raw.status {
+                _ if raw.is_success() => Ok(raw.json::<PlansWire>()?.unwrap_or_default().plans),
+                // An ended subscription has no plans to switch to and answers 403: a fact
+                // about the subscription, not our credentials (those fail every call).
+                403 => Err(Error::permanent(raw.failure(
+                    "HTTP 403 (no plans for this subscription, e.g. an ended one; \
+                     not a credentials problem)",
+                ))),
+                _ => Err(raw.error()),
             }
         })
         .await
@@ -521,12 +538,14 @@ impl MarketplaceClient {
         let header_id = raw
             .header(&OPERATION_ID)
             .and_then(|id| Uuid::parse_str(&id).ok());
+        let retry_after = super::error::retry_after(&raw.headers, time::OffsetDateTime::now_utc());
         match (location, header_id) {
             (Some(location), header_id) => {
                 match operation_id_from_location(&location).or(header_id) {
                     Some(operation_id) => Ok(Accepted {
                         operation_id,
                         operation_location: location,
+                        retry_after,
                     }),
                     None => Err(Error::permanent(raw.failure(format!(
                         "no operation id in Operation-Location {location}"
@@ -536,6 +555,7 @@ impl MarketplaceClient {
             (None, Some(operation_id)) => Ok(Accepted {
                 operation_id,
                 operation_location: self.operation_url(subscription_id, operation_id),
+                retry_after,
             }),
             (None, None) => Err(Error::permanent(raw.failure(format!(
                 "HTTP {} without Operation-Location; reconcile with list_operations",
@@ -544,9 +564,10 @@ impl MarketplaceClient {
         }
     }
 
-    /// Operations still awaiting our acknowledgement (§4.9). `{}`, `{"operations":[]}`, an
-    /// empty body and a 404 (what the real API may answer for an unknown subscription, P19)
-    /// all mean none; the 404 shows in `meta.status`.
+    /// Operations still awaiting our acknowledgement (§4.9; never our own PATCH/DELETE,
+    /// §15.2). `{"operations":[…]}` (the docs) and a bare array (Microsoft's emulator) are
+    /// both read; `{}`, an empty body and a 404 (what the real API may answer for an
+    /// unknown subscription, P19) all mean none; the 404 shows in `meta.status`.
     pub async fn list_operations(
         &self,
         ctx: &CallContext,
@@ -565,9 +586,10 @@ impl MarketplaceClient {
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
             match raw.status {
                 404 => Ok(Vec::new()),
-                _ if raw.is_success() => {
-                    Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations)
-                }
+                _ if raw.is_success() => Ok(raw
+                    .json::<OperationsWire>()?
+                    .map(OperationsWire::into_operations)
+                    .unwrap_or_default()),
                 _ => Err(raw.error()),
             }
         })
@@ -783,15 +805,29 @@ impl MarketplaceClient {
     /// A link from Microsoft, used as-is when it points at the configured API (so its
     /// encoded continuation token is not re-encoded, P28). Otherwise the bearer token must
     /// not follow it: its query is replayed on `{base}{fallback_path}`.
+    /// Whether `link`'s host is rebased for the first time (then it is logged).
+    fn first_rebase_from(&self, link: &Url) -> bool {
+        let host = link.host_str().unwrap_or_default().to_owned();
+        self.rebased_hosts
+            .lock()
+            .map(|mut hosts| hosts.insert(host))
+            .unwrap_or(false)
+    }
+
     fn same_origin_or_rebased(&self, link: &Url, fallback_path: &str) -> Url {
         let mut url = if link.origin() == self.base.origin() {
             link.clone()
         } else {
-            tracing::warn!(
-                link = %link,
-                base = %self.base,
-                "Marketplace link points to another host; replaying it on the configured base"
-            );
+            if self.first_rebase_from(link) {
+                tracing::warn!(
+                    link = %link,
+                    base = %self.base,
+                    "Marketplace links point to another host; replaying them on the configured \
+                     base (logged once per host)"
+                );
+            } else {
+                tracing::debug!(link = %link, "Marketplace link replayed on the configured base");
+            }
             let path = fallback_path
                 .strip_prefix(self.base.path())
                 .unwrap_or(fallback_path)
@@ -811,12 +847,30 @@ impl MarketplaceClient {
     }
 
     /// `@nextLink` (absolute, or relative to the base), or the 2019 body `continuationToken`.
-    fn next_link(&self, link: Option<String>, token: Option<String>) -> Option<Url> {
+    /// A link that does not parse (the docs' sample is `"https:// https://…"`, §15.1) is
+    /// followed by its `continuationToken=`, which the docs allow extracting; without one it
+    /// is an error, never a silent last page.
+    fn next_link(
+        &self,
+        link: Option<String>,
+        token: Option<String>,
+    ) -> Result<Option<Url>, String> {
+        let page = |token: &str| self.url("saas/subscriptions", &[("continuationToken", token)]);
         if let Some(link) = link.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()) {
-            return Url::parse(&link).or_else(|_| self.base.join(&link)).ok();
+            if let Ok(url) = Url::parse(&link).or_else(|_| self.base.join(&link)) {
+                return Ok(Some(url));
+            }
+            let query = link.rsplit_once('?').map(|(_, query)| query).unwrap_or("");
+            return url::form_urlencoded::parse(query.as_bytes())
+                .find(|(key, value)| key == "continuationToken" && !value.trim().is_empty())
+                .map(|(_, token)| Some(page(&token)))
+                .ok_or_else(|| {
+                    format!("@nextLink {link:?} neither parses nor has a continuationToken")
+                });
         }
-        let token = token.filter(|t| !t.trim().is_empty())?;
-        Some(self.url("saas/subscriptions", &[("continuationToken", &token)]))
+        Ok(token
+            .filter(|t| !t.trim().is_empty())
+            .map(|token| page(&token)))
     }
 
     /// Runs `request` under the retry policy; `interpret` turns each response into a value
@@ -1104,6 +1158,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn links_on_another_host_are_replayed_on_the_base_and_logged_once_per_host() {
+        let client = MarketplaceClient {
+            http: build_http_client(Duration::from_secs(5)).unwrap(),
+            base: Url::parse("http://127.0.0.1:8090/api/").unwrap(),
+            tokens: TokenProvider::from_static("token".to_owned().into()),
+            retry: RetryPolicy::default(),
+            rebased_hosts: Arc::default(),
+        };
+        let location = Url::parse(
+            "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/x/operations/y\
+             ?api-version=2018-08-31",
+        )
+        .unwrap();
+        let rebased = client.same_origin_or_rebased(&location, location.path());
+        assert_eq!(
+            rebased.as_str(),
+            "http://127.0.0.1:8090/api/saas/subscriptions/x/operations/y?api-version=2018-08-31"
+        );
+        assert!(!client.first_rebase_from(&location), "already logged");
+        let other = Url::parse("https://other.example/api/saas/subscriptions").unwrap();
+        assert!(client.first_rebase_from(&other));
+        assert!(
+            !client.clone().first_rebase_from(&other),
+            "clones share the memory"
+        );
+    }
+
+    #[test]
     fn the_operation_id_comes_from_operation_location() {
         let url = Url::parse(
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions/3f9c6b1e-3333-4d8e-b7a2-5c4e1d2f9a03/operations/c0ffee00-6666-4a1b-9c2d-3e4f5a6b7c08?api-version=2018-08-31",
@@ -1203,16 +1285,37 @@ mod tests {
             c.same_origin_or_rebased(&op, op.path()).as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions/s/operations/o?api-version=2018-08-31"
         );
-        assert_eq!(c.next_link(Some("  ".into()), None), None);
+        assert_eq!(c.next_link(Some("  ".into()), None), Ok(None));
         assert_eq!(
-            c.next_link(None, Some("tok+1".into())).unwrap().as_str(),
+            c.next_link(None, Some("tok+1".into()))
+                .unwrap()
+                .unwrap()
+                .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=tok%2B1"
         );
         assert_eq!(
             c.next_link(Some("saas/subscriptions?continuationToken=x".into()), None)
                 .unwrap()
+                .unwrap()
                 .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?continuationToken=x"
         );
+    }
+
+    /// §15.1: the docs' only sample link is malformed; its continuation token still leads
+    /// to the next page, and a link with neither is an error, not the last page.
+    #[test]
+    fn a_next_link_that_does_not_parse_falls_back_to_its_token_or_fails() {
+        let c = client("https://marketplaceapi.microsoft.com/api");
+        let malformed = "https:// https://marketplaceapi.microsoft.com/api/saas/subscriptions\
+                         ?continuationToken=ab%2Bcd&api-version=2018-08-31";
+        assert_eq!(
+            c.next_link(Some(malformed.into()), None)
+                .unwrap()
+                .unwrap()
+                .as_str(),
+            "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=ab%2Bcd"
+        );
+        assert!(c.next_link(Some("https:// nowhere".into()), None).is_err());
     }
 }

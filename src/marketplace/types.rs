@@ -429,10 +429,28 @@ pub struct Operation {
     pub resource_location: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct OperationsWire {
-    #[serde(default, deserialize_with = "lenient::list")]
-    pub operations: Vec<Operation>,
+/// The body of List operations: `{"operations":[…]}` or `{}` as documented, or the bare
+/// array Microsoft's emulator answers (§15.2).
+#[derive(Debug, Default)]
+pub(crate) struct OperationsWire(Vec<Operation>);
+
+impl<'de> Deserialize<'de> for OperationsWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let list = match Value::deserialize(deserializer)? {
+            bare @ Value::Array(_) => bare,
+            Value::Object(mut fields) => fields.remove("operations").unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        lenient::list(list)
+            .map(OperationsWire)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl OperationsWire {
+    pub(crate) fn into_operations(self) -> Vec<Operation> {
+        self.0
+    }
 }
 
 /// One metered usage event to post (§9.1). Send only usage above what the plan includes,
@@ -1232,17 +1250,27 @@ mod tests {
         assert!(parse_body::<OperationsWire>(b"").unwrap().is_none());
         assert!(parse_body::<OperationsWire>(b"  \n").unwrap().is_none());
         assert!(parse_body::<OperationsWire>(b"null").unwrap().is_none());
-        assert!(parse::<OperationsWire>("{}").operations.is_empty());
+        assert!(parse::<OperationsWire>("{}").into_operations().is_empty());
         assert!(
             parse::<OperationsWire>(r#"{"operations":[]}"#)
-                .operations
+                .into_operations()
                 .is_empty()
         );
         assert!(
             parse::<OperationsWire>(r#"{"operations":null}"#)
-                .operations
+                .into_operations()
                 .is_empty()
         );
+        assert!(parse::<OperationsWire>("[]").into_operations().is_empty());
+    }
+
+    #[test]
+    fn list_operations_reads_the_documented_object_and_the_emulators_bare_array() {
+        let op = r#"{"id":"3f9c6b1e-3333-4d8e-b7a2-5c4e1d2f9a03","action":"Reinstate","status":"InProgress"}"#;
+        let wrapped = parse::<OperationsWire>(&format!(r#"{{"operations":[{op}]}}"#));
+        let bare = parse::<OperationsWire>(&format!("[{op}]"));
+        assert_eq!(wrapped.into_operations().len(), 1);
+        assert_eq!(bare.into_operations().len(), 1);
         assert!(parse::<PlansWire>(r#"{"plans":[]}"#).plans.is_empty());
     }
 

@@ -107,7 +107,22 @@ async fn inject_faults(
         tokio::time::sleep(latency).await;
     }
     match fault {
-        None => next.run(request).await,
+        None if shared.read(|st| st.faults.lose_responses.is_empty()) => next.run(request).await,
+        None => {
+            let response = next.run(request).await;
+            if !shared.lose_response(call) {
+                return response;
+            }
+            tracing::info!(call, "answer lost after the call was carried out (loseResponses)");
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                Json(json!({"error": {
+                    "code": "GatewayTimeout",
+                    "message": "The answer was lost on the way back: injected fault (loseResponses)",
+                }})),
+            )
+                .into_response()
+        }
         Some(ApiFault::ServerError) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"code": "UnexpectedError", "message": "An unexpected error has occurred."}})),

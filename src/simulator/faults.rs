@@ -1,6 +1,7 @@
 //! Fault injection: what `PUT /simulator/faults` sets, and the dice it rolls. The public API
-//! can answer 5xx or 429 (with `Retry-After`), respond slowly, or fail one kind of call with
-//! a fixed status (`failCalls`); the webhook sender can deliver twice, out of order, and
+//! can answer 5xx or 429 (with `Retry-After`), respond slowly, fail one kind of call with
+//! a fixed status (`failCalls`), or carry a call out and lose its answer (`loseResponses`);
+//! the webhook sender can deliver twice, out of order, and
 //! invent actions nobody documented (§6.4, §13).
 
 use std::collections::BTreeMap;
@@ -36,6 +37,11 @@ pub struct Faults {
     /// Calls answered with a fixed status every time, by call name (see [`CALLS`]): e.g.
     /// `{"updateOperation": 400}` makes every ACK fail for good. Wins over the shares.
     pub fail_calls: BTreeMap<String, u16>,
+    /// Calls carried out whose answer is then lost, by call name and how many times: e.g.
+    /// `{"updateSubscription": 1}` performs the next PATCH (the operation starts) and
+    /// answers 504 instead of its 202, as a gateway that timed out would (§15.2). Counts
+    /// down as answers are lost.
+    pub lose_responses: BTreeMap<String, u32>,
 }
 
 /// The public API calls `failCalls` can name: `(name, method, route)`.
@@ -132,6 +138,15 @@ impl Faults {
                 )));
             }
         }
+        for call in self.lose_responses.keys() {
+            if !CALLS.iter().any(|(name, _, _)| name == call) {
+                let known: Vec<&str> = CALLS.iter().map(|(name, _, _)| *name).collect();
+                return Err(ApiError::bad_request(format!(
+                    "loseResponses names an unknown call {call:?}; known calls: {}",
+                    known.join(", ")
+                )));
+            }
+        }
         for (call, status) in &self.fail_calls {
             if !CALLS.iter().any(|(name, _, _)| name == call) {
                 let known: Vec<&str> = CALLS.iter().map(|(name, _, _)| *name).collect();
@@ -177,6 +192,21 @@ impl Shared {
         }
         let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         Duration::from_millis(self.rng().random_range(0..millis.max(1)))
+    }
+
+    /// Whether the answer to this call, already carried out, is to be lost
+    /// (`loseResponses`); counts the loss.
+    pub fn lose_response(&self, call: Option<&'static str>) -> bool {
+        let Some(call) = call else {
+            return false;
+        };
+        self.mutate(|st| match st.faults.lose_responses.get_mut(call) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        })
     }
 
     /// The latency to add and the failure to inject, if any, for one public API call
@@ -245,6 +275,16 @@ mod tests {
             Some("updateOperation")
         );
         assert_eq!(call_name("PUT", "/api/saas/subscriptions"), None);
+    }
+
+    #[test]
+    fn lose_responses_name_known_calls() {
+        let f: Faults =
+            serde_json::from_str(r#"{"loseResponses": {"updateSubscription": 1}}"#).unwrap();
+        assert!(f.validate().is_ok());
+        assert_eq!(f.lose_responses["updateSubscription"], 1);
+        let f: Faults = serde_json::from_str(r#"{"loseResponses": {"patch": 1}}"#).unwrap();
+        assert!(f.validate().is_err());
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //! GET, a domain event) holds back only the rows of its own kind behind it, so domain
 //! events leave in order but an ACK never waits for the previous change's GET or domain
 //! event; `poll_operation` and `confirm_operation` rows only wait for Microsoft and hold
-//! back nothing ([`WAITING_KINDS`]), nor does an `activate` whose POST went out (it only
-//! waits for Microsoft to report Subscribed, P4: a customer's first change right after
-//! checkout is acknowledged without waiting for our next activation check). Subscriptions
+//! back nothing ([`WAITING_KINDS`]), nor does a row the runner marked `awaits_microsoft`
+//! (e.g. an `activate` whose POST went out: it only waits for Microsoft to report
+//! Subscribed, P4, so a customer's first change right after checkout is acknowledged
+//! without waiting for our next activation check). Subscriptions
 //! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
 //! 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
@@ -55,7 +56,8 @@ pub struct OutboxRow {
     pub attempts: i32,
     pub correlation_id: Option<String>,
     pub last_error: Option<String>,
-    /// What earlier attempts already did (executor-specific JSON object).
+    /// Where the effect's protocol stands (`worker::protocol::Progress`, tagged JSON); only
+    /// the effect runner reads it.
     pub progress: Value,
     pub created_at: OffsetDateTime,
     /// W3C trace context of the decision; the execution continues its trace. Absent from
@@ -79,13 +81,13 @@ const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect
 
 /// The claimability test (see the module docs): no earlier pending row of the same
 /// subscription that holds this one back. `$1` binds [`WAITING_KINDS`], `$2`
-/// [`INDEPENDENT_KINDS`]; an activation whose POST was sent (`progress.activate_sent`, set
-/// by the executor) waits like them. An index probe on `outbox_pending_subscription_idx`.
+/// [`INDEPENDENT_KINDS`]; a row marked `awaits_microsoft` (by the runner, from its
+/// progress) waits like them. An index probe on `outbox_pending_subscription_idx`.
 const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
          SELECT 1 FROM outbox p \
          WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
            AND p.kind <> ALL($1) AND (p.kind = o.kind OR p.kind <> ALL($2)) \
-           AND NOT (p.kind = 'activate' AND p.progress @> '{\"activate_sent\": true}') \
+           AND NOT p.awaits_microsoft \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
 /// Claims the most overdue claimable row, if any — first among the subscriptions that
@@ -167,17 +169,20 @@ impl Claimed {
 
     /// Runs the row again after `delay`. `failed` counts an attempt against the budget
     /// (a retryable error); waiting for Microsoft to finish something does not.
+    /// `awaits_microsoft`: the row no longer holds back later rows (see the module docs).
     pub async fn reschedule(
         mut self,
         delay: Duration,
         failed: bool,
         error: Option<&str>,
         progress: &Value,
+        awaits_microsoft: bool,
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + $2, \
                  next_attempt_at = now() + make_interval(secs => $3), \
-                 last_error = coalesce($4, last_error), progress = $5, updated_at = now() \
+                 last_error = coalesce($4, last_error), progress = $5, \
+                 awaits_microsoft = $6, updated_at = now() \
              WHERE id = $1",
         )
         .bind(self.row.id)
@@ -185,6 +190,7 @@ impl Claimed {
         .bind(delay.as_secs_f64())
         .bind(error)
         .bind(progress)
+        .bind(awaits_microsoft)
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
@@ -274,24 +280,24 @@ pub async fn event_received_at(
 
 /// A publisher operation as the worker learns about it (`publisher_operations`).
 #[derive(Debug, Clone)]
-pub struct PublisherOperationUpdate<'a> {
+pub struct PublisherOperationUpdate {
     pub command_id: Uuid,
     pub subscription_id: Uuid,
     /// `ChangePlan`, `ChangeQuantity` or `Cancel`.
-    pub kind: &'a str,
-    pub target_plan_id: Option<&'a str>,
+    pub kind: &'static str,
+    pub target_plan_id: Option<String>,
     pub target_quantity: Option<i32>,
     pub operation_id: Option<Uuid>,
-    pub operation_location: Option<&'a str>,
-    /// `Requested`, `Accepted`, `Refused`, `Succeeded`, `Failed` or `Conflict`.
-    pub status: &'a str,
-    pub last_error: Option<&'a str>,
+    pub operation_location: Option<String>,
+    /// `Requested`, `Accepted`, `Refused`, `Succeeded`, `Failed`, `Conflict` or `Unknown`.
+    pub status: &'static str,
+    pub last_error: Option<String>,
 }
 
 /// Inserts or advances the row of a command; known fields are never cleared.
 pub async fn upsert_publisher_operation(
-    pool: &PgPool,
-    update: &PublisherOperationUpdate<'_>,
+    conn: &mut sqlx::PgConnection,
+    update: &PublisherOperationUpdate,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO publisher_operations (command_id, subscription_id, kind, target_plan_id, \
@@ -308,20 +314,20 @@ pub async fn upsert_publisher_operation(
     .bind(update.command_id)
     .bind(update.subscription_id)
     .bind(update.kind)
-    .bind(update.target_plan_id)
+    .bind(update.target_plan_id.as_deref())
     .bind(update.target_quantity)
     .bind(update.operation_id)
-    .bind(update.operation_location)
+    .bind(update.operation_location.as_deref())
     .bind(update.status)
-    .bind(update.last_error)
-    .execute(pool)
+    .bind(update.last_error.as_deref())
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
 /// Sets the final status of the command that owns `operation_id`, if we track it.
 pub async fn finish_publisher_operation(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     operation_id: Uuid,
     status: &str,
 ) -> Result<(), StoreError> {
@@ -330,7 +336,7 @@ pub async fn finish_publisher_operation(
     )
     .bind(operation_id)
     .bind(status)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

@@ -1,16 +1,16 @@
-//! The outbox runner and the effect executors: carries out what the machine decided, after
-//! commit, and feeds the results back through the machine (design.md guarantee 4).
+//! The outbox runner: claims the effects the machine decided, after commit, and carries out
+//! the steps of their protocols ([`super::protocol`]) — it makes the calls, stores the typed
+//! progress, writes what the steps record and feeds their events back through the machine
+//! (design.md guarantee 4). Every decision about Microsoft's answers is a step's; this
+//! module only does IO.
 //!
-//! Every executor is idempotent (at-least-once: a crash re-runs the row). Each execution
-//! that called Microsoft is recorded in the event log as an `outcome = 'recorded'` row with
-//! the request ids, correlation id, statuses and Microsoft's body on failure. Waiting polls
-//! (an operation still `InProgress`, an activation still pending) are not recorded, only
-//! their outcome.
-//!
-//! Failures: retryable errors reschedule the row with jittered exponential backoff
-//! ([`retry_delay`], honouring `Retry-After`); after [`EffectsConfig::max_attempts`] failed
-//! attempts, or at once for a permanent error, the row is `dead` with the reason, also in
-//! the event log, for an operator to replay.
+//! Executions are idempotent (at-least-once: a crash re-runs the row from its stored
+//! progress). Each execution whose steps noted something is an `outcome = 'recorded'` row
+//! of the event log with its calls (request ids, correlation id, statuses, Microsoft's body
+//! on failure); waiting polls are not recorded, only their outcome. A step that retries
+//! reschedules the row (counting an attempt), one that waits reschedules it without, and
+//! one that gives up leaves it `dead` with the reason, also in the event log, for an
+//! operator to replay.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fulfillment_state_machine::{
-    AckStatus, CommandId, DomainEvent, Effect, Event, OperationId, OperationStatus, PlanId, Policy,
-    Quantity, SubscriptionId,
+    DomainEvent, Effect, Event, PlanId, Policy, Quantity, SubscriptionId,
 };
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPool};
@@ -33,15 +32,20 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::marketplace::{
-    self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, OperationAction,
-    SubscriptionStatus, UpdateOperationStatus, UpdateOutcome,
+    self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, Response, TransientCause,
+    UpdateOperationStatus, UpdateOutcome,
 };
 use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::ledger::{self, EffectRecord, EventSource};
 use crate::store::outbox::{self, Claimed, OutboxRow, PublisherOperationUpdate};
-use crate::worker::translate;
+use crate::worker::protocol::{
+    self, Answer, Answered, Call, CommandRecord, GiveUpWhy, Progress, ProtocolConfig, Record, Step,
+    Turn,
+};
+
+pub use crate::worker::protocol::retry_delay;
 
 /// How effects are run; tests shrink the clocks.
 #[derive(Debug, Clone)]
@@ -57,11 +61,15 @@ pub struct EffectsConfig {
     /// First retry delay; doubles per failed attempt, with jitter.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Between GETs of an Operation-Location still in progress (§7.2: every few seconds).
+    /// First delay between GETs of an Operation-Location still in progress; grows to 10 s
+    /// (§7.2: every 2–10 s), never below the 202's `Retry-After` (§15.1).
     pub operation_poll_interval: Duration,
-    /// Polling stops after this; the subscription is then fetched and observed (§7.2).
+    /// Polling stops after this; the subscription is then fetched and observed (§7.2). Also
+    /// the budget for following a lost answer and for waiting for a lock (see
+    /// [`EffectsConfig::protocol`]).
     pub operation_poll_cap: Duration,
-    /// Between GETs while an activation is still pending (P4: it is asynchronous).
+    /// First delay between GETs while an activation is still pending (P4: it is
+    /// asynchronous); grows to 15 s (§15.4).
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,
@@ -100,22 +108,21 @@ impl EffectsConfig {
     }
 }
 
-/// The delay before retry number `failed_attempts` (1 for the first retry): `base · 2^(n-1)`
-/// capped at `max`, scaled by a jitter in `[0.5, 1.0]` (`jitter` in `0..=1`), and never
-/// shorter than Microsoft's `Retry-After` (itself capped at `max`).
-pub fn retry_delay(
-    base: Duration,
-    max: Duration,
-    failed_attempts: u32,
-    retry_after: Option<Duration>,
-    jitter: f64,
-) -> Duration {
-    let exponent = failed_attempts.saturating_sub(1).min(20);
-    let capped = base.saturating_mul(1u32 << exponent).min(max);
-    let jittered = capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
-    match retry_after {
-        Some(after) => jittered.max(after.min(max)),
-        None => jittered,
+impl EffectsConfig {
+    /// The protocols' clocks and budgets. A lost answer is followed, and a lock waited
+    /// for, as long as an operation is polled (`operation_poll_cap`, minutes in production).
+    pub fn protocol(&self) -> ProtocolConfig {
+        ProtocolConfig {
+            max_attempts: self.max_attempts,
+            backoff_base: self.backoff_base,
+            backoff_max: self.backoff_max,
+            operation_poll_interval: self.operation_poll_interval,
+            operation_poll_cap: self.operation_poll_cap,
+            activation_check_interval: self.activation_check_interval,
+            activation_wait_cap: self.activation_wait_cap,
+            unknown_outcome_budget: self.operation_poll_cap,
+            lock_wait_budget: self.operation_poll_cap,
+        }
     }
 }
 
@@ -153,17 +160,18 @@ enum Disposition {
     /// Microsoft is still working: look again later; not a failure.
     Wait {
         after: Duration,
-        progress: Value,
+        progress: Progress,
     },
     /// A retryable failure: counts against the budget.
     Retry {
         error: String,
-        retry_after: Option<Duration>,
-        progress: Value,
+        after: Duration,
+        progress: Progress,
     },
-    /// Permanent: the row is dead.
+    /// The row is dead.
     Dead {
         reason: String,
+        why: GiveUpWhy,
     },
 }
 
@@ -198,18 +206,23 @@ impl CallLog {
             "attempts": failure.map(|f| f.attempts),
         }));
     }
-
-    fn is_empty(&self) -> bool {
-        self.calls.is_empty()
-    }
 }
 
-/// What an execution writes besides its row's end: event-log records of the calls made
-/// and results fed back through the machine. Collected while Microsoft is called and
-/// written in the claim's transaction by [`EffectRunner::settle`].
+/// What an execution writes besides its row's end: event-log records of the calls made,
+/// the state of a publisher command, and results fed back through the machine. Collected
+/// while Microsoft is called and written in the claim's transaction by
+/// [`EffectRunner::settle`].
 enum Write {
     Record(EffectRecord),
-    Feed { event: Event, source: EventSource },
+    Command(PublisherOperationUpdate),
+    OperationEnded {
+        operation_id: Uuid,
+        status: &'static str,
+    },
+    Feed {
+        event: Event,
+        source: EventSource,
+    },
 }
 
 /// A claimed row being executed, with the writes it collects.
@@ -263,6 +276,11 @@ async fn write_all(
             Write::Record(record) => {
                 ledger::record_effect_result_in(conn, row.subscription_id, &record, now).await?;
             }
+            Write::Command(update) => outbox::upsert_publisher_operation(conn, &update).await?,
+            Write::OperationEnded {
+                operation_id,
+                status,
+            } => outbox::finish_publisher_operation(conn, operation_id, status).await?,
             Write::Feed { event, source } => {
                 let applied = ledger::apply_in(
                     conn,
@@ -306,7 +324,7 @@ struct Inner {
     client: MarketplaceClient,
     publisher: Publisher,
     policy: Policy,
-    /// The Fulfillment API base, to rebuild an operation's location (§4.10).
+    /// The Fulfillment API base the client calls (shown by `Debug`).
     api_url: Url,
     config: EffectsConfig,
     wake: Notify,
@@ -540,14 +558,11 @@ impl EffectRunner {
             let disposition = match serde_json::from_value::<Effect>(execution.effect.clone()) {
                 Ok(effect) => match self.execute(&execution, &record_operation_id(effect)).await {
                     Ok(disposition) => disposition,
-                    Err(error) => Disposition::Retry {
-                        error: format!("database: {error}"),
-                        retry_after: None,
-                        progress: execution.progress.clone(),
-                    },
+                    Err(error) => self.database_failure(&execution, error),
                 },
                 Err(error) => Disposition::Dead {
                     reason: format!("the stored effect cannot be read: {error}"),
+                    why: GiveUpWhy::Permanent,
                 },
             };
             match self.settle(claimed, execution, disposition).await {
@@ -562,6 +577,31 @@ impl EffectRunner {
         .await
     }
 
+    /// A database error during an execution: retried like a failed call, so nothing is
+    /// half-recorded (the row's writes roll back with it).
+    fn database_failure(&self, execution: &Execution, error: StoreError) -> Disposition {
+        let config = &self.inner.config;
+        let failed = u32::try_from(execution.attempts).unwrap_or(0) + 1;
+        let error = format!("database: {error}");
+        if failed >= config.max_attempts {
+            return Disposition::Dead {
+                reason: format!("gave up after {failed} attempts: {error}"),
+                why: GiveUpWhy::AttemptsExhausted,
+            };
+        }
+        Disposition::Retry {
+            after: retry_delay(
+                config.backoff_base,
+                config.backoff_max,
+                failed,
+                None,
+                rand::random::<f64>(),
+            ),
+            error,
+            progress: Progress::from_stored(&execution.progress, execution.created_at),
+        }
+    }
+
     /// Ends the row as `disposition` says, writing what the execution recorded and fed in
     /// the same transaction (one commit). When those writes fail, the row is retried with
     /// the database error instead (counting an attempt), so nothing is half-recorded.
@@ -571,22 +611,10 @@ impl EffectRunner {
         execution: Execution,
         disposition: Disposition,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let config = &self.inner.config;
         let row = execution.row.clone();
         let mut disposition = disposition;
-        // This execution's failure, if it fails, is attempt number `failed`.
-        let failed = u32::try_from(row.attempts).unwrap_or(0) + 1;
-        let gave_up = |error: &str| format!("gave up after {failed} attempts: {error}");
-        // Burying records why, with the rest.
-        let dead_reason = match &disposition {
-            Disposition::Retry { error, .. } if failed >= config.max_attempts => {
-                Some(gave_up(error))
-            }
-            Disposition::Dead { reason } => Some(reason.clone()),
-            _ => None,
-        };
-        if let Some(reason) = &dead_reason {
-            self.record_dead(&execution, reason).await;
+        if let Disposition::Dead { reason, .. } = &disposition {
+            self.record_dead(&execution, reason);
         }
         let mut fed = Vec::new();
         let writes = execution.take_writes();
@@ -600,11 +628,7 @@ impl EffectRunner {
                 Err(error) => {
                     drop(savepoint);
                     tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
-                    disposition = Disposition::Retry {
-                        error: format!("database: {error}"),
-                        retry_after: None,
-                        progress: row.progress.clone(),
-                    };
+                    disposition = self.database_failure(&execution, error);
                 }
             }
         }
@@ -614,34 +638,29 @@ impl EffectRunner {
                 claimed.complete().await
             }
             Disposition::Wait { after, progress } => {
-                claimed.reschedule(after, false, None, &progress).await
+                let awaits = progress.awaits_microsoft_only();
+                claimed
+                    .reschedule(after, false, None, &progress.to_stored(), awaits)
+                    .await
             }
             Disposition::Retry {
                 error,
-                retry_after,
+                after,
                 progress,
             } => {
-                if failed >= config.max_attempts {
-                    let reason = dead_reason.unwrap_or_else(|| gave_up(&error));
-                    metrics::record_dead_letter(DeadLetterReason::EffectAttemptsExhausted);
-                    tracing::error!(reason, "effect dead");
-                    claimed.bury(&reason, true).await
-                } else {
-                    let delay = retry_delay(
-                        config.backoff_base,
-                        config.backoff_max,
-                        failed,
-                        retry_after,
-                        rand::random::<f64>(),
-                    );
-                    tracing::warn!(error, ?delay, "effect failed; retrying later");
-                    claimed
-                        .reschedule(delay, true, Some(&error), &progress)
-                        .await
-                }
+                tracing::warn!(error, ?after, "effect failed; retrying later");
+                let awaits = progress.awaits_microsoft_only();
+                claimed
+                    .reschedule(after, true, Some(&error), &progress.to_stored(), awaits)
+                    .await
             }
-            Disposition::Dead { reason } => {
-                metrics::record_dead_letter(DeadLetterReason::EffectPermanent);
+            Disposition::Dead { reason, why } => {
+                metrics::record_dead_letter(match why {
+                    GiveUpWhy::AttemptsExhausted => DeadLetterReason::EffectAttemptsExhausted,
+                    GiveUpWhy::Permanent | GiveUpWhy::OutcomeUnknown => {
+                        DeadLetterReason::EffectPermanent
+                    }
+                });
                 tracing::error!(reason, "effect dead");
                 claimed.bury(&reason, true).await
             }
@@ -656,651 +675,203 @@ impl EffectRunner {
             .collect())
     }
 
-    async fn execute(&self, row: &Execution, effect: &Effect) -> Result<Disposition, StoreError> {
-        match effect {
-            Effect::Activate { plan_id, quantity } => {
-                self.activate(row, plan_id.as_ref(), *quantity).await
-            }
-            Effect::AckOperation {
-                operation_id,
-                status,
-                best_effort,
-            } => {
-                self.ack_operation(row, *operation_id, *status, *best_effort)
-                    .await
-            }
-            Effect::FetchSubscription => self.fetch_subscription(row).await,
-            Effect::RequestPlanChange {
-                command_id,
-                plan_id,
-            } => {
-                self.request_change(row, *command_id, Change::Plan(plan_id))
-                    .await
-            }
-            Effect::RequestQuantityChange {
-                command_id,
-                quantity,
-            } => {
-                self.request_change(row, *command_id, Change::Quantity(*quantity))
-                    .await
-            }
-            Effect::RequestCancel { command_id } => {
-                self.request_change(row, *command_id, Change::Cancel).await
-            }
-            Effect::PollOperation {
-                command_id: _,
-                operation_id,
-                location,
-            } => self.poll_operation(row, *operation_id, location).await,
-            Effect::ConfirmOperation { operation_id } => {
-                let location = self.operation_location(row.subscription_id, operation_id.as_uuid());
-                self.poll_operation(row, *operation_id, &location).await
-            }
-            Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await,
-        }
-    }
-
-    // ---- executors -------------------------------------------------------------------
-
-    /// POST activate once (P3: plan and quantity), then GET until `Subscribed` (P4).
-    /// A 400 is success when GET shows `Subscribed` (P5, §8.2); 404, `Unsubscribed` or a
-    /// refusal on a subscription that is not `Subscribed` feed `ActivationFailed`.
-    async fn activate(
+    /// Runs the effect's protocol: asks it for a step, makes the call it names, hands the
+    /// answer back, until a step waits, finishes, retries or gives up.
+    async fn execute(
         &self,
-        row: &Execution,
-        plan_id: Option<&PlanId>,
-        quantity: Option<Quantity>,
+        execution: &Execution,
+        effect: &Effect,
     ) -> Result<Disposition, StoreError> {
-        let client = &self.inner.client;
-        let ctx = context(row);
-        let sid = row.subscription_id;
-        let mut progress = object(&row.progress);
+        /// Calls in one execution; a protocol that keeps calling is retried later.
+        const MAX_CALLS: usize = 8;
+        let config = self.inner.config.protocol();
+        let mut progress = Progress::from_stored(&execution.progress, execution.created_at);
+        let mut answered: Option<Answered> = None;
         let mut log = CallLog::default();
-        if progress.get("activate_sent").and_then(Value::as_bool) != Some(true) {
-            let plan = match plan_id {
-                Some(plan) => plan.as_str().to_string(),
-                None => match client.get_subscription(&ctx, sid).await {
-                    Ok(found) => {
-                        log.ok(&found.meta);
-                        found.value.plan_id.unwrap_or_default()
-                    }
-                    Err(error) => return self.failed_call(row, log, error, progress).await,
-                },
-            };
-            match client
-                .activate(&ctx, sid, &plan, quantity.map(Quantity::get))
-                .await
-            {
-                Ok(done) => log.ok(&done.meta),
-                Err(error @ ApiError::NotFound { .. }) => {
-                    log.err(&error);
-                    let reason = format!("Microsoft does not know the subscription: {error}");
-                    self.record(row, &log, &reason, json!({})).await;
-                    self.feed(
-                        row,
-                        Event::ActivationFailed {
-                            reason,
-                            failed_at: OffsetDateTime::now_utc(),
-                        },
-                        log.last_request_id.clone(),
-                    )
-                    .await?;
-                    return Ok(Disposition::Done);
+        let mut extra = serde_json::Map::new();
+        let mut note: Option<String> = None;
+        for _ in 0..=MAX_CALLS {
+            let now = OffsetDateTime::now_utc();
+            let next = protocol::step(&Turn {
+                effect,
+                progress: &progress,
+                answered: answered.as_ref(),
+                now,
+                created_at: execution.created_at,
+                attempts: u32::try_from(execution.attempts).unwrap_or(0),
+                jitter: rand::random::<f64>(),
+                config: &config,
+            });
+            progress = next.progress;
+            for record in next.records {
+                match record {
+                    Record::Note(text) => note = Some(text),
+                    Record::Command(command) => self.track_command(execution, effect, command),
+                    Record::OperationEnded {
+                        operation_id,
+                        status,
+                    } => execution.push(Write::OperationEnded {
+                        operation_id: operation_id.as_uuid(),
+                        status: status.as_str(),
+                    }),
                 }
-                Err(error @ ApiError::Permanent { .. }) if error.status() == Some(400) => {
-                    // Maybe already Subscribed (P5); GET decides.
-                    log.err(&error);
-                    progress["activate_refused"] = json!(error.to_string());
-                }
-                Err(error) => return self.failed_call(row, log, error, progress).await,
             }
-            progress["activate_sent"] = json!(true);
-        }
-        let found = match client.get_subscription(&ctx, sid).await {
-            Ok(found) => found,
-            Err(error @ ApiError::NotFound { .. }) => {
-                log.err(&error);
-                let reason = format!("Microsoft does not know the subscription: {error}");
-                self.record(row, &log, &reason, json!({})).await;
-                self.feed(
-                    row,
-                    Event::ActivationFailed {
-                        reason,
-                        failed_at: OffsetDateTime::now_utc(),
-                    },
-                    log.last_request_id.clone(),
-                )
-                .await?;
-                return Ok(Disposition::Done);
-            }
-            Err(error) => return self.failed_call(row, log, error, progress).await,
-        };
-        let now = OffsetDateTime::now_utc();
-        let request_id = Some(found.meta.request_id.to_string());
-        let status = found.value.status.clone();
-        let refused = progress
-            .get("activate_refused")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        match status {
-            Some(SubscriptionStatus::Subscribed) => {
-                log.ok(&found.meta);
-                self.record(row, &log, "activation confirmed: Subscribed", json!({}))
-                    .await;
-                let term = translate::snapshot(&found.value).term;
-                self.feed(
-                    row,
-                    Event::ActivationConfirmed {
-                        term,
-                        confirmed_at: now,
-                    },
-                    request_id,
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            Some(SubscriptionStatus::Unsubscribed) | Some(SubscriptionStatus::Suspended) => {
-                log.ok(&found.meta);
-                let reason = format!(
-                    "Microsoft reports the subscription {}{}",
-                    found
-                        .value
-                        .status
-                        .as_ref()
-                        .map(|s| s.as_str())
-                        .unwrap_or(""),
-                    refused.map(|r| format!(" ({r})")).unwrap_or_default()
-                );
-                self.record(row, &log, &reason, json!({})).await;
-                self.feed(
-                    row,
-                    Event::ActivationFailed {
-                        reason,
-                        failed_at: now,
-                    },
-                    request_id,
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            _ if refused.is_some() => {
-                log.ok(&found.meta);
-                let reason = format!("activate refused: {}", refused.unwrap_or_default());
-                self.record(row, &log, &reason, json!({})).await;
-                self.feed(
-                    row,
-                    Event::ActivationFailed {
-                        reason,
-                        failed_at: now,
-                    },
-                    request_id,
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            _ => {
-                let waited = now - row.created_at;
-                if waited > self.inner.config.activation_wait_cap {
-                    log.ok(&found.meta);
-                    self.record(
-                        row,
-                        &log,
-                        "activation still pending after the wait cap; observed as is (P27)",
-                        json!({}),
-                    )
-                    .await;
-                    self.feed(row, translate::observed(&found.value, now), request_id)
+            let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();
+            match next.step {
+                Step::Call(call) => {
+                    let answer = self
+                        .perform(execution, effect, &call, &mut log, &mut extra)
                         .await?;
-                    return Ok(Disposition::Done);
+                    answered = Some(Answered { call, answer });
                 }
-                if !log.is_empty() {
-                    // The POST of this execution: worth a line; the waiting GETs are not.
-                    self.record(
-                        row,
-                        &log,
-                        "activation requested; waiting for Subscribed",
-                        json!({}),
-                    )
-                    .await;
-                }
-                Ok(Disposition::Wait {
-                    after: self.inner.config.activation_check_interval,
-                    progress,
-                })
-            }
-        }
-    }
-
-    /// PATCH the operation (§4.11). 409 = already final = done (the `ConfirmOperation` behind
-    /// it learns how it ended). Best-effort ACKs (Reinstate) ignore permanent errors. Records
-    /// the time from webhook receipt to the PATCH (P7).
-    async fn ack_operation(
-        &self,
-        row: &Execution,
-        operation_id: OperationId,
-        status: AckStatus,
-        best_effort: bool,
-    ) -> Result<Disposition, StoreError> {
-        let received_at = outbox::event_received_at(&self.inner.pool, row.event_id).await?;
-        let wire = match status {
-            AckStatus::Success => UpdateOperationStatus::Success,
-            AckStatus::Failure => UpdateOperationStatus::Failure,
-        };
-        let result = self
-            .inner
-            .client
-            .update_operation(
-                &context(row),
-                row.subscription_id,
-                operation_id.as_uuid(),
-                wire,
-            )
-            .await;
-        let webhook_to_ack_ms =
-            received_at.map(|at| (OffsetDateTime::now_utc() - at).whole_milliseconds());
-        let extra = json!({ "operation_id": operation_id, "webhook_to_ack_ms": webhook_to_ack_ms });
-        let mut log = CallLog::default();
-        match result {
-            Ok(done) => {
-                log.ok(&done.meta);
-                if let Some(elapsed) = received_at.map(|at| OffsetDateTime::now_utc() - at) {
-                    metrics::record_webhook_to_ack(elapsed.try_into().unwrap_or_default());
-                }
-                if done.value == UpdateOutcome::AlreadyFinal {
-                    let kind = outbox::event_kind(&self.inner.pool, row.event_id)
-                        .await
-                        .ok()
-                        .flatten();
-                    metrics::record_auto_accepted(operation_action(kind.as_deref()));
-                }
-                let reason = match done.value {
-                    UpdateOutcome::Recorded => format!("ACK {status} recorded"),
-                    UpdateOutcome::AlreadyFinal => {
-                        format!("ACK {status}: the operation was already final (409)")
+                Step::WaitUntil(at) => {
+                    if let Some(reason) = note {
+                        self.record(execution, &log, &reason, extra);
                     }
-                };
-                tracing::info!(
-                    operation_id = %operation_id,
-                    webhook_to_ack_ms,
-                    outcome = ?done.value,
-                    "operation acknowledged"
-                );
-                self.record(row, &log, &reason, extra).await;
-                Ok(Disposition::Done)
-            }
-            Err(error) if best_effort && !error.is_retryable() => {
-                log.err(&error);
-                tracing::info!(operation_id = %operation_id, %error, "best-effort ACK refused; ignored");
-                self.record(
-                    row,
-                    &log,
-                    &format!("best-effort ACK {status} ignored: {error}"),
-                    extra,
-                )
-                .await;
-                Ok(Disposition::Done)
-            }
-            Err(error) => {
-                log.err(&error);
-                self.record(row, &log, &format!("ACK {status} failed: {error}"), extra)
-                    .await;
-                Ok(disposition_for(&error, object(&row.progress)))
-            }
-        }
-    }
-
-    /// GET the subscription and feed `Observed` (P13, P17). 404: recorded, nothing fed.
-    async fn fetch_subscription(&self, row: &Execution) -> Result<Disposition, StoreError> {
-        let mut log = CallLog::default();
-        match self
-            .inner
-            .client
-            .get_subscription(&context(row), row.subscription_id)
-            .await
-        {
-            Ok(found) => {
-                log.ok(&found.meta);
-                self.record(row, &log, "subscription fetched", json!({}))
-                    .await;
-                let now = OffsetDateTime::now_utc();
-                self.feed(
-                    row,
-                    translate::observed(&found.value, now),
-                    Some(found.meta.request_id.to_string()),
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            Err(error @ ApiError::NotFound { .. }) => {
-                log.err(&error);
-                self.record(
-                    row,
-                    &log,
-                    &format!("Microsoft does not know the subscription: {error}"),
-                    json!({}),
-                )
-                .await;
-                Ok(Disposition::Done)
-            }
-            Err(error) => {
-                self.failed_call(row, log, error, object(&row.progress))
-                    .await
-            }
-        }
-    }
-
-    /// PATCH plan/quantity or DELETE (§4.6–4.8). 202 feeds `PublisherOperationAccepted`;
-    /// 4xx feeds `PublisherOperationRefused`. The client never repeats these after a 5xx
-    /// or timeout (the outcome is unknown), so neither do we blindly: such a failure marks
-    /// the row `maybe_sent`, and the next attempt first looks for the operation with List
-    /// operations and GET subscription (§8.2) — an in-progress operation with our target
-    /// is adopted as accepted, a subscription already showing the target is observed —
-    /// and only sends again when neither shows the change. A 409 on DELETE (a pending
-    /// operation holds the lock, §4.8) is retried.
-    async fn request_change(
-        &self,
-        row: &Execution,
-        command_id: CommandId,
-        change: Change<'_>,
-    ) -> Result<Disposition, StoreError> {
-        let client = &self.inner.client;
-        let ctx = context(row);
-        let sid = row.subscription_id;
-        let mut progress = object(&row.progress);
-        let mut log = CallLog::default();
-        let mut tracked = PublisherOperationUpdate {
-            command_id: command_id.as_uuid(),
-            subscription_id: sid,
-            kind: change.kind(),
-            target_plan_id: change.plan(),
-            target_quantity: change.quantity(),
-            operation_id: None,
-            operation_location: None,
-            status: "Requested",
-            last_error: None,
-        };
-        outbox::upsert_publisher_operation(&self.inner.pool, &tracked).await?;
-        if progress.get("maybe_sent").and_then(Value::as_bool) == Some(true) {
-            match self.find_under_way(row, &change, &mut log).await {
-                Ok(Some(UnderWay::Operation(operation_id))) => {
-                    let location = self.operation_location(sid, operation_id);
-                    return self
-                        .accepted(row, command_id, operation_id, location, &tracked, &log)
-                        .await;
-                }
-                Ok(Some(UnderWay::Done(subscription))) => {
-                    self.record(
-                        row,
-                        &log,
-                        "the change already happened at Microsoft (lost 202); observed",
-                        json!({}),
-                    )
-                    .await;
-                    let now = OffsetDateTime::now_utc();
-                    self.feed(
-                        row,
-                        translate::observed(&subscription, now),
-                        log.last_request_id.clone(),
-                    )
-                    .await?;
-                    return Ok(Disposition::Done);
-                }
-                Ok(None) => {}
-                Err(error) => return self.failed_call(row, log, error, progress).await,
-            }
-        }
-        let result = match &change {
-            Change::Plan(plan) => client.change_plan(&ctx, sid, plan.as_str()).await,
-            Change::Quantity(quantity) => client.change_quantity(&ctx, sid, quantity.get()).await,
-            Change::Cancel => client.delete_subscription(&ctx, sid).await,
-        };
-        match result {
-            Ok(accepted) => {
-                log.ok(&accepted.meta);
-                let operation_id = accepted.value.operation_id;
-                let location = accepted.value.operation_location.to_string();
-                self.accepted(row, command_id, operation_id, location, &tracked, &log)
-                    .await
-            }
-            Err(error) if error.request_was_not_processed() => {
-                self.failed_call(row, log, error, progress).await
-            }
-            Err(error) if error.is_retryable() => {
-                progress["maybe_sent"] = json!(true);
-                self.failed_call(row, log, error, progress).await
-            }
-            Err(error @ ApiError::Conflict { .. }) if matches!(change, Change::Cancel) => {
-                log.err(&error);
-                let message = format!("a pending operation locks the subscription: {error}");
-                self.record(row, &log, &message, json!({})).await;
-                Ok(Disposition::Retry {
-                    error: message,
-                    retry_after: None,
-                    progress,
-                })
-            }
-            Err(
-                error @ (ApiError::Permanent { .. }
-                | ApiError::NotFound { .. }
-                | ApiError::Conflict { .. }),
-            ) => {
-                log.err(&error);
-                let reason = error.to_string();
-                tracked.status = "Refused";
-                tracked.last_error = Some(&reason);
-                outbox::upsert_publisher_operation(&self.inner.pool, &tracked).await?;
-                self.record(
-                    row,
-                    &log,
-                    &format!("Microsoft refused: {reason}"),
-                    json!({}),
-                )
-                .await;
-                self.feed(
-                    row,
-                    Event::PublisherOperationRefused {
-                        command_id,
-                        reason: reason.clone(),
-                    },
-                    log.last_request_id.clone(),
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            Err(error) => self.failed_call(row, log, error, progress).await,
-        }
-    }
-
-    async fn accepted(
-        &self,
-        row: &Execution,
-        command_id: CommandId,
-        operation_id: Uuid,
-        location: String,
-        tracked: &PublisherOperationUpdate<'_>,
-        log: &CallLog,
-    ) -> Result<Disposition, StoreError> {
-        let update = PublisherOperationUpdate {
-            status: "Accepted",
-            operation_id: Some(operation_id),
-            operation_location: Some(&location),
-            ..tracked.clone()
-        };
-        outbox::upsert_publisher_operation(&self.inner.pool, &update).await?;
-        tracing::info!(operation_id = %operation_id, "Microsoft accepted our request");
-        self.record(
-            row,
-            log,
-            &format!("accepted as operation {operation_id}"),
-            json!({ "operation_id": operation_id, "operation_location": location }),
-        )
-        .await;
-        self.feed(
-            row,
-            Event::PublisherOperationAccepted {
-                command_id,
-                operation_id: OperationId::from(operation_id),
-                location,
-            },
-            log.last_request_id.clone(),
-        )
-        .await?;
-        Ok(Disposition::Done)
-    }
-
-    /// After an unknown outcome: is our change already under way, or done?
-    async fn find_under_way(
-        &self,
-        row: &Execution,
-        change: &Change<'_>,
-        log: &mut CallLog,
-    ) -> Result<Option<UnderWay>, ApiError> {
-        let client = &self.inner.client;
-        let ctx = context(row);
-        let sid = row.subscription_id;
-        let operations = client
-            .list_operations(&ctx, sid)
-            .await
-            .inspect_err(|e| log.err(e))?;
-        log.ok(&operations.meta);
-        let ours = operations.value.iter().find(|op| {
-            let open = op.status.as_ref().is_none_or(|s| !s.is_terminal());
-            open && match change {
-                Change::Plan(plan) => {
-                    op.action == Some(OperationAction::ChangePlan)
-                        && op.plan_id.as_deref() == Some(plan.as_str())
-                }
-                Change::Quantity(quantity) => {
-                    op.action == Some(OperationAction::ChangeQuantity)
-                        && op.quantity == Some(quantity.get())
-                }
-                Change::Cancel => op.action == Some(OperationAction::Unsubscribe),
-            }
-        });
-        if let Some(op) = ours {
-            return Ok(Some(UnderWay::Operation(op.id)));
-        }
-        let found = client
-            .get_subscription(&ctx, sid)
-            .await
-            .inspect_err(|e| log.err(e))?;
-        log.ok(&found.meta);
-        let done = match change {
-            Change::Plan(plan) => found.value.plan_id.as_deref() == Some(plan.as_str()),
-            Change::Quantity(quantity) => found.value.quantity == Some(quantity.get()),
-            Change::Cancel => found.value.status == Some(SubscriptionStatus::Unsubscribed),
-        };
-        Ok(done.then_some(UnderWay::Done(found.value)))
-    }
-
-    /// GET the Operation-Location until a final status (§7.2), then feed `OperationResult`.
-    /// Past the cap, or when Microsoft no longer knows the operation (P17), GET the
-    /// subscription and feed `Observed` instead. Also confirms an operation we ACKed
-    /// (`ConfirmOperation`), at its location rebuilt from the API base.
-    async fn poll_operation(
-        &self,
-        row: &Execution,
-        operation_id: OperationId,
-        location: &str,
-    ) -> Result<Disposition, StoreError> {
-        let client = &self.inner.client;
-        let ctx = context(row);
-        let mut log = CallLog::default();
-        let result = match Url::parse(location) {
-            Ok(url) => client.get_operation_at(&ctx, &url).await,
-            Err(_) => {
-                client
-                    .get_operation(&ctx, row.subscription_id, operation_id.as_uuid())
-                    .await
-            }
-        };
-        let give_up = match result {
-            Ok(found) => {
-                let status = match found.value.status {
-                    Some(marketplace::OperationStatus::Succeeded) => {
-                        Some(OperationStatus::Succeeded)
-                    }
-                    Some(marketplace::OperationStatus::Failed) => Some(OperationStatus::Failed),
-                    Some(marketplace::OperationStatus::Conflict) => Some(OperationStatus::Conflict),
-                    _ => None,
-                };
-                if let Some(status) = status {
-                    log.ok(&found.meta);
-                    outbox::finish_publisher_operation(
-                        &self.inner.pool,
-                        operation_id.as_uuid(),
-                        status.as_str(),
-                    )
-                    .await?;
-                    tracing::info!(operation_id = %operation_id, %status, "operation final");
-                    self.record(
-                        row,
-                        &log,
-                        &format!("operation {operation_id} {status}"),
-                        json!({
-                            "operation_id": operation_id,
-                            "error_status_code": found.value.error_status_code,
-                            "error_message": found.value.error_message,
-                        }),
-                    )
-                    .await;
-                    self.feed(
-                        row,
-                        Event::OperationResult {
-                            operation_id,
-                            status,
-                        },
-                        log.last_request_id.clone(),
-                    )
-                    .await?;
-                    return Ok(Disposition::Done);
-                }
-                if OffsetDateTime::now_utc() - row.created_at
-                    <= self.inner.config.operation_poll_cap
-                {
                     return Ok(Disposition::Wait {
-                        after: self.inner.config.operation_poll_interval,
-                        progress: object(&row.progress),
+                        after: until(at),
+                        progress,
                     });
                 }
-                log.ok(&found.meta);
-                "still not final after the polling cap"
-            }
-            Err(error @ ApiError::NotFound { .. }) => {
-                log.err(&error);
-                "Microsoft does not know the operation"
-            }
-            Err(error) => {
-                return self
-                    .failed_call(row, log, error, object(&row.progress))
-                    .await;
-            }
-        };
-        // §7.2 "on poll timeout: GET subscription + List operations, reconcile".
-        match client.get_subscription(&ctx, row.subscription_id).await {
-            Ok(found) => {
-                log.ok(&found.meta);
-                self.record(
-                    row,
-                    &log,
-                    &format!("operation {operation_id}: {give_up}; observed the subscription"),
-                    json!({ "operation_id": operation_id }),
-                )
-                .await;
-                let now = OffsetDateTime::now_utc();
-                self.feed(
-                    row,
-                    translate::observed(&found.value, now),
-                    Some(found.meta.request_id.to_string()),
-                )
-                .await?;
-                Ok(Disposition::Done)
-            }
-            Err(error) => {
-                self.failed_call(row, log, error, object(&row.progress))
-                    .await
+                Step::Finish { events } => {
+                    if let Some(reason) = note {
+                        self.record(execution, &log, &reason, extra);
+                    }
+                    for event in events {
+                        self.feed(execution, event, log.last_request_id.clone());
+                    }
+                    return Ok(Disposition::Done);
+                }
+                Step::RetryLater { at, because } => {
+                    let reason = format!("{} failed: {because}", execution.kind);
+                    self.record(execution, &log, &reason, extra);
+                    return Ok(Disposition::Retry {
+                        error: because,
+                        after: until(at),
+                        progress,
+                    });
+                }
+                Step::GiveUp { because, why } => {
+                    let reason =
+                        note.unwrap_or_else(|| format!("{} failed: {because}", execution.kind));
+                    self.record(execution, &log, &reason, extra);
+                    return Ok(Disposition::Dead {
+                        reason: because,
+                        why,
+                    });
+                }
             }
         }
+        let error = format!("the protocol made more than {MAX_CALLS} calls in one execution");
+        self.record(execution, &log, &error, extra);
+        Ok(Disposition::Retry {
+            after: self.inner.config.backoff_base,
+            error,
+            progress,
+        })
+    }
+
+    /// Makes one call of a step and classifies its result.
+    async fn perform(
+        &self,
+        row: &Execution,
+        effect: &Effect,
+        call: &Call,
+        log: &mut CallLog,
+        extra: &mut serde_json::Map<String, Value>,
+    ) -> Result<Answer, StoreError> {
+        let client = &self.inner.client;
+        let ctx = context(row);
+        let sid = row.subscription_id;
+        Ok(match call {
+            Call::GetSubscription => answer(client.get_subscription(&ctx, sid).await, log, |s| {
+                Answer::Subscription(Box::new(s))
+            }),
+            Call::Activate { plan_id, quantity } => answer(
+                client.activate(&ctx, sid, plan_id, *quantity).await,
+                log,
+                |_| Answer::Activated,
+            ),
+            Call::Acknowledge {
+                operation_id,
+                status,
+            } => {
+                let wire = match status {
+                    fulfillment_state_machine::AckStatus::Success => UpdateOperationStatus::Success,
+                    fulfillment_state_machine::AckStatus::Failure => UpdateOperationStatus::Failure,
+                };
+                let received_at = outbox::event_received_at(&self.inner.pool, row.event_id).await?;
+                let result = client
+                    .update_operation(&ctx, sid, operation_id.as_uuid(), wire)
+                    .await;
+                let webhook_to_ack = received_at.map(|at| OffsetDateTime::now_utc() - at);
+                let webhook_to_ack_ms = webhook_to_ack.map(|d| d.whole_milliseconds());
+                extra.insert("operation_id".into(), json!(operation_id));
+                extra.insert("webhook_to_ack_ms".into(), json!(webhook_to_ack_ms));
+                if let Ok(done) = &result {
+                    if let Some(elapsed) = webhook_to_ack {
+                        metrics::record_webhook_to_ack(elapsed.try_into().unwrap_or_default());
+                    }
+                    if done.value == UpdateOutcome::AlreadyFinal {
+                        let kind = outbox::event_kind(&self.inner.pool, row.event_id)
+                            .await
+                            .ok()
+                            .flatten();
+                        metrics::record_auto_accepted(operation_action(kind.as_deref()));
+                    }
+                    tracing::info!(
+                        operation_id = %operation_id,
+                        webhook_to_ack_ms,
+                        outcome = ?done.value,
+                        "operation acknowledged"
+                    );
+                }
+                answer(result, log, Answer::Acknowledged)
+            }
+            Call::ChangePlan { plan_id } => answer(
+                client.change_plan(&ctx, sid, plan_id.as_str()).await,
+                log,
+                accepted,
+            ),
+            Call::ChangeQuantity { quantity } => answer(
+                client.change_quantity(&ctx, sid, quantity.get()).await,
+                log,
+                accepted,
+            ),
+            Call::Cancel => answer(client.delete_subscription(&ctx, sid).await, log, accepted),
+            Call::GetOperation {
+                operation_id,
+                location,
+            } => {
+                extra.insert("operation_id".into(), json!(operation_id));
+                let result = match location.as_deref().map(Url::parse) {
+                    Some(Ok(url)) => client.get_operation_at(&ctx, &url).await,
+                    _ => {
+                        client
+                            .get_operation(&ctx, sid, operation_id.as_uuid())
+                            .await
+                    }
+                };
+                if let Ok(found) = &result {
+                    extra.insert(
+                        "error_status_code".into(),
+                        json!(found.value.error_status_code),
+                    );
+                    extra.insert("error_message".into(), json!(found.value.error_message));
+                }
+                answer(result, log, |operation| Answer::Operation {
+                    error: operation.error_message.clone(),
+                    status: operation.status,
+                })
+            }
+            Call::PublishDomainEvent => match effect {
+                Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await?,
+                other => Answer::Unexpected {
+                    status: None,
+                    detail: format!("{} has no domain event", other.kind_str()),
+                },
+            },
+        })
     }
 
     /// Publishes the CloudEvent on the domain exchange (confirmed).
@@ -1308,7 +879,7 @@ impl EffectRunner {
         &self,
         row: &Execution,
         event: &DomainEvent,
-    ) -> Result<Disposition, StoreError> {
+    ) -> Result<Answer, StoreError> {
         let (position, total) = outbox::domain_event_position(&self.inner.pool, row).await?;
         let id = if total > 1 {
             format!("{}:{position}", row.event_id)
@@ -1331,45 +902,59 @@ impl EffectRunner {
         {
             Ok(()) => {
                 tracing::info!(event_id = %id, routing_key = event.kind.routing_key(), "domain event published");
-                Ok(Disposition::Done)
+                Ok(Answer::Published)
             }
-            Err(error) => Ok(Disposition::Retry {
-                error: format!("cannot publish the domain event: {error}"),
-                retry_after: None,
-                progress: object(&row.progress),
+            Err(error) => Ok(Answer::PublishFailed {
+                detail: format!("cannot publish the domain event: {error}"),
             }),
         }
     }
 
     // ---- helpers ---------------------------------------------------------------------
 
-    /// Records the failed call and turns the error into a retry or a dead row.
-    async fn failed_call(
-        &self,
-        row: &Execution,
-        mut log: CallLog,
-        error: ApiError,
-        progress: Value,
-    ) -> Result<Disposition, StoreError> {
-        log.err(&error);
-        self.record(
-            row,
-            &log,
-            &format!("{} failed: {error}", row.kind),
-            json!({}),
-        )
-        .await;
-        Ok(disposition_for(&error, progress))
+    /// The command row of a publisher change, as a step reported it.
+    fn track_command(&self, row: &Execution, effect: &Effect, command: CommandRecord) {
+        let (command_id, kind, plan, quantity) = match effect {
+            Effect::RequestPlanChange {
+                command_id,
+                plan_id,
+            } => (
+                command_id,
+                "ChangePlan",
+                Some(plan_id.as_str().to_owned()),
+                None,
+            ),
+            Effect::RequestQuantityChange {
+                command_id,
+                quantity,
+            } => (
+                command_id,
+                "ChangeQuantity",
+                None,
+                i32::try_from(quantity.get()).ok(),
+            ),
+            Effect::RequestCancel { command_id } => (command_id, "Cancel", None, None),
+            _ => return,
+        };
+        if let Some(operation_id) = command.operation_id {
+            tracing::info!(operation_id = %operation_id, status = command.status.as_str(), "publisher command");
+        }
+        row.push(Write::Command(PublisherOperationUpdate {
+            command_id: command_id.as_uuid(),
+            subscription_id: row.subscription_id,
+            kind,
+            target_plan_id: plan,
+            target_quantity: quantity,
+            operation_id: command.operation_id,
+            operation_location: command.location,
+            status: command.status.as_str(),
+            last_error: command.error,
+        }));
     }
 
     /// Feeds an effect's result back through the machine (no inbox key: the machine's
     /// own key check makes a repeat harmless). Written with the row's end.
-    async fn feed(
-        &self,
-        row: &Execution,
-        event: Event,
-        request_id: Option<String>,
-    ) -> Result<(), StoreError> {
+    fn feed(&self, row: &Execution, event: Event, request_id: Option<String>) {
         let source = EventSource {
             correlation_id: row.correlation_id.clone(),
             request_id,
@@ -1378,18 +963,23 @@ impl EffectRunner {
             ..EventSource::default()
         };
         row.push(Write::Feed { event, source });
-        Ok(())
     }
 
     /// Appends the execution to the event log, with the row's end.
-    async fn record(&self, row: &Execution, log: &CallLog, reason: &str, extra: Value) {
+    fn record(
+        &self,
+        row: &Execution,
+        log: &CallLog,
+        reason: &str,
+        extra: serde_json::Map<String, Value>,
+    ) {
         let mut details = json!({
             "outbox_id": row.id,
             "attempt": row.attempts + 1,
             "effect": row.effect,
             "calls": log.calls,
         });
-        if let (Some(details), Value::Object(extra)) = (details.as_object_mut(), extra) {
+        if let Some(details) = details.as_object_mut() {
             details.extend(extra);
         }
         row.push(Write::Record(EffectRecord {
@@ -1402,80 +992,88 @@ impl EffectRunner {
         }));
     }
 
-    async fn record_dead(&self, row: &Execution, reason: &str) {
-        self.record(
-            row,
-            &CallLog::default(),
-            &format!("dead: {reason}"),
-            json!({ "dead": true }),
-        )
-        .await;
+    fn record_dead(&self, row: &Execution, reason: &str) {
+        let mut extra = serde_json::Map::new();
+        extra.insert("dead".into(), json!(true));
+        self.record(row, &CallLog::default(), &format!("dead: {reason}"), extra);
     }
+}
 
-    fn operation_location(&self, subscription_id: Uuid, operation_id: Uuid) -> String {
-        let mut base = self.inner.api_url.clone();
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
+/// The answer of a call: its value on success, its class on failure; the call goes into
+/// the execution's log either way.
+fn answer<T>(
+    result: Result<Response<T>, ApiError>,
+    log: &mut CallLog,
+    success: impl FnOnce(T) -> Answer,
+) -> Answer {
+    match result {
+        Ok(response) => {
+            log.ok(&response.meta);
+            success(response.value)
         }
-        match base.join(&format!(
-            "saas/subscriptions/{subscription_id}/operations/{operation_id}?api-version={}",
-            marketplace::API_VERSION
-        )) {
-            Ok(url) => url.to_string(),
-            Err(_) => String::new(),
+        Err(error) => {
+            log.err(&error);
+            classify(&error)
         }
     }
 }
 
-/// What a publisher command asks Microsoft for.
-#[derive(Debug)]
-enum Change<'a> {
-    Plan(&'a PlanId),
-    Quantity(Quantity),
-    Cancel,
-}
-
-impl Change<'_> {
-    fn kind(&self) -> &'static str {
-        match self {
-            Change::Plan(_) => "ChangePlan",
-            Change::Quantity(_) => "ChangeQuantity",
-            Change::Cancel => "Cancel",
-        }
-    }
-
-    fn plan(&self) -> Option<&str> {
-        match self {
-            Change::Plan(plan) => Some(plan.as_str()),
-            _ => None,
-        }
-    }
-
-    fn quantity(&self) -> Option<i32> {
-        match self {
-            Change::Quantity(quantity) => i32::try_from(quantity.get()).ok(),
-            _ => None,
-        }
+fn accepted(accepted: marketplace::Accepted) -> Answer {
+    Answer::Accepted {
+        operation_id: accepted.operation_id,
+        location: accepted.operation_location.to_string(),
+        retry_after: accepted.retry_after,
     }
 }
 
-enum UnderWay {
-    Operation(Uuid),
-    Done(marketplace::Subscription),
+/// The answer class of a failed call (the client's error classes refined where the
+/// protocols need more: was the request sent, is a 400 the "locked" one).
+fn classify(error: &ApiError) -> Answer {
+    let detail = error.to_string();
+    let status = error.status();
+    let token_call = error
+        .failure()
+        .is_some_and(|f| f.call == marketplace::Call::EntraToken);
+    match error {
+        // The token request failed: the call itself never left.
+        _ if token_call && error.is_retryable() => Answer::NotSent { detail },
+        ApiError::Throttled { retry_after, .. } if status == Some(429) => Answer::Throttled {
+            retry_after: *retry_after,
+            detail,
+        },
+        ApiError::Throttled { retry_after, .. } => Answer::ServerError {
+            status: status.unwrap_or(503),
+            retry_after: *retry_after,
+            detail,
+        },
+        ApiError::Transient { cause, .. } => match cause {
+            TransientCause::Connect => Answer::NotSent { detail },
+            TransientCause::Timeout => Answer::Timeout { detail },
+            TransientCause::Network => Answer::ConnectionReset { detail },
+            TransientCause::Status => Answer::ServerError {
+                status: status.unwrap_or(500),
+                retry_after: None,
+                detail,
+            },
+        },
+        ApiError::Unauthorized { .. } => Answer::Unauthorized {
+            status: status.unwrap_or(401),
+            detail,
+        },
+        ApiError::NotFound { .. } => Answer::NotFound { detail },
+        ApiError::Conflict { .. } => Answer::Conflict { detail },
+        ApiError::Permanent { .. } if status == Some(400) => Answer::BadRequest {
+            locked: says_locked(error.body().unwrap_or_default()),
+            detail,
+        },
+        _ => Answer::Unexpected { status, detail },
+    }
 }
 
-fn disposition_for(error: &ApiError, progress: Value) -> Disposition {
-    if error.is_retryable() {
-        Disposition::Retry {
-            error: error.to_string(),
-            retry_after: error.retry_after(),
-            progress,
-        }
-    } else {
-        Disposition::Dead {
-            reason: error.to_string(),
-        }
-    }
+/// Microsoft's 400 "Subscription is locked due to pending operations" (P11, §15.2).
+fn says_locked(body: &str) -> bool {
+    let body = body.to_ascii_lowercase();
+    body.contains("locked") || body.contains("pending operation")
 }
 
 /// Puts the effect's operation id (if it has one) on the current span.
@@ -1516,13 +1114,6 @@ fn context(row: &OutboxRow) -> CallContext {
     CallContext::new(id)
 }
 
-fn object(value: &Value) -> Value {
-    match value {
-        Value::Object(_) => value.clone(),
-        _ => json!({}),
-    }
-}
-
 /// Waits for the next `NOTIFY`; `true` when the listener broke (fall back to polling).
 async fn next_notification(listener: &mut Option<PgListener>) -> bool {
     match listener {
@@ -1542,33 +1133,77 @@ mod tests {
     use fulfillment_state_machine::{DomainEventKind, StateName};
 
     use super::*;
+    use crate::marketplace::Failure;
 
-    #[test]
-    fn retry_delays_double_up_to_the_cap_with_jitter() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(60);
-        assert_eq!(retry_delay(base, max, 1, None, 1.0), Duration::from_secs(1));
-        assert_eq!(
-            retry_delay(base, max, 1, None, 0.0),
-            Duration::from_millis(500)
-        );
-        assert_eq!(retry_delay(base, max, 4, None, 1.0), Duration::from_secs(8));
-        assert_eq!(retry_delay(base, max, 30, None, 1.0), max);
-        assert_eq!(retry_delay(base, max, 0, None, 1.0), base);
+    fn failure(call: marketplace::Call, status: Option<u16>, body: &str) -> Box<Failure> {
+        let failure = Failure::new(call, "test");
+        Box::new(match status {
+            Some(status) => failure.with_status(status, body.as_bytes()),
+            None => failure,
+        })
+    }
+
+    fn transient(cause: TransientCause, status: Option<u16>) -> ApiError {
+        ApiError::Transient {
+            cause,
+            failure: failure(marketplace::Call::ChangePlan, status, ""),
+        }
     }
 
     #[test]
-    fn retry_after_is_a_floor_but_never_beyond_the_cap() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(60);
+    fn failed_calls_become_the_answer_classes_of_the_protocols() {
+        use marketplace::Call as Wire;
+        let class = |error: ApiError| match classify(&error) {
+            Answer::BadRequest { locked, .. } => format!("400 locked={locked}"),
+            Answer::Unauthorized { status, .. } => format!("unauthorized {status}"),
+            Answer::NotFound { .. } => "not found".into(),
+            Answer::Conflict { .. } => "conflict".into(),
+            Answer::Throttled { retry_after, .. } => format!("throttled {retry_after:?}"),
+            Answer::ServerError { status, .. } => format!("5xx {status}"),
+            Answer::Timeout { .. } => "timeout".into(),
+            Answer::ConnectionReset { .. } => "reset".into(),
+            Answer::NotSent { .. } => "not sent".into(),
+            Answer::Unexpected { status, .. } => format!("unexpected {status:?}"),
+            other => format!("{other:?}"),
+        };
+        let permanent = |status: u16, body: &str| ApiError::Permanent {
+            failure: failure(Wire::ChangePlan, Some(status), body),
+        };
+        let locked = r#"{"error":{"message":"Subscription is locked due to pending operations"}}"#;
+        assert_eq!(class(permanent(400, locked)), "400 locked=true");
         assert_eq!(
-            retry_delay(base, max, 1, Some(Duration::from_secs(7)), 0.3),
-            Duration::from_secs(7)
+            class(permanent(400, "Plan gold is not available")),
+            "400 locked=false"
         );
+        assert_eq!(class(permanent(422, "")), "unexpected Some(422)");
+        assert_eq!(class(transient(TransientCause::Timeout, None)), "timeout");
+        assert_eq!(class(transient(TransientCause::Network, None)), "reset");
+        assert_eq!(class(transient(TransientCause::Connect, None)), "not sent");
         assert_eq!(
-            retry_delay(base, max, 1, Some(Duration::from_secs(3600)), 0.3),
-            max
+            class(transient(TransientCause::Status, Some(502))),
+            "5xx 502"
         );
+        let throttled = |status: u16| ApiError::Throttled {
+            retry_after: Some(Duration::from_secs(3)),
+            failure: failure(Wire::ChangePlan, Some(status), ""),
+        };
+        assert_eq!(class(throttled(429)), "throttled Some(3s)");
+        // A 503 with Retry-After may have been processed: not "never sent".
+        assert_eq!(class(throttled(503)), "5xx 503");
+        // The token request failed: the call itself never left.
+        let token = ApiError::Transient {
+            cause: TransientCause::Status,
+            failure: failure(Wire::EntraToken, Some(503), ""),
+        };
+        assert_eq!(class(token), "not sent");
+        let unauthorized = ApiError::Unauthorized {
+            failure: failure(Wire::GetSubscription, Some(403), ""),
+        };
+        assert_eq!(class(unauthorized), "unauthorized 403");
+        let conflict = ApiError::Conflict {
+            failure: failure(Wire::DeleteSubscription, Some(409), ""),
+        };
+        assert_eq!(class(conflict), "conflict");
     }
 
     #[test]

@@ -3,14 +3,17 @@
 //!
 //! - [`translate`]: queue messages and Microsoft's wire types → machine events.
 //! - [`consume`]: the consumer loop (inbound queue → `ledger::apply` → ack).
-//! - [`effects`]: the outbox runner and the effect executors (Microsoft calls, domain
-//!   events), whose results come back as machine events.
+//! - [`protocol`]: the Microsoft protocol of each effect as pure steps (sans-IO): which
+//!   call next, how long to wait, which events an answer means.
+//! - [`effects`]: the outbox runner: claims effects, carries out their protocols' steps
+//!   (Microsoft calls, domain events) and feeds the results back as machine events.
 //! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
 //! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
 
 pub mod consume;
 pub mod effects;
 pub mod listener;
+pub mod protocol;
 pub mod run;
 pub mod translate;
 

@@ -81,6 +81,7 @@ fn accepted() -> Event {
         command_id: CommandId::from(Uuid::from_u128(SCENARIO_COMMAND)),
         operation_id: OperationId::from(Uuid::from_u128(SCENARIO_OPERATION)),
         location: "https://marketplaceapi.microsoft.com/operations/0b".to_owned(),
+        retry_after_ms: Some(10_000),
     }
 }
 
@@ -154,6 +155,16 @@ impl EventKind {
                 command_id: CommandId::from(Uuid::from_u128(SCENARIO_COMMAND)),
                 reason: "400 locked".to_owned(),
             }],
+            EventKind::PublisherOperationConcluded => {
+                [OperationStatus::Succeeded, OperationStatus::Failed]
+                    .into_iter()
+                    .map(|status| Event::PublisherOperationConcluded {
+                        command_id: CommandId::from(Uuid::from_u128(SCENARIO_COMMAND)),
+                        status,
+                        reason: "GET subscription after a lost 202".to_owned(),
+                    })
+                    .collect()
+            }
             EventKind::OperationResult => [
                 OperationStatus::Succeeded,
                 OperationStatus::Failed,

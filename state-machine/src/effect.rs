@@ -57,6 +57,9 @@ pub enum Effect {
         operation_id: OperationId,
         /// Operation-Location.
         location: String,
+        /// The 202's `Retry-After`: first poll delay and floor between polls (§15.1).
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
     },
     /// After an ACK: GET the operation until Microsoft reports it final, then feed
     /// `Event::OperationResult`. Microsoft applies a change only after the ACK (§7.3), so

@@ -63,12 +63,27 @@ pub enum Event {
         operation_id: OperationId,
         /// The Operation-Location URL to poll.
         location: String,
+        /// The 202's `Retry-After`: the first poll waits this long, and no poll comes
+        /// sooner than this after the last (§15.1).
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
     },
     /// Microsoft answered 4xx to our PATCH/DELETE (e.g. P11 lock, P22 CSP).
     PublisherOperationRefused {
         /// The command this answers.
         command_id: CommandId,
         /// Microsoft's error.
+        reason: String,
+    },
+    /// How our PATCH/DELETE ended when its 202 never reached us (a timeout, a reset or a
+    /// 5xx after the request left): learned by following the subscription with GET, since
+    /// List operations never lists our own operations (§15.2). The operation id is unknown.
+    PublisherOperationConcluded {
+        /// The command this answers.
+        command_id: CommandId,
+        /// How it ended at Microsoft.
+        status: OperationStatus,
+        /// What showed it.
         reason: String,
     },
     /// The final status of a polled publisher operation.
@@ -316,6 +331,8 @@ pub enum EventKind {
     PublisherOperationAccepted,
     /// [`Event::PublisherOperationRefused`].
     PublisherOperationRefused,
+    /// [`Event::PublisherOperationConcluded`].
+    PublisherOperationConcluded,
     /// [`Event::OperationResult`].
     OperationResult,
     /// [`Event::Observed`].
@@ -324,7 +341,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, in a stable order (diagram labels follow it).
-    pub const ALL: [EventKind; 19] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::WebhookSubscribe,
         EventKind::WebhookChangePlan,
         EventKind::WebhookChangeQuantity,
@@ -342,6 +359,7 @@ impl EventKind {
         EventKind::PublisherCancel,
         EventKind::PublisherOperationAccepted,
         EventKind::PublisherOperationRefused,
+        EventKind::PublisherOperationConcluded,
         EventKind::OperationResult,
         EventKind::Observed,
     ];
@@ -366,6 +384,7 @@ impl EventKind {
             EventKind::PublisherCancel => "PublisherCancel",
             EventKind::PublisherOperationAccepted => "PublisherOperationAccepted",
             EventKind::PublisherOperationRefused => "PublisherOperationRefused",
+            EventKind::PublisherOperationConcluded => "PublisherOperationConcluded",
             EventKind::OperationResult => "OperationResult",
             EventKind::Observed => "Observed",
         }
@@ -409,6 +428,9 @@ impl Event {
             Event::PublisherOperationRefused { command_id, .. } => {
                 format!("command-refused:{command_id}")
             }
+            Event::PublisherOperationConcluded {
+                command_id, status, ..
+            } => format!("command-concluded:{command_id}:{status}"),
             Event::OperationResult {
                 operation_id,
                 status,
@@ -443,6 +465,7 @@ impl Event {
             },
             Event::PublisherOperationAccepted { .. } => EventKind::PublisherOperationAccepted,
             Event::PublisherOperationRefused { .. } => EventKind::PublisherOperationRefused,
+            Event::PublisherOperationConcluded { .. } => EventKind::PublisherOperationConcluded,
             Event::OperationResult { .. } => EventKind::OperationResult,
             Event::Observed { .. } => EventKind::Observed,
         }

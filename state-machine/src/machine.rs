@@ -290,7 +290,8 @@ impl Ledger {
     /// - `ActivationConfirmed` → **Subscribed**.
     /// - Webhook `Subscribe` (auto-activation, §5.6) → **Subscribed** + `FetchSubscription`.
     /// - Webhook `Unsubscribe` (cancelled before activation, or a purchase we never saw,
-    ///   P12) → **Unsubscribed**.
+    ///   P12) → **Unsubscribed**; while our activation is pending it is also
+    ///   `ActivationFailed` (§15.4: a failed activation ends in an Unsubscribe).
     /// - Webhook `ChangePlan`/`ChangeQuantity` from the customer for a resolved purchase →
     ///   **Subscribed** (`Activated`) and the change decided as there: Microsoft allows
     ///   changes only once it has the subscription Subscribed, and the ACK window runs.
@@ -358,6 +359,30 @@ impl Ledger {
                     context.applied("activated by Microsoft at checkout (auto-activation)");
                     Transition(State::subscribed(details, None))
                 }
+                WebhookAction::Unsubscribe if *activation == ActivationProgress::Requested => {
+                    // §15.4, P4: Activate is asynchronous and a failed activation ends in
+                    // an Unsubscribe; the ISV hears why before it hears the end.
+                    let details = with_webhook(details, webhook);
+                    let reason = "activation failed at Microsoft: Unsubscribe while our \
+                                  activation was pending (§15.4)"
+                        .to_owned();
+                    context.publish_because(
+                        DomainEventKind::ActivationFailed,
+                        &details,
+                        StateName::Unsubscribed,
+                        Some(reason.clone()),
+                    );
+                    context.publish(
+                        DomainEventKind::Unsubscribed,
+                        &details,
+                        StateName::Unsubscribed,
+                    );
+                    context.applied(reason.clone());
+                    Transition(State::unsubscribed(
+                        details,
+                        ActivationProgress::Failed { reason },
+                    ))
+                }
                 WebhookAction::Unsubscribe => {
                     let details = with_webhook(details, webhook);
                     context.publish(
@@ -403,6 +428,7 @@ impl Ledger {
             ),
             Event::PublisherOperationAccepted { .. }
             | Event::PublisherOperationRefused { .. }
+            | Event::PublisherOperationConcluded { .. }
             | Event::OperationResult { .. } => {
                 context.not_applicable("no publisher operation is pending")
             }
@@ -582,7 +608,8 @@ impl Ledger {
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
     /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
-    ///   (§7.2), or **Unsubscribed** for Cancel. The result of a customer operation we
+    ///   (§7.2), or **Unsubscribed** for Cancel; `PublisherOperationConcluded` (our 202 was
+    ///   lost, GET showed how it ended, §15.2) the same. The result of a customer operation we
     ///   ACKed (its webhook was handled) → `FetchSubscription`: now a GET shows its outcome.
     #[superstate]
     fn live(
@@ -644,6 +671,7 @@ impl Ledger {
                 command_id,
                 operation_id,
                 location,
+                retry_after_ms,
             } => match pending {
                 Some(op) if op.command_id == *command_id && op.operation_id.is_none() => {
                     op.operation_id = Some(*operation_id);
@@ -652,6 +680,7 @@ impl Ledger {
                         command_id: *command_id,
                         operation_id: *operation_id,
                         location: location.clone(),
+                        retry_after_ms: *retry_after_ms,
                     });
                     context.applied(format!("operation {operation_id} accepted by Microsoft"));
                     Handled
@@ -674,6 +703,21 @@ impl Ledger {
                 }
                 _ => context
                     .not_applicable(format!("command {command_id} is not awaiting an answer")),
+            },
+            Event::PublisherOperationConcluded {
+                command_id,
+                status,
+                reason,
+            } => match pending.take() {
+                Some(op) if op.command_id == *command_id => {
+                    let what = format!("command {command_id} ({reason})");
+                    conclude(details, op, &what, *status, context)
+                }
+                other => {
+                    *pending = other;
+                    context
+                        .not_applicable(format!("command {command_id} is not awaiting an answer"))
+                }
             },
             Event::OperationResult {
                 operation_id,
@@ -1392,10 +1436,29 @@ fn operation_result(
             "operation {operation_id} is not ours or not pending"
         ));
     };
-    let state = context.from;
     *pending = None;
+    conclude(
+        details,
+        op,
+        &format!("operation {operation_id}"),
+        status,
+        context,
+    )
+}
+
+/// Ends our pending PATCH/DELETE `op` as Microsoft ended it: a failure keeps the state and
+/// tells the ISV; a success applies the change once (a cancellation ends the subscription).
+/// `what` names the operation, or the command when its operation id never reached us.
+fn conclude(
+    details: &mut Details,
+    op: PendingOperation,
+    what: &str,
+    status: OperationStatus,
+    context: &mut Ctx<'_>,
+) -> Outcome<State> {
+    let state = context.from;
     if status != OperationStatus::Succeeded {
-        let reason = format!("operation {operation_id} ended {status}");
+        let reason = format!("{what} ended {status}");
         if op.applied {
             // A Partner webhook made us apply the target early; re-read the truth.
             context.push(Effect::FetchSubscription);
@@ -1416,7 +1479,7 @@ fn operation_result(
                 details,
                 StateName::Unsubscribed,
             );
-            context.applied(format!("cancellation {operation_id} succeeded"));
+            context.applied(format!("cancellation {what} succeeded"));
             Transition(State::unsubscribed(
                 details.clone(),
                 ActivationProgress::Confirmed,

@@ -287,12 +287,35 @@ fn cases() -> Vec<Case> {
             vec![domain(K::Unsubscribed, None, None, Unsubscribed, None)],
             Applied,
         ),
+        with_policy(
+            manual(),
+            case(
+                "customer cancels while pending, before any activation, goes Unsubscribed",
+                pending_resolved(),
+                azure(1, WebhookAction::Unsubscribe, 2),
+                Unsubscribed,
+                vec![gold(K::Unsubscribed, Unsubscribed)],
+                Applied,
+            ),
+        ),
         case(
-            "customer cancels while pending goes Unsubscribed",
+            "§15.4 Unsubscribe while our activation is pending is activation failed at Microsoft",
             pending_resolved(),
             azure(1, WebhookAction::Unsubscribe, 2),
             Unsubscribed,
-            vec![gold(K::Unsubscribed, Unsubscribed)],
+            vec![
+                domain(
+                    K::ActivationFailed,
+                    Some("gold"),
+                    Some(10),
+                    Unsubscribed,
+                    Some(
+                        "activation failed at Microsoft: Unsubscribe while our activation \
+                         was pending (§15.4)",
+                    ),
+                ),
+                gold(K::Unsubscribed, Unsubscribed),
+            ],
             Applied,
         ),
         case(
@@ -694,8 +717,56 @@ fn cases() -> Vec<Case> {
                 command_id: cmd(1),
                 operation_id: op(50),
                 location: "https://example.test/operations/50".into(),
+                retry_after_ms: Some(10_000),
             }],
             Applied,
+        ),
+        case(
+            "§15.2 lost 202, GET shows the target: the plan change succeeded, applied once",
+            then(
+                subscribed(),
+                command(
+                    1,
+                    Command::ChangePlan {
+                        plan_id: plan("platinum"),
+                    },
+                ),
+            ),
+            Event::PublisherOperationConcluded {
+                command_id: cmd(1),
+                status: OperationStatus::Succeeded,
+                reason: "GET shows plan platinum".into(),
+            },
+            Subscribed,
+            vec![
+                domain(K::PlanChanged, Some("platinum"), Some(10), Subscribed, None),
+                Effect::FetchSubscription,
+            ],
+            Applied,
+        ),
+        case(
+            "§15.2 lost 202 of our DELETE, GET shows Unsubscribed: the cancellation succeeded",
+            then(subscribed(), command(1, Command::Cancel)),
+            Event::PublisherOperationConcluded {
+                command_id: cmd(1),
+                status: OperationStatus::Succeeded,
+                reason: "GET shows Unsubscribed".into(),
+            },
+            Unsubscribed,
+            vec![gold(K::Unsubscribed, Unsubscribed)],
+            Applied,
+        ),
+        case(
+            "§15.2 a concluded command that is not the pending one is not applicable",
+            then(subscribed(), command(1, Command::Cancel)),
+            Event::PublisherOperationConcluded {
+                command_id: cmd(2),
+                status: OperationStatus::Succeeded,
+                reason: "GET shows Unsubscribed".into(),
+            },
+            Subscribed,
+            vec![],
+            NotApplicable,
         ),
         case(
             "Microsoft 4xx for our command clears it and tells the ISV",
