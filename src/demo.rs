@@ -152,6 +152,10 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         webhook_delay: Duration::from_millis(50),
         webhook_retry_interval: Duration::from_secs(1),
         webhook_max_attempts: 20,
+        // Production's 202 asks for 10 s before the first poll; the demo keeps the shape
+        // (NotStarted, then InProgress, behind a Retry-After) at a pace worth watching.
+        retry_after: Duration::from_secs(1),
+        operation_start_delay: Duration::from_millis(200),
         ..Timings::default()
     };
     let sim = Simulator::start(config, sim_listener)

@@ -1768,7 +1768,12 @@ mod state_machine {
             .prop_map(|(status, plan_id, quantity, term)| Snapshot {
                 plan_id,
                 quantity,
-                term: term.map(|(unit, start, end)| Term { unit, start, end }),
+                term: term.map(|(unit, start, end)| Term {
+                    unit,
+                    start,
+                    end,
+                    ..Term::default()
+                }),
                 ..Snapshot::with_status(status)
             })
     }
@@ -1811,8 +1816,8 @@ mod state_machine {
                 .prop_map(|(term, confirmed_at)| Event::ActivationConfirmed { term, confirmed_at }),
             1 => (".{0,20}", instant()).prop_map(|(reason, failed_at)| Event::ActivationFailed { reason, failed_at }),
             2 => (cmd.clone(), command).prop_map(|(command_id, command)| Event::PublisherCommand { command_id, command }),
-            2 => (cmd.clone(), op.clone(), ".{0,20}").prop_map(|(command_id, operation_id, location)| {
-                Event::PublisherOperationAccepted { command_id, operation_id, location }
+            2 => (cmd.clone(), op.clone(), ".{0,20}", prop::option::of(0u64..20)).prop_map(|(command_id, operation_id, location, retry_after_secs)| {
+                Event::PublisherOperationAccepted { command_id, operation_id, location, retry_after_secs }
             }),
             1 => (cmd, ".{0,20}").prop_map(|(command_id, reason)| Event::PublisherOperationRefused { command_id, reason }),
             2 => (op, prop_oneof![Just(OperationStatus::Succeeded), Just(OperationStatus::Failed), Just(OperationStatus::Conflict)])

@@ -106,8 +106,13 @@ pub struct Accepted {
     /// Derived from `Operation-Location` (the undocumented `Operation-Id` header is only a
     /// fallback).
     pub operation_id: Uuid,
-    /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`].
+    /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`]. Production puts
+    /// it on another host than the API's (§15.1): the client replays its path on its own
+    /// base URL.
     pub operation_location: Url,
+    /// `Retry-After` of the 202 (10 s in production): wait this long before the first poll,
+    /// and never poll more often (§15.1).
+    pub retry_after: Option<Duration>,
 }
 
 /// The result of acknowledging an operation (§4.11).
@@ -369,9 +374,17 @@ impl MarketplaceClient {
                 return Err(raw.error());
             }
             let wire: SubscriptionsPageWire = raw.json()?.unwrap_or_default();
+            let next_link = self
+                .next_link(wire.next_link, wire.continuation_token)
+                .map_err(|link| {
+                    // Never "the last page" by accident: the rest would go unreconciled.
+                    Error::permanent(raw.failure(format!(
+                        "@nextLink {link:?} is not a URL and has no continuationToken"
+                    )))
+                })?;
             Ok(SubscriptionsPage {
                 subscriptions: wire.subscriptions,
-                next_link: self.next_link(wire.next_link, wire.continuation_token),
+                next_link,
             })
         })
         .await
@@ -521,12 +534,14 @@ impl MarketplaceClient {
         let header_id = raw
             .header(&OPERATION_ID)
             .and_then(|id| Uuid::parse_str(&id).ok());
+        let retry_after = super::error::retry_after(&raw.headers, time::OffsetDateTime::now_utc());
         match (location, header_id) {
             (Some(location), header_id) => {
                 match operation_id_from_location(&location).or(header_id) {
                     Some(operation_id) => Ok(Accepted {
                         operation_id,
                         operation_location: location,
+                        retry_after,
                     }),
                     None => Err(Error::permanent(raw.failure(format!(
                         "no operation id in Operation-Location {location}"
@@ -536,6 +551,7 @@ impl MarketplaceClient {
             (None, Some(operation_id)) => Ok(Accepted {
                 operation_id,
                 operation_location: self.operation_url(subscription_id, operation_id),
+                retry_after,
             }),
             (None, None) => Err(Error::permanent(raw.failure(format!(
                 "HTTP {} without Operation-Location; reconcile with list_operations",
@@ -546,7 +562,8 @@ impl MarketplaceClient {
 
     /// Operations still awaiting our acknowledgement (§4.9). `{}`, `{"operations":[]}`, an
     /// empty body and a 404 (what the real API may answer for an unknown subscription, P19)
-    /// all mean none; the 404 shows in `meta.status`.
+    /// all mean none; the 404 shows in `meta.status`. Microsoft's emulator answers a bare
+    /// JSON array, which is read as the list (§15.2).
     pub async fn list_operations(
         &self,
         ctx: &CallContext,
@@ -565,9 +582,7 @@ impl MarketplaceClient {
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
             match raw.status {
                 404 => Ok(Vec::new()),
-                _ if raw.is_success() => {
-                    Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations)
-                }
+                _ if raw.is_success() => Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations),
                 _ => Err(raw.error()),
             }
         })
@@ -787,7 +802,8 @@ impl MarketplaceClient {
         let mut url = if link.origin() == self.base.origin() {
             link.clone()
         } else {
-            tracing::warn!(
+            // The normal case in production (§15.1): not worth a warning on every poll.
+            tracing::debug!(
                 link = %link,
                 base = %self.base,
                 "Marketplace link points to another host; replaying it on the configured base"
@@ -811,12 +827,35 @@ impl MarketplaceClient {
     }
 
     /// `@nextLink` (absolute, or relative to the base), or the 2019 body `continuationToken`.
-    fn next_link(&self, link: Option<String>, token: Option<String>) -> Option<Url> {
+    /// A link that is no URL (the docs' sample reads `"https:// https://…"`) still counts
+    /// when a `continuationToken=` can be read out of it (§4.3); otherwise it is returned as
+    /// the error, never taken for "no next page" (§15.1).
+    fn next_link(&self, link: Option<String>, token: Option<String>) -> Result<Option<Url>, String> {
         if let Some(link) = link.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()) {
-            return Url::parse(&link).or_else(|_| self.base.join(&link)).ok();
+            if let Ok(url) = Url::parse(&link).or_else(|_| self.base.join(&link))
+                && url.host().is_some()
+                && !link.contains(' ')
+            {
+                return Ok(Some(url));
+            }
+            let token = link
+                .split(['?', '&'])
+                .find_map(|pair| pair.strip_prefix("continuationToken="))
+                .map(|t| t.split('#').next().unwrap_or(t))
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| link.clone())?;
+            // The token is still percent-encoded as it sat in the link: keep it so.
+            let mut url = self.url("saas/subscriptions", &[]);
+            let query = format!("{}&continuationToken={token}", url.query().unwrap_or(""));
+            url.set_query(Some(&query));
+            return Ok(Some(url));
         }
-        let token = token.filter(|t| !t.trim().is_empty())?;
-        Some(self.url("saas/subscriptions", &[("continuationToken", &token)]))
+        let Some(token) = token.filter(|t| !t.trim().is_empty()) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.url("saas/subscriptions", &[("continuationToken", &token)]),
+        ))
     }
 
     /// Runs `request` under the retry policy; `interpret` turns each response into a value
@@ -1203,16 +1242,35 @@ mod tests {
             c.same_origin_or_rebased(&op, op.path()).as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions/s/operations/o?api-version=2018-08-31"
         );
-        assert_eq!(c.next_link(Some("  ".into()), None), None);
+        assert_eq!(c.next_link(Some("  ".into()), None), Ok(None));
         assert_eq!(
-            c.next_link(None, Some("tok+1".into())).unwrap().as_str(),
+            c.next_link(None, Some("tok+1".into()))
+                .unwrap()
+                .unwrap()
+                .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=tok%2B1"
         );
         assert_eq!(
             c.next_link(Some("saas/subscriptions?continuationToken=x".into()), None)
                 .unwrap()
+                .unwrap()
                 .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?continuationToken=x"
+        );
+        // The docs' malformed sample: the token is read out of it, not dropped.
+        assert_eq!(
+            c.next_link(
+                Some("https:// https://marketplaceapi.microsoft.com/api/saas/subscriptions/?continuationToken=%5b%7b%22&api-version=2018-08-31".into()),
+                None
+            )
+            .unwrap()
+            .unwrap()
+            .as_str(),
+            "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=%5b%7b%22"
+        );
+        assert_eq!(
+            c.next_link(Some("https:// nonsense".into()), None),
+            Err("https:// nonsense".to_owned())
         );
     }
 }

@@ -384,10 +384,19 @@ pub struct SourceOffer {
     pub external_id: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `{"plans": [...]}`, or the bare array Microsoft's emulator sends for an unknown
+/// subscription.
+#[derive(Debug, Default)]
 pub(crate) struct PlansWire {
-    #[serde(default, deserialize_with = "lenient::list")]
     pub plans: Vec<Plan>,
+}
+
+impl<'de> Deserialize<'de> for PlansWire {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            plans: lenient::list_or_field(Value::deserialize(d)?, "plans"),
+        })
+    }
 }
 
 /// An asynchronous operation (§3.5).
@@ -423,16 +432,44 @@ pub struct Operation {
     pub error_status_code: Option<String>,
     #[serde(default, deserialize_with = "lenient::string")]
     pub error_message: Option<String>,
+    /// Read it through [`Operation::request_source`], which also knows the emulator's
+    /// spelling.
     #[serde(default)]
     pub operation_request_source: Option<RequestSource>,
+    /// Microsoft's emulator spells the field `operationRequestedSource` (a separate field,
+    /// not an alias: a body with both must not fail as a duplicate).
+    #[serde(
+        default,
+        rename = "operationRequestedSource",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operation_requested_source: Option<RequestSource>,
     #[serde(default, deserialize_with = "lenient::string")]
     pub resource_location: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+impl Operation {
+    /// Who initiated the operation, under either spelling of the field.
+    pub fn request_source(&self) -> Option<&RequestSource> {
+        self.operation_request_source
+            .as_ref()
+            .or(self.operation_requested_source.as_ref())
+    }
+}
+
+/// `{"operations": [...]}` as documented, `{}`, or the bare array Microsoft's emulator
+/// sends (§15.2).
+#[derive(Debug, Default)]
 pub(crate) struct OperationsWire {
-    #[serde(default, deserialize_with = "lenient::list")]
     pub operations: Vec<Operation>,
+}
+
+impl<'de> Deserialize<'de> for OperationsWire {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            operations: lenient::list_or_field(Value::deserialize(d)?, "operations"),
+        })
+    }
 }
 
 /// One metered usage event to post (§9.1). Send only usage above what the plan includes,
@@ -662,14 +699,29 @@ pub struct WebhookPayload {
     pub time_stamp: Option<OffsetDateTime>,
     #[serde(default)]
     pub status: Option<OperationStatus>,
+    /// Read it through [`WebhookPayload::request_source`].
     #[serde(default)]
     pub operation_request_source: Option<RequestSource>,
+    /// The emulator's spelling (see [`Operation::operation_requested_source`]).
+    #[serde(
+        default,
+        rename = "operationRequestedSource",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operation_requested_source: Option<RequestSource>,
     /// A snapshot that may lag behind the action (P13).
     #[serde(default, deserialize_with = "lenient::object")]
     pub subscription: Option<Subscription>,
 }
 
 impl WebhookPayload {
+    /// Who initiated the operation, under either spelling of the field.
+    pub fn request_source(&self) -> Option<&RequestSource> {
+        self.operation_request_source
+            .as_ref()
+            .or(self.operation_requested_source.as_ref())
+    }
+
     /// Parses a webhook body with the same leniency as API responses (trimmed keys,
     /// trailing commas). The error says which required field is missing or malformed.
     pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
@@ -887,6 +939,16 @@ pub(crate) mod lenient {
 
     /// An array; null/absent → empty; unreadable items are skipped with a warning so one
     /// odd record cannot hide all the others from the reconciler.
+    /// The list under `field` of an object, or the value itself when it is a bare array;
+    /// unreadable items are skipped as by [`list`].
+    pub(crate) fn list_or_field<T: DeserializeOwned>(value: Value, field: &str) -> Vec<T> {
+        let items = match value {
+            Value::Object(mut map) => map.remove(field).unwrap_or(Value::Null),
+            other => other,
+        };
+        list(items).unwrap_or_default()
+    }
+
     pub fn list<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
         Ok(match Value::deserialize(d)? {
             Value::Array(items) => items
@@ -1244,6 +1306,8 @@ mod tests {
                 .is_empty()
         );
         assert!(parse::<PlansWire>(r#"{"plans":[]}"#).plans.is_empty());
+        assert!(parse::<PlansWire>("[]").plans.is_empty());
+        assert!(parse::<OperationsWire>(r#"{"operations":"none"}"#).operations.is_empty());
     }
 
     #[test]

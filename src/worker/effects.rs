@@ -691,10 +691,16 @@ impl EffectRunner {
                 command_id: _,
                 operation_id,
                 location,
-            } => self.poll_operation(row, *operation_id, location).await,
+                retry_after_secs,
+            } => {
+                let retry_after = retry_after_secs.map(Duration::from_secs);
+                self.poll_operation(row, *operation_id, location, retry_after)
+                    .await
+            }
             Effect::ConfirmOperation { operation_id } => {
                 let location = self.operation_location(row.subscription_id, operation_id.as_uuid());
-                self.poll_operation(row, *operation_id, &location).await
+                self.poll_operation(row, *operation_id, &location, None)
+                    .await
             }
             Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await,
         }
@@ -1025,7 +1031,7 @@ impl EffectRunner {
                 Ok(Some(UnderWay::Operation(operation_id))) => {
                     let location = self.operation_location(sid, operation_id);
                     return self
-                        .accepted(row, command_id, operation_id, location, &tracked, &log)
+                        .accepted(row, command_id, operation_id, location, None, &tracked, &log)
                         .await;
                 }
                 Ok(Some(UnderWay::Done(subscription))) => {
@@ -1059,7 +1065,20 @@ impl EffectRunner {
                 log.ok(&accepted.meta);
                 let operation_id = accepted.value.operation_id;
                 let location = accepted.value.operation_location.to_string();
-                self.accepted(row, command_id, operation_id, location, &tracked, &log)
+                // Whole seconds, rounded up: never poll earlier than Microsoft asked.
+                let retry_after_secs = accepted
+                    .value
+                    .retry_after
+                    .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+                self.accepted(
+                    row,
+                    command_id,
+                    operation_id,
+                    location,
+                    retry_after_secs,
+                    &tracked,
+                    &log,
+                )
                     .await
             }
             Err(error) if error.request_was_not_processed() => {
@@ -1117,6 +1136,7 @@ impl EffectRunner {
         command_id: CommandId,
         operation_id: Uuid,
         location: String,
+        retry_after_secs: Option<u64>,
         tracked: &PublisherOperationUpdate<'_>,
         log: &CallLog,
     ) -> Result<Disposition, StoreError> {
@@ -1141,6 +1161,7 @@ impl EffectRunner {
                 command_id,
                 operation_id: OperationId::from(operation_id),
                 location,
+                retry_after_secs,
             },
             log.last_request_id.clone(),
         )
@@ -1197,12 +1218,24 @@ impl EffectRunner {
     /// Past the cap, or when Microsoft no longer knows the operation (P17), GET the
     /// subscription and feed `Observed` instead. Also confirms an operation we ACKed
     /// (`ConfirmOperation`), at its location rebuilt from the API base.
+    /// `retry_after` (of the 202) delays the first poll and is the floor between polls (§15.1).
     async fn poll_operation(
         &self,
         row: &Execution,
         operation_id: OperationId,
         location: &str,
+        retry_after: Option<Duration>,
     ) -> Result<Disposition, StoreError> {
+        let since_accepted = Duration::try_from(OffsetDateTime::now_utc() - row.created_at)
+            .unwrap_or(Duration::ZERO);
+        if let Some(wait) = retry_after.and_then(|r| r.checked_sub(since_accepted))
+            && !wait.is_zero()
+        {
+            return Ok(Disposition::Wait {
+                after: wait,
+                progress: object(&row.progress),
+            });
+        }
         let client = &self.inner.client;
         let ctx = context(row);
         let mut log = CallLog::default();
@@ -1259,7 +1292,11 @@ impl EffectRunner {
                     <= self.inner.config.operation_poll_cap
                 {
                     return Ok(Disposition::Wait {
-                        after: self.inner.config.operation_poll_interval,
+                        after: self
+                            .inner
+                            .config
+                            .operation_poll_interval
+                            .max(retry_after.unwrap_or_default()),
                         progress: object(&row.progress),
                     });
                 }

@@ -81,6 +81,7 @@ fn accepted() -> Event {
         command_id: CommandId::from(Uuid::from_u128(SCENARIO_COMMAND)),
         operation_id: OperationId::from(Uuid::from_u128(SCENARIO_OPERATION)),
         location: "https://marketplaceapi.microsoft.com/operations/0b".to_owned(),
+        retry_after_secs: None,
     }
 }
 

@@ -57,6 +57,10 @@ pub enum Effect {
         operation_id: OperationId,
         /// Operation-Location.
         location: String,
+        /// `Retry-After` of the 202, in seconds: wait this long before the first poll, and
+        /// at least this long between polls (§15.1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_secs: Option<u64>,
     },
     /// After an ACK: GET the operation until Microsoft reports it final, then feed
     /// `Event::OperationResult`. Microsoft applies a change only after the ACK (§7.3), so

@@ -420,7 +420,9 @@ impl Ledger {
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
     ///   `Subscribe`/`Reinstate` → no change.
     /// - Publisher `ChangePlan`/`ChangeQuantity` → `RequestPlanChange`/`RequestQuantityChange`
-    ///   unless an operation is pending (P11), the value is unchanged, or policy refuses.
+    ///   unless `allowedCustomerOperations` lacks `Update` (a CSP purchase: Microsoft would
+    ///   answer 400, §10.2), an operation is pending (P11), the value is unchanged, or
+    ///   policy refuses.
     /// - Everything else → `live`.
     #[state(superstate = "live")]
     fn subscribed(
@@ -468,6 +470,9 @@ impl Ledger {
                 command,
             } => match command {
                 Command::ChangePlan { plan_id } => {
+                    if let Some(reason) = details.forbids("Update") {
+                        return context.reject_command(details, reason);
+                    }
                     if let Some(reason) = pending_lock(pending) {
                         return context.reject_command(details, reason);
                     }
@@ -494,6 +499,9 @@ impl Ledger {
                     Handled
                 }
                 Command::ChangeQuantity { quantity } => {
+                    if let Some(reason) = details.forbids("Update") {
+                        return context.reject_command(details, reason);
+                    }
                     if let Some(reason) = pending_lock(pending) {
                         return context.reject_command(details, reason);
                     }
@@ -578,7 +586,8 @@ impl Ledger {
     ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
     ///   publisher operation already applied, nor a change we acknowledged that Microsoft
     ///   has not confirmed yet (P13: the GET may predate it).
-    /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
+    /// - Publisher `Cancel` → `RequestCancel` unless `allowedCustomerOperations` lacks
+    ///   `Delete` (§10.2) or an operation is pending (P11).
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
     /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
@@ -622,6 +631,9 @@ impl Ledger {
                 command_id,
                 command: Command::Cancel,
             } => {
+                if let Some(reason) = details.forbids("Delete") {
+                    return context.reject_command(details, reason);
+                }
                 if let Some(reason) = pending_lock(pending) {
                     return context.reject_command(details, reason);
                 }
@@ -644,6 +656,7 @@ impl Ledger {
                 command_id,
                 operation_id,
                 location,
+                retry_after_secs,
             } => match pending {
                 Some(op) if op.command_id == *command_id && op.operation_id.is_none() => {
                     op.operation_id = Some(*operation_id);
@@ -652,6 +665,7 @@ impl Ledger {
                         command_id: *command_id,
                         operation_id: *operation_id,
                         location: location.clone(),
+                        retry_after_secs: *retry_after_secs,
                     });
                     context.applied(format!("operation {operation_id} accepted by Microsoft"));
                     Handled

@@ -101,6 +101,7 @@ pub fn accepted(n: u128, op_n: u128) -> Event {
         command_id: cmd(n),
         operation_id: op(op_n),
         location: format!("https://example.test/operations/{op_n}"),
+        retry_after_secs: None,
     }
 }
 
