@@ -81,8 +81,7 @@ async fn a_publisher_change_is_polled_through_not_started_on_the_other_host_afte
     stack
         .wait_for("the plan change on both sides", || async {
             let ours = stack.engine(id).await?;
-            (ours.plan.as_deref() == Some("gold") && stack.sim_side(id).await == ours)
-                .then_some(())
+            (ours.plan.as_deref() == Some("gold") && stack.sim_side(id).await == ours).then_some(())
         })
         .await;
     stack.settle(&[id], WAIT).await;
@@ -107,7 +106,10 @@ async fn a_publisher_change_is_polled_through_not_started_on_the_other_host_afte
     assert_eq!(reads.last(), Some(&"Succeeded"), "{reads:?}");
     // 4.5 s at one poll a second at most (Retry-After as the first delay and the floor);
     // the worker's own interval here is 100 ms, which would make it dozens.
-    assert!(reads.len() <= 7, "polled faster than Retry-After: {reads:?}");
+    assert!(
+        reads.len() <= 7,
+        "polled faster than Retry-After: {reads:?}"
+    );
 
     // The location we kept is Microsoft's, on the other host; the polls still reached it.
     let location: String = sqlx::query_scalar(
@@ -153,11 +155,8 @@ async fn a_reconcile_reads_every_page_of_varying_size_through_next_links_on_the_
     assert_eq!(report.known_here, 2);
     for id in &never_seen {
         assert!(
-            report
-                .drifts
-                .iter()
-                .any(|d| d.subscription_id == *id
-                    && d.kinds.iter().any(|k| k.as_str() == "missing here")),
+            report.drifts.iter().any(|d| d.subscription_id == *id
+                && d.kinds.iter().any(|k| k.as_str() == "missing here")),
             "{id} not reported missing: {:#?}",
             report.drifts
         );
@@ -190,7 +189,11 @@ async fn a_csp_purchase_is_recorded_with_its_purchaser_and_changes_are_refused_l
         .entitlement(Method::GET, &format!("/api/v1/subscriptions/{id}"), None)
         .await;
     assert_eq!(status, 200, "{shown}");
-    assert_eq!(shown["allowedCustomerOperations"], json!(["Read"]), "{shown}");
+    assert_eq!(
+        shown["allowedCustomerOperations"],
+        json!(["Read"]),
+        "{shown}"
+    );
     assert_ne!(
         shown["purchaser"]["tenantId"], shown["beneficiary"]["tenantId"],
         "a CSP buys for its customer: {shown}"
@@ -244,7 +247,10 @@ async fn a_csp_purchase_is_recorded_with_its_purchaser_and_changes_are_refused_l
         .filter(|kind| kind == "change_rejected")
         .collect();
     assert_eq!(rejected.len(), 2, "the ISV hears both refusals");
-    assert_eq!(stack.engine(id).await.unwrap().plan.as_deref(), Some("silver"));
+    assert_eq!(
+        stack.engine(id).await.unwrap().plan.as_deref(),
+        Some("silver")
+    );
     stack.finish().await;
 }
 
@@ -389,7 +395,8 @@ async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activat
         "{rows:#?}"
     );
     assert!(
-        rows.iter().any(|(kind, _, _, _)| kind == "WebhookSubscribe"),
+        rows.iter()
+            .any(|(kind, _, _, _)| kind == "WebhookSubscribe"),
         "{rows:#?}"
     );
     assert!(

@@ -1120,10 +1120,7 @@ async fn the_client_accepts_what_microsofts_emulator_sends() {
     let ctx = CallContext::random();
     let ops = client.list_operations(&ctx, sub_id()).await.unwrap().value;
     assert_eq!(ops.len(), 1);
-    assert_eq!(
-        ops[0].request_source().map(|s| s.as_str()),
-        Some("Partner")
-    );
+    assert_eq!(ops[0].request_source().map(|s| s.as_str()), Some("Partner"));
     let plans = client
         .list_available_plans(&ctx, sub_id(), None)
         .await

@@ -733,10 +733,17 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
         .unwrap()
         .to_string();
     // Production's 202 (§15.1): absolute, on another host, with Operation-Id and Retry-After.
-    assert!(location.starts_with(s.sim.link_base_url().as_str()), "{location}");
+    assert!(
+        location.starts_with(s.sim.link_base_url().as_str()),
+        "{location}"
+    );
     assert_ne!(s.sim.link_base_url().host(), s.sim.base_url().host());
     assert!(location.contains(&op_id) && location.contains("api-version=2018-08-31"));
-    assert_eq!(accepted.headers()["retry-after"], "0", "Timings::fast() says 0 s");
+    assert_eq!(
+        accepted.headers()["retry-after"],
+        "0",
+        "Timings::fast() says 0 s"
+    );
     let first: Value = s
         .http
         .get(s.rebased(&location))
@@ -1354,11 +1361,12 @@ async fn purchases_carry_the_2026_fields_and_csp_purchases_refuse_publisher_chan
         }
     };
     for unit in ["PAY", "P18M", "P4Y"] {
-        let created: Value = buy(json!({"planId": "silver", "termUnit": unit, "autoActivate": true}))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let created: Value =
+            buy(json!({"planId": "silver", "termUnit": unit, "autoActivate": true}))
+                .await
+                .json()
+                .await
+                .unwrap();
         let sub = s
             .subscription(created["subscriptionId"].as_str().unwrap())
             .await;
@@ -1367,7 +1375,9 @@ async fn purchases_carry_the_2026_fields_and_csp_purchases_refuse_publisher_chan
     }
     let p4y = buy(json!({"planId": "silver", "termUnit": "P4Y"})).await;
     let p4y: Value = p4y.json().await.unwrap();
-    let p4y = s.subscription(p4y["subscriptionId"].as_str().unwrap()).await;
+    let p4y = s
+        .subscription(p4y["subscriptionId"].as_str().unwrap())
+        .await;
     assert_eq!(p4y["term"]["chargeDuration"], "P1Y", "billed yearly");
     assert_eq!(
         buy(json!({"planId": "silver", "termUnit": "monthly"}))
@@ -1526,7 +1536,11 @@ autoActivate = true
         json!({"plans": [{"offerId": "o", "planId": "p"}, {"offerId": "o", "planId": "p"}]}),
         json!({"plans": [{"offerId": "o", "planId": "p", "colour": "red"}]}),
     ] {
-        assert_eq!(put(bad.clone()).await.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(
+            put(bad.clone()).await.status(),
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
     }
     let shown: Value = s
         .http

@@ -582,7 +582,9 @@ impl MarketplaceClient {
         self.execute(ctx, request, Some(subscription_id), None, |raw| {
             match raw.status {
                 404 => Ok(Vec::new()),
-                _ if raw.is_success() => Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations),
+                _ if raw.is_success() => {
+                    Ok(raw.json::<OperationsWire>()?.unwrap_or_default().operations)
+                }
                 _ => Err(raw.error()),
             }
         })
@@ -830,7 +832,11 @@ impl MarketplaceClient {
     /// A link that is no URL (the docs' sample reads `"https:// https://…"`) still counts
     /// when a `continuationToken=` can be read out of it (§4.3); otherwise it is returned as
     /// the error, never taken for "no next page" (§15.1).
-    fn next_link(&self, link: Option<String>, token: Option<String>) -> Result<Option<Url>, String> {
+    fn next_link(
+        &self,
+        link: Option<String>,
+        token: Option<String>,
+    ) -> Result<Option<Url>, String> {
         if let Some(link) = link.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()) {
             if let Ok(url) = Url::parse(&link).or_else(|_| self.base.join(&link))
                 && url.host().is_some()
@@ -853,9 +859,10 @@ impl MarketplaceClient {
         let Some(token) = token.filter(|t| !t.trim().is_empty()) else {
             return Ok(None);
         };
-        Ok(Some(
-            self.url("saas/subscriptions", &[("continuationToken", &token)]),
-        ))
+        Ok(Some(self.url(
+            "saas/subscriptions",
+            &[("continuationToken", &token)],
+        )))
     }
 
     /// Runs `request` under the retry policy; `interpret` turns each response into a value

@@ -1307,7 +1307,11 @@ mod tests {
         );
         assert!(parse::<PlansWire>(r#"{"plans":[]}"#).plans.is_empty());
         assert!(parse::<PlansWire>("[]").plans.is_empty());
-        assert!(parse::<OperationsWire>(r#"{"operations":"none"}"#).operations.is_empty());
+        assert!(
+            parse::<OperationsWire>(r#"{"operations":"none"}"#)
+                .operations
+                .is_empty()
+        );
     }
 
     #[test]

@@ -16,10 +16,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::Catalogue;
 use super::error::{ApiError, parse_json};
 use super::faults::Faults;
 use super::lifecycle::{self, Change, Event, Purchase};
-use super::Catalogue;
 use super::state::{RequestSource, Shared};
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {

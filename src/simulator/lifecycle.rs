@@ -439,7 +439,12 @@ pub(crate) fn request_change(
         RequestSource::Partner => schedule_partner_operation(shared, id, op_id),
         RequestSource::Azure => {
             let timings = &shared.config.timings;
-            schedule_completion(shared, id, op_id, timings.webhook_delay + timings.ack_window);
+            schedule_completion(
+                shared,
+                id,
+                op_id,
+                timings.webhook_delay + timings.ack_window,
+            );
         }
     }
     tracing::info!(subscription_id = %id, operation_id = %op_id, ?source, "change requested");

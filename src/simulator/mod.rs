@@ -253,7 +253,9 @@ impl Catalogue {
         for plan in &mut self.plans {
             let name = format!("{}/{}", plan.offer_id, plan.plan_id);
             if plan.offer_id.trim().is_empty() || plan.plan_id.trim().is_empty() {
-                return Err(format!("plan {name:?}: offerId and planId must not be empty"));
+                return Err(format!(
+                    "plan {name:?}: offerId and planId must not be empty"
+                ));
             }
             if !seen.insert((plan.offer_id.clone(), plan.plan_id.clone())) {
                 return Err(format!("plan {name} appears twice"));
@@ -584,11 +586,8 @@ impl SimulatorView {
         self.shared.read(|st| {
             let mut outstanding = Outstanding::default();
             for sub in st.subscriptions.values() {
-                outstanding.operations_in_progress += sub
-                    .operations
-                    .iter()
-                    .filter(|o| o.status.is_open())
-                    .count();
+                outstanding.operations_in_progress +=
+                    sub.operations.iter().filter(|o| o.status.is_open()).count();
                 outstanding.deliveries_pending += sub
                     .deliveries
                     .iter()

@@ -332,7 +332,9 @@ impl Shared {
     }
 
     pub fn catalogue(&self) -> MutexGuard<'_, Vec<PlanSpec>> {
-        self.catalogue.lock().unwrap_or_else(PoisonError::into_inner)
+        self.catalogue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Where links Microsoft hands out point: the simulator's scheme and port on the
@@ -450,7 +452,8 @@ pub(crate) fn term_from(start: Date, term_unit: &str) -> (OffsetDateTime, Offset
 impl Subscription {
     /// The `Subscription` resource of §3.1.
     pub fn to_wire(&self, publisher_id: &str) -> Value {
-        let mut term = json!({ "termUnit": self.term_unit, "chargeDuration": self.charge_duration });
+        let mut term =
+            json!({ "termUnit": self.term_unit, "chargeDuration": self.charge_duration });
         if let (Some(start), Some(end)) = (self.term_start, self.term_end) {
             term["startDate"] = json!(wire_time(start));
             term["endDate"] = json!(wire_time(end));

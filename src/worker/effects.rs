@@ -1031,7 +1031,15 @@ impl EffectRunner {
                 Ok(Some(UnderWay::Operation(operation_id))) => {
                     let location = self.operation_location(sid, operation_id);
                     return self
-                        .accepted(row, command_id, operation_id, location, None, &tracked, &log)
+                        .accepted(
+                            row,
+                            command_id,
+                            operation_id,
+                            location,
+                            None,
+                            &tracked,
+                            &log,
+                        )
                         .await;
                 }
                 Ok(Some(UnderWay::Done(subscription))) => {
@@ -1079,7 +1087,7 @@ impl EffectRunner {
                     &tracked,
                     &log,
                 )
-                    .await
+                .await
             }
             Err(error) if error.request_was_not_processed() => {
                 self.failed_call(row, log, error, progress).await

@@ -327,7 +327,10 @@ impl Details {
                 .beneficiary
                 .clone()
                 .or_else(|| self.beneficiary.clone()),
-            purchaser: snapshot.purchaser.clone().or_else(|| self.purchaser.clone()),
+            purchaser: snapshot
+                .purchaser
+                .clone()
+                .or_else(|| self.purchaser.clone()),
             private_offer_id: snapshot
                 .private_offer_id
                 .clone()
@@ -467,10 +470,34 @@ mod tests {
             .length()
         };
         assert_eq!(length("P1M"), Some(TermLength { months: 1, days: 0 }));
-        assert_eq!(length("P5Y"), Some(TermLength { months: 60, days: 0 }));
-        assert_eq!(length("P18M"), Some(TermLength { months: 18, days: 0 }));
-        assert_eq!(length("p1y6m"), Some(TermLength { months: 18, days: 0 }));
-        assert_eq!(length("P30D"), Some(TermLength { months: 0, days: 30 }));
+        assert_eq!(
+            length("P5Y"),
+            Some(TermLength {
+                months: 60,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("P18M"),
+            Some(TermLength {
+                months: 18,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("p1y6m"),
+            Some(TermLength {
+                months: 18,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("P30D"),
+            Some(TermLength {
+                months: 0,
+                days: 30
+            })
+        );
         for not_a_duration in ["PAY", "P", "P1", "P1M1Y", "P1H", "18M", ""] {
             assert_eq!(length(not_a_duration), None, "{not_a_duration}");
         }

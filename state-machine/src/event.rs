@@ -473,10 +473,7 @@ mod tests {
         assert_eq!(WebhookAction::parse("Transfer").as_str(), "Transfer");
         assert_eq!(RequestSource::parse("Partner"), RequestSource::Partner);
         // Case as the client's parsers: Microsoft's casing has not always been stable.
-        assert_eq!(
-            WebhookAction::parse("subscribe"),
-            WebhookAction::Subscribe
-        );
+        assert_eq!(WebhookAction::parse("subscribe"), WebhookAction::Subscribe);
         assert_eq!(
             WebhookAction::parse(" CHANGEQUANTITY"),
             WebhookAction::ChangeQuantity
