@@ -1029,17 +1029,13 @@ impl EffectRunner {
         if progress.get("maybe_sent").and_then(Value::as_bool) == Some(true) {
             match self.find_under_way(row, &change, &mut log).await {
                 Ok(Some(UnderWay::Operation(operation_id))) => {
-                    let location = self.operation_location(sid, operation_id);
+                    let operation = AcceptedOperation {
+                        operation_id,
+                        location: self.operation_location(sid, operation_id),
+                        retry_after_secs: None,
+                    };
                     return self
-                        .accepted(
-                            row,
-                            command_id,
-                            operation_id,
-                            location,
-                            None,
-                            &tracked,
-                            &log,
-                        )
+                        .accepted(row, command_id, operation, &tracked, &log)
                         .await;
                 }
                 Ok(Some(UnderWay::Done(subscription))) => {
@@ -1071,23 +1067,17 @@ impl EffectRunner {
         match result {
             Ok(accepted) => {
                 log.ok(&accepted.meta);
-                let operation_id = accepted.value.operation_id;
-                let location = accepted.value.operation_location.to_string();
-                // Whole seconds, rounded up: never poll earlier than Microsoft asked.
-                let retry_after_secs = accepted
-                    .value
-                    .retry_after
-                    .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
-                self.accepted(
-                    row,
-                    command_id,
-                    operation_id,
-                    location,
-                    retry_after_secs,
-                    &tracked,
-                    &log,
-                )
-                .await
+                let operation = AcceptedOperation {
+                    operation_id: accepted.value.operation_id,
+                    location: accepted.value.operation_location.to_string(),
+                    // Whole seconds, rounded up: never poll earlier than Microsoft asked.
+                    retry_after_secs: accepted
+                        .value
+                        .retry_after
+                        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                };
+                self.accepted(row, command_id, operation, &tracked, &log)
+                    .await
             }
             Err(error) if error.request_was_not_processed() => {
                 self.failed_call(row, log, error, progress).await
@@ -1142,12 +1132,15 @@ impl EffectRunner {
         &self,
         row: &Execution,
         command_id: CommandId,
-        operation_id: Uuid,
-        location: String,
-        retry_after_secs: Option<u64>,
+        operation: AcceptedOperation,
         tracked: &PublisherOperationUpdate<'_>,
         log: &CallLog,
     ) -> Result<Disposition, StoreError> {
+        let AcceptedOperation {
+            operation_id,
+            location,
+            retry_after_secs,
+        } = operation;
         let update = PublisherOperationUpdate {
             status: "Accepted",
             operation_id: Some(operation_id),
@@ -1521,6 +1514,14 @@ fn disposition_for(error: &ApiError, progress: Value) -> Disposition {
             reason: error.to_string(),
         }
     }
+}
+
+/// Microsoft's 202 to our PATCH/DELETE, or the operation found under way after a lost one.
+struct AcceptedOperation {
+    operation_id: Uuid,
+    location: String,
+    /// `Retry-After` of the 202 (none for an operation found under way).
+    retry_after_secs: Option<u64>,
 }
 
 /// Puts the effect's operation id (if it has one) on the current span.
