@@ -255,12 +255,15 @@ async fn a_csp_purchase_is_recorded_with_its_purchaser_and_changes_are_refused_l
 }
 
 #[tokio::test]
-async fn pay_and_custom_term_units_are_activated_recorded_and_shown() {
+async fn pay_and_custom_term_units_and_private_offers_are_activated_recorded_and_shown() {
     let stack = Stack::start(Options::default()).await;
     let mut ids = Vec::new();
     for (unit, extra) in [
         ("PAY", json!({"nullPuid": true})),
-        ("P18M", json!({})),
+        (
+            "P18M",
+            json!({"privateOfferId": "contoso-private-offer-18"}),
+        ),
         ("P3Y", json!({"purchaserTenantId": Uuid::new_v4()})),
     ] {
         let mut body = json!({"planId": "silver", "termUnit": unit});
@@ -304,6 +307,11 @@ async fn pay_and_custom_term_units_are_activated_recorded_and_shown() {
     let custom = show(ids[1].1).await;
     assert_eq!(custom["term"]["termUnit"], "P18M");
     assert_eq!(custom["term"]["length"], json!({"months": 18, "days": 0}));
+    assert_eq!(
+        custom["privateOfferId"], "contoso-private-offer-18",
+        "{custom}"
+    );
+    assert_eq!(pay["privateOfferId"], Value::Null);
     let start = custom["term"]["startDate"].as_str().unwrap();
     let end = custom["term"]["endDate"].as_str().unwrap();
     let year = |date: &str| date[..4].parse::<i32>().unwrap();

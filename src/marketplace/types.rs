@@ -300,6 +300,16 @@ pub struct Subscription {
         serialize_with = "lenient::serialize_timestamp"
     )]
     pub last_modified: Option<OffsetDateTime>,
+    /// The private offer(s) the purchase came through. Microsoft reports them on the
+    /// purchased plan (`listAvailablePlans?planId=`, §4.5), not here: the landing page adds
+    /// them before it hands the subscription to the workers; read here too in case Microsoft
+    /// ever sends them with the subscription.
+    #[serde(
+        default,
+        deserialize_with = "lenient::list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub source_offers: Vec<SourceOffer>,
 }
 
 /// The answer to Resolve (§4.1).

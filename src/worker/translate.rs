@@ -133,7 +133,11 @@ pub fn snapshot(subscription: &Subscription) -> Snapshot {
         name: subscription.name.clone(),
         beneficiary: subscription.beneficiary.as_ref().map(party),
         purchaser: subscription.purchaser.as_ref().map(party),
-        private_offer_id: None,
+        private_offer_id: subscription
+            .source_offers
+            .iter()
+            .find_map(|o| o.external_id.clone())
+            .filter(|id| !id.trim().is_empty()),
         // An absent list says nothing; it must not read as "nothing allowed".
         allowed_operations: (!subscription.allowed_customer_operations.is_empty()).then(|| {
             AllowedOperations::new(
