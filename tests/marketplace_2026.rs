@@ -102,6 +102,12 @@ async fn a_publisher_change_is_polled_through_not_started_on_the_other_host_afte
         .map(|r| r.as_str().unwrap())
         .collect();
     assert_eq!(reads.first(), Some(&"NotStarted"), "{reads:?}");
+    // The first poll waited for Retry-After (1 s here; the worker's own interval is 100 ms).
+    let first_read_after = ours["firstReadAfterMs"].as_i64().unwrap();
+    assert!(
+        first_read_after >= 1000,
+        "first poll after {first_read_after} ms"
+    );
     assert!(reads.contains(&"InProgress"), "{reads:?}");
     assert_eq!(reads.last(), Some(&"Succeeded"), "{reads:?}");
     // 4.5 s at one poll a second at most (Retry-After as the first delay and the floor);

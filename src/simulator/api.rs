@@ -465,6 +465,7 @@ async fn get_operation(
         let sub = st.subscriptions.get_mut(&id).ok_or_else(unknown)?;
         let op = sub.operation_mut(op_uuid).ok_or_else(unknown)?;
         op.reads.push(wire_name(&op.status));
+        op.first_read_at.get_or_insert_with(OffsetDateTime::now_utc);
         let sub = &*sub;
         let op = sub.operation(op_uuid).ok_or_else(unknown)?;
         Ok(Json(op.to_wire(sub, &shared.config.publisher_id)))

@@ -99,6 +99,7 @@ fn new_operation(
         error_status_code: String::new(),
         error_message: String::new(),
         reads: Vec::new(),
+        first_read_at: None,
     }
 }
 

@@ -145,6 +145,9 @@ pub(crate) struct Operation {
     /// The status each Get Operation answered, in order (tests check what a poller saw).
     #[serde(default)]
     pub reads: Vec<String>,
+    /// When the first Get Operation came (tests check a poller waited for `Retry-After`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub first_read_at: Option<OffsetDateTime>,
 }
 
 /// One webhook notification and every attempt to deliver it.
@@ -508,6 +511,7 @@ impl Subscription {
                     "quantity": o.quantity,
                     "timeStamp": wire_time(o.created),
                     "reads": o.reads,
+                    "firstReadAfterMs": o.first_read_at.map(|at| (at - o.created).whole_milliseconds()),
                     "resolution": o.resolution,
                     "finishedAt": o.finished.map(wire_time),
                 })
