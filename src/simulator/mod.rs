@@ -8,6 +8,11 @@
 //! `webhooks` the sender; `admin` the `/simulator` control surface; `faults` the chaos
 //! knobs. Every clock is a [`Timings`] field, so tests run the 10-second ACK window in
 //! milliseconds.
+//!
+//! Its defaults follow the service as recorded in production (§15), not the kinder docs:
+//! links on another host ([`SimulatorConfig::link_host`]), operations that start
+//! `NotStarted` behind a `Retry-After`, pages of varying size, 400 for unknown operation
+//! ids. The catalogue ([`Catalogue`]) comes from a file or the admin API.
 
 mod admin;
 mod api;
