@@ -770,7 +770,7 @@ impl WebhookEnvelope {
             #[serde(default, deserialize_with = "lenient::uuid")]
             activity_id: Option<Uuid>,
         }
-        if may_have_padded_key(body) {
+        if may_have_padded_key(body) || nested_deeper_than(body, DIRECT_PARSE_MAX_DEPTH) {
             return Self::from_full_parse(body);
         }
         if let Ok(direct) = serde_json::from_slice::<Direct<'_>>(body) {
@@ -796,6 +796,42 @@ impl WebhookEnvelope {
             activity_id: payload.activity_id,
         })
     }
+}
+
+/// Nesting beyond which the direct parse defers to the full one. The direct parse skips the
+/// fields it does not read without serde_json's recursion limit (128 levels), so alone it
+/// would accept a body nested too deep for the worker's parse: a 200, then a dead letter.
+/// Real webhooks nest four levels; anything deeper than this is left to the full parse,
+/// which decides exactly as the worker will.
+const DIRECT_PARSE_MAX_DEPTH: usize = 32;
+
+/// Whether arrays and objects in `body` nest deeper than `limit` (brackets inside strings
+/// do not count). Malformed input gives some answer; the parse that follows judges it.
+fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// True when some object key in `body` might have surrounding whitespace (which the full
@@ -1554,5 +1590,34 @@ mod envelope_tests {
         let envelope = WebhookEnvelope::parse(body.as_bytes()).unwrap();
         assert_eq!(envelope.action, "Reinstate");
         assert_eq!(envelope.activity_id, None);
+    }
+
+    /// Found by issue 16: a body nested 127+ levels in a field nobody reads passed the
+    /// envelope (which skips such fields without serde_json's recursion limit), got a 200,
+    /// and was dead-lettered by the worker's full parse ("recursion limit exceeded").
+    #[test]
+    fn regression_the_envelope_refuses_what_is_nested_too_deep_for_the_worker() {
+        for depth in [1, 31, 32, 33, 100, 126, 127, 128, 500, 20_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let body = format!(
+                    r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew","x":{}1{}}}"#,
+                    open.repeat(depth),
+                    close.repeat(depth)
+                );
+                let worker = WebhookPayload::parse(body.as_bytes()).is_ok();
+                let ingress = WebhookEnvelope::parse(body.as_bytes()).is_ok();
+                assert_eq!(ingress, worker, "depth {depth} with {open}");
+            }
+        }
+        // Brackets inside strings are text, not nesting.
+        let brackets = "[".repeat(300);
+        let body = format!(
+            r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew","x":"{brackets}"}}"#
+        );
+        assert!(WebhookEnvelope::parse(body.as_bytes()).is_ok());
+        assert!(!crate::marketplace::types::nested_deeper_than(
+            body.as_bytes(),
+            2
+        ));
     }
 }
