@@ -188,8 +188,7 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
                 "offer {} has no plan {}",
                 request.offer_id, request.plan_id
             ))
-        })?
-        .clone();
+        })?;
     let quantity = if plan.is_price_per_seat {
         let quantity = request.quantity.unwrap_or(plan.min_quantity);
         if !(plan.min_quantity..=plan.max_quantity).contains(&quantity) {
