@@ -1601,3 +1601,102 @@ fn simulate_without_an_environment_prints_a_generated_identity() {
     assert!(!value("MARKETPLACE_CLIENT_SECRET").is_empty());
     assert!(value("MARKETPLACE_API_URL").starts_with("http://127.0.0.1:"));
 }
+
+/// On a compressed calendar (one day = 40 ms): a term renews the day after its end (the new
+/// term starting then) or, with `autoRenew` off, ends the subscription; a subscription
+/// Suspended for 30 days is unsubscribed, unless reinstated first (§5.2, §5.5).
+#[tokio::test]
+async fn terms_renew_or_end_and_the_suspension_grace_ends_on_a_compressed_calendar() {
+    let (receiver, webhook) = Receiver::start().await;
+    let day = Duration::from_millis(40);
+    let s = TestSim::start(Some(webhook), |c| c.timings.day = day).await;
+    let buy = |auto_renew: bool| {
+        let s = &s;
+        async move {
+            s.purchase(json!({"offerId": "contoso-analytics", "planId": "silver",
+                              "autoActivate": true, "autoRenew": auto_renew}))
+                .await["subscriptionId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let renewing = buy(true).await;
+    let ending = buy(false).await;
+    let suspended = buy(true).await;
+    let reinstated = buy(true).await;
+    let first_term = s.subscription(&renewing).await["term"].clone();
+    let started = tokio::time::Instant::now();
+    for id in [&suspended, &reinstated] {
+        assert_eq!(
+            s.act(id, json!({"action": "Suspend"})).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(
+        s.act(&reinstated, json!({"action": "Reinstate"}))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+
+    let status = |id: String| {
+        let s = &s;
+        async move { s.subscription(&id).await["saasSubscriptionStatus"].clone() }
+    };
+    eventually("the suspension grace to end", || async {
+        (status(suspended.clone()).await == "Unsubscribed").then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() >= day * 30,
+        "unsubscribed after {:?}, before 30 days",
+        started.elapsed()
+    );
+    eventually("the term without autoRenew to end", || async {
+        (status(ending.clone()).await == "Unsubscribed").then_some(())
+    })
+    .await;
+    let renewed = eventually("the term to renew", || async {
+        let term = s.subscription(&renewing).await["term"].clone();
+        (term["startDate"] != first_term["startDate"]).then_some(term)
+    })
+    .await;
+    // The new term starts the day after the old one ended.
+    let day_after = |date: &str| {
+        let date = time::Date::parse(
+            &date[..10],
+            &time::format_description::well_known::Iso8601::DATE,
+        )
+        .unwrap();
+        date.next_day().unwrap()
+    };
+    assert_eq!(
+        time::Date::parse(
+            &renewed["startDate"].as_str().unwrap()[..10],
+            &time::format_description::well_known::Iso8601::DATE
+        )
+        .unwrap(),
+        day_after(first_term["endDate"].as_str().unwrap())
+    );
+    assert_eq!(status(renewing.clone()).await, "Subscribed");
+    // Reinstated inside the grace: it outlived the 30 days.
+    tokio::time::sleep((day * 31).saturating_sub(started.elapsed())).await;
+    assert_eq!(status(reinstated.clone()).await, "Subscribed");
+
+    // Each ending and renewal reached the publisher as Microsoft's notify-only webhook.
+    for (id, action) in [
+        (&ending, "Unsubscribe"),
+        (&suspended, "Unsubscribe"),
+        (&renewing, "Renew"),
+    ] {
+        eventually(&format!("{action} webhook of {id}"), || async {
+            receiver
+                .calls()
+                .iter()
+                .any(|(_, body)| body["subscriptionId"] == id.as_str() && body["action"] == action)
+                .then_some(())
+        })
+        .await;
+    }
+}

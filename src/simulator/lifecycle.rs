@@ -271,9 +271,13 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
         } else {
             None
         };
+        let term_end = subscription.term_end;
         st.subscriptions.insert(id, subscription);
         if let Some(op_id) = subscribe_op {
             webhooks::notify(shared, st, id, op_id);
+            if let Some(end) = term_end {
+                schedule_term_end(shared, id, end);
+            }
         }
         let (token, landing_url) = issue_purchase_token(shared, st, id);
         tracing::info!(subscription_id = %id, auto_activate, "purchase");
@@ -327,14 +331,78 @@ pub(crate) fn activate(shared: &Arc<Shared>, id: Uuid) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn complete_activation(shared: &Shared, id: Uuid) {
-    shared.mutate(|st| {
-        if let Some(sub) = st.subscriptions.get_mut(&id)
-            && sub.status == SubscriptionStatus::PendingFulfillmentStart
-        {
-            start_term(sub, OffsetDateTime::now_utc());
-            sub.status = SubscriptionStatus::Subscribed;
-            tracing::info!(subscription_id = %id, "activated");
+fn complete_activation(shared: &Arc<Shared>, id: Uuid) {
+    let term_end = shared.mutate(|st| {
+        let sub = st
+            .subscriptions
+            .get_mut(&id)
+            .filter(|sub| sub.status == SubscriptionStatus::PendingFulfillmentStart)?;
+        start_term(sub, OffsetDateTime::now_utc());
+        sub.status = SubscriptionStatus::Subscribed;
+        tracing::info!(subscription_id = %id, "activated");
+        sub.term_end
+    });
+    if let Some(end) = term_end {
+        schedule_term_end(shared, id, end);
+    }
+}
+
+/// `days` simulated days on the wall clock.
+fn days(shared: &Shared, days: i64) -> std::time::Duration {
+    let days = u32::try_from(days.max(0)).unwrap_or(u32::MAX);
+    shared
+        .config
+        .timings
+        .day
+        .checked_mul(days)
+        .unwrap_or(std::time::Duration::MAX)
+}
+
+/// The day after `term_end`, the term is over (§3.3, §5.5): see [`end_term`].
+fn schedule_term_end(shared: &Arc<Shared>, id: Uuid, term_end: OffsetDateTime) {
+    let remaining = (term_end.date() - OffsetDateTime::now_utc().date()).whole_days() + 1;
+    shared.spawn_after(days(shared, remaining), move |shared| {
+        end_term(shared, id, term_end);
+    });
+}
+
+/// A term ended: renewed when `autoRenew` is on (Renew moves the term, §5.5), otherwise
+/// the subscription ends (Unsubscribe). Nothing when the subscription moved on meanwhile
+/// (renewed by hand, suspended, cancelled).
+fn end_term(shared: &Arc<Shared>, id: Uuid, term_end: OffsetDateTime) {
+    let auto_renew = shared.read(|st| {
+        st.subscriptions
+            .get(&id)
+            .filter(|s| s.status == SubscriptionStatus::Subscribed && s.term_end == Some(term_end))
+            .map(|s| s.auto_renew)
+    });
+    let event = match auto_renew {
+        Some(true) => Event::Renew,
+        Some(false) => Event::Unsubscribe,
+        None => return,
+    };
+    if let Err(error) = raise(shared, id, event) {
+        tracing::warn!(subscription_id = %id, ?event, message = %error.message, "term end not applied");
+    }
+}
+
+/// `SUSPENSION_GRACE_DAYS` after the Suspend `suspend_op`, a subscription still Suspended
+/// by it is unsubscribed (§5.2).
+fn schedule_grace_end(shared: &Arc<Shared>, id: Uuid, suspend_op: Uuid, after_days: i64) {
+    shared.spawn_after(days(shared, after_days), move |shared| {
+        let still = shared.read(|st| {
+            st.subscriptions.get(&id).is_some_and(|s| {
+                s.status == SubscriptionStatus::Suspended
+                    && s
+                        .operations
+                        .iter()
+                        .rev()
+                        .find(|o| o.action == Action::Suspend)
+                        .is_some_and(|o| o.id == suspend_op)
+            })
+        });
+        if still && let Err(error) = raise(shared, id, Event::Unsubscribe) {
+            tracing::warn!(subscription_id = %id, message = %error.message, "grace end not applied");
         }
     });
 }
@@ -757,11 +825,24 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
             timings.webhook_delay + timings.ack_window,
         );
     }
+    match event {
+        Event::Renew => {
+            if let Some(end) = shared.read(|st| st.subscriptions.get(&id).and_then(|s| s.term_end))
+            {
+                schedule_term_end(shared, id, end);
+            }
+        }
+        Event::Suspend => {
+            schedule_grace_end(shared, id, op_id, i64::from(super::SUSPENSION_GRACE_DAYS));
+        }
+        Event::Reinstate | Event::Unsubscribe => {}
+    }
     tracing::info!(subscription_id = %id, operation_id = %op_id, ?event, "marketplace event");
     Ok(op_id)
 }
 
-/// After a restart from `--state-file`: re-arms activation and operation timers.
+/// After a restart from `--state-file`: re-arms activation, operation, term-end and grace
+/// timers.
 pub(crate) fn resume_timers(shared: &Arc<Shared>) {
     let (activations, operations) = shared.read(|st| {
         let mut activations = Vec::new();
@@ -770,6 +851,31 @@ pub(crate) fn resume_timers(shared: &Arc<Shared>) {
             if sub.activation_requested && sub.status == SubscriptionStatus::PendingFulfillmentStart
             {
                 activations.push(sub.id);
+            }
+            match (sub.status, sub.term_end) {
+                (SubscriptionStatus::Subscribed, Some(end)) => {
+                    schedule_term_end(shared, sub.id, end);
+                }
+                (SubscriptionStatus::Suspended, _) => {
+                    if let Some(suspend) = sub
+                        .operations
+                        .iter()
+                        .rev()
+                        .find(|o| o.action == Action::Suspend)
+                    {
+                        // Whole simulated days already spent in the grace period.
+                        let spent = (OffsetDateTime::now_utc() - suspend.created).as_seconds_f64()
+                            / shared
+                                .config
+                                .timings
+                                .day
+                                .as_secs_f64()
+                                .max(f64::MIN_POSITIVE);
+                        let left = i64::from(super::SUSPENSION_GRACE_DAYS) - spent as i64;
+                        schedule_grace_end(shared, sub.id, suspend.id, left);
+                    }
+                }
+                _ => {}
             }
             for op in sub.operations.iter().filter(|o| o.status.is_open()) {
                 operations.push((sub.id, op.id, op.source));

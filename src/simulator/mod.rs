@@ -83,7 +83,14 @@ pub struct Timings {
     /// The `Retry-After` of a 202 (10 s as recorded, §15.1), sent in whole seconds (rounded
     /// up). A poller must wait this long before its first poll.
     pub retry_after: Duration,
+    /// One simulated calendar day: the clock of term ends (Renew, or Unsubscribe when
+    /// `autoRenew` is off, the day after `term.endDate`, §5.5) and of the 30-day grace of
+    /// a Suspended subscription (then Unsubscribe, §5.2). 24 h; compress it in tests.
+    pub day: Duration,
 }
+
+/// A Suspended subscription is unsubscribed after this many days (§5.3).
+pub const SUSPENSION_GRACE_DAYS: u32 = 30;
 
 impl Default for Timings {
     fn default() -> Self {
@@ -97,6 +104,7 @@ impl Default for Timings {
             token_ttl: Duration::from_secs(24 * 3600),
             operation_start_delay: Duration::from_secs(1),
             retry_after: Duration::from_secs(10),
+            day: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -114,6 +122,8 @@ impl Timings {
             token_ttl: Duration::from_secs(24 * 3600),
             operation_start_delay: Duration::from_millis(20),
             retry_after: Duration::ZERO,
+            // Terms and grace periods keep their real length unless a test compresses them.
+            day: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -783,6 +793,9 @@ pub struct SimulateArgs {
     /// How long a publisher operation stays `NotStarted`.
     #[arg(long, value_name = "MS")]
     pub operation_start_delay_ms: Option<u64>,
+    /// Length of a simulated day (term ends, the 30-day suspension grace); default 86400000.
+    #[arg(long, value_name = "MS")]
+    pub day_ms: Option<u64>,
     /// List subscriptions page sizes, `MIN..=MAX` or one number (production: 66..=89).
     #[arg(long, value_name = "MIN..=MAX", value_parser = parse_page_sizes)]
     pub page_sizes: Option<std::ops::RangeInclusive<usize>>,
@@ -840,6 +853,9 @@ impl SimulateArgs {
         }
         if let Some(v) = self.retry_after_secs {
             t.retry_after = Duration::from_secs(v);
+        }
+        if let Some(v) = self.day_ms {
+            t.day = ms(v.max(1));
         }
         if let Some(sizes) = self.page_sizes {
             config.page_sizes = sizes;
