@@ -432,3 +432,55 @@ async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activat
     assert!(shown["term"]["startDate"].is_string(), "{shown}");
     stack.finish().await;
 }
+
+#[tokio::test]
+async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine() {
+    let stack = Stack::start(Options {
+        // One simulated day = 50 ms: a monthly term lasts about 1.5 s, the grace 1.5 s.
+        simulator: |config| config.timings.day = Duration::from_millis(50),
+        ..Options::default()
+    })
+    .await;
+    let renewing = stack.subscribed("silver", None).await;
+    let term_start = |id: Uuid| {
+        let stack = &stack;
+        async move {
+            let (_, shown) = stack
+                .entitlement(Method::GET, &format!("/api/v1/subscriptions/{id}"), None)
+                .await;
+            shown["term"]["startDate"].clone()
+        }
+    };
+    let first_term = term_start(renewing).await;
+    assert!(first_term.is_string(), "{first_term}");
+    let (ending, landing) = stack
+        .purchase_with(json!({"planId": "gold", "autoRenew": false}))
+        .await;
+    stack.open_landing(&landing).await;
+    let suspended = stack.subscribed("silver", None).await;
+    stack.act(suspended, json!({"action": "Suspend"})).await;
+
+    for id in [ending, suspended] {
+        stack
+            .wait_for("the subscription to end on both sides", || async {
+                let ours = stack.engine(id).await?;
+                (ours.state == "Unsubscribed" && stack.sim_side(id).await == ours).then_some(())
+            })
+            .await;
+    }
+    // The renewal moved the term here too, and the subscription stays active.
+    stack
+        .wait_for("the renewed term recorded", || async {
+            (term_start(renewing).await != first_term).then_some(())
+        })
+        .await;
+    assert!(
+        stack
+            .events(renewing)
+            .await
+            .iter()
+            .any(|r| r.event_kind == "WebhookRenew" && r.outcome == "applied")
+    );
+    assert_eq!(stack.engine(renewing).await.unwrap().state, "Subscribed");
+    stack.finish().await;
+}
