@@ -152,6 +152,10 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         webhook_delay: Duration::from_millis(50),
         webhook_retry_interval: Duration::from_secs(1),
         webhook_max_attempts: 20,
+        // Production's 202 asks for 10 s before the first poll; the demo keeps the shape
+        // (NotStarted, then InProgress, behind a Retry-After) at a pace worth watching.
+        retry_after: Duration::from_secs(1),
+        operation_start_delay: Duration::from_millis(200),
         ..Timings::default()
     };
     let sim = Simulator::start(config, sim_listener)
@@ -437,6 +441,33 @@ impl Demo {
         let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
         self.say(&format!(
             "3. worker activates automatically: both sides {view}"
+        ));
+
+        // 3a. Beside it, a purchase of a plan with auto-activation (2026, §5.6).
+        let auto = self
+            .admin_post(
+                "simulator/purchases",
+                json!({"offerId": OFFER, "planId": "per-seat", "quantity": 3, "autoActivate": true}),
+            )
+            .await?;
+        let auto_id: Uuid = auto["subscriptionId"]
+            .as_str()
+            .context("no subscriptionId")?
+            .parse()?;
+        let auto_view = self.settle(auto_id, "Subscribed", Some("per-seat")).await?;
+        let activations: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM subscription_events \
+             WHERE subscription_id = $1 AND event_kind = 'effect:activate'",
+        )
+        .bind(auto_id)
+        .fetch_one(&self.pool)
+        .await?;
+        ensure!(
+            activations == 0,
+            "the auto-activated purchase was activated again"
+        );
+        self.say(&format!(
+            "   another customer buys per-seat with auto-activation: Subscribed at checkout, recorded from the Subscribe webhook without a landing-page visit or an Activate: both sides {auto_view}"
         ));
 
         // 4. Seat change inside the limit.

@@ -64,6 +64,7 @@ async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
         "| Plan: per-seat",
         "| Quantity: 5",
         "3. worker activates automatically: both sides Subscribed / per-seat / 5",
+        "with auto-activation: Subscribed at checkout, recorded from the Subscribe webhook without a landing-page visit or an Activate: both sides Subscribed / per-seat / 3",
         "4. customer changes seats 5 → 8: Microsoft's operation Succeeded (acknowledged Success)",
         "5. customer asks for 60 seats (limit 50): refused by policy: Microsoft's operation Failed",
         "6. customer changes plan per-seat → per-seat-pro: Microsoft's operation Succeeded",

@@ -1114,3 +1114,104 @@ fn client_futures_can_be_spawned() {
     assert_send(&client.list_all_subscriptions(&ctx));
     assert_send(&client.post_batch_usage_events(&ctx, &[]));
 }
+
+/// What Microsoft's emulator sends (§15.2): bare arrays, `text/plain` bodies (Express's
+/// `sendStatus`), `operationRequestedSource`, and 202s whose location names its own host.
+#[tokio::test]
+async fn the_client_accepts_what_microsofts_emulator_sends() {
+    let (server, client) = setup().await;
+    let mut op = operation_json("InProgress");
+    op.as_object_mut().unwrap().remove("operationRequestSource");
+    op["operationRequestedSource"] = json!("Partner");
+    api_call("GET", format!("/api/saas/subscriptions/{SUB}/operations"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([op])))
+        .expect(1)
+        .mount(&server)
+        .await;
+    api_call(
+        "GET",
+        format!("/api/saas/subscriptions/{SUB}/listAvailablePlans"),
+    )
+    .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+    .expect(1)
+    .mount(&server)
+    .await;
+    let text = |status: u16, body: &str| {
+        ResponseTemplate::new(status).set_body_raw(body.as_bytes().to_vec(), "text/plain")
+    };
+    api_call("POST", format!("/api/saas/subscriptions/{SUB}/activate"))
+        .respond_with(text(200, "OK"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    api_call(
+        "PATCH",
+        format!("/api/saas/subscriptions/{SUB}/operations/{OP}"),
+    )
+    .respond_with(text(200, "OK"))
+    .expect(1)
+    .mount(&server)
+    .await;
+    // The location on a host we never called (production's other host, §15.1): only its
+    // path is used, on our base URL, with Retry-After kept for the poller.
+    api_call("PATCH", format!("/api/saas/subscriptions/{SUB}"))
+        .respond_with(
+            text(202, "Accepted")
+                .insert_header(
+                    "Operation-Location",
+                    format!(
+                        "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/{SUB}/operations/{OP}?api-version=2018-08-31"
+                    )
+                    .as_str(),
+                )
+                .insert_header("Operation-Id", OP)
+                .insert_header("Retry-After", "10"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    api_call(
+        "GET",
+        format!("/api/saas/subscriptions/{SUB}/operations/{OP}"),
+    )
+    .respond_with(ResponseTemplate::new(200).set_body_json(operation_json("NotStarted")))
+    .expect(1)
+    .mount(&server)
+    .await;
+
+    let ctx = CallContext::random();
+    let ops = client.list_operations(&ctx, sub_id()).await.unwrap().value;
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].request_source().map(|s| s.as_str()), Some("Partner"));
+    let plans = client
+        .list_available_plans(&ctx, sub_id(), None)
+        .await
+        .unwrap();
+    assert!(plans.value.is_empty());
+    client
+        .activate(&ctx, sub_id(), "silver", None)
+        .await
+        .unwrap();
+    let acked = client
+        .update_operation(&ctx, sub_id(), op_id(), UpdateOperationStatus::Success)
+        .await
+        .unwrap();
+    assert_eq!(acked.value, UpdateOutcome::Recorded);
+    let accepted = client
+        .change_plan(&ctx, sub_id(), "gold")
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(accepted.operation_id, op_id());
+    assert_eq!(accepted.retry_after, Some(Duration::from_secs(10)));
+    assert_eq!(
+        accepted.operation_location.host_str(),
+        Some("main.prod.marketplaceapi.azure.com")
+    );
+    let polled = client
+        .get_operation_at(&ctx, &accepted.operation_location)
+        .await
+        .unwrap();
+    assert_eq!(polled.value.status, Some(OperationStatus::NotStarted));
+    assert!(!polled.value.status.unwrap().is_terminal());
+}

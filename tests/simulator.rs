@@ -55,6 +55,21 @@ impl TestSim {
         self.sim.base_url().join(path).unwrap()
     }
 
+    /// A link the simulator handed out (on its link host), replayed on its own address as
+    /// our client does (§15.1): the link host itself is not listened on.
+    fn rebased(&self, link: &str) -> Url {
+        let link = Url::parse(link).unwrap();
+        assert_eq!(
+            link.host_str(),
+            self.sim.link_base_url().host_str(),
+            "{link} is not on the link host"
+        );
+        let mut url = self.sim.base_url();
+        url.set_path(link.path());
+        url.set_query(link.query());
+        url
+    }
+
     /// A public API call with a valid token and the api-version.
     fn api(&self, method: Method, path: &str) -> RequestBuilder {
         let mut url = self.url(&format!("api/{path}"));
@@ -627,7 +642,8 @@ async fn a_customer_change_acknowledged_as_failure_keeps_the_old_quantity() {
         .send()
         .await
         .unwrap();
-    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    // The live service's answer to an unknown operation id (§15.2; `strict_404` gives the docs' 404).
+    assert_eq!(unknown.status(), StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
@@ -716,8 +732,30 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
         .to_str()
         .unwrap()
         .to_string();
-    assert!(location.starts_with(s.sim.base_url().as_str()));
+    // Production's 202 (§15.1): absolute, on another host, with Operation-Id and Retry-After.
+    assert!(
+        location.starts_with(s.sim.link_base_url().as_str()),
+        "{location}"
+    );
+    assert_ne!(s.sim.link_base_url().host(), s.sim.base_url().host());
     assert!(location.contains(&op_id) && location.contains("api-version=2018-08-31"));
+    assert_eq!(
+        accepted.headers()["retry-after"],
+        "0",
+        "Timings::fast() says 0 s"
+    );
+    let first: Value = s
+        .http
+        .get(s.rebased(&location))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "NotStarted", "{first}");
+    assert_eq!(first["operationRequestSource"], "Partner");
 
     let locked = s
         .api(Method::PATCH, &path)
@@ -740,11 +778,11 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
         let s = &s;
         async move {
             eventually("operation to finish", || {
-                let location = location.clone();
+                let location = s.rebased(&location);
                 async move {
                     let op: Value = s
                         .http
-                        .get(&location)
+                        .get(location)
                         .bearer_auth(&s.token)
                         .send()
                         .await
@@ -752,7 +790,7 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
                         .json()
                         .await
                         .unwrap();
-                    (op["status"] != "InProgress").then_some(op)
+                    (op["status"] != "InProgress" && op["status"] != "NotStarted").then_some(op)
                 }
             })
             .await
@@ -778,6 +816,24 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
         s.subscription(&id).await["saasSubscriptionStatus"],
         "Unsubscribed"
     );
+    // What a GET answered, in order, is kept for tests of pollers.
+    let view = s.view(&id).await;
+    let cancel = view["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["action"] == "Unsubscribe")
+        .unwrap();
+    let reads = cancel["reads"].as_array().unwrap();
+    assert_eq!(reads.first(), Some(&json!("NotStarted")), "{view}");
+    assert_eq!(reads.last(), Some(&json!("Succeeded")), "{view}");
+    let patch_unsubscribed = s
+        .api(Method::PATCH, &path)
+        .json(&json!({"planId": "silver"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch_unsubscribed.status(), StatusCode::BAD_REQUEST);
     let activate = s
         .api(Method::POST, &format!("{path}/activate"))
         .send()
@@ -787,7 +843,7 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
 }
 
 #[tokio::test]
-async fn listing_pages_by_100_via_next_link_and_is_empty_without_subscriptions() {
+async fn listing_pages_vary_in_size_with_next_links_on_the_other_host_and_none_on_the_last() {
     let s = TestSim::plain().await;
     let empty = s
         .api(Method::GET, "saas/subscriptions")
@@ -812,7 +868,7 @@ async fn listing_pages_by_100_via_next_link_and_is_empty_without_subscriptions()
     loop {
         let page: Value = s
             .http
-            .get(&next)
+            .get(next.as_str())
             .bearer_auth(&s.token)
             .send()
             .await
@@ -827,13 +883,20 @@ async fn listing_pages_by_100_via_next_link_and_is_empty_without_subscriptions()
                 .iter()
                 .map(|s| s["id"].as_str().unwrap().to_string()),
         );
-        match page["@nextLink"].as_str() {
-            Some(link) if !link.is_empty() => next = link.to_string(),
-            _ => break,
+        match page.get("@nextLink") {
+            Some(link) => next = s.rebased(link.as_str().unwrap()).to_string(),
+            // The last page has no `@nextLink` at all, not even an empty one.
+            None => break,
         }
     }
-    assert_eq!(sizes, [100, 100, 50]);
     assert_eq!(ids.len(), 250);
+    let (last, full) = sizes.split_last().unwrap();
+    assert!(full.iter().all(|n| (66..=89).contains(n)), "{sizes:?}");
+    assert!(*last <= 89, "{sizes:?}");
+    assert!(
+        full.iter().any(|n| *n != full[0]),
+        "pages vary in size: {sizes:?}"
+    );
 }
 
 #[tokio::test]
@@ -1175,4 +1238,465 @@ async fn webhook_faults_duplicate_deliveries_and_inject_unknown_actions_with_v1_
     let webhooks = view["webhooks"].as_array().unwrap();
     assert!(webhooks.iter().any(|w| w["duplicate"] == true));
     assert!(webhooks.iter().any(|w| w["injected"] == true));
+}
+
+#[tokio::test]
+async fn operations_are_listed_acknowledged_and_refused_like_the_live_service() {
+    let s = TestSim::start(None, |c| {
+        c.timings.operation_delay = Duration::from_secs(30);
+        c.timings.ack_window = Duration::from_secs(30);
+    })
+    .await;
+    let ours = s.purchase_active("silver").await;
+    let theirs = s.purchase_active("per-seat").await;
+    let accepted = s
+        .api(Method::PATCH, &format!("saas/subscriptions/{ours}"))
+        .json(&json!({"planId": "gold"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), StatusCode::ACCEPTED);
+    let partner_op = accepted.headers()["operation-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let customer_op = s
+        .act(&theirs, json!({"action": "ChangeQuantity", "quantity": 7}))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["operationId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let list = |id: String| {
+        let s = &s;
+        async move {
+            let listed: Value = s
+                .api(Method::GET, &format!("saas/subscriptions/{id}/operations"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            listed["operations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    // Only what waits for our ACK: the customer's change, never our own PATCH (§15.2).
+    assert_eq!(list(ours.clone()).await, Vec::<String>::new());
+    assert_eq!(list(theirs.clone()).await, vec![customer_op.clone()]);
+
+    let ack = |id: String, op: String| {
+        let s = &s;
+        async move {
+            s.api(
+                Method::PATCH,
+                &format!("saas/subscriptions/{id}/operations/{op}"),
+            )
+            .json(&json!({"status": "Success"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+        }
+    };
+    assert_eq!(
+        ack(ours.clone(), partner_op.clone()).await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "ACKing our own operation"
+    );
+    let unknown = Uuid::new_v4().to_string();
+    assert_eq!(
+        ack(ours.clone(), unknown.clone()).await,
+        StatusCode::BAD_REQUEST
+    );
+    let get_unknown = s
+        .api(
+            Method::GET,
+            &format!("saas/subscriptions/{ours}/operations/{unknown}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_unknown.status(), StatusCode::BAD_REQUEST, "as live");
+    assert_eq!(
+        ack(theirs.clone(), customer_op.clone()).await,
+        StatusCode::OK
+    );
+
+    let strict = TestSim::start(None, |c| c.strict_404 = true).await;
+    let id = strict.purchase_active("silver").await;
+    let documented = strict
+        .api(
+            Method::GET,
+            &format!("saas/subscriptions/{id}/operations/{unknown}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(documented.status(), StatusCode::NOT_FOUND, "--strict-404");
+}
+
+#[tokio::test]
+async fn purchases_carry_the_2026_fields_and_csp_purchases_refuse_publisher_changes() {
+    let s = TestSim::plain().await;
+    let buy = |body: Value| {
+        let s = &s;
+        async move {
+            let mut body = body;
+            body["offerId"] = json!("contoso-analytics");
+            s.http
+                .post(s.url("simulator/purchases"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for unit in ["PAY", "P18M", "P4Y"] {
+        let created: Value =
+            buy(json!({"planId": "silver", "termUnit": unit, "autoActivate": true}))
+                .await
+                .json()
+                .await
+                .unwrap();
+        let sub = s
+            .subscription(created["subscriptionId"].as_str().unwrap())
+            .await;
+        assert_eq!(sub["term"]["termUnit"], unit);
+        assert!(sub["term"]["endDate"].is_string(), "{sub}");
+    }
+    let p4y = buy(json!({"planId": "silver", "termUnit": "P4Y"})).await;
+    let p4y: Value = p4y.json().await.unwrap();
+    let p4y = s
+        .subscription(p4y["subscriptionId"].as_str().unwrap())
+        .await;
+    assert_eq!(p4y["term"]["chargeDuration"], "P1Y", "billed yearly");
+    assert_eq!(
+        buy(json!({"planId": "silver", "termUnit": "monthly"}))
+            .await
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+
+    let anonymous: Value = buy(json!({"planId": "silver", "nullPuid": true, "autoRenew": false}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let anonymous = s
+        .subscription(anonymous["subscriptionId"].as_str().unwrap())
+        .await;
+    assert_eq!(anonymous["beneficiary"]["puid"], Value::Null);
+    assert_eq!(anonymous["beneficiary"]["emailId"], Value::Null);
+    assert_eq!(anonymous["autoRenew"], false);
+
+    let csp: Value = buy(json!({"planId": "silver", "csp": true, "autoActivate": true}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let csp_id = csp["subscriptionId"].as_str().unwrap().to_string();
+    let sub = s.subscription(&csp_id).await;
+    assert_eq!(sub["sandboxType"], "Csp");
+    assert_eq!(sub["allowedCustomerOperations"], json!(["Read"]));
+    assert_ne!(sub["purchaser"]["tenantId"], sub["beneficiary"]["tenantId"]);
+    let path = format!("saas/subscriptions/{csp_id}");
+    let patch = s
+        .api(Method::PATCH, &path)
+        .json(&json!({"planId": "gold"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), StatusCode::BAD_REQUEST);
+    let delete = s.api(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(delete.status(), StatusCode::BAD_REQUEST);
+
+    let offer = Uuid::new_v4().to_string();
+    let private: Value = buy(json!({"planId": "gold", "privateOfferId": offer}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let private_id = private["subscriptionId"].as_str().unwrap();
+    let plans: Value = s
+        .api(
+            Method::GET,
+            &format!("saas/subscriptions/{private_id}/listAvailablePlans?planId=gold"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        plans["plans"][0]["sourceOffers"],
+        json!([{"externalId": offer}]),
+        "{plans}"
+    );
+}
+
+#[tokio::test]
+async fn the_catalogue_comes_from_a_file_or_the_admin_api() {
+    let dir = std::env::temp_dir().join(format!("sim-catalogue-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("catalogue.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[plans]]
+offerId = "fabrikam-crm"
+planId = "team"
+isPricePerSeat = true
+minQuantity = 5
+maxQuantity = 50
+price = 9.5
+termUnit = "P1Y"
+hasFreeTrial = true
+
+[[plans]]
+offerId = "fabrikam-crm"
+planId = "enterprise"
+termUnit = "P18M"
+dimensions = ["contacts"]
+autoActivate = true
+"#,
+    )
+    .unwrap();
+    let catalogue = marketplace_fulfillment::simulator::Catalogue::load(&file).unwrap();
+    assert_eq!(catalogue.plans.len(), 2);
+    assert_eq!(catalogue.plans[1].display_name, "Enterprise");
+    std::fs::write(
+        &file,
+        "[[plans]]\nofferId = \"x\"\nplanId = \"y\"\ntermUnit = \"monthly\"\n",
+    )
+    .unwrap();
+    let error = marketplace_fulfillment::simulator::Catalogue::load(&file).unwrap_err();
+    assert!(format!("{error:#}").contains("termUnit"), "{error:#}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let plans = catalogue.plans.clone();
+    let s = TestSim::start(None, move |c| c.plans = plans).await;
+    // The plan's own auto-activation and free trial apply to a purchase that names neither.
+    let created = s
+        .purchase(json!({"offerId": "fabrikam-crm", "planId": "enterprise"}))
+        .await;
+    let sub = s
+        .subscription(created["subscriptionId"].as_str().unwrap())
+        .await;
+    assert_eq!(sub["saasSubscriptionStatus"], "Subscribed");
+    assert_eq!(sub["term"]["termUnit"], "P18M");
+    let created = s
+        .purchase(json!({"offerId": "fabrikam-crm", "planId": "team", "quantity": 10}))
+        .await;
+    let sub = s
+        .subscription(created["subscriptionId"].as_str().unwrap())
+        .await;
+    assert_eq!(sub["isFreeTrial"], true);
+    assert_eq!(sub["saasSubscriptionStatus"], "PendingFulfillmentStart");
+
+    // Replaced while running through the admin API; bad catalogues are refused.
+    let put = |body: Value| {
+        let s = &s;
+        async move {
+            s.http
+                .put(s.url("simulator/catalogue"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let replaced = put(json!({"plans": [
+        {"offerId": "contoso-analytics", "planId": "starter", "price": 5.0}
+    ]}))
+    .await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    assert_eq!(
+        s.http
+            .post(s.url("simulator/purchases"))
+            .json(&json!({"offerId": "contoso-analytics", "planId": "starter"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CREATED
+    );
+    for bad in [
+        json!({"plans": []}),
+        json!({"plans": [{"offerId": "o", "planId": "p", "isPricePerSeat": true}]}),
+        json!({"plans": [{"offerId": "o", "planId": "p"}, {"offerId": "o", "planId": "p"}]}),
+        json!({"plans": [{"offerId": "o", "planId": "p", "colour": "red"}]}),
+    ] {
+        assert_eq!(
+            put(bad.clone()).await.status(),
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+    let shown: Value = s
+        .http
+        .get(s.url("simulator/catalogue"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["plans"][0]["planId"], "starter");
+}
+
+/// `fulfillment simulate` with no environment generates the publisher's identity and prints
+/// what `serve` and `work` need.
+#[test]
+fn simulate_without_an_environment_prints_a_generated_identity() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
+    command
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env_remove("FULFILLMENT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("MARKETPLACE_") || key.starts_with("FULFILLMENT__MARKETPLACE") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let variables = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("simulate ended without printing the variables:\n{printed}");
+        };
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("MARKETPLACE_TENANT_ID=") {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let value = |name: &str| {
+        variables
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} missing: {variables}"))
+            .to_owned()
+    };
+    Uuid::parse_str(&value("MARKETPLACE_TENANT_ID")).unwrap();
+    Uuid::parse_str(&value("MARKETPLACE_CLIENT_ID")).unwrap();
+    assert!(!value("MARKETPLACE_CLIENT_SECRET").is_empty());
+    assert!(value("MARKETPLACE_API_URL").starts_with("http://127.0.0.1:"));
+}
+
+/// On a compressed calendar (one day = 40 ms): a term renews the day after its end (the new
+/// term starting then) or, with `autoRenew` off, ends the subscription; a subscription
+/// Suspended for 30 days is unsubscribed, unless reinstated first (§5.2, §5.5).
+#[tokio::test]
+async fn terms_renew_or_end_and_the_suspension_grace_ends_on_a_compressed_calendar() {
+    let (receiver, webhook) = Receiver::start().await;
+    let day = Duration::from_millis(40);
+    let s = TestSim::start(Some(webhook), |c| c.timings.day = day).await;
+    let buy = |auto_renew: bool| {
+        let s = &s;
+        async move {
+            s.purchase(json!({"offerId": "contoso-analytics", "planId": "silver",
+                              "autoActivate": true, "autoRenew": auto_renew}))
+                .await["subscriptionId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let renewing = buy(true).await;
+    let ending = buy(false).await;
+    let suspended = buy(true).await;
+    let reinstated = buy(true).await;
+    let first_term = s.subscription(&renewing).await["term"].clone();
+    let started = tokio::time::Instant::now();
+    for id in [&suspended, &reinstated] {
+        assert_eq!(
+            s.act(id, json!({"action": "Suspend"})).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(
+        s.act(&reinstated, json!({"action": "Reinstate"}))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+
+    let status = |id: String| {
+        let s = &s;
+        async move { s.subscription(&id).await["saasSubscriptionStatus"].clone() }
+    };
+    eventually("the suspension grace to end", || async {
+        (status(suspended.clone()).await == "Unsubscribed").then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() >= day * 30,
+        "unsubscribed after {:?}, before 30 days",
+        started.elapsed()
+    );
+    eventually("the term without autoRenew to end", || async {
+        (status(ending.clone()).await == "Unsubscribed").then_some(())
+    })
+    .await;
+    let renewed = eventually("the term to renew", || async {
+        let term = s.subscription(&renewing).await["term"].clone();
+        (term["startDate"] != first_term["startDate"]).then_some(term)
+    })
+    .await;
+    // The new term starts the day after the old one ended.
+    let day_after = |date: &str| {
+        let date = time::Date::parse(
+            &date[..10],
+            &time::format_description::well_known::Iso8601::DATE,
+        )
+        .unwrap();
+        date.next_day().unwrap()
+    };
+    assert_eq!(
+        time::Date::parse(
+            &renewed["startDate"].as_str().unwrap()[..10],
+            &time::format_description::well_known::Iso8601::DATE
+        )
+        .unwrap(),
+        day_after(first_term["endDate"].as_str().unwrap())
+    );
+    assert_eq!(status(renewing.clone()).await, "Subscribed");
+    // Reinstated inside the grace: it outlived the 30 days.
+    tokio::time::sleep((day * 31).saturating_sub(started.elapsed())).await;
+    assert_eq!(status(reinstated.clone()).await, "Subscribed");
+
+    // Each ending and renewal reached the publisher as Microsoft's notify-only webhook.
+    for (id, action) in [
+        (&ending, "Unsubscribe"),
+        (&suspended, "Unsubscribe"),
+        (&renewing, "Renew"),
+    ] {
+        eventually(&format!("{action} webhook of {id}"), || async {
+            receiver
+                .calls()
+                .iter()
+                .any(|(_, body)| body["subscriptionId"] == id.as_str() && body["action"] == action)
+                .then_some(())
+        })
+        .await;
+    }
 }

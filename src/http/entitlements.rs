@@ -12,7 +12,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fulfillment_state_machine::{OfferId, PlanId, Quantity, StateName};
+use fulfillment_state_machine::{OfferId, Party, PlanId, Quantity, StateName};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
@@ -99,11 +99,14 @@ fn timestamp(at: OffsetDateTime) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The JSON view of one subscription.
+/// The JSON view of one subscription. `term.termUnit` is as Microsoft sent it (`PAY`,
+/// `P18M`, …); `term.length` reads it as an ISO-8601 duration, `null` where it is none.
 pub fn subscription_view(record: &SubscriptionRecord) -> Value {
     let term = record.term().map(|term| {
         json!({
             "termUnit": term.unit,
+            "length": term.length().map(|l| json!({ "months": l.months, "days": l.days })),
+            "chargeDuration": term.charge_duration,
             "startDate": term.start.map(timestamp),
             "endDate": term.end.map(timestamp),
         })
@@ -117,10 +120,27 @@ pub fn subscription_view(record: &SubscriptionRecord) -> Value {
         "term": term,
         "beneficiaryTenantId": record.beneficiary_tenant_id,
         "purchaserTenantId": record.purchaser_tenant_id,
+        "beneficiary": party_view(record.beneficiary.as_ref()),
+        "purchaser": party_view(record.purchaser.as_ref()),
+        "privateOfferId": record.private_offer_id,
+        "allowedCustomerOperations": record.allowed_customer_operations,
         "createdAt": timestamp(record.created_at),
         "updatedAt": timestamp(record.updated_at),
         "version": record.version,
     })
+}
+
+/// A stored `Party` in this API's camelCase; `null` when unknown or unreadable.
+fn party_view(stored: Option<&Value>) -> Value {
+    stored
+        .and_then(|v| serde_json::from_value::<Party>(v.clone()).ok())
+        .map_or(Value::Null, |party| {
+            json!({
+                "tenantId": party.tenant_id.map(|t| t.as_uuid()),
+                "objectId": party.object_id,
+                "emailId": party.email,
+            })
+        })
 }
 
 /// `GET /api/v1/subscriptions/{id}`.

@@ -82,6 +82,7 @@ pub async fn landing(
         let subscription_id = resolved.id;
         tracing::Span::current()
             .record("subscription_id", tracing::field::display(subscription_id));
+        let resolved = with_source_offers(&state, &ctx, resolved).await;
         if let Err(page) = queue_resolution(&state, &resolved, &ctx, &headers).await {
             return page;
         }
@@ -98,6 +99,43 @@ pub async fn landing(
     }
     .instrument(span)
     .await
+}
+
+/// Longest wait for the purchased plan's `sourceOffers`: the page must not wait on it.
+const SOURCE_OFFERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The resolved subscription with the private offer it came through, which Microsoft
+/// reports only on the purchased plan (`listAvailablePlans?planId=`, §4.5, §10.3). Best
+/// effort: without an answer the purchase is queued as resolved, the offer unknown.
+async fn with_source_offers(
+    state: &AppState,
+    ctx: &CallContext,
+    mut resolved: ResolvedSubscription,
+) -> ResolvedSubscription {
+    let Some(subscription) = resolved.subscription.as_mut() else {
+        return resolved;
+    };
+    let Some(plan_id) = subscription.plan_id.clone() else {
+        return resolved;
+    };
+    let lookup = state
+        .marketplace
+        .list_available_plans(ctx, resolved.id, Some(&plan_id));
+    match tokio::time::timeout(SOURCE_OFFERS_DEADLINE, lookup).await {
+        Ok(Ok(plans)) => {
+            subscription.source_offers = plans
+                .into_value()
+                .into_iter()
+                .filter(|plan| plan.plan_id.as_deref() == Some(plan_id.as_str()))
+                .flat_map(|plan| plan.source_offers)
+                .collect();
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot read the purchased plan's private offer");
+        }
+        Err(_) => tracing::warn!("the purchased plan's private offer took too long"),
+    }
+    resolved
 }
 
 /// Queues the resolution for the workers; a failure is the "retry in a minute" page, since

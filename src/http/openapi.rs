@@ -196,9 +196,19 @@ pub fn document() -> Value {
                 "Term": {
                     "type": "object",
                     "properties": {
-                        "termUnit": { "type": "string", "nullable": true, "example": "P1M" },
+                        "termUnit": { "type": "string", "nullable": true, "example": "P1M", "description": "As Microsoft sent it: P1M, P1Y … P5Y, PAY or another ISO-8601 duration such as P18M." },
+                        "length": { "type": "object", "nullable": true, "description": "termUnit read as an ISO-8601 duration; null for PAY and other units that are none.", "properties": { "months": { "type": "integer" }, "days": { "type": "integer" } } },
+                        "chargeDuration": { "type": "string", "nullable": true, "description": "How often a multi-year term is billed." },
                         "startDate": { "type": "string", "format": "date-time", "nullable": true },
                         "endDate": { "type": "string", "format": "date-time", "nullable": true }
+                    }
+                },
+                "Party": {
+                    "type": "object",
+                    "properties": {
+                        "tenantId": { "type": "string", "format": "uuid", "nullable": true },
+                        "objectId": { "type": "string", "format": "uuid", "nullable": true },
+                        "emailId": { "type": "string", "nullable": true, "description": "May be null (§15.3)." }
                     }
                 },
                 "Subscription": {
@@ -213,6 +223,10 @@ pub fn document() -> Value {
                         "term": { "allOf": [{ "$ref": "#/components/schemas/Term" }], "nullable": true },
                         "beneficiaryTenantId": { "type": "string", "format": "uuid", "nullable": true },
                         "purchaserTenantId": { "type": "string", "format": "uuid", "nullable": true },
+                        "beneficiary": { "allOf": [{ "$ref": "#/components/schemas/Party" }], "nullable": true },
+                        "purchaser": { "allOf": [{ "$ref": "#/components/schemas/Party" }], "nullable": true, "description": "Differs from the beneficiary for CSP and multiparty private-offer purchases." },
+                        "privateOfferId": { "type": "string", "nullable": true, "description": "sourceOffers[].externalId: the private offer the purchase came through." },
+                        "allowedCustomerOperations": { "type": "array", "items": { "type": "string" }, "nullable": true, "description": "[\"Read\"] for CSP purchases: changes and cancellation are refused." },
                         "createdAt": { "type": "string", "format": "date-time" },
                         "updatedAt": { "type": "string", "format": "date-time" },
                         "version": { "type": "integer", "format": "int64", "description": "Bumped on every saved transition." }

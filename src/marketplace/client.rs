@@ -106,7 +106,9 @@ pub struct Accepted {
     /// Derived from `Operation-Location` (the undocumented `Operation-Id` header is only a
     /// fallback).
     pub operation_id: Uuid,
-    /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`].
+    /// Absolute URL to poll with [`MarketplaceClient::get_operation_at`]. Production puts
+    /// it on another host than the API's (§15.1): the client replays its path on its own
+    /// base URL.
     pub operation_location: Url,
     /// `Retry-After` (production sends 10 s, §15.1): the first poll waits this long, and
     /// polls never come closer together.
@@ -1299,6 +1301,21 @@ mod tests {
                 .unwrap()
                 .as_str(),
             "https://marketplaceapi.microsoft.com/api/saas/subscriptions?continuationToken=x"
+        );
+        // The docs' malformed sample: the token is read out of it, not dropped.
+        assert_eq!(
+            c.next_link(
+                Some("https:// https://marketplaceapi.microsoft.com/api/saas/subscriptions/?continuationToken=%5b%7b%22&api-version=2018-08-31".into()),
+                None
+            )
+            .unwrap()
+            .unwrap()
+            .as_str(),
+            "https://marketplaceapi.microsoft.com/api/saas/subscriptions?api-version=2018-08-31&continuationToken=%5b%7b%22"
+        );
+        assert_eq!(
+            c.next_link(Some("https:// nonsense".into()), None),
+            Err("https:// nonsense".to_owned())
         );
     }
 

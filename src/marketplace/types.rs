@@ -300,6 +300,16 @@ pub struct Subscription {
         serialize_with = "lenient::serialize_timestamp"
     )]
     pub last_modified: Option<OffsetDateTime>,
+    /// The private offer(s) the purchase came through. Microsoft reports them on the
+    /// purchased plan (`listAvailablePlans?planId=`, §4.5), not here: the landing page adds
+    /// them before it hands the subscription to the workers; read here too in case Microsoft
+    /// ever sends them with the subscription.
+    #[serde(
+        default,
+        deserialize_with = "lenient::list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub source_offers: Vec<SourceOffer>,
 }
 
 /// The answer to Resolve (§4.1).
@@ -384,10 +394,19 @@ pub struct SourceOffer {
     pub external_id: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `{"plans": [...]}`, or the bare array Microsoft's emulator sends for an unknown
+/// subscription.
+#[derive(Debug, Default)]
 pub(crate) struct PlansWire {
-    #[serde(default, deserialize_with = "lenient::list")]
     pub plans: Vec<Plan>,
+}
+
+impl<'de> Deserialize<'de> for PlansWire {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            plans: lenient::list_or_field(Value::deserialize(d)?, "plans"),
+        })
+    }
 }
 
 /// An asynchronous operation (§3.5).
@@ -423,10 +442,29 @@ pub struct Operation {
     pub error_status_code: Option<String>,
     #[serde(default, deserialize_with = "lenient::string")]
     pub error_message: Option<String>,
+    /// Read it through [`Operation::request_source`], which also knows the emulator's
+    /// spelling.
     #[serde(default)]
     pub operation_request_source: Option<RequestSource>,
+    /// Microsoft's emulator spells the field `operationRequestedSource` (a separate field,
+    /// not an alias: a body with both must not fail as a duplicate).
+    #[serde(
+        default,
+        rename = "operationRequestedSource",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operation_requested_source: Option<RequestSource>,
     #[serde(default, deserialize_with = "lenient::string")]
     pub resource_location: Option<String>,
+}
+
+impl Operation {
+    /// Who initiated the operation, under either spelling of the field.
+    pub fn request_source(&self) -> Option<&RequestSource> {
+        self.operation_request_source
+            .as_ref()
+            .or(self.operation_requested_source.as_ref())
+    }
 }
 
 /// The body of List operations: `{"operations":[…]}` or `{}` as documented, or the bare
@@ -680,14 +718,29 @@ pub struct WebhookPayload {
     pub time_stamp: Option<OffsetDateTime>,
     #[serde(default)]
     pub status: Option<OperationStatus>,
+    /// Read it through [`WebhookPayload::request_source`].
     #[serde(default)]
     pub operation_request_source: Option<RequestSource>,
+    /// The emulator's spelling (see [`Operation::operation_requested_source`]).
+    #[serde(
+        default,
+        rename = "operationRequestedSource",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operation_requested_source: Option<RequestSource>,
     /// A snapshot that may lag behind the action (P13).
     #[serde(default, deserialize_with = "lenient::object")]
     pub subscription: Option<Subscription>,
 }
 
 impl WebhookPayload {
+    /// Who initiated the operation, under either spelling of the field.
+    pub fn request_source(&self) -> Option<&RequestSource> {
+        self.operation_request_source
+            .as_ref()
+            .or(self.operation_requested_source.as_ref())
+    }
+
     /// Parses a webhook body with the same leniency as API responses (trimmed keys,
     /// trailing commas). The error says which required field is missing or malformed.
     pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
@@ -726,7 +779,7 @@ impl WebhookEnvelope {
             #[serde(default, deserialize_with = "lenient::uuid")]
             activity_id: Option<Uuid>,
         }
-        if may_have_padded_key(body) {
+        if may_have_padded_key(body) || nested_deeper_than(body, DIRECT_PARSE_MAX_DEPTH) {
             return Self::from_full_parse(body);
         }
         if let Ok(direct) = serde_json::from_slice::<Direct<'_>>(body) {
@@ -752,6 +805,42 @@ impl WebhookEnvelope {
             activity_id: payload.activity_id,
         })
     }
+}
+
+/// Nesting beyond which the direct parse defers to the full one. The direct parse skips the
+/// fields it does not read without serde_json's recursion limit (128 levels), so alone it
+/// would accept a body nested too deep for the worker's parse: a 200, then a dead letter.
+/// Real webhooks nest four levels; anything deeper than this is left to the full parse,
+/// which decides exactly as the worker will.
+const DIRECT_PARSE_MAX_DEPTH: usize = 32;
+
+/// Whether arrays and objects in `body` nest deeper than `limit` (brackets inside strings
+/// do not count). Malformed input gives some answer; the parse that follows judges it.
+fn nested_deeper_than(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in body {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// True when some object key in `body` might have surrounding whitespace (which the full
@@ -905,6 +994,16 @@ pub(crate) mod lenient {
 
     /// An array; null/absent → empty; unreadable items are skipped with a warning so one
     /// odd record cannot hide all the others from the reconciler.
+    /// The list under `field` of an object, or the value itself when it is a bare array;
+    /// unreadable items are skipped as by [`list`].
+    pub(crate) fn list_or_field<T: DeserializeOwned>(value: Value, field: &str) -> Vec<T> {
+        let items = match value {
+            Value::Object(mut map) => map.remove(field).unwrap_or(Value::Null),
+            other => other,
+        };
+        list(items).unwrap_or_default()
+    }
+
     pub fn list<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
         Ok(match Value::deserialize(d)? {
             Value::Array(items) => items
@@ -1272,6 +1371,12 @@ mod tests {
         assert_eq!(wrapped.into_operations().len(), 1);
         assert_eq!(bare.into_operations().len(), 1);
         assert!(parse::<PlansWire>(r#"{"plans":[]}"#).plans.is_empty());
+        assert!(parse::<PlansWire>("[]").plans.is_empty());
+        assert!(
+            parse::<OperationsWire>(r#"{"operations":"none"}"#)
+                .operations
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1504,5 +1609,34 @@ mod envelope_tests {
         let envelope = WebhookEnvelope::parse(body.as_bytes()).unwrap();
         assert_eq!(envelope.action, "Reinstate");
         assert_eq!(envelope.activity_id, None);
+    }
+
+    /// Found by issue 16: a body nested 127+ levels in a field nobody reads passed the
+    /// envelope (which skips such fields without serde_json's recursion limit), got a 200,
+    /// and was dead-lettered by the worker's full parse ("recursion limit exceeded").
+    #[test]
+    fn regression_the_envelope_refuses_what_is_nested_too_deep_for_the_worker() {
+        for depth in [1, 31, 32, 33, 100, 126, 127, 128, 500, 20_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let body = format!(
+                    r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew","x":{}1{}}}"#,
+                    open.repeat(depth),
+                    close.repeat(depth)
+                );
+                let worker = WebhookPayload::parse(body.as_bytes()).is_ok();
+                let ingress = WebhookEnvelope::parse(body.as_bytes()).is_ok();
+                assert_eq!(ingress, worker, "depth {depth} with {open}");
+            }
+        }
+        // Brackets inside strings are text, not nesting.
+        let brackets = "[".repeat(300);
+        let body = format!(
+            r#"{{"id":"{ID}","subscriptionId":"{SUB}","action":"Renew","x":"{brackets}"}}"#
+        );
+        assert!(WebhookEnvelope::parse(body.as_bytes()).is_ok());
+        assert!(!crate::marketplace::types::nested_deeper_than(
+            body.as_bytes(),
+            2
+        ));
     }
 }

@@ -336,16 +336,7 @@ impl Reconciler {
             Err(error @ ApiError::NotFound { .. })
                 if drift.kinds.contains(&DriftKind::UnknownToMicrosoft) =>
             {
-                let ended = Snapshot {
-                    status: MarketplaceStatus::Unsubscribed,
-                    offer_id: None,
-                    plan_id: None,
-                    quantity: None,
-                    term: None,
-                    beneficiary_tenant: None,
-                    purchaser_tenant: None,
-                    name: None,
-                };
+                let ended = Snapshot::with_status(MarketplaceStatus::Unsubscribed);
                 (ended, error.request_id().map(|r| r.to_string()))
             }
             Err(error) => return Err(error.into()),

@@ -1,6 +1,7 @@
 //! The control surface for tests and demos under `/simulator`: make purchases, play the
 //! customer or Microsoft (plan/seat changes, suspend, reinstate, cancel, renew), inspect a
-//! subscription with its operations and webhook deliveries, set faults, rotate keys.
+//! subscription with its operations and webhook deliveries, set faults, replace the
+//! catalogue, rotate keys.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::Catalogue;
 use super::error::{ApiError, parse_json};
 use super::faults::Faults;
 use super::lifecycle::{self, Change, Event, Purchase};
@@ -38,6 +40,10 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
             post(new_token),
         )
         .route("/simulator/faults", put(set_faults).get(get_faults))
+        .route(
+            "/simulator/catalogue",
+            put(set_catalogue).get(get_catalogue),
+        )
         .route("/simulator/keys/rotate", post(rotate_keys))
 }
 
@@ -50,13 +56,17 @@ struct PurchaseRequest {
     name: Option<String>,
     beneficiary_tenant_id: Option<Uuid>,
     purchaser_tenant_id: Option<Uuid>,
-    #[serde(default)]
-    auto_activate: bool,
+    /// Default: the plan's setting.
+    auto_activate: Option<bool>,
     /// A CSP purchase: `allowedCustomerOperations` is `["Read"]` (§10.2).
     #[serde(default)]
     csp: bool,
+    is_free_trial: Option<bool>,
+    term_unit: Option<String>,
+    auto_renew: Option<bool>,
+    private_offer_id: Option<String>,
     #[serde(default)]
-    is_free_trial: bool,
+    null_puid: bool,
 }
 
 async fn purchase(
@@ -76,6 +86,10 @@ async fn purchase(
             auto_activate: request.auto_activate,
             csp: request.csp,
             is_free_trial: request.is_free_trial,
+            term_unit: request.term_unit,
+            auto_renew: request.auto_renew,
+            private_offer_id: request.private_offer_id,
+            null_puid: request.null_puid,
         },
     )?;
     Ok((
@@ -198,6 +212,25 @@ async fn set_faults(
 
 async fn get_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
     Json(shared.read(|st| st.faults.clone()))
+}
+
+/// Replaces the plans on sale; existing subscriptions keep their plan ids (a plan no
+/// longer listed cannot be changed to, like a stop-sold one).
+async fn set_catalogue(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<Json<Catalogue>, ApiError> {
+    let catalogue: Catalogue = parse_json(&body)?;
+    let catalogue = catalogue.validated().map_err(ApiError::bad_request)?;
+    *shared.catalogue() = catalogue.plans.clone();
+    tracing::info!(plans = catalogue.plans.len(), "catalogue replaced");
+    Ok(Json(catalogue))
+}
+
+async fn get_catalogue(State(shared): State<Arc<Shared>>) -> Json<Catalogue> {
+    Json(Catalogue {
+        plans: shared.catalogue().clone(),
+    })
 }
 
 async fn rotate_keys(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {

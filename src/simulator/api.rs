@@ -23,9 +23,8 @@ use super::API_VERSION;
 use super::error::{ApiError, parse_json};
 use super::faults::ApiFault;
 use super::lifecycle::{self, Ack, Change};
-use super::state::{OperationStatus, RequestSource, Shared, SubscriptionStatus};
+use super::state::{OperationStatus, RequestSource, Shared, SubscriptionStatus, wire_name};
 
-const PAGE_SIZE: usize = 100;
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-requestid");
 const CORRELATION_ID: HeaderName = HeaderName::from_static("x-ms-correlationid");
 const MARKETPLACE_TOKEN: &str = "x-ms-marketplace-token";
@@ -254,6 +253,16 @@ async fn activate(
     Ok(StatusCode::OK)
 }
 
+/// The size of the page after `after`: drawn from the configured range, but the same for
+/// the same continuation token, so a page read twice is the same page.
+fn page_size(sizes: &std::ops::RangeInclusive<usize>, after: u64) -> usize {
+    let (min, max) = (*sizes.start(), (*sizes.end()).max(*sizes.start()));
+    let span = u64::try_from(max - min + 1).unwrap_or(1);
+    let mixed = (after.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+    (min + usize::try_from(mixed % span).unwrap_or(0)).max(1)
+}
+
+/// Pages of varying size (§15.1), `@nextLink` on the link host, none on the last page.
 async fn list_subscriptions(
     State(shared): State<Arc<Shared>>,
     uri: Uri,
@@ -269,6 +278,7 @@ async fn list_subscriptions(
             .ok_or_else(|| ApiError::bad_request("The continuationToken is invalid"))?,
     };
     let publisher_id = &shared.config.publisher_id;
+    let size = page_size(&shared.config.page_sizes, after);
     let (page, more, last) = shared.read(|st| {
         let all = st.subscriptions_in_order();
         if all.is_empty() {
@@ -277,32 +287,31 @@ async fn list_subscriptions(
         let rest: Vec<_> = all.into_iter().filter(|s| s.seq > after).collect();
         let page: Vec<Value> = rest
             .iter()
-            .take(PAGE_SIZE)
+            .take(size)
             .map(|s| s.to_wire(publisher_id))
             .collect();
         let last = rest
-            .get(rest.len().min(PAGE_SIZE).wrapping_sub(1))
+            .get(rest.len().min(size).wrapping_sub(1))
             .map_or(after, |s| s.seq);
-        (Some(page), rest.len() > PAGE_SIZE, last)
+        (Some(page), rest.len() > size, last)
     });
     let Some(page) = page else {
         // No subscriptions at all: 200 with an empty body (§4.3).
         return Ok(StatusCode::OK.into_response());
     };
-    let next_link = if more {
-        let mut link = shared.base_url.clone();
-        link.set_path("api/saas/subscriptions");
-        link.query_pairs_mut()
-            .append_pair(
-                "continuationToken",
-                &STANDARD.encode(format!("after:{last}")),
-            )
-            .append_pair("api-version", API_VERSION);
-        link.to_string()
-    } else {
-        String::new()
-    };
-    Ok(Json(json!({ "subscriptions": page, "@nextLink": next_link })).into_response())
+    if !more {
+        // The last page has no `@nextLink` at all (§15.1).
+        return Ok(Json(json!({ "subscriptions": page })).into_response());
+    }
+    let mut link = shared.link_base();
+    link.set_path("api/saas/subscriptions");
+    link.query_pairs_mut()
+        .append_pair(
+            "continuationToken",
+            &STANDARD.encode(format!("after:{last}")),
+        )
+        .append_pair("api-version", API_VERSION);
+    Ok(Json(json!({ "subscriptions": page, "@nextLink": link.to_string() })).into_response())
 }
 
 async fn get_subscription(
@@ -325,10 +334,17 @@ async fn list_available_plans(
 ) -> Result<Json<Value>, ApiError> {
     let id = subscription_id(&id)?;
     let filter = query_params(&uri).remove("planId");
-    let (offer_id, current_plan, status) = shared.read(|st| {
+    let (offer_id, current_plan, status, private_offer) = shared.read(|st| {
         st.subscriptions
             .get(&id)
-            .map(|s| (s.offer_id.clone(), s.plan_id.clone(), s.status))
+            .map(|s| {
+                (
+                    s.offer_id.clone(),
+                    s.plan_id.clone(),
+                    s.status,
+                    s.private_offer_id.clone(),
+                )
+            })
             .ok_or_else(|| ApiError::not_found(format!("Subscription {id} not found")))
     })?;
     if status == SubscriptionStatus::Unsubscribed {
@@ -341,7 +357,13 @@ async fn list_available_plans(
             .plan(&offer_id, plan_id)
             .map(|p| {
                 let mut plan = p.to_wire();
-                plan["sourceOffers"] = json!([]);
+                // The private offer the purchase came through (§4.5, §10.3).
+                plan["sourceOffers"] = json!(
+                    private_offer
+                        .iter()
+                        .map(|id| json!({ "externalId": id }))
+                        .collect::<Vec<_>>()
+                );
                 vec![plan]
             })
             .unwrap_or_default(),
@@ -373,13 +395,18 @@ fn parse_quantity(value: &Value) -> Result<u32, ApiError> {
     })
 }
 
+/// The 202 as recorded from production (§15.1): `Operation-Location` absolute on the link
+/// host, `Operation-Id`, and `Retry-After` in whole seconds.
 fn accepted(shared: &Shared, id: Uuid, op_id: Uuid) -> Response {
     let location = shared.operation_location(id, op_id).to_string();
+    let retry_after = shared.config.timings.retry_after;
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
     (
         StatusCode::ACCEPTED,
         [
             (HeaderName::from_static("operation-location"), location),
             (HeaderName::from_static("operation-id"), op_id.to_string()),
+            (header::RETRY_AFTER, seconds.to_string()),
         ],
     )
         .into_response()
@@ -440,19 +467,22 @@ async fn list_operations(
     })
 }
 
+/// Unknown subscription or operation ids answer 400 like the live service (404 with
+/// `strict_404`); each answer's status is recorded for the admin view.
 async fn get_operation(
     State(shared): State<Arc<Shared>>,
     Path((id, op_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subscription_id(&id)?;
-    let not_found = || ApiError::not_found(format!("Operation {op_id} not found"));
-    let op_uuid = Uuid::parse_str(&op_id).map_err(|_| not_found())?;
-    shared.read(|st| {
-        let sub = st
-            .subscriptions
-            .get(&id)
-            .ok_or_else(|| ApiError::not_found(format!("Subscription {id} not found")))?;
-        let op = sub.operation(op_uuid).ok_or_else(not_found)?;
+    let unknown = || lifecycle::unknown_operation(&shared, &op_id);
+    let id = Uuid::parse_str(&id).map_err(|_| unknown())?;
+    let op_uuid = Uuid::parse_str(&op_id).map_err(|_| unknown())?;
+    shared.mutate(|st| {
+        let sub = st.subscriptions.get_mut(&id).ok_or_else(unknown)?;
+        let op = sub.operation_mut(op_uuid).ok_or_else(unknown)?;
+        op.reads.push(wire_name(&op.status));
+        op.first_read_at.get_or_insert_with(OffsetDateTime::now_utc);
+        let sub = &*sub;
+        let op = sub.operation(op_uuid).ok_or_else(unknown)?;
         Ok(Json(op.to_wire(sub, &shared.config.publisher_id)))
     })
 }
@@ -467,9 +497,9 @@ async fn update_operation(
     Path((id, op_id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let id = subscription_id(&id)?;
-    let op_id = Uuid::parse_str(&op_id)
-        .map_err(|_| ApiError::not_found(format!("Operation {op_id} not found")))?;
+    let id = Uuid::parse_str(&id).map_err(|_| lifecycle::unknown_operation(&shared, &op_id))?;
+    let op_id =
+        Uuid::parse_str(&op_id).map_err(|_| lifecycle::unknown_operation(&shared, &op_id))?;
     let update: UpdateOperation = parse_json(&body)?;
     let ack = match update.status.as_deref().map(str::trim) {
         Some("Success") => Ack::Success,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::state::{
     AadIdentifier, Action, Operation, OperationStatus, PurchaseToken, RequestSource, Shared, State,
-    Subscription, SubscriptionStatus, term_from, wire_name,
+    Subscription, SubscriptionStatus, term_from, term_length, wire_name,
 };
 use super::webhooks;
 
@@ -33,9 +33,21 @@ pub(crate) struct Purchase {
     pub name: Option<String>,
     pub beneficiary_tenant_id: Option<Uuid>,
     pub purchaser_tenant_id: Option<Uuid>,
-    pub auto_activate: bool,
+    /// Default: the plan's auto-activation setting (§5.6).
+    pub auto_activate: Option<bool>,
+    /// A CSP purchase: `allowedCustomerOperations: ["Read"]`, `sandboxType: Csp` and a
+    /// purchaser (the CSP) other than the beneficiary (§10.2).
     pub csp: bool,
-    pub is_free_trial: bool,
+    /// Default: the plan's free trial.
+    pub is_free_trial: Option<bool>,
+    /// Default: the plan's term unit; `PAY` or any ISO-8601 duration (§15.3).
+    pub term_unit: Option<String>,
+    /// Default true (§3.1).
+    pub auto_renew: Option<bool>,
+    /// The private offer the purchase came through (`sourceOffers[].externalId`).
+    pub private_offer_id: Option<String>,
+    /// `puid` and `emailId` null on both identities (§15.3).
+    pub null_puid: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +59,17 @@ pub(crate) struct Purchased {
 
 fn not_found(id: Uuid) -> ApiError {
     ApiError::not_found(format!("Subscription {id} not found"))
+}
+
+/// An operation id the operation endpoints do not know: 400 like the live service, or the
+/// documented 404 with `--strict-404` (§4.10, §15.2).
+pub(crate) fn unknown_operation(shared: &Shared, op_id: impl std::fmt::Display) -> ApiError {
+    let message = format!("Operation {op_id} not found");
+    if shared.config.strict_404 {
+        ApiError::not_found(message)
+    } else {
+        ApiError::bad_request(message)
+    }
 }
 
 /// ChangePlan/ChangeQuantity from the customer's side: the publisher may ACK or reject it
@@ -75,6 +98,8 @@ fn new_operation(
         finished: None,
         error_status_code: String::new(),
         error_message: String::new(),
+        reads: Vec::new(),
+        first_read_at: None,
     }
 }
 
@@ -139,17 +164,19 @@ impl Shared {
     }
 }
 
-fn identity(tenant: Option<Uuid>, label: &str) -> AadIdentifier {
+fn identity(tenant: Option<Uuid>, label: &str, anonymous: bool) -> AadIdentifier {
     let tenant_id = tenant.unwrap_or_else(Uuid::new_v4);
     let short = &tenant_id.simple().to_string()[..8];
     AadIdentifier {
-        email_id: format!("{label}@customer-{short}.example"),
+        email_id: (!anonymous).then(|| format!("{label}@customer-{short}.example")),
         object_id: Uuid::new_v4(),
         tenant_id,
-        puid: Some(format!(
-            "10032000{}",
-            &Uuid::new_v4().simple().to_string()[..8].to_uppercase()
-        )),
+        puid: (!anonymous).then(|| {
+            format!(
+                "10032000{}",
+                &Uuid::new_v4().simple().to_string()[..8].to_uppercase()
+            )
+        }),
     }
 }
 
@@ -161,8 +188,7 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
                 "offer {} has no plan {}",
                 request.offer_id, request.plan_id
             ))
-        })?
-        .clone();
+        })?;
     let quantity = if plan.is_price_per_seat {
         let quantity = request.quantity.unwrap_or(plan.min_quantity);
         if !(plan.min_quantity..=plan.max_quantity).contains(&quantity) {
@@ -175,11 +201,26 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
     } else {
         None
     };
-    let beneficiary = identity(request.beneficiary_tenant_id, "admin");
+    let term_unit = match request.term_unit.as_deref().map(str::trim) {
+        None => plan.term_unit.clone(),
+        Some(unit) if unit == "PAY" || term_length(unit).is_some() => unit.to_owned(),
+        Some(unit) => {
+            return Err(ApiError::bad_request(format!(
+                "termUnit {unit:?} is neither PAY nor an ISO-8601 duration"
+            )));
+        }
+    };
+    let anonymous = request.null_puid;
+    let beneficiary = identity(request.beneficiary_tenant_id, "admin", anonymous);
     let purchaser = match request.purchaser_tenant_id {
-        Some(tenant) if tenant != beneficiary.tenant_id => identity(Some(tenant), "buyer"),
+        Some(tenant) if tenant != beneficiary.tenant_id => {
+            identity(Some(tenant), "buyer", anonymous)
+        }
+        // A CSP buys on behalf of its customer: the purchaser is the CSP's tenant.
+        None if request.csp => identity(None, "csp", anonymous),
         _ => beneficiary.clone(),
     };
+    let auto_activate = request.auto_activate.unwrap_or(plan.auto_activate);
     let now = OffsetDateTime::now_utc();
     Ok(shared.mutate(|st| {
         st.next_seq += 1;
@@ -196,22 +237,25 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
             status: SubscriptionStatus::PendingFulfillmentStart,
             beneficiary,
             purchaser,
-            term_unit: plan.term_unit.clone(),
+            charge_duration: charge_duration(&term_unit),
+            term_unit,
             term_start: None,
             term_end: None,
-            auto_renew: true,
-            is_free_trial: request.is_free_trial,
+            auto_renew: request.auto_renew.unwrap_or(true),
+            is_free_trial: request.is_free_trial.unwrap_or(plan.has_free_trial),
             allowed_customer_operations: if request.csp {
                 vec!["Read".into()]
             } else {
                 vec!["Delete".into(), "Update".into(), "Read".into()]
             },
+            csp_sandbox: request.csp,
+            private_offer_id: request.private_offer_id,
             created: now,
             activation_requested: false,
             operations: Vec::new(),
             deliveries: Vec::new(),
         };
-        let subscribe_op = if request.auto_activate {
+        let subscribe_op = if auto_activate {
             // Auto-activation (§5.6): billing starts at checkout, a Subscribe webhook follows.
             start_term(&mut subscription, now);
             subscription.status = SubscriptionStatus::Subscribed;
@@ -227,18 +271,31 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
         } else {
             None
         };
+        let term_end = subscription.term_end;
         st.subscriptions.insert(id, subscription);
         if let Some(op_id) = subscribe_op {
             webhooks::notify(shared, st, id, op_id);
+            if let Some(end) = term_end {
+                schedule_term_end(shared, id, end);
+            }
         }
         let (token, landing_url) = issue_purchase_token(shared, st, id);
-        tracing::info!(subscription_id = %id, auto_activate = request.auto_activate, "purchase");
+        tracing::info!(subscription_id = %id, auto_activate, "purchase");
         Purchased {
             subscription_id: id,
             token,
             landing_url,
         }
     }))
+}
+
+/// `term.chargeDuration`: a multi-year term is billed yearly [INFER: the spec added the
+/// field in 2025 without saying more]; other terms are billed once, `null`.
+fn charge_duration(term_unit: &str) -> Option<String> {
+    match term_length(term_unit) {
+        Some((months, 0)) if months > 12 && months % 12 == 0 => Some("P1Y".into()),
+        _ => None,
+    }
 }
 
 fn start_term(sub: &mut Subscription, now: OffsetDateTime) {
@@ -274,14 +331,78 @@ pub(crate) fn activate(shared: &Arc<Shared>, id: Uuid) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn complete_activation(shared: &Shared, id: Uuid) {
-    shared.mutate(|st| {
-        if let Some(sub) = st.subscriptions.get_mut(&id)
-            && sub.status == SubscriptionStatus::PendingFulfillmentStart
-        {
-            start_term(sub, OffsetDateTime::now_utc());
-            sub.status = SubscriptionStatus::Subscribed;
-            tracing::info!(subscription_id = %id, "activated");
+fn complete_activation(shared: &Arc<Shared>, id: Uuid) {
+    let term_end = shared.mutate(|st| {
+        let sub = st
+            .subscriptions
+            .get_mut(&id)
+            .filter(|sub| sub.status == SubscriptionStatus::PendingFulfillmentStart)?;
+        start_term(sub, OffsetDateTime::now_utc());
+        sub.status = SubscriptionStatus::Subscribed;
+        tracing::info!(subscription_id = %id, "activated");
+        sub.term_end
+    });
+    if let Some(end) = term_end {
+        schedule_term_end(shared, id, end);
+    }
+}
+
+/// `days` simulated days on the wall clock.
+fn days(shared: &Shared, days: i64) -> std::time::Duration {
+    let days = u32::try_from(days.max(0)).unwrap_or(u32::MAX);
+    shared
+        .config
+        .timings
+        .day
+        .checked_mul(days)
+        .unwrap_or(std::time::Duration::MAX)
+}
+
+/// The day after `term_end`, the term is over (§3.3, §5.5): see [`end_term`].
+fn schedule_term_end(shared: &Arc<Shared>, id: Uuid, term_end: OffsetDateTime) {
+    let remaining = (term_end.date() - OffsetDateTime::now_utc().date()).whole_days() + 1;
+    shared.spawn_after(days(shared, remaining), move |shared| {
+        end_term(shared, id, term_end);
+    });
+}
+
+/// A term ended: renewed when `autoRenew` is on (Renew moves the term, §5.5), otherwise
+/// the subscription ends (Unsubscribe). Nothing when the subscription moved on meanwhile
+/// (renewed by hand, suspended, cancelled).
+fn end_term(shared: &Arc<Shared>, id: Uuid, term_end: OffsetDateTime) {
+    let auto_renew = shared.read(|st| {
+        st.subscriptions
+            .get(&id)
+            .filter(|s| s.status == SubscriptionStatus::Subscribed && s.term_end == Some(term_end))
+            .map(|s| s.auto_renew)
+    });
+    let event = match auto_renew {
+        Some(true) => Event::Renew,
+        Some(false) => Event::Unsubscribe,
+        None => return,
+    };
+    if let Err(error) = raise(shared, id, event) {
+        tracing::warn!(subscription_id = %id, ?event, message = %error.message, "term end not applied");
+    }
+}
+
+/// `SUSPENSION_GRACE_DAYS` after the Suspend `suspend_op`, a subscription still Suspended
+/// by it is unsubscribed (§5.2).
+fn schedule_grace_end(shared: &Arc<Shared>, id: Uuid, suspend_op: Uuid, after_days: i64) {
+    shared.spawn_after(days(shared, after_days), move |shared| {
+        let still = shared.read(|st| {
+            st.subscriptions.get(&id).is_some_and(|s| {
+                s.status == SubscriptionStatus::Suspended
+                    && s
+                        .operations
+                        .iter()
+                        .rev()
+                        .find(|o| o.action == Action::Suspend)
+                        .is_some_and(|o| o.id == suspend_op)
+            })
+        });
+        if still && let Err(error) = raise(shared, id, Event::Unsubscribe) {
+            tracing::warn!(subscription_id = %id, message = %error.message, "grace end not applied");
         }
     });
 }
@@ -358,18 +479,21 @@ pub(crate) fn request_change(
 ) -> Result<Uuid, ApiError> {
     let op_id = shared.mutate(|st| {
         let sub = st.subscriptions.get_mut(&id).ok_or_else(|| not_found(id))?;
-        if sub.status == SubscriptionStatus::Unsubscribed && source == RequestSource::Partner {
-            return Err(not_found(id));
-        }
         if source == RequestSource::Partner {
             require_customer_operation(sub, "Update")?;
         }
+        // An Unsubscribed subscription answers 400 here, like any other not Subscribed.
         validate_change(shared, sub, &change)?;
         let action = match change {
             Change::Plan(_) => Action::ChangePlan,
             Change::Quantity(_) => Action::ChangeQuantity,
         };
-        let mut op = new_operation(sub, action, OperationStatus::InProgress, source);
+        // Our own operations start NotStarted (§15.1); the customer's arrive InProgress.
+        let status = match source {
+            RequestSource::Partner => OperationStatus::NotStarted,
+            RequestSource::Azure => OperationStatus::InProgress,
+        };
+        let mut op = new_operation(sub, action, status, source);
         match change {
             Change::Plan(plan_id) => op.plan_id = plan_id,
             Change::Quantity(quantity) => op.quantity = Some(quantity),
@@ -379,13 +503,18 @@ pub(crate) fn request_change(
         webhooks::notify(shared, st, id, op_id);
         Ok(op_id)
     })?;
-    let delay = match source {
-        RequestSource::Partner => shared.config.timings.operation_delay,
+    match source {
+        RequestSource::Partner => schedule_partner_operation(shared, id, op_id),
         RequestSource::Azure => {
-            shared.config.timings.webhook_delay + shared.config.timings.ack_window
+            let timings = &shared.config.timings;
+            schedule_completion(
+                shared,
+                id,
+                op_id,
+                timings.webhook_delay + timings.ack_window,
+            );
         }
-    };
-    schedule_completion(shared, id, op_id, delay);
+    }
     tracing::info!(subscription_id = %id, operation_id = %op_id, ?source, "change requested");
     Ok(op_id)
 }
@@ -408,16 +537,36 @@ pub(crate) fn request_cancellation(shared: &Arc<Shared>, id: Uuid) -> Result<Uui
         let op = new_operation(
             sub,
             Action::Unsubscribe,
-            OperationStatus::InProgress,
+            OperationStatus::NotStarted,
             RequestSource::Partner,
         );
         let op_id = op.id;
         sub.operations.push(op);
         Ok(op_id)
     })?;
-    schedule_completion(shared, id, op_id, shared.config.timings.operation_delay);
+    schedule_partner_operation(shared, id, op_id);
     tracing::info!(subscription_id = %id, operation_id = %op_id, "cancellation requested");
     Ok(op_id)
+}
+
+/// A publisher operation: `NotStarted` for `operation_start_delay`, then `InProgress`, then
+/// final at `operation_delay` (never before it started).
+fn schedule_partner_operation(shared: &Arc<Shared>, id: Uuid, op_id: Uuid) {
+    let timings = &shared.config.timings;
+    shared.spawn_after(timings.operation_start_delay, move |shared| {
+        shared.mutate(|st| {
+            if let Some(op) = st
+                .subscriptions
+                .get_mut(&id)
+                .and_then(|s| s.operation_mut(op_id))
+                && op.status == OperationStatus::NotStarted
+            {
+                op.status = OperationStatus::InProgress;
+            }
+        });
+    });
+    let done = timings.operation_delay.max(timings.operation_start_delay);
+    schedule_completion(shared, id, op_id, done);
 }
 
 fn schedule_completion(shared: &Arc<Shared>, id: Uuid, op_id: Uuid, delay: std::time::Duration) {
@@ -432,7 +581,7 @@ enum Outcome {
     Refuse { code: u16, message: &'static str },
 }
 
-/// Ends an InProgress operation (no-op otherwise): applies it on acceptance, keeps the old
+/// Ends an open operation (no-op otherwise): applies it on acceptance, keeps the old
 /// values on refusal, and sends the webhooks that follow completion.
 fn finish(shared: &Arc<Shared>, st: &mut State, id: Uuid, op_id: Uuid, outcome: Outcome) {
     let Some(sub) = st.subscriptions.get_mut(&id) else {
@@ -441,7 +590,7 @@ fn finish(shared: &Arc<Shared>, st: &mut State, id: Uuid, op_id: Uuid, outcome: 
     let Some(op) = sub.operation(op_id).cloned() else {
         return;
     };
-    if op.status != OperationStatus::InProgress {
+    if !op.status.is_open() {
         return;
     }
     let (status, resolution, error) = match outcome {
@@ -544,11 +693,21 @@ pub(crate) fn acknowledge(
     ack: Ack,
 ) -> Result<(), ApiError> {
     shared.mutate(|st| {
-        let sub = st.subscriptions.get(&id).ok_or_else(|| not_found(id))?;
+        let sub = st
+            .subscriptions
+            .get(&id)
+            .ok_or_else(|| unknown_operation(shared, op_id))?;
         let op = sub
             .operation(op_id)
-            .ok_or_else(|| ApiError::not_found(format!("Operation {op_id} not found")))?;
-        if op.status != OperationStatus::InProgress {
+            .ok_or_else(|| unknown_operation(shared, op_id))?;
+        if op.source == RequestSource::Partner {
+            // What the live service does when a publisher ACKs its own operation (§15.2).
+            return Err(ApiError::internal(
+                "An unexpected error has occurred (emulated behaviour of the live service: \
+                 a Partner operation cannot be updated)",
+            ));
+        }
+        if !op.status.is_open() {
             return Err(ApiError::conflict(format!(
                 "Operation {op_id} is {} and can no longer be updated",
                 wire_name(&op.status)
@@ -648,11 +807,7 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
         sub.operations.push(op);
         if event == Event::Unsubscribe {
             // Pending changes die with the subscription.
-            for pending in sub
-                .operations
-                .iter_mut()
-                .filter(|o| o.status == OperationStatus::InProgress)
-            {
+            for pending in sub.operations.iter_mut().filter(|o| o.status.is_open()) {
                 pending.status = OperationStatus::Failed;
                 pending.resolution = Some("subscription unsubscribed".into());
                 pending.finished = Some(OffsetDateTime::now_utc());
@@ -670,11 +825,24 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
             timings.webhook_delay + timings.ack_window,
         );
     }
+    match event {
+        Event::Renew => {
+            if let Some(end) = shared.read(|st| st.subscriptions.get(&id).and_then(|s| s.term_end))
+            {
+                schedule_term_end(shared, id, end);
+            }
+        }
+        Event::Suspend => {
+            schedule_grace_end(shared, id, op_id, i64::from(super::SUSPENSION_GRACE_DAYS));
+        }
+        Event::Reinstate | Event::Unsubscribe => {}
+    }
     tracing::info!(subscription_id = %id, operation_id = %op_id, ?event, "marketplace event");
     Ok(op_id)
 }
 
-/// After a restart from `--state-file`: re-arms activation and operation timers.
+/// After a restart from `--state-file`: re-arms activation, operation, term-end and grace
+/// timers.
 pub(crate) fn resume_timers(shared: &Arc<Shared>) {
     let (activations, operations) = shared.read(|st| {
         let mut activations = Vec::new();
@@ -684,11 +852,32 @@ pub(crate) fn resume_timers(shared: &Arc<Shared>) {
             {
                 activations.push(sub.id);
             }
-            for op in sub
-                .operations
-                .iter()
-                .filter(|o| o.status == OperationStatus::InProgress)
-            {
+            match (sub.status, sub.term_end) {
+                (SubscriptionStatus::Subscribed, Some(end)) => {
+                    schedule_term_end(shared, sub.id, end);
+                }
+                (SubscriptionStatus::Suspended, _) => {
+                    if let Some(suspend) = sub
+                        .operations
+                        .iter()
+                        .rev()
+                        .find(|o| o.action == Action::Suspend)
+                    {
+                        // Whole simulated days already spent in the grace period.
+                        let spent = (OffsetDateTime::now_utc() - suspend.created).as_seconds_f64()
+                            / shared
+                                .config
+                                .timings
+                                .day
+                                .as_secs_f64()
+                                .max(f64::MIN_POSITIVE);
+                        let left = i64::from(super::SUSPENSION_GRACE_DAYS) - spent as i64;
+                        schedule_grace_end(shared, sub.id, suspend.id, left);
+                    }
+                }
+                _ => {}
+            }
+            for op in sub.operations.iter().filter(|o| o.status.is_open()) {
                 operations.push((sub.id, op.id, op.source));
             }
         }
@@ -701,11 +890,10 @@ pub(crate) fn resume_timers(shared: &Arc<Shared>) {
         });
     }
     for (id, op_id, source) in operations {
-        let delay = match source {
-            RequestSource::Partner => timings.operation_delay,
-            RequestSource::Azure => timings.ack_window,
-        };
-        schedule_completion(shared, id, op_id, delay);
+        match source {
+            RequestSource::Partner => schedule_partner_operation(shared, id, op_id),
+            RequestSource::Azure => schedule_completion(shared, id, op_id, timings.ack_window),
+        }
     }
 }
 

@@ -8,6 +8,11 @@
 //! `webhooks` the sender; `admin` the `/simulator` control surface; `faults` the chaos
 //! knobs. Every clock is a [`Timings`] field, so tests run the 10-second ACK window in
 //! milliseconds.
+//!
+//! Its defaults follow the service as recorded in production (§15), not the kinder docs:
+//! links on another host ([`SimulatorConfig::link_host`]), operations that start
+//! `NotStarted` behind a `Retry-After`, pages of varying size, 400 for unknown operation
+//! ids. The catalogue ([`Catalogue`]) comes from a file or the admin API.
 
 mod admin;
 mod api;
@@ -28,7 +33,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -72,7 +77,20 @@ pub struct Timings {
     pub webhook_max_attempts: u32,
     /// Validity of landing-page purchase tokens (24 h, §4.1).
     pub token_ttl: Duration,
+    /// Publisher PATCH/DELETE: how long the operation stays `NotStarted` before it turns
+    /// `InProgress` (§15.1: the first Get Operation after a PATCH answers `NotStarted`).
+    pub operation_start_delay: Duration,
+    /// The `Retry-After` of a 202 (10 s as recorded, §15.1), sent in whole seconds (rounded
+    /// up). A poller must wait this long before its first poll.
+    pub retry_after: Duration,
+    /// One simulated calendar day: the clock of term ends (Renew, or Unsubscribe when
+    /// `autoRenew` is off, the day after `term.endDate`, §5.5) and of the 30-day grace of
+    /// a Suspended subscription (then Unsubscribe, §5.2). 24 h; compress it in tests.
+    pub day: Duration,
 }
+
+/// A Suspended subscription is unsubscribed after this many days (§5.3).
+pub const SUSPENSION_GRACE_DAYS: u32 = 30;
 
 impl Default for Timings {
     fn default() -> Self {
@@ -84,6 +102,9 @@ impl Default for Timings {
             webhook_retry_interval: Duration::from_secs(8 * 3600) / 500,
             webhook_max_attempts: 500,
             token_ttl: Duration::from_secs(24 * 3600),
+            operation_start_delay: Duration::from_secs(1),
+            retry_after: Duration::from_secs(10),
+            day: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -99,27 +120,53 @@ impl Timings {
             webhook_retry_interval: Duration::from_millis(50),
             webhook_max_attempts: 10,
             token_ttl: Duration::from_secs(24 * 3600),
+            operation_start_delay: Duration::from_millis(20),
+            retry_after: Duration::ZERO,
+            // Terms and grace periods keep their real length unless a test compresses them.
+            day: Duration::from_secs(24 * 3600),
         }
     }
 }
 
-/// One plan of the simulated catalogue.
+/// One plan of the simulated catalogue: an entry of `[[plans]]` in a `--catalogue` file
+/// (camelCase keys; only `offerId` and `planId` are required).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlanSpec {
     pub offer_id: String,
     pub plan_id: String,
+    /// Defaults to the plan id, capitalised.
+    #[serde(default)]
     pub display_name: String,
+    #[serde(default)]
     pub is_private: bool,
+    #[serde(default)]
     pub is_price_per_seat: bool,
+    /// Seat limits of a per-seat plan (§4.7).
+    #[serde(default)]
     pub min_quantity: u32,
+    #[serde(default)]
     pub max_quantity: u32,
-    /// `P1M`, `P1Y`, ...
+    /// `P1M`, `P1Y`, … `P5Y`, `PAY` or any ISO-8601 duration such as `P18M` (§15.3).
+    #[serde(default = "default_term_unit")]
     pub term_unit: String,
     /// Per term (flat) or per seat and term.
+    #[serde(default)]
     pub price: f64,
     /// Custom metering dimensions (§9).
+    #[serde(default)]
     pub dimensions: Vec<String>,
+    /// A one-month free trial (§5.4): purchases start with `isFreeTrial: true`.
+    #[serde(default)]
+    pub has_free_trial: bool,
+    /// Auto-activation (§5.6): purchases are Subscribed at checkout unless the purchase
+    /// says otherwise.
+    #[serde(default)]
+    pub auto_activate: bool,
+}
+
+fn default_term_unit() -> String {
+    "P1M".into()
 }
 
 impl PlanSpec {
@@ -132,9 +179,11 @@ impl PlanSpec {
             is_price_per_seat: false,
             min_quantity: 0,
             max_quantity: 0,
-            term_unit: "P1M".into(),
+            term_unit: default_term_unit(),
             price,
             dimensions: Vec::new(),
+            has_free_trial: false,
+            auto_activate: false,
         }
     }
 
@@ -171,7 +220,7 @@ impl PlanSpec {
             "description": format!("{} plan of {}", self.display_name, self.offer_id),
             "minQuantity": self.min_quantity,
             "maxQuantity": self.max_quantity,
-            "hasFreeTrials": false,
+            "hasFreeTrials": self.has_free_trial,
             "isPricePerSeat": self.is_price_per_seat,
             "isStopSell": false,
             "market": "US",
@@ -180,7 +229,7 @@ impl PlanSpec {
                     "currency": "USD",
                     "price": self.price,
                     "termUnit": self.term_unit,
-                    "termDescription": if self.term_unit == "P1Y" { "1 year" } else { "1 month" },
+                    "termDescription": state::term_description(&self.term_unit),
                     "meteredQuantityIncluded": [],
                 }],
                 "meteringDimensions": self.dimensions.iter().map(|d| json!({
@@ -189,6 +238,84 @@ impl PlanSpec {
                 })).collect::<Vec<_>>(),
             },
         })
+    }
+}
+
+/// The simulated catalogue: what a `--catalogue` file (TOML or JSON) and
+/// `PUT /simulator/catalogue` hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Catalogue {
+    pub plans: Vec<PlanSpec>,
+}
+
+impl Default for Catalogue {
+    fn default() -> Self {
+        Self {
+            plans: PlanSpec::default_catalogue(),
+        }
+    }
+}
+
+impl Catalogue {
+    /// Checks what serde cannot: unique plans, sane seat limits, term units that are
+    /// `PAY` or an ISO-8601 duration. Fills in default display names.
+    pub fn validated(mut self) -> Result<Self, String> {
+        if self.plans.is_empty() {
+            return Err("the catalogue has no plans".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for plan in &mut self.plans {
+            let name = format!("{}/{}", plan.offer_id, plan.plan_id);
+            if plan.offer_id.trim().is_empty() || plan.plan_id.trim().is_empty() {
+                return Err(format!(
+                    "plan {name:?}: offerId and planId must not be empty"
+                ));
+            }
+            if !seen.insert((plan.offer_id.clone(), plan.plan_id.clone())) {
+                return Err(format!("plan {name} appears twice"));
+            }
+            if plan.is_price_per_seat
+                && (plan.min_quantity == 0 || plan.min_quantity > plan.max_quantity)
+            {
+                return Err(format!(
+                    "plan {name}: a per-seat plan needs 1 <= minQuantity <= maxQuantity, got {}..={}",
+                    plan.min_quantity, plan.max_quantity
+                ));
+            }
+            if state::term_length(&plan.term_unit).is_none() && plan.term_unit != "PAY" {
+                return Err(format!(
+                    "plan {name}: termUnit {:?} is neither PAY nor an ISO-8601 duration of years, months or days",
+                    plan.term_unit
+                ));
+            }
+            if plan.has_free_trial && !plan.dimensions.is_empty() {
+                // §5.4: a free trial cannot be combined with metered dimensions.
+                return Err(format!(
+                    "plan {name}: a free trial cannot be combined with metering dimensions"
+                ));
+            }
+            if plan.display_name.is_empty() {
+                plan.display_name = capitalise(&plan.plan_id);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Reads a catalogue file: JSON when it ends in `.json`, TOML otherwise.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the catalogue {}", path.display()))?;
+        let catalogue: Catalogue = if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a catalogue (JSON)", path.display()))?
+        } else {
+            toml::from_str(&text)
+                .with_context(|| format!("{} is not a catalogue (TOML)", path.display()))?
+        };
+        catalogue
+            .validated()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 }
 
@@ -219,10 +346,29 @@ pub struct SimulatorConfig {
     pub timings: Timings,
     /// Load at start, save on change.
     pub state_file: Option<PathBuf>,
+    /// The catalogue at start (`PUT /simulator/catalogue` replaces it while running).
     pub plans: Vec<PlanSpec>,
     /// Seeds the fault PRNG (also settable through `PUT /simulator/faults`).
     pub seed: Option<u64>,
+    /// The host of `Operation-Location` and `@nextLink` (same scheme and port as the
+    /// simulator). Production answers on another host than the one called (§15.1), so
+    /// the default is a second loopback address the simulator does not listen on: a
+    /// client that follows the link instead of replaying its path on its own base URL
+    /// fails. `None` keeps the links on the simulator's own host.
+    pub link_host: Option<String>,
+    /// List subscriptions answers pages of a size drawn from this range (66–89 seen in
+    /// production, §15.1), never a fixed 100.
+    pub page_sizes: std::ops::RangeInclusive<usize>,
+    /// Unknown operation (or subscription) ids on the operation endpoints answer 404 as
+    /// documented, instead of the live service's 400 (§4.10, §15.2).
+    pub strict_404: bool,
 }
+
+/// The second loopback address `Operation-Location` and `@nextLink` point to by default.
+pub const DEFAULT_LINK_HOST: &str = "127.0.0.2";
+
+/// The page sizes of List subscriptions by default (§15.1).
+pub const DEFAULT_PAGE_SIZES: std::ops::RangeInclusive<usize> = 66..=89;
 
 impl SimulatorConfig {
     /// Defaults for everything but the publisher's identity.
@@ -239,23 +385,29 @@ impl SimulatorConfig {
             state_file: None,
             plans: PlanSpec::default_catalogue(),
             seed: None,
+            link_host: Some(DEFAULT_LINK_HOST.into()),
+            page_sizes: DEFAULT_PAGE_SIZES,
+            strict_404: false,
         }
     }
 
-    /// The publisher identity the engine is configured with, so both sides agree.
-    pub fn from_settings(settings: &Settings, webhook_url: Option<Url>) -> anyhow::Result<Self> {
+    /// The publisher identity the engine is configured with, so both sides agree. Without
+    /// one (a bare `fulfillment simulate`), a tenant, an application and a secret are
+    /// generated; [`run`] prints them for `serve` and `work`.
+    pub fn from_settings(settings: &Settings, webhook_url: Option<Url>) -> Self {
         let marketplace = &settings.marketplace;
-        let tenant_id = marketplace.tenant_id.context(
-            "MARKETPLACE_TENANT_ID (marketplace.tenant_id) is not set: the simulator needs the publisher's Entra tenant id",
-        )?;
-        let client_id = marketplace.client_id.context(
-            "MARKETPLACE_CLIENT_ID (marketplace.client_id) is not set: the simulator needs the publisher's Entra application id",
-        )?;
-        Ok(Self {
-            client_secret: marketplace.client_secret.clone(),
+        let client_secret = marketplace.client_secret.clone().or_else(|| {
+            (marketplace.tenant_id.is_none() || marketplace.client_id.is_none())
+                .then(|| SecretString::from(format!("sim-{}", Uuid::new_v4().simple())))
+        });
+        Self {
+            client_secret,
             webhook_url,
-            ..Self::new(tenant_id, client_id)
-        })
+            ..Self::new(
+                marketplace.tenant_id.unwrap_or_else(Uuid::new_v4),
+                marketplace.client_id.unwrap_or_else(Uuid::new_v4),
+            )
+        }
     }
 }
 
@@ -374,6 +526,8 @@ pub struct OperationProgress {
     pub finished: Option<time::OffsetDateTime>,
     /// Each webhook delivery attempt for it: the status code, or the error.
     pub webhook_attempts: Vec<String>,
+    /// The status each Get Operation answered, in order.
+    pub reads: Vec<String>,
 }
 
 /// See [`SimulatorView::outstanding`].
@@ -412,6 +566,7 @@ impl SimulatorView {
                 .collect();
             Some(OperationProgress {
                 webhook_attempts,
+                reads: op.reads.clone(),
                 status: state::wire_name(&op.status),
                 resolution: op.resolution.clone(),
                 created: op.created,
@@ -446,11 +601,8 @@ impl SimulatorView {
         self.shared.read(|st| {
             let mut outstanding = Outstanding::default();
             for sub in st.subscriptions.values() {
-                outstanding.operations_in_progress += sub
-                    .operations
-                    .iter()
-                    .filter(|o| o.status == state::OperationStatus::InProgress)
-                    .count();
+                outstanding.operations_in_progress +=
+                    sub.operations.iter().filter(|o| o.status.is_open()).count();
                 outstanding.deliveries_pending += sub
                     .deliveries
                     .iter()
@@ -488,6 +640,11 @@ impl RunningSimulator {
     /// `http://127.0.0.1:PORT/`.
     pub fn base_url(&self) -> Url {
         self.shared.base_url.clone()
+    }
+
+    /// Where `Operation-Location` and `@nextLink` point: the base URL on the link host.
+    pub fn link_base_url(&self) -> Url {
+        self.shared.link_base()
     }
 
     /// The `MARKETPLACE_API_URL` for the engine: base + `api`.
@@ -622,6 +779,51 @@ pub struct SimulateArgs {
     /// Seed of the fault-injection PRNG.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The catalogue (offers, plans, seat limits, terms, dimensions, free trials): a TOML
+    /// file, or JSON when the name ends in `.json`. Default: offer `contoso-analytics`.
+    #[arg(long, value_name = "FILE")]
+    pub catalogue: Option<PathBuf>,
+    /// Host of `Operation-Location` and `@nextLink` (production answers on another host
+    /// than the one called); `same` keeps them on the simulator's own address.
+    #[arg(long, default_value = DEFAULT_LINK_HOST)]
+    pub link_host: String,
+    /// `Retry-After` of the 202 to PATCH/DELETE, in seconds (production: 10).
+    #[arg(long, value_name = "SECONDS")]
+    pub retry_after_secs: Option<u64>,
+    /// How long a publisher operation stays `NotStarted`.
+    #[arg(long, value_name = "MS")]
+    pub operation_start_delay_ms: Option<u64>,
+    /// Length of a simulated day (term ends, the 30-day suspension grace); default 86400000.
+    #[arg(long, value_name = "MS")]
+    pub day_ms: Option<u64>,
+    /// List subscriptions page sizes, `MIN..=MAX` or one number (production: 66..=89).
+    #[arg(long, value_name = "MIN..=MAX", value_parser = parse_page_sizes)]
+    pub page_sizes: Option<std::ops::RangeInclusive<usize>>,
+    /// Answer 404 for unknown operation ids as the docs say, not 400 as the live service.
+    #[arg(long)]
+    pub strict_404: bool,
+}
+
+/// `66..=89`, `66..89` (the same) or `10`.
+fn parse_page_sizes(raw: &str) -> Result<std::ops::RangeInclusive<usize>, String> {
+    let number = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?} is not a page size (a positive integer)"))
+    };
+    let (min, max) = match raw.split_once("..") {
+        Some((min, max)) => (number(min)?, number(max.trim_start_matches('='))?),
+        None => {
+            let n = number(raw)?;
+            (n, n)
+        }
+    };
+    if min > max {
+        return Err(format!("the page sizes {raw:?} are empty (min > max)"));
+    }
+    Ok(min..=max)
 }
 
 impl SimulateArgs {
@@ -646,6 +848,23 @@ impl SimulateArgs {
         if let Some(v) = self.webhook_max_attempts {
             t.webhook_max_attempts = v;
         }
+        if let Some(v) = self.operation_start_delay_ms {
+            t.operation_start_delay = ms(v);
+        }
+        if let Some(v) = self.retry_after_secs {
+            t.retry_after = Duration::from_secs(v);
+        }
+        if let Some(v) = self.day_ms {
+            t.day = ms(v.max(1));
+        }
+        if let Some(sizes) = self.page_sizes {
+            config.page_sizes = sizes;
+        }
+        config.link_host = match self.link_host.trim() {
+            "" | "same" => None,
+            host => Some(host.to_owned()),
+        };
+        config.strict_404 = self.strict_404;
         config.landing_page_url = self.landing_url;
         config.state_file = self.state_file;
         config.issuer = self.issuer;
@@ -659,7 +878,10 @@ pub async fn run(
     args: SimulateArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = SimulatorConfig::from_settings(settings, args.webhook_url.clone())?;
+    let mut config = SimulatorConfig::from_settings(settings, args.webhook_url.clone());
+    if let Some(path) = &args.catalogue {
+        config.plans = Catalogue::load(path)?.plans;
+    }
     let listen = args.listen;
     args.apply(&mut config);
     let listener = TcpListener::bind(listen)
@@ -667,6 +889,10 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let tenant = config.tenant_id;
     let client = config.client_id;
+    let secret = config
+        .client_secret
+        .as_ref()
+        .map(|s| s.expose_secret().to_owned());
     let webhook = config.webhook_url.clone();
     let simulator = Simulator::start(config, listener).await?;
     println!(
@@ -690,11 +916,16 @@ pub async fn run(
         Some(url) => println!("  webhooks go to                   {url}"),
         None => println!("  no --webhook-url: webhooks are not sent"),
     }
-    println!("for `fulfillment serve`:");
+    println!("for `fulfillment serve` and `fulfillment work`:");
     println!(
-        "  MARKETPLACE_API_URL={} ENTRA_AUTHORITY_URL={} MARKETPLACE_TENANT_ID={tenant} MARKETPLACE_CLIENT_ID={client}",
+        "  MARKETPLACE_API_URL={} ENTRA_AUTHORITY_URL={} MARKETPLACE_TENANT_ID={tenant} MARKETPLACE_CLIENT_ID={client}{}",
         simulator.api_url().as_str().trim_end_matches('/'),
-        simulator.authority_url()
+        simulator.authority_url(),
+        // Only the generated secret is printed: a configured one is the operator's already.
+        match (&secret, settings.marketplace.client_secret.is_some()) {
+            (Some(secret), false) => format!(" MARKETPLACE_CLIENT_SECRET={secret}"),
+            _ => String::new(),
+        }
     );
     shutdown.cancelled().await;
     tracing::info!("marketplace simulator stopping");

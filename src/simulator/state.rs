@@ -53,6 +53,13 @@ pub(crate) enum OperationStatus {
     Conflict,
 }
 
+impl OperationStatus {
+    /// Not final yet: `NotStarted` or `InProgress`.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::NotStarted | Self::InProgress)
+    }
+}
+
 /// `operationRequestSource`: `Azure` = customer/CSP/Microsoft, `Partner` = the publisher's API call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum RequestSource {
@@ -70,7 +77,8 @@ pub(crate) fn wire_name<T: Serialize>(value: &T) -> String {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct AadIdentifier {
-    pub email_id: String,
+    /// `null` for some identities (§15.3), as `puid`.
+    pub email_id: Option<String>,
     pub object_id: Uuid,
     pub tenant_id: Uuid,
     pub puid: Option<String>,
@@ -88,7 +96,11 @@ pub(crate) struct Subscription {
     pub status: SubscriptionStatus,
     pub beneficiary: AadIdentifier,
     pub purchaser: AadIdentifier,
+    /// As the plan (or the purchase) says: `P1M` … `P5Y`, `PAY`, `P18M` (§15.3).
     pub term_unit: String,
+    /// `term.chargeDuration`: the billing period inside the term, when it differs.
+    #[serde(default)]
+    pub charge_duration: Option<String>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub term_start: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -96,6 +108,12 @@ pub(crate) struct Subscription {
     pub auto_renew: bool,
     pub is_free_trial: bool,
     pub allowed_customer_operations: Vec<String>,
+    /// A CSP integration-sandbox purchase: `sandboxType: Csp` (§10.2).
+    #[serde(default)]
+    pub csp_sandbox: bool,
+    /// The private offer the purchase came through: `sourceOffers[].externalId` (§10.3).
+    #[serde(default)]
+    pub private_offer_id: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
     /// The publisher called Activate; completion is scheduled.
@@ -124,6 +142,12 @@ pub(crate) struct Operation {
     pub finished: Option<OffsetDateTime>,
     pub error_status_code: String,
     pub error_message: String,
+    /// The status each Get Operation answered, in order (tests check what a poller saw).
+    #[serde(default)]
+    pub reads: Vec<String>,
+    /// When the first Get Operation came (tests check a poller waited for `Retry-After`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub first_read_at: Option<OffsetDateTime>,
 }
 
 /// One webhook notification and every attempt to deliver it.
@@ -209,6 +233,8 @@ pub(crate) struct Shared {
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
     pub dirty: AtomicBool,
+    /// The plans on sale; starts as `config.plans`, replaced by `PUT /simulator/catalogue`.
+    catalogue: Mutex<Vec<PlanSpec>>,
     /// Woken whenever an operation ends (benchmarks wait on it instead of polling).
     pub operation_finished: tokio::sync::Notify,
     /// The webhook sender's current token: `(kid, token, minted at)`.
@@ -233,6 +259,7 @@ impl Shared {
         http: reqwest::Client,
     ) -> Self {
         Self {
+            catalogue: Mutex::new(config.plans.clone()),
             config,
             base_url,
             state: Mutex::new(state),
@@ -290,26 +317,45 @@ impl Shared {
         }
     }
 
-    pub fn plan(&self, offer_id: &str, plan_id: &str) -> Option<&PlanSpec> {
+    pub fn plan(&self, offer_id: &str, plan_id: &str) -> Option<PlanSpec> {
         let offer = base_offer(offer_id);
-        self.config
-            .plans
+        self.catalogue()
             .iter()
             .find(|p| p.offer_id == offer && p.plan_id == plan_id)
+            .cloned()
     }
 
-    pub fn plans_of_offer(&self, offer_id: &str) -> Vec<&PlanSpec> {
+    pub fn plans_of_offer(&self, offer_id: &str) -> Vec<PlanSpec> {
         let offer = base_offer(offer_id);
-        self.config
-            .plans
+        self.catalogue()
             .iter()
             .filter(|p| p.offer_id == offer)
+            .cloned()
             .collect()
     }
 
-    /// The absolute URL of an API path (`saas/subscriptions/...`) with the api-version.
-    pub fn api_link(&self, path: &str) -> Url {
+    pub fn catalogue(&self) -> MutexGuard<'_, Vec<PlanSpec>> {
+        self.catalogue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where links Microsoft hands out point: the simulator's scheme and port on the
+    /// configured link host (§15.1), else the simulator itself.
+    pub fn link_base(&self) -> Url {
         let mut url = self.base_url.clone();
+        if let Some(host) = &self.config.link_host
+            && url.set_host(Some(host)).is_err()
+        {
+            tracing::warn!(host = %host, "the link host is not a valid host; links stay on the simulator's");
+        }
+        url
+    }
+
+    /// The absolute URL of an API path (`saas/subscriptions/...`) with the api-version, on
+    /// the link host.
+    pub fn api_link(&self, path: &str) -> Url {
+        let mut url = self.link_base();
         url.set_path(&format!("api/{path}"));
         url.query_pairs_mut()
             .append_pair("api-version", super::API_VERSION);
@@ -347,24 +393,70 @@ fn add_months(date: Date, months: i32) -> Date {
     Date::from_calendar_date(year, month, day).unwrap_or(date)
 }
 
+/// The length of a term unit as (months, days): `P1M`, `P1Y` … `P5Y` and any ISO-8601
+/// duration of years, months and days (`P18M`, `P1Y6M`, `P30D`). `None` for `PAY` and
+/// anything else (§15.3).
+pub(crate) fn term_length(term_unit: &str) -> Option<(u32, u32)> {
+    let rest = term_unit.trim().strip_prefix('P')?;
+    if rest.is_empty() {
+        return None;
+    }
+    let (mut months, mut days, mut number) = (0u32, 0u32, String::new());
+    let mut last_unit = 0;
+    for c in rest.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u32 = number.parse().ok()?;
+        number.clear();
+        // Designators must come in order Y, M, D, each at most once.
+        let (rank, add_months, add_days) = match c {
+            'Y' => (1, n.checked_mul(12)?, 0),
+            'M' => (2, n, 0),
+            'D' => (3, 0, n),
+            _ => return None,
+        };
+        if rank <= last_unit {
+            return None;
+        }
+        last_unit = rank;
+        months = months.checked_add(add_months)?;
+        days = days.checked_add(add_days)?;
+    }
+    (number.is_empty() && months + days > 0 && months <= 1200).then_some((months, days))
+}
+
+/// How the plan page names a term unit.
+pub(crate) fn term_description(term_unit: &str) -> String {
+    match term_length(term_unit) {
+        Some((12, 0)) => "1 year".into(),
+        Some((1, 0)) => "1 month".into(),
+        Some((months, 0)) if months % 12 == 0 => format!("{} years", months / 12),
+        Some((months, 0)) => format!("{months} months"),
+        Some((months, days)) => format!("{months} months and {days} days"),
+        None if term_unit == "PAY" => "pay as you go".into(),
+        None => term_unit.to_owned(),
+    }
+}
+
 /// The term starting on `start` (midnight UTC): its end is the last day of the term (§3.3).
+/// `PAY` and units that are not durations bill monthly [INFER].
 pub(crate) fn term_from(start: Date, term_unit: &str) -> (OffsetDateTime, OffsetDateTime) {
-    let months = match term_unit {
-        "P1Y" => 12,
-        "P2Y" => 24,
-        "P3Y" => 36,
-        "P4Y" => 48,
-        "P5Y" => 60,
-        _ => 1,
-    };
-    let end = add_months(start, months).previous_day().unwrap_or(start);
+    let (months, days) = term_length(term_unit).unwrap_or((1, 0));
+    let after_months = add_months(start, i32::try_from(months).unwrap_or(1));
+    let after = after_months
+        .checked_add(time::Duration::days(i64::from(days)))
+        .unwrap_or(after_months);
+    let end = after.previous_day().unwrap_or(start);
     (start.midnight().assume_utc(), end.midnight().assume_utc())
 }
 
 impl Subscription {
     /// The `Subscription` resource of §3.1.
     pub fn to_wire(&self, publisher_id: &str) -> Value {
-        let mut term = json!({ "termUnit": self.term_unit, "chargeDuration": null });
+        let mut term =
+            json!({ "termUnit": self.term_unit, "chargeDuration": self.charge_duration });
         if let (Some(start), Some(end)) = (self.term_start, self.term_end) {
             term["startDate"] = json!(wire_time(start));
             term["endDate"] = json!(wire_time(end));
@@ -382,7 +474,7 @@ impl Subscription {
             "sessionMode": "None",
             "isFreeTrial": self.is_free_trial,
             "isTest": false,
-            "sandboxType": "None",
+            "sandboxType": if self.csp_sandbox { "Csp" } else { "None" },
             "saasSubscriptionStatus": wire_name(&self.status),
             "term": term,
             "autoRenew": self.auto_renew,
@@ -399,10 +491,9 @@ impl Subscription {
         self.operations.iter_mut().find(|o| o.id == id)
     }
 
+    /// The operation holding the subscription's lock (§13: one pending operation).
     pub fn pending_operation(&self) -> Option<&Operation> {
-        self.operations
-            .iter()
-            .find(|o| o.status == OperationStatus::InProgress)
+        self.operations.iter().find(|o| o.status.is_open())
     }
 
     /// The admin view: the resource, its operations and its delivery log.
@@ -419,6 +510,8 @@ impl Subscription {
                     "planId": o.plan_id,
                     "quantity": o.quantity,
                     "timeStamp": wire_time(o.created),
+                    "reads": o.reads,
+                    "firstReadAfterMs": o.first_read_at.map(|at| (at - o.created).whole_milliseconds()),
                     "resolution": o.resolution,
                     "finishedAt": o.finished.map(wire_time),
                 })
@@ -427,6 +520,7 @@ impl Subscription {
         let webhooks: Vec<Value> = self.deliveries.iter().map(Delivery::to_view).collect();
         json!({
             "subscription": self.to_wire(publisher_id),
+            "privateOfferId": self.private_offer_id,
             "operations": operations,
             "webhooks": webhooks,
         })
@@ -491,6 +585,26 @@ mod tests {
         assert_eq!(end.date(), date!(2024 - 02 - 28));
         let (_, end) = term_from(date!(2025 - 06 - 15), "P1Y");
         assert_eq!(end.date(), date!(2026 - 06 - 14));
+    }
+
+    #[test]
+    fn custom_iso_durations_set_the_term_and_pay_bills_monthly() {
+        let (_, end) = term_from(date!(2026 - 01 - 10), "P18M");
+        assert_eq!(end.date(), date!(2027 - 07 - 09));
+        let (_, end) = term_from(date!(2026 - 01 - 10), "P5Y");
+        assert_eq!(end.date(), date!(2031 - 01 - 09));
+        let (_, end) = term_from(date!(2026 - 01 - 10), "P1Y6M");
+        assert_eq!(end.date(), date!(2027 - 07 - 09));
+        let (_, end) = term_from(date!(2026 - 01 - 10), "P30D");
+        assert_eq!(end.date(), date!(2026 - 02 - 08));
+        let (_, end) = term_from(date!(2026 - 01 - 10), "PAY");
+        assert_eq!(end.date(), date!(2026 - 02 - 09));
+        for bad in ["PAY", "P", "P1", "PM", "P1M1Y", "P1H", "1M", "P1M1M"] {
+            assert_eq!(term_length(bad), None, "{bad}");
+        }
+        assert_eq!(term_description("P18M"), "18 months");
+        assert_eq!(term_description("P3Y"), "3 years");
+        assert_eq!(term_description("PAY"), "pay as you go");
     }
 
     #[test]

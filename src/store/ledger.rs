@@ -271,11 +271,14 @@ pub async fn apply_in(
     let event_id = Uuid::now_v7();
     let (outcome, reason) = outcome_columns(&decision.outcome);
     let details = machine.details();
+    let term = details.term.as_ref();
     // Save the machine, take the next sequence and append the event-log row: one statement.
     let sequence: i64 = sqlx::query_scalar(concat!(
         "WITH saved AS ( \
              UPDATE subscriptions SET machine = $2, state = $3, offer_id = $4, plan_id = $5, \
                quantity = $6, beneficiary_tenant_id = $7, purchaser_tenant_id = $8, \
+               term_unit = $23, charge_duration = $24, private_offer_id = $25, \
+               beneficiary = $26, purchaser = $27, allowed_customer_operations = $28, \
                version = version + 1, updated_at = $9, last_sequence = ",
         next_sequence!("$1"),
         " WHERE id = $1 RETURNING last_sequence) \
@@ -313,6 +316,17 @@ pub async fn apply_in(
     .bind(&source.request_id)
     .bind(&source.trace_id)
     .bind(source.received_at)
+    .bind(term.and_then(|t| t.unit.as_deref()))
+    .bind(term.and_then(|t| t.charge_duration.as_deref()))
+    .bind(details.private_offer_id.as_deref())
+    .bind(details.beneficiary.as_ref().map(to_json))
+    .bind(details.purchaser.as_ref().map(to_json))
+    .bind(
+        details
+            .allowed_operations
+            .as_ref()
+            .map(|allowed| allowed.as_slice().to_vec()),
+    )
     .fetch_one(&mut *conn)
     .await?;
     // A decision that answers Microsoft puts the subscription's pending rows first (P7):

@@ -20,6 +20,17 @@ pub struct SubscriptionRecord {
     pub state: String,
     pub beneficiary_tenant_id: Option<Uuid>,
     pub purchaser_tenant_id: Option<Uuid>,
+    /// `term.termUnit` as sent (`PAY`, `P18M` … included).
+    pub term_unit: Option<String>,
+    /// `term.chargeDuration`.
+    pub charge_duration: Option<String>,
+    /// `sourceOffers[].externalId` of the purchased plan.
+    pub private_offer_id: Option<String>,
+    /// The `Party` of the beneficiary and of the purchaser, as JSON.
+    pub beneficiary: Option<Value>,
+    pub purchaser: Option<Value>,
+    /// `allowedCustomerOperations`.
+    pub allowed_customer_operations: Option<Vec<String>>,
     /// The serialized state machine.
     pub machine: Value,
     pub version: i64,
@@ -56,7 +67,9 @@ pub struct SubscriptionFilter {
 }
 
 const COLUMNS: &str = "id, offer_id, plan_id, quantity, state, beneficiary_tenant_id, \
-                       purchaser_tenant_id, machine, version, created_at, updated_at";
+                       purchaser_tenant_id, term_unit, charge_duration, private_offer_id, \
+                       beneficiary, purchaser, allowed_customer_operations, machine, version, \
+                       created_at, updated_at";
 
 /// The subscription with this id, if we know it.
 pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<SubscriptionRecord>, sqlx::Error> {

@@ -2,8 +2,9 @@
 //! message that cannot become an event is an error the worker dead-letters, never a guess.
 
 use fulfillment_state_machine::{
-    Command, CommandId, Event, MarketplaceStatus, OfferId, OperationId, PlanId, Quantity,
-    RequestSource, Snapshot, SubscriptionId, TenantId, Term, Webhook, WebhookAction,
+    AllowedOperations, Command, CommandId, Event, MarketplaceStatus, OfferId, OperationId, Party,
+    PlanId, Quantity, RequestSource, Snapshot, SubscriptionId, TenantId, Term, Webhook,
+    WebhookAction,
 };
 use time::OffsetDateTime;
 
@@ -130,6 +131,30 @@ pub fn snapshot(subscription: &Subscription) -> Snapshot {
         beneficiary_tenant: tenant(subscription.beneficiary.as_ref()),
         purchaser_tenant: tenant(subscription.purchaser.as_ref()),
         name: subscription.name.clone(),
+        beneficiary: subscription.beneficiary.as_ref().map(party),
+        purchaser: subscription.purchaser.as_ref().map(party),
+        private_offer_id: subscription
+            .source_offers
+            .iter()
+            .find_map(|o| o.external_id.clone())
+            .filter(|id| !id.trim().is_empty()),
+        // An absent list says nothing; it must not read as "nothing allowed".
+        allowed_operations: (!subscription.allowed_customer_operations.is_empty()).then(|| {
+            AllowedOperations::new(
+                subscription
+                    .allowed_customer_operations
+                    .iter()
+                    .map(|o| o.as_str().to_owned()),
+            )
+        }),
+    }
+}
+
+fn party(identity: &marketplace::AadIdentifier) -> Party {
+    Party {
+        tenant_id: identity.tenant_id.map(TenantId::from),
+        object_id: identity.object_id,
+        email: identity.email_id.clone().filter(|e| !e.trim().is_empty()),
     }
 }
 
@@ -138,8 +163,7 @@ fn webhook(payload: &WebhookPayload) -> Webhook {
         operation_id: OperationId::from(payload.id),
         action: WebhookAction::parse(&payload.action),
         source: payload
-            .operation_request_source
-            .as_ref()
+            .request_source()
             .map(|s| RequestSource::parse(s.as_str()))
             .unwrap_or(RequestSource::Unknown(String::new())),
         timestamp: payload.time_stamp,
@@ -155,6 +179,7 @@ fn webhook(payload: &WebhookPayload) -> Webhook {
 fn term(term: &marketplace::Term) -> Term {
     Term {
         unit: term.term_unit.as_ref().map(|u| u.as_str().to_string()),
+        charge_duration: term.charge_duration.clone(),
         start: term.start_date,
         end: term.end_date,
     }

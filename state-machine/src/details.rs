@@ -89,16 +89,20 @@ pub enum MarketplaceStatus {
 }
 
 impl MarketplaceStatus {
-    /// Never fails: unknown values become `Unknown`.
+    /// Trims and ignores ASCII case, like the client's wire enums; never fails: unknown
+    /// values become `Unknown`.
     pub fn parse(raw: &str) -> Self {
-        match raw.trim() {
-            "NotStarted" => Self::NotStarted,
-            "PendingFulfillmentStart" => Self::PendingFulfillmentStart,
-            "Subscribed" => Self::Subscribed,
-            "Suspended" => Self::Suspended,
-            "Unsubscribed" => Self::Unsubscribed,
-            other => Self::Unknown(other.to_owned()),
-        }
+        let raw = raw.trim();
+        [
+            Self::NotStarted,
+            Self::PendingFulfillmentStart,
+            Self::Subscribed,
+            Self::Suspended,
+            Self::Unsubscribed,
+        ]
+        .into_iter()
+        .find(|known| known.as_str().eq_ignore_ascii_case(raw))
+        .unwrap_or_else(|| Self::Unknown(raw.to_owned()))
     }
 
     /// The wire spelling.
@@ -147,15 +151,116 @@ impl fmt::Display for MarketplaceStatus {
 /// pending and occasionally for per-seat plans (P15).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Term {
-    /// `termUnit`, e.g. `P1M`, `P1Y` (kept as text: new units appear, §3.3).
+    /// `termUnit`, e.g. `P1M`, `P1Y`, `PAY`, `P18M`: kept as text, because units outside
+    /// the spec appear live (§15.3); [`Term::length`] reads it where it is a duration.
     #[serde(default)]
     pub unit: Option<String>,
+    /// `chargeDuration`: how often a multi-year term is billed (spec 2025), kept as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charge_duration: Option<String>,
     /// `startDate`.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub start: Option<OffsetDateTime>,
     /// `endDate`.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub end: Option<OffsetDateTime>,
+}
+
+impl Term {
+    /// The term unit as an ISO-8601 duration, where it is one (`P1M`, `P5Y`, `P18M`,
+    /// `P1Y6M`, `P30D`). `None` for `PAY`, an absent unit and anything else: such a unit
+    /// is only shown, never refused (§15.3).
+    pub fn length(&self) -> Option<TermLength> {
+        self.unit.as_deref().and_then(TermLength::parse)
+    }
+}
+
+/// A term unit read as an ISO-8601 duration of years, months and days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermLength {
+    /// Whole months (years count 12).
+    pub months: u32,
+    /// Days on top.
+    pub days: u32,
+}
+
+impl TermLength {
+    /// `P[nY][nM][nD]`, designators in that order, at least one, ASCII case ignored.
+    pub fn parse(raw: &str) -> Option<TermLength> {
+        let raw = raw.trim().to_ascii_uppercase();
+        let rest = raw.strip_prefix('P')?;
+        let (mut months, mut days, mut last) = (0u32, 0u32, 0u8);
+        let mut number = String::new();
+        for c in rest.chars() {
+            if c.is_ascii_digit() {
+                number.push(c);
+                continue;
+            }
+            let n: u32 = number.parse().ok()?;
+            number.clear();
+            let rank = match c {
+                'Y' => 1,
+                'M' => 2,
+                'D' => 3,
+                _ => return None,
+            };
+            if rank <= last {
+                return None;
+            }
+            last = rank;
+            match c {
+                'Y' => months = months.checked_add(n.checked_mul(12)?)?,
+                'M' => months = months.checked_add(n)?,
+                _ => days = days.checked_add(n)?,
+            }
+        }
+        (last > 0 && number.is_empty()).then_some(TermLength { months, days })
+    }
+}
+
+/// An Entra identity of the purchase (§3.2): who uses it or who bought it. Every part may
+/// be missing or `null` (`emailId` and `puid` are, for some purchases, §15.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Party {
+    /// `tenantId`.
+    #[serde(default)]
+    pub tenant_id: Option<TenantId>,
+    /// `objectId`.
+    #[serde(default)]
+    pub object_id: Option<uuid::Uuid>,
+    /// `emailId`.
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+/// `allowedCustomerOperations`: what the beneficiary, and so the publisher's site, may do
+/// (§3.1). CSP purchases allow only `Read`, and Microsoft answers 400 to our PATCH or
+/// DELETE of them (§10.2), so such commands are refused here first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AllowedOperations(Vec<String>);
+
+impl AllowedOperations {
+    /// The list as Microsoft sent it (trimmed).
+    pub fn new(operations: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self(
+            operations
+                .into_iter()
+                .map(|o| o.into().trim().to_owned())
+                .collect(),
+        )
+    }
+
+    /// Whether `operation` (`Update`, `Delete`) is allowed. An empty list says nothing
+    /// (a minimal payload), so it allows everything; only a list without it forbids it.
+    pub fn allows(&self, operation: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|o| o.eq_ignore_ascii_case(operation))
+    }
+
+    /// The operations, as sent.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
 }
 
 /// What we know about the subscription. Kept as state-local data in every state.
@@ -182,6 +287,18 @@ pub struct Details {
     /// Customer-chosen name.
     #[serde(default)]
     pub name: Option<String>,
+    /// Who uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beneficiary: Option<Party>,
+    /// Who bought it (a CSP or a multiparty private offer's partner: not the beneficiary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchaser: Option<Party>,
+    /// The private offer the purchase came through (`sourceOffers[].externalId`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_offer_id: Option<String>,
+    /// `allowedCustomerOperations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_operations: Option<AllowedOperations>,
 }
 
 impl Details {
@@ -206,7 +323,36 @@ impl Details {
             beneficiary_tenant: snapshot.beneficiary_tenant.or(self.beneficiary_tenant),
             purchaser_tenant: snapshot.purchaser_tenant.or(self.purchaser_tenant),
             name: snapshot.name.clone().or_else(|| self.name.clone()),
+            beneficiary: snapshot
+                .beneficiary
+                .clone()
+                .or_else(|| self.beneficiary.clone()),
+            purchaser: snapshot
+                .purchaser
+                .clone()
+                .or_else(|| self.purchaser.clone()),
+            private_offer_id: snapshot
+                .private_offer_id
+                .clone()
+                .or_else(|| self.private_offer_id.clone()),
+            allowed_operations: snapshot
+                .allowed_operations
+                .clone()
+                .or_else(|| self.allowed_operations.clone()),
         }
+    }
+
+    /// Why Microsoft would refuse our `operation` (`Update`, `Delete`) on this subscription,
+    /// if `allowedCustomerOperations` does not list it (§10.2, §15.4).
+    pub fn forbids(&self, operation: &str) -> Option<String> {
+        let allowed = self.allowed_operations.as_ref()?;
+        (!allowed.allows(operation)).then(|| {
+            format!(
+                "allowedCustomerOperations is [{}]: Microsoft allows no {operation} of this \
+                 subscription (a CSP purchase is changed by the CSP)",
+                allowed.as_slice().join(", ")
+            )
+        })
     }
 }
 
@@ -236,6 +382,18 @@ pub struct Snapshot {
     /// `name`.
     #[serde(default)]
     pub name: Option<String>,
+    /// `beneficiary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beneficiary: Option<Party>,
+    /// `purchaser`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purchaser: Option<Party>,
+    /// `sourceOffers[].externalId` of the purchased plan, when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_offer_id: Option<String>,
+    /// `allowedCustomerOperations`, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_operations: Option<AllowedOperations>,
 }
 
 impl Snapshot {
@@ -250,6 +408,10 @@ impl Snapshot {
             beneficiary_tenant: None,
             purchaser_tenant: None,
             name: None,
+            beneficiary: None,
+            purchaser: None,
+            private_offer_id: None,
+            allowed_operations: None,
         }
     }
 }
@@ -274,6 +436,10 @@ mod tests {
             Some(StateName::PendingFulfillment)
         );
         assert_eq!(MarketplaceStatus::parse("Paused").state(), None);
+        assert_eq!(
+            MarketplaceStatus::parse("subscribed"),
+            MarketplaceStatus::Subscribed
+        );
         assert_eq!(MarketplaceStatus::parse("Paused").as_str(), "Paused");
     }
 
@@ -292,6 +458,71 @@ mod tests {
         // A minimal payload that names no plan says nothing about seats: ours stay.
         let minimal = Snapshot::with_status(MarketplaceStatus::Subscribed);
         assert_eq!(ours.merged_with(&minimal).quantity, ours.quantity);
+    }
+
+    #[test]
+    fn term_units_read_as_iso_durations_where_they_are_ones() {
+        let length = |unit: &str| {
+            Term {
+                unit: Some(unit.into()),
+                ..Term::default()
+            }
+            .length()
+        };
+        assert_eq!(length("P1M"), Some(TermLength { months: 1, days: 0 }));
+        assert_eq!(
+            length("P5Y"),
+            Some(TermLength {
+                months: 60,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("P18M"),
+            Some(TermLength {
+                months: 18,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("p1y6m"),
+            Some(TermLength {
+                months: 18,
+                days: 0
+            })
+        );
+        assert_eq!(
+            length("P30D"),
+            Some(TermLength {
+                months: 0,
+                days: 30
+            })
+        );
+        for not_a_duration in ["PAY", "P", "P1", "P1M1Y", "P1H", "18M", ""] {
+            assert_eq!(length(not_a_duration), None, "{not_a_duration}");
+        }
+        assert_eq!(Term::default().length(), None);
+    }
+
+    #[test]
+    fn only_a_list_without_the_operation_forbids_it() {
+        let csp = Details {
+            allowed_operations: Some(AllowedOperations::new(["Read"])),
+            ..Details::default()
+        };
+        assert!(csp.forbids("Update").unwrap().contains("[Read]"));
+        assert!(csp.forbids("Delete").is_some());
+        let direct = Details {
+            allowed_operations: Some(AllowedOperations::new(["read", "update", "delete"])),
+            ..Details::default()
+        };
+        assert_eq!(direct.forbids("Update"), None);
+        assert_eq!(Details::default().forbids("Delete"), None);
+        let silent = Details {
+            allowed_operations: Some(AllowedOperations::new(Vec::<String>::new())),
+            ..Details::default()
+        };
+        assert_eq!(silent.forbids("Delete"), None);
     }
 
     #[test]

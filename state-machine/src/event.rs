@@ -150,18 +150,21 @@ pub enum WebhookAction {
 }
 
 impl WebhookAction {
-    /// Trims; never fails.
+    /// Trims and ignores ASCII case, like the client's wire enums; never fails.
     pub fn parse(raw: &str) -> Self {
-        match raw.trim() {
-            "Subscribe" => Self::Subscribe,
-            "ChangePlan" => Self::ChangePlan,
-            "ChangeQuantity" => Self::ChangeQuantity,
-            "Renew" => Self::Renew,
-            "Suspend" => Self::Suspend,
-            "Reinstate" => Self::Reinstate,
-            "Unsubscribe" => Self::Unsubscribe,
-            other => Self::Unknown(other.to_owned()),
-        }
+        let raw = raw.trim();
+        [
+            Self::Subscribe,
+            Self::ChangePlan,
+            Self::ChangeQuantity,
+            Self::Renew,
+            Self::Suspend,
+            Self::Reinstate,
+            Self::Unsubscribe,
+        ]
+        .into_iter()
+        .find(|known| known.as_str().eq_ignore_ascii_case(raw))
+        .unwrap_or_else(|| Self::Unknown(raw.to_owned()))
     }
 
     /// The wire spelling.
@@ -210,13 +213,13 @@ pub enum RequestSource {
 }
 
 impl RequestSource {
-    /// Trims; never fails.
+    /// Trims and ignores ASCII case, like the client's wire enums; never fails.
     pub fn parse(raw: &str) -> Self {
-        match raw.trim() {
-            "Azure" => Self::Azure,
-            "Partner" => Self::Partner,
-            other => Self::Unknown(other.to_owned()),
-        }
+        let raw = raw.trim();
+        [Self::Azure, Self::Partner]
+            .into_iter()
+            .find(|known| known.as_str().eq_ignore_ascii_case(raw))
+            .unwrap_or_else(|| Self::Unknown(raw.to_owned()))
     }
 
     /// The wire spelling.
@@ -488,6 +491,18 @@ mod tests {
         );
         assert_eq!(WebhookAction::parse("Transfer").as_str(), "Transfer");
         assert_eq!(RequestSource::parse("Partner"), RequestSource::Partner);
+        // Case as the client's parsers: Microsoft's casing has not always been stable.
+        assert_eq!(WebhookAction::parse("subscribe"), WebhookAction::Subscribe);
+        assert_eq!(
+            WebhookAction::parse(" CHANGEQUANTITY"),
+            WebhookAction::ChangeQuantity
+        );
+        assert_eq!(RequestSource::parse("azure "), RequestSource::Azure);
+        assert_eq!(
+            WebhookAction::parse("transfer").as_str(),
+            "transfer",
+            "unknown actions are kept as sent"
+        );
         assert_eq!(
             RequestSource::parse(""),
             RequestSource::Unknown(String::new())

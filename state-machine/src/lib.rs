@@ -23,7 +23,10 @@ pub mod machine;
 pub mod policy;
 
 pub use decision::{Decision, IgnoreReason, Outcome, OutcomeKind};
-pub use details::{Details, MarketplaceStatus, Snapshot, StateName, Term, UnknownStateName};
+pub use details::{
+    AllowedOperations, Details, MarketplaceStatus, Party, Snapshot, StateName, Term, TermLength,
+    UnknownStateName,
+};
 pub use diagram::{Transition, render_dot, render_mermaid, transitions};
 pub use effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
 pub use event::{

@@ -446,7 +446,9 @@ impl Ledger {
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
     ///   `Subscribe`/`Reinstate` → no change.
     /// - Publisher `ChangePlan`/`ChangeQuantity` → `RequestPlanChange`/`RequestQuantityChange`
-    ///   unless an operation is pending (P11), the value is unchanged, or policy refuses.
+    ///   unless `allowedCustomerOperations` lacks `Update` (a CSP purchase: Microsoft would
+    ///   answer 400, §10.2), an operation is pending (P11), the value is unchanged, or
+    ///   policy refuses.
     /// - Everything else → `live`.
     #[state(superstate = "live")]
     fn subscribed(
@@ -494,6 +496,9 @@ impl Ledger {
                 command,
             } => match command {
                 Command::ChangePlan { plan_id } => {
+                    if let Some(reason) = details.forbids("Update") {
+                        return context.reject_command(details, reason);
+                    }
                     if let Some(reason) = pending_lock(pending) {
                         return context.reject_command(details, reason);
                     }
@@ -520,6 +525,9 @@ impl Ledger {
                     Handled
                 }
                 Command::ChangeQuantity { quantity } => {
+                    if let Some(reason) = details.forbids("Update") {
+                        return context.reject_command(details, reason);
+                    }
                     if let Some(reason) = pending_lock(pending) {
                         return context.reject_command(details, reason);
                     }
@@ -604,7 +612,8 @@ impl Ledger {
     ///   (`Subscribed` ↔ **Suspended**, → **Unsubscribed**) without undoing a pending
     ///   publisher operation already applied, nor a change we acknowledged that Microsoft
     ///   has not confirmed yet (P13: the GET may predate it).
-    /// - Publisher `Cancel` → `RequestCancel` unless an operation is pending (P11).
+    /// - Publisher `Cancel` → `RequestCancel` unless `allowedCustomerOperations` lacks
+    ///   `Delete` (§10.2) or an operation is pending (P11).
     /// - `PublisherOperationAccepted` → `PollOperation`; `PublisherOperationRefused` and a
     ///   failed `OperationResult` → clear the pending operation, rejected.
     /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
@@ -649,6 +658,9 @@ impl Ledger {
                 command_id,
                 command: Command::Cancel,
             } => {
+                if let Some(reason) = details.forbids("Delete") {
+                    return context.reject_command(details, reason);
+                }
                 if let Some(reason) = pending_lock(pending) {
                     return context.reject_command(details, reason);
                 }

@@ -108,6 +108,41 @@ fn then(mut start: Vec<Event>, more: Event) -> Vec<Event> {
     start
 }
 
+/// A CSP purchase (§10.2): `allowedCustomerOperations: ["Read"]`, activated.
+fn csp_subscribed() -> Vec<Event> {
+    vec![
+        Event::PurchaseResolved {
+            snapshot: Snapshot {
+                allowed_operations: Some(AllowedOperations::new(["Read"])),
+                ..snap(MS::PendingFulfillmentStart, "gold", 10)
+            },
+            resolved_at: t(1),
+        },
+        confirmed(2),
+    ]
+}
+
+fn csp_refusal(operation: &str) -> String {
+    format!(
+        "allowedCustomerOperations is [Read]: Microsoft allows no {operation} of this \
+         subscription (a CSP purchase is changed by the CSP)"
+    )
+}
+
+/// The `Subscribe` webhook of an auto-activated purchase (§5.6), with its snapshot.
+fn subscribe_with_snapshot(minute: i64) -> Event {
+    Event::Webhook(Webhook {
+        subscription: Some(Snapshot {
+            term: Some(Term {
+                unit: Some("PAY".into()),
+                ..Term::default()
+            }),
+            ..snap(MS::Subscribed, "gold", 10)
+        }),
+        ..hook(1, WebhookAction::Subscribe, RequestSource::Azure, minute)
+    })
+}
+
 fn cases() -> Vec<Case> {
     use Want::*;
     let pending_lock = format!(
@@ -276,6 +311,61 @@ fn cases() -> Vec<Case> {
             vec![
                 Effect::FetchSubscription,
                 domain(K::Activated, None, None, Subscribed, None),
+            ],
+            Applied,
+        ),
+        case(
+            "webhook Subscribe of a purchase never seen records it Subscribed from its snapshot",
+            vec![],
+            subscribe_with_snapshot(1),
+            Subscribed,
+            vec![Effect::FetchSubscription, gold(K::Activated, Subscribed)],
+            Applied,
+        ),
+        case(
+            "a landing-page visit after the Subscribe webhook activates nothing again",
+            vec![subscribe_with_snapshot(1)],
+            resolved(MS::Subscribed, 5),
+            Subscribed,
+            vec![],
+            NoChange,
+        ),
+        case(
+            "the Subscribe webhook after a landing-page visit that saw Subscribed is no change",
+            vec![resolved(MS::Subscribed, 1)],
+            subscribe_with_snapshot(2),
+            Subscribed,
+            vec![],
+            NoChange,
+        ),
+        case(
+            "a PAY term never stops activation (§15.3)",
+            vec![],
+            Event::PurchaseResolved {
+                snapshot: Snapshot {
+                    term: Some(Term {
+                        unit: Some("PAY".into()),
+                        ..Term::default()
+                    }),
+                    ..snap(MS::PendingFulfillmentStart, "gold", 10)
+                },
+                resolved_at: t(1),
+            },
+            PendingFulfillment,
+            vec![gold(K::Purchased, PendingFulfillment), activate()],
+            Applied,
+        ),
+        case(
+            "a status in other letter case is read like the documented one",
+            vec![],
+            Event::PurchaseResolved {
+                snapshot: snap(MS::parse(" subscribed"), "gold", 10),
+                resolved_at: t(1),
+            },
+            Subscribed,
+            vec![
+                gold(K::Purchased, Subscribed),
+                gold(K::Activated, Subscribed),
             ],
             Applied,
         ),
@@ -680,6 +770,79 @@ fn cases() -> Vec<Case> {
                 Some("already on plan gold"),
             )],
             Rejected,
+        ),
+        case(
+            "publisher ChangePlan of a CSP purchase (Read only) is refused here, not sent",
+            csp_subscribed(),
+            command(
+                1,
+                Command::ChangePlan {
+                    plan_id: plan("platinum"),
+                },
+            ),
+            Subscribed,
+            vec![domain(
+                K::ChangeRejected,
+                Some("gold"),
+                Some(10),
+                Subscribed,
+                Some(&csp_refusal("Update")),
+            )],
+            Rejected,
+        ),
+        case(
+            "publisher ChangeQuantity of a CSP purchase is refused here",
+            csp_subscribed(),
+            command(1, Command::ChangeQuantity { quantity: qty(15) }),
+            Subscribed,
+            vec![domain(
+                K::ChangeRejected,
+                Some("gold"),
+                Some(10),
+                Subscribed,
+                Some(&csp_refusal("Update")),
+            )],
+            Rejected,
+        ),
+        case(
+            "publisher Cancel of a CSP purchase is refused here",
+            csp_subscribed(),
+            command(1, Command::Cancel),
+            Subscribed,
+            vec![domain(
+                K::ChangeRejected,
+                Some("gold"),
+                Some(10),
+                Subscribed,
+                Some(&csp_refusal("Delete")),
+            )],
+            Rejected,
+        ),
+        case(
+            "Microsoft's Retry-After of the 202 goes with the poll (§15.1)",
+            then(
+                subscribed(),
+                command(
+                    1,
+                    Command::ChangePlan {
+                        plan_id: plan("platinum"),
+                    },
+                ),
+            ),
+            Event::PublisherOperationAccepted {
+                command_id: cmd(1),
+                operation_id: op(50),
+                location: "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/s/operations/50".into(),
+                retry_after_ms: Some(10_000),
+            },
+            Subscribed,
+            vec![Effect::PollOperation {
+                command_id: cmd(1),
+                operation_id: op(50),
+                location: "https://main.prod.marketplaceapi.azure.com/api/saas/subscriptions/s/operations/50".into(),
+                retry_after_ms: Some(10_000),
+            }],
+            Applied,
         ),
         case(
             "publisher ChangeQuantity requests a quantity change",
@@ -1267,6 +1430,7 @@ fn renew_takes_the_term_from_the_webhook_snapshot() {
     let mut machine = machine_after(&subscribed(), &policy);
     let term = Term {
         unit: Some("P1M".into()),
+        charge_duration: None,
         start: Some(t(60)),
         end: Some(t(90)),
     };

@@ -51,6 +51,8 @@ pub struct Options {
     pub in_process_worker: bool,
     /// The in-process worker's effect clocks and budget.
     pub effects: EffectsConfig,
+    /// Last changes to the simulator's configuration (catalogue, page sizes, link host).
+    pub simulator: fn(&mut SimulatorConfig),
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
                 concurrency: 2,
                 ..EffectsConfig::fast()
             },
+            simulator: |_| {},
         }
     }
 }
@@ -190,6 +193,7 @@ impl Stack {
         config.webhook_url = Some(format!("http://{ingress}/webhook").parse().unwrap());
         config.landing_page_url = Some(format!("http://{ingress}/landing").parse().unwrap());
         config.timings = options.timings;
+        (options.simulator)(&mut config);
         let sim = Simulator::start(config, sim_listener)
             .await
             .expect("start the simulator");
@@ -286,6 +290,40 @@ impl Stack {
     pub async fn set_faults(&self, faults: Value) {
         self.admin(reqwest::Method::PUT, "simulator/faults", faults)
             .await;
+    }
+
+    /// A purchase with every field of `POST /simulator/purchases` (`offerId` defaults to
+    /// `contoso-analytics`): `(subscription id, landing page URL)`.
+    pub async fn purchase_with(&self, mut body: Value) -> (Uuid, Url) {
+        if body.get("offerId").is_none() {
+            body["offerId"] = json!("contoso-analytics");
+        }
+        let created = self
+            .admin(reqwest::Method::POST, "simulator/purchases", body)
+            .await;
+        (
+            created["subscriptionId"].as_str().unwrap().parse().unwrap(),
+            created["landingUrl"].as_str().unwrap().parse().unwrap(),
+        )
+    }
+
+    /// Our entitlement API (`/api/v1/...`) with the stack's key: `(status, JSON body)`.
+    pub async fn entitlement(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("http://{}{path}", self.ingress))
+            .bearer_auth(API_KEY);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// A purchase: `(subscription id, landing page URL)`.
@@ -561,7 +599,7 @@ impl Stack {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|o| o["status"] == "InProgress")
+                .filter(|o| o["status"] == "InProgress" || o["status"] == "NotStarted")
                 .count();
             let moving_hooks = view["webhooks"]
                 .as_array()
