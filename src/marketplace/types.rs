@@ -1374,7 +1374,7 @@ mod tests {
         assert!(parse::<PlansWire>("[]").plans.is_empty());
         assert!(
             parse::<OperationsWire>(r#"{"operations":"none"}"#)
-                .operations
+                .into_operations()
                 .is_empty()
         );
     }
