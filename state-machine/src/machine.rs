@@ -290,7 +290,8 @@ impl Ledger {
     /// - `ActivationConfirmed` → **Subscribed**.
     /// - Webhook `Subscribe` (auto-activation, §5.6) → **Subscribed** + `FetchSubscription`.
     /// - Webhook `Unsubscribe` (cancelled before activation, or a purchase we never saw,
-    ///   P12) → **Unsubscribed**.
+    ///   P12) → **Unsubscribed**; while our activation is under way it is the activation
+    ///   failing at Microsoft (§15.4): `ActivationFailed` is announced first.
     /// - Webhook `ChangePlan`/`ChangeQuantity` from the customer for a resolved purchase →
     ///   **Subscribed** (`Activated`) and the change decided as there: Microsoft allows
     ///   changes only once it has the subscription Subscribed, and the ACK window runs.
@@ -360,6 +361,29 @@ impl Ledger {
                 }
                 WebhookAction::Unsubscribe => {
                     let details = with_webhook(details, webhook);
+                    if *activation == ActivationProgress::Requested {
+                        // Activate is asynchronous: a purchase Microsoft ends while our
+                        // activation is under way is an activation that failed (§15.4).
+                        let reason = "Microsoft ended the purchase while our activation was \
+                                      under way: the activation failed at Microsoft"
+                            .to_owned();
+                        context.publish_because(
+                            DomainEventKind::ActivationFailed,
+                            &details,
+                            StateName::Unsubscribed,
+                            Some(reason.clone()),
+                        );
+                        context.publish(
+                            DomainEventKind::Unsubscribed,
+                            &details,
+                            StateName::Unsubscribed,
+                        );
+                        context.applied(reason.clone());
+                        return Transition(State::unsubscribed(
+                            details,
+                            ActivationProgress::Failed { reason },
+                        ));
+                    }
                     context.publish(
                         DomainEventKind::Unsubscribed,
                         &details,

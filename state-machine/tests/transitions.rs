@@ -378,12 +378,49 @@ fn cases() -> Vec<Case> {
             Applied,
         ),
         case(
-            "customer cancels while pending goes Unsubscribed",
-            pending_resolved(),
-            azure(1, WebhookAction::Unsubscribe, 2),
+            "Unsubscribe while our activation is under way is the activation failing at Microsoft",
+            vec![resolved(MS::PendingFulfillmentStart, 1)],
+            azure(2, WebhookAction::Unsubscribe, 3),
+            Unsubscribed,
+            vec![
+                domain(
+                    K::ActivationFailed,
+                    Some("gold"),
+                    Some(10),
+                    Unsubscribed,
+                    Some(
+                        "Microsoft ended the purchase while our activation was under way: \
+                         the activation failed at Microsoft",
+                    ),
+                ),
+                gold(K::Unsubscribed, Unsubscribed),
+            ],
+            Applied,
+        ),
+        case(
+            "Unsubscribe after our activation already failed announces no second failure",
+            then(
+                vec![resolved(MS::PendingFulfillmentStart, 1)],
+                Event::ActivationFailed {
+                    reason: "Microsoft reports the subscription Unsubscribed".into(),
+                    failed_at: t(2),
+                },
+            ),
+            azure(2, WebhookAction::Unsubscribe, 3),
             Unsubscribed,
             vec![gold(K::Unsubscribed, Unsubscribed)],
             Applied,
+        ),
+        with_policy(
+            manual(),
+            case(
+                "customer cancels while pending (no activation asked) goes Unsubscribed",
+                pending_resolved(),
+                azure(1, WebhookAction::Unsubscribe, 2),
+                Unsubscribed,
+                vec![gold(K::Unsubscribed, Unsubscribed)],
+                Applied,
+            ),
         ),
         case(
             "customer ChangePlan while pending implies activation and is ACKed",
