@@ -484,3 +484,38 @@ async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine
     assert_eq!(stack.engine(renewing).await.unwrap().state, "Subscribed");
     stack.finish().await;
 }
+
+#[tokio::test]
+async fn an_activation_that_fails_at_microsoft_is_announced_and_ends_the_subscription() {
+    let stack = Stack::start(Options::default()).await;
+    let (id, landing) = stack
+        .purchase_with(json!({"planId": "silver", "failActivation": true}))
+        .await;
+    stack.open_landing(&landing).await;
+    stack
+        .wait_for("the failed activation to end the subscription", || async {
+            let ours = stack.engine(id).await?;
+            (ours.state == "Unsubscribed" && stack.sim_side(id).await == ours).then_some(())
+        })
+        .await;
+    stack.settle(&[id], WAIT).await;
+    let announced: Vec<String> = decisions(&stack, id)
+        .await
+        .iter()
+        .flat_map(|(_, _, _, effects)| published(effects))
+        .collect();
+    assert_eq!(
+        announced
+            .iter()
+            .filter(|kind| *kind == "activation_failed")
+            .count(),
+        1,
+        "{announced:?}"
+    );
+    assert!(
+        announced.iter().all(|kind| kind != "activated"),
+        "{announced:?}"
+    );
+    assert_eq!(activate_calls(&stack, id).await, 1);
+    stack.finish().await;
+}

@@ -67,6 +67,9 @@ struct PurchaseRequest {
     private_offer_id: Option<String>,
     #[serde(default)]
     null_puid: bool,
+    /// Activate is accepted, then fails at Microsoft (an Unsubscribe follows).
+    #[serde(default)]
+    fail_activation: bool,
 }
 
 async fn purchase(
@@ -90,6 +93,7 @@ async fn purchase(
             auto_renew: request.auto_renew,
             private_offer_id: request.private_offer_id,
             null_puid: request.null_puid,
+            fail_activation: request.fail_activation,
         },
     )?;
     Ok((

@@ -48,6 +48,8 @@ pub(crate) struct Purchase {
     pub private_offer_id: Option<String>,
     /// `puid` and `emailId` null on both identities (§15.3).
     pub null_puid: bool,
+    /// Activate is accepted, then fails at Microsoft: an Unsubscribe follows (§4.2).
+    pub fail_activation: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -252,6 +254,7 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
             private_offer_id: request.private_offer_id,
             created: now,
             activation_requested: false,
+            fail_activation: request.fail_activation,
             operations: Vec::new(),
             deliveries: Vec::new(),
         };
@@ -332,6 +335,19 @@ pub(crate) fn activate(shared: &Arc<Shared>, id: Uuid) -> Result<(), ApiError> {
 }
 
 fn complete_activation(shared: &Arc<Shared>, id: Uuid) {
+    let fails = shared.read(|st| {
+        st.subscriptions.get(&id).is_some_and(|s| {
+            s.fail_activation && s.status == SubscriptionStatus::PendingFulfillmentStart
+        })
+    });
+    if fails {
+        // "If activation fails on Microsoft's side, an Unsubscribe webhook is sent" (§4.2).
+        tracing::info!(subscription_id = %id, "activation failed");
+        if let Err(error) = raise(shared, id, Event::Unsubscribe) {
+            tracing::warn!(subscription_id = %id, message = %error.message, "failed activation not applied");
+        }
+        return;
+    }
     let term_end = shared.mutate(|st| {
         let sub = st
             .subscriptions

@@ -118,6 +118,9 @@ pub(crate) struct Subscription {
     pub created: OffsetDateTime,
     /// The publisher called Activate; completion is scheduled.
     pub activation_requested: bool,
+    /// Activation fails at Microsoft: it ends in an Unsubscribe (§4.2, §15.4).
+    #[serde(default)]
+    pub fail_activation: bool,
     pub operations: Vec<Operation>,
     pub deliveries: Vec<Delivery>,
 }

@@ -409,6 +409,20 @@ fn cases() -> Vec<Case> {
             Applied,
         ),
         case(
+            "Unsubscribe after our activation already failed announces no second failure",
+            then(
+                vec![resolved(MS::PendingFulfillmentStart, 1)],
+                Event::ActivationFailed {
+                    reason: "Microsoft reports the subscription Unsubscribed".into(),
+                    failed_at: t(2),
+                },
+            ),
+            azure(2, WebhookAction::Unsubscribe, 3),
+            Unsubscribed,
+            vec![gold(K::Unsubscribed, Unsubscribed)],
+            Applied,
+        ),
+        case(
             "customer ChangePlan while pending implies activation and is ACKed",
             pending_resolved(),
             change_plan(1, RequestSource::Azure, "platinum", 2),
