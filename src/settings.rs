@@ -563,12 +563,11 @@ impl Settings {
             },
             marketplace,
             http: HttpSettings {
-                listen_addr: SocketAddr::from_str(raw.http.listen_addr.trim()).map_err(|e| {
-                    SettingsError::Invalid {
-                        key: "http.listen_addr",
-                        reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:8080)"),
-                    }
-                })?,
+                listen_addr: listen_address(
+                    "http.listen_addr",
+                    &raw.http.listen_addr,
+                    "127.0.0.1:8080",
+                )?,
             },
             log: LogSettings {
                 format: match raw.log.format.trim() {
@@ -701,13 +700,43 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
         )?,
         shutdown_grace: positive_secs("worker.shutdown_grace_secs", raw.shutdown_grace_secs)?,
         stall_after: positive_secs("worker.stall_after_secs", raw.stall_after_secs)?,
-        metrics_addr: SocketAddr::from_str(raw.metrics_addr.trim()).map_err(|e| {
-            SettingsError::Invalid {
-                key: "worker.metrics_addr",
-                reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:9464)"),
-            }
-        })?,
+        metrics_addr: listen_address("worker.metrics_addr", &raw.metrics_addr, "127.0.0.1:9464")?,
     })
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name this machine resolves
+/// (`localhost:8080`), taking the first address it resolves to (IPv4 first, as a browser
+/// or curl on the same machine would reach it).
+fn listen_address(
+    key: &'static str,
+    raw: &str,
+    example: &str,
+) -> Result<SocketAddr, SettingsError> {
+    let raw = raw.trim();
+    if let Ok(address) = SocketAddr::from_str(raw) {
+        return Ok(address);
+    }
+    let fail = |reason: String| SettingsError::Invalid {
+        key,
+        reason: format!("{reason} (expected HOST:PORT such as {example} or localhost:8080)"),
+    };
+    let (host, port) = raw
+        .rsplit_once(':')
+        .ok_or_else(|| fail(format!("{raw:?} has no port")))?;
+    port.parse::<u16>()
+        .map_err(|e| fail(format!("invalid port {port:?}: {e}")))?;
+    if host.is_empty() {
+        return Err(fail(format!("{raw:?} has no host")));
+    }
+    let resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(raw)
+        .map_err(|e| fail(format!("cannot resolve {host:?}: {e}")))?
+        .collect();
+    resolved
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or_else(|| resolved.first())
+        .copied()
+        .ok_or_else(|| fail(format!("{host:?} resolves to no address")))
 }
 
 fn invalid<T>(key: &'static str, reason: impl Into<String>) -> Result<T, SettingsError> {
@@ -955,6 +984,32 @@ mod tests {
         assert_eq!(s.reconcile.interval, Some(Duration::from_secs(900)));
         assert_eq!(s.reconcile.stuck_pending_after, Duration::from_secs(3600));
         assert!(!s.reconcile.execute);
+    }
+
+    #[test]
+    fn listen_addresses_take_host_names_and_refuse_what_has_no_port() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[
+                ("LISTEN_ADDR", "localhost:8080"),
+                ("WORKER_METRICS_ADDR", " localhost:0 "),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.http.listen_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.worker.metrics_addr.to_string(), "127.0.0.1:0");
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":8080",
+            "no-such-host.invalid:8080",
+        ] {
+            let message = Settings::from_sources(None, &env(&[("LISTEN_ADDR", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("http.listen_addr"), "{bad}: {message}");
+            assert!(message.contains("HOST:PORT"), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -32,7 +32,9 @@ mod common;
 fn one_at_a_time() -> Turn {
     static TURN: Mutex<()> = Mutex::new(());
     Turn {
-        _lock: TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        _lock: TURN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     }
 }
 

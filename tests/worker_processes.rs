@@ -325,7 +325,10 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
 async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
-    let mut worker = stack.spawn_worker_process(&[]);
+    // Every call takes 3 s below, and the ACK's confirmation follows it: a grace well past
+    // that, so this checks the drain, not the grace (tests/chaos.rs checks the grace).
+    let mut worker =
+        stack.spawn_worker_process(&[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "120")]);
     wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
     let (id, _) = stack.purchase("per-seat", Some(4), true).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
@@ -361,7 +364,8 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     assert_eq!(
         (status.as_str(), attempts),
         ("done", 0),
-        "the ACK was finished"
+        "the ACK was finished; the worker's log ends:\n{}",
+        worker.log_tail(40)
     );
 
     stack.set_faults(json!({})).await;
