@@ -38,6 +38,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
     ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
+    ("PUBLIC_URL", "http.public_url"),
     ("WEBHOOK_AUTH", "ingress.webhook_auth"),
     (
         "WEBHOOK_AUTH_ALLOW_INSECURE",
@@ -185,6 +186,10 @@ pub enum TokenEndpoint {
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
     pub listen_addr: SocketAddr,
+    /// Where Microsoft and buyers reach the ingress from outside (the base of the webhook
+    /// and landing page URLs entered in Partner Center's Technical configuration). Only
+    /// `fulfillment doctor` reads it; the ingress itself never needs to know.
+    pub public_url: Option<Url>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +356,7 @@ struct RawMarketplace {
 #[serde(default, deny_unknown_fields)]
 struct RawHttp {
     listen_addr: String,
+    public_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +388,7 @@ impl Default for RawSettings {
             },
             http: RawHttp {
                 listen_addr: "127.0.0.1:8080".into(),
+                public_url: None,
             },
             ingress: RawIngress {
                 webhook_auth: "entra".into(),
@@ -566,6 +573,10 @@ impl Settings {
                         reason: format!("{e} (expected HOST:PORT such as 127.0.0.1:8080)"),
                     }
                 })?,
+                public_url: match raw.http.public_url.as_deref().map(str::trim) {
+                    None | Some("") => None,
+                    Some(url) => Some(parse_http_url("http.public_url", url)?),
+                },
             },
             log: LogSettings {
                 format: match raw.log.format.trim() {
