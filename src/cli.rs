@@ -90,7 +90,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_service(settings.log.format, service_name(&cli.command));
+    // The preflight's verdicts are its output: its logs only when RUST_LOG asks for them.
+    if !matches!(cli.command, Command::Doctor(_)) || std::env::var_os("RUST_LOG").is_some() {
+        telemetry::init_service(settings.log.format, service_name(&cli.command));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
