@@ -293,7 +293,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
                 format!("doctor-absent-{}", Uuid::new_v4().simple()),
             )],
             check: "rabbitmq.topology",
-            detail: "9 of 9 exchanges and queues",
+            detail: "none of the 9 exchanges and queues",
             fix: "fulfillment work",
         },
         Seeded {

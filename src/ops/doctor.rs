@@ -705,11 +705,15 @@ fn broker_verdicts(
     let topology = if !missing.is_empty() {
         Check::problem(
             "rabbitmq.topology",
-            format!(
-                "{} of {total} exchanges and queues of prefix {prefix:?} are missing: {}",
-                missing.len(),
-                missing.join(", ")
-            ),
+            if missing.len() == total {
+                format!("none of the {total} exchanges and queues of prefix {prefix:?} exists")
+            } else {
+                format!(
+                    "{} of {total} exchanges and queues of prefix {prefix:?} are missing: {}",
+                    missing.len(),
+                    missing.join(", ")
+                )
+            },
             "start `fulfillment serve` or `fulfillment work` once (they declare the topology), \
              or import deploy/rabbitmq/definitions.json; check FULFILLMENT__AMQP__PREFIX",
         )
@@ -722,7 +726,7 @@ fn broker_verdicts(
     } else {
         Check::ok(
             "rabbitmq.topology",
-            format!("{total} exchanges and queues of prefix {prefix:?} declared at {url}"),
+            format!("the {total} exchanges and queues of prefix {prefix:?} are declared"),
         )
     };
     let kinds: Vec<(&str, &QueueKind)> = inspection
