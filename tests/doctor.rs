@@ -498,6 +498,133 @@ async fn a_classic_queue_is_found_without_declaring_anything() {
     deployment.stop().await;
 }
 
+/// A PostgreSQL server of the test's own (initdb in /tmp, a free port, autovacuum at its
+/// default `on`), stopped and removed on drop. The shared server is never touched.
+struct PrivatePostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> Self {
+        let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+        let dir = std::env::temp_dir().join(format!("fulfillment-doctor-pg-{}", Uuid::new_v4()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir_text = dir.to_str().unwrap().to_string();
+        Self::run(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                &dir_text,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let options = format!("-p {port} -k {dir_text} -c listen_addresses=127.0.0.1");
+        Self::run(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                &dir_text,
+                "-o",
+                &options,
+                "-w",
+                "-l",
+                &format!("{dir_text}/log"),
+                "start",
+            ],
+        );
+        Self { dir, port }
+    }
+
+    /// Runs a PostgreSQL tool, as the `postgres` user when the tests run as root (initdb
+    /// refuses root).
+    fn run(tool: &std::path::Path, args: &[&str]) {
+        let root = std::env::var("USER").is_ok_and(|u| u == "root")
+            || std::process::Command::new("id")
+                .arg("-u")
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let mut command = if root {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(tool);
+            command
+        } else {
+            std::process::Command::new(tool)
+        };
+        let output = command.args(args).output().expect("run a PostgreSQL tool");
+        assert!(
+            output.status.success(),
+            "{} {args:?}: {}{}",
+            tool.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/fulfillment_doctor",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let dir = self.dir.to_str().unwrap().to_string();
+        let _ = std::panic::catch_unwind(|| {
+            Self::run(
+                std::path::Path::new("/usr/lib/postgresql/15/bin/pg_ctl"),
+                &["-D", &dir, "-m", "immediate", "stop"],
+            )
+        });
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The shared server runs without autovacuum on this machine; a private one with the
+/// default shows a correct setup passing every check.
+#[tokio::test]
+async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
+    let deployment = Deployment::start().await;
+    if !server_autovacuum_is_off(&deployment.settings).await {
+        // The shared server is correct: the test above already expects exit 0.
+        deployment.stop().await;
+        return;
+    }
+    let postgres = PrivatePostgres::start();
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", postgres.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(migrate.status.success(), "{migrate:?}");
+
+    let env = deployment.env(&[("DATABASE_URL", postgres.url())]);
+    let (code, human, stderr) = run_doctor(&env, &[]).await;
+    assert_eq!(code, 0, "{human}{stderr}");
+    assert!(human.ends_with("all 12 checks passed\n"), "{human}");
+    assert!(
+        !human.contains("problem") && !human.contains("skipped"),
+        "{human}"
+    );
+    println!("{human}");
+
+    drop(postgres);
+    deployment.stop().await;
+}
+
 #[tokio::test]
 async fn unparsable_settings_exit_2_with_the_setting_named() {
     let env = vec![
