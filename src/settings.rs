@@ -821,6 +821,7 @@ mod tests {
                 ),
                 ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
                 ("LISTEN_ADDR", "0.0.0.0:9000"),
+                ("PUBLIC_URL", "https://fulfillment.contoso.com"),
                 ("WORKER_METRICS_ADDR", "0.0.0.0:0"),
                 ("FULFILLMENT__AMQP__PREFIX", "test-1"),
             ]),
@@ -842,6 +843,10 @@ mod tests {
             "s3cr3t-value"
         );
         assert_eq!(s.http.listen_addr.port(), 9000);
+        assert_eq!(
+            s.http.public_url.as_ref().map(Url::as_str),
+            Some("https://fulfillment.contoso.com/")
+        );
         assert_eq!(s.worker.metrics_addr.to_string(), "0.0.0.0:0");
     }
 
@@ -873,6 +878,8 @@ mod tests {
             ("MARKETPLACE_TENANT_ID", "contoso", "MARKETPLACE_TENANT_ID"),
             ("MARKETPLACE_CLIENT_ID", "42", "marketplace.client_id"),
             ("LISTEN_ADDR", "localhost", "LISTEN_ADDR"),
+            ("PUBLIC_URL", "fulfillment.contoso.com", "PUBLIC_URL"),
+            ("PUBLIC_URL", "ftp://contoso.com", "http.public_url"),
             ("LOG_FORMAT", "xml", "log.format"),
             ("WORKER_METRICS_ADDR", "9464", "WORKER_METRICS_ADDR"),
             (

@@ -286,14 +286,19 @@ pub async fn run(settings: &Settings, args: DoctorArgs) -> anyhow::Result<ExitCo
 
 /// Prints the report: JSON alone on stdout, or the human table.
 pub fn print_report(report: &Report, json: bool) {
-    if json {
+    let text = if json {
         match serde_json::to_string_pretty(report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => eprintln!("error: cannot render the report: {e}"),
+            Ok(text) => text + "\n",
+            Err(e) => {
+                eprintln!("error: cannot render the report: {e}");
+                return;
+            }
         }
     } else {
-        print!("{}", report.render());
-    }
+        report.render()
+    };
+    // A closed pipe (`doctor | head`) is the reader's choice, not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
 }
 
 pub fn exit_code(report: &Report) -> ExitCode {
