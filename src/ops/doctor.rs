@@ -678,35 +678,30 @@ fn broker_verdicts(
             ];
         }
     };
-    let missing: Vec<&str> = inspection
+    let everything: Vec<(&str, &Presence)> = inspection
         .exchanges
         .iter()
-        .map(|(name, presence)| (name, presence))
+        .map(|(name, presence)| (name.as_str(), presence))
         .chain(
             inspection
                 .queues
                 .iter()
-                .map(|(name, presence, _)| (name, presence)),
+                .map(|(name, presence, _)| (name.as_str(), presence)),
         )
-        .filter(|(_, presence)| **presence == Presence::Missing)
-        .map(|(name, _)| name.as_str())
         .collect();
-    let unknown: Vec<String> = inspection
-        .exchanges
+    let missing: Vec<&str> = everything
         .iter()
-        .map(|(name, presence)| (name, presence))
-        .chain(
-            inspection
-                .queues
-                .iter()
-                .map(|(name, presence, _)| (name, presence)),
-        )
+        .filter(|(_, presence)| **presence == Presence::Missing)
+        .map(|(name, _)| *name)
+        .collect();
+    let unknown: Vec<String> = everything
+        .iter()
         .filter_map(|(name, presence)| match presence {
             Presence::Unknown(why) => Some(format!("{name} ({why})")),
             _ => None,
         })
         .collect();
-    let total = inspection.exchanges.len() + inspection.queues.len();
+    let total = everything.len();
     let topology = if !missing.is_empty() {
         Check::problem(
             "rabbitmq.topology",
