@@ -236,7 +236,7 @@ pub enum TokenOutcome {
         code: Option<String>,
         description: Option<String>,
     },
-    /// No answer (connection refused, DNS, timeout).
+    /// No answer (connection refused, DNS, timeout), or Entra's own trouble (429, 5xx).
     Unreachable(String),
 }
 
@@ -393,7 +393,9 @@ fn token_outcome(error: &Error) -> TokenOutcome {
     match error {
         Error::Configuration { message } => TokenOutcome::NotConfigured(message.clone()),
         _ => match error.failure() {
-            Some(failure) if failure.status.is_some() => {
+            // 400/401/403 are Entra refusing these credentials; 429 and 5xx are Entra's
+            // trouble, not ours.
+            Some(failure) if matches!(failure.status, Some(400 | 401 | 403)) => {
                 let body: Option<serde_json::Value> = failure
                     .body
                     .as_deref()
@@ -795,8 +797,9 @@ fn marketplace_verdicts(
         ),
         TokenOutcome::Unreachable(why) => Check::problem(
             "entra.token",
-            format!("cannot reach Entra at {}: {why}", m.entra_authority_url),
-            "check ENTRA_AUTHORITY_URL and that outbound HTTPS to it is allowed (proxy, firewall)",
+            format!("no token from Entra at {}: {why}", m.entra_authority_url),
+            "check ENTRA_AUTHORITY_URL and that outbound HTTPS to it is allowed (proxy, \
+             firewall); an HTTP 429 or 5xx is Entra's side: run doctor again later",
         ),
         TokenOutcome::Refused {
             status,
