@@ -55,6 +55,10 @@ pub enum Command {
     /// Compare Microsoft's List Subscriptions with our state; with --execute, heal the drift
     /// through the machine. Exit code 1 when drift is found (with --execute: left).
     Reconcile(crate::ops::reconcile::ReconcileArgs),
+    /// Read-only preflight of a deployment: settings, PostgreSQL, RabbitMQ, Entra token,
+    /// Fulfillment API, webhook JWKS and audiences, public URLs; each with a verdict and
+    /// the fix. Exit code 1 when a problem is found.
+    Doctor(crate::ops::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -74,11 +78,22 @@ pub fn main() -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {
-            eprintln!("error: {e}");
+            // The preflight reports unparsable settings as its first verdict.
+            if let Command::Doctor(args) = &cli.command {
+                crate::ops::doctor::print_report(
+                    &crate::ops::doctor::Report::unparsable(&e),
+                    args.json,
+                );
+            } else {
+                eprintln!("error: {e}");
+            }
             return ExitCode::from(2);
         }
     };
-    telemetry::init_service(settings.log.format, service_name(&cli.command));
+    // The preflight's verdicts are its output: its logs only when RUST_LOG asks for them.
+    if !matches!(cli.command, Command::Doctor(_)) || std::env::var_os("RUST_LOG").is_some() {
+        telemetry::init_service(settings.log.format, service_name(&cli.command));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,5 +177,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => crate::ops::dlq::run(&settings, command).await,
         Command::Subscription(command) => crate::ops::subscription::run(&settings, command).await,
         Command::Reconcile(args) => crate::ops::reconcile::run(&settings, args).await,
+        Command::Doctor(args) => crate::ops::doctor::run(&settings, args).await,
     }
 }

@@ -38,6 +38,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
     ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
+    ("PUBLIC_URL", "http.public_url"),
     ("WEBHOOK_AUTH", "ingress.webhook_auth"),
     (
         "WEBHOOK_AUTH_ALLOW_INSECURE",
@@ -188,6 +189,10 @@ pub enum TokenEndpoint {
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
     pub listen_addr: SocketAddr,
+    /// Where Microsoft and buyers reach the ingress from outside (the base of the webhook
+    /// and landing page URLs entered in Partner Center's Technical configuration). Only
+    /// `fulfillment doctor` reads it; the ingress itself never needs to know.
+    pub public_url: Option<Url>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,6 +359,7 @@ struct RawMarketplace {
 #[serde(default, deny_unknown_fields)]
 struct RawHttp {
     listen_addr: String,
+    public_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +391,7 @@ impl Default for RawSettings {
             },
             http: RawHttp {
                 listen_addr: "127.0.0.1:8080".into(),
+                public_url: None,
             },
             ingress: RawIngress {
                 webhook_auth: "entra".into(),
@@ -568,6 +575,10 @@ impl Settings {
                     &raw.http.listen_addr,
                     "127.0.0.1:8080",
                 )?,
+                public_url: match raw.http.public_url.as_deref().map(str::trim) {
+                    None | Some("") => None,
+                    Some(url) => Some(parse_http_url("http.public_url", url)?),
+                },
             },
             log: LogSettings {
                 format: match raw.log.format.trim() {
@@ -842,6 +853,7 @@ mod tests {
                 ),
                 ("MARKETPLACE_CLIENT_SECRET", "s3cr3t-value"),
                 ("LISTEN_ADDR", "0.0.0.0:9000"),
+                ("PUBLIC_URL", "https://fulfillment.contoso.com"),
                 ("WORKER_METRICS_ADDR", "0.0.0.0:0"),
                 ("FULFILLMENT__AMQP__PREFIX", "test-1"),
             ]),
@@ -863,6 +875,10 @@ mod tests {
             "s3cr3t-value"
         );
         assert_eq!(s.http.listen_addr.port(), 9000);
+        assert_eq!(
+            s.http.public_url.as_ref().map(Url::as_str),
+            Some("https://fulfillment.contoso.com/")
+        );
         assert_eq!(s.worker.metrics_addr.to_string(), "0.0.0.0:0");
     }
 
@@ -894,6 +910,8 @@ mod tests {
             ("MARKETPLACE_TENANT_ID", "contoso", "MARKETPLACE_TENANT_ID"),
             ("MARKETPLACE_CLIENT_ID", "42", "marketplace.client_id"),
             ("LISTEN_ADDR", "localhost", "LISTEN_ADDR"),
+            ("PUBLIC_URL", "fulfillment.contoso.com", "PUBLIC_URL"),
+            ("PUBLIC_URL", "ftp://contoso.com", "http.public_url"),
             ("LOG_FORMAT", "xml", "log.format"),
             ("WORKER_METRICS_ADDR", "9464", "WORKER_METRICS_ADDR"),
             (

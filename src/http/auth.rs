@@ -539,7 +539,7 @@ impl Inner {
 
 /// The RS256 signing keys of a JWKS document by `kid`. Keys of other types or uses are
 /// skipped one by one, so a new kind of key in Entra's set does not hide the others.
-fn parse_jwks(body: &[u8]) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
+pub(crate) fn parse_jwks(body: &[u8]) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
     #[derive(Deserialize)]
     struct Document {
         keys: Vec<Value>,

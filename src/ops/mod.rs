@@ -1,5 +1,5 @@
 //! Operator tools behind `fulfillment dlq …`, `fulfillment subscription …` and
-//! `fulfillment reconcile` (design.md guarantees 7 and 8): each is a library function that
+//! `fulfillment reconcile` and `fulfillment doctor` (design.md guarantees 7 and 8): each is a library function that
 //! returns a report, which the CLI prints as a table or, with `--json`, as JSON.
 //!
 //! - [`dlq`]: list, show, replay and purge dead letters; every replay and purge is
@@ -8,11 +8,14 @@
 //!   through the queue and the machine.
 //! - [`reconcile`]: compares Microsoft's List Subscriptions with our state and heals drift by
 //!   feeding observations through the machine.
+//! - [`doctor`]: a read-only preflight of a deployment (settings, PostgreSQL, RabbitMQ,
+//!   Entra, the Fulfillment API, the webhook JWKS and audiences, the public URLs).
 //! - [`render`]: aligned tables and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
 
 pub mod dlq;
+pub mod doctor;
 pub mod reconcile;
 pub mod render;
 pub mod subscription;

@@ -450,7 +450,7 @@ async fn open_connection(
     }
 }
 
-async fn probe_tcp(url: &str) -> Result<(), String> {
+pub(crate) async fn probe_tcp(url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
     let host = parsed
         .host_str()

@@ -10,6 +10,8 @@
 //!   [`InboundDelivery`]).
 //! - [`dead_letters`]: reading, replaying and removing dead letters without loss
 //!   ([`DeadLetterReader`]), for the operator CLI.
+//! - [`inspect`]: a read-only look at a broker (connect without declaring, passive checks
+//!   of the topology and the queue types), for `fulfillment doctor`.
 //! - [`message`]: the message contract shared by producers and consumers.
 //!
 //! **Retries are explicit republishes, not nack-to-DLX.** A failed delivery is republished
@@ -27,6 +29,7 @@ pub mod broker;
 pub mod consumer;
 pub mod dead_letters;
 pub mod headers;
+pub mod inspect;
 pub mod message;
 pub mod publisher;
 pub mod topology;

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use sqlx::Postgres;
 use sqlx::migrate::{MigrateDatabase, Migrator};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Postgres};
 
-use crate::settings::DatabaseSettings;
+use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod ledger;
 pub mod operator_actions;
@@ -147,15 +147,67 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, StoreError> {
-    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-        .fetch_one(pool)
-        .await?;
-    if table.is_none() {
-        return Ok(Vec::new());
+    applied_migrations(pool).await
+}
+
+/// The versions of the migrations applied successfully, in order; empty when the schema
+/// was never migrated (no `_sqlx_migrations` table).
+pub async fn applied_migrations(
+    executor: impl sqlx::PgExecutor<'_>,
+) -> Result<Vec<i64>, StoreError> {
+    let versions =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(executor)
+            .await;
+    match versions {
+        Ok(versions) => Ok(versions),
+        // 42P01 undefined_table: never migrated.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+        Err(error) => Err(error.into()),
     }
-    Ok(
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await?,
-    )
+}
+
+/// Whether the server runs autovacuum (`SHOW autovacuum`). Without it the outbox and inbox
+/// tables, which churn rows, bloat until queries slow down.
+pub async fn autovacuum_enabled(executor: impl sqlx::PgExecutor<'_>) -> Result<bool, StoreError> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+        .fetch_one(executor)
+        .await?;
+    Ok(setting == "on")
+}
+
+/// Why one connection could not be opened, in the terms an operator fixes it in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// No server answered (refused, DNS, TLS, timeout).
+    Unreachable(String),
+    /// The server refused the user or password (SQLSTATE 28P01, 28000).
+    AuthenticationFailed(String),
+    /// The server answered but has no such database (SQLSTATE 3D000).
+    DatabaseMissing(String),
+    /// Anything else the server said.
+    Refused(String),
+}
+
+/// Opens one connection (no pool, no retries) within `timeout`, and says why it failed:
+/// for read-only checks such as `fulfillment doctor`.
+pub async fn connect_once(
+    url: &ConnectionUrl,
+    timeout: Duration,
+) -> Result<PgConnection, ConnectFailure> {
+    match tokio::time::timeout(timeout, PgConnection::connect(url.expose())).await {
+        Err(_) => Err(ConnectFailure::Unreachable(format!(
+            "no answer within {timeout:?}"
+        ))),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(sqlx::Error::Database(db))) => {
+            let message = db.message().to_string();
+            Err(match db.code().as_deref() {
+                Some("28P01" | "28000") => ConnectFailure::AuthenticationFailed(message),
+                Some("3D000") => ConnectFailure::DatabaseMissing(message),
+                _ => ConnectFailure::Refused(message),
+            })
+        }
+        Ok(Err(error)) => Err(ConnectFailure::Unreachable(error.to_string())),
+    }
 }
