@@ -109,6 +109,11 @@ pub struct WorkerSettings {
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,
+    /// How long a publisher PATCH/DELETE whose answer was lost is followed before its
+    /// command is "outcome unknown", for an operator (§15.2).
+    pub unknown_outcome_budget: Duration,
+    /// How long a DELETE answered 409 (another operation holds the lock) waits for it.
+    pub lock_wait_budget: Duration,
     /// On SIGTERM, how long the work in hand may take to finish; what is still in hand
     /// then is abandoned to the broker's redelivery and the outbox's next claim.
     pub shutdown_grace: Duration,
@@ -311,6 +316,8 @@ struct RawWorker {
     operation_poll_cap_secs: u64,
     activation_check_interval_ms: u64,
     activation_wait_cap_secs: u64,
+    unknown_outcome_budget_secs: u64,
+    lock_wait_budget_secs: u64,
     shutdown_grace_secs: u64,
     stall_after_secs: u64,
     metrics_addr: String,
@@ -415,6 +422,8 @@ impl Default for RawSettings {
                 operation_poll_cap_secs: 30 * 60,
                 activation_check_interval_ms: 2_000,
                 activation_wait_cap_secs: 30 * 60,
+                unknown_outcome_budget_secs: 30 * 60,
+                lock_wait_budget_secs: 10 * 60,
                 // Below Kubernetes' default terminationGracePeriodSeconds (30), and the 60 s
                 // of deploy/kubernetes/worker-deployment.yaml.
                 shutdown_grace_secs: 20,
@@ -709,6 +718,11 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
             "worker.activation_wait_cap_secs",
             raw.activation_wait_cap_secs,
         )?,
+        unknown_outcome_budget: positive_secs(
+            "worker.unknown_outcome_budget_secs",
+            raw.unknown_outcome_budget_secs,
+        )?,
+        lock_wait_budget: positive_secs("worker.lock_wait_budget_secs", raw.lock_wait_budget_secs)?,
         shutdown_grace: positive_secs("worker.shutdown_grace_secs", raw.shutdown_grace_secs)?,
         stall_after: positive_secs("worker.stall_after_secs", raw.stall_after_secs)?,
         metrics_addr: listen_address("worker.metrics_addr", &raw.metrics_addr, "127.0.0.1:9464")?,
@@ -1046,6 +1060,8 @@ mod tests {
         assert_eq!(s.worker.operation_poll_cap, Duration::from_secs(1800));
         assert_eq!(s.worker.activation_check_interval, Duration::from_secs(2));
         assert_eq!(s.worker.activation_wait_cap, Duration::from_secs(1800));
+        assert_eq!(s.worker.unknown_outcome_budget, Duration::from_secs(1800));
+        assert_eq!(s.worker.lock_wait_budget, Duration::from_secs(600));
         assert_eq!(s.worker.shutdown_grace, Duration::from_secs(20));
         assert_eq!(s.worker.stall_after, Duration::from_secs(60));
 
@@ -1103,6 +1119,10 @@ mod tests {
             (
                 &[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "0")],
                 "worker.shutdown_grace_secs",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__LOCK_WAIT_BUDGET_SECS", "0")],
+                "worker.lock_wait_budget_secs",
             ),
             (
                 &[("FULFILLMENT__WORKER__STALL_AFTER_SECS", "0")],

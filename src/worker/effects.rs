@@ -64,15 +64,19 @@ pub struct EffectsConfig {
     /// First delay between GETs of an Operation-Location still in progress; grows to 10 s
     /// (§7.2: every 2–10 s), never below the 202's `Retry-After` (§15.1).
     pub operation_poll_interval: Duration,
-    /// Polling stops after this; the subscription is then fetched and observed (§7.2). Also
-    /// the budget for following a lost answer and for waiting for a lock (see
-    /// [`EffectsConfig::protocol`]).
+    /// Polling stops after this; the subscription is then fetched and observed (§7.2).
     pub operation_poll_cap: Duration,
     /// First delay between GETs while an activation is still pending (P4: it is
     /// asynchronous); grows to 15 s (§15.4).
     pub activation_check_interval: Duration,
     /// Activation checks stop after this; the subscription is observed as it is.
     pub activation_wait_cap: Duration,
+    /// How long a PATCH/DELETE whose answer was lost is followed before it is handed to an
+    /// operator as "outcome unknown" (§15.2).
+    pub unknown_outcome_budget: Duration,
+    /// How long a DELETE answered 409 (a pending operation holds the lock) keeps waiting for
+    /// the lock before it ends refused.
+    pub lock_wait_budget: Duration,
 }
 
 impl Default for EffectsConfig {
@@ -87,6 +91,8 @@ impl Default for EffectsConfig {
             operation_poll_cap: Duration::from_secs(30 * 60),
             activation_check_interval: Duration::from_secs(2),
             activation_wait_cap: Duration::from_secs(30 * 60),
+            unknown_outcome_budget: Duration::from_secs(30 * 60),
+            lock_wait_budget: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -104,13 +110,14 @@ impl EffectsConfig {
             operation_poll_cap: Duration::from_secs(20),
             activation_check_interval: Duration::from_millis(100),
             activation_wait_cap: Duration::from_secs(20),
+            unknown_outcome_budget: Duration::from_secs(20),
+            lock_wait_budget: Duration::from_secs(20),
         }
     }
 }
 
 impl EffectsConfig {
-    /// The protocols' clocks and budgets. A lost answer is followed, and a lock waited
-    /// for, as long as an operation is polled (`operation_poll_cap`, minutes in production).
+    /// The protocols' clocks and budgets.
     pub fn protocol(&self) -> ProtocolConfig {
         ProtocolConfig {
             max_attempts: self.max_attempts,
@@ -120,8 +127,8 @@ impl EffectsConfig {
             operation_poll_cap: self.operation_poll_cap,
             activation_check_interval: self.activation_check_interval,
             activation_wait_cap: self.activation_wait_cap,
-            unknown_outcome_budget: self.operation_poll_cap,
-            lock_wait_budget: self.operation_poll_cap,
+            unknown_outcome_budget: self.unknown_outcome_budget,
+            lock_wait_budget: self.lock_wait_budget,
         }
     }
 }

@@ -73,6 +73,8 @@ impl WorkerConfig {
                 operation_poll_cap: worker.operation_poll_cap,
                 activation_check_interval: worker.activation_check_interval,
                 activation_wait_cap: worker.activation_wait_cap,
+                unknown_outcome_budget: worker.unknown_outcome_budget,
+                lock_wait_budget: worker.lock_wait_budget,
             },
             shutdown_grace: worker.shutdown_grace,
         }
