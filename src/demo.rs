@@ -26,7 +26,7 @@ use crate::http::Application;
 use crate::settings::{ConnectionUrl, Settings, WebhookAuth};
 use crate::simulator::{PlanSpec, Simulator, SimulatorConfig, Timings};
 use crate::store;
-use crate::worker::{EffectsConfig, Worker, WorkerConfig, WorkerParts};
+use crate::worker::{EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts};
 
 /// Options of `fulfillment demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -168,10 +168,13 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let broker = parts.broker.clone();
     let worker_config = WorkerConfig {
         effects: EffectsConfig {
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(3),
-            operation_poll_interval: Duration::from_millis(250),
-            activation_check_interval: Duration::from_millis(250),
+            protocol: ProtocolConfig {
+                backoff_base: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(3),
+                operation_poll_interval: Duration::from_millis(250),
+                activation_check_interval: Duration::from_millis(250),
+                ..ProtocolConfig::default()
+            },
             ..EffectsConfig::default()
         },
         ..WorkerConfig::for_pool(settings.database.max_connections)

@@ -9,7 +9,7 @@ use fulfillment_state_machine::{
     Quantity, StateName,
 };
 use marketplace_fulfillment::marketplace::{OperationStatus, Subscription, UpdateOutcome};
-use marketplace_fulfillment::worker::EffectsConfig;
+use marketplace_fulfillment::worker::ProtocolConfig;
 use marketplace_fulfillment::worker::protocol::{
     self, Answer, Answered, Call, CommandStatus, FollowCause, GiveUpWhy, Progress, Record, Stage,
     Step, Turn,
@@ -721,7 +721,7 @@ fn command_status(records: &[Record]) -> Option<CommandStatus> {
 
 #[test]
 fn every_row_of_the_effect_protocols_holds() {
-    let config = EffectsConfig::default().protocol();
+    let config = ProtocolConfig::default();
     let rows = rows();
     let mut failures = Vec::new();
     for row in &rows {
@@ -797,7 +797,7 @@ fn the_table_has_a_row_per_answer_class_and_names_its_facts() {
 /// (§15.2): every answer class, after a lost answer, within the budget.
 #[test]
 fn after_a_lost_answer_no_answer_makes_a_change_refused() {
-    let config = EffectsConfig::default().protocol();
+    let config = ProtocolConfig::default();
     let answers = [
         accepted(Some(secs(10))),
         bad_request(),

@@ -521,15 +521,7 @@ pub(crate) fn request_change(
     })?;
     match source {
         RequestSource::Partner => schedule_partner_operation(shared, id, op_id),
-        RequestSource::Azure => {
-            let timings = &shared.config.timings;
-            schedule_completion(
-                shared,
-                id,
-                op_id,
-                timings.webhook_delay + timings.ack_window,
-            );
-        }
+        RequestSource::Azure => schedule_auto_accept(shared, id, op_id),
     }
     tracing::info!(subscription_id = %id, operation_id = %op_id, ?source, "change requested");
     Ok(op_id)
@@ -583,6 +575,18 @@ fn schedule_partner_operation(shared: &Arc<Shared>, id: Uuid, op_id: Uuid) {
     });
     let done = timings.operation_delay.max(timings.operation_start_delay);
     schedule_completion(shared, id, op_id, done);
+}
+
+/// A customer's operation: Microsoft accepts it itself once its ACK window, counted from the
+/// webhook, is over (§5.3).
+fn schedule_auto_accept(shared: &Arc<Shared>, id: Uuid, op_id: Uuid) {
+    let timings = &shared.config.timings;
+    schedule_completion(
+        shared,
+        id,
+        op_id,
+        timings.webhook_delay + timings.ack_window,
+    );
 }
 
 fn schedule_completion(shared: &Arc<Shared>, id: Uuid, op_id: Uuid, delay: std::time::Duration) {
@@ -833,13 +837,7 @@ pub(crate) fn raise(shared: &Arc<Shared>, id: Uuid, event: Event) -> Result<Uuid
         Ok((op_id, needs_window))
     })?;
     if needs_window {
-        let timings = &shared.config.timings;
-        schedule_completion(
-            shared,
-            id,
-            op_id,
-            timings.webhook_delay + timings.ack_window,
-        );
+        schedule_auto_accept(shared, id, op_id);
     }
     match event {
         Event::Renew => {

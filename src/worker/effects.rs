@@ -56,27 +56,8 @@ pub struct EffectsConfig {
     pub concurrency: usize,
     /// Poll of the outbox between wake-ups: the longest a row another worker process left waits.
     pub poll_interval: Duration,
-    /// Failed attempts before a row is dead.
-    pub max_attempts: u32,
-    /// First retry delay; doubles per failed attempt, with jitter.
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// First delay between GETs of an Operation-Location still in progress; grows to 10 s
-    /// (§7.2: every 2–10 s), never below the 202's `Retry-After` (§15.1).
-    pub operation_poll_interval: Duration,
-    /// Polling stops after this; the subscription is then fetched and observed (§7.2).
-    pub operation_poll_cap: Duration,
-    /// First delay between GETs while an activation is still pending (P4: it is
-    /// asynchronous); grows to 15 s (§15.4).
-    pub activation_check_interval: Duration,
-    /// Activation checks stop after this; the subscription is observed as it is.
-    pub activation_wait_cap: Duration,
-    /// How long a PATCH/DELETE whose answer was lost is followed before it is handed to an
-    /// operator as "outcome unknown" (§15.2).
-    pub unknown_outcome_budget: Duration,
-    /// How long a DELETE answered 409 (a pending operation holds the lock) keeps waiting for
-    /// the lock before it ends refused.
-    pub lock_wait_budget: Duration,
+    /// The protocols' clocks, attempts and budgets.
+    pub protocol: ProtocolConfig,
 }
 
 impl Default for EffectsConfig {
@@ -84,15 +65,7 @@ impl Default for EffectsConfig {
         Self {
             concurrency: 4,
             poll_interval: Duration::from_millis(500),
-            max_attempts: 8,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
-            operation_poll_interval: Duration::from_millis(1500),
-            operation_poll_cap: Duration::from_secs(30 * 60),
-            activation_check_interval: Duration::from_secs(2),
-            activation_wait_cap: Duration::from_secs(30 * 60),
-            unknown_outcome_budget: Duration::from_secs(30 * 60),
-            lock_wait_budget: Duration::from_secs(10 * 60),
+            protocol: ProtocolConfig::default(),
         }
     }
 }
@@ -103,32 +76,7 @@ impl EffectsConfig {
         Self {
             concurrency: 4,
             poll_interval: Duration::from_millis(100),
-            max_attempts: 8,
-            backoff_base: Duration::from_millis(50),
-            backoff_max: Duration::from_millis(500),
-            operation_poll_interval: Duration::from_millis(100),
-            operation_poll_cap: Duration::from_secs(20),
-            activation_check_interval: Duration::from_millis(100),
-            activation_wait_cap: Duration::from_secs(20),
-            unknown_outcome_budget: Duration::from_secs(20),
-            lock_wait_budget: Duration::from_secs(20),
-        }
-    }
-}
-
-impl EffectsConfig {
-    /// The protocols' clocks and budgets.
-    pub fn protocol(&self) -> ProtocolConfig {
-        ProtocolConfig {
-            max_attempts: self.max_attempts,
-            backoff_base: self.backoff_base,
-            backoff_max: self.backoff_max,
-            operation_poll_interval: self.operation_poll_interval,
-            operation_poll_cap: self.operation_poll_cap,
-            activation_check_interval: self.activation_check_interval,
-            activation_wait_cap: self.activation_wait_cap,
-            unknown_outcome_budget: self.unknown_outcome_budget,
-            lock_wait_budget: self.lock_wait_budget,
+            protocol: ProtocolConfig::fast(),
         }
     }
 }
@@ -587,7 +535,7 @@ impl EffectRunner {
     /// A database error during an execution: retried like a failed call, so nothing is
     /// half-recorded (the row's writes roll back with it).
     fn database_failure(&self, execution: &Execution, error: StoreError) -> Disposition {
-        let config = &self.inner.config;
+        let config = &self.inner.config.protocol;
         let failed = u32::try_from(execution.attempts).unwrap_or(0) + 1;
         let error = format!("database: {error}");
         if failed >= config.max_attempts {
@@ -691,7 +639,7 @@ impl EffectRunner {
     ) -> Result<Disposition, StoreError> {
         /// Calls in one execution; a protocol that keeps calling is retried later.
         const MAX_CALLS: usize = 8;
-        let config = self.inner.config.protocol();
+        let config = &self.inner.config.protocol;
         let mut progress = Progress::from_stored(&execution.progress, execution.created_at);
         let mut answered: Option<Answered> = None;
         let mut log = CallLog::default();
@@ -707,7 +655,7 @@ impl EffectRunner {
                 created_at: execution.created_at,
                 attempts: u32::try_from(execution.attempts).unwrap_or(0),
                 jitter: rand::random::<f64>(),
-                config: &config,
+                config,
             });
             progress = next.progress;
             for record in next.records {
@@ -772,7 +720,7 @@ impl EffectRunner {
         let error = format!("the protocol made more than {MAX_CALLS} calls in one execution");
         self.record(execution, &log, &error, extra);
         Ok(Disposition::Retry {
-            after: self.inner.config.backoff_base,
+            after: self.inner.config.protocol.backoff_base,
             error,
             progress,
         })

@@ -20,4 +20,5 @@ pub mod translate;
 pub use consume::{Handled, MessageHandler};
 pub use effects::{EffectRunner, EffectsConfig};
 pub use listener::MetricsListener;
+pub use protocol::ProtocolConfig;
 pub use run::{Worker, WorkerConfig, WorkerParts, run_worker};

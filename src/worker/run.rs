@@ -20,6 +20,7 @@ use crate::store::{self, outbox};
 use crate::worker::consume::{ConsumerActivity, MessageHandler, run_consumer};
 use crate::worker::effects::{EffectActivity, EffectRunner, EffectsConfig};
 use crate::worker::listener::MetricsListener;
+use crate::worker::protocol::ProtocolConfig;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -66,15 +67,17 @@ impl WorkerConfig {
                     .effect_concurrency
                     .unwrap_or_else(|| concurrency_for_pool(settings.database.max_connections)),
                 poll_interval: worker.poll_interval,
-                max_attempts: worker.max_attempts,
-                backoff_base: worker.backoff_base,
-                backoff_max: worker.backoff_max,
-                operation_poll_interval: worker.operation_poll_interval,
-                operation_poll_cap: worker.operation_poll_cap,
-                activation_check_interval: worker.activation_check_interval,
-                activation_wait_cap: worker.activation_wait_cap,
-                unknown_outcome_budget: worker.unknown_outcome_budget,
-                lock_wait_budget: worker.lock_wait_budget,
+                protocol: ProtocolConfig {
+                    max_attempts: worker.max_attempts,
+                    backoff_base: worker.backoff_base,
+                    backoff_max: worker.backoff_max,
+                    operation_poll_interval: worker.operation_poll_interval,
+                    operation_poll_cap: worker.operation_poll_cap,
+                    activation_check_interval: worker.activation_check_interval,
+                    activation_wait_cap: worker.activation_wait_cap,
+                    unknown_outcome_budget: worker.unknown_outcome_budget,
+                    lock_wait_budget: worker.lock_wait_budget,
+                },
             },
             shutdown_grace: worker.shutdown_grace,
         }
@@ -270,7 +273,7 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     tracing::info!(
         prefetch = config.prefetch,
         effect_concurrency = config.effects.concurrency,
-        max_attempts = config.effects.max_attempts,
+        max_attempts = config.effects.protocol.max_attempts,
         "worker settings"
     );
     let broker = parts.broker.clone();
@@ -377,9 +380,12 @@ mod tests {
         let config = WorkerConfig::from_settings(&Settings::from_sources(None, &env).unwrap());
         assert_eq!(config.prefetch, 3);
         assert_eq!(config.effects.concurrency, 2);
-        assert_eq!(config.effects.backoff_base, Duration::from_millis(25));
         assert_eq!(
-            config.effects.activation_check_interval,
+            config.effects.protocol.backoff_base,
+            Duration::from_millis(25)
+        );
+        assert_eq!(
+            config.effects.protocol.activation_check_interval,
             Duration::from_millis(100)
         );
     }

@@ -25,7 +25,9 @@ use marketplace_fulfillment::marketplace::{MarketplaceClient, RetryPolicy, Token
 use marketplace_fulfillment::queue::{Broker, Topology};
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
-use marketplace_fulfillment::worker::{EffectsConfig, Worker, WorkerConfig, WorkerParts};
+use marketplace_fulfillment::worker::{
+    EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts,
+};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
@@ -86,7 +88,10 @@ pub fn fast_timings(ack_window: Duration) -> Timings {
 pub fn patient_effects() -> EffectsConfig {
     EffectsConfig {
         concurrency: 2,
-        max_attempts: 50,
+        protocol: ProtocolConfig {
+            max_attempts: 50,
+            ..ProtocolConfig::fast()
+        },
         ..EffectsConfig::fast()
     }
 }

@@ -57,6 +57,40 @@ pub struct ProtocolConfig {
     pub lock_wait_budget: Duration,
 }
 
+impl Default for ProtocolConfig {
+    /// Production's.
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            operation_poll_interval: Duration::from_millis(1500),
+            operation_poll_cap: Duration::from_secs(30 * 60),
+            activation_check_interval: Duration::from_secs(2),
+            activation_wait_cap: Duration::from_secs(30 * 60),
+            unknown_outcome_budget: Duration::from_secs(30 * 60),
+            lock_wait_budget: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl ProtocolConfig {
+    /// Millisecond clocks for tests.
+    pub fn fast() -> Self {
+        Self {
+            max_attempts: 8,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+            operation_poll_interval: Duration::from_millis(100),
+            operation_poll_cap: Duration::from_secs(20),
+            activation_check_interval: Duration::from_millis(100),
+            activation_wait_cap: Duration::from_secs(20),
+            unknown_outcome_budget: Duration::from_secs(20),
+            lock_wait_budget: Duration::from_secs(20),
+        }
+    }
+}
+
 /// The slowest cadence of activation checks (§15.4: seconds growing to about 15 s).
 pub const ACTIVATION_CHECK_CEILING: Duration = Duration::from_secs(15);
 /// The slowest cadence of operation polls (§7.2: every 2–10 s).
