@@ -62,8 +62,10 @@ impl Drop for Turn {
 /// test binaries after this one declare fresh topologies: when a probe's declaration fails,
 /// the node is restarted.
 async fn leave_rabbitmq_healthy() {
+    // One prefix for every attempt: a failed declaration leaves what it did declare, and the
+    // attempt that succeeds deletes all of it.
+    let settings = common::test_settings();
     let probe = || async {
-        let settings = common::test_settings();
         let broker = Broker::connect(&settings.amqp, "chaos-test-probe").await?;
         let deleted = broker.delete_topology().await;
         broker.close().await;
