@@ -12,26 +12,49 @@ use crate::settings::{ConnectionUrl, DatabaseSettings};
 pub mod ledger;
 pub mod operator_actions;
 pub mod outbox;
+pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// Why the store could not be reached or prepared.
+/// Why the store could not be reached or prepared, in the terms an operator fixes it in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot reach PostgreSQL at {url}: {source}. Is it running? Start it with \
-         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-         or set DATABASE_URL"
+        "cannot reach PostgreSQL at {url}: {reason}. Is it running and listening there? \
+         Check the host and port in DATABASE_URL"
     )]
     Unreachable {
         /// Redacted: the password never reaches a message.
         url: String,
-        #[source]
-        source: sqlx::Error,
+        reason: String,
     },
+    #[error(
+        "PostgreSQL at {url} refused the login: {message}. Check the user and password in \
+         DATABASE_URL"
+    )]
+    AuthenticationFailed { url: String, message: String },
+    #[error(
+        "the database of {url} does not exist: run `fulfillment migrate` (it creates the \
+         database and its schema)"
+    )]
+    DatabaseMissing { url: String },
+    #[error(
+        "the schema of {url} is behind this version ({missing} migration(s) not applied, the \
+         latest is {latest}): run `fulfillment migrate`"
+    )]
+    SchemaBehind {
+        url: String,
+        missing: usize,
+        latest: String,
+    },
+    #[error(
+        "the database has no table the query needs ({message}): its schema is missing or \
+         behind; run `fulfillment migrate`"
+    )]
+    SchemaMissing { message: String },
     #[error("cannot create database {url}: {source}")]
     CreateDatabase {
         url: String,
@@ -41,9 +64,25 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
-    Query(#[from] sqlx::Error),
+    Query(sqlx::Error),
     #[error("a stored state machine cannot be read back: {0}")]
     CorruptMachine(#[source] serde_json::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            // 42P01 undefined_table, 42703 undefined_column: the schema is not this version's.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("42P01" | "42703")) =>
+            {
+                StoreError::SchemaMissing {
+                    message: db.message().to_string(),
+                }
+            }
+            _ => StoreError::Query(error),
+        }
+    }
 }
 
 impl StoreError {
@@ -55,6 +94,20 @@ impl StoreError {
             StoreError::Unreachable { .. } => true,
             StoreError::Query(error) => is_unavailable(error),
             _ => false,
+        }
+    }
+
+    /// The error of a failed first connection, from its classification.
+    fn from_connect(url: &ConnectionUrl, failure: ConnectFailure) -> Self {
+        let url = url.redacted();
+        match failure {
+            ConnectFailure::Unreachable(reason) | ConnectFailure::Refused(reason) => {
+                StoreError::Unreachable { url, reason }
+            }
+            ConnectFailure::AuthenticationFailed(message) => {
+                StoreError::AuthenticationFailed { url, message }
+            }
+            ConnectFailure::DatabaseMissing(_) => StoreError::DatabaseMissing { url },
         }
     }
 }
@@ -92,16 +145,35 @@ pub struct MigrationReport {
     pub applied: Vec<String>,
 }
 
-/// Opens a pool on an existing database.
+/// Opens a pool on an existing database whose schema is this version's (newer is fine: a
+/// rolling upgrade migrates before the old processes stop). The first connection is opened
+/// alone, so a failure is named once and in an operator's terms.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let url = &settings.url;
+    let mut first = connect_once(url, settings.acquire_timeout)
+        .await
+        .map_err(|failure| StoreError::from_connect(url, failure))?;
+    let applied = applied_migrations(&mut first).await?;
+    let _ = first.close().await;
+    let missing: Vec<_> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .collect();
+    if let Some(latest) = missing.last() {
+        return Err(StoreError::SchemaBehind {
+            url: url.redacted(),
+            missing: missing.len(),
+            latest: format!("{} {}", latest.version, latest.description),
+        });
+    }
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
-        .connect(settings.url.expose())
+        .connect(url.expose())
         .await
         .map_err(|source| StoreError::Unreachable {
-            url: settings.url.redacted(),
-            source,
+            url: url.redacted(),
+            reason: source.to_string(),
         })
 }
 
@@ -111,10 +183,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
     let url = &settings.url;
     let exists = Postgres::database_exists(url.expose())
         .await
-        .map_err(|source| StoreError::Unreachable {
-            url: url.redacted(),
-            source,
-        })?;
+        .map_err(|source| StoreError::from_connect(url, connect_failure(source)))?;
     if !exists {
         Postgres::create_database(url.expose())
             .await
@@ -128,10 +197,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
         .acquire_timeout(Duration::from_secs(10))
         .connect(url.expose())
         .await
-        .map_err(|source| StoreError::Unreachable {
-            url: url.redacted(),
-            source,
-        })?;
+        .map_err(|source| StoreError::from_connect(url, connect_failure(source)))?;
     let before = applied_versions(&pool).await?;
     MIGRATOR.run(&pool).await?;
     let applied = MIGRATOR
@@ -200,14 +266,21 @@ pub async fn connect_once(
             "no answer within {timeout:?}"
         ))),
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(sqlx::Error::Database(db))) => {
+        Ok(Err(error)) => Err(connect_failure(error)),
+    }
+}
+
+/// Classifies the error of opening a connection.
+fn connect_failure(error: sqlx::Error) -> ConnectFailure {
+    match error {
+        sqlx::Error::Database(db) => {
             let message = db.message().to_string();
-            Err(match db.code().as_deref() {
+            match db.code().as_deref() {
                 Some("28P01" | "28000") => ConnectFailure::AuthenticationFailed(message),
                 Some("3D000") => ConnectFailure::DatabaseMissing(message),
                 _ => ConnectFailure::Refused(message),
-            })
+            }
         }
-        Ok(Err(error)) => Err(ConnectFailure::Unreachable(error.to_string())),
+        error => ConnectFailure::Unreachable(error.to_string()),
     }
 }
