@@ -15,6 +15,7 @@ pub mod outbox;
 pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
+pub mod verify;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -282,5 +283,64 @@ fn connect_failure(error: sqlx::Error) -> ConnectFailure {
             }
         }
         error => ConnectFailure::Unreachable(error.to_string()),
+    }
+}
+
+/// Drops the database `url` names, closing its connections (benchmarks and the demo start
+/// from an empty one and leave nothing behind).
+pub async fn drop_database(url: &ConnectionUrl) -> Result<(), StoreError> {
+    let name = url
+        .url()
+        .path()
+        .trim_start_matches('/')
+        .replace('"', "\"\"");
+    let admin = url.with_path("/postgres");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(admin.expose())
+        .await
+        .map_err(|source| StoreError::from_connect(&admin, connect_failure(source)))?;
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    let dropped = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+    pool.close().await;
+    dropped?;
+    Ok(())
+}
+
+/// `ANALYZE` of the whole database: fresh planner statistics where autovacuum is off.
+pub async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("ANALYZE").execute(pool).await?;
+    Ok(())
+}
+
+/// The commit ceiling of `bench pipeline`: a scratch table of rows the size of an event-log
+/// decision, committed one by one.
+pub mod ceiling {
+    use sqlx::postgres::PgPool;
+
+    pub async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE bench_commit_ceiling (id bigserial PRIMARY KEY, \
+             at timestamptz NOT NULL DEFAULT now(), body text NOT NULL)",
+        )
+        .execute(pool)
+        .await
+        .map(drop)
+    }
+
+    pub async fn commit_one(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO bench_commit_ceiling (body) VALUES ($1)")
+            .bind("a row the size of an event-log entry's decision text")
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub async fn drop_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("DROP TABLE bench_commit_ceiling")
+            .execute(pool)
+            .await
+            .map(drop)
     }
 }
