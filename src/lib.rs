@@ -16,6 +16,7 @@ pub mod cli;
 pub mod demo;
 pub mod http;
 pub mod marketplace;
+pub mod metering;
 pub mod metrics;
 pub mod ops;
 pub mod queue;

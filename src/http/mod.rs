@@ -84,6 +84,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/subscriptions/{id}/cancel",
             post(entitlements::cancel),
         )
+        .route(
+            "/api/v1/usage",
+            post(entitlements::report_usage)
+                .layer(DefaultBodyLimit::max(entitlements::USAGE_BODY_LIMIT)),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             entitlements::require_api_key,

@@ -14,6 +14,7 @@ pub mod operator_actions;
 pub mod outbox;
 pub mod subscriptions;
 pub mod timeline;
+pub mod usage;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
