@@ -47,8 +47,8 @@ async fn settled(stack: &Stack) -> HashMap<String, i64> {
                     .await
                     .unwrap();
             let map: HashMap<String, i64> = rows.into_iter().collect();
-            let pending = map.get("open").copied().unwrap_or(0)
-                + map.get("submitting").copied().unwrap_or(0);
+            let pending =
+                map.get("open").copied().unwrap_or(0) + map.get("submitting").copied().unwrap_or(0);
             (pending == 0 && !map.is_empty()).then_some(map)
         })
         .await
@@ -63,8 +63,8 @@ async fn billed(stack: &Stack) -> HashMap<(Uuid, String, OffsetDateTime), (f64, 
         .unwrap()
         .iter()
         .map(|u| {
-            let at = OffsetDateTime::parse(u["effectiveStartTime"].as_str().unwrap(), &Rfc3339)
-                .unwrap();
+            let at =
+                OffsetDateTime::parse(u["effectiveStartTime"].as_str().unwrap(), &Rfc3339).unwrap();
             (
                 (
                     u["resourceId"].as_str().unwrap().parse().unwrap(),
@@ -92,7 +92,11 @@ async fn every_hour_is_billed_with_its_exact_total() {
     let stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
     let h = this_hour();
-    let hours = [h - time::Duration::hours(5), h - time::Duration::hours(3), h - time::Duration::hours(2)];
+    let hours = [
+        h - time::Duration::hours(5),
+        h - time::Duration::hours(3),
+        h - time::Duration::hours(2),
+    ];
     let mut events = Vec::new();
     let mut expected: HashMap<(String, OffsetDateTime), f64> = HashMap::new();
     for (i, hour) in hours.iter().enumerate() {
@@ -100,7 +104,13 @@ async fn every_hour_is_billed_with_its_exact_total() {
             for k in 0..4 {
                 let quantity = 0.5 + (i * 7 + j * 3 + k) as f64;
                 let at = *hour + time::Duration::minutes(k as i64 * 14 + 1);
-                events.push(event(id, dimension, quantity, at, &format!("e-{i}-{j}-{k}")));
+                events.push(event(
+                    id,
+                    dimension,
+                    quantity,
+                    at,
+                    &format!("e-{i}-{j}-{k}"),
+                ));
                 *expected.entry((dimension.to_string(), *hour)).or_default() += quantity;
             }
         }
@@ -115,7 +125,10 @@ async fn every_hour_is_billed_with_its_exact_total() {
     assert_eq!(at_microsoft.len(), 6);
     for ((dimension, hour), quantity) in &expected {
         let (billed, _) = at_microsoft[&(id, dimension.clone(), *hour)];
-        assert!((billed - quantity).abs() < 1e-9, "{dimension} {hour}: {billed} != {quantity}");
+        assert!(
+            (billed - quantity).abs() < 1e-9,
+            "{dimension} {hour}: {billed} != {quantity}"
+        );
     }
     stack.finish().await;
 }
@@ -127,7 +140,11 @@ async fn the_same_idempotency_key_counts_once() {
     let at = this_hour() - time::Duration::hours(2) + time::Duration::minutes(10);
     let first = event(id, "api-calls", 5.0, at, "once");
     let (status, answer) = report(&stack, first.clone()).await;
-    assert_eq!((status, answer["counted"].clone()), (200, json!(1)), "{answer}");
+    assert_eq!(
+        (status, answer["counted"].clone()),
+        (200, json!(1)),
+        "{answer}"
+    );
     // Again, alone and inside a batch with a new one (and twice in that batch).
     let (status, answer) = report(&stack, first.clone()).await;
     assert_eq!(status, 200);
@@ -135,7 +152,10 @@ async fn the_same_idempotency_key_counts_once() {
     let second = event(id, "api-calls", 2.0, at, "twice");
     let (status, answer) = report(&stack, json!([first, second.clone(), second])).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!((answer["counted"].clone(), answer["repeats"].clone()), (json!(1), json!(2)));
+    assert_eq!(
+        (answer["counted"].clone(), answer["repeats"].clone()),
+        (json!(1), json!(2))
+    );
     assert_eq!(stored_events(&stack).await, 2);
 
     settled(&stack).await;
@@ -154,7 +174,15 @@ async fn lost_answers_and_throttling_never_bill_an_hour_twice() {
         .await;
     let h = this_hour();
     let events: Vec<Value> = (1..=4)
-        .map(|n| event(id, "api-calls", n as f64, h - time::Duration::hours(n), &format!("k{n}")))
+        .map(|n| {
+            event(
+                id,
+                "api-calls",
+                n as f64,
+                h - time::Duration::hours(n),
+                &format!("k{n}"),
+            )
+        })
         .collect();
     let (status, answer) = report(&stack, Value::Array(events)).await;
     assert_eq!(status, 200, "{answer}");
@@ -164,9 +192,13 @@ async fn lost_answers_and_throttling_never_bill_an_hour_twice() {
     let at_microsoft = billed(&stack).await;
     assert_eq!(at_microsoft.len(), 4);
     for n in 1..=4 {
-        let (quantity, repeats) = at_microsoft[&(id, "api-calls".into(), h - time::Duration::hours(n))];
+        let (quantity, repeats) =
+            at_microsoft[&(id, "api-calls".into(), h - time::Duration::hours(n))];
         assert_eq!(quantity, n as f64);
-        assert!(repeats >= 1, "hour {n} was not sent again after its answer was lost");
+        assert!(
+            repeats >= 1,
+            "hour {n} was not sent again after its answer was lost"
+        );
     }
     let sends: i64 = sqlx::query_scalar("SELECT min(sends)::int8 FROM usage_hours")
         .fetch_one(&stack.pool)
@@ -185,11 +217,22 @@ async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expi
     // Its hour started more than 24 h ago: Microsoft would answer Expired.
     let (status, answer) = report(
         &stack,
-        event(id, "api-calls", 1.0, h - time::Duration::hours(24) + time::Duration::minutes(30), "old"),
+        event(
+            id,
+            "api-calls",
+            1.0,
+            h - time::Duration::hours(24) + time::Duration::minutes(30),
+            "old",
+        ),
     )
     .await;
     assert_eq!(status, 422, "{answer}");
-    assert!(answer["refused"][0]["reason"].as_str().unwrap().contains("24-hour window"));
+    assert!(
+        answer["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("24-hour window")
+    );
     // Its hour started 23 h ago: accepted.
     let edge = h - time::Duration::hours(23);
     let (status, answer) = report(&stack, event(id, "api-calls", 3.0, edge, "edge")).await;
@@ -217,7 +260,10 @@ async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expi
     assert!(reason.contains("24-hour window"));
     stack.start_worker().await;
     let statuses = settled(&stack).await;
-    assert_eq!((statuses.get("accepted"), statuses.get("expired")), (Some(&1), Some(&1)));
+    assert_eq!(
+        (statuses.get("accepted"), statuses.get("expired")),
+        (Some(&1), Some(&1))
+    );
     let at_microsoft = billed(&stack).await;
     assert_eq!(at_microsoft.len(), 1);
     assert_eq!(at_microsoft[&(id, "api-calls".into(), later)].0, 4.0);
@@ -232,20 +278,33 @@ async fn usage_for_an_hour_already_submitted_is_reported_as_late_never_sent_agai
     let hour = this_hour() - time::Duration::hours(2);
     let (status, _) = report(&stack, event(id, "api-calls", 10.0, hour, "first")).await;
     assert_eq!(status, 200);
-    let closed = submit::close_due_hours(&stack.pool, &MeteringConfig::default(), OffsetDateTime::now_utc())
-        .await
-        .unwrap();
+    let closed = submit::close_due_hours(
+        &stack.pool,
+        &MeteringConfig::default(),
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
     assert_eq!(closed.hours, 1);
     let (status, answer) = report(
         &stack,
-        event(id, "api-calls", 5.0, hour + time::Duration::minutes(59), "late"),
+        event(
+            id,
+            "api-calls",
+            5.0,
+            hour + time::Duration::minutes(59),
+            "late",
+        ),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["events"][0]["status"], "late");
     stack.start_worker().await;
     settled(&stack).await;
-    assert_eq!(billed(&stack).await[&(id, "api-calls".into(), hour)].0, 10.0);
+    assert_eq!(
+        billed(&stack).await[&(id, "api-calls".into(), hour)].0,
+        10.0
+    );
     let (late, quantity): (String, f64) = sqlx::query_as(
         "SELECT status, (SELECT submitted_quantity FROM usage_hours) FROM usage_events \
          WHERE idempotency_key = 'late'",
@@ -263,7 +322,17 @@ async fn the_hours_before_an_unsubscribe_are_flushed_and_billed() {
     let id = stack.subscribed("gold", None).await;
     // The current hour: it would wait for its end and the grace period…
     let now = OffsetDateTime::now_utc();
-    let (status, answer) = report(&stack, event(id, "storage-gb", 12.5, now - time::Duration::seconds(1), "now")).await;
+    let (status, answer) = report(
+        &stack,
+        event(
+            id,
+            "storage-gb",
+            12.5,
+            now - time::Duration::seconds(1),
+            "now",
+        ),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let open: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_hours WHERE status = 'open'")
@@ -280,7 +349,10 @@ async fn the_hours_before_an_unsubscribe_are_flushed_and_billed() {
         .await;
     let statuses = settled(&stack).await;
     assert_eq!(statuses.get("accepted"), Some(&1), "{statuses:?}");
-    assert_eq!(billed(&stack).await[&(id, "storage-gb".into(), hour_of(now))].0, 12.5);
+    assert_eq!(
+        billed(&stack).await[&(id, "storage-gb".into(), hour_of(now))].0,
+        12.5
+    );
     // Usage from after the cancellation is refused.
     let (status, answer) = report(
         &stack,
@@ -288,7 +360,12 @@ async fn the_hours_before_an_unsubscribe_are_flushed_and_billed() {
     )
     .await;
     assert_eq!(status, 422, "{answer}");
-    assert!(answer["refused"][0]["reason"].as_str().unwrap().contains("Unsubscribed"));
+    assert!(
+        answer["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Unsubscribed")
+    );
     stack.finish().await;
 }
 
@@ -312,11 +389,20 @@ async fn a_dimension_not_in_the_plan_is_refused_and_nothing_is_stored() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["idempotencyKey"].as_str().unwrap().to_owned(), r["reason"].as_str().unwrap().to_owned()))
+        .map(|r| {
+            (
+                r["idempotencyKey"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert_eq!(reasons[0].0, "bad");
-    assert!(reasons[0].1.contains("not one of plan silver's metering dimensions (api-calls)"));
+    assert!(
+        reasons[0]
+            .1
+            .contains("not one of plan silver's metering dimensions (api-calls)")
+    );
     assert!(reasons[1].1.contains("greater than 0"));
     assert!(reasons[2].1.contains("unknown"));
     assert_eq!(stored_events(&stack).await, 0);
@@ -333,7 +419,10 @@ async fn reconciliation_reports_a_difference_microsoft_shows() {
     let at = this_hour() - time::Duration::hours(1);
     let (status, _) = report(
         &stack,
-        json!([event(id, "api-calls", 8.0, at, "a"), event(id, "storage-gb", 2.0, at, "b")]),
+        json!([
+            event(id, "api-calls", 8.0, at, "a"),
+            event(id, "storage-gb", 2.0, at, "b")
+        ]),
     )
     .await;
     assert_eq!(status, 200);
@@ -356,7 +445,12 @@ async fn reconciliation_reports_a_difference_microsoft_shows() {
     assert_eq!(report.differences.len(), 1, "{:?}", report.differences);
     let difference = &report.differences[0];
     assert_eq!(
-        (difference.kind, difference.dimension.as_str(), difference.ours, difference.processed),
+        (
+            difference.kind,
+            difference.dimension.as_str(),
+            difference.ours,
+            difference.processed
+        ),
         ("mismatch", "api-calls", 8.0, Some(6.0))
     );
     assert_eq!(difference.recon_status.as_deref(), Some("Mismatch"));

@@ -149,7 +149,10 @@ fn each_answer_of_batch_usage_event_is_a_row() {
             settled: vec![(0, HourOutcome::Accepted), (1, HourOutcome::Accepted)],
             ..row(
                 "§9.2: every item Accepted",
-                Some(results(vec![item(&b, 0, "Accepted", None), item(&b, 1, "Accepted", None)])),
+                Some(results(vec![
+                    item(&b, 0, "Accepted", None),
+                    item(&b, 1, "Accepted", None),
+                ])),
                 "finish",
             )
         },
@@ -169,8 +172,18 @@ fn each_answer_of_batch_usage_event_is_a_row() {
             ..row(
                 "§9.2: Expired and ResourceNotActive items fail with their reason",
                 Some(results(vec![
-                    item(&b, 0, "Expired", Some(json!({"message": "too old", "code": "Expired"}))),
-                    item(&b, 1, "ResourceNotActive", Some(json!({"message": "suspended", "code": "ResourceNotActive"}))),
+                    item(
+                        &b,
+                        0,
+                        "Expired",
+                        Some(json!({"message": "too old", "code": "Expired"})),
+                    ),
+                    item(
+                        &b,
+                        1,
+                        "ResourceNotActive",
+                        Some(json!({"message": "suspended", "code": "ResourceNotActive"})),
+                    ),
                 ])),
                 "finish",
             )
@@ -181,7 +194,12 @@ fn each_answer_of_batch_usage_event_is_a_row() {
             ..row(
                 "§9.2: an item answered Error is sent again; the other is settled",
                 Some(results(vec![
-                    item(&b, 0, "InvalidDimension", Some(json!({"message": "no such dimension"}))),
+                    item(
+                        &b,
+                        0,
+                        "InvalidDimension",
+                        Some(json!({"message": "no such dimension"})),
+                    ),
                     item(&b, 1, "Error", None),
                 ])),
                 "retry",
@@ -274,7 +292,11 @@ fn each_answer_of_batch_usage_event_is_a_row() {
                 ..lost.clone()
             },
             sends: vec![1],
-            ..row("a batch resumes with its unsettled hours only", None, "send")
+            ..row(
+                "a batch resumes with its unsettled hours only",
+                None,
+                "send",
+            )
         },
     ];
     for r in rows {
@@ -299,8 +321,11 @@ fn each_answer_of_batch_usage_event_is_a_row() {
             other => panic!("{}: unexpected step {other:?}", r.name),
         };
         assert_eq!(kind, r.step, "{}", r.name);
-        let settled: Vec<(Uuid, HourOutcome)> =
-            next.settled.iter().map(|s| (s.hour_id, s.outcome)).collect();
+        let settled: Vec<(Uuid, HourOutcome)> = next
+            .settled
+            .iter()
+            .map(|s| (s.hour_id, s.outcome))
+            .collect();
         let expected: Vec<(Uuid, HourOutcome)> =
             r.settled.iter().map(|(n, o)| (hour_id(*n), *o)).collect();
         assert_eq!(settled, expected, "{}", r.name);
@@ -315,9 +340,11 @@ fn each_answer_of_batch_usage_event_is_a_row() {
             );
         }
         assert!(
-            next.settled.iter().all(|s| s.outcome == HourOutcome::Accepted
-                || s.outcome == HourOutcome::Duplicate
-                || s.reason.is_some()),
+            next.settled
+                .iter()
+                .all(|s| s.outcome == HourOutcome::Accepted
+                    || s.outcome == HourOutcome::Duplicate
+                    || s.reason.is_some()),
             "{}: a failed hour without its reason",
             r.name
         );
@@ -341,7 +368,13 @@ fn a_duplicate_with_another_quantity_is_billed_and_the_difference_noted() {
         config: &ProtocolConfig::default(),
     });
     assert_eq!(next.settled[0].billed_quantity, Some(7.0));
-    assert!(next.settled[0].reason.as_deref().unwrap().contains("first write wins"));
+    assert!(
+        next.settled[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("first write wins")
+    );
     assert_eq!(next.settled[1].billed_quantity, None);
     assert_eq!(next.settled[1].reason, None);
 }

@@ -455,7 +455,8 @@ pub async fn report_usage(
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
     let reports = crate::metering::reports_of_json(&value).map_err(ApiError::bad_request)?;
-    let indexed: Vec<(usize, crate::metering::RawUsage)> = reports.into_iter().enumerate().collect();
+    let indexed: Vec<(usize, crate::metering::RawUsage)> =
+        reports.into_iter().enumerate().collect();
     let result = crate::metering::ingest::ingest(
         &state.pool,
         &state.marketplace,
@@ -498,7 +499,9 @@ pub async fn report_usage(
         }
         Err(crate::metering::ingest::IngestError::Store(error)) if error.is_unavailable() => {
             tracing::warn!(%error, "PostgreSQL unavailable; usage not stored");
-            Err(ApiError::unavailable("the database is unavailable; nothing stored, retry later"))
+            Err(ApiError::unavailable(
+                "the database is unavailable; nothing stored, retry later",
+            ))
         }
         Err(crate::metering::ingest::IngestError::Store(error)) => Err(ApiError::Internal(
             anyhow::Error::new(error).context("cannot store usage"),

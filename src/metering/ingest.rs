@@ -117,16 +117,13 @@ pub async fn ingest(
             continue;
         }
         let (Some(offer_id), Some(plan_id)) = (sub.offer_id.clone(), sub.plan_id.clone()) else {
-            refusals.push(refuse(format!(
-                "subscription {} has no plan yet",
-                sub.id
-            )));
+            refusals.push(refuse(format!("subscription {} has no plan yet", sub.id)));
             continue;
         };
         let key = (offer_id.clone(), plan_id.clone());
         if !dimensions.contains_key(&key) {
-            let dims = plan_dimensions(pool, client, config, sub.id, &offer_id, &plan_id, now)
-                .await?;
+            let dims =
+                plan_dimensions(pool, client, config, sub.id, &offer_id, &plan_id, now).await?;
             dimensions.insert(key.clone(), dims);
         }
         let dims = &dimensions[&key];

@@ -161,7 +161,11 @@ pub fn reports_of_json(body: &Value) -> Result<Vec<RawUsage>, String> {
             _ => return Err("`events` must be an array of usage events".into()),
         },
         Value::Object(_) => vec![body.clone()],
-        _ => return Err("the body must be a usage event, an array of them, or {\"events\": [...]}".into()),
+        _ => {
+            return Err(
+                "the body must be a usage event, an array of them, or {\"events\": [...]}".into(),
+            );
+        }
     };
     if items.is_empty() {
         return Err("no usage events in the body".into());
@@ -345,9 +349,14 @@ mod tests {
     #[test]
     fn bodies_hold_one_report_an_array_or_events() {
         assert_eq!(reports_of_json(&report()).unwrap().len(), 1);
-        assert_eq!(reports_of_json(&json!([report(), report()])).unwrap().len(), 2);
         assert_eq!(
-            reports_of_json(&json!({"events": [report()]})).unwrap().len(),
+            reports_of_json(&json!([report(), report()])).unwrap().len(),
+            2
+        );
+        assert_eq!(
+            reports_of_json(&json!({"events": [report()]}))
+                .unwrap()
+                .len(),
             1
         );
         assert!(reports_of_json(&json!([])).is_err());
@@ -362,7 +371,11 @@ mod tests {
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].0, 3);
         assert_eq!(reports[0].1.parse(NOW).unwrap().quantity, 3.0);
-        assert!(reports_of_csv("a,b\n").unwrap_err().contains("subscriptionId"));
+        assert!(
+            reports_of_csv("a,b\n")
+                .unwrap_err()
+                .contains("subscriptionId")
+        );
         assert!(
             reports_of_csv("subscriptionId,dimension,quantity,effectiveAt,idempotencyKey\nx,y\n")
                 .unwrap_err()
@@ -398,9 +411,11 @@ mod tests {
         let batches = plan_batches(hours);
         assert_eq!(batches.len(), 3);
         assert!(batches.iter().all(|b| b.len() <= MAX_BATCH));
-        assert!(batches.iter().all(|batch| batch
-            .iter()
-            .all(|h| h.subscription_id == batch[0].subscription_id)));
+        assert!(batches.iter().all(|batch| {
+            batch
+                .iter()
+                .all(|h| h.subscription_id == batch[0].subscription_id)
+        }));
         assert_eq!(batches[0].len(), 25);
         assert_eq!(batches[0][0].hour, NOW - time::Duration::hours(23));
     }

@@ -169,9 +169,7 @@ async fn run_with(
             json,
         } => {
             let now = OffsetDateTime::now_utc();
-            let since = since
-                .map(|s| super::parse_since(&s, now))
-                .transpose()?;
+            let since = since.map(|s| super::parse_since(&s, now)).transpose()?;
             let hours = usage::list_hours(
                 pool,
                 &HourFilter {
@@ -226,8 +224,16 @@ async fn run_with(
 fn render_hours(hours: &[HourRow]) -> String {
     let mut table = Table::new(
         &[
-            "HOUR", "SUBSCRIPTION", "PLAN", "DIMENSION", "QUANTITY", "SENT", "STATUS", "LATE",
-            "REASON", "ID",
+            "HOUR",
+            "SUBSCRIPTION",
+            "PLAN",
+            "DIMENSION",
+            "QUANTITY",
+            "SENT",
+            "STATUS",
+            "LATE",
+            "REASON",
+            "ID",
         ],
         &[0, 36, 16, 16, 0, 0, 0, 0, 48, 36],
     );
@@ -257,7 +263,14 @@ fn render_hours(hours: &[HourRow]) -> String {
 
 fn render_events(events: &[UsageRow]) -> String {
     let mut table = Table::new(
-        &["RECEIVED", "EFFECTIVE", "QUANTITY", "STATUS", "SOURCE", "KEY"],
+        &[
+            "RECEIVED",
+            "EFFECTIVE",
+            "QUANTITY",
+            "STATUS",
+            "SOURCE",
+            "KEY",
+        ],
         &[0, 0, 0, 0, 0, 40],
     );
     for e in events {
@@ -414,8 +427,15 @@ fn render_reconciliation(report: &Reconciliation) -> String {
     }
     let mut table = Table::new(
         &[
-            "DAY", "SUBSCRIPTION", "DIMENSION", "PLAN", "OURS", "SUBMITTED", "PROCESSED",
-            "RECON", "DIFFERENCE",
+            "DAY",
+            "SUBSCRIPTION",
+            "DIMENSION",
+            "PLAN",
+            "OURS",
+            "SUBMITTED",
+            "PROCESSED",
+            "RECON",
+            "DIFFERENCE",
         ],
         &[0, 36, 16, 16, 0, 0, 0, 0, 0],
     );

@@ -296,13 +296,22 @@ async fn list_usage(State(shared): State<Arc<Shared>>) -> Json<Value> {
             .iter()
             .map(|(key, record)| {
                 let mut item = accepted_message(record, "Accepted");
-                item["duplicatesRefused"] = json!(st.usage_duplicates.get(key).copied().unwrap_or(0));
+                item["duplicatesRefused"] =
+                    json!(st.usage_duplicates.get(key).copied().unwrap_or(0));
                 item
             })
             .collect();
         all.sort_by(|a, b| {
-            (a["effectiveStartTime"].as_str(), a["resourceId"].as_str(), a["dimension"].as_str())
-                .cmp(&(b["effectiveStartTime"].as_str(), b["resourceId"].as_str(), b["dimension"].as_str()))
+            (
+                a["effectiveStartTime"].as_str(),
+                a["resourceId"].as_str(),
+                a["dimension"].as_str(),
+            )
+                .cmp(&(
+                    b["effectiveStartTime"].as_str(),
+                    b["resourceId"].as_str(),
+                    b["dimension"].as_str(),
+                ))
         });
         all
     });
@@ -321,7 +330,10 @@ struct SeedUsage {
     rejected: bool,
 }
 
-async fn seed_usage(State(shared): State<Arc<Shared>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn seed_usage(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let seed: SeedUsage = parse_json(&body)?;
     let at = parse_time(&seed.effective_start_time)
         .ok_or_else(|| ApiError::bad_request("effectiveStartTime must be a date-time"))?;
@@ -397,7 +409,10 @@ async fn usage_events(
         groups
             .into_iter()
             .map(
-                |((date, resource, dimension, plan), (offer, quantity, processed, count, rejected))| {
+                |(
+                    (date, resource, dimension, plan),
+                    (offer, quantity, processed, count, rejected),
+                )| {
                     let recon_status = if rejected {
                         "Rejected"
                     } else if (processed - quantity).abs() > 1e-9 {

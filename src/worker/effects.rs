@@ -31,6 +31,7 @@ use tracing::Instrument;
 use url::Url;
 use uuid::Uuid;
 
+use crate::marketplace::UsageEvent;
 use crate::marketplace::{
     self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, Response, TransientCause,
     UpdateOperationStatus, UpdateOutcome,
@@ -39,7 +40,6 @@ use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::ledger::{self, EffectRecord, EventSource};
-use crate::marketplace::UsageEvent;
 use crate::store::outbox::{self, Claimed, OutboxRow, PublisherOperationUpdate};
 use crate::store::usage::{self, HourSettlement};
 use crate::worker::protocol::metering::{
@@ -552,15 +552,17 @@ impl EffectRunner {
                 }
             } else {
                 match serde_json::from_value::<Effect>(execution.effect.clone()) {
-                Ok(effect) => match self.execute(&execution, &record_operation_id(effect)).await {
-                    Ok(disposition) => disposition,
-                    Err(error) => self.database_failure(&execution, error),
-                },
-                Err(error) => Disposition::Dead {
-                    reason: format!("the stored effect cannot be read: {error}"),
-                    why: GiveUpWhy::Permanent,
-                },
-            }
+                    Ok(effect) => {
+                        match self.execute(&execution, &record_operation_id(effect)).await {
+                            Ok(disposition) => disposition,
+                            Err(error) => self.database_failure(&execution, error),
+                        }
+                    }
+                    Err(error) => Disposition::Dead {
+                        reason: format!("the stored effect cannot be read: {error}"),
+                        why: GiveUpWhy::Permanent,
+                    },
+                }
             };
             match self.settle(claimed, execution, disposition).await {
                 Ok(follow_ups) => follow_ups,
@@ -656,7 +658,11 @@ impl EffectRunner {
                 after,
                 progress,
             } => {
-                tracing::warn!(error, ?after, "usage batch not settled; sending again later");
+                tracing::warn!(
+                    error,
+                    ?after,
+                    "usage batch not settled; sending again later"
+                );
                 claimed
                     .reschedule(after, true, Some(&error), &progress, false)
                     .await
@@ -853,7 +859,12 @@ impl EffectRunner {
                     }));
                 }
                 Step::Finish { .. } => {
-                    self.record(execution, &log, &summary("usage batch settled"), Default::default());
+                    self.record(
+                        execution,
+                        &log,
+                        &summary("usage batch settled"),
+                        Default::default(),
+                    );
                     return Ok(Disposition::Done);
                 }
                 Step::RetryLater { at, because } => {

@@ -156,15 +156,27 @@ pub fn step(turn: &MeteringTurn<'_>) -> MeteringNext {
             }
             let left = unsettled(turn.batch, &progress).len();
             if left > 0 {
-                let next = retry(turn, progress, format!("{left} item(s) answered Error or not at all"), None);
+                let next = retry(
+                    turn,
+                    progress,
+                    format!("{left} item(s) answered Error or not at all"),
+                    None,
+                );
                 return MeteringNext { settled, ..next };
             }
             return finish(progress, settled);
         }
-        Some(Answer::Throttled { retry_after, detail }) => {
+        Some(Answer::Throttled {
+            retry_after,
+            detail,
+        }) => {
             return retry(turn, progress, detail.clone(), *retry_after);
         }
-        Some(answer @ (Answer::ServerError { .. } | Answer::Timeout { .. } | Answer::ConnectionReset { .. })) => {
+        Some(
+            answer @ (Answer::ServerError { .. }
+            | Answer::Timeout { .. }
+            | Answer::ConnectionReset { .. }),
+        ) => {
             // Microsoft may have recorded the batch: the same quantities go again and a
             // recorded hour comes back Duplicate (§8.2).
             progress.lost_answers += 1;
@@ -201,7 +213,12 @@ pub fn step(turn: &MeteringTurn<'_>) -> MeteringNext {
             progress.settled.extend(settled.iter().map(|s| s.hour_id));
             return finish(progress, settled);
         }
-        Some(other) => return give_up(progress, format!("unexpected answer to batchUsageEvent: {}", other.describe())),
+        Some(other) => {
+            return give_up(
+                progress,
+                format!("unexpected answer to batchUsageEvent: {}", other.describe()),
+            );
+        }
     }
     // Before a send: hours past Microsoft's window end here.
     let cutoff = turn.now - WINDOW;
@@ -223,7 +240,10 @@ pub fn step(turn: &MeteringTurn<'_>) -> MeteringNext {
         }
     }
     progress.settled.extend(settled.iter().map(|s| s.hour_id));
-    let send: Vec<Uuid> = unsettled(turn.batch, &progress).iter().map(|i| i.hour_id).collect();
+    let send: Vec<Uuid> = unsettled(turn.batch, &progress)
+        .iter()
+        .map(|i| i.hour_id)
+        .collect();
     if send.is_empty() {
         return finish(progress, settled);
     }
@@ -244,7 +264,10 @@ fn unsettled<'a>(batch: &'a UsageBatch, progress: &MeteringProgress) -> Vec<&'a 
 }
 
 /// The answer item for `item`: same dimension and hour (the batch has one subscription).
-fn answer_for<'a>(item: &UsageItem, results: &'a [UsageEventResponse]) -> Option<&'a UsageEventResponse> {
+fn answer_for<'a>(
+    item: &UsageItem,
+    results: &'a [UsageEventResponse],
+) -> Option<&'a UsageEventResponse> {
     results.iter().find(|r| {
         r.dimension.as_deref() == Some(item.dimension.as_str())
             && r.effective_start_time
@@ -292,7 +315,9 @@ fn settle_item(item: &UsageItem, results: &[UsageEventResponse]) -> Option<Settl
                 )
             }
         }
-        UsageEventStatus::Expired => settlement(HourOutcome::Expired, Some(format!("Expired: {}", reason()))),
+        UsageEventStatus::Expired => {
+            settlement(HourOutcome::Expired, Some(format!("Expired: {}", reason())))
+        }
         UsageEventStatus::Error => return None,
         other => settlement(
             HourOutcome::Rejected,
