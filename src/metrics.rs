@@ -393,24 +393,6 @@ pub fn record_token_refresh_failure() {
     metrics::counter!(MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL).increment(1);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ignored_events_are_told_apart_by_reason() {
-        use fulfillment_state_machine::{IgnoreReason, Outcome};
-        let ignored = |reason| EventOutcome::of(&Outcome::Ignored { reason });
-        assert_eq!(ignored(IgnoreReason::Stale), EventOutcome::Stale);
-        assert_eq!(ignored(IgnoreReason::Duplicate), EventOutcome::Duplicate);
-        assert_eq!(ignored(IgnoreReason::Terminal), EventOutcome::Ignored);
-        assert_eq!(
-            EventOutcome::of(&Outcome::Rejected { reason: "x".into() }),
-            EventOutcome::Rejected
-        );
-    }
-}
-
 // ---- metered billing (src/metering) -----------------------------------------------------
 
 /// Counter `{status}`: usage events the ISV reported and we stored: `counted` (in its
@@ -482,4 +464,22 @@ pub fn record_usage_expired(hours: u64) {
 pub fn set_usage_pending(pending: i64, oldest: Duration) {
     metrics::gauge!(FULFILLMENT_USAGE_HOURS_PENDING).set(pending as f64);
     metrics::gauge!(FULFILLMENT_USAGE_OLDEST_PENDING_HOUR_AGE_SECONDS).set(oldest.as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_events_are_told_apart_by_reason() {
+        use fulfillment_state_machine::{IgnoreReason, Outcome};
+        let ignored = |reason| EventOutcome::of(&Outcome::Ignored { reason });
+        assert_eq!(ignored(IgnoreReason::Stale), EventOutcome::Stale);
+        assert_eq!(ignored(IgnoreReason::Duplicate), EventOutcome::Duplicate);
+        assert_eq!(ignored(IgnoreReason::Terminal), EventOutcome::Ignored);
+        assert_eq!(
+            EventOutcome::of(&Outcome::Rejected { reason: "x".into() }),
+            EventOutcome::Rejected
+        );
+    }
 }

@@ -100,9 +100,10 @@ pub async fn ingest(
             idempotency_key: Some(usage.idempotency_key.clone()),
             reason,
         };
-        if !subscriptions.contains_key(&usage.subscription_id) {
-            let found = usage::subscription_for_usage(pool, usage.subscription_id).await?;
-            subscriptions.insert(usage.subscription_id, found);
+        if let std::collections::hash_map::Entry::Vacant(entry) =
+            subscriptions.entry(usage.subscription_id)
+        {
+            entry.insert(usage::subscription_for_usage(pool, usage.subscription_id).await?);
         }
         let Some(Some(sub)) = subscriptions.get(&usage.subscription_id) else {
             refusals.push(refuse(format!(
@@ -127,7 +128,7 @@ pub async fn ingest(
             dimensions.insert(key.clone(), dims);
         }
         let dims = &dimensions[&key];
-        if !dims.iter().any(|d| *d == usage.dimension) {
+        if !dims.contains(&usage.dimension) {
             refusals.push(refuse(if dims.is_empty() {
                 format!("plan {plan_id} has no metering dimensions: it cannot bill usage")
             } else {
