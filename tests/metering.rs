@@ -165,10 +165,10 @@ async fn the_same_idempotency_key_counts_once() {
 }
 
 #[tokio::test]
-async fn lost_answers_and_throttling_never_bill_an_hour_twice() {
+async fn lost_answers_never_bill_an_hour_twice() {
     let stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
-    // The first two batches are recorded but their answers lost (504); then 429s.
+    // The first two sends are recorded but their answers lost (504).
     stack
         .set_faults(json!({"loseResponses": {"batchUsageEvent": 2}}))
         .await;
@@ -454,6 +454,97 @@ async fn reconciliation_reports_a_difference_microsoft_shows() {
         ("mismatch", "api-calls", 8.0, Some(6.0))
     );
     assert_eq!(difference.recon_status.as_deref(), Some("Mismatch"));
+    stack.finish().await;
+}
+
+/// Runs `fulfillment ARGS` against the stack: `(exit code, stdout and stderr)`. Async: the
+/// simulator runs on this test's runtime.
+async fn cli(stack: &Stack, args: &[&str]) -> (i32, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
+    command
+        .args(args)
+        .env_remove("FULFILLMENT_CONFIG")
+        .env("RUST_LOG", "warn");
+    for (key, value) in &stack.process_env {
+        command.env(key, value);
+    }
+    let output = command.output().await.expect("run fulfillment");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_imports_a_csv_after_a_dry_run_and_lists_and_reconciles_the_hours() {
+    let stack = Stack::start(Options::default()).await;
+    let id = stack.subscribed("gold", None).await;
+    let hour = this_hour() - time::Duration::hours(3);
+    let dir = std::env::temp_dir().join(format!("metering-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("usage.csv");
+    let csv = format!(
+        "# exported by the product\nidempotencyKey,subscriptionId,dimension,quantity,effectiveAt\n\
+         c1,{id},api-calls,4,{}\nc2,{id},api-calls,1.5,{}\nc3,{id},storage-gb,9,{}\n",
+        rfc(hour + time::Duration::minutes(1)),
+        rfc(hour + time::Duration::minutes(59)),
+        rfc(hour),
+    );
+    std::fs::write(&file, &csv).unwrap();
+    let path = file.to_str().unwrap();
+
+    let (code, out) = cli(&stack, &["usage", "import", path]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("dry run: 3 usage event(s) valid"), "{out}");
+    assert_eq!(stored_events(&stack).await, 0, "a dry run stored usage");
+
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, csv.replace("storage-gb", "tokens")).unwrap();
+    let (code, out) = cli(
+        &stack,
+        &["usage", "import", bad.to_str().unwrap(), "--execute"],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("not one of plan gold's metering dimensions"),
+        "{out}"
+    );
+    assert!(out.contains("5"), "the refused line's number: {out}");
+    assert_eq!(stored_events(&stack).await, 0);
+
+    let (code, out) = cli(&stack, &["usage", "import", path, "--execute"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("stored 3 usage event(s): 3 counted"), "{out}");
+    settled(&stack).await;
+
+    let (code, out) = cli(&stack, &["usage", "list", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let hours: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let totals: HashMap<String, (f64, String)> = hours
+        .iter()
+        .map(|h| {
+            (
+                h["dimension"].as_str().unwrap().to_owned(),
+                (
+                    h["submitted_quantity"].as_f64().unwrap(),
+                    h["status"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(totals["api-calls"], (5.5, "accepted".to_owned()));
+    assert_eq!(totals["storage-gb"], (9.0, "accepted".to_owned()));
+    let hour_id = hours[0]["id"].as_str().unwrap();
+    let (code, out) = cli(&stack, &["usage", "show", hour_id]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("csv"), "{out}");
+
+    let (code, out) = cli(&stack, &["usage", "reconcile"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no differences"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
     stack.finish().await;
 }
 
