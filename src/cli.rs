@@ -61,6 +61,10 @@ pub enum Command {
     /// Fulfillment API, webhook JWKS and audiences, public URLs; each with a verdict and
     /// the fix. Exit code 1 when a problem is found.
     Doctor(crate::ops::doctor::DoctorArgs),
+    /// Metered usage: import a CSV (dry run unless --execute), list and show hours,
+    /// reconcile with Microsoft's usage records (exit code 1 on a difference).
+    #[command(subcommand)]
+    Usage(crate::ops::usage::UsageCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -333,5 +337,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Subscription(command) => crate::ops::subscription::run(&settings, command).await,
         Command::Reconcile(args) => crate::ops::reconcile::run(&settings, args).await,
         Command::Doctor(args) => crate::ops::doctor::run(&settings, args).await,
+        Command::Usage(command) => crate::ops::usage::run(&settings, command).await,
     }
 }

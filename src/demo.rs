@@ -448,6 +448,9 @@ impl Demo {
             "   another customer buys per-seat with auto-activation: Subscribed at checkout, recorded from the Subscribe webhook without a landing-page visit or an Activate: both sides {auto_view}"
         ));
 
+        // 3b. Metered billing: usage through the entitlement API, billed hourly (§9).
+        self.meter().await?;
+
         // 4. Seat change inside the limit.
         let op = self
             .customer(
@@ -575,6 +578,94 @@ impl Demo {
         let view = self.settle(id, "Unsubscribed", Some("per-seat")).await?;
         self.say(&format!("10. customer unsubscribes: both sides {view}"));
         Ok(id)
+    }
+
+    /// A metered purchase (`silver`, dimension `api-calls`) reports usage for an hour two
+    /// hours ago; the worker closes the hour and submits it; the simulator shows it billed.
+    async fn meter(&self) -> anyhow::Result<()> {
+        let bought = self
+            .admin_post(
+                "simulator/purchases",
+                json!({"offerId": OFFER, "planId": "silver", "autoActivate": true}),
+            )
+            .await?;
+        let id: Uuid = bought["subscriptionId"]
+            .as_str()
+            .context("no subscriptionId")?
+            .parse()?;
+        self.settle(id, "Subscribed", Some("silver")).await?;
+        let hour = crate::metering::hour_of(OffsetDateTime::now_utc()) - time::Duration::hours(2);
+        let events: Vec<Value> = [(5, 40.0), (25, 2.5), (50, 7.5)]
+            .iter()
+            .map(|(minute, quantity)| {
+                let at = hour + time::Duration::minutes(*minute);
+                json!({"subscriptionId": id, "dimension": "api-calls", "quantity": quantity,
+                       "effectiveAt": at.format(&time::format_description::well_known::Rfc3339)
+                           .unwrap_or_default(),
+                       "idempotencyKey": format!("demo-{minute}")})
+            })
+            .collect();
+        let response = self
+            .http
+            .post(format!("http://{}/api/v1/usage", self.ingress))
+            .bearer_auth(&self.api_key)
+            .json(&events)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        ensure!(
+            status.is_success(),
+            "POST /api/v1/usage answered {status}: {body}"
+        );
+        self.say(&format!(
+            "   a customer of the metered plan silver uses api-calls: POST /api/v1/usage with 3 events (40 + 2.5 + 7.5) for {} → HTTP {}, {} counted",
+            crate::ops::render::when(hour),
+            status.as_u16(),
+            body["counted"]
+        ));
+        let deadline = Instant::now() + STEP_DEADLINE;
+        let (status, sent): (String, Option<f64>) = loop {
+            let row: Option<(String, Option<f64>)> = sqlx::query_as(
+                "SELECT status, submitted_quantity FROM usage_hours WHERE subscription_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row.filter(|(s, _)| s != "open" && s != "submitting") {
+                break row;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the usage hour was not billed in time"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let billed = self.admin_get("simulator/usage").await?;
+        let at_microsoft: f64 = billed
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|u| u["resourceId"].as_str() == Some(id.to_string().as_str()))
+            .filter_map(|u| u["quantity"].as_f64())
+            .sum();
+        ensure!(
+            status == "accepted" && sent == Some(50.0) && at_microsoft == 50.0,
+            "usage hour {status}, sent {sent:?}, billed at the simulator {at_microsoft}"
+        );
+        self.detail(&format!(
+            "worker closed the hour and sent batchUsageEvent: {status}; the simulator bills api-calls = {at_microsoft} for that hour"
+        ));
+        Ok(())
+    }
+
+    async fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self.http.get(self.sim_base.join(path)?).send().await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        ensure!(status.is_success(), "{path}: {status} {body}");
+        Ok(body)
     }
 
     async fn admin_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {

@@ -17,6 +17,7 @@ pub mod commands;
 pub mod demo;
 pub mod http;
 pub mod marketplace;
+pub mod metering;
 pub mod metrics;
 pub mod ops;
 pub mod queue;

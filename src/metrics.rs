@@ -210,6 +210,7 @@ fn describe() {
         MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL,
         "Entra access tokens that could not be fetched"
     );
+    describe_usage_series();
 }
 
 /// What became of an event (`fulfillment_events_total{outcome}`).
@@ -316,6 +317,10 @@ pub fn register_worker_series() {
         metrics::counter!(FULFILLMENT_AUTO_ACCEPTED_TOTAL, "action" => action).absolute(0);
     }
     metrics::counter!(MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL).absolute(0);
+    for outcome in ["accepted", "duplicate", "expired", "rejected"] {
+        metrics::counter!(FULFILLMENT_USAGE_HOURS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    metrics::counter!(FULFILLMENT_USAGE_HOURS_SUBMITTED_TOTAL).absolute(0);
 }
 
 /// One event decided (or refused before the machine saw it).
@@ -391,6 +396,79 @@ pub fn record_marketplace_retry(endpoint: &'static str) {
 
 pub fn record_token_refresh_failure() {
     metrics::counter!(MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL).increment(1);
+}
+
+// ---- metered billing (src/metering) -----------------------------------------------------
+
+/// Counter `{status}`: usage events the ISV reported and we stored: `counted` (in its
+/// hour's total), `late` (its hour was already submitted: reported, not billed), `repeat`
+/// (an idempotency key seen before: counted once).
+pub const FULFILLMENT_USAGE_EVENTS_TOTAL: &str = "fulfillment_usage_events_total";
+/// Counter: hours sent to Microsoft (each send of each hour, repeats included).
+pub const FULFILLMENT_USAGE_HOURS_SUBMITTED_TOTAL: &str = "fulfillment_usage_hours_submitted_total";
+/// Counter `{outcome}`: hours settled: `accepted`, `duplicate` (billed already),
+/// `expired` (Microsoft's 24-hour window passed), `rejected` (with Microsoft's reason).
+pub const FULFILLMENT_USAGE_HOURS_TOTAL: &str = "fulfillment_usage_hours_total";
+/// Gauge: hours not yet settled (open or being submitted).
+pub const FULFILLMENT_USAGE_HOURS_PENDING: &str = "fulfillment_usage_hours_pending";
+/// Gauge: age of the oldest unsettled hour's start (0 when none); past 24 h it expires.
+pub const FULFILLMENT_USAGE_OLDEST_PENDING_HOUR_AGE_SECONDS: &str =
+    "fulfillment_usage_oldest_pending_hour_age_seconds";
+
+fn describe_usage_series() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        FULFILLMENT_USAGE_EVENTS_TOTAL,
+        "Usage events stored, by status (counted, late, repeat)"
+    );
+    describe_counter!(
+        FULFILLMENT_USAGE_HOURS_SUBMITTED_TOTAL,
+        "Usage hours sent to Microsoft (repeats included)"
+    );
+    describe_counter!(
+        FULFILLMENT_USAGE_HOURS_TOTAL,
+        "Usage hours settled, by outcome (accepted, duplicate, expired, rejected)"
+    );
+    describe_gauge!(
+        FULFILLMENT_USAGE_HOURS_PENDING,
+        "Usage hours not yet settled (open or being submitted)"
+    );
+    describe_gauge!(
+        FULFILLMENT_USAGE_OLDEST_PENDING_HOUR_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest unsettled usage hour"
+    );
+}
+
+/// One usage event stored (or recognised as a repeat).
+pub fn record_usage_ingested(status: crate::store::usage::Stored) {
+    let status = match status {
+        crate::store::usage::Stored::Counted => "counted",
+        crate::store::usage::Stored::Late => "late",
+        crate::store::usage::Stored::Repeat => "repeat",
+    };
+    metrics::counter!(FULFILLMENT_USAGE_EVENTS_TOTAL, "status" => status).increment(1);
+}
+
+pub fn record_usage_submitted(hours: usize) {
+    metrics::counter!(FULFILLMENT_USAGE_HOURS_SUBMITTED_TOTAL).increment(hours as u64);
+}
+
+/// `outcome`: `accepted`, `duplicate`, `expired` or `rejected`.
+pub fn record_usage_settled(outcome: &'static str) {
+    metrics::counter!(FULFILLMENT_USAGE_HOURS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// Hours that expired while open (never sent).
+pub fn record_usage_expired(hours: u64) {
+    if hours > 0 {
+        metrics::counter!(FULFILLMENT_USAGE_HOURS_TOTAL, "outcome" => "expired").increment(hours);
+    }
+}
+
+pub fn set_usage_pending(pending: i64, oldest: Duration) {
+    metrics::gauge!(FULFILLMENT_USAGE_HOURS_PENDING).set(pending as f64);
+    metrics::gauge!(FULFILLMENT_USAGE_OLDEST_PENDING_HOUR_AGE_SECONDS).set(oldest.as_secs_f64());
 }
 
 #[cfg(test)]

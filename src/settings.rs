@@ -51,6 +51,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
+    ("METERING_GRACE_SECS", "metering.grace_secs"),
 ];
 
 /// The variable naming an optional settings file.
@@ -69,6 +70,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub log: LogSettings,
     pub reconcile: ReconcileSettings,
+    /// `[metering]`: closing usage hours (docs/metering.md).
+    pub metering: crate::metering::MeteringConfig,
 }
 
 /// `[reconcile]`: the periodic reconciliation `fulfillment work` runs, and what counts as
@@ -293,6 +296,18 @@ struct RawSettings {
     worker: RawWorker,
     log: RawLog,
     reconcile: RawReconcile,
+    metering: RawMetering,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetering {
+    /// An hour closes this long after its end (0 = at once).
+    grace_secs: u64,
+    /// Between two looks for closed hours.
+    tick_ms: u64,
+    /// How long a plan's dimensions from listAvailablePlans are trusted.
+    dimensions_ttl_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -438,6 +453,11 @@ impl Default for RawSettings {
                 stuck_pending_after_secs: 24 * 3600,
                 execute: true,
             },
+            metering: RawMetering {
+                grace_secs: 300,
+                tick_ms: 1000,
+                dimensions_ttl_secs: 3600,
+            },
         }
     }
 }
@@ -451,7 +471,7 @@ macro_rules! raw_default {
         }
     )*};
 }
-raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile);
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile, RawMetering => metering);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -560,7 +580,19 @@ impl Settings {
             stuck_pending_after: Duration::from_secs(raw.reconcile.stuck_pending_after_secs),
             execute: raw.reconcile.execute,
         };
+        if raw.metering.grace_secs > 12 * 3600 {
+            return invalid(
+                "metering.grace_secs",
+                "must be at most 43200 (12 h): Microsoft refuses hours older than 24 h",
+            );
+        }
+        let metering = crate::metering::MeteringConfig {
+            grace: Duration::from_secs(raw.metering.grace_secs),
+            tick: positive_millis("metering.tick_ms", raw.metering.tick_ms)?,
+            dimensions_ttl: Duration::from_secs(raw.metering.dimensions_ttl_secs),
+        };
         Ok(Self {
+            metering,
             reconcile,
             ingress,
             policy: raw.policy,

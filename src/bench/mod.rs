@@ -8,6 +8,8 @@
 //!   nothing was lost, done twice or left different from the simulator (exit 1 otherwise).
 //! - [`replay`]: `dlq replay --execute` of N dead letters against RabbitMQ's
 //!   confirmed-publish ceiling with as many in flight.
+//! - [`metering`]: usage through the API and the worker to the Metering API under 5xx,
+//!   429, lost answers and an outage; checks every hour is billed once with its total.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure;
@@ -17,6 +19,7 @@ pub mod chaos;
 pub mod harness;
 pub mod ingress;
 pub mod measure;
+pub mod metering;
 pub mod pipeline;
 pub mod replay;
 
@@ -40,6 +43,10 @@ pub enum BenchCommand {
     /// Dead letters replayed to the work queue (confirm, journal, ack), against RabbitMQ's
     /// confirmed-publish ceiling.
     Replay(replay::ReplayBenchArgs),
+    /// Usage events through the API to the simulated Metering API under 5xx, 429, lost
+    /// answers and a compressed outage; exit 0 only when every hour's total at Microsoft
+    /// equals what was accepted (nothing lost, nothing billed twice).
+    Metering(metering::MeteringBenchArgs),
     /// Internal: a bare axum `POST /webhook` that answers 200 without doing anything, run as
     /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
     #[command(hide = true)]
@@ -53,5 +60,6 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
         BenchCommand::Replay(args) => replay::run(settings, args).await,
         BenchCommand::Chaos(args) => chaos::run(settings, args).await,
+        BenchCommand::Metering(args) => metering::run(settings, args).await,
     }
 }

@@ -463,6 +463,84 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// Largest body of `POST /api/v1/usage` (up to 1000 events).
+pub(crate) const USAGE_BODY_LIMIT: usize = 1024 * 1024;
+
+/// `POST /api/v1/usage`: one usage event `{subscriptionId, dimension, quantity,
+/// effectiveAt, idempotencyKey}`, an array of them, or `{"events": [...]}`. All stored
+/// (durably, before the 200) or none: a refused event answers 422 with every reason. The
+/// same `idempotencyKey` again counts once (`"status": "repeat"`). Needs the entitlement
+/// API key (the API has one key, no read-only scope).
+pub async fn report_usage(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: USAGE_BODY_LIMIT,
+            }
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {}", rejection.body_text()))
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    let reports = crate::metering::reports_of_json(&value).map_err(ApiError::bad_request)?;
+    let indexed: Vec<(usize, crate::metering::RawUsage)> =
+        reports.into_iter().enumerate().collect();
+    let result = crate::metering::ingest::ingest(
+        &state.pool,
+        &state.marketplace,
+        &state.config.metering,
+        &indexed,
+        "api",
+        false,
+        OffsetDateTime::now_utc(),
+    )
+    .await;
+    match result {
+        Ok(ingested) => {
+            let count = |status| ingested.iter().filter(|i| i.status == status).count();
+            use crate::store::usage::Stored;
+            Ok(Json(json!({
+                "stored": ingested.len(),
+                "counted": count(Stored::Counted),
+                "late": count(Stored::Late),
+                "repeats": count(Stored::Repeat),
+                "events": ingested,
+            }))
+            .into_response())
+        }
+        Err(crate::metering::ingest::IngestError::Refused(refused)) => Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "error": "usage_refused",
+                "message": format!(
+                    "{} of {} usage event(s) refused; nothing was stored: fix them and send \
+                     the request again",
+                    refused.len(),
+                    indexed.len()
+                ),
+                "refused": refused,
+            })),
+        )
+            .into_response()),
+        Err(crate::metering::ingest::IngestError::DimensionsUnavailable(message)) => {
+            Err(ApiError::unavailable(message))
+        }
+        Err(crate::metering::ingest::IngestError::Store(error)) if error.is_unavailable() => {
+            tracing::warn!(%error, "PostgreSQL unavailable; usage not stored");
+            Err(ApiError::unavailable(
+                "the database is unavailable; nothing stored, retry later",
+            ))
+        }
+        Err(crate::metering::ingest::IngestError::Store(error)) => Err(ApiError::Internal(
+            anyhow::Error::new(error).context("cannot store usage"),
+        )),
+    }
+}
+
 fn database_error(error: sqlx::Error, what: &str) -> ApiError {
     match error {
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {

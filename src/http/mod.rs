@@ -85,6 +85,11 @@ pub fn router(state: AppState) -> Router {
             post(entitlements::cancel),
         )
         .route("/api/v1/commands/{id}", get(entitlements::get_command))
+        .route(
+            "/api/v1/usage",
+            post(entitlements::report_usage)
+                .layer(DefaultBodyLimit::max(entitlements::USAGE_BODY_LIMIT)),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             entitlements::require_api_key,

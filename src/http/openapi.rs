@@ -14,6 +14,7 @@ pub const PATHS: &[&str] = &[
     "/api/v1/subscriptions/{id}/change-quantity",
     "/api/v1/subscriptions/{id}/cancel",
     "/api/v1/commands/{id}",
+    "/api/v1/usage",
     "/webhook",
     "/landing",
     "/healthz",
@@ -59,6 +60,64 @@ fn command(summary: &str, body: Option<Value>) -> Value {
     json!({ "post": operation })
 }
 
+/// `POST /api/v1/usage` (docs/metering.md).
+fn usage_path() -> Value {
+    let event = json!({
+        "type": "object",
+        "required": ["subscriptionId", "dimension", "quantity", "effectiveAt", "idempotencyKey"],
+        "properties": {
+            "subscriptionId": { "type": "string", "format": "uuid" },
+            "dimension": { "type": "string", "description": "One of the plan's metering dimensions (planComponents.meteringDimensions[].id)." },
+            "quantity": { "type": "number", "exclusiveMinimum": true, "minimum": 0 },
+            "effectiveAt": { "type": "string", "format": "date-time", "description": "When the usage happened; its clock hour must have started less than 24 h ago." },
+            "idempotencyKey": { "type": "string", "maxLength": 200, "description": "Unique per usage: a repeat counts once." }
+        }
+    });
+    json!({ "post": {
+        "tags": ["metering"],
+        "summary": "Report metered usage: one event, an array, or {\"events\": [...]} (at most 1000). All stored before the 200, or none.",
+        "security": [{ "apiKey": [] }],
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "oneOf": [
+            event.clone(),
+            { "type": "array", "items": event.clone(), "minItems": 1, "maxItems": 1000 },
+            { "type": "object", "required": ["events"], "properties": { "events": { "type": "array", "items": event, "minItems": 1, "maxItems": 1000 } } }
+        ] } } } },
+        "responses": {
+            "200": {
+                "description": "Stored. Per event: `counted` (in its hour's total), `late` (its hour was already submitted: kept and reported, not billed), `repeat` (idempotency key seen before).",
+                "content": { "application/json": { "schema": {
+                    "type": "object",
+                    "properties": {
+                        "stored": { "type": "integer" }, "counted": { "type": "integer" },
+                        "late": { "type": "integer" }, "repeats": { "type": "integer" },
+                        "events": { "type": "array", "items": { "type": "object", "properties": {
+                            "idempotencyKey": { "type": "string" },
+                            "subscriptionId": { "type": "string", "format": "uuid" },
+                            "dimension": { "type": "string" },
+                            "hour": { "type": "string", "format": "date-time" },
+                            "planId": { "type": "string" },
+                            "status": { "type": "string", "enum": ["counted", "late", "repeat"] }
+                        } } }
+                    }
+                } } }
+            },
+            "400": error_response("The body is not JSON or not a usage report."),
+            "401": error_response("Missing or invalid API key, or no key configured."),
+            "413": error_response("Body over 1 MiB."),
+            "422": {
+                "description": "Refused, nothing stored: `refused` lists each event's index, idempotencyKey and reason (unknown subscription, not Subscribed, a dimension not in the plan, outside the 24-hour window, quantity ≤ 0 …).",
+                "content": { "application/json": { "schema": { "type": "object", "properties": {
+                    "error": { "type": "string" }, "message": { "type": "string" },
+                    "refused": { "type": "array", "items": { "type": "object", "properties": {
+                        "index": { "type": "integer" }, "idempotencyKey": { "type": "string" }, "reason": { "type": "string" }
+                    } } }
+                } } } }
+            },
+            "503": error_response("Nothing stored: the database is unavailable, or the plan's dimensions cannot be learned from Microsoft yet; retry."),
+        }
+    } })
+}
+
 /// The document.
 pub fn document() -> Value {
     json!({
@@ -71,6 +130,7 @@ pub fn document() -> Value {
         "tags": [
             { "name": "subscriptions", "description": "Read entitlements." },
             { "name": "commands", "description": "Ask for changes (asynchronous)." },
+            { "name": "metering", "description": "Report metered usage (billed hourly through Microsoft's Metering API)." },
             { "name": "marketplace", "description": "Called by Microsoft and customers." },
             { "name": "operations", "description": "Probes and metrics." }
         ],
@@ -152,6 +212,7 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/api/v1/usage": usage_path(),
             "/webhook": {
                 "post": {
                     "tags": ["marketplace"],

@@ -38,6 +38,8 @@ pub struct IngressConfig {
     pub api_key_digest: Option<[u8; 32]>,
     pub publish_confirm_timeout: Duration,
     pub activation: ActivationMode,
+    /// Metering (the dimensions' time to live).
+    pub metering: crate::metering::MeteringConfig,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -65,6 +67,7 @@ impl IngressConfig {
             api_key_digest: settings.ingress.api_key.as_ref().map(digest_key),
             publish_confirm_timeout: settings.ingress.publish_confirm_timeout,
             activation: settings.policy.activation,
+            metering: settings.metering.clone(),
         }
     }
 }

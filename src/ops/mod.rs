@@ -10,6 +10,8 @@
 //!   feeding observations through the machine.
 //! - [`doctor`]: a read-only preflight of a deployment (settings, PostgreSQL, RabbitMQ,
 //!   Entra, the Fulfillment API, the webhook JWKS and audiences, the public URLs).
+//! - [`usage`]: metered usage: import a CSV, list and show hours, reconcile with
+//!   Microsoft's usage records.
 //! - [`render`]: aligned tables and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
@@ -19,6 +21,7 @@ pub mod doctor;
 pub mod reconcile;
 pub mod render;
 pub mod subscription;
+pub mod usage;
 
 use std::time::Duration;
 

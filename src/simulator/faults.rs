@@ -39,7 +39,8 @@ pub struct Faults {
     pub fail_calls: BTreeMap<String, u16>,
     /// Calls carried out whose answer is then lost, by call name and how many times: e.g.
     /// `{"updateSubscription": 1}` performs the next PATCH (the operation starts) and
-    /// answers 504 instead of its 202, as a gateway that timed out would (§15.2). Counts
+    /// answers 504 instead of its 202, as a gateway that timed out would (§15.2);
+    /// `{"batchUsageEvent": 1}` records a metering batch and loses its answer. Counts
     /// down as answers are lost.
     pub lose_responses: BTreeMap<String, u32>,
 }
@@ -283,6 +284,10 @@ mod tests {
             serde_json::from_str(r#"{"loseResponses": {"updateSubscription": 1}}"#).unwrap();
         assert!(f.validate().is_ok());
         assert_eq!(f.lose_responses["updateSubscription"], 1);
+        // A metering batch recorded whose answer is lost: the repeat must come back Duplicate.
+        let f: Faults =
+            serde_json::from_str(r#"{"loseResponses": {"batchUsageEvent": 2}}"#).unwrap();
+        assert!(f.validate().is_ok());
         let f: Faults = serde_json::from_str(r#"{"loseResponses": {"patch": 1}}"#).unwrap();
         assert!(f.validate().is_err());
     }

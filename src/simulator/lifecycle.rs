@@ -255,6 +255,7 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
             created: now,
             activation_requested: false,
             fail_activation: request.fail_activation,
+            inactive_since: None,
             operations: Vec::new(),
             deliveries: Vec::new(),
         };
@@ -683,9 +684,20 @@ fn apply(shared: &Shared, sub: &mut Subscription, op: &Operation) {
             }
         }
         Action::ChangeQuantity => sub.quantity = op.quantity,
-        Action::Reinstate => sub.status = SubscriptionStatus::Subscribed,
-        Action::Unsubscribe => sub.status = SubscriptionStatus::Unsubscribed,
-        Action::Suspend => sub.status = SubscriptionStatus::Suspended,
+        Action::Reinstate => {
+            sub.status = SubscriptionStatus::Subscribed;
+            sub.inactive_since = None;
+        }
+        Action::Unsubscribe | Action::Suspend => {
+            if sub.status == SubscriptionStatus::Subscribed {
+                sub.inactive_since = Some(OffsetDateTime::now_utc());
+            }
+            sub.status = if op.action == Action::Unsubscribe {
+                SubscriptionStatus::Unsubscribed
+            } else {
+                SubscriptionStatus::Suspended
+            };
+        }
         Action::Renew => {
             let next = sub
                 .term_end

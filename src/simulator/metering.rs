@@ -145,7 +145,10 @@ fn submit(shared: &Shared, st: &mut SimState, event: &UsageEvent) -> Result<Valu
             format!("resource {resource_id} not found"),
         )
     })?;
-    if sub.status != SubscriptionStatus::Subscribed {
+    // Usage from before a cancellation or suspension is still accepted (§9, P26).
+    let active_then = sub.status == SubscriptionStatus::Subscribed
+        || sub.inactive_since.is_some_and(|since| effective < since);
+    if !active_then {
         return Err(refuse(
             "ResourceNotActive",
             "the subscription is not Subscribed",
@@ -171,6 +174,7 @@ fn submit(shared: &Shared, st: &mut SimState, event: &UsageEvent) -> Result<Valu
         effective.unix_timestamp().div_euclid(3600)
     );
     if let Some(previous) = st.usage.get(&key) {
+        *st.usage_duplicates.entry(key.clone()).or_default() += 1;
         return Err(Refusal {
             status: "Duplicate",
             message: "This usage event already exist.".into(),
@@ -186,6 +190,8 @@ fn submit(shared: &Shared, st: &mut SimState, event: &UsageEvent) -> Result<Valu
         quantity,
         effective_start_time: effective,
         message_time: now,
+        processed_quantity: None,
+        rejected: false,
     };
     let body = accepted_message(&record, "Accepted");
     st.usage.insert(key, record);
@@ -277,10 +283,83 @@ async fn batch_usage_event(
     Ok(Json(json!({ "count": result.len(), "result": result })).into_response())
 }
 
+/// `GET /simulator/usage` (every accepted event, with how often its bucket was sent again)
+/// and `PATCH /simulator/usage` (seed what Partner Center processed, for reconciliation).
+pub(crate) fn admin_routes() -> Router<Arc<Shared>> {
+    Router::new().route("/simulator/usage", get(list_usage).patch(seed_usage))
+}
+
+async fn list_usage(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let records = shared.read(|st| {
+        let mut all: Vec<Value> = st
+            .usage
+            .iter()
+            .map(|(key, record)| {
+                let mut item = accepted_message(record, "Accepted");
+                item["duplicatesRefused"] =
+                    json!(st.usage_duplicates.get(key).copied().unwrap_or(0));
+                item
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            (
+                a["effectiveStartTime"].as_str(),
+                a["resourceId"].as_str(),
+                a["dimension"].as_str(),
+            )
+                .cmp(&(
+                    b["effectiveStartTime"].as_str(),
+                    b["resourceId"].as_str(),
+                    b["dimension"].as_str(),
+                ))
+        });
+        all
+    });
+    Json(Value::Array(records))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SeedUsage {
+    resource_id: Uuid,
+    dimension: String,
+    /// Any time inside the hour.
+    effective_start_time: String,
+    processed_quantity: Option<f64>,
+    #[serde(default)]
+    rejected: bool,
+}
+
+async fn seed_usage(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let seed: SeedUsage = parse_json(&body)?;
+    let at = parse_time(&seed.effective_start_time)
+        .ok_or_else(|| ApiError::bad_request("effectiveStartTime must be a date-time"))?;
+    let key = format!(
+        "{}|{}|{}",
+        seed.resource_id,
+        seed.dimension,
+        at.unix_timestamp().div_euclid(3600)
+    );
+    shared
+        .mutate(|st| {
+            st.usage.get_mut(&key).map(|record| {
+                record.processed_quantity = seed.processed_quantity;
+                record.rejected = seed.rejected;
+                accepted_message(record, "Accepted")
+            })
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError::bad_request(format!("no accepted usage for {key}")))
+}
+
 /// (day, resource, dimension, plan).
 type DayKey = (Date, Uuid, String, String);
 /// (offer, quantity, events).
-type DayTotal = (String, f64, u64);
+/// (offer, submitted quantity, processed quantity, events, any rejected).
+type DayTotal = (String, f64, f64, u64, bool);
 
 /// Daily aggregates of accepted usage (§9.3).
 async fn usage_events(
@@ -321,14 +400,26 @@ async fn usage_events(
                     record.dimension.clone(),
                     record.plan_id.clone(),
                 ))
-                .or_insert_with(|| (record.offer_id.clone(), 0.0, 0));
+                .or_insert_with(|| (record.offer_id.clone(), 0.0, 0.0, 0, false));
             entry.1 += record.quantity;
-            entry.2 += 1;
+            entry.2 += record.processed_quantity.unwrap_or(record.quantity);
+            entry.3 += 1;
+            entry.4 |= record.rejected;
         }
         groups
             .into_iter()
             .map(
-                |((date, resource, dimension, plan), (offer, quantity, count))| {
+                |(
+                    (date, resource, dimension, plan),
+                    (offer, quantity, processed, count, rejected),
+                )| {
+                    let recon_status = if rejected {
+                        "Rejected"
+                    } else if (processed - quantity).abs() > 1e-9 {
+                        "Mismatch"
+                    } else {
+                        "Accepted"
+                    };
                     json!({
                         "usageDate": format!("{date}T00:00:00"),
                         "usageResourceId": resource,
@@ -339,9 +430,9 @@ async fn usage_events(
                         "offerName": offer,
                         "offerType": "SaaS",
                         "azureSubscriptionId": "",
-                        "reconStatus": "Accepted",
+                        "reconStatus": recon_status,
                         "submittedQuantity": quantity,
-                        "processedQuantity": quantity,
+                        "processedQuantity": if rejected { 0.0 } else { processed },
                         "submittedCount": count,
                     })
                 },

@@ -489,6 +489,7 @@ impl Simulator {
         let router = api::routes(&shared)
             .merge(entra::routes())
             .merge(admin::routes())
+            .merge(metering::admin_routes())
             .with_state(Arc::clone(&shared));
         let stop = shared.cancel.clone();
         let server = tokio::spawn(async move {

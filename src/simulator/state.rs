@@ -121,6 +121,10 @@ pub(crate) struct Subscription {
     /// Activation fails at Microsoft: it ends in an Unsubscribe (§4.2, §15.4).
     #[serde(default)]
     pub fail_activation: bool,
+    /// When it last left `Subscribed` (Suspend, Unsubscribe): usage from before then is
+    /// still accepted (§9, P26).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub inactive_since: Option<OffsetDateTime>,
     pub operations: Vec<Operation>,
     pub deliveries: Vec<Delivery>,
 }
@@ -203,6 +207,13 @@ pub(crate) struct UsageRecord {
     pub effective_start_time: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub message_time: OffsetDateTime,
+    /// What Partner Center processed, when a test seeds a difference
+    /// (`PATCH /simulator/usage`): `GET /usageEvents` then reports `Mismatch`.
+    #[serde(default)]
+    pub processed_quantity: Option<f64>,
+    /// A seeded rejection: `GET /usageEvents` reports `Rejected`.
+    #[serde(default)]
+    pub rejected: bool,
 }
 
 /// Everything that changes; serialisable as a whole for `--state-file`.
@@ -213,6 +224,9 @@ pub(crate) struct State {
     pub purchase_tokens: HashMap<String, PurchaseToken>,
     /// Accepted usage, keyed by `resourceId|dimension|hour` (the duplicate bucket, §9).
     pub usage: HashMap<String, UsageRecord>,
+    /// Events refused as `Duplicate`, by the same key: repeats of a bucket already billed.
+    #[serde(default)]
+    pub usage_duplicates: HashMap<String, u32>,
     pub faults: Faults,
 }
 

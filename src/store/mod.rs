@@ -17,6 +17,7 @@ pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
 pub mod verify;
+pub mod usage;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

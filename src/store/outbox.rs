@@ -40,7 +40,13 @@ pub const WAITING_KINDS: [&str; 2] = ["poll_operation", "confirm_operation"];
 
 /// Effect kinds that change nothing at Microsoft: they hold back only later rows of their
 /// own kind. Every other kind (and any kind added later) holds back all later rows.
-pub const INDEPENDENT_KINDS: [&str; 2] = ["fetch_subscription", "publish_domain_event"];
+pub const INDEPENDENT_KINDS: [&str; 3] = [
+    "fetch_subscription",
+    "publish_domain_event",
+    // A metering batch (event sequence 0): batches of a subscription go in order, and
+    // none waits for or holds back its lifecycle effects.
+    "submit_usage",
+];
 
 /// One row of `outbox`.
 #[derive(Debug, Clone, sqlx::FromRow)]

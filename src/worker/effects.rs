@@ -31,6 +31,7 @@ use tracing::Instrument;
 use url::Url;
 use uuid::Uuid;
 
+use crate::marketplace::UsageEvent;
 use crate::marketplace::{
     self, CallContext, CallMeta, Error as ApiError, MarketplaceClient, Response, TransientCause,
     UpdateOperationStatus, UpdateOutcome,
@@ -40,6 +41,10 @@ use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::ledger::{self, EffectRecord, EventSource};
 use crate::store::outbox::{self, Claimed, OutboxRow, PublisherOperationUpdate};
+use crate::store::usage::{self, HourSettlement};
+use crate::worker::protocol::metering::{
+    self, MeteringProgress, MeteringTurn, Settlement, UsageBatch,
+};
 use crate::worker::protocol::{
     self, Answer, Answered, Call, CommandRecord, GiveUpWhy, Progress, ProtocolConfig, Record, Step,
     Turn,
@@ -128,6 +133,12 @@ enum Disposition {
         reason: String,
         why: GiveUpWhy,
     },
+    /// A metering batch to send again (its own progress type).
+    RetryUsage {
+        error: String,
+        after: Duration,
+        progress: Value,
+    },
 }
 
 /// The calls of one execution, for the event log.
@@ -178,6 +189,10 @@ enum Write {
         event: Event,
         source: EventSource,
     },
+    /// Hours of a metering batch settled by Microsoft's answers (or the window).
+    UsageSettled(Vec<Settlement>),
+    /// Hours of a metering batch sent once more.
+    UsageSent(Vec<Uuid>),
 }
 
 /// A claimed row being executed, with the writes it collects.
@@ -250,6 +265,26 @@ async fn write_all(
                 )
                 .await?;
                 fed.push((event, applied));
+            }
+            Write::UsageSettled(settled) => {
+                for settlement in &settled {
+                    usage::settle_hour(
+                        conn,
+                        &HourSettlement {
+                            hour_id: settlement.hour_id,
+                            status: settlement.outcome.as_str(),
+                            usage_event_id: settlement.usage_event_id.clone(),
+                            billed_quantity: settlement.billed_quantity,
+                            reason: settlement.reason.clone(),
+                        },
+                    )
+                    .await?;
+                    metrics::record_usage_settled(settlement.outcome.as_str());
+                }
+            }
+            Write::UsageSent(hours) => {
+                usage::count_sends(conn, &hours).await?;
+                metrics::record_usage_submitted(hours.len());
             }
         }
     }
@@ -510,15 +545,24 @@ impl EffectRunner {
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         async move {
             let execution = Execution::new(row);
-            let disposition = match serde_json::from_value::<Effect>(execution.effect.clone()) {
-                Ok(effect) => match self.execute(&execution, &record_operation_id(effect)).await {
+            let disposition = if execution.kind == metering::KIND {
+                match self.execute_usage(&execution).await {
                     Ok(disposition) => disposition,
                     Err(error) => self.database_failure(&execution, error),
-                },
-                Err(error) => Disposition::Dead {
-                    reason: format!("the stored effect cannot be read: {error}"),
-                    why: GiveUpWhy::Permanent,
-                },
+                }
+            } else {
+                match serde_json::from_value::<Effect>(execution.effect.clone()) {
+                    Ok(effect) => {
+                        match self.execute(&execution, &record_operation_id(effect)).await {
+                            Ok(disposition) => disposition,
+                            Err(error) => self.database_failure(&execution, error),
+                        }
+                    }
+                    Err(error) => Disposition::Dead {
+                        reason: format!("the stored effect cannot be read: {error}"),
+                        why: GiveUpWhy::Permanent,
+                    },
+                }
             };
             match self.settle(claimed, execution, disposition).await {
                 Ok(follow_ups) => follow_ups,
@@ -607,6 +651,20 @@ impl EffectRunner {
                 let awaits = progress.awaits_microsoft_only();
                 claimed
                     .reschedule(after, true, Some(&error), &progress.to_stored(), awaits)
+                    .await
+            }
+            Disposition::RetryUsage {
+                error,
+                after,
+                progress,
+            } => {
+                tracing::warn!(
+                    error,
+                    ?after,
+                    "usage batch not settled; sending again later"
+                );
+                claimed
+                    .reschedule(after, true, Some(&error), &progress, false)
                     .await
             }
             Disposition::Dead { reason, why } => {
@@ -726,6 +784,130 @@ impl EffectRunner {
         })
     }
 
+    /// Runs a metering batch ([`metering::step`]): sends the hours the step names, hands
+    /// the answer back, until the step finishes, retries or gives up.
+    async fn execute_usage(&self, execution: &Execution) -> Result<Disposition, StoreError> {
+        /// Sends in one execution (an item answered `Error` is sent again at once).
+        const MAX_SENDS: usize = 3;
+        let batch: UsageBatch = match serde_json::from_value(execution.effect.clone()) {
+            Ok(batch) => batch,
+            Err(error) => {
+                return Ok(Disposition::Dead {
+                    reason: format!("the stored usage batch cannot be read: {error}"),
+                    why: GiveUpWhy::Permanent,
+                });
+            }
+        };
+        let config = &self.inner.config.protocol;
+        let mut progress = MeteringProgress::from_stored(&execution.progress);
+        let mut answered: Option<Answer> = None;
+        let mut log = CallLog::default();
+        let mut outcomes: Vec<String> = Vec::new();
+        let ctx = context(execution);
+        for _ in 0..=MAX_SENDS {
+            let now = OffsetDateTime::now_utc();
+            let next = metering::step(&MeteringTurn {
+                batch: &batch,
+                progress: &progress,
+                answered: answered.as_ref(),
+                now,
+                attempts: u32::try_from(execution.attempts).unwrap_or(0),
+                jitter: rand::random::<f64>(),
+                config,
+            });
+            progress = next.progress;
+            for settlement in &next.settled {
+                outcomes.push(format!(
+                    "{} {}",
+                    settlement.outcome.as_str(),
+                    settlement.hour_id
+                ));
+            }
+            if !next.settled.is_empty() {
+                execution.push(Write::UsageSettled(next.settled));
+            }
+            let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();
+            let summary = |what: &str| {
+                if outcomes.is_empty() {
+                    what.to_owned()
+                } else {
+                    format!("{what}; settled: {}", outcomes.join(", "))
+                }
+            };
+            match next.step {
+                Step::Call(_) => {
+                    let events: Vec<UsageEvent> = batch
+                        .items
+                        .iter()
+                        .filter(|item| next.send.contains(&item.hour_id))
+                        .map(|item| UsageEvent {
+                            resource_id: batch.subscription_id,
+                            quantity: item.quantity,
+                            dimension: item.dimension.clone(),
+                            effective_start_time: item.hour,
+                            plan_id: item.plan_id.clone(),
+                        })
+                        .collect();
+                    execution.push(Write::UsageSent(next.send.clone()));
+                    let result = self
+                        .inner
+                        .client
+                        .post_batch_usage_events(&ctx, &events)
+                        .await;
+                    answered = Some(answer(result, &mut log, |response| {
+                        Answer::UsageResults(response.result)
+                    }));
+                }
+                Step::Finish { .. } => {
+                    self.record(
+                        execution,
+                        &log,
+                        &summary("usage batch settled"),
+                        Default::default(),
+                    );
+                    return Ok(Disposition::Done);
+                }
+                Step::RetryLater { at, because } => {
+                    self.record(
+                        execution,
+                        &log,
+                        &summary(&format!("usage batch to be sent again: {because}")),
+                        Default::default(),
+                    );
+                    return Ok(Disposition::RetryUsage {
+                        error: because,
+                        after: until(at),
+                        progress: progress.to_stored(),
+                    });
+                }
+                Step::GiveUp { because, why } => {
+                    self.record(
+                        execution,
+                        &log,
+                        &summary(&format!("usage batch failed: {because}")),
+                        Default::default(),
+                    );
+                    return Ok(Disposition::Dead {
+                        reason: because,
+                        why,
+                    });
+                }
+                Step::WaitUntil(at) => {
+                    return Ok(Disposition::RetryUsage {
+                        error: "waiting".into(),
+                        after: until(at),
+                        progress: progress.to_stored(),
+                    });
+                }
+            }
+        }
+        Ok(Disposition::RetryUsage {
+            error: format!("items still answered Error after {MAX_SENDS} sends"),
+            after: config.backoff_base,
+            progress: progress.to_stored(),
+        })
+    }
+
     /// Makes one call of a step and classifies its result.
     async fn perform(
         &self,
@@ -819,6 +1001,10 @@ impl EffectRunner {
                     status: operation.status,
                 })
             }
+            Call::SubmitUsage => Answer::Unexpected {
+                status: None,
+                detail: "a usage batch is sent by its own runner".into(),
+            },
             Call::PublishDomainEvent => match effect {
                 Effect::PublishDomainEvent(event) => self.publish_domain_event(row, event).await?,
                 other => Answer::Unexpected {

@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     /// Once shutdown fires, how long the work in hand may take before it is abandoned (the
     /// broker redelivers its deliveries, the outbox re-runs its effects).
     pub shutdown_grace: Duration,
+    /// Closing usage hours into metering batches.
+    pub metering: crate::metering::MeteringConfig,
 }
 
 impl Default for WorkerConfig {
@@ -42,6 +44,7 @@ impl Default for WorkerConfig {
             consumer_tag: String::new(),
             effects: EffectsConfig::default(),
             shutdown_grace: Duration::from_secs(20),
+            metering: crate::metering::MeteringConfig::default(),
         }
     }
 }
@@ -80,6 +83,7 @@ impl WorkerConfig {
                 },
             },
             shutdown_grace: worker.shutdown_grace,
+            metering: settings.metering.clone(),
         }
     }
 }
@@ -168,6 +172,12 @@ impl Worker {
             shutdown.clone(),
         ));
         let runner = tokio::spawn(runner.run(shutdown.clone()));
+        // Closes usage hours into metering batches; stops with the token.
+        tokio::spawn(crate::metering::submit::run_periodically(
+            parts.pool.clone(),
+            config.metering,
+            shutdown.clone(),
+        ));
         crate::metrics::register_worker_series();
         tracing::info!("worker started");
         Ok(Self {

@@ -13,6 +13,7 @@
 //! - [`observe`]: GET the subscription; poll an operation to its end (§7.2, §15.1, P17).
 //! - [`change`]: our PATCH/DELETE, including the one whose answer was lost (§8.2, §15.2).
 //! - [`publish`]: a domain event on the broker.
+//! - [`metering`]: a batch of frozen usage hours (§9.2), each item settled on its own.
 
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use crate::marketplace::{OperationStatus as WireOperationStatus, Subscription, U
 pub mod acknowledge;
 pub mod activate;
 pub mod change;
+pub mod metering;
 pub mod observe;
 pub mod publish;
 
@@ -125,6 +127,8 @@ pub enum Call {
     },
     /// Publish the effect's domain event on the domain exchange (confirmed).
     PublishDomainEvent,
+    /// POST batchUsageEvent with the hours the metering step names (§9.2).
+    SubmitUsage,
 }
 
 /// What a call came back with, in classes the protocols branch on: our own enum, so the
@@ -180,6 +184,8 @@ pub enum Answer {
     Unexpected { status: Option<u16>, detail: String },
     /// The broker did not confirm the domain event.
     PublishFailed { detail: String },
+    /// 200 to batchUsageEvent: one result per item (§9.2).
+    UsageResults(Vec<crate::marketplace::UsageEventResponse>),
 }
 
 impl Answer {
@@ -204,6 +210,7 @@ impl Answer {
                     .unwrap_or("without status")
             ),
             Answer::Published => "published".to_owned(),
+            Answer::UsageResults(results) => format!("{} usage result(s)", results.len()),
             Answer::BadRequest { detail, .. }
             | Answer::Unauthorized { detail, .. }
             | Answer::NotFound { detail }
