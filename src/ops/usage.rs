@@ -34,15 +34,18 @@ pub enum UsageCommand {
     /// Check a CSV file of usage (header: subscriptionId,dimension,quantity,effectiveAt,
     /// idempotencyKey) like the API does; store it only with --execute.
     Import {
+        /// The CSV file.
         file: PathBuf,
         /// Store the usage (default: a dry run that only validates).
         #[arg(long)]
         execute: bool,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Usage hours with their totals and status.
     List {
+        /// Only the hours of this subscription.
         #[arg(long)]
         subscription: Option<Uuid>,
         /// open, submitting, accepted, duplicate, expired or rejected.
@@ -51,14 +54,18 @@ pub enum UsageCommand {
         /// Hours from: an RFC 3339 instant or an age such as 6h, 2d.
         #[arg(long)]
         since: Option<String>,
+        /// At most this many hours, newest first.
         #[arg(long, default_value_t = 200)]
         limit: i64,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// One hour and its usage events.
     Show {
+        /// The hour's id (from `usage list`).
         hour_id: Uuid,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -67,6 +74,7 @@ pub enum UsageCommand {
         /// Days back, today included.
         #[arg(long, default_value_t = 2)]
         days: u32,
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -16,8 +16,8 @@ pub mod outbox;
 pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
-pub mod verify;
 pub mod usage;
+pub mod verify;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
