@@ -190,7 +190,7 @@ fn polling(polls: u32) -> Progress {
 
 fn observing() -> Progress {
     at(Stage::Observing {
-        because: "Microsoft does not know the operation (P17)".into(),
+        because: "Microsoft does not know the operation (it forgets finished ones); observing the subscription".into(),
     })
 }
 

@@ -675,7 +675,7 @@ impl Report {
         let model = cpu_model();
         println!(
             "fulfillment bench ingress: {cores} cores ({}), loopback; {} measured + {} warm-up \
-             requests per phase; §6.2 payload {} B; {} RS256 webhook tokens reused",
+             requests per phase; webhook payload {} B; {} RS256 webhook tokens reused",
             model.as_deref().unwrap_or("unknown CPU"),
             args.requests,
             self.warmup,

@@ -292,7 +292,7 @@ pub fn document() -> Value {
                     "properties": {
                         "tenantId": { "type": "string", "format": "uuid", "nullable": true },
                         "objectId": { "type": "string", "format": "uuid", "nullable": true },
-                        "emailId": { "type": "string", "nullable": true, "description": "May be null (§15.3)." }
+                        "emailId": { "type": "string", "nullable": true, "description": "May be null (CSP and some private-offer purchases)." }
                     }
                 },
                 "Subscription": {

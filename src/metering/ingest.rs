@@ -202,7 +202,7 @@ fn check_state(sub: &UsageSubscription, effective_at: OffsetDateTime) -> Result<
         "Unsubscribed" | "Suspended" => match sub.left_subscribed_at {
             Some(left) if effective_at < left => Ok(()),
             _ => Err(format!(
-                "subscription {} is {}: only usage from before that is billable (P26)",
+                "subscription {} is {}: only usage from before that is billable",
                 sub.id, sub.state
             )),
         },

@@ -442,12 +442,13 @@ impl MessageHandler {
                 Ok(None)
             }
             Err(error @ ApiError::NotFound { .. }) => {
-                tracing::warn!(%error, "Microsoft does not know the subscription either (P12); applying the webhook");
+                tracing::warn!(%error, "Microsoft does not know the subscription either (a purchase cancelled before we saw it); applying the webhook");
                 Ok(Some(error))
             }
             Err(error) => {
-                let reason =
-                    format!("cannot verify a webhook for an unknown subscription (P12): {error}");
+                let reason = format!(
+                    "cannot verify a webhook for a subscription we have never seen (Microsoft would not show it): {error}"
+                );
                 let response = Some(marketplace_response(&error));
                 if error.is_retryable() {
                     Err(Failure::Later {
@@ -479,7 +480,7 @@ impl MessageHandler {
                 "detail": error.to_string(),
                 "request_id": error.request_id(),
             }),
-            reason: format!("webhook for a subscription Microsoft does not know (P12): {error}"),
+            reason: format!("webhook for a subscription Microsoft does not know either: {error}"),
             correlation_id: source.correlation_id.clone(),
             request_id: error.request_id().map(|id| id.to_string()),
         };

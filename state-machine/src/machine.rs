@@ -364,7 +364,7 @@ impl Ledger {
                     // an Unsubscribe; the ISV hears why before it hears the end.
                     let details = with_webhook(details, webhook);
                     let reason = "activation failed at Microsoft: Unsubscribe while our \
-                                  activation was pending (§15.4)"
+                                  activation was pending"
                         .to_owned();
                     context.publish_because(
                         DomainEventKind::ActivationFailed,
@@ -390,7 +390,7 @@ impl Ledger {
                         &details,
                         StateName::Unsubscribed,
                     );
-                    context.applied("cancelled before activation (P12)");
+                    context.applied("cancelled before activation");
                     Transition(State::unsubscribed(details, activation.clone()))
                 }
                 WebhookAction::ChangePlan | WebhookAction::ChangeQuantity if details.is_known() => {
@@ -781,7 +781,7 @@ impl Ledger {
                         operation_id: webhook.operation_id,
                     });
                     context.applied(format!(
-                        "{} after Unsubscribe (P10): not acknowledged, following operation {} \
+                        "{} after Unsubscribe (events interleave): not acknowledged, following operation {} \
                          to its end",
                         webhook.action, webhook.operation_id
                     ));
@@ -789,7 +789,9 @@ impl Ledger {
                 }
                 WebhookAction::Renew => {
                     context.push(Effect::FetchSubscription);
-                    context.applied("Renew after Unsubscribe (P10): reading the final term");
+                    context.applied(
+                        "Renew after Unsubscribe (events interleave): reading the final term",
+                    );
                     Handled
                 }
                 _ => context.ignore(IgnoreReason::Terminal),
@@ -938,7 +940,7 @@ impl PendingOperation {
 fn pending_lock(pending: &Option<PendingOperation>) -> Option<String> {
     pending.as_ref().map(|op| {
         format!(
-            "operation pending for command {} (P11: Microsoft locks the subscription)",
+            "operation pending for command {} (Microsoft locks the subscription until it ends)",
             op.command_id
         )
     })
@@ -1010,7 +1012,7 @@ fn converge_pending(
         }
         StateName::Subscribed => {
             context.publish(DomainEventKind::Activated, &merged, StateName::Subscribed);
-            context.applied("Microsoft reports the subscription active (P5: no second Activate)");
+            context.applied("Microsoft reports the subscription active (no second Activate)");
             Transition(State::subscribed(merged, None))
         }
         StateName::Suspended => {
@@ -1111,7 +1113,7 @@ fn converge_live(
             } else {
                 format!(
                     "converged to Microsoft's view ({}), keeping what operation {} changed \
-                     until Microsoft confirms it (P13)",
+                     until Microsoft confirms it (its GET lags the operation)",
                     snapshot.status,
                     held.join(", ")
                 )
@@ -1387,13 +1389,15 @@ fn change_webhook(
         target.apply(details);
         context.publish(target.changed(), details, StateName::Subscribed);
         context.applied(format!(
-            "{noun} changed to {target} by our request (P18: no ACK)"
+            "{noun} changed to {target} by our request (our own change: no ACK)"
         ));
         return Handled;
     }
     if target.is_current(details) {
         acknowledge(context, webhook, AckStatus::Success);
-        context.applied(format!("revert to current {noun} {target} accepted (P8)"));
+        context.applied(format!(
+            "revert to current {noun} {target} accepted (a change back to what we have)"
+        ));
         return Handled;
     }
     match target.decide(context.policy, details) {
@@ -1440,7 +1444,7 @@ fn operation_result(
                 .retain(|u| u.operation_id != operation_id);
             context.push(Effect::FetchSubscription);
             context.applied(format!(
-                "operation {operation_id} ended {status} at Microsoft; confirming with GET (P13)"
+                "operation {operation_id} ended {status} at Microsoft; confirming with GET (its GET lags the operation)"
             ));
             return Handled;
         }

@@ -146,7 +146,7 @@ fn subscribe_with_snapshot(minute: i64) -> Event {
 fn cases() -> Vec<Case> {
     use Want::*;
     let pending_lock = format!(
-        "operation pending for command {} (P11: Microsoft locks the subscription)",
+        "operation pending for command {} (Microsoft locks the subscription until it ends)",
         cmd(1)
     );
     vec![
@@ -401,7 +401,7 @@ fn cases() -> Vec<Case> {
                     Unsubscribed,
                     Some(
                         "activation failed at Microsoft: Unsubscribe while our activation \
-                         was pending (§15.4)",
+                         was pending",
                     ),
                 ),
                 gold(K::Unsubscribed, Unsubscribed),

@@ -74,7 +74,9 @@ fn answered_post(turn: &Turn<'_>, call: &Call, answer: &Answer) -> Next {
         // P5, §8.2: maybe Subscribed already; GET decides.
         Answer::BadRequest { detail, .. } => turn
             .call(sent(Some(detail.clone())), Call::GetSubscription)
-            .noting(format!("activate answered 400; GET decides (P5): {detail}")),
+            .noting(format!(
+                "activate answered 400, which also means already active; GET decides: {detail}"
+            )),
         Answer::NotFound { detail } => failed(turn, unknown_subscription(detail)),
         other => turn.failed(call, other),
     }
@@ -103,7 +105,7 @@ fn judge(
         ),
         _ if elapsed(turn.created_at, turn.now) > turn.config.activation_wait_cap => turn.finish(
             vec![translate::observed(found, turn.now)],
-            "activation still pending after the wait cap; observed as is (P27)",
+            "activation still pending after the wait cap; observed as is (Microsoft cancels a purchase left pending for 30 days)",
         ),
         _ => {
             let delay = growing(

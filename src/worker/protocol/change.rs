@@ -216,9 +216,11 @@ fn wait(turn: &Turn<'_>, command_id: CommandId, following: Following, because: S
     let note = match following.cause {
         FollowCause::LostAnswer => format!(
             "outcome unknown ({because}); following the subscription, not sending blindly \
-             again (§15.2)"
+             again (Microsoft may be carrying it out)"
         ),
-        FollowCause::Locked => format!("locked by a pending operation ({because}); waiting (P11)"),
+        FollowCause::Locked => {
+            format!("locked by a pending operation ({because}); waiting for it to end")
+        }
     };
     let next = turn.next(
         Stage::Following {
@@ -274,7 +276,7 @@ fn accepted(turn: &Turn<'_>, command_id: CommandId, answer: &Answer) -> Next {
 
 fn succeeded(turn: &Turn<'_>, command_id: CommandId, target: &Target) -> Next {
     let reason = format!(
-        "GET shows {}: the change whose answer was lost was carried out (§15.2)",
+        "GET shows {}: the change whose answer was lost was carried out",
         target.describe()
     );
     turn.finish(

@@ -581,7 +581,7 @@ impl Turn<'_> {
                 records: Vec::new(),
             },
             Answer::Unauthorized { detail, .. } => self.give_up(format!(
-                "refused with a fresh token too (P2: check the Entra app registered in \
+                "refused with a fresh token too (check the Entra app registered in \
                  Partner Center): {detail}"
             )),
             Answer::Throttled {

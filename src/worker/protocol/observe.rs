@@ -76,7 +76,7 @@ fn polled(
             return observe_instead(
                 turn,
                 operation_id,
-                "Microsoft does not know the operation (P17)",
+                "Microsoft does not know the operation (it forgets finished ones); observing the subscription",
             );
         }
         other => return turn.failed(get, other),
