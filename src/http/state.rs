@@ -92,7 +92,7 @@ impl AppState {
             .await
             .context("RabbitMQ is unreachable")?;
         let verifier = build_verifier(settings)?;
-        let tokens = TokenProvider::new(&settings.marketplace)
+        let tokens = TokenProvider::for_settings(settings)
             .context("cannot set up the Marketplace API client (needed by the landing page)")?;
         let marketplace = MarketplaceClient::new(&settings.marketplace, tokens)
             .context("cannot set up the Marketplace API client (needed by the landing page)")?;
