@@ -631,7 +631,7 @@ fn without_query(url: &Url) -> String {
 
 /// The label of a failed refresh: Entra's `AADSTS…` code, else its OAuth `error`, else the
 /// error's kind (`transient`, `configuration`, …).
-pub(crate) fn failure_code(error: &Error) -> String {
+pub fn failure_code(error: &Error) -> String {
     let body: Option<Value> = error
         .failure()
         .and_then(|f| f.body.as_deref())
