@@ -3,6 +3,8 @@
 //! without a restart. The token is then spent on List subscriptions, so the simulator's API
 //! accepted it too.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -494,4 +496,89 @@ async fn managed_identity_through_identity_endpoint_and_imds() {
         .unwrap();
     assert_eq!(status.kind, CredentialKind::ManagedIdentity);
     assert_eq!(status.expires_at, None);
+}
+
+/// `credential.expiring`: the gauge, and one CloudEvent per threshold however often the
+/// worker looks (the notices are kept in PostgreSQL).
+#[tokio::test]
+async fn an_expiring_certificate_is_announced_once_per_threshold() {
+    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use marketplace_fulfillment::queue::Broker;
+    use marketplace_fulfillment::worker::credential_health::{ROUTING_KEY, check_once};
+
+    let (db, pool) = common::TestDatabase::migrated().await;
+    let broker = Broker::connect(&db.settings.amqp, "credentials-test").await.unwrap();
+    let connection = lapin::Connection::connect(
+        db.settings.amqp.url.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("{}.test-credential-events", db.settings.amqp.prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            broker.topology().domain_exchange().as_str().into(),
+            ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // A certificate with 5 days left, as the provider reports it.
+    let f = Fixture::start(|_| {}).await;
+    let (cert, key) = certificate(5);
+    let file = f.write("client.pem", &format!("{cert}{key}"));
+    let settings = f.settings(&[(
+        "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
+        file.display().to_string(),
+    )]);
+    let status = TokenProvider::for_settings(&settings)
+        .unwrap()
+        .credential_status()
+        .unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let now = OffsetDateTime::now_utc();
+    let first = check_once(&pool, &publisher, &status, now).await.unwrap();
+    assert_eq!(
+        first.iter().map(|n| n.threshold_days).collect::<Vec<_>>(),
+        vec![30, 7]
+    );
+    let again = check_once(&pool, &publisher, &status, now + time::Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "announced twice: {again:?}");
+
+    let mut events = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        events.push(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap());
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    for event in &events {
+        assert_eq!(event["type"], "com.fulfillment.credential.expiring");
+        assert_eq!(event["data"]["credential"], "certificate");
+        assert!(event["data"]["daysLeft"].as_i64().unwrap() <= 5, "{event}");
+    }
+    let _ = connection.close(200, "done".into()).await;
+    broker.delete_topology().await.unwrap();
+    pool.close().await;
 }

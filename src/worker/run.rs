@@ -278,6 +278,13 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     );
     let broker = parts.broker.clone();
     let pool = parts.pool.clone();
+    // Credential health: expiry gauge, warnings, `credential.expiring` (issue #20).
+    let health = tokio::spawn(super::credential_health::run_periodically(
+        pool.clone(),
+        broker.publisher().await?,
+        parts.client.tokens().clone(),
+        shutdown.child_token(),
+    ));
     let worker = Worker::spawn(parts, config, shutdown.clone()).await?;
     // /metrics, /healthz, /readyz: up while the worker runs.
     let listener = MetricsListener::bind(settings.worker.metrics_addr, pool, broker.clone())
@@ -307,6 +314,7 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
         reconciling.abort();
     }
     listener_stop.cancel();
+    health.abort();
     if let Ok(Err(error)) = listener.await {
         tracing::warn!(error = %format!("{error:#}"), "the worker metrics listener failed");
     }
