@@ -128,7 +128,8 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         now - time::Duration::hours(1),
         now + time::Duration::days(90),
     )?;
-    let cert_dir = std::env::temp_dir().join(format!("fulfillment-demo-{}", Uuid::new_v4().simple()));
+    let cert_dir =
+        std::env::temp_dir().join(format!("fulfillment-demo-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&cert_dir).context("cannot create the demo certificate directory")?;
     let cert_path = cert_dir.join("client.pem");
     std::fs::write(&cert_path, format!("{cert_pem}{key_pem}"))
@@ -213,13 +214,14 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         sim.base_url(),
         ACK_WINDOW.as_secs()
     );
-    if let Ok(status) =
-        crate::marketplace::TokenProvider::for_settings(&settings).and_then(|t| {
-            t.credential_status()
-                .map_err(|message| crate::marketplace::Error::Configuration { message })
-        })
-    {
-        println!("  credential: {} (client assertion, x5t#S256)", status.description);
+    if let Ok(status) = crate::marketplace::TokenProvider::for_settings(&settings).and_then(|t| {
+        t.credential_status()
+            .map_err(|message| crate::marketplace::Error::Configuration { message })
+    }) {
+        println!(
+            "  credential: {} (client assertion, x5t#S256)",
+            status.description
+        );
     }
     println!();
 

@@ -50,7 +50,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT",
         "credential.secret_expires_at",
     ),
-    ("AZURE_FEDERATED_TOKEN_FILE", "credential.federated_token_file"),
+    (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "credential.federated_token_file",
+    ),
     ("AZURE_CLIENT_ID", "credential.azure_client_id"),
     ("AZURE_TENANT_ID", "credential.azure_tenant_id"),
     ("AZURE_AUTHORITY_HOST", "credential.azure_authority_host"),

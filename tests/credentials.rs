@@ -136,7 +136,9 @@ async fn the_credential_follows_the_environment_like_the_azure_sdks() {
         Some(CredentialKind::ManagedIdentity)
     );
     assert_eq!(kind(&[]), None);
-    let error = TokenProvider::for_settings(&f.settings(&[])).unwrap_err().to_string();
+    let error = TokenProvider::for_settings(&f.settings(&[]))
+        .unwrap_err()
+        .to_string();
     for variable in [
         "MARKETPLACE_CLIENT_SECRET",
         "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
@@ -284,10 +286,7 @@ async fn forged_client_assertions_get_entras_codes() {
                         "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                     ),
                     ("client_assertion", &assertion),
-                    (
-                        "scope",
-                        "20e940b3-4c77-4b0b-9a53-9e16a1b010a7/.default",
-                    ),
+                    ("scope", "20e940b3-4c77-4b0b-9a53-9e16a1b010a7/.default"),
                 ])
                 .send()
                 .await
@@ -333,11 +332,14 @@ async fn forged_client_assertions_get_entras_codes() {
     let good = sign(claims(&token_url, &client_id, now + 600));
     let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
     use base64::Engine;
-    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
-        serde_json::to_vec(&claims(&token_url, &client_id, now + 900)).unwrap(),
-    );
+    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&claims(&token_url, &client_id, now + 900)).unwrap());
     let (status, body) = post(parts.join(".")).await;
-    assert_eq!((status, body["error_codes"][0].as_u64()), (401, Some(700027)), "{body}");
+    assert_eq!(
+        (status, body["error_codes"][0].as_u64()),
+        (401, Some(700027)),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -365,7 +367,10 @@ async fn a_certificate_rotated_on_disk_is_used_without_a_restart() {
     tokens.invalidate().await;
     tokens.token().await.unwrap();
     let after = tokens.credential_status().unwrap().expires_at.unwrap();
-    assert!(after - before > time::Duration::days(300), "{before} → {after}");
+    assert!(
+        after - before > time::Duration::days(300),
+        "{before} → {after}"
+    );
     let client = MarketplaceClient::new(&settings.marketplace, tokens.clone()).unwrap();
     client
         .list_subscriptions_page(&CallContext::random(), None)
@@ -425,7 +430,11 @@ async fn workload_identity_uses_the_federated_token_file_and_wrong_ones_fail() {
     for (what, token, code) in [
         (
             "wrong subject",
-            mint("system:serviceaccount:other:other", FEDERATED_AUDIENCE, 3600),
+            mint(
+                "system:serviceaccount:other:other",
+                FEDERATED_AUDIENCE,
+                3600,
+            ),
             "AADSTS70021",
         ),
         (
@@ -456,7 +465,10 @@ async fn workload_identity_uses_the_federated_token_file_and_wrong_ones_fail() {
     }));
     token_file(foreign.unwrap());
     tokens.invalidate().await;
-    assert_eq!(failure_code(&tokens.token().await.unwrap_err()), "AADSTS700211");
+    assert_eq!(
+        failure_code(&tokens.token().await.unwrap_err()),
+        "AADSTS700211"
+    );
     token_file(mint(SUBJECT, FEDERATED_AUDIENCE, 3600));
     tokens.invalidate().await;
     tokens.token().await.unwrap();
@@ -508,7 +520,9 @@ async fn an_expiring_certificate_is_announced_once_per_threshold() {
     use marketplace_fulfillment::worker::credential_health::{ROUTING_KEY, check_once};
 
     let (db, pool) = common::TestDatabase::migrated().await;
-    let broker = Broker::connect(&db.settings.amqp, "credentials-test").await.unwrap();
+    let broker = Broker::connect(&db.settings.amqp, "credentials-test")
+        .await
+        .unwrap();
     let connection = lapin::Connection::connect(
         db.settings.amqp.url.expose(),
         lapin::ConnectionProperties::default(),

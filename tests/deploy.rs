@@ -974,7 +974,11 @@ fn kubernetes_uses_workload_identity_instead_of_a_client_secret() {
             );
             let settings = settings_from(&env, subcommand);
             assert_eq!(
-                settings.marketplace.client_id.map(|id| id.to_string()).as_deref(),
+                settings
+                    .marketplace
+                    .client_id
+                    .map(|id| id.to_string())
+                    .as_deref(),
                 Some(client_id),
                 "{subcommand}: MARKETPLACE_CLIENT_ID is the service account's app"
             );

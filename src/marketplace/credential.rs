@@ -99,7 +99,10 @@ pub fn parse_certificate(cert_pem: &[u8], key_pem: &[u8]) -> Result<LoadedCertif
 
 /// base64url(SHA-256(DER)): the `x5t#S256` of a certificate.
 pub fn thumbprint_s256(cert_der: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert_der))
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        cert_der,
+    ))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -268,10 +271,19 @@ mod tests {
         assert_eq!(loaded.thumbprint_s256, same.thumbprint_s256);
         let days_left = (loaded.not_after - OffsetDateTime::now_utc()).whole_days();
         assert!((29..=30).contains(&days_left), "{days_left}");
-        let jwt = client_assertion(&loaded, "app", "https://x/t/oauth2/v2.0/token", OffsetDateTime::now_utc()).unwrap();
+        let jwt = client_assertion(
+            &loaded,
+            "app",
+            "https://x/t/oauth2/v2.0/token",
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         let header = jsonwebtoken::decode_header(&jwt).unwrap();
         assert_eq!(header.alg, Algorithm::PS256);
-        assert_eq!(header.x5t_s256.as_deref(), Some(loaded.thumbprint_s256.as_str()));
+        assert_eq!(
+            header.x5t_s256.as_deref(),
+            Some(loaded.thumbprint_s256.as_str())
+        );
         assert!(!format!("{loaded:?}").contains("PRIVATE"));
     }
 

@@ -24,7 +24,9 @@ use url::Url;
 use super::client::build_http_client;
 use super::credential::{CertificateFiles, JWT_BEARER, client_assertion, read_federated_token};
 use super::error::{Call, Error, Failure, TransientCause};
-use crate::settings::{CredentialKind, MARKETPLACE_APP_ID, MarketplaceSettings, Settings, TokenEndpoint};
+use crate::settings::{
+    CredentialKind, MARKETPLACE_APP_ID, MarketplaceSettings, Settings, TokenEndpoint,
+};
 
 /// Refresh this long before expiry.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
@@ -245,11 +247,16 @@ impl TokenProvider {
                     (None, None) => {
                         let mut endpoint = super::client::base_with_slash(&c.imds_endpoint)
                             .join("metadata/identity/oauth2/token")
-                            .map_err(|e| configuration(format!("invalid MARKETPLACE_IMDS_ENDPOINT: {e}")))?;
+                            .map_err(|e| {
+                                configuration(format!("invalid MARKETPLACE_IMDS_ENDPOINT: {e}"))
+                            })?;
                         endpoint
                             .query_pairs_mut()
                             .append_pair("api-version", "2018-02-01");
-                        (endpoint, ("metadata", SecretString::from("true".to_owned())))
+                        (
+                            endpoint,
+                            ("metadata", SecretString::from("true".to_owned())),
+                        )
                     }
                 };
                 endpoint
@@ -668,7 +675,9 @@ impl fmt::Debug for TokenProvider {
                     &match &entra.auth {
                         ClientAuth::Secret(_) => "client secret [REDACTED]".to_owned(),
                         ClientAuth::Certificate(files) => format!("{files:?}"),
-                        ClientAuth::Federated(path) => format!("federated token {}", path.display()),
+                        ClientAuth::Federated(path) => {
+                            format!("federated token {}", path.display())
+                        }
                     },
                 )
                 .finish_non_exhaustive(),

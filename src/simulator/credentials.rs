@@ -18,11 +18,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::Json;
+use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -82,11 +82,12 @@ impl Registrations {
             .into_contents();
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-        let sha1: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der)
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect();
+        let sha1: String =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &der)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect();
         let registered = RegisteredCertificate {
             thumbprint_s256: thumbprint_s256(&der),
             thumbprint_sha1: sha1.clone(),
@@ -114,7 +115,10 @@ impl Registrations {
     }
 
     pub fn add_federated(&self, credential: FederatedCredential) {
-        let mut federated = self.federated.write().unwrap_or_else(PoisonError::into_inner);
+        let mut federated = self
+            .federated
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if !federated.contains(&credential) {
             federated.push(credential);
         }
@@ -125,7 +129,12 @@ impl Registrations {
 pub(crate) struct Refusal(pub StatusCode, pub &'static str, pub u32, pub String);
 
 fn invalid_client(code: u32, description: impl Into<String>) -> Refusal {
-    Refusal(StatusCode::UNAUTHORIZED, "invalid_client", code, description.into())
+    Refusal(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        code,
+        description.into(),
+    )
 }
 
 fn malformed() -> Refusal {
@@ -160,7 +169,10 @@ pub(crate) fn check_assertion(
             format!("client_assertion_type must be {JWT_BEARER}."),
         ));
     }
-    let assertion = form.get("client_assertion").map(String::as_str).unwrap_or("");
+    let assertion = form
+        .get("client_assertion")
+        .map(String::as_str)
+        .unwrap_or("");
     let parts: Vec<&str> = assertion.split('.').collect();
     if parts.len() != 3 {
         return Err(malformed());
@@ -179,7 +191,10 @@ pub(crate) fn check_assertion(
 fn check_time(claims: &Map<String, Value>) -> Result<(), Refusal> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-    let nbf = claims.get("nbf").and_then(Value::as_i64).unwrap_or(i64::MIN);
+    let nbf = claims
+        .get("nbf")
+        .and_then(Value::as_i64)
+        .unwrap_or(i64::MIN);
     if exp + SKEW_SECS <= now || nbf > now + SKEW_SECS {
         return Err(invalid_client(
             700024,
@@ -292,10 +307,20 @@ fn check_federated_assertion(
     assertion: &str,
     claims: &Map<String, Value>,
 ) -> Result<(), Refusal> {
-    let text = |name: &str| claims.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
+    let text = |name: &str| {
+        claims
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
     let (issuer, subject) = (text("iss"), text("sub"));
     let audience = match claims.get("aud") {
-        Some(Value::Array(auds)) => auds.first().and_then(Value::as_str).unwrap_or("").to_owned(),
+        Some(Value::Array(auds)) => auds
+            .first()
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
         _ => text("aud"),
     };
     let federated = shared
@@ -311,7 +336,9 @@ fn check_federated_assertion(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             700211,
-            format!("No matching federated identity record found for presented assertion issuer '{issuer}'."),
+            format!(
+                "No matching federated identity record found for presented assertion issuer '{issuer}'."
+            ),
         ));
     }
     // Only the simulator's own issuer can be verified (its keys); others are not fetched.
@@ -327,10 +354,15 @@ fn check_federated_assertion(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             700212,
-            format!("No matching federated identity record found for presented assertion audience '{audience}'."),
+            format!(
+                "No matching federated identity record found for presented assertion audience '{audience}'."
+            ),
         ));
     }
-    if !of_issuer.iter().any(|f| f.subject == subject && f.audience == audience) {
+    if !of_issuer
+        .iter()
+        .any(|f| f.subject == subject && f.audience == audience)
+    {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
@@ -369,10 +401,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/msi/token", get(app_service_token))
         .route("/metadata/identity/oauth2/token", get(imds_token))
-        .route(
-            "/simulator/entra/certificates",
-            post(register_certificate),
-        )
+        .route("/simulator/entra/certificates", post(register_certificate))
         .route(
             "/simulator/entra/federated-credentials",
             post(register_federated),
@@ -432,9 +461,10 @@ fn managed_identity_token(
                 "client_id": shared.config.client_id,
             });
             if with_expires_in {
-                body["expires_in"] = json!((claims["exp"].as_i64().unwrap_or(0)
-                    - claims["iat"].as_i64().unwrap_or(0))
-                .to_string());
+                body["expires_in"] = json!(
+                    (claims["exp"].as_i64().unwrap_or(0) - claims["iat"].as_i64().unwrap_or(0))
+                        .to_string()
+                );
             }
             Json(body).into_response()
         }
@@ -484,7 +514,10 @@ async fn imds_token(
     managed_identity_token(&shared, &query, true)
 }
 
-async fn register_certificate(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+async fn register_certificate(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> Response {
     match shared.credentials.add_certificate(&body) {
         Ok(thumbprint) => (
             StatusCode::CREATED,
@@ -520,10 +553,20 @@ async fn federated_token(
     State(shared): State<Arc<Shared>>,
     Json(request): Json<FederatedTokenRequest>,
 ) -> Response {
-    match mint_federated_token(&shared, &request.subject, &request.audience, request.lifetime_secs) {
-        Ok(token) => Json(json!({ "token": token, "issuer": federation_issuer(&shared) }))
-            .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string()),
+    match mint_federated_token(
+        &shared,
+        &request.subject,
+        &request.audience,
+        request.lifetime_secs,
+    ) {
+        Ok(token) => {
+            Json(json!({ "token": token, "issuer": federation_issuer(&shared) })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &e.to_string(),
+        ),
     }
 }
 
