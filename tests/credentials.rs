@@ -165,6 +165,37 @@ async fn a_client_secret_still_works() {
         .unwrap();
     let code = entra_code(&f.settings(&[("MARKETPLACE_CLIENT_SECRET", "wrong".into())])).await;
     assert_eq!(code, "AADSTS7000215");
+
+    // Its health comes from MARKETPLACE_CLIENT_SECRET_EXPIRES_AT.
+    let settings = f.settings(&[
+        ("MARKETPLACE_CLIENT_SECRET", "the-secret".into()),
+        (
+            "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT",
+            "2027-06-30T00:00:00Z".into(),
+        ),
+    ]);
+    let status = TokenProvider::for_settings(&settings)
+        .unwrap()
+        .credential_status()
+        .unwrap();
+    assert_eq!(status.kind, CredentialKind::Secret);
+    assert_eq!(
+        status.expires_at,
+        Some(time::macros::datetime!(2027-06-30 0:00 UTC))
+    );
+    let bad = Settings::from_sources(
+        None,
+        &HashMap::from([(
+            "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT".to_owned(),
+            "next summer".to_owned(),
+        )]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("MARKETPLACE_CLIENT_SECRET_EXPIRES_AT"),
+        "{bad}"
+    );
 }
 
 #[tokio::test]

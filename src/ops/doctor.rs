@@ -926,6 +926,10 @@ pub fn credential_verdict(
         Some(Ok(status)) => status,
     };
     let kind = status.kind.as_str();
+    let date = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
     match status.expires_at {
         None => Check::ok(
             "entra.credential",
@@ -941,9 +945,10 @@ pub fn credential_verdict(
         Some(expires_at) if expires_at <= now => Check::problem(
             "entra.credential",
             format!(
-                "{kind}: {} expired {} days ago ({expires_at})",
+                "{kind}: {} expired {} days ago ({})",
                 status.description,
-                (now - expires_at).whole_days()
+                (now - expires_at).whole_days(),
+                date(expires_at)
             ),
             match status.kind {
                 crate::settings::CredentialKind::Certificate => {
@@ -963,8 +968,9 @@ pub fn credential_verdict(
             Check::ok(
                 "entra.credential",
                 format!(
-                    "{kind}: {} expires in {days} days ({expires_at}){urgency}",
-                    status.description
+                    "{kind}: {} expires in {days} days ({}){urgency}",
+                    status.description,
+                    date(expires_at)
                 ),
             )
         }
@@ -1242,6 +1248,51 @@ mod tests {
             api: Some(ApiOutcome::Answered { subscriptions: 2 }),
             jwks: (None, JwksOutcome::Keys(2)),
         }
+    }
+
+    #[test]
+    fn the_credential_check_names_the_days_left_and_fails_once_expired() {
+        use crate::settings::CredentialKind;
+        let now = time::macros::datetime!(2027-01-01 0:00 UTC);
+        let status = |kind, days: Option<i64>| {
+            Ok(CredentialStatus {
+                kind,
+                expires_at: days.map(|d| now + time::Duration::days(d)),
+                description: "certificate CN=x".into(),
+            })
+        };
+        let soon = credential_verdict(Some(&status(CredentialKind::Certificate, Some(12))), now);
+        assert_eq!(soon.status, Status::Ok);
+        assert!(
+            soon.detail
+                .contains("expires in 12 days (2027-01-13T00:00:00Z) — renew it soon"),
+            "{}",
+            soon.detail
+        );
+        let expired = credential_verdict(Some(&status(CredentialKind::Certificate, Some(-2))), now);
+        assert_eq!(expired.status, Status::Problem);
+        assert!(
+            expired.detail.contains("expired 2 days ago"),
+            "{}",
+            expired.detail
+        );
+        assert!(
+            expired
+                .fix
+                .unwrap()
+                .contains("MARKETPLACE_CLIENT_CERTIFICATE_PATH")
+        );
+        let secret = credential_verdict(Some(&status(CredentialKind::Secret, None)), now);
+        assert!(
+            secret
+                .detail
+                .contains("MARKETPLACE_CLIENT_SECRET_EXPIRES_AT"),
+            "{}",
+            secret.detail
+        );
+        let unreadable = credential_verdict(Some(&Err("cannot read /x".into())), now);
+        assert_eq!(unreadable.status, Status::Problem);
+        assert_eq!(credential_verdict(None, now).status, Status::Skipped);
     }
 
     fn check<'a>(checks: &'a [Check], name: &str) -> &'a Check {
