@@ -3,7 +3,8 @@
 //!
 //! The conventional variables (`DATABASE_URL`, `AMQP_URL`, `MARKETPLACE_API_URL`,
 //! `ENTRA_AUTHORITY_URL`, `MARKETPLACE_TENANT_ID`, `MARKETPLACE_CLIENT_ID`,
-//! `MARKETPLACE_CLIENT_SECRET`, `LISTEN_ADDR`, `LOG_FORMAT`) map onto their keys; any key can
+//! `MARKETPLACE_CLIENT_SECRET`, `LISTEN_ADDR`, `LOG_FORMAT`, and the credential variables of
+//! docs/credentials.md: `MARKETPLACE_CREDENTIAL`, `AZURE_*`, `IDENTITY_*`) map onto their keys; any key can
 //! also be set as `FULFILLMENT__SECTION__KEY`. Values are parsed once, here: an invalid value
 //! fails at startup with a message naming both the variable and the key. Secrets (the client
 //! secret, passwords inside connection URLs) are redacted in `Debug` output.
