@@ -38,29 +38,29 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_CLIENT_ID", "marketplace.client_id"),
     ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
     ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
-    ("MARKETPLACE_CREDENTIAL", "credential.kind"),
+    ("MARKETPLACE_CREDENTIAL", "credentials.kind"),
     (
         "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
-        "credential.certificate_path",
+        "credentials.certificate_path",
     ),
     (
         "MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH",
-        "credential.certificate_key_path",
+        "credentials.certificate_key_path",
     ),
     (
         "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT",
-        "credential.secret_expires_at",
+        "credentials.secret_expires_at",
     ),
     (
         "AZURE_FEDERATED_TOKEN_FILE",
-        "credential.federated_token_file",
+        "credentials.federated_token_file",
     ),
-    ("AZURE_CLIENT_ID", "credential.azure_client_id"),
-    ("AZURE_TENANT_ID", "credential.azure_tenant_id"),
-    ("AZURE_AUTHORITY_HOST", "credential.azure_authority_host"),
-    ("IDENTITY_ENDPOINT", "credential.identity_endpoint"),
-    ("IDENTITY_HEADER", "credential.identity_header"),
-    ("MARKETPLACE_IMDS_ENDPOINT", "credential.imds_endpoint"),
+    ("AZURE_CLIENT_ID", "credentials.azure_client_id"),
+    ("AZURE_TENANT_ID", "credentials.azure_tenant_id"),
+    ("AZURE_AUTHORITY_HOST", "credentials.azure_authority_host"),
+    ("IDENTITY_ENDPOINT", "credentials.identity_endpoint"),
+    ("IDENTITY_HEADER", "credentials.identity_header"),
+    ("MARKETPLACE_IMDS_ENDPOINT", "credentials.imds_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
     ("PUBLIC_URL", "http.public_url"),
     ("WEBHOOK_AUTH", "ingress.webhook_auth"),
@@ -121,7 +121,7 @@ impl CredentialKind {
     }
 }
 
-/// `[credential]`: the settings of the four credential forms. Which one is used is
+/// `[credentials]`: the settings of the four credential forms. Which one is used is
 /// [`CredentialSettings::resolve`]'s answer.
 #[derive(Clone, Debug)]
 pub struct CredentialSettings {
@@ -390,6 +390,8 @@ struct RawSettings {
     worker: RawWorker,
     log: RawLog,
     reconcile: RawReconcile,
+    /// `[credentials]` (plural: `credential.*` names domain event types).
+    #[serde(rename = "credentials")]
     credential: RawCredential,
 }
 
@@ -437,7 +439,7 @@ fn parse_credential(raw: RawCredential) -> Result<CredentialSettings, SettingsEr
         Some("managed_identity") => Some(CredentialKind::ManagedIdentity),
         Some(other) => {
             return invalid(
-                "credential.kind",
+                "credentials.kind",
                 format!(
                     "expected secret, certificate, workload_identity or managed_identity, got {other:?}"
                 ),
@@ -449,7 +451,7 @@ fn parse_credential(raw: RawCredential) -> Result<CredentialSettings, SettingsEr
         Some(v) => Some(
             time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
                 .map_err(|_| SettingsError::Invalid {
-                    key: "credential.secret_expires_at",
+                    key: "credentials.secret_expires_at",
                     reason: format!(
                         "expected an RFC 3339 time such as 2027-06-30T00:00:00Z, got {v:?}"
                     ),
@@ -465,14 +467,14 @@ fn parse_credential(raw: RawCredential) -> Result<CredentialSettings, SettingsEr
         certificate_key_path: text(raw.certificate_key_path).map(PathBuf::from),
         secret_expires_at,
         federated_token_file: text(raw.federated_token_file).map(PathBuf::from),
-        azure_client_id: parse_guid("credential.azure_client_id", raw.azure_client_id)?,
-        azure_tenant_id: parse_guid("credential.azure_tenant_id", raw.azure_tenant_id)?,
-        azure_authority_host: url("credential.azure_authority_host", raw.azure_authority_host)?,
-        identity_endpoint: url("credential.identity_endpoint", raw.identity_endpoint)?,
+        azure_client_id: parse_guid("credentials.azure_client_id", raw.azure_client_id)?,
+        azure_tenant_id: parse_guid("credentials.azure_tenant_id", raw.azure_tenant_id)?,
+        azure_authority_host: url("credentials.azure_authority_host", raw.azure_authority_host)?,
+        identity_endpoint: url("credentials.identity_endpoint", raw.identity_endpoint)?,
         identity_header: raw
             .identity_header
             .filter(|s| !s.expose_secret().trim().is_empty()),
-        imds_endpoint: parse_http_url("credential.imds_endpoint", &raw.imds_endpoint)?,
+        imds_endpoint: parse_http_url("credentials.imds_endpoint", &raw.imds_endpoint)?,
     })
 }
 

@@ -56,19 +56,23 @@ pub struct ListArgs {
     /// Beneficiary tenant id.
     #[arg(long, value_name = "T")]
     pub tenant: Option<Uuid>,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommandArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -82,12 +86,14 @@ pub struct WaitArgs {
     /// How long --wait waits, in seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChangePlanArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     /// The target plan id.
     pub plan: String,
@@ -97,6 +103,7 @@ pub struct ChangePlanArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChangeQuantityArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     /// The target seat count (at least 1).
     pub quantity: u32,
