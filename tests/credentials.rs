@@ -4,6 +4,8 @@
 //! accepted it too.
 
 mod common;
+#[path = "common/event_schemas.rs"]
+mod event_schemas;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -618,6 +620,8 @@ async fn an_expiring_certificate_is_announced_once_per_threshold() {
         events.push(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap());
     }
     assert_eq!(events.len(), 2, "{events:?}");
+    // As docs/events/credential.expiring.schema.json says.
+    event_schemas::Contract::load().assert_valid(&events);
     for event in &events {
         assert_eq!(event["type"], "com.fulfillment.credential.expiring");
         assert_eq!(event["data"]["credential"], "certificate");
