@@ -120,7 +120,24 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     settings.marketplace.entra_authority_url = sim_base.clone();
     settings.marketplace.tenant_id = Some(tenant);
     settings.marketplace.client_id = Some(client);
-    settings.marketplace.client_secret = Some(SecretString::from(secret.clone()));
+    // The engine proves its identity with a certificate (issue #20): a fresh self-signed one,
+    // registered on the simulated app; the client assertion carries its x5t#S256.
+    let now = time::OffsetDateTime::now_utc();
+    let (cert_pem, key_pem) = crate::marketplace::credential::generate_self_signed(
+        "fulfillment-demo",
+        now - time::Duration::hours(1),
+        now + time::Duration::days(90),
+    )?;
+    let cert_dir =
+        std::env::temp_dir().join(format!("fulfillment-demo-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&cert_dir).context("cannot create the demo certificate directory")?;
+    let cert_path = cert_dir.join("client.pem");
+    std::fs::write(&cert_path, format!("{cert_pem}{key_pem}"))
+        .context("cannot write the demo certificate")?;
+    settings.marketplace.client_secret = None;
+    settings.credential.kind = Some(crate::settings::CredentialKind::Certificate);
+    settings.credential.certificate_path = Some(cert_path);
+    settings.credential.certificate_key_path = None;
     settings.ingress.webhook_auth = WebhookAuth::Entra;
     settings.ingress.jwks_url = None;
     settings.ingress.webhook_audiences = vec![client.to_string()];
@@ -138,6 +155,7 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let mut config = SimulatorConfig::new(tenant, client);
     config.client_secret = Some(SecretString::from(secret));
+    config.client_certificates.push(cert_pem);
     config.webhook_url = Some(format!("http://{ingress}/webhook").parse()?);
     config.landing_page_url = Some(format!("http://{ingress}/landing").parse()?);
     // A second per-seat plan: moves between per-seat plans keep the seat count on both
@@ -196,6 +214,15 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         sim.base_url(),
         ACK_WINDOW.as_secs()
     );
+    if let Ok(status) = crate::marketplace::TokenProvider::for_settings(&settings).and_then(|t| {
+        t.credential_status()
+            .map_err(|message| crate::marketplace::Error::Configuration { message })
+    }) {
+        println!(
+            "  credential: {} (client assertion, x5t#S256)",
+            status.description
+        );
+    }
     println!();
 
     let mut demo = Demo {
@@ -226,6 +253,7 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let topology = broker.delete_topology().await;
     broker.close().await;
     pool.close().await;
+    let _ = std::fs::remove_dir_all(&cert_dir);
     let dropped = if args.keep {
         None
     } else {

@@ -63,6 +63,8 @@ pub const MARKETPLACE_RETRIES_TOTAL: &str = "marketplace_retries_total";
 /// Counter: Entra access tokens that could not be fetched.
 pub const MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL: &str =
     "marketplace_token_refresh_failures_total";
+/// Gauge: seconds until the credential (client secret or certificate) expires, by `credential`.
+pub const MARKETPLACE_CREDENTIAL_EXPIRY_SECONDS: &str = "marketplace_credential_expiry_seconds";
 
 /// Buckets for the ingress's request and confirm latencies: it should answer in
 /// milliseconds, and Microsoft gives up on a webhook call long before the 10 s end.
@@ -208,7 +210,12 @@ fn describe() {
     );
     describe_counter!(
         MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL,
-        "Entra access tokens that could not be fetched"
+        "Entra access tokens that could not be fetched, by Entra error code (AADSTS…)"
+    );
+    describe_gauge!(
+        MARKETPLACE_CREDENTIAL_EXPIRY_SECONDS,
+        Unit::Seconds,
+        "Seconds until the Marketplace API credential (secret or certificate) expires"
     );
     describe_usage_series();
 }
@@ -394,8 +401,16 @@ pub fn record_marketplace_retry(endpoint: &'static str) {
     metrics::counter!(MARKETPLACE_RETRIES_TOTAL, "endpoint" => endpoint).increment(1);
 }
 
-pub fn record_token_refresh_failure() {
-    metrics::counter!(MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL).increment(1);
+/// `code`: Entra's `AADSTS…` code, its OAuth error, or the error kind.
+pub fn record_token_refresh_failure(code: &str) {
+    metrics::counter!(MARKETPLACE_TOKEN_REFRESH_FAILURES_TOTAL, "code" => code.to_owned())
+        .increment(1);
+}
+
+/// `credential`: `secret` or `certificate`; negative once expired.
+pub fn set_credential_expiry(credential: &'static str, seconds_left: f64) {
+    metrics::gauge!(MARKETPLACE_CREDENTIAL_EXPIRY_SECONDS, "credential" => credential)
+        .set(seconds_left);
 }
 
 // ---- metered billing (src/metering) -----------------------------------------------------

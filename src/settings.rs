@@ -3,7 +3,8 @@
 //!
 //! The conventional variables (`DATABASE_URL`, `AMQP_URL`, `MARKETPLACE_API_URL`,
 //! `ENTRA_AUTHORITY_URL`, `MARKETPLACE_TENANT_ID`, `MARKETPLACE_CLIENT_ID`,
-//! `MARKETPLACE_CLIENT_SECRET`, `LISTEN_ADDR`, `LOG_FORMAT`) map onto their keys; any key can
+//! `MARKETPLACE_CLIENT_SECRET`, `LISTEN_ADDR`, `LOG_FORMAT`, and the credential variables of
+//! docs/credentials.md: `MARKETPLACE_CREDENTIAL`, `AZURE_*`, `IDENTITY_*`) map onto their keys; any key can
 //! also be set as `FULFILLMENT__SECTION__KEY`. Values are parsed once, here: an invalid value
 //! fails at startup with a message naming both the variable and the key. Secrets (the client
 //! secret, passwords inside connection URLs) are redacted in `Debug` output.
@@ -37,6 +38,29 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_CLIENT_ID", "marketplace.client_id"),
     ("MARKETPLACE_CLIENT_SECRET", "marketplace.client_secret"),
     ("MARKETPLACE_TOKEN_ENDPOINT", "marketplace.token_endpoint"),
+    ("MARKETPLACE_CREDENTIAL", "credentials.kind"),
+    (
+        "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
+        "credentials.certificate_path",
+    ),
+    (
+        "MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH",
+        "credentials.certificate_key_path",
+    ),
+    (
+        "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT",
+        "credentials.secret_expires_at",
+    ),
+    (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "credentials.federated_token_file",
+    ),
+    ("AZURE_CLIENT_ID", "credentials.azure_client_id"),
+    ("AZURE_TENANT_ID", "credentials.azure_tenant_id"),
+    ("AZURE_AUTHORITY_HOST", "credentials.azure_authority_host"),
+    ("IDENTITY_ENDPOINT", "credentials.identity_endpoint"),
+    ("IDENTITY_HEADER", "credentials.identity_header"),
+    ("MARKETPLACE_IMDS_ENDPOINT", "credentials.imds_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
     ("PUBLIC_URL", "http.public_url"),
     ("WEBHOOK_AUTH", "ingress.webhook_auth"),
@@ -72,6 +96,79 @@ pub struct Settings {
     pub reconcile: ReconcileSettings,
     /// `[metering]`: closing usage hours (docs/metering.md).
     pub metering: crate::metering::MeteringConfig,
+    /// How the Fulfillment API token is obtained (docs/credentials.md).
+    pub credential: CredentialSettings,
+}
+
+/// Which credential obtains the Fulfillment API token (`MARKETPLACE_CREDENTIAL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `client_secret` (`MARKETPLACE_CLIENT_SECRET`).
+    Secret,
+    /// A client assertion signed with the app's certificate key.
+    Certificate,
+    /// A federated token from a file (AKS workload identity, GitHub Actions, any OIDC issuer).
+    WorkloadIdentity,
+    /// The host's managed identity (App Service `IDENTITY_ENDPOINT` or IMDS).
+    ManagedIdentity,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Secret => "secret",
+            CredentialKind::Certificate => "certificate",
+            CredentialKind::WorkloadIdentity => "workload_identity",
+            CredentialKind::ManagedIdentity => "managed_identity",
+        }
+    }
+}
+
+/// `[credentials]`: the settings of the four credential forms. Which one is used is
+/// [`CredentialSettings::resolve`]'s answer.
+#[derive(Clone, Debug)]
+pub struct CredentialSettings {
+    /// `MARKETPLACE_CREDENTIAL`; `None` picks from the environment.
+    pub kind: Option<CredentialKind>,
+    /// PEM file with the certificate (and the private key unless `certificate_key_path`).
+    pub certificate_path: Option<PathBuf>,
+    /// PEM file with the private key, when it is not in `certificate_path`.
+    pub certificate_key_path: Option<PathBuf>,
+    /// When the client secret expires (Entra shows it beside the secret).
+    pub secret_expires_at: Option<time::OffsetDateTime>,
+    pub federated_token_file: Option<PathBuf>,
+    /// `AZURE_CLIENT_ID`: the app of a workload identity, or a user-assigned managed identity.
+    pub azure_client_id: Option<Uuid>,
+    pub azure_tenant_id: Option<Uuid>,
+    /// `AZURE_AUTHORITY_HOST`: the authority of a workload identity (default
+    /// `ENTRA_AUTHORITY_URL`).
+    pub azure_authority_host: Option<Url>,
+    /// App Service / Container Apps managed identity endpoint.
+    pub identity_endpoint: Option<Url>,
+    pub identity_header: Option<SecretString>,
+    /// IMDS base URL (`http://169.254.169.254`; tests point it at the simulator).
+    pub imds_endpoint: Url,
+}
+
+impl CredentialSettings {
+    /// The credential in use: `MARKETPLACE_CREDENTIAL`, or the first the environment
+    /// provides, in the Azure SDKs' order (secret, certificate, workload identity, managed
+    /// identity endpoint). `None`: nothing is configured.
+    pub fn resolve(&self, client_secret_set: bool) -> Option<CredentialKind> {
+        self.kind.or_else(|| {
+            if client_secret_set {
+                Some(CredentialKind::Secret)
+            } else if self.certificate_path.is_some() {
+                Some(CredentialKind::Certificate)
+            } else if self.federated_token_file.is_some() {
+                Some(CredentialKind::WorkloadIdentity)
+            } else if self.identity_endpoint.is_some() || self.identity_header.is_some() {
+                Some(CredentialKind::ManagedIdentity)
+            } else {
+                None
+            }
+        })
+    }
 }
 
 /// `[reconcile]`: the periodic reconciliation `fulfillment work` runs, and what counts as
@@ -297,6 +394,9 @@ struct RawSettings {
     log: RawLog,
     reconcile: RawReconcile,
     metering: RawMetering,
+    /// `[credentials]` (plural: `credential.*` names domain event types).
+    #[serde(rename = "credentials")]
+    credential: RawCredential,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +408,89 @@ struct RawMetering {
     tick_ms: u64,
     /// How long a plan's dimensions from listAvailablePlans are trusted.
     dimensions_ttl_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawCredential {
+    kind: Option<String>,
+    certificate_path: Option<String>,
+    certificate_key_path: Option<String>,
+    secret_expires_at: Option<String>,
+    federated_token_file: Option<String>,
+    azure_client_id: Option<String>,
+    azure_tenant_id: Option<String>,
+    azure_authority_host: Option<String>,
+    identity_endpoint: Option<String>,
+    identity_header: Option<SecretString>,
+    imds_endpoint: String,
+}
+
+impl Default for RawCredential {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            certificate_path: None,
+            certificate_key_path: None,
+            secret_expires_at: None,
+            federated_token_file: None,
+            azure_client_id: None,
+            azure_tenant_id: None,
+            azure_authority_host: None,
+            identity_endpoint: None,
+            identity_header: None,
+            imds_endpoint: "http://169.254.169.254".into(),
+        }
+    }
+}
+
+fn parse_credential(raw: RawCredential) -> Result<CredentialSettings, SettingsError> {
+    let text = |v: Option<String>| v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let kind = match text(raw.kind).as_deref() {
+        None => None,
+        Some("secret" | "client_secret") => Some(CredentialKind::Secret),
+        Some("certificate") => Some(CredentialKind::Certificate),
+        Some("workload_identity") => Some(CredentialKind::WorkloadIdentity),
+        Some("managed_identity") => Some(CredentialKind::ManagedIdentity),
+        Some(other) => {
+            return invalid(
+                "credentials.kind",
+                format!(
+                    "expected secret, certificate, workload_identity or managed_identity, got {other:?}"
+                ),
+            );
+        }
+    };
+    let secret_expires_at = match text(raw.secret_expires_at) {
+        None => None,
+        Some(v) => Some(
+            time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| SettingsError::Invalid {
+                    key: "credentials.secret_expires_at",
+                    reason: format!(
+                        "expected an RFC 3339 time such as 2027-06-30T00:00:00Z, got {v:?}"
+                    ),
+                })?,
+        ),
+    };
+    let url = |key: &'static str, v: Option<String>| -> Result<Option<Url>, SettingsError> {
+        text(v).map(|v| parse_http_url(key, &v)).transpose()
+    };
+    Ok(CredentialSettings {
+        kind,
+        certificate_path: text(raw.certificate_path).map(PathBuf::from),
+        certificate_key_path: text(raw.certificate_key_path).map(PathBuf::from),
+        secret_expires_at,
+        federated_token_file: text(raw.federated_token_file).map(PathBuf::from),
+        azure_client_id: parse_guid("credentials.azure_client_id", raw.azure_client_id)?,
+        azure_tenant_id: parse_guid("credentials.azure_tenant_id", raw.azure_tenant_id)?,
+        azure_authority_host: url("credentials.azure_authority_host", raw.azure_authority_host)?,
+        identity_endpoint: url("credentials.identity_endpoint", raw.identity_endpoint)?,
+        identity_header: raw
+            .identity_header
+            .filter(|s| !s.expose_secret().trim().is_empty()),
+        imds_endpoint: parse_http_url("credentials.imds_endpoint", &raw.imds_endpoint)?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -393,6 +576,7 @@ struct RawLog {
 impl Default for RawSettings {
     fn default() -> Self {
         Self {
+            credential: RawCredential::default(),
             database: RawDatabase {
                 url: "postgres://postgres@127.0.0.1:5432/fulfillment".into(),
                 max_connections: 10,
@@ -545,14 +729,18 @@ impl Settings {
         if raw.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
         }
+        let credential = parse_credential(raw.credential)?;
         let marketplace = MarketplaceSettings {
             api_url: parse_http_url("marketplace.api_url", &raw.marketplace.api_url)?,
             entra_authority_url: parse_http_url(
                 "marketplace.entra_authority_url",
                 &raw.marketplace.entra_authority_url,
             )?,
-            tenant_id: parse_guid("marketplace.tenant_id", raw.marketplace.tenant_id)?,
-            client_id: parse_guid("marketplace.client_id", raw.marketplace.client_id)?,
+            // The variables AKS workload identity and the Azure SDKs use stand in for ours.
+            tenant_id: parse_guid("marketplace.tenant_id", raw.marketplace.tenant_id)?
+                .or(credential.azure_tenant_id),
+            client_id: parse_guid("marketplace.client_id", raw.marketplace.client_id)?
+                .or(credential.azure_client_id),
             client_secret: raw
                 .marketplace
                 .client_secret
@@ -593,6 +781,7 @@ impl Settings {
         };
         Ok(Self {
             metering,
+            credential,
             reconcile,
             ingress,
             policy: raw.policy,

@@ -58,6 +58,8 @@ async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
 
     // The story, step by step.
     for expected in [
+        // Issue #20: the engine's token comes from a certificate client assertion.
+        "credential: certificate CN=fulfillment-demo",
         "1. customer buys contoso-analytics / per-seat with 5 seats",
         "2. customer opens the landing page: HTTP 200",
         "| Thank you for your purchase",

@@ -19,6 +19,7 @@ use marketplace_fulfillment::settings::{CONFIG_FILE_ENV, ENV_KEYS, Settings};
 use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
+use uuid::Uuid;
 
 /// Variables read outside the settings tree: the log filter.
 const OTHER_ENV: &[&str] = &["RUST_LOG"];
@@ -39,6 +40,7 @@ const COUNTERS_AND_GAUGES: &[&str] = &[
     "fulfillment_outbox_backlog",
     "fulfillment_oldest_unprocessed_event_age_seconds",
     "marketplace_token_refresh_failures_total",
+    "marketplace_credential_expiry_seconds",
     "fulfillment_auto_accepted_total",
     "fulfillment_oldest_delivery_held_seconds",
     "fulfillment_deliveries_held_too_long",
@@ -935,6 +937,52 @@ fn kubernetes_environments_are_accepted_by_the_app() {
     let k8s = Kubernetes::load();
     for (workload, container) in k8s.workload_containers() {
         settings_from(&k8s.environment(container), &workload);
+    }
+}
+
+/// Issue #20: the Fulfillment API token comes from AKS workload identity, not a client
+/// secret: the service account names the app, the pods ask the webhook for the federated
+/// token, and the app is told to use it.
+#[test]
+fn kubernetes_uses_workload_identity_instead_of_a_client_secret() {
+    let k8s = Kubernetes::load();
+    for subcommand in ["serve", "work"] {
+        let deployment = k8s.deployment_running(subcommand);
+        let pod = pod_spec(deployment);
+        let account = str_at(pod, "/serviceAccountName");
+        let service_account = k8s.named("ServiceAccount", account);
+        let client_id = str_at(
+            service_account,
+            "/metadata/annotations/azure.workload.identity~1client-id",
+        );
+        Uuid::parse_str(client_id).expect("the client-id annotation is a GUID");
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["labels"]["azure.workload.identity/use"],
+            "true",
+            "{subcommand}: the pod label azure.workload.identity/use"
+        );
+        for container in containers(deployment) {
+            let env = k8s.environment(container);
+            assert_eq!(
+                env.get("MARKETPLACE_CREDENTIAL").map(String::as_str),
+                Some("workload_identity"),
+                "{subcommand}"
+            );
+            assert!(
+                !env.contains_key("MARKETPLACE_CLIENT_SECRET"),
+                "{subcommand}: no client secret"
+            );
+            let settings = settings_from(&env, subcommand);
+            assert_eq!(
+                settings
+                    .marketplace
+                    .client_id
+                    .map(|id| id.to_string())
+                    .as_deref(),
+                Some(client_id),
+                "{subcommand}: MARKETPLACE_CLIENT_ID is the service account's app"
+            );
+        }
     }
 }
 

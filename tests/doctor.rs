@@ -181,7 +181,7 @@ async fn a_correct_local_setup_passes_every_check() {
     let (code, human, stderr) = run_doctor(&deployment.env(&[]), &[]).await;
     if expected.is_empty() {
         assert_eq!(code, 0, "{human}{stderr}");
-        assert!(human.ends_with("all 12 checks passed\n"), "{human}");
+        assert!(human.ends_with("all 13 checks passed\n"), "{human}");
     } else {
         assert_eq!(code, 1, "{human}{stderr}");
         assert!(human.ends_with("1 problem found\n"), "{human}");
@@ -338,6 +338,53 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
             fix: "LISTEN_ADDR",
         },
     ];
+    // Certificate credentials (issue #20): one registered on the app but expired, one valid
+    // but never uploaded to the app.
+    let now = time::OffsetDateTime::now_utc();
+    let generate = |from: i64, to: i64| {
+        marketplace_fulfillment::marketplace::credential::generate_self_signed(
+            "doctor-test",
+            now + time::Duration::days(from),
+            now + time::Duration::days(to),
+        )
+        .unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("doctor-certs-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (expired_cert, expired_key) = generate(-400, -3);
+    deployment
+        .sim
+        .register_client_certificate(&expired_cert)
+        .unwrap();
+    let expired = dir.join("expired.pem");
+    std::fs::write(&expired, format!("{expired_cert}{expired_key}")).unwrap();
+    let (unknown_cert, unknown_key) = generate(-1, 300);
+    let unknown = dir.join("unknown.pem");
+    std::fs::write(&unknown, format!("{unknown_cert}{unknown_key}")).unwrap();
+    let certificate = |path: &std::path::Path| {
+        vec![
+            ("MARKETPLACE_CLIENT_SECRET", String::new()),
+            (
+                "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
+                path.display().to_string(),
+            ),
+        ]
+    };
+    let mut cases = cases;
+    cases.push(Seeded {
+        what: "expired certificate",
+        env: certificate(&expired),
+        check: "entra.credential",
+        detail: "expired 3 days ago",
+        fix: "MARKETPLACE_CLIENT_CERTIFICATE_PATH",
+    });
+    cases.push(Seeded {
+        what: "certificate not uploaded to the app",
+        env: certificate(&unknown),
+        check: "entra.token",
+        detail: "AADSTS700027",
+        fix: "upload its public part",
+    });
     let environmental = expected_problems(&deployment.settings).await;
     let mut failures = Vec::new();
     for case in &cases {
@@ -363,6 +410,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
         // A wrong tenant also moves the derived JWKS URL; nothing else may be affected.
         let allowed: &[&str] = match case.what {
             "wrong tenant" => &["webhook.jwks"],
+            "expired certificate" => &["entra.token"],
             _ => &[],
         };
         if others
@@ -381,6 +429,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     other.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     deployment.stop().await;
 }
 
@@ -614,7 +663,7 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
     let env = deployment.env(&[("DATABASE_URL", postgres.url())]);
     let (code, human, stderr) = run_doctor(&env, &[]).await;
     assert_eq!(code, 0, "{human}{stderr}");
-    assert!(human.ends_with("all 12 checks passed\n"), "{human}");
+    assert!(human.ends_with("all 13 checks passed\n"), "{human}");
     assert!(
         !human.contains("problem") && !human.contains("skipped"),
         "{human}"

@@ -92,7 +92,7 @@ impl AppState {
         let broker = Broker::connect(&settings.amqp, "fulfillment-serve").await?;
         store::prefixes::record(&pool, &settings.amqp.prefix, "serve").await?;
         let verifier = build_verifier(settings)?;
-        let tokens = TokenProvider::new(&settings.marketplace)
+        let tokens = TokenProvider::for_settings(settings)
             .context("cannot set up the Marketplace API client (needed by the landing page)")?;
         let marketplace = MarketplaceClient::new(&settings.marketplace, tokens)
             .context("cannot set up the Marketplace API client (needed by the landing page)")?;

@@ -13,6 +13,7 @@
 //! ([`CallContext`]) on every attempt.
 
 pub mod client;
+pub mod credential;
 pub mod error;
 pub mod retry;
 pub mod token;

@@ -8,6 +8,7 @@
 //! never reach `Debug` or logs.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,8 +22,11 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::client::build_http_client;
+use super::credential::{CertificateFiles, JWT_BEARER, client_assertion, read_federated_token};
 use super::error::{Call, Error, Failure, TransientCause};
-use crate::settings::{MARKETPLACE_APP_ID, MarketplaceSettings, TokenEndpoint};
+use crate::settings::{
+    CredentialKind, MARKETPLACE_APP_ID, MarketplaceSettings, Settings, TokenEndpoint,
+};
 
 /// Refresh this long before expiry.
 const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
@@ -64,10 +68,13 @@ struct Inner {
     source: Source,
     cache: Mutex<Option<Cached>>,
     generation: AtomicU64,
+    /// `MARKETPLACE_CLIENT_SECRET_EXPIRES_AT`, for the secret's health.
+    secret_expires_at: Option<time::OffsetDateTime>,
 }
 
 enum Source {
     Entra(EntraSource),
+    ManagedIdentity(ManagedIdentitySource),
     Static(SecretString),
 }
 
@@ -76,7 +83,34 @@ struct EntraSource {
     endpoint: Url,
     version: TokenEndpoint,
     client_id: String,
-    client_secret: SecretString,
+    auth: ClientAuth,
+}
+
+/// How the app authenticates on Entra's token endpoint.
+enum ClientAuth {
+    Secret(SecretString),
+    Certificate(CertificateFiles),
+    /// The federated token file (workload identity).
+    Federated(PathBuf),
+}
+
+/// The host's managed identity: App Service style (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`)
+/// or IMDS.
+struct ManagedIdentitySource {
+    http: reqwest::Client,
+    endpoint: Url,
+    /// `X-IDENTITY-HEADER` (App Service) or `Metadata: true` (IMDS).
+    header: (&'static str, SecretString),
+}
+
+/// What a credential's health depends on: which credential, and when it expires (`None`:
+/// nothing to renew, or unknown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialStatus {
+    pub kind: CredentialKind,
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// What it is, for people: "certificate CN=… (thumbprint …)".
+    pub description: String,
 }
 
 struct Cached {
@@ -128,8 +162,203 @@ impl TokenProvider {
             endpoint,
             version: settings.token_endpoint,
             client_id: client_id.to_string(),
-            client_secret,
+            auth: ClientAuth::Secret(client_secret),
         })))
+    }
+
+    /// A provider for the credential the settings choose (`MARKETPLACE_CREDENTIAL`, or the
+    /// first the environment provides). Fails, naming the variables, when none is set or
+    /// the chosen one lacks something; a certificate is loaded (and checked) here already.
+    pub fn for_settings(settings: &Settings) -> Result<Self, Error> {
+        let m = &settings.marketplace;
+        let c = &settings.credential;
+        let configuration = |message: String| Error::Configuration { message };
+        let kind = c.resolve(m.client_secret.is_some()).ok_or_else(|| {
+            configuration(
+                "MARKETPLACE_CLIENT_SECRET not set, nor any other credential: set \
+                 MARKETPLACE_CLIENT_SECRET (client secret), MARKETPLACE_CLIENT_CERTIFICATE_PATH \
+                 (certificate), AZURE_FEDERATED_TOKEN_FILE (workload identity) or \
+                 IDENTITY_ENDPOINT and IDENTITY_HEADER (managed identity), or choose with \
+                 MARKETPLACE_CREDENTIAL=secret|certificate|workload_identity|managed_identity; \
+                 MARKETPLACE_TENANT_ID and MARKETPLACE_CLIENT_ID name the app registered in \
+                 Partner Center (Technical configuration)"
+                    .into(),
+            )
+        })?;
+        let mut provider = match kind {
+            CredentialKind::Secret => Self::new(m)?,
+            CredentialKind::Certificate => {
+                let Some(path) = c.certificate_path.clone() else {
+                    return Err(configuration(
+                        "MARKETPLACE_CREDENTIAL=certificate needs MARKETPLACE_CLIENT_CERTIFICATE_PATH \
+                         (a PEM file with the certificate and its private key, or set \
+                         MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH for the key)"
+                            .into(),
+                    ));
+                };
+                let files = CertificateFiles::new(path, c.certificate_key_path.clone());
+                files.current().map_err(configuration)?;
+                Self::assertion_provider(
+                    m,
+                    m.tenant_id,
+                    m.client_id,
+                    &m.entra_authority_url,
+                    ("MARKETPLACE_TENANT_ID", "MARKETPLACE_CLIENT_ID"),
+                    ClientAuth::Certificate(files),
+                )?
+            }
+            CredentialKind::WorkloadIdentity => {
+                let Some(path) = c.federated_token_file.clone() else {
+                    return Err(configuration(
+                        "MARKETPLACE_CREDENTIAL=workload_identity needs AZURE_FEDERATED_TOKEN_FILE \
+                         (AKS sets it when the pod has the label azure.workload.identity/use: \
+                         \"true\" and its service account the annotation \
+                         azure.workload.identity/client-id)"
+                            .into(),
+                    ));
+                };
+                Self::assertion_provider(
+                    m,
+                    c.azure_tenant_id.or(m.tenant_id),
+                    c.azure_client_id.or(m.client_id),
+                    c.azure_authority_host
+                        .as_ref()
+                        .unwrap_or(&m.entra_authority_url),
+                    ("AZURE_TENANT_ID", "AZURE_CLIENT_ID"),
+                    ClientAuth::Federated(path),
+                )?
+            }
+            CredentialKind::ManagedIdentity => {
+                let (mut endpoint, header) = match (&c.identity_endpoint, &c.identity_header) {
+                    (Some(endpoint), Some(header)) => {
+                        let mut endpoint = endpoint.clone();
+                        endpoint
+                            .query_pairs_mut()
+                            .append_pair("api-version", "2019-08-01");
+                        (endpoint, ("x-identity-header", header.clone()))
+                    }
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(configuration(
+                            "IDENTITY_ENDPOINT and IDENTITY_HEADER go together (App Service and \
+                             Container Apps set both); unset both to use IMDS"
+                                .into(),
+                        ));
+                    }
+                    (None, None) => {
+                        let mut endpoint = super::client::base_with_slash(&c.imds_endpoint)
+                            .join("metadata/identity/oauth2/token")
+                            .map_err(|e| {
+                                configuration(format!("invalid MARKETPLACE_IMDS_ENDPOINT: {e}"))
+                            })?;
+                        endpoint
+                            .query_pairs_mut()
+                            .append_pair("api-version", "2018-02-01");
+                        (
+                            endpoint,
+                            ("metadata", SecretString::from("true".to_owned())),
+                        )
+                    }
+                };
+                endpoint
+                    .query_pairs_mut()
+                    .append_pair("resource", MARKETPLACE_APP_ID);
+                if let Some(client_id) = c.azure_client_id {
+                    // A user-assigned identity; without it, the system-assigned one.
+                    endpoint
+                        .query_pairs_mut()
+                        .append_pair("client_id", &client_id.to_string());
+                }
+                Self::from_source(Source::ManagedIdentity(ManagedIdentitySource {
+                    http: build_http_client(m.request_timeout)?,
+                    endpoint,
+                    header,
+                }))
+            }
+        };
+        if let Some(inner) = Arc::get_mut(&mut provider.inner) {
+            inner.secret_expires_at = c.secret_expires_at;
+        }
+        Ok(provider)
+    }
+
+    fn assertion_provider(
+        m: &MarketplaceSettings,
+        tenant_id: Option<uuid::Uuid>,
+        client_id: Option<uuid::Uuid>,
+        authority: &Url,
+        names: (&str, &str),
+        auth: ClientAuth,
+    ) -> Result<Self, Error> {
+        let (Some(tenant_id), Some(client_id)) = (tenant_id, client_id) else {
+            return Err(Error::Configuration {
+                message: format!(
+                    "{} and {} are needed: the Entra tenant id and application (client) id of \
+                     the app registered in Partner Center (Technical configuration)",
+                    names.0, names.1
+                ),
+            });
+        };
+        let path = match m.token_endpoint {
+            TokenEndpoint::V2 => format!("{tenant_id}/oauth2/v2.0/token"),
+            TokenEndpoint::V1 => format!("{tenant_id}/oauth2/token"),
+        };
+        let endpoint = super::client::base_with_slash(authority)
+            .join(&path)
+            .map_err(|e| Error::Configuration {
+                message: format!("invalid Entra authority {authority}: {e}"),
+            })?;
+        Ok(Self::from_source(Source::Entra(EntraSource {
+            http: build_http_client(m.request_timeout)?,
+            endpoint,
+            version: m.token_endpoint,
+            client_id: client_id.to_string(),
+            auth,
+        })))
+    }
+
+    /// The credential in use and when it expires (a certificate's `notAfter` is read from
+    /// the file as it is now; a secret's from `MARKETPLACE_CLIENT_SECRET_EXPIRES_AT`).
+    pub fn credential_status(&self) -> Result<CredentialStatus, String> {
+        let (kind, expires_at, description) = match &self.inner.source {
+            Source::Static(_) => (CredentialKind::Secret, None, "a static token".to_owned()),
+            Source::ManagedIdentity(mi) => (
+                CredentialKind::ManagedIdentity,
+                None,
+                format!("managed identity at {}", without_query(&mi.endpoint)),
+            ),
+            Source::Entra(entra) => match &entra.auth {
+                ClientAuth::Secret(_) => (
+                    CredentialKind::Secret,
+                    self.inner.secret_expires_at,
+                    format!("client secret of app {}", entra.client_id),
+                ),
+                ClientAuth::Federated(path) => (
+                    CredentialKind::WorkloadIdentity,
+                    None,
+                    format!(
+                        "federated token {} for app {}",
+                        path.display(),
+                        entra.client_id
+                    ),
+                ),
+                ClientAuth::Certificate(files) => {
+                    let cert = files.current()?;
+                    (
+                        CredentialKind::Certificate,
+                        Some(cert.not_after),
+                        format!(
+                            "certificate {} (thumbprint {}) of app {}",
+                            cert.subject, cert.thumbprint_sha1, entra.client_id
+                        ),
+                    )
+                }
+            },
+        };
+        Ok(CredentialStatus {
+            kind,
+            expires_at,
+            description,
+        })
     }
 
     /// A provider that always hands out `token` (tests, or a simulator without Entra).
@@ -143,21 +372,19 @@ impl TokenProvider {
                 source,
                 cache: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                secret_expires_at: None,
             }),
         }
     }
 
     /// A valid token: the cached one, or a fresh one (one request for all waiting callers).
     pub async fn token(&self) -> Result<AccessToken, Error> {
-        let entra = match &self.inner.source {
-            Source::Static(secret) => {
-                return Ok(AccessToken {
-                    secret: secret.clone(),
-                    generation: 0,
-                });
-            }
-            Source::Entra(entra) => entra,
-        };
+        if let Source::Static(secret) = &self.inner.source {
+            return Ok(AccessToken {
+                secret: secret.clone(),
+                generation: 0,
+            });
+        }
         let mut cache = self.inner.cache.lock().await;
         let now = Instant::now();
         if let Some(cached) = cache.as_ref()
@@ -165,9 +392,11 @@ impl TokenProvider {
         {
             return Ok(cached.token.clone());
         }
-        let fetched = self.fetch(entra).await;
-        if fetched.is_err() {
-            crate::metrics::record_token_refresh_failure();
+        let fetched = self.fetch().await;
+        if let Err(error) = &fetched {
+            let code = failure_code(error);
+            crate::metrics::record_token_refresh_failure(&code);
+            tracing::warn!(code = %code, %error, "Entra token refresh failed");
         }
         match fetched {
             Ok(fresh) => {
@@ -202,23 +431,65 @@ impl TokenProvider {
         }
     }
 
-    async fn fetch(&self, entra: &EntraSource) -> Result<Cached, Error> {
-        let sent_at = Instant::now();
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("client_id", &entra.client_id),
-            ("client_secret", entra.client_secret.expose_secret()),
-        ];
-        let scope = format!("{MARKETPLACE_APP_ID}/.default");
-        match entra.version {
-            TokenEndpoint::V2 => form.push(("scope", &scope)),
-            TokenEndpoint::V1 => form.push(("resource", MARKETPLACE_APP_ID)),
+    /// The token request of the configured credential (files are read here).
+    fn request(&self) -> Result<(reqwest::RequestBuilder, String), Error> {
+        match &self.inner.source {
+            Source::Static(_) => Err(Error::Configuration {
+                message: "a static token is never fetched".into(),
+            }),
+            Source::ManagedIdentity(mi) => Ok((
+                mi.http
+                    .get(mi.endpoint.clone())
+                    .header(mi.header.0, mi.header.1.expose_secret()),
+                format!("GET {}", without_query(&mi.endpoint)),
+            )),
+            Source::Entra(entra) => {
+                let mut form: Vec<(&str, String)> = vec![
+                    ("grant_type", "client_credentials".into()),
+                    ("client_id", entra.client_id.clone()),
+                ];
+                let configuration = |message: String| Error::Configuration { message };
+                match &entra.auth {
+                    ClientAuth::Secret(secret) => {
+                        form.push(("client_secret", secret.expose_secret().to_owned()));
+                    }
+                    ClientAuth::Certificate(files) => {
+                        let cert = files.current().map_err(configuration)?;
+                        let assertion = client_assertion(
+                            &cert,
+                            &entra.client_id,
+                            entra.endpoint.as_str(),
+                            time::OffsetDateTime::now_utc(),
+                        )
+                        .map_err(configuration)?;
+                        form.push(("client_assertion_type", JWT_BEARER.into()));
+                        form.push(("client_assertion", assertion));
+                    }
+                    ClientAuth::Federated(path) => {
+                        let token = read_federated_token(path).map_err(configuration)?;
+                        form.push(("client_assertion_type", JWT_BEARER.into()));
+                        form.push(("client_assertion", token.expose_secret().to_owned()));
+                    }
+                }
+                match entra.version {
+                    TokenEndpoint::V2 => {
+                        form.push(("scope", format!("{MARKETPLACE_APP_ID}/.default")))
+                    }
+                    TokenEndpoint::V1 => form.push(("resource", MARKETPLACE_APP_ID.into())),
+                }
+                Ok((
+                    entra.http.post(entra.endpoint.clone()).form(&form),
+                    format!("POST {}", entra.endpoint),
+                ))
+            }
         }
-        let failure = || Failure::new(Call::EntraToken, format!("POST {}", entra.endpoint));
-        let response = entra
-            .http
-            .post(entra.endpoint.clone())
-            .form(&form)
+    }
+
+    async fn fetch(&self) -> Result<Cached, Error> {
+        let sent_at = Instant::now();
+        let (request, target) = self.request()?;
+        let failure = || Failure::new(Call::EntraToken, target.clone());
+        let response = request
             .send()
             .await
             .inspect_err(|_| {
@@ -243,7 +514,7 @@ impl TokenProvider {
         tracing::debug!(
             call = Call::EntraToken.as_str(),
             status,
-            endpoint = %entra.endpoint,
+            endpoint = %target,
             "Entra token request"
         );
         if !(200..300).contains(&status) {
@@ -276,6 +547,12 @@ impl TokenProvider {
             .expires_in
             .as_ref()
             .and_then(seconds)
+            .or_else(|| {
+                // Managed identity endpoints may give only `expires_on` (Unix seconds).
+                let on = parsed.expires_on.as_ref().and_then(seconds)?.as_secs();
+                let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+                (on > now).then(|| Duration::from_secs(on - now))
+            })
             .unwrap_or(DEFAULT_LIFETIME);
         let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(
@@ -348,6 +625,41 @@ struct TokenResponse {
     access_token: Option<String>,
     token_type: Option<String>,
     expires_in: Option<Value>,
+    expires_on: Option<Value>,
+}
+
+/// A URL without its query (the managed identity URLs carry only public parameters, but
+/// logs stay short).
+fn without_query(url: &Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.to_string()
+}
+
+/// The label of a failed refresh: Entra's `AADSTS…` code, else its OAuth `error`, else the
+/// error's kind (`transient`, `configuration`, …).
+pub fn failure_code(error: &Error) -> String {
+    let body: Option<Value> = error
+        .failure()
+        .and_then(|f| f.body.as_deref())
+        .and_then(|b| serde_json::from_str(b).ok());
+    let field = |name: &str| {
+        body.as_ref()
+            .and_then(|b| b.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    field("error_description")
+        .and_then(|d| {
+            let start = d.find("AADSTS")?;
+            let code: String = d[start..]
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
+            (code.len() > "AADSTS".len()).then_some(code)
+        })
+        .or_else(|| field("error"))
+        .unwrap_or_else(|| error.kind().to_owned())
 }
 
 impl fmt::Debug for TokenProvider {
@@ -358,7 +670,20 @@ impl fmt::Debug for TokenProvider {
                 .field("endpoint", &entra.endpoint.as_str())
                 .field("version", &entra.version)
                 .field("client_id", &entra.client_id)
-                .field("client_secret", &"[REDACTED]")
+                .field(
+                    "credential",
+                    &match &entra.auth {
+                        ClientAuth::Secret(_) => "client secret [REDACTED]".to_owned(),
+                        ClientAuth::Certificate(files) => format!("{files:?}"),
+                        ClientAuth::Federated(path) => {
+                            format!("federated token {}", path.display())
+                        }
+                    },
+                )
+                .finish_non_exhaustive(),
+            Source::ManagedIdentity(mi) => f
+                .debug_struct("TokenProvider")
+                .field("managed_identity", &without_query(&mi.endpoint))
                 .finish_non_exhaustive(),
             Source::Static(_) => f
                 .debug_struct("TokenProvider")

@@ -23,6 +23,7 @@ use serde::Serialize;
 use url::{Host, Url};
 use uuid::Uuid;
 
+use crate::marketplace::token::CredentialStatus;
 use crate::marketplace::{CallContext, Error, MarketplaceClient, RetryPolicy, TokenProvider};
 use crate::queue::inspect::{self, BrokerFailure, Presence, QueueKind, TopologyInspection};
 use crate::settings::{Settings, SettingsError, WebhookAuth};
@@ -199,7 +200,7 @@ fn push_wrapped(out: &mut String, head: &str, text: &str) {
 }
 
 /// The checks, in order.
-pub const CHECK_NAMES: [&str; 12] = [
+pub const CHECK_NAMES: [&str; 13] = [
     "config",
     "postgres.reachable",
     "postgres.migrated",
@@ -207,6 +208,7 @@ pub const CHECK_NAMES: [&str; 12] = [
     "rabbitmq.reachable",
     "rabbitmq.topology",
     "rabbitmq.quorum",
+    "entra.credential",
     "entra.token",
     "marketplace.api",
     "webhook.jwks",
@@ -265,6 +267,8 @@ pub struct Probes {
     pub database: Result<DatabaseFacts, ConnectFailure>,
     pub broker: Result<TopologyInspection, BrokerFailure>,
     pub token: TokenOutcome,
+    /// The credential in use and its expiry; `None` when none is configured.
+    pub credential: Option<Result<CredentialStatus, String>>,
     /// `None` when no token was obtained.
     pub api: Option<ApiOutcome>,
     /// The URL fetched (or that would be) and its outcome.
@@ -311,7 +315,7 @@ pub fn exit_code(report: &Report) -> ExitCode {
 
 /// Asks every dependency its question, concurrently, each within [`PROBE_TIMEOUT`].
 pub async fn probe(settings: &Settings) -> Probes {
-    let (database, broker, (token, api), jwks) = tokio::join!(
+    let (database, broker, (credential, token, api), jwks) = tokio::join!(
         probe_database(settings),
         inspect::inspect_topology(&settings.amqp, PROBE_TIMEOUT),
         probe_marketplace(settings),
@@ -321,6 +325,7 @@ pub async fn probe(settings: &Settings) -> Probes {
         database,
         broker,
         token,
+        credential,
         api,
         jwks,
     }
@@ -351,17 +356,31 @@ fn within<T>(
     }
 }
 
-async fn probe_marketplace(settings: &Settings) -> (TokenOutcome, Option<ApiOutcome>) {
-    let mut marketplace = settings.marketplace.clone();
-    marketplace.request_timeout = marketplace.request_timeout.min(PROBE_TIMEOUT);
-    let tokens = match TokenProvider::new(&marketplace) {
+type CredentialProbe = Option<Result<CredentialStatus, String>>;
+
+async fn probe_marketplace(
+    settings: &Settings,
+) -> (CredentialProbe, TokenOutcome, Option<ApiOutcome>) {
+    let mut short = settings.clone();
+    short.marketplace.request_timeout = short.marketplace.request_timeout.min(PROBE_TIMEOUT);
+    let marketplace = short.marketplace.clone();
+    let tokens = match TokenProvider::for_settings(&short) {
         Ok(tokens) => tokens,
-        Err(error) => return (TokenOutcome::NotConfigured(error.to_string()), None),
+        Err(error) => return (None, TokenOutcome::NotConfigured(error.to_string()), None),
     };
+    let credential = Some(tokens.credential_status());
+    let (token, api) = probe_api(&marketplace, tokens).await;
+    (credential, token, api)
+}
+
+async fn probe_api(
+    marketplace: &crate::settings::MarketplaceSettings,
+    tokens: TokenProvider,
+) -> (TokenOutcome, Option<ApiOutcome>) {
     if let Err(error) = tokens.token().await {
         return (token_outcome(&error), None);
     }
-    let client = match MarketplaceClient::new(&marketplace, tokens) {
+    let client = match MarketplaceClient::new(marketplace, tokens) {
         Ok(client) => client.with_retry_policy(RetryPolicy::never()),
         Err(error) => {
             return (
@@ -524,6 +543,10 @@ pub fn verdicts(settings: &Settings, expected_migrations: &[i64], probes: &Probe
         &probes.database,
     ));
     checks.extend(broker_verdicts(settings, &probes.broker));
+    checks.push(credential_verdict(
+        probes.credential.as_ref(),
+        time::OffsetDateTime::now_utc(),
+    ));
     checks.extend(marketplace_verdicts(
         settings,
         &probes.token,
@@ -883,8 +906,103 @@ fn marketplace_verdicts(
 }
 
 /// The fix for an Entra refusal, by its AADSTS code, else its OAuth error.
+/// Which credential is used and how long it has left: a problem once expired (or when the
+/// certificate file cannot be read), a warning in the detail within 30 days.
+pub fn credential_verdict(
+    credential: Option<&Result<CredentialStatus, String>>,
+    now: time::OffsetDateTime,
+) -> Check {
+    let status = match credential {
+        None => return Check::skipped("entra.credential", "no credential is configured"),
+        Some(Err(why)) => {
+            return Check::problem(
+                "entra.credential",
+                why.clone(),
+                "point MARKETPLACE_CLIENT_CERTIFICATE_PATH (and MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH) \
+                 at readable PEM files holding the certificate uploaded to the app registration \
+                 and its unencrypted RSA private key",
+            );
+        }
+        Some(Ok(status)) => status,
+    };
+    let kind = status.kind.as_str();
+    let date = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    match status.expires_at {
+        None => Check::ok(
+            "entra.credential",
+            match status.kind {
+                crate::settings::CredentialKind::Secret => format!(
+                    "{kind}: {} (expiry unknown: set MARKETPLACE_CLIENT_SECRET_EXPIRES_AT to be \
+                     warned before it expires)",
+                    status.description
+                ),
+                _ => format!("{kind}: {} (nothing to renew)", status.description),
+            },
+        ),
+        Some(expires_at) if expires_at <= now => Check::problem(
+            "entra.credential",
+            format!(
+                "{kind}: {} expired {} days ago ({})",
+                status.description,
+                (now - expires_at).whole_days(),
+                date(expires_at)
+            ),
+            match status.kind {
+                crate::settings::CredentialKind::Certificate => {
+                    "create a new certificate, upload its public part to the app registration \
+                     (Certificates & secrets) and replace the file at \
+                     MARKETPLACE_CLIENT_CERTIFICATE_PATH (picked up without a restart)"
+                }
+                _ => {
+                    "create a new client secret (app registration → Certificates & secrets), set \
+                     MARKETPLACE_CLIENT_SECRET and MARKETPLACE_CLIENT_SECRET_EXPIRES_AT"
+                }
+            },
+        ),
+        Some(expires_at) => {
+            let days = (expires_at - now).whole_days();
+            let urgency = if days < 30 { " — renew it soon" } else { "" };
+            Check::ok(
+                "entra.credential",
+                format!(
+                    "{kind}: {} expires in {days} days ({}){urgency}",
+                    status.description,
+                    date(expires_at)
+                ),
+            )
+        }
+    }
+}
+
 fn entra_fix(error: Option<&str>, code: Option<&str>) -> String {
     let text = match (code, error) {
+        (Some("AADSTS700027"), _) => {
+            "Entra does not accept the certificate: upload its public part to the app \
+             registration (Certificates & secrets), check that it has not expired and that \
+             MARKETPLACE_CLIENT_CERTIFICATE_PATH holds that certificate and its key"
+        }
+        (Some("AADSTS700024"), _) => {
+            "the client assertion is outside its validity: check this host's clock (NTP), or \
+             renew the federated token file"
+        }
+        (Some("AADSTS50012"), _) => {
+            "the client assertion names another token endpoint: check ENTRA_AUTHORITY_URL / \
+             AZURE_AUTHORITY_HOST and MARKETPLACE_TENANT_ID"
+        }
+        (Some("AADSTS70021" | "AADSTS700211" | "AADSTS700212"), _) => {
+            "no federated credential on the app matches the token's issuer, subject and \
+             audience: add one (app registration → Certificates & secrets → Federated \
+             credentials) with the cluster's OIDC issuer, subject \
+             system:serviceaccount:<namespace>:<service account> and audience \
+             api://AzureADTokenExchange"
+        }
+        (Some("AADSTS700021"), _) => {
+            "the assertion was made for another app: MARKETPLACE_CLIENT_ID / AZURE_CLIENT_ID \
+             must be the app the certificate belongs to"
+        }
         (Some("AADSTS90002" | "AADSTS900023"), _) => {
             "MARKETPLACE_TENANT_ID is not the tenant of the app: use the Directory (tenant) ID \
              of the app registration (Partner Center → Technical configuration → Microsoft Entra \
@@ -1122,9 +1240,59 @@ mod tests {
                     .collect(),
             }),
             token: TokenOutcome::Obtained,
+            credential: Some(Ok(CredentialStatus {
+                kind: crate::settings::CredentialKind::Secret,
+                expires_at: None,
+                description: "client secret of app x".into(),
+            })),
             api: Some(ApiOutcome::Answered { subscriptions: 2 }),
             jwks: (None, JwksOutcome::Keys(2)),
         }
+    }
+
+    #[test]
+    fn the_credential_check_names_the_days_left_and_fails_once_expired() {
+        use crate::settings::CredentialKind;
+        let now = time::macros::datetime!(2027-01-01 0:00 UTC);
+        let status = |kind, days: Option<i64>| {
+            Ok(CredentialStatus {
+                kind,
+                expires_at: days.map(|d| now + time::Duration::days(d)),
+                description: "certificate CN=x".into(),
+            })
+        };
+        let soon = credential_verdict(Some(&status(CredentialKind::Certificate, Some(12))), now);
+        assert_eq!(soon.status, Status::Ok);
+        assert!(
+            soon.detail
+                .contains("expires in 12 days (2027-01-13T00:00:00Z) — renew it soon"),
+            "{}",
+            soon.detail
+        );
+        let expired = credential_verdict(Some(&status(CredentialKind::Certificate, Some(-2))), now);
+        assert_eq!(expired.status, Status::Problem);
+        assert!(
+            expired.detail.contains("expired 2 days ago"),
+            "{}",
+            expired.detail
+        );
+        assert!(
+            expired
+                .fix
+                .unwrap()
+                .contains("MARKETPLACE_CLIENT_CERTIFICATE_PATH")
+        );
+        let secret = credential_verdict(Some(&status(CredentialKind::Secret, None)), now);
+        assert!(
+            secret
+                .detail
+                .contains("MARKETPLACE_CLIENT_SECRET_EXPIRES_AT"),
+            "{}",
+            secret.detail
+        );
+        let unreadable = credential_verdict(Some(&Err("cannot read /x".into())), now);
+        assert_eq!(unreadable.status, Status::Problem);
+        assert_eq!(credential_verdict(None, now).status, Status::Skipped);
     }
 
     fn check<'a>(checks: &'a [Check], name: &str) -> &'a Check {

@@ -606,8 +606,8 @@ pub fn compare(
 /// Builds a reconciler from the settings (its own pool and Marketplace client).
 pub async fn reconciler(settings: &Settings, actor: String) -> anyhow::Result<Reconciler> {
     let pool = crate::store::connect(&settings.database).await?;
-    let tokens = TokenProvider::new(&settings.marketplace)
-        .context("cannot set up the Entra token provider")?;
+    let tokens =
+        TokenProvider::for_settings(settings).context("cannot set up the Entra token provider")?;
     let client = MarketplaceClient::new(&settings.marketplace, tokens)
         .context("cannot build the Marketplace client")?;
     Ok(Reconciler {

@@ -422,11 +422,33 @@ fn check_client_credentials(
             "Application with the given identifier was not found in the directory.",
         )));
     }
+    if form.contains_key("client_assertion") || form.contains_key("client_assertion_type") {
+        let audiences: Vec<String> = [
+            format!("{}{tenant}/oauth2/v2.0/token", shared.base_url),
+            format!("{}{tenant}/oauth2/token", shared.base_url),
+            format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
+            format!("https://login.microsoftonline.com/{tenant}/oauth2/token"),
+        ]
+        .into();
+        super::credentials::check_assertion(shared, form, &audiences).map_err(
+            |super::credentials::Refusal(status, error, code, description)| {
+                Box::new(oauth_error(status, error, code, &description))
+            },
+        )?;
+    } else if !form.contains_key("client_secret") {
+        return Err(Box::new(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        )));
+    }
     let presented = form.get("client_secret").map(String::as_str).unwrap_or("");
-    let secret_ok = match &shared.config.client_secret {
-        Some(secret) => presented == secret.expose_secret(),
-        None => !presented.is_empty(),
-    };
+    let secret_ok = form.contains_key("client_assertion")
+        || match &shared.config.client_secret {
+            Some(secret) => presented == secret.expose_secret(),
+            None => !presented.is_empty(),
+        };
     if !secret_ok {
         return Err(Box::new(oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -542,7 +564,7 @@ async fn openid_configuration_v2(
         "issuer": format!("{base}{tenant}/v2.0"),
         "token_endpoint": format!("{base}{tenant}/oauth2/v2.0/token"),
         "jwks_uri": format!("{base}{tenant}/discovery/v2.0/keys"),
-        "token_endpoint_auth_methods_supported": ["client_secret_post"],
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
         "id_token_signing_alg_values_supported": ["RS256"],
         "response_types_supported": ["token"],
         "subject_types_supported": ["pairwise"],

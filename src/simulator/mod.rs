@@ -16,6 +16,7 @@
 
 mod admin;
 mod api;
+mod credentials;
 mod entra;
 mod error;
 mod faults;
@@ -42,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
+pub use credentials::{FEDERATED_AUDIENCE, FederatedCredential};
 pub use faults::{CALLS as FAULT_CALLS, Faults, Reorder};
 
 use crate::settings::Settings;
@@ -362,6 +364,11 @@ pub struct SimulatorConfig {
     /// Unknown operation (or subscription) ids on the operation endpoints answer 404 as
     /// documented, instead of the live service's 400 (§4.10, §15.2).
     pub strict_404: bool,
+    /// PEM certificates registered on the app at start (`--client-certificate`); client
+    /// assertions must be signed by one of them.
+    pub client_certificates: Vec<String>,
+    /// `IDENTITY_HEADER` the App Service managed identity endpoint expects; `None`: any.
+    pub identity_header: Option<SecretString>,
 }
 
 /// The second loopback address `Operation-Location` and `@nextLink` point to by default.
@@ -388,6 +395,8 @@ impl SimulatorConfig {
             link_host: Some(DEFAULT_LINK_HOST.into()),
             page_sizes: DEFAULT_PAGE_SIZES,
             strict_404: false,
+            client_certificates: Vec::new(),
+            identity_header: None,
         }
     }
 
@@ -484,10 +493,17 @@ impl Simulator {
             .build()
             .context("cannot build the webhook HTTP client")?;
         let shared = Arc::new(Shared::new(config, base_url, state, keys, rng, http));
+        for pem_text in &shared.config.client_certificates {
+            shared
+                .credentials
+                .add_certificate(pem_text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("client certificate: {e}"))?;
+        }
         lifecycle::resume_timers(&shared);
 
         let router = api::routes(&shared)
             .merge(entra::routes())
+            .merge(credentials::routes())
             .merge(admin::routes())
             .merge(metering::admin_routes())
             .with_state(Arc::clone(&shared));
@@ -715,6 +731,51 @@ impl RunningSimulator {
         }
     }
 
+    /// Registers a certificate (PEM) on the app: client assertions it signs are accepted.
+    /// Returns its SHA-1 thumbprint.
+    pub fn register_client_certificate(&self, pem_text: &str) -> anyhow::Result<String> {
+        self.shared
+            .credentials
+            .add_certificate(pem_text.as_bytes())
+            .map_err(|e| anyhow::anyhow!(e))
+    }
+
+    /// Removes a certificate (SHA-1 thumbprint) from the app.
+    pub fn remove_client_certificate(&self, sha1: &str) -> bool {
+        self.shared.credentials.remove_certificate(sha1)
+    }
+
+    /// Adds a federated identity credential to the app.
+    pub fn register_federated_credential(&self, credential: FederatedCredential) {
+        self.shared.credentials.add_federated(credential);
+    }
+
+    /// The OIDC issuer the simulator plays for workload identity: `{base}federation`.
+    pub fn federation_issuer(&self) -> String {
+        credentials::federation_issuer(&self.shared)
+    }
+
+    /// A federated token from [`RunningSimulator::federation_issuer`], as a projected
+    /// service-account token file holds it.
+    pub fn mint_federated_token(
+        &self,
+        subject: &str,
+        audience: &str,
+        lifetime: Duration,
+    ) -> anyhow::Result<String> {
+        credentials::mint_federated_token(
+            &self.shared,
+            subject,
+            audience,
+            i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX),
+        )
+    }
+
+    /// The App Service-style `IDENTITY_ENDPOINT`: `{base}msi/token`.
+    pub fn identity_endpoint(&self) -> Url {
+        self.join("msi/token")
+    }
+
     /// Adds a new current signing key; the old ones stay in the JWKS. Returns the new `kid`.
     pub fn rotate_signing_key(&self) -> anyhow::Result<String> {
         self.shared.keys.rotate()
@@ -803,6 +864,14 @@ pub struct SimulateArgs {
     /// Answer 404 for unknown operation ids as the docs say, not 400 as the live service.
     #[arg(long)]
     pub strict_404: bool,
+    /// A PEM certificate registered on the app: the token endpoint accepts client
+    /// assertions it signs (`MARKETPLACE_CREDENTIAL=certificate`). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub client_certificate: Vec<PathBuf>,
+    /// The `IDENTITY_HEADER` the managed identity endpoint (`/msi/token`) expects
+    /// (default: any non-empty value).
+    #[arg(long, value_name = "VALUE")]
+    pub identity_header: Option<String>,
 }
 
 /// `66..=89`, `66..89` (the same) or `10`.
@@ -866,6 +935,7 @@ impl SimulateArgs {
             host => Some(host.to_owned()),
         };
         config.strict_404 = self.strict_404;
+        config.identity_header = self.identity_header.map(SecretString::from);
         config.landing_page_url = self.landing_url;
         config.state_file = self.state_file;
         config.issuer = self.issuer;
@@ -882,6 +952,12 @@ pub async fn run(
     let mut config = SimulatorConfig::from_settings(settings, args.webhook_url.clone());
     if let Some(path) = &args.catalogue {
         config.plans = Catalogue::load(path)?.plans;
+    }
+    for path in &args.client_certificate {
+        config.client_certificates.push(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --client-certificate {}", path.display()))?,
+        );
     }
     let listen = args.listen;
     args.apply(&mut config);
@@ -912,6 +988,15 @@ pub async fn run(
     println!(
         "  admin:                           {}simulator/purchases",
         simulator.base_url()
+    );
+    println!(
+        "  managed identity (IDENTITY_ENDPOINT): {}  IMDS (MARKETPLACE_IMDS_ENDPOINT): {}",
+        simulator.identity_endpoint(),
+        simulator.base_url()
+    );
+    println!(
+        "  workload identity issuer:        {}",
+        simulator.federation_issuer()
     );
     match &webhook {
         Some(url) => println!("  webhooks go to                   {url}"),

@@ -256,6 +256,8 @@ pub(crate) struct Shared {
     pub operation_finished: tokio::sync::Notify,
     /// The webhook sender's current token: `(kid, token, minted at)`.
     pub sender_token: Mutex<Option<(String, String, std::time::Instant)>>,
+    /// Certificates and federated credentials registered on the app.
+    pub credentials: super::credentials::Registrations,
 }
 
 impl std::fmt::Debug for Shared {
@@ -288,6 +290,7 @@ impl Shared {
             dirty: AtomicBool::new(false),
             operation_finished: tokio::sync::Notify::new(),
             sender_token: Mutex::new(None),
+            credentials: Default::default(),
         }
     }
 

@@ -10,6 +10,7 @@ use sqlx::{Connection, Postgres};
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod commands;
+pub mod credential_notices;
 pub mod ledger;
 pub mod operator_actions;
 pub mod outbox;

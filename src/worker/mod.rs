@@ -11,6 +11,7 @@
 //! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
 
 pub mod consume;
+pub mod credential_health;
 pub mod effects;
 pub mod listener;
 pub mod protocol;

@@ -111,7 +111,7 @@ impl WorkerParts {
         let pool = store::connect(&settings.database).await?;
         let broker = Broker::connect(&settings.amqp, "fulfillment-worker").await?;
         store::prefixes::record(&pool, &settings.amqp.prefix, "work").await?;
-        let tokens = TokenProvider::new(&settings.marketplace)
+        let tokens = TokenProvider::for_settings(settings)
             .context("cannot set up the Entra token provider")?;
         let client = MarketplaceClient::new(&settings.marketplace, tokens)
             .context("cannot build the Marketplace client")?
@@ -289,6 +289,13 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
     );
     let broker = parts.broker.clone();
     let pool = parts.pool.clone();
+    // Credential health: expiry gauge, warnings, `credential.expiring` (issue #20).
+    let health = tokio::spawn(super::credential_health::run_periodically(
+        pool.clone(),
+        broker.publisher().await?,
+        parts.client.tokens().clone(),
+        shutdown.child_token(),
+    ));
     let worker = Worker::spawn(parts, config, shutdown.clone()).await?;
     // /metrics, /healthz, /readyz: up while the worker runs.
     let listener = MetricsListener::bind(settings.worker.metrics_addr, pool, broker.clone())
@@ -318,6 +325,7 @@ pub async fn run_worker(settings: Settings, shutdown: CancellationToken) -> anyh
         reconciling.abort();
     }
     listener_stop.cancel();
+    health.abort();
     if let Ok(Err(error)) = listener.await {
         tracing::warn!(error = %format!("{error:#}"), "the worker metrics listener failed");
     }
