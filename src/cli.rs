@@ -102,6 +102,15 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
+    // Processes that call Microsoft say everything they miss before connecting anywhere.
+    if matches!(
+        cli.command,
+        Command::Serve | Command::Work | Command::Reconcile(_)
+    ) && let Err(e) = settings.require_marketplace_identity()
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     // The preflight's verdicts are its output: its logs only when RUST_LOG asks for them.
     if !matches!(cli.command, Command::Doctor(_)) || std::env::var_os("RUST_LOG").is_some() {
         telemetry::init_service(settings.log.format, service_name(&cli.command));

@@ -368,6 +368,17 @@ pub enum SettingsError {
     Source(#[from] config::ConfigError),
     #[error("settings file {path} does not exist (named by {CONFIG_FILE_ENV} or --config)")]
     MissingFile { path: PathBuf },
+    #[error("{0}")]
+    Required(String),
+    #[error("{} problems with the settings:{}", .0.len(), list_problems(.0))]
+    Many(Vec<SettingsError>),
+}
+
+fn list_problems(problems: &[SettingsError]) -> String {
+    problems
+        .iter()
+        .map(|problem| format!("\n  - {problem}"))
+        .collect()
 }
 
 fn env_hint(key: &str) -> String {
@@ -699,131 +710,246 @@ impl Settings {
         Self::parse(raw)
     }
 
+    /// Parses every section, and reports every problem at once: a section with a problem
+    /// does not hide the next one's.
     fn parse(raw: RawSettings) -> Result<Self, SettingsError> {
-        let database_url = parse_url("database.url", &raw.database.url)?;
-        if !matches!(database_url.scheme(), "postgres" | "postgresql") {
-            return invalid("database.url", "expected a postgres:// URL");
-        }
-        if database_url.path().trim_start_matches('/').is_empty() {
-            return invalid(
-                "database.url",
-                "the URL names no database (add /fulfillment)",
-            );
-        }
-        let amqp_url = parse_url("amqp.url", &raw.amqp.url)?;
-        if !matches!(amqp_url.scheme(), "amqp" | "amqps") {
-            return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
-        }
-        if raw.amqp.prefix.is_empty()
-            || !raw
-                .amqp
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return invalid(
-                "amqp.prefix",
-                "use letters, digits, '-', '_' or '.' (at least one)",
-            );
-        }
-        if raw.database.max_connections == 0 {
-            return invalid("database.max_connections", "must be at least 1");
-        }
-        let credential = parse_credential(raw.credential)?;
-        let marketplace = MarketplaceSettings {
-            api_url: parse_http_url("marketplace.api_url", &raw.marketplace.api_url)?,
-            entra_authority_url: parse_http_url(
-                "marketplace.entra_authority_url",
-                &raw.marketplace.entra_authority_url,
-            )?,
-            // The variables AKS workload identity and the Azure SDKs use stand in for ours.
-            tenant_id: parse_guid("marketplace.tenant_id", raw.marketplace.tenant_id)?
-                .or(credential.azure_tenant_id),
-            client_id: parse_guid("marketplace.client_id", raw.marketplace.client_id)?
-                .or(credential.azure_client_id),
-            client_secret: raw
-                .marketplace
-                .client_secret
-                .filter(|s| !s.expose_secret().is_empty()),
-            token_endpoint: match raw.marketplace.token_endpoint.trim() {
-                "v2" | "V2" => TokenEndpoint::V2,
-                "v1" | "V1" => TokenEndpoint::V1,
-                other => {
-                    return invalid(
-                        "marketplace.token_endpoint",
-                        format!("expected v2 or v1, got {other:?}"),
-                    );
-                }
-            },
-            request_timeout: positive_secs(
-                "marketplace.request_timeout_secs",
-                raw.marketplace.request_timeout_secs,
-            )?,
-        };
-        let ingress = parse_ingress(raw.ingress, marketplace.client_id)?;
-        let worker = parse_worker(raw.worker, raw.database.max_connections)?;
+        let mut problems = Vec::new();
+        let database = keep(&mut problems, parse_database(&raw.database));
+        let amqp = keep(&mut problems, parse_amqp(&raw.amqp));
+        let credential = keep(&mut problems, parse_credential(raw.credential));
+        let marketplace = keep(
+            &mut problems,
+            parse_marketplace(&raw.marketplace, credential.as_ref()),
+        );
+        let ingress = keep(
+            &mut problems,
+            parse_ingress(raw.ingress, marketplace.as_ref().and_then(|m| m.client_id)),
+        );
+        let worker = keep(
+            &mut problems,
+            parse_worker(raw.worker, raw.database.max_connections),
+        );
         let reconcile = ReconcileSettings {
             interval: (raw.reconcile.interval_secs > 0)
                 .then(|| Duration::from_secs(raw.reconcile.interval_secs)),
             stuck_pending_after: Duration::from_secs(raw.reconcile.stuck_pending_after_secs),
             execute: raw.reconcile.execute,
         };
-        if raw.metering.grace_secs > 12 * 3600 {
-            return invalid(
-                "metering.grace_secs",
-                "must be at most 43200 (12 h): Microsoft refuses hours older than 24 h",
-            );
-        }
-        let metering = crate::metering::MeteringConfig {
-            grace: Duration::from_secs(raw.metering.grace_secs),
-            tick: positive_millis("metering.tick_ms", raw.metering.tick_ms)?,
-            dimensions_ttl: Duration::from_secs(raw.metering.dimensions_ttl_secs),
-        };
-        Ok(Self {
-            metering,
+        let metering = keep(&mut problems, parse_metering(&raw.metering));
+        let http = keep(&mut problems, parse_http(&raw.http));
+        let log = keep(&mut problems, parse_log(&raw.log));
+        match (
+            database,
+            amqp,
             credential,
-            reconcile,
-            ingress,
-            policy: raw.policy,
-            worker,
-            database: DatabaseSettings {
-                url: ConnectionUrl(database_url),
-                max_connections: raw.database.max_connections,
-                acquire_timeout: positive_secs(
-                    "database.acquire_timeout_secs",
-                    raw.database.acquire_timeout_secs,
-                )?,
-            },
-            amqp: AmqpSettings {
-                url: ConnectionUrl(amqp_url),
-                prefix: raw.amqp.prefix,
-            },
             marketplace,
-            http: HttpSettings {
-                listen_addr: listen_address(
-                    "http.listen_addr",
-                    &raw.http.listen_addr,
-                    "127.0.0.1:8080",
-                )?,
-                public_url: match raw.http.public_url.as_deref().map(str::trim) {
-                    None | Some("") => None,
-                    Some(url) => Some(parse_http_url("http.public_url", url)?),
-                },
-            },
-            log: LogSettings {
-                format: match raw.log.format.trim() {
-                    "pretty" => LogFormat::Pretty,
-                    "json" => LogFormat::Json,
-                    other => {
-                        return invalid(
-                            "log.format",
-                            format!("expected pretty or json, got {other:?}"),
-                        );
-                    }
-                },
-            },
-        })
+            ingress,
+            worker,
+            metering,
+            http,
+            log,
+        ) {
+            (
+                Some(database),
+                Some(amqp),
+                Some(credential),
+                Some(marketplace),
+                Some(ingress),
+                Some(worker),
+                Some(metering),
+                Some(http),
+                Some(log),
+            ) if problems.is_empty() => Ok(Self {
+                metering,
+                credential,
+                reconcile,
+                ingress,
+                policy: raw.policy,
+                worker,
+                database,
+                amqp,
+                marketplace,
+                http,
+                log,
+            }),
+            _ if problems.len() == 1 => Err(problems.remove(0)),
+            _ => Err(SettingsError::Many(problems)),
+        }
     }
+}
+
+impl Settings {
+    /// What a process that calls Microsoft needs and is not set (`serve`, `work`,
+    /// `reconcile`): the publisher identity and a credential, all reported at once, before
+    /// any connection is opened.
+    pub fn require_marketplace_identity(&self) -> Result<(), SettingsError> {
+        let mut missing = Vec::new();
+        if self.marketplace.tenant_id.is_none() {
+            missing.push(SettingsError::Required(
+                "MARKETPLACE_TENANT_ID (marketplace.tenant_id) is not set: the publisher's Entra \
+                 tenant (Partner Center → Technical configuration)"
+                    .into(),
+            ));
+        }
+        if self.marketplace.client_id.is_none() {
+            missing.push(SettingsError::Required(
+                "MARKETPLACE_CLIENT_ID (marketplace.client_id) is not set: the publisher's Entra \
+                 application (Partner Center → Technical configuration)"
+                    .into(),
+            ));
+        }
+        let credential = &self.credential;
+        let required = match credential.resolve(self.marketplace.client_secret.is_some()) {
+            None => Some(
+                "no credential for the Fulfillment API: set MARKETPLACE_CLIENT_SECRET, \
+                 MARKETPLACE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE or \
+                 IDENTITY_ENDPOINT and IDENTITY_HEADER (or MARKETPLACE_CREDENTIAL=managed_identity \
+                 on an Azure VM)",
+            ),
+            Some(CredentialKind::Secret) if self.marketplace.client_secret.is_none() => {
+                Some("MARKETPLACE_CLIENT_SECRET is not set (MARKETPLACE_CREDENTIAL=secret)")
+            }
+            Some(CredentialKind::Certificate) if credential.certificate_path.is_none() => Some(
+                "MARKETPLACE_CLIENT_CERTIFICATE_PATH is not set (MARKETPLACE_CREDENTIAL=certificate)",
+            ),
+            Some(CredentialKind::WorkloadIdentity) if credential.federated_token_file.is_none() => {
+                Some(
+                    "AZURE_FEDERATED_TOKEN_FILE is not set \
+                     (MARKETPLACE_CREDENTIAL=workload_identity)",
+                )
+            }
+            _ => None,
+        };
+        missing.extend(required.map(|what| SettingsError::Required(what.into())));
+        match missing.len() {
+            0 => Ok(()),
+            1 => Err(missing.remove(0)),
+            _ => Err(SettingsError::Many(missing)),
+        }
+    }
+}
+
+/// The value, or `None` with the problem kept.
+fn keep<T>(problems: &mut Vec<SettingsError>, parsed: Result<T, SettingsError>) -> Option<T> {
+    parsed.map_err(|problem| problems.push(problem)).ok()
+}
+
+fn parse_database(raw: &RawDatabase) -> Result<DatabaseSettings, SettingsError> {
+    let url = parse_url("database.url", &raw.url)?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return invalid("database.url", "expected a postgres:// URL");
+    }
+    if url.path().trim_start_matches('/').is_empty() {
+        return invalid(
+            "database.url",
+            "the URL names no database (add /fulfillment)",
+        );
+    }
+    if raw.max_connections == 0 {
+        return invalid("database.max_connections", "must be at least 1");
+    }
+    Ok(DatabaseSettings {
+        url: ConnectionUrl(url),
+        max_connections: raw.max_connections,
+        acquire_timeout: positive_secs("database.acquire_timeout_secs", raw.acquire_timeout_secs)?,
+    })
+}
+
+fn parse_amqp(raw: &RawAmqp) -> Result<AmqpSettings, SettingsError> {
+    let url = parse_url("amqp.url", &raw.url)?;
+    if !matches!(url.scheme(), "amqp" | "amqps") {
+        return invalid("amqp.url", "expected an amqp:// or amqps:// URL");
+    }
+    if raw.prefix.is_empty()
+        || !raw
+            .prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return invalid(
+            "amqp.prefix",
+            "use letters, digits, '-', '_' or '.' (at least one)",
+        );
+    }
+    Ok(AmqpSettings {
+        url: ConnectionUrl(url),
+        prefix: raw.prefix.clone(),
+    })
+}
+
+fn parse_marketplace(
+    raw: &RawMarketplace,
+    credential: Option<&CredentialSettings>,
+) -> Result<MarketplaceSettings, SettingsError> {
+    Ok(MarketplaceSettings {
+        api_url: parse_http_url("marketplace.api_url", &raw.api_url)?,
+        entra_authority_url: parse_http_url(
+            "marketplace.entra_authority_url",
+            &raw.entra_authority_url,
+        )?,
+        // The variables AKS workload identity and the Azure SDKs use stand in for ours.
+        tenant_id: parse_guid("marketplace.tenant_id", raw.tenant_id.clone())?
+            .or(credential.and_then(|c| c.azure_tenant_id)),
+        client_id: parse_guid("marketplace.client_id", raw.client_id.clone())?
+            .or(credential.and_then(|c| c.azure_client_id)),
+        client_secret: raw
+            .client_secret
+            .clone()
+            .filter(|s| !s.expose_secret().is_empty()),
+        token_endpoint: match raw.token_endpoint.trim() {
+            "v2" | "V2" => TokenEndpoint::V2,
+            "v1" | "V1" => TokenEndpoint::V1,
+            other => {
+                return invalid(
+                    "marketplace.token_endpoint",
+                    format!("expected v2 or v1, got {other:?}"),
+                );
+            }
+        },
+        request_timeout: positive_secs(
+            "marketplace.request_timeout_secs",
+            raw.request_timeout_secs,
+        )?,
+    })
+}
+
+fn parse_metering(raw: &RawMetering) -> Result<crate::metering::MeteringConfig, SettingsError> {
+    if raw.grace_secs > 12 * 3600 {
+        return invalid(
+            "metering.grace_secs",
+            "must be at most 43200 (12 h): Microsoft refuses hours older than 24 h",
+        );
+    }
+    Ok(crate::metering::MeteringConfig {
+        grace: Duration::from_secs(raw.grace_secs),
+        tick: positive_millis("metering.tick_ms", raw.tick_ms)?,
+        dimensions_ttl: Duration::from_secs(raw.dimensions_ttl_secs),
+    })
+}
+
+fn parse_http(raw: &RawHttp) -> Result<HttpSettings, SettingsError> {
+    Ok(HttpSettings {
+        listen_addr: listen_address("http.listen_addr", &raw.listen_addr, "127.0.0.1:8080")?,
+        public_url: match raw.public_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => Some(parse_http_url("http.public_url", url)?),
+        },
+    })
+}
+
+fn parse_log(raw: &RawLog) -> Result<LogSettings, SettingsError> {
+    Ok(LogSettings {
+        format: match raw.format.trim() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                return invalid(
+                    "log.format",
+                    format!("expected pretty or json, got {other:?}"),
+                );
+            }
+        },
+    })
 }
 
 fn parse_ingress(

@@ -278,3 +278,47 @@ fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
+
+#[test]
+fn every_invalid_setting_is_reported_at_once_with_exit_2() {
+    let db = TestDatabase::new();
+    let env = with(env_of(&db.settings), "LOG_FORMAT", "xml".into());
+    let env = with(env, "MARKETPLACE_TOKEN_ENDPOINT", "v3".into());
+    let env = with(env, "AMQP_URL", "http://127.0.0.1:5672".into());
+    let out = fulfillment(&["subscription", "list"], &env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("3 problems with the settings"), "{err}");
+    for key in ["log.format", "marketplace.token_endpoint", "amqp.url"] {
+        assert!(err.contains(key), "{key} not named: {err}");
+    }
+}
+
+#[test]
+fn serve_names_every_missing_setting_at_once_before_connecting_anywhere() {
+    // PostgreSQL and RabbitMQ on closed ports: connecting first would exit 3.
+    let port = closed_port();
+    let env = vec![
+        (
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/fulfillment"),
+        ),
+        (
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        ),
+    ];
+    for command in ["serve", "work", "reconcile"] {
+        let out = fulfillment(&[command], &env);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        for needle in [
+            "3 problems with the settings",
+            "MARKETPLACE_TENANT_ID",
+            "MARKETPLACE_CLIENT_ID",
+            "no credential for the Fulfillment API",
+        ] {
+            assert!(err.contains(needle), "{command}: {needle} not in {err}");
+        }
+    }
+}
