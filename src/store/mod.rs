@@ -10,6 +10,7 @@ use sqlx::{Connection, Postgres};
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod ledger;
+pub mod notices;
 pub mod operator_actions;
 pub mod outbox;
 pub mod subscriptions;

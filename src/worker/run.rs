@@ -128,6 +128,7 @@ pub struct Worker {
     shutdown: CancellationToken,
     consumer: JoinHandle<()>,
     runner: JoinHandle<()>,
+    notices: JoinHandle<()>,
     pool: PgPool,
     consumer_activity: Arc<ConsumerActivity>,
     effect_activity: Arc<EffectActivity>,
@@ -147,6 +148,7 @@ impl Worker {
             .broker
             .consume_inbound(config.prefetch, &config.consumer_tag)
             .await?;
+        let poll_interval = config.effects.poll_interval;
         let runner = EffectRunner::new(
             parts.pool.clone(),
             parts.client.clone(),
@@ -167,12 +169,18 @@ impl Worker {
             shutdown.clone(),
         ));
         let runner = tokio::spawn(runner.run(shutdown.clone()));
+        let notices = tokio::spawn(crate::worker::notices::run(
+            parts.pool.clone(),
+            poll_interval,
+            shutdown.clone(),
+        ));
         crate::metrics::register_worker_series();
         tracing::info!("worker started");
         Ok(Self {
             shutdown,
             consumer,
             runner,
+            notices,
             pool: parts.pool,
             consumer_activity,
             effect_activity,
@@ -213,7 +221,7 @@ impl Worker {
         }
     }
 
-    /// Waits for both tasks to end. Once the shutdown token fired they have
+    /// Waits for the tasks to end. Once the shutdown token fired they have
     /// `shutdown_grace` to finish the work in hand, whatever it waits for (a broker or a
     /// database that does not answer); then they are aborted: the broker redelivers the
     /// deliveries they held, and their claimed outbox rows are claimed again.
@@ -222,6 +230,7 @@ impl Worker {
             shutdown,
             mut consumer,
             mut runner,
+            mut notices,
             consumer_activity,
             effect_activity,
             shutdown_grace,
@@ -234,6 +243,9 @@ impl Worker {
             (&mut runner)
                 .await
                 .context("the outbox runner task panicked")?;
+            (&mut notices)
+                .await
+                .context("the notice emitter task panicked")?;
             anyhow::Ok(())
         };
         let grace_over = async {
@@ -254,6 +266,7 @@ impl Worker {
                 );
                 consumer.abort();
                 runner.abort();
+                notices.abort();
             }
         }
         Ok(())

@@ -167,6 +167,14 @@ pub enum DomainEventKind {
     Unsubscribed,
     /// Our PATCH/DELETE was refused or failed at Microsoft.
     PublisherOperationFailed,
+    /// Notice: a term without `autoRenew` ends in N days ([`crate::notice`]).
+    TermEnding,
+    /// Notice: a Suspended subscription's 30-day grace ends in 7 days.
+    GraceEnding,
+    /// Notice: 5 days are left to activate a purchase before Microsoft cancels it.
+    ActivationWindowClosing,
+    /// Notice: 7 days after the Unsubscribe, the retention of the customer's data ends.
+    DataRetentionEnds,
 }
 
 impl DomainEventKind {
@@ -184,6 +192,10 @@ impl DomainEventKind {
             DomainEventKind::Reinstated => "subscription.reinstated",
             DomainEventKind::Unsubscribed => "subscription.unsubscribed",
             DomainEventKind::PublisherOperationFailed => "subscription.publisher_operation_failed",
+            DomainEventKind::TermEnding => "subscription.term_ending",
+            DomainEventKind::GraceEnding => "subscription.grace_ending",
+            DomainEventKind::ActivationWindowClosing => "subscription.activation_window_closing",
+            DomainEventKind::DataRetentionEnds => "subscription.data_retention_ends",
         }
     }
 }
