@@ -175,7 +175,7 @@ pub fn plan(
                 since.unix_timestamp_nanos() / 1_000_000
             ),
             due,
-            reason: format!("{what} ({} days left)", last_day - notice_day),
+            reason: format!("{} days left: {what}", last_day - notice_day),
         })
     };
     match state {
@@ -183,8 +183,7 @@ pub fn plan(
             NoticeKind::ActivationWindowClosing,
             ACTIVATION_NOTICE_DAY,
             ACTIVATION_WINDOW_DAYS,
-            "the purchase is not activated and Microsoft cancels it 30 days after the \
-             purchase: activate it",
+            "Microsoft cancels a purchase not activated within 30 days; activate it",
         )
         .into_iter()
         .collect(),
@@ -192,8 +191,8 @@ pub fn plan(
             NoticeKind::GraceEnding,
             GRACE_NOTICE_DAY,
             SUSPENSION_GRACE_DAYS,
-            "the subscription is Suspended and Microsoft unsubscribes it when the 30-day grace \
-             ends unless the payment is fixed",
+            "the 30-day suspension grace ends, then Microsoft unsubscribes it unless the \
+             payment is fixed",
         )
         .into_iter()
         .collect(),
@@ -208,8 +207,8 @@ pub fn plan(
                 ),
                 due,
                 reason: format!(
-                    "the subscription ended {DATA_RETENTION_DAYS} days ago: the retention of \
-                     the customer's data ends now"
+                    "the retention of the customer's data ends ({DATA_RETENTION_DAYS} days after \
+                     the Unsubscribe)"
                 ),
             }]
         }
