@@ -308,7 +308,10 @@ mod tests {
         })
     }
 
-    fn summary(notices: &[Notice]) -> Vec<(NoticeKind, OffsetDateTime, String)> {
+    /// A notice as the table states it: kind, due time, key.
+    type Row = (NoticeKind, OffsetDateTime, String);
+
+    fn summary(notices: &[Notice]) -> Vec<Row> {
         notices
             .iter()
             .map(|n| (n.kind, n.due, n.key.clone()))
@@ -322,11 +325,7 @@ mod tests {
         let end = datetime!(2027-03-01 00:00 UTC);
         let policy = NoticePolicy::default();
         // (state, details, expected notices)
-        let table: Vec<(
-            StateName,
-            Details,
-            Vec<(NoticeKind, OffsetDateTime, String)>,
-        )> = vec![
+        let table: Vec<(StateName, Details, Vec<Row>)> = vec![
             (
                 StateName::PendingFulfillment,
                 known(None),
