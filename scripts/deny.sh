@@ -5,12 +5,15 @@
 # offline on it, unpacked under target/; anywhere else cargo-deny fetches the database. Extra arguments go
 # to `cargo deny check` (e.g. `bash scripts/deny.sh advisories`).
 #
-# RUSTSEC_DB_TARBALL overrides the snapshot's path.
+# RUSTSEC_DB_TARBALL overrides the snapshot's path. The duplicate-version warnings are shown
+# without their inclusion graphs (1,400 lines otherwise); DENY_GRAPHS=1 shows them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
 log() { printf '[deny] %s\n' "$*" >&2; }
+graphs=(--hide-inclusion-graph)
+if [ "${DENY_GRAPHS:-0}" = 1 ]; then graphs=(); fi
 
 CARGO_DENY_VERSION=0.20.2
 if ! cargo deny --version >/dev/null 2>&1; then
@@ -30,7 +33,7 @@ if [ ! -f "$tarball" ]; then
   # Anywhere else (a fork, a laptop, a CI runner with network access): cargo-deny fetches
   # the advisory database itself into its default location.
   log "no advisory DB snapshot at $root/../$snapshot${origin:+ or beside $origin}; letting cargo-deny fetch the RustSec database (set RUSTSEC_DB_TARBALL to use a snapshot)"
-  exec cargo deny --workspace check --show-stats "$@"
+  exec cargo deny --workspace check --show-stats "${graphs[@]}" "$@"
 fi
 
 # cargo-deny looks for <db-path>/advisory-db-3157b0e258782691 (named after the default URL),
@@ -54,4 +57,4 @@ log "fetching the sources of every platform's dependencies (cargo fetch --locked
 cargo fetch --locked --quiet
 
 export FULFILLMENT_ADVISORY_DBS=$db_path
-exec cargo deny --offline --workspace check --show-stats "$@"
+exec cargo deny --offline --workspace check --show-stats "${graphs[@]}" "$@"

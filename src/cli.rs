@@ -1,10 +1,11 @@
 //! The `fulfillment` command line: one binary, one subcommand per process kind or operator
-//! task. Exit codes: 0 success, 1 failure (or drift found), 2 usage or settings error.
+//! task. Exit codes ([`exit`], the table in `docs/operations.md`): 0 all fine, 1 problems
+//! found, 2 usage or configuration error, 3 could not check (a dependency unreachable).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use fulfillment_state_machine::diagram;
 
 use crate::settings::Settings;
@@ -28,6 +29,7 @@ pub enum Command {
     Migrate,
     /// Print the subscription lifecycle diagram, derived from the state machine itself.
     StateMachine {
+        /// `mermaid` (renders on GitHub) or `dot` (Graphviz).
         #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
         format: DiagramFormat,
     },
@@ -69,7 +71,13 @@ pub enum DiagramFormat {
 
 /// Parses the command line, runs the subcommand and maps the result to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match command().try_get_matches() {
+        Ok(matches) => match Cli::from_arg_matches(&matches) {
+            Ok(cli) => cli,
+            Err(error) => error.exit(),
+        },
+        Err(error) => error.exit(),
+    };
     // Commands that need no settings run before the settings are read.
     if let Command::StateMachine { format } = cli.command {
         print!("{}", render_diagram(format));
@@ -87,7 +95,7 @@ pub fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e}");
             }
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
     };
     // The preflight's verdicts are its output: its logs only when RUST_LOG asks for them.
@@ -101,7 +109,7 @@ pub fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::PROBLEMS);
         }
     };
     let result = runtime.block_on(run(cli.command, settings));
@@ -110,15 +118,162 @@ pub fn main() -> ExitCode {
     telemetry::shutdown();
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<crate::ops::UsageError>().is_some() => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Err(error) => {
+            eprintln!("error: {}", render_error(&error));
+            ExitCode::from(exit_code_of(&error))
         }
     }
+}
+
+/// The exit codes of every command, one contract for alerts and scripts.
+pub mod exit {
+    /// All fine.
+    pub const OK: u8 = 0;
+    /// The command ran and found problems (drift, dead letters, refusals, a failed check),
+    /// or could not do what was asked.
+    pub const PROBLEMS: u8 = 1;
+    /// A usage or configuration error: the command line, a setting, or a deployment not
+    /// prepared (database missing, schema behind, a login refused, an unknown prefix).
+    pub const USAGE: u8 = 2;
+    /// Could not check: a dependency (PostgreSQL, RabbitMQ, Microsoft) did not answer.
+    pub const UNCHECKED: u8 = 3;
+}
+
+/// The exit code an error means: the first cause in its chain that says.
+pub fn exit_code_of(error: &anyhow::Error) -> u8 {
+    use crate::marketplace::Error as ApiError;
+    use crate::queue::QueueError;
+    use crate::store::StoreError;
+    for cause in error.chain() {
+        if cause.is::<crate::ops::UsageError>() || cause.is::<crate::settings::SettingsError>() {
+            return exit::USAGE;
+        }
+        if let Some(store) = cause.downcast_ref::<StoreError>() {
+            return match store {
+                _ if store.is_unavailable() => exit::UNCHECKED,
+                StoreError::AuthenticationFailed { .. }
+                | StoreError::DatabaseMissing { .. }
+                | StoreError::SchemaBehind { .. }
+                | StoreError::SchemaMissing { .. } => exit::USAGE,
+                _ => exit::PROBLEMS,
+            };
+        }
+        if let Some(queue) = cause.downcast_ref::<QueueError>() {
+            return match queue {
+                QueueError::Connect { .. } => exit::UNCHECKED,
+                QueueError::TopologyMissing { .. }
+                | QueueError::AuthenticationFailed { .. }
+                | QueueError::VhostMissing { .. } => exit::USAGE,
+                _ => exit::PROBLEMS,
+            };
+        }
+        if let Some(api) = cause.downcast_ref::<ApiError>() {
+            return match api {
+                ApiError::Transient { .. } | ApiError::Throttled { .. } => exit::UNCHECKED,
+                ApiError::Unauthorized { .. } | ApiError::Configuration { .. } => exit::USAGE,
+                _ => exit::PROBLEMS,
+            };
+        }
+    }
+    exit::PROBLEMS
+}
+
+/// An error and its causes on one line, each said once: a cause whose text its parent
+/// already quotes is left out (our errors often name their source in their own message).
+pub fn render_error(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
+}
+
+/// The settings sections each subcommand reads (the rest of the tree is parsed, and
+/// validated, but not used by it).
+const READS: &[(&str, &[&str])] = &[
+    ("migrate", &["database", "log"]),
+    ("simulate", &["http", "log"]),
+    (
+        "serve",
+        &[
+            "database",
+            "amqp",
+            "marketplace",
+            "http",
+            "ingress",
+            "policy",
+            "log",
+        ],
+    ),
+    (
+        "work",
+        &[
+            "database",
+            "amqp",
+            "marketplace",
+            "policy",
+            "worker",
+            "reconcile",
+            "log",
+        ],
+    ),
+    ("demo", &["database", "amqp", "log"]),
+    ("bench", &["database", "amqp", "log"]),
+    ("dlq", &["amqp", "database", "log"]),
+    ("subscription", &["database", "amqp", "log"]),
+    (
+        "reconcile",
+        &["database", "marketplace", "policy", "reconcile", "log"],
+    ),
+    (
+        "doctor",
+        &["database", "amqp", "marketplace", "http", "ingress", "log"],
+    ),
+];
+
+/// The command line with, under each subcommand's `--help`, the environment variables and
+/// settings it reads.
+pub fn command() -> clap::Command {
+    let mut command = Cli::command();
+    for (name, sections) in READS {
+        let help = settings_help(sections);
+        command = command.mut_subcommand(*name, |sub| {
+            let nested = help.clone();
+            sub.after_long_help(help)
+                .mut_subcommands(move |leaf| leaf.after_long_help(nested.clone()))
+        });
+    }
+    command
+}
+
+/// "Reads: …" for `--help`: the conventional variables of `sections`, then the rule for
+/// every other key.
+fn settings_help(sections: &[&str]) -> String {
+    let mut help = String::from("Settings read (environment variable = settings key):\n");
+    for (variable, key) in crate::settings::ENV_KEYS {
+        if sections
+            .iter()
+            .any(|section| key.split('.').next() == Some(section))
+        {
+            help.push_str(&format!("  {variable:<28} {key}\n"));
+        }
+    }
+    help.push_str(&format!(
+        "  and every key of the sections {} as FULFILLMENT__SECTION__KEY or in the \
+         --config file (FULFILLMENT_CONFIG); RUST_LOG filters the logs.\n\
+         docs/configuration.md lists every setting with its default.\n\
+         Exit codes: 0 all fine, 1 problems found, 2 usage or configuration error, 3 could \
+         not check (a dependency unreachable).",
+        sections.join(", ")
+    ));
+    help
 }
 
 /// The OpenTelemetry service name of each process kind (`OTEL_SERVICE_NAME` overrides it).

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use time::macros::format_description;
 use tokio::net::TcpListener;
@@ -282,20 +282,12 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
 /// Checks PostgreSQL and RabbitMQ; prints what is missing and how to start it.
 async fn services_reachable(settings: &Settings) -> bool {
     let admin = settings.database.url.with_path("/postgres");
-    let postgres = async {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect(admin.expose())
-            .await?;
-        sqlx::query("SELECT 1").execute(&pool).await?;
-        pool.close().await;
-        Ok::<_, sqlx::Error>(())
-    };
-    let postgres = match tokio::time::timeout(Duration::from_secs(5), postgres).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5 s".to_string()),
+    let postgres = match crate::store::connect_once(&admin, Duration::from_secs(5)).await {
+        Ok(connection) => {
+            drop(connection);
+            Ok(())
+        }
+        Err(failure) => Err(format!("{failure:?}")),
     };
     let rabbit = async {
         let connection = lapin::Connection::connect(
@@ -327,22 +319,9 @@ async fn services_reachable(settings: &Settings) -> bool {
 }
 
 async fn drop_database(url: &ConnectionUrl) -> anyhow::Result<()> {
-    let name = url.url().path().trim_start_matches('/').to_string();
-    let admin = url.with_path("/postgres");
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(admin.expose())
+    crate::store::drop_database(url)
         .await
-        .with_context(|| format!("cannot connect to {}", admin.redacted()))?;
-    let sql = format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        name.replace('"', "\"\"")
-    );
-    let result = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
-    pool.close().await;
-    result.with_context(|| format!("cannot drop database {name}"))?;
-    Ok(())
+        .with_context(|| format!("cannot drop the demo database {}", url.redacted()))
 }
 
 /// Removes what an interrupted earlier run may have left under the demo prefix.
@@ -458,13 +437,9 @@ impl Demo {
             .context("no subscriptionId")?
             .parse()?;
         let auto_view = self.settle(auto_id, "Subscribed", Some("per-seat")).await?;
-        let activations: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM subscription_events \
-             WHERE subscription_id = $1 AND event_kind = 'effect:activate'",
-        )
-        .bind(auto_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let activations =
+            crate::store::verify::count_events_of_kind(&self.pool, auto_id, "effect:activate")
+                .await?;
         ensure!(
             activations == 0,
             "the auto-activated purchase was activated again"
@@ -636,11 +611,7 @@ impl Demo {
     }
 
     async fn engine(&self, id: Uuid) -> anyhow::Result<Option<View>> {
-        let row: Option<(String, Option<String>, Option<i32>)> =
-            sqlx::query_as("SELECT state, plan_id, quantity FROM subscriptions WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = crate::store::verify::subscription_state(&self.pool, id).await?;
         Ok(row.map(|(state, plan, quantity)| View {
             state,
             plan,
@@ -687,16 +658,7 @@ impl Demo {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let final_after = asked.elapsed();
-        let ack_ms: Option<i64> = sqlx::query_scalar(
-            "SELECT (event->>'webhook_to_ack_ms')::bigint FROM subscription_events \
-             WHERE subscription_id = $1 AND event_kind = 'effect:ack_operation' \
-             AND event->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
-        )
-        .bind(id)
-        .bind(&op)
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten();
+        let ack_ms = crate::store::verify::webhook_to_ack_ms(&self.pool, id, &op).await?;
         let status = operation["status"].as_str().unwrap_or("?");
         let resolution = operation["resolution"].as_str().unwrap_or("?");
         ensure!(
@@ -751,12 +713,7 @@ impl Demo {
     async fn wait_for_command(&self, command: Uuid) -> anyhow::Result<String> {
         let deadline = Instant::now() + STEP_DEADLINE;
         loop {
-            let row: Option<(String, Option<Uuid>, Option<String>)> = sqlx::query_as(
-                "SELECT status, operation_id, last_error FROM publisher_operations WHERE command_id = $1",
-            )
-            .bind(command)
-            .fetch_optional(&self.pool)
-            .await?;
+            let row = crate::store::verify::command_status(&self.pool, command).await?;
             match &row {
                 Some((status, Some(op), _)) if status == "Succeeded" => return Ok(op.to_string()),
                 Some((status, _, error))
@@ -800,13 +757,23 @@ impl Demo {
             Value,
             Value,
         );
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT sequence, recorded_at, event_kind, from_state, to_state, outcome, reason, \
-             effects, event FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<Row> = crate::store::timeline::events(&self.pool, id)
+            .await?
+            .into_iter()
+            .map(|row| {
+                (
+                    row.sequence,
+                    row.recorded_at,
+                    row.event_kind,
+                    row.from_state,
+                    row.to_state,
+                    row.outcome,
+                    row.reason,
+                    row.effects,
+                    row.event,
+                )
+            })
+            .collect();
         let clock = format_description!("[hour]:[minute]:[second].[subsecond digits:3]");
         println!();
         println!(
@@ -889,19 +856,8 @@ impl Demo {
             let op_id = op["id"].as_str().unwrap_or_default();
             let expected = self.expected_ops.iter().find(|e| e.id == op_id);
             let label = expected.map_or(action.to_string(), |e| e.label.clone());
-            let (rows, made, ack): (i64, i64, Option<String>) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM outbox WHERE subscription_id = $1 \
-                   AND kind = 'ack_operation' AND effect->>'operation_id' = $2), \
-                 (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
-                   AND event_kind = 'effect:ack_operation' AND event->>'operation_id' = $2 \
-                   AND reason LIKE 'ACK % recorded'), \
-                 (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
-                   AND kind = 'ack_operation' AND effect->>'operation_id' = $2)",
-            )
-            .bind(id)
-            .bind(op_id)
-            .fetch_one(&self.pool)
-            .await?;
+            let (rows, made, ack) =
+                crate::store::verify::ack_of_operation(&self.pool, id, op_id).await?;
             let status = op["status"].as_str().unwrap_or("?");
             let resolution = op["resolution"].as_str().unwrap_or("?");
             let good = rows == 1
@@ -924,12 +880,9 @@ impl Demo {
 
         // The publisher-initiated change.
         if let Some(command) = self.publisher_op {
-            let (status, op): (String, Option<Uuid>) = sqlx::query_as(
-                "SELECT status, operation_id FROM publisher_operations WHERE command_id = $1",
-            )
-            .bind(command)
-            .fetch_one(&self.pool)
-            .await?;
+            let (status, op, _) = crate::store::verify::command_status(&self.pool, command)
+                .await?
+                .context("the publisher command was never recorded")?;
             let theirs = op
                 .and_then(|op| {
                     operations
@@ -955,13 +908,7 @@ impl Demo {
             format!("{} sent", webhooks.len()),
             delivered == webhooks.len() && !webhooks.is_empty(),
         );
-        let (pending, dead): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') \
-             FROM outbox WHERE subscription_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
+        let (pending, dead) = crate::store::timeline::outbox_counts(&self.pool, id).await?;
         line(
             "outbox pending / dead",
             format!("{pending} / {dead}"),

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod commands;
 pub mod demo;
 pub mod http;
 pub mod marketplace;

@@ -271,6 +271,9 @@ pub enum DeadLetterReason {
     Untranslatable,
     /// The stored machine cannot be read.
     CorruptState,
+    /// Microsoft refused what applying the message needs (e.g. a GET of the subscription of
+    /// an unknown webhook answered 400 or 403); its answer is in `x-marketplace-response`.
+    Refused,
     /// The retry tiers are used up.
     RetriesExhausted,
     /// An effect failed permanently (Microsoft answered 400/403/404 …).
@@ -280,10 +283,11 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 6] = [
+    pub const ALL: [DeadLetterReason; 7] = [
         Self::MalformedMessage,
         Self::Untranslatable,
         Self::CorruptState,
+        Self::Refused,
         Self::RetriesExhausted,
         Self::EffectPermanent,
         Self::EffectAttemptsExhausted,
@@ -294,6 +298,7 @@ impl DeadLetterReason {
             Self::MalformedMessage => "malformed_message",
             Self::Untranslatable => "untranslatable",
             Self::CorruptState => "corrupt_state",
+            Self::Refused => "refused",
             Self::RetriesExhausted => "retries_exhausted",
             Self::EffectPermanent => "effect_permanent",
             Self::EffectAttemptsExhausted => "effect_attempts_exhausted",

@@ -27,15 +27,21 @@ use uuid::Uuid;
 
 mod common;
 
-/// The tests of this binary disturb the same servers: one at a time, each leaving RabbitMQ
-/// able to declare new topologies for whatever runs next.
+/// The tests of this binary disturb the same servers: one at a time, each starting on a
+/// RabbitMQ node able to declare new topologies and leaving a freshly restarted one for
+/// whatever runs next.
 fn one_at_a_time() -> Turn {
     static TURN: Mutex<()> = Mutex::new(());
-    Turn {
-        _lock: TURN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    }
+    let lock = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    on_own_thread(|| async {
+        if let Err(error) = probe_rabbitmq(Duration::from_secs(15)).await {
+            eprintln!("RabbitMQ cannot declare a new topology ({error}); restarting the node");
+            restart_rabbitmq_node().await;
+        }
+    });
+    Turn { _lock: lock }
 }
 
 struct Turn {
@@ -44,26 +50,30 @@ struct Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
-        let _ = std::thread::spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime")
-                .block_on(leave_rabbitmq_healthy());
-        })
-        .join();
+        on_own_thread(restart_rabbitmq_node);
     }
 }
 
-/// RabbitMQ 3.10 (Debian 12's) sometimes comes back from `stop_app`/`start_app` unable to
-/// declare *new* quorum queues with at-least-once dead-lettering (its `rabbit_fifo_dlx_sup`
-/// is gone; declarations answer INTERNAL_ERROR) while the existing ones keep working. The
-/// test binaries after this one declare fresh topologies: when a probe's declaration fails,
-/// the node is restarted.
-async fn leave_rabbitmq_healthy() {
-    // One prefix for every attempt: a failed declaration leaves what it did declare, and the
-    // attempt that succeeds deletes all of it.
+/// Runs `work` on a thread with its own runtime: the callers run inside or outside one.
+fn on_own_thread<F, Fut>(work: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _ = std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(work());
+    })
+    .join();
+}
+
+/// Whether RabbitMQ declares (and deletes) a fresh topology within `patience`. One prefix
+/// for every attempt: a failed declaration leaves what it did declare, and the attempt that
+/// succeeds deletes all of it.
+async fn probe_rabbitmq(patience: Duration) -> Result<(), String> {
     let settings = common::test_settings();
     let probe = || async {
         let broker = Broker::connect(&settings.amqp, "chaos-test-probe").await?;
@@ -71,16 +81,24 @@ async fn leave_rabbitmq_healthy() {
         broker.close().await;
         deleted
     };
-    // Right after `start_app` declarations fail for a moment anyway: give it 15 s.
     let since = Instant::now();
-    let error = loop {
+    loop {
         match probe().await {
-            Ok(()) => return,
-            Err(error) if since.elapsed() > Duration::from_secs(15) => break error,
+            Ok(()) => return Ok(()),
+            Err(error) if since.elapsed() > patience => return Err(error.to_string()),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-    };
-    eprintln!("RabbitMQ cannot declare a new topology ({error}); restarting the node");
+    }
+}
+
+/// Restarts the whole RabbitMQ node (`rabbitmqctl stop`, `rabbitmq-server -detached`) and
+/// waits until it declares a fresh topology. RabbitMQ 3.10 (Debian 12's) sometimes comes
+/// back from `stop_app`/`start_app` unable to declare *new* quorum queues with at-least-once
+/// dead-lettering (its `rabbit_fifo_dlx_sup` is gone; declarations answer INTERNAL_ERROR),
+/// and sometimes only a while later, after a probe passed; the test binaries after this one
+/// declare fresh topologies, so every test of this binary ends with a node restart, which
+/// cures it.
+async fn restart_rabbitmq_node() {
     let _ = Command::new("rabbitmqctl").args(["-q", "stop"]).status();
     let _ = Command::new("rabbitmq-server").arg("-detached").status();
     let started = Instant::now();
@@ -95,8 +113,8 @@ async fn leave_rabbitmq_healthy() {
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-    if let Err(error) = probe().await {
-        panic!("RabbitMQ still cannot declare a new topology after a restart: {error}");
+    if let Err(error) = probe_rabbitmq(Duration::from_secs(30)).await {
+        panic!("RabbitMQ cannot declare a new topology after a node restart: {error}");
     }
 }
 

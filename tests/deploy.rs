@@ -998,7 +998,7 @@ fn every_environment_variable_deployed_is_read_by_the_app_and_documented() {
     }
     assert!(used.contains_key("DATABASE_URL") && used.contains_key("AMQP_URL"));
 
-    let readme = read(&root().join("README.md"));
+    let readme = read(&root().join("docs/configuration.md"));
     for (var, places) in &used {
         assert!(
             known.contains(var.as_str()),
@@ -1006,7 +1006,7 @@ fn every_environment_variable_deployed_is_read_by_the_app_and_documented() {
         );
         assert!(
             readme.contains(&format!("`{var}`")),
-            "{var} (set by {places:?}) is not documented in README.md"
+            "{var} (set by {places:?}) is not documented in docs/configuration.md"
         );
     }
 }

@@ -657,7 +657,10 @@ async fn startup_fails_naming_the_unreachable_dependency() {
     let settings = Settings::from_sources(None, &env).unwrap();
     let error = Application::build(settings).await.unwrap_err();
     let message = format!("{error:#}");
-    assert!(message.contains("RabbitMQ is unreachable"), "{message}");
+    assert!(
+        message.contains("cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{message}"
+    );
 
     env.insert(
         "DATABASE_URL".into(),
@@ -666,7 +669,10 @@ async fn startup_fails_naming_the_unreachable_dependency() {
     let settings = Settings::from_sources(None, &env).unwrap();
     let error = Application::build(settings).await.unwrap_err();
     let message = format!("{error:#}");
-    assert!(message.contains("PostgreSQL is unreachable"), "{message}");
+    assert!(
+        message.contains("cannot reach PostgreSQL at postgres://postgres@127.0.0.1:1/fulfillment"),
+        "{message}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -890,6 +896,34 @@ async fn the_entitlement_api_refuses_missing_and_wrong_keys() {
 }
 
 #[tokio::test]
+async fn an_unknown_or_malformed_command_id_is_refused_with_the_reason() {
+    let app = spawn_app().await;
+    let response = app
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/v1/commands/{}", Uuid::new_v4()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = app
+        .api(reqwest::Method::GET, "/api/v1/commands/not-a-uuid")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = app
+        .http
+        .get(app.url(&format!("/api/v1/commands/{}", Uuid::new_v4())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    app.finish().await;
+}
+
+#[tokio::test]
 async fn without_a_configured_key_every_api_call_is_refused() {
     let app = spawn_app_with(Options {
         env: vec![("ENTITLEMENT_API_KEY", String::new())],
@@ -1095,6 +1129,20 @@ async fn commands_are_validated_queued_and_answered_202() {
         assert_eq!(response.status(), StatusCode::ACCEPTED, "{path}");
         let accepted = json_body(response).await;
         let command_id: Uuid = accepted["commandId"].as_str().unwrap().parse().unwrap();
+        // Its outcome can be asked for at once: queued until a worker decides.
+        let response = app
+            .api(
+                reqwest::Method::GET,
+                &format!("/api/v1/commands/{command_id}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let outcome = json_body(response).await;
+        assert_eq!(outcome["status"], "queued", "{outcome}");
+        assert_eq!(outcome["command"], kind, "{outcome}");
+        assert_eq!(outcome["subscriptionId"], id.to_string(), "{outcome}");
 
         let delivery = next_delivery(&mut consumer).await;
         assert_eq!(delivery.meta.message_id, command_id.to_string());
@@ -1181,6 +1229,7 @@ async fn the_openapi_document_parses_and_lists_every_path() {
         "/api/v1/subscriptions/{id}/change-plan",
         "/api/v1/subscriptions/{id}/change-quantity",
         "/api/v1/subscriptions/{id}/cancel",
+        "/api/v1/commands/{id}",
     ] {
         assert!(paths.contains_key(path), "{path} missing");
     }

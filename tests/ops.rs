@@ -853,7 +853,42 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
         .cli(&["subscription", "change-quantity", &sid, "10", "--wait"])
         .await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("applied"), "{out}");
+    assert!(out.contains("change_quantity): succeeded"), "{out}");
+    app.wait_for(id, "Subscribed", None, Some(10)).await;
+    app.idle().await;
+    // Microsoft refuses the next change: --wait waits for its answer and exits 1, and the
+    // command's outcome says so (issue #18: it printed "applied" and exited 0).
+    app.set_faults(json!({"failCalls": {"updateSubscription": 400}}))
+        .await;
+    let (code, out, err) = app
+        .cli(&[
+            "subscription",
+            "change-quantity",
+            &sid,
+            "11",
+            "--wait",
+            "--json",
+        ])
+        .await;
+    assert_eq!(code, 1, "{out}{err}");
+    let outcome: Value = serde_json::from_str(out.trim()).expect("one JSON outcome");
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert!(
+        outcome["reason"]
+            .as_str()
+            .is_some_and(|why| why.starts_with("refused by Microsoft")),
+        "{outcome}"
+    );
+    let command_id = outcome["commandId"].as_str().unwrap().parse().unwrap();
+    let stored = marketplace_fulfillment::commands::outcome_of(&app.pool, command_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.status,
+        marketplace_fulfillment::commands::Status::Failed
+    );
+    app.set_faults(json!({})).await;
     app.wait_for(id, "Subscribed", None, Some(10)).await;
     app.idle().await;
     // Already active: the machine says so, and the exit code says it did nothing.

@@ -3,6 +3,8 @@
 //! inbound queue as the ingress would (no JWT check here: the ingress has its own tests).
 
 mod common;
+#[path = "common/event_schemas.rs"]
+mod event_schemas;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,7 +108,7 @@ impl App {
                 give_up_beyond_cap: false,
             });
 
-        let domain_queue = format!("{prefix}.test-domain-events");
+        let domain_queue = format!("{prefix}{DOMAIN_QUEUE_SUFFIX}");
         bind_domain_queue(&settings, &broker, &domain_queue).await;
 
         let mut app = Self {
@@ -149,6 +151,9 @@ impl App {
     async fn stop(mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop().await.unwrap();
+        }
+        if queue_exists(&self.settings, &self.domain_queue).await {
+            delete_queue(&self.settings, &self.domain_queue).await;
         }
         self.broker.delete_topology().await.unwrap();
         self.broker.close().await;
@@ -438,7 +443,7 @@ async fn bind_domain_queue(settings: &Settings, broker: &Broker, queue: &str) {
         .queue_bind(
             queue.into(),
             broker.topology().domain_exchange().as_str().into(),
-            "subscription.#".into(),
+            "#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -447,8 +452,21 @@ async fn bind_domain_queue(settings: &Settings, broker: &Broker, queue: &str) {
     let _ = connection.close(200, "bound".into()).await;
 }
 
+/// The queue each test binds to the domain exchange; whatever is taken off it is checked
+/// against the domain-event schemas of docs/events/.
+const DOMAIN_QUEUE_SUFFIX: &str = ".test-domain-events";
+
 /// Every message in `queue` right now (taken off the queue), as JSON bodies with headers.
+/// Domain events are checked against their schemas (docs/events.md).
 async fn drain(settings: &Settings, queue: &str) -> Vec<(Value, FieldTable)> {
+    let all = take_all(settings, queue).await;
+    if queue.ends_with(DOMAIN_QUEUE_SUFFIX) {
+        event_schemas::Contract::load().assert_valid(all.iter().map(|(body, _)| body));
+    }
+    all
+}
+
+async fn take_all(settings: &Settings, queue: &str) -> Vec<(Value, FieldTable)> {
     let (connection, channel) = lapin_channel(settings).await;
     let mut all = Vec::new();
     while let Some(message) = channel
@@ -469,7 +487,26 @@ async fn drain(settings: &Settings, queue: &str) -> Vec<(Value, FieldTable)> {
     all
 }
 
+async fn queue_exists(settings: &Settings, queue: &str) -> bool {
+    let (connection, channel) = lapin_channel(settings).await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exists = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok();
+    let _ = connection.close(200, "checked".into()).await;
+    exists
+}
+
+/// Deletes `queue`; the domain-event queue is drained first, so every event a test
+/// published is checked against its schema.
 async fn delete_queue(settings: &Settings, queue: &str) {
+    if queue.ends_with(DOMAIN_QUEUE_SUFFIX) {
+        drain(settings, queue).await;
+    }
     let (connection, channel) = lapin_channel(settings).await;
     let _ = channel.queue_delete(queue.into(), Default::default()).await;
     let _ = connection.close(200, "deleted".into()).await;

@@ -1227,11 +1227,7 @@ impl Action {
 fn watch_backlog(pool: PgPool, gate: Arc<Gate>, stop: CancellationToken) {
     tokio::spawn(async move {
         while !stop.is_cancelled() {
-            if let Ok(pending) =
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE status = 'pending'")
-                    .fetch_one(&pool)
-                    .await
-            {
+            if let Ok(pending) = crate::store::verify::pending_effects(&pool).await {
                 gate.backlog
                     .store(usize::try_from(pending).unwrap_or(0), Ordering::Relaxed);
             }
@@ -1352,12 +1348,8 @@ async fn wait_until_subscribed_here(
     until: Instant,
 ) -> anyhow::Result<()> {
     loop {
-        let subscribed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM subscriptions WHERE id = ANY($1) AND state = 'Subscribed'",
-        )
-        .bind(subscriptions)
-        .fetch_one(pool)
-        .await?;
+        let subscribed =
+            crate::store::verify::count_in_state(pool, subscriptions, "Subscribed").await?;
         if subscribed as usize == subscriptions.len() {
             return Ok(());
         }
@@ -1438,13 +1430,9 @@ async fn wait_for_quiescence(
         for queue in &queues {
             queued += u64::from(env.queue_counts(queue).await.map_or(1, |(m, _)| m));
         }
-        let (pending, events): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'), \
-                    (SELECT count(*) FROM subscription_events)",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap_or((-1, -1));
+        let (pending, events) = crate::store::verify::pending_effects_and_events(pool)
+            .await
+            .unwrap_or((-1, -1));
         let still = outstanding.operations_in_progress == 0
             && outstanding.deliveries_pending == 0
             && queued == 0
@@ -1566,15 +1554,10 @@ async fn audit(
     }
 
     // Our side: the event log's webhooks, the dead letters, the state.
-    let logged: HashSet<Uuid> = sqlx::query_scalar::<_, String>(
-        "SELECT DISTINCT split_part(event_key, ':', 2) FROM subscription_events \
-         WHERE event_key LIKE 'webhook:%'",
-    )
-    .fetch_all(pool)
-    .await?
-    .iter()
-    .filter_map(|id| Uuid::parse_str(id).ok())
-    .collect();
+    let logged: HashSet<Uuid> = crate::store::verify::logged_webhook_operations(pool)
+        .await?
+        .into_iter()
+        .collect();
     let dead_letters = crate::ops::dlq::list(&env.broker, &crate::ops::dlq::Filter::default())
         .await
         .context("cannot read the dead-letter queue")?;
@@ -1591,11 +1574,7 @@ async fn audit(
         *report.dead_letter_reasons.entry(reason).or_default() += 1;
         report.dead_letters_queue += 1;
     }
-    let dead_rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(
-        "SELECT kind, last_error, count(*) FROM outbox WHERE status = 'dead' GROUP BY 1, 2",
-    )
-    .fetch_all(pool)
-    .await?;
+    let dead_rows = crate::store::verify::dead_effects(pool).await?;
     for (kind, error, count) in dead_rows {
         let reason = format!(
             "outbox: {kind} {}",
@@ -1650,28 +1629,14 @@ async fn audit(
         }
     }
 
-    let duplicates: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, event_key, count(*) FROM subscription_events \
-         WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
-    )
-    .fetch_all(pool)
-    .await?;
+    let duplicates = crate::store::verify::decided_twice(pool).await?;
     report.duplicate_transitions = duplicates
         .into_iter()
         .map(|(id, key, n)| format!("{id} {key}: decided {n} times"))
         .collect();
-    report.sequence_gaps = sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM (SELECT subscription_id FROM subscription_events GROUP BY 1 \
-         HAVING min(sequence) <> 1 OR max(sequence) <> count(*)) AS gaps",
-    )
-    .fetch_one(pool)
-    .await? as usize;
+    report.sequence_gaps = crate::store::verify::sequence_gaps(pool).await? as usize;
 
-    let rows: Vec<(Uuid, String, Option<String>, Option<i32>)> =
-        sqlx::query_as("SELECT id, state, plan_id, quantity FROM subscriptions WHERE id = ANY($1)")
-            .bind(subscriptions)
-            .fetch_all(pool)
-            .await?;
+    let rows = crate::store::verify::subscription_states(pool, subscriptions).await?;
     let rows: HashMap<Uuid, (String, Option<String>, Option<i32>)> = rows
         .into_iter()
         .map(|(id, state, plan, seats)| (id, (state, plan, seats)))

@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -179,20 +179,8 @@ impl BenchEnv {
 }
 
 pub(crate) async fn drop_database(settings: &Settings) {
-    let url = &settings.database.url;
-    let name = url.url().path().trim_start_matches('/').to_string();
-    let admin = url.with_path("/postgres");
-    match PgPool::connect(admin.expose()).await {
-        Ok(pool) => {
-            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
-                tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database");
-            }
-            pool.close().await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, database = %name, "cannot drop the benchmark database")
-        }
+    if let Err(error) = crate::store::drop_database(&settings.database.url).await {
+        tracing::warn!(%error, "cannot drop the benchmark database");
     }
 }
 
@@ -231,10 +219,7 @@ impl BenchEnv {
             .connect_with(options.disable_statement_logging())
             .await
             .context("cannot connect to the benchmark database")?;
-        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
-            .fetch_one(&pool)
-            .await?;
-        if autovacuum == "on" {
+        if crate::store::autovacuum_enabled(&pool).await? {
             pool.close().await;
             return Ok(None);
         }
@@ -247,7 +232,7 @@ impl BenchEnv {
                     _ = token.cancelled() => break,
                     _ = tick.tick() => {
                         // Fails while PostgreSQL restarts; the next tick tries again.
-                        if let Err(e) = sqlx::query("ANALYZE").execute(&pool).await {
+                        if let Err(e) = crate::store::analyze(&pool).await {
                             tracing::debug!(error = %e, "ANALYZE of the benchmark database failed");
                         }
                     }

@@ -218,10 +218,7 @@ async fn measure_all(
     // The ACK is the first of a change's effects; the confirmation, the GET and the domain
     // event may still be queued. The run is over when the outbox is empty.
     let drained_seconds = loop {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
-                .fetch_one(&pool)
-                .await?;
+        let pending = crate::store::verify::pending_effects(&pool).await?;
         if pending == 0 {
             break Some(measured.elapsed().as_secs_f64());
         }
@@ -262,9 +259,7 @@ async fn commit_ceiling(env: &BenchEnv, length: Duration) -> anyhow::Result<f64>
         .connect(env.settings.database.url.expose())
         .await
         .context("cannot connect to the benchmark database")?;
-    sqlx::query("CREATE TABLE bench_commit_ceiling (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), body text NOT NULL)")
-        .execute(&pool)
-        .await?;
+    crate::store::ceiling::create(&pool).await?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..CEILING_CONNECTIONS {
@@ -272,10 +267,7 @@ async fn commit_ceiling(env: &BenchEnv, length: Duration) -> anyhow::Result<f64>
         tasks.spawn(async move {
             let mut commits = 0u64;
             while started.elapsed() < length {
-                sqlx::query("INSERT INTO bench_commit_ceiling (body) VALUES ($1)")
-                    .bind("a row the size of an event-log entry's decision text")
-                    .execute(&pool)
-                    .await?;
+                crate::store::ceiling::commit_one(&pool).await?;
                 commits += 1;
             }
             anyhow::Ok(commits)
@@ -286,9 +278,7 @@ async fn commit_ceiling(env: &BenchEnv, length: Duration) -> anyhow::Result<f64>
         total += joined.context("a ceiling task panicked")??;
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    sqlx::query("DROP TABLE bench_commit_ceiling")
-        .execute(&pool)
-        .await?;
+    crate::store::ceiling::drop_table(&pool).await?;
     pool.close().await;
     Ok(rate)
 }
@@ -338,15 +328,10 @@ async fn explain(pool: &PgPool, failed: &mut [String]) -> anyhow::Result<()> {
         else {
             continue;
         };
-        let decisions: Vec<(String, Option<String>)> = sqlx::query_as(
-            "SELECT outcome, reason FROM subscription_events WHERE message_id = $1 ORDER BY sequence",
-        )
-        .bind(operation)
-        .fetch_all(pool)
-        .await?;
-        let decisions: Vec<String> = decisions
+        let decisions: Vec<String> = crate::store::timeline::events_of_message(pool, operation)
+            .await?
             .into_iter()
-            .map(|(outcome, why)| format!("{outcome}: {}", why.unwrap_or_default()))
+            .map(|row| format!("{}: {}", row.outcome, row.reason.unwrap_or_default()))
             .collect();
         *reason = format!("{reason}; our event log: [{}]", decisions.join("; "));
     }

@@ -69,7 +69,7 @@ pub async fn run(settings: Settings, args: ReplayBenchArgs) -> anyhow::Result<Ex
         anyhow::Ok(report)
     }
     .await;
-    drop_database(&bench).await;
+    crate::bench::harness::drop_database(&bench).await;
     let report = result?;
     print(&report, &args);
     Ok(ExitCode::SUCCESS)
@@ -195,10 +195,7 @@ async fn measure_replay(
     .await?;
     let replay_elapsed = started.elapsed();
     let dlq_left = ready(broker, &topology.dead_letter_queue()).await?;
-    let journalled: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM operator_actions WHERE action = 'dlq_replay'")
-            .fetch_one(pool)
-            .await?;
+    let journalled: i64 = crate::store::verify::journalled(pool, "dlq_replay").await?;
     purge(broker, &topology.inbound_queue()).await?;
     Ok(Report {
         ceiling_per_s: ceiling.ok_per_second(),
@@ -261,16 +258,4 @@ fn print(report: &Report, args: &ReplayBenchArgs) {
             "machine": { "cores": cores },
         })
     );
-}
-
-async fn drop_database(settings: &Settings) {
-    let url = &settings.database.url;
-    let name = url.url().path().trim_start_matches('/').to_string();
-    if let Ok(pool) = PgPool::connect(url.with_path("/postgres").expose()).await {
-        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
-            tracing::warn!(%error, database = %name, "cannot drop the benchmark database");
-        }
-        pool.close().await;
-    }
 }

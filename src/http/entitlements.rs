@@ -383,6 +383,9 @@ async fn submit(
         traceparent: Some(traceparent_or_new(headers)),
         subscription_id: Some(subscription_id),
     };
+    crate::store::commands::record(&state.pool, command_id, subscription_id, kind, "api")
+        .await
+        .map_err(|e| database_error(e, "record the command"))?;
     let span = tracing::info_span!(
         "entitlement_command",
         %subscription_id,
@@ -410,10 +413,39 @@ async fn submit(
         }
         Err(error) => {
             tracing::warn!(parent: &span, error = %error, "command not queued; answering 503");
+            if let Err(error) = crate::store::commands::forget(&state.pool, command_id).await {
+                tracing::warn!(parent: &span, %error, "cannot forget the command not queued");
+            }
             Err(ApiError::unavailable(
                 "the command could not be queued; nothing was accepted, retry later",
             ))
         }
+    }
+}
+
+/// `GET /api/v1/commands/{id}`: what became of a command (`queued`, `requested` with
+/// Microsoft's operation id, `succeeded`, `failed` with the reason, `unknown`).
+pub async fn get_command(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let raw = path_id(path)?;
+    let command_id = Uuid::parse_str(raw.trim())
+        .map_err(|_| ApiError::bad_request(format!("command id {raw:?} is not a UUID")))?;
+    match crate::commands::outcome_of(&state.pool, command_id).await {
+        Ok(Some(outcome)) => Ok(Json(outcome).into_response()),
+        Ok(None) => Err(ApiError::not_found(format!(
+            "no command {command_id} was accepted here"
+        ))),
+        Err(error) if error.is_unavailable() => {
+            tracing::warn!(%error, "PostgreSQL unavailable; cannot read the command");
+            Err(ApiError::unavailable(
+                "the database is unavailable; retry later",
+            ))
+        }
+        Err(error) => Err(ApiError::Internal(
+            anyhow::Error::new(error).context("cannot read the command"),
+        )),
     }
 }
 

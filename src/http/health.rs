@@ -21,18 +21,14 @@ pub async fn healthz() -> &'static str {
 
 /// `GET /readyz`: 200 when both dependencies are usable, else 503 naming the one that is not.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let database = match tokio::time::timeout(
-        DATABASE_PROBE_TIMEOUT,
-        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.pool),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => Err(format!("PostgreSQL query failed: {error}")),
-        Err(_) => Err(format!(
-            "PostgreSQL did not answer within {DATABASE_PROBE_TIMEOUT:?}"
-        )),
-    };
+    let database =
+        match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, crate::store::ping(&state.pool)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(format!("PostgreSQL query failed: {error}")),
+            Err(_) => Err(format!(
+                "PostgreSQL did not answer within {DATABASE_PROBE_TIMEOUT:?}"
+            )),
+        };
     let broker = if state.broker.is_connected() {
         Ok(())
     } else {

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/subscriptions/{id}/cancel",
             post(entitlements::cancel),
         )
+        .route("/api/v1/commands/{id}", get(entitlements::get_command))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             entitlements::require_api_key,

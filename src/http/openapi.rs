@@ -13,6 +13,7 @@ pub const PATHS: &[&str] = &[
     "/api/v1/subscriptions/{id}/change-plan",
     "/api/v1/subscriptions/{id}/change-quantity",
     "/api/v1/subscriptions/{id}/cancel",
+    "/api/v1/commands/{id}",
     "/webhook",
     "/landing",
     "/healthz",
@@ -40,7 +41,7 @@ fn command(summary: &str, body: Option<Value>) -> Value {
         "parameters": [{ "$ref": "#/components/parameters/SubscriptionId" }],
         "responses": {
             "202": {
-                "description": "Queued for the worker; the outcome appears in the subscription's state and domain events.",
+                "description": "Queued for the worker; GET /api/v1/commands/{commandId} tells its outcome.",
                 "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CommandAccepted" } } }
             },
             "400": error_response("Invalid subscription id or body."),
@@ -129,6 +130,28 @@ pub fn document() -> Value {
                 }))
             ),
             "/api/v1/subscriptions/{id}/cancel": command("Cancel (unsubscribe) the subscription.", None),
+            "/api/v1/commands/{id}": {
+                "get": {
+                    "tags": ["commands"],
+                    "summary": "What became of a command: queued, requested (with Microsoft's operation id), succeeded, failed (with the reason) or unknown (an operator reconciles).",
+                    "security": [{ "apiKey": [] }],
+                    "parameters": [{
+                        "name": "id", "in": "path", "required": true,
+                        "description": "The commandId a command answered with.",
+                        "schema": { "type": "string", "format": "uuid" }
+                    }],
+                    "responses": {
+                        "200": {
+                            "description": "The command's outcome.",
+                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CommandOutcome" } } }
+                        },
+                        "400": error_response("The id is not a UUID."),
+                        "401": error_response("Missing or wrong API key."),
+                        "404": error_response("No such command was accepted here."),
+                        "503": error_response("The database is unavailable; retry later.")
+                    }
+                }
+            },
             "/webhook": {
                 "post": {
                     "tags": ["marketplace"],
@@ -248,6 +271,20 @@ pub fn document() -> Value {
                         "subscriptionId": { "type": "string", "format": "uuid" },
                         "command": { "type": "string", "enum": ["activate", "change_plan", "change_quantity", "cancel"] },
                         "status": { "type": "string", "enum": ["queued"] }
+                    }
+                },
+                "CommandOutcome": {
+                    "type": "object",
+                    "required": ["commandId", "subscriptionId", "command", "status", "requestedAt"],
+                    "properties": {
+                        "commandId": { "type": "string", "format": "uuid" },
+                        "subscriptionId": { "type": "string", "format": "uuid" },
+                        "command": { "type": "string", "enum": ["activate", "change_plan", "change_quantity", "cancel"] },
+                        "status": { "type": "string", "enum": ["queued", "requested", "succeeded", "failed", "unknown"] },
+                        "operationId": { "type": "string", "format": "uuid", "nullable": true },
+                        "reason": { "type": "string", "nullable": true },
+                        "requestedAt": { "type": "string", "format": "date-time" },
+                        "decidedAt": { "type": "string", "format": "date-time", "nullable": true }
                     }
                 },
                 "Error": {

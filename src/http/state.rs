@@ -85,12 +85,9 @@ impl AppState {
     /// Connects PostgreSQL and RabbitMQ and builds the verifier and the Marketplace client.
     /// Each failure names what is unreachable or missing.
     pub async fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = store::connect(&settings.database)
-            .await
-            .context("PostgreSQL is unreachable")?;
-        let broker = Broker::connect(&settings.amqp, "fulfillment-serve")
-            .await
-            .context("RabbitMQ is unreachable")?;
+        let pool = store::connect(&settings.database).await?;
+        let broker = Broker::connect(&settings.amqp, "fulfillment-serve").await?;
+        store::prefixes::record(&pool, &settings.amqp.prefix, "serve").await?;
         let verifier = build_verifier(settings)?;
         let tokens = TokenProvider::new(&settings.marketplace)
             .context("cannot set up the Marketplace API client (needed by the landing page)")?;

@@ -27,7 +27,9 @@ use uuid::Uuid;
 use super::render::{Table, or_dash, shorten, when};
 use super::{UsageError, cli_actor, parse_since, rfc3339};
 use crate::queue::headers;
-use crate::queue::{Broker, DeadLetter, DeadLetterReader, InboundMessage, PublisherCommand};
+use crate::queue::{
+    Broker, DeadLetter, DeadLetterReader, InboundMessage, PublisherCommand, QueueError,
+};
 use crate::settings::Settings;
 use crate::store::operator_actions::{self, ActionKind, NewAction};
 
@@ -88,6 +90,7 @@ pub struct ListArgs {
 pub struct ShowArgs {
     /// The dead letter's id (from `dlq list`).
     pub id: String,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -105,6 +108,7 @@ pub struct ReplayArgs {
     /// Really move them; without it, print what would move and change nothing.
     #[arg(long)]
     pub execute: bool,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -119,6 +123,7 @@ pub struct PurgeArgs {
     /// Really remove them; without it, print what would go and change nothing.
     #[arg(long)]
     pub execute: bool,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -740,10 +745,41 @@ fn journal_entry(
 /// journal).
 pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
     let now = OffsetDateTime::now_utc();
-    let broker = Broker::connect(&settings.amqp, "fulfillment-dlq").await?;
+    let broker = connect_existing(settings).await?;
     let result = run_with(&broker, settings, command, now).await;
     broker.close().await;
     result
+}
+
+/// The dead-letter queues of the configured prefix, declaring nothing: an unknown prefix is
+/// refused with the prefixes this deployment's processes recorded in the database.
+async fn connect_existing(settings: &Settings) -> Result<Broker, QueueError> {
+    match Broker::connect_existing(&settings.amqp, "fulfillment-dlq").await {
+        Err(QueueError::TopologyMissing {
+            url,
+            prefix,
+            missing,
+            ..
+        }) => {
+            let known = match crate::store::connect(&settings.database).await {
+                Ok(pool) => {
+                    let known = crate::store::prefixes::list(&pool)
+                        .await
+                        .unwrap_or_default();
+                    pool.close().await;
+                    known
+                }
+                Err(_) => Vec::new(),
+            };
+            Err(QueueError::TopologyMissing {
+                url,
+                prefix,
+                missing,
+                known,
+            })
+        }
+        other => other,
+    }
 }
 
 async fn run_with(

@@ -118,7 +118,7 @@ impl Report {
         let mut checks = vec![Check::problem(
             "config",
             error.to_string(),
-            "correct the setting named above (README → Configuration lists every variable)",
+            "correct the setting named above (docs/configuration.md lists every variable)",
         )];
         checks.extend(
             CHECK_NAMES[1..]

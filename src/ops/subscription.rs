@@ -57,19 +57,23 @@ pub struct ListArgs {
     /// Beneficiary tenant id.
     #[arg(long, value_name = "T")]
     pub tenant: Option<Uuid>,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommandArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     #[command(flatten)]
     pub wait: WaitArgs,
@@ -77,18 +81,23 @@ pub struct CommandArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WaitArgs {
-    /// Wait for the machine's decision and print it (exit 1 when it refused).
+    /// Wait for the command's final outcome and print it: exit 0 only when it succeeded,
+    /// 1 when our policy or Microsoft refused it, it failed, its outcome is unknown, or the
+    /// wait timed out.
     #[arg(long)]
     pub wait: bool,
-    /// How long --wait waits, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// How long --wait waits, in seconds (a publisher change takes at least the 10 s
+    /// Microsoft asks before the first poll).
+    #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChangePlanArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     /// The target plan id.
     pub plan: String,
@@ -98,6 +107,7 @@ pub struct ChangePlanArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChangeQuantityArgs {
+    /// The subscription id (Microsoft's, as `subscription list` shows it).
     pub id: Uuid,
     /// The target seat count (at least 1).
     pub quantity: u32,
@@ -455,6 +465,13 @@ pub async fn submit(
         anyhow::bail!("subscription {subscription_id} is not known here");
     }
     let command_id = Uuid::new_v4();
+    let kind = match &command {
+        PublisherCommand::Activate => "activate",
+        PublisherCommand::ChangePlan { .. } => "change_plan",
+        PublisherCommand::ChangeQuantity { .. } => "change_quantity",
+        PublisherCommand::Cancel => "cancel",
+    };
+    crate::store::commands::record(pool, command_id, subscription_id, kind, requested_by).await?;
     let message = InboundMessage::Command {
         command_id,
         subscription_id,
@@ -468,12 +485,17 @@ pub async fn submit(
         traceparent: Some(crate::http::webhook::new_traceparent()),
         subscription_id: Some(subscription_id),
     };
-    broker
-        .publisher()
-        .await?
-        .publish_inbound(&message, &meta)
-        .await
-        .context("the command was not queued (nothing was accepted); retry later")?;
+    let published = match broker.publisher().await {
+        Ok(publisher) => publisher
+            .publish_inbound(&message, &meta)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(error) => Err(error.into()),
+    };
+    if let Err(error) = published {
+        let _ = crate::store::commands::forget(pool, command_id).await;
+        return Err(error.context("the command was not queued (nothing was accepted); retry later"));
+    }
     Ok(command_id)
 }
 
@@ -559,39 +581,56 @@ async fn run_with(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let decision = wait_for_decision(pool, command_id, Duration::from_secs(wait.timeout)).await?;
-    let Some(row) = decision else {
-        println!(
-            "queued command {command_id}; no decision within {} s (is a worker running?)",
-            wait.timeout
-        );
-        return Ok(ExitCode::FAILURE);
-    };
-    let entry = event_entry(&row);
+    let outcome = wait_for_outcome(pool, command_id, Duration::from_secs(wait.timeout)).await?;
     if wait.json {
-        println!(
-            "{}",
-            json!({ "commandId": command_id, "subscriptionId": id, "decision": entry })
-        );
+        println!("{}", serde_json::to_string(&outcome)?);
     } else {
         println!(
-            "command {command_id}: {} — {} ({} → {}){}",
-            entry.outcome,
-            entry.reason.clone().unwrap_or_default(),
-            row.from_state,
-            row.to_state,
-            if entry.effects.is_empty() {
-                String::new()
-            } else {
-                format!("; effects: {}", entry.effects.join(", "))
-            }
+            "command {command_id} ({}): {}{}{}",
+            outcome.command,
+            serde_json::to_value(outcome.status)?
+                .as_str()
+                .unwrap_or_default(),
+            outcome
+                .operation_id
+                .map(|op| format!(", Microsoft's operation {op}"))
+                .unwrap_or_default(),
+            outcome
+                .reason
+                .as_deref()
+                .map(|why| format!(" — {why}"))
+                .unwrap_or_default(),
         );
+        if !outcome.status.is_final() {
+            println!(
+                "no final outcome within {} s; ask again with GET /api/v1/commands/{command_id}",
+                wait.timeout
+            );
+        }
     }
-    Ok(if row.outcome == "applied" {
+    Ok(if outcome.status == crate::commands::Status::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Polls the command's outcome until it is final or `timeout` passed; the last one seen.
+pub async fn wait_for_outcome(
+    pool: &PgPool,
+    command_id: Uuid,
+    timeout: Duration,
+) -> anyhow::Result<crate::commands::Outcome> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let outcome = crate::commands::outcome_of(pool, command_id)
+            .await?
+            .with_context(|| format!("command {command_id} was not recorded"))?;
+        if outcome.status.is_final() || Instant::now() >= deadline {
+            return Ok(outcome);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn run_list(pool: &PgPool, args: ListArgs) -> anyhow::Result<ExitCode> {

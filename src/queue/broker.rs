@@ -15,6 +15,7 @@
 //! call that waits for the broker is bounded ([`OPERATION_TIMEOUT`]). No process restart is
 //! ever needed.
 
+use crate::queue::inspect::BrokerFailure;
 use crate::queue::publisher::Publisher;
 use crate::queue::topology::{ArgValue, ExchangeType, Topology};
 use crate::settings::AmqpSettings;
@@ -49,6 +50,29 @@ pub enum QueueError {
     )]
     Connect { url: String, reason: String },
     #[error(
+        "RabbitMQ at {url} refused the login: {message}. Check the user and password in \
+         AMQP_URL"
+    )]
+    AuthenticationFailed { url: String, message: String },
+    #[error(
+        "RabbitMQ at {url} has no such virtual host, or the user may not use it: {message}. \
+         Check the vhost in AMQP_URL (`/%2f` is the default vhost)"
+    )]
+    VhostMissing { url: String, message: String },
+    #[error(
+        "RabbitMQ at {url} has no topology with the prefix {prefix:?} (missing: {}); nothing \
+         was declared. {}",
+        missing.join(", "),
+        known_prefixes_hint(known)
+    )]
+    TopologyMissing {
+        url: String,
+        prefix: String,
+        missing: Vec<String>,
+        /// The prefixes the deployment's processes declared (from the database), if known.
+        known: Vec<String>,
+    },
+    #[error(
         "cannot declare {name} on RabbitMQ: {reason} (if it exists with other arguments, \
          delete it or use another prefix)"
     )]
@@ -63,6 +87,17 @@ pub enum QueueError {
     Closed,
     #[error("RabbitMQ did not answer {call} within {after:?}")]
     Unresponsive { call: &'static str, after: Duration },
+}
+
+fn known_prefixes_hint(known: &[String]) -> String {
+    if known.is_empty() {
+        "Set FULFILLMENT__AMQP__PREFIX to the prefix `serve` and `work` use".to_string()
+    } else {
+        format!(
+            "The prefixes this deployment's processes use: {}; set FULFILLMENT__AMQP__PREFIX to one of them",
+            known.join(", ")
+        )
+    }
 }
 
 impl QueueError {
@@ -82,6 +117,8 @@ struct BrokerInner {
     url: String,
     redacted_url: String,
     connection_name: String,
+    /// Whether (re)connecting declares the topology; read-only handles never do.
+    declares: bool,
     topology: Topology,
     link: RwLock<Link>,
     /// Serialises replacement of the connection.
@@ -131,6 +168,31 @@ impl Broker {
         connection_name: &str,
         topology: Topology,
     ) -> Result<Broker, QueueError> {
+        Self::open(settings, connection_name, topology, true).await
+    }
+
+    /// Connects without declaring anything, for commands that must not create a topology
+    /// (`dlq …`): when an exchange or queue of `settings.prefix` does not exist, the answer is
+    /// [`QueueError::TopologyMissing`] — a mistyped prefix never yields an empty new topology.
+    pub async fn connect_existing(
+        settings: &AmqpSettings,
+        connection_name: &str,
+    ) -> Result<Broker, QueueError> {
+        Self::open(
+            settings,
+            connection_name,
+            Topology::new(&settings.prefix),
+            false,
+        )
+        .await
+    }
+
+    async fn open(
+        settings: &AmqpSettings,
+        connection_name: &str,
+        topology: Topology,
+        declare: bool,
+    ) -> Result<Broker, QueueError> {
         let url = settings.url.expose().to_string();
         let redacted_url = settings.url.redacted();
         // The prefix in the name tells operators (`rabbitmqctl list_connections
@@ -138,7 +200,24 @@ impl Broker {
         // and lets `bench chaos` close only its own.
         let connection_name = connection_name_for(connection_name, topology.prefix());
         let connection = open_connection(&url, &redacted_url, &connection_name).await?;
-        declare_topology(&connection, &topology).await?;
+        if declare {
+            declare_topology(&connection, &topology).await?;
+        } else {
+            let missing = missing_topology(&connection, &topology).await;
+            if !missing.is_empty() {
+                let _ = bounded(
+                    "connection.close",
+                    connection.close(200, "no topology".into()),
+                )
+                .await;
+                return Err(QueueError::TopologyMissing {
+                    url: redacted_url,
+                    prefix: topology.prefix().to_string(),
+                    missing,
+                    known: Vec::new(),
+                });
+            }
+        }
         tracing::info!(url = %redacted_url, prefix = topology.prefix(), "connected to RabbitMQ");
         let wake = Arc::new(Notify::new());
         let broker = Broker {
@@ -147,6 +226,7 @@ impl Broker {
                 redacted_url,
                 connection_name,
                 topology,
+                declares: declare,
                 link: RwLock::new(Link {
                     generation: 0,
                     connection: Arc::new(connection),
@@ -365,7 +445,9 @@ impl Broker {
         let inner = &self.inner;
         let connection =
             open_connection(&inner.url, &inner.redacted_url, &inner.connection_name).await?;
-        if let Err(error) = declare_topology(&connection, &inner.topology).await {
+        if inner.declares
+            && let Err(error) = declare_topology(&connection, &inner.topology).await
+        {
             let _ = tokio::time::timeout(
                 OPERATION_TIMEOUT,
                 connection.close(200, "declaration failed".into()),
@@ -443,7 +525,17 @@ async fn open_connection(
         ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(err)) => Err(fail(err.to_string())),
+        Ok(Err(err)) => Err(match crate::queue::inspect::classify_connect(&err) {
+            BrokerFailure::AuthenticationFailed(message) => QueueError::AuthenticationFailed {
+                url: redacted_url.to_string(),
+                message,
+            },
+            BrokerFailure::VhostMissing(message) => QueueError::VhostMissing {
+                url: redacted_url.to_string(),
+                message,
+            },
+            BrokerFailure::Unreachable(reason) | BrokerFailure::Refused(reason) => fail(reason),
+        }),
         Err(_) => Err(fail(format!(
             "no AMQP handshake within {CONNECT_TIMEOUT:?}"
         ))),
@@ -478,6 +570,27 @@ pub(crate) async fn probe_tcp(url: &str) -> Result<(), String> {
 /// Declares every exchange, queue and binding; RabbitMQ treats an identical redeclaration
 /// as a no-op. Bounded like a connection attempt: a broker that stops answering half-way
 /// fails it.
+/// The exchanges and the work and dead-letter queues of `topology` the broker does not have
+/// (passive declarations; nothing is created). The retry queues are not looked at: their
+/// names follow the delays a deployment chose.
+async fn missing_topology(connection: &Connection, topology: &Topology) -> Vec<String> {
+    use crate::queue::inspect::{Presence, exchange_presence, queue_presence};
+    let mut missing = Vec::new();
+    for exchange in topology.exchanges() {
+        if exchange_presence(connection, &exchange.name, OPERATION_TIMEOUT).await
+            == Presence::Missing
+        {
+            missing.push(exchange.name);
+        }
+    }
+    for queue in [topology.inbound_queue(), topology.dead_letter_queue()] {
+        if queue_presence(connection, &queue, OPERATION_TIMEOUT).await == Presence::Missing {
+            missing.push(queue);
+        }
+    }
+    missing
+}
+
 async fn declare_topology(connection: &Connection, topology: &Topology) -> Result<(), QueueError> {
     match tokio::time::timeout(CONNECT_TIMEOUT, declare_each(connection, topology)).await {
         Ok(declared) => declared,

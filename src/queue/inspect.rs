@@ -112,7 +112,7 @@ async fn connect_read_only(
     }
 }
 
-fn classify_connect(error: &lapin::Error) -> BrokerFailure {
+pub(crate) fn classify_connect(error: &lapin::Error) -> BrokerFailure {
     let message = error.to_string();
     match error.kind() {
         ErrorKind::ProtocolError(amqp) => match amqp.kind() {
@@ -127,7 +127,11 @@ fn classify_connect(error: &lapin::Error) -> BrokerFailure {
     }
 }
 
-async fn exchange_presence(connection: &Connection, name: &str, timeout: Duration) -> Presence {
+pub(crate) async fn exchange_presence(
+    connection: &Connection,
+    name: &str,
+    timeout: Duration,
+) -> Presence {
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
@@ -150,7 +154,11 @@ async fn exchange_presence(connection: &Connection, name: &str, timeout: Duratio
     presence(tokio::time::timeout(timeout, probe).await, timeout)
 }
 
-async fn queue_presence(connection: &Connection, name: &str, timeout: Duration) -> Presence {
+pub(crate) async fn queue_presence(
+    connection: &Connection,
+    name: &str,
+    timeout: Duration,
+) -> Presence {
     let probe = async {
         let channel = connection.create_channel().await?;
         let declared = crate::queue::dead_letters::inspect_queue(&channel, name).await;

@@ -9,30 +9,55 @@ use sqlx::{Connection, Postgres};
 
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
+pub mod commands;
 pub mod ledger;
 pub mod notices;
 pub mod operator_actions;
 pub mod outbox;
+pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
+pub mod verify;
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// Why the store could not be reached or prepared.
+/// Why the store could not be reached or prepared, in the terms an operator fixes it in.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "cannot reach PostgreSQL at {url}: {source}. Is it running? Start it with \
-         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-         or set DATABASE_URL"
+        "cannot reach PostgreSQL at {url}: {reason}. Is it running and listening there? \
+         Check the host and port in DATABASE_URL"
     )]
     Unreachable {
         /// Redacted: the password never reaches a message.
         url: String,
-        #[source]
-        source: sqlx::Error,
+        reason: String,
     },
+    #[error(
+        "PostgreSQL at {url} refused the login: {message}. Check the user and password in \
+         DATABASE_URL"
+    )]
+    AuthenticationFailed { url: String, message: String },
+    #[error(
+        "the database of {url} does not exist: run `fulfillment migrate` (it creates the \
+         database and its schema)"
+    )]
+    DatabaseMissing { url: String },
+    #[error(
+        "the schema of {url} is behind this version ({missing} migration(s) not applied, the \
+         latest is {latest}): run `fulfillment migrate`"
+    )]
+    SchemaBehind {
+        url: String,
+        missing: usize,
+        latest: String,
+    },
+    #[error(
+        "the database has no table the query needs ({message}): its schema is missing or \
+         behind; run `fulfillment migrate`"
+    )]
+    SchemaMissing { message: String },
     #[error("cannot create database {url}: {source}")]
     CreateDatabase {
         url: String,
@@ -42,9 +67,25 @@ pub enum StoreError {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
-    Query(#[from] sqlx::Error),
+    Query(sqlx::Error),
     #[error("a stored state machine cannot be read back: {0}")]
     CorruptMachine(#[source] serde_json::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            // 42P01 undefined_table, 42703 undefined_column: the schema is not this version's.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("42P01" | "42703")) =>
+            {
+                StoreError::SchemaMissing {
+                    message: db.message().to_string(),
+                }
+            }
+            _ => StoreError::Query(error),
+        }
+    }
 }
 
 impl StoreError {
@@ -56,6 +97,20 @@ impl StoreError {
             StoreError::Unreachable { .. } => true,
             StoreError::Query(error) => is_unavailable(error),
             _ => false,
+        }
+    }
+
+    /// The error of a failed first connection, from its classification.
+    fn from_connect(url: &ConnectionUrl, failure: ConnectFailure) -> Self {
+        let url = url.redacted();
+        match failure {
+            ConnectFailure::Unreachable(reason) | ConnectFailure::Refused(reason) => {
+                StoreError::Unreachable { url, reason }
+            }
+            ConnectFailure::AuthenticationFailed(message) => {
+                StoreError::AuthenticationFailed { url, message }
+            }
+            ConnectFailure::DatabaseMissing(_) => StoreError::DatabaseMissing { url },
         }
     }
 }
@@ -93,16 +148,35 @@ pub struct MigrationReport {
     pub applied: Vec<String>,
 }
 
-/// Opens a pool on an existing database.
+/// Opens a pool on an existing database whose schema is this version's (newer is fine: a
+/// rolling upgrade migrates before the old processes stop). The first connection is opened
+/// alone, so a failure is named once and in an operator's terms.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, StoreError> {
+    let url = &settings.url;
+    let mut first = connect_once(url, settings.acquire_timeout)
+        .await
+        .map_err(|failure| StoreError::from_connect(url, failure))?;
+    let applied = applied_migrations(&mut first).await?;
+    let _ = first.close().await;
+    let missing: Vec<_> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .collect();
+    if let Some(latest) = missing.last() {
+        return Err(StoreError::SchemaBehind {
+            url: url.redacted(),
+            missing: missing.len(),
+            latest: format!("{} {}", latest.version, latest.description),
+        });
+    }
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
-        .connect(settings.url.expose())
+        .connect(url.expose())
         .await
         .map_err(|source| StoreError::Unreachable {
-            url: settings.url.redacted(),
-            source,
+            url: url.redacted(),
+            reason: source.to_string(),
         })
 }
 
@@ -112,10 +186,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
     let url = &settings.url;
     let exists = Postgres::database_exists(url.expose())
         .await
-        .map_err(|source| StoreError::Unreachable {
-            url: url.redacted(),
-            source,
-        })?;
+        .map_err(|source| StoreError::from_connect(url, connect_failure(source)))?;
     if !exists {
         Postgres::create_database(url.expose())
             .await
@@ -129,10 +200,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<MigrationReport, Sto
         .acquire_timeout(Duration::from_secs(10))
         .connect(url.expose())
         .await
-        .map_err(|source| StoreError::Unreachable {
-            url: url.redacted(),
-            source,
-        })?;
+        .map_err(|source| StoreError::from_connect(url, connect_failure(source)))?;
     let before = applied_versions(&pool).await?;
     MIGRATOR.run(&pool).await?;
     let applied = MIGRATOR
@@ -201,14 +269,80 @@ pub async fn connect_once(
             "no answer within {timeout:?}"
         ))),
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(sqlx::Error::Database(db))) => {
+        Ok(Err(error)) => Err(connect_failure(error)),
+    }
+}
+
+/// Classifies the error of opening a connection.
+fn connect_failure(error: sqlx::Error) -> ConnectFailure {
+    match error {
+        sqlx::Error::Database(db) => {
             let message = db.message().to_string();
-            Err(match db.code().as_deref() {
+            match db.code().as_deref() {
                 Some("28P01" | "28000") => ConnectFailure::AuthenticationFailed(message),
                 Some("3D000") => ConnectFailure::DatabaseMissing(message),
                 _ => ConnectFailure::Refused(message),
-            })
+            }
         }
-        Ok(Err(error)) => Err(ConnectFailure::Unreachable(error.to_string())),
+        error => ConnectFailure::Unreachable(error.to_string()),
+    }
+}
+
+/// Drops the database `url` names, closing its connections (benchmarks and the demo start
+/// from an empty one and leave nothing behind).
+pub async fn drop_database(url: &ConnectionUrl) -> Result<(), StoreError> {
+    let name = url
+        .url()
+        .path()
+        .trim_start_matches('/')
+        .replace('"', "\"\"");
+    let admin = url.with_path("/postgres");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(admin.expose())
+        .await
+        .map_err(|source| StoreError::from_connect(&admin, connect_failure(source)))?;
+    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+    let dropped = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+    pool.close().await;
+    dropped?;
+    Ok(())
+}
+
+/// `ANALYZE` of the whole database: fresh planner statistics where autovacuum is off.
+pub async fn analyze(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("ANALYZE").execute(pool).await?;
+    Ok(())
+}
+
+/// The commit ceiling of `bench pipeline`: a scratch table of rows the size of an event-log
+/// decision, committed one by one.
+pub mod ceiling {
+    use sqlx::postgres::PgPool;
+
+    pub async fn create(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE bench_commit_ceiling (id bigserial PRIMARY KEY, \
+             at timestamptz NOT NULL DEFAULT now(), body text NOT NULL)",
+        )
+        .execute(pool)
+        .await
+        .map(drop)
+    }
+
+    pub async fn commit_one(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO bench_commit_ceiling (body) VALUES ($1)")
+            .bind("a row the size of an event-log entry's decision text")
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub async fn drop_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("DROP TABLE bench_commit_ceiling")
+            .execute(pool)
+            .await
+            .map(drop)
     }
 }

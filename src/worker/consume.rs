@@ -167,7 +167,9 @@ enum Failure {
         error: String,
         response: Option<String>,
     },
+    /// The message can never be applied: dead-lettered at once, counted under `why`.
     Never {
+        why: DeadLetterReason,
         reason: String,
         response: Option<String>,
     },
@@ -307,9 +309,13 @@ impl MessageHandler {
                 self.retry_later(delivery, action, &error, response.as_deref())
                     .await
             }
-            Err(Failure::Never { reason, response }) => {
+            Err(Failure::Never {
+                why,
+                reason,
+                response,
+            }) => {
                 delivery.dead_letter(&reason, response.as_deref()).await?;
-                record_dead_letter(action, DeadLetterReason::CorruptState);
+                record_dead_letter(action, why);
                 Ok(Handled::DeadLettered)
             }
             // The loop above holds these; were one to reach here, a retry tier is right.
@@ -385,6 +391,7 @@ impl MessageHandler {
         .await
         .map_err(|error| match error {
             StoreError::CorruptMachine(_) => Failure::Never {
+                why: DeadLetterReason::CorruptState,
                 reason: error.to_string(),
                 response: None,
             },
@@ -448,7 +455,11 @@ impl MessageHandler {
                         response,
                     })
                 } else {
-                    Err(Failure::Never { reason, response })
+                    Err(Failure::Never {
+                        why: DeadLetterReason::Refused,
+                        reason,
+                        response,
+                    })
                 }
             }
         }

@@ -106,6 +106,7 @@ impl WorkerParts {
     pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
         let pool = store::connect(&settings.database).await?;
         let broker = Broker::connect(&settings.amqp, "fulfillment-worker").await?;
+        store::prefixes::record(&pool, &settings.amqp.prefix, "work").await?;
         let tokens = TokenProvider::new(&settings.marketplace)
             .context("cannot set up the Entra token provider")?;
         let client = MarketplaceClient::new(&settings.marketplace, tokens)

@@ -178,6 +178,27 @@ pub enum DomainEventKind {
 }
 
 impl DomainEventKind {
+    /// Every kind. The contract of each (`docs/events/<routing key>.schema.json`) is checked
+    /// against this list, so a new kind must be added here; the test below fails to compile
+    /// until it is.
+    pub const ALL: [DomainEventKind; 15] = [
+        DomainEventKind::Purchased,
+        DomainEventKind::Activated,
+        DomainEventKind::ActivationFailed,
+        DomainEventKind::PlanChanged,
+        DomainEventKind::QuantityChanged,
+        DomainEventKind::ChangeRejected,
+        DomainEventKind::Renewed,
+        DomainEventKind::Suspended,
+        DomainEventKind::Reinstated,
+        DomainEventKind::Unsubscribed,
+        DomainEventKind::PublisherOperationFailed,
+        DomainEventKind::TermEnding,
+        DomainEventKind::GraceEnding,
+        DomainEventKind::ActivationWindowClosing,
+        DomainEventKind::DataRetentionEnds,
+    ];
+
     /// The broker routing key.
     pub fn routing_key(self) -> &'static str {
         match self {
@@ -214,6 +235,32 @@ mod tests {
             DomainEventKind::PublisherOperationFailed.routing_key(),
             "subscription.publisher_operation_failed"
         );
+    }
+
+    #[test]
+    fn all_lists_every_domain_event_kind_once() {
+        // Adding a kind breaks this match: add it to `ALL` (and give it a schema in
+        // docs/events/) before extending the match.
+        let position = |kind: DomainEventKind| match kind {
+            DomainEventKind::Purchased => 0,
+            DomainEventKind::Activated => 1,
+            DomainEventKind::ActivationFailed => 2,
+            DomainEventKind::PlanChanged => 3,
+            DomainEventKind::QuantityChanged => 4,
+            DomainEventKind::ChangeRejected => 5,
+            DomainEventKind::Renewed => 6,
+            DomainEventKind::Suspended => 7,
+            DomainEventKind::Reinstated => 8,
+            DomainEventKind::Unsubscribed => 9,
+            DomainEventKind::PublisherOperationFailed => 10,
+            DomainEventKind::TermEnding => 11,
+            DomainEventKind::GraceEnding => 12,
+            DomainEventKind::ActivationWindowClosing => 13,
+            DomainEventKind::DataRetentionEnds => 14,
+        };
+        for (index, kind) in DomainEventKind::ALL.into_iter().enumerate() {
+            assert_eq!(position(kind), index, "{kind:?}");
+        }
     }
 
     #[test]
