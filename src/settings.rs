@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
-use fulfillment_state_machine::Policy;
+use fulfillment_state_machine::{NoticePolicy, Policy};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
@@ -220,6 +220,9 @@ pub struct WorkerSettings {
     /// A delivery held unacknowledged longer than this means the worker is stuck: `/readyz`
     /// answers 503 and `fulfillment_deliveries_held_too_long` counts it.
     pub stall_after: Duration,
+    /// When lifecycle notices are due (`term_ending_notice_days`, `notice_day_ms`); copied
+    /// into the machine's policy.
+    pub notices: NoticePolicy,
     /// Where the worker serves `/metrics`, `/healthz` and `/readyz` (port 0 picks one; the
     /// bound address is logged).
     pub metrics_addr: SocketAddr,
@@ -530,6 +533,8 @@ struct RawWorker {
     shutdown_grace_secs: u64,
     stall_after_secs: u64,
     metrics_addr: String,
+    term_ending_notice_days: String,
+    notice_day_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -639,6 +644,8 @@ impl Default for RawSettings {
                 shutdown_grace_secs: 20,
                 stall_after_secs: 60,
                 metrics_addr: "127.0.0.1:9464".into(),
+                term_ending_notice_days: "30,7".into(),
+                notice_day_ms: 24 * 3600 * 1000,
             },
             log: RawLog {
                 format: "pretty".into(),
@@ -764,7 +771,11 @@ impl Settings {
                 credential,
                 reconcile,
                 ingress,
-                policy: raw.policy,
+                // The machine decides the notices: it reads their settings in its policy.
+                policy: Policy {
+                    notices: worker.notices.clone(),
+                    ..raw.policy
+                },
                 worker,
                 database,
                 amqp,
@@ -1073,7 +1084,30 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
         shutdown_grace: positive_secs("worker.shutdown_grace_secs", raw.shutdown_grace_secs)?,
         stall_after: positive_secs("worker.stall_after_secs", raw.stall_after_secs)?,
         metrics_addr: listen_address("worker.metrics_addr", &raw.metrics_addr, "127.0.0.1:9464")?,
+        notices: NoticePolicy {
+            term_ending_days: notice_days(&raw.term_ending_notice_days)?,
+            day: positive_millis("worker.notice_day_ms", raw.notice_day_ms)?,
+        },
     })
+}
+
+/// `worker.term_ending_notice_days`: days before a term's end, comma-separated ("30,7");
+/// empty sends no term-ending notice.
+fn notice_days(raw: &str) -> Result<Vec<u32>, SettingsError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| match d.parse::<u32>() {
+            Ok(days) if (1..=3650).contains(&days) => Ok(days),
+            _ => invalid(
+                "worker.term_ending_notice_days",
+                format!(
+                    "expected days before the term's end, comma-separated, each 1 to 3650 \
+                     (e.g. \"30,7\"), got {d:?}"
+                ),
+            ),
+        })
+        .collect()
 }
 
 /// A listen address: `IP:PORT`, or `HOST:PORT` with a host name this machine resolves
@@ -1433,6 +1467,30 @@ mod tests {
     }
 
     #[test]
+    fn notice_settings_reach_the_machine_policy() {
+        let defaults = Settings::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(defaults.policy.notices.term_ending_days, vec![30, 7]);
+        assert_eq!(defaults.policy.notices.day, Duration::from_secs(86_400));
+        let set = Settings::from_sources(
+            None,
+            &env(&[
+                ("FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS", " 60, 14 ,3"),
+                ("FULFILLMENT__WORKER__NOTICE_DAY_MS", "200"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(set.worker.notices.term_ending_days, vec![60, 14, 3]);
+        assert_eq!(set.policy.notices, set.worker.notices);
+        assert_eq!(set.policy.notices.day, Duration::from_millis(200));
+        let none = Settings::from_sources(
+            None,
+            &env(&[("FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS", "")]),
+        )
+        .unwrap();
+        assert!(none.policy.notices.term_ending_days.is_empty());
+    }
+
+    #[test]
     fn invalid_worker_settings_fail_naming_the_key_and_variable() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("FULFILLMENT__WORKER__PREFETCH", "0")], "worker.prefetch"),
@@ -1451,6 +1509,18 @@ mod tests {
             (
                 &[("FULFILLMENT__WORKER__POLL_INTERVAL_MS", "0")],
                 "worker.poll_interval_ms",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS", "30,seven")],
+                "worker.term_ending_notice_days",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS", "0")],
+                "worker.term_ending_notice_days",
+            ),
+            (
+                &[("FULFILLMENT__WORKER__NOTICE_DAY_MS", "0")],
+                "worker.notice_day_ms",
             ),
             (
                 &[

@@ -429,10 +429,25 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
     assert_eq!(proxy.hits(), 3);
 
+    // Within the refetch interval, a kid we no longer hold may be our cache's lag, not the
+    // caller's fault: 503 (Microsoft redelivers; a 401 would reject a ChangePlan, §15.5).
+    let (_, body) = webhook_body("Renew");
+    let response = app.post_webhook(&old_token, &body).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        error_json(response).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("keys_not_refreshed")
+    );
+    assert_eq!(proxy.hits(), 3);
+    // Once a refetch is allowed and confirms the key is gone: the caller's, 401.
+    past_refresh_interval().await;
     let (_, body) = webhook_body("Renew");
     let response = app.post_webhook(&old_token, &body).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
+    assert_eq!(proxy.hits(), 4);
     let (_, body) = webhook_body("Renew");
     assert_eq!(
         app.post_webhook(&new_token, &body).await.status(),

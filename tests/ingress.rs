@@ -333,9 +333,16 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
         .sim
         .mint_webhook_token(json!({ "aud": Uuid::new_v4().to_string() }))
         .unwrap();
+    // Microsoft's genuine token for an audience we do not list: our configuration is
+    // wrong, not the call (503, see `failures_of_our_own_side_answer_503_…`).
     let response = app.post_webhook(Some(&wrong_audience), body.clone()).await;
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(json_body(response).await["reason"], "wrong_audience");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        json_body(response).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("wrong_audience")
+    );
 
     let wrong_app = app
         .sim
@@ -367,6 +374,110 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
                 && l.contains("reason=\"wrong_audience\"")),
         "{metrics}"
     );
+    consumer.cancel().await;
+    broker.close().await;
+    app.finish().await;
+}
+
+/// Microsoft reads any 4xx to a ChangePlan/ChangeQuantity webhook as our rejection of the
+/// customer's change (marketplace-api.md §15.5). So each refusal is classed by whose fault
+/// it is: the caller's (no or a forged token, another tenant or application, an expired
+/// token, a body that is not a webhook) is a 4xx; ours (our clock, our audience list, our
+/// body limit; the JWKS and the broker are covered by their own tests) is a 503 with
+/// `Retry-After`, so Microsoft redelivers. Nothing refused reaches the queue.
+#[tokio::test]
+async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
+    let app = spawn_app().await;
+    let broker = app.broker().await;
+    let mut consumer = app.consumer(&broker).await;
+    let (_, _, body) = webhook_body("ChangePlan");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token = |claims: Value| app.sim.mint_webhook_token(claims).unwrap();
+    let foreign_app = Uuid::new_v4().to_string();
+    let cases: Vec<(&str, Option<String>, String, StatusCode, &str)> = vec![
+        // The caller's.
+        (
+            "no token",
+            None,
+            body.clone(),
+            StatusCode::UNAUTHORIZED,
+            "missing",
+        ),
+        (
+            "not a JWT",
+            Some("not-a-jwt".into()),
+            body.clone(),
+            StatusCode::UNAUTHORIZED,
+            "malformed",
+        ),
+        (
+            "another tenant",
+            Some(token(json!({ "tid": Uuid::new_v4().to_string() }))),
+            body.clone(),
+            StatusCode::UNAUTHORIZED,
+            "wrong_tenant",
+        ),
+        (
+            "another application, and another audience",
+            Some(token(json!({ "azp": foreign_app, "aud": foreign_app }))),
+            body.clone(),
+            StatusCode::UNAUTHORIZED,
+            "wrong_app",
+        ),
+        (
+            "an expired token (a replay)",
+            Some(token(json!({ "nbf": now - 7200, "exp": now - 3600 }))),
+            body.clone(),
+            StatusCode::UNAUTHORIZED,
+            "expired",
+        ),
+        (
+            "a body that is not a webhook",
+            Some(app.webhook_token()),
+            "{\"id\": 1}".into(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // Ours.
+        (
+            "a genuine token for an audience we do not list",
+            Some(token(json!({ "aud": Uuid::new_v4().to_string() }))),
+            body.clone(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "wrong_audience",
+        ),
+        (
+            "a genuine token our clock says is not valid yet",
+            Some(token(json!({ "nbf": now + 3600, "exp": now + 7200 }))),
+            body.clone(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_yet_valid",
+        ),
+        (
+            "a body over our limit",
+            Some(app.webhook_token()),
+            body.replacen(
+                '{',
+                &format!("{{\"padding\":\"{}\",", "x".repeat(65 * 1024)),
+                1,
+            ),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "WEBHOOK_BODY_LIMIT_BYTES",
+        ),
+    ];
+    for (case, token, body, status, says) in cases {
+        let response = app.post_webhook(token.as_deref(), body).await;
+        assert_eq!(response.status(), status, "{case}");
+        let retry_after = response.headers().get("retry-after").cloned();
+        let answer = json_body(response).await;
+        assert!(answer.to_string().contains(says), "{case}: {answer}");
+        assert_eq!(
+            retry_after.is_some(),
+            status == StatusCode::SERVICE_UNAVAILABLE,
+            "{case}: Retry-After on the 503s only"
+        );
+    }
+    assert_no_more(&mut consumer).await;
     consumer.cancel().await;
     broker.close().await;
     app.finish().await;
@@ -408,8 +519,15 @@ async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_act
     let (_, _, small) = webhook_body("Suspend");
     let padding = "x".repeat(65 * 1024);
     let oversized = small.replacen('{', &format!("{{\"padding\":\"{padding}\","), 1);
+    // Authenticated, so Microsoft: over our limit is our configuration (503 naming it).
     let response = app.post_webhook(Some(&token), oversized).await;
-    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        json_body(response).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("WEBHOOK_BODY_LIMIT_BYTES")
+    );
 
     let (id, _, unknown) = webhook_body("Teleport");
     let response = app.post_webhook(Some(&token), unknown.clone()).await;

@@ -313,3 +313,124 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
         next.row
     );
 }
+
+fn observed_at(status: MarketplaceStatus, at: OffsetDateTime) -> Event {
+    let Event::Observed { snapshot, .. } = observed(status, "gold") else {
+        unreachable!()
+    };
+    Event::Observed {
+        snapshot,
+        observed_at: at,
+    }
+}
+
+async fn notices(pool: &PgPool, id: SubscriptionId) -> Vec<(String, String, OffsetDateTime)> {
+    sqlx::query_as(
+        "SELECT notice_key, status, due_at FROM scheduled_notices WHERE subscription_id = $1 \
+         ORDER BY created_at, notice_key",
+    )
+    .bind(id.as_uuid())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// The notice schedule lives in the database, written with the decision that caused it, and
+/// any process emits it once when a clock it is given says so (real days here: the clock
+/// is injected, nothing sleeps).
+#[tokio::test]
+async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cancelled_by_a_change() {
+    use marketplace_fulfillment::worker::notices::emit_due;
+    use time::Duration;
+
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let id = SubscriptionId::from(Uuid::new_v4());
+    // PostgreSQL keeps microseconds.
+    let now = OffsetDateTime::now_utc();
+    let t0 = now
+        .replace_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap();
+    let apply = |status: MarketplaceStatus, at: OffsetDateTime| {
+        let pool = pool.clone();
+        let policy = policy.clone();
+        async move {
+            ledger::apply(
+                &pool,
+                id,
+                &observed_at(status, at),
+                &EventSource::default(),
+                at,
+                &policy,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    apply(MarketplaceStatus::Subscribed, t0).await;
+    assert!(
+        notices(&pool, id).await.is_empty(),
+        "a renewing term owes nothing"
+    );
+
+    let suspended = t0 + Duration::hours(1);
+    apply(MarketplaceStatus::Suspended, suspended).await;
+    let scheduled = notices(&pool, id).await;
+    assert_eq!(scheduled.len(), 1, "{scheduled:?}");
+    assert!(scheduled[0].0.starts_with("grace_ending:"));
+    assert_eq!(scheduled[0].1, "pending");
+    assert_eq!(scheduled[0].2, suspended + Duration::days(23));
+
+    assert_eq!(
+        emit_due(&pool, suspended + Duration::days(22))
+            .await
+            .unwrap(),
+        0
+    );
+    let day_23 = suspended + Duration::days(23) + Duration::seconds(1);
+    assert_eq!(emit_due(&pool, day_23).await.unwrap(), 1);
+    assert_eq!(emit_due(&pool, day_23).await.unwrap(), 0, "once");
+    let (kind, outcome, effects, event_id): (String, String, serde_json::Value, Uuid) =
+        sqlx::query_as(
+            "SELECT event_kind, outcome, effects, id FROM subscription_events \
+             WHERE subscription_id = $1 ORDER BY sequence DESC LIMIT 1",
+        )
+        .bind(id.as_uuid())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (kind.as_str(), outcome.as_str()),
+        ("notice:grace_ending", "applied")
+    );
+    assert_eq!(effects[0]["kind"], "grace_ending", "{effects}");
+    let queued: (String, String) =
+        sqlx::query_as("SELECT kind, status FROM outbox WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(queued, ("publish_domain_event".into(), "pending".into()));
+
+    // Suspended again later: a new grace, a new notice; then the Unsubscribe cancels it and
+    // owes the retention notice instead.
+    let again = day_23 + Duration::days(1);
+    apply(MarketplaceStatus::Subscribed, again).await;
+    apply(MarketplaceStatus::Suspended, again + Duration::hours(1)).await;
+    let ended = again + Duration::days(2);
+    apply(MarketplaceStatus::Unsubscribed, ended).await;
+    let statuses: Vec<(String, String)> = notices(&pool, id)
+        .await
+        .into_iter()
+        .map(|(key, status, _)| (key.split(':').next().unwrap().to_string(), status))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("grace_ending".to_string(), "sent".to_string()),
+            ("grace_ending".to_string(), "cancelled".to_string()),
+            ("data_retention_ends".to_string(), "pending".to_string()),
+        ]
+    );
+    assert_eq!(emit_due(&pool, ended + Duration::days(8)).await.unwrap(), 1);
+}

@@ -340,6 +340,38 @@ async fn pay_and_custom_term_units_and_private_offers_are_activated_recorded_and
 }
 
 #[tokio::test]
+async fn the_landing_page_shows_the_private_offer_a_purchase_came_through() {
+    let stack = Stack::start(Options::default()).await;
+    let (id, landing) = stack
+        .purchase_with(json!({"planId": "silver", "privateOfferId": "contoso-private-7"}))
+        .await;
+    let page = stack
+        .http
+        .get(landing)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<th scope=\"row\">Private offer</th><td>contoso-private-7</td>"),
+        "{page}"
+    );
+    stack
+        .wait_for("the purchase active", || async {
+            (stack.engine(id).await?.state == "Subscribed").then_some(())
+        })
+        .await;
+    let (_, shown) = stack
+        .entitlement(Method::GET, &format!("/api/v1/subscriptions/{id}"), None)
+        .await;
+    assert_eq!(shown["privateOfferId"], "contoso-private-7", "{shown}");
+    stack.settle(&[id], WAIT).await;
+    stack.finish().await;
+}
+
+#[tokio::test]
 async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activated() {
     let stack = Stack::start(Options::default()).await;
     let (id, landing) = stack

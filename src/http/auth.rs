@@ -160,12 +160,16 @@ pub enum AuthError {
     WrongIssuer,
     #[error("the tenant's signing keys cannot be fetched")]
     JwksUnavailable,
+    /// The signing key is not in our cached key set and the refetch is rate-limited: Entra
+    /// may have rotated its keys a moment ago, so our cache, not the caller, is behind.
+    #[error("the token's signing key is not in the cached JWKS and it may not be refetched yet")]
+    KeysNotRefreshed,
 }
 
 impl AuthError {
     /// A short stable label: `missing`, `malformed`, `bad_algorithm`, `unknown_kid`,
     /// `bad_signature`, `expired`, `not_yet_valid`, `wrong_audience`, `wrong_tenant`,
-    /// `wrong_app`, `wrong_issuer`, `jwks_unavailable`.
+    /// `wrong_app`, `wrong_issuer`, `jwks_unavailable`, `keys_not_refreshed`.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Missing => "missing",
@@ -180,6 +184,7 @@ impl AuthError {
             Self::WrongApp => "wrong_app",
             Self::WrongIssuer => "wrong_issuer",
             Self::JwksUnavailable => "jwks_unavailable",
+            Self::KeysNotRefreshed => "keys_not_refreshed",
         }
     }
 
@@ -187,6 +192,49 @@ impl AuthError {
     /// Microsoft redelivers (any non-2xx does), and alert on it rather than on forgeries.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::JwksUnavailable)
+    }
+
+    /// The refusal comes from our side, not from the caller: our JWKS cache or our
+    /// configuration cannot accept what looks like Microsoft's genuine token. Answer 503,
+    /// never 4xx: Microsoft reads a 4xx to a ChangePlan/ChangeQuantity webhook as our
+    /// rejection of the customer's change (§15.5), and redelivers after a 503.
+    ///
+    /// - `jwks_unavailable`, `keys_not_refreshed`: our key set is unreachable or behind.
+    /// - `not_yet_valid`: the signature verified (the `nbf` check runs after it), so Entra
+    ///   issued the token and our clock is behind.
+    /// - `wrong_audience`: checked last, so the token verified, was issued in our tenant by
+    ///   Entra and requested by the marketplace service's application, which nobody else can
+    ///   obtain: the audiences we accept (`WEBHOOK_AUDIENCES`, `MARKETPLACE_CLIENT_ID`)
+    ///   disagree with the application id in Partner Center.
+    ///
+    /// Everything else (no token, a forgery, another tenant or application, an expired or
+    /// replayed token) stays 401.
+    pub fn is_ours(&self) -> bool {
+        matches!(
+            self,
+            Self::JwksUnavailable
+                | Self::KeysNotRefreshed
+                | Self::NotYetValid
+                | Self::WrongAudience
+        )
+    }
+
+    /// What an operator does about a refusal [`AuthError::is_ours`] says is ours.
+    pub fn fix(&self) -> Option<&'static str> {
+        match self {
+            Self::JwksUnavailable => Some(
+                "check that the JWKS URL (WEBHOOK_JWKS_URL or ENTRA_AUTHORITY_URL) is reachable",
+            ),
+            Self::KeysNotRefreshed => {
+                Some("none needed: the key set is refetched once the rate limit allows")
+            }
+            Self::NotYetValid => Some("synchronize this host's clock (NTP)"),
+            Self::WrongAudience => Some(
+                "set WEBHOOK_AUDIENCES (or MARKETPLACE_CLIENT_ID) to the application id of \
+                 Partner Center's technical configuration",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -401,19 +449,6 @@ impl Inner {
     }
 
     fn check_claims(&self, claims: RawClaims) -> Result<VerifiedClaims, AuthError> {
-        let accepted = |aud: &String| {
-            self.config
-                .audiences
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(aud))
-        };
-        let audience = match claims.aud {
-            Some(Audience::One(aud)) => Some(aud).filter(accepted),
-            Some(Audience::Many(auds)) => auds.into_iter().find(accepted),
-            None => None,
-        }
-        .ok_or(AuthError::WrongAudience)?;
-
         let tenant_id = claims
             .tid
             .as_deref()
@@ -439,6 +474,21 @@ impl Inner {
             .and_then(|app| Uuid::try_parse(app).ok())
             .filter(|app| *app == MARKETPLACE_APP)
             .ok_or(AuthError::WrongApp)?;
+
+        // Last: only a token that passed every other check makes a wrong audience ours
+        // (see `AuthError::is_ours`).
+        let accepted = |aud: &String| {
+            self.config
+                .audiences
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(aud))
+        };
+        let audience = match claims.aud {
+            Some(Audience::One(aud)) => Some(aud).filter(accepted),
+            Some(Audience::Many(auds)) => auds.into_iter().find(accepted),
+            None => None,
+        }
+        .ok_or(AuthError::WrongAudience)?;
 
         let expires_at =
             OffsetDateTime::from_unix_timestamp(claims.exp).map_err(|_| AuthError::Malformed)?;
@@ -481,7 +531,7 @@ impl Inner {
             last_fetch.is_none_or(|at| now.duration_since(at) >= self.config.refresh_min_interval);
         if !may_fetch {
             return Err(if cached.is_some() {
-                AuthError::UnknownKid
+                AuthError::KeysNotRefreshed
             } else {
                 AuthError::JwksUnavailable
             });
@@ -628,5 +678,35 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
         | ErrorKind::Utf8(_) => AuthError::Malformed,
         // Bad signatures, and anything the crypto backend refuses: fail closed.
         _ => AuthError::BadSignature,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_that_come_from_our_side_are_ours_and_each_names_a_fix() {
+        use AuthError::*;
+        // (refusal, ours?)
+        let table = [
+            (Missing, false),
+            (Malformed, false),
+            (BadAlgorithm, false),
+            (UnknownKid, false),
+            (BadSignature, false),
+            (Expired, false),
+            (NotYetValid, true),
+            (WrongAudience, true),
+            (WrongTenant, false),
+            (WrongApp, false),
+            (WrongIssuer, false),
+            (JwksUnavailable, true),
+            (KeysNotRefreshed, true),
+        ];
+        for (error, ours) in table {
+            assert_eq!(error.is_ours(), ours, "{}", error.reason());
+            assert_eq!(error.fix().is_some(), ours, "{}", error.reason());
+        }
     }
 }

@@ -336,6 +336,14 @@ fn subscription_page(
         "Beneficiary",
         &identity(subscription.and_then(|s| s.beneficiary.as_ref())),
     );
+    // The private offer the purchase came through (`sourceOffers[].externalId`, §15.3).
+    if let Some(private_offer) = subscription
+        .into_iter()
+        .flat_map(|s| s.source_offers.iter())
+        .find_map(|o| o.external_id.as_deref().filter(|id| !id.trim().is_empty()))
+    {
+        row("Private offer", private_offer);
+    }
     row("Status", state_label);
     let body = format!(
         "<table>{rows}</table><p class=\"state\">{}</p>",

@@ -108,8 +108,9 @@ fn holds_nul(value: &Value) -> bool {
 }
 
 /// Verifies the `Authorization` header. Missing or invalid tokens are a 401 naming the
-/// reason; a JWKS we cannot fetch is our problem, not the caller's: 503, so Microsoft
-/// retries.
+/// reason; a refusal that comes from our side (a JWKS we cannot fetch, a key cache behind
+/// a rotation, our clock, our audience list: [`AuthError::is_ours`]) is a 503, so
+/// Microsoft retries and never reads it as a rejection of a change (§15.5).
 pub async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -127,10 +128,17 @@ pub async fn authenticate(
         Ok(_claims) => Ok(AuthenticatedCaller { _private: () }),
         Err(error) => {
             metrics::record_jwt_rejection(error.reason());
-            if error.is_unavailable() {
-                return Err(ApiError::unavailable(
-                    "the signing keys of the publisher's tenant cannot be fetched right now",
-                ));
+            if error.is_ours() {
+                tracing::error!(
+                    reason = error.reason(),
+                    fix = error.fix().unwrap_or_default(),
+                    "a webhook token refused by our side, not the caller's; answering 503 so \
+                     Microsoft redelivers"
+                );
+                return Err(ApiError::unavailable(format!(
+                    "the token cannot be checked here right now ({}: {error}); retry later",
+                    error.reason()
+                )));
             }
             Err(unauthorized(error))
         }
@@ -142,6 +150,25 @@ fn unauthorized(error: AuthError) -> ApiError {
         reason: error.reason(),
         message: error.to_string(),
     }
+}
+
+/// A body over our limit. The caller passed authentication (it is checked before the body
+/// is read), so with webhook authentication on this is Microsoft, and the limit is our
+/// configuration: 503 naming the setting, never a 4xx that Microsoft would read as a
+/// rejection (§15.5). Without authentication anyone may call: 413.
+fn too_large(state: &AppState, limit: usize) -> ApiError {
+    if state.verifier.is_none() {
+        return ApiError::PayloadTooLarge { limit };
+    }
+    tracing::error!(
+        limit,
+        "an authenticated webhook is larger than WEBHOOK_BODY_LIMIT_BYTES; answering 503 so \
+         Microsoft redelivers once the limit is raised"
+    );
+    ApiError::unavailable(format!(
+        "the body exceeds this service's limit of {limit} bytes \
+         (WEBHOOK_BODY_LIMIT_BYTES); retry later"
+    ))
 }
 
 /// `POST /webhook`.
@@ -157,7 +184,7 @@ pub async fn receive(
         .await
         .map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
+                too_large(&state, limit)
             } else {
                 ApiError::bad_request(format!("cannot read the body: {rejection}"))
             }

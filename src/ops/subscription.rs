@@ -25,6 +25,7 @@ use super::{UsageError, cli_actor};
 use crate::http::entitlements::subscription_view;
 use crate::queue::{Broker, InboundMessage, MessageMeta, PublisherCommand};
 use crate::settings::Settings;
+use crate::store::notices::{self, NoticeRow, NoticeStatus};
 use crate::store::operator_actions::{self, OperatorAction};
 use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
 use crate::store::timeline::{self, EventRow, PublisherOperationRow};
@@ -191,6 +192,8 @@ pub struct Timeline {
     pub effects_pending: i64,
     pub effects_dead: i64,
     pub publisher_operations: Vec<PublisherOperationRow>,
+    /// Lifecycle notices: pending, sent and cancelled.
+    pub notices: Vec<NoticeRow>,
     pub entries: Vec<TimelineEntry>,
 }
 
@@ -236,6 +239,7 @@ pub async fn timeline(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<Timeline
         effects_pending,
         effects_dead,
         publisher_operations: timeline::publisher_operations(pool, id).await?,
+        notices: notices::of_subscription(pool, id).await?,
         entries,
     }))
 }
@@ -434,6 +438,11 @@ fn describe_event(kind: &str, event: &Value) -> String {
         _ => {
             if let Some(effect) = kind.strip_prefix("effect:") {
                 format!("effect {effect} carried out")
+            } else if let Some(notice) = kind.strip_prefix("notice:") {
+                format!(
+                    "lifecycle notice subscription.{notice} (due {})",
+                    text(&event["due"]).unwrap_or_default()
+                )
             } else if let Some(what) = kind.strip_prefix("reconcile:") {
                 format!("reconciliation: {}", what.replace('_', " "))
             } else {
@@ -753,6 +762,23 @@ pub fn render_timeline(t: &Timeline) -> String {
                     .as_deref()
                     .map(|e| format!(" — {}", shorten(e, 120)))
                     .unwrap_or_default()
+            ));
+        }
+    }
+    if !t.notices.is_empty() {
+        out.push_str("\nLifecycle notices\n");
+        for notice in &t.notices {
+            let status = match notice.status {
+                NoticeStatus::Pending => "pending",
+                NoticeStatus::Sent => "sent",
+                NoticeStatus::Cancelled => "cancelled",
+            };
+            out.push_str(&format!(
+                "  {}{}  subscription.{}: {status} — {}\n",
+                when(notice.due_at),
+                clock(notice.due_at).get(8..).unwrap_or(""),
+                notice.kind,
+                shorten(&notice.reason, 120)
             ));
         }
     }

@@ -4,7 +4,8 @@
 //! The caller acks its message only after this returns.
 
 use fulfillment_state_machine::{
-    Decision, Effect, Event, Outcome, Policy, SubscriptionId, SubscriptionMachine,
+    Decision, Details, Effect, Event, NoticePolicy, Outcome, Policy, StateName, SubscriptionId,
+    SubscriptionMachine, Term, notice,
 };
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool};
@@ -12,7 +13,7 @@ use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{StoreError, notices};
 
 /// Where an event came from, for the inbox and the event log.
 #[derive(Debug, Clone, Default)]
@@ -267,6 +268,7 @@ pub async fn apply_in(
 ) -> Result<Applied, StoreError> {
     let id = subscription_id.as_uuid();
     let mut machine = lock_or_create(conn, subscription_id).await?;
+    let notices_before = NoticeInputs::of(&machine);
     let decision = machine.handle(event, now, policy);
     let event_id = Uuid::now_v7();
     let (outcome, reason) = outcome_columns(&decision.outcome);
@@ -279,7 +281,10 @@ pub async fn apply_in(
                quantity = $6, beneficiary_tenant_id = $7, purchaser_tenant_id = $8, \
                term_unit = $23, charge_duration = $24, private_offer_id = $25, \
                beneficiary = $26, purchaser = $27, allowed_customer_operations = $28, \
-               version = version + 1, updated_at = $9, last_sequence = ",
+               version = version + 1, updated_at = $9, \
+               state_since = CASE WHEN state IS DISTINCT FROM $3 OR state_since IS NULL \
+                 THEN $9 ELSE state_since END, \
+               last_sequence = ",
         next_sequence!("$1"),
         " WHERE id = $1 RETURNING last_sequence) \
          INSERT INTO subscription_events \
@@ -329,6 +334,9 @@ pub async fn apply_in(
     )
     .fetch_one(&mut *conn)
     .await?;
+    if NoticeInputs::of(&machine) != notices_before {
+        reschedule_notices(conn, id, &machine, now, &policy.notices, event_id).await?;
+    }
     // A decision that answers Microsoft puts the subscription's pending rows first (P7):
     // the ACK waits behind them, so they all go before other subscriptions' rows. Rows a
     // runner holds right now are skipped; they are running already.
@@ -384,6 +392,126 @@ pub async fn apply_in(
         decision,
         outbox_ids,
     })
+}
+
+/// What the notices a subscription is owed depend on: a decision that changes none of it
+/// leaves the schedule alone (and costs no query).
+#[derive(Debug, PartialEq)]
+struct NoticeInputs {
+    state: StateName,
+    known: bool,
+    term: Option<Term>,
+}
+
+impl NoticeInputs {
+    fn of(machine: &SubscriptionMachine) -> Self {
+        let details: &Details = machine.details();
+        Self {
+            state: machine.state(),
+            known: details.is_known(),
+            term: details.term.clone(),
+        }
+    }
+}
+
+/// Brings the stored notice schedule to the machine's plan, in the decision's transaction:
+/// pending notices no longer owed are cancelled, new ones scheduled (a moved notice is
+/// both).
+async fn reschedule_notices(
+    conn: &mut PgConnection,
+    id: Uuid,
+    machine: &SubscriptionMachine,
+    now: OffsetDateTime,
+    policy: &NoticePolicy,
+    event_id: Uuid,
+) -> Result<(), StoreError> {
+    let since = notices::state_since(conn, id).await?.unwrap_or(now);
+    let owed = notice::plan(machine.state(), since, machine.details(), now, policy);
+    let pending = notices::pending_keys(conn, id).await?;
+    let changes = notice::changes(&pending, &owed);
+    if !changes.cancel.is_empty() {
+        notices::cancel(conn, id, &changes.cancel, event_id, now).await?;
+    }
+    if !changes.schedule.is_empty() {
+        notices::schedule(conn, id, &changes.schedule, event_id, now).await?;
+    }
+    Ok(())
+}
+
+/// Emits the notice `notice_id` if it is still pending: under its subscription's row lock
+/// (a decision that cancels it cannot cross), appends an event-log row that publishes its
+/// domain event, queues that effect in the outbox and marks the notice sent, all in one
+/// transaction. The event-log row's id, or `None` when the notice was cancelled or sent
+/// meanwhile.
+pub async fn emit_notice(
+    pool: &PgPool,
+    subscription_id: Uuid,
+    notice_id: Uuid,
+    now: OffsetDateTime,
+) -> Result<Option<Uuid>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let machine: Option<Value> =
+        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(subscription_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(machine) = machine.map(restore).transpose()? else {
+        return Ok(None);
+    };
+    let Some(row) = notices::lock_pending(&mut tx, notice_id).await? else {
+        return Ok(None);
+    };
+    let event_id = Uuid::now_v7();
+    let Some(notice) = row.notice() else {
+        // A kind only a newer version knows: left for it, never guessed.
+        return Ok(None);
+    };
+    let effects = vec![notice.effect(machine.state(), machine.details())];
+    let sequence: i64 = sqlx::query_scalar(concat!(
+        "WITH bumped AS ( \
+             UPDATE subscriptions SET last_sequence = ",
+        next_sequence!("$2"),
+        " WHERE id = $2 RETURNING state, last_sequence) \
+         INSERT INTO subscription_events \
+         (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
+          to_state, outcome, reason, effects, recorded_at) \
+         SELECT $1, $2, bumped.last_sequence, $3, $3, $4, $5, bumped.state, bumped.state, \
+                'applied', $6, $7, $8 FROM bumped \
+         RETURNING sequence",
+    ))
+    .bind(event_id)
+    .bind(subscription_id)
+    .bind(format!("notice:{}", notice.key))
+    .bind(format!("notice:{}", notice.kind.as_str()))
+    .bind(to_json(&notice))
+    .bind(&notice.reason)
+    .bind(to_json(&effects))
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    let outbox_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
+         next_attempt_at, created_at, updated_at, priority) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, 1)",
+    )
+    .bind(outbox_id)
+    .bind(subscription_id)
+    .bind(event_id)
+    .bind(sequence)
+    .bind(effects[0].kind_str())
+    .bind(to_json(&effects[0]))
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(super::outbox::NOTIFY_CHANNEL)
+        .bind(subscription_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    notices::mark_sent(&mut tx, notice_id, event_id, now).await?;
+    tx.commit().await?;
+    Ok(Some(event_id))
 }
 
 /// Appends an `ignored` row for a message the inbox has seen: the machine is not asked,

@@ -12,6 +12,7 @@ use crate::settings::{ConnectionUrl, DatabaseSettings};
 pub mod commands;
 pub mod credential_notices;
 pub mod ledger;
+pub mod notices;
 pub mod operator_actions;
 pub mod outbox;
 pub mod prefixes;

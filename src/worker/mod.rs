@@ -7,6 +7,7 @@
 //!   call next, how long to wait, which events an answer means.
 //! - [`effects`]: the outbox runner: claims effects, carries out their protocols' steps
 //!   (Microsoft calls, domain events) and feeds the results back as machine events.
+//! - [`notices`]: emits the lifecycle notices whose time has come.
 //! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
 //! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
 
@@ -14,6 +15,7 @@ pub mod consume;
 pub mod credential_health;
 pub mod effects;
 pub mod listener;
+pub mod notices;
 pub mod protocol;
 pub mod run;
 pub mod translate;

@@ -133,6 +133,7 @@ pub struct Worker {
     shutdown: CancellationToken,
     consumer: JoinHandle<()>,
     runner: JoinHandle<()>,
+    notices: JoinHandle<()>,
     pool: PgPool,
     consumer_activity: Arc<ConsumerActivity>,
     effect_activity: Arc<EffectActivity>,
@@ -152,6 +153,7 @@ impl Worker {
             .broker
             .consume_inbound(config.prefetch, &config.consumer_tag)
             .await?;
+        let poll_interval = config.effects.poll_interval;
         let runner = EffectRunner::new(
             parts.pool.clone(),
             parts.client.clone(),
@@ -178,12 +180,18 @@ impl Worker {
             config.metering,
             shutdown.clone(),
         ));
+        let notices = tokio::spawn(crate::worker::notices::run(
+            parts.pool.clone(),
+            poll_interval,
+            shutdown.clone(),
+        ));
         crate::metrics::register_worker_series();
         tracing::info!("worker started");
         Ok(Self {
             shutdown,
             consumer,
             runner,
+            notices,
             pool: parts.pool,
             consumer_activity,
             effect_activity,
@@ -224,7 +232,7 @@ impl Worker {
         }
     }
 
-    /// Waits for both tasks to end. Once the shutdown token fired they have
+    /// Waits for the tasks to end. Once the shutdown token fired they have
     /// `shutdown_grace` to finish the work in hand, whatever it waits for (a broker or a
     /// database that does not answer); then they are aborted: the broker redelivers the
     /// deliveries they held, and their claimed outbox rows are claimed again.
@@ -233,6 +241,7 @@ impl Worker {
             shutdown,
             mut consumer,
             mut runner,
+            mut notices,
             consumer_activity,
             effect_activity,
             shutdown_grace,
@@ -245,6 +254,9 @@ impl Worker {
             (&mut runner)
                 .await
                 .context("the outbox runner task panicked")?;
+            (&mut notices)
+                .await
+                .context("the notice emitter task panicked")?;
             anyhow::Ok(())
         };
         let grace_over = async {
@@ -265,6 +277,7 @@ impl Worker {
                 );
                 consumer.abort();
                 runner.abort();
+                notices.abort();
             }
         }
         Ok(())

@@ -127,7 +127,10 @@ pub fn snapshot(subscription: &Subscription) -> Snapshot {
             .as_deref()
             .and_then(|p| PlanId::parse(p).ok()),
         quantity: subscription.quantity.and_then(|q| Quantity::new(q).ok()),
-        term: subscription.term.as_ref().map(term),
+        term: subscription
+            .term
+            .as_ref()
+            .map(|t| term(t, subscription.auto_renew)),
         beneficiary_tenant: tenant(subscription.beneficiary.as_ref()),
         purchaser_tenant: tenant(subscription.purchaser.as_ref()),
         name: subscription.name.clone(),
@@ -176,12 +179,13 @@ fn webhook(payload: &WebhookPayload) -> Webhook {
     }
 }
 
-fn term(term: &marketplace::Term) -> Term {
+fn term(term: &marketplace::Term, auto_renew: Option<bool>) -> Term {
     Term {
         unit: term.term_unit.as_ref().map(|u| u.as_str().to_string()),
         charge_duration: term.charge_duration.clone(),
         start: term.start_date,
         end: term.end_date,
+        auto_renew,
     }
 }
 

@@ -164,6 +164,10 @@ pub struct Term {
     /// `endDate`.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub end: Option<OffsetDateTime>,
+    /// The subscription's `autoRenew`: `Some(false)` means the term ends at `endDate`
+    /// (§3.1, §5.5), which is what the `term_ending` notices announce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_renew: Option<bool>,
 }
 
 impl Term {

@@ -167,13 +167,21 @@ pub enum DomainEventKind {
     Unsubscribed,
     /// Our PATCH/DELETE was refused or failed at Microsoft.
     PublisherOperationFailed,
+    /// Notice: a term without `autoRenew` ends in N days ([`crate::notice`]).
+    TermEnding,
+    /// Notice: a Suspended subscription's 30-day grace ends in 7 days.
+    GraceEnding,
+    /// Notice: 5 days are left to activate a purchase before Microsoft cancels it.
+    ActivationWindowClosing,
+    /// Notice: 7 days after the Unsubscribe, the retention of the customer's data ends.
+    DataRetentionEnds,
 }
 
 impl DomainEventKind {
     /// Every kind. The contract of each (`docs/events/<routing key>.schema.json`) is checked
     /// against this list, so a new kind must be added here; the test below fails to compile
     /// until it is.
-    pub const ALL: [DomainEventKind; 11] = [
+    pub const ALL: [DomainEventKind; 15] = [
         DomainEventKind::Purchased,
         DomainEventKind::Activated,
         DomainEventKind::ActivationFailed,
@@ -185,6 +193,10 @@ impl DomainEventKind {
         DomainEventKind::Reinstated,
         DomainEventKind::Unsubscribed,
         DomainEventKind::PublisherOperationFailed,
+        DomainEventKind::TermEnding,
+        DomainEventKind::GraceEnding,
+        DomainEventKind::ActivationWindowClosing,
+        DomainEventKind::DataRetentionEnds,
     ];
 
     /// The broker routing key.
@@ -201,6 +213,10 @@ impl DomainEventKind {
             DomainEventKind::Reinstated => "subscription.reinstated",
             DomainEventKind::Unsubscribed => "subscription.unsubscribed",
             DomainEventKind::PublisherOperationFailed => "subscription.publisher_operation_failed",
+            DomainEventKind::TermEnding => "subscription.term_ending",
+            DomainEventKind::GraceEnding => "subscription.grace_ending",
+            DomainEventKind::ActivationWindowClosing => "subscription.activation_window_closing",
+            DomainEventKind::DataRetentionEnds => "subscription.data_retention_ends",
         }
     }
 }
@@ -237,6 +253,10 @@ mod tests {
             DomainEventKind::Reinstated => 8,
             DomainEventKind::Unsubscribed => 9,
             DomainEventKind::PublisherOperationFailed => 10,
+            DomainEventKind::TermEnding => 11,
+            DomainEventKind::GraceEnding => 12,
+            DomainEventKind::ActivationWindowClosing => 13,
+            DomainEventKind::DataRetentionEnds => 14,
         };
         for (index, kind) in DomainEventKind::ALL.into_iter().enumerate() {
             assert_eq!(position(kind), index, "{kind:?}");

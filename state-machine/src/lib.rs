@@ -9,6 +9,7 @@
 //! - [`policy`]: the ISV's rules for changes and activation.
 //! - [`decision`]: the result of one `handle` call.
 //! - [`machine`]: the statig machine and the `SubscriptionMachine` wrapper.
+//! - [`notice`]: which lifecycle notices a subscription is owed, and when.
 //! - [`diagram`]: Mermaid/DOT diagrams derived by driving the machine.
 //!
 //! No IO, no clock, no randomness: the worker passes `now` in and executes the effects.
@@ -20,6 +21,7 @@ pub mod effect;
 pub mod event;
 pub mod ids;
 pub mod machine;
+pub mod notice;
 pub mod policy;
 
 pub use decision::{Decision, IgnoreReason, Outcome, OutcomeKind};
@@ -39,4 +41,5 @@ pub use machine::{
     ActivationProgress, PendingOperation, SEEN_KEYS_CAPACITY, SubscriptionMachine, UNCONFIRMED_TTL,
     Unconfirmed, UnconfirmedChange,
 };
+pub use notice::{Notice, NoticeChanges, NoticeKind, NoticePolicy};
 pub use policy::{ActivationMode, PlanMove, PlanMoves, Policy, SeatLimits, Verdict};

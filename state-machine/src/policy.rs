@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{PlanId, Quantity};
+use crate::notice::NoticePolicy;
 
 /// Everything the machine needs to decide on changes and activation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,9 @@ pub struct Policy {
     /// Whether a resolved purchase is activated without operator action.
     #[serde(default)]
     pub activation: ActivationMode,
+    /// When lifecycle notices are due; set from the `[worker]` settings, not `[policy]`.
+    #[serde(skip)]
+    pub notices: NoticePolicy,
 }
 
 /// Allowed plan moves.

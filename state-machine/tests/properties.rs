@@ -134,6 +134,7 @@ fn policy() -> impl Strategy<Value = Policy> {
                 max: Some(9),
             },
             activation: ActivationMode::Automatic,
+            ..Policy::default()
         }),
     ]
 }

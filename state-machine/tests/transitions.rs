@@ -1447,6 +1447,7 @@ fn renew_takes_the_term_from_the_webhook_snapshot() {
         charge_duration: None,
         start: Some(t(60)),
         end: Some(t(90)),
+        auto_renew: Some(true),
     };
     let renew = Event::Webhook(Webhook {
         subscription: Some(Snapshot {

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::TestDatabase;
+use fulfillment_state_machine::NoticePolicy;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -55,6 +56,8 @@ pub struct Options {
     pub effects: EffectsConfig,
     /// Last changes to the simulator's configuration (catalogue, page sizes, link host).
     pub simulator: fn(&mut SimulatorConfig),
+    /// When lifecycle notices are due (a compressed day to match the simulator's).
+    pub notices: NoticePolicy,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
                 ..EffectsConfig::fast()
             },
             simulator: |_| {},
+            notices: NoticePolicy::default(),
         }
     }
 }
@@ -170,6 +174,7 @@ impl Stack {
         env.insert("ACTIVATION_MODE".into(), "automatic".into());
         let mut settings = Settings::from_sources(None, &env).expect("stack settings");
         settings.policy = serde_json::from_value(options.policy).expect("a policy");
+        settings.policy.notices = options.notices.clone();
         // Small pools: the PostgreSQL server is shared by every test running at once.
         settings.database.max_connections = 6;
         // Millisecond clocks for worker processes, through the [worker] settings.
@@ -185,6 +190,20 @@ impl Stack {
         ] {
             process_env.push((key.into(), value.into()));
         }
+        let notice_days: Vec<String> = options
+            .notices
+            .term_ending_days
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        process_env.push((
+            "FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS".into(),
+            notice_days.join(","),
+        ));
+        process_env.push((
+            "FULFILLMENT__WORKER__NOTICE_DAY_MS".into(),
+            options.notices.day.as_millis().to_string(),
+        ));
 
         let application = Application::build(settings.clone())
             .await
