@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 /// The application id of Microsoft's marketplace SaaS and metering API: the token scope
 /// (`{id}/.default`) or v1 `resource` for our calls, and the `azp`/`appid` of the webhook
-/// tokens Microsoft sends us (marketplace-api.md §2.3, §6.6).
+/// tokens Microsoft sends us (docs/marketplace.md §2.3, §6.6).
 pub const MARKETPLACE_APP_ID: &str = "20e940b3-4c77-4b0b-9a53-9e16a1b010a7";
 
 /// Environment variables with a conventional name, and the key each one sets.
@@ -246,7 +246,7 @@ pub struct IngressSettings {
 /// How webhook calls are authenticated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WebhookAuth {
-    /// Verify Microsoft's Entra JWT (marketplace-api.md §6.6). The only mode for production.
+    /// Verify Microsoft's Entra JWT (docs/marketplace.md §6.6). The only mode for production.
     Entra,
     /// No verification, for local emulators that send no token. Needs
     /// `WEBHOOK_AUTH_ALLOW_INSECURE=true` as well, and logs a warning at startup.
@@ -285,7 +285,7 @@ pub struct MarketplaceSettings {
     pub request_timeout: Duration,
 }
 
-/// Which Entra token endpoint to call (marketplace-api.md §2.2, §2.3).
+/// Which Entra token endpoint to call (docs/marketplace.md §2.2, §2.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenEndpoint {
     /// `/{tenant}/oauth2/v2.0/token` with `scope={app}/.default`.

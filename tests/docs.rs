@@ -207,7 +207,6 @@ fn docs_marketplace_md_defines_every_pitfall_and_numbered_section_once() {
 }
 
 #[test]
-#[ignore = "enabled after the citation rewrite at merge"]
 fn no_source_file_refers_to_the_outside_document() {
     // Spelled in two halves so that rewriting the name across the tree leaves this test alone.
     let outside = concat!("marketplace-api", ".md");

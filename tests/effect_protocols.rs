@@ -1,5 +1,5 @@
 //! The decision tables of the effect protocols: `(effect kind, progress, Microsoft's answer)
-//! -> step`, one named row per answer class, each naming the fact of marketplace-api.md it
+//! -> step`, one named row per answer class, each naming the fact of docs/marketplace.md it
 //! encodes (§ or P number). Pure: no PostgreSQL, RabbitMQ or HTTP; the clock is fixed.
 
 use std::time::Duration;

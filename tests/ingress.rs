@@ -380,7 +380,7 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
 }
 
 /// Microsoft reads any 4xx to a ChangePlan/ChangeQuantity webhook as our rejection of the
-/// customer's change (marketplace-api.md §15.5). So each refusal is classed by whose fault
+/// customer's change (docs/marketplace.md §15.5). So each refusal is classed by whose fault
 /// it is: the caller's (no or a forged token, another tenant or application, an expired
 /// token, a body that is not a webhook) is a 4xx; ours (our clock, our audience list, our
 /// body limit; the JWKS and the broker are covered by their own tests) is a 503 with

@@ -2,7 +2,7 @@
 //! → ingress → RabbitMQ → worker → PostgreSQL) with the simulator's production defaults:
 //! `Operation-Location` and `@nextLink` on another host, operations that start `NotStarted`
 //! behind a `Retry-After`, pages of varying size, CSP purchases that only allow `Read`,
-//! term units outside the spec, and auto-activation (marketplace-api.md §5.6, §15).
+//! term units outside the spec, and auto-activation (docs/marketplace.md §5.6, §15).
 
 mod stack;
 

@@ -1,6 +1,6 @@
 //! The decision table of the metering protocol: `(batch progress, Microsoft's answer to
 //! batchUsageEvent) -> (step, hours settled, hours sent)`, one named row per answer class,
-//! each naming the fact of marketplace-api.md it encodes. Pure: the clock is fixed.
+//! each naming the fact of docs/marketplace.md it encodes. Pure: the clock is fixed.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

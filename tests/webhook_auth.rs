@@ -1,4 +1,4 @@
-//! Webhook bearer-token verification (marketplace-api.md §6.6) against the simulator's Entra
+//! Webhook bearer-token verification (docs/marketplace.md §6.6) against the simulator's Entra
 //! on 127.0.0.1:0: accepted tokens, every kind of forgery, key rotation and JWKS outages.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -180,7 +180,7 @@ const ACTIONS: &[&str] = &[
     "Unsubscribe",
 ];
 
-/// A marketplace-api.md §6.2 webhook body: the operation envelope and the subscription
+/// A docs/marketplace.md §6.2 webhook body: the operation envelope and the subscription
 /// snapshot, as the simulator (and Microsoft) send it.
 fn webhook_payload(i: usize, operation: Uuid, activity: Uuid, subscription: Uuid) -> String {
     let action = ACTIONS[i % ACTIONS.len()];

@@ -1,4 +1,4 @@
-//! Verification of the Entra bearer token on Microsoft's webhook calls (marketplace-api.md
+//! Verification of the Entra bearer token on Microsoft's webhook calls (docs/marketplace.md
 //! §6.6, P23, P24): an RS256 signature by a key of the publisher tenant's JWKS, then `exp`,
 //! `nbf`, `aud`, `tid`, `azp`/`appid` and `iss`. Anything else is rejected, including when
 //! the JWKS cannot be fetched: there is no fail-open path.

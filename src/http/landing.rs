@@ -1,5 +1,5 @@
 //! `GET /landing?token=…`: the landing page Microsoft sends the customer to after a
-//! purchase or a "Manage account" click (marketplace-api.md §4.1, §10.1).
+//! purchase or a "Manage account" click (docs/marketplace.md §4.1, §10.1).
 //!
 //! The token is resolved with Microsoft, the resolution is queued for the workers (who
 //! record the purchase and, unless activation is manual, activate it), and the customer

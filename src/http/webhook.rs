@@ -1,4 +1,4 @@
-//! `POST /webhook`: Microsoft's connection webhook (marketplace-api.md §6).
+//! `POST /webhook`: Microsoft's connection webhook (docs/marketplace.md §6).
 //!
 //! Order matters: the bearer token is verified before the body is even read; the body is
 //! then parsed leniently (only `id`, `subscriptionId` and `action` are required, §6.2) into

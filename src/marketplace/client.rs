@@ -1,4 +1,4 @@
-//! The typed client: one method per Fulfillment / Metering endpoint (marketplace-api.md §4,
+//! The typed client: one method per Fulfillment / Metering endpoint (docs/marketplace.md §4,
 //! §9), each returning the value plus the [`CallMeta`] the event log records.
 
 use std::collections::HashSet;

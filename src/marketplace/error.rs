@@ -1,5 +1,5 @@
 //! Errors of Marketplace calls, classified the way callers branch on them
-//! (marketplace-api.md §8.2): retry now, retry later, fix configuration, give up.
+//! (docs/marketplace.md §8.2): retry now, retry later, fix configuration, give up.
 
 use std::error::Error as StdError;
 use std::fmt;

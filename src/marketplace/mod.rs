@@ -1,5 +1,5 @@
 //! Client of Microsoft's SaaS Fulfillment API v2 and Metering API, the only way the rest
-//! of the engine talks to Microsoft (marketplace-api.md §1–§4, §7–§9).
+//! of the engine talks to Microsoft (docs/marketplace.md §1–§4, §7–§9).
 //!
 //! - [`types`]: lenient wire DTOs (unknown fields and enum values tolerated, P15/P16).
 //! - [`client`]: [`MarketplaceClient`], one method per endpoint, each returning the value

@@ -1,4 +1,4 @@
-//! Entra ID client-credentials tokens for the Marketplace API (marketplace-api.md §2).
+//! Entra ID client-credentials tokens for the Marketplace API (docs/marketplace.md §2).
 //!
 //! One token per provider, cached and refreshed five minutes before it expires (at
 //! half-life for tokens shorter than ten minutes). Refreshes are single-flight: the cache

@@ -1,5 +1,5 @@
 //! Wire DTOs of the SaaS Fulfillment API v2 and the Metering API, parsed leniently
-//! (marketplace-api.md §1.5, pitfalls P15/P16).
+//! (docs/marketplace.md §1.5, pitfalls P15/P16).
 //!
 //! These types describe what Microsoft sends, not what we believe: unknown fields are
 //! ignored, unknown enum values land in `Unknown(String)`, enum strings are trimmed,

@@ -1,4 +1,4 @@
-//! Metered billing (marketplace-api.md §9): usage in from the ISV's product, hourly totals
+//! Metered billing (docs/marketplace.md §9): usage in from the ISV's product, hourly totals
 //! in PostgreSQL, exactly-once submission to Microsoft through the outbox.
 //!
 //! - this module: the pure parts — parsing a usage report (JSON or CSV), the clock hour

@@ -1060,7 +1060,7 @@ fn jwks_verdict(jwks: &(Option<Url>, JwksOutcome)) -> Check {
     }
 }
 
-/// Microsoft's webhook tokens carry the publisher's app id as `aud` (marketplace-api.md
+/// Microsoft's webhook tokens carry the publisher's app id as `aud` (docs/marketplace.md
 /// §6.6), or its application ID URI.
 fn audiences_verdict(settings: &Settings) -> Check {
     let name = "webhook.audiences";

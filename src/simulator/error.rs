@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 /// A 4xx/5xx answer with the `{"code","message"}` body the real service uses for most
-/// failures (marketplace-api.md §1.4).
+/// failures (docs/marketplace.md §1.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ApiError {
     pub status: StatusCode,

@@ -1,7 +1,7 @@
 //! A faithful in-memory stand-in for Microsoft's side of a transactable SaaS offer, used by
 //! every test, demo and benchmark: the SaaS Fulfillment API v2 with its operations, the
 //! Metering API, the Entra token endpoint with JWKS, signed webhooks with redelivery, and
-//! fault injection (marketplace-api.md §13).
+//! fault injection (docs/marketplace.md §13).
 //!
 //! Layout: [`state`] holds the memory and the shared handle; `lifecycle` the rules of §5
 //! and §7; `api` the public routes under `/api`; `metering` §9; `entra` keys and tokens;

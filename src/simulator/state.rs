@@ -22,7 +22,7 @@ use super::entra::KeyRing;
 use super::faults::Faults;
 use super::{PlanSpec, SimulatorConfig};
 
-/// `saasSubscriptionStatus` (marketplace-api.md §3.4; `NotStarted` is never produced).
+/// `saasSubscriptionStatus` (docs/marketplace.md §3.4; `NotStarted` is never produced).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum SubscriptionStatus {
     PendingFulfillmentStart,

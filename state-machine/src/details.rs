@@ -1,5 +1,5 @@
 //! What we know about a subscription (`Details`), what Microsoft reports (`Snapshot`),
-//! and the names of our lifecycle states (`StateName`, §5.1 of marketplace-api.md).
+//! and the names of our lifecycle states (`StateName`, §5.1 of docs/marketplace.md).
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,5 +1,5 @@
 //! The decision table: `(starting state, event) -> (state, effects, outcome)`, one named
-//! row per row of marketplace-api.md §5.2 / §6.3 and per decision of the machine.
+//! row per row of docs/marketplace.md §5.2 / §6.3 and per decision of the machine.
 
 mod support;
 
