@@ -654,12 +654,7 @@ impl Demo {
         ));
         let deadline = Instant::now() + STEP_DEADLINE;
         let (status, sent): (String, Option<f64>) = loop {
-            let row: Option<(String, Option<f64>)> = sqlx::query_as(
-                "SELECT status, submitted_quantity FROM usage_hours WHERE subscription_id = $1",
-            )
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+            let row = crate::store::verify::usage_hour_of(&self.pool, id).await?;
             if let Some(row) = row.filter(|(s, _)| s != "open" && s != "submitting") {
                 break row;
             }

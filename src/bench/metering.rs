@@ -266,10 +266,7 @@ async fn drive(
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let subscribed: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE state = 'Subscribed'")
-                .fetch_one(&pool)
-                .await?;
+        let subscribed = crate::store::verify::count_all_in_state(&pool, "Subscribed").await?;
         if subscribed as usize >= subscriptions.len() {
             break;
         }
@@ -368,11 +365,7 @@ async fn drive(
     let settle_started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     loop {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM usage_hours WHERE status IN ('open', 'submitting')",
-        )
-        .fetch_one(&pool)
-        .await?;
+        let pending = crate::store::verify::unsettled_usage_hours(&pool).await?;
         report.unsettled = pending as usize;
         if pending == 0 || Instant::now() >= deadline {
             break;
@@ -383,12 +376,7 @@ async fn drive(
     admin(reqwest::Method::PUT, "simulator/faults", json!({})).await?;
 
     // Ours.
-    let rows: Vec<(Uuid, String, OffsetDateTime, f64, String, i32)> = sqlx::query_as(
-        "SELECT subscription_id, dimension, hour, coalesce(submitted_quantity, quantity), \
-             status, sends FROM usage_hours",
-    )
-    .fetch_all(&pool)
-    .await?;
+    let rows = crate::store::verify::usage_hours(&pool).await?;
     pool.close().await;
     report.hours = rows.len();
     let mut ours: HashMap<(Uuid, String, OffsetDateTime), (f64, String)> = HashMap::new();

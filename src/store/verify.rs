@@ -175,3 +175,42 @@ pub async fn journalled(pool: &PgPool, action: &str) -> Result<i64, sqlx::Error>
         .fetch_one(pool)
         .await
 }
+
+/// Subscriptions in `state`, over all of them.
+pub async fn count_all_in_state(pool: &PgPool, state: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM subscriptions WHERE state = $1")
+        .bind(state)
+        .fetch_one(pool)
+        .await
+}
+
+/// A subscription's usage hour: (status, quantity sent to Microsoft), if it has one.
+pub async fn usage_hour_of(
+    pool: &PgPool,
+    subscription_id: Uuid,
+) -> Result<Option<(String, Option<f64>)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, submitted_quantity FROM usage_hours WHERE subscription_id = $1")
+        .bind(subscription_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Usage hours not settled yet (open or being submitted).
+pub async fn unsettled_usage_hours(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM usage_hours WHERE status IN ('open', 'submitting')")
+        .fetch_one(pool)
+        .await
+}
+
+/// Every usage hour: (subscription, dimension, hour, quantity sent or counted, status,
+/// times sent).
+pub async fn usage_hours(
+    pool: &PgPool,
+) -> Result<Vec<(Uuid, String, time::OffsetDateTime, f64, String, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT subscription_id, dimension, hour, coalesce(submitted_quantity, quantity), \
+         status, sends FROM usage_hours",
+    )
+    .fetch_all(pool)
+    .await
+}
