@@ -827,7 +827,9 @@ impl Demo {
     async fn wait_for_command(&self, command: Uuid) -> anyhow::Result<String> {
         let deadline = Instant::now() + STEP_DEADLINE;
         loop {
-            let row = crate::store::verify::command_status(&self.pool, command).await?;
+            let row = crate::store::commands::operation(&self.pool, command)
+                .await?
+                .map(|op| (op.status, op.operation_id, op.last_error));
             match &row {
                 Some((status, Some(op), _)) if status == "Succeeded" => return Ok(op.to_string()),
                 Some((status, _, error))
@@ -994,9 +996,10 @@ impl Demo {
 
         // The publisher-initiated change.
         if let Some(command) = self.publisher_op {
-            let (status, op, _) = crate::store::verify::command_status(&self.pool, command)
+            let recorded = crate::store::commands::operation(&self.pool, command)
                 .await?
                 .context("the publisher command was never recorded")?;
+            let (status, op) = (recorded.status, recorded.operation_id);
             let theirs = op
                 .and_then(|op| {
                     operations

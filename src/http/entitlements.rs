@@ -364,12 +364,7 @@ async fn submit(
         )));
     }
     let command_id = Uuid::new_v4();
-    let kind = match &command {
-        PublisherCommand::Activate => "activate",
-        PublisherCommand::ChangePlan { .. } => "change_plan",
-        PublisherCommand::ChangeQuantity { .. } => "change_quantity",
-        PublisherCommand::Cancel => "cancel",
-    };
+    let kind = command.name();
     let message = InboundMessage::Command {
         command_id,
         subscription_id,

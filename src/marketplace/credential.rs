@@ -223,6 +223,19 @@ pub fn read_federated_token(path: &Path) -> Result<SecretString, String> {
     Ok(SecretString::from(token.to_owned()))
 }
 
+/// A fresh RSA-2048 key, PKCS#8 DER: the certificates below and the simulator's token
+/// signing key.
+pub fn generate_rsa_pkcs8() -> anyhow::Result<Vec<u8>> {
+    use aws_lc_rs::encoding::AsDer;
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
+    Ok(pair
+        .as_der()
+        .map_err(|_| anyhow::anyhow!("cannot export the RSA key"))?
+        .as_ref()
+        .to_vec())
+}
+
 /// A self-signed RSA certificate and its PKCS#8 key, PEM, valid from `not_before` to
 /// `not_after`: for the simulator, the demo and tests (production certificates come from
 /// Key Vault or a CA).
@@ -231,14 +244,7 @@ pub fn generate_self_signed(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> anyhow::Result<(String, String)> {
-    use aws_lc_rs::encoding::AsDer;
-    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
-        .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
-    let pkcs8 = pair
-        .as_der()
-        .map_err(|_| anyhow::anyhow!("cannot export the RSA key"))?
-        .as_ref()
-        .to_vec();
+    let pkcs8 = generate_rsa_pkcs8()?;
     let key = rcgen::KeyPair::try_from(pkcs8.as_slice())?;
     let mut params = rcgen::CertificateParams::new(vec![common_name.to_owned()])?;
     params

@@ -27,9 +27,7 @@ use uuid::Uuid;
 use super::render::{Table, or_dash, shorten, when};
 use super::{UsageError, cli_actor, parse_since, rfc3339};
 use crate::queue::headers;
-use crate::queue::{
-    Broker, DeadLetter, DeadLetterReader, InboundMessage, PublisherCommand, QueueError,
-};
+use crate::queue::{Broker, DeadLetter, DeadLetterReader, InboundMessage, QueueError};
 use crate::settings::Settings;
 use crate::store::operator_actions::{self, ActionKind, NewAction};
 
@@ -309,7 +307,7 @@ pub fn summarize(letter: &DeadLetter) -> DeadLetterSummary {
         }) => (
             "command",
             Some(*subscription_id),
-            Some(command_name(command).to_string()),
+            Some(command.name().to_string()),
         ),
         Err(_) => ("unreadable", None, None),
     };
@@ -368,15 +366,6 @@ impl Death {
                 )
             }),
         }
-    }
-}
-
-fn command_name(command: &PublisherCommand) -> &'static str {
-    match command {
-        PublisherCommand::Activate => "activate",
-        PublisherCommand::ChangePlan { .. } => "change_plan",
-        PublisherCommand::ChangeQuantity { .. } => "change_quantity",
-        PublisherCommand::Cancel => "cancel",
     }
 }
 

@@ -465,12 +465,7 @@ pub async fn submit(
         anyhow::bail!("subscription {subscription_id} is not known here");
     }
     let command_id = Uuid::new_v4();
-    let kind = match &command {
-        PublisherCommand::Activate => "activate",
-        PublisherCommand::ChangePlan { .. } => "change_plan",
-        PublisherCommand::ChangeQuantity { .. } => "change_quantity",
-        PublisherCommand::Cancel => "cancel",
-    };
+    let kind = command.name();
     crate::store::commands::record(pool, command_id, subscription_id, kind, requested_by).await?;
     let message = InboundMessage::Command {
         command_id,
@@ -497,25 +492,6 @@ pub async fn submit(
         return Err(error.context("the command was not queued (nothing was accepted); retry later"));
     }
     Ok(command_id)
-}
-
-/// Waits until the machine decided on the command; its event-log row.
-pub async fn wait_for_decision(
-    pool: &PgPool,
-    command_id: Uuid,
-    timeout: Duration,
-) -> anyhow::Result<Option<EventRow>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let rows = timeline::events_of_message(pool, &command_id.to_string()).await?;
-        if let Some(row) = rows.into_iter().find(|r| r.outcome != "recorded") {
-            return Ok(Some(row));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 // ---- the command line ------------------------------------------------------------------

@@ -51,6 +51,19 @@ pub enum PublisherCommand {
     Cancel,
 }
 
+impl PublisherCommand {
+    /// The command's name, as its serde tag (`change_plan`, …): the API's and the
+    /// command records' `command`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Activate => "activate",
+            Self::ChangePlan { .. } => "change_plan",
+            Self::ChangeQuantity { .. } => "change_quantity",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
 impl InboundMessage {
     /// The value of the `x-message-type` header.
     pub fn type_name(&self) -> &'static str {

@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::Context;
-use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
+use aws_lc_rs::rsa::{KeyPair, PublicKeyComponents};
 use aws_lc_rs::signature::{
     KeyPair as _, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256, UnparsedPublicKey,
 };
@@ -49,14 +48,7 @@ pub(crate) struct SigningKey {
 
 impl SigningKey {
     fn generate() -> anyhow::Result<Self> {
-        let pair = KeyPair::generate(KeySize::Rsa2048)
-            .map_err(|_| anyhow::anyhow!("cannot generate an RSA key"))?;
-        let pkcs8 = pair
-            .as_der()
-            .map_err(|_| anyhow::anyhow!("cannot export the RSA key"))?
-            .as_ref()
-            .to_vec();
-        Self::from_pkcs8(&pkcs8)
+        Self::from_pkcs8(&crate::marketplace::credential::generate_rsa_pkcs8()?)
     }
 
     fn from_pkcs8(pkcs8: &[u8]) -> anyhow::Result<Self> {

@@ -155,19 +155,6 @@ pub async fn ack_of_operation(
     .await
 }
 
-/// A publisher command's (status, Microsoft's operation id, last error), once recorded.
-pub async fn command_status(
-    pool: &PgPool,
-    command_id: Uuid,
-) -> Result<Option<(String, Option<Uuid>, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT status, operation_id, last_error FROM publisher_operations WHERE command_id = $1",
-    )
-    .bind(command_id)
-    .fetch_optional(pool)
-    .await
-}
-
 /// Operator-journal rows of one action (e.g. `dlq_replay`).
 pub async fn journalled(pool: &PgPool, action: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM operator_actions WHERE action = $1")
