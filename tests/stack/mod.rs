@@ -1,13 +1,25 @@
-//! The whole stack for system tests of the worker, wired as in production: the simulator on
-//! port 0 sends signed webhooks to the real ingress (`Application`), which publishes them
-//! to RabbitMQ; a worker (in-process, or `fulfillment work` child processes) applies them
-//! to a fresh PostgreSQL database and calls the simulator back. Every test gets its own
-//! database and RabbitMQ prefix; both are removed when the [`Stack`] is dropped, also when
-//! the test panics, and child processes are killed.
+//! The one test world: the whole stack for system tests, wired as in production. The
+//! simulator on port 0 sends signed webhooks through a tap (which records them, and can
+//! turn deaf to lose them) to the real ingress (`Application`), which publishes them to
+//! RabbitMQ; workers (in-process, or `fulfillment work` child processes) apply them to a
+//! fresh PostgreSQL database and call the simulator back. Every test gets its own database
+//! and RabbitMQ prefix; both are removed when the [`Stack`] is dropped, also when the test
+//! panics, and child processes are killed. Domain events are collected on a queue of the
+//! test's own and checked against their schemas (docs/events/).
+//!
+//! Waiting is by condition, never by a bare sleep: [`Stack::run_until_idle`] returns once
+//! the queues, the outbox, the workers and the simulator's deliveries are all at rest;
+//! [`Stack::wait_for`] and its named forms poll one condition with a deadline.
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/event_schemas.rs"]
+pub mod event_schemas;
+mod tap;
+
+#[allow(unused_imports)]
+pub use common::{TestDatabase, test_settings};
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -16,14 +28,17 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TestDatabase;
 use fulfillment_state_machine::NoticePolicy;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::http::Application;
-use marketplace_fulfillment::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
-use marketplace_fulfillment::queue::{Broker, Topology};
+use marketplace_fulfillment::marketplace::{
+    CallContext, MarketplaceClient, RetryPolicy, TokenProvider,
+};
+use marketplace_fulfillment::queue::{
+    Broker, InboundMessage, MessageMeta, Publisher, PublisherCommand, Topology,
+};
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::{
@@ -32,6 +47,7 @@ use marketplace_fulfillment::worker::{
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +74,10 @@ pub struct Options {
     pub simulator: fn(&mut SimulatorConfig),
     /// When lifecycle notices are due (a compressed day to match the simulator's).
     pub notices: NoticePolicy,
+    /// Retry tiers of the in-process workers' broker (`None`: production's).
+    pub retry_delays: Option<Vec<Duration>>,
+    /// Deliveries an in-process worker holds at once.
+    pub prefetch: u16,
 }
 
 impl Default for Options {
@@ -76,6 +96,18 @@ impl Default for Options {
             },
             simulator: |_| {},
             notices: NoticePolicy::default(),
+            retry_delays: None,
+            prefetch: 8,
+        }
+    }
+}
+
+impl Options {
+    /// The default stack with this machine policy (JSON of `[policy]`).
+    pub fn with_policy(policy: Value) -> Self {
+        Self {
+            policy,
+            ..Self::default()
         }
     }
 }
@@ -126,12 +158,23 @@ pub struct Stack {
     pub sim: RunningSimulator,
     pub ingress: SocketAddr,
     pub http: reqwest::Client,
+    /// The first in-process worker.
     pub worker: Option<Worker>,
-    /// The in-process worker's broker (also used to read the queues).
+    /// In-process workers started after the first.
+    pub more_workers: Vec<Worker>,
+    /// The in-process workers' broker (also used to read the queues).
     pub broker: Broker,
+    /// Publishes on the inbound queue as the ingress and the landing page do.
+    pub publisher: Publisher,
+    /// A Marketplace client on the simulator, with the workers' fast retry policy.
+    pub client: MarketplaceClient,
+    /// Bound to the domain exchange: every domain event the test's workers publish.
+    pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
+    tap: tap::Tap,
     effects: EffectsConfig,
+    prefetch: u16,
     shutdown: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _topology: TopologyGuard,
@@ -141,8 +184,11 @@ pub struct Stack {
 impl Stack {
     pub async fn start(options: Options) -> Stack {
         let (db, pool) = TestDatabase::migrated().await;
+        let domain_queue = format!("{}.test-domain-events", db.settings.amqp.prefix);
         let topology = TopologyGuard {
             amqp: db.settings.amqp.clone(),
+            retry_delays: options.retry_delays.clone(),
+            domain_queue: domain_queue.clone(),
         };
         let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sim_base: Url = format!("http://{}/", sim_listener.local_addr().unwrap())
@@ -211,10 +257,11 @@ impl Stack {
         let ingress = application.local_addr();
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+        let tap = tap::Tap::start(format!("http://{ingress}/webhook").parse().unwrap()).await;
 
         let mut config = SimulatorConfig::new(tenant, client_id);
         config.client_secret = Some(SecretString::from(CLIENT_SECRET));
-        config.webhook_url = Some(format!("http://{ingress}/webhook").parse().unwrap());
+        config.webhook_url = Some(tap.url());
         config.landing_page_url = Some(format!("http://{ingress}/landing").parse().unwrap());
         config.timings = options.timings;
         (options.simulator)(&mut config);
@@ -222,9 +269,30 @@ impl Stack {
             .await
             .expect("start the simulator");
 
-        let broker = Broker::connect(&settings.amqp, "stack-test")
+        let tiers = match &options.retry_delays {
+            Some(delays) => Topology::with_retry_delays(&settings.amqp.prefix, delays),
+            None => Topology::new(&settings.amqp.prefix),
+        };
+        let broker = Broker::connect_with_topology(&settings.amqp, "stack-test", tiers)
             .await
             .expect("RabbitMQ");
+        let publisher = broker.publisher().await.expect("a publisher");
+        bind_queue(
+            &settings,
+            &domain_queue,
+            &broker.topology().domain_exchange(),
+        )
+        .await;
+        let tokens = TokenProvider::new(&settings.marketplace).unwrap();
+        let client = MarketplaceClient::new(&settings.marketplace, tokens)
+            .unwrap()
+            .with_retry_policy(RetryPolicy {
+                min_delay: Duration::from_millis(5),
+                max_delay: Duration::from_millis(20),
+                max_attempts: 2,
+                max_retry_after: Duration::from_millis(50),
+                give_up_beyond_cap: false,
+            });
         let mut stack = Stack {
             settings,
             pool,
@@ -235,9 +303,15 @@ impl Stack {
                 .build()
                 .unwrap(),
             worker: None,
+            more_workers: Vec::new(),
             broker,
+            publisher,
+            client,
+            domain_queue,
             process_env,
+            tap,
             effects: options.effects,
+            prefetch: options.prefetch,
             shutdown,
             server: Some(server),
             _topology: topology,
@@ -249,27 +323,18 @@ impl Stack {
         stack
     }
 
-    /// Starts the in-process worker: fast effect clocks, a fast client retry policy.
+    /// Starts an in-process worker (the first is [`Stack::worker`], later ones
+    /// [`Stack::more_workers`]): fast effect clocks, a fast client retry policy.
     pub async fn start_worker(&mut self) {
-        let tokens = TokenProvider::new(&self.settings.marketplace).unwrap();
-        let client = MarketplaceClient::new(&self.settings.marketplace, tokens)
-            .unwrap()
-            .with_retry_policy(RetryPolicy {
-                min_delay: Duration::from_millis(5),
-                max_delay: Duration::from_millis(20),
-                max_attempts: 2,
-                max_retry_after: Duration::from_millis(50),
-                give_up_beyond_cap: false,
-            });
         let parts = WorkerParts {
             pool: self.pool.clone(),
             broker: self.broker.clone(),
-            client,
+            client: self.client.clone(),
             policy: self.settings.policy.clone(),
             api_url: self.settings.marketplace.api_url.clone(),
         };
         let config = WorkerConfig {
-            prefetch: 8,
+            prefetch: self.prefetch,
             consumer_tag: String::new(),
             effects: self.effects.clone(),
             ..WorkerConfig::default()
@@ -277,15 +342,31 @@ impl Stack {
         let worker = Worker::spawn(parts, config, CancellationToken::new())
             .await
             .expect("worker");
-        self.worker = Some(worker);
+        if self.worker.is_none() {
+            self.worker = Some(worker);
+        } else {
+            self.more_workers.push(worker);
+        }
     }
 
-    /// Stops the worker, the ingress and the simulator; the guards then delete the queues
-    /// and drop the database.
+    /// Every in-process worker.
+    fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.worker.iter().chain(&self.more_workers)
+    }
+
+    /// Stops the workers, the ingress and the simulator and checks the domain events left
+    /// on the test's queue against their schemas; the guards then delete the queues and
+    /// drop the database.
     pub async fn finish(mut self) {
-        if let Some(worker) = self.worker.take() {
+        for worker in self
+            .worker
+            .take()
+            .into_iter()
+            .chain(self.more_workers.drain(..))
+        {
             worker.stop().await.expect("the worker stops");
         }
+        self.domain_events().await;
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
@@ -350,16 +431,20 @@ impl Stack {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    /// A purchase: `(subscription id, landing page URL)`.
-    pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
+    /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).
+    pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Value {
         let mut body =
             json!({"offerId": "contoso-analytics", "planId": plan, "autoActivate": auto});
         if let Some(quantity) = quantity {
             body["quantity"] = json!(quantity);
         }
-        let created = self
-            .admin(reqwest::Method::POST, "simulator/purchases", body)
-            .await;
+        self.admin(reqwest::Method::POST, "simulator/purchases", body)
+            .await
+    }
+
+    /// A purchase: `(subscription id, landing page URL)`.
+    pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
+        let created = self.buy(plan, quantity, auto).await;
         (
             created["subscriptionId"].as_str().unwrap().parse().unwrap(),
             created["landingUrl"].as_str().unwrap().parse().unwrap(),
@@ -472,7 +557,7 @@ impl Stack {
 
     // ---- RabbitMQ ----------------------------------------------------------------------
 
-    async fn lapin(&self) -> (Connection, lapin::Channel) {
+    pub async fn lapin(&self) -> (Connection, lapin::Channel) {
         let connection = Connection::connect(
             self.settings.amqp.url.expose(),
             ConnectionProperties::default(),
@@ -503,11 +588,16 @@ impl Stack {
 
     /// Takes every message off the dead-letter queue: bodies and headers as text.
     pub async fn drain_dlq(&self) -> Vec<(Value, HashMap<String, String>)> {
+        self.take_all(&self.broker.topology().dead_letter_queue())
+            .await
+    }
+
+    /// Takes every message off `queue`: bodies and headers as text.
+    pub async fn take_all(&self, queue: &str) -> Vec<(Value, HashMap<String, String>)> {
         let (connection, channel) = self.lapin().await;
-        let queue = self.broker.topology().dead_letter_queue();
         let mut all = Vec::new();
         while let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
@@ -650,15 +740,259 @@ impl Stack {
         if pending > 0 {
             problems.push(format!("{pending} outbox rows pending"));
         }
-        if let Some(worker) = &self.worker
-            && worker
+        for worker in self.workers() {
+            if worker
                 .wait_until_idle(Duration::from_secs(3))
                 .await
                 .is_err()
-        {
-            problems.push("the worker is busy".into());
+            {
+                problems.push("a worker is busy".into());
+            }
         }
         problems
+    }
+
+    // ---- the inbound queue, as the ingress and the landing page publish ----------------
+
+    /// Publishes `message` on the inbound queue under `message_id`.
+    pub async fn publish(&self, message: &InboundMessage, message_id: &str, subscription: Uuid) {
+        let meta = MessageMeta {
+            message_id: message_id.to_string(),
+            correlation_id: Uuid::new_v4().to_string(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            subscription_id: Some(subscription),
+        };
+        self.publisher
+            .publish_inbound(message, &meta)
+            .await
+            .expect("publish");
+    }
+
+    /// Purchases in the simulator and resolves the token: the `PurchaseResolved` message
+    /// the landing page would publish, with its message id.
+    pub async fn resolve(
+        &self,
+        plan: &str,
+        quantity: Option<u32>,
+    ) -> (Uuid, InboundMessage, String) {
+        let created = self.buy(plan, quantity, false).await;
+        let id: Uuid = created["subscriptionId"].as_str().unwrap().parse().unwrap();
+        let resolved = self
+            .client
+            .resolve(&CallContext::random(), created["token"].as_str().unwrap())
+            .await
+            .unwrap()
+            .into_value();
+        let resolved_at = OffsetDateTime::now_utc();
+        let message = InboundMessage::PurchaseResolved {
+            resolved_at,
+            subscription: serde_json::to_string(&resolved.subscription.unwrap()).unwrap(),
+        };
+        let message_id = format!("resolve:{id}:{}", resolved_at.unix_timestamp_nanos());
+        (id, message, message_id)
+    }
+
+    /// Purchases, resolves and publishes `PurchaseResolved` (no landing page involved).
+    pub async fn purchase_resolved(&self, plan: &str, quantity: Option<u32>) -> Uuid {
+        let (id, message, message_id) = self.resolve(plan, quantity).await;
+        self.publish(&message, &message_id, id).await;
+        id
+    }
+
+    /// Publishes a publisher command as the entitlement API would; returns its id.
+    pub async fn command(&self, id: Uuid, command: PublisherCommand) -> Uuid {
+        let command_id = Uuid::new_v4();
+        let message = InboundMessage::Command {
+            command_id,
+            subscription_id: id,
+            command,
+            requested_by: "api".into(),
+            requested_at: OffsetDateTime::now_utc(),
+        };
+        self.publish(&message, &command_id.to_string(), id).await;
+        command_id
+    }
+
+    // ---- webhooks on the way ------------------------------------------------------------
+
+    /// Webhook bodies the simulator sent, in order.
+    pub fn webhooks_received(&self) -> Vec<String> {
+        self.tap.received()
+    }
+
+    /// Deaf: webhooks are answered 200 and lost before the ingress (Microsoft thinks they
+    /// were delivered).
+    pub fn set_deaf(&self, deaf: bool) {
+        self.tap.set_deaf(deaf);
+    }
+
+    // ---- waiting for named conditions ---------------------------------------------------
+
+    /// Waits until every in-process worker is idle, nothing waits in the inbound queue and
+    /// the simulator has no webhook still being delivered, twice in a row.
+    pub async fn run_until_idle(&self) {
+        let deadline = Instant::now() + WAIT;
+        let mut calm = 0;
+        while calm < 2 {
+            for worker in self.workers() {
+                worker.wait_until_idle(WAIT).await.expect("an idle worker");
+            }
+            let (ready, _) = self.inbound_queue().await;
+            let delivering = self.sim_views().await.values().any(|view| {
+                view["webhooks"]
+                    .as_array()
+                    .is_some_and(|hooks| hooks.iter().any(|w| w["outcome"] == "Pending"))
+            });
+            calm = if ready == 0 && !delivering {
+                calm + 1
+            } else {
+                0
+            };
+            assert!(
+                Instant::now() < deadline,
+                "the stack is still busy after {WAIT:?}"
+            );
+            if calm == 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Waits until our side holds `id` in `state`.
+    pub async fn wait_for_state(&self, id: Uuid, state: &str) -> View {
+        self.wait_for(&format!("{id} in {state}"), || async {
+            self.engine(id).await.filter(|view| view.state == state)
+        })
+        .await
+    }
+
+    /// Waits until our side holds `id` on `plan`.
+    pub async fn wait_for_plan(&self, id: Uuid, plan: &str) -> View {
+        self.wait_for(&format!("{id} on {plan}"), || async {
+            self.engine(id)
+                .await
+                .filter(|view| view.plan.as_deref() == Some(plan))
+        })
+        .await
+    }
+
+    /// Waits until Microsoft's subscription `id` has the status `status`.
+    pub async fn wait_for_sim(&self, id: Uuid, status: &str) -> Value {
+        self.wait_for(&format!("Microsoft's {id} {status}"), || async {
+            let view = self.sim_view(id).await;
+            (view["subscription"]["saasSubscriptionStatus"] == status).then_some(view)
+        })
+        .await
+    }
+
+    /// Waits until the simulator's operation `op` on `id` is final; returns it.
+    pub async fn wait_for_operation(&self, id: Uuid, op: &str) -> Value {
+        self.wait_for(&format!("operation {op} to end"), || async {
+            let view = self.sim_view(id).await;
+            view["operations"]
+                .as_array()?
+                .iter()
+                .find(|o| {
+                    o["id"] == op && o["status"] != "InProgress" && o["status"] != "NotStarted"
+                })
+                .cloned()
+        })
+        .await
+    }
+
+    /// Waits until the simulator sent a webhook with this operation id; returns its body.
+    pub async fn wait_for_webhook(&self, op: &str) -> String {
+        self.wait_for(&format!("a webhook of {op}"), || async {
+            self.webhooks_received()
+                .into_iter()
+                .find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
+        })
+        .await
+    }
+
+    /// Waits until Microsoft's webhook `action` for `id` reached our ingress.
+    pub async fn wait_for_delivery(&self, id: Uuid, action: &str) {
+        self.wait_for(&format!("{action} delivered for {id}"), || async {
+            let view = self.sim_view(id).await;
+            view["webhooks"]
+                .as_array()?
+                .iter()
+                .any(|w| w["action"] == action && w["outcome"] == "Delivered")
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a publisher command's row is final: `(status, last error)`.
+    pub async fn wait_for_command(&self, command_id: Uuid) -> (String, Option<String>) {
+        self.wait_for(&format!("command {command_id} to end"), || async {
+            let row: Option<(String, Option<String>)> = sqlx::query_as(
+                "SELECT status, last_error FROM publisher_operations WHERE command_id = $1",
+            )
+            .bind(command_id)
+            .fetch_optional(&self.pool)
+            .await
+            .unwrap();
+            row.filter(|(status, _)| status != "Requested" && status != "Accepted")
+        })
+        .await
+    }
+
+    /// Waits until `queue` holds exactly `len` messages.
+    pub async fn wait_for_queue_len(&self, queue: &str, len: u32) {
+        self.wait_for(&format!("{queue} to hold {len}"), || async {
+            (self.queue_len(queue).await == len).then_some(())
+        })
+        .await
+    }
+
+    // ---- domain events and queues -------------------------------------------------------
+
+    /// Takes the domain events published since the last call off the test's queue and
+    /// checks each against its schema (docs/events/): `(CloudEvent, headers)`.
+    pub async fn domain_events(&self) -> Vec<(Value, HashMap<String, String>)> {
+        let events = self.take_all(&self.domain_queue).await;
+        event_schemas::Contract::load().assert_valid(events.iter().map(|(body, _)| body));
+        events
+    }
+
+    /// The `type`s of [`Stack::domain_events`].
+    pub async fn domain_event_types(&self) -> Vec<String> {
+        self.domain_events()
+            .await
+            .into_iter()
+            .map(|(event, _)| event["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let (connection, channel) = self.lapin().await;
+        let declared = marketplace_fulfillment::queue::dead_letters::inspect_queue(&channel, queue)
+            .await
+            .unwrap();
+        let _ = connection.close(200, "counted".into()).await;
+        declared.message_count()
+    }
+
+    // ---- the command line ---------------------------------------------------------------
+
+    /// Runs `fulfillment ARGS` against this stack (and `extra` variables):
+    /// `(exit code, stdout, stderr)`.
+    pub async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
+        command
+            .args(args)
+            .env_remove("FULFILLMENT_CONFIG")
+            .env("RUST_LOG", "warn")
+            .envs(self.process_env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().copied());
+        let output = command.output().await.expect("run fulfillment");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     // ---- worker processes --------------------------------------------------------------
@@ -785,30 +1119,78 @@ fn drain(mut stream: Box<dyn Read + Send>, log: &Mutex<String>) {
 /// Deletes the test's queues and exchanges when dropped, also after a panic.
 struct TopologyGuard {
     amqp: AmqpSettings,
+    /// The workers' retry tiers when they are not production's.
+    retry_delays: Option<Vec<Duration>>,
+    domain_queue: String,
 }
 
 impl Drop for TopologyGuard {
     fn drop(&mut self) {
         let amqp = self.amqp.clone();
+        let retry_delays = self.retry_delays.clone();
+        let domain_queue = self.domain_queue.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let topology = Topology::new(&amqp.prefix);
-                if let Ok(broker) =
-                    Broker::connect_with_topology(&amqp, "stack-test-cleanup", topology).await
-                {
-                    if let Err(error) = broker.delete_topology().await {
-                        eprintln!("cannot delete the test topology: {error}");
+                let mut topologies = vec![Topology::new(&amqp.prefix)];
+                topologies.extend(
+                    retry_delays.map(|delays| Topology::with_retry_delays(&amqp.prefix, &delays)),
+                );
+                for topology in topologies {
+                    if let Ok(broker) =
+                        Broker::connect_with_topology(&amqp, "stack-test-cleanup", topology).await
+                    {
+                        if let Err(error) = broker.delete_topology().await {
+                            eprintln!("cannot delete the test topology: {error}");
+                        }
+                        broker.close().await;
                     }
-                    broker.close().await;
+                }
+                if let Ok(connection) =
+                    Connection::connect(amqp.url.expose(), ConnectionProperties::default()).await
+                {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = channel
+                            .queue_delete(domain_queue.as_str().into(), Default::default())
+                            .await;
+                    }
+                    let _ = connection.close(200, "cleaned".into()).await;
                 }
             });
         })
         .join();
     }
+}
+
+/// Declares `queue` (durable, the test's own) and binds it to every key of `exchange`.
+async fn bind_queue(settings: &Settings, queue: &str, exchange: &str) {
+    let connection =
+        Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ");
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = connection.close(200, "bound".into()).await;
 }
 
 /// The simulator's view of a subscription, in our terms.
@@ -828,7 +1210,7 @@ pub fn sim_side(view: &Value) -> View {
     }
 }
 
-fn header_text(value: &AMQPValue) -> String {
+pub fn header_text(value: &AMQPValue) -> String {
     match value {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.to_string(),
