@@ -621,12 +621,21 @@ impl Stack {
     // ---- waiting -----------------------------------------------------------------------
 
     /// Polls `check` until it gives a value; panics naming `what` after [`WAIT`].
-    pub async fn wait_for<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + WAIT;
+        self.wait_for_within(what, WAIT, check).await
+    }
+
+    /// [`Stack::wait_for`] with a deadline of its own.
+    pub async fn wait_for_within<T, F, Fut>(&self, what: &str, within: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(value) = check().await {
                 return value;
@@ -755,12 +764,17 @@ impl Stack {
     // ---- the inbound queue, as the ingress and the landing page publish ----------------
 
     /// Publishes `message` on the inbound queue under `message_id`.
-    pub async fn publish(&self, message: &InboundMessage, message_id: &str, subscription: Uuid) {
+    pub async fn publish(
+        &self,
+        message: &InboundMessage,
+        message_id: &str,
+        subscription: impl Into<Option<Uuid>>,
+    ) {
         let meta = MessageMeta {
             message_id: message_id.to_string(),
             correlation_id: Uuid::new_v4().to_string(),
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-            subscription_id: Some(subscription),
+            subscription_id: subscription.into(),
         };
         self.publisher
             .publish_inbound(message, &meta)
@@ -876,6 +890,26 @@ impl Stack {
         .await
     }
 
+    /// Waits until our side holds `id` in `state`, on `plan` and with `quantity` seats
+    /// where those are given.
+    pub async fn wait_for_view(
+        &self,
+        id: Uuid,
+        state: &str,
+        plan: Option<&str>,
+        quantity: Option<i64>,
+    ) -> View {
+        let what = format!("{id} in {state} {plan:?} {quantity:?}");
+        self.wait_for(&what, || async {
+            self.engine(id).await.filter(|view| {
+                view.state == state
+                    && (plan.is_none() || view.plan.as_deref() == plan)
+                    && (quantity.is_none() || view.quantity == quantity)
+            })
+        })
+        .await
+    }
+
     /// Waits until Microsoft's subscription `id` has the status `status`.
     pub async fn wait_for_sim(&self, id: Uuid, status: &str) -> Value {
         self.wait_for(&format!("Microsoft's {id} {status}"), || async {
@@ -963,6 +997,15 @@ impl Stack {
             .into_iter()
             .map(|(event, _)| event["type"].as_str().unwrap_or_default().to_owned())
             .collect()
+    }
+
+    /// `SELECT count(*) …` with one text parameter.
+    pub async fn count(&self, sql: &str, bind: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .bind(bind)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     /// Messages ready in `queue`.
