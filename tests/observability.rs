@@ -6,7 +6,7 @@
 //! Every test process shares one metrics recorder, so the in-process assertions compare
 //! a scrape after the scenario with one before it.
 
-mod common;
+mod stack;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -15,20 +15,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TestDatabase;
 use marketplace_fulfillment::http::Application;
 use marketplace_fulfillment::marketplace::{
     CallContext, MarketplaceClient, RetryPolicy, TokenProvider,
 };
-use marketplace_fulfillment::queue::{Broker, InboundMessage, MessageMeta};
+use marketplace_fulfillment::queue::{Broker, InboundMessage};
 use marketplace_fulfillment::settings::WebhookAuth;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
-use marketplace_fulfillment::worker::{
-    EffectsConfig, MetricsListener, Worker, WorkerConfig, WorkerParts,
-};
+use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig, Timings};
+use marketplace_fulfillment::worker::MetricsListener;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
+use stack::{Options, Stack, TestDatabase, fast_timings};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +34,6 @@ use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const SECRET: &str = "observability-test-secret";
-const API_KEY: &str = "observability-test-key";
 const WAIT: Duration = Duration::from_secs(30);
 
 // ---- Prometheus text ------------------------------------------------------------------
@@ -122,250 +118,36 @@ fn delta(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -
     after.value(name, labels) - before.value(name, labels)
 }
 
-// ---- the in-process system --------------------------------------------------------------
-
-struct System {
-    _db: TestDatabase,
-    pool: PgPool,
-    sim: RunningSimulator,
-    ingress: SocketAddr,
-    ingress_stop: CancellationToken,
-    parts: WorkerParts,
-    worker: Option<Worker>,
+/// Scrapes the worker until `name{labels}` has grown by `by` since `before`.
+async fn wait_for_metric(
+    stack: &Stack,
     metrics: SocketAddr,
-    metrics_stop: CancellationToken,
-    http: reqwest::Client,
-}
-
-impl System {
-    /// Simulator (5 s ACK window, fast otherwise), ingress with Entra webhook auth against
-    /// the simulator, a worker, and the worker's metrics listener on port 0.
-    async fn start() -> Self {
-        let (db, pool) = TestDatabase::migrated().await;
-        let mut settings = db.settings.clone();
-        let tenant = Uuid::new_v4();
-        let client = Uuid::new_v4();
-        let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim_base: url::Url = format!("http://{}/", sim_listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        settings.marketplace.api_url = sim_base.join("api").unwrap();
-        settings.marketplace.entra_authority_url = sim_base.clone();
-        settings.marketplace.tenant_id = Some(tenant);
-        settings.marketplace.client_id = Some(client);
-        settings.marketplace.client_secret = Some(SecretString::from(SECRET));
-        settings.ingress.webhook_auth = WebhookAuth::Entra;
-        settings.ingress.jwks_url = None;
-        settings.ingress.webhook_audiences = vec![client.to_string()];
-        settings.ingress.api_key = Some(SecretString::from(API_KEY));
-        settings.http.listen_addr = "127.0.0.1:0".parse().unwrap();
-
-        let application = Application::build(settings.clone()).await.expect("ingress");
-        let ingress = application.local_addr();
-        let ingress_stop = CancellationToken::new();
-        tokio::spawn(application.run_until_stopped(ingress_stop.clone()));
-
-        let mut config = SimulatorConfig::new(tenant, client);
-        config.client_secret = Some(SecretString::from(SECRET));
-        config.webhook_url = Some(format!("http://{ingress}/webhook").parse().unwrap());
-        config.landing_page_url = Some(format!("http://{ingress}/landing").parse().unwrap());
-        config.timings = Timings {
-            // Long enough that an auto-accept cannot pass for our ACK.
-            ack_window: Duration::from_secs(5),
-            ..Timings::fast()
-        };
-        let sim = Simulator::start(config, sim_listener).await.unwrap();
-
-        let parts = WorkerParts::connect(&settings).await.expect("worker parts");
-        let listener = MetricsListener::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            parts.pool.clone(),
-            parts.broker.clone(),
-        )
-        .await
-        .expect("metrics listener");
-        let metrics = listener.local_addr();
-        assert_ne!(metrics.port(), 0);
-        let metrics_stop = CancellationToken::new();
-        tokio::spawn(listener.run_until_stopped(metrics_stop.clone()));
-
-        let mut system = Self {
-            _db: db,
-            pool,
-            sim,
-            ingress,
-            ingress_stop,
-            parts,
-            worker: None,
-            metrics,
-            metrics_stop,
-            http: reqwest::Client::new(),
-        };
-        system.start_worker().await;
-        system
-    }
-
-    async fn start_worker(&mut self) {
-        let config = WorkerConfig {
-            effects: EffectsConfig::fast(),
-            ..WorkerConfig::default()
-        };
-        let worker = Worker::spawn(self.parts.clone(), config, CancellationToken::new())
-            .await
-            .expect("worker");
-        self.worker = Some(worker);
-    }
-
-    async fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop().await.unwrap();
-        }
-    }
-
-    async fn idle(&self) {
-        self.worker
-            .as_ref()
-            .unwrap()
-            .wait_until_idle(WAIT)
-            .await
-            .unwrap();
-    }
-
-    async fn stop(mut self) {
-        self.stop_worker().await;
-        self.metrics_stop.cancel();
-        self.ingress_stop.cancel();
-        self.parts.broker.delete_topology().await.unwrap();
-        self.parts.broker.close().await;
-        self.sim.shutdown().await.unwrap();
-    }
-
-    async fn admin(&self, path: &str, body: Value) -> Value {
-        let response = self
-            .http
-            .post(self.sim.base_url().join(path).unwrap())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
-    }
-
-    async fn sim_view(&self, id: Uuid) -> Value {
-        self.http
-            .get(
-                self.sim
-                    .base_url()
-                    .join(&format!("simulator/subscriptions/{id}"))
-                    .unwrap(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    /// Waits until the simulator's operation `op` has left `InProgress`; returns its status.
-    async fn operation_final(&self, id: Uuid, op: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let view = self.sim_view(id).await;
-            let status = view["operations"]
-                .as_array()
-                .and_then(|ops| ops.iter().find(|o| o["id"] == op))
-                .map(|o| o["status"].as_str().unwrap_or_default().to_string());
-            if let Some(status) = status.filter(|s| s != "InProgress") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "operation {op} still open: {view}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until the ingress accepted the simulator's webhook for `op`.
-    async fn webhook_delivered(&self, id: Uuid, op: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let view = self.sim_view(id).await;
-            let delivered = view["webhooks"].as_array().is_some_and(|all| {
-                all.iter()
-                    .any(|d| d["operationId"] == op && d["delivered"] == true)
-            });
-            if delivered {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "webhook for {op} not delivered: {view}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn state(&self, id: Uuid) -> Option<(String, Option<String>)> {
-        sqlx::query_as("SELECT state, plan_id FROM subscriptions WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn wait_for(&self, id: Uuid, state: &str, plan: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let now = self.state(id).await;
-            if now == Some((state.to_string(), Some(plan.to_string()))) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still {now:?}, wanted {state}/{plan}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Scrapes the worker until `name{labels}` has grown by `by` since `before`.
-    async fn wait_for_metric(&self, before: &Scrape, name: &str, labels: &[(&str, &str)], by: f64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let now = scrape(&self.http, self.metrics).await;
-            if delta(before, &now, name, labels) >= by {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} did not grow by {by}:\n{}",
-                now.text
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    before: &Scrape,
+    (name, labels): (&str, &[(&str, &str)]),
+    by: f64,
+) {
+    stack
+        .wait_for(&format!("{name}{labels:?} to grow by {by}"), || async {
+            let now = scrape(&stack.http, metrics).await;
+            (delta(before, &now, name, labels) >= by).then_some(())
+        })
+        .await;
 }
 
 #[tokio::test]
 async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
-    let mut system = System::start().await;
-    let before = scrape(&system.http, system.metrics).await;
+    // An ACK window long enough that an auto-accept cannot pass for our ACK.
+    let mut system = Stack::start(Options {
+        timings: fast_timings(Duration::from_secs(5)),
+        ..Options::default()
+    })
+    .await;
+    let metrics = system.serve_worker_metrics().await;
+    let before = scrape(&system.http, metrics).await;
     let ingress_before = scrape(&system.http, system.ingress).await;
 
     // Purchase, landing page, automatic activation.
-    let purchased = system
-        .admin(
-            "simulator/purchases",
-            json!({"offerId": "contoso-analytics", "planId": "silver"}),
-        )
-        .await;
+    let purchased = system.buy("silver", None, false).await;
     let id: Uuid = purchased["subscriptionId"]
         .as_str()
         .unwrap()
@@ -374,74 +156,54 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     let landing = purchased["landingUrl"].as_str().unwrap().to_string();
     let page = system.http.get(&landing).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    system.wait_for(id, "Subscribed", "silver").await;
+    system
+        .wait_for_view(id, "Subscribed", Some("silver"), None)
+        .await;
 
     // A customer plan change, acknowledged inside the window.
-    let answer = system
-        .admin(
-            &format!("simulator/subscriptions/{id}/actions"),
-            json!({"action": "ChangePlan", "planId": "gold"}),
-        )
+    let plan_change = system
+        .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    let plan_change = answer["operationId"].as_str().unwrap().to_string();
-    assert_eq!(system.operation_final(id, &plan_change).await, "Succeeded");
-    system.wait_for(id, "Subscribed", "gold").await;
-    system.idle().await;
+    let operation = system.wait_for_operation(id, &plan_change).await;
+    assert_eq!(operation["status"], "Succeeded");
+    system
+        .wait_for_view(id, "Subscribed", Some("gold"), None)
+        .await;
+    system.run_until_idle().await;
 
     // A plan change Microsoft auto-accepts: no worker runs until the window has passed,
     // so our ACK comes back 409.
-    system.stop_worker().await;
-    let answer = system
-        .admin(
-            &format!("simulator/subscriptions/{id}/actions"),
-            json!({"action": "ChangePlan", "planId": "silver"}),
-        )
+    system.stop_workers().await;
+    let late = system
+        .act(id, json!({"action": "ChangePlan", "planId": "silver"}))
         .await;
-    let late = answer["operationId"].as_str().unwrap().to_string();
-    system.webhook_delivered(id, &late).await;
-    assert_eq!(system.operation_final(id, &late).await, "Succeeded");
+    system.wait_for_delivery(id, &late).await;
+    let operation = system.wait_for_operation(id, &late).await;
+    assert_eq!(operation["status"], "Succeeded");
     system.start_worker().await;
+    let auto_accepted = (
+        "fulfillment_auto_accepted_total",
+        &[("action", "ChangePlan")][..],
+    );
+    wait_for_metric(&system, metrics, &before, auto_accepted, 1.0).await;
     system
-        .wait_for_metric(
-            &before,
-            "fulfillment_auto_accepted_total",
-            &[("action", "ChangePlan")],
-            1.0,
-        )
+        .wait_for_view(id, "Subscribed", Some("silver"), None)
         .await;
-    system.wait_for(id, "Subscribed", "silver").await;
 
     // A poison message: dead-lettered.
     let poison = InboundMessage::Webhook {
         received_at: OffsetDateTime::now_utc(),
         payload: r#"{"id":"not-a-uuid","action":"Suspend"}"#.into(),
     };
-    let meta = MessageMeta {
-        message_id: "poison".into(),
-        correlation_id: Uuid::new_v4().to_string(),
-        traceparent: None,
-        subscription_id: None,
-    };
-    system
-        .parts
-        .broker
-        .publisher()
-        .await
-        .unwrap()
-        .publish_inbound(&poison, &meta)
-        .await
-        .unwrap();
-    system
-        .wait_for_metric(
-            &before,
-            "fulfillment_dead_letters_total",
-            &[("reason", "untranslatable")],
-            1.0,
-        )
-        .await;
-    system.idle().await;
+    system.publish(&poison, "poison", None).await;
+    let dead_letters = (
+        "fulfillment_dead_letters_total",
+        &[("reason", "untranslatable")][..],
+    );
+    wait_for_metric(&system, metrics, &before, dead_letters, 1.0).await;
+    system.run_until_idle().await;
 
-    let after = scrape(&system.http, system.metrics).await;
+    let after = scrape(&system.http, metrics).await;
     let d = |name: &str, labels: &[(&str, &str)]| delta(&before, &after, name, labels);
     let text = &after.text;
 
@@ -646,20 +408,20 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     // Probes of the worker listener.
     let healthz = system
         .http
-        .get(format!("http://{}/healthz", system.metrics))
+        .get(format!("http://{}/healthz", metrics))
         .send()
         .await
         .unwrap();
     assert_eq!(healthz.status(), 200);
     let readyz = system
         .http
-        .get(format!("http://{}/readyz", system.metrics))
+        .get(format!("http://{}/readyz", metrics))
         .send()
         .await
         .unwrap();
     assert_eq!(readyz.status(), 200);
 
-    system.stop().await;
+    system.finish().await;
 }
 
 #[tokio::test]

@@ -42,7 +42,7 @@ use marketplace_fulfillment::queue::{
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::{
-    EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts,
+    EffectsConfig, MetricsListener, ProtocolConfig, Worker, WorkerConfig, WorkerParts,
 };
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -349,6 +349,30 @@ impl Stack {
         }
     }
 
+    /// Stops the in-process workers (their messages wait in the queue).
+    pub async fn stop_workers(&mut self) {
+        let workers = self
+            .worker
+            .take()
+            .into_iter()
+            .chain(self.more_workers.drain(..));
+        for worker in workers {
+            worker.stop().await.expect("the worker stops");
+        }
+    }
+
+    /// Serves the worker's listener (`/metrics`, `/healthz`, `/readyz`) on port 0 until
+    /// the stack finishes; returns its address.
+    pub async fn serve_worker_metrics(&self) -> SocketAddr {
+        let localhost = "127.0.0.1:0".parse().unwrap();
+        let listener = MetricsListener::bind(localhost, self.pool.clone(), self.broker.clone())
+            .await
+            .expect("the worker's listener");
+        let address = listener.local_addr();
+        tokio::spawn(listener.run_until_stopped(self.shutdown.clone()));
+        address
+    }
+
     /// Every in-process worker.
     fn workers(&self) -> impl Iterator<Item = &Worker> {
         self.worker.iter().chain(&self.more_workers)
@@ -358,14 +382,7 @@ impl Stack {
     /// on the test's queue against their schemas; the guards then delete the queues and
     /// drop the database.
     pub async fn finish(mut self) {
-        for worker in self
-            .worker
-            .take()
-            .into_iter()
-            .chain(self.more_workers.drain(..))
-        {
-            worker.stop().await.expect("the worker stops");
-        }
+        self.stop_workers().await;
         self.domain_events().await;
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
@@ -944,14 +961,19 @@ impl Stack {
         .await
     }
 
-    /// Waits until Microsoft's webhook `action` for `id` reached our ingress.
-    pub async fn wait_for_delivery(&self, id: Uuid, action: &str) {
-        self.wait_for(&format!("{action} delivered for {id}"), || async {
+    /// Waits until Microsoft's webhook for `id` with this action or operation id reached
+    /// our ingress (answered 2xx).
+    pub async fn wait_for_delivery(&self, id: Uuid, action_or_operation: &str) {
+        let what = format!("{action_or_operation} delivered for {id}");
+        self.wait_for(&what, || async {
             let view = self.sim_view(id).await;
             view["webhooks"]
                 .as_array()?
                 .iter()
-                .any(|w| w["action"] == action && w["outcome"] == "Delivered")
+                .any(|w| {
+                    (w["action"] == action_or_operation || w["operationId"] == action_or_operation)
+                        && w["delivered"] == true
+                })
                 .then_some(())
         })
         .await
