@@ -2,209 +2,78 @@
 //! and the marketplace simulator, each test with its own database, RabbitMQ prefix and
 //! simulator on port 0.
 
-mod common;
+mod stack;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::TestDatabase;
 use fulfillment_state_machine::{SubscriptionId, SubscriptionMachine};
 use marketplace_fulfillment::http::Application;
-use marketplace_fulfillment::queue::{Broker, InboundConsumer, InboundDelivery, InboundMessage};
+use marketplace_fulfillment::queue::{InboundConsumer, InboundDelivery, InboundMessage};
 use marketplace_fulfillment::settings::Settings;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
+use marketplace_fulfillment::simulator::Timings;
 use reqwest::StatusCode;
-use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
+use stack::{Options, Stack, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 use url::Url;
 use uuid::Uuid;
 
 const CLIENT_SECRET: &str = "s3cr3t-value";
-const API_KEY: &str = "entitlement-k3y";
 const WAIT: Duration = Duration::from_secs(10);
 
-struct TestApp {
-    address: SocketAddr,
-    http: reqwest::Client,
-    sim: RunningSimulator,
-    pool: PgPool,
-    settings: Settings,
-    shutdown: CancellationToken,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
-    _db: TestDatabase,
-}
-
-#[derive(Default)]
-struct Options {
-    env: Vec<(&'static str, String)>,
-    timings: Option<Timings>,
-}
-
-async fn spawn_app() -> TestApp {
+/// The world without a worker: the ingress alone takes webhooks and landing pages.
+async fn spawn_app() -> Stack {
     spawn_app_with(Options::default()).await
 }
 
-async fn spawn_app_with(options: Options) -> TestApp {
-    let (db, pool) = TestDatabase::migrated().await;
-    let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-    config.client_secret = Some(SecretString::from(CLIENT_SECRET));
-    config.timings = options.timings.unwrap_or_else(Timings::fast);
-    let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(config, sim_listener).await.unwrap();
-
-    let mut env: HashMap<String, String> = std::env::vars().collect();
-    let mut set = |key: &str, value: String| {
-        env.insert(key.to_string(), value);
-    };
-    set("DATABASE_URL", db.url().expose().to_string());
-    set("FULFILLMENT__AMQP__PREFIX", db.settings.amqp.prefix.clone());
-    set("MARKETPLACE_API_URL", sim.api_url().to_string());
-    set("ENTRA_AUTHORITY_URL", sim.authority_url().to_string());
-    set("MARKETPLACE_TENANT_ID", sim.config().tenant_id.to_string());
-    set("MARKETPLACE_CLIENT_ID", sim.config().client_id.to_string());
-    set("MARKETPLACE_CLIENT_SECRET", CLIENT_SECRET.to_string());
-    set("LISTEN_ADDR", "127.0.0.1:0".to_string());
-    set("ENTITLEMENT_API_KEY", API_KEY.to_string());
-    for (key, value) in options.env {
-        if value.is_empty() {
-            env.remove(key);
-        } else {
-            env.insert(key.to_string(), value);
-        }
-    }
-    let settings = Settings::from_sources(None, &env).expect("test settings");
-    let application = Application::build(settings.clone())
-        .await
-        .expect("build the ingress");
-    let address = application.local_addr();
-    assert_ne!(application.port(), 0);
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
-    TestApp {
-        address,
-        http: reqwest::Client::new(),
-        sim,
-        pool,
-        settings,
-        shutdown,
-        server: Some(server),
-        _db: db,
-    }
+async fn spawn_app_with(options: Options) -> Stack {
+    Stack::start(Options {
+        in_process_worker: false,
+        ..options
+    })
+    .await
 }
 
-impl TestApp {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
+/// A purchase in the simulator: `(subscription id, token, landing URL)`.
+async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, String, Url) {
+    let mut body = json!({ "offerId": "contoso-analytics", "planId": plan });
+    if let Some(quantity) = quantity {
+        body["quantity"] = json!(quantity);
     }
-
-    fn webhook_token(&self) -> String {
-        self.sim.mint_webhook_token(json!({})).unwrap()
-    }
-
-    async fn post_webhook(
-        &self,
-        token: Option<&str>,
-        body: impl Into<reqwest::Body>,
-    ) -> reqwest::Response {
-        let mut request = self
-            .http
-            .post(self.url("/webhook"))
-            .header("content-type", "application/json")
-            .body(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send().await.unwrap()
-    }
-
-    fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(API_KEY)
-    }
-
-    /// A purchase in the simulator: `(subscription id, token, landing URL)`.
-    async fn purchase(
-        &self,
-        offer: &str,
-        plan: &str,
-        quantity: Option<u32>,
-    ) -> (Uuid, String, Url) {
-        let mut body = json!({ "offerId": offer, "planId": plan });
-        if let Some(quantity) = quantity {
-            body["quantity"] = json!(quantity);
-        }
-        let response = self
-            .http
-            .post(self.sim.base_url().join("simulator/purchases").unwrap())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let purchased: Value = response.json().await.unwrap();
-        (
-            purchased["subscriptionId"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap(),
-            purchased["token"].as_str().unwrap().to_string(),
-            Url::parse(purchased["landingUrl"].as_str().unwrap()).unwrap(),
-        )
-    }
-
-    /// Our own connection to the broker, to look at the inbound queue.
-    async fn broker(&self) -> Broker {
-        Broker::connect(&self.settings.amqp, "ingress-test")
-            .await
+    let purchased = app
+        .admin(reqwest::Method::POST, "simulator/purchases", body)
+        .await;
+    (
+        purchased["subscriptionId"]
+            .as_str()
             .unwrap()
-    }
+            .parse()
+            .unwrap(),
+        purchased["token"].as_str().unwrap().to_string(),
+        Url::parse(purchased["landingUrl"].as_str().unwrap()).unwrap(),
+    )
+}
 
-    async fn consumer(&self, broker: &Broker) -> InboundConsumer {
-        broker.consume_inbound(10, "").await.unwrap()
-    }
-
-    async fn insert_subscription(&self, row: Row) {
-        let machine = SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
-        sqlx::query(
-            "INSERT INTO subscriptions (id, offer_id, plan_id, quantity, state, \
-             beneficiary_tenant_id, purchaser_tenant_id, machine) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(row.id)
-        .bind(row.offer)
-        .bind(row.plan)
-        .bind(row.quantity)
-        .bind(row.state)
-        .bind(row.beneficiary)
-        .bind(row.beneficiary)
-        .bind(serde_json::to_value(&machine).unwrap())
-        .execute(&self.pool)
-        .await
-        .unwrap();
-    }
-
-    /// Stops the server, then removes the test's queues and exchanges.
-    async fn finish(mut self) {
-        self.shutdown.cancel();
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(WAIT, server)
-                .await
-                .expect("the server stops")
-                .unwrap()
-                .unwrap();
-        }
-        let broker = self.broker().await;
-        broker.delete_topology().await.unwrap();
-        broker.close().await;
-    }
+async fn insert_subscription(app: &Stack, row: Row) {
+    let machine = SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
+    sqlx::query(
+        "INSERT INTO subscriptions (id, offer_id, plan_id, quantity, state, \
+         beneficiary_tenant_id, purchaser_tenant_id, machine) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(row.id)
+    .bind(row.offer)
+    .bind(row.plan)
+    .bind(row.quantity)
+    .bind(row.state)
+    .bind(row.beneficiary)
+    .bind(row.beneficiary)
+    .bind(serde_json::to_value(&machine).unwrap())
+    .execute(&app.pool)
+    .await
+    .unwrap();
 }
 
 struct Row {
@@ -254,8 +123,8 @@ async fn json_body(response: reqwest::Response) -> Value {
 #[tokio::test]
 async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (id, subscription, body) = webhook_body("Suspend");
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -294,8 +163,8 @@ async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
 #[tokio::test]
 async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("Renew");
     let activity: Value = serde_json::from_str(&body).unwrap();
     let response = app.post_webhook(Some(&app.webhook_token()), body).await;
@@ -319,8 +188,8 @@ async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates
 #[tokio::test]
 async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("Suspend");
 
     let response = app.post_webhook(None, body.clone()).await;
@@ -388,8 +257,8 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
 #[tokio::test]
 async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("ChangePlan");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let token = |claims: Value| app.sim.mint_webhook_token(claims).unwrap();
@@ -486,8 +355,8 @@ async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
 #[tokio::test]
 async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_actions_accepted() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let token = app.webhook_token();
 
     let response = app.post_webhook(Some(&token), "{\"id\": ").await;
@@ -630,15 +499,13 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
     assert_eq!(ready.status(), StatusCode::OK);
 
     let mut app = app;
-    app.shutdown.cancel();
-    if let Some(server) = app.server.take() {
-        tokio::time::timeout(WAIT, server)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
+    tokio::time::timeout(WAIT, app.begin_ingress_shutdown())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     // Deleting the vhost (the guard) removes its queues and exchanges.
+    app.finish().await;
 }
 
 #[tokio::test]
@@ -681,9 +548,9 @@ async fn startup_fails_naming_the_unreachable_dependency() {
 #[tokio::test]
 async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
-    let (subscription, token, landing) = app.purchase("contoso-analytics", "silver", None).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let (subscription, token, landing) = purchase(&app, "silver", None).await;
     assert!(token.contains('+') && token.contains('/'), "{token}");
 
     // The simulator's landing link, with its percent-encoded token, pointed at us.
@@ -750,15 +617,18 @@ async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
 #[tokio::test]
 async fn the_landing_page_shows_our_state_when_we_know_the_subscription() {
     let app = spawn_app().await;
-    let (subscription, token, _) = app.purchase("contoso-analytics", "per-seat", Some(5)).await;
-    app.insert_subscription(Row {
-        id: subscription,
-        offer: "contoso-analytics",
-        plan: "per-seat",
-        quantity: Some(5),
-        state: "Subscribed",
-        beneficiary: Uuid::new_v4(),
-    })
+    let (subscription, token, _) = purchase(&app, "per-seat", Some(5)).await;
+    insert_subscription(
+        &app,
+        Row {
+            id: subscription,
+            offer: "contoso-analytics",
+            plan: "per-seat",
+            quantity: Some(5),
+            state: "Subscribed",
+            beneficiary: Uuid::new_v4(),
+        },
+    )
     .await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
@@ -777,7 +647,7 @@ async fn manual_activation_says_the_publisher_activates() {
         ..Options::default()
     })
     .await;
-    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let (_, token, _) = purchase(&app, "silver", None).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
     let page = app
@@ -797,15 +667,15 @@ async fn manual_activation_says_the_publisher_activates() {
 #[tokio::test]
 async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     let app = spawn_app_with(Options {
-        timings: Some(Timings {
+        timings: Timings {
             token_ttl: Duration::from_millis(300),
             ..Timings::fast()
-        }),
+        },
         ..Options::default()
     })
     .await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
 
     let response = app.http.get(app.url("/landing")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
@@ -824,7 +694,7 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     assert!(page.contains("Configure account"), "{page}");
     assert!(!page.contains("<script>"), "{page}");
 
-    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let (_, token, _) = purchase(&app, "silver", None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
@@ -844,7 +714,7 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
 #[tokio::test]
 async fn microsoft_failing_gives_a_retry_in_a_minute_page() {
     let app = spawn_app().await;
-    let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let (_, token, _) = purchase(&app, "silver", None).await;
     let faults = app
         .http
         .put(app.sim.base_url().join("simulator/faults").unwrap())
@@ -955,22 +825,25 @@ async fn subscriptions_can_be_read_filtered_and_paged() {
     for i in 0..5 {
         let id = Uuid::new_v4();
         ids.push(id);
-        app.insert_subscription(Row {
-            id,
-            offer: if i < 3 {
-                "contoso-analytics"
-            } else {
-                "contoso-seats"
+        insert_subscription(
+            &app,
+            Row {
+                id,
+                offer: if i < 3 {
+                    "contoso-analytics"
+                } else {
+                    "contoso-seats"
+                },
+                plan: "silver",
+                quantity: (i >= 3).then_some(10),
+                state: if i % 2 == 0 {
+                    "Subscribed"
+                } else {
+                    "PendingFulfillment"
+                },
+                beneficiary: if i == 0 { tenant } else { Uuid::new_v4() },
             },
-            plan: "silver",
-            quantity: (i >= 3).then_some(10),
-            state: if i % 2 == 0 {
-                "Subscribed"
-            } else {
-                "PendingFulfillment"
-            },
-            beneficiary: if i == 0 { tenant } else { Uuid::new_v4() },
-        })
+        )
         .await;
     }
     ids.sort();
@@ -1090,17 +963,20 @@ async fn subscriptions_can_be_read_filtered_and_paged() {
 #[tokio::test]
 async fn commands_are_validated_queued_and_answered_202() {
     let app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let id = Uuid::new_v4();
-    app.insert_subscription(Row {
-        id,
-        offer: "contoso-seats",
-        plan: "per-user",
-        quantity: Some(5),
-        state: "Subscribed",
-        beneficiary: Uuid::new_v4(),
-    })
+    insert_subscription(
+        &app,
+        Row {
+            id,
+            offer: "contoso-seats",
+            plan: "per-user",
+            quantity: Some(5),
+            state: "Subscribed",
+            beneficiary: Uuid::new_v4(),
+        },
+    )
     .await;
 
     let cases: [(&str, Option<Value>, &str); 4] = [
@@ -1277,8 +1153,8 @@ async fn probes_and_metrics_report() {
         "{text}"
     );
     // Drain the queued webhook.
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     next_delivery(&mut consumer).await.ack().await.unwrap();
     consumer.cancel().await;
     broker.close().await;
@@ -1288,32 +1164,31 @@ async fn probes_and_metrics_report() {
 #[tokio::test]
 async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
     let mut app = spawn_app().await;
-    let broker = app.broker().await;
-    let mut consumer = app.consumer(&broker).await;
+    let broker = app.connect_broker().await;
+    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (id, _, body) = webhook_body("Suspend");
     let (head, tail) = body.split_at(body.len() / 2);
 
     // A webhook whose body is still arriving when the shutdown begins.
-    let mut stream = TcpStream::connect(app.address).await.unwrap();
+    let mut stream = TcpStream::connect(app.ingress).await.unwrap();
     let request = format!(
         "POST /webhook HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
-        app.address,
+        app.ingress,
         app.webhook_token(),
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    app.shutdown.cancel();
-    let server = app.server.take().unwrap();
+    let server = app.begin_ingress_shutdown();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !server.is_finished(),
         "the server returned with a request in flight"
     );
     assert!(
-        TcpStream::connect(app.address).await.is_err(),
+        TcpStream::connect(app.ingress).await.is_err(),
         "new connections are still accepted"
     );
 
