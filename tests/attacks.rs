@@ -11,9 +11,8 @@
 //! "Nothing was queued" is checked without waiting for silence: after the attack a genuine
 //! webhook (the sentinel) is posted, and it must be the first message in the queue.
 
-mod common;
+mod stack;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,23 +23,16 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use common::TestDatabase;
 use marketplace_fulfillment::http::auth::{WebhookAuthConfig, WebhookVerifier};
-use marketplace_fulfillment::http::{AppState, Application, router};
-use marketplace_fulfillment::queue::{Broker, InboundConsumer};
-use marketplace_fulfillment::settings::Settings;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
-use secrecy::SecretString;
+use marketplace_fulfillment::queue::InboundConsumer;
 use serde_json::{Value, json};
+use stack::{Options, Stack, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-const CLIENT_SECRET: &str = "attack-client-s3cret";
 const API_KEY: &str = "attack-entitlement-k3y-0123456789";
 /// Liveness bound for a message that must arrive (not a performance assertion).
 const WAIT: Duration = Duration::from_secs(30);
@@ -49,187 +41,53 @@ const WAIT: Duration = Duration::from_secs(30);
 // Fixture
 // ---------------------------------------------------------------------------------------
 
-/// A simulator plus the ingress on a real socket, with its own database and AMQP prefix.
-struct TestApp {
-    address: SocketAddr,
-    http: reqwest::Client,
-    sim: RunningSimulator,
-    settings: Settings,
-    shutdown: CancellationToken,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
-    _db: TestDatabase,
+/// The world without a worker: the ingress on a real socket with its own database, AMQP
+/// prefix and simulator, and this file's entitlement API key.
+async fn spawn_application() -> Stack {
+    Stack::start(Options {
+        in_process_worker: false,
+        env: vec![("ENTITLEMENT_API_KEY", API_KEY.to_string())],
+        ..Options::default()
+    })
+    .await
 }
 
-fn settings_for(db: &TestDatabase, sim: &RunningSimulator, extra: &[(&str, String)]) -> Settings {
-    let mut env: HashMap<String, String> = std::env::vars().collect();
-    for (key, value) in [
-        ("DATABASE_URL", db.url().expose().to_string()),
-        ("FULFILLMENT__AMQP__PREFIX", db.settings.amqp.prefix.clone()),
-        ("MARKETPLACE_API_URL", sim.api_url().to_string()),
-        ("ENTRA_AUTHORITY_URL", sim.authority_url().to_string()),
-        ("MARKETPLACE_TENANT_ID", sim.config().tenant_id.to_string()),
-        ("MARKETPLACE_CLIENT_ID", sim.config().client_id.to_string()),
-        ("MARKETPLACE_CLIENT_SECRET", CLIENT_SECRET.to_string()),
-        ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
-        ("ENTITLEMENT_API_KEY", API_KEY.to_string()),
-    ] {
-        env.insert(key.to_string(), value);
-    }
-    for (key, value) in extra {
-        env.insert(key.to_string(), value.clone());
-    }
-    Settings::from_sources(None, &env).expect("test settings")
+/// The production router and state in place of the ingress, with the webhook verifier
+/// reading the JWKS at `jwks_url` and allowed to refetch every 100 ms (production: 30 s),
+/// so rotation and outages play out quickly.
+async fn with_jwks(app: &mut Stack, jwks_url: Url) {
+    app.restart_ingress(|settings, state| {
+        let mut config =
+            WebhookAuthConfig::from_settings(&settings.marketplace, Some(jwks_url)).unwrap();
+        config.refresh_min_interval = Duration::from_millis(100);
+        state.verifier = Some(WebhookVerifier::new(config, reqwest::Client::new()));
+    })
+    .await;
 }
 
-async fn start_simulator() -> RunningSimulator {
-    let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-    config.client_secret = Some(SecretString::from(CLIENT_SECRET));
-    config.timings = Timings::fast();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(config, listener).await.unwrap()
-}
-
-/// The production `Application` (`fulfillment serve`), listening on port 0.
-async fn spawn_application() -> TestApp {
-    let (db, _pool) = TestDatabase::migrated().await;
-    let sim = start_simulator().await;
-    let settings = settings_for(&db, &sim, &[]);
-    let application = Application::build(settings.clone()).await.unwrap();
-    let address = application.local_addr();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
-    TestApp {
-        address,
-        http: reqwest::Client::new(),
-        sim,
-        settings,
-        shutdown,
-        server: Some(server),
-        _db: db,
-    }
-}
-
-/// The production router and state on a real socket, with the webhook verifier reading the
-/// JWKS at `jwks_url` and allowed to refetch every 100 ms (production: 30 s), so rotation
-/// and outages play out quickly.
-async fn spawn_with_jwks(sim: RunningSimulator, jwks_url: Url) -> TestApp {
-    let (db, _pool) = TestDatabase::migrated().await;
-    let settings = settings_for(&db, &sim, &[("WEBHOOK_JWKS_URL", jwks_url.to_string())]);
-    let mut state = AppState::from_settings(&settings).await.unwrap();
-    let mut config =
-        WebhookAuthConfig::from_settings(&settings.marketplace, Some(jwks_url)).unwrap();
-    config.refresh_min_interval = Duration::from_millis(100);
-    state.verifier = Some(WebhookVerifier::new(config, reqwest::Client::new()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn({
-        let stop = shutdown.clone();
-        async move {
-            axum::serve(listener, router(state.clone()))
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await?;
-            state.broker.close().await;
-            state.pool.close().await;
-            Ok(())
-        }
-    });
-    TestApp {
-        address,
-        http: reqwest::Client::new(),
-        sim,
-        settings,
-        shutdown,
-        server: Some(server),
-        _db: db,
-    }
-}
-
-impl TestApp {
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
-    }
-
-    async fn post_webhook(&self, token: &str, body: &str) -> reqwest::Response {
-        self.http
-            .post(self.url("/webhook"))
-            .bearer_auth(token)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn broker(&self) -> Broker {
-        Broker::connect(&self.settings.amqp, "attack-test")
-            .await
-            .unwrap()
-    }
-
-    /// Posts a genuine webhook and checks that it is the first message in the queue: every
-    /// attack before it queued nothing.
-    async fn assert_nothing_queued_before_a_sentinel(&self) {
-        let token = self.sim.mint_webhook_token(json!({})).unwrap();
-        let (sentinel, body) = webhook_body("Renew");
-        let response = self.post_webhook(&token, &body).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let broker = self.broker().await;
-        let mut consumer: InboundConsumer = broker.consume_inbound(10, "").await.unwrap();
-        let first = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("the sentinel is queued")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            first.meta.message_id,
-            sentinel.to_string(),
-            "something was queued before the sentinel: {:?}",
-            first.message
-        );
-        first.ack().await.unwrap();
-        consumer.cancel().await;
-        broker.close().await;
-    }
-
-    /// Stops the server, then removes the test's queues and exchanges.
-    async fn finish(mut self) {
-        self.shutdown.cancel();
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(WAIT, server)
-                .await
-                .expect("the server stops")
-                .unwrap()
-                .unwrap();
-        }
-        let broker = self.broker().await;
-        broker.delete_topology().await.unwrap();
-        broker.close().await;
-    }
-}
-
-impl Drop for TestApp {
-    /// A test that failed before `finish` still removes its queues and exchanges.
-    fn drop(&mut self) {
-        if self.server.is_none() {
-            return;
-        }
-        self.shutdown.cancel();
-        let amqp = self.settings.amqp.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                if let Ok(broker) = Broker::connect(&amqp, "attack-cleanup").await {
-                    let _ = broker.delete_topology().await;
-                    broker.close().await;
-                }
-            });
-        })
-        .join();
-    }
+/// Posts a genuine webhook and checks that it is the first message in the queue: every
+/// attack before it queued nothing.
+async fn assert_nothing_queued_before_a_sentinel(app: &Stack) {
+    let token = app.sim.mint_webhook_token(json!({})).unwrap();
+    let (sentinel, body) = webhook_body("Renew");
+    let response = app.post_webhook(Some(&token), body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let broker = app.connect_broker().await;
+    let mut consumer: InboundConsumer = broker.consume_inbound(10, "").await.unwrap();
+    let first = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("the sentinel is queued")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.meta.message_id,
+        sentinel.to_string(),
+        "something was queued before the sentinel: {:?}",
+        first.message
+    );
+    first.ack().await.unwrap();
+    consumer.cancel().await;
+    broker.close().await;
 }
 
 /// `(operation id, body)` of a well-formed webhook.
@@ -377,13 +235,15 @@ fn kid_of(token: &str) -> String {
 
 #[tokio::test]
 async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key_stops_verifying() {
-    let sim = start_simulator().await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let app = spawn_with_jwks(sim, proxy.url.clone()).await;
+    let mut app = spawn_application().await;
+    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
+    with_jwks(&mut app, proxy.url.clone()).await;
     let old_token = app.sim.mint_webhook_token(json!({})).unwrap();
     let (_, body) = webhook_body("Renew");
     assert_eq!(
-        app.post_webhook(&old_token, &body).await.status(),
+        app.post_webhook(Some(&old_token), body.clone())
+            .await
+            .status(),
         StatusCode::OK
     );
     assert_eq!(proxy.hits(), 1);
@@ -396,7 +256,9 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     assert_ne!(kid_of(&old_token), new_kid);
     let (_, body) = webhook_body("Renew");
     assert_eq!(
-        app.post_webhook(&new_token, &body).await.status(),
+        app.post_webhook(Some(&new_token), body.clone())
+            .await
+            .status(),
         StatusCode::OK,
         "the new key is fetched on its unknown kid"
     );
@@ -405,7 +267,9 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     // The old key is still published (Entra keeps both during a rollover): still valid.
     let (_, body) = webhook_body("Renew");
     assert_eq!(
-        app.post_webhook(&old_token, &body).await.status(),
+        app.post_webhook(Some(&old_token), body.clone())
+            .await
+            .status(),
         StatusCode::OK
     );
     assert_eq!(proxy.hits(), 2, "known kids come from the cache");
@@ -424,7 +288,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
         parts.join(".")
     };
     let (_, body) = webhook_body("Renew");
-    let response = app.post_webhook(&forged_kid, &body).await;
+    let response = app.post_webhook(Some(&forged_kid), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
     assert_eq!(proxy.hits(), 3);
@@ -432,7 +296,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     // Within the refetch interval, a kid we no longer hold may be our cache's lag, not the
     // caller's fault: 503 (Microsoft redelivers; a 401 would reject a ChangePlan, §15.5).
     let (_, body) = webhook_body("Renew");
-    let response = app.post_webhook(&old_token, &body).await;
+    let response = app.post_webhook(Some(&old_token), body.clone()).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(
         error_json(response).await["message"]
@@ -444,18 +308,20 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     // Once a refetch is allowed and confirms the key is gone: the caller's, 401.
     past_refresh_interval().await;
     let (_, body) = webhook_body("Renew");
-    let response = app.post_webhook(&old_token, &body).await;
+    let response = app.post_webhook(Some(&old_token), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
     assert_eq!(proxy.hits(), 4);
     let (_, body) = webhook_body("Renew");
     assert_eq!(
-        app.post_webhook(&new_token, &body).await.status(),
+        app.post_webhook(Some(&new_token), body.clone())
+            .await
+            .status(),
         StatusCode::OK
     );
 
     // Drain the three accepted webhooks, then nothing else may follow them.
-    let broker = app.broker().await;
+    let broker = app.connect_broker().await;
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     for _ in 0..4 {
         let delivery = tokio::time::timeout(WAIT, consumer.next())
@@ -467,7 +333,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     }
     consumer.cancel().await;
     broker.close().await;
-    app.assert_nothing_queued_before_a_sentinel().await;
+    assert_nothing_queued_before_a_sentinel(&app).await;
     app.finish().await;
 }
 
@@ -481,10 +347,10 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
 /// accepts again.
 #[tokio::test]
 async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_then_it_recovers() {
-    let sim = start_simulator().await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
+    let mut app = spawn_application().await;
+    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
     proxy.set(JwksMode::Fail).await;
-    let app = spawn_with_jwks(sim, proxy.url.clone()).await;
+    with_jwks(&mut app, proxy.url.clone()).await;
     let genuine = app.sim.mint_webhook_token(json!({})).unwrap();
     let foreign_tenant = app
         .sim
@@ -497,7 +363,7 @@ async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_the
             past_refresh_interval().await;
             let before = proxy.hits();
             let (_, body) = webhook_body("Unsubscribe");
-            let response = app.post_webhook(token, &body).await;
+            let response = app.post_webhook(Some(token), body.clone()).await;
             assert!(
                 !response.status().is_success(),
                 "{mode:?}: fail-open with {}",
@@ -520,72 +386,49 @@ async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_the
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         listener.local_addr().unwrap()
     };
-    let dead_sim = start_simulator().await;
-    let dead = spawn_with_jwks(
-        dead_sim,
+    let mut dead = spawn_application().await;
+    with_jwks(
+        &mut dead,
         Url::parse(&format!("http://{closed}/keys")).unwrap(),
     )
     .await;
     let token = dead.sim.mint_webhook_token(json!({})).unwrap();
     let (_, body) = webhook_body("Unsubscribe");
-    let response = dead.post_webhook(&token, &body).await;
+    let response = dead.post_webhook(Some(&token), body.clone()).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     // No sentinel can get past a JWKS that never answers: count the queue instead (no
     // consumer runs, and a 200 would only have come after the broker's confirm).
-    assert_eq!(dead.inbound_messages().await, 0);
+    assert_eq!(
+        dead.queue_len(&dead.broker.topology().inbound_queue())
+            .await,
+        0
+    );
     dead.finish().await;
 
     // Back: the same process accepts the genuine token and still refuses the forgery.
     proxy.set(JwksMode::Serve).await;
     past_refresh_interval().await;
     let (_, body) = webhook_body("Unsubscribe");
-    let response = app.post_webhook(&foreign_tenant, &body).await;
+    let response = app.post_webhook(Some(&foreign_tenant), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "wrong_tenant");
-    app.assert_nothing_queued_before_a_sentinel().await;
+    assert_nothing_queued_before_a_sentinel(&app).await;
     app.finish().await;
-}
-
-impl TestApp {
-    /// Messages ready in the inbound queue, by a passive declare.
-    async fn inbound_messages(&self) -> u32 {
-        use lapin::options::QueueDeclareOptions;
-        use lapin::types::FieldTable;
-        let connection = lapin::Connection::connect(
-            self.settings.amqp.url.expose(),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let name = format!("{}.inbound", self.settings.amqp.prefix);
-        let queue = channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let _ = connection.close(200, "done".into()).await;
-        queue.message_count()
-    }
 }
 
 /// Keys already cached keep verifying during an outage (refusing them would turn a JWKS
 /// blip into lost webhooks), but a forgery under a cached `kid` is still a forgery.
 #[tokio::test]
 async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_are_401() {
-    let sim = start_simulator().await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let app = spawn_with_jwks(sim, proxy.url.clone()).await;
+    let mut app = spawn_application().await;
+    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
+    with_jwks(&mut app, proxy.url.clone()).await;
     let genuine = app.sim.mint_webhook_token(json!({})).unwrap();
     let (_, body) = webhook_body("Suspend");
     assert_eq!(
-        app.post_webhook(&genuine, &body).await.status(),
+        app.post_webhook(Some(&genuine), body.clone())
+            .await
+            .status(),
         StatusCode::OK
     );
 
@@ -606,12 +449,12 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
         )
     };
     let (_, body) = webhook_body("Suspend");
-    let response = app.post_webhook(&tampered, &body).await;
+    let response = app.post_webhook(Some(&tampered), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "bad_signature");
 
     // Drain the accepted webhook; then a cached-key webhook during the outage, as sentinel.
-    let broker = app.broker().await;
+    let broker = app.connect_broker().await;
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let first = tokio::time::timeout(WAIT, consumer.next())
         .await
@@ -621,7 +464,7 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
     first.ack().await.unwrap();
     consumer.cancel().await;
     broker.close().await;
-    app.assert_nothing_queued_before_a_sentinel().await;
+    assert_nothing_queued_before_a_sentinel(&app).await;
     assert_eq!(proxy.hits(), 1, "no fetch was needed for the cached kid");
     app.finish().await;
 }
@@ -814,7 +657,7 @@ async fn smuggling_shaped_requests_never_get_a_second_request_processed() {
         ),
     ];
     for (what, request, expect) in &attacks {
-        let exchange = raw_exchange(app.address, request.as_bytes()).await;
+        let exchange = raw_exchange(app.ingress, request.as_bytes()).await;
         let codes = statuses(&exchange.text);
         match expect {
             Expect::Refused => assert!(
@@ -836,10 +679,10 @@ async fn smuggling_shaped_requests_never_get_a_second_request_processed() {
 
     // Only the Transfer-Encoding-framed webhook may have been queued; none of the smuggled
     // ones, whose ids are all distinct.
-    let broker = app.broker().await;
+    let broker = app.connect_broker().await;
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (sentinel, sentinel_body) = webhook_body("Renew");
-    let response = app.post_webhook(&token, &sentinel_body).await;
+    let response = app.post_webhook(Some(&token), sentinel_body.clone()).await;
     assert_eq!(response.status(), StatusCode::OK);
     loop {
         let delivery = tokio::time::timeout(WAIT, consumer.next())
@@ -884,11 +727,11 @@ async fn honestly_framed_webhooks_are_accepted_over_raw_tcp() {
          Content-Type: application/json\r\nConnection: close\r\n"
     );
     let with_length = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
-    let exchange = raw_exchange(app.address, with_length.as_bytes()).await;
+    let exchange = raw_exchange(app.ingress, with_length.as_bytes()).await;
     assert_eq!(statuses(&exchange.text), vec![200], "{}", exchange.text);
     let (_, body) = webhook_body("Unsubscribe");
     let with_chunks = format!("{head}Transfer-Encoding: chunked\r\n\r\n{}", chunked(&body));
-    let exchange = raw_exchange(app.address, with_chunks.as_bytes()).await;
+    let exchange = raw_exchange(app.ingress, with_chunks.as_bytes()).await;
     assert_eq!(statuses(&exchange.text), vec![200], "{}", exchange.text);
     app.finish().await;
 }
@@ -933,7 +776,7 @@ async fn oversized_and_too_many_headers_are_refused_and_queue_nothing() {
         ),
     ];
     for (what, attack) in attacks {
-        let answer = raw_exchange(app.address, attack.as_bytes()).await.text;
+        let answer = raw_exchange(app.ingress, attack.as_bytes()).await.text;
         let codes = statuses(&answer);
         assert!(
             codes
@@ -946,7 +789,7 @@ async fn oversized_and_too_many_headers_are_refused_and_queue_nothing() {
     // The server is still serving.
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    app.assert_nothing_queued_before_a_sentinel().await;
+    assert_nothing_queued_before_a_sentinel(&app).await;
     app.finish().await;
 }
 
@@ -1042,7 +885,7 @@ async fn almost_right_entitlement_api_keys_are_all_401() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    app.assert_nothing_queued_before_a_sentinel().await;
+    assert_nothing_queued_before_a_sentinel(&app).await;
     app.finish().await;
 }
 

@@ -32,7 +32,7 @@ use fulfillment_state_machine::NoticePolicy;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::http::Application;
+use marketplace_fulfillment::http::{AppState, Application, router};
 use marketplace_fulfillment::marketplace::{
     CallContext, MarketplaceClient, RetryPolicy, TokenProvider,
 };
@@ -179,7 +179,10 @@ pub struct Stack {
     tap: tap::Tap,
     effects: EffectsConfig,
     prefetch: u16,
+    /// Stops the ingress.
     shutdown: CancellationToken,
+    /// Stops what else the stack serves (the worker's listener).
+    background: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     _topology: TopologyGuard,
     _db: TestDatabase,
@@ -324,6 +327,7 @@ impl Stack {
             effects: options.effects,
             prefetch: options.prefetch,
             shutdown,
+            background: CancellationToken::new(),
             server: Some(server),
             _topology: topology,
             _db: db,
@@ -380,7 +384,7 @@ impl Stack {
             .await
             .expect("the worker's listener");
         let address = listener.local_addr();
-        tokio::spawn(listener.run_until_stopped(self.shutdown.clone()));
+        tokio::spawn(listener.run_until_stopped(self.background.clone()));
         address
     }
 
@@ -396,6 +400,7 @@ impl Stack {
         self.stop_workers().await;
         self.domain_events().await;
         self.shutdown.cancel();
+        self.background.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
         }
@@ -490,11 +495,37 @@ impl Stack {
         request.send().await.unwrap()
     }
 
-    /// Tells the ingress (and the worker's listener) to shut down; returns the ingress's
-    /// task to await.
+    /// Tells the ingress to shut down; returns its task to await.
     pub fn begin_ingress_shutdown(&mut self) -> JoinHandle<anyhow::Result<()>> {
         self.shutdown.cancel();
         self.server.take().expect("the ingress runs")
+    }
+
+    /// Replaces the ingress by the production router on a new port, its state
+    /// `customise`d (e.g. a webhook verifier of its own); the tap follows it. (The
+    /// simulator's landing page URL still names the first ingress.)
+    pub async fn restart_ingress(&mut self, customise: impl FnOnce(&Settings, &mut AppState)) {
+        if let Some(server) = self.server.take() {
+            self.shutdown.cancel();
+            let _ = server.await;
+        }
+        let mut state = AppState::from_settings(&self.settings)
+            .await
+            .expect("state");
+        customise(&self.settings, &mut state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.ingress = listener.local_addr().unwrap();
+        self.tap.forward_to(self.url("/webhook").parse().unwrap());
+        self.shutdown = CancellationToken::new();
+        let stop = self.shutdown.clone();
+        self.server = Some(tokio::spawn(async move {
+            axum::serve(listener, router(state.clone()))
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await?;
+            state.broker.close().await;
+            state.pool.close().await;
+            Ok(())
+        }));
     }
 
     /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).

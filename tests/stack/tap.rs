@@ -19,7 +19,7 @@ pub struct Tap {
 }
 
 struct Shared {
-    ingress: Url,
+    ingress: Mutex<Url>,
     http: reqwest::Client,
     received: Mutex<Vec<String>>,
     deaf: AtomicBool,
@@ -33,7 +33,7 @@ impl Tap {
             .parse()
             .unwrap();
         let shared = Arc::new(Shared {
-            ingress,
+            ingress: Mutex::new(ingress),
             http: reqwest::Client::new(),
             received: Mutex::default(),
             deaf: AtomicBool::new(false),
@@ -55,6 +55,11 @@ impl Tap {
         self.shared.received.lock().unwrap().clone()
     }
 
+    /// Forwards to another ingress from now on.
+    pub fn forward_to(&self, ingress: Url) {
+        *self.shared.ingress.lock().unwrap() = ingress;
+    }
+
     pub fn set_deaf(&self, deaf: bool) {
         self.shared.deaf.store(deaf, Ordering::SeqCst);
     }
@@ -69,7 +74,8 @@ async fn forward(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     if shared.deaf.load(Ordering::SeqCst) {
         return StatusCode::OK;
     }
-    let mut request = shared.http.post(shared.ingress.clone()).body(body);
+    let ingress = shared.ingress.lock().unwrap().clone();
+    let mut request = shared.http.post(ingress).body(body);
     for (name, value) in &headers {
         if name != axum::http::header::HOST && name != axum::http::header::CONTENT_LENGTH {
             request = request.header(name.as_str(), value.as_bytes());
