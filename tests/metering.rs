@@ -460,20 +460,8 @@ async fn reconciliation_reports_a_difference_microsoft_shows() {
 /// Runs `fulfillment ARGS` against the stack: `(exit code, stdout and stderr)`. Async: the
 /// simulator runs on this test's runtime.
 async fn cli(stack: &Stack, args: &[&str]) -> (i32, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-    command
-        .args(args)
-        .env_remove("FULFILLMENT_CONFIG")
-        .env("RUST_LOG", "warn");
-    for (key, value) in &stack.process_env {
-        command.env(key, value);
-    }
-    let output = command.output().await.expect("run fulfillment");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
+    let (code, stdout, stderr) = stack.cli(args, &[]).await;
+    (code, stdout + &stderr)
 }
 
 #[tokio::test]
