@@ -439,10 +439,7 @@ impl Stack {
         let created = self
             .admin(reqwest::Method::POST, "simulator/purchases", body)
             .await;
-        (
-            created["subscriptionId"].as_str().unwrap().parse().unwrap(),
-            created["landingUrl"].as_str().unwrap().parse().unwrap(),
-        )
+        landing(&created)
     }
 
     /// Our entitlement API (`/api/v1/...`) with the stack's key: `(status, JSON body)`.
@@ -542,10 +539,7 @@ impl Stack {
     /// A purchase: `(subscription id, landing page URL)`.
     pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
         let created = self.buy(plan, quantity, auto).await;
-        (
-            created["subscriptionId"].as_str().unwrap().parse().unwrap(),
-            created["landingUrl"].as_str().unwrap().parse().unwrap(),
-        )
+        landing(&created)
     }
 
     /// The customer opens the landing page (through the ingress).
@@ -668,15 +662,8 @@ impl Stack {
     /// `(ready messages, consumers)` of the inbound queue.
     pub async fn inbound_queue(&self) -> (u32, u32) {
         let (connection, channel) = self.lapin().await;
-        let queue = channel
-            .queue_declare(
-                self.broker.topology().inbound_queue().as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let inbound = self.broker.topology().inbound_queue();
+        let queue = dead_letters::inspect_queue(&channel, &inbound)
             .await
             .unwrap();
         let _ = connection.close(200, "looked".into()).await;
@@ -1353,6 +1340,14 @@ async fn bind_queue(settings: &Settings, queue: &str, exchange: &str) {
         .await
         .unwrap();
     let _ = connection.close(200, "bound".into()).await;
+}
+
+/// `(subscription id, landing page URL)` of the simulator's answer to a purchase.
+fn landing(created: &Value) -> (Uuid, Url) {
+    (
+        created["subscriptionId"].as_str().unwrap().parse().unwrap(),
+        created["landingUrl"].as_str().unwrap().parse().unwrap(),
+    )
 }
 
 /// The simulator's view of a subscription, in our terms.
