@@ -10,6 +10,22 @@
 //! Waiting is by condition, never by a bare sleep: [`Stack::run_until_idle`] returns once
 //! the queues, the outbox, the workers and the simulator's deliveries are all at rest;
 //! [`Stack::wait_for`] and its named forms poll one condition with a deadline.
+//!
+//! ```ignore
+//! let stack = Stack::start(Options::with_policy(json!({"seats": {"max": 10}}))).await;
+//! let id = stack.subscribed("silver", None).await;        // landing page, activation
+//! let op = stack.act(id, json!({"action": "ChangePlan", "planId": "gold"})).await;
+//! stack.wait_for_operation(id, &op).await;
+//! stack.run_until_idle().await;
+//! assert!(stack.domain_event_types().await.iter().any(|t| t.ends_with("plan_changed")));
+//! stack.finish().await;
+//! ```
+//!
+//! The same world without a worker serves ingress tests (`in_process_worker: false`,
+//! [`Stack::post_webhook`], [`Stack::api`], [`Stack::restart_ingress`] for a customised
+//! verifier); messages can be published as the ingress would ([`Stack::publish`],
+//! [`Stack::purchase_resolved`], [`Stack::command`]); [`Stack::cli`] runs the binary
+//! against the stack and [`Stack::spawn_worker_process`] runs `fulfillment work`.
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
