@@ -75,13 +75,24 @@ fn bench_pipeline_runs_acknowledges_every_change_and_drains_the_outbox() {
     assert_eq!(result["acknowledged"], 20, "{result}");
     assert_eq!(result["not_acknowledged"], 0, "{result}");
     assert_eq!(result["agreeing_subscriptions"], 4, "{result}");
+    // The baseline engine acknowledged the same number of changes after the worker.
+    assert_eq!(result["baseline_not_acknowledged"], 0, "{result}");
     for key in [
         "events_per_s",
         "commit_ceiling_per_s",
         "ratio",
+        "baseline_per_s",
+        "baseline_ratio",
         "ack_p99_ms",
         "effects_drained_s",
     ] {
         assert!(result[key].is_number(), "{key} in {result}");
+    }
+    assert!(result["baseline_per_s"].as_f64().unwrap() > 0.0, "{result}");
+    for process in ["ingress", "engine", "postgres", "ours_plus_postgres"] {
+        assert!(
+            result["cpu_ms_per_change"][process].is_number(),
+            "cpu_ms_per_change.{process} in {result}"
+        );
     }
 }

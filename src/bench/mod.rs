@@ -10,11 +10,14 @@
 //!   confirmed-publish ceiling with as many in flight.
 //! - [`metering`]: usage through the API and the worker to the Metering API under 5xx,
 //!   429, lost answers and an outage; checks every hour is billed once with its total.
+//! - [`baseline`]: the minimal engine `pipeline` runs beside the real worker as this
+//!   machine's limit for the same work.
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure;
 //! `chaos` also exits 1 when its checks fail (something lost, applied twice or divergent).
 
+pub mod baseline;
 pub mod chaos;
 pub mod harness;
 pub mod ingress;
@@ -51,6 +54,10 @@ pub enum BenchCommand {
     /// a child of `bench ingress` to measure the HTTP ceiling of this machine.
     #[command(hide = true)]
     BareHttp(ingress::BareHttpArgs),
+    /// Internal: the minimal engine `bench pipeline` measures beside the real worker
+    /// (consume, GET the operation, batched INSERT, PATCH the ACK), run as its child.
+    #[command(hide = true)]
+    BaselineEngine(baseline::BaselineEngineArgs),
 }
 
 pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -58,6 +65,7 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
         BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
+        BenchCommand::BaselineEngine(args) => baseline::serve(settings, args).await,
         BenchCommand::Replay(args) => replay::run(settings, args).await,
         BenchCommand::Chaos(args) => chaos::run(settings, args).await,
         BenchCommand::Metering(args) => metering::run(settings, args).await,

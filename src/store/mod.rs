@@ -9,6 +9,7 @@ use sqlx::{Connection, Postgres};
 
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
+pub mod baseline;
 pub mod commands;
 pub mod credential_notices;
 pub mod ledger;
