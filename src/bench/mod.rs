@@ -3,6 +3,8 @@
 //!
 //! - [`ingress`]: signed webhooks through `fulfillment serve` (a child process) against
 //!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
+//! - [`burst`]: N customer changes on as many subscriptions issued at once; every one must
+//!   be acknowledged within Microsoft's 10-second window (exit 1 when one is auto-accepted).
 //! - [`chaos`]: webhooks through ingress, RabbitMQ, two workers and PostgreSQL while
 //!   workers are killed, broker connections closed and PostgreSQL restarted; checks that
 //!   nothing was lost, done twice or left different from the simulator (exit 1 otherwise).
@@ -15,9 +17,11 @@
 //! - [`measure`]: the load driver, percentiles and `/proc` readings.
 //!
 //! Exit codes: 0 when the run completed (whether or not a target was met), 1 on failure;
-//! `chaos` also exits 1 when its checks fail (something lost, applied twice or divergent).
+//! `chaos` also exits 1 when its checks fail (something lost, applied twice or divergent),
+//! `burst` when a change was auto-accepted.
 
 pub mod baseline;
+pub mod burst;
 pub mod chaos;
 pub mod harness;
 pub mod ingress;
@@ -39,6 +43,9 @@ pub enum BenchCommand {
     /// Customer seat changes through simulator, ingress, RabbitMQ, worker and PostgreSQL,
     /// against PostgreSQL's single-row commit ceiling.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// Customer seat changes on as many subscriptions issued at once at the simulator; exit
+    /// 0 only when every one was acknowledged within Microsoft's 10-second window.
+    Burst(burst::BurstBenchArgs),
     /// Webhooks through ingress, RabbitMQ, two workers and PostgreSQL while workers are
     /// SIGKILLed, RabbitMQ connections force-closed and PostgreSQL restarted; exit 0 only
     /// when nothing was lost, nothing applied twice and both sides agree.
@@ -64,6 +71,7 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
     match command {
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
         BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
+        BenchCommand::Burst(args) => burst::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
         BenchCommand::BaselineEngine(args) => baseline::serve(settings, args).await,
         BenchCommand::Replay(args) => replay::run(settings, args).await,

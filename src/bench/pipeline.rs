@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::harness::{
     BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address, purchase_and_activate,
+    start_ingress_and_worker,
 };
 use super::measure::{self, PipelineCpu, round};
 use crate::settings::Settings;
@@ -126,22 +127,7 @@ async fn measure_all(
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let ingress = ChildProcess::spawn(
-        "ingress",
-        &env.id,
-        &["serve"],
-        env.serve_env(ingress_addr, false),
-        ingress_addr,
-    )
-    .await?;
-    children.push(ingress);
-    children[0].wait_ready(&http).await?;
-    let worker_addr = free_local_address()?;
-    let mut worker_env = env.serve_env(free_local_address()?, false);
-    worker_env.push(("WORKER_METRICS_ADDR".into(), worker_addr.to_string()));
-    let worker = ChildProcess::spawn("worker", &env.id, &["work"], worker_env, worker_addr).await?;
-    children.push(worker);
-    children[1].wait_ready(&http).await?;
+    start_ingress_and_worker(env, ingress_addr, &http, children).await?;
     let (ingress_pid, worker_pid) = (children[0].pid, children[1].pid);
     let ingress_rss = RssSampler::start(ingress_pid);
     let worker_rss = RssSampler::start(worker_pid);
