@@ -5,6 +5,8 @@
 //!   RabbitMQ's confirmed-publish ceiling and a bare axum endpoint.
 //! - [`burst`]: N customer changes on as many subscriptions issued at once; every one must
 //!   be acknowledged within Microsoft's 10-second window (exit 1 when one is auto-accepted).
+//! - [`scale`]: the pipeline and `reconcile` on an empty database and after preloading a
+//!   million subscriptions and ten million event-log rows (`COPY`), side by side.
 //! - [`chaos`]: webhooks through ingress, RabbitMQ, two workers and PostgreSQL while
 //!   workers are killed, broker connections closed and PostgreSQL restarted; checks that
 //!   nothing was lost, done twice or left different from the simulator (exit 1 otherwise).
@@ -29,6 +31,7 @@ pub mod measure;
 pub mod metering;
 pub mod pipeline;
 pub mod replay;
+pub mod scale;
 
 use std::process::ExitCode;
 
@@ -46,6 +49,9 @@ pub enum BenchCommand {
     /// Customer seat changes on as many subscriptions issued at once at the simulator; exit
     /// 0 only when every one was acknowledged within Microsoft's 10-second window.
     Burst(burst::BurstBenchArgs),
+    /// The pipeline and a reconcile on an empty database, then again after preloading N
+    /// subscriptions and M event-log rows with COPY; both side by side.
+    Scale(scale::ScaleBenchArgs),
     /// Webhooks through ingress, RabbitMQ, two workers and PostgreSQL while workers are
     /// SIGKILLed, RabbitMQ connections force-closed and PostgreSQL restarted; exit 0 only
     /// when nothing was lost, nothing applied twice and both sides agree.
@@ -72,6 +78,7 @@ pub async fn run(settings: Settings, command: BenchCommand) -> anyhow::Result<Ex
         BenchCommand::Ingress(args) => ingress::run(settings, args).await,
         BenchCommand::Pipeline(args) => pipeline::run(settings, args).await,
         BenchCommand::Burst(args) => burst::run(settings, args).await,
+        BenchCommand::Scale(args) => scale::run(settings, args).await,
         BenchCommand::BareHttp(args) => ingress::serve_bare_http(args).await,
         BenchCommand::BaselineEngine(args) => baseline::serve(settings, args).await,
         BenchCommand::Replay(args) => replay::run(settings, args).await,

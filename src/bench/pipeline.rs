@@ -164,7 +164,7 @@ async fn measure_all(
     let deadline = Duration::from_secs(args.max_seconds);
     let measured = Instant::now();
     let cpu_before = PipelineCpu::now(ingress_pid, worker_pid);
-    let worker_phase = drive_changes(env, &sim, &subscriptions, args, 0).await?;
+    let worker_phase = drive_changes(env, &sim, &subscriptions, args.events, args.max_seconds, 0).await?;
     let cpu_worker = cpu_before.per_change_since(
         &PipelineCpu::now(ingress_pid, worker_pid),
         worker_phase.latencies_us.len(),
@@ -223,7 +223,14 @@ async fn measure_all(
     );
     let share = args.events / args.subscriptions;
     let cpu_before = PipelineCpu::now(ingress_pid, baseline_pid);
-    let baseline_phase = drive_changes(env, &sim, &subscriptions, args, share).await?;
+    let baseline_phase = drive_changes(
+        env,
+        &sim,
+        &subscriptions,
+        args.events,
+        args.max_seconds,
+        share,
+    ).await?;
     let cpu_baseline = cpu_before.per_change_since(
         &PipelineCpu::now(ingress_pid, baseline_pid),
         baseline_phase.latencies_us.len(),
@@ -252,29 +259,39 @@ async fn measure_all(
 }
 
 /// What one phase of changes measured.
-struct Phase {
+pub(crate) struct Phase {
     /// Webhook-to-ACK times of the acknowledged changes, sorted.
-    latencies_us: Vec<u64>,
-    failed: Vec<String>,
-    seconds: f64,
+    pub latencies_us: Vec<u64>,
+    pub failed: Vec<String>,
+    pub seconds: f64,
 }
 
-/// `args.events` seat changes spread over `subscriptions`, each subscription's one after
+impl Phase {
+    pub fn per_second(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.seconds
+    }
+
+    pub fn ack_ms(&self, p: f64) -> f64 {
+        measure::percentile_us(&self.latencies_us, p) as f64 / 1000.0
+    }
+}
+
+/// `events` seat changes spread over `subscriptions`, each subscription's one after
 /// another (Microsoft keeps one operation pending per subscription); change numbers start at
 /// `first` so the seat counts keep alternating from where an earlier phase left them.
-async fn drive_changes(
+pub(crate) async fn drive_changes(
     env: &BenchEnv,
     sim: &Arc<SimHandle>,
     subscriptions: &[Uuid],
-    args: &PipelineBenchArgs,
+    events: usize,
+    max_seconds: u64,
     first: usize,
 ) -> anyhow::Result<Phase> {
-    let deadline = Duration::from_secs(args.max_seconds);
+    let deadline = Duration::from_secs(max_seconds);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, subscription) in subscriptions.iter().copied().enumerate() {
-        let share = args.events / args.subscriptions
-            + usize::from(index < args.events % args.subscriptions);
+        let share = events / subscriptions.len() + usize::from(index < events % subscriptions.len());
         let sim = Arc::clone(sim);
         let progress_of = ProgressReader(env.sim.view());
         tasks.spawn(async move {
@@ -303,7 +320,7 @@ async fn drive_changes(
             outcomes
         });
     }
-    let mut latencies_us = Vec::with_capacity(args.events);
+    let mut latencies_us = Vec::with_capacity(events);
     let mut failed = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         for outcome in joined.context("a load task panicked")? {
