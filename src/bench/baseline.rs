@@ -121,7 +121,12 @@ async fn handle(
             anyhow::bail!("the batch holding operation {operation} did not commit");
         }
         client
-            .update_operation(&ctx, subscription, operation, UpdateOperationStatus::Success)
+            .update_operation(
+                &ctx,
+                subscription,
+                operation,
+                UpdateOperationStatus::Success,
+            )
             .await?;
         Ok(())
     }
@@ -136,9 +141,7 @@ async fn handle(
 }
 
 /// The subscription, operation and receipt time of a webhook message.
-fn webhook_of(
-    delivery: &InboundDelivery,
-) -> anyhow::Result<(Uuid, Uuid, time::OffsetDateTime)> {
+fn webhook_of(delivery: &InboundDelivery) -> anyhow::Result<(Uuid, Uuid, time::OffsetDateTime)> {
     let message = delivery
         .message
         .as_ref()

@@ -226,10 +226,7 @@ impl Report {
             args.changes,
             share * 100.0
         );
-        println!(
-            "  auto-accepted by Microsoft      {}",
-            self.auto_accepted
-        );
+        println!("  auto-accepted by Microsoft      {}", self.auto_accepted);
         println!(
             "  webhook-to-ACK                  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (simulator clock)",
             ms(0.50),
@@ -249,7 +246,10 @@ impl Report {
             for reason in &self.other {
                 *kinds.entry(reason.as_str()).or_default() += 1;
             }
-            println!("  neither acknowledged nor auto-accepted: {}", self.not_ended);
+            println!(
+                "  neither acknowledged nor auto-accepted: {}",
+                self.not_ended
+            );
             for (reason, n) in kinds {
                 println!("    {n} × {reason}");
             }

@@ -513,13 +513,21 @@ pub(crate) async fn start_ingress_and_worker(
     )
     .await?;
     children.push(ingress);
-    children.last_mut().context("no ingress")?.wait_ready(http).await?;
+    children
+        .last_mut()
+        .context("no ingress")?
+        .wait_ready(http)
+        .await?;
     let worker_addr = free_local_address()?;
     let mut worker_env = env.serve_env(free_local_address()?, false);
     worker_env.push(("WORKER_METRICS_ADDR".into(), worker_addr.to_string()));
     let worker = ChildProcess::spawn("worker", &env.id, &["work"], worker_env, worker_addr).await?;
     children.push(worker);
-    children.last_mut().context("no worker")?.wait_ready(http).await
+    children
+        .last_mut()
+        .context("no worker")?
+        .wait_ready(http)
+        .await
 }
 
 /// One purchase for [`purchase_and_activate`]: a plan of [`OFFER`], with seats when it is

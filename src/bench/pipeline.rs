@@ -22,8 +22,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::harness::{
-    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address, purchase_and_activate,
-    start_ingress_and_worker,
+    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address,
+    purchase_and_activate, start_ingress_and_worker,
 };
 use super::measure::{self, PipelineCpu, round};
 use crate::settings::Settings;
@@ -164,7 +164,8 @@ async fn measure_all(
     let deadline = Duration::from_secs(args.max_seconds);
     let measured = Instant::now();
     let cpu_before = PipelineCpu::now(ingress_pid, worker_pid);
-    let worker_phase = drive_changes(env, &sim, &subscriptions, args.events, args.max_seconds, 0).await?;
+    let worker_phase =
+        drive_changes(env, &sim, &subscriptions, args.events, args.max_seconds, 0).await?;
     let cpu_worker = cpu_before.per_change_since(
         &PipelineCpu::now(ingress_pid, worker_pid),
         worker_phase.latencies_us.len(),
@@ -230,7 +231,8 @@ async fn measure_all(
         args.events,
         args.max_seconds,
         share,
-    ).await?;
+    )
+    .await?;
     let cpu_baseline = cpu_before.per_change_since(
         &PipelineCpu::now(ingress_pid, baseline_pid),
         baseline_phase.latencies_us.len(),
@@ -291,7 +293,8 @@ pub(crate) async fn drive_changes(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (index, subscription) in subscriptions.iter().copied().enumerate() {
-        let share = events / subscriptions.len() + usize::from(index < events % subscriptions.len());
+        let share =
+            events / subscriptions.len() + usize::from(index < events % subscriptions.len());
         let sim = Arc::clone(sim);
         let progress_of = ProgressReader(env.sim.view());
         tasks.spawn(async move {

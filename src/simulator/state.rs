@@ -244,11 +244,7 @@ impl State {
 
     /// Rebuilds the `seq` index from the subscriptions (after a state file was loaded).
     pub fn rebuild_order(&mut self) {
-        self.order = self
-            .subscriptions
-            .values()
-            .map(|s| (s.seq, s.id))
-            .collect();
+        self.order = self.subscriptions.values().map(|s| (s.seq, s.id)).collect();
     }
 
     /// The subscriptions whose `seq` is above `after`, in `seq` order.
