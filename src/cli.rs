@@ -113,7 +113,11 @@ pub fn main() -> ExitCode {
     }
     // The preflight's verdicts are its output: its logs only when RUST_LOG asks for them.
     if !matches!(cli.command, Command::Doctor(_)) || std::env::var_os("RUST_LOG").is_some() {
-        telemetry::init_service(settings.log.format, service_name(&cli.command));
+        telemetry::init_service(
+            settings.log.format,
+            service_name(&cli.command),
+            default_log_filter(&cli.command),
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -296,6 +300,16 @@ fn service_name(command: &Command) -> &'static str {
         Command::Work => "fulfillment-work",
         Command::Simulate(_) => "fulfillment-simulator",
         _ => "fulfillment",
+    }
+}
+
+/// The log filter when `RUST_LOG` is not set. A benchmark runs the simulator in its own
+/// process, which logs every call at INFO (thousands of lines per run): in a benchmark's
+/// output only its warnings and errors appear.
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Bench(_) => "info,marketplace_fulfillment::simulator=warn",
+        _ => telemetry::DEFAULT_FILTER,
     }
 }
 

@@ -45,19 +45,24 @@ static PROVIDER: OnceLock<(SdkTracerProvider, bool)> = OnceLock::new();
 /// Installs the global subscriber once, as service `fulfillment`; later calls (tests) are
 /// no-ops.
 pub fn init(format: LogFormat) {
-    init_service(format, "fulfillment");
+    init_service(format, "fulfillment", DEFAULT_FILTER);
 }
 
-/// Installs the global subscriber once: logs in `format`, spans to OpenTelemetry (exported
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_FILTER: &str = "info";
+
+/// Installs the global subscriber once: logs in `format` filtered by `RUST_LOG` or else by
+/// `default_filter` (directives in `RUST_LOG`'s syntax), spans to OpenTelemetry (exported
 /// when OTLP is configured, under `OTEL_SERVICE_NAME` or else `service`). Call [`shutdown`]
 /// before the process exits so the last spans are exported. Must not run inside a tokio
 /// runtime (the OTLP exporter's blocking HTTP client refuses that).
-pub fn init_service(format: LogFormat, service: &str) {
+pub fn init_service(format: LogFormat, service: &str, default_filter: &str) {
     if PROVIDER.get().is_some() {
         return;
     }
     let (provider, exporting, problem) = tracer_provider(service);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let installed = tracing_subscriber::registry()
         .with(filter)
         .with(otel_layer(&provider))

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures_util::{StreamExt, TryStreamExt};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::ConnectOptions;
@@ -494,6 +495,41 @@ impl SimHandle {
     }
 }
 
+/// Starts `fulfillment serve` on `ingress_addr` and one `fulfillment work`, both pointed at
+/// this run's world, and waits until both are ready; they are pushed onto `children`
+/// (ingress first) so the caller stops them whatever happens.
+pub(crate) async fn start_ingress_and_worker(
+    env: &BenchEnv,
+    ingress_addr: SocketAddr,
+    http: &reqwest::Client,
+    children: &mut Vec<ChildProcess>,
+) -> anyhow::Result<()> {
+    let ingress = ChildProcess::spawn(
+        "ingress",
+        &env.id,
+        &["serve"],
+        env.serve_env(ingress_addr, false),
+        ingress_addr,
+    )
+    .await?;
+    children.push(ingress);
+    children
+        .last_mut()
+        .context("no ingress")?
+        .wait_ready(http)
+        .await?;
+    let worker_addr = free_local_address()?;
+    let mut worker_env = env.serve_env(free_local_address()?, false);
+    worker_env.push(("WORKER_METRICS_ADDR".into(), worker_addr.to_string()));
+    let worker = ChildProcess::spawn("worker", &env.id, &["work"], worker_env, worker_addr).await?;
+    children.push(worker);
+    children
+        .last_mut()
+        .context("no worker")?
+        .wait_ready(http)
+        .await
+}
+
 /// One purchase for [`purchase_and_activate`]: a plan of [`OFFER`], with seats when it is
 /// priced per seat.
 #[derive(Debug, Clone, Copy)]
@@ -513,8 +549,8 @@ pub(crate) async fn purchase_and_activate(
     orders: &[Order],
     timeout: Duration,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let mut subscriptions = Vec::with_capacity(orders.len());
-    for (i, order) in orders.iter().enumerate() {
+    // Sixteen purchases at a time: thousands of them (`bench burst`) take seconds, not minutes.
+    let buy = |(i, order): (usize, Order)| async move {
         let answer = sim
             .post(
                 "simulator/purchases",
@@ -543,8 +579,13 @@ pub(crate) async fn purchase_and_activate(
                 page.status()
             );
         }
-        subscriptions.push(id);
-    }
+        anyhow::Ok(id)
+    };
+    let subscriptions: Vec<Uuid> = futures_util::stream::iter(orders.iter().copied().enumerate())
+        .map(buy)
+        .buffered(16)
+        .try_collect()
+        .await?;
     let deadline = Instant::now() + timeout;
     loop {
         let pending = subscriptions

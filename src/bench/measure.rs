@@ -286,3 +286,85 @@ mod tests {
         assert!(!stats.truncated);
     }
 }
+
+/// User + system CPU time of every process whose command name is `comm` (`postgres`,
+/// `beam.smp`), plus what their exited children used (`cutime` + `cstime`: PostgreSQL's
+/// postmaster collects its finished backends'), so a backend that ends between two readings
+/// still counts.
+pub fn group_cpu(comm: &str) -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    let mut ticks = 0u64;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != comm {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        // utime, stime, cutime, cstime: fields 14–17 of the line, 12–15 after `state`.
+        ticks += fields[11..15.min(fields.len())]
+            .iter()
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS)
+}
+
+/// CPU seconds of the processes a pipeline moves a change through, between two readings.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineCpu {
+    ingress: Duration,
+    engine: Duration,
+    own: Duration,
+    postgres: Duration,
+    rabbitmq: Duration,
+}
+
+impl PipelineCpu {
+    /// A reading: the ingress and the engine (worker or baseline) by pid, this process (the
+    /// simulator and the load driver), PostgreSQL's and RabbitMQ's processes by name.
+    pub fn now(ingress: u32, engine: u32) -> Self {
+        Self {
+            ingress: process_cpu(Some(ingress)).unwrap_or_default(),
+            engine: process_cpu(Some(engine)).unwrap_or_default(),
+            own: process_cpu(None).unwrap_or_default(),
+            postgres: group_cpu("postgres"),
+            rabbitmq: group_cpu("beam.smp"),
+        }
+    }
+
+    /// Milliseconds of CPU per change since `self`, per process, as the JSON object the
+    /// report prints (`ours_plus_postgres`: ingress + engine + PostgreSQL).
+    pub fn per_change_since(&self, later: &Self, changes: usize) -> serde_json::Value {
+        let per = |a: Duration, b: Duration| {
+            round(
+                b.saturating_sub(a).as_secs_f64() * 1000.0 / changes.max(1) as f64,
+                3,
+            )
+        };
+        let ingress = per(self.ingress, later.ingress);
+        let engine = per(self.engine, later.engine);
+        let postgres = per(self.postgres, later.postgres);
+        serde_json::json!({
+            "ingress": ingress,
+            "engine": engine,
+            "postgres": postgres,
+            "rabbitmq": per(self.rabbitmq, later.rabbitmq),
+            "simulator_and_driver": per(self.own, later.own),
+            "ours_plus_postgres": round(ingress + engine + postgres, 3),
+        })
+    }
+}

@@ -132,6 +132,49 @@ pub struct AllSubscriptions {
     pub pages: Vec<CallMeta>,
 }
 
+/// A walk through List subscriptions' pages (see [`MarketplaceClient::subscription_pages`]):
+/// `@nextLink` followed as returned (P28); a link that repeats, or more than `MAX_PAGES`
+/// pages, is an error rather than an endless walk.
+#[derive(Debug)]
+pub struct SubscriptionPages<'a> {
+    client: &'a MarketplaceClient,
+    ctx: CallContext,
+    next: Option<Url>,
+    links: HashSet<String>,
+    pages: usize,
+    done: bool,
+}
+
+impl SubscriptionPages<'_> {
+    /// The next page, or `None` after the last one.
+    pub async fn next(&mut self) -> Result<Option<Response<SubscriptionsPage>>, Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut page = self
+            .client
+            .list_subscriptions_page(&self.ctx, self.next.as_ref())
+            .await?;
+        self.pages += 1;
+        match page.value.next_link.take() {
+            None => self.done = true,
+            Some(link) if !self.links.insert(link.to_string()) || self.pages >= MAX_PAGES => {
+                let mut failure = Failure::new(
+                    Call::ListSubscriptions,
+                    format!("@nextLink repeats or exceeds {MAX_PAGES} pages: {link}"),
+                );
+                failure.correlation_id = Some(self.ctx.correlation_id);
+                return Err(Error::permanent(failure));
+            }
+            Some(link) => {
+                page.value.next_link = Some(link.clone());
+                self.next = Some(link);
+            }
+        }
+        Ok(Some(page))
+    }
+}
+
 /// Client of the SaaS Fulfillment API v2 and the Metering API. Cheap to clone.
 ///
 /// Retries follow §8.2: idempotent calls repeat on transient failures and throttling;
@@ -399,24 +442,24 @@ impl MarketplaceClient {
             subscriptions: Vec::new(),
             pages: Vec::new(),
         };
-        let mut seen = HashSet::new();
-        let mut next: Option<Url> = None;
-        loop {
-            let page = self.list_subscriptions_page(ctx, next.as_ref()).await?;
+        let mut pages = self.subscription_pages(*ctx);
+        while let Some(page) = pages.next().await? {
             all.subscriptions.extend(page.value.subscriptions);
             all.pages.push(page.meta);
-            match page.value.next_link {
-                None => return Ok(all),
-                Some(link) if !seen.insert(link.to_string()) || all.pages.len() >= MAX_PAGES => {
-                    let mut failure = Failure::new(
-                        Call::ListSubscriptions,
-                        format!("@nextLink repeats or exceeds {MAX_PAGES} pages: {link}"),
-                    );
-                    failure.correlation_id = Some(ctx.correlation_id);
-                    return Err(Error::permanent(failure));
-                }
-                Some(link) => next = Some(link),
-            }
+        }
+        Ok(all)
+    }
+
+    /// The pages of List subscriptions one at a time, for a caller that must not hold a
+    /// million subscriptions at once (`reconcile`).
+    pub fn subscription_pages(&self, ctx: CallContext) -> SubscriptionPages<'_> {
+        SubscriptionPages {
+            client: self,
+            ctx,
+            next: None,
+            links: HashSet::new(),
+            pages: 0,
+            done: false,
         }
     }
 

@@ -21,7 +21,7 @@ pub mod types;
 
 pub use client::{
     API_VERSION, Accepted, AllSubscriptions, CallContext, CallMeta, MAX_BATCH_USAGE_EVENTS,
-    MarketplaceClient, Response, UpdateOutcome, operation_id_from_location,
+    MarketplaceClient, Response, SubscriptionPages, UpdateOutcome, operation_id_from_location,
 };
 pub use error::{Call, Error, Failure, TransientCause};
 pub use retry::RetryPolicy;

@@ -25,7 +25,7 @@
 //! Every heal appends a `reconcile:drift` row to the subscription's event log naming the
 //! drift, the run and Microsoft's request id, next to the machine's own decision.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ use crate::store::operator_actions::{self, ActionKind, NewAction};
 use crate::store::subscriptions::SubscriptionRecord;
 use crate::store::timeline;
 use crate::worker::translate;
+
+/// Our subscription ids read per query while looking for those Microsoft did not list.
+const OUR_PAGE: i64 = 5000;
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
@@ -185,54 +188,69 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// One run: read our side, list Microsoft's, compare, and heal when `execute`.
+    /// One run: list Microsoft's subscriptions page by page, compare each page with our
+    /// rows for its ids, then walk our ids for those Microsoft did not list; heal when
+    /// `execute`. Memory holds one page, the ids seen (16 bytes each) and the drift, never
+    /// every subscription: a million take megabytes, not gigabytes.
     pub async fn run(&self, execute: bool) -> anyhow::Result<ReconcileReport> {
         let run_id = Uuid::now_v7();
         let started_at = OffsetDateTime::now_utc();
         let ctx = CallContext::new(run_id);
-        // Our side first: an event applied after this read makes the guarded apply refuse.
-        let ours: HashMap<Uuid, SubscriptionRecord> =
-            super::subscription::list(&self.pool, None, None, None)
-                .await
-                .context("cannot read our subscriptions")?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
-        let listed = self
-            .client
-            .list_all_subscriptions(&ctx)
-            .await
-            .context("cannot list Microsoft's subscriptions")?;
-        let theirs: BTreeMap<Uuid, Subscription> = listed
-            .subscriptions
-            .into_iter()
-            .map(|s| (s.id, s))
-            .collect();
         let now = OffsetDateTime::now_utc();
-        let mut ids: Vec<Uuid> = ours.keys().chain(theirs.keys()).copied().collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut drifts = Vec::new();
-        for id in ids {
-            let (kinds, pending_for) = compare(
-                ours.get(&id),
-                theirs.get(&id),
-                now,
-                self.stuck_pending_after,
-            );
-            if kinds.is_empty() {
-                continue;
+        let mut found = Vec::new();
+        let mut listed = HashSet::new();
+        let mut list_request_ids = Vec::new();
+        let mut pages = self.client.subscription_pages(ctx);
+        while let Some(page) = pages
+            .next()
+            .await
+            .context("cannot list Microsoft's subscriptions")?
+        {
+            list_request_ids.push(page.meta.request_id.to_string());
+            let ids: Vec<Uuid> = page.value.subscriptions.iter().map(|s| s.id).collect();
+            let mut ours: HashMap<Uuid, SubscriptionRecord> =
+                crate::store::subscriptions::find_many(&self.pool, &ids)
+                    .await
+                    .context("cannot read our subscriptions")?
+                    .into_iter()
+                    .map(|r| (r.id, r))
+                    .collect();
+            for theirs in page.value.subscriptions {
+                // Listed twice (pages shifting under a concurrent purchase): the first counts.
+                if !listed.insert(theirs.id) {
+                    continue;
+                }
+                let record = ours.remove(&theirs.id);
+                self.note_drift(&mut found, record, Some(theirs), now);
             }
-            let mut drift = Drift {
-                subscription_id: id,
-                kinds,
-                ours: ours.get(&id).map(our_side),
-                microsoft: theirs.get(&id).map(their_side),
-                pending_for_secs: pending_for.map(|d| d.whole_seconds()),
-                heal: Heal::NotAttempted,
-            };
+        }
+        // Ours that Microsoft did not list.
+        let mut known_here = 0;
+        let mut after = None;
+        loop {
+            let ids = crate::store::subscriptions::ids_after(&self.pool, after, OUR_PAGE)
+                .await
+                .context("cannot read our subscriptions")?;
+            known_here += ids.len();
+            after = ids.last().copied();
+            let unlisted: Vec<Uuid> = ids.into_iter().filter(|id| !listed.contains(id)).collect();
+            if !unlisted.is_empty() {
+                for record in crate::store::subscriptions::find_many(&self.pool, &unlisted)
+                    .await
+                    .context("cannot read our subscriptions")?
+                {
+                    self.note_drift(&mut found, Some(record), None, now);
+                }
+            }
+            if after.is_none() {
+                break;
+            }
+        }
+        found.sort_by_key(|(drift, _)| drift.subscription_id);
+        let mut drifts = Vec::with_capacity(found.len());
+        for (mut drift, record) in found {
             if execute {
-                drift.heal = match self.heal(&ctx, run_id, &drift, ours.get(&id)).await {
+                drift.heal = match self.heal(&ctx, run_id, &drift, record.as_ref()).await {
                     Ok(heal) => heal,
                     Err(error) => Heal::Failed {
                         error: format!("{error:#}"),
@@ -241,21 +259,53 @@ impl Reconciler {
             }
             drifts.push(drift);
         }
+        let listed_by_microsoft = listed.len();
         let report = ReconcileReport {
             run_id,
             started_at,
             executed: execute,
-            listed_by_microsoft: theirs.len(),
-            list_request_ids: listed
-                .pages
-                .iter()
-                .map(|p| p.request_id.to_string())
-                .collect(),
-            known_here: ours.len(),
+            listed_by_microsoft,
+            list_request_ids,
+            known_here,
             drifts,
         };
         self.journal(&report).await;
         Ok(report)
+    }
+
+    /// Compares one subscription and keeps it, with our record for the heal, when it drifted.
+    fn note_drift(
+        &self,
+        found: &mut Vec<(Drift, Option<SubscriptionRecord>)>,
+        ours: Option<SubscriptionRecord>,
+        theirs: Option<Subscription>,
+        now: OffsetDateTime,
+    ) {
+        let (kinds, pending_for) = compare(
+            ours.as_ref(),
+            theirs.as_ref(),
+            now,
+            self.stuck_pending_after,
+        );
+        let Some(subscription_id) = ours
+            .as_ref()
+            .map(|r| r.id)
+            .or(theirs.as_ref().map(|s| s.id))
+        else {
+            return;
+        };
+        if kinds.is_empty() {
+            return;
+        }
+        let drift = Drift {
+            subscription_id,
+            kinds,
+            ours: ours.as_ref().map(our_side),
+            microsoft: theirs.as_ref().map(their_side),
+            pending_for_secs: pending_for.map(|d| d.whole_seconds()),
+            heal: Heal::NotAttempted,
+        };
+        found.push((drift, ours));
     }
 
     async fn journal(&self, report: &ReconcileReport) {

@@ -280,11 +280,10 @@ async fn list_subscriptions(
     let publisher_id = &shared.config.publisher_id;
     let size = page_size(&shared.config.page_sizes, after);
     let (page, more, last) = shared.read(|st| {
-        let all = st.subscriptions_in_order();
-        if all.is_empty() {
+        if st.subscriptions.is_empty() {
             return (None, false, 0);
         }
-        let rest: Vec<_> = all.into_iter().filter(|s| s.seq > after).collect();
+        let rest: Vec<_> = st.subscriptions_after(after).take(size + 1).collect();
         let page: Vec<Value> = rest
             .iter()
             .take(size)

@@ -276,7 +276,7 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
             None
         };
         let term_end = subscription.term_end;
-        st.subscriptions.insert(id, subscription);
+        st.insert_subscription(subscription);
         if let Some(op_id) = subscribe_op {
             webhooks::notify(shared, st, id, op_id);
             if let Some(end) = term_end {
@@ -291,6 +291,51 @@ pub(crate) fn purchase(shared: &Arc<Shared>, request: Purchase) -> Result<Purcha
             landing_url,
         }
     }))
+}
+
+/// `count` subscriptions of `offer_id`/`plan_id` with `quantity` seats, Subscribed with
+/// their term started, as if bought and activated long ago: no purchase token left, no
+/// operation, no webhook. `bench scale` preloads a million this way; returns their ids in
+/// purchase order.
+pub(crate) fn preload_subscribed(
+    shared: &Arc<Shared>,
+    offer_id: &str,
+    plan_id: &str,
+    quantity: Option<u32>,
+    count: usize,
+) -> Result<Vec<Uuid>, ApiError> {
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        let purchased = purchase(
+            shared,
+            Purchase {
+                offer_id: offer_id.to_owned(),
+                plan_id: plan_id.to_owned(),
+                quantity,
+                name: None,
+                beneficiary_tenant_id: None,
+                purchaser_tenant_id: None,
+                auto_activate: Some(false),
+                csp: false,
+                is_free_trial: Some(false),
+                term_unit: None,
+                auto_renew: None,
+                private_offer_id: None,
+                null_puid: false,
+                fail_activation: false,
+            },
+        )?;
+        shared.mutate(|st| {
+            st.purchase_tokens.remove(&purchased.token);
+            if let Some(sub) = st.subscriptions.get_mut(&purchased.subscription_id) {
+                start_term(sub, sub.created);
+                sub.status = SubscriptionStatus::Subscribed;
+                sub.activation_requested = true;
+            }
+        });
+        ids.push(purchased.subscription_id);
+    }
+    Ok(ids)
 }
 
 /// `term.chargeDuration`: a multi-year term is billed yearly [INFER: the spec added the

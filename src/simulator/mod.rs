@@ -436,7 +436,9 @@ fn load_snapshot(path: &Path) -> anyhow::Result<Option<(State, KeyRing)>> {
     };
     let snapshot: Snapshot = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a simulator state file", path.display()))?;
-    Ok(Some((snapshot.state, KeyRing::restore(&snapshot.keys)?)))
+    let mut state = snapshot.state;
+    state.rebuild_order();
+    Ok(Some((state, KeyRing::restore(&snapshot.keys)?)))
 }
 
 fn save_snapshot(shared: &Shared, path: &Path) -> anyhow::Result<()> {
@@ -590,6 +592,19 @@ impl SimulatorView {
                 finished: op.finished,
             })
         })
+    }
+
+    /// Preloads `count` Subscribed subscriptions without tokens, operations or webhooks
+    /// (see `lifecycle::preload_subscribed`); their ids in order.
+    pub fn preload_subscribed(
+        &self,
+        offer_id: &str,
+        plan_id: &str,
+        quantity: Option<u32>,
+        count: usize,
+    ) -> anyhow::Result<Vec<Uuid>> {
+        lifecycle::preload_subscribed(&self.shared, offer_id, plan_id, quantity, count)
+            .map_err(|e| anyhow::anyhow!("cannot preload subscriptions: {e:?}"))
     }
 
     /// Waits until the operation has ended, or `timeout` passed (then it is returned as it

@@ -2,7 +2,7 @@
 //! purchase tokens, usage events, fault settings) and the shared handle that every route and
 //! background task goes through. One mutex guards all of it and is never held across an await.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -220,6 +220,11 @@ pub(crate) struct UsageRecord {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct State {
     pub subscriptions: HashMap<Uuid, Subscription>,
+    /// Subscription ids by `seq`, the order List Subscriptions pages in (an index: a page
+    /// of a million subscriptions costs its own size, not a sort of all of them). Not in
+    /// the state file: [`State::rebuild_order`] rebuilds it after loading one.
+    #[serde(skip)]
+    order: BTreeMap<u64, Uuid>,
     pub next_seq: u64,
     pub purchase_tokens: HashMap<String, PurchaseToken>,
     /// Accepted usage, keyed by `resourceId|dimension|hour` (the duplicate bucket, §9).
@@ -231,10 +236,26 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Adds a subscription (its `seq` already assigned).
+    pub fn insert_subscription(&mut self, subscription: Subscription) {
+        self.order.insert(subscription.seq, subscription.id);
+        self.subscriptions.insert(subscription.id, subscription);
+    }
+
+    /// Rebuilds the `seq` index from the subscriptions (after a state file was loaded).
+    pub fn rebuild_order(&mut self) {
+        self.order = self.subscriptions.values().map(|s| (s.seq, s.id)).collect();
+    }
+
+    /// The subscriptions whose `seq` is above `after`, in `seq` order.
+    pub fn subscriptions_after(&self, after: u64) -> impl Iterator<Item = &Subscription> {
+        self.order
+            .range(after.saturating_add(1)..)
+            .filter_map(|(_, id)| self.subscriptions.get(id))
+    }
+
     pub fn subscriptions_in_order(&self) -> Vec<&Subscription> {
-        let mut all: Vec<&Subscription> = self.subscriptions.values().collect();
-        all.sort_by_key(|s| s.seq);
-        all
+        self.subscriptions_after(0).collect()
     }
 }
 

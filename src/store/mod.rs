@@ -9,6 +9,7 @@ use sqlx::{Connection, Postgres};
 
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
+pub mod baseline;
 pub mod commands;
 pub mod credential_notices;
 pub mod ledger;
@@ -16,6 +17,7 @@ pub mod notices;
 pub mod operator_actions;
 pub mod outbox;
 pub mod prefixes;
+pub mod preload;
 pub mod subscriptions;
 pub mod timeline;
 pub mod usage;

@@ -81,6 +81,35 @@ pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<SubscriptionRecord>,
     .await
 }
 
+/// The subscriptions among `ids` that we know (any order).
+pub async fn find_many(
+    pool: &PgPool,
+    ids: &[Uuid],
+) -> Result<Vec<SubscriptionRecord>, sqlx::Error> {
+    sqlx::query_as::<_, SubscriptionRecord>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM subscriptions WHERE id = ANY($1)"
+    )))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// Up to `limit` subscription ids above `after`, in id order (a walk over every id without
+/// reading the rows).
+pub async fn ids_after(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM subscriptions WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// Whether we know the subscription.
 pub async fn exists(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM subscriptions WHERE id = $1)")

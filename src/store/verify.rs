@@ -12,6 +12,13 @@ pub async fn pending_effects(pool: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
+/// The size of the current database on disk, in bytes (tables, indexes, TOAST).
+pub async fn database_bytes(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_database_size(current_database())")
+        .fetch_one(pool)
+        .await
+}
+
 /// Effects not yet carried out and event-log rows, in one snapshot: a run is quiet when
 /// neither moves.
 pub async fn pending_effects_and_events(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
