@@ -21,6 +21,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -237,7 +238,7 @@ impl InboundConsumer {
 pub struct InboundDelivery {
     pub meta: MessageMeta,
     /// The parsed message, or why the body is not one (a poison message for the DLQ).
-    pub message: Result<InboundMessage, String>,
+    pub message: Result<InboundMessage, Arc<serde_json::Error>>,
     /// How many times a worker already failed on this message (`x-attempt`).
     pub attempt: u32,
     /// RabbitMQ delivered it before (a consumer died holding it): the worker may have
@@ -271,7 +272,7 @@ impl InboundDelivery {
             subscription_id: headers::text(table, headers::SUBSCRIPTION_ID)
                 .and_then(|s| Uuid::parse_str(&s).ok()),
         };
-        let message = InboundMessage::from_json(&delivery.data).map_err(|e| e.to_string());
+        let message = InboundMessage::from_json(&delivery.data).map_err(Arc::new);
         Self {
             meta,
             message,

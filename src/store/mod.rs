@@ -10,6 +10,7 @@ use sqlx::{Connection, Postgres};
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod commands;
+pub mod inbox;
 pub mod credential_notices;
 pub mod ledger;
 pub mod notices;
@@ -17,6 +18,7 @@ pub mod operator_actions;
 pub mod outbox;
 pub mod prefixes;
 pub mod subscriptions;
+pub mod text;
 pub mod timeline;
 pub mod usage;
 pub mod verify;
