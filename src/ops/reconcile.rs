@@ -47,10 +47,10 @@ use crate::marketplace::{
     CallContext, Error as ApiError, MarketplaceClient, Subscription, TokenProvider,
 };
 use crate::settings::{ReconcileSettings, Settings};
-use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Expected};
 use crate::store::operator_actions::{self, ActionKind, NewAction};
 use crate::store::subscriptions::SubscriptionRecord;
 use crate::store::timeline;
+use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Expected};
 use crate::worker::translate;
 
 #[derive(Debug, clap::Args)]
@@ -497,8 +497,7 @@ impl Reconciler {
             correlation_id: Some(run_id.to_string()),
             request_id: request_id.clone(),
         };
-        if let Err(error) =
-            apply::record(&self.pool, id, &record, OffsetDateTime::now_utc()).await
+        if let Err(error) = apply::record(&self.pool, id, &record, OffsetDateTime::now_utc()).await
         {
             tracing::warn!(%error, subscription_id = %id, "cannot record the drift in the event log");
         }

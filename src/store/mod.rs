@@ -10,8 +10,8 @@ use sqlx::{Connection, Postgres};
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod commands;
-pub mod inbox;
 pub mod credential_notices;
+pub mod inbox;
 pub mod ledger;
 pub mod notices;
 pub mod operator_actions;

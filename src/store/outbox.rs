@@ -424,7 +424,10 @@ pub async fn put_first(conn: &mut PgConnection, subscription_id: Uuid) -> Result
 
 /// Wakes the outbox runners of every process when the transaction commits (a hint; they
 /// also poll).
-pub async fn notify_runners(conn: &mut PgConnection, subscription_id: Uuid) -> Result<(), StoreError> {
+pub async fn notify_runners(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(NOTIFY_CHANNEL)
         .bind(subscription_id.to_string())

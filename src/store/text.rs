@@ -16,7 +16,10 @@ pub trait TextValue: Copy + Sized + 'static {
 
     /// The value stored as `text`, if it is one.
     fn parse(text: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|value| value.as_str() == text)
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|value| value.as_str() == text)
     }
 }
 
@@ -58,9 +61,8 @@ macro_rules! text_column {
                 value: sqlx::postgres::PgValueRef<'r>,
             ) -> Result<Self, sqlx::error::BoxDynError> {
                 let text = <&str as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
-                <$ty as $crate::store::text::TextValue>::parse(text).ok_or_else(|| {
-                    format!("{text:?} is not a known {}", stringify!($ty)).into()
-                })
+                <$ty as $crate::store::text::TextValue>::parse(text)
+                    .ok_or_else(|| format!("{text:?} is not a known {}", stringify!($ty)).into())
             }
         }
     };

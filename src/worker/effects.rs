@@ -46,8 +46,8 @@ use crate::worker::protocol::metering::{
     self, MeteringProgress, MeteringTurn, Settlement, UsageBatch,
 };
 use crate::worker::protocol::{
-    self, Answer, Answered, Call, CommandRecord, CommandStatus, GiveUpWhy, Progress, ProtocolConfig,
-    Record, Step, Turn,
+    self, Answer, Answered, Call, CommandRecord, CommandStatus, GiveUpWhy, Progress,
+    ProtocolConfig, Record, Step, Turn,
 };
 
 pub use crate::worker::protocol::retry_delay;

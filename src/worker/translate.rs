@@ -232,7 +232,10 @@ mod tests {
             t.subscription_id.to_string(),
             "3f9c6b1e-3333-4d8e-b7a2-5c4e1d2f9a03"
         );
-        assert_eq!(t.inbox_key.message_id(), "7d3e9a41-1111-4c6e-9a0b-2f5d0c7e1a01");
+        assert_eq!(
+            t.inbox_key.message_id(),
+            "7d3e9a41-1111-4c6e-9a0b-2f5d0c7e1a01"
+        );
         assert_eq!(t.inbox_key.kind(), "ChangePlan");
         let Event::Webhook(w) = t.event else { panic!() };
         assert_eq!(w.action, WebhookAction::ChangePlan);
