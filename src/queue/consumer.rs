@@ -11,7 +11,7 @@
 //! says nothing) or a replaced connection all make it subscribe again on the current
 //! connection, and every call that waits for the broker is bounded.
 
-use crate::queue::broker::{Broker, QueueError, bounded, close_quietly, replaced};
+use crate::queue::broker::{AckError, Broker, QueueError, bounded, close_quietly, replaced};
 use crate::queue::headers;
 use crate::queue::message::{InboundMessage, MessageMeta};
 use crate::queue::publisher::Publisher;
@@ -464,18 +464,14 @@ fn ensure_usable(acker: &Acker) -> Result<(), QueueError> {
     if acker.usable() {
         Ok(())
     } else {
-        Err(QueueError::Ack(
-            "the channel it arrived on is gone (connection recovered since)".into(),
-        ))
+        Err(QueueError::Ack(AckError::ChannelGone))
     }
 }
 
 async fn ack(acker: &Acker) -> Result<(), QueueError> {
     match bounded("basic.ack", acker.ack(BasicAckOptions::default())).await {
         Ok(true) => Ok(()),
-        Ok(false) => Err(QueueError::Ack(
-            "already settled, or the channel it arrived on is gone".into(),
-        )),
-        Err(e) => Err(QueueError::Ack(e.to_string())),
+        Ok(false) => Err(QueueError::Ack(AckError::NotSettled)),
+        Err(e) => Err(QueueError::Ack(AckError::Broker(Box::new(e)))),
     }
 }
