@@ -157,6 +157,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_message_type_has_its_own_inbox_key() {
+        let id = Uuid::from_u128(7);
+        let webhook = InboxKey::webhook(id, " Renew ");
+        assert_eq!(
+            (webhook.message_id(), webhook.kind()),
+            (id.to_string().as_str(), "Renew")
+        );
+        let command = InboxKey::command(id);
+        assert_eq!(command.kind(), "command");
+        assert_ne!(webhook, command, "one id, two message types: two keys");
+        let at = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(42);
+        let resolved = InboxKey::purchase_resolved(id, at);
+        assert_eq!(resolved.message_id(), format!("resolve:{id}:42"));
+        assert_eq!(resolved.kind(), "purchase_resolved");
+        assert_ne!(
+            resolved,
+            InboxKey::purchase_resolved(id, at + time::Duration::SECOND)
+        );
+    }
+
+    #[test]
     fn a_webhook_keeps_its_body_byte_for_byte() {
         let body = r#"{"id":"x", "action":"Suspend","futureField":{"a":[1,2]}}"#;
         let message = InboundMessage::Webhook {

@@ -563,3 +563,63 @@ pub async fn finish_publisher_operation(
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_and_status_reads_back_as_itself_and_an_unknown_word_is_not_guessed() {
+        for kind in EffectKind::ALL {
+            assert_eq!(EffectKind::parse(kind.as_str()), Some(*kind));
+        }
+        for status in OutboxStatus::ALL {
+            assert_eq!(OutboxStatus::parse(status.as_str()), Some(*status));
+        }
+        for status in <CommandStatus as TextValue>::ALL {
+            assert_eq!(CommandStatus::parse(status.as_str()), Some(*status));
+        }
+        assert_eq!(EffectKind::parse("Activate"), None);
+        assert_eq!(OutboxStatus::parse(""), None);
+    }
+
+    #[test]
+    fn the_claim_query_lists_are_generated_from_the_kinds() {
+        assert_eq!(
+            EffectKind::with_ordering(Ordering::HoldsBackNothing),
+            [EffectKind::PollOperation, EffectKind::ConfirmOperation]
+        );
+        assert_eq!(
+            EffectKind::with_ordering(Ordering::HoldsBackItsKind),
+            [
+                EffectKind::FetchSubscription,
+                EffectKind::PublishDomainEvent,
+                EffectKind::SubmitUsage
+            ]
+        );
+        // Each kind is in exactly one class, so a new kind cannot be left out of the query.
+        let classes = [
+            Ordering::HoldsBackAll,
+            Ordering::HoldsBackItsKind,
+            Ordering::HoldsBackNothing,
+        ];
+        let classified: usize = classes
+            .iter()
+            .map(|class| EffectKind::with_ordering(*class).len())
+            .sum();
+        assert_eq!(classified, EffectKind::ALL.len());
+    }
+
+    #[test]
+    fn a_machine_effect_has_the_kind_of_its_label() {
+        for effect in [Effect::FetchSubscription] {
+            assert_eq!(EffectKind::of(&effect).as_str(), effect.kind_str());
+        }
+    }
+
+    #[test]
+    fn the_pending_literal_the_partial_indexes_need_is_the_status_word() {
+        let pending = format!("status = '{}'", OutboxStatus::Pending.as_str());
+        assert!(NOTHING_BEFORE_IT.contains(&pending));
+    }
+}

@@ -672,6 +672,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn what_becomes_of_a_failed_delivery_follows_from_its_error() {
+        let dead = |why| Handling::DeadLetter(why);
+        let malformed = serde_json::from_str::<InboundMessage>("{").unwrap_err();
+        assert_eq!(
+            DeliveryError::Malformed(Arc::new(malformed)).handling(),
+            dead(DeadLetterReason::MalformedMessage)
+        );
+        let untranslatable = TranslateError::Invalid {
+            field: "planId",
+            reason: "empty".into(),
+        };
+        assert_eq!(
+            DeliveryError::from(untranslatable).handling(),
+            dead(DeadLetterReason::Untranslatable)
+        );
+        let corrupt = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(
+            DeliveryError::from(StoreError::CorruptMachine(corrupt)).handling(),
+            dead(DeadLetterReason::CorruptState)
+        );
+        let down = StoreError::Unreachable {
+            url: "postgres://db".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(
+            DeliveryError::from(down).handling(),
+            Handling::HoldUntilDatabaseAnswers
+        );
+        let other = StoreError::from(sqlx::Error::RowNotFound);
+        assert_eq!(DeliveryError::from(other).handling(), Handling::RetryLater);
+        // A GET Microsoft refused is "refused", never a corrupt state.
+        let refused = ApiError::Configuration {
+            message: "no credential".into(),
+        };
+        let error = DeliveryError::Unverified(refused);
+        assert_eq!(error.handling(), dead(DeadLetterReason::Refused));
+        assert!(error.marketplace_response().is_some());
+        assert!(std::error::Error::source(&error).is_some());
+        let timed_out = ApiError::Transient {
+            cause: crate::marketplace::TransientCause::Timeout,
+            failure: Box::new(crate::marketplace::Failure::new(
+                crate::marketplace::Call::GetSubscription,
+                "timed out",
+            )),
+        };
+        assert_eq!(
+            DeliveryError::Unverified(timed_out).handling(),
+            Handling::RetryLater
+        );
+    }
+
+    #[test]
     fn held_deliveries_are_counted_until_released_and_stall_past_the_threshold() {
         let activity = ConsumerActivity::default();
         assert_eq!(
