@@ -244,8 +244,9 @@ const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
 /// Claims the most overdue claimable row, if any — first among the subscriptions that
-/// have an ACK waiting (`priority` 0, set by `ledger::apply`): Microsoft's 10-second
-/// window (P7) must not be spent behind a burst of other subscriptions' domain events.
+/// have an ACK waiting (`priority` 0, set through [`put_first`] by the worker's apply):
+/// Microsoft's 10-second window (P7) must not be spent behind a burst of other
+/// subscriptions' domain events.
 ///
 /// The scan follows `outbox_claim_idx` (priority, due time) and stops at the first row
 /// that is claimable and not locked by another runner, so a claim costs the rows it skips,
