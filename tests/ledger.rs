@@ -434,3 +434,38 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
     );
     assert_eq!(emit_due(&pool, ended + Duration::days(8)).await.unwrap(), 1);
 }
+
+/// A rolling upgrade: a newer worker queued a row of a kind this version does not know.
+/// It is left for a worker that knows it (never claimed, never buried as unreadable), and
+/// it holds back its own subscription's later rows, not other subscriptions'.
+#[tokio::test]
+async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker() {
+    use marketplace_fulfillment::store::outbox::{self, EffectKind};
+    let (_db, pool) = TestDatabase::migrated().await;
+    let (newer, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let insert = |subscription: Uuid, sequence: i64, kind: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect) \
+                 VALUES ($1, $2, $1, $3, $4, '{}'::jsonb)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(subscription)
+            .bind(sequence)
+            .bind(kind)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert(newer, 1, "deliver_to_the_future").await;
+    insert(newer, 2, "publish_domain_event").await;
+    insert(other, 1, "fetch_subscription").await;
+
+    let claimed = outbox::claim_next(&pool).await.unwrap().expect("a row");
+    assert_eq!(claimed.row.subscription_id, other);
+    assert_eq!(claimed.row.kind, EffectKind::FetchSubscription);
+    claimed.complete().await.unwrap();
+    assert!(outbox::claim_next(&pool).await.unwrap().is_none());
+}

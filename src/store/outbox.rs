@@ -19,6 +19,9 @@
 //! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
 //! 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
+//! A row of a kind this version does not know (a newer worker's, during a rolling upgrade)
+//! is never claimed here — it waits for a worker that knows it — and holds back the later
+//! rows of its subscription like any kind that changes something at Microsoft.
 //!
 //! Kinds and statuses are typed ([`EffectKind`], [`OutboxStatus`], [`CommandStatus`]) and
 //! bound as parameters, except `status = 'pending'` in the queries the partial indexes
@@ -255,7 +258,7 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
-         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
            AND {NOTHING_BEFORE_IT} \
          ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
@@ -263,6 +266,7 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
+    .bind(EffectKind::ALL)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await
@@ -276,12 +280,13 @@ pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<Claimed>, StoreErro
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.id = $3 AND o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND {NOTHING_BEFORE_IT} \
+           AND o.kind = ANY($4) AND {NOTHING_BEFORE_IT} \
          FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
     .bind(id)
+    .bind(EffectKind::ALL)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await
