@@ -618,7 +618,21 @@ mod tests {
 
     #[test]
     fn a_machine_effect_has_the_kind_of_its_label() {
-        for effect in [Effect::FetchSubscription] {
+        use fulfillment_state_machine::{CommandId, OperationId};
+        let command_id = CommandId::from(Uuid::from_u128(1));
+        let operation_id = OperationId::from(Uuid::from_u128(2));
+        let effects = [
+            Effect::FetchSubscription,
+            Effect::RequestCancel { command_id },
+            Effect::ConfirmOperation { operation_id },
+            Effect::PollOperation {
+                command_id,
+                operation_id,
+                location: "https://example.test/operations/2".into(),
+                retry_after_ms: None,
+            },
+        ];
+        for effect in effects {
             assert_eq!(EffectKind::of(&effect).as_str(), effect.kind_str());
         }
     }
