@@ -3,7 +3,7 @@
 //!
 //! The columns are `text` with a `CHECK`, not PostgreSQL enum types, so `derive(sqlx::Type)`
 //! does not fit: it names a PostgreSQL type and resolves it per connection, which fails for
-//! a `text` column (launchbadge/sqlx#3630). [`text_column!`] implements sqlx's `Type`,
+//! a `text` column (launchbadge/sqlx#3630). `text_column!` implements sqlx's `Type`,
 //! `Encode` and `Decode` by delegating to `str`, the way sqlx maps its own string types.
 
 /// An enum stored as one of its words.

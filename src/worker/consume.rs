@@ -15,7 +15,7 @@
 //!
 //! One subscription's events never run at once: in this process its deliveries queue in
 //! its lane (keyed by the message's `x-subscription-id` header), across processes
-//! [`apply`](crate::worker::apply) locks its row.
+//! [`apply`] locks its row.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
