@@ -1,10 +1,12 @@
 //! Columns that hold one of a closed set of words (statuses, kinds, outcomes) as Rust enums:
 //! a value that is not one of them is a decode error naming it, never a silent string.
 //!
-//! The columns are `text` with a `CHECK`, not PostgreSQL enum types, so `derive(sqlx::Type)`
-//! does not fit: it names a PostgreSQL type and resolves it per connection, which fails for
-//! a `text` column (launchbadge/sqlx#3630). `text_column!` implements sqlx's `Type`,
-//! `Encode` and `Decode` by delegating to `str`, the way sqlx maps its own string types.
+//! The columns are `text` with a `CHECK`, not PostgreSQL enum types. `derive(sqlx::Type)`
+//! maps an enum onto a PostgreSQL type by name: without `type_name` one that does not exist
+//! (launchbadge/sqlx#3630), with `type_name = "text"` it looks `text` up in the catalog on
+//! each new connection. `text_column!` implements sqlx's `Type`, `Encode` and `Decode` by
+//! delegating to `str` instead, the way sqlx maps its own string types, and can do so for
+//! a type defined elsewhere (the protocol's `CommandStatus` stays free of sqlx).
 
 /// An enum stored as one of its words.
 pub trait TextValue: Copy + Sized + 'static {
