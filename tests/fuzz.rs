@@ -1595,9 +1595,9 @@ mod webhook_ingress {
         };
         match translate(&message) {
             Ok(translated) => {
-                let (id, kind) = &translated.inbox_key;
-                !id.contains('\0')
-                    && !kind.contains('\0')
+                let key = &translated.inbox_key;
+                !key.message_id().contains('\0')
+                    && !key.kind().contains('\0')
                     && !holds_nul(&serde_json::to_value(&translated.event).unwrap())
             }
             Err(_) => false,

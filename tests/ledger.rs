@@ -8,7 +8,9 @@ use fulfillment_state_machine::{
     Event, MarketplaceStatus, OfferId, OperationId, PlanId, Policy, RequestSource, Snapshot,
     StateName, SubscriptionId, Webhook, WebhookAction,
 };
-use marketplace_fulfillment::store::ledger::{self, ApplyOutcome, EventSource};
+use marketplace_fulfillment::queue::InboxKey;
+use marketplace_fulfillment::store::subscriptions;
+use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -39,7 +41,7 @@ fn renew_webhook(operation: Uuid) -> Event {
 fn from_message(id: &str) -> EventSource {
     EventSource {
         message_id: Some(id.to_string()),
-        inbox_key: Some((id.to_string(), "Renew".to_string())),
+        inbox_key: Some(InboxKey::webhook(id.parse().unwrap(), "Renew")),
         correlation_id: Some("corr-1".into()),
         ..EventSource::default()
     }
@@ -47,13 +49,15 @@ fn from_message(id: &str) -> EventSource {
 
 /// Our side's first sight of the subscription: Microsoft reports it Subscribed on gold.
 async fn seen_subscribed(pool: &PgPool, id: SubscriptionId, now: OffsetDateTime, policy: &Policy) {
-    ledger::apply(
+    apply::apply(
         pool,
-        id,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        now,
         policy,
+        &Apply::new(
+            id,
+            &observed(MarketplaceStatus::Subscribed, "gold"),
+            &EventSource::default(),
+            now,
+        ),
     )
     .await
     .unwrap();
@@ -67,13 +71,10 @@ async fn apply_renew(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> ApplyOutcome {
-    ledger::apply(
+    apply::apply(
         pool,
-        id,
-        &renew_webhook(op),
-        &from_message(&op.to_string()),
-        now,
         policy,
+        &Apply::new(id, &renew_webhook(op), &from_message(&op.to_string()), now),
     )
     .await
     .unwrap()
@@ -83,13 +84,15 @@ async fn apply_renew(
 async fn first_sight_creates_the_subscription_and_records_the_decision() {
     let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
-    let outcome = ledger::apply(
+    let outcome = apply::apply(
         &pool,
-        id,
-        &observed(MarketplaceStatus::Subscribed, "gold"),
-        &EventSource::default(),
-        OffsetDateTime::now_utc(),
         &Policy::default(),
+        &Apply::new(
+            id,
+            &observed(MarketplaceStatus::Subscribed, "gold"),
+            &EventSource::default(),
+            OffsetDateTime::now_utc(),
+        ),
     )
     .await
     .unwrap();
@@ -127,7 +130,10 @@ async fn first_sight_creates_the_subscription_and_records_the_decision() {
         .await
         .unwrap();
     assert_eq!(outbox as usize, applied.decision.effects.len());
-    let restored = ledger::load(&pool, id).await.unwrap().unwrap();
+    let restored = subscriptions::load_machine(&pool, id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(restored.state(), StateName::Subscribed);
 }
 
@@ -177,7 +183,10 @@ async fn a_message_seen_before_is_a_duplicate_that_changes_nothing_but_is_logged
     assert!(reason.starts_with("duplicate event"), "{reason}");
     assert_eq!((from.as_str(), to.as_str()), ("Subscribed", "Subscribed"));
     assert_eq!(message.as_deref(), Some(op.to_string().as_str()));
-    let restored = ledger::load(&pool, id).await.unwrap().unwrap();
+    let restored = subscriptions::load_machine(&pool, id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(restored.state(), StateName::Subscribed);
 }
 
@@ -253,7 +262,7 @@ async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next
 
 #[tokio::test]
 async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
-    use marketplace_fulfillment::store::outbox;
+    use marketplace_fulfillment::store::outbox::{self, EffectKind};
     let (_db, pool) = TestDatabase::migrated().await;
     let policy = Policy::default();
     let now = OffsetDateTime::now_utc();
@@ -275,13 +284,10 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
             _ => unreachable!(),
         }
     });
-    ledger::apply(
+    apply::apply(
         &pool,
-        changed,
-        &change,
-        &EventSource::default(),
-        now,
         &policy,
+        &Apply::new(changed, &change, &EventSource::default(), now),
     )
     .await
     .unwrap();
@@ -295,16 +301,13 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
             changed.as_uuid(),
             "another subscription went first after {kinds:?}"
         );
-        kinds.push(claimed.row.kind.clone());
+        kinds.push(claimed.row.kind);
         claimed.complete().await.unwrap();
-        if kinds.last().map(String::as_str) == Some("ack_operation") {
+        if kinds.last() == Some(&EffectKind::AckOperation) {
             break;
         }
     }
-    assert_eq!(
-        kinds.first().map(String::as_str),
-        Some("publish_domain_event")
-    );
+    assert_eq!(kinds.first(), Some(&EffectKind::PublishDomainEvent));
     // Then the others, oldest first.
     let next = outbox::claim_next(&pool).await.unwrap().expect("a due row");
     assert!(
@@ -355,13 +358,10 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
         let pool = pool.clone();
         let policy = policy.clone();
         async move {
-            ledger::apply(
+            apply::apply(
                 &pool,
-                id,
-                &observed_at(status, at),
-                &EventSource::default(),
-                at,
                 &policy,
+                &Apply::new(id, &observed_at(status, at), &EventSource::default(), at),
             )
             .await
             .unwrap()
@@ -433,4 +433,39 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
         ]
     );
     assert_eq!(emit_due(&pool, ended + Duration::days(8)).await.unwrap(), 1);
+}
+
+/// A rolling upgrade: a newer worker queued a row of a kind this version does not know.
+/// It is left for a worker that knows it (never claimed, never buried as unreadable), and
+/// it holds back its own subscription's later rows, not other subscriptions'.
+#[tokio::test]
+async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker() {
+    use marketplace_fulfillment::store::outbox::{self, EffectKind};
+    let (_db, pool) = TestDatabase::migrated().await;
+    let (newer, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let insert = |subscription: Uuid, sequence: i64, kind: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect) \
+                 VALUES ($1, $2, $1, $3, $4, '{}'::jsonb)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(subscription)
+            .bind(sequence)
+            .bind(kind)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert(newer, 1, "deliver_to_the_future").await;
+    insert(newer, 2, "publish_domain_event").await;
+    insert(other, 1, "fetch_subscription").await;
+
+    let claimed = outbox::claim_next(&pool).await.unwrap().expect("a row");
+    assert_eq!(claimed.row.subscription_id, other);
+    assert_eq!(claimed.row.kind, EffectKind::FetchSubscription);
+    claimed.complete().await.unwrap();
+    assert!(outbox::claim_next(&pool).await.unwrap().is_none());
 }

@@ -14,7 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use marketplace_fulfillment::ops::dlq::{self, Filter, ReplayOptions};
 use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
-use marketplace_fulfillment::store::ledger::{self, EventSource};
+use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase, fast_timings};
 use time::OffsetDateTime;
@@ -658,16 +658,19 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
         "status": "Subscribed", "offer_id": "contoso-analytics", "plan_id": "gold",
     }))
     .unwrap();
-    ledger::apply(
+    let observed = Event::Observed {
+        snapshot,
+        observed_at: OffsetDateTime::now_utc(),
+    };
+    apply::apply(
         &app.pool,
-        SubscriptionId::from(unknown),
-        &Event::Observed {
-            snapshot,
-            observed_at: OffsetDateTime::now_utc(),
-        },
-        &EventSource::default(),
-        OffsetDateTime::now_utc(),
         &app.settings.policy,
+        &Apply::new(
+            SubscriptionId::from(unknown),
+            &observed,
+            &EventSource::default(),
+            OffsetDateTime::now_utc(),
+        ),
     )
     .await
     .unwrap();
@@ -803,24 +806,24 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     )
     .await;
     assert_eq!(code, 0, "{out}{err}");
-    let stale = ledger::apply_if_unchanged(
+    let suspended = Event::Observed {
+        snapshot: serde_json::from_value(json!({"status": "Suspended"})).unwrap(),
+        observed_at: OffsetDateTime::now_utc(),
+    };
+    let stale = apply::apply(
         &app.pool,
-        SubscriptionId::from(plan_drift),
-        ledger::Expected::Version(version),
-        &Event::Observed {
-            snapshot: serde_json::from_value(json!({"status": "Suspended"})).unwrap(),
-            observed_at: OffsetDateTime::now_utc(),
-        },
-        &EventSource::default(),
-        OffsetDateTime::now_utc(),
         &app.settings.policy,
+        &Apply::new(
+            SubscriptionId::from(plan_drift),
+            &suspended,
+            &EventSource::default(),
+            OffsetDateTime::now_utc(),
+        )
+        .if_unchanged(Expected::Version(version)),
     )
     .await
     .unwrap();
-    assert!(
-        matches!(stale, ledger::Guarded::Changed { .. }),
-        "{stale:?}"
-    );
+    assert!(matches!(stale, ApplyOutcome::Changed { .. }), "{stale:?}");
     app.wait_for_view(plan_drift, "Subscribed", Some("silver"), None)
         .await;
     app.run_until_idle().await;

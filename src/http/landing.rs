@@ -25,7 +25,7 @@ use super::webhook::traceparent_or_new;
 use crate::marketplace::{
     AadIdentifier, CallContext, Error as MarketplaceError, ResolvedSubscription, SubscriptionStatus,
 };
-use crate::queue::{InboundMessage, MessageMeta};
+use crate::queue::{InboundMessage, InboxKey, MessageMeta};
 use crate::store::subscriptions;
 
 /// Longest wait for Microsoft's Resolve (with the client's retries); leaves room for the
@@ -167,7 +167,9 @@ async fn queue_resolution(
         subscription,
     };
     let meta = MessageMeta {
-        message_id: format!("resolve:{}:{}", resolved.id, now.unix_timestamp_nanos()),
+        message_id: InboxKey::purchase_resolved(resolved.id, now)
+            .message_id()
+            .to_owned(),
         correlation_id: ctx.correlation_id.to_string(),
         traceparent: Some(traceparent_or_new(headers)),
         subscription_id: Some(resolved.id),

@@ -10,8 +10,9 @@
 //!   publisher operation the machine is waiting for, effects not yet run, or an operation
 //!   Microsoft still lists as outstanding (§4.9).
 //! - It is fetched again with GET (§4.4, the source of truth), and what Microsoft says is
-//!   fed as an `Observed` event through `ledger::apply_if_unchanged`: under the row lock,
-//!   and only if no other event was applied since our side was read. So a webhook the
+//!   fed as an `Observed` event through the worker's one apply path
+//!   ([`crate::worker::apply`]) with the version we read: under the row lock, and only if
+//!   no other event was applied since our side was read. So a webhook the
 //!   worker applies meanwhile always wins; the reconciler tries again next run.
 //! - Unknown to Microsoft: only when GET also answers 404 (Microsoft lists cancelled
 //!   subscriptions forever, so it never was a purchase of this publisher) is an
@@ -46,10 +47,10 @@ use crate::marketplace::{
     CallContext, Error as ApiError, MarketplaceClient, Subscription, TokenProvider,
 };
 use crate::settings::{ReconcileSettings, Settings};
-use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource, Expected, Guarded};
 use crate::store::operator_actions::{self, ActionKind, NewAction};
 use crate::store::subscriptions::SubscriptionRecord;
 use crate::store::timeline;
+use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Expected};
 use crate::worker::translate;
 
 /// Our subscription ids read per query while looking for those Microsoft did not list.
@@ -503,20 +504,12 @@ impl Reconciler {
         now: OffsetDateTime,
         events: &mut Vec<String>,
     ) -> anyhow::Result<Fed> {
-        let guarded = ledger::apply_if_unchanged(
-            &self.pool,
-            SubscriptionId::from(id),
-            *expected,
-            event,
-            source,
-            now,
-            &self.policy,
-        )
-        .await?;
-        let fed = match guarded {
-            Guarded::Changed { .. } => return Ok(Fed::Changed),
-            Guarded::Applied(ApplyOutcome::Duplicate) => Fed::Duplicate,
-            Guarded::Applied(ApplyOutcome::Decided(applied)) => {
+        let command =
+            Apply::new(SubscriptionId::from(id), event, source, now).if_unchanged(*expected);
+        let fed = match apply::apply(&self.pool, &self.policy, &command).await? {
+            ApplyOutcome::Changed { .. } => return Ok(Fed::Changed),
+            ApplyOutcome::Duplicate => Fed::Duplicate,
+            ApplyOutcome::Decided(applied) => {
                 events.push(format!(
                     "{} {}: {}",
                     applied.event_id,
@@ -554,8 +547,7 @@ impl Reconciler {
             correlation_id: Some(run_id.to_string()),
             request_id: request_id.clone(),
         };
-        if let Err(error) =
-            ledger::record_effect_result(&self.pool, id, &record, OffsetDateTime::now_utc()).await
+        if let Err(error) = apply::record(&self.pool, id, &record, OffsetDateTime::now_utc()).await
         {
             tracing::warn!(%error, subscription_id = %id, "cannot record the drift in the event log");
         }

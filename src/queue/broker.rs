@@ -79,14 +79,32 @@ pub enum QueueError {
     Declare { name: String, reason: String },
     #[error("RabbitMQ channel error: {0}")]
     Channel(String),
+    /// The broker answered a call with an error (the channel or connection closed, …).
+    #[error("RabbitMQ channel error: {call}: {source}")]
+    Amqp {
+        call: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
     #[error(transparent)]
     Publish(#[from] crate::queue::publisher::PublishError),
     #[error("cannot acknowledge the delivery: {0} (the broker will redeliver it)")]
-    Ack(String),
+    Ack(#[source] AckError),
     #[error("the broker connection was closed by this process")]
     Closed,
     #[error("RabbitMQ did not answer {call} within {after:?}")]
     Unresponsive { call: &'static str, after: Duration },
+}
+
+/// Why a delivery could not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    #[error("the channel it arrived on is gone (connection recovered since)")]
+    ChannelGone,
+    #[error("already settled, or the channel it arrived on is gone")]
+    NotSettled,
+    #[error(transparent)]
+    Broker(Box<QueueError>),
 }
 
 fn known_prefixes_hint(known: &[String]) -> String {
@@ -495,7 +513,7 @@ pub(crate) async fn bounded<T>(
 ) -> Result<T, QueueError> {
     match tokio::time::timeout(OPERATION_TIMEOUT, future).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(QueueError::Channel(format!("{call}: {error}"))),
+        Ok(Err(source)) => Err(QueueError::Amqp { call, source }),
         Err(_) => Err(QueueError::Unresponsive {
             call,
             after: OPERATION_TIMEOUT,

@@ -11,7 +11,7 @@
 //! says nothing) or a replaced connection all make it subscribe again on the current
 //! connection, and every call that waits for the broker is bounded.
 
-use crate::queue::broker::{Broker, QueueError, bounded, close_quietly, replaced};
+use crate::queue::broker::{AckError, Broker, QueueError, bounded, close_quietly, replaced};
 use crate::queue::headers;
 use crate::queue::message::{InboundMessage, MessageMeta};
 use crate::queue::publisher::Publisher;
@@ -21,6 +21,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Consumer};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -237,7 +238,7 @@ impl InboundConsumer {
 pub struct InboundDelivery {
     pub meta: MessageMeta,
     /// The parsed message, or why the body is not one (a poison message for the DLQ).
-    pub message: Result<InboundMessage, String>,
+    pub message: Result<InboundMessage, Arc<serde_json::Error>>,
     /// How many times a worker already failed on this message (`x-attempt`).
     pub attempt: u32,
     /// RabbitMQ delivered it before (a consumer died holding it): the worker may have
@@ -271,7 +272,7 @@ impl InboundDelivery {
             subscription_id: headers::text(table, headers::SUBSCRIPTION_ID)
                 .and_then(|s| Uuid::parse_str(&s).ok()),
         };
-        let message = InboundMessage::from_json(&delivery.data).map_err(|e| e.to_string());
+        let message = InboundMessage::from_json(&delivery.data).map_err(Arc::new);
         Self {
             meta,
             message,
@@ -463,18 +464,14 @@ fn ensure_usable(acker: &Acker) -> Result<(), QueueError> {
     if acker.usable() {
         Ok(())
     } else {
-        Err(QueueError::Ack(
-            "the channel it arrived on is gone (connection recovered since)".into(),
-        ))
+        Err(QueueError::Ack(AckError::ChannelGone))
     }
 }
 
 async fn ack(acker: &Acker) -> Result<(), QueueError> {
     match bounded("basic.ack", acker.ack(BasicAckOptions::default())).await {
         Ok(true) => Ok(()),
-        Ok(false) => Err(QueueError::Ack(
-            "already settled, or the channel it arrived on is gone".into(),
-        )),
-        Err(e) => Err(QueueError::Ack(e.to_string())),
+        Ok(false) => Err(QueueError::Ack(AckError::NotSettled)),
+        Err(e) => Err(QueueError::Ack(AckError::Broker(Box::new(e)))),
     }
 }

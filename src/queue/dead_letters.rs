@@ -35,7 +35,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use uuid::Uuid;
 
-use crate::queue::broker::{Broker, QueueError, bounded, close_quietly};
+use crate::queue::broker::{AckError, Broker, QueueError, bounded, close_quietly};
 use crate::queue::consumer::BROKER_HEADERS;
 use crate::queue::headers;
 use crate::queue::publisher::{PublishError, Publisher};
@@ -342,7 +342,7 @@ impl DeadLetterReader {
                 .basic_ack(letter.tag, BasicAckOptions::default()),
         )
         .await
-        .map_err(|e| QueueError::Ack(e.to_string()))?;
+        .map_err(|e| QueueError::Ack(AckError::Broker(Box::new(e))))?;
         self.held = self.held.saturating_sub(1);
         self.stale.retain(|(tag, _, _)| *tag != letter.tag);
         Ok(())
@@ -376,7 +376,7 @@ impl DeadLetterReader {
                         self.channel.basic_ack(*tag, BasicAckOptions::default()),
                     )
                     .await
-                    .map_err(|e| QueueError::Ack(e.to_string()))?;
+                    .map_err(|e| QueueError::Ack(AckError::Broker(Box::new(e))))?;
                     self.held = self.held.saturating_sub(1);
                 }
                 Err(error) => {

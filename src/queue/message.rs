@@ -83,11 +83,66 @@ impl InboundMessage {
     }
 }
 
+/// What makes a message a redelivery: `(message id, kind)` in the worker's inbox. One
+/// constructor per message type, used by the producer for the AMQP `message_id` and by the
+/// worker for its inbox, so the two can never disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InboxKey {
+    message_id: String,
+    kind: String,
+}
+
+impl InboxKey {
+    /// A webhook: Microsoft's operation id and the action (one operation may be announced
+    /// under several actions).
+    pub fn webhook(operation_id: Uuid, action: &str) -> Self {
+        Self {
+            message_id: operation_id.to_string(),
+            kind: action.trim().to_string(),
+        }
+    }
+
+    /// A landing-page resolution: the subscription and when its token was resolved (each
+    /// visit is its own message; a redelivery of one is not).
+    pub fn purchase_resolved(subscription_id: Uuid, resolved_at: OffsetDateTime) -> Self {
+        Self {
+            message_id: format!(
+                "resolve:{subscription_id}:{}",
+                resolved_at.unix_timestamp_nanos()
+            ),
+            kind: "purchase_resolved".into(),
+        }
+    }
+
+    /// A publisher command: its id.
+    pub fn command(command_id: Uuid) -> Self {
+        Self {
+            message_id: command_id.to_string(),
+            kind: "command".into(),
+        }
+    }
+
+    /// The AMQP `message_id` of the message (and the inbox's `message_id` column).
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// The inbox's `kind` column.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+}
+
+impl std::fmt::Display for InboxKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message_id, self.kind)
+    }
+}
+
 /// Properties every message carries besides its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageMeta {
-    /// AMQP `message_id`: the webhook's operation id, the command id, or
-    /// `resolve:{subscription}:{unix_nanos}` for a landing-page resolution.
+    /// AMQP `message_id`: [`InboxKey::message_id`] of the message.
     pub message_id: String,
     /// AMQP `correlation_id`; also sent to Microsoft as `x-ms-correlationid`.
     pub correlation_id: String,
@@ -100,6 +155,27 @@ pub struct MessageMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_message_type_has_its_own_inbox_key() {
+        let id = Uuid::from_u128(7);
+        let webhook = InboxKey::webhook(id, " Renew ");
+        assert_eq!(
+            (webhook.message_id(), webhook.kind()),
+            (id.to_string().as_str(), "Renew")
+        );
+        let command = InboxKey::command(id);
+        assert_eq!(command.kind(), "command");
+        assert_ne!(webhook, command, "one id, two message types: two keys");
+        let at = OffsetDateTime::UNIX_EPOCH + time::Duration::nanoseconds(42);
+        let resolved = InboxKey::purchase_resolved(id, at);
+        assert_eq!(resolved.message_id(), format!("resolve:{id}:42"));
+        assert_eq!(resolved.kind(), "purchase_resolved");
+        assert_ne!(
+            resolved,
+            InboxKey::purchase_resolved(id, at + time::Duration::SECOND)
+        );
+    }
 
     #[test]
     fn a_webhook_keeps_its_body_byte_for_byte() {

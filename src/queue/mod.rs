@@ -34,9 +34,9 @@ pub mod message;
 pub mod publisher;
 pub mod topology;
 
-pub use broker::{Broker, QueueError, connection_name_for};
+pub use broker::{AckError, Broker, QueueError, connection_name_for};
 pub use consumer::{InboundConsumer, InboundDelivery, RetryOutcome};
 pub use dead_letters::{DeadLetter, DeadLetterReader, dead_letter_id};
-pub use message::{InboundMessage, MessageMeta, PublisherCommand};
+pub use message::{InboundMessage, InboxKey, MessageMeta, PublisherCommand};
 pub use publisher::{PublishError, Publisher};
 pub use topology::Topology;

@@ -1,52 +1,202 @@
-//! The outbox: effects the machine decided, committed with their transition by
-//! [`ledger::apply`](super::ledger::apply), executed afterwards by the worker.
+//! The outbox: effects the machine decided, queued with their transition by the worker's
+//! apply ([`enqueue`]), executed afterwards by the effect runner.
 //!
 //! A runner claims one due row with `FOR UPDATE SKIP LOCKED` and keeps the claiming
 //! transaction open while it executes the effect, then ends the row in that same transaction
 //! (z2p `issue_delivery_worker.rs`): done, rescheduled or dead. A crash in between releases
 //! the lock and the row runs again, so every executor is idempotent.
 //!
-//! Order, per subscription, in the machine's order (event-log sequence, then id): a row
-//! that changes something at Microsoft (activate, ACK, publisher PATCH/DELETE) holds back
-//! every row behind it; a read or a notification ([`INDEPENDENT_KINDS`]: the confirming
-//! GET, a domain event) holds back only the rows of its own kind behind it, so domain
-//! events leave in order but an ACK never waits for the previous change's GET or domain
-//! event; `poll_operation` and `confirm_operation` rows only wait for Microsoft and hold
-//! back nothing ([`WAITING_KINDS`]), nor does a row the runner marked `awaits_microsoft`
+//! Order, per subscription, in the machine's order (event-log sequence, then id), by each
+//! row's [`EffectKind::ordering`]: a row that changes something at Microsoft (activate, ACK,
+//! publisher PATCH/DELETE) holds back every row behind it; a read or a notification (the
+//! confirming GET, a domain event, a metering batch) holds back only the rows of its own
+//! kind behind it, so domain events leave in order but an ACK never waits for the previous
+//! change's GET or domain event; `poll_operation` and `confirm_operation` rows only wait for
+//! Microsoft and hold back nothing, nor does a row the runner marked `awaits_microsoft`
 //! (e.g. an `activate` whose POST went out: it only waits for Microsoft to report
 //! Subscribed, P4, so a customer's first change right after checkout is acknowledged
 //! without waiting for our next activation check). Subscriptions
 //! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
 //! 10-second window (P7).
 //! A `dead` row no longer blocks anything; operators replay it.
+//! A row of a kind this version does not know (a newer worker's, during a rolling upgrade)
+//! is never claimed here — it waits for a worker that knows it — and holds back the later
+//! rows of its subscription like any kind that changes something at Microsoft.
+//!
+//! Kinds and statuses are typed ([`EffectKind`], [`OutboxStatus`], [`CommandStatus`]) and
+//! bound as parameters, except `status = 'pending'` in the queries the partial indexes
+//! serve: a bound status would hide the index predicate from the planner's generic plans.
 
 use std::time::Duration;
 
+use fulfillment_state_machine::Effect;
 use serde_json::Value;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::text::{TextValue, text_column};
+use crate::worker::protocol::CommandStatus;
 
 /// The `LISTEN`/`NOTIFY` channel `apply` signals when it queued effects: a wake-up hint
 /// only; runners also poll.
 pub const NOTIFY_CHANNEL: &str = "fulfillment_outbox";
 
-/// Effect kinds that wait for Microsoft to finish an operation; they never block the
-/// rows behind them.
-pub const WAITING_KINDS: [&str; 2] = ["poll_operation", "confirm_operation"];
+/// What an outbox row does: the `kind` column. Every row the runners execute is one of
+/// these; the claim query's ordering lists are generated from [`EffectKind::ordering`], so a
+/// new kind is added here once and nowhere in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EffectKind {
+    Activate,
+    AckOperation,
+    FetchSubscription,
+    RequestPlanChange,
+    RequestQuantityChange,
+    RequestCancel,
+    PollOperation,
+    ConfirmOperation,
+    PublishDomainEvent,
+    /// A metering batch (event sequence 0), queued by the metering, not by the machine.
+    SubmitUsage,
+}
 
-/// Effect kinds that change nothing at Microsoft: they hold back only later rows of their
-/// own kind. Every other kind (and any kind added later) holds back all later rows.
-pub const INDEPENDENT_KINDS: [&str; 3] = [
-    "fetch_subscription",
-    "publish_domain_event",
-    // A metering batch (event sequence 0): batches of a subscription go in order, and
-    // none waits for or holds back its lifecycle effects.
-    "submit_usage",
-];
+/// How a pending row holds back the later rows of its subscription (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// It changes something at Microsoft: every later row waits for it.
+    HoldsBackAll,
+    /// A read or a notification: only later rows of its own kind wait for it.
+    HoldsBackItsKind,
+    /// It only waits for Microsoft to finish something: nothing waits for it.
+    HoldsBackNothing,
+}
+
+impl EffectKind {
+    /// The kind of a machine effect.
+    pub fn of(effect: &Effect) -> Self {
+        match effect {
+            Effect::Activate { .. } => Self::Activate,
+            Effect::AckOperation { .. } => Self::AckOperation,
+            Effect::FetchSubscription => Self::FetchSubscription,
+            Effect::RequestPlanChange { .. } => Self::RequestPlanChange,
+            Effect::RequestQuantityChange { .. } => Self::RequestQuantityChange,
+            Effect::RequestCancel { .. } => Self::RequestCancel,
+            Effect::PollOperation { .. } => Self::PollOperation,
+            Effect::ConfirmOperation { .. } => Self::ConfirmOperation,
+            Effect::PublishDomainEvent(_) => Self::PublishDomainEvent,
+        }
+    }
+
+    /// What the claim query lets pass this row while it is pending.
+    pub fn ordering(self) -> Ordering {
+        match self {
+            Self::PollOperation | Self::ConfirmOperation => Ordering::HoldsBackNothing,
+            // Batches of a subscription go in order, and none waits for or holds back its
+            // lifecycle effects.
+            Self::FetchSubscription | Self::PublishDomainEvent | Self::SubmitUsage => {
+                Ordering::HoldsBackItsKind
+            }
+            Self::Activate
+            | Self::AckOperation
+            | Self::RequestPlanChange
+            | Self::RequestQuantityChange
+            | Self::RequestCancel => Ordering::HoldsBackAll,
+        }
+    }
+
+    /// The kinds with this ordering, as the claim query binds them.
+    fn with_ordering(ordering: Ordering) -> Vec<EffectKind> {
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|kind| kind.ordering() == ordering)
+            .collect()
+    }
+}
+
+impl TextValue for EffectKind {
+    const ALL: &'static [Self] = &[
+        Self::Activate,
+        Self::AckOperation,
+        Self::FetchSubscription,
+        Self::RequestPlanChange,
+        Self::RequestQuantityChange,
+        Self::RequestCancel,
+        Self::PollOperation,
+        Self::ConfirmOperation,
+        Self::PublishDomainEvent,
+        Self::SubmitUsage,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Activate => "activate",
+            Self::AckOperation => "ack_operation",
+            Self::FetchSubscription => "fetch_subscription",
+            Self::RequestPlanChange => "request_plan_change",
+            Self::RequestQuantityChange => "request_quantity_change",
+            Self::RequestCancel => "request_cancel",
+            Self::PollOperation => "poll_operation",
+            Self::ConfirmOperation => "confirm_operation",
+            Self::PublishDomainEvent => "publish_domain_event",
+            Self::SubmitUsage => "submit_usage",
+        }
+    }
+}
+
+text_column!(EffectKind);
+
+impl std::fmt::Display for EffectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an outbox row stands: the `status` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxStatus {
+    /// Due now or later.
+    Pending,
+    /// Carried out.
+    Done,
+    /// Given up, for an operator to replay; blocks nothing.
+    Dead,
+}
+
+impl TextValue for OutboxStatus {
+    const ALL: &'static [Self] = &[Self::Pending, Self::Done, Self::Dead];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Done => "done",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+text_column!(OutboxStatus);
+
+// The status column of `publisher_operations` is the protocol's own type.
+impl TextValue for CommandStatus {
+    const ALL: &'static [Self] = &[
+        Self::Requested,
+        Self::Accepted,
+        Self::Refused,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Conflict,
+        Self::Unknown,
+    ];
+
+    fn as_str(self) -> &'static str {
+        CommandStatus::as_str(self)
+    }
+}
+
+text_column!(CommandStatus);
 
 /// One row of `outbox`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -55,8 +205,8 @@ pub struct OutboxRow {
     pub subscription_id: Uuid,
     /// The event-log row whose decision produced the effect.
     pub event_id: Uuid,
-    pub kind: String,
-    /// The serialized `Effect`.
+    pub kind: EffectKind,
+    /// The serialized `Effect` (a usage batch for [`EffectKind::SubmitUsage`]).
     pub effect: Value,
     /// Failed attempts so far (waiting for Microsoft does not count).
     pub attempts: i32,
@@ -86,8 +236,8 @@ const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect
      o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent";
 
 /// The claimability test (see the module docs): no earlier pending row of the same
-/// subscription that holds this one back. `$1` binds [`WAITING_KINDS`], `$2`
-/// [`INDEPENDENT_KINDS`]; a row marked `awaits_microsoft` (by the runner, from its
+/// subscription that holds this one back. `$1` binds the kinds that hold back nothing, `$2`
+/// those that hold back only their own kind ([`EffectKind::ordering`]); a row marked `awaits_microsoft` (by the runner, from its
 /// progress) waits like them. An index probe on `outbox_pending_subscription_idx`.
 const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
          SELECT 1 FROM outbox p \
@@ -97,8 +247,9 @@ const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
 /// Claims the most overdue claimable row, if any — first among the subscriptions that
-/// have an ACK waiting (`priority` 0, set by `ledger::apply`): Microsoft's 10-second
-/// window (P7) must not be spent behind a burst of other subscriptions' domain events.
+/// have an ACK waiting (`priority` 0, set through [`put_first`] by the worker's apply):
+/// Microsoft's 10-second window (P7) must not be spent behind a burst of other
+/// subscriptions' domain events.
 ///
 /// The scan follows `outbox_claim_idx` (priority, due time) and stops at the first row
 /// that is claimable and not locked by another runner, so a claim costs the rows it skips,
@@ -107,14 +258,15 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
-         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
            AND {NOTHING_BEFORE_IT} \
          ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
          FOR UPDATE OF o SKIP LOCKED"
     )))
-    .bind(&WAITING_KINDS[..])
-    .bind(&INDEPENDENT_KINDS[..])
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
+    .bind(EffectKind::ALL)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await
@@ -128,12 +280,13 @@ pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<Claimed>, StoreErro
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.id = $3 AND o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND {NOTHING_BEFORE_IT} \
+           AND o.kind = ANY($4) AND {NOTHING_BEFORE_IT} \
          FOR UPDATE OF o SKIP LOCKED"
     )))
-    .bind(&WAITING_KINDS[..])
-    .bind(&INDEPENDENT_KINDS[..])
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
     .bind(id)
+    .bind(EffectKind::ALL)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await
@@ -163,10 +316,11 @@ impl Claimed {
     /// The effect is carried out.
     pub async fn complete(mut self) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE outbox SET status = 'done', last_error = NULL, updated_at = now() \
+            "UPDATE outbox SET status = $2, last_error = NULL, updated_at = now() \
              WHERE id = $1",
         )
         .bind(self.row.id)
+        .bind(OutboxStatus::Done)
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
@@ -206,17 +360,86 @@ impl Claimed {
     /// Gives up: the row is `dead` with the reason, for an operator to replay.
     pub async fn bury(mut self, reason: &str, failed: bool) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE outbox SET status = 'dead', attempts = attempts + $2, last_error = $3, \
+            "UPDATE outbox SET status = $4, attempts = attempts + $2, last_error = $3, \
                  updated_at = now() WHERE id = $1",
         )
         .bind(self.row.id)
         .bind(i32::from(failed))
         .bind(reason)
+        .bind(OutboxStatus::Dead)
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
         Ok(())
     }
+}
+
+/// The outbox rows of one decision, in the machine's order.
+#[derive(Debug)]
+pub struct NewRows<'a> {
+    pub subscription_id: Uuid,
+    /// The event-log row of the decision, and its sequence (the rows' order).
+    pub event_id: Uuid,
+    pub event_sequence: i64,
+    pub correlation_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+    /// Ahead of other subscriptions' rows (an ACK is among them, P7).
+    pub first: bool,
+    pub now: OffsetDateTime,
+    pub ids: &'a [Uuid],
+    pub kinds: &'a [EffectKind],
+    pub effects: &'a [Value],
+}
+
+/// Inserts a decision's rows: one statement.
+pub async fn enqueue(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
+         correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority) \
+         SELECT effect.id, $1, $2, $3, effect.kind, effect.body, $4, $5, $5, $5, $6, $7 \
+         FROM unnest($8::uuid[], $9::text[], $10::jsonb[]) AS effect (id, kind, body)",
+    )
+    .bind(rows.subscription_id)
+    .bind(rows.event_id)
+    .bind(rows.event_sequence)
+    .bind(rows.correlation_id)
+    .bind(rows.now)
+    .bind(rows.traceparent)
+    .bind(if rows.first { 0_i16 } else { 1 })
+    .bind(rows.ids)
+    .bind(rows.kinds)
+    .bind(rows.effects)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Puts the subscription's pending rows ahead of other subscriptions' (`priority` 0). Rows
+/// a runner holds right now are skipped; they are running already.
+pub async fn put_first(conn: &mut PgConnection, subscription_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE outbox SET priority = 0 WHERE id IN ( \
+             SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
+               AND priority <> 0 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(subscription_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Wakes the outbox runners of every process when the transaction commits (a hint; they
+/// also poll).
+pub async fn notify_runners(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(subscription_id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Pending rows due within `horizon` from now (0 = due now). For "run until idle".
@@ -261,10 +484,11 @@ pub async fn domain_event_position(
 ) -> Result<(i64, i64), StoreError> {
     let (position, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE id <= $2), count(*) FROM outbox \
-         WHERE event_id = $1 AND kind = 'publish_domain_event'",
+         WHERE event_id = $1 AND kind = $3",
     )
     .bind(row.event_id)
     .bind(row.id)
+    .bind(EffectKind::PublishDomainEvent)
     .fetch_one(pool)
     .await?;
     Ok((position, total))
@@ -295,8 +519,7 @@ pub struct PublisherOperationUpdate {
     pub target_quantity: Option<i32>,
     pub operation_id: Option<Uuid>,
     pub operation_location: Option<String>,
-    /// `Requested`, `Accepted`, `Refused`, `Succeeded`, `Failed`, `Conflict` or `Unknown`.
-    pub status: &'static str,
+    pub status: CommandStatus,
     pub last_error: Option<String>,
 }
 
@@ -335,7 +558,7 @@ pub async fn upsert_publisher_operation(
 pub async fn finish_publisher_operation(
     conn: &mut sqlx::PgConnection,
     operation_id: Uuid,
-    status: &str,
+    status: CommandStatus,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE publisher_operations SET status = $2, updated_at = now() WHERE operation_id = $1",
@@ -345,4 +568,78 @@ pub async fn finish_publisher_operation(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_and_status_reads_back_as_itself_and_an_unknown_word_is_not_guessed() {
+        for kind in EffectKind::ALL {
+            assert_eq!(EffectKind::parse(kind.as_str()), Some(*kind));
+        }
+        for status in OutboxStatus::ALL {
+            assert_eq!(OutboxStatus::parse(status.as_str()), Some(*status));
+        }
+        for status in <CommandStatus as TextValue>::ALL {
+            assert_eq!(CommandStatus::parse(status.as_str()), Some(*status));
+        }
+        assert_eq!(EffectKind::parse("Activate"), None);
+        assert_eq!(OutboxStatus::parse(""), None);
+    }
+
+    #[test]
+    fn the_claim_query_lists_are_generated_from_the_kinds() {
+        assert_eq!(
+            EffectKind::with_ordering(Ordering::HoldsBackNothing),
+            [EffectKind::PollOperation, EffectKind::ConfirmOperation]
+        );
+        assert_eq!(
+            EffectKind::with_ordering(Ordering::HoldsBackItsKind),
+            [
+                EffectKind::FetchSubscription,
+                EffectKind::PublishDomainEvent,
+                EffectKind::SubmitUsage
+            ]
+        );
+        // Each kind is in exactly one class, so a new kind cannot be left out of the query.
+        let classes = [
+            Ordering::HoldsBackAll,
+            Ordering::HoldsBackItsKind,
+            Ordering::HoldsBackNothing,
+        ];
+        let classified: usize = classes
+            .iter()
+            .map(|class| EffectKind::with_ordering(*class).len())
+            .sum();
+        assert_eq!(classified, EffectKind::ALL.len());
+    }
+
+    #[test]
+    fn a_machine_effect_has_the_kind_of_its_label() {
+        use fulfillment_state_machine::{CommandId, OperationId};
+        let command_id = CommandId::from(Uuid::from_u128(1));
+        let operation_id = OperationId::from(Uuid::from_u128(2));
+        let effects = [
+            Effect::FetchSubscription,
+            Effect::RequestCancel { command_id },
+            Effect::ConfirmOperation { operation_id },
+            Effect::PollOperation {
+                command_id,
+                operation_id,
+                location: "https://example.test/operations/2".into(),
+                retry_after_ms: None,
+            },
+        ];
+        for effect in effects {
+            assert_eq!(EffectKind::of(&effect).as_str(), effect.kind_str());
+        }
+    }
+
+    #[test]
+    fn the_pending_literal_the_partial_indexes_need_is_the_status_word() {
+        let pending = format!("status = '{}'", OutboxStatus::Pending.as_str());
+        assert!(NOTHING_BEFORE_IT.contains(&pending));
+    }
 }

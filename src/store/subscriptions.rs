@@ -1,11 +1,14 @@
-//! Read queries on `subscriptions` for the entitlement API and the landing page. Writes
-//! belong to the worker (under the row lock, with the event log); nothing here changes a row.
+//! `subscriptions`: the reads of the entitlement API and the landing page, and the row
+//! lock, creation and saved columns of the worker's apply (which saves a machine only with
+//! its event-log row, [`super::ledger::append`]).
 
-use fulfillment_state_machine::{StateName, SubscriptionMachine, Term};
+use fulfillment_state_machine::{StateName, SubscriptionId, SubscriptionMachine, Term};
 use serde_json::Value;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use super::StoreError;
 
 /// Most rows one list call returns.
 pub const MAX_PAGE_SIZE: u32 = 500;
@@ -141,4 +144,115 @@ pub async fn list(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// The columns a decision saves: the machine and what the projections read of it.
+#[derive(Debug, Clone)]
+pub struct SavedMachine {
+    pub machine: Value,
+    pub state: &'static str,
+    pub offer_id: Option<String>,
+    pub plan_id: Option<String>,
+    pub quantity: Option<i32>,
+    pub beneficiary_tenant_id: Option<Uuid>,
+    pub purchaser_tenant_id: Option<Uuid>,
+    pub term_unit: Option<String>,
+    pub charge_duration: Option<String>,
+    pub private_offer_id: Option<String>,
+    pub beneficiary: Option<Value>,
+    pub purchaser: Option<Value>,
+    pub allowed_customer_operations: Option<Vec<String>>,
+}
+
+impl SavedMachine {
+    /// The columns of `machine`.
+    pub fn of(machine: &SubscriptionMachine) -> Self {
+        let details = machine.details();
+        let term = details.term.as_ref();
+        Self {
+            machine: to_json(machine),
+            state: machine.state().as_str(),
+            offer_id: details.offer_id.as_ref().map(|o| o.as_str().to_string()),
+            plan_id: details.plan_id.as_ref().map(|p| p.as_str().to_string()),
+            quantity: details
+                .quantity
+                .map(|q| i32::try_from(q.get()).unwrap_or(i32::MAX)),
+            beneficiary_tenant_id: details.beneficiary_tenant.map(|t| t.as_uuid()),
+            purchaser_tenant_id: details.purchaser_tenant.map(|t| t.as_uuid()),
+            term_unit: term.and_then(|t| t.unit.clone()),
+            charge_duration: term.and_then(|t| t.charge_duration.clone()),
+            private_offer_id: details.private_offer_id.clone(),
+            beneficiary: details.beneficiary.as_ref().map(to_json),
+            purchaser: details.purchaser.as_ref().map(to_json),
+            allowed_customer_operations: details
+                .allowed_operations
+                .as_ref()
+                .map(|allowed| allowed.as_slice().to_vec()),
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).expect("machine types always serialize to JSON")
+}
+
+fn restore(machine: Value) -> Result<SubscriptionMachine, StoreError> {
+    serde_json::from_value(machine).map_err(StoreError::CorruptMachine)
+}
+
+/// The subscription's machine, its row locked until the transaction ends; `None` when we
+/// do not know it.
+pub async fn lock_machine(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<SubscriptionMachine>, StoreError> {
+    let machine: Option<Value> =
+        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    machine.map(restore).transpose()
+}
+
+/// The subscription's machine, if we know it (no lock; for reads).
+pub async fn load_machine(
+    pool: &PgPool,
+    subscription_id: SubscriptionId,
+) -> Result<Option<SubscriptionMachine>, StoreError> {
+    let machine: Option<Value> =
+        sqlx::query_scalar("SELECT machine FROM subscriptions WHERE id = $1")
+            .bind(subscription_id.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+    machine.map(restore).transpose()
+}
+
+/// Inserts a new subscription's row with its fresh machine unless one exists; `true` when
+/// this call created it (and holds it until the transaction ends). Two transactions meeting
+/// a new subscription at once: the second waits for the first's commit, then does nothing.
+pub async fn insert_new(
+    conn: &mut PgConnection,
+    machine: &SubscriptionMachine,
+) -> Result<bool, StoreError> {
+    let created = sqlx::query(
+        "INSERT INTO subscriptions (id, state, machine) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(machine.subscription_id().as_uuid())
+    .bind(machine.state().as_str())
+    .bind(to_json(machine))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(created == 1)
+}
+
+/// The subscription's `version`, its row locked until the transaction ends.
+pub async fn lock_version(conn: &mut PgConnection, id: Uuid) -> Result<Option<i64>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }

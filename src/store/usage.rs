@@ -236,11 +236,12 @@ pub async fn queue_submission(
     sqlx::query(
         "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, event_sequence, \
              correlation_id) \
-         VALUES ($1, $2, $1, 'submit_usage', $3, 0, $1::text)",
+         VALUES ($1, $2, $1, $4, $3, 0, $1::text)",
     )
     .bind(batch_id)
     .bind(subscription_id)
     .bind(effect)
+    .bind(super::outbox::EffectKind::SubmitUsage)
     .execute(&mut *conn)
     .await?;
     sqlx::query("SELECT pg_notify($1, '')")

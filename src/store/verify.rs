@@ -149,15 +149,16 @@ pub async fn ack_of_operation(
 ) -> Result<(i64, i64, Option<String>), sqlx::Error> {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM outbox WHERE subscription_id = $1 \
-           AND kind = 'ack_operation' AND effect->>'operation_id' = $2), \
+           AND kind = $3 AND effect->>'operation_id' = $2), \
          (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
-           AND event_kind = 'effect:ack_operation' AND event->>'operation_id' = $2 \
+           AND event_kind = 'effect:' || $3 AND event->>'operation_id' = $2 \
            AND reason LIKE 'ACK % recorded'), \
          (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
-           AND kind = 'ack_operation' AND effect->>'operation_id' = $2)",
+           AND kind = $3 AND effect->>'operation_id' = $2)",
     )
     .bind(subscription_id)
     .bind(operation_id)
+    .bind(super::outbox::EffectKind::AckOperation)
     .fetch_one(pool)
     .await
 }

@@ -13,8 +13,9 @@
 //! - Database or transient Microsoft errors ⇒ the message goes to a retry tier, then to the
 //!   dead-letter queue (with Microsoft's last response, if any).
 //!
-//! One subscription's events never run at once: `ledger::apply` locks its row, across
-//! processes.
+//! One subscription's events never run at once: in this process its deliveries queue in
+//! its lane (keyed by the message's `x-subscription-id` header), across processes
+//! [`apply`] locks its row.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,10 +35,10 @@ use uuid::Uuid;
 use crate::marketplace::{CallContext, Error as ApiError, MarketplaceClient};
 use crate::metrics::{self, DeadLetterReason, EventOutcome};
 use crate::queue::{InboundConsumer, InboundDelivery, InboundMessage, QueueError, RetryOutcome};
-use crate::store::ledger::{self, ApplyOutcome, EffectRecord, EventSource};
 use crate::store::{StoreError, subscriptions};
+use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Runs};
 use crate::worker::effects::EffectRunner;
-use crate::worker::translate::{self, translate};
+use crate::worker::translate::{self, TranslateError, translate};
 
 /// What became of one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,36 +157,61 @@ impl std::fmt::Debug for MessageHandler {
     }
 }
 
-/// Why a message cannot be applied now; `response` is Microsoft's answer, if one caused it
-/// (`x-marketplace-response` in the dead-letter queue).
-enum Failure {
+/// Why a delivery was not applied. What becomes of it ([`DeliveryError::handling`]) and
+/// the dead-letter reason it is counted under follow from the variant and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The body is not one of our messages.
+    #[error("not an inbound message: {0}")]
+    Malformed(#[source] Arc<serde_json::Error>),
+    /// A message that cannot become a machine event.
+    #[error(transparent)]
+    Untranslatable(#[from] TranslateError),
+    /// PostgreSQL failed, or the stored machine cannot be read back.
+    #[error("database: {0}")]
+    Database(#[from] StoreError),
+    /// A webhook for a subscription we have never seen (P12), and Microsoft would not
+    /// show the subscription: nothing is applied on a guess.
+    #[error(
+        "cannot verify a webhook for a subscription we have never seen (Microsoft would not \
+         show it): {0}"
+    )]
+    Unverified(#[source] ApiError),
+}
+
+/// What the consumer does with a delivery it could not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
     /// PostgreSQL cannot be reached: the message is fine, the same apply will work once it
     /// is back. The delivery is held (not moved to a retry tier, whose delays would make
     /// every ACK of the outage miss Microsoft's 10 s window).
-    DatabaseUnavailable { error: String },
-    Later {
-        error: String,
-        response: Option<String>,
-    },
-    /// The message can never be applied: dead-lettered at once, counted under `why`.
-    Never {
-        why: DeadLetterReason,
-        reason: String,
-        response: Option<String>,
-    },
+    HoldUntilDatabaseAnswers,
+    /// Parked in its retry tier.
+    RetryLater,
+    /// It can never be applied: dead-lettered at once, counted under the reason.
+    DeadLetter(DeadLetterReason),
 }
 
-impl Failure {
-    fn database(error: StoreError) -> Self {
-        if error.is_unavailable() {
-            Failure::DatabaseUnavailable {
-                error: error.to_string(),
+impl DeliveryError {
+    pub fn handling(&self) -> Handling {
+        match self {
+            Self::Malformed(_) => Handling::DeadLetter(DeadLetterReason::MalformedMessage),
+            Self::Untranslatable(_) => Handling::DeadLetter(DeadLetterReason::Untranslatable),
+            Self::Database(StoreError::CorruptMachine(_)) => {
+                Handling::DeadLetter(DeadLetterReason::CorruptState)
             }
-        } else {
-            Failure::Later {
-                error: format!("database: {error}"),
-                response: None,
-            }
+            Self::Database(error) if error.is_unavailable() => Handling::HoldUntilDatabaseAnswers,
+            Self::Database(_) => Handling::RetryLater,
+            Self::Unverified(error) if error.is_retryable() => Handling::RetryLater,
+            Self::Unverified(_) => Handling::DeadLetter(DeadLetterReason::Refused),
+        }
+    }
+
+    /// Microsoft's answer, when one caused it (`x-marketplace-response` in the queues).
+    fn marketplace_response(&self) -> Option<String> {
+        match self {
+            Self::Unverified(error) => Some(marketplace_response(error)),
+            _ => None,
         }
     }
 }
@@ -226,64 +252,9 @@ impl MessageHandler {
     }
 
     async fn handle_in_span(&self, delivery: InboundDelivery) -> Result<Handled, QueueError> {
-        let message = match &delivery.message {
-            Ok(message) => message.clone(),
-            Err(reason) => {
-                let reason = format!("not an inbound message: {reason}");
-                delivery.dead_letter(&reason, None).await?;
-                record_dead_letter("unknown", DeadLetterReason::MalformedMessage);
-                return Ok(Handled::DeadLettered);
-            }
-        };
-        let translated = match translate(&message) {
-            Ok(translated) => translated,
-            Err(error) => {
-                delivery.dead_letter(&error.to_string(), None).await?;
-                record_dead_letter(message.type_name(), DeadLetterReason::Untranslatable);
-                return Ok(Handled::DeadLettered);
-            }
-        };
-        tracing::Span::current().record(
-            "subscription_id",
-            tracing::field::display(translated.subscription_id),
-        );
-        if let Event::Webhook(webhook) = &translated.event {
-            tracing::Span::current().record(
-                "operation_id",
-                tracing::field::display(webhook.operation_id),
-            );
-        }
-        let action = translated.event.kind().as_str();
-        let received_at = match &message {
-            InboundMessage::Webhook { received_at, .. } => Some(*received_at),
-            _ => None,
-        };
-        let source = EventSource {
-            message_id: Some(delivery.meta.message_id.clone()).filter(|m| !m.is_empty()),
-            inbox_key: Some(translated.inbox_key.clone()),
-            correlation_id: Some(delivery.meta.correlation_id.clone()).filter(|c| !c.is_empty()),
-            request_id: None,
-            trace_id: delivery.meta.traceparent.as_deref().and_then(trace_id),
-            traceparent: crate::telemetry::current_traceparent()
-                .or_else(|| delivery.meta.traceparent.clone()),
-            received_at,
-        };
-        let result = loop {
-            let result = self
-                .apply(
-                    &translated.event,
-                    translated.subscription_id.as_uuid(),
-                    &source,
-                )
-                .await;
-            let Err(Failure::DatabaseUnavailable { error }) = &result else {
-                break result;
-            };
-            tracing::warn!(
-                error,
-                "PostgreSQL is unavailable; holding the delivery until it answers"
-            );
-            self.wait_for_database().await;
+        let (action, result) = match &delivery.message {
+            Ok(message) => self.translate_and_apply(&delivery, message).await,
+            Err(error) => ("unknown", Err(DeliveryError::Malformed(error.clone()))),
         };
         match result {
             Ok(ApplyOutcome::Duplicate) => {
@@ -305,22 +276,87 @@ impl MessageHandler {
                 }
                 Ok(Handled::Applied)
             }
-            Err(Failure::Later { error, response }) => {
-                self.retry_later(delivery, action, &error, response.as_deref())
-                    .await
+            Ok(ApplyOutcome::Changed { .. }) => {
+                unreachable!("the consumer applies without an expected version")
             }
-            Err(Failure::Never {
-                why,
-                reason,
-                response,
-            }) => {
+            Err(error) => self.settle_failed(delivery, action, &error).await,
+        }
+    }
+
+    /// Translates the message (once) and applies it, holding the delivery while PostgreSQL
+    /// is down; the event's kind (the metrics' `action`) and what became of it.
+    async fn translate_and_apply(
+        &self,
+        delivery: &InboundDelivery,
+        message: &InboundMessage,
+    ) -> (&'static str, Result<ApplyOutcome, DeliveryError>) {
+        let translated = match translate(message) {
+            Ok(translated) => translated,
+            Err(error) => return (message.type_name(), Err(error.into())),
+        };
+        let span = tracing::Span::current();
+        span.record(
+            "subscription_id",
+            tracing::field::display(translated.subscription_id),
+        );
+        if let Event::Webhook(webhook) = &translated.event {
+            span.record(
+                "operation_id",
+                tracing::field::display(webhook.operation_id),
+            );
+        }
+        let received_at = match message {
+            InboundMessage::Webhook { received_at, .. } => Some(*received_at),
+            _ => None,
+        };
+        let source = EventSource {
+            message_id: Some(delivery.meta.message_id.clone()).filter(|m| !m.is_empty()),
+            inbox_key: Some(translated.inbox_key),
+            correlation_id: Some(delivery.meta.correlation_id.clone()).filter(|c| !c.is_empty()),
+            request_id: None,
+            trace_id: delivery.meta.traceparent.as_deref().and_then(trace_id),
+            traceparent: crate::telemetry::current_traceparent()
+                .or_else(|| delivery.meta.traceparent.clone()),
+            received_at,
+        };
+        let event = &translated.event;
+        let result = loop {
+            let result = self
+                .apply(event, translated.subscription_id.as_uuid(), &source)
+                .await;
+            match &result {
+                Err(error) if error.handling() == Handling::HoldUntilDatabaseAnswers => {
+                    tracing::warn!(
+                        %error,
+                        "PostgreSQL is unavailable; holding the delivery until it answers"
+                    );
+                    self.wait_for_database().await;
+                }
+                _ => break result,
+            }
+        };
+        (event.kind().as_str(), result)
+    }
+
+    /// Parks a delivery that failed in its retry tier, or dead-letters it, as its error
+    /// says.
+    async fn settle_failed(
+        &self,
+        delivery: InboundDelivery,
+        action: &'static str,
+        error: &DeliveryError,
+    ) -> Result<Handled, QueueError> {
+        let reason = error.to_string();
+        let response = error.marketplace_response();
+        match error.handling() {
+            Handling::DeadLetter(why) => {
                 delivery.dead_letter(&reason, response.as_deref()).await?;
                 record_dead_letter(action, why);
                 Ok(Handled::DeadLettered)
             }
-            // The loop above holds these; were one to reach here, a retry tier is right.
-            Err(Failure::DatabaseUnavailable { error }) => {
-                self.retry_later(delivery, action, &format!("database: {error}"), None)
+            // The apply loop holds the latter; were one to reach here, a retry tier is right.
+            Handling::RetryLater | Handling::HoldUntilDatabaseAnswers => {
+                self.retry_later(delivery, action, &reason, response.as_deref())
                     .await
             }
         }
@@ -364,39 +400,29 @@ impl MessageHandler {
         event: &Event,
         subscription_id: Uuid,
         source: &EventSource,
-    ) -> Result<ApplyOutcome, Failure> {
+    ) -> Result<ApplyOutcome, DeliveryError> {
         let mut unknown_to_microsoft = None;
         if matches!(event, Event::Webhook(_)) {
             let known = subscriptions::exists(&self.pool, subscription_id)
                 .await
-                .map_err(|e| Failure::database(e.into()))?;
+                .map_err(StoreError::from)?;
             if !known {
                 unknown_to_microsoft = self.observe_first(subscription_id, source).await?;
             }
         }
         // With an effect runner, the decision's rows run right after the ack (fast path).
         let runs = match self.effects {
-            Some(_) => ledger::Runs::Here,
-            None => ledger::Runs::Anywhere,
+            Some(_) => Runs::Here,
+            None => Runs::Anywhere,
         };
-        let outcome = ledger::apply_to_run(
-            &self.pool,
+        let command = Apply::new(
             subscription_id.into(),
             event,
             source,
             OffsetDateTime::now_utc(),
-            &self.policy,
-            runs,
         )
-        .await
-        .map_err(|error| match error {
-            StoreError::CorruptMachine(_) => Failure::Never {
-                why: DeadLetterReason::CorruptState,
-                reason: error.to_string(),
-                response: None,
-            },
-            other => Failure::database(other),
-        })?;
+        .run_by(runs);
+        let outcome = apply::apply(&self.pool, &self.policy, &command).await?;
         if let (Some(error), ApplyOutcome::Decided(_)) = (&unknown_to_microsoft, &outcome) {
             self.record_unknown(subscription_id, source, error).await;
         }
@@ -411,7 +437,7 @@ impl MessageHandler {
         &self,
         subscription_id: Uuid,
         source: &EventSource,
-    ) -> Result<Option<ApiError>, Failure> {
+    ) -> Result<Option<ApiError>, DeliveryError> {
         let correlation = source
             .correlation_id
             .as_deref()
@@ -429,40 +455,16 @@ impl MessageHandler {
                     traceparent: source.traceparent.clone(),
                     ..EventSource::default()
                 };
-                ledger::apply(
-                    &self.pool,
-                    subscription_id.into(),
-                    &translate::observed(&found.value, now),
-                    &observed_source,
-                    now,
-                    &self.policy,
-                )
-                .await
-                .map_err(Failure::database)?;
+                let observed = translate::observed(&found.value, now);
+                let command = Apply::new(subscription_id.into(), &observed, &observed_source, now);
+                apply::apply(&self.pool, &self.policy, &command).await?;
                 Ok(None)
             }
             Err(error @ ApiError::NotFound { .. }) => {
                 tracing::warn!(%error, "Microsoft does not know the subscription either (a purchase cancelled before we saw it); applying the webhook");
                 Ok(Some(error))
             }
-            Err(error) => {
-                let reason = format!(
-                    "cannot verify a webhook for a subscription we have never seen (Microsoft would not show it): {error}"
-                );
-                let response = Some(marketplace_response(&error));
-                if error.is_retryable() {
-                    Err(Failure::Later {
-                        error: reason,
-                        response,
-                    })
-                } else {
-                    Err(Failure::Never {
-                        why: DeadLetterReason::Refused,
-                        reason,
-                        response,
-                    })
-                }
-            }
+            Err(error) => Err(DeliveryError::Unverified(error)),
         }
     }
 
@@ -484,7 +486,7 @@ impl MessageHandler {
             correlation_id: source.correlation_id.clone(),
             request_id: error.request_id().map(|id| id.to_string()),
         };
-        if let Err(error) = ledger::record_effect_result(
+        if let Err(error) = apply::record(
             &self.pool,
             subscription_id,
             &record,
@@ -523,12 +525,11 @@ fn trace_id(traceparent: &str) -> Option<String> {
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
-/// The ordering key of a delivery: its subscription, when the message names one.
+/// The ordering key of a delivery: the subscription its producer named in the
+/// `x-subscription-id` header (every producer of the inbound queue sets it), read without
+/// parsing the body; the message itself is translated once, when it is handled.
 fn ordering_key(delivery: &InboundDelivery) -> Option<Uuid> {
-    let message = delivery.message.as_ref().ok()?;
-    translate(message)
-        .ok()
-        .map(|translated| translated.subscription_id.as_uuid())
+    delivery.meta.subscription_id
 }
 
 /// Per-subscription queues of deliveries waiting for the one in hand.
@@ -669,6 +670,58 @@ async fn handle_one(handler: &MessageHandler, activity: &ConsumerActivity, dispa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_becomes_of_a_failed_delivery_follows_from_its_error() {
+        let dead = |why| Handling::DeadLetter(why);
+        let malformed = serde_json::from_str::<InboundMessage>("{").unwrap_err();
+        assert_eq!(
+            DeliveryError::Malformed(Arc::new(malformed)).handling(),
+            dead(DeadLetterReason::MalformedMessage)
+        );
+        let untranslatable = TranslateError::Invalid {
+            field: "planId",
+            reason: "empty".into(),
+        };
+        assert_eq!(
+            DeliveryError::from(untranslatable).handling(),
+            dead(DeadLetterReason::Untranslatable)
+        );
+        let corrupt = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(
+            DeliveryError::from(StoreError::CorruptMachine(corrupt)).handling(),
+            dead(DeadLetterReason::CorruptState)
+        );
+        let down = StoreError::Unreachable {
+            url: "postgres://db".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(
+            DeliveryError::from(down).handling(),
+            Handling::HoldUntilDatabaseAnswers
+        );
+        let other = StoreError::from(sqlx::Error::RowNotFound);
+        assert_eq!(DeliveryError::from(other).handling(), Handling::RetryLater);
+        // A GET Microsoft refused is "refused", never a corrupt state.
+        let refused = ApiError::Configuration {
+            message: "no credential".into(),
+        };
+        let error = DeliveryError::Unverified(refused);
+        assert_eq!(error.handling(), dead(DeadLetterReason::Refused));
+        assert!(error.marketplace_response().is_some());
+        assert!(std::error::Error::source(&error).is_some());
+        let timed_out = ApiError::Transient {
+            cause: crate::marketplace::TransientCause::Timeout,
+            failure: Box::new(crate::marketplace::Failure::new(
+                crate::marketplace::Call::GetSubscription,
+                "timed out",
+            )),
+        };
+        assert_eq!(
+            DeliveryError::Unverified(timed_out).handling(),
+            Handling::RetryLater
+        );
+    }
 
     #[test]
     fn held_deliveries_are_counted_until_released_and_stall_past_the_threshold() {

@@ -39,15 +39,15 @@ use crate::marketplace::{
 use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
-use crate::store::ledger::{self, EffectRecord, EventSource};
-use crate::store::outbox::{self, Claimed, OutboxRow, PublisherOperationUpdate};
+use crate::store::outbox::{self, Claimed, EffectKind, OutboxRow, PublisherOperationUpdate};
 use crate::store::usage::{self, HourSettlement};
+use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Runs};
 use crate::worker::protocol::metering::{
     self, MeteringProgress, MeteringTurn, Settlement, UsageBatch,
 };
 use crate::worker::protocol::{
-    self, Answer, Answered, Call, CommandRecord, GiveUpWhy, Progress, ProtocolConfig, Record, Step,
-    Turn,
+    self, Answer, Answered, Call, CommandRecord, CommandStatus, GiveUpWhy, Progress,
+    ProtocolConfig, Record, Step, Turn,
 };
 
 pub use crate::worker::protocol::retry_delay;
@@ -183,7 +183,7 @@ enum Write {
     Command(PublisherOperationUpdate),
     OperationEnded {
         operation_id: Uuid,
-        status: &'static str,
+        status: CommandStatus,
     },
     Feed {
         event: Event,
@@ -238,13 +238,13 @@ async fn write_all(
     row: &OutboxRow,
     writes: Vec<Write>,
     policy: &Policy,
-) -> Result<Vec<(Event, ledger::Applied)>, StoreError> {
+) -> Result<Vec<(Event, ApplyOutcome)>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut fed = Vec::new();
     for write in writes {
         match write {
             Write::Record(record) => {
-                ledger::record_effect_result_in(conn, row.subscription_id, &record, now).await?;
+                apply::record_in(conn, row.subscription_id, &record, now).await?;
             }
             Write::Command(update) => outbox::upsert_publisher_operation(conn, &update).await?,
             Write::OperationEnded {
@@ -252,19 +252,17 @@ async fn write_all(
                 status,
             } => outbox::finish_publisher_operation(conn, operation_id, status).await?,
             Write::Feed { event, source } => {
-                let applied = ledger::apply_in(
-                    conn,
+                let command = Apply::new(
                     SubscriptionId::from(row.subscription_id),
                     &event,
                     &source,
                     now,
-                    policy,
-                    // This runner goes on with them: the chain, or its own wake-up when
-                    // the row ends.
-                    ledger::Runs::Here,
                 )
-                .await?;
-                fed.push((event, applied));
+                // This runner goes on with them: the chain, or its own wake-up when the
+                // row ends.
+                .run_by(Runs::Here);
+                let outcome = apply::apply_in(conn, policy, &command).await?;
+                fed.push((event, outcome));
             }
             Write::UsageSettled(settled) => {
                 for settlement in &settled {
@@ -545,7 +543,7 @@ impl EffectRunner {
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         async move {
             let execution = Execution::new(row);
-            let disposition = if execution.kind == metering::KIND {
+            let disposition = if execution.kind == EffectKind::SubmitUsage {
                 match self.execute_usage(&execution).await {
                     Ok(disposition) => disposition,
                     Err(error) => self.database_failure(&execution, error),
@@ -681,9 +679,12 @@ impl EffectRunner {
         ended?;
         Ok(fed
             .into_iter()
-            .flat_map(|(event, applied)| {
-                ledger::record_applied(&event, &applied);
-                applied.outbox_ids
+            .flat_map(|(event, outcome)| {
+                apply::count(&event, &outcome);
+                match outcome {
+                    ApplyOutcome::Decided(applied) => applied.outbox_ids,
+                    ApplyOutcome::Duplicate | ApplyOutcome::Changed { .. } => Vec::new(),
+                }
             })
             .collect())
     }
@@ -725,7 +726,7 @@ impl EffectRunner {
                         status,
                     } => execution.push(Write::OperationEnded {
                         operation_id: operation_id.as_uuid(),
-                        status: status.as_str(),
+                        status: status.into(),
                     }),
                 }
             }
@@ -1088,7 +1089,7 @@ impl EffectRunner {
             target_quantity: quantity,
             operation_id: command.operation_id,
             operation_location: command.location,
-            status: command.status.as_str(),
+            status: command.status,
             last_error: command.error,
         }));
     }

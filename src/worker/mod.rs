@@ -2,7 +2,9 @@
 //! them through the store's one transaction, and runs the effects the machine decided.
 //!
 //! - [`translate`]: queue messages and Microsoft's wire types → machine events.
-//! - [`consume`]: the consumer loop (inbound queue → `ledger::apply` → ack).
+//! - [`apply`]: the one apply path (inbox, row lock, machine, event log, outbox) for the
+//!   consumer, the effect runner and the reconciler alike.
+//! - [`consume`]: the consumer loop (inbound queue → [`apply`] → ack).
 //! - [`protocol`]: the Microsoft protocol of each effect as pure steps (sans-IO): which
 //!   call next, how long to wait, which events an answer means.
 //! - [`effects`]: the outbox runner: claims effects, carries out their protocols' steps
@@ -11,6 +13,7 @@
 //! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
 //! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
 
+pub mod apply;
 pub mod consume;
 pub mod credential_health;
 pub mod effects;

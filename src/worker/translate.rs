@@ -9,15 +9,15 @@ use fulfillment_state_machine::{
 use time::OffsetDateTime;
 
 use crate::marketplace::{self, Subscription, WebhookPayload};
-use crate::queue::{InboundMessage, PublisherCommand};
+use crate::queue::{InboundMessage, InboxKey, PublisherCommand};
 
 /// One message as the machine sees it.
 #[derive(Debug, Clone)]
 pub struct Translated {
     pub subscription_id: SubscriptionId,
     pub event: Event,
-    /// The inbox key `(message id, kind)` that makes a redelivery a no-op.
-    pub inbox_key: (String, String),
+    /// What makes a redelivery a no-op.
+    pub inbox_key: InboxKey,
 }
 
 /// Why a message cannot become an event.
@@ -37,7 +37,7 @@ pub fn translate(message: &InboundMessage) -> Result<Translated, TranslateError>
         InboundMessage::Webhook { payload, .. } => {
             let payload =
                 WebhookPayload::parse(payload.as_bytes()).map_err(TranslateError::Webhook)?;
-            let inbox_key = (payload.id.to_string(), payload.action.trim().to_string());
+            let inbox_key = InboxKey::webhook(payload.id, &payload.action);
             Ok(Translated {
                 subscription_id: SubscriptionId::from(payload.subscription_id),
                 event: Event::Webhook(webhook(&payload)),
@@ -52,14 +52,7 @@ pub fn translate(message: &InboundMessage) -> Result<Translated, TranslateError>
                 serde_json::from_str(subscription).map_err(TranslateError::Subscription)?;
             Ok(Translated {
                 subscription_id: SubscriptionId::from(subscription.id),
-                inbox_key: (
-                    format!(
-                        "resolve:{}:{}",
-                        subscription.id,
-                        resolved_at.unix_timestamp_nanos()
-                    ),
-                    "purchase_resolved".into(),
-                ),
+                inbox_key: InboxKey::purchase_resolved(subscription.id, *resolved_at),
                 event: Event::PurchaseResolved {
                     snapshot: snapshot(&subscription),
                     resolved_at: *resolved_at,
@@ -95,7 +88,7 @@ pub fn translate(message: &InboundMessage) -> Result<Translated, TranslateError>
             Ok(Translated {
                 subscription_id: SubscriptionId::from(*subscription_id),
                 event,
-                inbox_key: (command_id.to_string(), "command".into()),
+                inbox_key: InboxKey::command(command_id.as_uuid()),
             })
         }
     }
@@ -240,12 +233,10 @@ mod tests {
             "3f9c6b1e-3333-4d8e-b7a2-5c4e1d2f9a03"
         );
         assert_eq!(
-            t.inbox_key,
-            (
-                "7d3e9a41-1111-4c6e-9a0b-2f5d0c7e1a01".into(),
-                "ChangePlan".into()
-            )
+            t.inbox_key.message_id(),
+            "7d3e9a41-1111-4c6e-9a0b-2f5d0c7e1a01"
         );
+        assert_eq!(t.inbox_key.kind(), "ChangePlan");
         let Event::Webhook(w) = t.event else { panic!() };
         assert_eq!(w.action, WebhookAction::ChangePlan);
         assert_eq!(w.source, RequestSource::Azure);
@@ -299,7 +290,7 @@ mod tests {
         };
         let t = translate(&command(PublisherCommand::Activate)).unwrap();
         assert!(matches!(t.event, Event::ActivationRequested { .. }));
-        assert_eq!(t.inbox_key.1, "command");
+        assert_eq!(t.inbox_key.kind(), "command");
         let t = translate(&command(PublisherCommand::ChangeQuantity { quantity: 5 })).unwrap();
         assert!(matches!(
             t.event,
@@ -331,6 +322,6 @@ mod tests {
             panic!()
         };
         assert_eq!(snapshot.status.state(), Some(StateName::PendingFulfillment));
-        assert!(t.inbox_key.0.starts_with("resolve:3f9c6b1e"));
+        assert!(t.inbox_key.message_id().starts_with("resolve:3f9c6b1e"));
     }
 }

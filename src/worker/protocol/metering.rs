@@ -30,9 +30,6 @@ use super::{Answer, ProtocolConfig, Step, retry_delay};
 use crate::marketplace::{UsageEventResponse, UsageEventStatus};
 use crate::metering::WINDOW;
 
-/// The outbox `kind` of a metering batch.
-pub const KIND: &str = "submit_usage";
-
 /// The effect stored in a `submit_usage` outbox row: the frozen hours of one batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageBatch {

@@ -446,6 +446,18 @@ impl CommandStatus {
     }
 }
 
+impl From<fulfillment_state_machine::OperationStatus> for CommandStatus {
+    /// How a command ends when Microsoft reports its operation's end.
+    fn from(status: fulfillment_state_machine::OperationStatus) -> Self {
+        use fulfillment_state_machine::OperationStatus;
+        match status {
+            OperationStatus::Succeeded => CommandStatus::Succeeded,
+            OperationStatus::Failed => CommandStatus::Failed,
+            OperationStatus::Conflict => CommandStatus::Conflict,
+        }
+    }
+}
+
 /// The next step of `turn.effect`'s protocol.
 pub fn step(turn: &Turn<'_>) -> Next {
     let mut next = step_of_effect(turn);
