@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .merge(api)
+        .merge(crate::web::routes(&state))
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
