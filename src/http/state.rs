@@ -105,7 +105,7 @@ impl AppState {
             marketplace,
             metrics: metrics::prometheus_handle(),
             config: Arc::new(IngressConfig::from_settings(settings)),
-            web: crate::web::config(settings),
+            web: crate::web::config(settings)?,
         })
     }
 

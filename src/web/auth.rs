@@ -86,7 +86,8 @@ impl Surface {
 
     /// The surface whose session guards `path` (the console's paths, else the customer's).
     pub fn for_path(path: &str) -> Surface {
-        if path == "/console" || path.starts_with("/console/") {
+        if path == "/console" || path.starts_with("/console/") || path.starts_with("/auth/console/")
+        {
             Surface::Console
         } else {
             Surface::Customer

@@ -3,12 +3,14 @@
 //!
 //! - [`auth`]: sessions (signed cookies), the [`auth::SignedInOperator`] and
 //!   [`auth::SignedInCustomer`] extractors, CSRF tokens and their check on every POST.
+//! - [`oidc`]: sign-in with Entra ID (code + PKCE), the ID token check, console roles.
 //! - [`security`]: CSP without script, `nosniff`, `frame-ancestors`, `Referrer-Policy`.
 //! - [`Layout`]: what `templates/base.html` needs (brand, who is signed in, the CSRF token).
 //!
 //! [`routes`] builds the web routes with their layers; [`crate::http::router`] merges them.
 
 pub mod auth;
+pub mod oidc;
 pub mod security;
 
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum_extra::extract::cookie::Key;
 
 use crate::http::AppState;
@@ -36,6 +38,8 @@ pub struct WebConfig {
     pub activate_after_sign_in: bool,
     pub console_operators: Vec<OperatorRule>,
     pub console_read_only: Vec<OperatorRule>,
+    /// The sign-in app; `None` when none is configured.
+    pub oidc: Option<oidc::OidcConfig>,
     /// The stylesheet, with the brand colour in it (no inline style is allowed by the CSP).
     pub stylesheet: String,
 }
@@ -54,7 +58,7 @@ impl std::fmt::Debug for WebConfig {
 }
 
 impl WebConfig {
-    pub fn from_settings(settings: &Settings) -> Self {
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         let web = &settings.web;
         let key = match &web.session_key {
             Some(key) => Key::from(key.expose()),
@@ -66,7 +70,8 @@ impl WebConfig {
                 Key::generate()
             }
         };
-        Self {
+        Ok(Self {
+            oidc: oidc::OidcConfig::from_settings(settings)?,
             key,
             stylesheet: stylesheet(&web.branding.brand_colour),
             branding: web.branding.clone(),
@@ -74,7 +79,7 @@ impl WebConfig {
             activate_after_sign_in: web.activate_after_sign_in,
             console_operators: web.console_operators.clone(),
             console_read_only: web.console_read_only.clone(),
-        }
+        })
     }
 
     /// The frame of a page for `templates/base.html`.
@@ -148,6 +153,9 @@ impl MessagePage {
 pub fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/assets/site.css", get(site_css))
+        .route("/auth/{surface}/sign-in", get(oidc::sign_in))
+        .route("/auth/callback", get(oidc::callback))
+        .route("/auth/{surface}/sign-out", post(oidc::sign_out))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::verify_csrf,
@@ -157,8 +165,8 @@ pub fn routes(state: &AppState) -> Router<AppState> {
 }
 
 /// The `[web]` state the router shares.
-pub fn config(settings: &Settings) -> Arc<WebConfig> {
-    Arc::new(WebConfig::from_settings(settings))
+pub fn config(settings: &Settings) -> anyhow::Result<Arc<WebConfig>> {
+    Ok(Arc::new(WebConfig::from_settings(settings)?))
 }
 
 async fn site_css(State(state): State<AppState>) -> Response {
