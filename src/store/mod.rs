@@ -13,6 +13,7 @@ pub mod commands;
 pub mod credential_notices;
 pub mod ledger;
 pub mod notices;
+pub mod onboarding;
 pub mod operator_actions;
 pub mod outbox;
 pub mod prefixes;

@@ -1,6 +1,7 @@
 //! The pages people use, server-rendered with askama: the customer's landing page and
 //! (nested under `/console`) the operator console, both signed in with Entra ID.
 //!
+//! - [`landing`]: `/landing`, the customer's onboarding page, and its activation form.
 //! - [`auth`]: sessions (signed cookies), the [`auth::SignedInOperator`] and
 //!   [`auth::SignedInCustomer`] extractors, CSRF tokens and their check on every POST.
 //! - [`oidc`]: sign-in with Entra ID (code + PKCE), the ID token check, console roles.
@@ -10,6 +11,7 @@
 //! [`routes`] builds the web routes with their layers; [`crate::http::router`] merges them.
 
 pub mod auth;
+pub mod landing;
 pub mod oidc;
 pub mod security;
 
@@ -152,6 +154,8 @@ impl MessagePage {
 /// tower-http's cross-site check, and the CSRF token check on every POST.
 pub fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
+        .route("/landing", get(landing::landing))
+        .route("/landing/activate", post(landing::activate))
         .route("/assets/site.css", get(site_css))
         .route("/auth/{surface}/sign-in", get(oidc::sign_in))
         .route("/auth/callback", get(oidc::callback))
