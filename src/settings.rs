@@ -152,6 +152,13 @@ pub struct WebSettings {
 pub struct SessionKey(Vec<u8>);
 
 impl SessionKey {
+    /// 64 random bytes (the demo and tests; production sets `WEB_SESSION_KEY`).
+    pub fn generate() -> Self {
+        let mut bytes = vec![0u8; 64];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system random generator works");
+        Self(bytes)
+    }
+
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
