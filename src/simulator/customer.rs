@@ -80,8 +80,25 @@ impl ScriptedCustomer {
         self.get_following(next).await
     }
 
-    /// The sign-in round trip; returns where the app sends the browser back to.
-    async fn sign_in(&self, start: &Url) -> anyhow::Result<Url> {
+    /// Posts a form as this customer (their cookies), following no redirect.
+    pub async fn post(&self, url: &Url, form: &[(String, String)]) -> anyhow::Result<Page> {
+        let response = self.send(Method::POST, url.clone(), Some(form)).await?;
+        Ok(Page {
+            status: response.status(),
+            url: url.clone(),
+            html: response.text().await?,
+        })
+    }
+
+    /// The value of one of this browser's cookies.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        let cookies = self.cookies.lock().unwrap_or_else(PoisonError::into_inner);
+        cookies.get(name).cloned()
+    }
+
+    /// The sign-in round trip from `start` (`/auth/{surface}/sign-in?return=…`); returns
+    /// where the app sends the browser back to.
+    pub async fn sign_in(&self, start: &Url) -> anyhow::Result<Url> {
         let response = self.send(Method::GET, start.clone(), None).await?;
         ensure!(
             response.status().is_redirection(),
