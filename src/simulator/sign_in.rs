@@ -53,8 +53,8 @@ pub struct TestUser {
     pub groups: Vec<Uuid>,
 }
 
-/// The test users: two of the publisher's tenant (an operator by group, a reader by object
-/// id), a customer, and someone of yet another tenant.
+/// The test users: three of the publisher's tenant (an operator by group, a reader by object
+/// id, one on no list), a customer, and someone of yet another tenant.
 pub fn test_users(publisher_tenant: Uuid) -> Vec<TestUser> {
     vec![
         TestUser {
@@ -79,6 +79,14 @@ pub fn test_users(publisher_tenant: Uuid) -> Vec<TestUser> {
             email: "riley@publisher.example",
             tenant_id: publisher_tenant,
             object_id: READER_OBJECT_ID,
+            groups: Vec::new(),
+        },
+        TestUser {
+            handle: "unlisted",
+            name: "Uma Unlisted",
+            email: "uma@publisher.example",
+            tenant_id: publisher_tenant,
+            object_id: uuid!("0b5e0000-0000-4000-8000-0000000000c3"),
             groups: Vec::new(),
         },
         TestUser {
