@@ -454,6 +454,11 @@ mod tests {
             csrf: CsrfToken::new_random(),
             expires_at: now.unix_timestamp() + 60,
         };
+        let cookie = session.cookie();
+        assert_eq!(cookie.secure(), Some(true));
+        assert_eq!(cookie.http_only(), Some(true));
+        assert_eq!(cookie.same_site(), Some(SameSite::Lax));
+        assert_eq!(cookie.path(), Some("/"));
         let jar = SignedCookieJar::new(key.clone()).add(session.cookie());
         assert!(Session::read(&jar, Surface::Console, now).is_some());
         assert!(Session::read(&jar, Surface::Customer, now).is_none());
