@@ -12,6 +12,7 @@
 //! decisions, [`simulator`] is a faithful stand-in for Microsoft's side, [`telemetry`] sets
 //! up logs and traces, [`metrics`] holds the Prometheus recorder and every metric name,
 //! [`worker`] is the shell around the machine (consumer, apply, effect runner, notices),
+//! [`web`] serves the landing page and the operator console (signed in with Entra ID),
 //! [`ops`] the operator tools, and [`cli`] maps the `fulfillment` subcommands onto all of
 //! them. `main.rs` only calls [`cli::main`].
 
@@ -29,4 +30,5 @@ pub mod settings;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod worker;

@@ -15,6 +15,7 @@ pub mod credential_notices;
 pub mod inbox;
 pub mod ledger;
 pub mod notices;
+pub mod onboarding;
 pub mod operator_actions;
 pub mod outbox;
 pub mod prefixes;
