@@ -117,7 +117,7 @@ async fn measure(
     ];
     let activation_budget = Duration::from_secs(120.max(args.changes as u64 / 10));
     let subscriptions =
-        purchase_and_activate(env, &sim, &http, &children[0], &orders, activation_budget).await?;
+        purchase_and_activate(env, &sim, &children[0], &orders, activation_budget).await?;
     // Activation leaves confirmations and domain events in the outbox: the burst starts on
     // an idle engine.
     let pool = crate::store::connect(&env.settings.database).await?;

@@ -134,15 +134,8 @@ async fn measure(
         };
         args.in_flight
     ];
-    let subscriptions = purchase_and_activate(
-        env,
-        &sim,
-        &http,
-        &children[0],
-        &orders,
-        Duration::from_secs(120),
-    )
-    .await?;
+    let subscriptions =
+        purchase_and_activate(env, &sim, &children[0], &orders, Duration::from_secs(120)).await?;
     let pool = crate::store::connect(&env.settings.database).await?;
     let max = Duration::from_secs(args.max_seconds);
     drain(&pool, max).await?;
