@@ -25,4 +25,5 @@ pub mod settings;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;
