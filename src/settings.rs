@@ -76,6 +76,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
     ("METERING_GRACE_SECS", "metering.grace_secs"),
+    ("ISV_WEBHOOK_RETRY_SCHEDULE", "webhooks.retry_schedule"),
 ];
 
 /// The variable naming an optional settings file.
@@ -98,6 +99,36 @@ pub struct Settings {
     pub metering: crate::metering::MeteringConfig,
     /// How the Fulfillment API token is obtained (docs/credentials.md).
     pub credential: CredentialSettings,
+    /// `[webhooks]`: deliveries to the ISV's endpoints (docs/webhooks.md).
+    pub webhooks: WebhookSettings,
+}
+
+/// `[webhooks]`: signed deliveries to the ISV's endpoints (docs/webhooks.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// Delay before each retry (Svix's schedule by default).
+    pub retry_schedule: Vec<Duration>,
+    /// An endpoint failing this long is disabled with an alert.
+    pub disable_after: Duration,
+    /// One attempt's time limit.
+    pub timeout: Duration,
+    /// Deliveries in flight at once, per worker process.
+    pub concurrency: usize,
+    /// How long a rotated-out secret keeps signing next to the new one.
+    pub rotation_overlap: Duration,
+}
+
+impl WebhookSettings {
+    /// The delivery runner's clocks.
+    pub fn delivery_config(&self) -> crate::worker::protocol::deliver::DeliveryConfig {
+        crate::worker::protocol::deliver::DeliveryConfig {
+            schedule: self.retry_schedule.clone(),
+            disable_after: self.disable_after,
+            timeout: self.timeout,
+            concurrency: self.concurrency,
+            ..Default::default()
+        }
+    }
 }
 
 /// Which credential obtains the Fulfillment API token (`MARKETPLACE_CREDENTIAL`).
@@ -408,6 +439,7 @@ struct RawSettings {
     log: RawLog,
     reconcile: RawReconcile,
     metering: RawMetering,
+    webhooks: RawWebhooks,
     /// `[credentials]` (plural: `credential.*` names domain event types).
     #[serde(rename = "credentials")]
     credential: RawCredential,
@@ -422,6 +454,17 @@ struct RawMetering {
     tick_ms: u64,
     /// How long a plan's dimensions from listAvailablePlans are trusted.
     dimensions_ttl_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawWebhooks {
+    /// Comma-separated durations with a unit: `5s,5m,30m,2h,5h,10h,10h`.
+    retry_schedule: String,
+    disable_after_secs: u64,
+    timeout_ms: u64,
+    concurrency: usize,
+    rotation_overlap_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -660,6 +703,13 @@ impl Default for RawSettings {
                 tick_ms: 1000,
                 dimensions_ttl_secs: 3600,
             },
+            webhooks: RawWebhooks {
+                retry_schedule: "5s,5m,30m,2h,5h,10h,10h".into(),
+                disable_after_secs: 5 * 24 * 3600,
+                timeout_ms: 15_000,
+                concurrency: 8,
+                rotation_overlap_secs: 24 * 3600,
+            },
         }
     }
 }
@@ -673,7 +723,7 @@ macro_rules! raw_default {
         }
     )*};
 }
-raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile, RawMetering => metering);
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile, RawMetering => metering, RawWebhooks => webhooks);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -743,6 +793,7 @@ impl Settings {
             execute: raw.reconcile.execute,
         };
         let metering = keep(&mut problems, parse_metering(&raw.metering));
+        let webhooks = keep(&mut problems, parse_webhooks(&raw.webhooks));
         let http = keep(&mut problems, parse_http(&raw.http));
         let log = keep(&mut problems, parse_log(&raw.log));
         match (
@@ -755,6 +806,7 @@ impl Settings {
             metering,
             http,
             log,
+            webhooks,
         ) {
             (
                 Some(database),
@@ -766,8 +818,10 @@ impl Settings {
                 Some(metering),
                 Some(http),
                 Some(log),
+                Some(webhooks),
             ) if problems.is_empty() => Ok(Self {
                 metering,
+                webhooks,
                 credential,
                 reconcile,
                 ingress,
@@ -936,6 +990,49 @@ fn parse_metering(raw: &RawMetering) -> Result<crate::metering::MeteringConfig, 
         tick: positive_millis("metering.tick_ms", raw.tick_ms)?,
         dimensions_ttl: Duration::from_secs(raw.dimensions_ttl_secs),
     })
+}
+
+fn parse_webhooks(raw: &RawWebhooks) -> Result<WebhookSettings, SettingsError> {
+    let retry_schedule =
+        parse_retry_schedule(&raw.retry_schedule).map_err(|reason| SettingsError::Invalid {
+            key: "webhooks.retry_schedule",
+            reason,
+        })?;
+    if raw.concurrency == 0 {
+        return invalid("webhooks.concurrency", "must be at least 1");
+    }
+    Ok(WebhookSettings {
+        retry_schedule,
+        disable_after: positive_secs("webhooks.disable_after_secs", raw.disable_after_secs)?,
+        timeout: positive_millis("webhooks.timeout_ms", raw.timeout_ms)?,
+        concurrency: raw.concurrency,
+        rotation_overlap: Duration::from_secs(raw.rotation_overlap_secs),
+    })
+}
+
+/// `5s,5m,30m,2h` (units `ms`, `s`, `m`, `h`); empty means no retry.
+fn parse_retry_schedule(text: &str) -> Result<Vec<Duration>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let split = part
+                .find(|c: char| !c.is_ascii_digit())
+                .ok_or_else(|| format!("`{part}` has no unit (ms, s, m or h)"))?;
+            let (number, unit) = part.split_at(split);
+            let number: u64 = number
+                .parse()
+                .map_err(|_| format!("`{part}` does not start with a number"))?;
+            let seconds = match unit {
+                "ms" => return Ok(Duration::from_millis(number)),
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                _ => return Err(format!("`{part}`: the unit must be ms, s, m or h")),
+            };
+            Ok(Duration::from_secs(number.saturating_mul(seconds)))
+        })
+        .collect()
 }
 
 fn parse_http(raw: &RawHttp) -> Result<HttpSettings, SettingsError> {

@@ -11,6 +11,8 @@ use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod commands;
 pub mod credential_notices;
+pub mod deliveries;
+pub mod endpoints;
 pub mod ledger;
 pub mod notices;
 pub mod operator_actions;

@@ -48,6 +48,10 @@ pub const INDEPENDENT_KINDS: [&str; 3] = [
     "submit_usage",
 ];
 
+/// Effect kinds with runners of their own (webhook deliveries to the ISV, `store::deliveries`):
+/// the effect runners never claim them, so a slow endpoint never holds an effect's permit.
+pub const DEDICATED_KINDS: [&str; 1] = ["deliver_webhook"];
+
 /// One row of `outbox`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -108,13 +112,33 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND {NOTHING_BEFORE_IT} \
+           AND o.kind <> ALL($3) AND {NOTHING_BEFORE_IT} \
          ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
          FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(&WAITING_KINDS[..])
     .bind(&INDEPENDENT_KINDS[..])
+    .bind(&DEDICATED_KINDS[..])
+    .fetch_optional(&mut *tx)
+    .await?;
+    finish_claim(tx, row).await
+}
+
+/// Like [`claim_next`], for the rows of one of the [`DEDICATED_KINDS`] only.
+pub async fn claim_next_of_kind(pool: &PgPool, kind: &str) -> Result<Option<Claimed>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND o.kind = $3 AND {NOTHING_BEFORE_IT} \
+         ORDER BY o.priority, o.next_attempt_at \
+         LIMIT 1 \
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
+    .bind(&WAITING_KINDS[..])
+    .bind(&INDEPENDENT_KINDS[..])
+    .bind(kind)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await

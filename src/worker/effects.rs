@@ -1028,6 +1028,8 @@ impl EffectRunner {
             row.event_id.to_string()
         };
         let body = cloud_event(&id, row.subscription_id, event, row.created_at);
+        // The ISV's webhooks and feed (docs/webhooks.md): queued once per event and endpoint.
+        crate::worker::deliveries::fan_out(&self.inner.pool, row, &id, event, &body).await?;
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),
