@@ -27,6 +27,15 @@ pub enum ApiError {
     /// 404.
     #[error("not found: {0}")]
     NotFound(String),
+    /// 409: the request conflicts with the resource's state; `reason` is a stable word.
+    #[error("conflict ({reason}): {message}")]
+    Conflict {
+        reason: &'static str,
+        message: String,
+    },
+    /// 422: well-formed, but its values cannot be accepted; `message` says why.
+    #[error("unprocessable: {0}")]
+    Unprocessable(String),
     /// 413: the body is larger than `limit` bytes.
     #[error("the body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -58,6 +67,8 @@ impl ApiError {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,6 +82,12 @@ impl ApiError {
             }
             Self::BadRequest(message) => json!({ "error": "bad_request", "message": message }),
             Self::NotFound(message) => json!({ "error": "not_found", "message": message }),
+            Self::Conflict { reason, message } => {
+                json!({ "error": "conflict", "reason": reason, "message": message })
+            }
+            Self::Unprocessable(message) => {
+                json!({ "error": "unprocessable", "message": message })
+            }
             Self::PayloadTooLarge { limit } => json!({
                 "error": "payload_too_large",
                 "message": format!("the body exceeds the limit of {limit} bytes"),

@@ -40,6 +40,8 @@ pub struct IngressConfig {
     pub activation: ActivationMode,
     /// Metering (the dimensions' time to live).
     pub metering: crate::metering::MeteringConfig,
+    /// Webhook endpoints: the rotation overlap and the test event's timeout.
+    pub webhooks: crate::settings::WebhookSettings,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -68,6 +70,7 @@ impl IngressConfig {
             publish_confirm_timeout: settings.ingress.publish_confirm_timeout,
             activation: settings.policy.activation,
             metering: settings.metering.clone(),
+            webhooks: settings.webhooks.clone(),
         }
     }
 }

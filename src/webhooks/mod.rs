@@ -1,10 +1,12 @@
 //! The ISV's side of our events: signed webhooks to its product and the pull feed
-//! (docs/webhooks.md). Pure pieces only — the endpoint's parsed settings ([`endpoint`]) and
-//! the Standard Webhooks signature ([`signature`]); the delivery decision is a protocol step
-//! (`worker::protocol::deliver`), its IO the delivery runner (`worker::deliveries`), the
-//! tables `store::endpoints` and `store::deliveries`.
+//! (docs/webhooks.md). [`endpoint`] parses what an endpoint is registered with and
+//! [`signature`] is the Standard Webhooks signature (both pure); [`manage`] is what the
+//! entitlement API and the `fulfillment endpoint` CLI do with endpoints. The delivery
+//! decision is a protocol step (`worker::protocol::deliver`), its IO the delivery runner
+//! (`worker::deliveries`); the tables are `store::endpoints` and `store::deliveries`.
 
 pub mod endpoint;
+pub mod manage;
 pub mod signature;
 
 pub use endpoint::{EndpointUrl, EndpointUrlError, TopicFilter, TopicFilterError};
