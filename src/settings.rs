@@ -1698,4 +1698,42 @@ mod tests {
         let missing = Settings::from_sources(Some(&dir.join("nope.toml")), &env(&[])).unwrap_err();
         assert!(matches!(missing, SettingsError::MissingFile { .. }));
     }
+
+    #[test]
+    fn the_webhook_retry_schedule_is_svix_s_by_default_and_can_be_shrunk() {
+        let defaults = Settings::from_sources(None, &env(&[])).unwrap();
+        let minutes: Vec<u64> = defaults
+            .webhooks
+            .retry_schedule
+            .iter()
+            .map(|d| d.as_secs())
+            .collect();
+        assert_eq!(minutes, [5, 300, 1800, 7200, 18000, 36000, 36000]);
+        assert_eq!(
+            defaults.webhooks.disable_after,
+            Duration::from_secs(5 * 24 * 3600)
+        );
+        let fast =
+            Settings::from_sources(None, &env(&[("ISV_WEBHOOK_RETRY_SCHEDULE", "50ms, 1s,2m")]))
+                .unwrap();
+        assert_eq!(
+            fast.webhooks.retry_schedule,
+            [
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+                Duration::from_secs(120)
+            ]
+        );
+        for bad in ["5", "5x", "s5", "5s,,x"] {
+            let message =
+                Settings::from_sources(None, &env(&[("ISV_WEBHOOK_RETRY_SCHEDULE", bad)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                message.contains("webhooks.retry_schedule")
+                    && message.contains("ISV_WEBHOOK_RETRY_SCHEDULE"),
+                "{bad}: {message}"
+            );
+        }
+    }
 }

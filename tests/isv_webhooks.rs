@@ -332,8 +332,7 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
             let events = feed(&stack, id).await;
             let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
             let complete = types.contains(&"com.fulfillment.subscription.unsubscribed");
-            let delivered: HashSet<String> =
-                accepted(&shared).into_iter().map(|r| r.id).collect();
+            let delivered: HashSet<String> = accepted(&shared).into_iter().map(|r| r.id).collect();
             (complete
                 && events
                     .iter()
@@ -349,7 +348,10 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         "com.fulfillment.subscription.reinstated",
         "com.fulfillment.subscription.unsubscribed",
     ] {
-        assert!(types.contains(&expected), "{expected} missing from {types:?}");
+        assert!(
+            types.contains(&expected),
+            "{expected} missing from {types:?}"
+        );
     }
     let got: Vec<Received> = accepted(&shared)
         .into_iter()
@@ -357,7 +359,10 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         .collect();
     let ids: Vec<&str> = got.iter().map(|r| r.id.as_str()).collect();
     let feed_ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, feed_ids, "in order, exactly once per event id, as in the feed");
+    assert_eq!(
+        ids, feed_ids,
+        "in order, exactly once per event id, as in the feed"
+    );
     for (received, event) in got.iter().zip(&events) {
         assert_eq!(&received.body, event, "the same CloudEvent as the feed");
         assert!(
@@ -404,9 +409,18 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         .await;
     assert_eq!(status, 200, "{log}");
     let log = log["deliveries"].as_array().unwrap();
-    assert!(log.iter().any(|a| a["status"] == 500 && a["outcome"] == "failed"));
-    assert!(log.iter().any(|a| a["status"].is_null() && a["outcome"] == "failed"));
-    assert!(log.iter().any(|a| a["outcome"] == "delivered" && a["latencyMs"].is_number()));
+    assert!(
+        log.iter()
+            .any(|a| a["status"] == 500 && a["outcome"] == "failed")
+    );
+    assert!(
+        log.iter()
+            .any(|a| a["status"].is_null() && a["outcome"] == "failed")
+    );
+    assert!(
+        log.iter()
+            .any(|a| a["outcome"] == "delivered" && a["latencyMs"].is_number())
+    );
 
     // Replay of one event: a dry run first, then the real one, journalled.
     let replayed_id = feed_ids[0].to_owned();
@@ -432,12 +446,11 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         })
         .await;
     assert_eq!(accepted(&shared).last().unwrap().id, replayed_id);
-    let journal: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM operator_actions WHERE action = 'webhook_replay'",
-    )
-    .fetch_one(&stack.pool)
-    .await
-    .unwrap();
+    let journal: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM operator_actions WHERE action = 'webhook_replay'")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
     assert_eq!(journal, 1);
 
     // The feed's cursor survives a restart: a fresh ingress continues where it stopped.
@@ -476,7 +489,13 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
     let _ = server.await;
 
     // Bad cursors and filters are refused with a reason.
-    for query in ["after=", "after=abc", "limit=0", "type=nope", "subscriptionId=x"] {
+    for query in [
+        "after=",
+        "after=abc",
+        "limit=0",
+        "type=nope",
+        "subscriptionId=x",
+    ] {
         let (status, answer) = stack
             .entitlement(Method::GET, &format!("/api/v1/events?{query}"), None)
             .await;

@@ -223,13 +223,17 @@ pub async fn deliveries(
     let limit = parse_limit(query.limit.as_deref())?;
     let before = match query.before.as_deref() {
         None => None,
-        Some(raw) => Some(raw.trim().parse::<i64>().ok().filter(|n| *n > 0).ok_or_else(
-            || {
-                ApiError::bad_request(format!(
-                    "`before` must be the `nextBefore` of a previous page, got {raw:?}"
-                ))
-            },
-        )?),
+        Some(raw) => Some(
+            raw.trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "`before` must be the `nextBefore` of a previous page, got {raw:?}"
+                    ))
+                })?,
+        ),
     };
     let rows = manage::attempts(&state.pool, id, before, limit).await?;
     let next_before = (rows.len() as i64 == limit)
@@ -336,8 +340,14 @@ pub async fn feed(
     let topic = match query.kind.as_deref() {
         None => None,
         Some(raw) => {
-            let topic = raw.trim().strip_prefix("com.fulfillment.").unwrap_or(raw.trim());
-            if !DomainEventKind::ALL.iter().any(|k| k.routing_key() == topic) {
+            let topic = raw
+                .trim()
+                .strip_prefix("com.fulfillment.")
+                .unwrap_or(raw.trim());
+            if !DomainEventKind::ALL
+                .iter()
+                .any(|k| k.routing_key() == topic)
+            {
                 return Err(ApiError::bad_request(format!(
                     "`type` must be an event type of docs/events.md (`subscription.activated` \
                      or `com.fulfillment.subscription.activated`), got {raw:?}"

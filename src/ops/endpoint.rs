@@ -196,7 +196,10 @@ async fn run_with(
                 view["secret"] = json!(secret.expose());
                 print_json(&view);
             } else {
-                println!("new signing secret (shown once; keep it): {}", secret.expose());
+                println!(
+                    "new signing secret (shown once; keep it): {}",
+                    secret.expose()
+                );
                 println!(
                     "the previous secret keeps signing until {}",
                     or_dash(row.previous_secret_until.map(when))
@@ -264,7 +267,11 @@ async fn run_with(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn set_enabled(pool: &PgPool, id: Uuid, enabled: bool) -> anyhow::Result<crate::store::endpoints::EndpointRow> {
+async fn set_enabled(
+    pool: &PgPool,
+    id: Uuid,
+    enabled: bool,
+) -> anyhow::Result<crate::store::endpoints::EndpointRow> {
     manage::update(
         pool,
         id,

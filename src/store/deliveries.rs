@@ -270,14 +270,21 @@ const SELECTION: &str = "kind = 'deliver_webhook' AND status <> 'pending' AND ( 
 
 fn selection_binds(
     selection: &ReplaySelection,
-) -> (&'static str, Option<&str>, Option<Uuid>, Option<OffsetDateTime>) {
+) -> (
+    &'static str,
+    Option<&str>,
+    Option<Uuid>,
+    Option<OffsetDateTime>,
+) {
     match selection {
         ReplaySelection::Event {
             event_id,
             endpoint_id,
         } => ("event", Some(event_id.as_str()), *endpoint_id, None),
         ReplaySelection::Failures { endpoint_id } => ("failures", None, Some(*endpoint_id), None),
-        ReplaySelection::Since { since, endpoint_id } => ("since", None, *endpoint_id, Some(*since)),
+        ReplaySelection::Since { since, endpoint_id } => {
+            ("since", None, *endpoint_id, Some(*since))
+        }
     }
 }
 

@@ -26,7 +26,8 @@ pub enum EndpointUrlError {
 impl EndpointUrl {
     /// `insecure`: plain HTTP allowed on any host (the explicit switch).
     pub fn parse(text: &str, insecure: bool) -> Result<Self, EndpointUrlError> {
-        let url = Url::parse(text.trim()).map_err(|e| EndpointUrlError::Malformed(e.to_string()))?;
+        let url =
+            Url::parse(text.trim()).map_err(|e| EndpointUrlError::Malformed(e.to_string()))?;
         let host = url.host().ok_or(EndpointUrlError::NoHost)?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err(EndpointUrlError::Credentials);
@@ -77,7 +78,9 @@ impl TopicFilter {
             let topic = topic.as_ref().trim();
             let known = topic == "*"
                 || topic == "subscription.*"
-                || DomainEventKind::ALL.iter().any(|k| k.routing_key() == topic);
+                || DomainEventKind::ALL
+                    .iter()
+                    .any(|k| k.routing_key() == topic);
             if !known {
                 return Err(TopicFilterError::Unknown(topic.to_owned()));
             }
@@ -93,10 +96,12 @@ impl TopicFilter {
 
     /// Whether an event of this routing key goes to the endpoint.
     pub fn matches(&self, topic: &str) -> bool {
-        self.0.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => topic.starts_with(prefix),
-            None => pattern == topic,
-        })
+        self.0
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => topic.starts_with(prefix),
+                None => pattern == topic,
+            })
     }
 
     pub fn as_slice(&self) -> &[String] {

@@ -61,7 +61,9 @@ fn invalid(error: impl std::fmt::Display) -> ManageError {
 fn offer(offer_id: Option<&str>) -> Result<Option<&str>, ManageError> {
     match offer_id.map(str::trim) {
         None => Ok(None),
-        Some("") => Err(invalid("`offerId` must not be empty (omit it for every offer)")),
+        Some("") => Err(invalid(
+            "`offerId` must not be empty (omit it for every offer)",
+        )),
         Some(offer) if offer.len() > 256 => Err(invalid("`offerId` is longer than 256 characters")),
         Some(offer) => Ok(Some(offer)),
     }
@@ -280,7 +282,11 @@ pub async fn replay(
     )
     .await
     .map_err(StoreError::from)?;
-    tracing::info!(replayed, selection = selection_text(selection), "webhook deliveries replayed");
+    tracing::info!(
+        replayed,
+        selection = selection_text(selection),
+        "webhook deliveries replayed"
+    );
     Ok(ReplayReport {
         dry_run,
         candidates,

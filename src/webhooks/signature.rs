@@ -50,7 +50,9 @@ impl Secret {
 
     /// Parses a stored or given `whsec_…` secret.
     pub fn parse(text: &str) -> Result<Self, SecretError> {
-        let encoded = text.strip_prefix(PREFIX).ok_or(SecretError::MissingPrefix)?;
+        let encoded = text
+            .strip_prefix(PREFIX)
+            .ok_or(SecretError::MissingPrefix)?;
         let key = STANDARD
             .decode(encoded)
             .map_err(|e| SecretError::NotBase64(e.to_string()))?;

@@ -338,7 +338,9 @@ impl DeliveryRunner {
         };
         let mut next = deliver::step(&turn(None));
         if next == DeliveryStep::Send {
-            let endpoint = endpoint.as_ref().expect("only an existing endpoint is sent to");
+            let endpoint = endpoint
+                .as_ref()
+                .expect("only an existing endpoint is sent to");
             let body = deliveries::event_body(pool, &delivery.event_id).await?;
             let secrets = endpoints::signing_secrets(pool, delivery.endpoint_id).await?;
             let (Some(body), Some(secrets)) = (body, secrets) else {

@@ -20,9 +20,9 @@ use crate::store::{self, outbox};
 use crate::worker::consume::{ConsumerActivity, MessageHandler, run_consumer};
 use crate::worker::deliveries::DeliveryRunner;
 use crate::worker::effects::{EffectActivity, EffectRunner, EffectsConfig};
-use crate::worker::protocol::deliver::DeliveryConfig;
 use crate::worker::listener::MetricsListener;
 use crate::worker::protocol::ProtocolConfig;
+use crate::worker::protocol::deliver::DeliveryConfig;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

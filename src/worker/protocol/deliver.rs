@@ -156,9 +156,14 @@ pub enum DeliveryStep {
         because: String,
     },
     /// The row is dead with the reason (an operator or the ISV replays it).
-    GiveUp { because: String },
+    GiveUp {
+        because: String,
+    },
     /// Disable the endpoint and give up on this delivery; `alert`: tell the operators.
-    DisableEndpoint { because: String, alert: bool },
+    DisableEndpoint {
+        because: String,
+        alert: bool,
+    },
 }
 
 /// The next step of a delivery.
@@ -243,6 +248,9 @@ mod tests {
     #[test]
     fn the_default_schedule_is_svix_s() {
         let total: Duration = DeliveryConfig::default().schedule.iter().sum();
-        assert_eq!(total.as_secs(), 5 + 300 + 1800 + 7200 + 18000 + 36000 + 36000);
+        assert_eq!(
+            total.as_secs(),
+            5 + 300 + 1800 + 7200 + 18000 + 36000 + 36000
+        );
     }
 }
