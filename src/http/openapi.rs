@@ -383,9 +383,12 @@ fn base_document() -> Value {
     })
 }
 
+/// Named parts of the document (paths or schemas).
+type Named = Vec<(&'static str, Value)>;
+
 /// The paths and schemas of `/api/v1/webhook-endpoints…` and `/api/v1/events`
 /// ([`super::isv`]).
-fn isv_part() -> (Vec<(&'static str, Value)>, Vec<(&'static str, Value)>) {
+fn isv_part() -> (Named, Named) {
     let endpoint_id = json!({
         "name": "id", "in": "path", "required": true,
         "description": "The endpoint id.",
