@@ -148,8 +148,8 @@ mod tests {
         assert!(plan.matches("subscription.plan_changed"));
         assert!(!plan.matches("subscription.quantity_changed"));
         assert_eq!(
-            TopicFilter::parse(&["subscription.nope"]),
-            Err(TopicFilterError::Unknown("subscription.nope".into()))
+            TopicFilter::parse(&["subscription.no-such-topic"]),
+            Err(TopicFilterError::Unknown("subscription.no-such-topic".into()))
         );
         assert_eq!(
             TopicFilter::parse::<&str>(&[]),
