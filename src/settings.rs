@@ -72,6 +72,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WEBHOOK_AUDIENCES", "ingress.webhook_audiences"),
     ("WEBHOOK_BODY_LIMIT_BYTES", "ingress.body_limit_bytes"),
     ("ENTITLEMENT_API_KEY", "ingress.api_key"),
+    ("ENTITLEMENT_API_KEYS", "ingress.api_keys"),
+    ("ENTITLEMENT_API_KEYS_FILE", "ingress.api_keys_file"),
     ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
@@ -268,10 +270,71 @@ pub struct IngressSettings {
     pub webhook_audiences: Vec<String>,
     /// Larger webhook bodies are refused with 413.
     pub body_limit_bytes: usize,
-    /// Bearer key of the entitlement API (`/api/v1`); without one the API refuses every call.
+    /// Bearer key of the entitlement API (`/api/v1`), read-write; without any key the API
+    /// refuses every call.
     pub api_key: Option<SecretString>,
+    /// More keys, each with its scope (`ENTITLEMENT_API_KEYS`, `ENTITLEMENT_API_KEYS_FILE`).
+    pub api_keys: Vec<ScopedApiKey>,
     /// How long the webhook handler waits for RabbitMQ's publisher confirm before a 503.
     pub publish_confirm_timeout: Duration,
+}
+
+/// What an entitlement API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiScope {
+    /// GET only.
+    Read,
+    /// Everything.
+    Write,
+}
+
+/// One entitlement API key and its scope. `Debug` never shows the key.
+#[derive(Clone, Debug)]
+pub struct ScopedApiKey {
+    pub scope: ApiScope,
+    pub key: SecretString,
+}
+
+/// `read:KEY` / `write:KEY` entries, separated by commas or new lines (`#` starts a
+/// comment line). Errors name the entry's position, never the key.
+fn parse_scoped_keys(text: &str, key: &'static str) -> Result<Vec<ScopedApiKey>, SettingsError> {
+    let mut keys = Vec::new();
+    let entries = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty());
+    for (index, entry) in entries.enumerate() {
+        let Some((scope, secret)) = entry.split_once(':') else {
+            return invalid(
+                key,
+                format!("entry {} is not `read:KEY` or `write:KEY`", index + 1),
+            );
+        };
+        let scope = match scope.trim() {
+            "read" => ApiScope::Read,
+            "write" => ApiScope::Write,
+            _ => {
+                return invalid(
+                    key,
+                    format!("entry {}: the scope must be `read` or `write`", index + 1),
+                );
+            }
+        };
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            return invalid(
+                key,
+                format!("entry {}: a key has at least 16 characters", index + 1),
+            );
+        }
+        keys.push(ScopedApiKey {
+            scope,
+            key: SecretString::from(secret.to_owned()),
+        });
+    }
+    Ok(keys)
 }
 
 /// How webhook calls are authenticated.
@@ -589,6 +652,8 @@ struct RawIngress {
     webhook_audiences: Option<String>,
     body_limit_bytes: usize,
     api_key: Option<SecretString>,
+    api_keys: Option<SecretString>,
+    api_keys_file: Option<String>,
     publish_confirm_timeout_ms: u64,
 }
 
@@ -665,6 +730,8 @@ impl Default for RawSettings {
                 webhook_audiences: None,
                 body_limit_bytes: 64 * 1024,
                 api_key: None,
+                api_keys: None,
+                api_keys_file: None,
                 publish_confirm_timeout_ms: 5_000,
             },
             policy: Policy::default(),
@@ -1102,12 +1169,29 @@ fn parse_ingress(
     if raw.publish_confirm_timeout_ms == 0 {
         return invalid("ingress.publish_confirm_timeout_ms", "must be at least 1");
     }
+    let mut api_keys = match &raw.api_keys {
+        Some(list) => parse_scoped_keys(list.expose_secret(), "ingress.api_keys")?,
+        None => Vec::new(),
+    };
+    if let Some(path) = raw
+        .api_keys_file
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let text = std::fs::read_to_string(path).map_err(|e| SettingsError::Invalid {
+            key: "ingress.api_keys_file",
+            reason: format!("cannot read {path}: {e}"),
+        })?;
+        api_keys.extend(parse_scoped_keys(&text, "ingress.api_keys_file")?);
+    }
     Ok(IngressSettings {
         webhook_auth,
         jwks_url,
         webhook_audiences,
         body_limit_bytes: raw.body_limit_bytes,
         api_key: raw.api_key.filter(|k| !k.expose_secret().is_empty()),
+        api_keys,
         publish_confirm_timeout: Duration::from_millis(raw.publish_confirm_timeout_ms),
     })
 }
@@ -1735,5 +1819,46 @@ mod tests {
                 "{bad}: {message}"
             );
         }
+    }
+
+    #[test]
+    fn scoped_api_keys_parse_and_bad_entries_are_named_without_the_key() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[(
+                "ENTITLEMENT_API_KEYS",
+                "read:reader-key-0123456789, write:writer-key-0123456789",
+            )]),
+        )
+        .unwrap();
+        let scopes: Vec<ApiScope> = s.ingress.api_keys.iter().map(|k| k.scope).collect();
+        assert_eq!(scopes, [ApiScope::Read, ApiScope::Write]);
+        assert_eq!(
+            s.ingress.api_keys[0].key.expose_secret(),
+            "reader-key-0123456789"
+        );
+        for bad in [
+            "reader-key-0123456789",
+            "admin:reader-key-0123456789",
+            "read:short",
+        ] {
+            let message = Settings::from_sources(None, &env(&[("ENTITLEMENT_API_KEYS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("ENTITLEMENT_API_KEYS"), "{message}");
+            assert!(!message.contains("reader-key"), "{message}");
+        }
+        let dir = std::env::temp_dir().join(format!("fulfillment-keys-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# the support tool\nread:support-key-0123456789\n").unwrap();
+        let s = Settings::from_sources(
+            None,
+            &env(&[("ENTITLEMENT_API_KEYS_FILE", file.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(s.ingress.api_keys.len(), 1);
+        assert_eq!(s.ingress.api_keys[0].scope, ApiScope::Read);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

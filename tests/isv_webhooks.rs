@@ -22,13 +22,17 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use marketplace_fulfillment::http::Application;
 use marketplace_fulfillment::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
+use marketplace_fulfillment::settings::{ApiScope, ScopedApiKey};
 use marketplace_fulfillment::worker::protocol::deliver::DeliveryConfig;
 use marketplace_fulfillment::worker::{Worker, WorkerConfig, WorkerParts};
 use reqwest::Method;
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use stack::{API_KEY, Options, Stack};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+const READ_ONLY_KEY: &str = "isv-test-read-only-key";
 
 /// How the test endpoint answers `/hooks`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,7 +472,13 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         )
         .await;
     let cursor = page["nextCursor"].as_str().unwrap().to_owned();
-    let restarted = Application::build(stack.settings.clone()).await.unwrap();
+    // (The fresh ingress also has a read-only key, ENTITLEMENT_API_KEYS' `read:` scope.)
+    let mut settings = stack.settings.clone();
+    settings.ingress.api_keys = vec![ScopedApiKey {
+        scope: ApiScope::Read,
+        key: SecretString::from(READ_ONLY_KEY),
+    }];
+    let restarted = Application::build(settings).await.unwrap();
     let address = restarted.local_addr();
     let stop = CancellationToken::new();
     let server = tokio::spawn(restarted.run_until_stopped(stop.clone()));
@@ -477,7 +487,7 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         .get(format!(
             "http://{address}/api/v1/events?subscriptionId={id}&after={cursor}&limit=1000"
         ))
-        .bearer_auth(API_KEY)
+        .bearer_auth(READ_ONLY_KEY)
         .send()
         .await
         .unwrap()
@@ -491,6 +501,20 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         .map(|e| e["id"].as_str().unwrap())
         .collect();
     assert_eq!(rest_ids, feed_ids[2..].to_vec());
+    // A read-only key reads but cannot change anything; the read-write key still works.
+    let post = |key: &'static str| {
+        stack
+            .http
+            .post(format!("http://{address}/api/v1/webhook-endpoints"))
+            .bearer_auth(key)
+            .json(&json!({"url": format!("http://{receiver}/hooks")}))
+            .send()
+    };
+    let refused = post(READ_ONLY_KEY).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["reason"], "read_only_key", "{refused}");
+    assert_eq!(post(API_KEY).await.unwrap().status(), 201);
     stop.cancel();
     let _ = server.await;
 

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use fulfillment_state_machine::{OfferId, Party, PlanId, Quantity, StateName};
@@ -25,35 +25,60 @@ use super::error::ApiError;
 use super::state::{AppState, digest_bytes};
 use super::webhook::traceparent_or_new;
 use crate::queue::{InboundMessage, MessageMeta, PublisherCommand};
+use crate::settings::ApiScope;
 use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
 
 /// Page size when `limit` is absent.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
-/// Middleware: refuses every call without the configured bearer key (compared in constant
-/// time, on SHA-256 digests so the key's length does not leak either).
+/// Middleware: refuses every call without a configured bearer key (compared in constant
+/// time, on SHA-256 digests so the key's length does not leak either, and against every
+/// key whatever matched first), and every call but a read with a read-only key.
 pub async fn require_api_key(
     axum::extract::State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let Some(expected) = state.config.api_key_digest else {
+    let config = &state.config;
+    if config.api_key_digest.is_none() && config.scoped_key_digests.is_empty() {
         return Err(ApiError::Unauthorized {
             reason: "not_configured",
-            message: "the entitlement API key is not configured on this server \
-                      (set ENTITLEMENT_API_KEY); every call is refused until it is"
+            message: "no entitlement API key is configured on this server (set \
+                      ENTITLEMENT_API_KEY or ENTITLEMENT_API_KEYS); every call is refused \
+                      until one is"
                 .into(),
         });
-    };
+    }
     let presented = bearer(request.headers()).ok_or_else(|| ApiError::Unauthorized {
         reason: "missing",
         message: "send the entitlement API key as `Authorization: Bearer <key>`".into(),
     })?;
-    let matches: bool = digest_bytes(presented.as_bytes()).ct_eq(&expected).into();
-    if !matches {
+    let presented = digest_bytes(presented.as_bytes());
+    let keys = config
+        .api_key_digest
+        .iter()
+        .map(|digest| (digest, ApiScope::Write))
+        .chain(config.scoped_key_digests.iter().map(|(d, s)| (d, *s)));
+    let mut granted: Option<ApiScope> = None;
+    for (digest, scope) in keys {
+        if bool::from(presented.ct_eq(digest)) {
+            granted = Some(match granted {
+                Some(ApiScope::Write) => ApiScope::Write,
+                _ => scope,
+            });
+        }
+    }
+    let Some(scope) = granted else {
         return Err(ApiError::Unauthorized {
             reason: "invalid",
             message: "the entitlement API key is not valid".into(),
+        });
+    };
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if scope == ApiScope::Read && !reads {
+        return Err(ApiError::Forbidden {
+            reason: "read_only_key",
+            message: "this API key is read-only; a read-write key is needed for this call".into(),
         });
     }
     Ok(next.run(request).await)

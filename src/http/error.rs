@@ -21,6 +21,12 @@ pub enum ApiError {
         reason: &'static str,
         message: String,
     },
+    /// 403: the credential is valid but may not do this. `reason` is a stable word.
+    #[error("forbidden ({reason}): {message}")]
+    Forbidden {
+        reason: &'static str,
+        message: String,
+    },
     /// 400: the request itself is wrong; `message` says how.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -65,6 +71,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict { .. } => StatusCode::CONFLICT,
@@ -79,6 +86,9 @@ impl ApiError {
         match self {
             Self::Unauthorized { reason, message } => {
                 json!({ "error": "unauthorized", "reason": reason, "message": message })
+            }
+            Self::Forbidden { reason, message } => {
+                json!({ "error": "forbidden", "reason": reason, "message": message })
             }
             Self::BadRequest(message) => json!({ "error": "bad_request", "message": message }),
             Self::NotFound(message) => json!({ "error": "not_found", "message": message }),

@@ -287,7 +287,7 @@ fn base_document() -> Value {
         },
         "components": {
             "securitySchemes": {
-                "apiKey": { "type": "http", "scheme": "bearer", "description": "The ENTITLEMENT_API_KEY." }
+                "apiKey": { "type": "http", "scheme": "bearer", "description": "ENTITLEMENT_API_KEY (read-write) or a key of ENTITLEMENT_API_KEYS: a `read` key may only GET (anything else answers 403 `read_only_key`)." }
             },
             "parameters": {
                 "SubscriptionId": {

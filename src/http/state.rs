@@ -36,6 +36,8 @@ pub struct IngressConfig {
     /// The entitlement API key as a SHA-256 digest: compared in constant time without
     /// leaking its length, and the key itself is not kept around.
     pub api_key_digest: Option<[u8; 32]>,
+    /// The scoped keys (`ENTITLEMENT_API_KEYS`, its file), as digests with their scope.
+    pub scoped_key_digests: Vec<([u8; 32], crate::settings::ApiScope)>,
     pub publish_confirm_timeout: Duration,
     pub activation: ActivationMode,
     /// Metering (the dimensions' time to live).
@@ -56,6 +58,7 @@ impl std::fmt::Debug for IngressConfig {
                     .map(|_| "<configured>")
                     .unwrap_or("<none>"),
             )
+            .field("scoped_api_keys", &self.scoped_key_digests.len())
             .field("publish_confirm_timeout", &self.publish_confirm_timeout)
             .field("activation", &self.activation)
             .finish()
@@ -67,6 +70,12 @@ impl IngressConfig {
         Self {
             body_limit_bytes: settings.ingress.body_limit_bytes,
             api_key_digest: settings.ingress.api_key.as_ref().map(digest_key),
+            scoped_key_digests: settings
+                .ingress
+                .api_keys
+                .iter()
+                .map(|k| (digest_key(&k.key), k.scope))
+                .collect(),
             publish_confirm_timeout: settings.ingress.publish_confirm_timeout,
             activation: settings.policy.activation,
             metering: settings.metering.clone(),

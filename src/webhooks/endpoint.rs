@@ -149,7 +149,9 @@ mod tests {
         assert!(!plan.matches("subscription.quantity_changed"));
         assert_eq!(
             TopicFilter::parse(&["subscription.no-such-topic"]),
-            Err(TopicFilterError::Unknown("subscription.no-such-topic".into()))
+            Err(TopicFilterError::Unknown(
+                "subscription.no-such-topic".into()
+            ))
         );
         assert_eq!(
             TopicFilter::parse::<&str>(&[]),
