@@ -518,6 +518,28 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
     stop.cancel();
     let _ = server.await;
 
+    // The request schemas match what the server accepts: an empty cursor is refused, and a
+    // seat count above 2^32-1 is refused for what it is.
+    let (status, answer) = stack
+        .entitlement(Method::GET, "/api/v1/subscriptions?cursor=", None)
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = stack
+        .entitlement(
+            Method::POST,
+            &format!("/api/v1/subscriptions/{id}/change-quantity"),
+            Some(json!({"quantity": 4_294_967_296u64})),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 4294967295"),
+        "{answer}"
+    );
+
     // Bad cursors and filters are refused with a reason.
     for query in [
         "after=",

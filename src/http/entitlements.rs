@@ -222,7 +222,9 @@ impl ListQuery {
                 }
             },
         };
-        let after = match non_empty(self.cursor) {
+        // An empty `cursor=` is refused like any other value that is not a `nextCursor`
+        // (the OpenAPI document says a UUID); omit the parameter for the first page.
+        let after = match self.cursor.map(|s| s.trim().to_owned()) {
             None => None,
             Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| {
                 ApiError::bad_request(format!(
@@ -349,15 +351,21 @@ pub async fn change_quantity(
         let raw = body
             .get("quantity")
             .ok_or_else(|| ApiError::bad_request("`quantity` is required"))?;
-        let quantity = raw
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .and_then(|n| Quantity::new(n).ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "`quantity` must be a whole number of seats of at least 1, got {raw}"
-                ))
-            })?;
+        let quantity = match raw.as_u64() {
+            Some(n) if n > u64::from(u32::MAX) => {
+                return Err(ApiError::bad_request(format!(
+                    "`quantity` must be at most {} seats, got {raw}",
+                    u32::MAX
+                )));
+            }
+            Some(n) => u32::try_from(n).ok().and_then(|n| Quantity::new(n).ok()),
+            None => None,
+        }
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`quantity` must be a whole number of seats of at least 1, got {raw}"
+            ))
+        })?;
         Ok(PublisherCommand::ChangeQuantity {
             quantity: quantity.get(),
         })
@@ -592,6 +600,13 @@ mod tests {
             Err(ApiError::BadRequest(m)) => assert!(m.contains(expected), "{m}"),
             other => panic!("{other:?}"),
         };
+        bad(
+            ListQuery {
+                cursor: Some(String::new()),
+                ..Default::default()
+            },
+            "`cursor`",
+        );
         bad(
             ListQuery {
                 state: Some("Active".into()),

@@ -166,7 +166,7 @@ fn base_document() -> Value {
                         { "name": "beneficiaryTenantId", "in": "query", "schema": { "type": "string", "format": "uuid" } },
                         { "name": "offerId", "in": "query", "schema": { "type": "string" } },
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 500, "default": 50 } },
-                        { "name": "cursor", "in": "query", "description": "`nextCursor` of the previous page.", "schema": { "type": "string", "format": "uuid" } }
+                        { "name": "cursor", "in": "query", "description": "`nextCursor` of the previous page; omit it for the first page (an empty value is refused).", "schema": { "type": "string", "format": "uuid" } }
                     ],
                     "responses": {
                         "200": {
@@ -207,7 +207,7 @@ fn base_document() -> Value {
                 "Change the number of seats.",
                 Some(json!({
                     "type": "object", "required": ["quantity"],
-                    "properties": { "quantity": { "type": "integer", "minimum": 1 } }
+                    "properties": { "quantity": { "type": "integer", "minimum": 1, "maximum": 4294967295u64 } }
                 }))
             ),
             "/api/v1/subscriptions/{id}/cancel": command("Cancel (unsubscribe) the subscription.", None),
