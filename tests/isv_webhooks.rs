@@ -540,6 +540,21 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         "{answer}"
     );
 
+    // A command the machine refuses now is answered 409 with its reason, not 202.
+    let (status, answer) = stack
+        .entitlement(
+            Method::POST,
+            &format!("/api/v1/subscriptions/{id}/change-quantity"),
+            Some(json!({"quantity": 9})),
+        )
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["reason"], "refused");
+    assert!(
+        answer["message"].as_str().unwrap().contains("unsubscribed"),
+        "{answer}"
+    );
+
     // Bad cursors and filters are refused with a reason.
     for query in [
         "after=",

@@ -12,7 +12,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fulfillment_state_machine::{OfferId, Party, PlanId, Quantity, StateName};
+use fulfillment_state_machine::{OfferId, Outcome, Party, PlanId, Quantity, StateName};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
@@ -405,6 +405,13 @@ async fn submit(
         requested_by: "api".into(),
         requested_at: OffsetDateTime::now_utc(),
     };
+    if let Some(reason) = refused_now(state, &message).await? {
+        tracing::info!(%subscription_id, command = kind, reason, "command refused at once");
+        return Err(ApiError::Conflict {
+            reason: "refused",
+            message: reason,
+        });
+    }
     let meta = MessageMeta {
         message_id: command_id.to_string(),
         correlation_id: command_id.to_string(),
@@ -449,6 +456,38 @@ async fn submit(
             ))
         }
     }
+}
+
+/// Whether the machine, as the subscription stands now, would refuse the command (an
+/// unknown or same plan, seats outside the plan's or the policy's limits, a subscription
+/// that is not Subscribed, a read-only CSP purchase, an operation pending): the machine
+/// decides on a copy of the stored machine, nothing is written, so the ISV hears the reason
+/// at once instead of a 202 whose command fails a moment later. A state change still in the
+/// queue is not seen; a command refused because of one can be sent again.
+async fn refused_now(
+    state: &AppState,
+    message: &InboundMessage,
+) -> Result<Option<String>, ApiError> {
+    let translated = crate::worker::translate::translate(message)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let machine = crate::store::ledger::load(&state.pool, translated.subscription_id)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    let Some(mut machine) = machine else {
+        return Ok(None);
+    };
+    let decision = machine.handle(
+        &translated.event,
+        OffsetDateTime::now_utc(),
+        &state.config.policy,
+    );
+    // As `commands::decide` reads a decision: anything but applied fails the command (a
+    // refusal, or nothing to do in this state, e.g. any change to an Unsubscribed one).
+    Ok(match decision.outcome {
+        Outcome::Applied { .. } => None,
+        Outcome::Rejected { reason } => Some(reason),
+        Outcome::Ignored { reason } => Some(format!("not applied: {reason}")),
+    })
 }
 
 /// `GET /api/v1/commands/{id}`: what became of a command (`queued`, `requested` with

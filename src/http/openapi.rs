@@ -68,6 +68,7 @@ fn command(summary: &str, body: Option<Value>) -> Value {
             "400": error_response("Invalid subscription id or body."),
             "401": error_response("Missing or invalid API key, or no key configured."),
             "404": error_response("Unknown subscription."),
+            "409": error_response("Refused at once, nothing queued: the machine refuses the command as the subscription stands (not Subscribed, a read-only CSP purchase, the same plan or seats, outside the policy's limits, an operation pending); `message` says why."),
             "503": error_response("The command could not be queued; retry after `Retry-After` seconds."),
         }
     });

@@ -44,6 +44,8 @@ pub struct IngressConfig {
     pub metering: crate::metering::MeteringConfig,
     /// Webhook endpoints: the rotation overlap and the test event's timeout.
     pub webhooks: crate::settings::WebhookSettings,
+    /// The machine's policy: a command the machine would refuse now is refused at once.
+    pub policy: fulfillment_state_machine::Policy,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -80,6 +82,7 @@ impl IngressConfig {
             activation: settings.policy.activation,
             metering: settings.metering.clone(),
             webhooks: settings.webhooks.clone(),
+            policy: settings.policy.clone(),
         }
     }
 }
