@@ -43,7 +43,7 @@ pub async fn require_api_key(
     if config.api_key_digest.is_none() && config.scoped_key_digests.is_empty() {
         return Err(ApiError::Unauthorized {
             reason: "not_configured",
-            message: "no entitlement API key is configured on this server (set \
+            message: "the entitlement API key is not configured on this server (set \
                       ENTITLEMENT_API_KEY or ENTITLEMENT_API_KEYS); every call is refused \
                       until one is"
                 .into(),
