@@ -568,5 +568,80 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
             .await;
         assert_eq!(status, 400, "{query}: {answer}");
     }
+    // The same from the command line: `fulfillment endpoint …`.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"))
+            .args(args)
+            .env_remove("FULFILLMENT_CONFIG")
+            .envs(
+                stack
+                    .process_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = cli(&["endpoint", "add", "http://isv.example/hooks"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("https"), "{err}");
+    let (code, out, err) = cli(&[
+        "endpoint",
+        "add",
+        &format!("http://{receiver}/hooks"),
+        "--topic",
+        "subscription.activated,subscription.suspended",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let added: Value = serde_json::from_str(&out).unwrap();
+    let cli_endpoint = added["id"].as_str().unwrap().to_owned();
+    let cli_secret = added["secret"].as_str().unwrap().to_owned();
+    assert!(cli_secret.starts_with("whsec_"));
+    shared.lock().unwrap().secrets = vec![cli_secret];
+    let (code, out, err) = cli(&["endpoint", "test", &cli_endpoint]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("HTTP 200"), "{out}");
+    assert_eq!(accepted(&shared).last().unwrap().verified_by, vec![0]);
+    let (code, out, _) = cli(&["endpoint", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(&cli_endpoint) && out.contains(&endpoint),
+        "{out}"
+    );
+    assert!(!out.contains("whsec_"), "no secret in a listing: {out}");
+    let (code, out, err) = cli(&["endpoint", "deliveries", &endpoint, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            > 3
+    );
+    let (code, out, err) = cli(&[
+        "endpoint",
+        "replay",
+        "--endpoint",
+        &endpoint,
+        "--since",
+        "1h",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("dry run"), "{out}");
+    let (code, _, err) = cli(&["endpoint", "replay", "--failures"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, out, err) = cli(&["endpoint", "disable", &cli_endpoint]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("disabled"), "{out}");
+    let (code, _, _) = cli(&["endpoint", "show", &Uuid::new_v4().to_string()]);
+    assert_eq!(code, Some(2));
     stack.finish().await;
 }
