@@ -53,15 +53,14 @@ pub async fn require_api_key(
         reason: "missing",
         message: "send the entitlement API key as `Authorization: Bearer <key>`".into(),
     })?;
-    let presented = digest_bytes(presented.as_bytes());
     let keys = config
         .api_key_digest
         .iter()
-        .map(|digest| (digest, ApiScope::Write))
-        .chain(config.scoped_key_digests.iter().map(|(d, s)| (d, *s)));
+        .map(|digest| (*digest, ApiScope::Write))
+        .chain(config.scoped_key_digests.iter().copied());
     let mut granted: Option<ApiScope> = None;
-    for (digest, scope) in keys {
-        if bool::from(presented.ct_eq(digest)) {
+    for (expected, scope) in keys {
+        if bool::from(digest_bytes(presented.as_bytes()).ct_eq(&expected)) {
             granted = Some(match granted {
                 Some(ApiScope::Write) => ApiScope::Write,
                 _ => scope,
