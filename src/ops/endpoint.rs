@@ -52,6 +52,7 @@ pub struct JsonArg {
 
 #[derive(Debug, clap::Args)]
 pub struct IdArgs {
+    /// The endpoint id.
     pub id: Uuid,
     /// JSON instead of text.
     #[arg(long)]
@@ -68,21 +69,25 @@ pub struct AddArgs {
     /// Only events of this offer's subscriptions.
     #[arg(long)]
     pub offer: Option<String>,
+    /// Free text (what the endpoint is for).
     #[arg(long)]
     pub description: Option<String>,
     /// Allow plain http:// to a non-loopback host.
     #[arg(long)]
     pub insecure: bool,
+    /// JSON (with the secret) instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct DeliveriesArgs {
+    /// The endpoint id.
     pub id: Uuid,
-    /// At most this many attempts.
+    /// At most this many attempts (1 to 1000).
     #[arg(long, default_value_t = 50)]
     pub limit: i64,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -104,6 +109,7 @@ pub struct ReplayArgs {
     /// Queue them (otherwise only list them).
     #[arg(long)]
     pub execute: bool,
+    /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
