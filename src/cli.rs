@@ -65,6 +65,10 @@ pub enum Command {
     /// reconcile with Microsoft's usage records (exit code 1 on a difference).
     #[command(subcommand)]
     Usage(crate::ops::usage::UsageCommand),
+    /// The ISV's webhook endpoints: add, list, show, rotate-secret, disable, enable, test,
+    /// deliveries, replay (dry run unless --execute). docs/webhooks.md.
+    #[command(subcommand)]
+    Endpoint(crate::ops::endpoint::EndpointCommand),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -245,6 +249,7 @@ const READS: &[(&str, &[&str])] = &[
     ("bench", &["database", "amqp", "log"]),
     ("dlq", &["amqp", "database", "log"]),
     ("subscription", &["database", "amqp", "log"]),
+    ("endpoint", &["database", "webhooks", "log"]),
     (
         "reconcile",
         &["database", "marketplace", "policy", "reconcile", "log"],
@@ -361,5 +366,6 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Reconcile(args) => crate::ops::reconcile::run(&settings, args).await,
         Command::Doctor(args) => crate::ops::doctor::run(&settings, args).await,
         Command::Usage(command) => crate::ops::usage::run(&settings, command).await,
+        Command::Endpoint(command) => crate::ops::endpoint::run(&settings, command).await,
     }
 }

@@ -253,9 +253,15 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         expected_ops: Vec::new(),
         publisher_op: None,
     };
+    // The ISV's product: a local endpoint that verifies our signatures.
+    let (receiver, inbox) = demo.register_endpoint(shutdown.child_token()).await?;
     let played = demo.play().await;
     let verdict = match &played {
-        Ok(id) => Some(demo.report(*id).await),
+        Ok(id) => {
+            let agreed = demo.report(*id).await;
+            let delivered = demo.show_deliveries(*id, receiver, &inbox).await;
+            Some(agreed && delivered)
+        }
         Err(_) => None,
     };
 
@@ -425,6 +431,127 @@ impl Demo {
 
     fn detail(&self, text: &str) {
         println!("          {text}");
+    }
+
+    /// Starts a verifying receiver on loopback and registers it through the entitlement API
+    /// (the secret, shown once, goes to the receiver).
+    async fn register_endpoint(
+        &self,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<(SocketAddr, crate::webhooks::receiver::Inbox)> {
+        let (address, inbox, set_secret) = crate::webhooks::receiver::start(shutdown)
+            .await
+            .context("cannot start the demo's webhook receiver")?;
+        let response = self
+            .http
+            .post(format!("http://{}/api/v1/webhook-endpoints", self.ingress))
+            .bearer_auth(&self.api_key)
+            .json(
+                &json!({"url": format!("http://{address}/hooks"), "topics": ["subscription.*"],
+                          "description": "fulfillment demo"}),
+            )
+            .send()
+            .await?;
+        ensure!(
+            response.status() == reqwest::StatusCode::CREATED,
+            "registering the webhook endpoint answered {}",
+            response.status()
+        );
+        let created: Value = response.json().await?;
+        let secret = created["secret"]
+            .as_str()
+            .context("no secret in the registration's answer")?;
+        set_secret(crate::webhooks::Secret::parse(secret)?);
+        self.say(&format!(
+            "0. the ISV registers its webhook endpoint http://{address}/hooks (subscription.*)"
+        ));
+        Ok((address, inbox))
+    }
+
+    /// Waits until the endpoint received every event of the feed for `id`, then prints each
+    /// delivery with its signature check. True when all arrived, verified, once, in order.
+    async fn show_deliveries(
+        &self,
+        id: Uuid,
+        receiver: SocketAddr,
+        inbox: &crate::webhooks::receiver::Inbox,
+    ) -> bool {
+        let deadline = Instant::now() + STEP_DEADLINE;
+        let feed_ids = loop {
+            let feed: Option<Vec<String>> = async {
+                let page: Value = self
+                    .http
+                    .get(format!(
+                        "http://{}/api/v1/events?subscriptionId={id}&limit=1000",
+                        self.ingress
+                    ))
+                    .bearer_auth(&self.api_key)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some(
+                    page["events"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+                        .collect(),
+                )
+            }
+            .await;
+            let received: Vec<String> = inbox.all().into_iter().map(|r| r.id).collect();
+            if let Some(feed) = feed
+                && !feed.is_empty()
+                && feed.iter().all(|id| received.contains(id))
+            {
+                break feed;
+            }
+            if Instant::now() > deadline {
+                println!("  webhooks: not every event reached http://{receiver}/hooks in time");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let received = inbox.all();
+        println!();
+        println!(
+            "webhooks received by the ISV's endpoint http://{receiver}/hooks (signature checked):"
+        );
+        for delivery in &received {
+            println!(
+                "  {} {:<52} {}",
+                if delivery.verified { "ok " } else { "BAD" },
+                delivery.event_type,
+                delivery.id
+            );
+        }
+        // The endpoint also hears the other subscriptions the demo makes; this one's
+        // events must have arrived once each, in the feed's order.
+        let mine: Vec<&str> = received
+            .iter()
+            .map(|r| r.id.as_str())
+            .filter(|id| feed_ids.iter().any(|f| f == id))
+            .collect();
+        let in_order = mine == feed_ids.iter().map(String::as_str).collect::<Vec<_>>();
+        let verified = received.iter().all(|r| r.verified);
+        println!(
+            "  {} deliveries; subscription {id}: {} feed events, {}; every signature {}",
+            received.len(),
+            feed_ids.len(),
+            if in_order {
+                "each received once, in order"
+            } else {
+                "NOT each received once in order"
+            },
+            if verified {
+                "valid"
+            } else {
+                "checked: SOME INVALID"
+            }
+        );
+        in_order && verified
     }
 
     /// The whole lifecycle; returns the subscription id.

@@ -31,4 +31,5 @@ pub mod simulator;
 pub mod store;
 pub mod telemetry;
 pub mod web;
+pub mod webhooks;
 pub mod worker;

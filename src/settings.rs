@@ -72,6 +72,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("WEBHOOK_AUDIENCES", "ingress.webhook_audiences"),
     ("WEBHOOK_BODY_LIMIT_BYTES", "ingress.body_limit_bytes"),
     ("ENTITLEMENT_API_KEY", "ingress.api_key"),
+    ("ENTITLEMENT_API_KEYS", "ingress.api_keys"),
+    ("ENTITLEMENT_API_KEYS_FILE", "ingress.api_keys_file"),
     ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
@@ -93,6 +95,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "LANDING_ACTIVATE_AFTER_SIGN_IN",
         "web.activate_after_sign_in",
     ),
+    ("ISV_WEBHOOK_RETRY_SCHEDULE", "webhooks.retry_schedule"),
 ];
 
 /// The variable naming an optional settings file.
@@ -118,6 +121,8 @@ pub struct Settings {
     /// `[web]`: sign-in, sessions, the landing page's branding and the console's operators
     /// (docs/web.md).
     pub web: WebSettings,
+    /// `[webhooks]`: deliveries to the ISV's endpoints (docs/webhooks.md).
+    pub webhooks: WebhookSettings,
 }
 
 /// `[web]`: the pages people use (docs/web.md).
@@ -198,6 +203,34 @@ pub struct OnboardingField {
     /// The key it is stored under: letters, digits and `_`.
     pub name: String,
     pub label: String,
+}
+
+/// `[webhooks]`: signed deliveries to the ISV's endpoints (docs/webhooks.md).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// Delay before each retry (Svix's schedule by default).
+    pub retry_schedule: Vec<Duration>,
+    /// An endpoint failing this long is disabled with an alert.
+    pub disable_after: Duration,
+    /// One attempt's time limit.
+    pub timeout: Duration,
+    /// Deliveries in flight at once, per worker process.
+    pub concurrency: usize,
+    /// How long a rotated-out secret keeps signing next to the new one.
+    pub rotation_overlap: Duration,
+}
+
+impl WebhookSettings {
+    /// The delivery runner's clocks.
+    pub fn delivery_config(&self) -> crate::worker::protocol::deliver::DeliveryConfig {
+        crate::worker::protocol::deliver::DeliveryConfig {
+            schedule: self.retry_schedule.clone(),
+            disable_after: self.disable_after,
+            timeout: self.timeout,
+            concurrency: self.concurrency,
+            ..Default::default()
+        }
+    }
 }
 
 /// Which credential obtains the Fulfillment API token (`MARKETPLACE_CREDENTIAL`).
@@ -337,10 +370,71 @@ pub struct IngressSettings {
     pub webhook_audiences: Vec<String>,
     /// Larger webhook bodies are refused with 413.
     pub body_limit_bytes: usize,
-    /// Bearer key of the entitlement API (`/api/v1`); without one the API refuses every call.
+    /// Bearer key of the entitlement API (`/api/v1`), read-write; without any key the API
+    /// refuses every call.
     pub api_key: Option<SecretString>,
+    /// More keys, each with its scope (`ENTITLEMENT_API_KEYS`, `ENTITLEMENT_API_KEYS_FILE`).
+    pub api_keys: Vec<ScopedApiKey>,
     /// How long the webhook handler waits for RabbitMQ's publisher confirm before a 503.
     pub publish_confirm_timeout: Duration,
+}
+
+/// What an entitlement API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiScope {
+    /// GET only.
+    Read,
+    /// Everything.
+    Write,
+}
+
+/// One entitlement API key and its scope. `Debug` never shows the key.
+#[derive(Clone, Debug)]
+pub struct ScopedApiKey {
+    pub scope: ApiScope,
+    pub key: SecretString,
+}
+
+/// `read:KEY` / `write:KEY` entries, separated by commas or new lines (`#` starts a
+/// comment line). Errors name the entry's position, never the key.
+fn parse_scoped_keys(text: &str, key: &'static str) -> Result<Vec<ScopedApiKey>, SettingsError> {
+    let mut keys = Vec::new();
+    let entries = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(|line| line.split(','))
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty());
+    for (index, entry) in entries.enumerate() {
+        let Some((scope, secret)) = entry.split_once(':') else {
+            return invalid(
+                key,
+                format!("entry {} is not `read:KEY` or `write:KEY`", index + 1),
+            );
+        };
+        let scope = match scope.trim() {
+            "read" => ApiScope::Read,
+            "write" => ApiScope::Write,
+            _ => {
+                return invalid(
+                    key,
+                    format!("entry {}: the scope must be `read` or `write`", index + 1),
+                );
+            }
+        };
+        let secret = secret.trim();
+        if secret.len() < 16 {
+            return invalid(
+                key,
+                format!("entry {}: a key has at least 16 characters", index + 1),
+            );
+        }
+        keys.push(ScopedApiKey {
+            scope,
+            key: SecretString::from(secret.to_owned()),
+        });
+    }
+    Ok(keys)
 }
 
 /// How webhook calls are authenticated.
@@ -508,6 +602,7 @@ struct RawSettings {
     log: RawLog,
     reconcile: RawReconcile,
     metering: RawMetering,
+    webhooks: RawWebhooks,
     /// `[credentials]` (plural: `credential.*` names domain event types).
     #[serde(rename = "credentials")]
     credential: RawCredential,
@@ -715,6 +810,17 @@ struct RawMetering {
 
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
+struct RawWebhooks {
+    /// Comma-separated durations with a unit: `5s,5m,30m,2h,5h,10h,10h`.
+    retry_schedule: String,
+    disable_after_secs: u64,
+    timeout_ms: u64,
+    concurrency: usize,
+    rotation_overlap_secs: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
 struct RawCredential {
     kind: Option<String>,
     certificate_path: Option<String>,
@@ -835,6 +941,8 @@ struct RawIngress {
     webhook_audiences: Option<String>,
     body_limit_bytes: usize,
     api_key: Option<SecretString>,
+    api_keys: Option<SecretString>,
+    api_keys_file: Option<String>,
     publish_confirm_timeout_ms: u64,
 }
 
@@ -912,6 +1020,8 @@ impl Default for RawSettings {
                 webhook_audiences: None,
                 body_limit_bytes: 64 * 1024,
                 api_key: None,
+                api_keys: None,
+                api_keys_file: None,
                 publish_confirm_timeout_ms: 5_000,
             },
             policy: Policy::default(),
@@ -950,6 +1060,13 @@ impl Default for RawSettings {
                 tick_ms: 1000,
                 dimensions_ttl_secs: 3600,
             },
+            webhooks: RawWebhooks {
+                retry_schedule: "5s,5m,30m,2h,5h,10h,10h".into(),
+                disable_after_secs: 5 * 24 * 3600,
+                timeout_ms: 15_000,
+                concurrency: 8,
+                rotation_overlap_secs: 24 * 3600,
+            },
         }
     }
 }
@@ -963,7 +1080,7 @@ macro_rules! raw_default {
         }
     )*};
 }
-raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile, RawMetering => metering);
+raw_default!(RawDatabase => database, RawAmqp => amqp, RawMarketplace => marketplace, RawHttp => http, RawIngress => ingress, RawWorker => worker, RawLog => log, RawReconcile => reconcile, RawMetering => metering, RawWebhooks => webhooks);
 
 impl Settings {
     /// Reads the process environment and the file it names (or `file`, which wins).
@@ -1033,6 +1150,7 @@ impl Settings {
             execute: raw.reconcile.execute,
         };
         let metering = keep(&mut problems, parse_metering(&raw.metering));
+        let webhooks = keep(&mut problems, parse_webhooks(&raw.webhooks));
         let http = keep(&mut problems, parse_http(&raw.http));
         let log = keep(&mut problems, parse_log(&raw.log));
         let web = keep(&mut problems, parse_web(raw.web));
@@ -1047,6 +1165,7 @@ impl Settings {
             http,
             log,
             web,
+            webhooks,
         ) {
             (
                 Some(database),
@@ -1059,9 +1178,11 @@ impl Settings {
                 Some(http),
                 Some(log),
                 Some(web),
+                Some(webhooks),
             ) if problems.is_empty() => Ok(Self {
                 web,
                 metering,
+                webhooks,
                 credential,
                 reconcile,
                 ingress,
@@ -1232,6 +1353,49 @@ fn parse_metering(raw: &RawMetering) -> Result<crate::metering::MeteringConfig, 
     })
 }
 
+fn parse_webhooks(raw: &RawWebhooks) -> Result<WebhookSettings, SettingsError> {
+    let retry_schedule =
+        parse_retry_schedule(&raw.retry_schedule).map_err(|reason| SettingsError::Invalid {
+            key: "webhooks.retry_schedule",
+            reason,
+        })?;
+    if raw.concurrency == 0 {
+        return invalid("webhooks.concurrency", "must be at least 1");
+    }
+    Ok(WebhookSettings {
+        retry_schedule,
+        disable_after: positive_secs("webhooks.disable_after_secs", raw.disable_after_secs)?,
+        timeout: positive_millis("webhooks.timeout_ms", raw.timeout_ms)?,
+        concurrency: raw.concurrency,
+        rotation_overlap: Duration::from_secs(raw.rotation_overlap_secs),
+    })
+}
+
+/// `5s,5m,30m,2h` (units `ms`, `s`, `m`, `h`); empty means no retry.
+fn parse_retry_schedule(text: &str) -> Result<Vec<Duration>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let split = part
+                .find(|c: char| !c.is_ascii_digit())
+                .ok_or_else(|| format!("`{part}` has no unit (ms, s, m or h)"))?;
+            let (number, unit) = part.split_at(split);
+            let number: u64 = number
+                .parse()
+                .map_err(|_| format!("`{part}` does not start with a number"))?;
+            let seconds = match unit {
+                "ms" => return Ok(Duration::from_millis(number)),
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                _ => return Err(format!("`{part}`: the unit must be ms, s, m or h")),
+            };
+            Ok(Duration::from_secs(number.saturating_mul(seconds)))
+        })
+        .collect()
+}
+
 fn parse_http(raw: &RawHttp) -> Result<HttpSettings, SettingsError> {
     Ok(HttpSettings {
         listen_addr: listen_address("http.listen_addr", &raw.listen_addr, "127.0.0.1:8080")?,
@@ -1299,12 +1463,29 @@ fn parse_ingress(
     if raw.publish_confirm_timeout_ms == 0 {
         return invalid("ingress.publish_confirm_timeout_ms", "must be at least 1");
     }
+    let mut api_keys = match &raw.api_keys {
+        Some(list) => parse_scoped_keys(list.expose_secret(), "ingress.api_keys")?,
+        None => Vec::new(),
+    };
+    if let Some(path) = raw
+        .api_keys_file
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let text = std::fs::read_to_string(path).map_err(|e| SettingsError::Invalid {
+            key: "ingress.api_keys_file",
+            reason: format!("cannot read {path}: {e}"),
+        })?;
+        api_keys.extend(parse_scoped_keys(&text, "ingress.api_keys_file")?);
+    }
     Ok(IngressSettings {
         webhook_auth,
         jwks_url,
         webhook_audiences,
         body_limit_bytes: raw.body_limit_bytes,
         api_key: raw.api_key.filter(|k| !k.expose_secret().is_empty()),
+        api_keys,
         publish_confirm_timeout: Duration::from_millis(raw.publish_confirm_timeout_ms),
     })
 }
@@ -1977,5 +2158,84 @@ mod tests {
 
         let missing = Settings::from_sources(Some(&dir.join("nope.toml")), &env(&[])).unwrap_err();
         assert!(matches!(missing, SettingsError::MissingFile { .. }));
+    }
+
+    #[test]
+    fn the_webhook_retry_schedule_is_svix_s_by_default_and_can_be_shrunk() {
+        let defaults = Settings::from_sources(None, &env(&[])).unwrap();
+        let minutes: Vec<u64> = defaults
+            .webhooks
+            .retry_schedule
+            .iter()
+            .map(|d| d.as_secs())
+            .collect();
+        assert_eq!(minutes, [5, 300, 1800, 7200, 18000, 36000, 36000]);
+        assert_eq!(
+            defaults.webhooks.disable_after,
+            Duration::from_secs(5 * 24 * 3600)
+        );
+        let fast =
+            Settings::from_sources(None, &env(&[("ISV_WEBHOOK_RETRY_SCHEDULE", "50ms, 1s,2m")]))
+                .unwrap();
+        assert_eq!(
+            fast.webhooks.retry_schedule,
+            [
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+                Duration::from_secs(120)
+            ]
+        );
+        for bad in ["5", "5x", "s5", "5s,,x"] {
+            let message =
+                Settings::from_sources(None, &env(&[("ISV_WEBHOOK_RETRY_SCHEDULE", bad)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                message.contains("webhooks.retry_schedule")
+                    && message.contains("ISV_WEBHOOK_RETRY_SCHEDULE"),
+                "{bad}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn scoped_api_keys_parse_and_bad_entries_are_named_without_the_key() {
+        let s = Settings::from_sources(
+            None,
+            &env(&[(
+                "ENTITLEMENT_API_KEYS",
+                "read:reader-key-0123456789, write:writer-key-0123456789",
+            )]),
+        )
+        .unwrap();
+        let scopes: Vec<ApiScope> = s.ingress.api_keys.iter().map(|k| k.scope).collect();
+        assert_eq!(scopes, [ApiScope::Read, ApiScope::Write]);
+        assert_eq!(
+            s.ingress.api_keys[0].key.expose_secret(),
+            "reader-key-0123456789"
+        );
+        for bad in [
+            "reader-key-0123456789",
+            "admin:reader-key-0123456789",
+            "read:short",
+        ] {
+            let message = Settings::from_sources(None, &env(&[("ENTITLEMENT_API_KEYS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("ENTITLEMENT_API_KEYS"), "{message}");
+            assert!(!message.contains("reader-key"), "{message}");
+        }
+        let dir = std::env::temp_dir().join(format!("fulfillment-keys-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys");
+        std::fs::write(&file, "# the support tool\nread:support-key-0123456789\n").unwrap();
+        let s = Settings::from_sources(
+            None,
+            &env(&[("ENTITLEMENT_API_KEYS_FILE", file.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(s.ingress.api_keys.len(), 1);
+        assert_eq!(s.ingress.api_keys[0].scope, ApiScope::Read);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -85,6 +85,19 @@ async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
         );
     }
     assert!(stdout.contains("webhook → ACK"), "{stdout}");
+    // Issue #18: the ISV's endpoint got every event of the subscription, verified.
+    assert!(
+        stdout.contains("0. the ISV registers its webhook endpoint"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("each received once, in order; every signature valid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok  com.fulfillment.subscription.unsubscribed"),
+        "{stdout}"
+    );
 
     // The timeline comes from the event log.
     let timeline = stdout

@@ -30,10 +30,15 @@ const ASYNCAPI: &str = "docs/asyncapi.yaml";
 
 /// First segments of a routing key; a string literal `"<family>.<snake_case>"` in the code
 /// is taken for an event type.
-const FAMILIES: [&str; 4] = ["subscription", "credential", "usage", "metering"];
+const FAMILIES: [&str; 5] = ["subscription", "credential", "usage", "metering", "webhook"];
 
-/// String literals of that shape that are not event types (none so far).
-const NOT_EVENT_TYPES: [&str; 2] = ["metering.grace_secs", "metering.tick_ms"];
+/// String literals of that shape that are not event types (settings keys, doctor checks).
+const NOT_EVENT_TYPES: [&str; 4] = [
+    "metering.grace_secs",
+    "metering.tick_ms",
+    "webhook.audiences",
+    "webhook.jwks",
+];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -57,8 +57,46 @@ async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, Stri
     )
 }
 
+/// A subscription row whose stored machine agrees with its state (commands are decided
+/// against the machine before they are queued).
 async fn insert_subscription(app: &Stack, row: Row) {
-    let machine = SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
+    let mut machine =
+        SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
+    use fulfillment_state_machine::{
+        ActivationMode, Event, MarketplaceStatus, OfferId, PlanId, Policy, Quantity, Snapshot,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let policy = Policy {
+        activation: ActivationMode::Manual,
+        ..Policy::default()
+    };
+    if matches!(row.state, "PendingFulfillment" | "Subscribed") {
+        let mut snapshot = Snapshot::with_status(MarketplaceStatus::PendingFulfillmentStart);
+        snapshot.offer_id = OfferId::parse(row.offer).ok();
+        snapshot.plan_id = PlanId::parse(row.plan).ok();
+        snapshot.quantity = row
+            .quantity
+            .and_then(|q| u32::try_from(q).ok())
+            .and_then(|q| Quantity::new(q).ok());
+        machine.handle(
+            &Event::PurchaseResolved {
+                snapshot,
+                resolved_at: now,
+            },
+            now,
+            &policy,
+        );
+    }
+    if row.state == "Subscribed" {
+        machine.handle(
+            &Event::ActivationConfirmed {
+                term: None,
+                confirmed_at: now,
+            },
+            now,
+            &policy,
+        );
+    }
     sqlx::query(
         "INSERT INTO subscriptions (id, offer_id, plan_id, quantity, state, \
          beneficiary_tenant_id, purchaser_tenant_id, machine) \
@@ -1004,21 +1042,35 @@ async fn commands_are_validated_queued_and_answered_202() {
     )
     .await;
 
-    let cases: [(&str, Option<Value>, &str); 4] = [
-        ("activate", None, "activate"),
+    // Activation is asked for a purchase not yet active (the machine ignores it for an
+    // active one, and the API then refuses it at once).
+    let pending = Uuid::new_v4();
+    app.insert_subscription(Row {
+        id: pending,
+        offer: "contoso-seats",
+        plan: "per-user",
+        quantity: Some(5),
+        state: "PendingFulfillment",
+        beneficiary: Uuid::new_v4(),
+    })
+    .await;
+    let cases: [(&str, Option<Value>, &str, Uuid); 4] = [
+        ("activate", None, "activate", pending),
         (
             "change-plan",
             Some(json!({ "planId": "gold" })),
             "change_plan",
+            id,
         ),
         (
             "change-quantity",
             Some(json!({ "quantity": 12 })),
             "change_quantity",
+            id,
         ),
-        ("cancel", None, "cancel"),
+        ("cancel", None, "cancel", id),
     ];
-    for (path, body, kind) in cases {
+    for (path, body, kind, id) in cases {
         let mut request = app.api(
             reqwest::Method::POST,
             &format!("/api/v1/subscriptions/{id}/{path}"),

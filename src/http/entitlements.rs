@@ -9,10 +9,10 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fulfillment_state_machine::{OfferId, Party, PlanId, Quantity, StateName};
+use fulfillment_state_machine::{OfferId, Outcome, Party, PlanId, Quantity, StateName};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
@@ -25,35 +25,59 @@ use super::error::ApiError;
 use super::state::{AppState, digest_bytes};
 use super::webhook::traceparent_or_new;
 use crate::queue::{InboundMessage, MessageMeta, PublisherCommand};
+use crate::settings::ApiScope;
 use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
 
 /// Page size when `limit` is absent.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
-/// Middleware: refuses every call without the configured bearer key (compared in constant
-/// time, on SHA-256 digests so the key's length does not leak either).
+/// Middleware: refuses every call without a configured bearer key (compared in constant
+/// time, on SHA-256 digests so the key's length does not leak either, and against every
+/// key whatever matched first), and every call but a read with a read-only key.
 pub async fn require_api_key(
     axum::extract::State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let Some(expected) = state.config.api_key_digest else {
+    let config = &state.config;
+    if config.api_key_digest.is_none() && config.scoped_key_digests.is_empty() {
         return Err(ApiError::Unauthorized {
             reason: "not_configured",
-            message: "the entitlement API key is not configured on this server \
-                      (set ENTITLEMENT_API_KEY); every call is refused until it is"
+            message: "the entitlement API key is not configured on this server (set \
+                      ENTITLEMENT_API_KEY or ENTITLEMENT_API_KEYS); every call is refused \
+                      until one is"
                 .into(),
         });
-    };
+    }
     let presented = bearer(request.headers()).ok_or_else(|| ApiError::Unauthorized {
         reason: "missing",
         message: "send the entitlement API key as `Authorization: Bearer <key>`".into(),
     })?;
-    let matches: bool = digest_bytes(presented.as_bytes()).ct_eq(&expected).into();
-    if !matches {
+    let keys = config
+        .api_key_digest
+        .iter()
+        .map(|digest| (*digest, ApiScope::Write))
+        .chain(config.scoped_key_digests.iter().copied());
+    let mut granted: Option<ApiScope> = None;
+    for (expected, scope) in keys {
+        if bool::from(digest_bytes(presented.as_bytes()).ct_eq(&expected)) {
+            granted = Some(match granted {
+                Some(ApiScope::Write) => ApiScope::Write,
+                _ => scope,
+            });
+        }
+    }
+    let Some(scope) = granted else {
         return Err(ApiError::Unauthorized {
             reason: "invalid",
             message: "the entitlement API key is not valid".into(),
+        });
+    };
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if scope == ApiScope::Read && !reads {
+        return Err(ApiError::Forbidden {
+            reason: "read_only_key",
+            message: "this API key is read-only; a read-write key is needed for this call".into(),
         });
     }
     Ok(next.run(request).await)
@@ -197,7 +221,9 @@ impl ListQuery {
                 }
             },
         };
-        let after = match non_empty(self.cursor) {
+        // An empty `cursor=` is refused like any other value that is not a `nextCursor`
+        // (the OpenAPI document says a UUID); omit the parameter for the first page.
+        let after = match self.cursor.map(|s| s.trim().to_owned()) {
             None => None,
             Some(raw) => Some(Uuid::parse_str(&raw).map_err(|_| {
                 ApiError::bad_request(format!(
@@ -324,15 +350,21 @@ pub async fn change_quantity(
         let raw = body
             .get("quantity")
             .ok_or_else(|| ApiError::bad_request("`quantity` is required"))?;
-        let quantity = raw
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .and_then(|n| Quantity::new(n).ok())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "`quantity` must be a whole number of seats of at least 1, got {raw}"
-                ))
-            })?;
+        let quantity = match raw.as_u64() {
+            Some(n) if n > u64::from(u32::MAX) => {
+                return Err(ApiError::bad_request(format!(
+                    "`quantity` must be at most {} seats, got {raw}",
+                    u32::MAX
+                )));
+            }
+            Some(n) => u32::try_from(n).ok().and_then(|n| Quantity::new(n).ok()),
+            None => None,
+        }
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`quantity` must be a whole number of seats of at least 1, got {raw}"
+            ))
+        })?;
         Ok(PublisherCommand::ChangeQuantity {
             quantity: quantity.get(),
         })
@@ -372,6 +404,13 @@ async fn submit(
         requested_by: "api".into(),
         requested_at: OffsetDateTime::now_utc(),
     };
+    if let Some(reason) = refused_now(state, &message).await? {
+        tracing::info!(%subscription_id, command = kind, reason, "command refused at once");
+        return Err(ApiError::Conflict {
+            reason: "refused",
+            message: reason,
+        });
+    }
     let meta = MessageMeta {
         message_id: command_id.to_string(),
         correlation_id: command_id.to_string(),
@@ -416,6 +455,38 @@ async fn submit(
             ))
         }
     }
+}
+
+/// Whether the machine, as the subscription stands now, would refuse the command (an
+/// unknown or same plan, seats outside the plan's or the policy's limits, a subscription
+/// that is not Subscribed, a read-only CSP purchase, an operation pending): the machine
+/// decides on a copy of the stored machine, nothing is written, so the ISV hears the reason
+/// at once instead of a 202 whose command fails a moment later. A state change still in the
+/// queue is not seen; a command refused because of one can be sent again.
+async fn refused_now(
+    state: &AppState,
+    message: &InboundMessage,
+) -> Result<Option<String>, ApiError> {
+    let translated = crate::worker::translate::translate(message)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let machine = crate::store::ledger::load(&state.pool, translated.subscription_id)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    let Some(mut machine) = machine else {
+        return Ok(None);
+    };
+    let decision = machine.handle(
+        &translated.event,
+        OffsetDateTime::now_utc(),
+        &state.config.policy,
+    );
+    // As `commands::decide` reads a decision: anything but applied fails the command (a
+    // refusal, or nothing to do in this state, e.g. any change to an Unsubscribed one).
+    Ok(match decision.outcome {
+        Outcome::Applied { .. } => None,
+        Outcome::Rejected { reason } => Some(reason),
+        Outcome::Ignored { reason } => Some(format!("not applied: {reason}")),
+    })
 }
 
 /// `GET /api/v1/commands/{id}`: what became of a command (`queued`, `requested` with
@@ -567,6 +638,13 @@ mod tests {
             Err(ApiError::BadRequest(m)) => assert!(m.contains(expected), "{m}"),
             other => panic!("{other:?}"),
         };
+        bad(
+            ListQuery {
+                cursor: Some(String::new()),
+                ..Default::default()
+            },
+            "`cursor`",
+        );
         bad(
             ListQuery {
                 state: Some("Active".into()),

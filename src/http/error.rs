@@ -21,12 +21,27 @@ pub enum ApiError {
         reason: &'static str,
         message: String,
     },
+    /// 403: the credential is valid but may not do this. `reason` is a stable word.
+    #[error("forbidden ({reason}): {message}")]
+    Forbidden {
+        reason: &'static str,
+        message: String,
+    },
     /// 400: the request itself is wrong; `message` says how.
     #[error("bad request: {0}")]
     BadRequest(String),
     /// 404.
     #[error("not found: {0}")]
     NotFound(String),
+    /// 409: the request conflicts with the resource's state; `reason` is a stable word.
+    #[error("conflict ({reason}): {message}")]
+    Conflict {
+        reason: &'static str,
+        message: String,
+    },
+    /// 422: well-formed, but its values cannot be accepted; `message` says why.
+    #[error("unprocessable: {0}")]
+    Unprocessable(String),
     /// 413: the body is larger than `limit` bytes.
     #[error("the body exceeds {limit} bytes")]
     PayloadTooLarge { limit: usize },
@@ -56,8 +71,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,8 +87,17 @@ impl ApiError {
             Self::Unauthorized { reason, message } => {
                 json!({ "error": "unauthorized", "reason": reason, "message": message })
             }
+            Self::Forbidden { reason, message } => {
+                json!({ "error": "forbidden", "reason": reason, "message": message })
+            }
             Self::BadRequest(message) => json!({ "error": "bad_request", "message": message }),
             Self::NotFound(message) => json!({ "error": "not_found", "message": message }),
+            Self::Conflict { reason, message } => {
+                json!({ "error": "conflict", "reason": reason, "message": message })
+            }
+            Self::Unprocessable(message) => {
+                json!({ "error": "unprocessable", "message": message })
+            }
             Self::PayloadTooLarge { limit } => json!({
                 "error": "payload_too_large",
                 "message": format!("the body exceeds the limit of {limit} bytes"),

@@ -6,6 +6,7 @@
 //! - The landing page and the console are in [`crate::web`], merged here.
 //! - [`entitlements`]: `/api/v1/subscriptions…`, reads and commands behind an API key;
 //!   [`openapi`] describes them.
+//! - [`isv`]: the ISV's webhook endpoints and the event feed (docs/webhooks.md).
 //! - [`health`] and [`metrics`]: probes and Prometheus metrics.
 //! - [`state`]: what handlers share; [`error`]: the JSON error answers.
 //!
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod entitlements;
 pub mod error;
 pub mod health;
+pub mod isv;
 pub mod metrics;
 pub mod openapi;
 pub mod state;
@@ -84,6 +86,25 @@ pub fn router(state: AppState) -> Router {
             post(entitlements::cancel),
         )
         .route("/api/v1/commands/{id}", get(entitlements::get_command))
+        .route(
+            "/api/v1/webhook-endpoints",
+            get(isv::list).post(isv::create),
+        )
+        .route(
+            "/api/v1/webhook-endpoints/{id}",
+            get(isv::get).patch(isv::update).delete(isv::delete),
+        )
+        .route(
+            "/api/v1/webhook-endpoints/{id}/rotate-secret",
+            post(isv::rotate_secret),
+        )
+        .route("/api/v1/webhook-endpoints/{id}/test", post(isv::test))
+        .route(
+            "/api/v1/webhook-endpoints/{id}/deliveries",
+            get(isv::deliveries),
+        )
+        .route("/api/v1/webhook-endpoints/{id}/replay", post(isv::replay))
+        .route("/api/v1/events", get(isv::feed))
         .route(
             "/api/v1/usage",
             post(entitlements::report_usage)

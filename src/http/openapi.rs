@@ -15,6 +15,13 @@ pub const PATHS: &[&str] = &[
     "/api/v1/subscriptions/{id}/cancel",
     "/api/v1/commands/{id}",
     "/api/v1/usage",
+    "/api/v1/webhook-endpoints",
+    "/api/v1/webhook-endpoints/{id}",
+    "/api/v1/webhook-endpoints/{id}/rotate-secret",
+    "/api/v1/webhook-endpoints/{id}/test",
+    "/api/v1/webhook-endpoints/{id}/deliveries",
+    "/api/v1/webhook-endpoints/{id}/replay",
+    "/api/v1/events",
     "/webhook",
     "/landing",
     "/landing/activate",
@@ -30,6 +37,19 @@ pub const PATHS: &[&str] = &[
 /// `GET /api/v1/openapi.json`.
 pub async fn openapi_json() -> Json<Value> {
     Json(document())
+}
+
+/// The whole document: the entitlement API and the ISV's webhook routes.
+pub fn document() -> Value {
+    let mut document = base_document();
+    let (paths, schemas) = isv_part();
+    for (path, item) in paths {
+        document["paths"][path] = item;
+    }
+    for (name, schema) in schemas {
+        document["components"]["schemas"][name] = schema;
+    }
+    document
 }
 
 fn error_response(description: &str) -> Value {
@@ -53,6 +73,7 @@ fn command(summary: &str, body: Option<Value>) -> Value {
             "400": error_response("Invalid subscription id or body."),
             "401": error_response("Missing or invalid API key, or no key configured."),
             "404": error_response("Unknown subscription."),
+            "409": error_response("Refused at once, nothing queued: the machine refuses the command as the subscription stands (not Subscribed, a read-only CSP purchase, the same plan or seats, outside the policy's limits, an operation pending); `message` says why."),
             "503": error_response("The command could not be queued; retry after `Retry-After` seconds."),
         }
     });
@@ -124,7 +145,7 @@ fn usage_path() -> Value {
 }
 
 /// The document.
-pub fn document() -> Value {
+fn base_document() -> Value {
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -136,6 +157,7 @@ pub fn document() -> Value {
             { "name": "subscriptions", "description": "Read entitlements." },
             { "name": "commands", "description": "Ask for changes (asynchronous)." },
             { "name": "metering", "description": "Report metered usage (billed hourly through Microsoft's Metering API)." },
+            { "name": "webhooks", "description": "The ISV's signed webhook endpoints and the event feed (docs/webhooks.md)." },
             { "name": "marketplace", "description": "Called by Microsoft and customers." },
             { "name": "operations", "description": "Probes and metrics." }
         ],
@@ -150,7 +172,7 @@ pub fn document() -> Value {
                         { "name": "beneficiaryTenantId", "in": "query", "schema": { "type": "string", "format": "uuid" } },
                         { "name": "offerId", "in": "query", "schema": { "type": "string" } },
                         { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 500, "default": 50 } },
-                        { "name": "cursor", "in": "query", "description": "`nextCursor` of the previous page.", "schema": { "type": "string", "format": "uuid" } }
+                        { "name": "cursor", "in": "query", "description": "`nextCursor` of the previous page; omit it for the first page (an empty value is refused).", "schema": { "type": "string", "format": "uuid" } }
                     ],
                     "responses": {
                         "200": {
@@ -191,7 +213,7 @@ pub fn document() -> Value {
                 "Change the number of seats.",
                 Some(json!({
                     "type": "object", "required": ["quantity"],
-                    "properties": { "quantity": { "type": "integer", "minimum": 1 } }
+                    "properties": { "quantity": { "type": "integer", "minimum": 1, "maximum": 4294967295u64 } }
                 }))
             ),
             "/api/v1/subscriptions/{id}/cancel": command("Cancel (unsubscribe) the subscription.", None),
@@ -344,7 +366,7 @@ pub fn document() -> Value {
         },
         "components": {
             "securitySchemes": {
-                "apiKey": { "type": "http", "scheme": "bearer", "description": "The ENTITLEMENT_API_KEY." }
+                "apiKey": { "type": "http", "scheme": "bearer", "description": "ENTITLEMENT_API_KEY (read-write) or a key of ENTITLEMENT_API_KEYS: a `read` key may only GET (anything else answers 403 `read_only_key`)." }
             },
             "parameters": {
                 "SubscriptionId": {
@@ -438,6 +460,277 @@ pub fn document() -> Value {
             }
         }
     })
+}
+
+/// Named parts of the document (paths or schemas).
+type Named = Vec<(&'static str, Value)>;
+
+/// The paths and schemas of `/api/v1/webhook-endpoints…` and `/api/v1/events`
+/// ([`super::isv`]).
+fn isv_part() -> (Named, Named) {
+    let endpoint_id = json!({
+        "name": "id", "in": "path", "required": true,
+        "description": "The endpoint id.",
+        "schema": { "type": "string", "format": "uuid" }
+    });
+    let ok = |description: &str, schema: &str| {
+        json!({
+            "description": description,
+            "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }
+        })
+    };
+    let body = |schema: &str| json!({ "required": true, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } });
+    let unauthorized = error_response("Missing or invalid API key, or no key configured.");
+    let unknown = error_response("No such endpoint.");
+    let topics = json!({
+        "type": "array", "minItems": 1,
+        "items": { "type": "string", "example": "subscription.*" },
+        "description": "`*`, `subscription.*` or routing keys of docs/events.md."
+    });
+    let paths = vec![
+        (
+            "/api/v1/webhook-endpoints",
+            json!({
+                "get": {
+                    "tags": ["webhooks"], "summary": "Every endpoint (never a secret).",
+                    "security": [{ "apiKey": [] }],
+                    "responses": { "200": ok("The endpoints.", "EndpointList"), "401": unauthorized }
+                },
+                "post": {
+                    "tags": ["webhooks"], "summary": "Register an endpoint; the answer holds its signing secret, shown this once.",
+                    "security": [{ "apiKey": [] }],
+                    "requestBody": body("NewEndpoint"),
+                    "responses": {
+                        "201": ok("Registered.", "EndpointWithSecret"),
+                        "400": error_response("Not the expected JSON (unknown fields are refused)."),
+                        "401": unauthorized,
+                        "422": error_response("A value cannot be accepted: not https (nor loopback, nor `insecure`), an unknown topic, an empty offer id.")
+                    }
+                }
+            }),
+        ),
+        (
+            "/api/v1/webhook-endpoints/{id}",
+            json!({
+                "get": {
+                    "tags": ["webhooks"], "summary": "One endpoint.", "security": [{ "apiKey": [] }],
+                    "parameters": [endpoint_id],
+                    "responses": { "200": ok("The endpoint.", "Endpoint"), "400": error_response("The id is not a UUID."), "401": unauthorized, "404": unknown }
+                },
+                "patch": {
+                    "tags": ["webhooks"], "summary": "Change an endpoint; absent fields stay.", "security": [{ "apiKey": [] }],
+                    "parameters": [endpoint_id],
+                    "requestBody": body("EndpointChanges"),
+                    "responses": { "200": ok("The endpoint.", "Endpoint"), "400": error_response("Not the expected JSON."), "401": unauthorized, "404": unknown, "422": error_response("A value cannot be accepted.") }
+                },
+                "delete": {
+                    "tags": ["webhooks"], "summary": "Delete an endpoint; its pending deliveries are dropped.", "security": [{ "apiKey": [] }],
+                    "parameters": [endpoint_id],
+                    "responses": { "204": { "description": "Deleted." }, "401": unauthorized, "404": unknown }
+                }
+            }),
+        ),
+        (
+            "/api/v1/webhook-endpoints/{id}/rotate-secret",
+            json!({
+                "post": {
+                    "tags": ["webhooks"], "summary": "A new signing secret (shown once); the previous one keeps signing next to it until previousSecretValidUntil.",
+                    "security": [{ "apiKey": [] }], "parameters": [endpoint_id],
+                    "responses": { "200": ok("The endpoint and its new secret.", "EndpointWithSecret"), "401": unauthorized, "404": unknown }
+                }
+            }),
+        ),
+        (
+            "/api/v1/webhook-endpoints/{id}/test",
+            json!({
+                "post": {
+                    "tags": ["webhooks"], "summary": "Send a signed `webhook.test` event now and report the answer.",
+                    "security": [{ "apiKey": [] }], "parameters": [endpoint_id],
+                    "responses": { "200": ok("What the endpoint answered.", "TestResult"), "401": unauthorized, "404": unknown }
+                }
+            }),
+        ),
+        (
+            "/api/v1/webhook-endpoints/{id}/deliveries",
+            json!({
+                "get": {
+                    "tags": ["webhooks"], "summary": "The delivery log: every attempt, newest first.",
+                    "security": [{ "apiKey": [] }],
+                    "parameters": [
+                        endpoint_id,
+                        { "name": "before", "in": "query", "schema": { "type": "integer", "format": "int64", "minimum": 1 }, "description": "The nextBefore of a previous page." },
+                        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 100 } }
+                    ],
+                    "responses": { "200": ok("Attempts.", "AttemptPage"), "400": error_response("Invalid before or limit."), "401": unauthorized, "404": unknown }
+                }
+            }),
+        ),
+        (
+            "/api/v1/webhook-endpoints/{id}/replay",
+            json!({
+                "post": {
+                    "tags": ["webhooks"], "summary": "Send deliveries again: one event, the endpoint's failures, or everything since a time. A dry run unless dryRun is false; journalled.",
+                    "security": [{ "apiKey": [] }], "parameters": [endpoint_id],
+                    "requestBody": body("ReplayRequest"),
+                    "responses": { "200": ok("What was (or would be) sent again.", "ReplayResult"), "400": error_response("Not exactly one of eventId, failures, since; or a malformed since."), "401": unauthorized, "404": unknown }
+                }
+            }),
+        ),
+        (
+            "/api/v1/events",
+            json!({
+                "get": {
+                    "tags": ["webhooks"], "summary": "The pull feed: the webhooks' CloudEvents (same ids) in the order they were published.",
+                    "security": [{ "apiKey": [] }],
+                    "parameters": [
+                        { "name": "after", "in": "query", "schema": { "type": "string", "pattern": "^[0-9]+$" }, "description": "The nextCursor of a previous answer; omit it to start at the beginning (an empty value is refused)." },
+                        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 100 } },
+                        { "name": "type", "in": "query", "schema": { "type": "string" }, "description": "subscription.activated or com.fulfillment.subscription.activated." },
+                        { "name": "subscriptionId", "in": "query", "schema": { "type": "string", "format": "uuid" } }
+                    ],
+                    "responses": { "200": ok("Events and the next cursor.", "EventPage"), "400": error_response("Invalid after, limit, type or subscriptionId."), "401": unauthorized }
+                }
+            }),
+        ),
+    ];
+    let endpoint_properties = json!({
+        "id": { "type": "string", "format": "uuid" },
+        "url": { "type": "string", "format": "uri" },
+        "description": { "type": "string" },
+        "topics": { "type": "array", "items": { "type": "string" } },
+        "offerId": { "type": "string", "nullable": true },
+        "insecure": { "type": "boolean" },
+        "status": { "type": "string", "enum": ["enabled", "disabled"] },
+        "disabledReason": { "type": "string", "nullable": true },
+        "failingSince": { "type": "string", "format": "date-time", "nullable": true },
+        "previousSecretValidUntil": { "type": "string", "format": "date-time", "nullable": true },
+        "createdAt": { "type": "string", "format": "date-time" },
+        "updatedAt": { "type": "string", "format": "date-time" }
+    });
+    let mut with_secret = endpoint_properties.clone();
+    with_secret["secret"] =
+        json!({ "type": "string", "pattern": "^whsec_", "description": "Shown this once." });
+    let schemas = vec![
+        (
+            "Endpoint",
+            json!({ "type": "object", "required": ["id", "url", "topics", "status"], "properties": endpoint_properties }),
+        ),
+        (
+            "EndpointWithSecret",
+            json!({ "type": "object", "required": ["id", "url", "topics", "status", "secret"], "properties": with_secret }),
+        ),
+        (
+            "EndpointList",
+            json!({ "type": "object", "required": ["endpoints"], "properties": { "endpoints": { "type": "array", "items": { "$ref": "#/components/schemas/Endpoint" } } } }),
+        ),
+        (
+            "NewEndpoint",
+            json!({
+                "type": "object", "required": ["url"], "additionalProperties": false,
+                "properties": {
+                    "url": { "type": "string", "description": "https://…; plain http:// only on a loopback host or with insecure." },
+                    "topics": topics.clone(),
+                    "offerId": { "type": "string", "minLength": 1, "maxLength": 256 },
+                    "description": { "type": "string", "maxLength": 1024 },
+                    "insecure": { "type": "boolean", "default": false }
+                }
+            }),
+        ),
+        (
+            "EndpointChanges",
+            json!({
+                "type": "object", "additionalProperties": false,
+                "properties": {
+                    "url": { "type": "string" },
+                    "topics": topics,
+                    "offerId": { "type": "string", "minLength": 1, "maxLength": 256, "nullable": true, "description": "null: every offer." },
+                    "description": { "type": "string", "maxLength": 1024 },
+                    "insecure": { "type": "boolean" },
+                    "enabled": { "type": "boolean" }
+                }
+            }),
+        ),
+        (
+            "TestResult",
+            json!({
+                "type": "object", "required": ["eventId", "delivered"],
+                "properties": {
+                    "eventId": { "type": "string" },
+                    "delivered": { "type": "boolean" },
+                    "status": { "type": "integer", "nullable": true },
+                    "latencyMs": { "type": "integer" },
+                    "response": { "type": "string", "description": "The first 1 KiB of the answer, or the transport error." },
+                    "answer": { "type": "string" }
+                }
+            }),
+        ),
+        (
+            "Attempt",
+            json!({
+                "type": "object",
+                "properties": {
+                    "id": { "type": "integer", "format": "int64" },
+                    "eventId": { "type": "string" },
+                    "attemptedAt": { "type": "string", "format": "date-time" },
+                    "status": { "type": "integer", "nullable": true, "description": "null: no answer (timeout, no connection)." },
+                    "latencyMs": { "type": "integer" },
+                    "response": { "type": "string" },
+                    "outcome": { "type": "string", "enum": ["delivered", "failed", "skipped"] }
+                }
+            }),
+        ),
+        (
+            "AttemptPage",
+            json!({
+                "type": "object", "required": ["deliveries"],
+                "properties": {
+                    "deliveries": { "type": "array", "items": { "$ref": "#/components/schemas/Attempt" } },
+                    "nextBefore": { "type": "string", "nullable": true }
+                }
+            }),
+        ),
+        (
+            "ReplayRequest",
+            json!({
+                "type": "object", "additionalProperties": false,
+                "description": "Exactly one of eventId, failures (true) and since.",
+                "properties": {
+                    "eventId": { "type": "string" },
+                    "failures": { "type": "boolean" },
+                    "since": { "type": "string", "format": "date-time" },
+                    "dryRun": { "type": "boolean", "default": true }
+                }
+            }),
+        ),
+        (
+            "ReplayResult",
+            json!({
+                "type": "object", "required": ["dryRun", "replayed", "deliveries"],
+                "properties": {
+                    "dryRun": { "type": "boolean" },
+                    "replayed": { "type": "integer" },
+                    "deliveries": { "type": "array", "items": { "type": "object", "properties": {
+                        "outboxId": { "type": "string", "format": "uuid" },
+                        "endpointId": { "type": "string", "format": "uuid" },
+                        "eventId": { "type": "string" },
+                        "status": { "type": "string", "enum": ["done", "dead"] },
+                        "queuedAt": { "type": "string", "format": "date-time" }
+                    } } }
+                }
+            }),
+        ),
+        (
+            "EventPage",
+            json!({
+                "type": "object", "required": ["events", "nextCursor"],
+                "properties": {
+                    "events": { "type": "array", "items": { "type": "object", "description": "A CloudEvent (docs/events.md)." } },
+                    "nextCursor": { "type": "string", "pattern": "^[0-9]+$" }
+                }
+            }),
+        ),
+    ];
+    (paths, schemas)
 }
 
 #[cfg(test)]

@@ -38,10 +38,16 @@ pub struct IngressConfig {
     /// The entitlement API key as a SHA-256 digest: compared in constant time without
     /// leaking its length, and the key itself is not kept around.
     pub api_key_digest: Option<[u8; 32]>,
+    /// The scoped keys (`ENTITLEMENT_API_KEYS`, its file), as digests with their scope.
+    pub scoped_key_digests: Vec<([u8; 32], crate::settings::ApiScope)>,
     pub publish_confirm_timeout: Duration,
     pub activation: ActivationMode,
     /// Metering (the dimensions' time to live).
     pub metering: crate::metering::MeteringConfig,
+    /// Webhook endpoints: the rotation overlap and the test event's timeout.
+    pub webhooks: crate::settings::WebhookSettings,
+    /// The machine's policy: a command the machine would refuse now is refused at once.
+    pub policy: fulfillment_state_machine::Policy,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -56,6 +62,7 @@ impl std::fmt::Debug for IngressConfig {
                     .map(|_| "<configured>")
                     .unwrap_or("<none>"),
             )
+            .field("scoped_api_keys", &self.scoped_key_digests.len())
             .field("publish_confirm_timeout", &self.publish_confirm_timeout)
             .field("activation", &self.activation)
             .finish()
@@ -67,9 +74,17 @@ impl IngressConfig {
         Self {
             body_limit_bytes: settings.ingress.body_limit_bytes,
             api_key_digest: settings.ingress.api_key.as_ref().map(digest_key),
+            scoped_key_digests: settings
+                .ingress
+                .api_keys
+                .iter()
+                .map(|k| (digest_key(&k.key), k.scope))
+                .collect(),
             publish_confirm_timeout: settings.ingress.publish_confirm_timeout,
             activation: settings.policy.activation,
             metering: settings.metering.clone(),
+            webhooks: settings.webhooks.clone(),
+            policy: settings.policy.clone(),
         }
     }
 }

@@ -12,12 +12,15 @@
 //!   Entra, the Fulfillment API, the webhook JWKS and audiences, the public URLs).
 //! - [`usage`]: metered usage: import a CSV, list and show hours, reconcile with
 //!   Microsoft's usage records.
+//! - [`endpoint`]: the ISV's webhook endpoints: add, list, show, rotate the secret,
+//!   disable, test, the delivery log and replay (journalled).
 //! - [`render`]: aligned tables and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
 
 pub mod dlq;
 pub mod doctor;
+pub mod endpoint;
 pub mod reconcile;
 pub mod render;
 pub mod subscription;

@@ -13,6 +13,8 @@ pub mod baseline;
 pub mod commands;
 pub mod credential_notices;
 pub mod inbox;
+pub mod deliveries;
+pub mod endpoints;
 pub mod ledger;
 pub mod notices;
 pub mod onboarding;

@@ -15,6 +15,8 @@ pub enum ActionKind {
     DlqReplay,
     DlqPurge,
     Reconcile,
+    /// Webhook deliveries to the ISV queued again (`endpoint replay`).
+    WebhookReplay,
 }
 
 impl ActionKind {
@@ -23,6 +25,7 @@ impl ActionKind {
             Self::DlqReplay => "dlq_replay",
             Self::DlqPurge => "dlq_purge",
             Self::Reconcile => "reconcile",
+            Self::WebhookReplay => "webhook_replay",
         }
     }
 }

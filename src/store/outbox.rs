@@ -18,7 +18,9 @@
 //! without waiting for our next activation check). Subscriptions
 //! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
 //! 10-second window (P7).
-//! A `dead` row no longer blocks anything; operators replay it.
+//! A `dead` row no longer blocks anything; operators replay it. Webhook deliveries to the
+//! ISV ([`EffectKind::DeliverWebhook`]) have runners of their own ([`claim_next_of_kind`]);
+//! the effect runners never claim them.
 //! A row of a kind this version does not know (a newer worker's, during a rolling upgrade)
 //! is never claimed here — it waits for a worker that knows it — and holds back the later
 //! rows of its subscription like any kind that changes something at Microsoft.
@@ -60,6 +62,10 @@ pub enum EffectKind {
     PublishDomainEvent,
     /// A metering batch (event sequence 0), queued by the metering, not by the machine.
     SubmitUsage,
+    /// A signed delivery of a domain event to one of the ISV's endpoints
+    /// (`store::deliveries`); its lane (the `subscription_id` column) is the pair
+    /// (endpoint, subscription), and it has runners of its own.
+    DeliverWebhook,
 }
 
 /// How a pending row holds back the later rows of its subscription (see the module docs).
@@ -98,12 +104,32 @@ impl EffectKind {
             Self::FetchSubscription | Self::PublishDomainEvent | Self::SubmitUsage => {
                 Ordering::HoldsBackItsKind
             }
+            // A delivery's lane holds only that endpoint's deliveries of one subscription:
+            // they go one after another, in event order.
             Self::Activate
             | Self::AckOperation
             | Self::RequestPlanChange
             | Self::RequestQuantityChange
-            | Self::RequestCancel => Ordering::HoldsBackAll,
+            | Self::RequestCancel
+            | Self::DeliverWebhook => Ordering::HoldsBackAll,
         }
+    }
+
+    /// Kinds with runners of their own (webhook deliveries to the ISV): the effect runners
+    /// never claim them, so a slow endpoint never holds a permit an ACK needs.
+    pub fn has_own_runner(self) -> bool {
+        matches!(self, Self::DeliverWebhook)
+    }
+
+    /// The kinds the effect runners claim: every kind this version knows (a newer
+    /// version's row is left alone during a rolling upgrade) except those with their own
+    /// runners.
+    fn claimed_by_effect_runners() -> Vec<EffectKind> {
+        Self::ALL
+            .iter()
+            .copied()
+            .filter(|kind| !kind.has_own_runner())
+            .collect()
     }
 
     /// The kinds with this ordering, as the claim query binds them.
@@ -128,6 +154,7 @@ impl TextValue for EffectKind {
         Self::ConfirmOperation,
         Self::PublishDomainEvent,
         Self::SubmitUsage,
+        Self::DeliverWebhook,
     ];
 
     fn as_str(self) -> &'static str {
@@ -142,6 +169,7 @@ impl TextValue for EffectKind {
             Self::ConfirmOperation => "confirm_operation",
             Self::PublishDomainEvent => "publish_domain_event",
             Self::SubmitUsage => "submit_usage",
+            Self::DeliverWebhook => "deliver_webhook",
         }
     }
 }
@@ -266,7 +294,30 @@ pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
-    .bind(EffectKind::ALL)
+    .bind(EffectKind::claimed_by_effect_runners())
+    .fetch_optional(&mut *tx)
+    .await?;
+    finish_claim(tx, row).await
+}
+
+/// Like [`claim_next`], for the rows of one kind with runners of its own
+/// ([`EffectKind::has_own_runner`]) only.
+pub async fn claim_next_of_kind(
+    pool: &PgPool,
+    kind: EffectKind,
+) -> Result<Option<Claimed>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND o.kind = $3 AND {NOTHING_BEFORE_IT} \
+         ORDER BY o.priority, o.next_attempt_at \
+         LIMIT 1 \
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
+    .bind(kind)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await

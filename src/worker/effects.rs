@@ -1044,6 +1044,8 @@ impl EffectRunner {
                 .map(|row| row.answers);
             with_onboarding(&mut body, answers);
         }
+        // The ISV's webhooks and feed (docs/webhooks.md): queued once per event and endpoint.
+        crate::worker::deliveries::fan_out(&self.inner.pool, row, &id, event, &body).await?;
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),

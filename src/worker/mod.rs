@@ -9,6 +9,7 @@
 //!   call next, how long to wait, which events an answer means.
 //! - [`effects`]: the outbox runner: claims effects, carries out their protocols' steps
 //!   (Microsoft calls, domain events) and feeds the results back as machine events.
+//! - [`deliveries`]: signed webhook deliveries to the ISV's endpoints (their own runner).
 //! - [`notices`]: emits the lifecycle notices whose time has come.
 //! - [`run`]: `fulfillment work`: wiring, the [`Worker`] handle, graceful shutdown.
 //! - [`listener`]: the worker's `/metrics`, `/healthz` and `/readyz`.
@@ -16,6 +17,7 @@
 pub mod apply;
 pub mod consume;
 pub mod credential_health;
+pub mod deliveries;
 pub mod effects;
 pub mod listener;
 pub mod notices;

@@ -18,9 +18,11 @@ use crate::queue::Broker;
 use crate::settings::Settings;
 use crate::store::{self, outbox};
 use crate::worker::consume::{ConsumerActivity, MessageHandler, run_consumer};
+use crate::worker::deliveries::DeliveryRunner;
 use crate::worker::effects::{EffectActivity, EffectRunner, EffectsConfig};
 use crate::worker::listener::MetricsListener;
 use crate::worker::protocol::ProtocolConfig;
+use crate::worker::protocol::deliver::DeliveryConfig;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -35,6 +37,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Closing usage hours into metering batches.
     pub metering: crate::metering::MeteringConfig,
+    /// Webhook deliveries to the ISV (their own runner and budget).
+    pub deliveries: DeliveryConfig,
 }
 
 impl Default for WorkerConfig {
@@ -45,6 +49,7 @@ impl Default for WorkerConfig {
             effects: EffectsConfig::default(),
             shutdown_grace: Duration::from_secs(20),
             metering: crate::metering::MeteringConfig::default(),
+            deliveries: DeliveryConfig::default(),
         }
     }
 }
@@ -84,6 +89,7 @@ impl WorkerConfig {
             },
             shutdown_grace: worker.shutdown_grace,
             metering: settings.metering.clone(),
+            deliveries: settings.webhooks.delivery_config(),
         }
     }
 }
@@ -133,6 +139,7 @@ pub struct Worker {
     shutdown: CancellationToken,
     consumer: JoinHandle<()>,
     runner: JoinHandle<()>,
+    deliveries: JoinHandle<()>,
     notices: JoinHandle<()>,
     pool: PgPool,
     consumer_activity: Arc<ConsumerActivity>,
@@ -174,6 +181,12 @@ impl Worker {
             shutdown.clone(),
         ));
         let runner = tokio::spawn(runner.run(shutdown.clone()));
+        let deliveries = DeliveryRunner::new(
+            parts.pool.clone(),
+            config.deliveries,
+            Some(parts.broker.publisher().await?),
+        );
+        let deliveries = tokio::spawn(deliveries.run(shutdown.clone()));
         // Closes usage hours into metering batches; stops with the token.
         tokio::spawn(crate::metering::submit::run_periodically(
             parts.pool.clone(),
@@ -191,6 +204,7 @@ impl Worker {
             shutdown,
             consumer,
             runner,
+            deliveries,
             notices,
             pool: parts.pool,
             consumer_activity,
@@ -241,6 +255,7 @@ impl Worker {
             shutdown,
             mut consumer,
             mut runner,
+            mut deliveries,
             mut notices,
             consumer_activity,
             effect_activity,
@@ -257,6 +272,9 @@ impl Worker {
             (&mut notices)
                 .await
                 .context("the notice emitter task panicked")?;
+            (&mut deliveries)
+                .await
+                .context("the delivery runner task panicked")?;
             anyhow::Ok(())
         };
         let grace_over = async {
@@ -277,6 +295,7 @@ impl Worker {
                 );
                 consumer.abort();
                 runner.abort();
+                deliveries.abort();
                 notices.abort();
             }
         }

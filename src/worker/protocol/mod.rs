@@ -14,6 +14,7 @@
 //! - [`change`]: our PATCH/DELETE, including the one whose answer was lost (§8.2, §15.2).
 //! - [`publish`]: a domain event on the broker.
 //! - [`metering`]: a batch of frozen usage hours (§9.2), each item settled on its own.
+//! - [`deliver`]: a signed webhook delivery to one of the ISV's endpoints (docs/webhooks.md).
 
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use crate::marketplace::{OperationStatus as WireOperationStatus, Subscription, U
 pub mod acknowledge;
 pub mod activate;
 pub mod change;
+pub mod deliver;
 pub mod metering;
 pub mod observe;
 pub mod publish;
