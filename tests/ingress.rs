@@ -60,8 +60,7 @@ async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, Stri
 /// A subscription row whose stored machine agrees with its state (commands are decided
 /// against the machine before they are queued).
 async fn insert_subscription(app: &Stack, row: Row) {
-    let mut machine =
-        SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
+    let mut machine = SubscriptionMachine::new(SubscriptionId::parse(&row.id.to_string()).unwrap());
     use fulfillment_state_machine::{
         ActivationMode, Event, MarketplaceStatus, OfferId, PlanId, Policy, Quantity, Snapshot,
     };
@@ -1045,14 +1044,17 @@ async fn commands_are_validated_queued_and_answered_202() {
     // Activation is asked for a purchase not yet active (the machine ignores it for an
     // active one, and the API then refuses it at once).
     let pending = Uuid::new_v4();
-    app.insert_subscription(Row {
-        id: pending,
-        offer: "contoso-seats",
-        plan: "per-user",
-        quantity: Some(5),
-        state: "PendingFulfillment",
-        beneficiary: Uuid::new_v4(),
-    })
+    insert_subscription(
+        &app,
+        Row {
+            id: pending,
+            offer: "contoso-seats",
+            plan: "per-user",
+            quantity: Some(5),
+            state: "PendingFulfillment",
+            beneficiary: Uuid::new_v4(),
+        },
+    )
     .await;
     let cases: [(&str, Option<Value>, &str, Uuid); 4] = [
         ("activate", None, "activate", pending),

@@ -469,9 +469,10 @@ async fn refused_now(
 ) -> Result<Option<String>, ApiError> {
     let translated = crate::worker::translate::translate(message)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let machine = crate::store::ledger::load(&state.pool, translated.subscription_id)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
+    let machine =
+        crate::store::subscriptions::load_machine(&state.pool, translated.subscription_id)
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
     let Some(mut machine) = machine else {
         return Ok(None);
     };
