@@ -1,5 +1,5 @@
-//! Operator tools behind `fulfillment dlq …`, `fulfillment subscription …` and
-//! `fulfillment reconcile` and `fulfillment doctor` (design.md guarantees 7 and 8): each is a library function that
+//! Operator tools behind `fulfillment dlq …`, `fulfillment effects …`, `fulfillment
+//! subscription …`, `fulfillment status`, `fulfillment reconcile` and `fulfillment doctor` (design.md guarantees 7 and 8): each is a library function that
 //! returns a report, which the CLI prints as a table or, with `--json`, as JSON.
 //!
 //! - [`dlq`]: list, show, replay and purge dead letters; every replay and purge is
@@ -12,14 +12,19 @@
 //!   Entra, the Fulfillment API, the webhook JWKS and audiences, the public URLs).
 //! - [`usage`]: metered usage: import a CSV, list and show hours, reconcile with
 //!   Microsoft's usage records.
-//! - [`render`]: aligned tables and time formatting.
+//! - [`effects`]: dead effects (outbox rows the runner gave up on): list, show, retry and
+//!   abandon, each change journalled.
+//! - [`status`]: what needs a person now, each with the command to run.
+//! - [`render`]: tables wrapped to the terminal and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
 
 pub mod dlq;
 pub mod doctor;
+pub mod effects;
 pub mod reconcile;
 pub mod render;
+pub mod status;
 pub mod subscription;
 pub mod usage;
 

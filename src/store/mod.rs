@@ -11,6 +11,7 @@ use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod commands;
 pub mod credential_notices;
+pub mod dead_effects;
 pub mod ledger;
 pub mod notices;
 pub mod operator_actions;
