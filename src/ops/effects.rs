@@ -16,7 +16,7 @@ use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::render::{Table, age, or_dash, when};
+use super::render::{Table, age, or_dash, shorten, when};
 use super::{UsageError, cli_actor};
 use crate::settings::Settings;
 use crate::store::dead_effects::{self, DeadEffectFilter, EffectRow, EffectStatus, MAX_PAGE_SIZE};
@@ -377,22 +377,22 @@ fn print_results(results: &[ActResult], json: bool) -> anyhow::Result<ExitCode> 
 }
 
 /// The list: the effect and its subscription in the first column (whole ids, for
-/// `show`/`retry`), then what it is and why it died.
+/// `show`/`retry`), then what it is and why it died (cut; `show` has all of it).
 pub fn render_page(page: &Page, now: OffsetDateTime) -> String {
     if page.effects.is_empty() {
         return "no dead effects\n".to_string();
     }
-    let mut table = Table::new(
-        &["EFFECT / SUBSCRIPTION", "KIND", "TRIES", "DIED", "ERROR"],
-        &[],
-    );
+    let mut table = Table::new(&["EFFECT / SUBSCRIPTION", "WHAT AND WHY"], &[]);
     for e in &page.effects {
         table.row(vec![
             format!("{}\n{}", e.id, e.subscription_id),
-            e.kind.clone(),
-            e.attempts.to_string(),
-            format!("{} ago", age(now - e.updated_at)),
-            or_dash(e.last_error.clone()),
+            format!(
+                "{}, {} attempt(s), died {} ago\n{}",
+                e.kind,
+                e.attempts,
+                age(now - e.updated_at),
+                shorten(e.last_error.as_deref().unwrap_or("no error recorded"), 160)
+            ),
         ]);
     }
     let mut out = table.render();
@@ -401,7 +401,10 @@ pub fn render_page(page: &Page, now: OffsetDateTime) -> String {
         Some(next) => out.push_str(&format!("; more with --after {next}\n")),
         None => out.push('\n'),
     }
-    out.push_str("retry: fulfillment effects retry ID…   abandon: fulfillment effects abandon ID… --reason TEXT\n");
+    out.push_str(
+        "retry:   fulfillment effects retry ID…\n\
+         abandon: fulfillment effects abandon ID… --reason TEXT\n",
+    );
     out
 }
 
