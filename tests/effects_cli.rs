@@ -184,6 +184,24 @@ async fn dead_effects_are_listed_shown_retried_and_abandoned_and_each_change_is_
         "{report}"
     );
 
+    // The console's overview reads the same.
+    let overview = marketplace_fulfillment::ops::overview::read(
+        &stack.pool,
+        Ok(&stack.broker),
+        std::time::Duration::from_secs(86_400),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
+    assert!(overview.dead_effects() >= 2, "{overview:?}");
+    assert_eq!(overview.dead_letters(), 0, "{overview:?}");
+    assert!(
+        overview
+            .subscriptions_by_state
+            .contains(&("Subscribed".to_string(), 2)),
+        "{overview:?}"
+    );
+
     // Retried: back to pending, carried out by the worker, journalled with the operator.
     let (code, out, err) = cli(&stack, &["effects", "retry", &dead_first.to_string()], &[]).await;
     assert_eq!(code, 0, "{out}{err}");

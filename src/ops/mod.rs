@@ -15,6 +15,7 @@
 //! - [`effects`]: dead effects (outbox rows the runner gave up on): list, show, retry and
 //!   abandon, each change journalled.
 //! - [`status`]: what needs a person now, each with the command to run.
+//! - [`overview`]: the console's overview (states, ACK times, backlog, drift, attention).
 //! - [`render`]: tables wrapped to the terminal and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
@@ -22,6 +23,7 @@
 pub mod dlq;
 pub mod doctor;
 pub mod effects;
+pub mod overview;
 pub mod reconcile;
 pub mod render;
 pub mod status;

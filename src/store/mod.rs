@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod notices;
 pub mod operator_actions;
 pub mod outbox;
+pub mod overview;
 pub mod prefixes;
 pub mod subscriptions;
 pub mod timeline;
