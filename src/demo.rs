@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::http::Application;
 use crate::settings::{ConnectionUrl, Settings, WebhookAuth};
+use crate::simulator::customer::{ScriptedCustomer, page_text};
 use crate::simulator::{PlanSpec, Simulator, SimulatorConfig, Timings};
 use crate::store;
 use crate::worker::{EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts};
@@ -145,6 +146,16 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     settings.http.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     settings.policy.seats.max = Some(args.seat_limit);
     settings.policy.activation = fulfillment_state_machine::ActivationMode::Automatic;
+    // The landing page as a customer sees it: branded, one onboarding question, sign-in
+    // at the simulator's Entra stand-in.
+    settings.web.session_key = Some(crate::settings::SessionKey::generate());
+    settings.web.branding.product_name = "Contoso Analytics".into();
+    settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
+    settings.web.branding.product_url = Some("https://app.contoso-analytics.example/".parse()?);
+    settings.web.onboarding_fields = vec![crate::settings::OnboardingField {
+        name: "company".into(),
+        label: "Company name".into(),
+    }];
 
     let application = Application::build(settings.clone())
         .await
@@ -434,18 +445,29 @@ impl Demo {
             "1. customer buys {OFFER} / per-seat with 5 seats: subscription {id}"
         ));
 
-        // 2. Landing page.
-        let response = self.http.get(&landing).send().await?;
-        let status = response.status();
-        let html = response.text().await?;
-        self.say(&format!(
-            "2. customer opens the landing page: HTTP {}",
-            status.as_u16()
-        ));
-        for line in page_text(&html) {
+        // 2. Landing page: the customer signs in (simulated Entra ID) and activates.
+        let landing: Url = landing.parse()?;
+        self.say(&format!("2. customer opens the landing page: {landing}"));
+        let customer = ScriptedCustomer::new("customer")?;
+        let before = customer.open(&landing).await?;
+        for line in page_text(&before.html) {
             self.detail(&format!("| {line}"));
         }
-        ensure!(status.is_success(), "the landing page answered {status}");
+        ensure!(
+            before.status.is_success(),
+            "the landing page answered {}",
+            before.status
+        );
+        let after = customer
+            .activate(&landing, &[("company", "Contoso Ltd")])
+            .await?;
+        self.say(&format!(
+            "   signed in as Chris Customer and pressed Activate: HTTP {}",
+            after.status.as_u16()
+        ));
+        for line in page_text(&after.html) {
+            self.detail(&format!("| {line}"));
+        }
 
         // 3. Activation.
         let view = self.settle(id, "Subscribed", Some("per-seat")).await?;
@@ -1079,51 +1101,9 @@ fn shorten(text: &str, max: usize) -> String {
     short
 }
 
-/// What a browser would show of a page: the heading, the table rows, the paragraphs.
-fn page_text(html: &str) -> Vec<String> {
-    let body = html
-        .split_once("<body>")
-        .map_or(html, |(_, body)| body)
-        .replace("</th>", ": ")
-        .replace("</h1>", "\n")
-        .replace("</tr>", "\n")
-        .replace("</p>", "\n");
-    let mut text = String::new();
-    let mut in_tag = false;
-    for c in body.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' => in_tag = false,
-            c if !in_tag => text.push(c),
-            _ => {}
-        }
-    }
-    text.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#x27;", "'")
-        .replace("&amp;", "&")
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_page_text_is_what_a_browser_shows() {
-        let html = "<html><head><title>T</title></head><body><h1>Thank you</h1>\
-                    <table><tr><th scope=\"row\">Plan</th><td>per-seat</td></tr></table>\
-                    <p class=\"state\">We&#x27;re on it &amp; done.</p></body></html>";
-        assert_eq!(
-            page_text(html),
-            vec!["Thank you", "Plan: per-seat", "We're on it & done."]
-        );
-    }
 
     #[test]
     fn effects_are_summarised_by_type() {

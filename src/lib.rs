@@ -8,6 +8,7 @@
 //! traces, [`metrics`] holds the Prometheus recorder and every metric name, [`worker`] is the
 //! shell around the machine — its `protocol` module holds the Microsoft side of each effect
 //! as pure steps, and the effect runner only carries them out —
+//! [`web`] serves the landing page and the operator console (signed in with Entra ID),
 //! and [`cli`] maps the `fulfillment` subcommands onto all of them. `main.rs` only calls
 //! [`cli::main`].
 
@@ -25,4 +26,5 @@ pub mod settings;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod worker;

@@ -76,6 +76,23 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
     ("METERING_GRACE_SECS", "metering.grace_secs"),
+    ("WEB_SESSION_KEY", "web.session_key"),
+    ("WEB_CLIENT_ID", "web.client_id"),
+    ("WEB_CLIENT_SECRET", "web.client_secret"),
+    ("WEB_AUTHORITY_URL", "web.authority_url"),
+    ("CONSOLE_TENANT_ID", "web.console_tenant_id"),
+    ("CONSOLE_OPERATORS", "web.console_operators"),
+    ("CONSOLE_READ_ONLY", "web.console_read_only"),
+    ("LANDING_PRODUCT_NAME", "web.product_name"),
+    ("LANDING_LOGO_URL", "web.logo_url"),
+    ("LANDING_BRAND_COLOUR", "web.brand_colour"),
+    ("LANDING_SUPPORT_CONTACT", "web.support_contact"),
+    ("LANDING_PRODUCT_URL", "web.product_url"),
+    ("LANDING_FIELDS", "web.onboarding_fields"),
+    (
+        "LANDING_ACTIVATE_AFTER_SIGN_IN",
+        "web.activate_after_sign_in",
+    ),
 ];
 
 /// The variable naming an optional settings file.
@@ -98,6 +115,89 @@ pub struct Settings {
     pub metering: crate::metering::MeteringConfig,
     /// How the Fulfillment API token is obtained (docs/credentials.md).
     pub credential: CredentialSettings,
+    /// `[web]`: sign-in, sessions, the landing page's branding and the console's operators
+    /// (docs/web.md).
+    pub web: WebSettings,
+}
+
+/// `[web]`: the pages people use (docs/web.md).
+#[derive(Clone, Debug)]
+pub struct WebSettings {
+    /// Signs the session cookies and encrypts the pending sign-in: at least 64 bytes,
+    /// base64. `None`: a random key per process (sessions end at a restart and are not
+    /// shared between replicas; a warning says so).
+    pub session_key: Option<SessionKey>,
+    /// The Entra app customers and operators sign in with; default `marketplace.client_id`
+    /// (the landing page's multi-tenant app is usually the publisher's own).
+    pub client_id: Option<String>,
+    /// Its secret; default `marketplace.client_secret`.
+    pub client_secret: Option<SecretString>,
+    /// Where sign-in goes; default `marketplace.entra_authority_url`.
+    pub authority_url: Option<Url>,
+    /// The ISV's tenant, whose users may use the console; default `marketplace.tenant_id`.
+    pub console_tenant_id: Option<Uuid>,
+    /// Who may act in the console.
+    pub console_operators: Vec<OperatorRule>,
+    /// Who may only look.
+    pub console_read_only: Vec<OperatorRule>,
+    pub branding: Branding,
+    /// Questions the landing page asks before activation (`name:Label`, comma-separated).
+    pub onboarding_fields: Vec<OnboardingField>,
+    /// Activate as soon as the customer has signed in, without the button.
+    pub activate_after_sign_in: bool,
+}
+
+/// At least 64 bytes that sign and encrypt cookies; never printed.
+#[derive(Clone)]
+pub struct SessionKey(Vec<u8>);
+
+impl SessionKey {
+    /// 64 random bytes (the demo and tests; production sets `WEB_SESSION_KEY`).
+    pub fn generate() -> Self {
+        let mut bytes = vec![0u8; 64];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system random generator works");
+        Self(bytes)
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionKey(<redacted>)")
+    }
+}
+
+/// One entry of an operator list: `group:<guid>`, an object id (a bare GUID) or an e-mail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OperatorRule {
+    ObjectId(Uuid),
+    Group(Uuid),
+    /// Lower-cased.
+    Email(String),
+}
+
+/// How the landing page looks and where it sends the customer next.
+#[derive(Clone, Debug)]
+pub struct Branding {
+    pub product_name: String,
+    pub logo_url: Option<Url>,
+    /// `#rrggbb`: headings, links and buttons (text on it is white, so pick a dark one).
+    pub brand_colour: String,
+    /// An e-mail address or URL shown as "Need help?".
+    pub support_contact: Option<String>,
+    /// The product's own sign-in page ("Open <product>").
+    pub product_url: Option<Url>,
+}
+
+/// A question on the landing page, stored with the subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OnboardingField {
+    /// The key it is stored under: letters, digits and `_`.
+    pub name: String,
+    pub label: String,
 }
 
 /// Which credential obtains the Fulfillment API token (`MARKETPLACE_CREDENTIAL`).
@@ -411,6 +511,195 @@ struct RawSettings {
     /// `[credentials]` (plural: `credential.*` names domain event types).
     #[serde(rename = "credentials")]
     credential: RawCredential,
+    web: RawWeb,
+}
+
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawWeb {
+    session_key: Option<SecretString>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    authority_url: Option<String>,
+    console_tenant_id: Option<String>,
+    console_operators: Option<String>,
+    console_read_only: Option<String>,
+    product_name: String,
+    logo_url: Option<String>,
+    brand_colour: String,
+    support_contact: Option<String>,
+    product_url: Option<String>,
+    onboarding_fields: Option<String>,
+    activate_after_sign_in: bool,
+}
+
+impl Default for RawWeb {
+    fn default() -> Self {
+        Self {
+            session_key: None,
+            client_id: None,
+            client_secret: None,
+            authority_url: None,
+            console_tenant_id: None,
+            console_operators: None,
+            console_read_only: None,
+            product_name: "Our product".into(),
+            logo_url: None,
+            // 7.5:1 against white (WCAG AAA).
+            brand_colour: "#1f4e79".into(),
+            support_contact: None,
+            product_url: None,
+            onboarding_fields: None,
+            activate_after_sign_in: false,
+        }
+    }
+}
+
+fn parse_web(raw: RawWeb) -> Result<WebSettings, SettingsError> {
+    use base64::Engine as _;
+    let text = |v: Option<String>| v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let session_key = match raw
+        .session_key
+        .as_ref()
+        .map(|k| k.expose_secret().trim().to_owned())
+        .filter(|k| !k.is_empty())
+    {
+        None => None,
+        Some(key) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&key)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&key))
+                .map_err(|_| SettingsError::Invalid {
+                    key: "web.session_key",
+                    reason: "not base64 (generate one with `openssl rand -base64 64`)".into(),
+                })?;
+            if bytes.len() < 64 {
+                return invalid(
+                    "web.session_key",
+                    format!(
+                        "{} bytes is too short: at least 64 (`openssl rand -base64 64`)",
+                        bytes.len()
+                    ),
+                );
+            }
+            Some(SessionKey(bytes))
+        }
+    };
+    let brand_colour = raw.brand_colour.trim().to_ascii_lowercase();
+    if !(brand_colour.len() == 7
+        && brand_colour.starts_with('#')
+        && brand_colour[1..].chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return invalid(
+            "web.brand_colour",
+            format!("expected a colour such as #1f4e79, got {brand_colour:?}"),
+        );
+    }
+    let product_name = raw.product_name.trim().to_owned();
+    if product_name.is_empty() || product_name.chars().count() > 80 {
+        return invalid("web.product_name", "must be 1 to 80 characters");
+    }
+    let url = |key: &'static str, v: Option<String>| -> Result<Option<Url>, SettingsError> {
+        text(v).map(|v| parse_http_url(key, &v)).transpose()
+    };
+    let support_contact = text(raw.support_contact);
+    if let Some(contact) = &support_contact {
+        let is_email = contact.contains('@') && !contact.contains([':', '/', ' ', '<', '>', '"']);
+        if !is_email {
+            parse_http_url("web.support_contact", contact).map_err(|_| SettingsError::Invalid {
+                key: "web.support_contact",
+                reason: "expected an e-mail address or an http(s) URL".into(),
+            })?;
+        }
+    }
+    Ok(WebSettings {
+        session_key,
+        client_id: text(raw.client_id),
+        client_secret: raw
+            .client_secret
+            .filter(|s| !s.expose_secret().trim().is_empty()),
+        authority_url: url("web.authority_url", raw.authority_url)?,
+        console_tenant_id: parse_guid("web.console_tenant_id", raw.console_tenant_id)?,
+        console_operators: operator_rules("web.console_operators", raw.console_operators)?,
+        console_read_only: operator_rules("web.console_read_only", raw.console_read_only)?,
+        branding: Branding {
+            product_name,
+            logo_url: url("web.logo_url", raw.logo_url)?,
+            brand_colour,
+            support_contact,
+            product_url: url("web.product_url", raw.product_url)?,
+        },
+        onboarding_fields: onboarding_fields(raw.onboarding_fields)?,
+        activate_after_sign_in: raw.activate_after_sign_in,
+    })
+}
+
+/// `group:<guid>`, `<object id guid>` or `<e-mail>`, comma-separated.
+fn operator_rules(
+    key: &'static str,
+    raw: Option<String>,
+) -> Result<Vec<OperatorRule>, SettingsError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            if let Some(group) = entry.strip_prefix("group:") {
+                Uuid::parse_str(group.trim())
+                    .map(OperatorRule::Group)
+                    .map_err(|_| SettingsError::Invalid {
+                        key,
+                        reason: format!("{entry:?}: a group is group:<object id GUID>"),
+                    })
+            } else if let Ok(id) = Uuid::parse_str(entry) {
+                Ok(OperatorRule::ObjectId(id))
+            } else if entry.contains('@') && !entry.contains(char::is_whitespace) {
+                Ok(OperatorRule::Email(entry.to_lowercase()))
+            } else {
+                invalid(
+                    key,
+                    format!("{entry:?} is neither an object id (GUID), group:<GUID> nor an e-mail"),
+                )
+            }
+        })
+        .collect()
+}
+
+/// `company:Company name,contact_email:Contact e-mail`.
+fn onboarding_fields(raw: Option<String>) -> Result<Vec<OnboardingField>, SettingsError> {
+    const KEY: &str = "web.onboarding_fields";
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let mut fields: Vec<OnboardingField> = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some((name, label)) = entry.split_once(':') else {
+            return invalid(KEY, format!("{entry:?}: expected name:Label"));
+        };
+        let (name, label) = (name.trim(), label.trim());
+        if name.is_empty()
+            || name.len() > 40
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return invalid(
+                KEY,
+                format!("{name:?}: a name is 1 to 40 letters, digits or '_'"),
+            );
+        }
+        if label.is_empty() || label.chars().count() > 80 {
+            return invalid(KEY, format!("{name}: the label must be 1 to 80 characters"));
+        }
+        if fields.iter().any(|f| f.name == name) {
+            return invalid(KEY, format!("{name} appears twice"));
+        }
+        fields.push(OnboardingField {
+            name: name.to_owned(),
+            label: label.to_owned(),
+        });
+    }
+    Ok(fields)
 }
 
 #[derive(Deserialize)]
@@ -593,6 +882,7 @@ impl Default for RawSettings {
     fn default() -> Self {
         Self {
             credential: RawCredential::default(),
+            web: RawWeb::default(),
             database: RawDatabase {
                 url: "postgres://postgres@127.0.0.1:5432/fulfillment".into(),
                 max_connections: 10,
@@ -745,6 +1035,7 @@ impl Settings {
         let metering = keep(&mut problems, parse_metering(&raw.metering));
         let http = keep(&mut problems, parse_http(&raw.http));
         let log = keep(&mut problems, parse_log(&raw.log));
+        let web = keep(&mut problems, parse_web(raw.web));
         match (
             database,
             amqp,
@@ -755,6 +1046,7 @@ impl Settings {
             metering,
             http,
             log,
+            web,
         ) {
             (
                 Some(database),
@@ -766,7 +1058,9 @@ impl Settings {
                 Some(metering),
                 Some(http),
                 Some(log),
+                Some(web),
             ) if problems.is_empty() => Ok(Self {
+                web,
                 metering,
                 credential,
                 reconcile,

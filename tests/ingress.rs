@@ -13,6 +13,7 @@ use fulfillment_state_machine::{SubscriptionId, SubscriptionMachine};
 use marketplace_fulfillment::http::Application;
 use marketplace_fulfillment::queue::{Broker, InboundConsumer, InboundDelivery, InboundMessage};
 use marketplace_fulfillment::settings::Settings;
+use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use reqwest::StatusCode;
 use secrecy::SecretString;
@@ -678,8 +679,12 @@ async fn startup_fails_naming_the_unreachable_dependency() {
 // ---------------------------------------------------------------------------------------
 // Landing page
 
+fn customer() -> ScriptedCustomer {
+    ScriptedCustomer::new("customer").unwrap()
+}
+
 #[tokio::test]
-async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
+async fn the_landing_page_shows_a_signed_in_customer_the_purchase_and_queues_it_only_when_asked() {
     let app = spawn_app().await;
     let broker = app.broker().await;
     let mut consumer = app.consumer(&broker).await;
@@ -687,27 +692,40 @@ async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
     assert!(token.contains('+') && token.contains('/'), "{token}");
 
     // The simulator's landing link, with its percent-encoded token, pointed at us.
-    let url = format!("{}?{}", app.url("/landing"), landing.query().unwrap());
-    assert!(url.contains("%2B"), "{url}");
-    let response = app.http.get(&url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    assert_eq!(response.headers()["cache-control"], "no-store");
-    let page = response.text().await.unwrap();
+    let url = Url::parse(&format!(
+        "{}?{}",
+        app.url("/landing"),
+        landing.query().unwrap()
+    ))
+    .unwrap();
+    assert!(url.as_str().contains("%2B"), "{url}");
+    let customer = customer();
+    let page = customer.open(&url).await.unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.html);
     for expected in [
-        "contoso-analytics",
-        "silver",
-        "activation pending",
+        "Welcome to",
+        "Silver",
+        "Not active yet",
+        "id=\"activate-form\"",
         &subscription.to_string(),
     ] {
-        assert!(page.contains(expected), "{expected} missing from {page}");
+        assert!(
+            page.html.contains(expected),
+            "{expected} missing from {}",
+            page.html
+        );
     }
+    // Signing in and looking queued nothing: only the form's POST does.
+    assert_no_more(&mut consumer).await;
 
+    let page = customer.activate(&url, &[]).await.unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.html);
+    assert!(page.html.contains("Activation pending"), "{}", page.html);
+    assert!(
+        page.html.contains("http-equiv=\"refresh\""),
+        "{}",
+        page.html
+    );
     let delivery = next_delivery(&mut consumer).await;
     assert!(
         delivery
@@ -731,16 +749,15 @@ async fn the_landing_page_resolves_a_purchase_shows_it_and_queues_it() {
     delivery.ack().await.unwrap();
 
     // A token with a raw, unencoded `+` (a careless proxy) still resolves: never decoded twice.
-    let raw = format!(
+    let raw = Url::parse(&format!(
         "{}?token={}",
         app.url("/landing"),
         token.replace('/', "%2F").replace('=', "%3D")
-    );
-    let response = app.http.get(&raw).send().await.unwrap();
-    let status = response.status();
-    let page = response.text().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{page}");
-    next_delivery(&mut consumer).await.ack().await.unwrap();
+    ))
+    .unwrap();
+    let page = customer.open(&raw).await.unwrap();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.html);
+    assert!(page.html.contains("Welcome to"), "{}", page.html);
 
     consumer.cancel().await;
     broker.close().await;
@@ -762,11 +779,11 @@ async fn the_landing_page_shows_our_state_when_we_know_the_subscription() {
     .await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
-    let response = app.http.get(url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let page = response.text().await.unwrap();
-    assert!(page.contains("active"), "{page}");
-    assert!(!page.contains("activation pending"), "{page}");
+    let page = customer().open(&url).await.unwrap();
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.html.contains("Welcome back"), "{}", page.html);
+    assert!(!page.html.contains("Activation pending"), "{}", page.html);
+    assert!(!page.html.contains("activate-form"), "{}", page.html);
     app.finish().await;
 }
 
@@ -780,17 +797,18 @@ async fn manual_activation_says_the_publisher_activates() {
     let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
-    let page = app
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("activation pending"), "{page}");
-    assert!(page.contains("waits for the publisher"), "{page}");
+    let page = customer().activate(&url, &[]).await.unwrap();
+    assert!(page.html.contains("Activation pending"), "{}", page.html);
+    assert!(
+        page.html.contains("Your purchase is confirmed"),
+        "{}",
+        page.html
+    );
+    assert!(
+        page.html.contains("Billing starts only then"),
+        "{}",
+        page.html
+    );
     app.finish().await;
 }
 
@@ -813,26 +831,33 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     assert!(page.contains("missing its purchase token"), "{page}");
     assert!(page.contains("click Configure account"), "{page}");
 
+    let customer = customer();
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut()
         .append_pair("token", "bm90LWEtcmVhbC10b2tlbg+/<script>");
-    let response = app.http.get(url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let page = response.text().await.unwrap();
-    assert!(page.contains("expired or is not valid"), "{page}");
-    assert!(page.contains("Azure portal or Microsoft 365"), "{page}");
-    assert!(page.contains("Configure account"), "{page}");
-    assert!(!page.contains("<script>"), "{page}");
+    let page = customer.open(&url).await.unwrap();
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(
+        page.html.contains("expired or is not valid"),
+        "{}",
+        page.html
+    );
+    assert!(
+        page.html.contains("Azure portal or Microsoft 365"),
+        "{}",
+        page.html
+    );
+    assert!(page.html.contains("Configure account"), "{}", page.html);
+    assert!(!page.html.contains("<script>"), "{}", page.html);
 
     let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
-    let response = app.http.get(url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let page = response.text().await.unwrap();
-    assert!(page.contains("expired"), "{page}");
-    assert!(page.contains("Configure account"), "{page}");
+    let page = customer.open(&url).await.unwrap();
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.html.contains("expired"), "{}", page.html);
+    assert!(page.html.contains("Configure account"), "{}", page.html);
 
     // Nothing was queued for refused tokens.
     assert_no_more(&mut consumer).await;
@@ -845,6 +870,10 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
 async fn microsoft_failing_gives_a_retry_in_a_minute_page() {
     let app = spawn_app().await;
     let (_, token, _) = app.purchase("contoso-analytics", "silver", None).await;
+    let mut url = Url::parse(&app.url("/landing")).unwrap();
+    url.query_pairs_mut().append_pair("token", &token);
+    let customer = customer();
+    assert_eq!(customer.open(&url).await.unwrap().status, StatusCode::OK);
     let faults = app
         .http
         .put(app.sim.base_url().join("simulator/faults").unwrap())
@@ -853,12 +882,9 @@ async fn microsoft_failing_gives_a_retry_in_a_minute_page() {
         .await
         .unwrap();
     assert!(faults.status().is_success(), "{}", faults.status());
-    let mut url = Url::parse(&app.url("/landing")).unwrap();
-    url.query_pairs_mut().append_pair("token", &token);
-    let response = app.http.get(url).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let page = response.text().await.unwrap();
-    assert!(page.contains("retry in a minute"), "{page}");
+    let page = customer.open(&url).await.unwrap();
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.html.contains("retry in a minute"), "{}", page.html);
     app.finish().await;
 }
 

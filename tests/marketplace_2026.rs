@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use marketplace_fulfillment::ops::reconcile;
 use marketplace_fulfillment::simulator::Timings;
+use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use reqwest::Method;
 use serde_json::{Value, json};
 use stack::{Options, Stack, WAIT};
@@ -345,19 +346,13 @@ async fn the_landing_page_shows_the_private_offer_a_purchase_came_through() {
     let (id, landing) = stack
         .purchase_with(json!({"planId": "silver", "privateOfferId": "contoso-private-7"}))
         .await;
-    let page = stack
-        .http
-        .get(landing)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let customer = ScriptedCustomer::new("customer").unwrap();
+    let page = customer.open(&landing).await.unwrap().html;
     assert!(
-        page.contains("<th scope=\"row\">Private offer</th><td>contoso-private-7</td>"),
+        page.contains("<dt>Private offer</dt><dd>contoso-private-7</dd>"),
         "{page}"
     );
+    customer.activate(&landing, &[]).await.unwrap();
     stack
         .wait_for("the purchase active", || async {
             (stack.engine(id).await?.state == "Subscribed").then_some(())
@@ -385,16 +380,13 @@ async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activat
         .await;
     stack.settle(&[id], WAIT).await;
     // A later visit shows it active and changes nothing.
-    let page = stack
-        .http
-        .get(landing.clone())
-        .send()
+    let page = ScriptedCustomer::new("customer")
+        .unwrap()
+        .open(&landing)
         .await
         .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("active"), "{page}");
+        .html;
+    assert!(page.contains("Welcome back"), "{page}");
     // Microsoft delivers the Subscribe webhook again (a redelivery): still nothing new.
     let view = stack.sim_view(id).await;
     let subscribe = view["operations"]

@@ -22,6 +22,7 @@ use marketplace_fulfillment::marketplace::{
 };
 use marketplace_fulfillment::queue::{Broker, InboundMessage, MessageMeta};
 use marketplace_fulfillment::settings::WebhookAuth;
+use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::{
     EffectsConfig, MetricsListener, Worker, WorkerConfig, WorkerParts,
@@ -371,9 +372,13 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         .unwrap()
         .parse()
         .unwrap();
-    let landing = purchased["landingUrl"].as_str().unwrap().to_string();
-    let page = system.http.get(&landing).send().await.unwrap();
-    assert_eq!(page.status(), 200);
+    let landing: url::Url = purchased["landingUrl"].as_str().unwrap().parse().unwrap();
+    let page = ScriptedCustomer::new("customer")
+        .unwrap()
+        .activate(&landing, &[])
+        .await
+        .unwrap();
+    assert_eq!(page.status, 200);
     system.wait_for(id, "Subscribed", "silver").await;
 
     // A customer plan change, acknowledged inside the window.
@@ -513,8 +518,9 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     );
     assert_eq!(
         d(requests, &[("endpoint", "resolve"), ("status", "200")]),
-        1.0,
-        "the landing page's resolve: {text}"
+        // The signed-in page, the activation POST, the page after it.
+        3.0,
+        "the landing page's resolves: {text}"
     );
     assert_eq!(
         d(

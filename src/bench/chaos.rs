@@ -374,15 +374,8 @@ async fn run_in(
         })
         .collect();
     let activation_timeout = deadline.saturating_duration_since(Instant::now()) / 2;
-    let subscriptions = purchase_and_activate(
-        env,
-        &sim,
-        &fleet.http,
-        &fleet.processes[0],
-        &orders,
-        activation_timeout,
-    )
-    .await?;
+    let subscriptions =
+        purchase_and_activate(env, &sim, &fleet.processes[0], &orders, activation_timeout).await?;
     let pool = crate::store::connect(&env.settings.database).await?;
     // The run is about a running business, not the seconds after checkout: our side must
     // have confirmed every activation before the customers act.

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use super::measure;
 use crate::queue::{Broker, Topology};
 use crate::settings::Settings;
+use crate::simulator::customer::ScriptedCustomer;
 use crate::simulator::{RunningSimulator, Simulator, SimulatorConfig};
 
 /// How long a child process may take to answer its readiness probe.
@@ -502,13 +503,13 @@ pub(crate) struct Order {
     pub quantity: Option<u32>,
 }
 
-/// Buys one subscription per order and opens each landing page on the ingress (which
-/// resolves the token and queues the purchase for the worker, which activates it); returns
+/// Buys one subscription per order and, on each landing page of the ingress, signs in and
+/// asks for activation (the ingress resolves the token and queues the purchase for the
+/// worker, which activates it); returns
 /// the subscription ids, in order, once the simulator shows them all Subscribed.
 pub(crate) async fn purchase_and_activate(
     env: &BenchEnv,
     sim: &SimHandle,
-    http: &reqwest::Client,
     ingress: &ChildProcess,
     orders: &[Order],
     timeout: Duration,
@@ -536,12 +537,14 @@ pub(crate) async fn purchase_and_activate(
             .with_context(|| format!("no token in {answer}"))?;
         let mut landing = ingress.url("/landing");
         landing.query_pairs_mut().append_pair("token", token);
-        let page = http.get(landing).send().await?;
-        if !page.status().is_success() {
-            bail!(
-                "the landing page answered {} for purchase {i}",
-                page.status()
-            );
+        // The customer signs in (at the simulator) and activates by POST, as in production.
+        let customer = ScriptedCustomer::new("customer")?;
+        let page = customer
+            .activate(&landing, &[])
+            .await
+            .with_context(|| format!("the landing page of purchase {i}"))?;
+        if !page.status.is_success() {
+            bail!("the landing page answered {} for purchase {i}", page.status);
         }
         subscriptions.push(id);
     }

@@ -152,15 +152,8 @@ async fn measure_all(
         };
         args.subscriptions
     ];
-    let subscriptions = purchase_and_activate(
-        env,
-        &sim,
-        &http,
-        &children[0],
-        &orders,
-        Duration::from_secs(120),
-    )
-    .await?;
+    let subscriptions =
+        purchase_and_activate(env, &sim, &children[0], &orders, Duration::from_secs(120)).await?;
 
     eprintln!(
         "bench: {} seat changes over {} subscriptions…",

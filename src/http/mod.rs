@@ -3,7 +3,7 @@
 //!
 //! - [`webhook`]: `POST /webhook`, verified ([`auth`]), parsed leniently, answered 200 only
 //!   after RabbitMQ confirmed the message (design guarantee 1).
-//! - [`landing`]: `GET /landing?token=…`, resolves the purchase and queues it.
+//! - The landing page and the console are in [`crate::web`], merged here.
 //! - [`entitlements`]: `/api/v1/subscriptions…`, reads and commands behind an API key;
 //!   [`openapi`] describes them.
 //! - [`health`] and [`metrics`]: probes and Prometheus metrics.
@@ -16,7 +16,6 @@ pub mod auth;
 pub mod entitlements;
 pub mod error;
 pub mod health;
-pub mod landing;
 pub mod metrics;
 pub mod openapi;
 pub mod state;
@@ -99,12 +98,12 @@ pub fn router(state: AppState) -> Router {
     let webhook_limit = DefaultBodyLimit::max(state.config.body_limit_bytes);
     Router::new()
         .route("/webhook", post(webhook::receive).layer(webhook_limit))
-        .route("/landing", get(landing::landing))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::render))
         .route("/api/v1/openapi.json", get(openapi::openapi_json))
         .merge(api)
+        .merge(crate::web::routes(&state))
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))

@@ -28,6 +28,8 @@ pub struct AppState {
     pub marketplace: MarketplaceClient,
     pub metrics: PrometheusHandle,
     pub config: Arc<IngressConfig>,
+    /// The landing page's and the console's settings and session key.
+    pub web: Arc<crate::web::WebConfig>,
 }
 
 /// The settings the handlers read, parsed once.
@@ -103,6 +105,7 @@ impl AppState {
             marketplace,
             metrics: metrics::prometheus_handle(),
             config: Arc::new(IngressConfig::from_settings(settings)),
+            web: crate::web::config(settings)?,
         })
     }
 

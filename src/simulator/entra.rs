@@ -1,5 +1,5 @@
 //! The Entra side: RS256 signing keys (rotatable, all published), the client-credentials
-//! token endpoints in their v2 and v1 shapes, the JWKS and OpenID metadata, and the two
+//! token endpoints (the interactive sign-in is in [`super::sign_in`]) in their v2 and v1 shapes, the JWKS and OpenID metadata, and the two
 //! kinds of JWT the marketplace involves: access tokens the publisher presents to the API
 //! (§2, §2.5) and the tokens Microsoft puts on webhook calls (§6.6).
 
@@ -347,6 +347,10 @@ impl Shared {
 pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token_v2))
+        .route(
+            "/{tenant}/oauth2/v2.0/authorize",
+            get(super::sign_in::authorize_form).post(super::sign_in::authorize_submit),
+        )
         .route("/{tenant}/oauth2/token", post(token_v1))
         .route("/{tenant}/discovery/v2.0/keys", get(jwks))
         .route("/{tenant}/discovery/keys", get(jwks))
@@ -479,6 +483,9 @@ async fn token_v2(
     body: Bytes,
 ) -> Response {
     let form = parse_form(&body);
+    if form.get("grant_type").map(String::as_str) == Some("authorization_code") {
+        return super::sign_in::redeem_code(&shared, &form);
+    }
     let scopes = [
         format!("{MARKETPLACE_APP_ID}/.default"),
         format!("api://{MARKETPLACE_APP_ID}/.default"),

@@ -5,6 +5,7 @@
 //!
 //! Layout: [`state`] holds the memory and the shared handle; `lifecycle` the rules of §5
 //! and §7; `api` the public routes under `/api`; `metering` §9; `entra` keys and tokens;
+//! [`customer`] a scripted customer's browser; [`sign_in`] the interactive sign-in (authorize form with test users, code + PKCE);
 //! `webhooks` the sender; `admin` the `/simulator` control surface; `faults` the chaos
 //! knobs. Every clock is a [`Timings`] field, so tests run the 10-second ACK window in
 //! milliseconds.
@@ -17,11 +18,13 @@
 mod admin;
 mod api;
 mod credentials;
+pub mod customer;
 mod entra;
 mod error;
 mod faults;
 mod lifecycle;
 mod metering;
+pub mod sign_in;
 mod state;
 mod webhooks;
 

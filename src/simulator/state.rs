@@ -258,6 +258,8 @@ pub(crate) struct Shared {
     pub sender_token: Mutex<Option<(String, String, std::time::Instant)>>,
     /// Certificates and federated credentials registered on the app.
     pub credentials: super::credentials::Registrations,
+    /// Authorization codes of interactive sign-ins, not yet redeemed.
+    pub sign_in_codes: super::sign_in::SignInCodes,
 }
 
 impl std::fmt::Debug for Shared {
@@ -291,6 +293,7 @@ impl Shared {
             operation_finished: tokio::sync::Notify::new(),
             sender_token: Mutex::new(None),
             credentials: Default::default(),
+            sign_in_codes: Default::default(),
         }
     }
 

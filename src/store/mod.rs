@@ -14,6 +14,7 @@ pub mod credential_notices;
 pub mod dead_effects;
 pub mod ledger;
 pub mod notices;
+pub mod onboarding;
 pub mod operator_actions;
 pub mod outbox;
 pub mod overview;

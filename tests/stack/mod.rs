@@ -25,6 +25,7 @@ use marketplace_fulfillment::http::Application;
 use marketplace_fulfillment::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use marketplace_fulfillment::queue::{Broker, Topology};
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
+use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::{
     EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts,
@@ -366,14 +367,19 @@ impl Stack {
         )
     }
 
-    /// The customer opens the landing page (through the ingress).
+    /// The customer opens the landing page (through the ingress), signs in at the
+    /// simulator's Entra stand-in and asks for activation (the form's POST).
     pub async fn open_landing(&self, landing: &Url) {
-        let response = self.http.get(landing.clone()).send().await.unwrap();
-        let status = response.status();
+        let customer = ScriptedCustomer::new("customer").unwrap();
+        let page = customer
+            .activate(landing, &[])
+            .await
+            .unwrap_or_else(|e| panic!("landing page: {e:#}"));
         assert!(
-            status.is_success(),
-            "landing page: {status} {}",
-            response.text().await.unwrap_or_default()
+            page.status.is_success(),
+            "landing page: {} {}",
+            page.status,
+            page.html
         );
     }
 

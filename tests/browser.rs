@@ -1,0 +1,251 @@
+//! The landing page in a real browser: Debian's Chromium, headless, driven through
+//! chromedriver with thirtyfour. A customer signs in at the simulator's Entra stand-in,
+//! sees the branded page, answers the onboarding question, activates by the form's POST,
+//! and then sees every later state (active, returning, suspended, cancelled).
+//!
+//! Needs `chromium` and `chromium-driver` (`.ci/run` installs them). With
+//! `UPDATE_SCREENSHOTS=1` the screenshots are written to `docs/screenshots/` (the README
+//! shows them); otherwise to a temporary directory.
+
+mod common;
+mod stack;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use marketplace_fulfillment::http::Application;
+use marketplace_fulfillment::settings::{OnboardingField, SessionKey};
+use serde_json::json;
+use stack::{Options, Stack};
+use thirtyfour::prelude::*;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+/// chromedriver and a Chromium session with its own profile, both gone when dropped.
+struct Browser {
+    driver: WebDriver,
+    _chromedriver: Child,
+    profile: PathBuf,
+    shots: PathBuf,
+}
+
+impl Browser {
+    async fn start() -> Browser {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let chromedriver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver is installed (apt-get install chromium chromium-driver)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = std::env::temp_dir().join(format!("fulfillment-chromium-{}", Uuid::new_v4()));
+        let mut caps = DesiredCapabilities::chrome();
+        for arg in [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--window-size=1000,860",
+            &format!("--user-data-dir={}", profile.display()),
+        ] {
+            caps.add_arg(arg).unwrap();
+        }
+        let driver = WebDriver::new(format!("http://127.0.0.1:{port}"), caps)
+            .await
+            .expect("a Chromium session");
+        let shots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+        } else {
+            profile.join("screenshots")
+        };
+        std::fs::create_dir_all(&shots).unwrap();
+        Browser {
+            driver,
+            _chromedriver: chromedriver,
+            profile,
+            shots,
+        }
+    }
+
+    /// Waits until the page's source contains `text` (the landing page refreshes itself).
+    async fn wait_for_text(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let source = self.driver.source().await.unwrap();
+            if source.contains(text) {
+                return source;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never appeared; the page is:\n{source}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn screenshot(&self, name: &str) {
+        self.driver
+            .screenshot(&self.shots.join(format!("{name}.png")))
+            .await
+            .unwrap();
+    }
+
+    async fn heading(&self) -> String {
+        self.driver
+            .find(By::Tag("h1"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn quit(self) {
+        self.driver.clone().quit().await.unwrap();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// An ingress with the ISV's branding and one onboarding question, beside the stack's (same
+/// database and broker, so the stack's worker activates what it queues).
+async fn branded_ingress(stack: &Stack) -> (Url, CancellationToken, tokio::task::JoinHandle<()>) {
+    let mut settings = stack.settings.clone();
+    settings.http.listen_addr = "127.0.0.1:0".parse().unwrap();
+    settings.web.session_key = Some(SessionKey::generate());
+    settings.web.branding.product_name = "Contoso Analytics".into();
+    settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
+    settings.web.branding.product_url =
+        Some("https://app.contoso-analytics.example/".parse().unwrap());
+    settings.web.onboarding_fields = vec![OnboardingField {
+        name: "company".into(),
+        label: "Company name".into(),
+    }];
+    let application = Application::build(settings).await.unwrap();
+    let base = Url::parse(&format!("http://{}/", application.local_addr())).unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn({
+        let stop = stop.clone();
+        async move { application.run_until_stopped(stop).await.unwrap() }
+    });
+    (base, stop, server)
+}
+
+#[tokio::test]
+async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chromium() {
+    let stack = Stack::start(Options::default()).await;
+    let (base, stop, server) = branded_ingress(&stack).await;
+    let (id, simulator_landing) = stack.purchase_with(json!({"planId": "silver"})).await;
+    let mut landing = base.join("/landing").unwrap();
+    landing.set_query(simulator_landing.query());
+    let browser = Browser::start().await;
+    let driver = &browser.driver;
+
+    // Not signed in: a sign-in, nothing about the purchase.
+    driver.goto(landing.as_str()).await.unwrap();
+    assert_eq!(browser.heading().await, "Sign in to set up Contoso Analytics");
+    assert!(!driver.source().await.unwrap().contains(&id.to_string()));
+    browser.screenshot("landing-sign-in").await;
+
+    // Sign in at the simulator's Entra stand-in as the customer.
+    driver
+        .find(By::LinkText("Sign in with Microsoft"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text("Sign in (simulated Entra ID)").await;
+    driver.find(By::Id("user-customer")).await.unwrap().click().await.unwrap();
+    driver.find(By::Id("sign-in")).await.unwrap().click().await.unwrap();
+
+    // The new purchase, branded, with the plan's display name and the question.
+    let page = browser.wait_for_text("Welcome to Contoso Analytics").await;
+    assert!(page.contains("Silver"), "{page}");
+    assert!(page.contains("Signed in as chris@contoso.example"), "{page}");
+    assert!(stack.engine(id).await.is_none(), "signing in recorded the purchase");
+    browser.screenshot("landing-new-purchase").await;
+    driver
+        .find(By::Id("field-company"))
+        .await
+        .unwrap()
+        .send_keys("Contoso Ltd")
+        .await
+        .unwrap();
+    driver.find(By::Id("activate")).await.unwrap().click().await.unwrap();
+
+    // Pending, refreshing itself until active.
+    browser.wait_for_text("Activation pending").await;
+    browser.screenshot("landing-activation-pending").await;
+    let page = browser.wait_for_text("You are all set").await;
+    assert!(page.contains("Open Contoso Analytics"), "{page}");
+    browser.screenshot("landing-active").await;
+    let answers: serde_json::Value =
+        sqlx::query_scalar("SELECT answers FROM onboarding_answers WHERE subscription_id = $1")
+            .bind(id)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(answers, json!({"company": "Contoso Ltd"}));
+
+    // Back later ("Manage account").
+    driver.goto(landing.as_str()).await.unwrap();
+    assert_eq!(browser.heading().await, "Welcome back");
+    browser.screenshot("landing-returning").await;
+
+    // Suspended, then cancelled.
+    stack.act(id, json!({"action": "Suspend"})).await;
+    stack
+        .wait_for("suspended here", || async {
+            (stack.engine(id).await?.state == "Suspended").then_some(())
+        })
+        .await;
+    driver.goto(landing.as_str()).await.unwrap();
+    assert_eq!(browser.heading().await, "Your subscription is suspended");
+    assert!(!driver.source().await.unwrap().contains("Open Contoso Analytics"));
+    browser.screenshot("landing-suspended").await;
+    stack.act(id, json!({"action": "Unsubscribe"})).await;
+    stack
+        .wait_for("cancelled here", || async {
+            (stack.engine(id).await?.state == "Unsubscribed").then_some(())
+        })
+        .await;
+    driver.goto(landing.as_str()).await.unwrap();
+    assert_eq!(browser.heading().await, "This subscription has ended");
+    browser.screenshot("landing-cancelled").await;
+
+    // Signing out ends the session: the page asks for sign-in again.
+    driver
+        .find(By::Css("form.signout button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text("You are signed out").await;
+    driver.goto(landing.as_str()).await.unwrap();
+    assert_eq!(browser.heading().await, "Sign in to set up Contoso Analytics");
+
+    browser.quit().await;
+    stop.cancel();
+    server.await.unwrap();
+    stack.finish().await;
+}
