@@ -228,6 +228,7 @@ const READS: &[(&str, &[&str])] = &[
             "http",
             "ingress",
             "policy",
+            "reconcile",
             "log",
         ],
     ),

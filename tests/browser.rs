@@ -161,7 +161,10 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
 
     // Not signed in: a sign-in, nothing about the purchase.
     driver.goto(landing.as_str()).await.unwrap();
-    assert_eq!(browser.heading().await, "Sign in to set up Contoso Analytics");
+    assert_eq!(
+        browser.heading().await,
+        "Sign in to set up Contoso Analytics"
+    );
     assert!(!driver.source().await.unwrap().contains(&id.to_string()));
     browser.screenshot("landing-sign-in").await;
 
@@ -174,14 +177,32 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         .await
         .unwrap();
     browser.wait_for_text("Sign in (simulated Entra ID)").await;
-    driver.find(By::Id("user-customer")).await.unwrap().click().await.unwrap();
-    driver.find(By::Id("sign-in")).await.unwrap().click().await.unwrap();
+    driver
+        .find(By::Id("user-customer"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    driver
+        .find(By::Id("sign-in"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 
     // The new purchase, branded, with the plan's display name and the question.
     let page = browser.wait_for_text("Welcome to Contoso Analytics").await;
     assert!(page.contains("Silver"), "{page}");
-    assert!(page.contains("Signed in as chris@contoso.example"), "{page}");
-    assert!(stack.engine(id).await.is_none(), "signing in recorded the purchase");
+    assert!(
+        page.contains("Signed in as chris@contoso.example"),
+        "{page}"
+    );
+    assert!(
+        stack.engine(id).await.is_none(),
+        "signing in recorded the purchase"
+    );
     browser.screenshot("landing-new-purchase").await;
     driver
         .find(By::Id("field-company"))
@@ -190,7 +211,13 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         .send_keys("Contoso Ltd")
         .await
         .unwrap();
-    driver.find(By::Id("activate")).await.unwrap().click().await.unwrap();
+    driver
+        .find(By::Id("activate"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 
     // Pending, refreshing itself until active.
     browser.wait_for_text("Activation pending").await;
@@ -220,7 +247,13 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         .await;
     driver.goto(landing.as_str()).await.unwrap();
     assert_eq!(browser.heading().await, "Your subscription is suspended");
-    assert!(!driver.source().await.unwrap().contains("Open Contoso Analytics"));
+    assert!(
+        !driver
+            .source()
+            .await
+            .unwrap()
+            .contains("Open Contoso Analytics")
+    );
     browser.screenshot("landing-suspended").await;
     stack.act(id, json!({"action": "Unsubscribe"})).await;
     stack
@@ -242,7 +275,10 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         .unwrap();
     browser.wait_for_text("You are signed out").await;
     driver.goto(landing.as_str()).await.unwrap();
-    assert_eq!(browser.heading().await, "Sign in to set up Contoso Analytics");
+    assert_eq!(
+        browser.heading().await,
+        "Sign in to set up Contoso Analytics"
+    );
 
     browser.quit().await;
     stop.cancel();

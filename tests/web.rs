@@ -8,9 +8,9 @@ mod stack;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum_extra::extract::cookie::SignedCookieJar;
-use axum::response::IntoResponse;
 use marketplace_fulfillment::http::{AppState, Application};
 use marketplace_fulfillment::settings::{OperatorRule, SessionKey};
 use marketplace_fulfillment::simulator::customer::{ScriptedCustomer, input_value};
@@ -48,13 +48,19 @@ async fn head_and_get_without_sign_in_never_activate_nor_show_the_purchase() {
         assert_eq!(get.status(), StatusCode::OK);
         let page = get.text().await.unwrap();
         assert!(page.contains("Sign in with Microsoft"), "{page}");
-        assert!(!page.contains(&purchaser), "the purchaser's e-mail leaked: {page}");
+        assert!(
+            !page.contains(&purchaser),
+            "the purchaser's e-mail leaked: {page}"
+        );
         assert!(!page.contains(&id.to_string()), "{page}");
     }
     // Time enough for a queued purchase to be recorded and activated (the simulator's
     // clocks are milliseconds): nothing was.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert!(stack.engine(id).await.is_none(), "the purchase was recorded");
+    assert!(
+        stack.engine(id).await.is_none(),
+        "the purchase was recorded"
+    );
     let status = stack.sim_view(id).await["subscription"]["saasSubscriptionStatus"].clone();
     assert_eq!(status, "PendingFulfillmentStart");
     stack.finish().await;
@@ -77,7 +83,10 @@ async fn every_web_page_carries_the_strict_security_headers_and_no_script() {
     ] {
         assert!(csp.contains(part), "{csp}");
     }
-    assert!(!csp.contains("unsafe-inline") && !csp.contains("script-src"), "{csp}");
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("script-src"),
+        "{csp}"
+    );
     assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");
@@ -103,7 +112,12 @@ async fn every_web_page_carries_the_strict_security_headers_and_no_script() {
         .await
         .unwrap();
     assert_eq!(css.status(), StatusCode::OK);
-    assert!(css.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/css"));
+    assert!(
+        css.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
     stack.finish().await;
 }
 
@@ -171,7 +185,9 @@ async fn console_sign_in_gives_roles_by_group_and_object_id_and_refuses_everyone
     let base = Url::parse(&format!("http://{}/", application.local_addr())).unwrap();
     let stop = CancellationToken::new();
     let server = tokio::spawn(application.run_until_stopped(stop.clone()));
-    let start = base.join("/auth/console/sign-in?return=%2Fconsole").unwrap();
+    let start = base
+        .join("/auth/console/sign-in?return=%2Fconsole")
+        .unwrap();
 
     for (user, role) in [("operator", "operator"), ("reader", "read_only")] {
         let browser = ScriptedCustomer::new(user).unwrap();
@@ -214,7 +230,10 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
     }
     let app = axum::Router::new()
         .route("/console/probe", get(probe).post(probe))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), verify_csrf))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            verify_csrf,
+        ))
         .with_state(state.clone());
     let cookie_for = |role: OperatorRole, csrf: &CsrfToken| {
         let session = Session {
@@ -240,7 +259,8 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
         if let Some(cookie) = cookie {
             request = request.header(header::COOKIE, cookie);
         }
-        app.clone().oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        app.clone()
+            .oneshot(request.body(Body::from(body.to_owned())).unwrap())
     };
     let csrf = CsrfToken::new_random();
 
@@ -256,7 +276,10 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
     );
     let reader = cookie_for(OperatorRole::ReadOnly, &csrf);
     assert_eq!(
-        send("GET", Some(reader.clone()), "").await.unwrap().status(),
+        send("GET", Some(reader.clone()), "")
+            .await
+            .unwrap()
+            .status(),
         StatusCode::OK
     );
     let body = format!("csrf={csrf}");

@@ -42,6 +42,8 @@ pub struct IngressConfig {
     pub activation: ActivationMode,
     /// Metering (the dimensions' time to live).
     pub metering: crate::metering::MeteringConfig,
+    /// When the console calls a pending purchase stuck (`reconcile.stuck_pending_after`).
+    pub stuck_pending_after: Duration,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -70,6 +72,7 @@ impl IngressConfig {
             publish_confirm_timeout: settings.ingress.publish_confirm_timeout,
             activation: settings.policy.activation,
             metering: settings.metering.clone(),
+            stuck_pending_after: settings.reconcile.stuck_pending_after,
         }
     }
 }
