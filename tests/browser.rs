@@ -7,7 +7,6 @@
 //! `UPDATE_SCREENSHOTS=1` the screenshots are written to `docs/screenshots/` (the README
 //! shows them); otherwise to a temporary directory.
 
-mod common;
 mod stack;
 
 use std::path::PathBuf;

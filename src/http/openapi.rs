@@ -17,6 +17,11 @@ pub const PATHS: &[&str] = &[
     "/api/v1/usage",
     "/webhook",
     "/landing",
+    "/landing/activate",
+    "/auth/{surface}/sign-in",
+    "/auth/callback",
+    "/auth/{surface}/sign-out",
+    "/assets/site.css",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -241,15 +246,88 @@ pub fn document() -> Value {
             },
             "/landing": {
                 "get": {
-                    "tags": ["marketplace"],
-                    "summary": "Landing page: resolves the purchase token and shows the purchase.",
-                    "parameters": [{ "name": "token", "in": "query", "required": true, "schema": { "type": "string" } }],
+                    "tags": ["web"],
+                    "summary": "Landing page (docs/web.md). Without a customer session: a sign-in page, nothing resolved, queued or shown (HEAD alike). Signed in: resolves the token and shows the purchase and its state; never activates a new purchase (unless LANDING_ACTIVATE_AFTER_SIGN_IN, on GET only).",
+                    "parameters": [
+                        { "name": "token", "in": "query", "required": true, "schema": { "type": "string" } },
+                        { "name": "step", "in": "query", "required": false, "schema": { "type": "string", "enum": ["activating"] }, "description": "Set after the activation form: the page says \"all set\" once active." }
+                    ],
                     "responses": {
-                        "200": { "description": "HTML page describing the purchase.", "content": { "text/html": {} } },
+                        "200": { "description": "HTML page: the sign-in, or the purchase.", "content": { "text/html": {} } },
                         "400": { "description": "HTML page: missing, invalid or expired token.", "content": { "text/html": {} } },
                         "503": { "description": "HTML page: retry in a minute.", "content": { "text/html": {} } }
                     }
                 }
+            },
+            "/landing/activate": {
+                "post": {
+                    "tags": ["web"],
+                    "summary": "The customer asks for activation: queues the resolved purchase with the onboarding answers.",
+                    "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": {
+                        "type": "object", "required": ["csrf", "token"],
+                        "properties": {
+                            "csrf": { "type": "string", "description": "The session's CSRF token." },
+                            "token": { "type": "string", "description": "The purchase token." }
+                        },
+                        "additionalProperties": { "type": "string", "description": "field_<name>: an onboarding answer (at most 200 characters)." }
+                    } } } },
+                    "responses": {
+                        "303": { "description": "Queued; see /landing?token=…&step=activating." },
+                        "401": { "description": "No customer session." },
+                        "403": { "description": "Wrong CSRF token or a cross-site request." },
+                        "422": { "description": "HTML page: an answer is too long.", "content": { "text/html": {} } },
+                        "503": { "description": "HTML page: not queued, retry in a minute.", "content": { "text/html": {} } }
+                    }
+                }
+            },
+            "/auth/{surface}/sign-in": {
+                "get": {
+                    "tags": ["web"],
+                    "summary": "Starts sign-in with Entra ID (code + PKCE): `customer` (any tenant) or `console` (the ISV's tenant).",
+                    "parameters": [
+                        { "name": "surface", "in": "path", "required": true, "schema": { "type": "string", "enum": ["customer", "console"] } },
+                        { "name": "return", "in": "query", "required": false, "schema": { "type": "string" }, "description": "A path on this site to return to." }
+                    ],
+                    "responses": {
+                        "303": { "description": "To Entra's authorize endpoint; sets the encrypted pending sign-in cookie." },
+                        "503": { "description": "HTML page: sign-in not configured.", "content": { "text/html": {} } }
+                    }
+                }
+            },
+            "/auth/callback": {
+                "get": {
+                    "tags": ["web"],
+                    "summary": "Entra's redirect back: redeems the code, checks the ID token, starts the session.",
+                    "parameters": [
+                        { "name": "code", "in": "query", "required": false, "schema": { "type": "string" } },
+                        { "name": "state", "in": "query", "required": false, "schema": { "type": "string" } },
+                        { "name": "error", "in": "query", "required": false, "schema": { "type": "string" } }
+                    ],
+                    "responses": {
+                        "303": { "description": "Signed in; back to the page that asked." },
+                        "400": { "description": "HTML page: expired or forged sign-in.", "content": { "text/html": {} } },
+                        "403": { "description": "HTML page: signed in, but not an operator of the console.", "content": { "text/html": {} } },
+                        "502": { "description": "HTML page: Entra's answer could not be confirmed.", "content": { "text/html": {} } }
+                    }
+                }
+            },
+            "/auth/{surface}/sign-out": {
+                "post": {
+                    "tags": ["web"],
+                    "summary": "Ends the session of a surface.",
+                    "parameters": [{ "name": "surface", "in": "path", "required": true, "schema": { "type": "string", "enum": ["customer", "console"] } }],
+                    "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": {
+                        "type": "object", "required": ["csrf"], "properties": { "csrf": { "type": "string" } }
+                    } } } },
+                    "responses": {
+                        "200": { "description": "HTML page: signed out.", "content": { "text/html": {} } },
+                        "401": { "description": "No session." },
+                        "403": { "description": "Wrong CSRF token." }
+                    }
+                }
+            },
+            "/assets/site.css": {
+                "get": { "tags": ["web"], "summary": "The pages' stylesheet, with the brand colour.", "responses": { "200": { "description": "text/css" } } }
             },
             "/healthz": {
                 "get": { "tags": ["operations"], "summary": "Liveness.", "responses": { "200": { "description": "`ok`" } } }

@@ -53,8 +53,8 @@ pub struct TestUser {
     pub groups: Vec<Uuid>,
 }
 
-/// The test users: two of the publisher's tenant (an operator by group, a reader by object
-/// id), a customer, and someone of yet another tenant.
+/// The test users: three of the publisher's tenant (an operator by group, a reader by object
+/// id, one on no list), a customer, and someone of yet another tenant.
 pub fn test_users(publisher_tenant: Uuid) -> Vec<TestUser> {
     vec![
         TestUser {
@@ -79,6 +79,14 @@ pub fn test_users(publisher_tenant: Uuid) -> Vec<TestUser> {
             email: "riley@publisher.example",
             tenant_id: publisher_tenant,
             object_id: READER_OBJECT_ID,
+            groups: Vec::new(),
+        },
+        TestUser {
+            handle: "unlisted",
+            name: "Uma Unlisted",
+            email: "uma@publisher.example",
+            tenant_id: publisher_tenant,
+            object_id: uuid!("0b5e0000-0000-4000-8000-0000000000c3"),
             groups: Vec::new(),
         },
         TestUser {
@@ -147,41 +155,27 @@ fn page_error(status: StatusCode, message: &str) -> Response {
     (status, format!("Entra ID simulator: {message}\n")).into_response()
 }
 
-/// The authorization request's checks, shared by the form and its submission.
-fn check_request(shared: &Shared, params: &HashMap<String, String>) -> Result<(), Response> {
+/// The authorization request's checks, shared by the form and its submission: the
+/// refusal Entra would show.
+fn check_request(shared: &Shared, params: &HashMap<String, String>) -> Result<(), &'static str> {
     let get = |name: &str| params.get(name).map(String::as_str).unwrap_or("");
     if get("response_type") != "code" {
-        return Err(page_error(
-            StatusCode::BAD_REQUEST,
-            "AADSTS900144: response_type must be code",
-        ));
+        return Err("AADSTS900144: response_type must be code");
     }
     if !Uuid::parse_str(get("client_id")).is_ok_and(|c| c == shared.config.client_id) {
-        return Err(page_error(
-            StatusCode::BAD_REQUEST,
-            "AADSTS700016: application not found in the directory",
-        ));
+        return Err("AADSTS700016: application not found in the directory");
     }
     if Url::parse(get("redirect_uri"))
         .map(|u| !matches!(u.scheme(), "http" | "https"))
         .unwrap_or(true)
     {
-        return Err(page_error(
-            StatusCode::BAD_REQUEST,
-            "AADSTS50011: the redirect URI is not valid",
-        ));
+        return Err("AADSTS50011: the redirect URI is not valid");
     }
     if get("code_challenge").is_empty() || get("code_challenge_method") != "S256" {
-        return Err(page_error(
-            StatusCode::BAD_REQUEST,
-            "AADSTS9002325: PKCE with code_challenge_method=S256 is required",
-        ));
+        return Err("AADSTS9002325: PKCE with code_challenge_method=S256 is required");
     }
     if !get("scope").split(' ').any(|s| s == "openid") {
-        return Err(page_error(
-            StatusCode::BAD_REQUEST,
-            "AADSTS900144: the scope must include openid",
-        ));
+        return Err("AADSTS900144: the scope must include openid");
     }
     Ok(())
 }
@@ -192,8 +186,8 @@ pub(crate) async fn authorize_form(
     Path(tenant): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(response) = check_request(&shared, &params) {
-        return response;
+    if let Err(refusal) = check_request(&shared, &params) {
+        return page_error(StatusCode::BAD_REQUEST, refusal);
     }
     let Some(users) = users_of(&shared, &tenant) else {
         return page_error(
@@ -222,8 +216,8 @@ pub(crate) async fn authorize_submit(
     body: axum::body::Bytes,
 ) -> Response {
     let params: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
-    if let Err(response) = check_request(&shared, &params) {
-        return response;
+    if let Err(refusal) = check_request(&shared, &params) {
+        return page_error(StatusCode::BAD_REQUEST, refusal);
     }
     let handle = params.get("user").map(String::as_str).unwrap_or("");
     let Some(user) = users_of(&shared, &tenant)

@@ -221,7 +221,7 @@ impl FromRequestParts<AppState> for SignedInOperator {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let session = session_of(parts, state, Surface::Console)?;
+        let session = session_of(parts, state, Surface::Console).map_err(|r| *r)?;
         let role = session.role.unwrap_or(OperatorRole::ReadOnly);
         if role == OperatorRole::ReadOnly && !is_safe(&parts.method) {
             return Err(refusal(
@@ -253,7 +253,7 @@ impl FromRequestParts<AppState> for SignedInCustomer {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let session = session_of(parts, state, Surface::Customer)?;
+        let session = session_of(parts, state, Surface::Customer).map_err(|r| *r)?;
         Ok(SignedInCustomer {
             object_id: session.object_id,
             tenant_id: session.tenant_id,
@@ -287,8 +287,9 @@ fn is_safe(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD)
 }
 
-/// The valid session of `surface`, or the answer for someone without one.
-fn session_of(parts: &Parts, state: &AppState, surface: Surface) -> Result<Session, Response> {
+/// The valid session of `surface`, or the answer for someone without one: a GET goes to
+/// sign-in and comes back, anything else is 401.
+fn session_of(parts: &Parts, state: &AppState, surface: Surface) -> Result<Session, Box<Response>> {
     let jar = SignedCookieJar::from_headers(&parts.headers, state.web.key.clone());
     match Session::read(&jar, surface, OffsetDateTime::now_utc()) {
         Some(session) => Ok(session),
@@ -298,12 +299,14 @@ fn session_of(parts: &Parts, state: &AppState, surface: Surface) -> Result<Sessi
                 .path_and_query()
                 .map(|p| p.as_str())
                 .unwrap_or("/");
-            Err(Redirect::to(&sign_in_url(surface, back)).into_response())
+            Err(Box::new(
+                Redirect::to(&sign_in_url(surface, back)).into_response(),
+            ))
         }
-        None => Err(refusal(
+        None => Err(Box::new(refusal(
             StatusCode::UNAUTHORIZED,
             "Please sign in again: your session has ended",
-        )),
+        ))),
     }
 }
 
