@@ -149,6 +149,9 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     // The landing page as a customer sees it: branded, one onboarding question, sign-in
     // at the simulator's Entra stand-in.
     settings.web.session_key = Some(crate::settings::SessionKey::generate());
+    // Sign-in is a confidential client with a secret even where the Fulfillment API token
+    // comes from the certificate.
+    settings.web.client_secret = Some(SecretString::from(secret.clone()));
     settings.web.branding.product_name = "Contoso Analytics".into();
     settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
     settings.web.branding.product_url = Some("https://app.contoso-analytics.example/".parse()?);

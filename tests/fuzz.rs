@@ -1137,6 +1137,7 @@ mod router_fixture {
 mod landing {
     use super::router_fixture::{Fixture, query_text, request};
     use super::*;
+    use marketplace_fulfillment::web::auth::{CsrfToken, Session, Surface};
 
     #[test]
     fn arbitrary_query_strings_get_a_page_never_a_500_or_a_raw_error() {
@@ -1148,9 +1149,26 @@ mod landing {
                 1 => (query_text(), query_text()).prop_map(|(a, b)| format!("token={a}&token={b}")),
                 1 => (query_text(), query_text()).prop_map(|(a, b)| format!("{a}&token={b}")),
             ];
+            // A signed-in customer: the tokens reach Resolve (without a session the page is
+            // only a sign-in).
+            let session = Session {
+                surface: Surface::Customer,
+                object_id: "c0c0c0c0-0000-4000-8000-0000000000c1".into(),
+                tenant_id: "c0c0c0c0-0000-4000-8000-00000000c05e".into(),
+                name: "Fuzz".into(),
+                email: None,
+                role: None,
+                csrf: CsrfToken::new_random(),
+                expires_at: time::OffsetDateTime::now_utc().unix_timestamp() + 3600,
+            };
+            let cookie = session.cookie_header(&fixture.state.web.key);
             fuzz("landing::query", 300, strategy, |query| {
-                let Some(request) = request("GET", &format!("/landing?{query}"), &[], Vec::new())
-                else {
+                let Some(request) = request(
+                    "GET",
+                    &format!("/landing?{query}"),
+                    &[("cookie", &cookie)],
+                    Vec::new(),
+                ) else {
                     return Ok(());
                 };
                 let answer = fixture.send(request);

@@ -9,7 +9,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum_extra::extract::cookie::SignedCookieJar;
 use marketplace_fulfillment::http::{AppState, Application};
 use marketplace_fulfillment::settings::{OperatorRule, SessionKey};
 use marketplace_fulfillment::simulator::customer::{ScriptedCustomer, input_value};
@@ -253,10 +252,7 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
             csrf: csrf.clone(),
             expires_at: time::OffsetDateTime::now_utc().unix_timestamp() + 600,
         };
-        let jar = SignedCookieJar::new(state.web.key.clone()).add(session.cookie());
-        let response = jar.into_response();
-        let set = response.headers()[header::SET_COOKIE].to_str().unwrap();
-        set.split(';').next().unwrap().to_owned()
+        session.cookie_header(&state.web.key)
     };
     let send = |method: &str, cookie: Option<String>, body: &str| {
         let mut request = Request::builder()
@@ -318,10 +314,7 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
             csrf: csrf.clone(),
             expires_at: time::OffsetDateTime::now_utc().unix_timestamp() + 600,
         };
-        let jar = SignedCookieJar::new(state.web.key.clone()).add(session.cookie());
-        let response = jar.into_response();
-        let set = response.headers()[header::SET_COOKIE].to_str().unwrap();
-        set.split(';').next().unwrap().to_owned()
+        session.cookie_header(&state.web.key)
     };
     assert_eq!(
         send("GET", Some(customer), "").await.unwrap().status(),

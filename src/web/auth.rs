@@ -188,6 +188,21 @@ impl Session {
         (session.surface == surface && session.expires_at > now.unix_timestamp()).then_some(session)
     }
 
+    /// The `Cookie` header a browser holding this session sends back, signed with `key`
+    /// (for tests and tools that act as a signed-in browser).
+    pub fn cookie_header(&self, key: &Key) -> String {
+        let response = SignedCookieJar::new(key.clone())
+            .add(self.cookie())
+            .into_response();
+        response
+            .headers()
+            .get(axum::http::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// A removal cookie for `surface`.
     pub fn removal(surface: Surface) -> Cookie<'static> {
         Cookie::build((surface.cookie(), "")).path("/").build()

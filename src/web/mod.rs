@@ -163,12 +163,14 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/auth/callback", get(oidc::callback))
         .route("/auth/{surface}/sign-out", post(oidc::sign_out))
         .nest("/console", console::routes())
-        .layer(middleware::from_fn_with_state(
+        // Route layers: only requests these routes match (the API's and the webhook's
+        // unmatched paths keep their own answers).
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::verify_csrf,
         ))
-        .layer(tower_http::csrf::CsrfLayer::new())
-        .layer(middleware::from_fn(security::security_headers))
+        .route_layer(tower_http::csrf::CsrfLayer::new())
+        .route_layer(middleware::from_fn(security::security_headers))
 }
 
 /// The `[web]` state the router shares.
