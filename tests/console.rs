@@ -141,7 +141,20 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
     let response = anonymous.get(console.url("/console")).send().await.unwrap();
     assert!(response.status().is_redirection(), "{}", response.status());
     let location = response.headers()["location"].to_str().unwrap().to_string();
-    assert!(location.starts_with("/auth/console/sign-in"), "{location}");
+    assert_eq!(
+        location, "/auth/console/sign-in?return=%2Fconsole",
+        "{location}"
+    );
+    let response = anonymous
+        .get(console.url("/console/effects?kind=ack_operation"))
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(
+        location, "/auth/console/sign-in?return=%2Fconsole%2Feffects%3Fkind%3Dack_operation",
+        "the sign-in comes back to the page asked for"
+    );
 
     let operator = console.signed_in("operator").await;
     // The overview names what needs a person.

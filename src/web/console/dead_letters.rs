@@ -92,7 +92,7 @@ pub async fn page(
             "/console/dead-letters",
         );
     }
-    let details = match dlq::show(&state.broker, &id).await {
+    let details = match show_settled(&state, &id).await {
         Ok(details) => details,
         Err(error) => return failure(&state, &operator, error),
     };
@@ -131,6 +131,23 @@ pub async fn page(
         can_act: operator.role == OperatorRole::Operator,
     }
     .into_response()
+}
+
+/// Messages another read just gave back (`basic.nack(requeue)`) are not ready again at
+/// once, so a page opened right after the list may find none: look again, briefly.
+const SETTLE_TRIES: u32 = 4;
+const SETTLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+async fn show_settled(state: &AppState, id: &str) -> anyhow::Result<Vec<dlq::DeadLetterDetail>> {
+    let mut tries = 1;
+    loop {
+        let details = dlq::show(&state.broker, id).await?;
+        if !details.is_empty() || tries >= SETTLE_TRIES {
+            return Ok(details);
+        }
+        tries += 1;
+        tokio::time::sleep(SETTLE_PAUSE).await;
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,28 +197,35 @@ async fn move_letter(
         ..Filter::default()
     };
     let who = actor(&operator);
-    let report = if replay {
-        let options = ReplayOptions {
-            limit: None,
-            rate: None,
-            execute,
-            actor: who.clone(),
-            batch: DEFAULT_BATCH,
+    let mut tries = 1;
+    let report = loop {
+        let report = if replay {
+            let options = ReplayOptions {
+                limit: None,
+                rate: None,
+                execute,
+                actor: who.clone(),
+                batch: DEFAULT_BATCH,
+            };
+            dlq::replay(
+                &state.broker,
+                &state.pool,
+                &filter,
+                &options,
+                &ProgressBar::hidden(),
+            )
+            .await
+        } else {
+            dlq::purge(&state.broker, &state.pool, &filter, execute, &who).await
         };
-        dlq::replay(
-            &state.broker,
-            &state.pool,
-            &filter,
-            &options,
-            &ProgressBar::hidden(),
-        )
-        .await
-    } else {
-        dlq::purge(&state.broker, &state.pool, &filter, execute, &who).await
-    };
-    let report = match report {
-        Ok(report) => report,
-        Err(error) => return failure(&state, &operator, error),
+        match report {
+            Ok(report) if !report.selected.is_empty() || tries >= SETTLE_TRIES => break report,
+            Ok(_) => {
+                tries += 1;
+                tokio::time::sleep(SETTLE_PAUSE).await;
+            }
+            Err(error) => return failure(&state, &operator, error),
+        }
     };
     let verb = if replay { "replay" } else { "purge" };
     if report.selected.is_empty() {
