@@ -245,6 +245,25 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
         })
         .await;
 
+    // Abandoning needs a reason, and only a dead effect changes.
+    let abandon = console.url(&format!("/console/effects/{effect}/abandon"));
+    let page = get(
+        &operator,
+        console.url(&format!("/console/subscriptions/{id}")),
+    )
+    .await;
+    let blank = post(&operator, &page, abandon.clone(), &[("reason", "  ")]).await;
+    assert_eq!(blank.status, 400, "{}", blank.html);
+    let late = post(
+        &operator,
+        &page,
+        abandon,
+        &[("reason", "changed my mind"), ("confirm", "yes")],
+    )
+    .await;
+    assert_eq!(late.status, 409, "{}", late.html);
+    assert!(late.html.contains("not dead any more"), "{}", late.html);
+
     // Both actions are journalled with the operator's identity, and the journal shows them.
     let journal: Vec<(String, String)> = sqlx::query_as(
         "SELECT action, performed_by FROM operator_actions \
