@@ -1590,6 +1590,89 @@ mod tests {
     }
 
     #[test]
+    fn web_settings_parse_and_bad_values_name_their_variable() {
+        let key = "a".repeat(64);
+        let key = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(key)
+        };
+        let settings = Settings::from_sources(
+            None,
+            &env(&[
+                ("WEB_SESSION_KEY", &key),
+                (
+                    "CONSOLE_OPERATORS",
+                    "group:0b5e0000-0000-4000-8000-0000000000a1, Ops@Contoso.com",
+                ),
+                ("CONSOLE_READ_ONLY", "0b5e0000-0000-4000-8000-0000000000b2"),
+                (
+                    "LANDING_FIELDS",
+                    "company:Company name, contact_email:Contact e-mail",
+                ),
+                ("LANDING_BRAND_COLOUR", "#0A5C36"),
+                ("LANDING_SUPPORT_CONTACT", "https://help.contoso.com"),
+            ]),
+        )
+        .unwrap();
+        let web = &settings.web;
+        assert_eq!(web.session_key.as_ref().unwrap().expose().len(), 64);
+        assert!(!format!("{web:?}").contains(&key));
+        assert_eq!(
+            web.console_operators,
+            vec![
+                OperatorRule::Group(
+                    Uuid::parse_str("0b5e0000-0000-4000-8000-0000000000a1").unwrap()
+                ),
+                OperatorRule::Email("ops@contoso.com".into()),
+            ]
+        );
+        assert_eq!(web.console_read_only.len(), 1);
+        assert_eq!(web.onboarding_fields[1].name, "contact_email");
+        assert_eq!(web.onboarding_fields[1].label, "Contact e-mail");
+        assert_eq!(web.branding.brand_colour, "#0a5c36");
+        let short = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode("short")
+        };
+        for (var, value, expected) in [
+            ("WEB_SESSION_KEY", "not base64!", "WEB_SESSION_KEY"),
+            ("WEB_SESSION_KEY", short.as_str(), "at least 64"),
+            ("CONSOLE_OPERATORS", "bob", "CONSOLE_OPERATORS"),
+            ("CONSOLE_READ_ONLY", "group:x", "CONSOLE_READ_ONLY"),
+            ("LANDING_FIELDS", "company", "LANDING_FIELDS"),
+            ("LANDING_FIELDS", "a b:Label", "LANDING_FIELDS"),
+            ("LANDING_FIELDS", "a:A,a:B", "appears twice"),
+            ("LANDING_BRAND_COLOUR", "red", "LANDING_BRAND_COLOUR"),
+            (
+                "LANDING_LOGO_URL",
+                "javascript:alert(1)",
+                "LANDING_LOGO_URL",
+            ),
+            (
+                "LANDING_SUPPORT_CONTACT",
+                "javascript:alert(1)",
+                "LANDING_SUPPORT_CONTACT",
+            ),
+            ("LANDING_PRODUCT_URL", "not a url", "LANDING_PRODUCT_URL"),
+            ("WEB_AUTHORITY_URL", "ftp://x", "WEB_AUTHORITY_URL"),
+            ("CONSOLE_TENANT_ID", "contoso", "CONSOLE_TENANT_ID"),
+            (
+                "LANDING_ACTIVATE_AFTER_SIGN_IN",
+                "maybe",
+                "activate_after_sign_in",
+            ),
+        ] {
+            let message = Settings::from_sources(None, &env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains(expected),
+                "{var}={value}: {message:?} should name {expected}"
+            );
+        }
+    }
+
+    #[test]
     fn invalid_values_fail_naming_the_setting() {
         let cases = [
             ("DATABASE_URL", "not a url", "DATABASE_URL"),

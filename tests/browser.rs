@@ -1,7 +1,7 @@
 //! The landing page in a real browser: Debian's Chromium, headless, driven through
 //! chromedriver with thirtyfour. A customer signs in at the simulator's Entra stand-in,
-//! sees the branded page, answers the onboarding question, activates by the form's POST,
-//! and then sees every later state (active, returning, suspended, cancelled).
+//! sees the branded page, answers the onboarding question, activates by the form's POST
+//! (the answer reaches the `subscription.activated` event), and then sees every later state (active, returning, suspended, cancelled).
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them). With
 //! `UPDATE_SCREENSHOTS=1` the screenshots are written to `docs/screenshots/` (the README
@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use marketplace_fulfillment::http::Application;
+use marketplace_fulfillment::queue::Topology;
 use marketplace_fulfillment::settings::{OnboardingField, SessionKey};
 use serde_json::json;
 use stack::{Options, Stack};
@@ -124,6 +125,44 @@ impl Browser {
     }
 }
 
+/// A queue bound to the domain exchange, to read the events the worker publishes.
+async fn domain_events_queue(stack: &Stack) -> (lapin::Connection, lapin::Channel, String) {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let connection = lapin::Connection::connect(
+        stack.settings.amqp.url.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("{}.browser-domain-events", stack.settings.amqp.prefix);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            Topology::new(&stack.settings.amqp.prefix)
+                .domain_exchange()
+                .as_str()
+                .into(),
+            "subscription.activated".into(),
+            QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (connection, channel, queue)
+}
+
 /// An ingress with the ISV's branding and one onboarding question, beside the stack's (same
 /// database and broker, so the stack's worker activates what it queues).
 async fn branded_ingress(stack: &Stack) -> (Url, CancellationToken, tokio::task::JoinHandle<()>) {
@@ -155,6 +194,7 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
     let (id, simulator_landing) = stack.purchase_with(json!({"planId": "silver"})).await;
     let mut landing = base.join("/landing").unwrap();
     landing.set_query(simulator_landing.query());
+    let (connection, channel, events) = domain_events_queue(&stack).await;
     let browser = Browser::start().await;
     let driver = &browser.driver;
 
@@ -231,6 +271,24 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
             .await
             .unwrap();
     assert_eq!(answers, json!({"company": "Contoso Ltd"}));
+    // The worker's `subscription.activated` carries them to the ISV's product.
+    let activated = stack
+        .wait_for("subscription.activated published", || async {
+            let message = channel
+                .basic_get(
+                    events.as_str().into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()?;
+            serde_json::from_slice::<serde_json::Value>(&message.delivery.data).ok()
+        })
+        .await;
+    assert_eq!(
+        activated["data"]["onboarding"],
+        json!({"company": "Contoso Ltd"})
+    );
+    let _ = connection.close(200, "done".into()).await;
 
     // Back later ("Manage account").
     driver.goto(landing.as_str()).await.unwrap();

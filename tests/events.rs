@@ -20,7 +20,7 @@ use event_schemas::{Contract, SCHEMA_SUFFIX, TYPE_PREFIX, schema_of, types_with_
 use fulfillment_state_machine::{
     DomainEvent, DomainEventKind, Effect, PlanId, Quantity, StateName,
 };
-use marketplace_fulfillment::worker::effects::cloud_event;
+use marketplace_fulfillment::worker::effects::{cloud_event, with_onboarding};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
@@ -205,6 +205,24 @@ fn every_domain_event_kind_builds_a_cloudevent_its_schema_accepts() {
     let events = built_events();
     assert_eq!(events.len(), DomainEventKind::ALL.len() * 4);
     Contract::load().assert_valid(&events);
+}
+
+#[test]
+fn the_activated_event_carries_the_onboarding_answers_and_no_other_shape() {
+    let contract = Contract::load();
+    let mut activated = built_events()
+        .into_iter()
+        .find(|e| e["type"] == "com.fulfillment.subscription.activated")
+        .unwrap();
+    with_onboarding(&mut activated, Some(json!({})));
+    assert!(activated["data"].get("onboarding").is_none(), "{activated}");
+    with_onboarding(&mut activated, None);
+    assert!(activated["data"].get("onboarding").is_none(), "{activated}");
+    with_onboarding(&mut activated, Some(json!({"company": "Contoso Ltd"})));
+    assert_eq!(activated["data"]["onboarding"]["company"], "Contoso Ltd");
+    contract.validate(&activated).unwrap();
+    activated["data"]["onboarding"] = json!({"seats": 5});
+    assert!(contract.validate(&activated).is_err(), "a non-text answer");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The web surfaces over plain HTTP (the browser tests are in `tests/browser.rs`): the
 //! landing page activates nothing on GET or HEAD without sign-in, every page carries the
-//! strict security headers, forms need the session's CSRF token, and the console's sign-in
-//! gives roles by group and object id and refuses everyone else.
+//! strict security headers, forms need the session's CSRF token, a callback needs its own
+//! sign-in, and the console's sign-in gives roles by group and object id and refuses
+//! everyone else.
 
 mod stack;
 
@@ -320,5 +321,74 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
         send("GET", Some(customer), "").await.unwrap().status(),
         StatusCode::SEE_OTHER
     );
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn a_callback_without_its_sign_in_with_a_forged_state_or_a_replayed_code_starts_no_session() {
+    let stack = Stack::start(Options::default()).await;
+    let (_, landing) = stack
+        .purchase_with(serde_json::json!({"planId": "silver"}))
+        .await;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let set_cookies = |response: &reqwest::Response| -> Vec<String> {
+        response
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // No sign-in in progress.
+    let callback = landing.join("/auth/callback?code=abc&state=xyz").unwrap();
+    let response = no_redirects.get(callback.clone()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        !set_cookies(&response)
+            .iter()
+            .any(|c| c.starts_with("fulfillment_customer="))
+    );
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("This sign-in has expired")
+    );
+
+    // A sign-in in progress, but a state that is not its own.
+    let start = no_redirects
+        .get(landing.join("/auth/customer/sign-in?return=%2F").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(start.status(), StatusCode::SEE_OTHER);
+    let pending = set_cookies(&start)
+        .into_iter()
+        .find(|c| c.starts_with("fulfillment_sign_in="))
+        .expect("the pending sign-in cookie");
+    assert!(
+        pending.contains("HttpOnly") && pending.contains("Secure"),
+        "{pending}"
+    );
+    assert!(pending.contains("SameSite=Lax"), "{pending}");
+    let pending = pending.split(';').next().unwrap().to_owned();
+    let forged = no_redirects
+        .get(callback)
+        .header(header::COOKIE, &pending)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        !set_cookies(&forged)
+            .iter()
+            .any(|c| c.starts_with("fulfillment_customer="))
+    );
+
     stack.finish().await;
 }

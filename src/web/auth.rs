@@ -240,6 +240,7 @@ impl FromRequestParts<AppState> for SignedInOperator {
         let role = session.role.unwrap_or(OperatorRole::ReadOnly);
         if role == OperatorRole::ReadOnly && !is_safe(&parts.method) {
             return Err(refusal(
+                state,
                 StatusCode::FORBIDDEN,
                 "You have read-only access to the console",
             ));
@@ -321,6 +322,7 @@ fn session_of(parts: &Parts, state: &AppState, surface: Surface) -> Result<Sessi
             ))
         }
         None => Err(Box::new(refusal(
+            state,
             StatusCode::UNAUTHORIZED,
             "Please sign in again: your session has ended",
         ))),
@@ -352,9 +354,16 @@ pub fn safe_return_path(candidate: &str, surface: Surface) -> String {
     }
 }
 
-/// A short plain page for refused requests (no session, no permission, bad CSRF token).
-pub fn refusal(status: StatusCode, message: &'static str) -> Response {
-    (status, message).into_response()
+/// A page for refused requests (no session, no permission, bad CSRF token): the message
+/// as its heading, in the site's layout.
+pub fn refusal(state: &AppState, status: StatusCode, message: &'static str) -> Response {
+    super::MessagePage {
+        layout: state.web.layout("", None),
+        title: message.to_owned(),
+        paragraphs: Vec::new(),
+        link: None,
+    }
+    .with_status(status)
 }
 
 /// Middleware on the web routes: every POST (PUT, PATCH, DELETE) must carry, in its
@@ -368,12 +377,17 @@ pub async fn verify_csrf(State(state): State<AppState>, request: Request, next: 
     let jar = SignedCookieJar::from_headers(&parts.headers, state.web.key.clone());
     let Some(session) = Session::read(&jar, surface, OffsetDateTime::now_utc()) else {
         return refusal(
+            &state,
             StatusCode::UNAUTHORIZED,
             "Please sign in again: your session has ended",
         );
     };
     let Ok(bytes) = to_bytes(body, FORM_LIMIT).await else {
-        return refusal(StatusCode::PAYLOAD_TOO_LARGE, "This form is too large");
+        return refusal(
+            &state,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "This form is too large",
+        );
     };
     let posted = url::form_urlencoded::parse(&bytes)
         .find(|(name, _)| name == "csrf")
@@ -385,6 +399,7 @@ pub async fn verify_csrf(State(state): State<AppState>, request: Request, next: 
             "form refused: CSRF token mismatch"
         );
         return refusal(
+            &state,
             StatusCode::FORBIDDEN,
             "This form has expired: go back, reload the page and try again",
         );
@@ -441,6 +456,11 @@ mod tests {
             csrf: CsrfToken::new_random(),
             expires_at: now.unix_timestamp() + 60,
         };
+        let cookie = session.cookie();
+        assert_eq!(cookie.secure(), Some(true));
+        assert_eq!(cookie.http_only(), Some(true));
+        assert_eq!(cookie.same_site(), Some(SameSite::Lax));
+        assert_eq!(cookie.path(), Some("/"));
         let jar = SignedCookieJar::new(key.clone()).add(session.cookie());
         assert!(Session::read(&jar, Surface::Console, now).is_some());
         assert!(Session::read(&jar, Surface::Customer, now).is_none());

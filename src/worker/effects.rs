@@ -113,6 +113,14 @@ pub fn cloud_event(
     })
 }
 
+/// Adds the landing page's onboarding answers to a `subscription.activated` CloudEvent
+/// (`data.onboarding`), when there are any.
+pub fn with_onboarding(cloud_event: &mut Value, answers: Option<Value>) {
+    if let Some(answers) = answers.filter(|a| a.as_object().is_some_and(|o| !o.is_empty())) {
+        cloud_event["data"]["onboarding"] = answers;
+    }
+}
+
 /// How one execution ended.
 #[derive(Debug)]
 enum Disposition {
@@ -1027,7 +1035,14 @@ impl EffectRunner {
         } else {
             row.event_id.to_string()
         };
-        let body = cloud_event(&id, row.subscription_id, event, row.created_at);
+        let mut body = cloud_event(&id, row.subscription_id, event, row.created_at);
+        if event.kind == fulfillment_state_machine::DomainEventKind::Activated {
+            // What the customer answered on the landing page before asking for activation.
+            let answers = crate::store::onboarding::find(&self.inner.pool, row.subscription_id)
+                .await?
+                .map(|row| row.answers);
+            with_onboarding(&mut body, answers);
+        }
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),
