@@ -237,7 +237,7 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
         )
         .await
         .unwrap();
-    click(driver, By::Id(&format!("retry-{effect}"))).await;
+    click(driver, By::Id(format!("retry-{effect}"))).await;
     browser.wait_for_text("Confirm: retry").await;
     click(driver, By::Id("confirm")).await;
     browser.wait_for_text("Effect retried").await;
