@@ -51,6 +51,12 @@ pub enum Command {
     /// Dead letters: list, show, replay to the work queue, purge (dry runs unless --execute).
     #[command(subcommand)]
     Dlq(crate::ops::dlq::DlqCommand),
+    /// Dead effects (work the runner gave up on): list, show, retry, abandon (journalled).
+    #[command(subcommand)]
+    Effects(crate::ops::effects::EffectsCommand),
+    /// What needs a person now (dead letters, dead effects, refused commands, stuck
+    /// purchases), each with the command to run. Exit code 1 when anything does.
+    Status(crate::ops::status::StatusArgs),
     /// Subscriptions: list, show the timeline from the event log, publisher commands.
     #[command(subcommand)]
     Subscription(crate::ops::subscription::SubscriptionCommand),
@@ -230,6 +236,7 @@ const READS: &[(&str, &[&str])] = &[
             "http",
             "ingress",
             "policy",
+            "reconcile",
             "log",
         ],
     ),
@@ -250,6 +257,8 @@ const READS: &[(&str, &[&str])] = &[
     ("dlq", &["amqp", "database", "log"]),
     ("subscription", &["database", "amqp", "log"]),
     ("endpoint", &["database", "webhooks", "log"]),
+    ("effects", &["database", "log"]),
+    ("status", &["database", "amqp", "reconcile", "log"]),
     (
         "reconcile",
         &["database", "marketplace", "policy", "reconcile", "log"],
@@ -363,6 +372,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Bench(command) => crate::bench::run(settings, command).await,
         Command::Dlq(command) => crate::ops::dlq::run(&settings, command).await,
         Command::Subscription(command) => crate::ops::subscription::run(&settings, command).await,
+        Command::Effects(command) => crate::ops::effects::run(&settings, command).await,
+        Command::Status(args) => crate::ops::status::run(&settings, args).await,
         Command::Reconcile(args) => crate::ops::reconcile::run(&settings, args).await,
         Command::Doctor(args) => crate::ops::doctor::run(&settings, args).await,
         Command::Usage(command) => crate::ops::usage::run(&settings, command).await,

@@ -155,6 +155,10 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     settings.web.branding.product_name = "Contoso Analytics".into();
     settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
     settings.web.branding.product_url = Some("https://app.contoso-analytics.example/".parse()?);
+    // The console: the simulator's `operator` test user (by group) may act.
+    settings.web.console_operators = vec![crate::settings::OperatorRule::Group(
+        crate::simulator::sign_in::OPERATORS_GROUP_ID,
+    )];
     settings.web.onboarding_fields = vec![crate::settings::OnboardingField {
         name: "company".into(),
         label: "Company name".into(),
@@ -227,6 +231,9 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "  simulator {}   ingress http://{ingress}   worker in-process   ACK window {}s",
         sim.base_url(),
         ACK_WINDOW.as_secs()
+    );
+    println!(
+        "  console http://{ingress}/console (sign in as `operator` on the simulator's login form)"
     );
     if let Ok(status) = crate::marketplace::TokenProvider::for_settings(&settings).and_then(|t| {
         t.credential_status()
@@ -1002,6 +1009,28 @@ impl Demo {
         }
     }
 
+    /// An operator signs in to the console and opens the subscription's page: its HTTP
+    /// status, and whether it shows the timeline of the ended subscription.
+    async fn console_check(&self, id: Uuid) -> anyhow::Result<(u16, bool)> {
+        let page = format!("/console/subscriptions/{id}");
+        let console: Url = format!("http://{}{page}", self.ingress).parse()?;
+        let operator = ScriptedCustomer::new("operator")?;
+        let start = console.join(&crate::web::auth::sign_in_url(
+            crate::web::auth::Surface::Console,
+            &page,
+        ))?;
+        operator.sign_in(&start).await?;
+        let shown = operator.open(&console).await?;
+        self.say(&format!(
+            "the operator console: {console} (signed in as Avery Operator): HTTP {}",
+            shown.status.as_u16()
+        ));
+        let ok = shown.status.is_success()
+            && shown.html.contains("id=\"timeline\"")
+            && shown.html.contains("Unsubscribed");
+        Ok((shown.status.as_u16(), ok))
+    }
+
     /// Prints the timeline and the final check; true when everything matches.
     async fn report(&self, id: Uuid) -> bool {
         match self.try_report(id).await {
@@ -1070,6 +1099,9 @@ impl Demo {
             );
         }
 
+        // The operator console shows the same story.
+        let (console_status, console_ok) = self.console_check(id).await?;
+
         // Final check.
         let sim_view = self.sim_view(id).await?;
         let sim = sim_side(&sim_view);
@@ -1088,6 +1120,12 @@ impl Demo {
                 if good { "ok" } else { "MISMATCH" }
             );
         };
+        line(
+            "operator console: the subscription's page",
+            format!("HTTP {console_status}"),
+            "signed in as Avery Operator".into(),
+            console_ok,
+        );
         let show = |q: Option<i64>| q.map_or("-".to_string(), |q| q.to_string());
         line(
             "state",

@@ -29,6 +29,18 @@ pub const PATHS: &[&str] = &[
     "/auth/callback",
     "/auth/{surface}/sign-out",
     "/assets/site.css",
+    "/console",
+    "/console/subscriptions",
+    "/console/subscriptions/{id}",
+    "/console/subscriptions/{id}/commands",
+    "/console/dead-letters",
+    "/console/dead-letters/{id}",
+    "/console/dead-letters/{id}/replay",
+    "/console/dead-letters/{id}/purge",
+    "/console/effects",
+    "/console/effects/{id}/retry",
+    "/console/effects/{id}/abandon",
+    "/console/journal",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -39,7 +51,7 @@ pub async fn openapi_json() -> Json<Value> {
     Json(document())
 }
 
-/// The whole document: the entitlement API and the ISV's webhook routes.
+/// The whole document: the entitlement API, the ISV's webhook routes and the console's pages.
 pub fn document() -> Value {
     let mut document = base_document();
     let (paths, schemas) = isv_part();
@@ -48,6 +60,9 @@ pub fn document() -> Value {
     }
     for (name, schema) in schemas {
         document["components"]["schemas"][name] = schema;
+    }
+    if let Some(paths) = document["paths"].as_object_mut() {
+        paths.extend(console_paths());
     }
     document
 }
@@ -145,6 +160,143 @@ fn usage_path() -> Value {
 }
 
 /// The document.
+/// The operator console's pages (HTML, signed in as an operator; actions need the operator
+/// role and the session's CSRF token, and confirm on a second page).
+fn console_paths() -> serde_json::Map<String, Value> {
+    let page = |summary: &str, parameters: Value| {
+        json!({ "get": {
+            "tags": ["console"], "summary": summary, "parameters": parameters,
+            "responses": {
+                "200": { "description": "HTML page.", "content": { "text/html": {} } },
+                "303": { "description": "No session: to the console sign-in, and back." },
+                "400": { "description": "HTML page: a malformed id, state, kind or cursor." }
+            }
+        }})
+    };
+    let action = |summary: &str, fields: Value| {
+        let mut properties = json!({
+            "csrf": { "type": "string" },
+            "confirm": { "type": "string", "enum": ["yes"], "description": "Absent: a page that says what would happen and asks to confirm." }
+        });
+        if let (Some(all), Some(more)) = (properties.as_object_mut(), fields.as_object()) {
+            all.extend(more.clone());
+        }
+        json!({ "post": {
+            "tags": ["console"], "summary": summary,
+            "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+            "requestBody": { "required": true, "content": { "application/x-www-form-urlencoded": { "schema": {
+                "type": "object", "required": ["csrf"], "properties": properties
+            } } } },
+            "responses": {
+                "200": { "description": "HTML page: the confirmation, or the outcome (journalled with the operator).", "content": { "text/html": {} } },
+                "400": { "description": "HTML page: a malformed id or form." },
+                "401": { "description": "No session." },
+                "403": { "description": "Read-only operator, or a wrong CSRF token." },
+                "404": { "description": "HTML page: nothing with that id." },
+                "409": { "description": "HTML page: the effect is not dead any more." }
+            }
+        }})
+    };
+    let id =
+        json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let cursor = |name: &str| json!({ "name": name, "in": "query", "required": false, "schema": { "type": "string", "format": "uuid" } });
+    let mut paths = serde_json::Map::new();
+    for (path, value) in [
+        (
+            "/console",
+            page(
+                "Overview: subscriptions by state, webhook-to-ACK p50/p99 against 10 s, auto-accepted, dead letters, dead effects, outbox backlog, reconcile drift, what needs a person.",
+                json!([]),
+            ),
+        ),
+        (
+            "/console/subscriptions",
+            page(
+                "Search (subscription id opens it; tenant id; offer id) and list by state, keyset pages.",
+                json!([
+                    { "name": "q", "in": "query", "required": false, "schema": { "type": "string" } },
+                    { "name": "state", "in": "query", "required": false, "schema": { "type": "string", "enum": ["PendingFulfillment", "Subscribed", "Suspended", "Unsubscribed"] } },
+                    cursor("after")
+                ]),
+            ),
+        ),
+        (
+            "/console/subscriptions/{id}",
+            page(
+                "A subscription: state, plan, seats, term, tenants, pending and dead effects, the changes asked of Microsoft, the timeline with every call.",
+                id.clone(),
+            ),
+        ),
+        (
+            "/console/subscriptions/{id}/commands",
+            action(
+                "A publisher command (activate, change_plan, change_quantity, cancel) through the queue and the machine.",
+                json!({
+                    "command": { "type": "string", "enum": ["activate", "change_plan", "change_quantity", "cancel"] },
+                    "plan": { "type": "string" }, "quantity": { "type": "string" }
+                }),
+            ),
+        ),
+        (
+            "/console/dead-letters",
+            page("Dead letters waiting.", json!([])),
+        ),
+        (
+            "/console/dead-letters/{id}",
+            page("One dead letter whole (every copy).", id.clone()),
+        ),
+        (
+            "/console/dead-letters/{id}/replay",
+            action(
+                "Replay a dead letter to its work queue (dry run, then confirmed).",
+                json!({}),
+            ),
+        ),
+        (
+            "/console/dead-letters/{id}/purge",
+            action(
+                "Purge a dead letter, kept whole in the journal (dry run, then confirmed).",
+                json!({}),
+            ),
+        ),
+        (
+            "/console/effects",
+            page(
+                "Dead effects, keyset pages.",
+                json!([
+                    cursor("subscription"),
+                    { "name": "kind", "in": "query", "required": false, "schema": { "type": "string" } },
+                    cursor("after")
+                ]),
+            ),
+        ),
+        (
+            "/console/effects/{id}/retry",
+            action(
+                "Put a dead effect back to pending with a fresh attempt budget.",
+                json!({}),
+            ),
+        ),
+        (
+            "/console/effects/{id}/abandon",
+            action(
+                "Give up on a dead effect for good.",
+                json!({ "reason": { "type": "string", "maxLength": 500 } }),
+            ),
+        ),
+        (
+            "/console/journal",
+            page(
+                "The operators' journal, newest first.",
+                json!([cursor("before")]),
+            ),
+        ),
+    ] {
+        paths.insert(path.to_string(), value);
+    }
+    paths
+}
+
 fn base_document() -> Value {
     json!({
         "openapi": "3.0.3",

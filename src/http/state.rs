@@ -48,6 +48,8 @@ pub struct IngressConfig {
     pub webhooks: crate::settings::WebhookSettings,
     /// The machine's policy: a command the machine would refuse now is refused at once.
     pub policy: fulfillment_state_machine::Policy,
+    /// When the console calls a pending purchase stuck (`reconcile.stuck_pending_after`).
+    pub stuck_pending_after: Duration,
 }
 
 impl std::fmt::Debug for IngressConfig {
@@ -85,6 +87,7 @@ impl IngressConfig {
             metering: settings.metering.clone(),
             webhooks: settings.webhooks.clone(),
             policy: settings.policy.clone(),
+            stuck_pending_after: settings.reconcile.stuck_pending_after,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Operator tools behind `fulfillment dlq …`, `fulfillment subscription …` and
-//! `fulfillment reconcile` and `fulfillment doctor` (design.md guarantees 7 and 8): each is a library function that
+//! Operator tools behind `fulfillment dlq …`, `fulfillment effects …`, `fulfillment
+//! subscription …`, `fulfillment status`, `fulfillment reconcile` and `fulfillment doctor` (design.md guarantees 7 and 8): each is a library function that
 //! returns a report, which the CLI prints as a table or, with `--json`, as JSON.
 //!
 //! - [`dlq`]: list, show, replay and purge dead letters; every replay and purge is
@@ -14,15 +14,22 @@
 //!   Microsoft's usage records.
 //! - [`endpoint`]: the ISV's webhook endpoints: add, list, show, rotate the secret,
 //!   disable, test, the delivery log and replay (journalled).
-//! - [`render`]: aligned tables and time formatting.
+//! - [`effects`]: dead effects (outbox rows the runner gave up on): list, show, retry and
+//!   abandon, each change journalled.
+//! - [`status`]: what needs a person now, each with the command to run.
+//! - [`overview`]: the console's overview (states, ACK times, backlog, drift, attention).
+//! - [`render`]: tables wrapped to the terminal and time formatting.
 //!
 //! Exit codes: 0 fine, 1 drift or failures found, 2 usage error ([`UsageError`]).
 
 pub mod dlq;
 pub mod doctor;
 pub mod endpoint;
+pub mod effects;
+pub mod overview;
 pub mod reconcile;
 pub mod render;
+pub mod status;
 pub mod subscription;
 pub mod usage;
 

@@ -595,6 +595,16 @@ pub fn compare(
     let our_state = ours.and_then(SubscriptionRecord::state_name);
     match (ours, theirs) {
         (None, None) => return (kinds, None),
+        // A purchase still pending at Microsoft that we have not seen yet, younger than
+        // `stuck_after`, is a customer on the way to the landing page: not drift.
+        (None, Some(subscription))
+            if their_state == Some(StateName::PendingFulfillment)
+                && subscription
+                    .created
+                    .is_some_and(|created| now - created < stuck_after) =>
+        {
+            return (kinds, None);
+        }
         (None, Some(_)) => kinds.push(DriftKind::MissingHere),
         (Some(_), None) => {
             if our_state != Some(StateName::Unsubscribed) {
@@ -792,5 +802,42 @@ fn human_age(secs: i64) -> String {
         s if s >= 3600 => format!("{}h", s / 3600),
         s if s >= 60 => format!("{}m", s / 60),
         s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn pending_at_microsoft(created: &str) -> Subscription {
+        serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(),
+            "name": "a purchase",
+            "offerId": "contoso-analytics",
+            "planId": "silver",
+            "saasSubscriptionStatus": "PendingFulfillmentStart",
+            "created": created,
+        }))
+        .expect("a subscription")
+    }
+
+    #[test]
+    fn a_purchase_seconds_old_is_neither_missing_nor_stuck() {
+        let now = datetime!(2026-12-06 08:00:05 UTC);
+        let day = Duration::from_secs(86_400);
+        let fresh = pending_at_microsoft("2026-12-06T08:00:00Z");
+        assert_eq!(compare(None, Some(&fresh), now, day), (vec![], None));
+        // Older than the setting: missing here, and stuck.
+        let old = pending_at_microsoft("2026-12-04T08:00:00Z");
+        let (kinds, pending_for) = compare(None, Some(&old), now, day);
+        assert_eq!(kinds, [DriftKind::MissingHere, DriftKind::StuckPending]);
+        assert!(pending_for.is_some());
+        // With no purchase time we cannot tell: reported.
+        let unknown_age = pending_at_microsoft("0001-01-01T00:00:00");
+        assert_eq!(
+            compare(None, Some(&unknown_age), now, day).0,
+            [DriftKind::MissingHere]
+        );
     }
 }

@@ -1,5 +1,11 @@
-//! Human output: aligned text tables (no dependency: the columns are few) and timestamps.
+//! Human output: tables wrapped to the terminal (comfy-table) and timestamps.
+//!
+//! A table fits the terminal's width when stdout is one (read by `console`), or `COLUMNS`
+//! when set; piped output is not wrapped, so `grep` sees whole lines. Columns of ids (every
+//! line a UUID) are never broken. No colour, ever: comfy-table without its `tty` feature
+//! cannot style.
 
+use comfy_table::{Cell, ColumnConstraint, ContentArrangement, presets};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
@@ -31,12 +37,21 @@ impl Table {
         self.rows.is_empty()
     }
 
+    /// The table wrapped to the output's width ([`output_width`]).
     pub fn render(&self) -> String {
+        self.render_width(output_width())
+    }
+
+    /// The table wrapped to `width` columns (`None`: not wrapped).
+    pub fn render_width(&self, width: Option<u16>) -> String {
         let cut = |i: usize, cell: &str| -> String {
-            let cell = cell.replace('\n', " ");
             match self.limits.get(i) {
-                Some(&limit) if limit > 0 => shorten(&cell, limit),
-                _ => cell,
+                Some(&limit) if limit > 0 => cell
+                    .lines()
+                    .map(|line| shorten(line, limit))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => cell.to_string(),
             }
         };
         let rows: Vec<Vec<String>> = self
@@ -44,34 +59,62 @@ impl Table {
             .iter()
             .map(|row| row.iter().enumerate().map(|(i, c)| cut(i, c)).collect())
             .collect();
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        let mut table = comfy_table::Table::new();
+        table.load_style(presets::NOTHING);
+        table.set_header(self.headers.iter().map(Cell::new));
         for row in &rows {
-            for (i, cell) in row.iter().enumerate() {
-                if i < widths.len() {
-                    widths[i] = widths[i].max(cell.chars().count());
-                }
+            table.add_row(row.iter().map(Cell::new));
+        }
+        if let Some(width) = width {
+            table
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(width);
+        }
+        // Ids stay whole: a wrapped UUID cannot be pasted back.
+        for (i, column) in table.column_iter_mut().enumerate() {
+            let lines: Vec<&str> = rows
+                .iter()
+                .filter_map(|row| row.get(i))
+                .flat_map(|cell| cell.lines())
+                .collect();
+            if !lines.is_empty() && lines.iter().all(|l| uuid::Uuid::parse_str(l).is_ok()) {
+                column.set_constraint(ColumnConstraint::ContentWidth);
             }
         }
-        let line = |cells: &[String]| -> String {
-            let mut out = String::new();
-            for (i, cell) in cells.iter().enumerate() {
-                let last = i + 1 == cells.len();
-                out.push_str(cell);
-                if !last {
-                    let pad =
-                        widths.get(i).copied().unwrap_or(0) - cell.chars().count().min(widths[i]);
-                    out.push_str(&" ".repeat(pad + 2));
-                }
-            }
-            out.trim_end().to_string()
-        };
-        let mut out = line(&self.headers);
-        out.push('\n');
-        for row in &rows {
-            out.push_str(&line(row));
+        let mut out: String = table
+            .lines()
+            .map(|line| {
+                // NOTHING keeps one space of padding on each side.
+                let line = line.strip_prefix(' ').unwrap_or(&line).trim_end();
+                format!("{line}\n")
+            })
+            .collect();
+        if out.is_empty() {
             out.push('\n');
         }
         out
+    }
+}
+
+/// The width to wrap to: the terminal's when stdout is one, else `COLUMNS` when set.
+pub fn output_width() -> Option<u16> {
+    let term = console::Term::stdout();
+    if let Some((_rows, columns)) = term.size_checked() {
+        return Some(columns);
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<u16>().ok())
+        .filter(|c| *c >= 20)
+}
+
+/// `42s`, `5m`, `3h`, `2d`: how long ago or how long for (negative counts as 0).
+pub fn age(duration: time::Duration) -> String {
+    match duration.whole_seconds().max(0) {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -115,10 +158,48 @@ mod tests {
         let mut table = Table::new(&["id", "reason"], &[0, 8]);
         table.row(vec!["a".into(), "short".into()]);
         table.row(vec!["bbbb".into(), "a very long reason".into()]);
-        let text = table.render();
+        let text = table.render_width(None);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "id    reason");
         assert_eq!(lines[1], "a     short");
         assert_eq!(lines[2], "bbbb  a very …");
+    }
+
+    #[test]
+    fn a_wide_table_fits_eighty_columns_and_keeps_its_ids_whole() {
+        let id = uuid::Uuid::now_v7().to_string();
+        let mut table = Table::new(&["SUBSCRIPTION", "PLAN", "STATE", "REASON"], &[]);
+        for _ in 0..3 {
+            table.row(vec![
+                id.clone(),
+                "contoso-analytics-silver-annual".into(),
+                "PendingFulfillment".into(),
+                "Microsoft answered 503 three times in a row; the next attempt is due in 5 minutes"
+                    .into(),
+            ]);
+        }
+        let wide = table.render_width(None);
+        assert!(wide.lines().any(|l| l.chars().count() > 120), "{wide}");
+        let narrow = table.render_width(Some(80));
+        for line in narrow.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{} columns: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(
+            narrow.lines().filter(|l| l.contains(&id)).count() == 3,
+            "{narrow}"
+        );
+        assert!(narrow.contains("answered 503"), "{narrow}");
+    }
+
+    #[test]
+    fn ages_read_in_the_largest_unit() {
+        assert_eq!(age(time::Duration::seconds(42)), "42s");
+        assert_eq!(age(time::Duration::seconds(-3)), "0s");
+        assert_eq!(age(time::Duration::minutes(90)), "1h");
+        assert_eq!(age(time::Duration::days(3)), "3d");
     }
 }

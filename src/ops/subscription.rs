@@ -285,7 +285,23 @@ fn operator_entry(action: &OperatorAction) -> TimelineEntry {
             action.dead_letter_id.as_deref().unwrap_or("?"),
             action.queue.as_deref().unwrap_or("?")
         ),
+        "effect_retry" => format!(
+            "dead effect {} ({}) put back to pending",
+            action.details["effect_id"].as_str().unwrap_or("?"),
+            action.details["kind"].as_str().unwrap_or("?")
+        ),
+        "effect_abandon" => format!(
+            "dead effect {} ({}) abandoned",
+            action.details["effect_id"].as_str().unwrap_or("?"),
+            action.details["kind"].as_str().unwrap_or("?")
+        ),
         other => format!("operator action {other}"),
+    };
+    // A dead letter's or dead effect's reason is why it failed; an abandon's is the
+    // operator's.
+    let reason = match action.action.as_str() {
+        "effect_abandon" => action.reason.clone(),
+        _ => action.reason.clone().map(|r| format!("it had failed: {r}")),
     };
     TimelineEntry {
         at: action.performed_at,
@@ -294,7 +310,7 @@ fn operator_entry(action: &OperatorAction) -> TimelineEntry {
         kind: action.action.clone(),
         what,
         outcome: action.action.clone(),
-        reason: action.reason.clone().map(|r| format!("it had failed: {r}")),
+        reason,
         from_state: None,
         to_state: None,
         effects: Vec::new(),

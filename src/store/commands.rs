@@ -66,3 +66,46 @@ pub async fn forget(pool: &PgPool, command_id: Uuid) -> Result<(), sqlx::Error> 
         .await
         .map(drop)
 }
+
+/// A command that did not succeed: refused by our policy (`rejected`) or by Microsoft
+/// (`Refused`), ended `Failed`/`Conflict` at Microsoft, or with an `Unknown` outcome.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct UnsuccessfulCommand {
+    pub command_id: Uuid,
+    pub subscription_id: Uuid,
+    pub kind: String,
+    pub requested_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    /// `rejected` (our policy), or the publisher operation's status.
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// The commands requested at or after `since` that did not succeed, newest first, at most
+/// `limit`.
+pub async fn unsuccessful_since(
+    pool: &PgPool,
+    since: OffsetDateTime,
+    limit: i64,
+) -> Result<Vec<UnsuccessfulCommand>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.command_id, c.subscription_id, c.kind, c.requested_by, c.requested_at, \
+             coalesce(p.status, 'rejected') AS status, coalesce(p.last_error, nullif(r.reason, '')) AS reason \
+         FROM commands c \
+         LEFT JOIN publisher_operations p ON p.command_id = c.command_id \
+         LEFT JOIN LATERAL ( \
+             SELECT coalesce(e.reason, '') AS reason FROM subscription_events e \
+             WHERE e.subscription_id = c.subscription_id \
+               AND e.message_id = c.command_id::text AND e.outcome = 'rejected' \
+             LIMIT 1) r ON true \
+         WHERE c.requested_at >= $1 \
+           AND (p.status IN ('Refused', 'Failed', 'Conflict', 'Unknown') \
+                OR (p.command_id IS NULL AND r.reason IS NOT NULL)) \
+         ORDER BY c.requested_at DESC LIMIT $2",
+    )
+    .bind(since)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

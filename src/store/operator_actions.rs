@@ -1,5 +1,6 @@
-//! The operators' journal (`operator_actions`, append-only): dead-letter replays and purges
-//! and reconciliation runs, with who, when and which message. `fulfillment subscription
+//! The operators' journal (`operator_actions`, append-only): dead-letter replays and purges,
+//! dead-effect retries and abandons, and reconciliation runs, with who, when and which
+//! message or effect. `fulfillment subscription
 //! show` merges it into the subscription's timeline.
 
 use serde::Serialize;
@@ -17,6 +18,10 @@ pub enum ActionKind {
     Reconcile,
     /// Webhook deliveries to the ISV queued again (`endpoint replay`).
     WebhookReplay,
+    /// A dead effect put back to pending (`details.effect_id`).
+    EffectRetry,
+    /// A dead effect given up on (`details.effect_id`).
+    EffectAbandon,
 }
 
 impl ActionKind {
@@ -26,6 +31,8 @@ impl ActionKind {
             Self::DlqPurge => "dlq_purge",
             Self::Reconcile => "reconcile",
             Self::WebhookReplay => "webhook_replay",
+            Self::EffectRetry => "effect_retry",
+            Self::EffectAbandon => "effect_abandon",
         }
     }
 }
@@ -101,6 +108,47 @@ pub async fn record_all(pool: &PgPool, actions: &[NewAction]) -> Result<(), sqlx
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Appends one row inside the caller's transaction (committed with what it records).
+pub async fn record_in(
+    conn: &mut sqlx::PgConnection,
+    action: &NewAction,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO operator_actions (id, action, performed_by, performed_at, subscription_id, \
+         dead_letter_id, queue, reason, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(action.action.as_str())
+    .bind(&action.performed_by)
+    .bind(action.performed_at)
+    .bind(action.subscription_id)
+    .bind(action.dead_letter_id.as_deref())
+    .bind(action.queue.as_deref())
+    .bind(action.reason.as_deref())
+    .bind(&action.details)
+    .execute(&mut *conn)
+    .await
+    .map(drop)
+}
+
+/// The latest journal rows, newest first; `before` pages on (the last id of the previous
+/// page: ids are UUIDv7).
+pub async fn recent(
+    pool: &PgPool,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<OperatorAction>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, action, performed_by, performed_at, subscription_id, dead_letter_id, queue, \
+         reason, details FROM operator_actions WHERE ($1::uuid IS NULL OR id < $1) \
+         ORDER BY id DESC LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit.clamp(1, 500))
+    .fetch_all(pool)
+    .await
 }
 
 /// The journal rows about one subscription, oldest first.

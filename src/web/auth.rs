@@ -310,11 +310,13 @@ fn session_of(parts: &Parts, state: &AppState, surface: Surface) -> Result<Sessi
     match Session::read(&jar, surface, OffsetDateTime::now_utc()) {
         Some(session) => Ok(session),
         None if is_safe(&parts.method) => {
-            let back = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
+            // Under a nested router (the console) `parts.uri` lacks the prefix; the
+            // original URI has the whole path to come back to.
+            let uri = parts
+                .extensions
+                .get::<axum::extract::OriginalUri>()
+                .map_or(&parts.uri, |original| &original.0);
+            let back = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             Err(Box::new(
                 Redirect::to(&sign_in_url(surface, back)).into_response(),
             ))

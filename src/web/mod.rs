@@ -2,6 +2,7 @@
 //! (nested under `/console`) the operator console, both signed in with Entra ID.
 //!
 //! - [`landing`]: `/landing`, the customer's onboarding page, and its activation form.
+//! - [`console`]: `/console`, the operators' console.
 //! - [`auth`]: sessions (signed cookies), the [`auth::SignedInOperator`] and
 //!   [`auth::SignedInCustomer`] extractors, CSRF tokens and their check on every POST.
 //! - [`oidc`]: sign-in with Entra ID (code + PKCE), the ID token check, console roles.
@@ -11,6 +12,7 @@
 //! [`routes`] builds the web routes with their layers; [`crate::http::router`] merges them.
 
 pub mod auth;
+pub mod console;
 pub mod landing;
 pub mod oidc;
 pub mod security;
@@ -160,6 +162,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/auth/{surface}/sign-in", get(oidc::sign_in))
         .route("/auth/callback", get(oidc::callback))
         .route("/auth/{surface}/sign-out", post(oidc::sign_out))
+        .nest("/console", console::routes())
         // Route layers: only requests these routes match (the API's and the webhook's
         // unmatched paths keep their own answers).
         .route_layer(middleware::from_fn_with_state(

@@ -1,0 +1,73 @@
+//! Aggregates for the operator console's overview: subscriptions per state, the ACKs of
+//! a recent window from the event log (webhook-to-ACK times, auto-accepted operations) and
+//! the latest reconciliation run.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
+
+use super::StoreError;
+
+/// How many subscriptions are in each state, by state name.
+pub async fn subscriptions_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT state, count(*) FROM subscriptions GROUP BY state ORDER BY state")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// The ACKs recorded since a point in time.
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
+pub struct AckStats {
+    /// ACK calls recorded (each `effect:ack_operation` row of the event log).
+    pub acks: i64,
+    /// Of those with a webhook-to-ACK time: the median and 99th percentile, in ms.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// ACKs later than Microsoft's 10-second window.
+    pub late: i64,
+    /// ACKs Microsoft answered 409: the operation was already final (auto-accepted or
+    /// superseded) before our ACK.
+    pub auto_accepted: i64,
+}
+
+/// The ACKs recorded at or after `since` (an index range on `recorded_at`).
+pub async fn ack_stats(pool: &PgPool, since: OffsetDateTime) -> Result<AckStats, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) AS acks, \
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \
+                 AS p50_ms, \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \
+                 AS p99_ms, \
+             count(*) FILTER (WHERE (event->>'webhook_to_ack_ms')::float8 > 10000) AS late, \
+             count(*) FILTER (WHERE event->'calls' @> '[{\"status\": 409}]') AS auto_accepted \
+         FROM subscription_events \
+         WHERE recorded_at >= $1 AND event_kind = 'effect:ack_operation'",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The latest reconciliation run in the journal.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ReconcileRun {
+    pub performed_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub performed_at: OffsetDateTime,
+    /// `N drifted, M healed`.
+    pub reason: Option<String>,
+    /// The whole report.
+    pub details: Value,
+}
+
+pub async fn latest_reconcile(pool: &PgPool) -> Result<Option<ReconcileRun>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT performed_by, performed_at, reason, details FROM operator_actions \
+         WHERE action = 'reconcile' ORDER BY performed_at DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?)
+}
