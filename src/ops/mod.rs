@@ -24,8 +24,8 @@
 
 pub mod dlq;
 pub mod doctor;
-pub mod endpoint;
 pub mod effects;
+pub mod endpoint;
 pub mod overview;
 pub mod reconcile;
 pub mod render;

@@ -19,27 +19,7 @@ use super::operator_actions::{self, NewAction};
 /// The largest page [`list`] returns.
 pub const MAX_PAGE_SIZE: i64 = 500;
 
-/// An outbox row's lifecycle (`outbox.status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
-#[sqlx(type_name = "text", rename_all = "snake_case")]
-#[serde(rename_all = "snake_case")]
-pub enum EffectStatus {
-    Pending,
-    Done,
-    Dead,
-    Abandoned,
-}
-
-impl EffectStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Done => "done",
-            Self::Dead => "dead",
-            Self::Abandoned => "abandoned",
-        }
-    }
-}
+pub use super::outbox::OutboxStatus as EffectStatus;
 
 /// One outbox row as an operator sees it.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]

@@ -183,29 +183,40 @@ impl std::fmt::Display for EffectKind {
 }
 
 /// Where an outbox row stands: the `status` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OutboxStatus {
     /// Due now or later.
     Pending,
     /// Carried out.
     Done,
-    /// Given up, for an operator to replay; blocks nothing.
+    /// Given up, for an operator to retry or abandon; blocks nothing.
     Dead,
+    /// A dead row an operator gave up on (`fulfillment effects abandon`, the console).
+    Abandoned,
 }
 
 impl TextValue for OutboxStatus {
-    const ALL: &'static [Self] = &[Self::Pending, Self::Done, Self::Dead];
+    const ALL: &'static [Self] = &[Self::Pending, Self::Done, Self::Dead, Self::Abandoned];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
             Self::Done => "done",
             Self::Dead => "dead",
+            Self::Abandoned => "abandoned",
         }
     }
 }
 
 text_column!(OutboxStatus);
+
+impl OutboxStatus {
+    /// The column's text (without the [`TextValue`] trait in scope).
+    pub fn as_str(self) -> &'static str {
+        <Self as TextValue>::as_str(self)
+    }
+}
 
 // The status column of `publisher_operations` is the protocol's own type.
 impl TextValue for CommandStatus {
