@@ -7,9 +7,6 @@
 
 mod stack;
 
-#[path = "common/event_schemas.rs"]
-mod event_schemas;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -371,7 +368,7 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         "in order, exactly once per event id, as in the feed"
     );
     // Every delivered body, the test event included, meets its contract (docs/events/).
-    let contract = event_schemas::Contract::load();
+    let contract = stack::event_schemas::Contract::load();
     contract.assert_valid(accepted(&shared).iter().map(|r| &r.body));
     for (received, event) in got.iter().zip(&events) {
         assert_eq!(&received.body, event, "the same CloudEvent as the feed");
