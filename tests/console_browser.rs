@@ -5,12 +5,9 @@
 //!
 //! Needs `chromium` and `chromium-driver` (`.ci/run` installs them). With
 //! `UPDATE_SCREENSHOTS=1` the screenshots are written to `docs/screenshots/` (the README
-//! shows them). The harness is the one of `tests/browser.rs`.
+//! shows them). The browser is `tests/common/browser.rs`, shared with `tests/browser.rs`.
 
 mod stack;
-
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -20,102 +17,14 @@ use marketplace_fulfillment::simulator::sign_in::OPERATORS_GROUP_ID;
 use serde_json::json;
 use stack::{Options, Stack};
 use thirtyfour::prelude::*;
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-/// chromedriver and a Chromium session with its own profile, both gone when dropped.
-struct Browser {
-    driver: WebDriver,
-    _chromedriver: Child,
-    profile: PathBuf,
-    shots: PathBuf,
-}
+#[path = "common/browser.rs"]
+mod browser;
 
-impl Browser {
-    async fn start() -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let chromedriver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromedriver is installed (apt-get install chromium chromium-driver)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let profile = std::env::temp_dir().join(format!("fulfillment-chromium-{}", Uuid::new_v4()));
-        let mut caps = DesiredCapabilities::chrome();
-        for arg in [
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--window-size=1200,900",
-            &format!("--user-data-dir={}", profile.display()),
-        ] {
-            caps.add_arg(arg).unwrap();
-        }
-        let driver = WebDriver::new(format!("http://127.0.0.1:{port}"), caps)
-            .await
-            .expect("a Chromium session");
-        let shots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
-        } else {
-            profile.join("screenshots")
-        };
-        std::fs::create_dir_all(&shots).unwrap();
-        Browser {
-            driver,
-            _chromedriver: chromedriver,
-            profile,
-            shots,
-        }
-    }
-
-    /// Waits until the page's source contains `text` (the landing page refreshes itself).
-    async fn wait_for_text(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let source = self.driver.source().await.unwrap();
-            if source.contains(text) {
-                return source;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{text:?} never appeared; the page is:\n{source}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    async fn screenshot(&self, name: &str) {
-        self.driver
-            .screenshot(&self.shots.join(format!("{name}.png")))
-            .await
-            .unwrap();
-    }
-
-    async fn quit(self) {
-        self.driver.clone().quit().await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
+use browser::Browser;
 
 async fn click(driver: &WebDriver, by: By) {
     driver.find(by).await.unwrap().click().await.unwrap();

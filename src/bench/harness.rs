@@ -496,6 +496,32 @@ impl SimHandle {
     }
 }
 
+/// Runs `measure` in a throwaway world whose simulator sends its webhooks to an ingress on
+/// a fresh local address (the world of `bench pipeline`, `burst` and `scale`). The children
+/// `measure` starts are stopped and the world is torn down whatever happens; the first
+/// error wins.
+pub(crate) async fn in_pipeline_world<R>(
+    settings: &Settings,
+    measure: impl AsyncFnOnce(&BenchEnv, SocketAddr, &mut Vec<ChildProcess>) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let ingress_addr = free_local_address()?;
+    let webhook_url = Url::parse(&format!("http://{ingress_addr}/webhook"))?;
+    let env = BenchEnv::setup_with(settings, Some(webhook_url)).await?;
+    let mut children = Vec::new();
+    let outcome = measure(&env, ingress_addr, &mut children).await;
+    let mut stopped = Ok(());
+    for child in children {
+        if let Err(e) = child.stop().await {
+            stopped = Err(e);
+        }
+    }
+    let torn_down = env.teardown().await;
+    let report = outcome?;
+    stopped?;
+    torn_down?;
+    Ok(report)
+}
+
 /// Starts `fulfillment serve` on `ingress_addr` and one `fulfillment work`, both pointed at
 /// this run's world, and waits until both are ready; they are pushed onto `children`
 /// (ingress first) so the caller stops them whatever happens.

@@ -22,7 +22,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
 
 use super::harness::{
-    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address,
+    BenchEnv, ChildProcess, Order, RssSampler, SimHandle, free_local_address, in_pipeline_world,
     purchase_and_activate, start_ingress_and_worker,
 };
 use super::measure::{self, PipelineCpu, round};
@@ -71,21 +71,10 @@ pub async fn run(settings: Settings, args: PipelineBenchArgs) -> anyhow::Result<
         bail!("--ceiling-seconds must be at least 1");
     }
     let started = Instant::now();
-    let ingress_addr = free_local_address()?;
-    let webhook_url = url::Url::parse(&format!("http://{ingress_addr}/webhook"))?;
-    let env = BenchEnv::setup_with(&settings, Some(webhook_url)).await?;
-    let mut children = Vec::new();
-    let outcome = measure_all(&env, &args, ingress_addr, &mut children).await;
-    let mut stopped = Ok(());
-    for child in children {
-        if let Err(e) = child.stop().await {
-            stopped = Err(e);
-        }
-    }
-    let torn_down = env.teardown().await;
-    let report = outcome?;
-    stopped?;
-    torn_down?;
+    let report = in_pipeline_world(&settings, async |env, ingress_addr, children| {
+        measure_all(env, &args, ingress_addr, children).await
+    })
+    .await?;
     report.print(&args, started.elapsed());
     Ok(ExitCode::SUCCESS)
 }
