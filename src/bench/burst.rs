@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::harness::{
     BenchEnv, ChildProcess, Order, RssSampler, SimHandle, in_pipeline_world, purchase_and_activate,
-    start_ingress_and_worker,
+    start_ingress_and_worker, wait_for_empty_outbox,
 };
 use super::measure::{self, round};
 use crate::settings::Settings;
@@ -110,13 +110,9 @@ async fn measure(
     // Activation leaves confirmations and domain events in the outbox: the burst starts on
     // an idle engine.
     let pool = crate::store::connect(&env.settings.database).await?;
-    let idle_by = Instant::now() + Duration::from_secs(args.max_seconds);
-    while crate::store::verify::pending_effects(&pool).await? > 0 {
-        if Instant::now() > idle_by {
-            bail!("the outbox did not drain after the purchases");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_empty_outbox(&pool, Duration::from_secs(args.max_seconds))
+        .await
+        .context("the outbox did not drain after the purchases")?;
     pool.close().await;
 
     eprintln!("bench: {} seat changes issued at once…", args.changes);
@@ -173,11 +169,6 @@ async fn measure(
     }
     let drained_seconds = issued.elapsed().as_secs_f64();
     acked_us.sort_unstable();
-    let peak = |pid: u32, sampler: &RssSampler| {
-        measure::proc_status_kib(pid, "VmHWM")
-            .map(|kib| kib as f64 / 1024.0)
-            .unwrap_or_else(|| sampler.max_mib())
-    };
     Ok(Report {
         acked_us,
         auto_accepted,
@@ -185,8 +176,8 @@ async fn measure(
         other,
         issue_seconds,
         drained_seconds,
-        ingress_peak_rss_mib: peak(ingress_pid, &ingress_rss),
-        worker_peak_rss_mib: peak(worker_pid, &worker_rss),
+        ingress_peak_rss_mib: ingress_rss.peak_mib(),
+        worker_peak_rss_mib: worker_rss.peak_mib(),
     })
 }
 

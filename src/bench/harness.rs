@@ -403,9 +403,10 @@ pub(crate) fn free_local_address() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// Samples the ingress's `VmRSS` every 100 ms.
+/// Samples a process's `VmRSS` every 100 ms.
 pub(crate) struct RssSampler {
     pub max_kib: Arc<AtomicU64>,
+    pid: u32,
     stop: CancellationToken,
 }
 
@@ -427,11 +428,18 @@ impl RssSampler {
                 }
             }
         });
-        Self { max_kib, stop }
+        Self { max_kib, pid, stop }
     }
 
     pub fn max_mib(&self) -> f64 {
         self.max_kib.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+
+    /// The process's peak RSS (`VmHWM`) while it runs, else the highest sample.
+    pub fn peak_mib(&self) -> f64 {
+        measure::proc_status_kib(self.pid, "VmHWM")
+            .map(|kib| kib as f64 / 1024.0)
+            .unwrap_or_else(|| self.max_mib())
     }
 }
 
@@ -520,6 +528,25 @@ pub(crate) async fn in_pipeline_world<R>(
     stopped?;
     torn_down?;
     Ok(report)
+}
+
+/// Waits until no outbox row is pending, so a phase starts on an idle engine; an error
+/// after `max`.
+pub(crate) async fn wait_for_empty_outbox(
+    pool: &sqlx::PgPool,
+    max: Duration,
+) -> anyhow::Result<()> {
+    let by = Instant::now() + max;
+    loop {
+        let pending = crate::store::verify::pending_effects(pool).await?;
+        if pending == 0 {
+            return Ok(());
+        }
+        if Instant::now() > by {
+            bail!("{pending} outbox row(s) still pending after {max:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Starts `fulfillment serve` on `ingress_addr` and one `fulfillment work`, both pointed at

@@ -176,12 +176,7 @@ async fn measure_all(
     let agreeing_subscriptions = agreeing(env, &pool, &subscriptions).await?;
     explain(&pool, &mut failed).await?;
     pool.close().await;
-    let peak = |pid: u32, sampler: &RssSampler| {
-        measure::proc_status_kib(pid, "VmHWM")
-            .map(|kib| kib as f64 / 1024.0)
-            .unwrap_or_else(|| sampler.max_mib())
-    };
-    let worker_peak_rss_mib = peak(worker_pid, &worker_rss);
+    let worker_peak_rss_mib = worker_rss.peak_mib();
 
     // The baseline: the same changes through the same simulator, ingress and RabbitMQ,
     // consumed by the minimal engine instead of the worker.
@@ -229,7 +224,7 @@ async fn measure_all(
         ack_p50_ms: ms(0.50),
         ack_p99_ms: ms(0.99),
         ack_max_ms: ms(1.0),
-        ingress_peak_rss_mib: peak(ingress_pid, &ingress_rss),
+        ingress_peak_rss_mib: ingress_rss.peak_mib(),
         worker_peak_rss_mib,
         baseline_per_s: baseline_phase.latencies_us.len() as f64 / baseline_phase.seconds,
         baseline_failed: baseline_phase.failed.len(),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::harness::{
     BenchEnv, ChildProcess, OFFER, Order, RssSampler, SimHandle, free_local_address,
-    in_pipeline_world, purchase_and_activate, start_ingress_and_worker,
+    in_pipeline_world, purchase_and_activate, start_ingress_and_worker, wait_for_empty_outbox,
 };
 use super::measure::round;
 use super::pipeline::{Phase, drive_changes};
@@ -127,11 +127,11 @@ async fn measure(
         purchase_and_activate(env, &sim, &children[0], &orders, Duration::from_secs(120)).await?;
     let pool = crate::store::connect(&env.settings.database).await?;
     let max = Duration::from_secs(args.max_seconds);
-    drain(&pool, max).await?;
+    wait_for_empty_outbox(&pool, max).await?;
 
     eprintln!("bench: {} seat changes, empty database…", args.changes);
     let empty = drive_changes(env, &sim, &subscriptions, args.changes, args.max_seconds, 0).await?;
-    drain(&pool, max).await?;
+    wait_for_empty_outbox(&pool, max).await?;
     eprintln!("bench: reconcile, empty database…");
     let reconcile_empty = reconcile(env).await?;
 
@@ -175,7 +175,7 @@ async fn measure(
         share,
     )
     .await?;
-    drain(&pool, max).await?;
+    wait_for_empty_outbox(&pool, max).await?;
     eprintln!(
         "bench: reconcile of {} subscriptions…",
         args.subscriptions + args.in_flight
@@ -192,21 +192,6 @@ async fn measure(
         preload_seconds,
         database_mib,
     })
-}
-
-/// Waits until the outbox is empty: a phase starts on an idle engine.
-async fn drain(pool: &sqlx::PgPool, max: Duration) -> anyhow::Result<()> {
-    let by = Instant::now() + max;
-    loop {
-        let pending = crate::store::verify::pending_effects(pool).await?;
-        if pending == 0 {
-            return Ok(());
-        }
-        if Instant::now() > by {
-            bail!("{pending} outbox row(s) still pending after {max:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `fulfillment reconcile --json` as a child process against this run's world.
