@@ -77,6 +77,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ACTIVATION_MODE", "policy.activation"),
     ("LOG_FORMAT", "log.format"),
     ("WORKER_METRICS_ADDR", "worker.metrics_addr"),
+    ("WORKER_APPLY_BATCH", "worker.apply_batch"),
     ("METERING_GRACE_SECS", "metering.grace_secs"),
     ("WEB_SESSION_KEY", "web.session_key"),
     ("WEB_CLIENT_ID", "web.client_id"),
@@ -359,6 +360,9 @@ pub struct WorkerSettings {
     /// Where the worker serves `/metrics`, `/healthz` and `/readyz` (port 0 picks one; the
     /// bound address is logged).
     pub metrics_addr: SocketAddr,
+    /// Inbound messages (of different subscriptions) applied in one transaction with one
+    /// commit, a savepoint each; 1 applies each in a transaction of its own.
+    pub apply_batch: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -930,6 +934,7 @@ struct RawWorker {
     metrics_addr: String,
     term_ending_notice_days: String,
     notice_day_ms: u64,
+    apply_batch: usize,
 }
 
 #[derive(Deserialize)]
@@ -1046,6 +1051,7 @@ impl Default for RawSettings {
                 metrics_addr: "127.0.0.1:9464".into(),
                 term_ending_notice_days: "30,7".into(),
                 notice_day_ms: 24 * 3600 * 1000,
+                apply_batch: crate::worker::run::DEFAULT_APPLY_BATCH,
             },
             log: RawLog {
                 format: "pretty".into(),
@@ -1517,6 +1523,17 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
     if raw.max_attempts == 0 {
         return invalid("worker.max_attempts", "must be at least 1");
     }
+    if !(1..=crate::worker::run::MAX_APPLY_BATCH).contains(&raw.apply_batch) {
+        return invalid(
+            "worker.apply_batch",
+            format!(
+                "must be 1 to {} (1 applies each message in a transaction of its own; more \
+                 savepoints in one transaction overflow PostgreSQL's subtransaction cache, \
+                 which slows every other session's snapshots)",
+                crate::worker::run::MAX_APPLY_BATCH
+            ),
+        );
+    }
     let backoff_base = positive_millis("worker.backoff_base_ms", raw.backoff_base_ms)?;
     let backoff_max = positive_millis("worker.backoff_max_ms", raw.backoff_max_ms)?;
     if backoff_max < backoff_base {
@@ -1563,6 +1580,7 @@ fn parse_worker(raw: RawWorker, max_connections: u32) -> Result<WorkerSettings, 
             term_ending_days: notice_days(&raw.term_ending_notice_days)?,
             day: positive_millis("worker.notice_day_ms", raw.notice_day_ms)?,
         },
+        apply_batch: raw.apply_batch,
     })
 }
 

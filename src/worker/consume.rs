@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use fulfillment_state_machine::{Event, Policy};
 use serde_json::json;
+use sqlx::Acquire;
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -219,6 +220,307 @@ impl DeliveryError {
 /// Between two looks at a database that is down, while a delivery is held.
 const DATABASE_RECHECK: Duration = Duration::from_millis(500);
 
+/// How long Microsoft waits for the ACK of a webhook operation before it decides itself
+/// (P7): a webhook's deadline is its receipt at the ingress plus this.
+const MICROSOFT_ACK_WINDOW: time::Duration = time::Duration::seconds(10);
+
+/// Windows applied at once by one consumer: one commits while the next is applied, and
+/// the lane heads freed meanwhile gather for the one after. More would only contend for
+/// the same cores and connections.
+const WINDOWS_IN_FLIGHT: usize = 2;
+
+/// How long a window may wait for lane heads still being translated (a few milliseconds
+/// of CPU and one `SELECT` each) before it starts without them. Only when some are: a lone
+/// message never waits.
+const WINDOW_LINGER: Duration = Duration::from_millis(2);
+
+/// How much the consumer takes on at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerLimits {
+    /// Deliveries in hand at once (being handled or waiting in their lane).
+    pub concurrency: usize,
+    /// Lane heads applied in one transaction; 1 applies each in a transaction of its own.
+    pub apply_batch: usize,
+}
+
+/// What [`MessageHandler::translate_and_observe`] makes of a message.
+struct Prepared {
+    action: &'static str,
+    event: Event,
+    subscription_id: Uuid,
+    source: EventSource,
+    unknown_to_microsoft: Option<ApiError>,
+}
+
+/// A delivery translated (and, for a subscription we never saw, observed first), ready to
+/// be applied alone or in a window.
+struct Ready {
+    delivery: InboundDelivery,
+    span: tracing::Span,
+    /// The event's kind: the metrics' `action`.
+    action: &'static str,
+    event: Event,
+    subscription_id: Uuid,
+    source: EventSource,
+    /// Microsoft's 404 for a subscription it does not know either: recorded once the
+    /// webhook created the row.
+    unknown_to_microsoft: Option<ApiError>,
+}
+
+impl Ready {
+    /// When Microsoft stops waiting for our answer to a webhook; `None` for messages
+    /// nobody outside waits on (observations, publisher commands, resolved purchases).
+    fn deadline(&self) -> Option<OffsetDateTime> {
+        match self.event {
+            Event::Webhook(_) => self.source.received_at.map(|at| at + MICROSOFT_ACK_WINDOW),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery that cannot be applied: malformed, untranslatable, or its subscription not
+/// verifiable at Microsoft.
+struct NotReady {
+    delivery: InboundDelivery,
+    span: tracing::Span,
+    action: &'static str,
+    error: DeliveryError,
+}
+
+impl NotReady {
+    async fn settle(self, handler: &MessageHandler) -> Result<Handled, QueueError> {
+        let Self {
+            delivery,
+            span,
+            action,
+            error,
+        } = self;
+        handler
+            .settle_failed(delivery, action, &error)
+            .instrument(span)
+            .await
+    }
+}
+
+/// A lane head waiting for its window, and its lane waiting for it: the lane goes on once
+/// `done` is dropped (after the head's ack, retry or dead letter).
+struct Waiting {
+    ready: Ready,
+    arrival: u64,
+    done: oneshot::Sender<()>,
+}
+
+/// A message of a window that did not commit with it.
+#[derive(Debug)]
+enum Together {
+    /// Applied again alone after the window: the window failed as a whole, or the message
+    /// lost a deadlock or a serialization race against another worker (40P01, 40001), or
+    /// the connection went: none of that is the message's fault.
+    Again,
+    /// Its own failure: dead letter or retry tier, as when applied alone.
+    Failed(StoreError),
+}
+
+impl Together {
+    fn after(error: StoreError) -> Self {
+        if error.is_unavailable() || is_conflict(&error) {
+            Self::Again
+        } else {
+            Self::Failed(error)
+        }
+    }
+}
+
+/// A deadlock (40P01) or serialization failure (40001): the same statements succeed when
+/// run again.
+fn is_conflict(error: &StoreError) -> bool {
+    match error {
+        StoreError::Query(sqlx::Error::Database(db)) => db
+            .code()
+            .is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001")),
+        _ => false,
+    }
+}
+
+/// A lane head ready to apply, as [`next_window`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub subscription_id: Uuid,
+    /// When Microsoft stops waiting for its ACK (a webhook's receipt plus 10 s, P7);
+    /// `None`: nobody outside waits on it.
+    pub deadline: Option<OffsetDateTime>,
+    /// Its place in the order the heads became ready.
+    pub arrival: u64,
+}
+
+/// The heads that make the next window, by index into `heads`, in the order they are
+/// applied:
+/// - deadline first: heads Microsoft waits on, the earliest deadline first, ahead of
+///   everything else (observations, publisher commands), which follows in arrival order;
+/// - at most one per subscription, its earliest: a subscription's later message waits for
+///   the next window, so its order holds;
+/// - at most `cap` (at least one);
+/// - applied sorted by subscription id: every worker locks subscription rows in the same
+///   order, so two workers' windows cannot deadlock on each other.
+pub fn next_window(heads: &[Head], cap: usize) -> Vec<usize> {
+    let mut first_of: HashMap<Uuid, usize> = HashMap::new();
+    for (index, head) in heads.iter().enumerate() {
+        first_of
+            .entry(head.subscription_id)
+            .and_modify(|first| {
+                if heads[*first].arrival > head.arrival {
+                    *first = index;
+                }
+            })
+            .or_insert(index);
+    }
+    let mut chosen: Vec<usize> = first_of.into_values().collect();
+    chosen.sort_by_key(|&i| {
+        (
+            heads[i].deadline.is_none(),
+            heads[i].deadline,
+            heads[i].arrival,
+        )
+    });
+    chosen.truncate(cap.max(1));
+    chosen.sort_by_key(|&i| (heads[i].subscription_id, heads[i].arrival));
+    chosen
+}
+
+/// Gathers the lanes' ready heads into windows.
+struct Batcher {
+    pending: std::sync::Mutex<Pending>,
+    /// Woken when a head becomes ready or a lane stops preparing one.
+    wake: Notify,
+    cap: usize,
+}
+
+#[derive(Default)]
+struct Pending {
+    ready: Vec<Waiting>,
+    /// Lanes translating a head right now.
+    preparing: usize,
+    next_arrival: u64,
+}
+
+impl Batcher {
+    fn new(cap: usize) -> Self {
+        Self {
+            pending: std::sync::Mutex::default(),
+            wake: Notify::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Nothing panics while it is locked, so a poisoned lock still holds consistent heads.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks a head in preparation until the guard drops.
+    fn preparing(&self) -> PreparingGuard<'_> {
+        self.lock().preparing += 1;
+        PreparingGuard(self)
+    }
+
+    /// Queues `ready` for a window; returns once it was acked (or parked, or
+    /// dead-lettered).
+    async fn apply(&self, ready: Ready, preparing: PreparingGuard<'_>) {
+        let (done, settled) = oneshot::channel();
+        {
+            let mut pending = self.lock();
+            let arrival = pending.next_arrival;
+            pending.next_arrival += 1;
+            pending.ready.push(Waiting {
+                ready,
+                arrival,
+                done,
+            });
+        }
+        drop(preparing);
+        // `Err` too once the window dropped the sender: either way the head is settled.
+        let _ = settled.await;
+    }
+
+    fn has_ready(&self) -> bool {
+        !self.lock().ready.is_empty()
+    }
+
+    /// Whether to wait for heads still being prepared: only when the window is not full.
+    fn worth_waiting(&self) -> bool {
+        let pending = self.lock();
+        pending.preparing > 0 && pending.ready.len() < self.cap
+    }
+
+    /// Takes the next window out of the ready heads ([`next_window`]).
+    fn take_window(&self) -> Vec<Waiting> {
+        let mut pending = self.lock();
+        let heads: Vec<Head> = pending
+            .ready
+            .iter()
+            .map(|waiting| Head {
+                subscription_id: waiting.ready.subscription_id,
+                deadline: waiting.ready.deadline(),
+                arrival: waiting.arrival,
+            })
+            .collect();
+        let order = next_window(&heads, self.cap);
+        let mut slots: Vec<Option<Waiting>> = std::mem::take(&mut pending.ready)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let window = order
+            .iter()
+            .filter_map(|&index| slots[index].take())
+            .collect();
+        pending.ready = slots.into_iter().flatten().collect();
+        window
+    }
+}
+
+struct PreparingGuard<'a>(&'a Batcher);
+
+impl Drop for PreparingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().preparing -= 1;
+        self.0.wake.notify_one();
+    }
+}
+
+/// Forms windows out of the ready heads and applies them, [`WINDOWS_IN_FLIGHT`] at once,
+/// until `stop` (fired once every lane ended, so no head is left behind).
+async fn run_batcher(batcher: Arc<Batcher>, handler: MessageHandler, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(WINDOWS_IN_FLIGHT));
+    let windows = TaskTracker::new();
+    'windows: loop {
+        // A free slot first: while both are busy the heads gather into a fuller window.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        while !batcher.has_ready() {
+            tokio::select! {
+                biased;
+                () = batcher.wake.notified() => {}
+                () = stop.cancelled() => break 'windows,
+            }
+        }
+        let linger = tokio::time::Instant::now() + WINDOW_LINGER;
+        while batcher.worth_waiting() {
+            tokio::select! {
+                () = batcher.wake.notified() => {}
+                () = tokio::time::sleep_until(linger) => break,
+            }
+        }
+        let window = batcher.take_window();
+        let handler = handler.clone();
+        windows.spawn(async move { handler.apply_window(window, slot).await });
+    }
+    windows.close();
+    windows.wait().await;
+}
+
 impl MessageHandler {
     pub fn new(pool: PgPool, client: MarketplaceClient, policy: Policy) -> Self {
         Self {
@@ -235,8 +537,26 @@ impl MessageHandler {
         self
     }
 
-    /// Handles one delivery to the end: ack, retry tier or dead-letter queue.
+    /// Handles one delivery to the end in a transaction of its own: ack, retry tier or
+    /// dead-letter queue.
     pub async fn handle(&self, delivery: InboundDelivery) -> Result<Handled, QueueError> {
+        match self.prepare(delivery).await {
+            Ok(ready) => {
+                let span = ready.span.clone();
+                let (handled, outbox_ids) = self.settle_alone(ready).await?;
+                if let Some(effects) = &self.effects {
+                    effects.execute_now(&outbox_ids).instrument(span).await;
+                }
+                Ok(handled)
+            }
+            Err(not_ready) => not_ready.settle(self).await,
+        }
+    }
+
+    /// Translates the delivery (once) and, for a webhook about a subscription we never
+    /// saw, observes it at Microsoft first (P12): everything before the apply, outside any
+    /// transaction. Holds the delivery while PostgreSQL is down.
+    async fn prepare(&self, delivery: InboundDelivery) -> Result<Ready, NotReady> {
         let span = tracing::info_span!(
             "message",
             message_id = %delivery.meta.message_id,
@@ -248,52 +568,44 @@ impl MessageHandler {
         );
         // The worker's span continues the trace of the request that queued the message.
         crate::telemetry::continue_trace(&span, delivery.meta.traceparent.as_deref());
-        self.handle_in_span(delivery).instrument(span).await
-    }
-
-    async fn handle_in_span(&self, delivery: InboundDelivery) -> Result<Handled, QueueError> {
-        let (action, result) = match &delivery.message {
-            Ok(message) => self.translate_and_apply(&delivery, message).await,
-            Err(error) => ("unknown", Err(DeliveryError::Malformed(error.clone()))),
-        };
-        match result {
-            Ok(ApplyOutcome::Duplicate) => {
-                tracing::info!("duplicate");
-                delivery.ack().await?;
-                Ok(Handled::Duplicate)
-            }
-            Ok(ApplyOutcome::Decided(applied)) => {
-                tracing::info!(
-                    event_id = %applied.event_id,
-                    from = %applied.decision.from,
-                    to = %applied.decision.to,
-                    effects = applied.outbox_ids.len(),
-                    "applied"
-                );
-                delivery.ack().await?;
-                if let Some(effects) = &self.effects {
-                    effects.execute_now(&applied.outbox_ids).await;
-                }
-                Ok(Handled::Applied)
-            }
-            Ok(ApplyOutcome::Changed { .. }) => {
-                unreachable!("the consumer applies without an expected version")
-            }
-            Err(error) => self.settle_failed(delivery, action, &error).await,
+        let prepared = self
+            .translate_and_observe(&delivery)
+            .instrument(span.clone())
+            .await;
+        match prepared {
+            Ok(Prepared {
+                action,
+                event,
+                subscription_id,
+                source,
+                unknown_to_microsoft,
+            }) => Ok(Ready {
+                delivery,
+                span,
+                action,
+                event,
+                subscription_id,
+                source,
+                unknown_to_microsoft,
+            }),
+            Err((action, error)) => Err(NotReady {
+                delivery,
+                span,
+                action,
+                error,
+            }),
         }
     }
 
-    /// Translates the message (once) and applies it, holding the delivery while PostgreSQL
-    /// is down; the event's kind (the metrics' `action`) and what became of it.
-    async fn translate_and_apply(
+    async fn translate_and_observe(
         &self,
         delivery: &InboundDelivery,
-        message: &InboundMessage,
-    ) -> (&'static str, Result<ApplyOutcome, DeliveryError>) {
-        let translated = match translate(message) {
-            Ok(translated) => translated,
-            Err(error) => return (message.type_name(), Err(error.into())),
+    ) -> Result<Prepared, (&'static str, DeliveryError)> {
+        let message = match &delivery.message {
+            Ok(message) => message,
+            Err(error) => return Err(("unknown", DeliveryError::Malformed(error.clone()))),
         };
+        let translated = translate(message).map_err(|error| (message.type_name(), error.into()))?;
         let span = tracing::Span::current();
         span.record(
             "subscription_id",
@@ -319,23 +631,204 @@ impl MessageHandler {
                 .or_else(|| delivery.meta.traceparent.clone()),
             received_at,
         };
-        let event = &translated.event;
-        let result = loop {
-            let result = self
-                .apply(event, translated.subscription_id.as_uuid(), &source)
-                .await;
-            match &result {
+        let event = translated.event;
+        let action = event.kind().as_str();
+        let subscription_id = translated.subscription_id.as_uuid();
+        let unknown_to_microsoft = loop {
+            match self
+                .observe_if_unknown(&event, subscription_id, &source)
+                .await
+            {
                 Err(error) if error.handling() == Handling::HoldUntilDatabaseAnswers => {
-                    tracing::warn!(
-                        %error,
-                        "PostgreSQL is unavailable; holding the delivery until it answers"
-                    );
-                    self.wait_for_database().await;
+                    self.hold_for_database(&error).await;
                 }
-                _ => break result,
+                Err(error) => return Err((action, error)),
+                Ok(unknown) => break unknown,
             }
         };
-        (event.kind().as_str(), result)
+        Ok(Prepared {
+            action,
+            event,
+            subscription_id,
+            source,
+            unknown_to_microsoft,
+        })
+    }
+
+    /// Applies `ready` in a transaction of its own (holding it while PostgreSQL is down),
+    /// then acks, parks or dead-letters it; the outbox rows to execute now.
+    async fn settle_alone(&self, ready: Ready) -> Result<(Handled, Vec<Uuid>), QueueError> {
+        let span = ready.span.clone();
+        async move {
+            let result = loop {
+                let result = self.apply_alone(&ready).await;
+                match &result {
+                    Err(error) if error.handling() == Handling::HoldUntilDatabaseAnswers => {
+                        self.hold_for_database(error).await;
+                    }
+                    _ => break result,
+                }
+            };
+            self.finish(ready.delivery, ready.action, result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// What follows an apply: the ack of a committed one (commit, then ack: guarantee 4),
+    /// the retry tier or the dead-letter queue of a failed one; the outbox rows to execute.
+    async fn finish(
+        &self,
+        delivery: InboundDelivery,
+        action: &'static str,
+        result: Result<ApplyOutcome, DeliveryError>,
+    ) -> Result<(Handled, Vec<Uuid>), QueueError> {
+        match result {
+            Ok(ApplyOutcome::Duplicate) => {
+                tracing::info!("duplicate");
+                delivery.ack().await?;
+                Ok((Handled::Duplicate, Vec::new()))
+            }
+            Ok(ApplyOutcome::Decided(applied)) => {
+                tracing::info!(
+                    event_id = %applied.event_id,
+                    from = %applied.decision.from,
+                    to = %applied.decision.to,
+                    effects = applied.outbox_ids.len(),
+                    "applied"
+                );
+                delivery.ack().await?;
+                Ok((Handled::Applied, applied.outbox_ids))
+            }
+            Ok(ApplyOutcome::Changed { .. }) => {
+                unreachable!("the consumer applies without an expected version")
+            }
+            Err(error) => Ok((
+                self.settle_failed(delivery, action, &error).await?,
+                Vec::new(),
+            )),
+        }
+    }
+
+    async fn hold_for_database(&self, error: &DeliveryError) {
+        tracing::warn!(
+            %error,
+            "PostgreSQL is unavailable; holding the delivery until it answers"
+        );
+        self.wait_for_database().await;
+    }
+
+    /// Applies `window` — lane heads of different subscriptions, in lock order
+    /// ([`next_window`]) — in one transaction with a savepoint each and one commit; then
+    /// acks each (commit, then ack: guarantee 4) and frees its lane; then executes all
+    /// their effects in one call. A message whose apply fails is rolled back to its
+    /// savepoint alone and goes its own way (dead letter or retry tier, as alone); one that
+    /// lost a deadlock or a serialization race against another worker is applied again
+    /// alone after the commit. If the transaction itself fails (PostgreSQL down, the
+    /// commit refused), nothing of it counts and every message is applied alone: the inbox
+    /// makes a commit whose answer was lost a duplicate, never a second decision.
+    async fn apply_window(&self, window: Vec<Waiting>, slot: OwnedSemaphorePermit) {
+        let outcomes = match self.apply_together(&window).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    messages = window.len(),
+                    "cannot apply the window in one transaction; applying its messages one by one"
+                );
+                window.iter().map(|_| Err(Together::Again)).collect()
+            }
+        };
+        let mut executions = Vec::new();
+        let mut again = Vec::new();
+        for (waiting, outcome) in window.into_iter().zip(outcomes) {
+            let Waiting { ready, done, .. } = waiting;
+            let deadline = ready.deadline();
+            let result = match outcome {
+                Ok(outcome) => {
+                    apply::count(&ready.event, &outcome);
+                    if let (Some(error), ApplyOutcome::Decided(_)) =
+                        (&ready.unknown_to_microsoft, &outcome)
+                    {
+                        self.record_unknown(ready.subscription_id, &ready.source, error)
+                            .instrument(ready.span.clone())
+                            .await;
+                    }
+                    Ok(outcome)
+                }
+                Err(Together::Again) => {
+                    again.push((ready, done));
+                    continue;
+                }
+                Err(Together::Failed(error)) => Err(DeliveryError::Database(error)),
+            };
+            let span = ready.span.clone();
+            match self
+                .finish(ready.delivery, ready.action, result)
+                .instrument(span.clone())
+                .await
+            {
+                Ok((_, ids)) => executions.push((deadline, ids)),
+                Err(error) => span.in_scope(|| {
+                    tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
+                }),
+            }
+            drop(done);
+        }
+        // The next window may start; what is left of this one touches no row it holds.
+        drop(slot);
+        for (ready, done) in again {
+            let span = ready.span.clone();
+            let deadline = ready.deadline();
+            match self.settle_alone(ready).await {
+                Ok((_, ids)) => executions.push((deadline, ids)),
+                Err(error) => span.in_scope(|| {
+                    tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
+                }),
+            }
+            drop(done);
+        }
+        if let Some(effects) = &self.effects {
+            // The ACK whose window closes first goes first (P7), then the rest in order.
+            executions.sort_by_key(|(deadline, _)| (deadline.is_none(), *deadline));
+            let ids: Vec<Uuid> = executions.into_iter().flat_map(|(_, ids)| ids).collect();
+            if !ids.is_empty() {
+                effects.execute_now(&ids).await;
+            }
+        }
+    }
+
+    /// The window's transaction: each message under its own savepoint, one commit. `Err`
+    /// when the transaction failed as a whole (nothing of it committed).
+    async fn apply_together(
+        &self,
+        window: &[Waiting],
+    ) -> Result<Vec<Result<ApplyOutcome, Together>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(window.len());
+        for waiting in window {
+            let ready = &waiting.ready;
+            let command = self.command(ready);
+            let mut savepoint = (&mut tx).begin().await?;
+            let outcome = apply::apply_in(&mut savepoint, &self.policy, &command)
+                .instrument(ready.span.clone())
+                .await;
+            match outcome {
+                Ok(outcome) => {
+                    savepoint.commit().await?;
+                    outcomes.push(Ok(outcome));
+                }
+                Err(error) => {
+                    savepoint.rollback().await?;
+                    ready.span.in_scope(|| {
+                        tracing::warn!(%error, "the message's apply failed; rolled back alone");
+                    });
+                    outcomes.push(Err(Together::after(error)));
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
     }
 
     /// Parks a delivery that failed in its retry tier, or dead-letters it, as its error
@@ -395,38 +888,49 @@ impl MessageHandler {
         }
     }
 
-    async fn apply(
-        &self,
-        event: &Event,
-        subscription_id: Uuid,
-        source: &EventSource,
-    ) -> Result<ApplyOutcome, DeliveryError> {
-        let mut unknown_to_microsoft = None;
-        if matches!(event, Event::Webhook(_)) {
-            let known = subscriptions::exists(&self.pool, subscription_id)
-                .await
-                .map_err(StoreError::from)?;
-            if !known {
-                unknown_to_microsoft = self.observe_first(subscription_id, source).await?;
-            }
-        }
-        // With an effect runner, the decision's rows run right after the ack (fast path).
+    /// The apply command of `ready`, its effects run by this worker right after the ack
+    /// when it has an effect runner (fast path).
+    fn command<'a>(&self, ready: &'a Ready) -> Apply<'a> {
         let runs = match self.effects {
             Some(_) => Runs::Here,
             None => Runs::Anywhere,
         };
-        let command = Apply::new(
-            subscription_id.into(),
-            event,
-            source,
+        Apply::new(
+            ready.subscription_id.into(),
+            &ready.event,
+            &ready.source,
             OffsetDateTime::now_utc(),
         )
-        .run_by(runs);
-        let outcome = apply::apply(&self.pool, &self.policy, &command).await?;
-        if let (Some(error), ApplyOutcome::Decided(_)) = (&unknown_to_microsoft, &outcome) {
-            self.record_unknown(subscription_id, source, error).await;
+        .run_by(runs)
+    }
+
+    async fn apply_alone(&self, ready: &Ready) -> Result<ApplyOutcome, DeliveryError> {
+        let outcome = apply::apply(&self.pool, &self.policy, &self.command(ready)).await?;
+        if let (Some(error), ApplyOutcome::Decided(_)) = (&ready.unknown_to_microsoft, &outcome) {
+            self.record_unknown(ready.subscription_id, &ready.source, error)
+                .await;
         }
         Ok(outcome)
+    }
+
+    /// For a webhook about a subscription we have never seen, the observation first (P12);
+    /// Microsoft's 404 when it does not know the subscription either.
+    async fn observe_if_unknown(
+        &self,
+        event: &Event,
+        subscription_id: Uuid,
+        source: &EventSource,
+    ) -> Result<Option<ApiError>, DeliveryError> {
+        if !matches!(event, Event::Webhook(_)) {
+            return Ok(None);
+        }
+        let known = subscriptions::exists(&self.pool, subscription_id)
+            .await
+            .map_err(StoreError::from)?;
+        if known {
+            return Ok(None);
+        }
+        self.observe_first(subscription_id, source).await
     }
 
     /// P12: a webhook about a subscription we never saw. GET it and apply what Microsoft
@@ -551,22 +1055,31 @@ struct Dispatched {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Consumes until `shutdown`. Up to `concurrency` deliveries are handled at once, but one
-/// subscription's deliveries one after another, in the order they arrived (its "lane";
-/// across processes the subscription row lock serializes them). On shutdown: stops taking
-/// deliveries, finishes those in hand (commit, then ack) and cancels the consumer so
-/// unacked prefetched messages return to the queue ([`Worker`](crate::worker::run::Worker)
-/// bounds how long that may take).
+/// Consumes until `shutdown`. Up to `limits.concurrency` deliveries are in hand at once,
+/// but one subscription's deliveries one after another, in the order they arrived (its
+/// "lane"; across processes the subscription row lock serializes them). With
+/// `limits.apply_batch` above 1, the lanes' ready heads are applied in windows of up to
+/// that many, one transaction each ([`MessageHandler::apply_window`]). On shutdown: stops
+/// taking deliveries, finishes those in hand (commit, then ack) and cancels the consumer
+/// so unacked prefetched messages return to the queue
+/// ([`Worker`](crate::worker::run::Worker) bounds how long that may take).
 pub async fn run_consumer(
     mut consumer: InboundConsumer,
     handler: MessageHandler,
     activity: Arc<ConsumerActivity>,
-    concurrency: usize,
+    limits: ConsumerLimits,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
     let lanes: Lanes = Arc::default();
     let tasks = TaskTracker::new();
+    let batching = (limits.apply_batch > 1).then(|| {
+        let batcher = Arc::new(Batcher::new(limits.apply_batch));
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(run_batcher(batcher.clone(), handler.clone(), stop.clone()));
+        (batcher, stop, running)
+    });
+    let batcher = batching.as_ref().map(|(batcher, ..)| batcher.clone());
     loop {
         let permit = tokio::select! {
             biased;
@@ -602,7 +1115,9 @@ pub async fn run_consumer(
                 let Some(key) = key else {
                     // Nothing to order by (unreadable): handled on its own.
                     let (handler, activity) = (handler.clone(), activity.clone());
-                    tasks.spawn(async move { handle_one(&handler, &activity, dispatched).await });
+                    tasks.spawn(async move {
+                        handle_one(&handler, &activity, None, dispatched).await;
+                    });
                     continue;
                 };
                 let first = {
@@ -619,10 +1134,15 @@ pub async fn run_consumer(
                     }
                 };
                 if let Some(first) = first {
-                    let (handler, activity, lanes) =
-                        (handler.clone(), activity.clone(), lanes.clone());
+                    let (handler, activity, lanes, batcher) = (
+                        handler.clone(),
+                        activity.clone(),
+                        lanes.clone(),
+                        batcher.clone(),
+                    );
                     tasks.spawn(async move {
-                        run_lane(&handler, &activity, &lanes, key, first).await;
+                        let batcher = batcher.as_deref();
+                        run_lane(&handler, &activity, batcher, &lanes, key, first).await;
                     });
                 }
             }
@@ -630,6 +1150,13 @@ pub async fn run_consumer(
     }
     tasks.close();
     tasks.wait().await;
+    // Every lane ended, so every head was applied: the batcher has nothing left.
+    if let Some((_, stop, running)) = batching {
+        stop.cancel();
+        if let Err(error) = running.await {
+            tracing::warn!(%error, "the window batcher panicked");
+        }
+    }
     consumer.cancel().await;
     tracing::info!("consumer stopped");
 }
@@ -640,13 +1167,14 @@ pub async fn run_consumer(
 async fn run_lane(
     handler: &MessageHandler,
     activity: &ConsumerActivity,
+    batcher: Option<&Batcher>,
     lanes: &Lanes,
     key: Uuid,
     first: Dispatched,
 ) {
     let mut next = Some(first);
     while let Some(dispatched) = next {
-        handle_one(handler, activity, dispatched).await;
+        handle_one(handler, activity, batcher, dispatched).await;
         let mut waiting = lock_lanes(lanes);
         next = waiting.get_mut(&key).and_then(VecDeque::pop_front);
         if next.is_none() {
@@ -655,13 +1183,35 @@ async fn run_lane(
     }
 }
 
-async fn handle_one(handler: &MessageHandler, activity: &ConsumerActivity, dispatched: Dispatched) {
+/// Handles one delivery to the end: alone, or through a window when batching.
+async fn handle_one(
+    handler: &MessageHandler,
+    activity: &ConsumerActivity,
+    batcher: Option<&Batcher>,
+    dispatched: Dispatched,
+) {
     let Dispatched {
         delivery,
         number,
         _permit,
     } = dispatched;
-    if let Err(error) = handler.handle(delivery).await {
+    let settled = match batcher {
+        None => handler.handle(delivery).await.map(drop),
+        Some(batcher) => {
+            let preparing = batcher.preparing();
+            match handler.prepare(delivery).await {
+                Ok(ready) => {
+                    batcher.apply(ready, preparing).await;
+                    Ok(())
+                }
+                Err(not_ready) => {
+                    drop(preparing);
+                    not_ready.settle(handler).await.map(drop)
+                }
+            }
+        }
+    };
+    if let Err(error) = settled {
         tracing::warn!(%error, "cannot settle the delivery; the broker will redeliver it");
     }
     activity.release(number);
@@ -743,6 +1293,77 @@ mod tests {
         activity.release(second);
         assert_eq!(activity.in_flight(), 0);
         assert_eq!(activity.held(Duration::ZERO).oldest, Duration::ZERO);
+    }
+
+    fn head(subscription: u128, deadline_secs: Option<i64>, arrival: u64) -> Head {
+        Head {
+            subscription_id: Uuid::from_u128(subscription),
+            deadline: deadline_secs
+                .map(|secs| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(secs)),
+            arrival,
+        }
+    }
+
+    /// The subscriptions of the chosen heads, in the order they are applied.
+    fn window(heads: &[Head], cap: usize) -> Vec<(u128, u64)> {
+        next_window(heads, cap)
+            .into_iter()
+            .map(|i| (heads[i].subscription_id.as_u128(), heads[i].arrival))
+            .collect()
+    }
+
+    #[test]
+    fn a_window_takes_the_earliest_ack_deadlines_first_and_everything_else_after() {
+        let heads = [
+            head(1, None, 0),     // an observation, first to arrive
+            head(2, Some(30), 1), // a webhook received later
+            head(3, Some(10), 2), // the webhook whose window closes first
+            head(4, None, 3),     // a publisher command
+            head(5, Some(20), 4),
+        ];
+        // Room for two: the two earliest deadlines, whatever arrived before them.
+        assert_eq!(window(&heads, 2), [(3, 2), (5, 4)]);
+        // Room for four: all three webhooks, then the oldest of the rest.
+        assert_eq!(window(&heads, 4), [(1, 0), (2, 1), (3, 2), (5, 4)]);
+        // Everything fits: applied in subscription order (the lock order of every worker).
+        assert_eq!(window(&heads, 32), [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]);
+        // A cap of zero still makes progress.
+        assert_eq!(window(&heads, 0), [(3, 2)]);
+        assert!(next_window(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn a_window_holds_one_message_per_subscription_its_earliest() {
+        // Subscription 7's second message has the earlier deadline, yet it must wait for
+        // the first: a subscription's order beats the deadline.
+        let heads = [
+            head(9, Some(50), 0),
+            head(7, Some(40), 1),
+            head(7, Some(5), 2),
+            head(8, None, 3),
+        ];
+        assert_eq!(window(&heads, 8), [(7, 1), (8, 3), (9, 0)]);
+        // Arrival order decides, not the place in the slice.
+        let heads = [head(7, None, 6), head(7, None, 5)];
+        assert_eq!(window(&heads, 8), [(7, 5)]);
+    }
+
+    #[test]
+    fn windows_are_applied_in_subscription_order_so_two_workers_cannot_deadlock() {
+        let heads: Vec<Head> = (0..20u64)
+            .map(|n| {
+                head(
+                    u128::from((n * 7919) % 20),
+                    Some(i64::try_from(n).unwrap()),
+                    n,
+                )
+            })
+            .collect();
+        let ids: Vec<u128> = window(&heads, 20).iter().map(|(id, _)| *id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, sorted);
+        assert_eq!(ids.len(), 20);
     }
 
     #[test]
