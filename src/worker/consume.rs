@@ -64,6 +64,19 @@ pub struct ConsumerActivity {
     /// Deliveries in hand (handled or waiting in their lane), by a local number.
     held: std::sync::Mutex<HashMap<u64, Instant>>,
     next_number: AtomicU64,
+    windows: std::sync::Mutex<Windows>,
+}
+
+/// The windows a consumer committed (with batching), for tests and diagnosis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Windows {
+    /// Windows whose transaction committed.
+    pub committed: u64,
+    /// Messages in the largest of them.
+    pub largest: usize,
+    /// Messages in the largest one in which a message was rolled back to its savepoint
+    /// while the others committed.
+    pub largest_with_a_rollback: usize,
 }
 
 impl Default for ConsumerActivity {
@@ -73,6 +86,7 @@ impl Default for ConsumerActivity {
             last_delivery: std::sync::Mutex::new(Instant::now()),
             held: std::sync::Mutex::default(),
             next_number: AtomicU64::new(0),
+            windows: std::sync::Mutex::default(),
         }
     }
 }
@@ -130,6 +144,26 @@ impl ConsumerActivity {
             *at = Instant::now();
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The windows committed so far.
+    pub fn windows(&self) -> Windows {
+        *self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn record_window(&self, messages: usize, rolled_back: bool) {
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        windows.committed += 1;
+        windows.largest = windows.largest.max(messages);
+        if rolled_back {
+            windows.largest_with_a_rollback = windows.largest_with_a_rollback.max(messages);
+        }
     }
 
     /// Time since the last delivery arrived.
@@ -491,7 +525,12 @@ impl Drop for PreparingGuard<'_> {
 
 /// Forms windows out of the ready heads and applies them, [`WINDOWS_IN_FLIGHT`] at once,
 /// until `stop` (fired once every lane ended, so no head is left behind).
-async fn run_batcher(batcher: Arc<Batcher>, handler: MessageHandler, stop: CancellationToken) {
+async fn run_batcher(
+    batcher: Arc<Batcher>,
+    handler: MessageHandler,
+    activity: Arc<ConsumerActivity>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(WINDOWS_IN_FLIGHT));
     let windows = TaskTracker::new();
     'windows: loop {
@@ -514,8 +553,8 @@ async fn run_batcher(batcher: Arc<Batcher>, handler: MessageHandler, stop: Cance
             }
         }
         let window = batcher.take_window();
-        let handler = handler.clone();
-        windows.spawn(async move { handler.apply_window(window, slot).await });
+        let (handler, activity) = (handler.clone(), activity.clone());
+        windows.spawn(async move { handler.apply_window(window, slot, &activity).await });
     }
     windows.close();
     windows.wait().await;
@@ -727,9 +766,17 @@ impl MessageHandler {
     /// alone after the commit. If the transaction itself fails (PostgreSQL down, the
     /// commit refused), nothing of it counts and every message is applied alone: the inbox
     /// makes a commit whose answer was lost a duplicate, never a second decision.
-    async fn apply_window(&self, window: Vec<Waiting>, slot: OwnedSemaphorePermit) {
+    async fn apply_window(
+        &self,
+        window: Vec<Waiting>,
+        slot: OwnedSemaphorePermit,
+        activity: &ConsumerActivity,
+    ) {
         let outcomes = match self.apply_together(&window).await {
-            Ok(outcomes) => outcomes,
+            Ok(outcomes) => {
+                activity.record_window(outcomes.len(), outcomes.iter().any(Result::is_err));
+                outcomes
+            }
             Err(error) => {
                 tracing::warn!(
                     %error,
@@ -1076,7 +1123,12 @@ pub async fn run_consumer(
     let batching = (limits.apply_batch > 1).then(|| {
         let batcher = Arc::new(Batcher::new(limits.apply_batch));
         let stop = CancellationToken::new();
-        let running = tokio::spawn(run_batcher(batcher.clone(), handler.clone(), stop.clone()));
+        let running = tokio::spawn(run_batcher(
+            batcher.clone(),
+            handler.clone(),
+            activity.clone(),
+            stop.clone(),
+        ));
         (batcher, stop, running)
     });
     let batcher = batching.as_ref().map(|(batcher, ..)| batcher.clone());

@@ -1,0 +1,280 @@
+//! The consumer's windows (issue #17): lane heads of different subscriptions applied in one
+//! transaction, a savepoint each, one commit, then the acks. A poisoned message is rolled
+//! back alone and dead-lettered while the rest of its window commits; one subscription's
+//! messages keep their order; two batching worker processes share a burst and lose or
+//! repeat nothing.
+//!
+//! The in-process worker runs with the default window (`worker.apply_batch`); the worker
+//! processes read theirs from `WORKER_APPLY_BATCH`.
+
+mod stack;
+
+use std::time::Duration;
+
+use marketplace_fulfillment::queue::InboundMessage;
+use serde_json::json;
+use stack::{Options, Stack, WorkerProcess};
+use time::OffsetDateTime;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+/// The tests with worker processes run one at a time on a shared machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Subscriptions per round of the poison test.
+const ROUND: usize = 5;
+
+/// Rounds before the test gives up on seeing the poisoned message share a window (the
+/// window forms from what is ready when it starts; on a loaded machine a round may split).
+const ROUNDS: usize = 6;
+
+/// Stops the workers, waits until `n` messages wait in the inbound queue.
+async fn wait_for_backlog(stack: &Stack, n: u32) {
+    stack
+        .wait_for(
+            &format!("{n} messages waiting in the inbound queue"),
+            || async { (stack.inbound_queue().await.0 == n).then_some(()) },
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_only_that_one() {
+    let mut stack = Stack::start(Options::default()).await;
+    for round in 0..ROUNDS {
+        let mut ids = Vec::with_capacity(ROUND);
+        for _ in 0..ROUND {
+            ids.push(stack.subscribed("per-seat", Some(5)).await);
+        }
+        stack.run_until_idle().await;
+        stack.stop_workers().await;
+        // A stored machine nobody can read back: its message can never be applied.
+        let poisoned = ids[ROUND / 2];
+        sqlx::query("UPDATE subscriptions SET machine = '{\"not\": \"a machine\"}' WHERE id = $1")
+            .bind(poisoned)
+            .execute(&stack.pool)
+            .await
+            .unwrap();
+        for id in &ids {
+            stack
+                .act(*id, json!({"action": "ChangeQuantity", "quantity": 6}))
+                .await;
+        }
+        wait_for_backlog(&stack, u32::try_from(ROUND).unwrap()).await;
+        stack.start_worker().await;
+        for id in ids.iter().filter(|id| **id != poisoned) {
+            stack
+                .wait_for(&format!("{id} at 6 seats"), || async {
+                    stack.engine(*id).await.filter(|v| v.quantity == Some(6))
+                })
+                .await;
+        }
+        let dead = stack
+            .wait_for("the poisoned message in the dead-letter queue", || async {
+                let dead = stack.drain_dlq().await;
+                (!dead.is_empty()).then_some(dead)
+            })
+            .await;
+        assert_eq!(dead.len(), 1, "only the poisoned message: {dead:?}");
+        let (body, headers) = &dead[0];
+        let payload: serde_json::Value =
+            serde_json::from_str(body["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload["subscriptionId"], poisoned.to_string());
+        let reason = headers.get("x-last-error").cloned().unwrap_or_default();
+        assert!(reason.contains("database"), "{headers:?}");
+        // Nothing of the poisoned message committed; each other one decided once.
+        assert!(
+            !stack
+                .events(poisoned)
+                .await
+                .iter()
+                .any(|e| e.event_kind == "WebhookChangeQuantity"),
+            "the poisoned message left no trace"
+        );
+        for id in ids.iter().filter(|id| **id != poisoned) {
+            let decided = stack
+                .events(*id)
+                .await
+                .iter()
+                .filter(|e| e.event_kind == "WebhookChangeQuantity" && e.outcome == "applied")
+                .count();
+            assert_eq!(decided, 1, "{id}");
+        }
+        let windows = stack.worker.as_ref().unwrap().consumer_activity().windows();
+        if windows.largest_with_a_rollback >= 2 {
+            eprintln!("round {round}: {windows:?}");
+            stack.finish().await;
+            return;
+        }
+    }
+    panic!("in {ROUNDS} rounds the poisoned message never shared a window");
+}
+
+/// A `Renew` webhook of `id` stamped `at`, as the ingress queues it.
+fn renew(id: Uuid, at: &str) -> InboundMessage {
+    let payload = json!({
+        "id": Uuid::new_v4(), "activityId": Uuid::new_v4(), "subscriptionId": id,
+        "offerId": "contoso-analytics", "publisherId": "contoso", "planId": "per-seat",
+        "quantity": 5, "action": "Renew", "status": "Succeeded",
+        "operationRequestSource": "Azure", "timeStamp": at,
+    })
+    .to_string();
+    InboundMessage::Webhook {
+        received_at: OffsetDateTime::now_utc(),
+        payload,
+    }
+}
+
+#[tokio::test]
+async fn one_subscriptions_messages_keep_their_order_across_windows() {
+    let mut stack = Stack::start(Options::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(stack.subscribed("per-seat", Some(5)).await);
+    }
+    stack.run_until_idle().await;
+    stack.stop_workers().await;
+    // Two renewals each, the newer second: applied out of order, the older one would be
+    // ignored as stale.
+    for id in &ids {
+        let first = renew(*id, "2099-01-01T00:00:00Z");
+        stack.publish(&first, &format!("renew-1-{id}"), *id).await;
+        let second = renew(*id, "2099-01-02T00:00:00Z");
+        stack.publish(&second, &format!("renew-2-{id}"), *id).await;
+    }
+    wait_for_backlog(&stack, 12).await;
+    stack.start_worker().await;
+    stack.run_until_idle().await;
+    for id in &ids {
+        let renewals: Vec<(String, String)> = stack
+            .events(*id)
+            .await
+            .into_iter()
+            .filter(|e| e.event_kind == "WebhookRenew")
+            .map(|e| (e.message_id.unwrap_or_default(), e.outcome))
+            .collect();
+        assert_eq!(
+            renewals,
+            [
+                (format!("renew-1-{id}"), "applied".to_string()),
+                (format!("renew-2-{id}"), "applied".to_string()),
+            ],
+            "{id}"
+        );
+    }
+    let windows = stack.worker.as_ref().unwrap().consumer_activity().windows();
+    assert!(windows.committed > 0, "{windows:?}");
+    assert!(stack.drain_dlq().await.is_empty());
+    stack.finish().await;
+}
+
+/// `text` without its ANSI colour sequences (`ESC [ … m`).
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for c in text.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => plain.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    plain
+}
+
+async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut WorkerProcess]) {
+    for worker in workers.iter_mut() {
+        assert!(worker.is_running(), "{}", worker.log_tail(40));
+    }
+    stack
+        .wait_for(&format!("{n} consumers on the inbound queue"), || async {
+            (stack.inbound_queue().await.1 == n).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let stack = Stack::start(Options {
+        in_process_worker: false,
+        timings: stack::fast_timings(Duration::from_secs(10)),
+        ..Options::default()
+    })
+    .await;
+    let batch = [("WORKER_APPLY_BATCH", "16")];
+    let mut first = stack.spawn_worker_process(&batch);
+    let mut second = stack.spawn_worker_process(&batch);
+    wait_for_consumers(&stack, 2, &mut [&mut first, &mut second]).await;
+
+    // Bought with auto-activation (the Subscribe webhook is our first news, P12), then each
+    // changed by its customer at once.
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let (id, _) = stack.purchase("per-seat", Some(5), true).await;
+        let quantity = 6 + i % 3;
+        stack
+            .act(
+                id,
+                json!({"action": "ChangeQuantity", "quantity": quantity}),
+            )
+            .await;
+        ids.push((id, quantity));
+    }
+    let only_ids: Vec<Uuid> = ids.iter().map(|(id, _)| *id).collect();
+    stack.settle(&only_ids, Duration::from_secs(240)).await;
+    assert!(first.is_running() && second.is_running());
+
+    for (id, quantity) in &ids {
+        let ours = stack.engine(*id).await.unwrap();
+        assert_eq!(ours.quantity, Some(i64::from(*quantity)), "{id}");
+        assert_eq!(ours.state, "Subscribed", "{id}");
+    }
+    // Every event decided once, every ACK made once.
+    let twice: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT subscription_id, event_key, count(*) FROM subscription_events \
+         WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert!(twice.is_empty(), "applied twice: {twice:?}");
+    let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
+         WHERE event_kind = 'effect:ack_operation' GROUP BY 1, 2",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        acks.len(),
+        ids.len(),
+        "one ACKed operation per subscription"
+    );
+    for (id, op, n) in &acks {
+        assert_eq!(*n, 1, "{id}: operation {op} ACKed {n} times");
+    }
+    let gaps: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
+        "SELECT subscription_id, min(sequence), max(sequence), count(*) \
+         FROM subscription_events GROUP BY 1 \
+         HAVING min(sequence) <> 1 OR max(sequence) <> count(*)",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
+    assert_eq!(stack.outbox_left().await, (0, 0));
+    assert!(stack.drain_dlq().await.is_empty());
+    // The settings reached the processes: each logged its window size.
+    for worker in [&first, &second] {
+        let log = without_colours(&worker.log());
+        assert!(log.contains("apply_batch=16"), "{log}");
+    }
+
+    first.terminate();
+    second.terminate();
+    assert!(first.wait_exit(Duration::from_secs(60)).await.success());
+    assert!(second.wait_exit(Duration::from_secs(60)).await.success());
+    stack.finish().await;
+}
