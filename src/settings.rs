@@ -2070,6 +2070,8 @@ mod tests {
     fn invalid_worker_settings_fail_naming_the_key_and_variable() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("FULFILLMENT__WORKER__PREFETCH", "0")], "worker.prefetch"),
+            (&[("WORKER_APPLY_BATCH", "0")], "worker.apply_batch"),
+            (&[("WORKER_APPLY_BATCH", "65")], "subtransaction cache"),
             (
                 &[("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "0")],
                 "worker.effect_concurrency",

@@ -1,7 +1,8 @@
 //! The consumer loop: inbound deliveries, each turned into a machine event and applied in
-//! the store's one transaction, then acked (commit, then ack: guarantee 4), then its
-//! effects started at once (the ACK fast path). Several subscriptions are handled at once;
-//! one subscription's deliveries one after another, in arrival order.
+//! the store's one transaction (alone, or in a window with others), then acked (commit,
+//! then ack: guarantee 4), then its effects started at once (the ACK fast path). Several
+//! subscriptions are handled at once; one subscription's deliveries one after another, in
+//! arrival order.
 //!
 //! - A body that is not a message, or a message that is not an event ⇒ dead-lettered with
 //!   the reason (never a guess).
@@ -16,6 +17,17 @@
 //! One subscription's events never run at once: in this process its deliveries queue in
 //! its lane (keyed by the message's `x-subscription-id` header), across processes
 //! [`apply`] locks its row.
+//!
+//! Windows (`worker.apply_batch` above 1, issue #17): a lane translates its head (and
+//! observes it first, P12) outside any transaction, then hands it to the batcher and waits.
+//! The batcher takes up to `apply_batch` ready heads of different subscriptions
+//! ([`next_window`]: the earliest ACK deadline first, applied in subscription-id order so
+//! two workers lock rows in the same order) and applies them in one transaction, a
+//! savepoint each, one commit; then acks them, frees their lanes, and starts all their
+//! effects in one [`EffectRunner::execute_now`]. A message that fails is rolled back to its
+//! savepoint alone and takes the same way as unbatched; one that lost a deadlock or a
+//! serialization race, or a whole window that could not commit, is applied again message
+//! by message (the inbox turns a commit whose answer was lost into a duplicate).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
