@@ -175,7 +175,7 @@ async fn a_subscriptions_later_row_never_overtakes_an_earlier_one() {
     let mut wanted = vec![first, fetch];
     wanted.sort();
     assert_eq!(claimed, wanted);
-    drop(batch);
+    batch.release().await.unwrap();
 
     // Run for real: the first round runs those two, a later round the second event.
     assert_eq!(runner.execute_now(&ids).await, 2);
@@ -230,7 +230,7 @@ async fn ack_rows_are_claimed_by_deadline_before_an_older_backlog() {
         .unwrap()
         .expect("a row");
     assert_eq!(one.rows[0].id, soonest, "the ACK whose window closes first");
-    drop(one);
+    one.release().await.unwrap();
     let all = outbox::claim_due(&stack.pool, 64)
         .await
         .unwrap()
@@ -241,6 +241,7 @@ async fn ack_rows_are_claimed_by_deadline_before_an_older_backlog() {
         order[2..].iter().all(|id| backlog.contains(id)),
         "then the backlog"
     );
+    all.release().await.unwrap();
     stack.finish().await;
 }
 

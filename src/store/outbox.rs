@@ -475,6 +475,13 @@ impl ClaimedBatch {
         Ok(sqlx::Acquire::begin(&mut self.tx).await?)
     }
 
+    /// Gives the rows back unchanged, at once (dropping the batch also does, when its
+    /// connection is next used).
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
     /// Ends the rows — one statement per kind of end — and commits everything once.
     pub async fn end(mut self, ends: &[(Uuid, End)]) -> Result<(), StoreError> {
         let done: Vec<Uuid> = ends

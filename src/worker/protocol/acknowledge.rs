@@ -50,9 +50,10 @@ pub fn step(
                     operation_id,
                     status: OperationStatus::Succeeded,
                 }],
+                // Ends like every recorded ACK's note (" recorded"), which tools count.
                 format!(
-                    "ACK {status} recorded: operation {operation_id} Succeeded (§4.11), \
-                     no confirming GET of the operation needed"
+                    "operation {operation_id} Succeeded (§4.11), no GET of it needed: \
+                     ACK {status} recorded"
                 ),
             )
             .recording(Record::ConfirmationKnown { operation_id })
