@@ -218,6 +218,7 @@ fn describe() {
         "Seconds until the Marketplace API credential (secret or certificate) expires"
     );
     describe_usage_series();
+    describe_effect_series();
 }
 
 /// What became of an event (`fulfillment_events_total{outcome}`).
@@ -328,6 +329,7 @@ pub fn register_worker_series() {
         metrics::counter!(FULFILLMENT_USAGE_HOURS_TOTAL, "outcome" => outcome).absolute(0);
     }
     metrics::counter!(FULFILLMENT_USAGE_HOURS_SUBMITTED_TOTAL).absolute(0);
+    metrics::counter!(FULFILLMENT_ACKS_LATE_TOTAL).absolute(0);
 }
 
 /// One event decided (or refused before the machine saw it).
@@ -484,6 +486,23 @@ pub fn record_usage_expired(hours: u64) {
 pub fn set_usage_pending(pending: i64, oldest: Duration) {
     metrics::gauge!(FULFILLMENT_USAGE_HOURS_PENDING).set(pending as f64);
     metrics::gauge!(FULFILLMENT_USAGE_OLDEST_PENDING_HOUR_AGE_SECONDS).set(oldest.as_secs_f64());
+}
+
+/// ACKs sent after Microsoft's 10-second window from the webhook's receipt (P7): their
+/// operation was decided by Microsoft already (it auto-accepts). How late each ACK was is
+/// [`FULFILLMENT_WEBHOOK_TO_ACK_SECONDS`].
+pub const FULFILLMENT_ACKS_LATE_TOTAL: &str = "fulfillment_acks_late_total";
+
+fn describe_effect_series() {
+    metrics::describe_counter!(
+        FULFILLMENT_ACKS_LATE_TOTAL,
+        "ACKs sent after Microsoft's 10-second window from the webhook's receipt (P7)"
+    );
+}
+
+/// An ACK left after the window (see [`FULFILLMENT_ACKS_LATE_TOTAL`]).
+pub fn record_ack_late() {
+    metrics::counter!(FULFILLMENT_ACKS_LATE_TOTAL).increment(1);
 }
 
 #[cfg(test)]

@@ -71,6 +71,21 @@ fn ack(best_effort: bool) -> Effect {
     }
 }
 
+fn ack_failure() -> Effect {
+    Effect::AckOperation {
+        operation_id: op_id(),
+        status: AckStatus::Failure,
+        best_effort: false,
+    }
+}
+
+fn ack_failure_call() -> Call {
+    Call::Acknowledge {
+        operation_id: op_id(),
+        status: AckStatus::Failure,
+    }
+}
+
 fn fetch() -> Effect {
     Effect::FetchSubscription
 }
@@ -335,6 +350,9 @@ struct Row {
     /// The publisher command status recorded, if the row is about one.
     command: Option<CommandStatus>,
     fresh_token_tried: bool,
+    /// Whether the step records the operation's end as known, so its confirming GET is
+    /// collapsed (`Record::ConfirmationKnown`).
+    confirmation_known: bool,
 }
 
 fn row(
@@ -358,6 +376,7 @@ fn row(
         stage: None,
         command: None,
         fresh_token_tried,
+        confirmation_known: false,
     }
 }
 
@@ -383,6 +402,14 @@ impl Row {
     fn created_ago(self, created_ago: Duration) -> Self {
         Row {
             created_ago,
+            ..self
+        }
+    }
+
+    /// The step records the operation's end as known (no confirming GET of it).
+    fn confirmation_known(self) -> Self {
+        Row {
+            confirmation_known: true,
             ..self
         }
     }
@@ -483,10 +510,18 @@ fn rows() -> Vec<Row> {
         // ── ACK of a Marketplace operation ─────────────────────────────────────
         row("§4.11 P7", "an ACK PATCHes the operation", ack(false), fresh(), None,
             Make(ack_call())),
-        row("§4.11", "ACK 200 is done", ack(false), fresh(),
+        row("§4.11 §7.3", "ACK Success 200: the operation Succeeded, no GET of it confirms",
+            ack(false), fresh(),
             Some((ack_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
+            Finish(vec![E::OperationResult])).confirmation_known(),
+        row("P7", "ACK Failure 200 keeps its confirming GET (rejections were ignored, acc#348)",
+            ack_failure(), fresh(),
+            Some((ack_failure_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
             Finish(vec![])),
-        row("§8.2 P7", "ACK 409 means already final: done", ack(false), fresh(),
+        row("§6.3 P13", "a best-effort ACK 200 keeps its confirming GET (Reinstate)", ack(true),
+            fresh(), Some((ack_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
+            Finish(vec![])),
+        row("§8.2 P7", "ACK 409 means already final: done, its confirming GET kept", ack(false), fresh(),
             Some((ack_call(), Answer::Acknowledged(UpdateOutcome::AlreadyFinal))),
             Finish(vec![])),
         row("P19", "ACK of an unknown operation (400/404) gives up", ack(false), fresh(),
@@ -755,6 +790,16 @@ fn every_row_of_the_effect_protocols_holds() {
             && command_status(&next.records) != Some(status)
         {
             wrong.push(format!("records {:?}, wanted {status:?}", next.records));
+        }
+        let known = next
+            .records
+            .iter()
+            .any(|record| matches!(record, Record::ConfirmationKnown { .. }));
+        if known != row.confirmation_known {
+            wrong.push(format!(
+                "records {:?}, wanted the confirmation known: {}",
+                next.records, row.confirmation_known
+            ));
         }
         if next.progress.fresh_token_tried != row.fresh_token_tried {
             wrong.push(format!(

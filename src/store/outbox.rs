@@ -1,10 +1,12 @@
 //! The outbox: effects the machine decided, queued with their transition by the worker's
 //! apply ([`enqueue`]), executed afterwards by the effect runner.
 //!
-//! A runner claims one due row with `FOR UPDATE SKIP LOCKED` and keeps the claiming
-//! transaction open while it executes the effect, then ends the row in that same transaction
-//! (z2p `issue_delivery_worker.rs`): done, rescheduled or dead. A crash in between releases
-//! the lock and the row runs again, so every executor is idempotent.
+//! A runner claims due rows with `FOR UPDATE SKIP LOCKED` — one ([`claim_next`]) or many in
+//! one statement ([`claim_due`], [`claim_ids`]: a [`ClaimedBatch`]) — and keeps the claiming
+//! transaction open while it executes the effects, then ends the rows in that same
+//! transaction (z2p `issue_delivery_worker.rs`): done, rescheduled or dead, a batch's ends in
+//! one statement per kind of end and one commit. A crash in between releases the locks and
+//! the rows run again, so every executor is idempotent.
 //!
 //! Order, per subscription, in the machine's order (event-log sequence, then id), by each
 //! row's [`EffectKind::ordering`]: a row that changes something at Microsoft (activate, ACK,
@@ -15,9 +17,10 @@
 //! Microsoft and hold back nothing, nor does a row the runner marked `awaits_microsoft`
 //! (e.g. an `activate` whose POST went out: it only waits for Microsoft to report
 //! Subscribed, P4, so a customer's first change right after checkout is acknowledged
-//! without waiting for our next activation check). Subscriptions
-//! with an ACK pending go first, so a burst of domain events cannot eat Microsoft's
-//! 10-second window (P7).
+//! without waiting for our next activation check). ACK rows go first, the one whose
+//! 10-second window (P7) closes soonest first (`due_at`: the webhook's receipt plus the
+//! window, written at enqueue), then the subscriptions with an ACK pending, so a burst of
+//! confirmations, GETs and domain events cannot eat Microsoft's window.
 //! A `dead` row no longer blocks anything; operators replay it. Webhook deliveries to the
 //! ISV ([`EffectKind::DeliverWebhook`]) have runners of their own ([`claim_next_of_kind`]);
 //! the effect runners never claim them.
@@ -259,6 +262,10 @@ pub struct OutboxRow {
     /// queries that do not select it.
     #[sqlx(default)]
     pub traceparent: Option<String>,
+    /// An ACK row's deadline: the webhook's receipt plus Microsoft's window (P7). `None`
+    /// for other kinds (and for ACK rows queued before the column existed).
+    #[sqlx(default)]
+    pub due_at: Option<OffsetDateTime>,
 }
 
 /// A claimed row: its lock lives as long as this value; end it with one of the methods.
@@ -272,7 +279,12 @@ pub struct Claimed {
 /// The columns of [`OutboxRow`], as the claim queries select them. The claim queries are
 /// assembled from these constants only (hence `AssertSqlSafe`).
 const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
-     o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent";
+     o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent, o.due_at";
+
+/// The claim order (see the module docs): ACK rows by deadline (`due_at` is NULL for every
+/// other row, and NULL sorts last), then the subscriptions with an ACK pending, then the
+/// most overdue. `outbox_claim_due_idx` holds the rows in this order.
+const CLAIM_ORDER: &str = "o.due_at, o.priority, o.next_attempt_at";
 
 /// The claimability test (see the module docs): no earlier pending row of the same
 /// subscription that holds this one back. `$1` binds the kinds that hold back nothing, `$2`
@@ -285,21 +297,22 @@ const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
            AND NOT p.awaits_microsoft \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
-/// Claims the most overdue claimable row, if any — first among the subscriptions that
-/// have an ACK waiting (`priority` 0, set through [`put_first`] by the worker's apply):
-/// Microsoft's 10-second window (P7) must not be spent behind a burst of other
-/// subscriptions' domain events.
+/// Claims the first claimable row in the claim order ([`CLAIM_ORDER`]), if any: the ACK
+/// whose window closes soonest, else the most overdue row of the subscriptions that have an
+/// ACK waiting (`priority` 0, set through [`put_first`] by the worker's apply), else the
+/// most overdue row: Microsoft's 10-second window (P7) must not be spent behind a burst of
+/// confirmations, GETs and domain events.
 ///
-/// The scan follows `outbox_claim_idx` (priority, due time) and stops at the first row
-/// that is claimable and not locked by another runner, so a claim costs the rows it skips,
-/// not the size of the backlog.
+/// The scan follows `outbox_claim_due_idx` and stops at the first row that is claimable
+/// and not locked by another runner, so a claim costs the rows it skips, not the size of
+/// the backlog.
 pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
            AND {NOTHING_BEFORE_IT} \
-         ORDER BY o.priority, o.next_attempt_at \
+         ORDER BY {CLAIM_ORDER} \
          LIMIT 1 \
          FOR UPDATE OF o SKIP LOCKED"
     )))
@@ -365,6 +378,230 @@ async fn finish_claim(
             Ok(None)
         }
     }
+}
+
+/// Claims up to `limit` claimable rows in the claim order ([`CLAIM_ORDER`]), in one
+/// statement and one transaction: the ACKs whose window closes soonest first. `None` when
+/// nothing is claimable. A row held back by an earlier pending row of its subscription is
+/// never claimed, not even with that row in the same batch (the earlier one is still
+/// pending), so the rows of a batch may run at once without a later row of a subscription
+/// overtaking an earlier one.
+pub async fn claim_due(pool: &PgPool, limit: usize) -> Result<Option<ClaimedBatch>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
+           AND {NOTHING_BEFORE_IT} \
+         ORDER BY {CLAIM_ORDER} \
+         LIMIT $4 \
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
+    .bind(EffectKind::claimed_by_effect_runners())
+    .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await?;
+    finish_batch(tx, rows).await
+}
+
+/// Claims those of `ids` that are claimable now (see [`claim`]), in one statement and one
+/// transaction, in the claim order. `None` when none is: the others are done already,
+/// behind an earlier row, or being executed elsewhere, and the runners take them in their
+/// turn.
+pub async fn claim_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Option<ClaimedBatch>, StoreError> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW_COLUMNS} FROM outbox o \
+         WHERE o.id = ANY($3) AND o.status = 'pending' AND o.next_attempt_at <= now() \
+           AND o.kind = ANY($4) AND {NOTHING_BEFORE_IT} \
+         ORDER BY {CLAIM_ORDER} \
+         FOR UPDATE OF o SKIP LOCKED"
+    )))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
+    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
+    .bind(ids)
+    .bind(EffectKind::ALL)
+    .fetch_all(&mut *tx)
+    .await?;
+    finish_batch(tx, rows).await
+}
+
+async fn finish_batch(
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<OutboxRow>,
+) -> Result<Option<ClaimedBatch>, StoreError> {
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    Ok(Some(ClaimedBatch { tx, rows }))
+}
+
+/// Rows claimed together ([`claim_due`], [`claim_ids`]): their locks live as long as this
+/// value. Each row's writes go in a [`ClaimedBatch::savepoint`] of their own, so one that
+/// fails rolls back alone; [`ClaimedBatch::end`] ends every row and commits once. Dropping
+/// it rolls back, and the rows become due again as they were.
+#[derive(Debug)]
+pub struct ClaimedBatch {
+    tx: Transaction<'static, Postgres>,
+    pub rows: Vec<OutboxRow>,
+}
+
+/// How a row of a batch ends (the single-row [`Claimed`] methods, as data).
+#[derive(Debug, Clone)]
+pub enum End {
+    /// Carried out.
+    Done,
+    /// Runs again after `delay`; see [`Claimed::reschedule`].
+    Reschedule {
+        delay: Duration,
+        failed: bool,
+        error: Option<String>,
+        progress: Value,
+        awaits_microsoft: bool,
+    },
+    /// Dead with the reason; see [`Claimed::bury`].
+    Bury { reason: String, failed: bool },
+}
+
+impl ClaimedBatch {
+    /// A savepoint in the batch's transaction, for what one row's execution writes; dropped
+    /// without commit it rolls back to the savepoint, and the other rows' writes stand.
+    pub async fn savepoint(&mut self) -> Result<Transaction<'_, Postgres>, StoreError> {
+        Ok(sqlx::Acquire::begin(&mut self.tx).await?)
+    }
+
+    /// Gives the rows back unchanged, at once (dropping the batch also does, when its
+    /// connection is next used).
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Ends the rows — one statement per kind of end — and commits everything once.
+    pub async fn end(mut self, ends: &[(Uuid, End)]) -> Result<(), StoreError> {
+        let done: Vec<Uuid> = ends
+            .iter()
+            .filter(|(_, end)| matches!(end, End::Done))
+            .map(|(id, _)| *id)
+            .collect();
+        if !done.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET status = $2, last_error = NULL, updated_at = now() \
+                 WHERE id = ANY($1)",
+            )
+            .bind(&done)
+            .bind(OutboxStatus::Done)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        let mut again = Rescheduled::default();
+        let mut dead = Buried::default();
+        for (id, end) in ends {
+            match end {
+                End::Done => {}
+                End::Reschedule {
+                    delay,
+                    failed,
+                    error,
+                    progress,
+                    awaits_microsoft,
+                } => {
+                    again.ids.push(*id);
+                    again.failed.push(i32::from(*failed));
+                    again.delays.push(delay.as_secs_f64());
+                    again.errors.push(error.clone());
+                    again.progress.push(progress.clone());
+                    again.awaits.push(*awaits_microsoft);
+                }
+                End::Bury { reason, failed } => {
+                    dead.ids.push(*id);
+                    dead.failed.push(i32::from(*failed));
+                    dead.reasons.push(reason.clone());
+                }
+            }
+        }
+        if !again.ids.is_empty() {
+            sqlx::query(
+                "UPDATE outbox o SET attempts = o.attempts + r.failed, \
+                     next_attempt_at = now() + make_interval(secs => r.delay), \
+                     last_error = coalesce(r.error, o.last_error), progress = r.progress, \
+                     awaits_microsoft = r.awaits, updated_at = now() \
+                 FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::jsonb[], \
+                             $6::bool[]) AS r (id, failed, delay, error, progress, awaits) \
+                 WHERE o.id = r.id",
+            )
+            .bind(&again.ids)
+            .bind(&again.failed)
+            .bind(&again.delays)
+            .bind(&again.errors)
+            .bind(&again.progress)
+            .bind(&again.awaits)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        if !dead.ids.is_empty() {
+            sqlx::query(
+                "UPDATE outbox o SET status = $4, attempts = o.attempts + r.failed, \
+                     last_error = r.reason, updated_at = now() \
+                 FROM unnest($1::uuid[], $2::int4[], $3::text[]) AS r (id, failed, reason) \
+                 WHERE o.id = r.id",
+            )
+            .bind(&dead.ids)
+            .bind(&dead.failed)
+            .bind(&dead.reasons)
+            .bind(OutboxStatus::Dead)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The columns of the rescheduled rows of a batch, as `unnest` binds them.
+#[derive(Default)]
+struct Rescheduled {
+    ids: Vec<Uuid>,
+    failed: Vec<i32>,
+    delays: Vec<f64>,
+    errors: Vec<Option<String>>,
+    progress: Vec<Value>,
+    awaits: Vec<bool>,
+}
+
+/// The columns of the buried rows of a batch.
+#[derive(Default)]
+struct Buried {
+    ids: Vec<Uuid>,
+    failed: Vec<i32>,
+    reasons: Vec<String>,
+}
+
+/// Ends the pending `confirm_operation` row of `operation_id` (the subscription's) as done:
+/// a step already knows the operation's end, so the row has nothing left to ask. A row a
+/// runner holds right now is left alone (it asks once more, harmlessly). How many ended.
+pub async fn complete_confirmation(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+    operation_id: Uuid,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET status = $4, updated_at = now() WHERE id IN ( \
+             SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
+               AND kind = $2 AND effect ->> 'operation_id' = $3 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(subscription_id)
+    .bind(EffectKind::ConfirmOperation)
+    .bind(operation_id.to_string())
+    .bind(OutboxStatus::Done)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
 }
 
 impl Claimed {
@@ -447,6 +684,10 @@ pub struct NewRows<'a> {
     pub traceparent: Option<&'a str>,
     /// Ahead of other subscriptions' rows (an ACK is among them, P7).
     pub first: bool,
+    /// The deadline of the decision's ACK rows (the webhook's receipt plus Microsoft's
+    /// window, P7): the claim order puts them by it, ahead of every other row. Only
+    /// `ack_operation` rows get it.
+    pub ack_due_at: Option<OffsetDateTime>,
     pub now: OffsetDateTime,
     pub ids: &'a [Uuid],
     pub kinds: &'a [EffectKind],
@@ -457,8 +698,10 @@ pub struct NewRows<'a> {
 pub async fn enqueue(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
-         correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority) \
-         SELECT effect.id, $1, $2, $3, effect.kind, effect.body, $4, $5, $5, $5, $6, $7 \
+         correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority, \
+         due_at) \
+         SELECT effect.id, $1, $2, $3, effect.kind, effect.body, $4, $5, $5, $5, $6, $7, \
+             CASE WHEN effect.kind = $11 THEN $12::timestamptz END \
          FROM unnest($8::uuid[], $9::text[], $10::jsonb[]) AS effect (id, kind, body)",
     )
     .bind(rows.subscription_id)
@@ -471,6 +714,8 @@ pub async fn enqueue(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<(), 
     .bind(rows.ids)
     .bind(rows.kinds)
     .bind(rows.effects)
+    .bind(EffectKind::AckOperation)
+    .bind(rows.ack_due_at)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -491,14 +736,12 @@ pub async fn put_first(conn: &mut PgConnection, subscription_id: Uuid) -> Result
 }
 
 /// Wakes the outbox runners of every process when the transaction commits (a hint; they
-/// also poll).
-pub async fn notify_runners(
-    conn: &mut PgConnection,
-    subscription_id: Uuid,
-) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+/// also poll). The payload is always the same (the runners never read it), so PostgreSQL
+/// folds the notifications of one transaction into one: a transaction that decides for many
+/// subscriptions wakes the runners once.
+pub async fn notify_runners(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
-        .bind(subscription_id.to_string())
         .execute(&mut *conn)
         .await?;
     Ok(())

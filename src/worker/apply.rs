@@ -24,6 +24,7 @@ use crate::store::ledger::{self, LogOutcome, LogRow};
 use crate::store::outbox::{self, EffectKind, NewRows};
 use crate::store::subscriptions::{self, SavedMachine};
 use crate::store::{StoreError, inbox, notices};
+use crate::worker::protocol::acknowledge;
 
 /// Where an event came from, for the inbox and the event log.
 #[derive(Debug, Clone, Default)]
@@ -229,14 +230,20 @@ pub async fn apply_in(
             correlation_id: source.correlation_id.as_deref(),
             traceparent: source.traceparent.as_deref(),
             first: acknowledges,
+            // Microsoft's clock starts at the webhook's receipt (P7); a decision without
+            // one (none today) counts from now.
+            ack_due_at: acknowledges
+                .then(|| source.received_at.unwrap_or(now) + acknowledge::ACK_WINDOW),
             now,
             ids: &outbox_ids,
             kinds: &kinds,
             effects: &effects,
         };
         outbox::enqueue(conn, &rows).await?;
+        // One wake-up per transaction however many decisions it holds (a constant payload
+        // folds them); none when the caller runs the rows itself.
         if runs == Runs::Anywhere {
-            outbox::notify_runners(conn, id).await?;
+            outbox::notify_runners(conn).await?;
         }
     }
     Ok(ApplyOutcome::Decided(Applied {

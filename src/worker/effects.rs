@@ -12,7 +12,7 @@
 //! one that gives up leaves it `dead` with the reason, also in the event log, for an
 //! operator to replay.
 
-use std::collections::VecDeque;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -39,9 +39,12 @@ use crate::marketplace::{
 use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
-use crate::store::outbox::{self, Claimed, EffectKind, OutboxRow, PublisherOperationUpdate};
+use crate::store::outbox::{
+    self, ClaimedBatch, EffectKind, End, OutboxRow, PublisherOperationUpdate,
+};
 use crate::store::usage::{self, HourSettlement};
 use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Runs};
+use crate::worker::protocol::acknowledge::ACK_WINDOW;
 use crate::worker::protocol::metering::{
     self, MeteringProgress, MeteringTurn, Settlement, UsageBatch,
 };
@@ -51,6 +54,10 @@ use crate::worker::protocol::{
 };
 
 pub use crate::worker::protocol::retry_delay;
+
+/// Rows one claim takes: enough for a consumer's window of ACKs or a backlog's head,
+/// small enough that a batch settles in one short transaction.
+const BATCH_LIMIT: usize = 64;
 
 /// How effects are run; tests shrink the clocks.
 #[derive(Debug, Clone)]
@@ -201,6 +208,10 @@ enum Write {
     UsageSettled(Vec<Settlement>),
     /// Hours of a metering batch sent once more.
     UsageSent(Vec<Uuid>),
+    /// A step knows the operation's end already: its pending `ConfirmOperation` row ends.
+    ConfirmationKnown {
+        operation_id: Uuid,
+    },
 }
 
 /// A claimed row being executed, with the writes it collects.
@@ -292,6 +303,9 @@ async fn write_all(
                 usage::count_sends(conn, &hours).await?;
                 metrics::record_usage_submitted(hours.len());
             }
+            Write::ConfirmationKnown { operation_id } => {
+                outbox::complete_confirmation(conn, row.subscription_id, operation_id).await?;
+            }
         }
     }
     Ok(fed)
@@ -328,9 +342,12 @@ struct Inner {
     /// runner is woken again when a fast-path execution ends, since that may free it.
     deferred: AtomicBool,
     activity: Arc<EffectActivity>,
-    /// One per effect in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
-    /// each claim holds a pool connection while Microsoft answers.
+    /// One per batch in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
+    /// each batch holds a pool connection (its claim's transaction) while Microsoft answers.
     permits: Arc<Semaphore>,
+    /// One per execution making its calls, across all batches: at most `concurrency`
+    /// calls to Microsoft in flight (§8.1).
+    calls: Semaphore,
     /// Effects running in their own tasks (the runner's, and the follow-ups of the fast
     /// path); the runner waits for them on shutdown.
     tasks: TaskTracker,
@@ -365,6 +382,7 @@ impl EffectRunner {
                 deferred: AtomicBool::new(false),
                 activity: Arc::new(EffectActivity::default()),
                 permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                calls: Semaphore::new(config.concurrency.max(1)),
                 tasks: TaskTracker::new(),
                 config,
             }),
@@ -376,10 +394,12 @@ impl EffectRunner {
     }
 
     /// Runs due effects until `shutdown`; then finishes the effects in hand and returns.
-    /// Wakes on `NOTIFY fulfillment_outbox` (sent on commit by decisions nobody runs at
-    /// once: reconciliation, a consumer without effects), when an effect ends (the next row
-    /// of its subscription may be due), when the fast path leaves a row, and every
-    /// `poll_interval` (which also finds rows another process's decision left).
+    /// Claims them in batches ([`outbox::claim_due`]: the ACKs whose window closes soonest
+    /// first), each batch holding one permit. Wakes on `NOTIFY fulfillment_outbox` (sent on
+    /// commit by decisions nobody runs at once: reconciliation, a consumer without effects),
+    /// when a batch ends (the next rows of its subscriptions may be due), when the fast path
+    /// leaves a row, and every `poll_interval` (which also finds rows another process's
+    /// decision left).
     pub async fn run(self, shutdown: CancellationToken) {
         let config = &self.inner.config;
         let mut listener = match PgListener::connect_with(&self.inner.pool).await {
@@ -407,21 +427,11 @@ impl EffectRunner {
                         Err(_) => break 'outer,
                     },
                 };
-                match outbox::claim_next(&self.inner.pool).await {
-                    Ok(Some(claimed)) => {
+                match outbox::claim_due(&self.inner.pool, BATCH_LIMIT).await {
+                    Ok(Some(batch)) => {
                         let runner = self.clone();
-                        runner
-                            .inner
-                            .activity
-                            .in_flight
-                            .fetch_add(1, Ordering::SeqCst);
                         tasks.spawn(async move {
-                            runner.execute_claimed(claimed).await;
-                            runner
-                                .inner
-                                .activity
-                                .in_flight
-                                .fetch_sub(1, Ordering::SeqCst);
+                            runner.execute_batch(batch).await;
                             drop(permit);
                             runner.inner.wake.notify_one();
                         });
@@ -450,93 +460,125 @@ impl EffectRunner {
         tracing::info!("outbox runner stopped");
     }
 
-    /// The fast path after a commit: executes the rows a decision just queued, in order, in
-    /// the caller's task, so an ACK leaves as soon as its decision is committed instead of
-    /// waiting for a runner to notice it (P7). The rows their results queue (confirming the
-    /// operation, the GET after it) continue in a task of their own, so the caller — one
-    /// subscription's consumer lane — is free for the subscription's next message. Each row
-    /// is claimed like any other ([`outbox::claim`]); one that is not claimable now (held
-    /// back by an earlier row, held by a runner, not due, done already) is left to the
-    /// runners. Returns how many ran in the caller's task.
+    /// The fast path after a commit: executes the rows the committed decisions just queued
+    /// (any number of subscriptions), so an ACK leaves as soon as its decision is committed
+    /// instead of waiting for a runner to notice it (P7). The rows of `ids` that are
+    /// claimable now are claimed in one statement ([`outbox::claim_ids`]), run at once and
+    /// settled in one transaction, in the caller's task; the rest — rows that waited behind
+    /// them (a confirmation, a domain event) and the rows their results queue (the GET
+    /// after an operation's end) — continue in rounds of the same kind in a task of their
+    /// own, so the caller (a consumer) is free for its next messages. A row that is not
+    /// claimable (held back by an earlier row, held by a runner, not due, done already) is
+    /// left to the runners. Returns how many ran in the caller's task.
     pub async fn execute_now(&self, ids: &[Uuid]) -> usize {
-        let (ran, follow_ups) = self
-            .execute_chain(ids.iter().copied().collect(), false)
-            .await;
-        if !follow_ups.is_empty() {
+        let (ran, rest) = self.round(ids).await;
+        if !rest.is_empty() {
             let runner = self.clone();
             self.inner.tasks.spawn(async move {
-                runner.execute_chain(follow_ups, true).await;
+                runner.execute_rounds(rest).await;
             });
         }
         ran
     }
 
-    /// Executes `todo` in order; with `follow` also the rows their results queue (at most
-    /// 16 executions), otherwise returns those.
-    async fn execute_chain(
-        &self,
-        mut todo: VecDeque<Uuid>,
-        follow: bool,
-    ) -> (usize, VecDeque<Uuid>) {
-        /// Executions per chain; a longer one is left to the runners.
-        const MAX_CHAIN: usize = 16;
-        let mut follow_ups = VecDeque::new();
-        let mut ran = 0;
-        let mut left_over = false;
-        while let Some(id) = todo.pop_front() {
-            if ran == MAX_CHAIN {
-                left_over = true;
-                break;
+    /// Rounds of [`Self::round`] until nothing of `todo` is claimable (at most
+    /// `MAX_ROUNDS`; what is left then goes to the runners).
+    async fn execute_rounds(&self, mut todo: Vec<Uuid>) {
+        /// Rounds of one chain; a longer one is left to the runners.
+        const MAX_ROUNDS: usize = 8;
+        for _ in 0..MAX_ROUNDS {
+            if todo.is_empty() {
+                return;
             }
-            let Ok(_permit) = self.inner.permits.acquire().await else {
-                break;
-            };
-            let claimed = match outbox::claim(&self.inner.pool, id).await {
-                Ok(Some(claimed)) => claimed,
-                Ok(None) => {
-                    self.inner.deferred.store(true, Ordering::SeqCst);
-                    left_over = true;
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot claim a fresh outbox row; the runners will");
-                    left_over = true;
-                    break;
-                }
-            };
-            self.inner.activity.in_flight.fetch_add(1, Ordering::SeqCst);
-            let queued = self.execute_claimed(claimed).await;
-            self.inner.activity.in_flight.fetch_sub(1, Ordering::SeqCst);
-            if self.inner.deferred.swap(false, Ordering::SeqCst) {
-                self.inner.wake.notify_one();
+            let (ran, rest) = self.round(&todo).await;
+            if ran == 0 {
+                return;
             }
-            if follow {
-                todo.extend(queued);
-            } else {
-                follow_ups.extend(queued);
-            }
-            ran += 1;
+            todo = rest;
         }
-        if left_over {
+        if !todo.is_empty() {
             self.inner.wake.notify_one();
         }
-        (ran, follow_ups)
     }
 
-    /// Executes due rows one by one until none is due; returns how many ran. For tests
-    /// and one-shot tools.
+    /// Claims those of `ids` that are claimable now, executes and settles them as one
+    /// batch; returns how many ran and what is left to try next: the rows of `ids` not
+    /// claimed, then the rows the results queued.
+    async fn round(&self, ids: &[Uuid]) -> (usize, Vec<Uuid>) {
+        if ids.is_empty() {
+            return (0, Vec::new());
+        }
+        let Ok(_permit) = self.inner.permits.acquire().await else {
+            return (0, Vec::new());
+        };
+        let batch = match outbox::claim_ids(&self.inner.pool, ids).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
+                // Held back, held elsewhere or done: the runners take what is left, woken
+                // when an execution ends.
+                self.inner.deferred.store(true, Ordering::SeqCst);
+                self.inner.wake.notify_one();
+                return (0, Vec::new());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim fresh outbox rows; the runners will");
+                self.inner.wake.notify_one();
+                return (0, Vec::new());
+            }
+        };
+        let claimed: HashSet<Uuid> = batch.rows.iter().map(|row| row.id).collect();
+        let mut rest: Vec<Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|id| !claimed.contains(id))
+            .collect();
+        rest.extend(self.execute_batch(batch).await);
+        (claimed.len(), rest)
+    }
+
+    /// Executes due rows, a batch at a time, until none is due; returns how many ran. For
+    /// tests and one-shot tools.
     pub async fn run_until_idle(&self) -> Result<usize, StoreError> {
         let mut ran = 0;
-        while let Some(claimed) = outbox::claim_next(&self.inner.pool).await? {
-            self.execute_claimed(claimed).await;
-            ran += 1;
+        while let Some(batch) = outbox::claim_due(&self.inner.pool, BATCH_LIMIT).await? {
+            ran += batch.rows.len();
+            self.execute_batch(batch).await;
         }
         Ok(ran)
     }
 
-    /// Executes a claimed row and ends it; returns the outbox rows its results queued.
-    async fn execute_claimed(&self, claimed: Claimed) -> Vec<Uuid> {
-        let row = claimed.row.clone();
+    /// Executes the rows of a batch at once — each call holding one of the `calls`
+    /// permits, taken in the claim order, so the ACKs due soonest go first — and settles
+    /// them in the batch's transaction; returns the outbox rows their results queued.
+    async fn execute_batch(&self, batch: ClaimedBatch) -> Vec<Uuid> {
+        let count = batch.rows.len();
+        self.inner
+            .activity
+            .in_flight
+            .fetch_add(count, Ordering::SeqCst);
+        let executed =
+            futures_util::future::join_all(batch.rows.iter().cloned().map(|row| self.run_row(row)))
+                .await;
+        let follow_ups = match self.settle_batch(batch, executed).await {
+            Ok(follow_ups) => follow_ups,
+            Err(error) => {
+                tracing::warn!(%error, rows = count, "cannot settle the outbox rows; they will run again");
+                Vec::new()
+            }
+        };
+        self.inner
+            .activity
+            .in_flight
+            .fetch_sub(count, Ordering::SeqCst);
+        if self.inner.deferred.swap(false, Ordering::SeqCst) {
+            self.inner.wake.notify_one();
+        }
+        follow_ups
+    }
+
+    /// Executes one claimed row's protocol (its calls, not its end): what it collected,
+    /// how it ends, and its span (the settle logs in it).
+    async fn run_row(&self, row: OutboxRow) -> (Execution, Disposition, tracing::Span) {
         let span = tracing::info_span!(
             "effect",
             subscription_id = %row.subscription_id,
@@ -549,9 +591,10 @@ impl EffectRunner {
         );
         // The execution continues the trace of the decision (and so of the webhook).
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
-        async move {
-            let execution = Execution::new(row);
-            let disposition = if execution.kind == EffectKind::SubmitUsage {
+        let execution = Execution::new(row);
+        let disposition = async {
+            let _call = self.inner.calls.acquire().await;
+            if execution.kind == EffectKind::SubmitUsage {
                 match self.execute_usage(&execution).await {
                     Ok(disposition) => disposition,
                     Err(error) => self.database_failure(&execution, error),
@@ -569,17 +612,11 @@ impl EffectRunner {
                         why: GiveUpWhy::Permanent,
                     },
                 }
-            };
-            match self.settle(claimed, execution, disposition).await {
-                Ok(follow_ups) => follow_ups,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot settle the outbox row; it will run again");
-                    Vec::new()
-                }
             }
         }
-        .instrument(span)
-        .await
+        .instrument(span.clone())
+        .await;
+        (execution, disposition, span)
     }
 
     /// A database error during an execution: retried like a failed call, so nothing is
@@ -607,84 +644,49 @@ impl EffectRunner {
         }
     }
 
-    /// Ends the row as `disposition` says, writing what the execution recorded and fed in
-    /// the same transaction (one commit). When those writes fail, the row is retried with
-    /// the database error instead (counting an attempt), so nothing is half-recorded.
-    async fn settle(
+    /// Ends the rows of a batch as their dispositions say, in the batch's transaction (one
+    /// commit): each row's records and feeds (through `apply::apply_in`) in a savepoint of
+    /// its own, so one whose writes fail is retried with the database error instead
+    /// (counting an attempt) while the others stand; then every row's end, one statement
+    /// per kind of end ([`ClaimedBatch::end`]).
+    async fn settle_batch(
         &self,
-        mut claimed: Claimed,
-        execution: Execution,
-        disposition: Disposition,
+        mut batch: ClaimedBatch,
+        mut executed: Vec<(Execution, Disposition, tracing::Span)>,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let row = execution.row.clone();
-        let mut disposition = disposition;
-        if let Disposition::Dead { reason, .. } = &disposition {
-            self.record_dead(&execution, reason);
-        }
+        // Subscription rows are locked in id order (stable: a subscription's rows keep the
+        // claim order), so two batches settling at once wait for each other instead of
+        // deadlocking.
+        executed.sort_by_key(|(execution, _, _)| execution.subscription_id);
+        let mut ends = Vec::with_capacity(executed.len());
         let mut fed = Vec::new();
-        let writes = execution.take_writes();
-        if !writes.is_empty() {
-            let mut savepoint = claimed.savepoint().await?;
-            match write_all(&mut savepoint, &row, writes, &self.inner.policy).await {
-                Ok(applied) => {
-                    savepoint.commit().await?;
-                    fed = applied;
-                }
-                Err(error) => {
-                    drop(savepoint);
-                    tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
-                    disposition = self.database_failure(&execution, error);
-                }
+        for (execution, mut disposition, span) in executed {
+            if let Disposition::Dead { reason, .. } = &disposition {
+                self.record_dead(&execution, reason);
             }
-        }
-        let ended = match disposition {
-            Disposition::Done => {
-                tracing::debug!("effect done");
-                claimed.complete().await
-            }
-            Disposition::Wait { after, progress } => {
-                let awaits = progress.awaits_microsoft_only();
-                claimed
-                    .reschedule(after, false, None, &progress.to_stored(), awaits)
+            let writes = execution.take_writes();
+            if !writes.is_empty() {
+                let mut savepoint = batch.savepoint().await?;
+                match write_all(&mut savepoint, &execution.row, writes, &self.inner.policy)
+                    .instrument(span.clone())
                     .await
-            }
-            Disposition::Retry {
-                error,
-                after,
-                progress,
-            } => {
-                tracing::warn!(error, ?after, "effect failed; retrying later");
-                let awaits = progress.awaits_microsoft_only();
-                claimed
-                    .reschedule(after, true, Some(&error), &progress.to_stored(), awaits)
-                    .await
-            }
-            Disposition::RetryUsage {
-                error,
-                after,
-                progress,
-            } => {
-                tracing::warn!(
-                    error,
-                    ?after,
-                    "usage batch not settled; sending again later"
-                );
-                claimed
-                    .reschedule(after, true, Some(&error), &progress, false)
-                    .await
-            }
-            Disposition::Dead { reason, why } => {
-                metrics::record_dead_letter(match why {
-                    GiveUpWhy::AttemptsExhausted => DeadLetterReason::EffectAttemptsExhausted,
-                    GiveUpWhy::Permanent | GiveUpWhy::OutcomeUnknown => {
-                        DeadLetterReason::EffectPermanent
+                {
+                    Ok(applied) => {
+                        savepoint.commit().await?;
+                        fed.extend(applied);
                     }
-                });
-                tracing::error!(reason, "effect dead");
-                claimed.bury(&reason, true).await
+                    Err(error) => {
+                        drop(savepoint);
+                        span.in_scope(|| {
+                            tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
+                        });
+                        disposition = self.database_failure(&execution, error);
+                    }
+                }
             }
-        };
-        ended?;
+            ends.push((execution.id, span.in_scope(|| end_of(disposition))));
+        }
+        batch.end(&ends).await?;
         Ok(fed
             .into_iter()
             .flat_map(|(event, outcome)| {
@@ -736,6 +738,11 @@ impl EffectRunner {
                         operation_id: operation_id.as_uuid(),
                         status: status.into(),
                     }),
+                    Record::ConfirmationKnown { operation_id } => {
+                        execution.push(Write::ConfirmationKnown {
+                            operation_id: operation_id.as_uuid(),
+                        });
+                    }
                 }
             }
             let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();
@@ -946,7 +953,12 @@ impl EffectRunner {
                     fulfillment_state_machine::AckStatus::Success => UpdateOperationStatus::Success,
                     fulfillment_state_machine::AckStatus::Failure => UpdateOperationStatus::Failure,
                 };
-                let received_at = outbox::event_received_at(&self.inner.pool, row.event_id).await?;
+                // Microsoft's clock: the webhook's receipt, carried in the row's deadline
+                // (rows queued before it existed read it from the event log).
+                let received_at = match row.due_at {
+                    Some(due_at) => Some(due_at - ACK_WINDOW),
+                    None => outbox::event_received_at(&self.inner.pool, row.event_id).await?,
+                };
                 let result = client
                     .update_operation(&ctx, sid, operation_id.as_uuid(), wire)
                     .await;
@@ -956,7 +968,11 @@ impl EffectRunner {
                 extra.insert("webhook_to_ack_ms".into(), json!(webhook_to_ack_ms));
                 if let Ok(done) = &result {
                     if let Some(elapsed) = webhook_to_ack {
-                        metrics::record_webhook_to_ack(elapsed.try_into().unwrap_or_default());
+                        let elapsed = Duration::try_from(elapsed).unwrap_or_default();
+                        metrics::record_webhook_to_ack(elapsed);
+                        if elapsed > ACK_WINDOW {
+                            metrics::record_ack_late();
+                        }
                     }
                     if done.value == UpdateOutcome::AlreadyFinal {
                         let kind = outbox::event_kind(&self.inner.pool, row.event_id)
@@ -1155,6 +1171,68 @@ impl EffectRunner {
         let mut extra = serde_json::Map::new();
         extra.insert("dead".into(), json!(true));
         self.record(row, &CallLog::default(), &format!("dead: {reason}"), extra);
+    }
+}
+
+/// How a batch's row ends, as its disposition says (logged in the row's span).
+fn end_of(disposition: Disposition) -> End {
+    match disposition {
+        Disposition::Done => {
+            tracing::debug!("effect done");
+            End::Done
+        }
+        Disposition::Wait { after, progress } => End::Reschedule {
+            delay: after,
+            failed: false,
+            error: None,
+            awaits_microsoft: progress.awaits_microsoft_only(),
+            progress: progress.to_stored(),
+        },
+        Disposition::Retry {
+            error,
+            after,
+            progress,
+        } => {
+            tracing::warn!(error, ?after, "effect failed; retrying later");
+            End::Reschedule {
+                delay: after,
+                failed: true,
+                error: Some(error),
+                awaits_microsoft: progress.awaits_microsoft_only(),
+                progress: progress.to_stored(),
+            }
+        }
+        Disposition::RetryUsage {
+            error,
+            after,
+            progress,
+        } => {
+            tracing::warn!(
+                error,
+                ?after,
+                "usage batch not settled; sending again later"
+            );
+            End::Reschedule {
+                delay: after,
+                failed: true,
+                error: Some(error),
+                progress,
+                awaits_microsoft: false,
+            }
+        }
+        Disposition::Dead { reason, why } => {
+            metrics::record_dead_letter(match why {
+                GiveUpWhy::AttemptsExhausted => DeadLetterReason::EffectAttemptsExhausted,
+                GiveUpWhy::Permanent | GiveUpWhy::OutcomeUnknown => {
+                    DeadLetterReason::EffectPermanent
+                }
+            });
+            tracing::error!(reason, "effect dead");
+            End::Bury {
+                reason,
+                failed: true,
+            }
+        }
     }
 }
 

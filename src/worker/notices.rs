@@ -89,6 +89,7 @@ pub async fn emit_notice(
             correlation_id: None,
             traceparent: None,
             first: false,
+            ack_due_at: None,
             now,
             ids: &[Uuid::now_v7()],
             kinds: &[EffectKind::of(&effect)],
@@ -96,7 +97,7 @@ pub async fn emit_notice(
         },
     )
     .await?;
-    outbox::notify_runners(&mut tx, subscription_id).await?;
+    outbox::notify_runners(&mut tx).await?;
     notices::mark_sent(&mut tx, notice_id, log.id, now).await?;
     tx.commit().await?;
     Ok(Some(log.id))

@@ -5,11 +5,28 @@
 //! done too, and the `ConfirmOperation` behind it learns how it ended. An unknown operation
 //! (404, or the live service's 400, P19) will not become known by asking again. A
 //! best-effort ACK (Reinstate, §6.3) ignores every answer that is not worth a retry.
+//!
+//! A 200 to `Success` already says how the operation ends: Microsoft recorded our Success
+//! (§4.11), and Success is also what the window would have decided without us (§7.3: no
+//! PATCH ⇒ auto-Success), so the operation is `Succeeded` and the confirming GET of the
+//! operation (`ConfirmOperation`) has nothing left to learn: the step feeds the result at
+//! once and records that the confirmation is known ([`Record::ConfirmationKnown`]). The GET
+//! of the subscription the result brings stays (P13: only a GET after the operation is
+//! final shows its outcome). Not collapsed: a `Failure` (Microsoft ignored rejections,
+//! acc#348, P7: its confirmation shows what really happened), a 409 (the operation ended
+//! some other way: superseded, failed), a best-effort ACK (a Reinstate waits for
+//! Microsoft's own final status before GETs are trusted, P13).
 
-use fulfillment_state_machine::{AckStatus, OperationId};
+use std::time::Duration;
 
-use super::{Answer, Call, Next, Turn};
+use fulfillment_state_machine::{AckStatus, Event, OperationId, OperationStatus};
+
+use super::{Answer, Call, Next, Record, Turn};
 use crate::marketplace::UpdateOutcome;
+
+/// Microsoft's window for an ACK, from the webhook's receipt (P7): past it, the operation
+/// is auto-accepted. An ACK row's `due_at` is the receipt plus this.
+pub const ACK_WINDOW: Duration = Duration::from_secs(10);
 
 pub fn step(
     turn: &Turn<'_>,
@@ -25,6 +42,22 @@ pub fn step(
         return turn.call(turn.progress.stage.clone(), call);
     };
     match answer {
+        Answer::Acknowledged(UpdateOutcome::Recorded)
+            if status == AckStatus::Success && !best_effort =>
+        {
+            turn.finish(
+                vec![Event::OperationResult {
+                    operation_id,
+                    status: OperationStatus::Succeeded,
+                }],
+                // Ends like every recorded ACK's note (" recorded"), which tools count.
+                format!(
+                    "operation {operation_id} Succeeded (§4.11), no GET of it needed: \
+                     ACK {status} recorded"
+                ),
+            )
+            .recording(Record::ConfirmationKnown { operation_id })
+        }
         Answer::Acknowledged(UpdateOutcome::Recorded) => {
             turn.finish(Vec::new(), format!("ACK {status} recorded"))
         }

@@ -410,6 +410,9 @@ pub enum Record {
         operation_id: OperationId,
         status: fulfillment_state_machine::OperationStatus,
     },
+    /// The operation's end is known already (an ACK `Success` answered 200): its pending
+    /// `ConfirmOperation` row has nothing left to ask and ends with this execution.
+    ConfirmationKnown { operation_id: OperationId },
 }
 
 /// Where a publisher command stands.

@@ -1,0 +1,289 @@
+//! The effect runner's batches against real PostgreSQL, RabbitMQ and the simulator: many
+//! rows claimed in one statement and settled in one transaction, a row whose call fails
+//! settling alone, a subscription's later row never overtaking an earlier one, ACK rows
+//! claimed by their deadline ahead of an older backlog, and a customer's seat change whose
+//! ACK makes the confirming GET of its operation unnecessary.
+//!
+//! The rows are queued straight into the outbox (the store's `enqueue`, as the apply does)
+//! after the stack's worker is stopped, so the test's own runner is the only one claiming.
+
+mod stack;
+
+use std::time::Duration;
+
+use fulfillment_state_machine::{
+    AckStatus, DomainEvent, DomainEventKind, Effect, OperationId, Quantity, StateName,
+};
+use marketplace_fulfillment::store::outbox::{self, EffectKind, NewRows};
+use marketplace_fulfillment::worker::EffectRunner;
+use serde_json::{Value, json};
+use stack::{Options, Stack};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A stack with `n` Subscribed subscriptions, its worker stopped and its outbox at rest,
+/// and a runner of the test's own on it.
+async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
+    let mut stack = Stack::start(Options::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(stack.subscribed("silver", Some(5)).await);
+    }
+    stack
+        .wait_for("an outbox at rest", || async {
+            (stack.outbox_left().await.0 == 0).then_some(())
+        })
+        .await;
+    stack.stop_workers().await;
+    let runner = EffectRunner::new(
+        stack.pool.clone(),
+        stack.client.clone(),
+        stack.publisher.clone(),
+        stack.settings.policy.clone(),
+        stack.settings.marketplace.api_url.clone(),
+        stack::patient_effects(),
+    );
+    (stack, runner, ids)
+}
+
+/// Queues one row of `effect` for `subscription` as the decision `event_sequence` (later
+/// sequences come later in the subscription's order); an ACK is due at `ack_due_at`.
+async fn queue(
+    stack: &Stack,
+    subscription: Uuid,
+    event_sequence: i64,
+    effect: &Effect,
+    ack_due_at: Option<OffsetDateTime>,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    let mut conn = stack.pool.acquire().await.unwrap();
+    outbox::enqueue(
+        &mut conn,
+        &NewRows {
+            subscription_id: subscription,
+            event_id: Uuid::now_v7(),
+            event_sequence,
+            correlation_id: None,
+            traceparent: None,
+            first: false,
+            ack_due_at,
+            now: OffsetDateTime::now_utc(),
+            ids: &[id],
+            kinds: &[EffectKind::of(effect)],
+            effects: &[serde_json::to_value(effect).unwrap()],
+        },
+    )
+    .await
+    .unwrap();
+    id
+}
+
+fn domain_event(quantity: u32) -> Effect {
+    Effect::PublishDomainEvent(DomainEvent {
+        kind: DomainEventKind::QuantityChanged,
+        plan_id: None,
+        quantity: Some(Quantity::new(quantity).unwrap()),
+        state: StateName::Subscribed,
+        reason: None,
+    })
+}
+
+fn ack_of_unknown_operation() -> Effect {
+    Effect::AckOperation {
+        operation_id: OperationId::from(Uuid::now_v7()),
+        status: AckStatus::Success,
+        best_effort: false,
+    }
+}
+
+/// `(status, last_error)` of an outbox row.
+async fn row_status(stack: &Stack, id: Uuid) -> (String, Option<String>) {
+    sqlx::query_as("SELECT status, last_error FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&stack.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_whose_one_call_fails_settles_the_others() {
+    let (stack, runner, subs) = quiet_stack(3).await;
+    let fetch_a = queue(&stack, subs[0], 1000, &Effect::FetchSubscription, None).await;
+    let soon = OffsetDateTime::now_utc() + Duration::from_secs(10);
+    let ack_b = queue(
+        &stack,
+        subs[1],
+        1000,
+        &ack_of_unknown_operation(),
+        Some(soon),
+    )
+    .await;
+    let fetch_c = queue(&stack, subs[2], 1000, &Effect::FetchSubscription, None).await;
+
+    // All three are claimable: one claim, one batch, settled together.
+    let ran = runner.execute_now(&[fetch_a, ack_b, fetch_c]).await;
+    assert_eq!(ran, 3, "the three rows ran as one batch");
+
+    // The ACK of an operation Microsoft does not know gives up (P19) ...
+    let (status, error) = row_status(&stack, ack_b).await;
+    assert_eq!(status, "dead", "{error:?}");
+    assert!(error.is_some_and(|e| !e.is_empty()));
+    // ... and the others' ends and writes stand: done, recorded, their GETs observed.
+    for (row, sub) in [(fetch_a, subs[0]), (fetch_c, subs[2])] {
+        assert_eq!(row_status(&stack, row).await.0, "done");
+        let events = stack.events(sub).await;
+        assert!(
+            events
+                .iter()
+                .any(|e| e.event_kind == "effect:fetch_subscription"),
+            "the fetch is recorded: {events:?}"
+        );
+        assert!(
+            events.iter().any(|e| e.event_kind == "Observed"),
+            "the fetch's result went through the machine: {events:?}"
+        );
+    }
+    let b_events = stack.events(subs[1]).await;
+    assert!(
+        b_events
+            .iter()
+            .any(|e| e.event_kind == "effect:ack_operation"
+                && e.reason.as_deref().is_some_and(|r| r.contains("failed"))),
+        "the dead ACK is recorded with its failure: {b_events:?}"
+    );
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn a_subscriptions_later_row_never_overtakes_an_earlier_one() {
+    let (stack, runner, subs) = quiet_stack(1).await;
+    let sub = subs[0];
+    let first = queue(&stack, sub, 1000, &domain_event(6), None).await;
+    let second = queue(&stack, sub, 1001, &domain_event(7), None).await;
+    let fetch = queue(&stack, sub, 1002, &Effect::FetchSubscription, None).await;
+    let ids = [second, fetch, first];
+
+    // One claim of all three takes the first domain event and the fetch (another kind), not
+    // the second domain event: the first, still pending, holds it back even in the same
+    // statement.
+    let batch = outbox::claim_ids(&stack.pool, &ids)
+        .await
+        .unwrap()
+        .expect("claimable rows");
+    let mut claimed: Vec<Uuid> = batch.rows.iter().map(|row| row.id).collect();
+    claimed.sort();
+    let mut wanted = vec![first, fetch];
+    wanted.sort();
+    assert_eq!(claimed, wanted);
+    batch.release().await.unwrap();
+
+    // Run for real: the first round runs those two, a later round the second event.
+    assert_eq!(runner.execute_now(&ids).await, 2);
+    stack
+        .wait_for("every row done", || async {
+            (stack.outbox_left().await == (0, 0)).then_some(())
+        })
+        .await;
+    let published: Vec<Value> = stack
+        .take_all(&stack.domain_queue)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
+    // The subscription's purchase announced itself before the test's rows.
+    let quantities: Vec<&Value> = published
+        .iter()
+        .filter(|e| e["type"] == "com.fulfillment.subscription.quantity_changed")
+        .map(|e| &e["data"]["quantity"])
+        .collect();
+    assert_eq!(quantities, [&json!(6), &json!(7)], "in the machine's order");
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn ack_rows_are_claimed_by_deadline_before_an_older_backlog() {
+    let (stack, _runner, subs) = quiet_stack(3).await;
+    // A backlog: domain events and fetches queued first (older, and due for longer).
+    let mut backlog = Vec::new();
+    for (n, sub) in subs.iter().enumerate() {
+        let n = i64::try_from(n).unwrap();
+        backlog.push(queue(&stack, *sub, 1000 + n, &domain_event(6), None).await);
+        backlog.push(queue(&stack, *sub, 1000 + n, &Effect::FetchSubscription, None).await);
+    }
+    // Then two ACKs: the one received later is queued first, the one whose window closes
+    // soonest last.
+    let now = OffsetDateTime::now_utc();
+    let later = queue(
+        &stack,
+        subs[0],
+        2000,
+        &ack_of_unknown_operation(),
+        Some(now + Duration::from_secs(9)),
+    )
+    .await;
+    let soonest = queue(
+        &stack,
+        subs[1],
+        2000,
+        &ack_of_unknown_operation(),
+        Some(now + Duration::from_secs(3)),
+    )
+    .await;
+
+    let one = outbox::claim_due(&stack.pool, 1)
+        .await
+        .unwrap()
+        .expect("a row");
+    assert_eq!(one.rows[0].id, soonest, "the ACK whose window closes first");
+    one.release().await.unwrap();
+    let all = outbox::claim_due(&stack.pool, 64)
+        .await
+        .unwrap()
+        .expect("rows");
+    let order: Vec<Uuid> = all.rows.iter().map(|row| row.id).collect();
+    assert_eq!(order[..2], [soonest, later], "the ACKs, by deadline, first");
+    assert!(
+        order[2..].iter().all(|id| backlog.contains(id)),
+        "then the backlog"
+    );
+    all.release().await.unwrap();
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_its_operation() {
+    let stack = Stack::start(Options::default()).await;
+    let sub = stack.subscribed("per-seat", Some(5)).await;
+    stack
+        .act(sub, json!({"action": "ChangeQuantity", "quantity": 7}))
+        .await;
+    stack
+        .wait_for("the change on both sides, the outbox at rest", || async {
+            let ours = stack.engine(sub).await?;
+            (ours.quantity == Some(7)
+                && ours == stack.sim_side(sub).await
+                && stack.outbox_left().await == (0, 0))
+                .then_some(())
+        })
+        .await;
+    let events = stack.events(sub).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.event_kind.as_str()).collect();
+    // The ACK's 200 told the operation's end: its result went through the machine, the
+    // GET of the subscription it brings (P13) ran, no GET of the operation did.
+    assert!(kinds.contains(&"effect:ack_operation"), "{kinds:?}");
+    assert!(kinds.contains(&"OperationResult"), "{kinds:?}");
+    assert!(kinds.contains(&"effect:fetch_subscription"), "{kinds:?}");
+    assert!(!kinds.contains(&"effect:confirm_operation"), "{kinds:?}");
+    // The ACK row carried its deadline: the webhook's receipt plus the window (P7).
+    let (due_at, received_at): (OffsetDateTime, OffsetDateTime) = sqlx::query_as(
+        "SELECT o.due_at, e.received_at FROM outbox o \
+         JOIN subscription_events e ON e.id = o.event_id \
+         WHERE o.subscription_id = $1 AND o.kind = 'ack_operation'",
+    )
+    .bind(sub)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(due_at - received_at, time::Duration::seconds(10));
+    stack.finish().await;
+}
