@@ -349,7 +349,7 @@ async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<ExitCode> {
             table.row(vec![
                 candidate.event_id.clone(),
                 candidate.endpoint_id.to_string(),
-                candidate.status.clone(),
+                candidate.status.as_str().to_string(),
                 when(candidate.created_at),
             ]);
         }

@@ -544,9 +544,7 @@ async fn queue_resolution(
         subscription,
     };
     let meta = MessageMeta {
-        message_id: InboxKey::purchase_resolved(resolved.id, now)
-            .message_id()
-            .to_owned(),
+        message_id: InboxKey::purchase_resolved(resolved.id, now).into_message_id(),
         correlation_id: ctx.correlation_id.to_string(),
         traceparent: Some(traceparent_or_new(headers)),
         subscription_id: Some(resolved.id),
