@@ -361,14 +361,16 @@ async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_unti
     let (_, text, _) = cli(&stack, &["status"], &[]).await;
     assert!(text.contains("refused by Microsoft"), "{text}");
 
+    // Requested `age` ago (a PostgreSQL interval).
+    let requested_ago = |age: &'static str| {
+        sqlx::query("UPDATE commands SET requested_at = now() - $2::interval WHERE command_id = $1")
+            .bind(command)
+            .bind(age)
+            .execute(&stack.pool)
+    };
+
     // Two hours later it is an answer given, not an action item, unless asked for.
-    sqlx::query(
-        "UPDATE commands SET requested_at = now() - interval '2 hours' WHERE command_id = $1",
-    )
-    .bind(command)
-    .execute(&stack.pool)
-    .await
-    .unwrap();
+    requested_ago("2 hours").await.unwrap();
     let (code, items) = status_items_of(&stack, &["status", "--json"], id).await;
     assert_eq!(items, []);
     assert_eq!(code, 0, "nothing else needs a person");
@@ -377,13 +379,7 @@ async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_unti
     assert_eq!(items, [("refused_command".to_string(), show)]);
 
     // An unknown outcome two days old is still an open question.
-    sqlx::query(
-        "UPDATE commands SET requested_at = now() - interval '2 days' WHERE command_id = $1",
-    )
-    .bind(command)
-    .execute(&stack.pool)
-    .await
-    .unwrap();
+    requested_ago("2 days").await.unwrap();
     sqlx::query("UPDATE publisher_operations SET status = 'Unknown' WHERE command_id = $1")
         .bind(command)
         .execute(&stack.pool)

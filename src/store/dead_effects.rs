@@ -129,27 +129,16 @@ pub async fn retry(
     id: Uuid,
     action: &NewAction,
 ) -> Result<Option<EffectRow>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let Some(before) = lock_dead(&mut tx, id).await? else {
-        tx.rollback().await?;
-        return Ok(None);
-    };
-    sqlx::query(
+    change_dead(
+        pool,
+        id,
+        action,
         "UPDATE outbox SET status = $2, attempts = 0, next_attempt_at = now(), \
              created_at = now(), updated_at = now() \
          WHERE id = $1",
+        EffectStatus::Pending,
     )
-    .bind(id)
-    .bind(EffectStatus::Pending)
-    .execute(&mut *tx)
-    .await?;
-    operator_actions::record_in(&mut tx, action).await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::outbox::NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Some(before))
+    .await
 }
 
 /// Ends the dead row `id` as `abandoned` and journals `action` in the same transaction.
@@ -159,17 +148,43 @@ pub async fn abandon(
     id: Uuid,
     action: &NewAction,
 ) -> Result<Option<EffectRow>, StoreError> {
+    change_dead(
+        pool,
+        id,
+        action,
+        "UPDATE outbox SET status = $2, updated_at = now() WHERE id = $1",
+        EffectStatus::Abandoned,
+    )
+    .await
+}
+
+/// Locks the dead row `id`, runs `update` on it (`$1` the id, `$2` the new status) and
+/// journals `action`, in one transaction; a row put back to pending wakes the runners.
+/// The row as it was, `None` when it is not dead.
+async fn change_dead(
+    pool: &PgPool,
+    id: Uuid,
+    action: &NewAction,
+    update: &'static str,
+    status: EffectStatus,
+) -> Result<Option<EffectRow>, StoreError> {
     let mut tx = pool.begin().await?;
     let Some(before) = lock_dead(&mut tx, id).await? else {
         tx.rollback().await?;
         return Ok(None);
     };
-    sqlx::query("UPDATE outbox SET status = $2, updated_at = now() WHERE id = $1")
+    sqlx::query(update)
         .bind(id)
-        .bind(EffectStatus::Abandoned)
+        .bind(status)
         .execute(&mut *tx)
         .await?;
     operator_actions::record_in(&mut tx, action).await?;
+    if status == EffectStatus::Pending {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::outbox::NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(Some(before))
 }

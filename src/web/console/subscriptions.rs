@@ -248,18 +248,23 @@ fn entry_row(entry: &TimelineEntry) -> EntryRow {
     }
 }
 
+/// The page refusing a path that names no subscription.
+fn not_a_subscription_id(state: &AppState, operator: &SignedInOperator) -> Response {
+    bad_request(
+        state,
+        operator,
+        "A subscription id is a GUID.",
+        "/console/subscriptions",
+    )
+}
+
 pub async fn page(
     State(state): State<AppState>,
     operator: SignedInOperator,
     Path(raw): Path<String>,
 ) -> Response {
     let Ok(id) = raw.parse::<Uuid>() else {
-        return bad_request(
-            &state,
-            &operator,
-            "A subscription id is a GUID.",
-            "/console/subscriptions",
-        );
+        return not_a_subscription_id(&state, &operator);
     };
     let timeline = match subscription::timeline(&state.pool, id).await {
         Ok(Some(timeline)) => timeline,
@@ -421,12 +426,7 @@ pub async fn command(
     Form(form): Form<CommandForm>,
 ) -> Response {
     let Ok(id) = raw.parse::<Uuid>() else {
-        return bad_request(
-            &state,
-            &operator,
-            "A subscription id is a GUID.",
-            "/console/subscriptions",
-        );
+        return not_a_subscription_id(&state, &operator);
     };
     let back = format!("/console/subscriptions/{id}");
     let command = match parse_command(&form) {
