@@ -8,6 +8,8 @@ mod stack;
 
 use std::process::Output;
 
+use marketplace_fulfillment::store::timeline;
+use marketplace_fulfillment::worker::protocol::CommandStatus;
 use serde_json::{Value, json};
 use stack::{Options, Stack};
 use uuid::Uuid;
@@ -347,14 +349,13 @@ async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_unti
     .await;
     assert_eq!(code, 1, "refused: {out}{err}");
     stack.set_faults(json!({})).await;
-    let command: Uuid = sqlx::query_scalar(
-        "SELECT command_id FROM publisher_operations WHERE subscription_id = $1 \
-         AND status = 'Refused'",
-    )
-    .bind(id)
-    .fetch_one(&stack.pool)
-    .await
-    .unwrap();
+    let command = timeline::publisher_operations(&stack.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|op| op.status == CommandStatus::Refused)
+        .expect("the refused operation recorded")
+        .command_id;
     let (code, items) = status_items_of(&stack, &["status", "--json"], id).await;
     assert_eq!(code, 1);
     assert_eq!(items, [("refused_command".to_string(), show.clone())]);
