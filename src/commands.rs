@@ -11,8 +11,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::store::commands::{self, CommandRow};
+use crate::store::ledger::LogOutcome;
+use crate::store::text::TextValue;
 use crate::store::timeline::{self, EventRow, PublisherOperationRow};
 use crate::store::{StoreError, verify};
+use crate::worker::protocol::CommandStatus;
 
 /// Where a command stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,16 +77,16 @@ pub fn decide(
         return outcome;
     };
     let why = decision.reason.clone().unwrap_or_default();
-    match decision.outcome.as_str() {
-        "applied" => {}
-        "rejected" => {
+    match decision.outcome {
+        LogOutcome::Applied => {}
+        LogOutcome::Rejected => {
             outcome.status = Status::Failed;
             outcome.reason = Some(format!("refused by our policy: {why}"));
             return outcome;
         }
-        other => {
+        other @ (LogOutcome::Ignored | LogOutcome::Recorded) => {
             outcome.status = Status::Failed;
-            outcome.reason = Some(format!("not applied ({other}): {why}"));
+            outcome.reason = Some(format!("not applied ({}): {why}", other.as_str()));
             return outcome;
         }
     }
@@ -116,20 +119,20 @@ pub fn decide(
         return outcome;
     };
     let answer = operation.last_error.clone().unwrap_or_default();
-    (outcome.status, outcome.reason) = match operation.status.as_str() {
-        "Succeeded" => (Status::Succeeded, None),
-        "Refused" => (
+    (outcome.status, outcome.reason) = match operation.status {
+        CommandStatus::Succeeded => (Status::Succeeded, None),
+        CommandStatus::Refused => (
             Status::Failed,
             Some(format!("refused by Microsoft: {answer}")),
         ),
-        "Failed" | "Conflict" => (
+        CommandStatus::Failed | CommandStatus::Conflict => (
             Status::Failed,
             Some(format!(
                 "Microsoft's operation ended {}: {answer}",
-                operation.status
+                operation.status.as_str()
             )),
         ),
-        "Unknown" => (
+        CommandStatus::Unknown => (
             Status::Unknown,
             Some(
                 "Microsoft's answer was lost and its state did not show the outcome in time; \
@@ -137,7 +140,7 @@ pub fn decide(
                     .into(),
             ),
         ),
-        _ => (
+        CommandStatus::Requested | CommandStatus::Accepted => (
             Status::Requested,
             Some("waiting for Microsoft's operation to end".into()),
         ),
@@ -151,7 +154,7 @@ pub async fn outcome_of(pool: &PgPool, command_id: Uuid) -> Result<Option<Outcom
         return Ok(None);
     };
     let rows = timeline::events_of_message(pool, &command_id.to_string()).await?;
-    let decision = rows.iter().find(|row| row.outcome != "recorded");
+    let decision = rows.iter().find(|row| row.outcome != LogOutcome::Recorded);
     let operation = commands::operation(pool, command_id).await?;
     let later: Vec<EventRow> = match (decision, command.kind.as_str()) {
         (Some(decision), "activate") => timeline::events(pool, command.subscription_id)
@@ -188,7 +191,7 @@ mod tests {
         }
     }
 
-    fn row(kind: &str, outcome: &str, reason: &str, effects: serde_json::Value) -> EventRow {
+    fn row(kind: &str, outcome: LogOutcome, reason: &str, effects: serde_json::Value) -> EventRow {
         EventRow {
             id: Uuid::nil(),
             sequence: 3,
@@ -199,7 +202,7 @@ mod tests {
             event: json!({}),
             from_state: "Subscribed".into(),
             to_state: "Subscribed".into(),
-            outcome: outcome.into(),
+            outcome,
             reason: Some(reason.into()),
             effects,
             correlation_id: None,
@@ -207,14 +210,14 @@ mod tests {
         }
     }
 
-    fn operation(status: &str, error: Option<&str>) -> PublisherOperationRow {
+    fn operation(status: CommandStatus, error: Option<&str>) -> PublisherOperationRow {
         PublisherOperationRow {
             command_id: Uuid::nil(),
             kind: "ChangeQuantity".into(),
             target_plan_id: None,
             target_quantity: Some(9),
             operation_id: Some(Uuid::from_u128(7)),
-            status: status.into(),
+            status,
             last_error: error.map(Into::into),
             created_at: OffsetDateTime::UNIX_EPOCH,
             updated_at: OffsetDateTime::UNIX_EPOCH,
@@ -226,7 +229,7 @@ mod tests {
         let change = command("change_quantity");
         let applied = row(
             "PublisherChangeQuantity",
-            "applied",
+            LogOutcome::Applied,
             "",
             json!(["patch_subscription"]),
         );
@@ -240,31 +243,34 @@ mod tests {
             (Some(&applied), None, Status::Requested, ""),
             (
                 Some(&applied),
-                Some(operation("Accepted", None)),
+                Some(operation(CommandStatus::Accepted, None)),
                 Status::Requested,
                 "waiting",
             ),
             (
                 Some(&applied),
-                Some(operation("Succeeded", None)),
+                Some(operation(CommandStatus::Succeeded, None)),
                 Status::Succeeded,
                 "",
             ),
             (
                 Some(&applied),
-                Some(operation("Refused", Some("400 seats above the plan"))),
+                Some(operation(
+                    CommandStatus::Refused,
+                    Some("400 seats above the plan"),
+                )),
                 Status::Failed,
                 "refused by Microsoft: 400 seats above the plan",
             ),
             (
                 Some(&applied),
-                Some(operation("Failed", Some("x"))),
+                Some(operation(CommandStatus::Failed, Some("x"))),
                 Status::Failed,
                 "ended Failed",
             ),
             (
                 Some(&applied),
-                Some(operation("Unknown", None)),
+                Some(operation(CommandStatus::Unknown, None)),
                 Status::Unknown,
                 "reconcile",
             ),
@@ -283,7 +289,7 @@ mod tests {
     fn a_policy_refusal_fails_at_once_and_a_change_with_nothing_to_do_succeeds() {
         let refused = row(
             "PublisherChangeQuantity",
-            "rejected",
+            LogOutcome::Rejected,
             "seats 500 above the policy's 100",
             json!([]),
         );
@@ -293,14 +299,24 @@ mod tests {
             outcome.reason.as_deref(),
             Some("refused by our policy: seats 500 above the policy's 100")
         );
-        let noop = row("PublisherChangePlan", "applied", "already on it", json!([]));
+        let noop = row(
+            "PublisherChangePlan",
+            LogOutcome::Applied,
+            "already on it",
+            json!([]),
+        );
         let outcome = decide(&command("change_plan"), Some(&noop), None, &[], None);
         assert_eq!(outcome.status, Status::Succeeded);
     }
 
     #[test]
     fn an_activation_succeeds_when_active_and_fails_when_microsoft_says_so() {
-        let applied = row("ActivationRequested", "applied", "", json!(["activate"]));
+        let applied = row(
+            "ActivationRequested",
+            LogOutcome::Applied,
+            "",
+            json!(["activate"]),
+        );
         let activate = command("activate");
         let pending = decide(
             &activate,
@@ -314,7 +330,7 @@ mod tests {
         assert_eq!(done.status, Status::Succeeded);
         let failed = row(
             "ActivationFailed",
-            "applied",
+            LogOutcome::Applied,
             "400 from Activate",
             json!([]),
         );

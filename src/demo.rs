@@ -27,6 +27,7 @@ use crate::settings::{ConnectionUrl, Settings, WebhookAuth};
 use crate::simulator::customer::{ScriptedCustomer, page_text};
 use crate::simulator::{PlanSpec, Simulator, SimulatorConfig, Timings};
 use crate::store;
+use crate::worker::protocol::CommandStatus;
 use crate::worker::{EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts};
 
 /// Options of `fulfillment demo`.
@@ -990,10 +991,14 @@ impl Demo {
                 .await?
                 .map(|op| (op.status, op.operation_id, op.last_error));
             match &row {
-                Some((status, Some(op), _)) if status == "Succeeded" => return Ok(op.to_string()),
-                Some((status, _, error))
-                    if matches!(status.as_str(), "Refused" | "Failed" | "Conflict") =>
-                {
+                Some((CommandStatus::Succeeded, Some(op), _)) => return Ok(op.to_string()),
+                Some((
+                    status @ (CommandStatus::Refused
+                    | CommandStatus::Failed
+                    | CommandStatus::Conflict),
+                    _,
+                    error,
+                )) => {
                     bail!(
                         "the publisher plan change ended {status}: {}",
                         error.as_deref().unwrap_or("-")
@@ -1064,7 +1069,7 @@ impl Demo {
                     row.event_kind,
                     row.from_state,
                     row.to_state,
-                    row.outcome,
+                    row.outcome.to_string(),
                     row.reason,
                     row.effects,
                     row.event,
@@ -1200,9 +1205,9 @@ impl Demo {
                 .unwrap_or_else(|| "not found".into());
             line(
                 "publisher ChangePlan per-seat-pro → per-seat",
-                status.clone(),
+                status.to_string(),
                 theirs.clone(),
-                status == "Succeeded" && theirs == "Succeeded",
+                status == CommandStatus::Succeeded && theirs == "Succeeded",
             );
         }
 

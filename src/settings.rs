@@ -303,6 +303,51 @@ impl CredentialSettings {
             }
         })
     }
+
+    /// The credential in use with the file it cannot do without, or what is missing in
+    /// words that name the variables. The one owner of this rule: the start-up check
+    /// ([`Settings::require_marketplace_identity`]) and the token provider both ask it.
+    pub fn choose(&self, client_secret_set: bool) -> Result<ChosenCredential, &'static str> {
+        match self.resolve(client_secret_set) {
+            None => Err(
+                "no credential for the Fulfillment API: set MARKETPLACE_CLIENT_SECRET (client \
+                 secret), MARKETPLACE_CLIENT_CERTIFICATE_PATH (certificate), \
+                 AZURE_FEDERATED_TOKEN_FILE (workload identity) or IDENTITY_ENDPOINT and \
+                 IDENTITY_HEADER (managed identity), or choose with \
+                 MARKETPLACE_CREDENTIAL=secret|certificate|workload_identity|managed_identity \
+                 (managed_identity alone on an Azure VM)",
+            ),
+            Some(CredentialKind::Secret) if !client_secret_set => {
+                Err("MARKETPLACE_CLIENT_SECRET is not set (MARKETPLACE_CREDENTIAL=secret)")
+            }
+            Some(CredentialKind::Secret) => Ok(ChosenCredential::Secret),
+            Some(CredentialKind::Certificate) => match &self.certificate_path {
+                Some(path) => Ok(ChosenCredential::Certificate(path.clone())),
+                None => Err("MARKETPLACE_CLIENT_CERTIFICATE_PATH is not set \
+                     (MARKETPLACE_CREDENTIAL=certificate): a PEM file with the certificate and \
+                     its private key, or set MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH for the key"),
+            },
+            Some(CredentialKind::WorkloadIdentity) => match &self.federated_token_file {
+                Some(path) => Ok(ChosenCredential::WorkloadIdentity(path.clone())),
+                None => Err("AZURE_FEDERATED_TOKEN_FILE is not set \
+                     (MARKETPLACE_CREDENTIAL=workload_identity): AKS sets it when the pod has the \
+                     label azure.workload.identity/use: \"true\" and its service account the \
+                     annotation azure.workload.identity/client-id"),
+            },
+            Some(CredentialKind::ManagedIdentity) => Ok(ChosenCredential::ManagedIdentity),
+        }
+    }
+}
+
+/// The credential [`CredentialSettings::choose`] found, with the file it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChosenCredential {
+    Secret,
+    /// The PEM file with the certificate.
+    Certificate(PathBuf),
+    /// The federated token file.
+    WorkloadIdentity(PathBuf),
+    ManagedIdentity,
 }
 
 /// `[reconcile]`: the periodic reconciliation `fulfillment work` runs, and what counts as
@@ -1230,28 +1275,10 @@ impl Settings {
                     .into(),
             ));
         }
-        let credential = &self.credential;
-        let required = match credential.resolve(self.marketplace.client_secret.is_some()) {
-            None => Some(
-                "no credential for the Fulfillment API: set MARKETPLACE_CLIENT_SECRET, \
-                 MARKETPLACE_CLIENT_CERTIFICATE_PATH, AZURE_FEDERATED_TOKEN_FILE or \
-                 IDENTITY_ENDPOINT and IDENTITY_HEADER (or MARKETPLACE_CREDENTIAL=managed_identity \
-                 on an Azure VM)",
-            ),
-            Some(CredentialKind::Secret) if self.marketplace.client_secret.is_none() => {
-                Some("MARKETPLACE_CLIENT_SECRET is not set (MARKETPLACE_CREDENTIAL=secret)")
-            }
-            Some(CredentialKind::Certificate) if credential.certificate_path.is_none() => Some(
-                "MARKETPLACE_CLIENT_CERTIFICATE_PATH is not set (MARKETPLACE_CREDENTIAL=certificate)",
-            ),
-            Some(CredentialKind::WorkloadIdentity) if credential.federated_token_file.is_none() => {
-                Some(
-                    "AZURE_FEDERATED_TOKEN_FILE is not set \
-                     (MARKETPLACE_CREDENTIAL=workload_identity)",
-                )
-            }
-            _ => None,
-        };
+        let required = self
+            .credential
+            .choose(self.marketplace.client_secret.is_some())
+            .err();
         missing.extend(required.map(|what| SettingsError::Required(what.into())));
         match missing.len() {
             0 => Ok(()),

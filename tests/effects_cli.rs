@@ -8,6 +8,8 @@ mod stack;
 
 use std::process::Output;
 
+use marketplace_fulfillment::store::timeline;
+use marketplace_fulfillment::worker::protocol::CommandStatus;
 use serde_json::{Value, json};
 use stack::{Options, Stack};
 use uuid::Uuid;
@@ -305,5 +307,99 @@ async fn dead_effects_are_listed_shown_retried_and_abandoned_and_each_change_is_
     .await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no effect"), "{err}");
+    stack.finish().await;
+}
+
+/// The items `status --json` lists about `id`: `(need, command)`.
+async fn status_items_of(stack: &Stack, args: &[&str], id: Uuid) -> (i32, Vec<(String, String)>) {
+    let (code, out, err) = cli(stack, args, &[]).await;
+    assert!(matches!(code, 0 | 1), "{args:?}: {out}{err}");
+    let items = json_of(&out)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["subscription_id"] == id.to_string())
+        .map(|i| {
+            (
+                i["need"].as_str().unwrap().to_string(),
+                i["command"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (code, items)
+}
+
+#[tokio::test]
+async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_until_reconciled() {
+    let stack = Stack::start(Options::default()).await;
+    let id = stack.subscribed("silver", None).await;
+    let sid = id.to_string();
+    let show = format!("fulfillment subscription show {sid}");
+
+    // Microsoft refuses a plan change: the requester hears it (exit 1), and for a while
+    // `status` lists it as news.
+    stack
+        .set_faults(json!({"failCalls": {"updateSubscription": 400}}))
+        .await;
+    let (code, out, err) = cli(
+        &stack,
+        &["subscription", "change-plan", &sid, "gold", "--wait"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 1, "refused: {out}{err}");
+    stack.set_faults(json!({})).await;
+    let command = timeline::publisher_operations(&stack.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|op| op.status == CommandStatus::Refused)
+        .expect("the refused operation recorded")
+        .command_id;
+    let (code, items) = status_items_of(&stack, &["status", "--json"], id).await;
+    assert_eq!(code, 1);
+    assert_eq!(items, [("refused_command".to_string(), show.clone())]);
+    let (_, text, _) = cli(&stack, &["status"], &[]).await;
+    assert!(text.contains("refused by Microsoft"), "{text}");
+
+    // Requested `age` ago (a PostgreSQL interval).
+    let requested_ago = |age: &'static str| {
+        sqlx::query("UPDATE commands SET requested_at = now() - $2::interval WHERE command_id = $1")
+            .bind(command)
+            .bind(age)
+            .execute(&stack.pool)
+    };
+
+    // Two hours later it is an answer given, not an action item, unless asked for.
+    requested_ago("2 hours").await.unwrap();
+    let (code, items) = status_items_of(&stack, &["status", "--json"], id).await;
+    assert_eq!(items, []);
+    assert_eq!(code, 0, "nothing else needs a person");
+    let (_, items) =
+        status_items_of(&stack, &["status", "--answers-within", "3h", "--json"], id).await;
+    assert_eq!(items, [("refused_command".to_string(), show)]);
+
+    // An unknown outcome two days old is still an open question.
+    requested_ago("2 days").await.unwrap();
+    sqlx::query("UPDATE publisher_operations SET status = 'Unknown' WHERE command_id = $1")
+        .bind(command)
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    let (code, items) = status_items_of(&stack, &["status", "--json"], id).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        items,
+        [(
+            "refused_command".to_string(),
+            "fulfillment reconcile".to_string()
+        )]
+    );
+    let (_, items) = status_items_of(&stack, &["status", "--since", "1d", "--json"], id).await;
+    assert_eq!(items, [], "older than --since");
+
+    let (code, _, err) = cli(&stack, &["status", "--answers-within", "soon"], &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--answers-within"), "{err}");
     stack.finish().await;
 }

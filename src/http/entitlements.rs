@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::state::{AppState, digest_bytes};
 use super::webhook::traceparent_or_new;
-use crate::queue::{InboundMessage, MessageMeta, PublisherCommand};
+use crate::queue::{InboundMessage, InboxKey, MessageMeta, PublisherCommand};
 use crate::settings::ApiScope;
 use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
 
@@ -412,7 +412,7 @@ async fn submit(
         });
     }
     let meta = MessageMeta {
-        message_id: command_id.to_string(),
+        message_id: InboxKey::command(command_id).into_message_id(),
         correlation_id: command_id.to_string(),
         traceparent: Some(traceparent_or_new(headers)),
         subscription_id: Some(subscription_id),

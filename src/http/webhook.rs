@@ -22,7 +22,7 @@ use super::metrics;
 use super::state::AppState;
 use crate::marketplace::WebhookEnvelope;
 use crate::marketplace::types::parse_body;
-use crate::queue::{InboundMessage, MessageMeta};
+use crate::queue::{InboundMessage, InboxKey, MessageMeta};
 
 /// Proof that the caller passed webhook authentication (or that authentication is
 /// explicitly off). Only [`authenticate`] makes one.
@@ -199,7 +199,8 @@ pub async fn receive(
         correlation_id = %correlation_id,
     );
     let meta = MessageMeta {
-        message_id: webhook.operation_id.to_string(),
+        // The key the worker's inbox will record (`worker::translate`): one constructor.
+        message_id: InboxKey::webhook(webhook.operation_id, &webhook.action).into_message_id(),
         correlation_id: correlation_id.to_string(),
         traceparent: Some(traceparent),
         subscription_id: Some(webhook.subscription_id),

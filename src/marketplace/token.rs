@@ -25,7 +25,8 @@ use super::client::build_http_client;
 use super::credential::{CertificateFiles, JWT_BEARER, client_assertion, read_federated_token};
 use super::error::{Call, Error, Failure, TransientCause};
 use crate::settings::{
-    CredentialKind, MARKETPLACE_APP_ID, MarketplaceSettings, Settings, TokenEndpoint,
+    ChosenCredential, CredentialKind, MARKETPLACE_APP_ID, MarketplaceSettings, Settings,
+    TokenEndpoint,
 };
 
 /// Refresh this long before expiry.
@@ -173,29 +174,12 @@ impl TokenProvider {
         let m = &settings.marketplace;
         let c = &settings.credential;
         let configuration = |message: String| Error::Configuration { message };
-        let kind = c.resolve(m.client_secret.is_some()).ok_or_else(|| {
-            configuration(
-                "MARKETPLACE_CLIENT_SECRET not set, nor any other credential: set \
-                 MARKETPLACE_CLIENT_SECRET (client secret), MARKETPLACE_CLIENT_CERTIFICATE_PATH \
-                 (certificate), AZURE_FEDERATED_TOKEN_FILE (workload identity) or \
-                 IDENTITY_ENDPOINT and IDENTITY_HEADER (managed identity), or choose with \
-                 MARKETPLACE_CREDENTIAL=secret|certificate|workload_identity|managed_identity; \
-                 MARKETPLACE_TENANT_ID and MARKETPLACE_CLIENT_ID name the app registered in \
-                 Partner Center (Technical configuration)"
-                    .into(),
-            )
-        })?;
-        let mut provider = match kind {
-            CredentialKind::Secret => Self::new(m)?,
-            CredentialKind::Certificate => {
-                let Some(path) = c.certificate_path.clone() else {
-                    return Err(configuration(
-                        "MARKETPLACE_CREDENTIAL=certificate needs MARKETPLACE_CLIENT_CERTIFICATE_PATH \
-                         (a PEM file with the certificate and its private key, or set \
-                         MARKETPLACE_CLIENT_CERTIFICATE_KEY_PATH for the key)"
-                            .into(),
-                    ));
-                };
+        let chosen = c
+            .choose(m.client_secret.is_some())
+            .map_err(|missing| configuration(missing.to_owned()))?;
+        let mut provider = match chosen {
+            ChosenCredential::Secret => Self::new(m)?,
+            ChosenCredential::Certificate(path) => {
                 let files = CertificateFiles::new(path, c.certificate_key_path.clone());
                 files.current().map_err(configuration)?;
                 Self::assertion_provider(
@@ -207,28 +191,17 @@ impl TokenProvider {
                     ClientAuth::Certificate(files),
                 )?
             }
-            CredentialKind::WorkloadIdentity => {
-                let Some(path) = c.federated_token_file.clone() else {
-                    return Err(configuration(
-                        "MARKETPLACE_CREDENTIAL=workload_identity needs AZURE_FEDERATED_TOKEN_FILE \
-                         (AKS sets it when the pod has the label azure.workload.identity/use: \
-                         \"true\" and its service account the annotation \
-                         azure.workload.identity/client-id)"
-                            .into(),
-                    ));
-                };
-                Self::assertion_provider(
-                    m,
-                    c.azure_tenant_id.or(m.tenant_id),
-                    c.azure_client_id.or(m.client_id),
-                    c.azure_authority_host
-                        .as_ref()
-                        .unwrap_or(&m.entra_authority_url),
-                    ("AZURE_TENANT_ID", "AZURE_CLIENT_ID"),
-                    ClientAuth::Federated(path),
-                )?
-            }
-            CredentialKind::ManagedIdentity => {
+            ChosenCredential::WorkloadIdentity(path) => Self::assertion_provider(
+                m,
+                c.azure_tenant_id.or(m.tenant_id),
+                c.azure_client_id.or(m.client_id),
+                c.azure_authority_host
+                    .as_ref()
+                    .unwrap_or(&m.entra_authority_url),
+                ("AZURE_TENANT_ID", "AZURE_CLIENT_ID"),
+                ClientAuth::Federated(path),
+            )?,
+            ChosenCredential::ManagedIdentity => {
                 let (mut endpoint, header) = match (&c.identity_endpoint, &c.identity_header) {
                     (Some(endpoint), Some(header)) => {
                         let mut endpoint = endpoint.clone();

@@ -157,9 +157,7 @@ async fn run_with(
             .await
             .map_err(usage)?;
             if args.json {
-                let mut view = endpoint_view(&row);
-                view["secret"] = json!(secret.expose());
-                print_json(&view);
+                print_json(&view_with_secret(&row, &secret));
             } else {
                 println!("registered endpoint {} → {}", row.id, row.url);
                 println!("topics: {}", row.topics.join(", "));
@@ -198,9 +196,7 @@ async fn run_with(
                     .await
                     .map_err(usage)?;
             if args.json {
-                let mut view = endpoint_view(&row);
-                view["secret"] = json!(secret.expose());
-                print_json(&view);
+                print_json(&view_with_secret(&row, &secret));
             } else {
                 println!(
                     "new signing secret (shown once; keep it): {}",
@@ -271,6 +267,16 @@ async fn run_with(
         EndpointCommand::Replay(args) => return replay(pool, args).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The endpoint with its new signing secret: shown once, when it is made.
+fn view_with_secret(
+    row: &crate::store::endpoints::EndpointRow,
+    secret: &crate::webhooks::signature::Secret,
+) -> serde_json::Value {
+    let mut view = endpoint_view(row);
+    view["secret"] = json!(secret.expose());
+    view
 }
 
 async fn set_enabled(
@@ -349,7 +355,7 @@ async fn replay(pool: &PgPool, args: ReplayArgs) -> anyhow::Result<ExitCode> {
             table.row(vec![
                 candidate.event_id.clone(),
                 candidate.endpoint_id.to_string(),
-                candidate.status.clone(),
+                candidate.status.as_str().to_string(),
                 when(candidate.created_at),
             ]);
         }

@@ -72,7 +72,14 @@ pub async fn read(
     stuck_after: Duration,
     now: OffsetDateTime,
 ) -> anyhow::Result<Overview> {
-    let facts = status::gather(pool, broker, now - time::Duration::days(7)).await?;
+    let answers_for = status::ANSWERS_LISTED_FOR;
+    let facts = status::gather(
+        pool,
+        broker,
+        now - time::Duration::days(7),
+        now - time::Duration::try_from(answers_for)?,
+    )
+    .await?;
     let (outbox_pending, oldest) = crate::store::outbox::backlog(pool).await?;
     let latest_reconcile = overview::latest_reconcile(pool).await?;
     Ok(Overview {
@@ -84,7 +91,14 @@ pub async fn read(
             .as_ref()
             .and_then(|r| drift_left(&r.details)),
         latest_reconcile,
-        attention: status::attention(&facts, now, stuck_after),
+        attention: status::attention(
+            &facts,
+            now,
+            status::Windows {
+                stuck_after,
+                answers_for,
+            },
+        ),
     })
 }
 

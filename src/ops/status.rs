@@ -1,10 +1,16 @@
 //! `fulfillment status`: what needs a person now, each with the command to run.
 //!
 //! Four sources: dead letters (per dead-letter queue), dead effects (per kind), publisher
-//! commands that did not succeed recently (refused by our policy or by Microsoft, failed,
-//! or with an unknown outcome), and purchases pending longer than
+//! commands that did not succeed, and purchases pending longer than
 //! `reconcile.stuck_pending_after`. [`gather`] reads them, [`attention`] (pure) turns them
 //! into the list; the console's overview shows the same list.
+//!
+//! A command refused by our policy or by Microsoft, or whose operation ended `Failed` or
+//! `Conflict`, is an answer, and whoever asked already has it (the CLI's exit code, the
+//! API's status, the ISV's domain event): it is listed only while it is news
+//! ([`ANSWERS_LISTED_FOR`], `--answers-within`). A command with an unknown outcome is an
+//! open question only a person can close (`fulfillment reconcile`): it stays listed for
+//! the whole `--since` window.
 //!
 //! Exit code 1 when something needs a person, 3 when a source could not be read (and
 //! nothing else needs a person), 0 otherwise.
@@ -23,18 +29,34 @@ use super::{UsageError, parse_since, rfc3339};
 use crate::cli::exit;
 use crate::queue::Broker;
 use crate::settings::Settings;
-use crate::store::commands::{self, UnsuccessfulCommand};
+use crate::store::commands::{self, Unsuccessful, UnsuccessfulCommand};
 use crate::store::dead_effects;
 
 /// Unsuccessful commands listed at most (the newest).
 pub const MAX_COMMANDS: i64 = 50;
 
+/// How long a command that ended with an answer (refused, failed) stays listed by default.
+pub const ANSWERS_LISTED_FOR: Duration = Duration::from_secs(3600);
+
+/// The ends that are answers; the rest ([`Unsuccessful::Unknown`]) are open questions.
+const ANSWERS: &[Unsuccessful] = &[
+    Unsuccessful::Rejected,
+    Unsuccessful::Refused,
+    Unsuccessful::Failed,
+    Unsuccessful::Conflict,
+];
+
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// How far back to look for refused or failed commands: RFC 3339, or an age (30m, 2h,
-    /// 7d).
+    /// How far back to look for commands whose outcome is unknown: RFC 3339, or an age
+    /// (30m, 2h, 7d).
     #[arg(long, value_name = "T", default_value = "7d")]
     pub since: String,
+    /// How long a command refused (by our policy or by Microsoft) or failed at Microsoft
+    /// stays listed: an age (30m, 2h, 7d). It is an answer the requester already got, news
+    /// for a while, not an action item; never longer than --since.
+    #[arg(long, value_name = "AGE", default_value = "1h")]
+    pub answers_within: String,
     /// JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -116,10 +138,20 @@ impl Attention {
     }
 }
 
+/// How long things wait before they are listed, or stay listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    /// A purchase pending for less is a customer on the way.
+    pub stuck_after: Duration,
+    /// A command that ended with an answer longer ago is no longer news.
+    pub answers_for: Duration,
+}
+
 /// What needs a person, most urgent kinds first: dead letters and dead effects (work that
-/// stopped), then refused commands, then stuck purchases. Purchases pending for less than
-/// `stuck_after` are on their way and not listed.
-pub fn attention(facts: &Facts, now: OffsetDateTime, stuck_after: Duration) -> Attention {
+/// stopped), then commands that did not succeed, then stuck purchases. Purchases pending
+/// for less than `stuck_after` are on their way; commands that ended with an answer more
+/// than `answers_for` ago are old news; neither is listed.
+pub fn attention(facts: &Facts, now: OffsetDateTime, windows: Windows) -> Attention {
     let mut items = Vec::new();
     for q in facts.dead_letters.iter().filter(|q| q.messages > 0) {
         items.push(Item {
@@ -144,12 +176,19 @@ pub fn attention(facts: &Facts, now: OffsetDateTime, stuck_after: Duration) -> A
             command: format!("fulfillment effects list --kind {kind}"),
         });
     }
+    let answers_for = time::Duration::try_from(windows.answers_for).unwrap_or(time::Duration::MAX);
     for c in &facts.unsuccessful_commands {
-        let outcome = match c.status.as_str() {
-            "rejected" => "refused by our policy".to_string(),
-            "Refused" => "refused by Microsoft".to_string(),
-            "Unknown" => "outcome unknown".to_string(),
-            other => format!("ended {other} at Microsoft"),
+        if ANSWERS.contains(&c.status) && now - c.requested_at > answers_for {
+            continue;
+        }
+        let outcome = match c.status {
+            Unsuccessful::Rejected => "refused by our policy".to_string(),
+            Unsuccessful::Refused => "refused by Microsoft".to_string(),
+            Unsuccessful::Unknown => "outcome unknown".to_string(),
+            Unsuccessful::Failed | Unsuccessful::Conflict => format!(
+                "ended {} at Microsoft",
+                crate::store::text::TextValue::as_str(c.status)
+            ),
         };
         let reason = c
             .reason
@@ -167,14 +206,14 @@ pub fn attention(facts: &Facts, now: OffsetDateTime, stuck_after: Duration) -> A
             subscription_id: Some(c.subscription_id),
             count: 1,
             since: Some(c.requested_at),
-            command: if c.status == "Unknown" {
+            command: if c.status == Unsuccessful::Unknown {
                 "fulfillment reconcile".to_string()
             } else {
                 format!("fulfillment subscription show {}", c.subscription_id)
             },
         });
     }
-    let stuck_after = time::Duration::try_from(stuck_after).unwrap_or(time::Duration::MAX);
+    let stuck_after = time::Duration::try_from(windows.stuck_after).unwrap_or(time::Duration::MAX);
     for p in &facts.pending_purchases {
         let pending_for = now - p.created_at;
         if pending_for < stuck_after {
@@ -201,11 +240,14 @@ pub fn attention(facts: &Facts, now: OffsetDateTime, stuck_after: Duration) -> A
     }
 }
 
-/// Reads the sources. `broker` absent: dead letters are reported unchecked with `why`.
+/// Reads the sources: commands with an unknown outcome requested since `commands_since`,
+/// those that ended with an answer since `answers_since` (the later of the two counts).
+/// `broker` absent: dead letters are reported unchecked with `why`.
 pub async fn gather(
     pool: &PgPool,
     broker: Result<&Broker, String>,
     commands_since: OffsetDateTime,
+    answers_since: OffsetDateTime,
 ) -> anyhow::Result<Facts> {
     let mut facts = Facts::default();
     match broker {
@@ -222,8 +264,22 @@ pub async fn gather(
         Err(why) => facts.unchecked.push(format!("dead letters: {why}")),
     }
     facts.dead_effects = dead_effects::count_by_kind(pool).await?;
-    facts.unsuccessful_commands =
-        commands::unsuccessful_since(pool, commands_since, MAX_COMMANDS).await?;
+    // Two reads, so that a burst of fresh refusals cannot push an open question out of the
+    // newest MAX_COMMANDS.
+    let mut unsuccessful =
+        commands::unsuccessful_since(pool, commands_since, &[Unsuccessful::Unknown], MAX_COMMANDS)
+            .await?;
+    unsuccessful.extend(
+        commands::unsuccessful_since(
+            pool,
+            answers_since.max(commands_since),
+            ANSWERS,
+            MAX_COMMANDS,
+        )
+        .await?,
+    );
+    unsuccessful.sort_by_key(|c| std::cmp::Reverse(c.requested_at));
+    facts.unsuccessful_commands = unsuccessful;
     facts.pending_purchases =
         super::subscription::list(pool, Some(StateName::PendingFulfillment), None, None)
             .await?
@@ -243,14 +299,34 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> anyhow::Result<ExitCo
     if since > now {
         return Err(UsageError::new("--since is in the future").into());
     }
+    let answers_for = super::parse_age(&args.answers_within).ok_or_else(|| {
+        UsageError::new(format!(
+            "--answers-within takes an age such as 30m, 2h, 7d; got {:?}",
+            args.answers_within
+        ))
+    })?;
+    let answers_since = time::Duration::try_from(answers_for)
+        .ok()
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(since);
     let pool = crate::store::connect(&settings.database).await?;
     let broker = Broker::connect_existing(&settings.amqp, "fulfillment-status").await;
-    let facts = gather(&pool, broker.as_ref().map_err(|e| e.to_string()), since).await;
+    let facts = gather(
+        &pool,
+        broker.as_ref().map_err(|e| e.to_string()),
+        since,
+        answers_since,
+    )
+    .await;
     if let Ok(broker) = &broker {
         broker.close().await;
     }
     pool.close().await;
-    let report = attention(&facts?, now, settings.reconcile.stuck_pending_after);
+    let windows = Windows {
+        stuck_after: settings.reconcile.stuck_pending_after,
+        answers_for,
+    };
+    let report = attention(&facts?, now, windows);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -316,6 +392,13 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
+    fn windows(stuck_after_secs: u64) -> Windows {
+        Windows {
+            stuck_after: Duration::from_secs(stuck_after_secs),
+            answers_for: Duration::from_secs(3 * 3600),
+        }
+    }
+
     fn facts(now: OffsetDateTime) -> Facts {
         Facts {
             dead_letters: vec![
@@ -335,7 +418,7 @@ mod tests {
                 kind: "change_quantity".into(),
                 requested_by: "cli:ann@box".into(),
                 requested_at: now - time::Duration::hours(2),
-                status: "rejected".into(),
+                status: Unsuccessful::Rejected,
                 reason: Some("400 seats above the plan".into()),
             }],
             pending_purchases: vec![
@@ -357,7 +440,7 @@ mod tests {
     #[test]
     fn each_thing_that_needs_a_person_comes_with_its_command() {
         let now = datetime!(2026-12-06 08:00 UTC);
-        let report = attention(&facts(now), now, Duration::from_secs(86_400));
+        let report = attention(&facts(now), now, windows(86_400));
         let needs: Vec<Need> = report.items.iter().map(|i| i.need).collect();
         assert_eq!(
             needs,
@@ -389,7 +472,7 @@ mod tests {
     #[test]
     fn a_purchase_seconds_old_is_not_stuck() {
         let now = datetime!(2026-12-06 08:00 UTC);
-        let report = attention(&facts(now), now, Duration::from_secs(86_400));
+        let report = attention(&facts(now), now, windows(86_400));
         assert!(
             !report
                 .items
@@ -401,7 +484,7 @@ mod tests {
     #[test]
     fn nothing_to_do_exits_zero_and_an_unread_source_exits_three() {
         let now = datetime!(2026-12-06 08:00 UTC);
-        let calm = attention(&Facts::default(), now, Duration::from_secs(60));
+        let calm = attention(&Facts::default(), now, windows(60));
         assert_eq!(calm.exit_code(), exit::OK);
         assert!(render(&calm).starts_with("Nothing needs a person"));
         let blind = attention(
@@ -410,10 +493,66 @@ mod tests {
                 ..Facts::default()
             },
             now,
-            Duration::from_secs(60),
+            windows(60),
         );
         assert_eq!(blind.exit_code(), exit::UNCHECKED);
         assert!(render(&blind).contains("Could not check dead letters"));
+    }
+
+    #[test]
+    fn an_answer_is_listed_while_recent_and_an_unknown_outcome_until_resolved() {
+        let now = datetime!(2026-12-06 08:00 UTC);
+        let command = |status, hours_ago| UnsuccessfulCommand {
+            command_id: Uuid::from_u128(hours_ago),
+            subscription_id: Uuid::from_u128(10 + hours_ago),
+            kind: "change_plan".into(),
+            requested_by: "api".into(),
+            requested_at: now - time::Duration::hours(hours_ago as i64),
+            status,
+            reason: None,
+        };
+        let facts = Facts {
+            unsuccessful_commands: vec![
+                command(Unsuccessful::Refused, 1),
+                command(Unsuccessful::Rejected, 2),
+                command(Unsuccessful::Failed, 4),
+                command(Unsuccessful::Refused, 5),
+                command(Unsuccessful::Conflict, 6),
+                command(Unsuccessful::Unknown, 48),
+            ],
+            ..Facts::default()
+        };
+        let report = attention(&facts, now, windows(60));
+        let listed: Vec<(Uuid, &str)> = report
+            .items
+            .iter()
+            .map(|i| (i.subscription_id.unwrap(), i.command.as_str()))
+            .collect();
+        let unknown = Uuid::from_u128(58);
+        assert_eq!(
+            listed,
+            [
+                (
+                    Uuid::from_u128(11),
+                    format!("fulfillment subscription show {}", Uuid::from_u128(11)).as_str()
+                ),
+                (
+                    Uuid::from_u128(12),
+                    format!("fulfillment subscription show {}", Uuid::from_u128(12)).as_str()
+                ),
+                (unknown, "fulfillment reconcile"),
+            ]
+        );
+        assert!(report.items[0].what.contains("refused by Microsoft"));
+        assert!(report.items[2].what.contains("outcome unknown"));
+
+        let old_answers_only = Facts {
+            unsuccessful_commands: facts.unsuccessful_commands[2..5].to_vec(),
+            ..Facts::default()
+        };
+        let calm = attention(&old_answers_only, now, windows(60));
+        assert!(calm.items.is_empty(), "{calm:?}");
+        assert_eq!(calm.exit_code(), exit::OK);
     }
 
     #[test]
@@ -421,7 +560,7 @@ mod tests {
         let now = datetime!(2026-12-06 08:00 UTC);
         let mut facts = facts(now);
         facts.unsuccessful_commands[0].reason = Some("x ".repeat(100));
-        let report = attention(&facts, now, Duration::from_secs(86_400));
+        let report = attention(&facts, now, windows(86_400));
         let text = render_width(&report, Some(80));
         assert!(
             text.contains("$ fulfillment effects list --kind ack_operation"),

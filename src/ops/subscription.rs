@@ -23,10 +23,11 @@ use uuid::Uuid;
 use super::render::{Table, clock, or_dash, shorten, when};
 use super::{UsageError, cli_actor};
 use crate::http::entitlements::subscription_view;
-use crate::queue::{Broker, InboundMessage, MessageMeta, PublisherCommand};
+use crate::queue::{Broker, InboundMessage, InboxKey, MessageMeta, PublisherCommand};
 use crate::settings::Settings;
+use crate::store::ledger::LogOutcome;
 use crate::store::notices::{self, NoticeRow, NoticeStatus};
-use crate::store::operator_actions::{self, OperatorAction};
+use crate::store::operator_actions::{self, ActionKind, OperatorAction};
 use crate::store::subscriptions::{self, MAX_PAGE_SIZE, SubscriptionFilter, SubscriptionRecord};
 use crate::store::timeline::{self, EventRow, PublisherOperationRow};
 
@@ -156,6 +157,35 @@ pub struct CallView {
     pub error: Option<String>,
 }
 
+/// What became of a timeline entry: the event log's outcome, or the operator's action.
+/// Serialized as its word (`applied`, …, `dlq_replay`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryOutcome {
+    Log(LogOutcome),
+    Operator(ActionKind),
+}
+
+impl EntryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Log(outcome) => crate::store::text::TextValue::as_str(outcome),
+            Self::Operator(action) => action.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for EntryOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EntryOutcome {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// One line of the timeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct TimelineEntry {
@@ -170,7 +200,7 @@ pub struct TimelineEntry {
     pub what: String,
     /// `applied`, `rejected`, `ignored`, `recorded` (an effect's calls), or the operator
     /// action.
-    pub outcome: String,
+    pub outcome: EntryOutcome,
     pub reason: Option<String>,
     pub from_state: Option<String>,
     pub to_state: Option<String>,
@@ -260,7 +290,7 @@ fn event_entry(row: &EventRow) -> TimelineEntry {
         sequence: Some(row.sequence),
         kind: row.event_kind.clone(),
         what: describe_event(&row.event_kind, &row.event),
-        outcome: row.outcome.clone(),
+        outcome: EntryOutcome::Log(row.outcome),
         reason: row.reason.clone(),
         from_state: Some(row.from_state.clone()),
         to_state: Some(row.to_state.clone()),
@@ -274,42 +304,44 @@ fn event_entry(row: &EventRow) -> TimelineEntry {
 }
 
 fn operator_entry(action: &OperatorAction) -> TimelineEntry {
-    let what = match action.action.as_str() {
-        "dlq_replay" => format!(
+    let what = match action.action {
+        ActionKind::DlqReplay => format!(
             "dead letter {} replayed from {} to the work queue",
             action.dead_letter_id.as_deref().unwrap_or("?"),
             action.queue.as_deref().unwrap_or("?")
         ),
-        "dlq_purge" => format!(
+        ActionKind::DlqPurge => format!(
             "dead letter {} purged from {} (kept in the journal)",
             action.dead_letter_id.as_deref().unwrap_or("?"),
             action.queue.as_deref().unwrap_or("?")
         ),
-        "effect_retry" => format!(
+        ActionKind::EffectRetry => format!(
             "dead effect {} ({}) put back to pending",
             action.details["effect_id"].as_str().unwrap_or("?"),
             action.details["kind"].as_str().unwrap_or("?")
         ),
-        "effect_abandon" => format!(
+        ActionKind::EffectAbandon => format!(
             "dead effect {} ({}) abandoned",
             action.details["effect_id"].as_str().unwrap_or("?"),
             action.details["kind"].as_str().unwrap_or("?")
         ),
-        other => format!("operator action {other}"),
+        other @ (ActionKind::Reconcile | ActionKind::WebhookReplay) => {
+            format!("operator action {other}")
+        }
     };
     // A dead letter's or dead effect's reason is why it failed; an abandon's is the
     // operator's.
-    let reason = match action.action.as_str() {
-        "effect_abandon" => action.reason.clone(),
+    let reason = match action.action {
+        ActionKind::EffectAbandon => action.reason.clone(),
         _ => action.reason.clone().map(|r| format!("it had failed: {r}")),
     };
     TimelineEntry {
         at: action.performed_at,
         source: "operator",
         sequence: None,
-        kind: action.action.clone(),
+        kind: action.action.as_str().to_string(),
         what,
-        outcome: action.action.clone(),
+        outcome: EntryOutcome::Operator(action.action),
         reason,
         from_state: None,
         to_state: None,
@@ -491,7 +523,7 @@ pub async fn submit(
         requested_at: OffsetDateTime::now_utc(),
     };
     let meta = MessageMeta {
-        message_id: command_id.to_string(),
+        message_id: InboxKey::command(command_id).into_message_id(),
         correlation_id: command_id.to_string(),
         traceparent: Some(crate::http::webhook::new_traceparent()),
         subscription_id: Some(subscription_id),
@@ -787,8 +819,8 @@ pub fn render_timeline(t: &Timeline) -> String {
             clock(e.at).get(8..).unwrap_or(""),
             e.what
         ));
-        let decision = match (&e.reason, e.outcome.as_str()) {
-            (Some(reason), "recorded") => format!("result: {reason}"),
+        let decision = match (&e.reason, e.outcome) {
+            (Some(reason), EntryOutcome::Log(LogOutcome::Recorded)) => format!("result: {reason}"),
             (Some(reason), outcome) => format!("decision: {outcome} — {reason}"),
             (None, outcome) => format!("decision: {outcome}"),
         };

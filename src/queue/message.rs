@@ -127,6 +127,11 @@ impl InboxKey {
         &self.message_id
     }
 
+    /// The AMQP `message_id`, for the [`MessageMeta`] of the message this key names.
+    pub fn into_message_id(self) -> String {
+        self.message_id
+    }
+
     /// The inbox's `kind` column.
     pub fn kind(&self) -> &str {
         &self.kind

@@ -4,6 +4,10 @@ use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::ledger::LogOutcome;
+use super::text::{self, TextValue, text_column};
+use crate::worker::protocol::CommandStatus;
+
 /// One accepted command.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CommandRow {
@@ -67,8 +71,56 @@ pub async fn forget(pool: &PgPool, command_id: Uuid) -> Result<(), sqlx::Error> 
         .map(drop)
 }
 
-/// A command that did not succeed: refused by our policy (`rejected`) or by Microsoft
-/// (`Refused`), ended `Failed`/`Conflict` at Microsoft, or with an `Unknown` outcome.
+/// How a command that did not succeed ended: the `status` of an [`UnsuccessfulCommand`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsuccessful {
+    /// Our policy refused it (the machine's decision was `rejected`); no call was made.
+    Rejected,
+    /// Microsoft refused the call.
+    Refused,
+    /// Microsoft accepted it and its operation ended `Failed`.
+    Failed,
+    /// Microsoft accepted it and its operation ended `Conflict`.
+    Conflict,
+    /// Its answer was lost and nothing showed the outcome in time.
+    Unknown,
+}
+
+impl Unsuccessful {
+    /// The publisher operation's status this is, `None` for our policy's refusal.
+    pub fn operation_status(self) -> Option<CommandStatus> {
+        match self {
+            Self::Rejected => None,
+            Self::Refused => Some(CommandStatus::Refused),
+            Self::Failed => Some(CommandStatus::Failed),
+            Self::Conflict => Some(CommandStatus::Conflict),
+            Self::Unknown => Some(CommandStatus::Unknown),
+        }
+    }
+}
+
+impl TextValue for Unsuccessful {
+    const ALL: &'static [Self] = &[
+        Self::Rejected,
+        Self::Refused,
+        Self::Failed,
+        Self::Conflict,
+        Self::Unknown,
+    ];
+
+    /// `rejected` (the event log's outcome), else the operation's status word.
+    fn as_str(self) -> &'static str {
+        match self.operation_status() {
+            Some(status) => status.as_str(),
+            None => LogOutcome::Rejected.as_str(),
+        }
+    }
+}
+
+text_column!(Unsuccessful);
+
+/// A command that did not succeed: refused by our policy or by Microsoft, ended
+/// `Failed`/`Conflict` at Microsoft, or with an `Unknown` outcome.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct UnsuccessfulCommand {
     pub command_id: Uuid,
@@ -78,34 +130,45 @@ pub struct UnsuccessfulCommand {
     #[serde(with = "time::serde::rfc3339")]
     pub requested_at: OffsetDateTime,
     /// `rejected` (our policy), or the publisher operation's status.
-    pub status: String,
+    #[serde(serialize_with = "text::as_word")]
+    pub status: Unsuccessful,
     pub reason: Option<String>,
 }
 
-/// The commands requested at or after `since` that did not succeed, newest first, at most
-/// `limit`.
+/// The commands requested at or after `since` that ended as one of `ends`, newest first, at
+/// most `limit`.
 pub async fn unsuccessful_since(
     pool: &PgPool,
     since: OffsetDateTime,
+    ends: &[Unsuccessful],
     limit: i64,
 ) -> Result<Vec<UnsuccessfulCommand>, sqlx::Error> {
+    let operation_ends: Vec<CommandStatus> = ends
+        .iter()
+        .filter_map(|end| end.operation_status())
+        .collect();
+    let policy_refusals = ends.contains(&Unsuccessful::Rejected);
     sqlx::query_as(
         "SELECT c.command_id, c.subscription_id, c.kind, c.requested_by, c.requested_at, \
-             coalesce(p.status, 'rejected') AS status, coalesce(p.last_error, nullif(r.reason, '')) AS reason \
+             coalesce(p.status, $3) AS status, coalesce(p.last_error, nullif(r.reason, '')) AS reason \
          FROM commands c \
          LEFT JOIN publisher_operations p ON p.command_id = c.command_id \
          LEFT JOIN LATERAL ( \
              SELECT coalesce(e.reason, '') AS reason FROM subscription_events e \
              WHERE e.subscription_id = c.subscription_id \
-               AND e.message_id = c.command_id::text AND e.outcome = 'rejected' \
+               AND e.message_id = c.command_id::text AND e.outcome = $4 \
              LIMIT 1) r ON true \
          WHERE c.requested_at >= $1 \
-           AND (p.status IN ('Refused', 'Failed', 'Conflict', 'Unknown') \
-                OR (p.command_id IS NULL AND r.reason IS NOT NULL)) \
+           AND (p.status = ANY($5) \
+                OR ($6 AND p.command_id IS NULL AND r.reason IS NOT NULL)) \
          ORDER BY c.requested_at DESC LIMIT $2",
     )
     .bind(since)
     .bind(limit)
+    .bind(Unsuccessful::Rejected)
+    .bind(LogOutcome::Rejected)
+    .bind(operation_ends)
+    .bind(policy_refusals)
     .fetch_all(pool)
     .await
 }

@@ -66,7 +66,7 @@ pub struct DeadEffectFilter {
 pub async fn list(pool: &PgPool, filter: &DeadEffectFilter) -> Result<Vec<EffectRow>, StoreError> {
     Ok(sqlx::query_as::<_, EffectRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM outbox o LEFT JOIN subscription_events e ON e.id = o.event_id \
-         WHERE o.status = 'dead' \
+         WHERE o.status = $5 \
            AND ($1::uuid IS NULL OR o.subscription_id = $1) \
            AND ($2::text IS NULL OR o.kind = $2) \
            AND ($3::uuid IS NULL OR o.id > $3) \
@@ -76,6 +76,7 @@ pub async fn list(pool: &PgPool, filter: &DeadEffectFilter) -> Result<Vec<Effect
     .bind(filter.kind.as_deref())
     .bind(filter.after)
     .bind(filter.limit.clamp(1, MAX_PAGE_SIZE))
+    .bind(EffectStatus::Dead)
     .fetch_all(pool)
     .await?)
 }
@@ -98,10 +99,11 @@ pub async fn unfinished_for_subscription(
 ) -> Result<Vec<EffectRow>, StoreError> {
     Ok(sqlx::query_as::<_, EffectRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM outbox o LEFT JOIN subscription_events e ON e.id = o.event_id \
-         WHERE o.subscription_id = $1 AND o.status IN ('pending', 'dead') \
+         WHERE o.subscription_id = $1 AND o.status = ANY($2) \
          ORDER BY o.event_sequence, o.id"
     )))
     .bind(subscription_id)
+    .bind(vec![EffectStatus::Pending, EffectStatus::Dead])
     .fetch_all(pool)
     .await?)
 }
@@ -111,9 +113,10 @@ pub async fn count_by_kind(
     pool: &PgPool,
 ) -> Result<Vec<(String, i64, OffsetDateTime)>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT kind, count(*), min(updated_at) FROM outbox WHERE status = 'dead' \
+        "SELECT kind, count(*), min(updated_at) FROM outbox WHERE status = $1 \
          GROUP BY kind ORDER BY kind",
     )
+    .bind(EffectStatus::Dead)
     .fetch_all(pool)
     .await?)
 }
@@ -126,26 +129,16 @@ pub async fn retry(
     id: Uuid,
     action: &NewAction,
 ) -> Result<Option<EffectRow>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let Some(before) = lock_dead(&mut tx, id).await? else {
-        tx.rollback().await?;
-        return Ok(None);
-    };
-    sqlx::query(
-        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now(), \
+    change_dead(
+        pool,
+        id,
+        action,
+        "UPDATE outbox SET status = $2, attempts = 0, next_attempt_at = now(), \
              created_at = now(), updated_at = now() \
          WHERE id = $1",
+        EffectStatus::Pending,
     )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    operator_actions::record_in(&mut tx, action).await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(super::outbox::NOTIFY_CHANNEL)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Some(before))
+    .await
 }
 
 /// Ends the dead row `id` as `abandoned` and journals `action` in the same transaction.
@@ -155,16 +148,43 @@ pub async fn abandon(
     id: Uuid,
     action: &NewAction,
 ) -> Result<Option<EffectRow>, StoreError> {
+    change_dead(
+        pool,
+        id,
+        action,
+        "UPDATE outbox SET status = $2, updated_at = now() WHERE id = $1",
+        EffectStatus::Abandoned,
+    )
+    .await
+}
+
+/// Locks the dead row `id`, runs `update` on it (`$1` the id, `$2` the new status) and
+/// journals `action`, in one transaction; a row put back to pending wakes the runners.
+/// The row as it was, `None` when it is not dead.
+async fn change_dead(
+    pool: &PgPool,
+    id: Uuid,
+    action: &NewAction,
+    update: &'static str,
+    status: EffectStatus,
+) -> Result<Option<EffectRow>, StoreError> {
     let mut tx = pool.begin().await?;
     let Some(before) = lock_dead(&mut tx, id).await? else {
         tx.rollback().await?;
         return Ok(None);
     };
-    sqlx::query("UPDATE outbox SET status = 'abandoned', updated_at = now() WHERE id = $1")
+    sqlx::query(update)
         .bind(id)
+        .bind(status)
         .execute(&mut *tx)
         .await?;
     operator_actions::record_in(&mut tx, action).await?;
+    if status == EffectStatus::Pending {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(super::outbox::NOTIFY_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(Some(before))
 }
@@ -172,9 +192,10 @@ pub async fn abandon(
 async fn lock_dead(conn: &mut PgConnection, id: Uuid) -> Result<Option<EffectRow>, StoreError> {
     Ok(sqlx::query_as::<_, EffectRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM outbox o LEFT JOIN subscription_events e ON e.id = o.event_id \
-         WHERE o.id = $1 AND o.status = 'dead' FOR UPDATE OF o"
+         WHERE o.id = $1 AND o.status = $2 FOR UPDATE OF o"
     )))
     .bind(id)
+    .bind(EffectStatus::Dead)
     .fetch_optional(&mut *conn)
     .await?)
 }

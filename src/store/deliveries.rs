@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::outbox::{self, Claimed};
+use super::outbox::{self, Claimed, OutboxStatus};
 
 /// The outbox kind of a delivery.
 pub const KIND: outbox::EffectKind = outbox::EffectKind::DeliverWebhook;
@@ -257,14 +257,16 @@ pub struct ReplayCandidate {
     pub outbox_id: Uuid,
     pub endpoint_id: Uuid,
     pub event_id: String,
-    pub status: String,
+    pub status: OutboxStatus,
     pub created_at: OffsetDateTime,
 }
 
-const SELECTION: &str = "kind = 'deliver_webhook' AND status <> 'pending' AND ( \
+/// The rows a [`ReplaySelection`] names: `$1`–`$4` from [`selection_binds`], `$5` the
+/// delivery kind, `$6` pending, `$7` dead (bound from their enums).
+const SELECTION: &str = "kind = $5 AND status <> $6 AND ( \
        ($1 = 'event' AND effect->>'event_id' = $2 \
             AND ($3::uuid IS NULL OR (effect->>'endpoint_id')::uuid = $3)) \
-    OR ($1 = 'failures' AND status = 'dead' AND (effect->>'endpoint_id')::uuid = $3) \
+    OR ($1 = 'failures' AND status = $7 AND (effect->>'endpoint_id')::uuid = $3) \
     OR ($1 = 'since' AND created_at >= $4 \
             AND ($3::uuid IS NULL OR (effect->>'endpoint_id')::uuid = $3)))";
 
@@ -303,6 +305,9 @@ pub async fn replay_candidates(
     .bind(event)
     .bind(endpoint)
     .bind(since)
+    .bind(KIND)
+    .bind(OutboxStatus::Pending)
+    .bind(OutboxStatus::Dead)
     .fetch_all(pool)
     .await?)
 }
@@ -312,7 +317,7 @@ pub async fn replay(pool: &PgPool, selection: &ReplaySelection) -> Result<u64, S
     let (mode, event, endpoint, since) = selection_binds(selection);
     let mut tx = pool.begin().await?;
     let replayed = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now(), \
+        "UPDATE outbox SET status = $6, attempts = 0, next_attempt_at = now(), \
              last_error = NULL, progress = '{{}}'::jsonb, updated_at = now() \
          WHERE {SELECTION}"
     )))
@@ -320,6 +325,9 @@ pub async fn replay(pool: &PgPool, selection: &ReplaySelection) -> Result<u64, S
     .bind(event)
     .bind(endpoint)
     .bind(since)
+    .bind(KIND)
+    .bind(OutboxStatus::Pending)
+    .bind(OutboxStatus::Dead)
     .execute(&mut *tx)
     .await?
     .rows_affected();

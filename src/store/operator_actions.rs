@@ -9,6 +9,8 @@ use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::text::{TextValue, text_column};
+
 /// What an operator did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,8 +26,17 @@ pub enum ActionKind {
     EffectAbandon,
 }
 
-impl ActionKind {
-    pub fn as_str(self) -> &'static str {
+impl TextValue for ActionKind {
+    const ALL: &'static [Self] = &[
+        Self::DlqReplay,
+        Self::DlqPurge,
+        Self::Reconcile,
+        Self::WebhookReplay,
+        Self::EffectRetry,
+        Self::EffectAbandon,
+    ];
+
+    fn as_str(self) -> &'static str {
         match self {
             Self::DlqReplay => "dlq_replay",
             Self::DlqPurge => "dlq_purge",
@@ -34,6 +45,21 @@ impl ActionKind {
             Self::EffectRetry => "effect_retry",
             Self::EffectAbandon => "effect_abandon",
         }
+    }
+}
+
+text_column!(ActionKind);
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ActionKind {
+    /// The column's text (without the [`TextValue`] trait in scope).
+    pub fn as_str(self) -> &'static str {
+        <Self as TextValue>::as_str(self)
     }
 }
 
@@ -54,7 +80,7 @@ pub struct NewAction {
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct OperatorAction {
     pub id: Uuid,
-    pub action: String,
+    pub action: ActionKind,
     pub performed_by: String,
     #[serde(with = "time::serde::rfc3339")]
     pub performed_at: OffsetDateTime,
@@ -81,7 +107,7 @@ pub async fn record_all(pool: &PgPool, actions: &[NewAction]) -> Result<(), sqlx
     let mut details = Vec::with_capacity(actions.len());
     for action in actions {
         ids.push(Uuid::now_v7());
-        kinds.push(action.action.as_str().to_string());
+        kinds.push(action.action);
         by.push(action.performed_by.clone());
         at.push(action.performed_at);
         subscriptions.push(action.subscription_id);
@@ -120,7 +146,7 @@ pub async fn record_in(
          dead_letter_id, queue, reason, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(Uuid::now_v7())
-    .bind(action.action.as_str())
+    .bind(action.action)
     .bind(&action.performed_by)
     .bind(action.performed_at)
     .bind(action.subscription_id)
@@ -175,7 +201,7 @@ pub async fn count_for_dead_letter(
     sqlx::query_scalar(
         "SELECT count(*) FROM operator_actions WHERE action = $1 AND dead_letter_id = $2",
     )
-    .bind(action.as_str())
+    .bind(action)
     .bind(dead_letter_id)
     .fetch_one(pool)
     .await

@@ -44,9 +44,14 @@ pub async fn ack_stats(pool: &PgPool, since: OffsetDateTime) -> Result<AckStats,
              count(*) FILTER (WHERE (event->>'webhook_to_ack_ms')::float8 > 10000) AS late, \
              count(*) FILTER (WHERE event->'calls' @> '[{\"status\": 409}]') AS auto_accepted \
          FROM subscription_events \
-         WHERE recorded_at >= $1 AND event_kind = 'effect:ack_operation'",
+         WHERE recorded_at >= $1 AND event_kind = $2",
     )
     .bind(since)
+    // The event kind the effect runner logs an execution under (`effect:<kind>`).
+    .bind(format!(
+        "effect:{}",
+        super::outbox::EffectKind::AckOperation
+    ))
     .fetch_one(pool)
     .await?)
 }
@@ -66,8 +71,9 @@ pub struct ReconcileRun {
 pub async fn latest_reconcile(pool: &PgPool) -> Result<Option<ReconcileRun>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT performed_by, performed_at, reason, details FROM operator_actions \
-         WHERE action = 'reconcile' ORDER BY performed_at DESC LIMIT 1",
+         WHERE action = $1 ORDER BY performed_at DESC LIMIT 1",
     )
+    .bind(super::operator_actions::ActionKind::Reconcile)
     .fetch_optional(pool)
     .await?)
 }

@@ -71,3 +71,12 @@ macro_rules! text_column {
 }
 
 pub(crate) use text_column;
+
+/// Serializes a [`TextValue`] as its stored word, so JSON shows what the column holds
+/// (`#[serde(serialize_with = "text::as_word")]`).
+pub fn as_word<T: TextValue, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(value.as_str())
+}

@@ -8,6 +8,24 @@ use std::collections::HashMap;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::ledger::LogOutcome;
+use super::outbox::OutboxStatus;
+use super::text::{self, TextValue};
+use crate::worker::protocol::CommandStatus;
+
+// Shown as the words the columns hold (the CLI's text and logs quote them).
+impl std::fmt::Display for LogOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for CommandStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One `subscription_events` row.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize)]
 pub struct EventRow {
@@ -22,7 +40,8 @@ pub struct EventRow {
     pub event: Value,
     pub from_state: String,
     pub to_state: String,
-    pub outcome: String,
+    #[serde(serialize_with = "text::as_word")]
+    pub outcome: LogOutcome,
     pub reason: Option<String>,
     pub effects: Value,
     pub correlation_id: Option<String>,
@@ -73,10 +92,12 @@ pub async fn outbox_counts(
     subscription_id: Uuid,
 ) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') \
+        "SELECT count(*) FILTER (WHERE status = $2), count(*) FILTER (WHERE status = $3) \
          FROM outbox WHERE subscription_id = $1",
     )
     .bind(subscription_id)
+    .bind(OutboxStatus::Pending)
+    .bind(OutboxStatus::Dead)
     .fetch_one(pool)
     .await
 }
@@ -84,9 +105,10 @@ pub async fn outbox_counts(
 /// Subscriptions with effects still pending, and how many.
 pub async fn pending_effects(pool: &PgPool) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
-        "SELECT subscription_id, count(*) FROM outbox WHERE status = 'pending' \
+        "SELECT subscription_id, count(*) FROM outbox WHERE status = $1 \
          GROUP BY subscription_id",
     )
+    .bind(OutboxStatus::Pending)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().collect())
@@ -100,7 +122,8 @@ pub struct PublisherOperationRow {
     pub target_plan_id: Option<String>,
     pub target_quantity: Option<i32>,
     pub operation_id: Option<Uuid>,
-    pub status: String,
+    #[serde(serialize_with = "text::as_word")]
+    pub status: CommandStatus,
     pub last_error: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

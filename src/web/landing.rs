@@ -220,7 +220,6 @@ pub async fn landing(
             Ok(resolved) => resolved,
             Err(failure) => return failure.page(&state, Some(&customer)),
         };
-        tracing::Span::current().record("subscription_id", tracing::field::display(resolved.id));
         let (resolved, plan_name) = with_plan_details(&state, &ctx, resolved).await;
         let known = match subscriptions::find(&state.pool, resolved.id).await {
             Ok(record) => record.and_then(|r| r.state_name()),
@@ -306,7 +305,6 @@ pub async fn activate(
             Ok(resolved) => resolved,
             Err(failure) => return failure.page(&state, Some(&customer)),
         };
-        tracing::Span::current().record("subscription_id", tracing::field::display(resolved.id));
         let answers = Value::Object(answers);
         if let Err(error) = onboarding::record(
             &state.pool,
@@ -362,6 +360,8 @@ pub fn onboarding_answers(
 /// A page builder for a failure (it needs the customer for the header).
 type FailurePage = fn(&AppState, Option<&SignedInCustomer>) -> Response;
 
+/// Microsoft's Resolve of the purchase token; the subscription it names is recorded on the
+/// current span.
 async fn resolve(
     state: &AppState,
     ctx: &CallContext,
@@ -370,7 +370,13 @@ async fn resolve(
     // Inside the router's 10 s timeout, so the customer gets a page, not a bare 503.
     let resolve = state.marketplace.resolve(ctx, token);
     match tokio::time::timeout(RESOLVE_DEADLINE, resolve).await {
-        Ok(Ok(response)) => Ok(response.into_value()),
+        Ok(Ok(response)) => {
+            let resolved = response.into_value();
+            // The caller's span (`landing`, `landing_activate`) is about this subscription.
+            tracing::Span::current()
+                .record("subscription_id", tracing::field::display(resolved.id));
+            Ok(resolved)
+        }
         Ok(Err(error)) => Err(resolve_failure(&error)),
         Err(_) => {
             tracing::warn!(deadline = ?RESOLVE_DEADLINE, "Resolve took too long");
@@ -544,9 +550,7 @@ async fn queue_resolution(
         subscription,
     };
     let meta = MessageMeta {
-        message_id: InboxKey::purchase_resolved(resolved.id, now)
-            .message_id()
-            .to_owned(),
+        message_id: InboxKey::purchase_resolved(resolved.id, now).into_message_id(),
         correlation_id: ctx.correlation_id.to_string(),
         traceparent: Some(traceparent_or_new(headers)),
         subscription_id: Some(resolved.id),

@@ -79,18 +79,23 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 200 && id.chars().all(|c| c.is_ascii_graphic())
 }
 
+/// The page refusing a path that names no dead letter.
+fn not_a_dead_letter_id(state: &AppState, operator: &SignedInOperator) -> Response {
+    bad_request(
+        state,
+        operator,
+        "That is not a dead-letter id.",
+        "/console/dead-letters",
+    )
+}
+
 pub async fn page(
     State(state): State<AppState>,
     operator: SignedInOperator,
     Path(id): Path<String>,
 ) -> Response {
     if !valid_id(&id) {
-        return bad_request(
-            &state,
-            &operator,
-            "That is not a dead-letter id.",
-            "/console/dead-letters",
-        );
+        return not_a_dead_letter_id(&state, &operator);
     }
     let details = match show_settled(&state, &id).await {
         Ok(details) => details,
@@ -184,12 +189,7 @@ async fn move_letter(
     replay: bool,
 ) -> Response {
     if !valid_id(&id) {
-        return bad_request(
-            &state,
-            &operator,
-            "That is not a dead-letter id.",
-            "/console/dead-letters",
-        );
+        return not_a_dead_letter_id(&state, &operator);
     }
     let execute = form.confirm.as_deref() == Some("yes");
     let filter = Filter {

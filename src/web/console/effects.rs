@@ -13,7 +13,7 @@ use super::{actor, bad_request, failure, layout, outcome, when};
 use crate::http::AppState;
 use crate::ops::effects::{self, Outcome};
 use crate::ops::render::age;
-use crate::store::operator_actions;
+use crate::store::operator_actions::{self, ActionKind};
 use crate::web::Layout;
 use crate::web::auth::{OperatorRole, SignedInOperator};
 
@@ -266,7 +266,7 @@ pub struct JournalQuery {
 #[derive(Debug)]
 pub struct JournalRow {
     pub at: String,
-    pub action: String,
+    pub action: ActionKind,
     pub by: String,
     pub subscription_id: String,
     pub what: String,
@@ -312,7 +312,7 @@ pub async fn journal(
             .iter()
             .map(|a| JournalRow {
                 at: when(a.performed_at),
-                action: a.action.clone(),
+                action: a.action,
                 by: a.performed_by.clone(),
                 subscription_id: a.subscription_id.map(|s| s.to_string()).unwrap_or_default(),
                 what: a

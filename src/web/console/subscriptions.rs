@@ -16,12 +16,13 @@ use uuid::Uuid;
 
 use super::{actor, bad_request, failure, layout, outcome, when};
 use crate::http::AppState;
-use crate::ops::subscription::{self, TimelineEntry};
+use crate::ops::subscription::{self, EntryOutcome, TimelineEntry};
 use crate::queue::PublisherCommand;
 use crate::store::dead_effects::{self, EffectStatus};
 use crate::store::subscriptions::{self, SubscriptionFilter};
 use crate::web::Layout;
 use crate::web::auth::{OperatorRole, SignedInOperator};
+use crate::worker::protocol::CommandStatus;
 
 /// Rows per page.
 pub const PAGE_SIZE: u32 = 50;
@@ -179,7 +180,7 @@ pub struct EntryRow {
     pub at: String,
     pub kind: String,
     pub what: String,
-    pub outcome: String,
+    pub outcome: EntryOutcome,
     pub reason: String,
     pub change: String,
     pub effects: String,
@@ -203,7 +204,7 @@ pub struct OperationRow {
     pub command_id: String,
     pub kind: String,
     pub target: String,
-    pub status: String,
+    pub status: CommandStatus,
     pub error: String,
     pub at: String,
 }
@@ -226,7 +227,7 @@ fn entry_row(entry: &TimelineEntry) -> EntryRow {
         at: when(entry.at),
         kind: entry.kind.clone(),
         what: entry.what.clone(),
-        outcome: entry.outcome.clone(),
+        outcome: entry.outcome,
         reason: entry.reason.clone().unwrap_or_default(),
         change: match (&entry.from_state, &entry.to_state) {
             (Some(from), Some(to)) if from != to => format!("{from} → {to}"),
@@ -247,18 +248,23 @@ fn entry_row(entry: &TimelineEntry) -> EntryRow {
     }
 }
 
+/// The page refusing a path that names no subscription.
+fn not_a_subscription_id(state: &AppState, operator: &SignedInOperator) -> Response {
+    bad_request(
+        state,
+        operator,
+        "A subscription id is a GUID.",
+        "/console/subscriptions",
+    )
+}
+
 pub async fn page(
     State(state): State<AppState>,
     operator: SignedInOperator,
     Path(raw): Path<String>,
 ) -> Response {
     let Ok(id) = raw.parse::<Uuid>() else {
-        return bad_request(
-            &state,
-            &operator,
-            "A subscription id is a GUID.",
-            "/console/subscriptions",
-        );
+        return not_a_subscription_id(&state, &operator);
     };
     let timeline = match subscription::timeline(&state.pool, id).await {
         Ok(Some(timeline)) => timeline,
@@ -342,7 +348,7 @@ pub async fn page(
                     .clone()
                     .or(op.target_quantity.map(|q| format!("{q} seats")))
                     .unwrap_or_default(),
-                status: op.status.clone(),
+                status: op.status,
                 error: op.last_error.clone().unwrap_or_default(),
                 at: when(op.updated_at),
             })
@@ -420,12 +426,7 @@ pub async fn command(
     Form(form): Form<CommandForm>,
 ) -> Response {
     let Ok(id) = raw.parse::<Uuid>() else {
-        return bad_request(
-            &state,
-            &operator,
-            "A subscription id is a GUID.",
-            "/console/subscriptions",
-        );
+        return not_a_subscription_id(&state, &operator);
     };
     let back = format!("/console/subscriptions/{id}");
     let command = match parse_command(&form) {
