@@ -530,8 +530,10 @@ pub fn connection_name_for(process: &str, prefix: &str) -> String {
 /// The largest AMQP frame we offer the broker (RabbitMQ's default is 128 KiB). lapin keeps
 /// a receive and a send buffer of 32 frames each per connection, zero-filled when the
 /// connection opens: at 128 KiB that was 8 MiB of every process's resident memory, for
-/// messages of a few KiB. A bigger message is split into frames, as AMQP allows.
-pub const FRAME_MAX: u32 = 16 * 1024;
+/// messages of a few KiB; at 32 KiB it is 2 MiB. A bigger body is split into frames, as
+/// AMQP allows; the headers travel in one frame, and ours stay far below 32 KiB (three
+/// values of at most `MAX_HEADER_VALUE_BYTES`, 4 KiB, plus ids and RabbitMQ's `x-death`).
+pub const FRAME_MAX: u32 = 32 * 1024;
 
 /// `url` with `frame_max` set to [`FRAME_MAX`] unless the URL sets it (`?frame_max=…`).
 pub fn with_frame_max(url: &str) -> Result<lapin::uri::AMQPUri, String> {
