@@ -73,6 +73,8 @@ struct Report {
     drained_seconds: f64,
     ingress_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
+    /// This process: the simulator and the load driver.
+    simulator_peak_rss_mib: f64,
 }
 
 async fn measure(
@@ -178,6 +180,7 @@ async fn measure(
         drained_seconds,
         ingress_peak_rss_mib: ingress_rss.peak_mib(),
         worker_peak_rss_mib: worker_rss.peak_mib(),
+        simulator_peak_rss_mib: measure::own_peak_rss_mib(),
     })
 }
 
@@ -218,8 +221,9 @@ impl Report {
             self.drained_seconds
         );
         println!(
-            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB",
-            self.ingress_peak_rss_mib, self.worker_peak_rss_mib
+            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB, simulator and \
+             driver {:.1} MiB",
+            self.ingress_peak_rss_mib, self.worker_peak_rss_mib, self.simulator_peak_rss_mib
         );
         if !self.other.is_empty() {
             let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
@@ -254,6 +258,7 @@ impl Report {
             "drained_s": round(self.drained_seconds, 1),
             "ingress_peak_rss_mib": round(self.ingress_peak_rss_mib, 1),
             "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
+            "simulator_peak_rss_mib": round(self.simulator_peak_rss_mib, 1),
             "target": {"auto_accepted": 0, "met": met},
         });
         println!("{json}");

@@ -132,6 +132,12 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// Peak RSS (`VmHWM`) of this process in MiB: the bench itself, with the simulator it runs
+/// in process.
+pub fn own_peak_rss_mib() -> f64 {
+    proc_status_kib(std::process::id(), "VmHWM").map_or(0.0, |kib| kib as f64 / 1024.0)
+}
+
 /// Clock ticks per second of `/proc` CPU times (`getconf CLK_TCK`; 100 on Linux for every
 /// mainstream architecture, and not readable without libc).
 const CLOCK_TICKS: f64 = 100.0;

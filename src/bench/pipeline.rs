@@ -89,6 +89,8 @@ struct Report {
     ack_max_ms: f64,
     ingress_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
+    /// This process: the simulator and the load driver.
+    simulator_peak_rss_mib: f64,
     /// The baseline engine's acknowledged changes per second.
     baseline_per_s: f64,
     baseline_failed: usize,
@@ -100,6 +102,137 @@ struct Report {
     measured_seconds: f64,
     /// Since the first change until every effect of every change was done.
     drained_seconds: Option<f64>,
+    /// PostgreSQL's most expensive statements of the worker's phase.
+    statements: Statements,
+}
+
+/// What `pg_stat_statements` counted in the worker's phase, per acknowledged change.
+enum Statements {
+    Counted {
+        top: Vec<crate::store::statements::StatementCost>,
+        /// Execution time of every statement of the phase, in ms.
+        total_ms: f64,
+        changes: usize,
+    },
+    NotPreloaded {
+        preload: String,
+    },
+}
+
+/// Statements the report lists, and the characters of each one's text it keeps.
+const TOP_STATEMENTS: i64 = 10;
+const STATEMENT_CHARS: usize = 90;
+
+impl Statements {
+    /// `pg_stat_statements` enabled in the benchmark's database and its counters reset,
+    /// or why not.
+    async fn start(pool: &PgPool) -> anyhow::Result<Option<String>> {
+        use crate::store::statements::{self, Availability};
+        match statements::enable(pool)
+            .await
+            .context("cannot check for pg_stat_statements")?
+        {
+            Availability::Counting => {
+                statements::reset(pool)
+                    .await
+                    .context("cannot reset pg_stat_statements")?;
+                Ok(None)
+            }
+            Availability::NotPreloaded { preload } => Ok(Some(preload)),
+        }
+    }
+
+    async fn read(
+        pool: &PgPool,
+        not_preloaded: Option<String>,
+        changes: usize,
+    ) -> anyhow::Result<Self> {
+        if let Some(preload) = not_preloaded {
+            return Ok(Self::NotPreloaded { preload });
+        }
+        let (top, total_ms) = crate::store::statements::top(pool, TOP_STATEMENTS)
+            .await
+            .context("cannot read pg_stat_statements")?;
+        Ok(Self::Counted {
+            top,
+            total_ms,
+            changes,
+        })
+    }
+
+    fn print(&self) {
+        match self {
+            Self::Counted {
+                top,
+                total_ms,
+                changes,
+            } => {
+                let per = |value: f64| value / (*changes).max(1) as f64;
+                println!(
+                    "\nwhere PostgreSQL's time goes (pg_stat_statements, worker phase until every effect \
+                     was done: {:.2} ms of statement execution per change; top {}):",
+                    per(*total_ms),
+                    top.len()
+                );
+                println!(
+                    "  {:>9} {:>9} {:>6}  statement",
+                    "ms/change", "calls/chg", "share"
+                );
+                for statement in top {
+                    println!(
+                        "  {:>9.3} {:>9.2} {:>5.1}%  {}",
+                        per(statement.total_ms),
+                        per(statement.calls as f64),
+                        if *total_ms > 0.0 {
+                            statement.total_ms / total_ms * 100.0
+                        } else {
+                            0.0
+                        },
+                        shorten(&statement.query, STATEMENT_CHARS)
+                    );
+                }
+            }
+            Self::NotPreloaded { preload } => println!(
+                "\nwhere PostgreSQL's time goes: not measured, the server does not load \
+                 pg_stat_statements (shared_preload_libraries = '{preload}'). To see it, add \
+                 pg_stat_statements to shared_preload_libraries in postgresql.conf, restart \
+                 PostgreSQL, and run the bench again (it creates the extension in its own database)."
+            ),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Counted {
+                top,
+                total_ms,
+                changes,
+            } => {
+                let per = |value: f64| round(value / (*changes).max(1) as f64, 3);
+                json!({
+                    "exec_ms_per_change": per(*total_ms),
+                    "top": top.iter().map(|s| json!({
+                        "query": shorten(&s.query, STATEMENT_CHARS),
+                        "calls_per_change": per(s.calls as f64),
+                        "ms_per_change": per(s.total_ms),
+                        "rows_per_change": per(s.rows as f64),
+                    })).collect::<Vec<_>>(),
+                })
+            }
+            Self::NotPreloaded { .. } => json!("not loaded (shared_preload_libraries)"),
+        }
+    }
+}
+
+/// A statement's text on one line, whitespace collapsed, cut to `chars` characters.
+fn shorten(query: &str, chars: usize) -> String {
+    let line = query.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= chars {
+        return line;
+    }
+    let mut cut: String = line.chars().take(chars.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 async fn measure_all(
@@ -143,6 +276,8 @@ async fn measure_all(
         "bench: {} seat changes over {} subscriptions through the worker…",
         args.events, args.subscriptions
     );
+    let pool = crate::store::connect(&env.settings.database).await?;
+    let statements_off = Statements::start(&pool).await?;
     let deadline = Duration::from_secs(args.max_seconds);
     let measured = Instant::now();
     let cpu_before = PipelineCpu::now(ingress_pid, worker_pid);
@@ -159,7 +294,6 @@ async fn measure_all(
     } = worker_phase;
     let ms = |p: f64| measure::percentile_us(&latencies_us, p) as f64 / 1000.0;
 
-    let pool = crate::store::connect(&env.settings.database).await?;
     // The ACK is the first of a change's effects; the confirmation, the GET and the domain
     // event may still be queued. The run is over when the outbox is empty.
     let drained_seconds = loop {
@@ -173,6 +307,7 @@ async fn measure_all(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let statements = Statements::read(&pool, statements_off, latencies_us.len()).await?;
     let agreeing_subscriptions = agreeing(env, &pool, &subscriptions).await?;
     explain(&pool, &mut failed).await?;
     pool.close().await;
@@ -226,6 +361,7 @@ async fn measure_all(
         ack_max_ms: ms(1.0),
         ingress_peak_rss_mib: ingress_rss.peak_mib(),
         worker_peak_rss_mib,
+        simulator_peak_rss_mib: measure::own_peak_rss_mib(),
         baseline_per_s: baseline_phase.latencies_us.len() as f64 / baseline_phase.seconds,
         baseline_failed: baseline_phase.failed.len(),
         baseline_p99_ms,
@@ -234,6 +370,7 @@ async fn measure_all(
         agreeing_subscriptions,
         measured_seconds,
         drained_seconds,
+        statements,
     })
 }
 
@@ -488,8 +625,9 @@ impl Report {
             self.ack_p50_ms, self.ack_p99_ms, self.ack_max_ms
         );
         println!(
-            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB",
-            self.ingress_peak_rss_mib, self.worker_peak_rss_mib
+            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB, simulator and \
+             driver {:.1} MiB",
+            self.ingress_peak_rss_mib, self.worker_peak_rss_mib, self.simulator_peak_rss_mib
         );
         println!(
             "  both sides agree                {} of {} subscriptions",
@@ -511,6 +649,7 @@ impl Report {
             TARGET_MIN_BASELINE_RATIO * 100.0,
             if self.target_met() { "met" } else { "NOT MET" }
         );
+        self.statements.print();
         println!("run took {:.1} s", took.as_secs_f64());
         let json = json!({
             "bench": "pipeline",
@@ -532,8 +671,10 @@ impl Report {
             "not_acknowledged": self.failed.len(),
             "ingress_peak_rss_mib": round(self.ingress_peak_rss_mib, 1),
             "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
+            "simulator_peak_rss_mib": round(self.simulator_peak_rss_mib, 1),
             "agreeing_subscriptions": self.agreeing_subscriptions,
             "effects_drained_s": self.drained_seconds.map(|s| round(s, 1)),
+            "pg_statements": self.statements.json(),
             "target": {
                 "min_events_per_s": TARGET_MIN_PER_S,
                 "min_baseline_ratio": TARGET_MIN_BASELINE_RATIO,
@@ -542,5 +683,23 @@ impl Report {
             },
         });
         println!("{json}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn statements_are_shortened_to_one_line() {
+        assert_eq!(
+            shorten("SELECT id\n   FROM subscriptions\tWHERE id = $1", 90),
+            "SELECT id FROM subscriptions WHERE id = $1"
+        );
+        assert_eq!(shorten("UPDATE outbox SET status = $1", 10), "UPDATE ou…");
+        assert_eq!(
+            shorten("UPDATE outbox SET status = $1", 10).chars().count(),
+            10
+        );
     }
 }

@@ -19,7 +19,7 @@ use super::harness::{
     BenchEnv, ChildProcess, OFFER, Order, RssSampler, SimHandle, free_local_address,
     in_pipeline_world, purchase_and_activate, start_ingress_and_worker, wait_for_empty_outbox,
 };
-use super::measure::round;
+use super::measure::{self, round};
 use super::pipeline::{Phase, drive_changes};
 use crate::settings::Settings;
 
@@ -86,6 +86,12 @@ struct Report {
     preloaded_events: u64,
     preload_seconds: f64,
     database_mib: f64,
+    ingress_peak_rss_mib: f64,
+    worker_peak_rss_mib: f64,
+    /// This process (the simulator and the load driver) before the preload, and at the end
+    /// (the simulator then holds every preloaded subscription, as Microsoft's side would).
+    simulator_peak_rss_mib_empty: f64,
+    simulator_peak_rss_mib: f64,
 }
 
 /// What one `fulfillment reconcile --json` run did.
@@ -108,6 +114,8 @@ async fn measure(
         .timeout(Duration::from_secs(30))
         .build()?;
     start_ingress_and_worker(env, ingress_addr, &http, children).await?;
+    let ingress_rss = RssSampler::start(children[0].pid);
+    let worker_rss = RssSampler::start(children[1].pid);
     let sim = Arc::new(SimHandle {
         http: http.clone(),
         base: env.sim.base_url(),
@@ -134,6 +142,7 @@ async fn measure(
     wait_for_empty_outbox(&pool, max).await?;
     eprintln!("bench: reconcile, empty database…");
     let reconcile_empty = reconcile(env).await?;
+    let simulator_peak_rss_mib_empty = measure::own_peak_rss_mib();
 
     eprintln!(
         "bench: preloading {} subscriptions and {} event-log rows…",
@@ -191,6 +200,10 @@ async fn measure(
         preloaded_events,
         preload_seconds,
         database_mib,
+        ingress_peak_rss_mib: ingress_rss.peak_mib(),
+        worker_peak_rss_mib: worker_rss.peak_mib(),
+        simulator_peak_rss_mib_empty,
+        simulator_peak_rss_mib: measure::own_peak_rss_mib(),
     })
 }
 
@@ -278,6 +291,14 @@ impl Report {
             );
         }
         println!(
+            "  peak RSS (VmHWM)                ingress {:.1} MiB, worker {:.1} MiB; simulator and \
+             driver {:.1} MiB before the preload, {:.1} MiB holding the preloaded subscriptions",
+            self.ingress_peak_rss_mib,
+            self.worker_peak_rss_mib,
+            self.simulator_peak_rss_mib_empty,
+            self.simulator_peak_rss_mib
+        );
+        println!(
             "\ntarget (loaded ≥ {:.0}% of empty, reconcile < {} s): {}",
             TARGET_LOADED_RATIO * 100.0,
             TARGET_RECONCILE.as_secs(),
@@ -303,6 +324,10 @@ impl Report {
             "reconcile_listed": self.reconcile_loaded.listed,
             "reconcile_drifts": self.reconcile_loaded.drifts,
             "reconcile_peak_rss_mib": round(self.reconcile_loaded.peak_rss_mib, 1),
+            "ingress_peak_rss_mib": round(self.ingress_peak_rss_mib, 1),
+            "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
+            "simulator_peak_rss_mib_empty": round(self.simulator_peak_rss_mib_empty, 1),
+            "simulator_peak_rss_mib": round(self.simulator_peak_rss_mib, 1),
             "target": {
                 "min_loaded_ratio": TARGET_LOADED_RATIO,
                 "max_reconcile_s": TARGET_RECONCILE.as_secs(),

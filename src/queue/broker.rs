@@ -527,6 +527,21 @@ pub fn connection_name_for(process: &str, prefix: &str) -> String {
     format!("{process} ({prefix})")
 }
 
+/// The largest AMQP frame we offer the broker (RabbitMQ's default is 128 KiB). lapin keeps
+/// a receive and a send buffer of 32 frames each per connection, zero-filled when the
+/// connection opens: at 128 KiB that was 8 MiB of every process's resident memory, for
+/// messages of a few KiB; at 32 KiB it is 2 MiB. A bigger body is split into frames, as
+/// AMQP allows; the headers travel in one frame, and ours stay far below 32 KiB (three
+/// values of at most `MAX_HEADER_VALUE_BYTES`, 4 KiB, plus ids and RabbitMQ's `x-death`).
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// `url` with `frame_max` set to [`FRAME_MAX`] unless the URL sets it (`?frame_max=…`).
+pub fn with_frame_max(url: &str) -> Result<lapin::uri::AMQPUri, String> {
+    let mut uri: lapin::uri::AMQPUri = url.parse()?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Ok(uri)
+}
+
 async fn open_connection(
     url: &str,
     redacted_url: &str,
@@ -541,7 +556,8 @@ async fn open_connection(
     // No `enable_auto_recover`: the supervisor is the one recovery mechanism (module doc).
     let properties =
         ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    let uri = with_frame_max(url).map_err(|e| fail(format!("not an AMQP URL: {e}")))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(match crate::queue::inspect::classify_connect(&err) {
             BrokerFailure::AuthenticationFailed(message) => QueueError::AuthenticationFailed {
@@ -690,5 +706,20 @@ async fn declare_each(connection: &Connection, topology: &Topology) -> Result<()
 pub(crate) async fn replaced(generations: &mut watch::Receiver<u64>) {
     if generations.changed().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod frame_max_tests {
+    use super::{FRAME_MAX, with_frame_max};
+
+    #[test]
+    fn frame_max_is_ours_unless_the_url_sets_it() {
+        let ours = with_frame_max("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(ours.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(ours.authority.port, 5672);
+        let theirs = with_frame_max("amqp://127.0.0.1:5672/%2f?frame_max=131072").unwrap();
+        assert_eq!(theirs.query.frame_max, Some(131_072));
+        assert!(with_frame_max("http://not-amqp").is_err());
     }
 }

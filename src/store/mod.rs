@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod overview;
 pub mod prefixes;
 pub mod preload;
+pub mod statements;
 pub mod subscriptions;
 pub mod text;
 pub mod timeline;
