@@ -12,6 +12,7 @@ use marketplace_fulfillment::queue::{
     PublisherCommand, RetryOutcome, Topology,
 };
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
+use marketplace_fulfillment::world::wait_until;
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -96,11 +97,10 @@ async fn wait_until_empty(queue: &str) {
 }
 
 async fn wait_until_empty_in(vhost: &str, queue: &str) {
-    let start = Instant::now();
-    while messages_in(vhost, queue).await != 0 {
-        assert!(start.elapsed() < WAIT, "{queue} did not empty");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let empty = || async { (messages_in(vhost, queue).await == 0).then_some(()) };
+    wait_until(&format!("{queue} to empty"), WAIT, empty)
+        .await
+        .unwrap();
 }
 
 /// Fetches (and acks) one message from `queue` with a plain lapin channel.
@@ -110,22 +110,15 @@ async fn get_one(queue: &str) -> lapin::message::BasicGetMessage {
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let start = Instant::now();
-    loop {
-        let got = channel
-            .basic_get(
-                queue.into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        if let Some(message) = got {
-            let _ = connection.close(200, "done".into()).await;
-            return message;
-        }
-        assert!(start.elapsed() < WAIT, "nothing arrived on {queue}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let get = || async {
+        let options = lapin::options::BasicGetOptions { no_ack: true };
+        channel.basic_get(queue.into(), options).await.unwrap()
+    };
+    let message = wait_until(&format!("a message on {queue}"), WAIT, get)
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    message
 }
 
 fn header(message: &lapin::message::BasicGetMessage, key: &str) -> Option<String> {
