@@ -205,17 +205,20 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
         ),
     }
-    match (&cleaned, args.keep) {
-        (Ok(()), true) => println!(
-            "cleanup: deleted the {}.* queues and exchanges; kept database {demo_name} (--keep); inspect it with psql {}",
-            settings.amqp.prefix,
-            settings.database.url.redacted()
-        ),
-        (Ok(()), false) => println!(
-            "cleanup: deleted the {}.* queues and exchanges; dropped database {demo_name}",
+    match &cleaned {
+        Ok(()) => println!(
+            "cleanup: deleted the {}.* queues and exchanges",
             settings.amqp.prefix
         ),
-        (Err(e), _) => println!("cleanup: {e:#}"),
+        Err(e) => println!("cleanup: {e:#}"),
+    }
+    match (&cleaned, args.keep) {
+        (Ok(()), true) => println!(
+            "cleanup: kept database {demo_name} (--keep); inspect it with psql {}",
+            settings.database.url.redacted()
+        ),
+        (Ok(()), false) => println!("cleanup: dropped database {demo_name}"),
+        (Err(_), _) => {}
     }
     let elapsed = started.elapsed().as_secs_f64();
     match (played, verdict) {

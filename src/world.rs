@@ -262,26 +262,23 @@ impl World {
 
     /// The environment of a `fulfillment` child process pointed at this world.
     pub fn process_env(&self) -> Vec<(String, String)> {
-        let config = self.sim.config();
-        [
-            (
-                "DATABASE_URL",
-                self.settings.database.url.expose().to_string(),
-            ),
-            ("AMQP_URL", self.settings.amqp.url.expose().to_string()),
-            (
-                "FULFILLMENT__AMQP__PREFIX",
-                self.settings.amqp.prefix.clone(),
-            ),
-            ("MARKETPLACE_API_URL", self.sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", self.sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
-            ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_string(), value))
-        .collect()
+        let mut env = simulator_env(&self.sim);
+        env.extend(
+            [
+                (
+                    "DATABASE_URL",
+                    self.settings.database.url.expose().to_string(),
+                ),
+                ("AMQP_URL", self.settings.amqp.url.expose().to_string()),
+                (
+                    "FULFILLMENT__AMQP__PREFIX",
+                    self.settings.amqp.prefix.clone(),
+                ),
+                ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
+            ]
+            .map(|(key, value)| (key.to_string(), value)),
+        );
+        env
     }
 
     /// Our side's view of a subscription, `None` before its first event.
@@ -879,6 +876,20 @@ fn start(
         .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))
 }
 
+/// The variables that point an engine at `sim`: its Fulfillment API, its Entra stand-in
+/// and the publisher identity it knows (the client secret, if any, is the caller's).
+pub fn simulator_env(sim: &RunningSimulator) -> Vec<(String, String)> {
+    let config = sim.config();
+    [
+        ("MARKETPLACE_API_URL", sim.api_url().to_string()),
+        ("ENTRA_AUTHORITY_URL", sim.authority_url().to_string()),
+        ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
+        ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
+    ]
+    .map(|(key, value)| (key.to_string(), value))
+    .into()
+}
+
 /// The customer opens the landing page `landing`, signs in at the simulator's Entra
 /// stand-in and asks for activation (the form's POST).
 pub async fn activate_on_landing(landing: &Url) -> anyhow::Result<()> {
@@ -888,6 +899,34 @@ pub async fn activate_on_landing(landing: &Url) -> anyhow::Result<()> {
         bail!("the landing page answered {}: {}", page.status, page.html);
     }
     Ok(())
+}
+
+/// Runs `rabbitmqctl ARGS` (broker faults in `bench chaos` and the tests); its stdout.
+pub async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    run_tool("rabbitmqctl", args).await
+}
+
+/// Runs a tool with a time limit; its stdout, or an error with its stderr.
+pub async fn run_tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("`{program} {}` did not finish within 60 s", args.join(" ")))?
+    .with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Polls `check` every 50 ms until it gives a value; an error naming `what` after `within`.

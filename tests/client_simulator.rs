@@ -10,7 +10,7 @@ use marketplace_fulfillment::marketplace::{
 };
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
-use marketplace_fulfillment::world::{SimHandle, wait_until};
+use marketplace_fulfillment::world::{SimHandle, simulator_env, wait_until};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -27,25 +27,15 @@ struct Harness {
 
 impl Harness {
     async fn start(token_endpoint: &str) -> Self {
-        let tenant = Uuid::new_v4();
-        let app = Uuid::new_v4();
-        let mut config = SimulatorConfig::new(tenant, app);
+        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
         config.client_secret = Some(SecretString::from(SECRET));
         config.timings = Timings::fast();
         let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
             .await
             .unwrap();
-        let env: HashMap<String, String> = [
-            ("MARKETPLACE_API_URL", sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", tenant.to_string()),
-            ("MARKETPLACE_CLIENT_ID", app.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET", SECRET.to_string()),
-            ("MARKETPLACE_TOKEN_ENDPOINT", token_endpoint.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut env: HashMap<String, String> = simulator_env(&sim).into_iter().collect();
+        env.insert("MARKETPLACE_CLIENT_SECRET".into(), SECRET.into());
+        env.insert("MARKETPLACE_TOKEN_ENDPOINT".into(), token_endpoint.into());
         let settings = Settings::from_sources(None, &env).unwrap();
         let tokens = TokenProvider::new(&settings.marketplace).unwrap();
         let client = MarketplaceClient::new(&settings.marketplace, tokens)

@@ -12,7 +12,7 @@ use marketplace_fulfillment::queue::{
     PublisherCommand, RetryOutcome, Topology,
 };
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
-use marketplace_fulfillment::world::wait_until;
+use marketplace_fulfillment::world::{rabbitmqctl, wait_until};
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -61,24 +61,10 @@ async fn next_delivery(consumer: &mut InboundConsumer) -> InboundDelivery {
         .expect("a delivery, not an error")
 }
 
-async fn rabbitmqctl(args: &[&str]) -> String {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
 async fn rabbitmqctl_json(args: &[&str]) -> Vec<Value> {
     let mut all = args.to_vec();
     all.extend(["--formatter", "json", "--quiet"]);
-    let text = rabbitmqctl(&all).await;
+    let text = rabbitmqctl(&all).await.unwrap();
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
@@ -542,8 +528,10 @@ struct TestVhost {
 
 impl TestVhost {
     async fn create(name: &str) -> Self {
-        rabbitmqctl(&["add_vhost", name]).await;
-        rabbitmqctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]).await;
+        rabbitmqctl(&["add_vhost", name]).await.unwrap();
+        rabbitmqctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+            .await
+            .unwrap();
         Self { name: name.into() }
     }
 
@@ -560,11 +548,12 @@ impl TestVhost {
             &self.name,
             "test: forced close",
         ])
-        .await;
+        .await
+        .unwrap();
     }
 
     async fn delete(self) {
-        rabbitmqctl(&["delete_vhost", &self.name]).await;
+        rabbitmqctl(&["delete_vhost", &self.name]).await.unwrap();
     }
 }
 
@@ -652,7 +641,9 @@ async fn the_broker_replaces_a_connection_that_lapin_cannot_recover() {
     let mut consumer = broker.consume_inbound(5, "replace-test").await.unwrap();
 
     // While access is refused, lapin's reconnection fails and it gives up on the connection.
-    rabbitmqctl(&["clear_permissions", "-p", &vhost.name, "guest"]).await;
+    rabbitmqctl(&["clear_permissions", "-p", &vhost.name, "guest"])
+        .await
+        .unwrap();
     vhost.close_all_connections().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&[
@@ -664,7 +655,8 @@ async fn the_broker_replaces_a_connection_that_lapin_cannot_recover() {
         ".*",
         ".*",
     ])
-    .await;
+    .await
+    .unwrap();
 
     let after = meta();
     tokio::time::timeout(WAIT, publisher.publish_inbound(&webhook(), &after))
