@@ -207,8 +207,6 @@ impl Stack {
             base.policy = serde_json::from_value(options.policy).expect("a policy");
         }
         base.policy.notices = options.notices.clone();
-        // Small pools: the PostgreSQL server is shared by every test running at once.
-        base.database.max_connections = 6;
         (options.settings)(&mut base);
         let tap = tap::Tap::start().await;
         let worker_config = WorkerConfig {
@@ -229,11 +227,17 @@ impl Stack {
                 give_up_beyond_cap: false,
             }),
             retry_delays: options.retry_delays,
-            configure: Box::new(move |_, config: &mut SimulatorConfig| {
-                config.timings = timings;
-                simulator(config);
-                Ok(())
-            }),
+            configure: Box::new(
+                move |settings: &mut Settings, config: &mut SimulatorConfig| {
+                    // A small pool for the ingress: the PostgreSQL server is shared by every test
+                    // running at once (the world's own pool, which the workers share, keeps the
+                    // default size).
+                    settings.database.max_connections = 6;
+                    config.timings = timings;
+                    simulator(config);
+                    Ok(())
+                },
+            ),
             ..WorldOptions::bare("test")
         };
         let mut world = World::start(&base, world_options).await.expect("the world");
