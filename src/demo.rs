@@ -14,21 +14,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use time::macros::format_description;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use crate::http::Application;
-use crate::settings::{ConnectionUrl, Settings, WebhookAuth};
+use crate::settings::{Settings, WebhookAuth};
 use crate::simulator::customer::{ScriptedCustomer, page_text};
-use crate::simulator::{PlanSpec, Simulator, SimulatorConfig, Timings};
-use crate::store;
+use crate::simulator::{PlanSpec, SimulatorConfig, Timings};
 use crate::worker::protocol::CommandStatus;
-use crate::worker::{EffectsConfig, ProtocolConfig, Worker, WorkerConfig, WorkerParts};
+use crate::worker::{EffectsConfig, ProtocolConfig, WorkerConfig};
+use crate::world::{OFFER, SimHandle, View, World, WorldOptions, wait_until};
 
 /// Options of `fulfillment demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,7 +39,6 @@ pub struct DemoArgs {
     pub seat_limit: u32,
 }
 
-const OFFER: &str = "contoso-analytics";
 /// The demo's second per-seat plan, added to the simulator's catalogue.
 const PRO_PLAN: &str = "per-seat-pro";
 /// Longest wait for one step to settle on both sides.
@@ -92,117 +88,9 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     // Our own database and names, never the configured ones.
-    let base_name = settings
-        .database
-        .url
-        .url()
-        .path()
-        .trim_start_matches('/')
-        .to_string();
-    let demo_name = format!("{base_name}_demo");
-    let mut settings = settings;
-    settings.database.url = settings.database.url.with_path(&format!("/{demo_name}"));
-    settings.amqp.prefix = format!("{}-demo", settings.amqp.prefix);
-    drop_database(&settings.database.url).await?;
-    store::migrate(&settings.database)
-        .await
-        .context("cannot create the demo database")?;
-    clear_topology(&settings).await?;
-
-    // A fresh publisher identity, shared by the simulator and the engine.
-    let tenant = Uuid::new_v4();
-    let client = Uuid::new_v4();
-    let secret = format!("demo-{}", Uuid::new_v4().simple());
     let api_key = format!("demo-key-{}", Uuid::new_v4().simple());
-    let sim_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen for the simulator")?;
-    let sim_base: Url = format!("http://{}/", sim_listener.local_addr()?).parse()?;
-    settings.marketplace.api_url = sim_base.join("api")?;
-    settings.marketplace.entra_authority_url = sim_base.clone();
-    settings.marketplace.tenant_id = Some(tenant);
-    settings.marketplace.client_id = Some(client);
-    // The engine proves its identity with a certificate (issue #20): a fresh self-signed one,
-    // registered on the simulated app; the client assertion carries its x5t#S256.
-    let now = time::OffsetDateTime::now_utc();
-    let (cert_pem, key_pem) = crate::marketplace::credential::generate_self_signed(
-        "fulfillment-demo",
-        now - time::Duration::hours(1),
-        now + time::Duration::days(90),
-    )?;
     let cert_dir =
         std::env::temp_dir().join(format!("fulfillment-demo-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&cert_dir).context("cannot create the demo certificate directory")?;
-    let cert_path = cert_dir.join("client.pem");
-    std::fs::write(&cert_path, format!("{cert_pem}{key_pem}"))
-        .context("cannot write the demo certificate")?;
-    settings.marketplace.client_secret = None;
-    settings.credential.kind = Some(crate::settings::CredentialKind::Certificate);
-    settings.credential.certificate_path = Some(cert_path);
-    settings.credential.certificate_key_path = None;
-    settings.ingress.webhook_auth = WebhookAuth::Entra;
-    settings.ingress.jwks_url = None;
-    settings.ingress.webhook_audiences = vec![client.to_string()];
-    settings.ingress.api_key = Some(SecretString::from(api_key.clone()));
-    settings.http.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    settings.policy.seats.max = Some(args.seat_limit);
-    settings.policy.activation = fulfillment_state_machine::ActivationMode::Automatic;
-    // The landing page as a customer sees it: branded, one onboarding question, sign-in
-    // at the simulator's Entra stand-in.
-    settings.web.session_key = Some(crate::settings::SessionKey::generate());
-    // Sign-in is a confidential client with a secret even where the Fulfillment API token
-    // comes from the certificate.
-    settings.web.client_secret = Some(SecretString::from(secret.clone()));
-    settings.web.branding.product_name = "Contoso Analytics".into();
-    settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
-    settings.web.branding.product_url = Some("https://app.contoso-analytics.example/".parse()?);
-    // The console: the simulator's `operator` test user (by group) may act.
-    settings.web.console_operators = vec![crate::settings::OperatorRule::Group(
-        crate::simulator::sign_in::OPERATORS_GROUP_ID,
-    )];
-    settings.web.onboarding_fields = vec![crate::settings::OnboardingField {
-        name: "company".into(),
-        label: "Company name".into(),
-    }];
-
-    let application = Application::build(settings.clone())
-        .await
-        .context("cannot start the ingress")?;
-    let ingress = application.local_addr();
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
-
-    let mut config = SimulatorConfig::new(tenant, client);
-    config.client_secret = Some(SecretString::from(secret));
-    config.client_certificates.push(cert_pem);
-    config.webhook_url = Some(format!("http://{ingress}/webhook").parse()?);
-    config.landing_page_url = Some(format!("http://{ingress}/landing").parse()?);
-    // A second per-seat plan: moves between per-seat plans keep the seat count on both
-    // sides (a flat plan has no quantity at Microsoft).
-    config
-        .plans
-        .push(PlanSpec::per_seat(OFFER, PRO_PLAN, 20.0, 1, 100));
-    config.timings = Timings {
-        activation_delay: Duration::from_millis(500),
-        operation_delay: Duration::from_millis(500),
-        ack_window: ACK_WINDOW,
-        webhook_delay: Duration::from_millis(50),
-        webhook_retry_interval: Duration::from_secs(1),
-        webhook_max_attempts: 20,
-        // Production's 202 asks for 10 s before the first poll; the demo keeps the shape
-        // (NotStarted, then InProgress, behind a Retry-After) at a pace worth watching.
-        retry_after: Duration::from_secs(1),
-        operation_start_delay: Duration::from_millis(200),
-        ..Timings::default()
-    };
-    let sim = Simulator::start(config, sim_listener)
-        .await
-        .context("cannot start the simulator")?;
-
-    let parts = WorkerParts::connect(&settings)
-        .await
-        .context("cannot start the worker")?;
-    let broker = parts.broker.clone();
     let worker_config = WorkerConfig {
         effects: EffectsConfig {
             protocol: ProtocolConfig {
@@ -216,10 +104,32 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         },
         ..WorkerConfig::for_pool(settings.database.max_connections)
     };
-    let worker = Worker::spawn(parts, worker_config, shutdown.child_token())
-        .await
-        .context("cannot start the worker")?;
-    let pool = store::connect(&settings.database).await?;
+    let options = WorldOptions {
+        fixed_names: true,
+        ingress: true,
+        worker: Some(worker_config),
+        configure: Box::new(|settings, config| {
+            configure(settings, config, &args, &api_key, &cert_dir)
+        }),
+        ..WorldOptions::bare("demo")
+    };
+    let world = World::start(&settings, options).await;
+    let world = match world {
+        Ok(world) => world,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&cert_dir);
+            return Err(e);
+        }
+    };
+    let settings = world.settings.clone();
+    let demo_name = settings
+        .database
+        .url
+        .url()
+        .path()
+        .trim_start_matches('/')
+        .to_string();
+    let ingress = world.ingress.context("the demo's ingress")?;
 
     println!("fulfillment demo");
     println!(
@@ -230,7 +140,7 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "  simulator {}   ingress http://{ingress}   worker in-process   ACK window {}s",
-        sim.base_url(),
+        world.sim.base_url(),
         ACK_WINDOW.as_secs()
     );
     println!(
@@ -247,15 +157,16 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
 
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let shutdown = CancellationToken::new();
     let mut demo = Demo {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()?,
-        sim_base: sim.base_url(),
+        sim: world.sim_admin(&http),
+        http,
         ingress,
         api_key,
-        pool: pool.clone(),
-        worker,
+        world,
         started,
         seat_limit: args.seat_limit,
         expected_ops: Vec::new(),
@@ -275,18 +186,12 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // Shut down: stop accepting, finish the work in hand, then remove what the demo made.
     shutdown.cancel();
-    let worker_stopped = demo.worker.stop().await;
+    let mut world = demo.world;
+    let server = world.stop_ingress().context("the demo's ingress")?;
+    let worker_stopped = world.stop_workers().await;
     let server_stopped = tokio::time::timeout(Duration::from_secs(15), server).await;
-    sim.shutdown().await.ok();
-    let topology = broker.delete_topology().await;
-    broker.close().await;
-    pool.close().await;
+    let cleaned = world.teardown_keeping_database(args.keep).await;
     let _ = std::fs::remove_dir_all(&cert_dir);
-    let dropped = if args.keep {
-        None
-    } else {
-        Some(drop_database(&settings.database.url).await)
-    };
 
     println!();
     match (&worker_stopped, &server_stopped) {
@@ -301,20 +206,20 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
         ),
     }
-    match &topology {
+    match &cleaned {
         Ok(()) => println!(
             "cleanup: deleted the {}.* queues and exchanges",
             settings.amqp.prefix
         ),
-        Err(e) => println!("cleanup: could not delete the demo topology: {e}"),
+        Err(e) => println!("cleanup: {e:#}"),
     }
-    match &dropped {
-        None => println!(
+    match (&cleaned, args.keep) {
+        (Ok(()), true) => println!(
             "cleanup: kept database {demo_name} (--keep); inspect it with psql {}",
             settings.database.url.redacted()
         ),
-        Some(Ok(())) => println!("cleanup: dropped database {demo_name}"),
-        Some(Err(e)) => println!("cleanup: could not drop database {demo_name}: {e:#}"),
+        (Ok(()), false) => println!("cleanup: dropped database {demo_name}"),
+        (Err(_), _) => {}
     }
     let elapsed = started.elapsed().as_secs_f64();
     match (played, verdict) {
@@ -333,6 +238,72 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The demo's world: the engine proves its identity with a certificate (issue #20), a
+/// branded landing page with one onboarding question, the console, a second per-seat plan
+/// and clocks worth watching.
+fn configure(
+    settings: &mut Settings,
+    config: &mut SimulatorConfig,
+    args: &DemoArgs,
+    api_key: &str,
+    cert_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let secret = settings.marketplace.client_secret.take();
+    let client = settings.marketplace.client_id.context("a client id")?;
+    // A fresh self-signed certificate, registered on the simulated app; the client
+    // assertion carries its x5t#S256.
+    let now = time::OffsetDateTime::now_utc();
+    let (cert_pem, key_pem) = crate::marketplace::credential::generate_self_signed(
+        "fulfillment-demo",
+        now - time::Duration::hours(1),
+        now + time::Duration::days(90),
+    )?;
+    std::fs::create_dir_all(cert_dir).context("cannot create the demo certificate directory")?;
+    let cert_path = cert_dir.join("client.pem");
+    std::fs::write(&cert_path, format!("{cert_pem}{key_pem}"))
+        .context("cannot write the demo certificate")?;
+    config.client_certificates.push(cert_pem);
+    settings.credential.kind = Some(crate::settings::CredentialKind::Certificate);
+    settings.credential.certificate_path = Some(cert_path);
+    settings.credential.certificate_key_path = None;
+    settings.ingress.webhook_auth = WebhookAuth::Entra;
+    settings.ingress.jwks_url = None;
+    settings.ingress.webhook_audiences = vec![client.to_string()];
+    settings.ingress.api_key = Some(SecretString::from(api_key.to_string()));
+    settings.http.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.policy.seats.max = Some(args.seat_limit);
+    settings.policy.activation = fulfillment_state_machine::ActivationMode::Automatic;
+    // The landing page as a customer sees it: branded, one onboarding question, sign-in
+    // at the simulator's Entra stand-in.
+    crate::world::brand_as_contoso(settings);
+    // Sign-in is a confidential client with a secret even where the Fulfillment API token
+    // comes from the certificate.
+    settings.web.client_secret = secret;
+    // The console: the simulator's `operator` test user (by group) may act.
+    settings.web.console_operators = vec![crate::settings::OperatorRule::Group(
+        crate::simulator::sign_in::OPERATORS_GROUP_ID,
+    )];
+    // A second per-seat plan: moves between per-seat plans keep the seat count on both
+    // sides (a flat plan has no quantity at Microsoft).
+    config
+        .plans
+        .push(PlanSpec::per_seat(OFFER, PRO_PLAN, 20.0, 1, 100));
+    config.timings = Timings {
+        activation_delay: Duration::from_millis(500),
+        operation_delay: Duration::from_millis(500),
+        ack_window: ACK_WINDOW,
+        webhook_delay: Duration::from_millis(50),
+        webhook_retry_interval: Duration::from_secs(1),
+        webhook_max_attempts: 20,
+        // Production's 202 asks for 10 s before the first poll; the demo keeps the shape
+        // (NotStarted, then InProgress, behind a Retry-After) at a pace worth watching.
+        retry_after: Duration::from_secs(1),
+        operation_start_delay: Duration::from_millis(200),
+        ..Timings::default()
+    };
+    Ok(())
 }
 
 /// Checks PostgreSQL and RabbitMQ; prints what is missing and how to start it.
@@ -374,43 +345,6 @@ async fn services_reachable(settings: &Settings) -> bool {
     postgres.is_ok() && rabbit.is_ok()
 }
 
-async fn drop_database(url: &ConnectionUrl) -> anyhow::Result<()> {
-    crate::store::drop_database(url)
-        .await
-        .with_context(|| format!("cannot drop the demo database {}", url.redacted()))
-}
-
-/// Removes what an interrupted earlier run may have left under the demo prefix.
-async fn clear_topology(settings: &Settings) -> anyhow::Result<()> {
-    let broker = crate::queue::Broker::connect(&settings.amqp, "fulfillment-demo")
-        .await
-        .context("cannot connect to RabbitMQ")?;
-    let result = broker.delete_topology().await;
-    broker.close().await;
-    result.context("cannot clear the demo topology")?;
-    Ok(())
-}
-
-/// One side's view: state, plan, quantity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct View {
-    state: String,
-    plan: Option<String>,
-    quantity: Option<i64>,
-}
-
-impl std::fmt::Display for View {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} / {} / {}",
-            self.state,
-            self.plan.as_deref().unwrap_or("-"),
-            self.quantity.map_or("-".to_string(), |q| q.to_string())
-        )
-    }
-}
-
 /// A customer-side operation the worker must ACK, and how it should end.
 struct ExpectedOp {
     id: String,
@@ -420,11 +354,10 @@ struct ExpectedOp {
 
 struct Demo {
     http: reqwest::Client,
-    sim_base: Url,
+    sim: SimHandle,
     ingress: SocketAddr,
     api_key: String,
-    pool: PgPool,
-    worker: Worker,
+    world: World,
     started: Instant,
     seat_limit: u32,
     expected_ops: Vec<ExpectedOp>,
@@ -625,9 +558,12 @@ impl Demo {
             .context("no subscriptionId")?
             .parse()?;
         let auto_view = self.settle(auto_id, "Subscribed", Some("per-seat")).await?;
-        let activations =
-            crate::store::verify::count_events_of_kind(&self.pool, auto_id, "effect:activate")
-                .await?;
+        let activations = crate::store::verify::count_events_of_kind(
+            &self.world.pool,
+            auto_id,
+            "effect:activate",
+        )
+        .await?;
         ensure!(
             activations == 0,
             "the auto-activated purchase was activated again"
@@ -814,7 +750,7 @@ impl Demo {
         ));
         let deadline = Instant::now() + STEP_DEADLINE;
         let (status, sent): (String, Option<f64>) = loop {
-            let row = crate::store::verify::usage_hour_of(&self.pool, id).await?;
+            let row = crate::store::verify::usage_hour_of(&self.world.pool, id).await?;
             if let Some(row) = row.filter(|(s, _)| s != "open" && s != "submitting") {
                 break row;
             }
@@ -844,53 +780,15 @@ impl Demo {
     }
 
     async fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
-        let response = self.http.get(self.sim_base.join(path)?).send().await?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        ensure!(status.is_success(), "{path}: {status} {body}");
-        Ok(body)
+        self.sim.get(path).await.map_err(anyhow::Error::msg)
     }
 
     async fn admin_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(self.sim_base.join(path)?)
-            .json(&body)
-            .send()
-            .await?;
-        let status = response.status();
-        let answer: Value = response.json().await.unwrap_or(Value::Null);
-        ensure!(
-            status.is_success(),
-            "simulator {path} answered {status}: {answer}"
-        );
-        Ok(answer)
+        self.sim.post(path, body).await.map_err(anyhow::Error::msg)
     }
 
     async fn sim_view(&self, id: Uuid) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .get(
-                self.sim_base
-                    .join(&format!("simulator/subscriptions/{id}"))?,
-            )
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "simulator view answered {}",
-            response.status()
-        );
-        Ok(response.json().await?)
-    }
-
-    async fn engine(&self, id: Uuid) -> anyhow::Result<Option<View>> {
-        let row = crate::store::verify::subscription_state(&self.pool, id).await?;
-        Ok(row.map(|(state, plan, quantity)| View {
-            state,
-            plan,
-            quantity: quantity.map(i64::from),
-        }))
+        self.sim.view(id).await.map_err(anyhow::Error::msg)
     }
 
     /// A customer-side action that the worker must ACK: waits until Microsoft's operation
@@ -915,24 +813,10 @@ impl Demo {
             label: label.to_string(),
             status: expected,
         });
-        let deadline = Instant::now() + STEP_DEADLINE;
-        let operation = loop {
-            let view = self.sim_view(id).await?;
-            let found = view["operations"]
-                .as_array()
-                .and_then(|ops| ops.iter().find(|o| o["id"] == op.as_str()))
-                .cloned();
-            if let Some(found) = found.filter(|o| o["status"] != "InProgress") {
-                break found;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "operation {op} ({label}) still open after {STEP_DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let operation = self.sim.wait_for_operation(id, &op, STEP_DEADLINE).await;
+        let operation = operation.with_context(|| format!("{label} at Microsoft"))?;
         let final_after = asked.elapsed();
-        let ack_ms = crate::store::verify::webhook_to_ack_ms(&self.pool, id, &op).await?;
+        let ack_ms = crate::store::verify::webhook_to_ack_ms(&self.world.pool, id, &op).await?;
         let status = operation["status"].as_str().unwrap_or("?");
         let resolution = operation["resolution"].as_str().unwrap_or("?");
         ensure!(
@@ -952,65 +836,34 @@ impl Demo {
         ))
     }
 
-    /// Waits until the worker is idle and both sides agree, in `state` (and on `plan`).
+    /// Waits until the world has settled (see [`World::unsettled`]) with our side in
+    /// `state` (and on `plan`).
     async fn settle(&self, id: Uuid, state: &str, plan: Option<&str>) -> anyhow::Result<View> {
-        let deadline = Instant::now() + STEP_DEADLINE;
-        loop {
-            let idle = self
-                .worker
-                .wait_until_idle(Duration::from_secs(2))
-                .await
-                .is_ok();
-            let engine = self.engine(id).await?;
-            let sim = sim_side(&self.sim_view(id).await?);
-            if idle
-                && let Some(engine) = &engine
-                && *engine == sim
-                && engine.state == state
-                && (plan.is_none() || engine.plan.as_deref() == plan)
-            {
-                return Ok(sim);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the sides did not settle on {state} within {STEP_DEADLINE:?}: engine {}, marketplace {sim}, worker {}",
-                    engine.map_or("(no row)".to_string(), |e| e.to_string()),
-                    if idle { "idle" } else { "busy" }
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let wanted = |v: &View| v.state == state && (plan.is_none() || v.plan.as_deref() == plan);
+        let what = format!("both sides to settle on {state}");
+        let settled = wait_until(&what, STEP_DEADLINE, || async {
+            let view = self.world.engine(id).await.ok()??;
+            let calm = self.world.unsettled(&[id]).await.ok()?.is_empty();
+            (wanted(&view) && calm).then_some(view)
+        })
+        .await;
+        match settled {
+            Ok(view) => Ok(view),
+            Err(e) => Err(e.context(self.world.unsettled(&[id]).await?.join("; "))),
         }
     }
 
-    /// Polls the publisher operation of a command until Succeeded; returns Microsoft's
-    /// operation id.
+    /// Waits until the publisher operation of a command has ended Succeeded; returns
+    /// Microsoft's operation id.
     async fn wait_for_command(&self, command: Uuid) -> anyhow::Result<String> {
-        let deadline = Instant::now() + STEP_DEADLINE;
-        loop {
-            let row = crate::store::commands::operation(&self.pool, command)
-                .await?
-                .map(|op| (op.status, op.operation_id, op.last_error));
-            match &row {
-                Some((CommandStatus::Succeeded, Some(op), _)) => return Ok(op.to_string()),
-                Some((
-                    status @ (CommandStatus::Refused
-                    | CommandStatus::Failed
-                    | CommandStatus::Conflict),
-                    _,
-                    error,
-                )) => {
-                    bail!(
-                        "the publisher plan change ended {status}: {}",
-                        error.as_deref().unwrap_or("-")
-                    )
-                }
-                _ => {}
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the publisher plan change is still {row:?} after {STEP_DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let row = self.world.wait_for_command(command, STEP_DEADLINE).await;
+        let row = row.context("the publisher plan change")?;
+        match (row.status, row.operation_id) {
+            (CommandStatus::Succeeded, Some(operation)) => Ok(operation.to_string()),
+            (status, _) => bail!(
+                "the publisher plan change ended {status}: {}",
+                row.last_error.as_deref().unwrap_or("-")
+            ),
         }
     }
 
@@ -1059,7 +912,7 @@ impl Demo {
             Value,
             Value,
         );
-        let rows: Vec<Row> = crate::store::timeline::events(&self.pool, id)
+        let rows: Vec<Row> = crate::store::timeline::events(&self.world.pool, id)
             .await?
             .into_iter()
             .map(|row| {
@@ -1109,8 +962,12 @@ impl Demo {
 
         // Final check.
         let sim_view = self.sim_view(id).await?;
-        let sim = sim_side(&sim_view);
-        let engine = self.engine(id).await?.context("the engine has no row")?;
+        let sim = View::of_sim_view(&sim_view);
+        let engine = self
+            .world
+            .engine(id)
+            .await?
+            .context("the engine has no row")?;
         let mut ok = true;
         println!();
         println!("Final check");
@@ -1168,7 +1025,7 @@ impl Demo {
             let expected = self.expected_ops.iter().find(|e| e.id == op_id);
             let label = expected.map_or(action.to_string(), |e| e.label.clone());
             let (rows, made, ack) =
-                crate::store::verify::ack_of_operation(&self.pool, id, op_id).await?;
+                crate::store::verify::ack_of_operation(&self.world.pool, id, op_id).await?;
             let status = op["status"].as_str().unwrap_or("?");
             let resolution = op["resolution"].as_str().unwrap_or("?");
             let good = rows == 1
@@ -1191,7 +1048,7 @@ impl Demo {
 
         // The publisher-initiated change.
         if let Some(command) = self.publisher_op {
-            let recorded = crate::store::commands::operation(&self.pool, command)
+            let recorded = crate::store::commands::operation(&self.world.pool, command)
                 .await?
                 .context("the publisher command was never recorded")?;
             let (status, op) = (recorded.status, recorded.operation_id);
@@ -1220,7 +1077,7 @@ impl Demo {
             format!("{} sent", webhooks.len()),
             delivered == webhooks.len() && !webhooks.is_empty(),
         );
-        let (pending, dead) = crate::store::timeline::outbox_counts(&self.pool, id).await?;
+        let (pending, dead) = crate::store::timeline::outbox_counts(&self.world.pool, id).await?;
         line(
             "outbox pending / dead",
             format!("{pending} / {dead}"),
@@ -1228,23 +1085,6 @@ impl Demo {
             pending == 0 && dead == 0,
         );
         Ok(ok)
-    }
-}
-
-/// The simulator's view of a subscription, in the engine's terms.
-fn sim_side(view: &Value) -> View {
-    let subscription = &view["subscription"];
-    let state = match subscription["saasSubscriptionStatus"]
-        .as_str()
-        .unwrap_or("?")
-    {
-        "PendingFulfillmentStart" | "NotStarted" => "PendingFulfillment",
-        other => other,
-    };
-    View {
-        state: state.to_string(),
-        plan: subscription["planId"].as_str().map(str::to_string),
-        quantity: subscription["quantity"].as_i64(),
     }
 }
 

@@ -13,8 +13,9 @@
 //! up logs and traces, [`metrics`] holds the Prometheus recorder and every metric name,
 //! [`worker`] is the shell around the machine (consumer, apply, effect runner, notices),
 //! [`web`] serves the landing page and the operator console (signed in with Entra ID),
-//! [`ops`] the operator tools, and [`cli`] maps the `fulfillment` subcommands onto all of
-//! them. `main.rs` only calls [`cli::main`].
+//! [`ops`] the operator tools, [`world`] starts all of it against a scratch database for
+//! `demo`, the benchmarks and the system tests, and [`cli`] maps the `fulfillment`
+//! subcommands onto all of them. `main.rs` only calls [`cli::main`].
 
 pub mod bench;
 pub mod cli;
@@ -33,3 +34,4 @@ pub mod telemetry;
 pub mod web;
 pub mod webhooks;
 pub mod worker;
+pub mod world;

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use marketplace_fulfillment::http::auth::{WebhookAuthConfig, WebhookVerifier};
 use marketplace_fulfillment::queue::InboundConsumer;
+use marketplace_fulfillment::world::rabbitmqctl;
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -939,29 +940,15 @@ fn the_entitlement_api_key_is_compared_in_constant_time() {
 // No secret in the logs of a whole demo run
 // ---------------------------------------------------------------------------------------
 
-/// `rabbitmqctl`, with its output on failure.
-fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
-
 /// A RabbitMQ user that exists for one test.
 struct RabbitUser(String);
 
 impl Drop for RabbitUser {
     fn drop(&mut self) {
-        let _ = rabbitmqctl(&["delete_user", &self.0]);
+        let delete = ["delete_user", &self.0];
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(delete)
+            .output();
     }
 }
 
@@ -979,10 +966,12 @@ async fn a_debug_level_demo_run_logs_no_secret() {
     // is not usable, guest/guest, and then "guest" must not appear as a URL password.
     let amqp_user = format!("attack-{}", &id[..12]);
     let amqp_password = format!("amqp-pass-{id}");
-    let _user_guard = match rabbitmqctl(&["add_user", &amqp_user, &amqp_password])
-        .and_then(|()| rabbitmqctl(&["set_permissions", "-p", "/", &amqp_user, ".*", ".*", ".*"]))
-    {
-        Ok(()) => Some(RabbitUser(amqp_user.clone())),
+    let added = match rabbitmqctl(&["add_user", &amqp_user, &amqp_password]).await {
+        Ok(_) => rabbitmqctl(&["set_permissions", "-p", "/", &amqp_user, ".*", ".*", ".*"]).await,
+        Err(error) => Err(error),
+    };
+    let _user_guard = match added {
+        Ok(_) => Some(RabbitUser(amqp_user.clone())),
         Err(error) => {
             eprintln!("no RabbitMQ user of our own ({error}); using guest");
             None

@@ -9,11 +9,13 @@
 
 mod stack;
 
+use marketplace_fulfillment::store::ledger::LogOutcome;
 use std::time::Duration;
 
 use marketplace_fulfillment::queue::InboundMessage;
+use marketplace_fulfillment::world::ChildProcess;
 use serde_json::json;
-use stack::{Options, Stack, WorkerProcess};
+use stack::{Options, Stack};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -96,11 +98,13 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
                 .events(*id)
                 .await
                 .iter()
-                .filter(|e| e.event_kind == "WebhookChangeQuantity" && e.outcome == "applied")
+                .filter(|e| {
+                    e.event_kind == "WebhookChangeQuantity" && e.outcome == LogOutcome::Applied
+                })
                 .count();
             assert_eq!(decided, 1, "{id}");
         }
-        let windows = stack.worker.as_ref().unwrap().consumer_activity().windows();
+        let windows = stack.workers[0].consumer_activity().windows();
         if windows.largest_with_a_rollback >= 2 {
             eprintln!("round {round}: {windows:?}");
             stack.finish().await;
@@ -146,7 +150,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
     stack.start_worker().await;
     stack.run_until_idle().await;
     for id in &ids {
-        let renewals: Vec<(String, String)> = stack
+        let renewals: Vec<(String, LogOutcome)> = stack
             .events(*id)
             .await
             .into_iter()
@@ -156,13 +160,13 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
         assert_eq!(
             renewals,
             [
-                (format!("renew-1-{id}"), "applied".to_string()),
-                (format!("renew-2-{id}"), "applied".to_string()),
+                (format!("renew-1-{id}"), LogOutcome::Applied),
+                (format!("renew-2-{id}"), LogOutcome::Applied),
             ],
             "{id}"
         );
     }
-    let windows = stack.worker.as_ref().unwrap().consumer_activity().windows();
+    let windows = stack.workers[0].consumer_activity().windows();
     assert!(windows.committed > 0, "{windows:?}");
     assert!(stack.drain_dlq().await.is_empty());
     stack.finish().await;
@@ -183,9 +187,9 @@ fn without_colours(text: &str) -> String {
     plain
 }
 
-async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut WorkerProcess]) {
+async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut ChildProcess]) {
     for worker in workers.iter_mut() {
-        assert!(worker.is_running(), "{}", worker.log_tail(40));
+        assert!(worker.exited().unwrap().is_none(), "{}", worker.log_tail());
     }
     stack
         .wait_for(&format!("{n} consumers on the inbound queue"), || async {
@@ -204,8 +208,8 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     })
     .await;
     let batch = [("WORKER_APPLY_BATCH", "16")];
-    let mut first = stack.spawn_worker_process(&batch);
-    let mut second = stack.spawn_worker_process(&batch);
+    let mut first = stack.spawn_worker_process(&batch).await;
+    let mut second = stack.spawn_worker_process(&batch).await;
     wait_for_consumers(&stack, 2, &mut [&mut first, &mut second]).await;
 
     // Bought with auto-activation (the Subscribe webhook is our first news, P12), then each
@@ -224,7 +228,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     }
     let only_ids: Vec<Uuid> = ids.iter().map(|(id, _)| *id).collect();
     stack.settle(&only_ids, Duration::from_secs(240)).await;
-    assert!(first.is_running() && second.is_running());
+    assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
     for (id, quantity) in &ids {
         let ours = stack.engine(*id).await.unwrap();
@@ -268,13 +272,11 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     assert!(stack.drain_dlq().await.is_empty());
     // The settings reached the processes: each logged its window size.
     for worker in [&first, &second] {
-        let log = without_colours(&worker.log());
+        let log = without_colours(&std::fs::read_to_string(&worker.log).unwrap());
         assert!(log.contains("apply_batch=16"), "{log}");
     }
 
-    first.terminate();
-    second.terminate();
-    assert!(first.wait_exit(Duration::from_secs(60)).await.success());
-    assert!(second.wait_exit(Duration::from_secs(60)).await.success());
+    let within = Duration::from_secs(60);
+    tokio::try_join!(first.stop_within(within), second.stop_within(within)).unwrap();
     stack.finish().await;
 }

@@ -9,90 +9,24 @@
 
 mod stack;
 
-use marketplace_fulfillment::http::Application;
-use marketplace_fulfillment::queue::Topology;
-use marketplace_fulfillment::settings::{OnboardingField, SessionKey};
+use marketplace_fulfillment::world::brand_as_contoso;
 use serde_json::json;
 use stack::{Options, Stack};
 use thirtyfour::prelude::*;
-use tokio_util::sync::CancellationToken;
-use url::Url;
 
 #[path = "common/browser.rs"]
 mod browser;
 
 use browser::Browser;
 
-/// A queue bound to the domain exchange, to read the events the worker publishes.
-async fn domain_events_queue(stack: &Stack) -> (lapin::Connection, lapin::Channel, String) {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    let connection = lapin::Connection::connect(
-        stack.settings.amqp.url.expose(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let queue = format!("{}.browser-domain-events", stack.settings.amqp.prefix);
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            Topology::new(&stack.settings.amqp.prefix)
-                .domain_exchange()
-                .as_str()
-                .into(),
-            "subscription.activated".into(),
-            QueueBindOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (connection, channel, queue)
-}
-
-/// An ingress with the ISV's branding and one onboarding question, beside the stack's (same
-/// database and broker, so the stack's worker activates what it queues).
-async fn branded_ingress(stack: &Stack) -> (Url, CancellationToken, tokio::task::JoinHandle<()>) {
-    let mut settings = stack.settings.clone();
-    settings.http.listen_addr = "127.0.0.1:0".parse().unwrap();
-    settings.web.session_key = Some(SessionKey::generate());
-    settings.web.branding.product_name = "Contoso Analytics".into();
-    settings.web.branding.support_contact = Some("support@contoso-analytics.example".into());
-    settings.web.branding.product_url =
-        Some("https://app.contoso-analytics.example/".parse().unwrap());
-    settings.web.onboarding_fields = vec![OnboardingField {
-        name: "company".into(),
-        label: "Company name".into(),
-    }];
-    let application = Application::build(settings).await.unwrap();
-    let base = Url::parse(&format!("http://{}/", application.local_addr())).unwrap();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn({
-        let stop = stop.clone();
-        async move { application.run_until_stopped(stop).await.unwrap() }
-    });
-    (base, stop, server)
-}
-
 #[tokio::test]
 async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chromium() {
-    let stack = Stack::start(Options::default()).await;
-    let (base, stop, server) = branded_ingress(&stack).await;
-    let (id, simulator_landing) = stack.purchase_with(json!({"planId": "silver"})).await;
-    let mut landing = base.join("/landing").unwrap();
-    landing.set_query(simulator_landing.query());
-    let (connection, channel, events) = domain_events_queue(&stack).await;
+    let stack = Stack::start(Options {
+        settings: brand_as_contoso,
+        ..Options::default()
+    })
+    .await;
+    let (id, landing) = stack.purchase_with(json!({"planId": "silver"})).await;
     let browser = Browser::start().await;
     let driver = &browser.driver;
 
@@ -172,21 +106,16 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
     // The worker's `subscription.activated` carries them to the ISV's product.
     let activated = stack
         .wait_for("subscription.activated published", || async {
-            let message = channel
-                .basic_get(
-                    events.as_str().into(),
-                    lapin::options::BasicGetOptions { no_ack: true },
-                )
-                .await
-                .unwrap()?;
-            serde_json::from_slice::<serde_json::Value>(&message.delivery.data).ok()
+            let mut events = stack.domain_events().await.into_iter();
+            let activated =
+                |e: &serde_json::Value| e["type"].as_str()?.ends_with(".activated").then_some(());
+            events.find(|(e, _)| activated(e).is_some()).map(|(e, _)| e)
         })
         .await;
     assert_eq!(
         activated["data"]["onboarding"],
         json!({"company": "Contoso Ltd"})
     );
-    let _ = connection.close(200, "done".into()).await;
 
     // Back later ("Manage account").
     driver.goto(landing.as_str()).await.unwrap();
@@ -236,7 +165,5 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
     );
 
     browser.quit().await;
-    stop.cancel();
-    server.await.unwrap();
     stack.finish().await;
 }

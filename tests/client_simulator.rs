@@ -10,40 +10,32 @@ use marketplace_fulfillment::marketplace::{
 };
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
+use marketplace_fulfillment::world::{SimHandle, simulator_env, wait_until};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
 const SECRET: &str = "client-simulator-secret";
+const WAIT: Duration = Duration::from_secs(10);
 
 struct Harness {
     sim: RunningSimulator,
     client: MarketplaceClient,
-    http: reqwest::Client,
+    admin: SimHandle,
 }
 
 impl Harness {
     async fn start(token_endpoint: &str) -> Self {
-        let tenant = Uuid::new_v4();
-        let app = Uuid::new_v4();
-        let mut config = SimulatorConfig::new(tenant, app);
+        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
         config.client_secret = Some(SecretString::from(SECRET));
         config.timings = Timings::fast();
         let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
             .await
             .unwrap();
-        let env: HashMap<String, String> = [
-            ("MARKETPLACE_API_URL", sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", tenant.to_string()),
-            ("MARKETPLACE_CLIENT_ID", app.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET", SECRET.to_string()),
-            ("MARKETPLACE_TOKEN_ENDPOINT", token_endpoint.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut env: HashMap<String, String> = simulator_env(&sim).into_iter().collect();
+        env.insert("MARKETPLACE_CLIENT_SECRET".into(), SECRET.into());
+        env.insert("MARKETPLACE_TOKEN_ENDPOINT".into(), token_endpoint.into());
         let settings = Settings::from_sources(None, &env).unwrap();
         let tokens = TokenProvider::new(&settings.marketplace).unwrap();
         let client = MarketplaceClient::new(&settings.marketplace, tokens)
@@ -55,83 +47,48 @@ impl Harness {
                 max_retry_after: Duration::from_secs(2),
                 give_up_beyond_cap: false,
             });
-        Self {
-            sim,
-            client,
+        let admin = SimHandle {
             http: reqwest::Client::new(),
-        }
-    }
-
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let response = self
-            .http
-            .request(method, self.sim.base_url().join(path).unwrap())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap_or(Value::Null)
+            base: sim.base_url(),
+        };
+        Self { sim, client, admin }
     }
 
     async fn purchase(&self, plan: &str, quantity: Option<u32>) -> (Uuid, String) {
-        let mut body = json!({"offerId": "contoso-analytics", "planId": plan});
-        if let Some(q) = quantity {
-            body["quantity"] = json!(q);
-        }
-        let created = self
-            .admin(reqwest::Method::POST, "simulator/purchases", body)
-            .await;
+        let body = json!({"planId": plan, "quantity": quantity});
+        let created = self.admin.purchase(body).await.unwrap();
         let id = created["subscriptionId"].as_str().unwrap().parse().unwrap();
         (id, created["token"].as_str().unwrap().to_string())
     }
 
     async fn set_faults(&self, faults: Value) {
-        self.admin(reqwest::Method::PUT, "simulator/faults", faults)
-            .await;
+        self.admin.set_faults(faults).await.unwrap();
     }
 
-    /// Polls until Microsoft's view of the subscription has `status`.
+    /// Waits until Microsoft's view of the subscription has `status`.
     async fn wait_for_status(&self, id: Uuid, status: SubscriptionStatus) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        wait_until(&format!("{id} {status:?}"), WAIT, || async {
             let sub = self
                 .client
                 .get_subscription(&CallContext::random(), id)
-                .await
-                .unwrap()
-                .into_value();
-            if sub.status.as_ref() == Some(&status) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "still {:?}", sub.status);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                .await;
+            (sub.unwrap().into_value().status.as_ref() == Some(&status)).then_some(())
+        })
+        .await
+        .unwrap()
     }
 
+    /// Waits until the operation at `location` is final.
     async fn poll_operation(&self, location: &url::Url) -> OperationStatus {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let operation = self
-                .client
-                .get_operation_at(&CallContext::random(), location)
-                .await
-                .unwrap()
-                .into_value();
-            match operation.status {
-                Some(
-                    status @ (OperationStatus::Succeeded
-                    | OperationStatus::Failed
-                    | OperationStatus::Conflict),
-                ) => return status,
-                other => assert!(Instant::now() < deadline, "operation still {other:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("a final operation", WAIT, || async {
+            let context = CallContext::random();
+            let operation = self.client.get_operation_at(&context, location).await;
+            let status = operation.unwrap().into_value().status?;
+            use OperationStatus::*;
+            matches!(status, Succeeded | Failed | Conflict).then_some(status)
+        })
+        .await
+        .unwrap()
     }
 }
 

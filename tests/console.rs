@@ -10,36 +10,28 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use marketplace_fulfillment::http::Application;
-use marketplace_fulfillment::settings::{OperatorRule, SessionKey};
+use marketplace_fulfillment::settings::{OperatorRule, SessionKey, Settings};
 use marketplace_fulfillment::simulator::customer::{Page, ScriptedCustomer, input_value};
 use marketplace_fulfillment::simulator::sign_in::{OPERATORS_GROUP_ID, READER_OBJECT_ID};
 use serde_json::json;
 use stack::{Options, Stack};
-use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
+/// The console's sign-in rules on the stack's own ingress: the simulator's operators'
+/// group may act, its `reader` may only look.
+fn console_rules(settings: &mut Settings) {
+    settings.web.session_key = Some(SessionKey::generate());
+    settings.web.console_operators = vec![OperatorRule::Group(OPERATORS_GROUP_ID)];
+    settings.web.console_read_only = vec![OperatorRule::ObjectId(READER_OBJECT_ID)];
+}
+
+/// The console of the stack's ingress.
 struct Console {
     base: Url,
-    stop: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Console {
-    async fn start(stack: &Stack) -> Console {
-        let mut settings = stack.settings.clone();
-        settings.http.listen_addr = "127.0.0.1:0".parse().unwrap();
-        settings.web.session_key = Some(SessionKey::generate());
-        settings.web.console_operators = vec![OperatorRule::Group(OPERATORS_GROUP_ID)];
-        settings.web.console_read_only = vec![OperatorRule::ObjectId(READER_OBJECT_ID)];
-        let application = Application::build(settings).await.unwrap();
-        let base = Url::parse(&format!("http://{}/", application.local_addr())).unwrap();
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(application.run_until_stopped(stop.clone()));
-        Console { base, stop, server }
-    }
-
     fn url(&self, path: &str) -> Url {
         self.base.join(path).unwrap()
     }
@@ -52,11 +44,6 @@ impl Console {
             .unwrap();
         assert_eq!(back.path(), "/console");
         browser
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.server.await.unwrap().unwrap();
     }
 }
 
@@ -82,8 +69,14 @@ async fn dead_letters_waiting(stack: &Stack) -> u32 {
 
 #[tokio::test]
 async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_dead_effect() {
-    let stack = Stack::start(Options::default()).await;
-    let console = Console::start(&stack).await;
+    let stack = Stack::start(Options {
+        settings: console_rules,
+        ..Options::default()
+    })
+    .await;
+    let console = Console {
+        base: stack.url("/").parse().unwrap(),
+    };
     let id = stack.subscribed("silver", None).await;
 
     // A dead effect: Microsoft answers 503 to everything while the customer changes plan.
@@ -367,6 +360,5 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
     assert_eq!(page.status, 404);
 
     tokio::time::sleep(Duration::from_millis(10)).await;
-    console.stop().await;
     stack.finish().await;
 }

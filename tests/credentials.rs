@@ -18,6 +18,7 @@ use marketplace_fulfillment::settings::{CredentialKind, Settings};
 use marketplace_fulfillment::simulator::{
     FEDERATED_AUDIENCE, FederatedCredential, RunningSimulator, Simulator, SimulatorConfig,
 };
+use marketplace_fulfillment::world::simulator_env;
 use secrecy::SecretString;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -45,19 +46,8 @@ impl Fixture {
 
     /// Settings of an engine pointed at the simulator, with `extra` variables.
     fn settings(&self, extra: &[(&str, String)]) -> Settings {
-        let config = self.sim.config();
-        let mut env: HashMap<String, String> = [
-            ("MARKETPLACE_API_URL", self.sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", self.sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
-            ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        for (k, v) in extra {
-            env.insert((*k).to_owned(), v.clone());
-        }
+        let mut env: HashMap<String, String> = simulator_env(&self.sim).into_iter().collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         Settings::from_sources(None, &env).unwrap()
     }
 

@@ -4,9 +4,10 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::TestDatabase;
-use sqlx::postgres::PgPool;
+use marketplace_fulfillment::store;
 
 fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (Output, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
@@ -26,21 +27,13 @@ fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (Output, String) {
 
 /// Drops `<name>_demo` if it is still there; returns whether it was.
 async fn drop_demo_database(db: &TestDatabase) -> bool {
-    let name = format!("{}_demo", db.url().url().path().trim_start_matches('/'));
-    let admin = db.url().with_path("/postgres");
-    let pool = PgPool::connect(admin.expose()).await.expect("PostgreSQL");
-    let existed: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&pool)
+    let demo = db
+        .url()
+        .with_path(&format!("{}_demo", db.url().url().path()));
+    let existed = store::connect_once(&demo, Duration::from_secs(5))
         .await
-        .unwrap();
-    pool.close().await;
+        .is_ok();
+    store::drop_database(&demo).await.unwrap();
     existed
 }
 

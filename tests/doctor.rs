@@ -5,95 +5,43 @@
 
 mod common;
 
-use common::TestDatabase;
+use common::{TestDatabase, base_settings};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::queue::Broker;
 use marketplace_fulfillment::settings::Settings;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig};
-use secrecy::SecretString;
+use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig};
+use marketplace_fulfillment::world::{World, WorldOptions};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-const SECRET: &str = "doctor-test-secret-value";
-
 /// A correct local deployment: a migrated database, the declared topology, the simulator
 /// as Microsoft.
-struct Deployment {
-    db: TestDatabase,
-    settings: Settings,
-    sim: RunningSimulator,
-    broker: Broker,
+async fn deployment() -> World {
+    World::start(&base_settings(), WorldOptions::bare("test"))
+        .await
+        .unwrap()
 }
 
-impl Deployment {
-    async fn start() -> Self {
-        let (db, pool) = TestDatabase::migrated().await;
-        pool.close().await;
-        let settings = db.settings.clone();
-        let broker = Broker::connect(&settings.amqp, "doctor-test")
-            .await
-            .expect("RabbitMQ");
-        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-        config.client_secret = Some(SecretString::from(SECRET));
-        let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
-            .await
-            .unwrap();
-        Self {
-            db,
-            settings,
-            sim,
-            broker,
-        }
+/// The environment of a correct setup; `overrides` replace or add variables.
+fn env(world: &World, overrides: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut env = world.process_env();
+    env.push(("LISTEN_ADDR".into(), "127.0.0.1:8080".into()));
+    env.push(("PUBLIC_URL".into(), "http://127.0.0.1:8080".into()));
+    for (key, value) in overrides {
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.clone()));
     }
+    env
+}
 
-    /// The environment of a correct setup; `overrides` replace or add variables.
-    fn env(&self, overrides: &[(&str, String)]) -> Vec<(String, String)> {
-        let config = self.sim.config();
-        let mut env: Vec<(String, String)> = [
-            (
-                "DATABASE_URL",
-                self.settings.database.url.expose().to_string(),
-            ),
-            ("AMQP_URL", self.settings.amqp.url.expose().to_string()),
-            (
-                "FULFILLMENT__AMQP__PREFIX",
-                self.settings.amqp.prefix.clone(),
-            ),
-            ("MARKETPLACE_API_URL", self.sim.api_url().to_string()),
-            ("ENTRA_AUTHORITY_URL", self.sim.authority_url().to_string()),
-            ("MARKETPLACE_TENANT_ID", config.tenant_id.to_string()),
-            ("MARKETPLACE_CLIENT_ID", config.client_id.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET", SECRET.to_string()),
-            ("LISTEN_ADDR", "127.0.0.1:8080".to_string()),
-            ("PUBLIC_URL", "http://127.0.0.1:8080".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        for (key, value) in overrides {
-            env.retain(|(k, _)| k != key);
-            env.push((key.to_string(), value.clone()));
-        }
-        env
-    }
-
-    /// `fulfillment doctor --json` with exactly this environment: (exit code, report).
-    async fn doctor_json(&self, overrides: &[(&str, String)]) -> (i32, Value, String) {
-        let (code, stdout, stderr) = run_doctor(&self.env(overrides), &["--json"]).await;
-        let report: Value = serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}):\n{stdout}\n{stderr}"));
-        (code, report, stdout)
-    }
-
-    async fn stop(self) {
-        self.broker.delete_topology().await.unwrap();
-        self.broker.close().await;
-        self.sim.shutdown().await.unwrap();
-        drop(self.db);
-    }
+/// `fulfillment doctor --json` with exactly this environment: (exit code, report).
+async fn doctor_json(world: &World, overrides: &[(&str, String)]) -> (i32, Value, String) {
+    let (code, stdout, stderr) = run_doctor(&env(world, overrides), &["--json"]).await;
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}):\n{stdout}\n{stderr}"));
+    (code, report, stdout)
 }
 
 async fn run_doctor(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
@@ -155,10 +103,10 @@ async fn closed_port() -> u16 {
 
 #[tokio::test]
 async fn a_correct_local_setup_passes_every_check() {
-    let deployment = Deployment::start().await;
+    let deployment = deployment().await;
 
     let expected = expected_problems(&deployment.settings).await;
-    let (code, report, stdout) = deployment.doctor_json(&[]).await;
+    let (code, report, stdout) = doctor_json(&deployment, &[]).await;
     assert_eq!(code, if expected.is_empty() { 0 } else { 1 }, "{report:#}");
     assert_eq!(report["ok"], expected.is_empty());
     for check in report["checks"].as_array().unwrap() {
@@ -176,9 +124,9 @@ async fn a_correct_local_setup_passes_every_check() {
             .contains("all 6 queues are quorum"),
         "{report:#}"
     );
-    assert!(!stdout.contains(SECRET));
+    assert!(!stdout.contains(&deployment.client_secret));
 
-    let (code, human, stderr) = run_doctor(&deployment.env(&[]), &[]).await;
+    let (code, human, stderr) = run_doctor(&env(&deployment, &[]), &[]).await;
     if expected.is_empty() {
         assert_eq!(code, 0, "{human}{stderr}");
         assert!(human.ends_with("all 13 checks passed\n"), "{human}");
@@ -193,11 +141,12 @@ async fn a_correct_local_setup_passes_every_check() {
             .all(|l| l.chars().count() <= 80 || !l.trim().contains(' ')),
         "{human}"
     );
-    assert!(!human.contains(SECRET) && !stderr.contains(SECRET));
+    let secret = deployment.client_secret.as_str();
+    assert!(!human.contains(secret) && !stderr.contains(secret));
     assert!(stderr.is_empty(), "{stderr}");
     println!("{human}");
 
-    deployment.stop().await;
+    deployment.teardown().await.unwrap();
 }
 
 /// One misconfiguration: the environment it takes, the check that must name it, words of
@@ -212,7 +161,7 @@ struct Seeded {
 
 #[tokio::test]
 async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
-    let deployment = Deployment::start().await;
+    let deployment = deployment().await;
     let closed = closed_port().await;
     // Another publisher's simulator: its API refuses tokens of ours, as Microsoft refuses
     // an app that is not the one of the offer.
@@ -388,7 +337,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
     let environmental = expected_problems(&deployment.settings).await;
     let mut failures = Vec::new();
     for case in &cases {
-        let (code, report, stdout) = deployment.doctor_json(&case.env).await;
+        let (code, report, stdout) = doctor_json(&deployment, &case.env).await;
         let named = check(&report, case.check);
         let detail = named["detail"].as_str().unwrap_or_default();
         let fix = named["fix"].as_str().unwrap_or_default();
@@ -422,7 +371,11 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
                 case.what
             ));
         }
-        for secret in [SECRET, "not-the-secret", "not-the-password"] {
+        for secret in [
+            &deployment.client_secret,
+            "not-the-secret",
+            "not-the-password",
+        ] {
             assert!(!stdout.contains(secret), "{}: {secret} printed", case.what);
         }
     }
@@ -430,18 +383,16 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
 
     other.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    deployment.stop().await;
+    deployment.teardown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_missing_or_unmigrated_database_asks_for_migrate() {
-    let deployment = Deployment::start().await;
+    let deployment = deployment().await;
 
     let missing = TestDatabase::new();
     let url = missing.url().expose().to_string();
-    let (code, report, _) = deployment
-        .doctor_json(&[("DATABASE_URL", url.clone())])
-        .await;
+    let (code, report, _) = doctor_json(&deployment, &[("DATABASE_URL", url.clone())]).await;
     assert_eq!(code, 1, "{report:#}");
     let reachable = check(&report, "postgres.reachable");
     assert_eq!(reachable["status"], "problem");
@@ -472,7 +423,7 @@ async fn a_missing_or_unmigrated_database_asks_for_migrate() {
         .await
         .unwrap();
     admin.close().await;
-    let (code, report, _) = deployment.doctor_json(&[("DATABASE_URL", url)]).await;
+    let (code, report, _) = doctor_json(&deployment, &[("DATABASE_URL", url)]).await;
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(check(&report, "postgres.reachable")["status"], "ok");
     let migrated = check(&report, "postgres.migrated");
@@ -487,12 +438,12 @@ async fn a_missing_or_unmigrated_database_asks_for_migrate() {
     assert_eq!(check(&report, "postgres.autovacuum")["status"], autovacuum);
 
     drop(missing);
-    deployment.stop().await;
+    deployment.teardown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_classic_queue_is_found_without_declaring_anything() {
-    let deployment = Deployment::start().await;
+    let deployment = deployment().await;
     let prefix = format!("doctor-classic-{}", Uuid::new_v4().simple());
     let inbound = format!("{prefix}.inbound");
     let connection = Connection::connect(
@@ -511,9 +462,11 @@ async fn a_classic_queue_is_found_without_declaring_anything() {
         .await
         .unwrap();
 
-    let (code, report, _) = deployment
-        .doctor_json(&[("FULFILLMENT__AMQP__PREFIX", prefix.clone())])
-        .await;
+    let (code, report, _) = doctor_json(
+        &deployment,
+        &[("FULFILLMENT__AMQP__PREFIX", prefix.clone())],
+    )
+    .await;
     assert_eq!(code, 1, "{report:#}");
     let quorum = check(&report, "rabbitmq.quorum");
     assert_eq!(quorum["status"], "problem", "{quorum:#}");
@@ -544,7 +497,7 @@ async fn a_classic_queue_is_found_without_declaring_anything() {
         .await
         .unwrap();
     let _ = connection.close(200, "done".into()).await;
-    deployment.stop().await;
+    deployment.teardown().await.unwrap();
 }
 
 /// A PostgreSQL server of the test's own (initdb in /tmp, a free port, autovacuum at its
@@ -643,10 +596,10 @@ impl Drop for PrivatePostgres {
 /// default shows a correct setup passing every check.
 #[tokio::test]
 async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
-    let deployment = Deployment::start().await;
+    let deployment = deployment().await;
     if !server_autovacuum_is_off(&deployment.settings).await {
         // The shared server is correct: the test above already expects exit 0.
-        deployment.stop().await;
+        deployment.teardown().await.unwrap();
         return;
     }
     let postgres = PrivatePostgres::start();
@@ -660,7 +613,7 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
         .unwrap();
     assert!(migrate.status.success(), "{migrate:?}");
 
-    let env = deployment.env(&[("DATABASE_URL", postgres.url())]);
+    let env = env(&deployment, &[("DATABASE_URL", postgres.url())]);
     let (code, human, stderr) = run_doctor(&env, &[]).await;
     assert_eq!(code, 0, "{human}{stderr}");
     assert!(human.ends_with("all 13 checks passed\n"), "{human}");
@@ -671,7 +624,7 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
     println!("{human}");
 
     drop(postgres);
-    deployment.stop().await;
+    deployment.teardown().await.unwrap();
 }
 
 #[tokio::test]

@@ -6,38 +6,16 @@
 
 mod stack;
 
-use std::process::Output;
-
 use marketplace_fulfillment::store::timeline;
 use marketplace_fulfillment::worker::protocol::CommandStatus;
 use serde_json::{Value, json};
 use stack::{Options, Stack};
 use uuid::Uuid;
 
+/// `fulfillment ARGS` against the stack as the operator `effects-tester`.
 async fn cli(stack: &Stack, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-    command
-        .args(args)
-        .env_remove("FULFILLMENT_CONFIG")
-        .env_remove("COLUMNS")
-        .env("RUST_LOG", "warn")
-        .env("FULFILLMENT_OPERATOR", "effects-tester");
-    for (key, value) in &stack.process_env {
-        command.env(key, value);
-    }
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = command.output().await.expect("run fulfillment");
-    (
-        status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&stdout).into_owned(),
-        String::from_utf8_lossy(&stderr).into_owned(),
-    )
+    let operator = [("FULFILLMENT_OPERATOR", "effects-tester")];
+    stack.cli(args, &[env, &operator].concat()).await
 }
 
 fn json_of(text: &str) -> Value {

@@ -437,18 +437,6 @@ fn demo_database(db: &TestDatabase) -> (String, PgPool) {
     (name, pool)
 }
 
-async fn drop_database(db: &TestDatabase, name: &str) {
-    let admin = PgPool::connect(db.url().with_path("/postgres").expose())
-        .await
-        .expect("PostgreSQL");
-    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-}
-
 /// A `publish_domain_event` row: decision, subscription, effect, created, status, position
 /// among its decision's domain events, how many.
 type OutboxEvent = (Uuid, Uuid, Value, OffsetDateTime, String, i64, i64);
@@ -481,7 +469,10 @@ async fn the_domain_event_schemas_validate_every_event_the_demo_emits() {
     .fetch_all(&pool)
     .await;
     pool.close().await;
-    drop_database(&db, &name).await;
+    let demo = db.url().with_path(&format!("/{name}"));
+    marketplace_fulfillment::store::drop_database(&demo)
+        .await
+        .unwrap();
     assert!(
         output.status.success(),
         "exit {:?}\n{stdout}\n{}",

@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 
 use proptest::prelude::*;
@@ -972,31 +971,32 @@ mod router_fixture {
     use axum::Router;
     use axum::body::{Body, Bytes};
     use axum::http::{HeaderMap, Request, StatusCode};
-    use common::TestDatabase;
     use http_body_util::BodyExt;
     use marketplace_fulfillment::http::{AppState, router};
     use marketplace_fulfillment::settings::Settings;
-    use marketplace_fulfillment::simulator::{
-        RunningSimulator, Simulator, SimulatorConfig, Timings,
-    };
+    use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
+    use marketplace_fulfillment::world::{World, WorldOptions};
     use secrecy::SecretString;
-    use sqlx::postgres::PgPool;
-    use tokio::net::TcpListener;
     use tokio::runtime::Runtime;
     use tower::ServiceExt;
-    use uuid::Uuid;
 
     pub const API_KEY: &str = "fuzz-entitlement-k3y";
-    const CLIENT_SECRET: &str = "fuzz-client-s3cret";
 
+    /// The ingress's router on a [`World`] of its own (database, topology, simulator),
+    /// called without a socket.
     pub struct Fixture {
-        pub runtime: Runtime,
-        pub sim: RunningSimulator,
+        pub world: World,
         pub state: AppState,
         pub router: Router,
-        pub pool: PgPool,
-        pub settings: Settings,
-        _db: TestDatabase,
+        /// Dropped last: the world's connections close on it.
+        pub runtime: Runtime,
+    }
+
+    impl std::ops::Deref for Fixture {
+        type Target = World;
+        fn deref(&self) -> &World {
+            &self.world
+        }
     }
 
     pub struct Answer {
@@ -1025,41 +1025,29 @@ mod router_fixture {
     impl Fixture {
         pub fn new() -> Self {
             let runtime = Runtime::new().unwrap();
-            let (db, pool, sim, settings, state) = runtime.block_on(async {
-                let (db, pool) = TestDatabase::migrated().await;
-                let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-                config.client_secret = Some(SecretString::from(CLIENT_SECRET));
-                config.timings = Timings::fast();
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let sim = Simulator::start(config, listener).await.unwrap();
-                let mut env: HashMap<String, String> = std::env::vars().collect();
-                for (key, value) in [
-                    ("DATABASE_URL", db.url().expose().to_string()),
-                    ("FULFILLMENT__AMQP__PREFIX", db.settings.amqp.prefix.clone()),
-                    ("MARKETPLACE_API_URL", sim.api_url().to_string()),
-                    ("ENTRA_AUTHORITY_URL", sim.authority_url().to_string()),
-                    ("MARKETPLACE_TENANT_ID", sim.config().tenant_id.to_string()),
-                    ("MARKETPLACE_CLIENT_ID", sim.config().client_id.to_string()),
-                    ("MARKETPLACE_CLIENT_SECRET", CLIENT_SECRET.to_string()),
-                    ("ENTITLEMENT_API_KEY", API_KEY.to_string()),
-                ] {
-                    env.insert(key.to_string(), value);
-                }
-                let settings = Settings::from_sources(None, &env).expect("fuzz settings");
-                let state = AppState::from_settings(&settings)
+            let (world, state) = runtime.block_on(async {
+                let mut base = common::base_settings();
+                base.ingress.api_key = Some(SecretString::from(API_KEY));
+                let configure = Box::new(|_: &mut Settings, config: &mut SimulatorConfig| {
+                    config.timings = Timings::fast();
+                    Ok(())
+                });
+                let options = WorldOptions {
+                    configure,
+                    ..WorldOptions::bare("test")
+                };
+                let world = World::start(&base, options).await.expect("the world");
+                let state = AppState::from_settings(&world.settings)
                     .await
-                    .expect("connect the ingress state");
-                (db, pool, sim, settings, state)
+                    .expect("state");
+                (world, state)
             });
             let router = router(state.clone());
             Self {
                 runtime,
-                sim,
+                world,
                 state,
                 router,
-                pool,
-                settings,
-                _db: db,
             }
         }
 
@@ -1085,15 +1073,11 @@ mod router_fixture {
 
     impl Drop for Fixture {
         fn drop(&mut self) {
+            // The world removes its topology and database when dropped.
             let state = self.state.clone();
-            let pool = self.pool.clone();
             self.runtime.block_on(async {
-                if let Err(error) = state.broker.delete_topology().await {
-                    eprintln!("cannot delete the fuzz topology: {error}");
-                }
                 state.broker.close().await;
                 state.pool.close().await;
-                pool.close().await;
             });
         }
     }

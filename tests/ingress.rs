@@ -13,6 +13,7 @@ use marketplace_fulfillment::queue::{InboundConsumer, InboundDelivery, InboundMe
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::Timings;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
+use marketplace_fulfillment::world::rabbitmqctl;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase};
@@ -450,24 +451,11 @@ async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_act
     app.finish().await;
 }
 
-/// Runs `rabbitmqctl` with arguments; panics with its output when it fails.
-async fn rabbitmqctl(args: &[&str]) {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 async fn create_vhost(vhost: &str) {
-    rabbitmqctl(&["add_vhost", vhost]).await;
-    rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]).await;
+    rabbitmqctl(&["add_vhost", vhost]).await.unwrap();
+    rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"])
+        .await
+        .unwrap();
 }
 
 /// Removes the test vhost even when an assertion fails.
@@ -508,7 +496,7 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
     );
 
     // Outage: the vhost disappears, its connections are closed and cannot come back.
-    rabbitmqctl(&["delete_vhost", &vhost]).await;
+    rabbitmqctl(&["delete_vhost", &vhost]).await.unwrap();
     let (_, _, during) = webhook_body("Suspend");
     let response = app.post_webhook(Some(&token), during).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -18,10 +18,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use marketplace_fulfillment::http::Application;
-use marketplace_fulfillment::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use marketplace_fulfillment::settings::{ApiScope, ScopedApiKey};
+use marketplace_fulfillment::worker::WorkerConfig;
 use marketplace_fulfillment::worker::protocol::deliver::DeliveryConfig;
-use marketplace_fulfillment::worker::{Worker, WorkerConfig, WorkerParts};
 use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -124,37 +123,18 @@ async fn start_receiver() -> (SocketAddr, Shared) {
 /// The in-process worker with fast delivery clocks and a long retry schedule, so an
 /// endpoint failing for a while loses nothing.
 async fn start_worker(stack: &mut Stack) {
-    let tokens = TokenProvider::new(&stack.settings.marketplace).unwrap();
-    let client = MarketplaceClient::new(&stack.settings.marketplace, tokens)
-        .unwrap()
-        .with_retry_policy(RetryPolicy {
-            min_delay: Duration::from_millis(5),
-            max_delay: Duration::from_millis(20),
-            max_attempts: 2,
-            max_retry_after: Duration::from_millis(50),
-            give_up_beyond_cap: false,
-        });
-    let parts = WorkerParts {
-        pool: stack.pool.clone(),
-        broker: stack.broker.clone(),
-        client,
-        policy: stack.settings.policy.clone(),
-        api_url: stack.settings.marketplace.api_url.clone(),
+    let deliveries = DeliveryConfig {
+        schedule: vec![Duration::from_millis(100); 200],
+        timeout: Duration::from_millis(400),
+        ..DeliveryConfig::fast()
     };
     let config = WorkerConfig {
         prefetch: 8,
         effects: Options::default().effects,
-        deliveries: DeliveryConfig {
-            schedule: vec![Duration::from_millis(100); 200],
-            timeout: Duration::from_millis(400),
-            ..DeliveryConfig::fast()
-        },
+        deliveries,
         ..WorkerConfig::default()
     };
-    let worker = Worker::spawn(parts, config, CancellationToken::new())
-        .await
-        .expect("worker");
-    stack.worker = Some(worker);
+    stack.add_worker(config).await.expect("worker");
 }
 
 fn accepted(shared: &Shared) -> Vec<Received> {

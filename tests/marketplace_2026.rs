@@ -6,6 +6,7 @@
 
 mod stack;
 
+use marketplace_fulfillment::store::ledger::LogOutcome;
 use std::time::Duration;
 
 use marketplace_fulfillment::ops::reconcile;
@@ -499,7 +500,7 @@ async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine
             .events(renewing)
             .await
             .iter()
-            .any(|r| r.event_kind == "WebhookRenew" && r.outcome == "applied")
+            .any(|r| r.event_kind == "WebhookRenew" && r.outcome == LogOutcome::Applied)
     );
     assert_eq!(stack.engine(renewing).await.unwrap().state, "Subscribed");
     stack.finish().await;

@@ -212,7 +212,7 @@ async fn lost_answers_never_bill_an_hour_twice() {
 async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expire() {
     let mut stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
-    stop_worker(&mut stack).await;
+    stack.stop_workers().await;
     let h = this_hour();
     // Its hour started more than 24 h ago: Microsoft would answer Expired.
     let (status, answer) = report(
@@ -274,7 +274,7 @@ async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expi
 async fn usage_for_an_hour_already_submitted_is_reported_as_late_never_sent_again() {
     let mut stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("silver", None).await;
-    stop_worker(&mut stack).await;
+    stack.stop_workers().await;
     let hour = this_hour() - time::Duration::hours(2);
     let (status, _) = report(&stack, event(id, "api-calls", 10.0, hour, "first")).await;
     assert_eq!(status, 200);
@@ -534,10 +534,4 @@ async fn the_cli_imports_a_csv_after_a_dry_run_and_lists_and_reconciles_the_hour
     assert!(out.contains("no differences"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
     stack.finish().await;
-}
-
-/// Stops the in-process worker (and with it the closing of hours), so a test can close
-/// hours itself at chosen times.
-async fn stop_worker(stack: &mut Stack) {
-    stack.worker.take().unwrap().stop().await.unwrap();
 }

@@ -12,6 +12,7 @@ use marketplace_fulfillment::queue::{
     PublisherCommand, RetryOutcome, Topology,
 };
 use marketplace_fulfillment::settings::{AmqpSettings, Settings};
+use marketplace_fulfillment::world::{rabbitmqctl, wait_until};
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -60,24 +61,10 @@ async fn next_delivery(consumer: &mut InboundConsumer) -> InboundDelivery {
         .expect("a delivery, not an error")
 }
 
-async fn rabbitmqctl(args: &[&str]) -> String {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
 async fn rabbitmqctl_json(args: &[&str]) -> Vec<Value> {
     let mut all = args.to_vec();
     all.extend(["--formatter", "json", "--quiet"]);
-    let text = rabbitmqctl(&all).await;
+    let text = rabbitmqctl(&all).await.unwrap();
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
@@ -96,11 +83,10 @@ async fn wait_until_empty(queue: &str) {
 }
 
 async fn wait_until_empty_in(vhost: &str, queue: &str) {
-    let start = Instant::now();
-    while messages_in(vhost, queue).await != 0 {
-        assert!(start.elapsed() < WAIT, "{queue} did not empty");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let empty = || async { (messages_in(vhost, queue).await == 0).then_some(()) };
+    wait_until(&format!("{queue} to empty"), WAIT, empty)
+        .await
+        .unwrap();
 }
 
 /// Fetches (and acks) one message from `queue` with a plain lapin channel.
@@ -110,22 +96,15 @@ async fn get_one(queue: &str) -> lapin::message::BasicGetMessage {
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let start = Instant::now();
-    loop {
-        let got = channel
-            .basic_get(
-                queue.into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap();
-        if let Some(message) = got {
-            let _ = connection.close(200, "done".into()).await;
-            return message;
-        }
-        assert!(start.elapsed() < WAIT, "nothing arrived on {queue}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let get = || async {
+        let options = lapin::options::BasicGetOptions { no_ack: true };
+        channel.basic_get(queue.into(), options).await.unwrap()
+    };
+    let message = wait_until(&format!("a message on {queue}"), WAIT, get)
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    message
 }
 
 fn header(message: &lapin::message::BasicGetMessage, key: &str) -> Option<String> {
@@ -549,8 +528,10 @@ struct TestVhost {
 
 impl TestVhost {
     async fn create(name: &str) -> Self {
-        rabbitmqctl(&["add_vhost", name]).await;
-        rabbitmqctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]).await;
+        rabbitmqctl(&["add_vhost", name]).await.unwrap();
+        rabbitmqctl(&["set_permissions", "-p", name, "guest", ".*", ".*", ".*"])
+            .await
+            .unwrap();
         Self { name: name.into() }
     }
 
@@ -567,11 +548,12 @@ impl TestVhost {
             &self.name,
             "test: forced close",
         ])
-        .await;
+        .await
+        .unwrap();
     }
 
     async fn delete(self) {
-        rabbitmqctl(&["delete_vhost", &self.name]).await;
+        rabbitmqctl(&["delete_vhost", &self.name]).await.unwrap();
     }
 }
 
@@ -659,7 +641,9 @@ async fn the_broker_replaces_a_connection_that_lapin_cannot_recover() {
     let mut consumer = broker.consume_inbound(5, "replace-test").await.unwrap();
 
     // While access is refused, lapin's reconnection fails and it gives up on the connection.
-    rabbitmqctl(&["clear_permissions", "-p", &vhost.name, "guest"]).await;
+    rabbitmqctl(&["clear_permissions", "-p", &vhost.name, "guest"])
+        .await
+        .unwrap();
     vhost.close_all_connections().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     rabbitmqctl(&[
@@ -671,7 +655,8 @@ async fn the_broker_replaces_a_connection_that_lapin_cannot_recover() {
         ".*",
         ".*",
     ])
-    .await;
+    .await
+    .unwrap();
 
     let after = meta();
     tokio::time::timeout(WAIT, publisher.publish_inbound(&webhook(), &after))

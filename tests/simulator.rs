@@ -14,6 +14,7 @@ use marketplace_fulfillment::settings::MARKETPLACE_APP_ID;
 use marketplace_fulfillment::simulator::{
     IssuerVersion, RunningSimulator, Simulator, SimulatorConfig, Timings,
 };
+use marketplace_fulfillment::world::wait_until;
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -153,22 +154,6 @@ impl TestSim {
     }
 }
 
-/// Polls `check` until it yields a value or the deadline passes.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A publisher webhook endpoint that records calls and answers from a script (then 200).
 #[derive(Clone, Default)]
 struct Receiver {
@@ -198,12 +183,13 @@ impl Receiver {
     }
 
     async fn wait_for(&self, action: &str) -> (HeaderMap, Value) {
-        eventually(&format!("a {action} webhook"), || async {
+        wait_until(&format!("a {action} webhook"), DEADLINE, || async {
             self.calls()
                 .into_iter()
                 .find(|(_, body)| body["action"] == action)
         })
         .await
+        .unwrap()
     }
 }
 
@@ -478,11 +464,12 @@ async fn a_purchase_resolves_with_the_decoded_token_and_activates_asynchronously
     assert_eq!(activate.status(), StatusCode::OK);
     assert_eq!(activate.content_length(), Some(0));
 
-    let active = eventually("Subscribed", || async {
+    let active = wait_until("Subscribed", DEADLINE, || async {
         let sub = s.subscription(id).await;
         (sub["saasSubscriptionStatus"] == "Subscribed").then_some(sub)
     })
-    .await;
+    .await
+    .unwrap();
     assert!(active["term"]["startDate"].as_str().unwrap().ends_with('Z'));
     assert!(active["term"]["endDate"].is_string());
 
@@ -584,10 +571,11 @@ async fn a_customer_plan_change_sends_a_verifiable_webhook_and_is_auto_accepted(
             .iter()
             .any(|o| o["id"] == op_id.as_str())
     );
-    eventually("auto-accept", || async {
+    wait_until("auto-accept", DEADLINE, || async {
         (s.subscription(&id).await["planId"] == "gold").then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(s.operation(&id, &op_id).await["status"], "Succeeded");
 }
 
@@ -662,10 +650,11 @@ async fn a_4xx_answer_to_a_change_webhook_rejects_it() {
         .await
         .unwrap();
     let op_id = op["operationId"].as_str().unwrap();
-    eventually("rejection", || async {
+    wait_until("rejection", DEADLINE, || async {
         (s.operation(&id, op_id).await["status"] == "Failed").then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(s.subscription(&id).await["planId"], "silver");
     let view = s.view(&id).await;
     let delivery = view["webhooks"]
@@ -777,7 +766,7 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
     let poll = |location: String| {
         let s = &s;
         async move {
-            eventually("operation to finish", || {
+            wait_until("operation to finish", DEADLINE, || {
                 let location = s.rebased(&location);
                 async move {
                     let op: Value = s
@@ -794,6 +783,7 @@ async fn publisher_changes_complete_asynchronously_and_lock_the_subscription() {
                 }
             })
             .await
+            .unwrap()
         }
     };
     let op = poll(location).await;
@@ -905,12 +895,13 @@ async fn a_webhook_answered_500_twice_is_delivered_on_the_third_attempt() {
     receiver.script.lock().unwrap().extend([500, 500]);
     let s = TestSim::start(Some(webhook), |_| {}).await;
     let id = s.purchase_active("gold").await;
-    let delivery = eventually("delivery", || async {
+    let delivery = wait_until("delivery", DEADLINE, || async {
         let view = s.view(&id).await;
         let delivery = view["webhooks"][0].clone();
         (delivery["delivered"] == true).then_some(delivery)
     })
-    .await;
+    .await
+    .unwrap();
     let codes: Vec<u64> = delivery["attempts"]
         .as_array()
         .unwrap()
@@ -1153,10 +1144,11 @@ async fn admin_actions_follow_the_lifecycle_and_refuse_invalid_transitions() {
         s.act(&id, json!({"action": "Reinstate"})).await.status(),
         StatusCode::ACCEPTED
     );
-    eventually("reinstatement", || async {
+    wait_until("reinstatement", DEADLINE, || async {
         (s.subscription(&id).await["saasSubscriptionStatus"] == "Subscribed").then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     assert_eq!(
         s.act(&id, json!({"action": "Unsubscribe"})).await.status(),
         StatusCode::ACCEPTED
@@ -1201,7 +1193,7 @@ async fn webhook_faults_duplicate_deliveries_and_inject_unknown_actions_with_v1_
         StatusCode::ACCEPTED
     );
 
-    let calls = eventually("duplicate and injected webhooks", || async {
+    let calls = wait_until("duplicate and injected webhooks", DEADLINE, || async {
         let calls = receiver.calls();
         let renews = calls.iter().filter(|(_, b)| b["action"] == "Renew").count();
         let odd = calls
@@ -1210,7 +1202,8 @@ async fn webhook_faults_duplicate_deliveries_and_inject_unknown_actions_with_v1_
             .count();
         (renews == 2 && odd == 1).then_some(calls)
     })
-    .await;
+    .await
+    .unwrap();
     let (headers, renew) = calls.iter().find(|(_, b)| b["action"] == "Renew").unwrap();
     assert_eq!(renew["status"], "Succeeded");
     let token = bearer(headers);
@@ -1644,24 +1637,27 @@ async fn terms_renew_or_end_and_the_suspension_grace_ends_on_a_compressed_calend
         let s = &s;
         async move { s.subscription(&id).await["saasSubscriptionStatus"].clone() }
     };
-    eventually("the suspension grace to end", || async {
+    wait_until("the suspension grace to end", DEADLINE, || async {
         (status(suspended.clone()).await == "Unsubscribed").then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     assert!(
         started.elapsed() >= day * 30,
         "unsubscribed after {:?}, before 30 days",
         started.elapsed()
     );
-    eventually("the term without autoRenew to end", || async {
+    wait_until("the term without autoRenew to end", DEADLINE, || async {
         (status(ending.clone()).await == "Unsubscribed").then_some(())
     })
-    .await;
-    let renewed = eventually("the term to renew", || async {
+    .await
+    .unwrap();
+    let renewed = wait_until("the term to renew", DEADLINE, || async {
         let term = s.subscription(&renewing).await["term"].clone();
         (term["startDate"] != first_term["startDate"]).then_some(term)
     })
-    .await;
+    .await
+    .unwrap();
     // The new term starts the day after the old one ended.
     let day_after = |date: &str| {
         let date = time::Date::parse(
@@ -1690,13 +1686,14 @@ async fn terms_renew_or_end_and_the_suspension_grace_ends_on_a_compressed_calend
         (&suspended, "Unsubscribe"),
         (&renewing, "Renew"),
     ] {
-        eventually(&format!("{action} webhook of {id}"), || async {
+        wait_until(&format!("{action} webhook of {id}"), DEADLINE, || async {
             receiver
                 .calls()
                 .iter()
                 .any(|(_, body)| body["subscriptionId"] == id.as_str() && body["action"] == action)
                 .then_some(())
         })
-        .await;
+        .await
+        .unwrap();
     }
 }

@@ -4,6 +4,7 @@
 
 mod stack;
 
+use marketplace_fulfillment::store::ledger::LogOutcome;
 use std::time::{Duration, Instant};
 
 use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
@@ -52,7 +53,7 @@ async fn a_resolved_purchase_is_activated_exactly_once_and_announced() {
     assert!(
         events
             .iter()
-            .any(|e| e.event_kind == "ActivationConfirmed" && e.outcome == "applied"),
+            .any(|e| e.event_kind == "ActivationConfirmed" && e.outcome == LogOutcome::Applied),
         "{events:#?}"
     );
     let done: i64 = sqlx::query_scalar(
@@ -151,7 +152,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
         app.events(seats)
             .await
             .iter()
-            .any(|e| e.event_kind == "WebhookChangeQuantity" && e.outcome == "rejected")
+            .any(|e| e.event_kind == "WebhookChangeQuantity" && e.outcome == LogOutcome::Rejected)
     );
     app.finish().await;
 }
@@ -178,7 +179,7 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
     let events = app.events(id).await;
     let decisions = events
         .iter()
-        .filter(|e| e.event_kind == "WebhookChangePlan" && e.outcome == "applied")
+        .filter(|e| e.event_kind == "WebhookChangePlan" && e.outcome == LogOutcome::Applied)
         .count();
     assert_eq!(decisions, 1, "{events:#?}");
     // The copy is in the event log, ignored as a duplicate.
@@ -186,7 +187,7 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
         .iter()
         .filter(|e| {
             e.event_kind == "WebhookChangePlan"
-                && e.outcome == "ignored"
+                && e.outcome == LogOutcome::Ignored
                 && e.reason
                     .as_deref()
                     .is_some_and(|r| r.starts_with("duplicate event"))
@@ -321,7 +322,7 @@ async fn effects_outlast_transient_faults_and_permanent_failures_end_dead_with_t
     assert!(
         app.events(id).await.iter().any(|e| {
             e.event_kind == "effect:ack_operation"
-                && e.outcome == "recorded"
+                && e.outcome == LogOutcome::Recorded
                 && e.reason.as_deref().is_some_and(|r| r.starts_with("dead:"))
         }),
         "the death is in the event log"
@@ -451,7 +452,7 @@ async fn assert_lost_answer_was_followed(app: &Stack, id: Uuid) {
     );
     let events = app.events(id).await;
     assert!(
-        events.iter().any(|e| e.outcome == "recorded"
+        events.iter().any(|e| e.outcome == LogOutcome::Recorded
             && e.reason
                 .as_deref()
                 .is_some_and(|r| r.starts_with("outcome unknown"))),

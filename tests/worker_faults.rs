@@ -7,6 +7,7 @@ mod stack;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use marketplace_fulfillment::store::ledger::LogOutcome;
 use serde_json::{Value, json};
 use stack::{LogRow, Options, Stack, View, WAIT};
 use uuid::Uuid;
@@ -20,7 +21,7 @@ fn view(state: &str, plan: &str, quantity: Option<i64>) -> Option<View> {
 }
 
 fn is_inbox_duplicate(row: &LogRow) -> bool {
-    row.outcome == "ignored"
+    row.outcome == LogOutcome::Ignored
         && row
             .reason
             .as_deref()
@@ -147,7 +148,9 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
         duplicates += dups;
         stale += rows
             .iter()
-            .filter(|r| r.outcome == "ignored" && r.reason.as_deref() == Some("stale event"))
+            .filter(|r| {
+                r.outcome == LogOutcome::Ignored && r.reason.as_deref() == Some("stale event")
+            })
             .count();
         assert_contiguous(id, &rows);
         for op in [&seat_change, &plan_change, &second_seat_change] {
@@ -283,7 +286,7 @@ async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
     let rows = stack.events(id).await;
     assert!(
         rows.iter()
-            .any(|r| r.event_kind == "WebhookChangeQuantity" && r.outcome == "rejected"),
+            .any(|r| r.event_kind == "WebhookChangeQuantity" && r.outcome == LogOutcome::Rejected),
         "{rows:#?}"
     );
     assert!(
@@ -418,7 +421,7 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     );
     let rows = stack.events(auto).await;
     assert_eq!(rows[0].event_kind, "Observed", "GET first: {rows:#?}");
-    assert_eq!(rows[0].outcome, "applied");
+    assert_eq!(rows[0].outcome, LogOutcome::Applied);
     let request_id: Option<String> = sqlx::query_scalar(
         "SELECT request_id FROM subscription_events WHERE subscription_id = $1 AND sequence = 1",
     )
@@ -435,7 +438,7 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     );
     let rows = stack.events(never).await;
     assert_eq!(rows[0].event_kind, "Observed", "{rows:#?}");
-    assert_eq!(rows[0].outcome, "applied");
+    assert_eq!(rows[0].outcome, LogOutcome::Applied);
     assert_eq!(rows[1].event_kind, "WebhookUnsubscribe", "{rows:#?}");
 
     // Microsoft does not know it either (404): a tombstone, and the 404 in the log.
@@ -467,7 +470,7 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     assert_eq!(stack.engine(stranger).await.unwrap().state, "Unsubscribed");
     assert!(
         rows.iter()
-            .any(|r| r.event_kind == "WebhookUnsubscribe" && r.outcome == "applied"),
+            .any(|r| r.event_kind == "WebhookUnsubscribe" && r.outcome == LogOutcome::Applied),
         "{rows:#?}"
     );
     stack.finish().await;

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
+use marketplace_fulfillment::world::ChildProcess;
 use serde_json::json;
-use stack::{Options, Stack, WorkerProcess};
+use stack::{Options, Stack};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -124,9 +125,9 @@ async fn assert_each_event_decided_once(stack: &Stack) {
     assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
 }
 
-async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut WorkerProcess]) {
+async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut ChildProcess]) {
     for worker in workers.iter_mut() {
-        assert!(worker.is_running(), "{}", worker.log_tail(40));
+        assert!(worker.exited().unwrap().is_none(), "{}", worker.log_tail());
     }
     stack
         .wait_for(&format!("{n} consumers on the inbound queue"), || async {
@@ -139,13 +140,13 @@ async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut WorkerPro
 async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_double_transition() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
-    let mut first = stack.spawn_worker_process(&[]);
-    let mut second = stack.spawn_worker_process(&[]);
+    let mut first = stack.spawn_worker_process(&[]).await;
+    let mut second = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 2, &mut [&mut first, &mut second]).await;
 
     let ids = burst(&stack, 200).await;
     stack.settle(&ids, BURST_DEADLINE).await;
-    assert!(first.is_running() && second.is_running());
+    assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
     assert_each_event_decided_once(&stack).await;
     // Each customer change was ACKed by exactly one execution, inside the window.
@@ -190,10 +191,8 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
     assert_eq!(stack.outbox_left().await, (0, 0));
     assert!(stack.drain_dlq().await.is_empty());
 
-    first.terminate();
-    second.terminate();
-    assert!(first.wait_exit(Duration::from_secs(60)).await.success());
-    assert!(second.wait_exit(Duration::from_secs(60)).await.success());
+    let within = Duration::from_secs(60);
+    tokio::try_join!(first.stop_within(within), second.stop_within(within)).unwrap();
     stack.finish().await;
 }
 
@@ -201,7 +200,7 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
 async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
-    let mut doomed = stack.spawn_worker_process(&[]);
+    let mut doomed = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 1, &mut [&mut doomed]).await;
 
     let first_ids = {
@@ -223,7 +222,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     let more = burst(&stack, 60);
     let (mut ids, ()) = tokio::join!(more, async {
         // SIGKILL: no chance to finish the message or the effects in hand.
-        doomed.kill();
+        doomed.kill().await.unwrap();
     });
     let decided_at_kill: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM subscription_events WHERE event_kind LIKE 'Webhook%'",
@@ -238,7 +237,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
         "the burst was over before the kill ({decided_at_kill} decisions)"
     );
 
-    let mut successor = stack.spawn_worker_process(&[]);
+    let mut successor = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
     stack.settle(&ids, BURST_DEADLINE).await;
 
@@ -257,8 +256,10 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
     assert!(stack.drain_dlq().await.is_empty());
-    successor.terminate();
-    assert!(successor.wait_exit(Duration::from_secs(60)).await.success());
+    successor
+        .stop_within(Duration::from_secs(60))
+        .await
+        .unwrap();
     stack.finish().await;
 }
 
@@ -266,7 +267,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
 async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
-    let mut worker = stack.spawn_worker_process(&[]);
+    let mut worker = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
     // Every call to Microsoft takes 3 s: the worker's GET of the unknown subscription (P12)
     // is still under way when SIGTERM arrives.
@@ -282,9 +283,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
             taken.then(|| hook["operationId"].as_str().unwrap().to_string())
         })
         .await;
-    worker.terminate();
-    let status = worker.wait_exit(Duration::from_secs(60)).await;
-    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(40));
+    worker.stop_within(Duration::from_secs(60)).await.unwrap();
     // The message was finished: decided, committed, acked.
     let rows = stack.events(id).await;
     let decisions: Vec<_> = rows
@@ -299,7 +298,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
 
     // A successor finds nothing to redo: no redelivery, no second decision.
     stack.set_faults(json!({})).await;
-    let mut successor = stack.spawn_worker_process(&[]);
+    let mut successor = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
     let rows = stack.events(id).await;
@@ -316,8 +315,10 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
             .count(),
         1
     );
-    successor.terminate();
-    assert!(successor.wait_exit(Duration::from_secs(60)).await.success());
+    successor
+        .stop_within(Duration::from_secs(60))
+        .await
+        .unwrap();
     stack.finish().await;
 }
 
@@ -327,8 +328,9 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     let stack = Stack::start(options()).await;
     // Every call takes 3 s below, and the ACK's confirmation follows it: a grace well past
     // that, so this checks the drain, not the grace (tests/chaos.rs checks the grace).
-    let mut worker =
-        stack.spawn_worker_process(&[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "120")]);
+    let mut worker = stack
+        .spawn_worker_process(&[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "120")])
+        .await;
     wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
     let (id, _) = stack.purchase("per-seat", Some(4), true).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
@@ -353,9 +355,9 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
             (pending == 1 && free == 0).then_some(())
         })
         .await;
-    worker.terminate();
-    let status = worker.wait_exit(Duration::from_secs(60)).await;
-    assert_eq!(status.code(), Some(0), "{}", worker.log_tail(40));
+    let log = worker.log.clone();
+    worker.keep_log = true;
+    worker.stop_within(Duration::from_secs(60)).await.unwrap();
     let (status, attempts): (String, i32) =
         sqlx::query_as("SELECT status, attempts FROM outbox WHERE kind = 'ack_operation'")
             .fetch_one(&stack.pool)
@@ -364,12 +366,13 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     assert_eq!(
         (status.as_str(), attempts),
         ("done", 0),
-        "the ACK was finished; the worker's log ends:\n{}",
-        worker.log_tail(40)
+        "the ACK was finished; the worker's log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
+    let _ = std::fs::remove_file(log);
 
     stack.set_faults(json!({})).await;
-    let mut successor = stack.spawn_worker_process(&[]);
+    let mut successor = stack.spawn_worker_process(&[]).await;
     wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
     let acks = stack
@@ -388,8 +391,10 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
         .cloned()
         .unwrap();
     assert_eq!(operation["resolution"], "acknowledged Success", "{view}");
-    successor.terminate();
-    assert!(successor.wait_exit(Duration::from_secs(60)).await.success());
+    successor
+        .stop_within(Duration::from_secs(60))
+        .await
+        .unwrap();
     stack.finish().await;
 }
 

@@ -72,6 +72,7 @@ use super::harness::{
 use super::measure::round;
 use crate::settings::Settings;
 use crate::simulator::SimulatorView;
+use crate::world::{rabbitmqctl, run_tool};
 use time::OffsetDateTime;
 
 /// The faults of the issue: shares of API calls answered 500 and 429, of webhooks sent
@@ -864,33 +865,6 @@ async fn close_connections(prefix: &str) -> anyhow::Result<usize> {
         rabbitmqctl(&["close_connection", pid, "bench chaos: forced close"]).await?;
     }
     Ok(pids.len())
-}
-
-async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
-    run_tool("rabbitmqctl", args).await
-}
-
-/// Runs a tool with a time limit; its stdout, or an error with its stderr.
-async fn run_tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .with_context(|| format!("`{program} {}` did not finish within 60 s", args.join(" ")))?
-    .with_context(|| format!("cannot run {program}"))?;
-    if !output.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A shell step of a disturbance: a program and its arguments.

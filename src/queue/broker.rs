@@ -326,6 +326,19 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes one queue outside the topology (a test's own listening queue).
+    pub async fn delete_queue(&self, queue: &str) -> Result<(), QueueError> {
+        let channel = self.open_channel().await?;
+        let deleted = channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        close_quietly(channel, "deleted");
+        deleted.map(|_| ()).map_err(|e| QueueError::Declare {
+            name: queue.to_string(),
+            reason: format!("delete failed: {e}"),
+        })
+    }
+
     /// Messages ready in `queue` and its consumers, as RabbitMQ counts them now.
     pub async fn queue_counts(&self, queue: &str) -> Result<(u32, u32), QueueError> {
         let channel = self.open_channel().await?;

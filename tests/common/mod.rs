@@ -9,11 +9,17 @@ use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 /// Settings as the process environment gives them (so `DATABASE_URL` still points the tests
-/// at another server), with a fresh database name and a fresh RabbitMQ prefix.
+/// at another server), e.g. the base a `World` derives its names from.
+pub fn base_settings() -> Settings {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    Settings::from_sources(None, &env).expect("settings from the environment")
+}
+
+/// [`base_settings`] with a fresh database name and a fresh RabbitMQ prefix.
 pub fn test_settings() -> Settings {
     let mut env: HashMap<String, String> = std::env::vars().collect();
     let id = Uuid::new_v4().simple().to_string();
-    let base = Settings::from_sources(None, &env).expect("settings from the environment");
+    let base = base_settings();
     let url = base
         .database
         .url

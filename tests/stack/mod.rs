@@ -1,15 +1,16 @@
-//! The one test world: the whole stack for system tests, wired as in production. The
-//! simulator on port 0 sends signed webhooks through a tap (which records them, and can
-//! turn deaf to lose them) to the real ingress (`Application`), which publishes them to
-//! RabbitMQ; workers (in-process, or `fulfillment work` child processes) apply them to a
-//! fresh PostgreSQL database and call the simulator back. Every test gets its own database
-//! and RabbitMQ prefix; both are removed when the [`Stack`] is dropped, also when the test
-//! panics, and child processes are killed. Domain events are collected on a queue of the
-//! test's own and checked against their schemas (docs/events/).
+//! The one test world: [`marketplace_fulfillment::world::World`] — the start path `demo`
+//! and the benchmarks share — wired for system tests. The simulator on port 0 sends signed
+//! webhooks through a tap (which records them, and can turn deaf to lose them) to the real
+//! ingress, which publishes them to RabbitMQ; workers (in-process, or `fulfillment work`
+//! child processes) apply them to the world's database and call the simulator back. Every
+//! test gets its own database and RabbitMQ prefix; both are removed when the [`Stack`] is
+//! dropped, also when the test panics. Domain events are collected on a queue of the test's
+//! own and checked against their schemas (docs/events/).
 //!
 //! Waiting is by condition, never by a bare sleep: [`Stack::run_until_idle`] returns once
-//! the queues, the outbox, the workers and the simulator's deliveries are all at rest;
-//! [`Stack::wait_for`] and its named forms poll one condition with a deadline.
+//! the queues, the workers and the simulator's deliveries are at rest; [`Stack::settle`]
+//! also waits for both sides to agree; [`Stack::wait_for`] and its named forms wait for one
+//! condition with a deadline.
 //!
 //! ```ignore
 //! let stack = Stack::start(Options::with_policy(json!({"seats": {"max": 10}}))).await;
@@ -36,34 +37,32 @@ mod tap;
 
 #[allow(unused_imports)]
 pub use common::{TestDatabase, test_settings};
+pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
+pub use marketplace_fulfillment::world::View;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fulfillment_state_machine::NoticePolicy;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::http::{AppState, Application, router};
-use marketplace_fulfillment::marketplace::{
-    CallContext, MarketplaceClient, RetryPolicy, TokenProvider,
-};
+use marketplace_fulfillment::http::{AppState, router};
+use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
 use marketplace_fulfillment::queue::{
-    Broker, InboundMessage, MessageMeta, Publisher, PublisherCommand, Topology, dead_letters,
+    Broker, InboundMessage, MessageMeta, Publisher, PublisherCommand,
 };
-use marketplace_fulfillment::settings::{AmqpSettings, Settings};
-use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
+use marketplace_fulfillment::settings::Settings;
+use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
+use marketplace_fulfillment::store;
 use marketplace_fulfillment::worker::{
-    EffectsConfig, MetricsListener, ProtocolConfig, Worker, WorkerConfig, WorkerParts,
+    EffectsConfig, MetricsListener, ProtocolConfig, WorkerConfig,
 };
-use secrecy::SecretString;
+use marketplace_fulfillment::world::{
+    ChildProcess, SimHandle, World, WorldOptions, activate_on_landing, wait_until,
+};
 use serde_json::{Value, json};
-use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -71,7 +70,6 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-pub const CLIENT_SECRET: &str = "stack-test-secret";
 pub const API_KEY: &str = "stack-test-key";
 
 /// How long one condition may take to come true. Generous: the machine is shared.
@@ -98,6 +96,8 @@ pub struct Options {
     /// Variables on top of the environment the settings are read from (an empty value
     /// removes one), e.g. `("ACTIVATION_MODE", "manual")`.
     pub env: Vec<(&'static str, String)>,
+    /// Last changes to the settings (e.g. `world::brand_as_contoso`).
+    pub settings: fn(&mut Settings),
 }
 
 impl Default for Options {
@@ -119,6 +119,7 @@ impl Default for Options {
             retry_delays: None,
             prefetch: 8,
             env: Vec::new(),
+            settings: |_| {},
         }
     }
 }
@@ -153,92 +154,46 @@ pub fn patient_effects() -> EffectsConfig {
     }
 }
 
-/// State, plan and seats as one side sees them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct View {
-    pub state: String,
-    pub plan: Option<String>,
-    pub quantity: Option<i64>,
-}
-
-/// One row of the event log.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct LogRow {
-    pub sequence: i64,
-    pub event_kind: String,
-    pub outcome: String,
-    pub reason: Option<String>,
-    pub message_id: Option<String>,
-    pub event_key: String,
-    pub event: Value,
-}
-
+/// The world and what tests add to it: the tap, the test's domain-event queue, a
+/// publisher, child-process settings. Derefs to the [`World`] (`pool`, `settings`, `sim`,
+/// `broker`, `client`, `workers`).
 pub struct Stack {
-    pub settings: Settings,
-    pub pool: PgPool,
-    pub sim: RunningSimulator,
+    pub world: World,
     pub ingress: SocketAddr,
     pub http: reqwest::Client,
-    /// The first in-process worker.
-    pub worker: Option<Worker>,
-    /// In-process workers started after the first.
-    pub more_workers: Vec<Worker>,
-    /// The in-process workers' broker (also used to read the queues).
-    pub broker: Broker,
+    /// The simulator's admin API.
+    pub admin: SimHandle,
     /// Publishes on the inbound queue as the ingress and the landing page do.
     pub publisher: Publisher,
-    /// A Marketplace client on the simulator, with the workers' fast retry policy.
-    pub client: MarketplaceClient,
     /// Bound to the domain exchange: every domain event the test's workers publish.
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
     tap: tap::Tap,
-    effects: EffectsConfig,
-    prefetch: u16,
-    /// Stops the ingress.
-    shutdown: CancellationToken,
+    worker_config: WorkerConfig,
+    /// An ingress started by [`Stack::restart_ingress`], and what stops it.
+    restarted: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     /// Stops what else the stack serves (the worker's listener).
     background: CancellationToken,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
-    _topology: TopologyGuard,
-    _db: TestDatabase,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
 }
 
 impl Stack {
     pub async fn start(options: Options) -> Stack {
-        let (db, pool) = TestDatabase::migrated().await;
-        let domain_queue = format!("{}.test-domain-events", db.settings.amqp.prefix);
-        let topology = TopologyGuard {
-            amqp: db.settings.amqp.clone(),
-            retry_delays: options.retry_delays.clone(),
-            domain_queue: domain_queue.clone(),
-        };
-        let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim_base: Url = format!("http://{}/", sim_listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let tenant = Uuid::new_v4();
-        let client_id = Uuid::new_v4();
-        let mut process_env: Vec<(String, String)> = vec![
-            ("DATABASE_URL".into(), db.url().expose().to_string()),
-            ("AMQP_URL".into(), db.settings.amqp.url.expose().to_string()),
-            (
-                "FULFILLMENT__AMQP__PREFIX".into(),
-                db.settings.amqp.prefix.clone(),
-            ),
-            (
-                "MARKETPLACE_API_URL".into(),
-                sim_base.join("api").unwrap().to_string(),
-            ),
-            ("ENTRA_AUTHORITY_URL".into(), sim_base.to_string()),
-            ("MARKETPLACE_TENANT_ID".into(), tenant.to_string()),
-            ("MARKETPLACE_CLIENT_ID".into(), client_id.to_string()),
-            ("MARKETPLACE_CLIENT_SECRET".into(), CLIENT_SECRET.into()),
-        ];
         let mut env: HashMap<String, String> = std::env::vars().collect();
         env.remove("FULFILLMENT_CONFIG");
-        env.extend(process_env.iter().cloned());
         env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
         env.insert("ENTITLEMENT_API_KEY".into(), API_KEY.into());
         for (key, value) in &options.env {
@@ -247,150 +202,108 @@ impl Stack {
                 false => env.insert(key.to_string(), value.clone()),
             };
         }
-        let mut settings = Settings::from_sources(None, &env).expect("stack settings");
+        let mut base = Settings::from_sources(None, &env).expect("stack settings");
         if options.policy != json!({}) {
-            settings.policy = serde_json::from_value(options.policy).expect("a policy");
+            base.policy = serde_json::from_value(options.policy).expect("a policy");
         }
-        settings.policy.notices = options.notices.clone();
-        // Small pools: the PostgreSQL server is shared by every test running at once.
-        settings.database.max_connections = 6;
+        base.policy.notices = options.notices.clone();
+        (options.settings)(&mut base);
+        let tap = tap::Tap::start().await;
+        let worker_config = WorkerConfig {
+            prefetch: options.prefetch,
+            effects: options.effects,
+            ..WorkerConfig::default()
+        };
+        let (timings, simulator) = (options.timings, options.simulator);
+        let world_options = WorldOptions {
+            ingress: true,
+            webhook_url: Some(tap.url()),
+            worker: options.in_process_worker.then(|| worker_config.clone()),
+            client_retries: Some(RetryPolicy {
+                min_delay: Duration::from_millis(5),
+                max_delay: Duration::from_millis(20),
+                max_attempts: 2,
+                max_retry_after: Duration::from_millis(50),
+                give_up_beyond_cap: false,
+            }),
+            retry_delays: options.retry_delays,
+            configure: Box::new(
+                move |settings: &mut Settings, config: &mut SimulatorConfig| {
+                    // A small pool for the ingress: the PostgreSQL server is shared by every test
+                    // running at once (the world's own pool, which the workers share, keeps the
+                    // default size).
+                    settings.database.max_connections = 6;
+                    config.timings = timings;
+                    simulator(config);
+                    Ok(())
+                },
+            ),
+            ..WorldOptions::bare("test")
+        };
+        let mut world = World::start(&base, world_options).await.expect("the world");
+        let ingress = world.ingress.expect("an ingress");
+        tap.forward_to(format!("http://{ingress}/webhook").parse().unwrap());
+        let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
+        world.delete_at_teardown(domain_queue.clone());
+        bind_queue(
+            &world.settings,
+            &domain_queue,
+            &world.broker.topology().domain_exchange(),
+        )
+        .await;
+        let mut process_env = world.process_env();
         // Millisecond clocks for worker processes, through the [worker] settings.
-        for (key, value) in [
-            ("FULFILLMENT__DATABASE__MAX_CONNECTIONS", "6"),
-            ("FULFILLMENT__WORKER__PREFETCH", "8"),
-            ("FULFILLMENT__WORKER__EFFECT_CONCURRENCY", "2"),
-            ("FULFILLMENT__WORKER__POLL_INTERVAL_MS", "100"),
-            ("FULFILLMENT__WORKER__BACKOFF_BASE_MS", "50"),
-            ("FULFILLMENT__WORKER__BACKOFF_MAX_MS", "500"),
-            ("FULFILLMENT__WORKER__OPERATION_POLL_INTERVAL_MS", "100"),
-            ("FULFILLMENT__WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100"),
-        ] {
-            process_env.push((key.into(), value.into()));
-        }
         let notice_days: Vec<String> = options
             .notices
             .term_ending_days
             .iter()
             .map(u32::to_string)
             .collect();
-        process_env.push((
-            "FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS".into(),
-            notice_days.join(","),
-        ));
-        process_env.push((
-            "FULFILLMENT__WORKER__NOTICE_DAY_MS".into(),
-            options.notices.day.as_millis().to_string(),
-        ));
-
-        let application = Application::build(settings.clone())
-            .await
-            .expect("build the ingress");
-        let ingress = application.local_addr();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
-        let tap = tap::Tap::start(format!("http://{ingress}/webhook").parse().unwrap()).await;
-
-        let mut config = SimulatorConfig::new(tenant, client_id);
-        config.client_secret = Some(SecretString::from(CLIENT_SECRET));
-        config.webhook_url = Some(tap.url());
-        config.landing_page_url = Some(format!("http://{ingress}/landing").parse().unwrap());
-        config.timings = options.timings;
-        (options.simulator)(&mut config);
-        let sim = Simulator::start(config, sim_listener)
-            .await
-            .expect("start the simulator");
-
-        let tiers = match &options.retry_delays {
-            Some(delays) => Topology::with_retry_delays(&settings.amqp.prefix, delays),
-            None => Topology::new(&settings.amqp.prefix),
-        };
-        let broker = Broker::connect_with_topology(&settings.amqp, "stack-test", tiers)
-            .await
-            .expect("RabbitMQ");
-        let publisher = broker.publisher().await.expect("a publisher");
-        bind_queue(
-            &settings,
-            &domain_queue,
-            &broker.topology().domain_exchange(),
-        )
-        .await;
-        let tokens = TokenProvider::new(&settings.marketplace).unwrap();
-        let client = MarketplaceClient::new(&settings.marketplace, tokens)
-            .unwrap()
-            .with_retry_policy(RetryPolicy {
-                min_delay: Duration::from_millis(5),
-                max_delay: Duration::from_millis(20),
-                max_attempts: 2,
-                max_retry_after: Duration::from_millis(50),
-                give_up_beyond_cap: false,
-            });
-        let mut stack = Stack {
-            settings,
-            pool,
-            sim,
+        for (key, value) in [
+            ("DATABASE__MAX_CONNECTIONS", "6".to_string()),
+            ("WORKER__PREFETCH", "8".into()),
+            ("WORKER__EFFECT_CONCURRENCY", "2".into()),
+            ("WORKER__POLL_INTERVAL_MS", "100".into()),
+            ("WORKER__BACKOFF_BASE_MS", "50".into()),
+            ("WORKER__BACKOFF_MAX_MS", "500".into()),
+            ("WORKER__OPERATION_POLL_INTERVAL_MS", "100".into()),
+            ("WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100".into()),
+            ("WORKER__TERM_ENDING_NOTICE_DAYS", notice_days.join(",")),
+            (
+                "WORKER__NOTICE_DAY_MS",
+                options.notices.day.as_millis().to_string(),
+            ),
+        ] {
+            process_env.push((format!("FULFILLMENT__{key}"), value));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Stack {
+            admin: world.sim_admin(&http),
+            publisher: world.broker.publisher().await.expect("a publisher"),
             ingress,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-            worker: None,
-            more_workers: Vec::new(),
-            broker,
-            publisher,
-            client,
+            http,
+            world,
             domain_queue,
             process_env,
             tap,
-            effects: options.effects,
-            prefetch: options.prefetch,
-            shutdown,
+            worker_config,
+            restarted: None,
             background: CancellationToken::new(),
-            server: Some(server),
-            _topology: topology,
-            _db: db,
-        };
-        if options.in_process_worker {
-            stack.start_worker().await;
         }
-        stack
     }
 
-    /// Starts an in-process worker (the first is [`Stack::worker`], later ones
-    /// [`Stack::more_workers`]): fast effect clocks, a fast client retry policy.
+    /// Starts one more in-process worker: fast effect clocks, a fast client retry policy.
     pub async fn start_worker(&mut self) {
-        let parts = WorkerParts {
-            pool: self.pool.clone(),
-            broker: self.broker.clone(),
-            client: self.client.clone(),
-            policy: self.settings.policy.clone(),
-            api_url: self.settings.marketplace.api_url.clone(),
-        };
-        let config = WorkerConfig {
-            prefetch: self.prefetch,
-            consumer_tag: String::new(),
-            effects: self.effects.clone(),
-            ..WorkerConfig::default()
-        };
-        let worker = Worker::spawn(parts, config, CancellationToken::new())
-            .await
-            .expect("worker");
-        if self.worker.is_none() {
-            self.worker = Some(worker);
-        } else {
-            self.more_workers.push(worker);
-        }
+        let config = self.worker_config.clone();
+        self.world.add_worker(config).await.expect("worker");
     }
 
     /// Stops the in-process workers (their messages wait in the queue).
     pub async fn stop_workers(&mut self) {
-        let workers = self
-            .worker
-            .take()
-            .into_iter()
-            .chain(self.more_workers.drain(..));
-        for worker in workers {
-            worker.stop().await.expect("the worker stops");
-        }
+        self.world.stop_workers().await.expect("the workers stop");
     }
 
     /// Serves the worker's listener (`/metrics`, `/healthz`, `/readyz`) on port 0 until
@@ -405,59 +318,91 @@ impl Stack {
         address
     }
 
-    /// Every in-process worker.
-    fn workers(&self) -> impl Iterator<Item = &Worker> {
-        self.worker.iter().chain(&self.more_workers)
-    }
-
-    /// Stops the workers, the ingress and the simulator and checks the domain events left
-    /// on the test's queue against their schemas; the guards then delete the queues and
-    /// drop the database.
+    /// Stops the workers, the ingress and the simulator, checks the domain events left on
+    /// the test's queue against their schemas and removes the queues and the database.
     pub async fn finish(mut self) {
         self.stop_workers().await;
         self.domain_events().await;
-        self.shutdown.cancel();
         self.background.cancel();
-        if let Some(server) = self.server.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+        if let Some((stop, server)) = self.restarted.take() {
+            stop.cancel();
+            let _ = server.await;
         }
-        self.broker.close().await;
-        let _ = self.sim.shutdown().await;
-        self.pool.close().await;
+        self.world.teardown().await.expect("the world's teardown");
     }
 
     // ---- the simulator (Microsoft and the customer) -------------------------------------
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let response = self
-            .http
-            .request(method, self.sim.base_url().join(path).unwrap())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        let answer: Value = response.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{path}: {status} {answer}");
-        answer
+        self.admin.call(method, path, body).await.unwrap()
     }
 
     pub async fn set_faults(&self, faults: Value) {
-        self.admin(reqwest::Method::PUT, "simulator/faults", faults)
-            .await;
+        self.admin.set_faults(faults).await.unwrap();
     }
 
     /// A purchase with every field of `POST /simulator/purchases` (`offerId` defaults to
     /// `contoso-analytics`): `(subscription id, landing page URL)`.
-    pub async fn purchase_with(&self, mut body: Value) -> (Uuid, Url) {
-        if body.get("offerId").is_none() {
-            body["offerId"] = json!("contoso-analytics");
-        }
-        let created = self
-            .admin(reqwest::Method::POST, "simulator/purchases", body)
-            .await;
-        landing(&created)
+    pub async fn purchase_with(&self, body: Value) -> (Uuid, Url) {
+        landing(&self.admin.purchase(body).await.unwrap())
     }
+
+    /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).
+    pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Value {
+        let body = json!({"planId": plan, "quantity": quantity, "autoActivate": auto});
+        self.admin.purchase(body).await.unwrap()
+    }
+
+    /// A purchase: `(subscription id, landing page URL)`.
+    pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
+        landing(&self.buy(plan, quantity, auto).await)
+    }
+
+    /// A customer/Microsoft action (`{action, planId?, quantity?}`); returns the operation id.
+    pub async fn act(&self, id: Uuid, body: Value) -> String {
+        self.admin.act(id, body).await.unwrap().to_string()
+    }
+
+    pub async fn sim_view(&self, id: Uuid) -> Value {
+        self.admin.view(id).await.unwrap()
+    }
+
+    /// Every subscription the simulator knows, by id.
+    pub async fn sim_views(&self) -> HashMap<Uuid, Value> {
+        let all = self.admin.get("simulator/subscriptions").await.unwrap();
+        let all = all["subscriptions"].as_array().unwrap().iter();
+        all.map(|v| {
+            (
+                v["subscription"]["id"].as_str().unwrap().parse().unwrap(),
+                v.clone(),
+            )
+        })
+        .collect()
+    }
+
+    pub async fn sim_side(&self, id: Uuid) -> View {
+        View::of_sim_view(&self.sim_view(id).await)
+    }
+
+    /// The customer opens the landing page (through the ingress), signs in at the
+    /// simulator's Entra stand-in and asks for activation (the form's POST).
+    pub async fn open_landing(&self, landing: &Url) {
+        activate_on_landing(landing).await.unwrap();
+    }
+
+    /// Purchase, landing page, automatic activation; returns once both sides say Subscribed.
+    pub async fn subscribed(&self, plan: &str, quantity: Option<u32>) -> Uuid {
+        let (id, landing) = self.purchase(plan, quantity, false).await;
+        self.open_landing(&landing).await;
+        self.wait_for(&format!("{id} Subscribed on both sides"), || async {
+            let ours = self.engine(id).await?;
+            (ours.state == "Subscribed" && Some(ours) == self.microsoft(id)).then_some(())
+        })
+        .await;
+        id
+    }
+
+    // ---- the ingress ----------------------------------------------------------------------
 
     /// Our entitlement API (`/api/v1/...`) with the stack's key: `(status, JSON body)`.
     pub async fn entitlement(
@@ -498,9 +443,8 @@ impl Stack {
         token: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
-        let mut request = self
-            .http
-            .post(self.url("/webhook"))
+        let request = self.http.post(self.url("/webhook"));
+        let mut request = request
             .header("content-type", "application/json")
             .body(body);
         if let Some(token) = token {
@@ -511,18 +455,20 @@ impl Stack {
 
     /// Tells the ingress to shut down; returns its task to await.
     pub fn begin_ingress_shutdown(&mut self) -> JoinHandle<anyhow::Result<()>> {
-        self.shutdown.cancel();
-        self.server.take().expect("the ingress runs")
+        match self.restarted.take() {
+            Some((stop, server)) => {
+                stop.cancel();
+                server
+            }
+            None => self.world.stop_ingress().expect("the ingress runs"),
+        }
     }
 
     /// Replaces the ingress by the production router on a new port, its state
     /// `customise`d (e.g. a webhook verifier of its own); the tap follows it. (The
     /// simulator's landing page URL still names the first ingress.)
     pub async fn restart_ingress(&mut self, customise: impl FnOnce(&Settings, &mut AppState)) {
-        if let Some(server) = self.server.take() {
-            self.shutdown.cancel();
-            let _ = server.await;
-        }
+        let _ = self.begin_ingress_shutdown().await;
         let mut state = AppState::from_settings(&self.settings)
             .await
             .expect("state");
@@ -530,166 +476,78 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.ingress = listener.local_addr().unwrap();
         self.tap.forward_to(self.url("/webhook").parse().unwrap());
-        self.shutdown = CancellationToken::new();
-        let stop = self.shutdown.clone();
-        self.server = Some(tokio::spawn(async move {
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(async move {
             axum::serve(listener, router(state.clone()))
-                .with_graceful_shutdown(stop.cancelled_owned())
+                .with_graceful_shutdown(stopped.cancelled_owned())
                 .await?;
             state.broker.close().await;
             state.pool.close().await;
             Ok(())
-        }));
-    }
-
-    /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).
-    pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Value {
-        let mut body =
-            json!({"offerId": "contoso-analytics", "planId": plan, "autoActivate": auto});
-        if let Some(quantity) = quantity {
-            body["quantity"] = json!(quantity);
-        }
-        self.admin(reqwest::Method::POST, "simulator/purchases", body)
-            .await
-    }
-
-    /// A purchase: `(subscription id, landing page URL)`.
-    pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
-        let created = self.buy(plan, quantity, auto).await;
-        landing(&created)
-    }
-
-    /// The customer opens the landing page (through the ingress), signs in at the
-    /// simulator's Entra stand-in and asks for activation (the form's POST).
-    pub async fn open_landing(&self, landing: &Url) {
-        let customer = ScriptedCustomer::new("customer").unwrap();
-        let page = customer
-            .activate(landing, &[])
-            .await
-            .unwrap_or_else(|e| panic!("landing page: {e:#}"));
-        assert!(
-            page.status.is_success(),
-            "landing page: {} {}",
-            page.status,
-            page.html
-        );
-    }
-
-    /// Purchase, landing page, automatic activation; returns once both sides say Subscribed.
-    pub async fn subscribed(&self, plan: &str, quantity: Option<u32>) -> Uuid {
-        let (id, landing) = self.purchase(plan, quantity, false).await;
-        self.open_landing(&landing).await;
-        self.wait_for(&format!("{id} Subscribed on both sides"), || async {
-            let ours = self.engine(id).await?;
-            (ours.state == "Subscribed" && ours == self.sim_side(id).await).then_some(())
-        })
-        .await;
-        id
-    }
-
-    /// A customer/Microsoft action (`{action, planId?, quantity?}`); returns the operation id.
-    pub async fn act(&self, id: Uuid, body: Value) -> String {
-        let answer = self
-            .admin(
-                reqwest::Method::POST,
-                &format!("simulator/subscriptions/{id}/actions"),
-                body,
-            )
-            .await;
-        answer["operationId"].as_str().unwrap().to_string()
-    }
-
-    pub async fn sim_view(&self, id: Uuid) -> Value {
-        self.admin(
-            reqwest::Method::GET,
-            &format!("simulator/subscriptions/{id}"),
-            Value::Null,
-        )
-        .await
-    }
-
-    /// Every subscription the simulator knows, by id.
-    pub async fn sim_views(&self) -> HashMap<Uuid, Value> {
-        let all = self
-            .admin(reqwest::Method::GET, "simulator/subscriptions", Value::Null)
-            .await;
-        all["subscriptions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                (
-                    v["subscription"]["id"].as_str().unwrap().parse().unwrap(),
-                    v.clone(),
-                )
-            })
-            .collect()
-    }
-
-    pub async fn sim_side(&self, id: Uuid) -> View {
-        sim_side(&self.sim_view(id).await)
+        });
+        self.restarted = Some((stop, server));
     }
 
     // ---- our side --------------------------------------------------------------------
 
     pub async fn engine(&self, id: Uuid) -> Option<View> {
-        let row: Option<(String, Option<String>, Option<i32>)> =
-            sqlx::query_as("SELECT state, plan_id, quantity FROM subscriptions WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .unwrap();
-        row.map(|(state, plan, quantity)| View {
-            state,
-            plan,
-            quantity: quantity.map(i64::from),
-        })
+        self.world.engine(id).await.unwrap()
     }
 
     pub async fn events(&self, id: Uuid) -> Vec<LogRow> {
-        sqlx::query_as(
-            "SELECT sequence, event_kind, outcome, reason, message_id, event_key, event \
-             FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .unwrap()
+        store::timeline::events(&self.pool, id).await.unwrap()
     }
 
     /// Outbox rows not done: `(pending, dead)`.
     pub async fn outbox_left(&self) -> (i64, i64) {
-        sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE status = 'pending'), \
-                    count(*) FILTER (WHERE status = 'dead') FROM outbox",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .unwrap()
+        let sql = "SELECT count(*) FILTER (WHERE status = 'pending'), \
+                   count(*) FILTER (WHERE status = 'dead') FROM outbox";
+        sqlx::query_as(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// `SELECT count(*) …` with one text parameter.
+    pub async fn count(&self, sql: &str, bind: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        sqlx::query_scalar(sql)
+            .bind(bind)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     // ---- RabbitMQ ----------------------------------------------------------------------
 
     pub async fn lapin(&self) -> (Connection, lapin::Channel) {
-        let connection = Connection::connect(
-            self.settings.amqp.url.expose(),
-            ConnectionProperties::default(),
-        )
-        .await
-        .unwrap();
+        let url = self.settings.amqp.url.expose();
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap();
         let channel = connection.create_channel().await.unwrap();
         (connection, channel)
     }
 
+    /// A broker connection of the test's own, on the stack's names.
+    pub async fn connect_broker(&self) -> Broker {
+        Broker::connect(&self.settings.amqp, "stack-test-own")
+            .await
+            .expect("RabbitMQ")
+    }
+
     /// `(ready messages, consumers)` of the inbound queue.
     pub async fn inbound_queue(&self) -> (u32, u32) {
-        let (connection, channel) = self.lapin().await;
         let inbound = self.broker.topology().inbound_queue();
-        let queue = dead_letters::inspect_queue(&channel, &inbound)
-            .await
-            .unwrap();
-        let _ = connection.close(200, "looked".into()).await;
-        (queue.message_count(), queue.consumer_count())
+        self.broker.queue_counts(&inbound).await.unwrap()
+    }
+
+    /// Whether `queue` exists (a passive declare).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        self.broker.queue_counts(queue).await.is_ok()
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        self.broker.queue_counts(queue).await.unwrap().0
     }
 
     /// Takes every message off the dead-letter queue: bodies and headers as text.
@@ -702,169 +560,43 @@ impl Stack {
     pub async fn take_all(&self, queue: &str) -> Vec<(Value, HashMap<String, String>)> {
         let (connection, channel) = self.lapin().await;
         let mut all = Vec::new();
-        while let Some(message) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
+        let get = || channel.basic_get(queue.into(), BasicGetOptions { no_ack: true });
+        while let Some(message) = get().await.unwrap() {
             let body = serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null);
             let headers = message
                 .delivery
                 .properties
                 .headers()
                 .clone()
-                .unwrap_or_default()
+                .unwrap_or_default();
+            let headers = headers
                 .inner()
                 .iter()
-                .map(|(k, v)| (k.to_string(), header_text(v)))
-                .collect();
-            all.push((body, headers));
+                .map(|(k, v)| (k.to_string(), header_text(v)));
+            all.push((body, headers.collect()));
         }
         let _ = connection.close(200, "drained".into()).await;
         all
     }
 
-    // ---- waiting -----------------------------------------------------------------------
-
-    /// Polls `check` until it gives a value; panics naming `what` after [`WAIT`].
-    pub async fn wait_for<T, F, Fut>(&self, what: &str, check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        self.wait_for_within(what, WAIT, check).await
+    /// Takes the domain events published since the last call off the test's queue and
+    /// checks each against its schema (docs/events/): `(CloudEvent, headers)`.
+    pub async fn domain_events(&self) -> Vec<(Value, HashMap<String, String>)> {
+        if !self.queue_exists(&self.domain_queue).await {
+            // Gone with its virtual host (a test of a broker outage): nothing to check.
+            return Vec::new();
+        }
+        let events = self.take_all(&self.domain_queue).await;
+        event_schemas::Contract::load().assert_valid(events.iter().map(|(body, _)| body));
+        events
     }
 
-    /// [`Stack::wait_for`] with a deadline of its own.
-    pub async fn wait_for_within<T, F, Fut>(&self, what: &str, within: Duration, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(value) = check().await {
-                return value;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Waits until everything has come to rest for `ids`: the simulator has no operation in
-    /// progress and no webhook still being delivered, RabbitMQ's inbound queue is empty, no
-    /// outbox row is pending, and both sides agree on state, plan and seats — three checks
-    /// in a row. Panics with the differences after `deadline`.
-    pub async fn settle(&self, ids: &[Uuid], deadline: Duration) {
-        let until = Instant::now() + deadline;
-        let mut calm = 0;
-        loop {
-            let problems = self.unsettled(ids).await;
-            calm = if problems.is_empty() { calm + 1 } else { 0 };
-            if calm >= 3 {
-                return;
-            }
-            if Instant::now() >= until {
-                let mut timelines = String::new();
-                for id in ids
-                    .iter()
-                    .filter(|id| problems.iter().any(|p| p.starts_with(&id.to_string())))
-                    .take(2)
-                {
-                    timelines.push_str(&self.timeline(*id).await);
-                }
-                panic!(
-                    "not settled after {deadline:?}:\n{}\n{timelines}",
-                    problems.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// The event log of `id` and Microsoft's view of it, for failure messages.
-    pub async fn timeline(&self, id: Uuid) -> String {
-        type Row = (i64, String, String, String, String, Option<String>, Value);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT sequence, event_kind, from_state, to_state, outcome, reason, effects \
-                 FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        let mut text = format!("--- event log of {id}\n");
-        for (sequence, kind, from, to, outcome, reason, effects) in rows {
-            let effects: Vec<String> = effects
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|e| e["type"].as_str().unwrap_or("?").to_string())
-                .collect();
-            text.push_str(&format!(
-                "{sequence:>3} {kind:<28} {from}→{to} {outcome:<8} {} [{}]\n",
-                reason.unwrap_or_default(),
-                effects.join(", ")
-            ));
-        }
-        let view = self.sim_view(id).await;
-        text.push_str(&format!(
-            "--- Microsoft: {}\n--- operations: {}\n",
-            view["subscription"], view["operations"]
-        ));
-        text
-    }
-
-    /// What is still moving or differs; empty when settled.
-    pub async fn unsettled(&self, ids: &[Uuid]) -> Vec<String> {
-        let mut problems = Vec::new();
-        let views = self.sim_views().await;
-        for id in ids {
-            let Some(view) = views.get(id) else {
-                problems.push(format!("{id}: unknown to the simulator"));
-                continue;
-            };
-            let moving_ops = view["operations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|o| o["status"] == "InProgress" || o["status"] == "NotStarted")
-                .count();
-            let moving_hooks = view["webhooks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|w| w["outcome"] == "Pending")
-                .count();
-            if moving_ops + moving_hooks > 0 {
-                problems.push(format!(
-                    "{id}: {moving_ops} operations in progress, {moving_hooks} webhooks pending"
-                ));
-            }
-            let theirs = sim_side(view);
-            let ours = self.engine(*id).await;
-            if ours.as_ref() != Some(&theirs) {
-                problems.push(format!("{id}: ours {ours:?} ≠ Microsoft's {theirs:?}"));
-            }
-        }
-        let (ready, _) = self.inbound_queue().await;
-        if ready > 0 {
-            problems.push(format!("{ready} messages wait in the inbound queue"));
-        }
-        let (pending, _) = self.outbox_left().await;
-        if pending > 0 {
-            problems.push(format!("{pending} outbox rows pending"));
-        }
-        for worker in self.workers() {
-            if worker
-                .wait_until_idle(Duration::from_secs(3))
-                .await
-                .is_err()
-            {
-                problems.push("a worker is busy".into());
-            }
-        }
-        problems
+    /// The `type`s of [`Stack::domain_events`].
+    pub async fn domain_event_types(&self) -> Vec<String> {
+        let events = self.domain_events().await.into_iter();
+        events
+            .map(|(event, _)| event["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
     }
 
     // ---- the inbound queue, as the ingress and the landing page publish ----------------
@@ -897,16 +629,17 @@ impl Stack {
     ) -> (Uuid, InboundMessage, String) {
         let created = self.buy(plan, quantity, false).await;
         let id: Uuid = created["subscriptionId"].as_str().unwrap().parse().unwrap();
+        let token = created["token"].as_str().unwrap();
         let resolved = self
             .client
-            .resolve(&CallContext::random(), created["token"].as_str().unwrap())
+            .resolve(&CallContext::random(), token)
             .await
-            .unwrap()
-            .into_value();
+            .unwrap();
         let resolved_at = OffsetDateTime::now_utc();
+        let subscription = resolved.into_value().subscription.unwrap();
         let message = InboundMessage::PurchaseResolved {
             resolved_at,
-            subscription: serde_json::to_string(&resolved.subscription.unwrap()).unwrap(),
+            subscription: serde_json::to_string(&subscription).unwrap(),
         };
         let message_id = format!("resolve:{id}:{}", resolved_at.unix_timestamp_nanos());
         (id, message, message_id)
@@ -946,44 +679,43 @@ impl Stack {
         self.tap.set_deaf(deaf);
     }
 
-    // ---- waiting for named conditions ---------------------------------------------------
+    // ---- waiting -----------------------------------------------------------------------
+
+    /// Waits until `check` gives a value; panics naming `what` after [`WAIT`].
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        self.wait_for_within(what, WAIT, check).await
+    }
+
+    /// [`Stack::wait_for`] with a deadline of its own.
+    pub async fn wait_for_within<T, F, Fut>(&self, what: &str, within: Duration, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        wait_until(what, within, check).await.unwrap()
+    }
 
     /// Waits until every in-process worker is idle, nothing waits in the inbound queue and
     /// the simulator has no webhook still being delivered, twice in a row.
     pub async fn run_until_idle(&self) {
-        let deadline = Instant::now() + WAIT;
-        let mut calm = 0;
-        while calm < 2 {
-            for worker in self.workers() {
-                worker.wait_until_idle(WAIT).await.expect("an idle worker");
-            }
-            let (ready, _) = self.inbound_queue().await;
-            let delivering = self.sim_views().await.values().any(|view| {
-                view["webhooks"]
-                    .as_array()
-                    .is_some_and(|hooks| hooks.iter().any(|w| w["outcome"] == "Pending"))
-            });
-            calm = if ready == 0 && !delivering {
-                calm + 1
-            } else {
-                0
-            };
-            assert!(
-                Instant::now() < deadline,
-                "the stack is still busy after {WAIT:?}"
-            );
-            if calm == 0 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        self.world.run_until_idle(WAIT).await.unwrap();
+    }
+
+    /// Waits until the world is at rest and both sides agree on state, plan and seats of
+    /// `ids` (`World::settle`); panics with the differences and timelines after `deadline`.
+    pub async fn settle(&self, ids: &[Uuid], deadline: Duration) {
+        if let Err(e) = self.world.settle(ids, deadline).await {
+            panic!("{e:#}");
         }
     }
 
     /// Waits until our side holds `id` in `state`.
     pub async fn wait_for_state(&self, id: Uuid, state: &str) -> View {
-        self.wait_for(&format!("{id} in {state}"), || async {
-            self.engine(id).await.filter(|view| view.state == state)
-        })
-        .await
+        self.wait_for_view(id, state, None, None).await
     }
 
     /// Waits until our side holds `id` on `plan`.
@@ -1027,25 +759,14 @@ impl Stack {
 
     /// Waits until the simulator's operation `op` on `id` is final; returns it.
     pub async fn wait_for_operation(&self, id: Uuid, op: &str) -> Value {
-        self.wait_for(&format!("operation {op} to end"), || async {
-            let view = self.sim_view(id).await;
-            view["operations"]
-                .as_array()?
-                .iter()
-                .find(|o| {
-                    o["id"] == op && o["status"] != "InProgress" && o["status"] != "NotStarted"
-                })
-                .cloned()
-        })
-        .await
+        self.admin.wait_for_operation(id, op, WAIT).await.unwrap()
     }
 
     /// Waits until the simulator sent a webhook with this operation id; returns its body.
     pub async fn wait_for_webhook(&self, op: &str) -> String {
         self.wait_for(&format!("a webhook of {op}"), || async {
-            self.webhooks_received()
-                .into_iter()
-                .find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
+            let mut received = self.webhooks_received().into_iter();
+            received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
         })
         .await
     }
@@ -1056,13 +777,12 @@ impl Stack {
         let what = format!("{action_or_operation} delivered for {id}");
         self.wait_for(&what, || async {
             let view = self.sim_view(id).await;
-            view["webhooks"]
-                .as_array()?
-                .iter()
-                .any(|w| {
-                    (w["action"] == action_or_operation || w["operationId"] == action_or_operation)
-                        && w["delivered"] == true
-                })
+            let mut webhooks = view["webhooks"].as_array()?.iter();
+            let names = |w: &Value| {
+                w["action"] == action_or_operation || w["operationId"] == action_or_operation
+            };
+            webhooks
+                .any(|w| names(w) && w["delivered"] == true)
                 .then_some(())
         })
         .await
@@ -1070,17 +790,8 @@ impl Stack {
 
     /// Waits until a publisher command's row is final: `(status, last error)`.
     pub async fn wait_for_command(&self, command_id: Uuid) -> (String, Option<String>) {
-        self.wait_for(&format!("command {command_id} to end"), || async {
-            let row: Option<(String, Option<String>)> = sqlx::query_as(
-                "SELECT status, last_error FROM publisher_operations WHERE command_id = $1",
-            )
-            .bind(command_id)
-            .fetch_optional(&self.pool)
-            .await
-            .unwrap();
-            row.filter(|(status, _)| status != "Requested" && status != "Accepted")
-        })
-        .await
+        let row = self.world.wait_for_command(command_id, WAIT).await.unwrap();
+        (row.status.as_str().to_owned(), row.last_error)
     }
 
     /// Waits until `queue` holds exactly `len` messages.
@@ -1091,62 +802,7 @@ impl Stack {
         .await
     }
 
-    // ---- domain events and queues -------------------------------------------------------
-
-    /// Takes the domain events published since the last call off the test's queue and
-    /// checks each against its schema (docs/events/): `(CloudEvent, headers)`.
-    pub async fn domain_events(&self) -> Vec<(Value, HashMap<String, String>)> {
-        if !self.queue_exists(&self.domain_queue).await {
-            // Gone with its virtual host (a test of a broker outage): nothing to check.
-            return Vec::new();
-        }
-        let events = self.take_all(&self.domain_queue).await;
-        event_schemas::Contract::load().assert_valid(events.iter().map(|(body, _)| body));
-        events
-    }
-
-    /// The `type`s of [`Stack::domain_events`].
-    pub async fn domain_event_types(&self) -> Vec<String> {
-        self.domain_events()
-            .await
-            .into_iter()
-            .map(|(event, _)| event["type"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// `SELECT count(*) …` with one text parameter.
-    pub async fn count(&self, sql: &str, bind: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-            .bind(bind)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    /// A broker connection of the test's own, on the stack's names.
-    pub async fn connect_broker(&self) -> Broker {
-        Broker::connect(&self.settings.amqp, "stack-test-own")
-            .await
-            .expect("RabbitMQ")
-    }
-
-    /// Whether `queue` exists (a passive declare).
-    pub async fn queue_exists(&self, queue: &str) -> bool {
-        let (connection, channel) = self.lapin().await;
-        let exists = dead_letters::inspect_queue(&channel, queue).await.is_ok();
-        let _ = connection.close(200, "looked".into()).await;
-        exists
-    }
-
-    /// Messages ready in `queue`.
-    pub async fn queue_len(&self, queue: &str) -> u32 {
-        let (connection, channel) = self.lapin().await;
-        let declared = dead_letters::inspect_queue(&channel, queue).await.unwrap();
-        let _ = connection.close(200, "counted".into()).await;
-        declared.message_count()
-    }
-
-    // ---- the command line ---------------------------------------------------------------
+    // ---- the command line and worker processes ------------------------------------------
 
     /// Runs `fulfillment ARGS` against this stack (and `extra` variables):
     /// `(exit code, stdout, stderr)`.
@@ -1155,210 +811,53 @@ impl Stack {
         command
             .args(args)
             .env_remove("FULFILLMENT_CONFIG")
-            .env("RUST_LOG", "warn")
+            .env_remove("COLUMNS")
+            .env("RUST_LOG", "warn");
+        command
             .envs(self.process_env.iter().map(|(k, v)| (k, v)))
             .envs(extra.iter().copied());
         let output = command.output().await.expect("run fulfillment");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         (
             output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
+            text(&output.stdout),
+            text(&output.stderr),
         )
     }
 
-    // ---- worker processes --------------------------------------------------------------
-
-    /// Starts `fulfillment work` with this stack's settings (and `extra` variables).
-    pub fn spawn_worker_process(&self, extra: &[(&str, &str)]) -> WorkerProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-        command
-            .arg("work")
-            .env_remove("FULFILLMENT_CONFIG")
-            .env("RUST_LOG", "info")
-            .env("LOG_FORMAT", "pretty")
-            // Several workers (and tests) run at once: each its own metrics port.
-            .env("WORKER_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in &self.process_env {
-            command.env(key, value);
-        }
-        for (key, value) in extra {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("start fulfillment work");
-        let log = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let log = log.clone();
-            std::thread::spawn(move || drain(stream, &log));
-        }
-        WorkerProcess { child, log }
-    }
-}
-
-/// A `fulfillment work` child process; killed when dropped.
-pub struct WorkerProcess {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl WorkerProcess {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL: no chance to finish anything.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM: the graceful way.
-    pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-    }
-
-    /// Waits for the process to end on its own.
-    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "the worker did not exit within {deadline:?}; its log:\n{}",
-                self.log_tail(60)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// The last `lines` lines of its output, for failure messages.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
-}
-
-fn drain(mut stream: Box<dyn Read + Send>, log: &Mutex<String>) {
-    let mut buffer = [0u8; 8192];
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        if let Ok(mut log) = log.lock() {
-            log.push_str(&String::from_utf8_lossy(&buffer[..n]));
-        }
-    }
-}
-
-/// Deletes the test's queues and exchanges when dropped, also after a panic.
-struct TopologyGuard {
-    amqp: AmqpSettings,
-    /// The workers' retry tiers when they are not production's.
-    retry_delays: Option<Vec<Duration>>,
-    domain_queue: String,
-}
-
-impl Drop for TopologyGuard {
-    fn drop(&mut self) {
-        let amqp = self.amqp.clone();
-        let retry_delays = self.retry_delays.clone();
-        let domain_queue = self.domain_queue.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let mut topologies = vec![Topology::new(&amqp.prefix)];
-                topologies.extend(
-                    retry_delays.map(|delays| Topology::with_retry_delays(&amqp.prefix, &delays)),
-                );
-                for topology in topologies {
-                    if let Ok(broker) =
-                        Broker::connect_with_topology(&amqp, "stack-test-cleanup", topology).await
-                    {
-                        if let Err(error) = broker.delete_topology().await {
-                            eprintln!("cannot delete the test topology: {error}");
-                        }
-                        broker.close().await;
-                    }
-                }
-                if let Ok(connection) =
-                    Connection::connect(amqp.url.expose(), ConnectionProperties::default()).await
-                {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = channel
-                            .queue_delete(domain_queue.as_str().into(), Default::default())
-                            .await;
-                    }
-                    let _ = connection.close(200, "cleaned".into()).await;
-                }
-            });
-        })
-        .join();
+    /// Starts `fulfillment work` with this stack's settings (and `extra` variables); killed
+    /// when dropped.
+    pub async fn spawn_worker_process(&self, extra: &[(&str, &str)]) -> ChildProcess {
+        let mut env = self.process_env.clone();
+        let own = [("RUST_LOG", "info"), ("LOG_FORMAT", "pretty")];
+        // Several workers (and tests) run at once: each its own metrics port.
+        let own = own.iter().chain(&[("WORKER_METRICS_ADDR", "127.0.0.1:0")]);
+        env.extend(
+            own.chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let exe = env!("CARGO_BIN_EXE_fulfillment").into();
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let spawned = ChildProcess::spawn_exe(exe, "worker", &self.id, &["work"], env, listen);
+        spawned.await.expect("start fulfillment work")
     }
 }
 
 /// Declares `queue` (durable, the test's own) and binds it to every key of `exchange`.
 async fn bind_queue(settings: &Settings, queue: &str, exchange: &str) {
-    let connection =
-        Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ");
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
+    let url = settings.amqp.url.expose();
+    let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let (no_options, no_arguments) = (QueueDeclareOptions::default(), FieldTable::default());
     channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_declare(queue.into(), no_options, no_arguments.clone())
+        .await
+        .unwrap();
+    let (key, bind) = ("#".into(), QueueBindOptions::default());
+    channel
+        .queue_bind(queue.into(), exchange.into(), key, bind, no_arguments)
         .await
         .unwrap();
     let _ = connection.close(200, "bound".into()).await;
@@ -1370,23 +869,6 @@ fn landing(created: &Value) -> (Uuid, Url) {
         created["subscriptionId"].as_str().unwrap().parse().unwrap(),
         created["landingUrl"].as_str().unwrap().parse().unwrap(),
     )
-}
-
-/// The simulator's view of a subscription, in our terms.
-pub fn sim_side(view: &Value) -> View {
-    let subscription = &view["subscription"];
-    let state = match subscription["saasSubscriptionStatus"]
-        .as_str()
-        .unwrap_or("?")
-    {
-        "PendingFulfillmentStart" | "NotStarted" => "PendingFulfillment",
-        other => other,
-    };
-    View {
-        state: state.to_string(),
-        plan: subscription["planId"].as_str().map(str::to_string),
-        quantity: subscription["quantity"].as_i64(),
-    }
 }
 
 pub fn header_text(value: &AMQPValue) -> String {

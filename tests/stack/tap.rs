@@ -26,14 +26,14 @@ struct Shared {
 }
 
 impl Tap {
-    /// Listens on port 0 and forwards to `ingress` (the ingress's `/webhook`).
-    pub async fn start(ingress: Url) -> Tap {
+    /// Listens on port 0; forwards once [`Tap::forward_to`] names the ingress.
+    pub async fn start() -> Tap {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/webhook", listener.local_addr().unwrap())
+        let url: Url = format!("http://{}/webhook", listener.local_addr().unwrap())
             .parse()
             .unwrap();
         let shared = Arc::new(Shared {
-            ingress: Mutex::new(ingress),
+            ingress: Mutex::new(url.clone()),
             http: reqwest::Client::new(),
             received: Mutex::default(),
             deaf: AtomicBool::new(false),
