@@ -44,8 +44,9 @@ pub struct WorkerConfig {
     pub apply_batch: usize,
 }
 
-/// Messages applied in one transaction by default. Measured with `bench pipeline` on the
-/// 2-core development machine (README, "Performance").
+/// Messages applied in one transaction by default: half of [`MAX_APPLY_BATCH`]. Not yet
+/// tuned by `bench pipeline` (issue #17); a window holds only what is ready when it starts,
+/// so the cap matters only under a backlog.
 pub const DEFAULT_APPLY_BATCH: usize = 32;
 
 /// At most this many messages share a transaction: each takes a savepoint, and a
