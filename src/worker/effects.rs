@@ -346,8 +346,12 @@ struct Inner {
     /// each batch holds a pool connection (its claim's transaction) while Microsoft answers.
     permits: Arc<Semaphore>,
     /// One per execution making its calls, across all batches: at most `concurrency`
-    /// calls to Microsoft in flight (§8.1).
+    /// calls to Microsoft in flight (§8.1)…
     calls: Semaphore,
+    /// …and as many again for the ACKs, so that an ACK whose window is closing never waits
+    /// behind a batch of domain events and fetches (deadline first holds at the call too,
+    /// not only at the claim). Together they stay within §8.1's ten at the default of 4.
+    ack_calls: Semaphore,
     /// Effects running in their own tasks (the runner's, and the follow-ups of the fast
     /// path); the runner waits for them on shutdown.
     tasks: TaskTracker,
@@ -383,6 +387,7 @@ impl EffectRunner {
                 activity: Arc::new(EffectActivity::default()),
                 permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 calls: Semaphore::new(config.concurrency.max(1)),
+                ack_calls: Semaphore::new(config.concurrency.max(1)),
                 tasks: TaskTracker::new(),
                 config,
             }),
@@ -593,7 +598,12 @@ impl EffectRunner {
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         let execution = Execution::new(row);
         let disposition = async {
-            let _call = self.inner.calls.acquire().await;
+            let calls = if execution.kind == EffectKind::AckOperation {
+                &self.inner.ack_calls
+            } else {
+                &self.inner.calls
+            };
+            let _call = calls.acquire().await;
             if execution.kind == EffectKind::SubmitUsage {
                 match self.execute_usage(&execution).await {
                     Ok(disposition) => disposition,
