@@ -50,10 +50,11 @@ pub fn step(
                     operation_id,
                     status: OperationStatus::Succeeded,
                 }],
-                // Ends like every recorded ACK's note (" recorded"), which tools count.
+                // Reads like every recorded ACK's note ("ACK … recorded"), which tools
+                // count (`store::verify::ack_of_operation`).
                 format!(
-                    "operation {operation_id} Succeeded (§4.11), no GET of it needed: \
-                     ACK {status} recorded"
+                    "ACK {status}, so operation {operation_id} Succeeded (§4.11, no GET of it \
+                     needed), recorded"
                 ),
             )
             .recording(Record::ConfirmationKnown { operation_id })
