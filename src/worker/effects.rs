@@ -341,6 +341,10 @@ struct Inner {
     /// The fast path left a row it could not claim (held back by an earlier row): the
     /// runner is woken again when a fast-path execution ends, since that may free it.
     deferred: AtomicBool,
+    /// The runner is shutting down: chains of rounds stop after the round in hand and leave
+    /// the rest in the outbox (durable; the next runner takes it), so a stop under a backlog
+    /// is bounded by one round, not by the backlog.
+    stopping: AtomicBool,
     activity: Arc<EffectActivity>,
     /// One per batch in hand, shared by the runner loop and [`EffectRunner::execute_now`]:
     /// each batch holds a pool connection (its claim's transaction) while Microsoft answers.
@@ -384,6 +388,7 @@ impl EffectRunner {
                 api_url,
                 wake: Notify::new(),
                 deferred: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
                 activity: Arc::new(EffectActivity::default()),
                 permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 calls: Semaphore::new(config.concurrency.max(1)),
@@ -460,6 +465,7 @@ impl EffectRunner {
                 _ = tokio::time::sleep(config.poll_interval) => {}
             }
         }
+        self.inner.stopping.store(true, Ordering::SeqCst);
         tasks.close();
         tasks.wait().await;
         tracing::info!("outbox runner stopped");
@@ -492,7 +498,7 @@ impl EffectRunner {
         /// Rounds of one chain; a longer one is left to the runners.
         const MAX_ROUNDS: usize = 8;
         for _ in 0..MAX_ROUNDS {
-            if todo.is_empty() {
+            if todo.is_empty() || self.inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
             let (ran, rest) = self.round(&todo).await;
