@@ -482,7 +482,10 @@ impl ClaimedBatch {
         Ok(())
     }
 
-    /// Ends the rows — one statement per kind of end — and commits everything once.
+    /// Ends the rows — one statement per kind of end — and commits everything once. A
+    /// delay counts from the statement's own clock (`clock_timestamp()`), not from `now()`:
+    /// that is the start of the claim's transaction, before the calls, and a poll told to
+    /// wait for the 202's `Retry-After` would come early by as long as the calls took.
     pub async fn end(mut self, ends: &[(Uuid, End)]) -> Result<(), StoreError> {
         let done: Vec<Uuid> = ends
             .iter()
@@ -528,7 +531,7 @@ impl ClaimedBatch {
         if !again.ids.is_empty() {
             sqlx::query(
                 "UPDATE outbox o SET attempts = o.attempts + r.failed, \
-                     next_attempt_at = now() + make_interval(secs => r.delay), \
+                     next_attempt_at = clock_timestamp() + make_interval(secs => r.delay), \
                      last_error = coalesce(r.error, o.last_error), progress = r.progress, \
                      awaits_microsoft = r.awaits, updated_at = now() \
                  FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::jsonb[], \
@@ -639,7 +642,7 @@ impl Claimed {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + $2, \
-                 next_attempt_at = now() + make_interval(secs => $3), \
+                 next_attempt_at = clock_timestamp() + make_interval(secs => $3), \
                  last_error = coalesce($4, last_error), progress = $5, \
                  awaits_microsoft = $6, updated_at = now() \
              WHERE id = $1",
