@@ -27,7 +27,7 @@ use marketplace_fulfillment::http::auth::{WebhookAuthConfig, WebhookVerifier};
 use marketplace_fulfillment::queue::InboundConsumer;
 use marketplace_fulfillment::world::rabbitmqctl;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase};
+use stack::{Options, Stack, TestDatabase, strip_ansi};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -1075,25 +1075,6 @@ async fn a_debug_level_demo_run_logs_no_secret() {
         let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
         pool.close().await;
     }
-}
-
-/// `text` without the terminal colour sequences (`ESC [ … m`) of the log formatter, so a
-/// value split by them would still be found.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A compact JWS: `eyJ…` header, then two more base64url segments.

@@ -13,9 +13,8 @@ use marketplace_fulfillment::store::ledger::LogOutcome;
 use std::time::Duration;
 
 use marketplace_fulfillment::queue::InboundMessage;
-use marketplace_fulfillment::world::ChildProcess;
 use serde_json::json;
-use stack::{Options, Stack};
+use stack::{Options, Stack, strip_ansi};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -172,32 +171,6 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
     stack.finish().await;
 }
 
-/// `text` without its ANSI colour sequences (`ESC [ … m`).
-fn without_colours(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut in_escape = false;
-    for c in text.chars() {
-        match (in_escape, c) {
-            (false, '\u{1b}') => in_escape = true,
-            (false, c) => plain.push(c),
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-        }
-    }
-    plain
-}
-
-async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut ChildProcess]) {
-    for worker in workers.iter_mut() {
-        assert!(worker.exited().unwrap().is_none(), "{}", worker.log_tail());
-    }
-    stack
-        .wait_for(&format!("{n} consumers on the inbound queue"), || async {
-            (stack.inbound_queue().await.1 == n).then_some(())
-        })
-        .await;
-}
-
 #[tokio::test]
 async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -210,7 +183,9 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     let batch = [("WORKER_APPLY_BATCH", "16")];
     let mut first = stack.spawn_worker_process(&batch).await;
     let mut second = stack.spawn_worker_process(&batch).await;
-    wait_for_consumers(&stack, 2, &mut [&mut first, &mut second]).await;
+    stack
+        .wait_for_consumers(2, &mut [&mut first, &mut second])
+        .await;
 
     // Bought with auto-activation (the Subscribe webhook is our first news, P12), then each
     // changed by its customer at once.
@@ -236,14 +211,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
         assert_eq!(ours.state, "Subscribed", "{id}");
     }
     // Every event decided once, every ACK made once.
-    let twice: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, event_key, count(*) FROM subscription_events \
-         WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    assert!(twice.is_empty(), "applied twice: {twice:?}");
+    stack.assert_each_event_decided_once().await;
     let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
          WHERE event_kind = 'effect:ack_operation' GROUP BY 1, 2",
@@ -259,20 +227,11 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     for (id, op, n) in &acks {
         assert_eq!(*n, 1, "{id}: operation {op} ACKed {n} times");
     }
-    let gaps: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
-        "SELECT subscription_id, min(sequence), max(sequence), count(*) \
-         FROM subscription_events GROUP BY 1 \
-         HAVING min(sequence) <> 1 OR max(sequence) <> count(*)",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
     assert_eq!(stack.outbox_left().await, (0, 0));
     assert!(stack.drain_dlq().await.is_empty());
     // The settings reached the processes: each logged its window size.
     for worker in [&first, &second] {
-        let log = without_colours(&std::fs::read_to_string(&worker.log).unwrap());
+        let log = strip_ansi(&std::fs::read_to_string(&worker.log).unwrap());
         assert!(log.contains("apply_batch=16"), "{log}");
     }
 

@@ -262,7 +262,7 @@ async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next
 
 #[tokio::test]
 async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
-    use marketplace_fulfillment::store::outbox::{self, EffectKind};
+    use marketplace_fulfillment::store::outbox::{self, EffectKind, End};
     let (_db, pool) = TestDatabase::migrated().await;
     let policy = Policy::default();
     let now = OffsetDateTime::now_utc();
@@ -295,21 +295,24 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     // The ACK first: its window closes soonest (P7), so it goes ahead of every other row,
     // its own subscription's older domain event included (a domain event never holds back
     // an ACK).
-    let ack = outbox::claim_next(&pool).await.unwrap().expect("a due row");
+    let ack = outbox::claim_due(&pool, 1)
+        .await
+        .unwrap()
+        .expect("a due row");
+    let row = ack.rows[0].clone();
     assert_eq!(
-        (ack.row.subscription_id, ack.row.kind),
+        (row.subscription_id, row.kind),
         (changed.as_uuid(), EffectKind::AckOperation)
     );
-    ack.complete().await.unwrap();
+    ack.end(&[(row.id, End::Done)]).await.unwrap();
     // Then the changed subscription's other rows (put first), before the burst's.
-    let next = outbox::claim_next(&pool).await.unwrap().expect("a due row");
-    assert_eq!(
-        next.row.subscription_id,
-        changed.as_uuid(),
-        "{:?}",
-        next.row
-    );
-    assert_ne!(next.row.kind, EffectKind::AckOperation);
+    let next = outbox::claim_due(&pool, 1)
+        .await
+        .unwrap()
+        .expect("a due row");
+    let row = &next.rows[0];
+    assert_eq!(row.subscription_id, changed.as_uuid(), "{row:?}");
+    assert_ne!(row.kind, EffectKind::AckOperation);
     drop(next);
     // And the burst's rows are still there, for after them.
     let left: i64 = sqlx::query_scalar(
@@ -445,7 +448,7 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
 /// it holds back its own subscription's later rows, not other subscriptions'.
 #[tokio::test]
 async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker() {
-    use marketplace_fulfillment::store::outbox::{self, EffectKind};
+    use marketplace_fulfillment::store::outbox::{self, EffectKind, End};
     let (_db, pool) = TestDatabase::migrated().await;
     let (newer, other) = (Uuid::new_v4(), Uuid::new_v4());
     let insert = |subscription: Uuid, sequence: i64, kind: &'static str| {
@@ -468,9 +471,10 @@ async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker()
     insert(newer, 2, "publish_domain_event").await;
     insert(other, 1, "fetch_subscription").await;
 
-    let claimed = outbox::claim_next(&pool).await.unwrap().expect("a row");
-    assert_eq!(claimed.row.subscription_id, other);
-    assert_eq!(claimed.row.kind, EffectKind::FetchSubscription);
-    claimed.complete().await.unwrap();
-    assert!(outbox::claim_next(&pool).await.unwrap().is_none());
+    let claimed = outbox::claim_due(&pool, 1).await.unwrap().expect("a row");
+    let row = claimed.rows[0].clone();
+    assert_eq!(row.subscription_id, other);
+    assert_eq!(row.kind, EffectKind::FetchSubscription);
+    claimed.end(&[(row.id, End::Done)]).await.unwrap();
+    assert!(outbox::claim_due(&pool, 1).await.unwrap().is_none());
 }

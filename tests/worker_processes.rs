@@ -8,11 +8,9 @@
 
 mod stack;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use marketplace_fulfillment::world::ChildProcess;
 use serde_json::json;
 use stack::{Options, Stack};
 use tokio::sync::Mutex;
@@ -59,96 +57,21 @@ async fn burst(stack: &Stack, n: usize) -> Vec<Uuid> {
     ids
 }
 
-/// Every webhook Microsoft delivered, as `(subscription, operation id, action)`.
-async fn delivered_webhooks(stack: &Stack) -> Vec<(Uuid, String, String)> {
-    let mut all = Vec::new();
-    for (id, view) in stack.sim_views().await {
-        for hook in view["webhooks"].as_array().unwrap() {
-            if hook["delivered"] == true {
-                all.push((
-                    id,
-                    hook["operationId"].as_str().unwrap().to_string(),
-                    hook["action"].as_str().unwrap().to_string(),
-                ));
-            }
-        }
-    }
-    all
-}
-
-/// Webhook decisions in the event log (redeliveries logged as duplicates excluded), by
-/// `(subscription, operation id, event kind)`.
-async fn webhook_decisions(stack: &Stack) -> HashMap<(Uuid, String, String), i64> {
-    let rows: Vec<(Uuid, Option<String>, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, message_id, event_kind, count(*) FROM subscription_events \
-         WHERE event_kind LIKE 'Webhook%' \
-           AND NOT (outcome = 'ignored' AND reason LIKE 'duplicate event%') \
-         GROUP BY 1, 2, 3",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    rows.into_iter()
-        .map(|(id, op, kind, n)| ((id, op.unwrap_or_default(), kind), n))
-        .collect()
-}
-
-/// The checks every burst must pass: each delivered webhook decided exactly once, no event
-/// key applied twice, every subscription's sequence numbers 1..n without a gap.
-async fn assert_each_event_decided_once(stack: &Stack) {
-    let decisions = webhook_decisions(stack).await;
-    let delivered = delivered_webhooks(stack).await;
-    assert!(!delivered.is_empty());
-    for (id, op, action) in &delivered {
-        let n = decisions
-            .get(&(*id, op.clone(), format!("Webhook{action}")))
-            .copied()
-            .unwrap_or(0);
-        assert_eq!(n, 1, "{id}: webhook {action} {op} decided {n} times");
-    }
-    let twice: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, event_key, count(*) FROM subscription_events \
-         WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    assert!(twice.is_empty(), "applied twice: {twice:?}");
-    let gaps: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
-        "SELECT subscription_id, min(sequence), max(sequence), count(*) \
-         FROM subscription_events GROUP BY 1 \
-         HAVING min(sequence) <> 1 OR max(sequence) <> count(*)",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
-    assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
-}
-
-async fn wait_for_consumers(stack: &Stack, n: u32, workers: &mut [&mut ChildProcess]) {
-    for worker in workers.iter_mut() {
-        assert!(worker.exited().unwrap().is_none(), "{}", worker.log_tail());
-    }
-    stack
-        .wait_for(&format!("{n} consumers on the inbound queue"), || async {
-            (stack.inbound_queue().await.1 == n).then_some(())
-        })
-        .await;
-}
-
 #[tokio::test]
 async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_double_transition() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
     let mut first = stack.spawn_worker_process(&[]).await;
     let mut second = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 2, &mut [&mut first, &mut second]).await;
+    stack
+        .wait_for_consumers(2, &mut [&mut first, &mut second])
+        .await;
 
     let ids = burst(&stack, 200).await;
     stack.settle(&ids, BURST_DEADLINE).await;
     assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
-    assert_each_event_decided_once(&stack).await;
+    stack.assert_each_event_decided_once().await;
     // Each customer change was ACKed by exactly one execution, inside the window.
     let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
@@ -201,7 +124,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
     let mut doomed = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 1, &mut [&mut doomed]).await;
+    stack.wait_for_consumers(1, &mut [&mut doomed]).await;
 
     let first_ids = {
         let ids = burst(&stack, 40).await;
@@ -238,12 +161,12 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     );
 
     let mut successor = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
+    stack.wait_for_consumers(1, &mut [&mut successor]).await;
     stack.settle(&ids, BURST_DEADLINE).await;
 
-    assert_each_event_decided_once(&stack).await;
-    let decided: i64 = webhook_decisions(&stack).await.values().sum();
-    assert_eq!(decided as usize, delivered_webhooks(&stack).await.len());
+    stack.assert_each_event_decided_once().await;
+    let decided: i64 = stack.webhook_decisions().await.values().sum();
+    assert_eq!(decided as usize, stack.delivered_webhooks().await.len());
     let views = stack.sim_views().await;
     for id in &ids {
         let changes: Vec<&serde_json::Value> = views[id]["operations"]
@@ -268,7 +191,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(options()).await;
     let mut worker = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
+    stack.wait_for_consumers(1, &mut [&mut worker]).await;
     // Every call to Microsoft takes 3 s: the worker's GET of the unknown subscription (P12)
     // is still under way when SIGTERM arrives.
     stack.set_faults(json!({"latencyMs": 3000})).await;
@@ -299,7 +222,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
     // A successor finds nothing to redo: no redelivery, no second decision.
     stack.set_faults(json!({})).await;
     let mut successor = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
+    stack.wait_for_consumers(1, &mut [&mut successor]).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
     let rows = stack.events(id).await;
     assert!(
@@ -331,7 +254,7 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     let mut worker = stack
         .spawn_worker_process(&[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "120")])
         .await;
-    wait_for_consumers(&stack, 1, &mut [&mut worker]).await;
+    stack.wait_for_consumers(1, &mut [&mut worker]).await;
     let (id, _) = stack.purchase("per-seat", Some(4), true).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
     // Every call to Microsoft now takes 3 s: the ACK is in hand when SIGTERM arrives.
@@ -373,7 +296,7 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
 
     stack.set_faults(json!({})).await;
     let mut successor = stack.spawn_worker_process(&[]).await;
-    wait_for_consumers(&stack, 1, &mut [&mut successor]).await;
+    stack.wait_for_consumers(1, &mut [&mut successor]).await;
     stack.settle(&[id], Duration::from_secs(60)).await;
     let acks = stack
         .events(id)

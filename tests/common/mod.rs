@@ -84,3 +84,22 @@ impl Drop for TestDatabase {
         .join();
     }
 }
+
+/// `text` without the terminal colour sequences (`ESC [ … m`) of the log formatter, so a
+/// value split by them would still be found.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

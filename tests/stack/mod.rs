@@ -36,7 +36,7 @@ pub mod event_schemas;
 mod tap;
 
 #[allow(unused_imports)]
-pub use common::{TestDatabase, test_settings};
+pub use common::{TestDatabase, strip_ansi, test_settings};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::View;
 
@@ -792,6 +792,83 @@ impl Stack {
     pub async fn wait_for_command(&self, command_id: Uuid) -> (String, Option<String>) {
         let row = self.world.wait_for_command(command_id, WAIT).await.unwrap();
         (row.status.as_str().to_owned(), row.last_error)
+    }
+
+    /// Every webhook Microsoft delivered, as `(subscription, operation id, action)`.
+    pub async fn delivered_webhooks(&self) -> Vec<(Uuid, String, String)> {
+        let mut all = Vec::new();
+        for (id, view) in self.sim_views().await {
+            for hook in view["webhooks"].as_array().unwrap() {
+                if hook["delivered"] == true {
+                    all.push((
+                        id,
+                        hook["operationId"].as_str().unwrap().to_string(),
+                        hook["action"].as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+        all
+    }
+
+    /// Webhook decisions in the event log (redeliveries logged as duplicates excluded), by
+    /// `(subscription, operation id, event kind)`.
+    pub async fn webhook_decisions(&self) -> HashMap<(Uuid, String, String), i64> {
+        let rows: Vec<(Uuid, Option<String>, String, i64)> = sqlx::query_as(
+            "SELECT subscription_id, message_id, event_kind, count(*) FROM subscription_events \
+             WHERE event_kind LIKE 'Webhook%' \
+               AND NOT (outcome = 'ignored' AND reason LIKE 'duplicate event%') \
+             GROUP BY 1, 2, 3",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(id, op, kind, n)| ((id, op.unwrap_or_default(), kind), n))
+            .collect()
+    }
+
+    /// The checks every burst must pass: each delivered webhook decided exactly once, no event
+    /// key applied twice, every subscription's sequence numbers 1..n without a gap.
+    pub async fn assert_each_event_decided_once(&self) {
+        let decisions = self.webhook_decisions().await;
+        let delivered = self.delivered_webhooks().await;
+        assert!(!delivered.is_empty());
+        for (id, op, action) in &delivered {
+            let n = decisions
+                .get(&(*id, op.clone(), format!("Webhook{action}")))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(n, 1, "{id}: webhook {action} {op} decided {n} times");
+        }
+        let twice: Vec<(Uuid, String, i64)> = sqlx::query_as(
+            "SELECT subscription_id, event_key, count(*) FROM subscription_events \
+             WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert!(twice.is_empty(), "applied twice: {twice:?}");
+        let gaps: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
+            "SELECT subscription_id, min(sequence), max(sequence), count(*) \
+             FROM subscription_events GROUP BY 1 \
+             HAVING min(sequence) <> 1 OR max(sequence) <> count(*)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
+    }
+
+    /// Waits until `n` consumers are on the inbound queue, each of `workers` still running.
+    pub async fn wait_for_consumers(&self, n: u32, workers: &mut [&mut ChildProcess]) {
+        for worker in workers.iter_mut() {
+            assert!(worker.exited().unwrap().is_none(), "{}", worker.log_tail());
+        }
+        self.wait_for(&format!("{n} consumers on the inbound queue"), || async {
+            (self.inbound_queue().await.1 == n).then_some(())
+        })
+        .await;
     }
 
     /// Waits until `queue` holds exactly `len` messages.
