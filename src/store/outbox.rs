@@ -1,9 +1,10 @@
 //! The outbox: effects the machine decided, queued with their transition by the worker's
 //! apply ([`enqueue`]), executed afterwards by the effect runner.
 //!
-//! A runner claims due rows with `FOR UPDATE SKIP LOCKED` — one ([`claim_next`]) or many in
-//! one statement ([`claim_due`], [`claim_ids`]: a [`ClaimedBatch`]) — and keeps the claiming
-//! transaction open while it executes the effects, then ends the rows in that same
+//! A runner claims due rows with `FOR UPDATE SKIP LOCKED` — many in one statement
+//! ([`claim_due`], [`claim_ids`]: a [`ClaimedBatch`]; a kind with runners of its own one at a
+//! time, [`claim_next_of_kind`]) — and keeps the claiming transaction open while it
+//! executes the effects, then ends the rows in that same
 //! transaction (z2p `issue_delivery_worker.rs`): done, rescheduled or dead, a batch's ends in
 //! one statement per kind of end and one commit. A crash in between releases the locks and
 //! the rows run again, so every executor is idempotent.
@@ -297,35 +298,8 @@ const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
            AND NOT p.awaits_microsoft \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
-/// Claims the first claimable row in the claim order ([`CLAIM_ORDER`]), if any: the ACK
-/// whose window closes soonest, else the most overdue row of the subscriptions that have an
-/// ACK waiting (`priority` 0, set through [`put_first`] by the worker's apply), else the
-/// most overdue row: Microsoft's 10-second window (P7) must not be spent behind a burst of
-/// confirmations, GETs and domain events.
-///
-/// The scan follows `outbox_claim_due_idx` and stops at the first row that is claimable
-/// and not locked by another runner, so a claim costs the rows it skips, not the size of
-/// the backlog.
-pub async fn claim_next(pool: &PgPool) -> Result<Option<Claimed>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROW_COLUMNS} FROM outbox o \
-         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
-           AND {NOTHING_BEFORE_IT} \
-         ORDER BY {CLAIM_ORDER} \
-         LIMIT 1 \
-         FOR UPDATE OF o SKIP LOCKED"
-    )))
-    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
-    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
-    .bind(EffectKind::claimed_by_effect_runners())
-    .fetch_optional(&mut *tx)
-    .await?;
-    finish_claim(tx, row).await
-}
-
-/// Like [`claim_next`], for the rows of one kind with runners of its own
-/// ([`EffectKind::has_own_runner`]) only.
+/// Claims the first claimable row of one kind with runners of its own
+/// ([`EffectKind::has_own_runner`]): by priority, then the most overdue.
 pub async fn claim_next_of_kind(
     pool: &PgPool,
     kind: EffectKind,
@@ -347,26 +321,6 @@ pub async fn claim_next_of_kind(
     finish_claim(tx, row).await
 }
 
-/// Claims the row `id` if it is claimable now: pending, due, not held back by an earlier
-/// row of its subscription, and not held by another runner. `None` otherwise (done already, behind
-/// another row, or being executed elsewhere): the runners will take it in its turn.
-pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<Claimed>, StoreError> {
-    let mut tx = pool.begin().await?;
-    let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROW_COLUMNS} FROM outbox o \
-         WHERE o.id = $3 AND o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND o.kind = ANY($4) AND {NOTHING_BEFORE_IT} \
-         FOR UPDATE OF o SKIP LOCKED"
-    )))
-    .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
-    .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
-    .bind(id)
-    .bind(EffectKind::ALL)
-    .fetch_optional(&mut *tx)
-    .await?;
-    finish_claim(tx, row).await
-}
-
 async fn finish_claim(
     tx: Transaction<'static, Postgres>,
     row: Option<OutboxRow>,
@@ -381,8 +335,15 @@ async fn finish_claim(
 }
 
 /// Claims up to `limit` claimable rows in the claim order ([`CLAIM_ORDER`]), in one
-/// statement and one transaction: the ACKs whose window closes soonest first. `None` when
-/// nothing is claimable. A row held back by an earlier pending row of its subscription is
+/// statement and one transaction: the ACK whose window closes soonest first, else the most
+/// overdue row of the subscriptions that have an ACK waiting (`priority` 0, set through
+/// [`put_first`] by the worker's apply), else the most overdue row: Microsoft's 10-second
+/// window (P7) must not be spent behind a burst of confirmations, GETs and domain events.
+/// `None` when nothing is claimable.
+///
+/// The scan follows `outbox_claim_due_idx` and stops once it has `limit` rows that are
+/// claimable and not locked by another runner, so a claim costs the rows it skips, not the
+/// size of the backlog. A row held back by an earlier pending row of its subscription is
 /// never claimed, not even with that row in the same batch (the earlier one is still
 /// pending), so the rows of a batch may run at once without a later row of a subscription
 /// overtaking an earlier one.
@@ -405,7 +366,8 @@ pub async fn claim_due(pool: &PgPool, limit: usize) -> Result<Option<ClaimedBatc
     finish_batch(tx, rows).await
 }
 
-/// Claims those of `ids` that are claimable now (see [`claim`]), in one statement and one
+/// Claims those of `ids` that are claimable now — pending, due, not held back by an earlier
+/// row of their subscription, not held by another runner — in one statement and one
 /// transaction, in the claim order. `None` when none is: the others are done already,
 /// behind an earlier row, or being executed elsewhere, and the runners take them in their
 /// turn.
