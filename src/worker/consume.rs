@@ -291,18 +291,6 @@ pub struct ConsumerLimits {
 
 /// What [`MessageHandler::translate_and_observe`] makes of a message.
 struct Prepared {
-    action: &'static str,
-    event: Event,
-    subscription_id: Uuid,
-    source: EventSource,
-    unknown_to_microsoft: Option<ApiError>,
-}
-
-/// A delivery translated (and, for a subscription we never saw, observed first), ready to
-/// be applied alone or in a window.
-struct Ready {
-    delivery: InboundDelivery,
-    span: tracing::Span,
     /// The event's kind: the metrics' `action`.
     action: &'static str,
     event: Event,
@@ -313,12 +301,22 @@ struct Ready {
     unknown_to_microsoft: Option<ApiError>,
 }
 
+/// A delivery translated (and, for a subscription we never saw, observed first), ready to
+/// be applied alone or in a window.
+struct Ready {
+    delivery: InboundDelivery,
+    span: tracing::Span,
+    prepared: Prepared,
+}
+
 impl Ready {
     /// When Microsoft stops waiting for our answer to a webhook; `None` for messages
     /// nobody outside waits on (observations, publisher commands, resolved purchases).
     fn deadline(&self) -> Option<OffsetDateTime> {
-        match self.event {
-            Event::Webhook(_) => self.source.received_at.map(|at| at + MICROSOFT_ACK_WINDOW),
+        match self.prepared.event {
+            Event::Webhook(_) => {
+                (self.prepared.source.received_at).map(|at| at + MICROSOFT_ACK_WINDOW)
+            }
             _ => None,
         }
     }
@@ -507,7 +505,7 @@ impl Batcher {
             .ready
             .iter()
             .map(|waiting| Head {
-                subscription_id: waiting.ready.subscription_id,
+                subscription_id: waiting.ready.prepared.subscription_id,
                 deadline: waiting.ready.deadline(),
                 arrival: waiting.arrival,
             })
@@ -624,20 +622,10 @@ impl MessageHandler {
             .instrument(span.clone())
             .await;
         match prepared {
-            Ok(Prepared {
-                action,
-                event,
-                subscription_id,
-                source,
-                unknown_to_microsoft,
-            }) => Ok(Ready {
+            Ok(prepared) => Ok(Ready {
                 delivery,
                 span,
-                action,
-                event,
-                subscription_id,
-                source,
-                unknown_to_microsoft,
+                prepared,
             }),
             Err((action, error)) => Err(NotReady {
                 delivery,
@@ -720,7 +708,8 @@ impl MessageHandler {
                     _ => break result,
                 }
             };
-            self.finish(ready.delivery, ready.action, result).await
+            self.finish(ready.delivery, ready.prepared.action, result)
+                .await
         }
         .instrument(span)
         .await
@@ -805,13 +794,17 @@ impl MessageHandler {
             let deadline = ready.deadline();
             let result = match outcome {
                 Ok(outcome) => {
-                    apply::count(&ready.event, &outcome);
+                    apply::count(&ready.prepared.event, &outcome);
                     if let (Some(error), ApplyOutcome::Decided(_)) =
-                        (&ready.unknown_to_microsoft, &outcome)
+                        (&ready.prepared.unknown_to_microsoft, &outcome)
                     {
-                        self.record_unknown(ready.subscription_id, &ready.source, error)
-                            .instrument(ready.span.clone())
-                            .await;
+                        self.record_unknown(
+                            ready.prepared.subscription_id,
+                            &ready.prepared.source,
+                            error,
+                        )
+                        .instrument(ready.span.clone())
+                        .await;
                     }
                     Ok(outcome)
                 }
@@ -823,7 +816,7 @@ impl MessageHandler {
             };
             let span = ready.span.clone();
             match self
-                .finish(ready.delivery, ready.action, result)
+                .finish(ready.delivery, ready.prepared.action, result)
                 .instrument(span.clone())
                 .await
             {
@@ -955,9 +948,9 @@ impl MessageHandler {
             None => Runs::Anywhere,
         };
         Apply::new(
-            ready.subscription_id.into(),
-            &ready.event,
-            &ready.source,
+            ready.prepared.subscription_id.into(),
+            &ready.prepared.event,
+            &ready.prepared.source,
             OffsetDateTime::now_utc(),
         )
         .run_by(runs)
@@ -965,9 +958,15 @@ impl MessageHandler {
 
     async fn apply_alone(&self, ready: &Ready) -> Result<ApplyOutcome, DeliveryError> {
         let outcome = apply::apply(&self.pool, &self.policy, &self.command(ready)).await?;
-        if let (Some(error), ApplyOutcome::Decided(_)) = (&ready.unknown_to_microsoft, &outcome) {
-            self.record_unknown(ready.subscription_id, &ready.source, error)
-                .await;
+        if let (Some(error), ApplyOutcome::Decided(_)) =
+            (&ready.prepared.unknown_to_microsoft, &outcome)
+        {
+            self.record_unknown(
+                ready.prepared.subscription_id,
+                &ready.prepared.source,
+                error,
+            )
+            .await;
         }
         Ok(outcome)
     }
