@@ -20,6 +20,11 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const PUBLISH_CONFIRM_SECONDS: &str = "publish_confirm_seconds";
 /// Counter `{reason}`: webhook tokens refused.
 pub const JWT_REJECTIONS_TOTAL: &str = "jwt_rejections_total";
+/// Gauge: connections the ingress has open (at most `HTTP_MAX_CONNECTIONS`).
+pub const FULFILLMENT_HTTP_CONNECTIONS: &str = "fulfillment_http_connections";
+/// Counter: connections that waited in the accept queue for a place under the limit.
+pub const FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL: &str =
+    "fulfillment_http_connections_waited_total";
 
 // ---- worker ----------------------------------------------------------------------------
 
@@ -156,6 +161,14 @@ fn describe() {
         "Time RabbitMQ took to confirm a publish"
     );
     describe_counter!(JWT_REJECTIONS_TOTAL, "Webhook tokens refused, by reason");
+    describe_gauge!(
+        FULFILLMENT_HTTP_CONNECTIONS,
+        "Connections the ingress has open (at most HTTP_MAX_CONNECTIONS)"
+    );
+    describe_counter!(
+        FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL,
+        "Connections that waited in the accept queue for a place under HTTP_MAX_CONNECTIONS"
+    );
     describe_counter!(
         FULFILLMENT_EVENTS_TOTAL,
         "Events through the subscription state machine, by event kind and outcome"

@@ -63,6 +63,8 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("MARKETPLACE_IMDS_ENDPOINT", "credentials.imds_endpoint"),
     ("LISTEN_ADDR", "http.listen_addr"),
     ("PUBLIC_URL", "http.public_url"),
+    ("HTTP_MAX_CONNECTIONS", "http.max_connections"),
+    ("HTTP_IDLE_TIMEOUT_SECS", "http.idle_timeout_secs"),
     ("WEBHOOK_AUTH", "ingress.webhook_auth"),
     (
         "WEBHOOK_AUTH_ALLOW_INSECURE",
@@ -544,6 +546,12 @@ pub struct HttpSettings {
     /// and landing page URLs entered in Partner Center's Technical configuration). Only
     /// `fulfillment doctor` reads it; the ingress itself never needs to know.
     pub public_url: Option<Url>,
+    /// Connections served at once; more wait in the kernel's accept queue
+    /// ([`crate::http::listener`]).
+    pub max_connections: usize,
+    /// A connection that sends nothing, or takes none of our answer, for this long is
+    /// closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1028,6 +1036,8 @@ struct RawMarketplace {
 struct RawHttp {
     listen_addr: String,
     public_url: Option<String>,
+    max_connections: usize,
+    idle_timeout_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -1062,6 +1072,8 @@ impl Default for RawSettings {
             http: RawHttp {
                 listen_addr: "127.0.0.1:8080".into(),
                 public_url: None,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                idle_timeout_secs: 60,
             },
             ingress: RawIngress {
                 webhook_auth: "entra".into(),
@@ -1429,8 +1441,29 @@ fn parse_retry_schedule(text: &str) -> Result<Vec<Duration>, String> {
         .collect()
 }
 
+/// `http.max_connections` by default: about 10 MiB of connections at most.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 fn parse_http(raw: &RawHttp) -> Result<HttpSettings, SettingsError> {
+    // tokio's semaphore holds at most MAX_PERMITS places.
+    let most = tokio::sync::Semaphore::MAX_PERMITS;
+    if !(1..=most).contains(&raw.max_connections) {
+        return invalid(
+            "http.max_connections",
+            format!("must be between 1 and {most}"),
+        );
+    }
+    // Longer than any request may take (crate::http::REQUEST_TIMEOUT, 10 s), so only a
+    // connection that is really idle is closed.
+    if raw.idle_timeout_secs < 15 {
+        return invalid(
+            "http.idle_timeout_secs",
+            "must be at least 15 (a request may take 10 s)",
+        );
+    }
     Ok(HttpSettings {
+        max_connections: raw.max_connections,
+        idle_timeout: Duration::from_secs(raw.idle_timeout_secs),
         listen_addr: listen_address("http.listen_addr", &raw.listen_addr, "127.0.0.1:8080")?,
         public_url: match raw.public_url.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -1911,6 +1944,9 @@ mod tests {
             ("PUBLIC_URL", "fulfillment.contoso.com", "PUBLIC_URL"),
             ("PUBLIC_URL", "ftp://contoso.com", "http.public_url"),
             ("LOG_FORMAT", "xml", "log.format"),
+            ("HTTP_MAX_CONNECTIONS", "0", "http.max_connections"),
+            ("HTTP_MAX_CONNECTIONS", "many", "http.max_connections"),
+            ("HTTP_IDLE_TIMEOUT_SECS", "5", "http.idle_timeout_secs"),
             ("WORKER_METRICS_ADDR", "9464", "WORKER_METRICS_ADDR"),
             (
                 "MARKETPLACE_TOKEN_ENDPOINT",

@@ -18,6 +18,7 @@ pub mod entitlements;
 pub mod error;
 pub mod health;
 pub mod isv;
+pub mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod state;
@@ -34,7 +35,6 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderName, Request, StatusCode};
 use axum::middleware;
 use axum::routing::{get, post};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -45,6 +45,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 pub use error::ApiError;
+use listener::LimitedListener;
 pub use state::{AppState, IngressConfig};
 
 use crate::settings::Settings;
@@ -174,7 +175,7 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
 /// The ingress process: a bound listener and its connected state.
 #[derive(Debug)]
 pub struct Application {
-    listener: TcpListener,
+    listener: LimitedListener,
     local_addr: SocketAddr,
     state: AppState,
 }
@@ -184,10 +185,11 @@ impl Application {
     /// RabbitMQ (declaring the topology), and builds the webhook verifier and the
     /// Marketplace client. Errors name what is unreachable or missing.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let address = settings.http.listen_addr;
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("cannot listen on {address} (LISTEN_ADDR)"))?;
+        let listener = LimitedListener::bind(
+            settings.http.listen_addr,
+            settings.http.max_connections,
+            settings.http.idle_timeout,
+        )?;
         let local_addr = listener.local_addr()?;
         let state = AppState::from_settings(&settings).await?;
         Ok(Application {

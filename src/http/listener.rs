@@ -1,0 +1,242 @@
+//! The ingress's listening socket, with two limits axum's own `serve` does not have.
+//!
+//! - **At most `http.max_connections` connections at once** (`HTTP_MAX_CONNECTIONS`). Each
+//!   open connection costs the ingress about 20 KiB (hyper's buffers, the request, the
+//!   publish waiting for RabbitMQ's confirm), so a burst of 5,000 simultaneous webhooks —
+//!   Microsoft flushing its backlog after an incident — grew the process past 120 MiB.
+//!   When the limit is reached the next connection is not accepted until one closes: it
+//!   waits in the kernel's accept queue ([`BACKLOG`]), handshake done, at no cost to this
+//!   process, and is served in its turn. Nothing is refused, so nothing Microsoft sends is
+//!   answered with an error because of the limit.
+//! - **An idle connection is closed after `http.idle_timeout_secs`**
+//!   (`HTTP_IDLE_TIMEOUT_SECS`): a socket that has sent nothing for that long (an idle
+//!   keep-alive, a client that stalled mid-request) or does not take our answer is closed,
+//!   so idle clients cannot hold every place under the limit. The timeouts are
+//!   `tokio-io-timeout`'s read and write timeouts.
+//!
+//! `fulfillment_http_connections` is the number open; `fulfillment_http_connections_waited_total`
+//! counts the connections that waited for a place, and a warning is logged once per
+//! saturation (when the limit is reached after having had room).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_io_timeout::TimeoutStream;
+
+use crate::metrics::{FULFILLMENT_HTTP_CONNECTIONS, FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL};
+
+/// The accept queue asked of the kernel (Linux caps it at `net.core.somaxconn`, 4,096 by
+/// default): connections beyond the limit wait there instead of being dropped mid-handshake.
+pub const BACKLOG: u32 = 4096;
+
+/// A bound socket that hands out at most `max_connections` connections at once.
+#[derive(Debug)]
+pub struct LimitedListener {
+    inner: TcpListener,
+    places: Arc<Semaphore>,
+    max_connections: usize,
+    idle_timeout: Duration,
+    /// Whether the last accept found the limit reached (so the warning is logged once per
+    /// saturation, not once per connection).
+    saturated: bool,
+}
+
+impl LimitedListener {
+    /// Binds `address` with a [`BACKLOG`]-deep accept queue. Port 0 picks a free port.
+    pub fn bind(
+        address: SocketAddr,
+        max_connections: usize,
+        idle_timeout: Duration,
+    ) -> anyhow::Result<LimitedListener> {
+        let bound = || -> io::Result<TcpListener> {
+            let socket = if address.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            // As `TcpListener::bind` does: a restarted ingress can bind at once although
+            // the last one's connections are still in TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(BACKLOG)
+        };
+        let inner = bound().with_context(|| format!("cannot listen on {address} (LISTEN_ADDR)"))?;
+        Ok(LimitedListener {
+            inner,
+            places: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            idle_timeout,
+            saturated: false,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn place(&mut self) -> OwnedSemaphorePermit {
+        if let Ok(place) = self.places.clone().try_acquire_owned() {
+            self.saturated = false;
+            return place;
+        }
+        metrics::counter!(FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL).increment(1);
+        if !self.saturated {
+            self.saturated = true;
+            tracing::warn!(
+                max_connections = self.max_connections,
+                "the ingress has HTTP_MAX_CONNECTIONS connections open; new ones wait in the \
+                 accept queue until one closes"
+            );
+        }
+        self.places
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the listener never closes its semaphore")
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, SocketAddr) {
+        let place = self.place().await;
+        let (stream, peer) = axum::serve::Listener::accept(&mut self.inner).await;
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_read_timeout(Some(self.idle_timeout));
+        stream.set_write_timeout(Some(self.idle_timeout));
+        metrics::gauge!(FULFILLMENT_HTTP_CONNECTIONS).increment(1.0);
+        let connection = Connection {
+            stream: Box::pin(stream),
+            _place: Place(place),
+        };
+        (connection, peer)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// One accepted connection: the socket with its idle timeouts, and its place under the
+/// limit, given back when the connection is dropped.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Pin<Box<TimeoutStream<TcpStream>>>,
+    _place: Place,
+}
+
+#[derive(Debug)]
+struct Place(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        metrics::gauge!(FULFILLMENT_HTTP_CONNECTIONS).decrement(1.0);
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().stream.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream.as_mut().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream.as_mut().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().stream.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().stream.as_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn listener(max: usize, idle: Duration) -> LimitedListener {
+        LimitedListener::bind("127.0.0.1:0".parse().unwrap(), max, idle).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_limit_waits_for_a_place_and_is_then_served() {
+        let mut listener = listener(1, Duration::from_secs(30));
+        let address = listener.local_addr().unwrap();
+        let _first_client = TcpStream::connect(address).await.unwrap();
+        let (first, _) = axum::serve::Listener::accept(&mut listener).await;
+        // The second connects (the kernel completes the handshake) but is not accepted.
+        let _second_client = TcpStream::connect(address).await.unwrap();
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(200),
+            axum::serve::Listener::accept(&mut listener),
+        )
+        .await;
+        assert!(waiting.is_err(), "accepted beyond the limit");
+        drop(first);
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::serve::Listener::accept(&mut listener),
+        )
+        .await;
+        assert!(accepted.is_ok(), "not accepted after a place was freed");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_and_frees_its_place() {
+        let mut listener = listener(1, Duration::from_millis(300));
+        let address = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let (mut server, _) = axum::serve::Listener::accept(&mut listener).await;
+        // Traffic keeps it open…
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).await.unwrap();
+        // …silence ends it: the read fails with a timeout.
+        let error = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        drop(server);
+        let _next_client = TcpStream::connect(address).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(5),
+            axum::serve::Listener::accept(&mut listener),
+        )
+        .await;
+        assert!(accepted.is_ok());
+    }
+}
