@@ -60,7 +60,7 @@ async fn with_jwks(app: &mut Stack, jwks_url: Url) {
     app.restart_ingress(|settings, state| {
         let mut config =
             WebhookAuthConfig::from_settings(&settings.marketplace, Some(jwks_url)).unwrap();
-        config.refresh_min_interval = Duration::from_millis(100);
+        config.refresh_min_interval = REFRESH_MIN_INTERVAL;
         state.verifier = Some(WebhookVerifier::new(config, reqwest::Client::new()));
     })
     .await;
@@ -212,10 +212,15 @@ async fn proxy_jwks(State(state): State<ProxyState>) -> Response {
     }
 }
 
-/// Lets the verifier's refetch rate limit (100 ms here) pass, so the next unknown `kid` or
-/// empty cache triggers a fetch. A pause for a rate limit, not a timed assertion.
+/// The verifier's refetch rate limit in these tests. Steps that must fall *within* it (a
+/// second unknown kid answered 503 without a fetch) are two requests apart, so it is long
+/// enough for a loaded machine (at 100 ms such a step failed while other builds ran).
+const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Lets the verifier's refetch rate limit pass, so the next unknown `kid` or empty cache
+/// triggers a fetch. A pause for a rate limit, not a timed assertion.
 async fn past_refresh_interval() {
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(REFRESH_MIN_INTERVAL + Duration::from_millis(100)).await;
 }
 
 fn kid_of(token: &str) -> String {
