@@ -839,12 +839,11 @@ impl Demo {
     /// Waits until the world has settled (see [`World::unsettled`]) with our side in
     /// `state` (and on `plan`).
     async fn settle(&self, id: Uuid, state: &str, plan: Option<&str>) -> anyhow::Result<View> {
-        let wanted = |v: &View| v.state == state && (plan.is_none() || v.plan.as_deref() == plan);
         let what = format!("both sides to settle on {state}");
         let settled = wait_until(&what, STEP_DEADLINE, || async {
             let view = self.world.engine(id).await.ok()??;
             let calm = self.world.unsettled(&[id]).await.ok()?.is_empty();
-            (wanted(&view) && calm).then_some(view)
+            (view.is(state, plan, None) && calm).then_some(view)
         })
         .await;
         match settled {

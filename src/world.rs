@@ -564,6 +564,13 @@ pub struct View {
 }
 
 impl View {
+    /// In `state`, on `plan` and with `quantity` seats where those are given.
+    pub fn is(&self, state: &str, plan: Option<&str>, quantity: Option<i64>) -> bool {
+        self.state == state
+            && (plan.is_none() || self.plan.as_deref() == plan)
+            && (quantity.is_none() || self.quantity == quantity)
+    }
+
     /// Microsoft's `saasSubscriptionStatus` in our state names.
     pub fn at_microsoft(status: &str, plan: Option<String>, quantity: Option<i64>) -> View {
         let state = match status {
@@ -932,6 +939,12 @@ pub async fn run_tool(program: &str, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A local address nothing listens on (for a child process to bind, or to find closed).
+pub fn free_local_address() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
 }
 
 /// Polls `check` every 50 ms until it gives a value; an error naming `what` after `within`.

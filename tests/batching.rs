@@ -48,7 +48,7 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
             ids.push(stack.subscribed("per-seat", Some(5)).await);
         }
         stack.run_until_idle().await;
-        stack.stop_workers().await;
+        stack.stop_workers().await.unwrap();
         // A stored machine nobody can read back: its message can never be applied.
         let poisoned = ids[ROUND / 2];
         sqlx::query("UPDATE subscriptions SET machine = '{\"not\": \"a machine\"}' WHERE id = $1")
@@ -136,7 +136,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
         ids.push(stack.subscribed("per-seat", Some(5)).await);
     }
     stack.run_until_idle().await;
-    stack.stop_workers().await;
+    stack.stop_workers().await.unwrap();
     // Two renewals each, the newer second: applied out of order, the older one would be
     // ignored as stale.
     for id in &ids {
@@ -176,7 +176,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(Options {
         in_process_worker: false,
-        timings: stack::fast_timings(Duration::from_secs(10)),
+        ack_window: Duration::from_secs(10),
         ..Options::default()
     })
     .await;

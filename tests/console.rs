@@ -13,6 +13,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use marketplace_fulfillment::settings::{OperatorRule, SessionKey, Settings};
 use marketplace_fulfillment::simulator::customer::{Page, ScriptedCustomer, input_value};
 use marketplace_fulfillment::simulator::sign_in::{OPERATORS_GROUP_ID, READER_OBJECT_ID};
+use marketplace_fulfillment::world::wait_until;
 use serde_json::json;
 use stack::{Options, Stack};
 use url::Url;
@@ -80,7 +81,11 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
     let id = stack.subscribed("silver", None).await;
 
     // A dead effect: Microsoft answers 503 to everything while the customer changes plan.
-    stack.set_faults(json!({"share5xx": 1.0})).await;
+    stack
+        .admin
+        .set_faults(json!({"share5xx": 1.0}))
+        .await
+        .unwrap();
     stack
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
@@ -96,7 +101,7 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
             .unwrap()
         })
         .await;
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
 
     // A dead letter: a message no worker can read.
     let letter_id = format!("console-test-{}", Uuid::new_v4());
@@ -208,13 +213,13 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
     assert!(dry.html.contains("Dry run"), "{}", dry.html);
     // A dry run moves nothing: the letter it read is back in the dead-letter queue (RabbitMQ
     // counts a message given back as ready a moment after the read ends).
-    stack
-        .wait_for_within(
-            "the dry run to leave the dead letter where it was",
-            Duration::from_secs(5),
-            || async { (dead_letters_waiting(&stack).await == 1).then_some(()) },
-        )
-        .await;
+    wait_until(
+        "the dry run to leave the dead letter where it was",
+        Duration::from_secs(5),
+        || async { (dead_letters_waiting(&stack).await == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
     let done = post(&operator, &dry, replay, &[("confirm", "yes")]).await;
     assert_eq!(done.status, 200, "{}", done.html);
     assert!(done.html.contains("Dead letter replayed"), "{}", done.html);

@@ -47,7 +47,11 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
     // A subscription with a dead effect (Microsoft failing every call during a plan change)
     // and a dead letter (a message no worker can read).
     let id = stack.subscribed("silver", None).await;
-    stack.set_faults(json!({"share5xx": 1.0})).await;
+    stack
+        .admin
+        .set_faults(json!({"share5xx": 1.0}))
+        .await
+        .unwrap();
     stack
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
@@ -63,7 +67,7 @@ async fn an_operator_finds_a_subscription_replays_a_dead_letter_and_retries_a_de
             .unwrap()
         })
         .await;
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     let letter = format!("browser-test-{}", Uuid::new_v4());
     let connection = Connection::connect(
         stack.settings.amqp.url.expose(),

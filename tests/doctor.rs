@@ -9,9 +9,9 @@ use common::{TestDatabase, base_settings};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig};
-use marketplace_fulfillment::world::{World, WorldOptions};
+use marketplace_fulfillment::store;
+use marketplace_fulfillment::world::{World, WorldOptions, free_local_address};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -74,38 +74,24 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
 /// This machine's CI PostgreSQL runs with `autovacuum = off` (conf.d/90-ci.conf), which the
 /// doctor rightly reports; the tests cannot change a shared server, so they expect that one
 /// problem exactly when the server has it.
-async fn server_autovacuum_is_off(settings: &Settings) -> bool {
-    let admin = sqlx::PgPool::connect(settings.database.url.with_path("/postgres").expose())
-        .await
-        .unwrap();
-    let setting: String = sqlx::query_scalar("SHOW autovacuum")
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    setting != "on"
+async fn server_autovacuum_is_off(world: &World) -> bool {
+    !store::autovacuum_enabled(&world.pool).await.unwrap()
 }
 
 /// The checks a correct setup may still fail on this server.
-async fn expected_problems(settings: &Settings) -> Vec<&'static str> {
-    if server_autovacuum_is_off(settings).await {
+async fn expected_problems(world: &World) -> Vec<&'static str> {
+    if server_autovacuum_is_off(world).await {
         vec!["postgres.autovacuum"]
     } else {
         Vec::new()
     }
 }
 
-/// A port nothing listens on.
-async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn a_correct_local_setup_passes_every_check() {
     let deployment = deployment().await;
 
-    let expected = expected_problems(&deployment.settings).await;
+    let expected = expected_problems(&deployment).await;
     let (code, report, stdout) = doctor_json(&deployment, &[]).await;
     assert_eq!(code, if expected.is_empty() { 0 } else { 1 }, "{report:#}");
     assert_eq!(report["ok"], expected.is_empty());
@@ -162,7 +148,7 @@ struct Seeded {
 #[tokio::test]
 async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
     let deployment = deployment().await;
-    let closed = closed_port().await;
+    let closed = free_local_address().unwrap().port();
     // Another publisher's simulator: its API refuses tokens of ours, as Microsoft refuses
     // an app that is not the one of the offer.
     let other = Simulator::start(
@@ -334,7 +320,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
         detail: "AADSTS700027",
         fix: "upload its public part",
     });
-    let environmental = expected_problems(&deployment.settings).await;
+    let environmental = expected_problems(&deployment).await;
     let mut failures = Vec::new();
     for case in &cases {
         let (code, report, stdout) = doctor_json(&deployment, &case.env).await;
@@ -430,7 +416,7 @@ async fn a_missing_or_unmigrated_database_asks_for_migrate() {
     assert_eq!(migrated["status"], "problem", "{migrated:#}");
     assert!(migrated["detail"].as_str().unwrap().contains("no schema"));
     assert_eq!(migrated["fix"], "run `fulfillment migrate`");
-    let autovacuum = if server_autovacuum_is_off(&deployment.settings).await {
+    let autovacuum = if server_autovacuum_is_off(&deployment).await {
         "problem"
     } else {
         "ok"
@@ -511,11 +497,7 @@ impl PrivatePostgres {
     fn start() -> Self {
         let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
         let dir = std::env::temp_dir().join(format!("fulfillment-doctor-pg-{}", Uuid::new_v4()));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_local_address().unwrap().port();
         let dir_text = dir.to_str().unwrap().to_string();
         Self::run(
             &bin.join("initdb"),
@@ -597,7 +579,7 @@ impl Drop for PrivatePostgres {
 #[tokio::test]
 async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
     let deployment = deployment().await;
-    if !server_autovacuum_is_off(&deployment.settings).await {
+    if !server_autovacuum_is_off(&deployment).await {
         // The shared server is correct: the test above already expects exit 0.
         deployment.teardown().await.unwrap();
         return;

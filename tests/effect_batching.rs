@@ -34,7 +34,7 @@ async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
             (stack.outbox_left().await.0 == 0).then_some(())
         })
         .await;
-    stack.stop_workers().await;
+    stack.stop_workers().await.unwrap();
     let runner = EffectRunner::new(
         stack.pool.clone(),
         stack.client.clone(),
@@ -261,7 +261,7 @@ async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_it
         .wait_for("the change on both sides, the outbox at rest", || async {
             let ours = stack.engine(sub).await?;
             (ours.quantity == Some(7)
-                && ours == stack.sim_side(sub).await
+                && Some(ours) == stack.microsoft(sub)
                 && stack.outbox_left().await == (0, 0))
                 .then_some(())
         })

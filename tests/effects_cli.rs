@@ -61,7 +61,11 @@ async fn dead_effects_are_listed_shown_retried_and_abandoned_and_each_change_is_
     assert_eq!(out, "no dead effects\n");
 
     // Microsoft fails every call while both customers change plan: the ACKs die.
-    stack.set_faults(json!({"share5xx": 1.0})).await;
+    stack
+        .admin
+        .set_faults(json!({"share5xx": 1.0}))
+        .await
+        .unwrap();
     stack
         .act(first, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
@@ -70,7 +74,7 @@ async fn dead_effects_are_listed_shown_retried_and_abandoned_and_each_change_is_
         .await;
     let (dead_first, kind) = dead_effect_of(&stack, first).await;
     let (dead_second, _) = dead_effect_of(&stack, second).await;
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
 
     // Listed a page at a time, in id order.
     let (code, out, err) = cli(&stack, &["effects", "list", "--limit", "1", "--json"], &[]).await;
@@ -317,8 +321,10 @@ async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_unti
     // Microsoft refuses a plan change: the requester hears it (exit 1), and for a while
     // `status` lists it as news.
     stack
+        .admin
         .set_faults(json!({"failCalls": {"updateSubscription": 400}}))
-        .await;
+        .await
+        .unwrap();
     let (code, out, err) = cli(
         &stack,
         &["subscription", "change-plan", &sid, "gold", "--wait"],
@@ -326,7 +332,7 @@ async fn status_lists_a_refused_command_while_recent_and_an_unknown_outcome_unti
     )
     .await;
     assert_eq!(code, 1, "refused: {out}{err}");
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     let command = timeline::publisher_operations(&stack.pool, id)
         .await
         .unwrap()

@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use common::TestDatabase;
 use marketplace_fulfillment::queue::Broker;
 use marketplace_fulfillment::settings::Settings;
+use marketplace_fulfillment::world::free_local_address;
 
 /// Runs `fulfillment ARGS` with only the variables given (plus PATH), no RUST_LOG.
 fn fulfillment(args: &[&str], env: &[(&str, String)]) -> Output {
@@ -124,7 +125,7 @@ fn an_unknown_role_is_a_refused_login_and_exits_2() {
 #[test]
 fn a_wrong_port_is_unreachable_not_a_pool_timeout_and_exits_3() {
     let db = TestDatabase::new();
-    let port = closed_port();
+    let port = free_local_address().unwrap().port();
     let mut url = db.url().url().clone();
     url.set_port(Some(port)).unwrap();
     let env = with(env_of(&db.settings), "DATABASE_URL", url.to_string());
@@ -144,7 +145,7 @@ fn reconcile_against_an_unreachable_microsoft_exits_3_not_1() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (db, pool) = runtime.block_on(TestDatabase::migrated());
     runtime.block_on(pool.close());
-    let port = closed_port();
+    let port = free_local_address().unwrap().port();
     let env = env_of(&db.settings);
     let env = with(
         env,
@@ -202,7 +203,7 @@ fn a_mistyped_prefix_on_dlq_list_declares_nothing_names_the_known_prefixes_and_e
 #[test]
 fn dlq_list_with_rabbitmq_unreachable_exits_3() {
     let db = TestDatabase::new();
-    let port = closed_port();
+    let port = free_local_address().unwrap().port();
     let env = with(
         env_of(&db.settings),
         "AMQP_URL",
@@ -273,12 +274,6 @@ fn every_option_of_every_command_has_a_description_and_help_lists_the_settings_r
     }
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[test]
 fn every_invalid_setting_is_reported_at_once_with_exit_2() {
     let db = TestDatabase::new();
@@ -297,7 +292,7 @@ fn every_invalid_setting_is_reported_at_once_with_exit_2() {
 #[test]
 fn serve_names_every_missing_setting_at_once_before_connecting_anywhere() {
     // PostgreSQL and RabbitMQ on closed ports: connecting first would exit 3.
-    let port = closed_port();
+    let port = free_local_address().unwrap().port();
     let env = vec![
         (
             "DATABASE_URL",

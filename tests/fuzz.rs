@@ -620,10 +620,9 @@ mod jwt {
     use marketplace_fulfillment::http::auth::{
         AuthError, MAX_TOKEN_BYTES, WebhookAuthConfig, WebhookVerifier,
     };
-    use marketplace_fulfillment::settings::{
-        MARKETPLACE_APP_ID, MarketplaceSettings, TokenEndpoint,
-    };
+    use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, Settings};
     use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig};
+    use marketplace_fulfillment::world::simulator_env;
     use time::OffsetDateTime;
     use tokio::net::TcpListener;
     use tokio::runtime::Runtime;
@@ -644,15 +643,8 @@ mod jwt {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 Simulator::start(config, listener).await.unwrap()
             });
-            let settings = MarketplaceSettings {
-                api_url: sim.api_url(),
-                entra_authority_url: sim.authority_url(),
-                tenant_id: Some(sim.config().tenant_id),
-                client_id: Some(sim.config().client_id),
-                client_secret: None,
-                token_endpoint: TokenEndpoint::V2,
-                request_timeout: std::time::Duration::from_secs(5),
-            };
+            let env = simulator_env(&sim).into_iter().collect();
+            let settings = Settings::from_sources(None, &env).unwrap().marketplace;
             let config = WebhookAuthConfig::from_settings(&settings, None).unwrap();
             let verifier = WebhookVerifier::new(config, reqwest::Client::new());
             let genuine = sim.mint_webhook_token(json!({})).unwrap();

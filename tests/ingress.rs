@@ -13,7 +13,7 @@ use marketplace_fulfillment::queue::{InboundConsumer, InboundDelivery, InboundMe
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::Timings;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
-use marketplace_fulfillment::world::rabbitmqctl;
+use marketplace_fulfillment::world::{rabbitmqctl, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase};
@@ -45,8 +45,10 @@ async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, Stri
         body["quantity"] = json!(quantity);
     }
     let purchased = app
-        .admin(reqwest::Method::POST, "simulator/purchases", body)
-        .await;
+        .admin
+        .call(reqwest::Method::POST, "simulator/purchases", body)
+        .await
+        .unwrap();
     (
         purchased["subscriptionId"]
             .as_str()
@@ -510,7 +512,7 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
 
     // The broker is back: the same process accepts again within some seconds.
     create_vhost(&vhost).await;
-    app.wait_for_within(
+    wait_until(
         "the ingress to recover",
         Duration::from_secs(90),
         || async {
@@ -519,7 +521,8 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
             (answer == StatusCode::OK).then_some(())
         },
     )
-    .await;
+    .await
+    .unwrap();
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
 
@@ -709,9 +712,11 @@ async fn manual_activation_says_the_publisher_activates() {
 #[tokio::test]
 async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     let app = spawn_app_with(Options {
-        timings: Timings {
-            token_ttl: Duration::from_millis(300),
-            ..Timings::fast()
+        simulator: |config| {
+            config.timings = Timings {
+                token_ttl: Duration::from_millis(300),
+                ..Timings::fast()
+            }
         },
         ..Options::default()
     })

@@ -19,7 +19,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use marketplace_fulfillment::http::Application;
 use marketplace_fulfillment::settings::{ApiScope, ScopedApiKey};
-use marketplace_fulfillment::worker::WorkerConfig;
 use marketplace_fulfillment::worker::protocol::deliver::DeliveryConfig;
 use reqwest::Method;
 use secrecy::SecretString;
@@ -120,23 +119,6 @@ async fn start_receiver() -> (SocketAddr, Shared) {
     (address, shared)
 }
 
-/// The in-process worker with fast delivery clocks and a long retry schedule, so an
-/// endpoint failing for a while loses nothing.
-async fn start_worker(stack: &mut Stack) {
-    let deliveries = DeliveryConfig {
-        schedule: vec![Duration::from_millis(100); 200],
-        timeout: Duration::from_millis(400),
-        ..DeliveryConfig::fast()
-    };
-    let config = WorkerConfig {
-        prefetch: 8,
-        effects: Options::default().effects,
-        deliveries,
-        ..WorkerConfig::default()
-    };
-    stack.add_worker(config).await.expect("worker");
-}
-
 fn accepted(shared: &Shared) -> Vec<Received> {
     shared
         .lock()
@@ -175,10 +157,19 @@ async fn attempts_failed_since(stack: &Stack, endpoint: &str) -> i64 {
 async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failures() {
     let mut stack = Stack::start(Options {
         in_process_worker: false,
+        // Fast delivery clocks and a long retry schedule: an endpoint failing for a while
+        // loses nothing.
+        worker: |worker| {
+            worker.deliveries = DeliveryConfig {
+                schedule: vec![Duration::from_millis(100); 200],
+                timeout: Duration::from_millis(400),
+                ..DeliveryConfig::fast()
+            }
+        },
         ..Options::default()
     })
     .await;
-    start_worker(&mut stack).await;
+    stack.start_worker().await;
     let (receiver, shared) = start_receiver().await;
 
     // Registration: HTTPS only, except loopback; the secret is shown once.

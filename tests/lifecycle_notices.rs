@@ -22,9 +22,11 @@ fn compressed(policy: serde_json::Value) -> Options {
     Options {
         policy,
         simulator: |config| config.timings.day = DAY,
-        notices: NoticePolicy {
-            term_ending_days: vec![30, 7],
-            day: DAY,
+        settings: |settings| {
+            settings.policy.notices = NoticePolicy {
+                term_ending_days: vec![30, 7],
+                day: DAY,
+            }
         },
         ..Options::default()
     }

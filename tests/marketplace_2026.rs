@@ -55,12 +55,14 @@ async fn activate_calls(stack: &Stack, id: Uuid) -> i64 {
 #[tokio::test]
 async fn a_publisher_change_is_polled_through_not_started_on_the_other_host_after_retry_after() {
     let stack = Stack::start(Options {
-        timings: Timings {
-            ack_window: Duration::from_secs(8),
-            retry_after: Duration::from_secs(1),
-            operation_start_delay: Duration::from_millis(2500),
-            operation_delay: Duration::from_millis(4500),
-            ..Timings::fast()
+        simulator: |config| {
+            config.timings = Timings {
+                ack_window: Duration::from_secs(8),
+                retry_after: Duration::from_secs(1),
+                operation_start_delay: Duration::from_millis(2500),
+                operation_delay: Duration::from_millis(4500),
+                ..Timings::fast()
+            }
         },
         ..Options::default()
     })
@@ -83,12 +85,13 @@ async fn a_publisher_change_is_polled_through_not_started_on_the_other_host_afte
     stack
         .wait_for("the plan change on both sides", || async {
             let ours = stack.engine(id).await?;
-            (ours.plan.as_deref() == Some("gold") && stack.sim_side(id).await == ours).then_some(())
+            (ours.plan.as_deref() == Some("gold") && stack.microsoft(id) == Some(ours))
+                .then_some(())
         })
         .await;
     stack.settle(&[id], WAIT).await;
 
-    let view = stack.sim_view(id).await;
+    let view = stack.admin.view(id).await.unwrap();
     let ours = view["operations"]
         .as_array()
         .unwrap()
@@ -235,7 +238,7 @@ async fn a_csp_purchase_is_recorded_with_its_purchaser_and_changes_are_refused_l
     }
     stack.settle(&[id], WAIT).await;
     // Microsoft never saw a PATCH or a DELETE: refused here, with the reason, at once.
-    let view = stack.sim_view(id).await;
+    let view = stack.admin.view(id).await.unwrap();
     assert!(
         view["operations"]
             .as_array()
@@ -385,7 +388,7 @@ async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activat
         .html;
     assert!(page.contains("Welcome back"), "{page}");
     // Microsoft delivers the Subscribe webhook again (a redelivery): still nothing new.
-    let view = stack.sim_view(id).await;
+    let view = stack.admin.view(id).await.unwrap();
     let subscribe = view["operations"]
         .as_array()
         .unwrap()
@@ -485,7 +488,7 @@ async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine
         stack
             .wait_for("the subscription to end on both sides", || async {
                 let ours = stack.engine(id).await?;
-                (ours.state == "Unsubscribed" && stack.sim_side(id).await == ours).then_some(())
+                (ours.state == "Unsubscribed" && stack.microsoft(id) == Some(ours)).then_some(())
             })
             .await;
     }
@@ -516,7 +519,7 @@ async fn an_activation_that_fails_at_microsoft_is_announced_and_ends_the_subscri
     stack
         .wait_for("the failed activation to end the subscription", || async {
             let ours = stack.engine(id).await?;
-            (ours.state == "Unsubscribed" && stack.sim_side(id).await == ours).then_some(())
+            (ours.state == "Unsubscribed" && stack.microsoft(id) == Some(ours)).then_some(())
         })
         .await;
     stack.settle(&[id], WAIT).await;

@@ -57,8 +57,10 @@ async fn settled(stack: &Stack) -> HashMap<String, i64> {
 /// Microsoft's accepted usage: `(resource, dimension, hour start) -> (quantity, repeats)`.
 async fn billed(stack: &Stack) -> HashMap<(Uuid, String, OffsetDateTime), (f64, u64)> {
     let all = stack
-        .admin(Method::GET, "simulator/usage", Value::Null)
-        .await;
+        .admin
+        .call(Method::GET, "simulator/usage", Value::Null)
+        .await
+        .unwrap();
     all.as_array()
         .unwrap()
         .iter()
@@ -170,8 +172,10 @@ async fn lost_answers_never_bill_an_hour_twice() {
     let id = stack.subscribed("gold", None).await;
     // The first two sends are recorded but their answers lost (504).
     stack
+        .admin
         .set_faults(json!({"loseResponses": {"batchUsageEvent": 2}}))
-        .await;
+        .await
+        .unwrap();
     let h = this_hour();
     let events: Vec<Value> = (1..=4)
         .map(|n| {
@@ -212,7 +216,7 @@ async fn lost_answers_never_bill_an_hour_twice() {
 async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expire() {
     let mut stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
-    stack.stop_workers().await;
+    stack.stop_workers().await.unwrap();
     let h = this_hour();
     // Its hour started more than 24 h ago: Microsoft would answer Expired.
     let (status, answer) = report(
@@ -274,7 +278,7 @@ async fn usage_outside_the_24_hour_window_is_refused_and_open_hours_past_it_expi
 async fn usage_for_an_hour_already_submitted_is_reported_as_late_never_sent_again() {
     let mut stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("silver", None).await;
-    stack.stop_workers().await;
+    stack.stop_workers().await.unwrap();
     let hour = this_hour() - time::Duration::hours(2);
     let (status, _) = report(&stack, event(id, "api-calls", 10.0, hour, "first")).await;
     assert_eq!(status, 200);
@@ -434,13 +438,15 @@ async fn reconciliation_reports_a_difference_microsoft_shows() {
     assert!(clean.differences.is_empty(), "{:?}", clean.differences);
     // Partner Center processed less than was submitted for one dimension.
     stack
-        .admin(
+        .admin
+        .call(
             Method::PATCH,
             "simulator/usage",
             json!({"resourceId": id, "dimension": "api-calls", "effectiveStartTime": rfc(at),
                    "processedQuantity": 6.0}),
         )
-        .await;
+        .await
+        .unwrap();
     let report = reconcile(&stack.pool, &client, 2).await.unwrap();
     assert_eq!(report.differences.len(), 1, "{:?}", report.differences);
     let difference = &report.differences[0];

@@ -24,9 +24,10 @@ use marketplace_fulfillment::settings::WebhookAuth;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::MetricsListener;
+use marketplace_fulfillment::world::wait_until;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase, fast_timings};
+use stack::{Options, Stack, TestDatabase};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -139,7 +140,7 @@ async fn wait_for_metric(
 async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     // An ACK window long enough that an auto-accept cannot pass for our ACK.
     let mut system = Stack::start(Options {
-        timings: fast_timings(Duration::from_secs(5)),
+        ack_window: Duration::from_secs(5),
         ..Options::default()
     })
     .await;
@@ -178,7 +179,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
 
     // A plan change Microsoft auto-accepts: no worker runs until the window has passed,
     // so our ACK comes back 409.
-    system.stop_workers().await;
+    system.stop_workers().await.unwrap();
     let late = system
         .act(id, json!({"action": "ChangePlan", "planId": "silver"}))
         .await;
@@ -566,23 +567,13 @@ impl Lines {
     }
 
     async fn wait_for(&self, what: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(found) = self
-                .all()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| what(v))
-            {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no such log line in:\n{}",
-                self.all().join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let lines = || {
+            self.all()
+                .into_iter()
+                .filter_map(|l| serde_json::from_str(&l).ok())
+        };
+        let found = wait_until("a log line", WAIT, || async { lines().find(|v| what(v)) });
+        (found.await).unwrap_or_else(|_| panic!("no such log line in:\n{}", self.all().join("\n")))
     }
 }
 

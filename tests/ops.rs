@@ -15,8 +15,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use marketplace_fulfillment::ops::dlq::{self, Filter, ReplayOptions};
 use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
 use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
+use marketplace_fulfillment::world::wait_until;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase, fast_timings};
+use stack::{Options, Stack, TestDatabase};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -24,9 +25,9 @@ use uuid::Uuid;
 /// window our ACK comes well inside (a lost webhook's change is auto-accepted after it).
 async fn start(workers: usize) -> Stack {
     let mut stack = Stack::start(Options {
-        timings: fast_timings(Duration::from_secs(2)),
+        ack_window: Duration::from_secs(2),
         retry_delays: Some(vec![Duration::from_millis(50), Duration::from_millis(100)]),
-        prefetch: 32,
+        worker: |worker| worker.prefetch = 32,
         in_process_worker: false,
         ..Options::default()
     })
@@ -53,7 +54,7 @@ async fn cli_with(app: &Stack, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
 /// Publishes `bodies` straight into the dead-letter queue as the worker's `dead_letter`
 /// would leave them (confirmed, persistent).
 async fn seed_dead_letters(app: &Stack, letters: &[(String, Option<Uuid>, Vec<u8>)], reason: &str) {
-    let (connection, channel) = app.lapin().await;
+    let (connection, channel) = stack::lapin(&app.settings).await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -126,7 +127,10 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     let app = start(1).await;
     // Microsoft is down: webhooks about subscriptions we never saw need a GET first (P12),
     // which fails; the retry tiers run out and both land in the dead-letter queue.
-    app.set_faults(json!({"share5xx": 1.0})).await;
+    app.admin
+        .set_faults(json!({"share5xx": 1.0}))
+        .await
+        .unwrap();
     let auto = app.buy("silver", None, true).await;
     let a: Uuid = auto["subscriptionId"].as_str().unwrap().parse().unwrap();
     let pending = app.buy("gold", None, false).await;
@@ -140,7 +144,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.publish(&poison, "poison-1", None).await;
     app.wait_for_queue_len(&app.broker.topology().dead_letter_queue(), 3)
         .await;
-    let view = app.sim_view(a).await;
+    let view = app.admin.view(a).await.unwrap();
     let op_a = view["webhooks"]
         .as_array()
         .unwrap()
@@ -242,7 +246,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     );
 
     // The cause removed, the replay moves both; each is processed exactly once.
-    app.set_faults(json!({})).await;
+    app.admin.set_faults(json!({})).await.unwrap();
     let (code, out, err) = cli(&app, &["dlq", "replay", "--reason", "500", "--execute"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -403,13 +407,14 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
         app.start_worker().await;
     }
     let what = format!("{MESSAGES} commands processed");
-    app.wait_for_within(&what, Duration::from_secs(600), || async {
+    wait_until(&what, Duration::from_secs(600), || async {
         let done = app
             .count("SELECT count(*) FROM inbox WHERE kind = $1", "command")
             .await;
         (done == MESSAGES as i64).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
     app.run_until_idle().await;
     let (events, distinct): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT message_id) FROM subscription_events \
@@ -466,8 +471,10 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     app.run_until_idle().await;
     // Microsoft refuses the next change: --wait waits for its answer and exits 1, and the
     // command's outcome says so (issue #18: it printed "applied" and exited 0).
-    app.set_faults(json!({"failCalls": {"updateSubscription": 400}}))
-        .await;
+    app.admin
+        .set_faults(json!({"failCalls": {"updateSubscription": 400}}))
+        .await
+        .unwrap();
     let (code, out, err) = cli(
         &app,
         &[
@@ -498,7 +505,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
         stored.status,
         marketplace_fulfillment::commands::Status::Failed
     );
-    app.set_faults(json!({})).await;
+    app.admin.set_faults(json!({})).await.unwrap();
     app.wait_for_view(id, "Subscribed", None, Some(10)).await;
     app.run_until_idle().await;
     // Already active: the machine says so, and the exit code says it did nothing.
@@ -678,7 +685,10 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
 
     // A resolved purchase whose Activate effect died while Microsoft was down: stuck.
     let (stuck, resolved, message_id) = app.resolve("gold", None).await;
-    app.set_faults(json!({"share5xx": 1.0})).await;
+    app.admin
+        .set_faults(json!({"share5xx": 1.0}))
+        .await
+        .unwrap();
     app.publish(&resolved, &message_id, stuck).await;
     app.wait_for("the Activate effect to die", || async {
         let dead = app
@@ -690,7 +700,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
         (dead > 0).then_some(())
     })
     .await;
-    app.set_faults(json!({})).await;
+    app.admin.set_faults(json!({})).await.unwrap();
     app.run_until_idle().await;
     assert_eq!(app.engine(stuck).await.unwrap().state, "PendingFulfillment");
 

@@ -2,6 +2,8 @@
 //! uses its own prefix and deletes its topology at the end; broker-wide commands are
 //! limited to this test's own connections, because other suites share the broker.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -24,11 +26,9 @@ fn unique_prefix() -> String {
 }
 
 fn amqp_settings(prefix: &str) -> AmqpSettings {
-    let mut env: HashMap<String, String> = std::env::vars().collect();
-    env.insert("FULFILLMENT__AMQP__PREFIX".into(), prefix.into());
-    Settings::from_sources(None, &env)
-        .expect("settings from the environment")
-        .amqp
+    let mut amqp = common::base_settings().amqp;
+    amqp.prefix = prefix.into();
+    amqp
 }
 
 async fn connect(prefix: &str) -> Broker {

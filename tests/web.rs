@@ -28,7 +28,7 @@ async fn head_and_get_without_sign_in_never_activate_nor_show_the_purchase() {
     let (id, landing) = stack
         .purchase_with(serde_json::json!({"planId": "silver"}))
         .await;
-    let purchaser = stack.sim_view(id).await["subscription"]["purchaser"]["emailId"]
+    let purchaser = stack.admin.view(id).await.unwrap()["subscription"]["purchaser"]["emailId"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -60,7 +60,8 @@ async fn head_and_get_without_sign_in_never_activate_nor_show_the_purchase() {
         stack.engine(id).await.is_none(),
         "the purchase was recorded"
     );
-    let status = stack.sim_view(id).await["subscription"]["saasSubscriptionStatus"].clone();
+    let status =
+        stack.admin.view(id).await.unwrap()["subscription"]["saasSubscriptionStatus"].clone();
     assert_eq!(status, "PendingFulfillmentStart");
     stack.finish().await;
 }

@@ -19,10 +19,11 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use marketplace_fulfillment::http::auth::{
     AuthError, MAX_TOKEN_BYTES, TokenVersion, WebhookAuthConfig, WebhookVerifier,
 };
-use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, MarketplaceSettings, TokenEndpoint};
+use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, MarketplaceSettings, Settings};
 use marketplace_fulfillment::simulator::{
     IssuerVersion, RunningSimulator, Simulator, SimulatorConfig,
 };
+use marketplace_fulfillment::world::simulator_env;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -42,16 +43,10 @@ async fn start_simulator(issuer: IssuerVersion) -> RunningSimulator {
     Simulator::start(config, listener).await.unwrap()
 }
 
+/// The simulator's publisher identity, read as production reads the environment.
 fn settings_for(sim: &RunningSimulator) -> MarketplaceSettings {
-    MarketplaceSettings {
-        api_url: sim.api_url(),
-        entra_authority_url: sim.authority_url(),
-        tenant_id: Some(sim.config().tenant_id),
-        client_id: Some(sim.config().client_id),
-        client_secret: None,
-        token_endpoint: TokenEndpoint::V2,
-        request_timeout: Duration::from_secs(5),
-    }
+    let env = simulator_env(sim).into_iter().collect();
+    Settings::from_sources(None, &env).unwrap().marketplace
 }
 
 /// A verifier configured like production for the simulator's publisher identity.

@@ -17,7 +17,8 @@ use uuid::Uuid;
 async fn start(policy: Value) -> Stack {
     Stack::start(Options {
         retry_delays: Some(vec![Duration::from_millis(100), Duration::from_millis(200)]),
-        ..Options::with_policy(policy)
+        policy,
+        ..Options::default()
     })
     .await
 }
@@ -25,7 +26,7 @@ async fn start(policy: Value) -> Stack {
 /// Purchases, publishes `PurchaseResolved` and waits until our side says Subscribed.
 async fn subscribed(stack: &Stack, plan: &str, quantity: Option<u32>) -> Uuid {
     let id = stack.purchase_resolved(plan, quantity).await;
-    stack.wait_for_state(id, "Subscribed").await;
+    stack.wait_for_view(id, "Subscribed", None, None).await;
     id
 }
 
@@ -35,7 +36,7 @@ async fn a_resolved_purchase_is_activated_exactly_once_and_announced() {
     let id = subscribed(&app, "silver", None).await;
     app.run_until_idle().await;
 
-    let view = app.sim_view(id).await;
+    let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["saasSubscriptionStatus"], "Subscribed");
     let events = app.events(id).await;
     let activations = events
@@ -113,9 +114,10 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
         "{operation}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    app.wait_for_plan(flat, "gold").await;
+    app.wait_for_view(flat, "Subscribed", Some("gold"), None)
+        .await;
     app.run_until_idle().await;
-    let view = app.sim_view(flat).await;
+    let view = app.admin.view(flat).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
     let acks: Vec<_> = app
         .events(flat)
@@ -145,7 +147,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
     assert_eq!(operation["status"], "Failed", "{operation}");
     assert_ne!(operation["resolution"], "auto-accepted", "{operation}");
     app.run_until_idle().await;
-    let view = app.sim_view(seats).await;
+    let view = app.admin.view(seats).await.unwrap();
     assert_eq!(view["subscription"]["quantity"], 5);
     assert_eq!(app.engine(seats).await.unwrap().quantity, Some(5));
     assert!(
@@ -224,10 +226,11 @@ async fn a_publisher_plan_change_is_requested_polled_and_applied_on_both_sides()
         requested_at: OffsetDateTime::now_utc(),
     };
     app.publish(&command, &command_id.to_string(), id).await;
-    app.wait_for_plan(id, "gold").await;
+    app.wait_for_view(id, "Subscribed", Some("gold"), None)
+        .await;
     app.run_until_idle().await;
 
-    let view = app.sim_view(id).await;
+    let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
     let (status, operation_id): (String, Option<Uuid>) = sqlx::query_as(
         "SELECT status, operation_id FROM publisher_operations WHERE command_id = $1",
@@ -269,23 +272,25 @@ async fn a_publisher_plan_change_is_requested_polled_and_applied_on_both_sides()
 async fn effects_outlast_transient_faults_and_permanent_failures_end_dead_with_the_reason() {
     let app = start(json!({})).await;
     let (id, message, message_id) = app.resolve("silver", None).await;
-    app.set_faults(json!({"share5xx": 0.5, "share429": 0.3, "retryAfterSecs": 0, "seed": 7}))
-        .await;
+    app.admin
+        .set_faults(json!({"share5xx": 0.5, "share429": 0.3, "retryAfterSecs": 0, "seed": 7}))
+        .await
+        .unwrap();
     app.publish(&message, &message_id, id).await;
     // The faults stay until they made an effect attempt fail.
     app.wait_for("a failed effect attempt", || async {
         (failed_attempts(&app, id).await > 0).then_some(())
     })
     .await;
-    app.set_faults(json!({})).await;
-    app.wait_for_state(id, "Subscribed").await;
+    app.admin.set_faults(json!({})).await.unwrap();
+    app.wait_for_view(id, "Subscribed", None, None).await;
     app.run_until_idle().await;
     let retried = failed_attempts(&app, id).await;
     assert!(
         retried > 0,
         "the faults made at least one effect attempt fail"
     );
-    let view = app.sim_view(id).await;
+    let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["saasSubscriptionStatus"], "Subscribed");
 
     // A forged ChangePlan (P24) for an operation Microsoft never created: the ACK fails
@@ -366,8 +371,10 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
     let id = subscribed(&app, "silver", None).await;
     app.run_until_idle().await;
     app.domain_events().await;
-    app.set_faults(json!({"loseResponses": {"updateSubscription": 1}}))
-        .await;
+    app.admin
+        .set_faults(json!({"loseResponses": {"updateSubscription": 1}}))
+        .await
+        .unwrap();
     let command_id = app
         .command(
             id,
@@ -381,7 +388,7 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
     app.run_until_idle().await;
     assert_eq!(status, "Succeeded", "{last_error:?}");
     assert_lost_answer_was_followed(&app, id).await;
-    let view = app.sim_view(id).await;
+    let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
     let ours = app.engine(id).await.unwrap();
     assert_eq!(
@@ -401,20 +408,22 @@ async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it
     let id = subscribed(&app, "silver", None).await;
     app.run_until_idle().await;
     app.domain_events().await;
-    app.set_faults(json!({"loseResponses": {"deleteSubscription": 1}}))
-        .await;
+    app.admin
+        .set_faults(json!({"loseResponses": {"deleteSubscription": 1}}))
+        .await
+        .unwrap();
     let command_id = app.command(id, PublisherCommand::Cancel).await;
 
     let (status, last_error) = app.wait_for_command(command_id).await;
     app.run_until_idle().await;
     assert_eq!(status, "Succeeded", "{last_error:?}");
     assert_lost_answer_was_followed(&app, id).await;
-    let view = app.sim_view(id).await;
+    let view = app.admin.view(id).await.unwrap();
     assert_eq!(
         view["subscription"]["saasSubscriptionStatus"],
         "Unsubscribed"
     );
-    app.wait_for_state(id, "Unsubscribed").await;
+    app.wait_for_view(id, "Unsubscribed", None, None).await;
     let announced = announced(&app).await;
     let ends = announced
         .iter()
@@ -438,8 +447,10 @@ async fn failed_attempts(app: &Stack, id: Uuid) -> i64 {
 /// The fault fired (the answer was lost), and nothing counted it as Microsoft's refusal.
 async fn assert_lost_answer_was_followed(app: &Stack, id: Uuid) {
     let faults = app
-        .admin(reqwest::Method::GET, "simulator/faults", Value::Null)
-        .await;
+        .admin
+        .call(reqwest::Method::GET, "simulator/faults", Value::Null)
+        .await
+        .unwrap();
     assert_eq!(
         faults["loseResponses"]
             .as_object()

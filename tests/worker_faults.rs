@@ -32,7 +32,7 @@ fn is_inbox_duplicate(row: &LogRow) -> bool {
 /// log, and each further copy logged as an ignored duplicate. Returns `(decisions, copies
 /// logged as duplicates)` and the rows.
 async fn check_one_decision_per_webhook(stack: &Stack, id: Uuid) -> (usize, usize, Vec<LogRow>) {
-    let view = stack.sim_view(id).await;
+    let view = stack.admin.view(id).await.unwrap();
     let rows = stack.events(id).await;
     let mut copies: HashMap<String, usize> = HashMap::new();
     for hook in view["webhooks"].as_array().unwrap() {
@@ -92,8 +92,10 @@ fn acks_recorded(rows: &[LogRow], op: &str) -> usize {
 async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_ignored() {
     let stack = Stack::start(Options::default()).await;
     stack
+        .admin
         .set_faults(json!({"duplicateDeliveries": 1.0, "reorder": 400, "seed": 42}))
-        .await;
+        .await
+        .unwrap();
     let seats = stack.subscribed("per-seat", Some(5)).await;
     let flat = stack.subscribed("silver", None).await;
     // Auto-activated at checkout: the Subscribe webhook (twice) is our first news (P12).
@@ -171,7 +173,7 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
 #[tokio::test]
 async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
     let stack = Stack::start(Options {
-        effects: stack::patient_effects(),
+        worker: |worker| worker.effects = stack::patient_effects(),
         ..Options::default()
     })
     .await;
@@ -180,8 +182,10 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
 
     // First every call fails (500, or 429 with Retry-After) …
     stack
+        .admin
         .set_faults(json!({"share5xx": 0.6, "share429": 1.0, "retryAfterSecs": 1, "seed": 11}))
-        .await;
+        .await
+        .unwrap();
     let seat_change = stack
         .act(first, json!({"action": "ChangeQuantity", "quantity": 9}))
         .await;
@@ -201,8 +205,10 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         .await;
     // … then only some do, while a webhook for a new subscription needs a GET (P12) …
     stack
+        .admin
         .set_faults(json!({"share5xx": 0.3, "share429": 0.2, "retryAfterSecs": 1, "seed": 12}))
-        .await;
+        .await
+        .unwrap();
     let (third, _) = stack.purchase("per-seat", Some(2), true).await;
     stack
         .act(second, json!({"action": "ChangePlan", "planId": "gold"}))
@@ -213,7 +219,7 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         })
         .await;
     // … and then Microsoft is well again.
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     let all = [first, second, third];
     stack.settle(&all, WAIT).await;
 
@@ -231,7 +237,7 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         1,
         "the ACK went through once"
     );
-    let operation = stack.sim_view(first).await["operations"]
+    let operation = stack.admin.view(first).await.unwrap()["operations"]
         .as_array()
         .unwrap()
         .iter()
@@ -251,22 +257,24 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
 async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
     let stack = Stack::start(Options {
         policy: json!({"seats": {"max": 10}}),
-        timings: stack::fast_timings(Duration::from_millis(1500)),
-        effects: stack::patient_effects(),
+        ack_window: Duration::from_millis(1500),
+        worker: |worker| worker.effects = stack::patient_effects(),
         ..Options::default()
     })
     .await;
     let id = stack.subscribed("per-seat", Some(5)).await;
     // Every ACK fails with 503 until Microsoft has auto-accepted (P7).
     stack
+        .admin
         .set_faults(json!({"failCalls": {"updateOperation": 503}}))
-        .await;
+        .await
+        .unwrap();
     let op = stack
         .act(id, json!({"action": "ChangeQuantity", "quantity": 20}))
         .await;
     stack
         .wait_for("Microsoft's auto-accept", || async {
-            let view = stack.sim_view(id).await;
+            let view = stack.admin.view(id).await.unwrap();
             let op = view["operations"]
                 .as_array()
                 .unwrap()
@@ -276,7 +284,7 @@ async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
             (op["status"] == "Succeeded").then_some(())
         })
         .await;
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     // Our refusal came too late: Microsoft's 20 seats stand, and we learn it.
     stack.settle(&[id], WAIT).await;
     assert_eq!(
@@ -303,14 +311,16 @@ async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
 #[tokio::test]
 async fn a_permanently_refused_ack_is_dead_with_microsofts_answer_in_the_outbox_and_the_log() {
     let stack = Stack::start(Options {
-        timings: stack::fast_timings(Duration::from_millis(1500)),
+        ack_window: Duration::from_millis(1500),
         ..Options::default()
     })
     .await;
     let id = stack.subscribed("per-seat", Some(5)).await;
     stack
+        .admin
         .set_faults(json!({"failCalls": {"updateOperation": 400}}))
-        .await;
+        .await
+        .unwrap();
     let op = stack
         .act(id, json!({"action": "ChangeQuantity", "quantity": 7}))
         .await;
@@ -352,11 +362,11 @@ async fn a_permanently_refused_ack_is_dead_with_microsofts_answer_in_the_outbox_
             && r.reason.as_deref().is_some_and(|r| r.starts_with("dead:"))),
         "{rows:#?}"
     );
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     // Microsoft auto-accepts what we had accepted anyway: both sides agree on 7.
     stack
         .wait_for("the auto-accept", || async {
-            (stack.sim_side(id).await.quantity == Some(7)).then_some(())
+            (stack.microsoft(id)?.quantity == Some(7)).then_some(())
         })
         .await;
     stack.settle(&[id], WAIT).await;
@@ -372,8 +382,10 @@ async fn a_permanently_refused_ack_is_dead_with_microsofts_answer_in_the_outbox_
 async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsofts_answer() {
     let stack = Stack::start(Options::default()).await;
     stack
+        .admin
         .set_faults(json!({"failCalls": {"getSubscription": 400}}))
-        .await;
+        .await
+        .unwrap();
     // Auto-activated at checkout: a Subscribe webhook about a subscription we never saw.
     let (id, _) = stack.purchase("per-seat", Some(4), true).await;
     let dead = stack
@@ -401,7 +413,7 @@ async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsof
     // Nothing was applied on a guess.
     assert_eq!(stack.engine(id).await, None);
     assert!(stack.events(id).await.is_empty());
-    stack.set_faults(json!({})).await;
+    stack.admin.set_faults(json!({})).await.unwrap();
     stack.finish().await;
 }
 

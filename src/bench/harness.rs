@@ -169,12 +169,7 @@ impl BenchEnv {
     }
 }
 
-pub(crate) use crate::world::ChildProcess;
-
-pub(crate) fn free_local_address() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
-}
+pub(crate) use crate::world::{ChildProcess, free_local_address};
 
 /// Samples a process's `VmRSS` every 100 ms.
 pub(crate) struct RssSampler {

@@ -6,7 +6,9 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use marketplace_fulfillment::world::{free_local_address, wait_until};
 
 use thirtyfour::prelude::*;
 use tokio::process::{Child, Command};
@@ -22,11 +24,7 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start() -> Browser {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_local_address().unwrap().port();
         let chromedriver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
@@ -34,14 +32,14 @@ impl Browser {
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver is installed (apt-get install chromium chromium-driver)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let up = || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        };
+        wait_until("chromedriver to listen", Duration::from_secs(20), up)
             .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            .unwrap();
         let profile = std::env::temp_dir().join(format!("fulfillment-chromium-{}", Uuid::new_v4()));
         let mut caps = DesiredCapabilities::chrome();
         for arg in [
@@ -77,17 +75,14 @@ impl Browser {
 
     /// Waits until the page's source contains `text` (the landing page refreshes itself).
     pub async fn wait_for_text(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let source = self.driver.source().await.unwrap();
-            if source.contains(text) {
-                return source;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{text:?} never appeared; the page is:\n{source}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let source = || async { self.driver.source().await.ok() };
+        let shown = || async { source().await.filter(|page| page.contains(text)) };
+        match wait_until(text, Duration::from_secs(30), shown).await {
+            Ok(page) => page,
+            Err(_) => panic!(
+                "{text:?} never appeared; the page is:\n{:?}",
+                source().await
+            ),
         }
     }
 
@@ -99,13 +94,8 @@ impl Browser {
     }
 
     pub async fn heading(&self) -> String {
-        self.driver
-            .find(By::Tag("h1"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let heading = self.driver.find(By::Tag("h1")).await.unwrap();
+        heading.text().await.unwrap()
     }
 
     pub async fn quit(self) {

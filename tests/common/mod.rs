@@ -2,34 +2,26 @@
 //! local server (dropped afterwards) and its own RabbitMQ names.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-
 use marketplace_fulfillment::settings::{ConnectionUrl, Settings};
+use marketplace_fulfillment::store;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 /// Settings as the process environment gives them (so `DATABASE_URL` still points the tests
 /// at another server), e.g. the base a `World` derives its names from.
 pub fn base_settings() -> Settings {
-    let env: HashMap<String, String> = std::env::vars().collect();
+    let env = std::env::vars().collect();
     Settings::from_sources(None, &env).expect("settings from the environment")
 }
 
 /// [`base_settings`] with a fresh database name and a fresh RabbitMQ prefix.
 pub fn test_settings() -> Settings {
-    let mut env: HashMap<String, String> = std::env::vars().collect();
-    let id = Uuid::new_v4().simple().to_string();
-    let base = base_settings();
-    let url = base
-        .database
-        .url
-        .with_path(&format!("/fulfillment_test_{}", &id[..16]));
-    env.insert("DATABASE_URL".into(), url.expose().to_string());
-    env.insert(
-        "FULFILLMENT__AMQP__PREFIX".into(),
-        format!("test-{}", &id[..16]),
-    );
-    Settings::from_sources(None, &env).expect("test settings")
+    let mut settings = base_settings();
+    let id = &Uuid::new_v4().simple().to_string()[..16];
+    let database = format!("/fulfillment_test_{id}");
+    settings.database.url = settings.database.url.with_path(&database);
+    settings.amqp.prefix = format!("test-{id}");
+    settings
 }
 
 /// A database that exists for one test and is dropped when this value is.
@@ -48,12 +40,8 @@ impl TestDatabase {
     /// Creates the database with the schema and returns a pool on it.
     pub async fn migrated() -> (Self, PgPool) {
         let db = Self::new();
-        marketplace_fulfillment::store::migrate(&db.settings.database)
-            .await
-            .expect("migrate the test database");
-        let pool = marketplace_fulfillment::store::connect(&db.settings.database)
-            .await
-            .expect("connect to the test database");
+        store::migrate(&db.settings.database).await.unwrap();
+        let pool = store::connect(&db.settings.database).await.unwrap();
         (db, pool)
     }
 
@@ -66,22 +54,13 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         let url = self.settings.database.url.clone();
         // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
-        let _ = std::thread::spawn(move || {
+        let drop = move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let name = url.url().path().trim_start_matches('/').to_string();
-                let admin = url.with_path("/postgres");
-                if let Ok(pool) = PgPool::connect(admin.expose()).await {
-                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
-                    pool.close().await;
-                }
-            });
-        })
-        .join();
+                .build();
+            let _ = runtime.unwrap().block_on(store::drop_database(&url));
+        };
+        let _ = std::thread::spawn(drop).join();
     }
 }
 
@@ -92,11 +71,7 @@ pub fn strip_ansi(text: &str) -> String {
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
         } else {
             out.push(c);
         }

@@ -1,32 +1,20 @@
-//! The one test world: [`marketplace_fulfillment::world::World`] — the start path `demo`
-//! and the benchmarks share — wired for system tests. The simulator on port 0 sends signed
-//! webhooks through a tap (which records them, and can turn deaf to lose them) to the real
-//! ingress, which publishes them to RabbitMQ; workers (in-process, or `fulfillment work`
-//! child processes) apply them to the world's database and call the simulator back. Every
-//! test gets its own database and RabbitMQ prefix; both are removed when the [`Stack`] is
-//! dropped, also when the test panics. Domain events are collected on a queue of the test's
-//! own and checked against their schemas (docs/events/).
-//!
-//! Waiting is by condition, never by a bare sleep: [`Stack::run_until_idle`] returns once
-//! the queues, the workers and the simulator's deliveries are at rest; [`Stack::settle`]
-//! also waits for both sides to agree; [`Stack::wait_for`] and its named forms wait for one
-//! condition with a deadline.
+//! The one test world: [`World`] (the start path `demo` and the benchmarks share) wired
+//! for system tests. The simulator on port 0 sends signed webhooks through a [`tap`]
+//! (which records them, and can turn deaf to lose them) to the real ingress; workers
+//! (in-process, or `fulfillment work` child processes) apply them. Every test gets its own
+//! database and RabbitMQ prefix, removed when the [`Stack`] is dropped, also on a panic.
+//! Domain events are collected on a queue of the test's own and checked against
+//! docs/events/. Waiting is by condition ([`Stack::wait_for`], [`World::run_until_idle`],
+//! [`World::settle`]), never by a bare sleep.
 //!
 //! ```ignore
-//! let stack = Stack::start(Options::with_policy(json!({"seats": {"max": 10}}))).await;
+//! let stack = Stack::start(Options::default()).await;
 //! let id = stack.subscribed("silver", None).await;        // landing page, activation
 //! let op = stack.act(id, json!({"action": "ChangePlan", "planId": "gold"})).await;
 //! stack.wait_for_operation(id, &op).await;
 //! stack.run_until_idle().await;
-//! assert!(stack.domain_event_types().await.iter().any(|t| t.ends_with("plan_changed")));
 //! stack.finish().await;
 //! ```
-//!
-//! The same world without a worker serves ingress tests (`in_process_worker: false`,
-//! [`Stack::post_webhook`], [`Stack::api`], [`Stack::restart_ingress`] for a customised
-//! verifier); messages can be published as the ingress would ([`Stack::publish`],
-//! [`Stack::purchase_resolved`], [`Stack::command`]); [`Stack::cli`] runs the binary
-//! against the stack and [`Stack::spawn_worker_process`] runs `fulfillment work`.
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
@@ -40,18 +28,16 @@ pub use common::{TestDatabase, strip_ansi, test_settings};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::View;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fulfillment_state_machine::NoticePolicy;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::http::{AppState, router};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
 use marketplace_fulfillment::queue::{
-    Broker, InboundMessage, MessageMeta, Publisher, PublisherCommand,
+    Broker, InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
 };
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
@@ -59,9 +45,7 @@ use marketplace_fulfillment::store;
 use marketplace_fulfillment::worker::{
     EffectsConfig, MetricsListener, ProtocolConfig, WorkerConfig,
 };
-use marketplace_fulfillment::world::{
-    ChildProcess, SimHandle, World, WorldOptions, activate_on_landing, wait_until,
-};
+use marketplace_fulfillment::world::{ChildProcess, SimHandle, World, WorldOptions};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -80,21 +64,18 @@ pub const WAIT: Duration = Duration::from_secs(60);
 pub struct Options {
     /// The machine's policy (JSON of `[policy]`).
     pub policy: Value,
-    pub timings: Timings,
+    /// Microsoft's ACK window; the simulator's other clocks are fast.
+    pub ack_window: Duration,
     /// Run a worker inside the test process (else start `fulfillment work` processes).
     pub in_process_worker: bool,
-    /// The in-process worker's effect clocks and budget.
-    pub effects: EffectsConfig,
+    /// Last changes to the in-process workers' configuration (prefetch, effect clocks,
+    /// ISV deliveries).
+    pub worker: fn(&mut WorkerConfig),
     /// Last changes to the simulator's configuration (catalogue, page sizes, link host).
     pub simulator: fn(&mut SimulatorConfig),
-    /// When lifecycle notices are due (a compressed day to match the simulator's).
-    pub notices: NoticePolicy,
     /// Retry tiers of the in-process workers' broker (`None`: production's).
     pub retry_delays: Option<Vec<Duration>>,
-    /// Deliveries an in-process worker holds at once.
-    pub prefetch: u16,
-    /// Variables on top of the environment the settings are read from (an empty value
-    /// removes one), e.g. `("ACTIVATION_MODE", "manual")`.
+    /// Variables on top of the environment (an empty value removes one).
     pub env: Vec<(&'static str, String)>,
     /// Last changes to the settings (e.g. `world::brand_as_contoso`).
     pub settings: fn(&mut Settings),
@@ -104,41 +85,15 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             policy: json!({}),
-            timings: Timings {
-                // Long enough that Microsoft's auto-accept cannot pass for our ACK.
-                ack_window: Duration::from_secs(8),
-                ..Timings::fast()
-            },
+            // Long enough that Microsoft's auto-accept cannot pass for our ACK.
+            ack_window: Duration::from_secs(8),
             in_process_worker: true,
-            effects: EffectsConfig {
-                concurrency: 2,
-                ..EffectsConfig::fast()
-            },
+            worker: |_| {},
             simulator: |_| {},
-            notices: NoticePolicy::default(),
             retry_delays: None,
-            prefetch: 8,
             env: Vec::new(),
             settings: |_| {},
         }
-    }
-}
-
-impl Options {
-    /// The default stack with this machine policy (JSON of `[policy]`).
-    pub fn with_policy(policy: Value) -> Self {
-        Self {
-            policy,
-            ..Self::default()
-        }
-    }
-}
-
-/// The simulator's fast clocks with Microsoft's ACK window set to `ack_window`.
-pub fn fast_timings(ack_window: Duration) -> Timings {
-    Timings {
-        ack_window,
-        ..Timings::fast()
     }
 }
 
@@ -154,9 +109,8 @@ pub fn patient_effects() -> EffectsConfig {
     }
 }
 
-/// The world and what tests add to it: the tap, the test's domain-event queue, a
-/// publisher, child-process settings. Derefs to the [`World`] (`pool`, `settings`, `sim`,
-/// `broker`, `client`, `workers`).
+/// The world and what tests add to it; derefs to the [`World`] (`pool`, `settings`,
+/// `sim`, `broker`, `client`, `workers`, `engine`, `run_until_idle`, …).
 pub struct Stack {
     pub world: World,
     pub ingress: SocketAddr,
@@ -171,10 +125,10 @@ pub struct Stack {
     pub process_env: Vec<(String, String)>,
     tap: tap::Tap,
     worker_config: WorkerConfig,
-    /// An ingress started by [`Stack::restart_ingress`], and what stops it.
-    restarted: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-    /// Stops what else the stack serves (the worker's listener).
+    /// Stops what the stack serves besides the world (a restarted ingress, the worker's
+    /// listener), and the restarted ingress's task.
     background: CancellationToken,
+    restarted: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl std::ops::Deref for Stack {
@@ -196,28 +150,31 @@ impl Stack {
         env.remove("FULFILLMENT_CONFIG");
         env.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
         env.insert("ENTITLEMENT_API_KEY".into(), API_KEY.into());
-        for (key, value) in &options.env {
+        for (key, value) in options.env {
             match value.is_empty() {
-                true => env.remove(*key),
-                false => env.insert(key.to_string(), value.clone()),
+                true => env.remove(key),
+                false => env.insert(key.to_string(), value),
             };
         }
         let mut base = Settings::from_sources(None, &env).expect("stack settings");
         if options.policy != json!({}) {
             base.policy = serde_json::from_value(options.policy).expect("a policy");
         }
-        base.policy.notices = options.notices.clone();
         (options.settings)(&mut base);
-        let tap = tap::Tap::start().await;
-        let worker_config = WorkerConfig {
-            prefetch: options.prefetch,
-            effects: options.effects,
+        let (tap, tap_url) = tap::Tap::start().await;
+        let mut worker_config = WorkerConfig {
+            prefetch: 8,
+            effects: EffectsConfig {
+                concurrency: 2,
+                ..EffectsConfig::fast()
+            },
             ..WorkerConfig::default()
         };
-        let (timings, simulator) = (options.timings, options.simulator);
+        (options.worker)(&mut worker_config);
+        let (ack_window, simulator) = (options.ack_window, options.simulator);
         let world_options = WorldOptions {
             ingress: true,
-            webhook_url: Some(tap.url()),
+            webhook_url: Some(tap_url),
             worker: options.in_process_worker.then(|| worker_config.clone()),
             client_retries: Some(RetryPolicy {
                 min_delay: Duration::from_millis(5),
@@ -227,38 +184,40 @@ impl Stack {
                 give_up_beyond_cap: false,
             }),
             retry_delays: options.retry_delays,
-            configure: Box::new(
-                move |settings: &mut Settings, config: &mut SimulatorConfig| {
-                    // A small pool for the ingress: the PostgreSQL server is shared by every test
-                    // running at once (the world's own pool, which the workers share, keeps the
-                    // default size).
-                    settings.database.max_connections = 6;
-                    config.timings = timings;
-                    simulator(config);
-                    Ok(())
-                },
-            ),
+            configure: Box::new(move |settings, config| {
+                // A small pool for the ingress: the PostgreSQL server is shared by every test
+                // running at once (the world's own pool, for the workers, keeps its size).
+                settings.database.max_connections = 6;
+                config.timings = Timings {
+                    ack_window,
+                    ..Timings::fast()
+                };
+                simulator(config);
+                Ok(())
+            }),
             ..WorldOptions::bare("test")
         };
         let mut world = World::start(&base, world_options).await.expect("the world");
         let ingress = world.ingress.expect("an ingress");
-        tap.forward_to(format!("http://{ingress}/webhook").parse().unwrap());
+        tap.forward_to(world.url("/webhook").parse().unwrap());
         let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
         world.delete_at_teardown(domain_queue.clone());
-        bind_queue(
-            &world.settings,
-            &domain_queue,
-            &world.broker.topology().domain_exchange(),
-        )
-        .await;
-        let mut process_env = world.process_env();
+        let (connection, channel) = lapin(&world.settings).await;
+        let (declare, bind) = (QueueDeclareOptions::default(), QueueBindOptions::default());
+        let exchange = world.broker.topology().domain_exchange();
+        let no_arguments = lapin::types::FieldTable::default();
+        (channel.queue_declare(domain_queue.as_str().into(), declare, no_arguments.clone()))
+            .await
+            .unwrap();
+        let (queue, key) = (domain_queue.as_str().into(), "#".into());
+        (channel.queue_bind(queue, exchange.into(), key, bind, no_arguments))
+            .await
+            .unwrap();
+        let _ = connection.close(200, "bound".into()).await;
         // Millisecond clocks for worker processes, through the [worker] settings.
-        let notice_days: Vec<String> = options
-            .notices
-            .term_ending_days
-            .iter()
-            .map(u32::to_string)
-            .collect();
+        let notices = &world.settings.policy.notices;
+        let notice_days = notices.term_ending_days.iter().map(u32::to_string);
+        let mut process_env = world.process_env();
         for (key, value) in [
             ("DATABASE__MAX_CONNECTIONS", "6".to_string()),
             ("WORKER__PREFETCH", "8".into()),
@@ -268,11 +227,11 @@ impl Stack {
             ("WORKER__BACKOFF_MAX_MS", "500".into()),
             ("WORKER__OPERATION_POLL_INTERVAL_MS", "100".into()),
             ("WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100".into()),
-            ("WORKER__TERM_ENDING_NOTICE_DAYS", notice_days.join(",")),
             (
-                "WORKER__NOTICE_DAY_MS",
-                options.notices.day.as_millis().to_string(),
+                "WORKER__TERM_ENDING_NOTICE_DAYS",
+                notice_days.collect::<Vec<_>>().join(","),
             ),
+            ("WORKER__NOTICE_DAY_MS", notices.day.as_millis().to_string()),
         ] {
             process_env.push((format!("FULFILLMENT__{key}"), value));
         }
@@ -290,8 +249,8 @@ impl Stack {
             process_env,
             tap,
             worker_config,
-            restarted: None,
             background: CancellationToken::new(),
+            restarted: None,
         }
     }
 
@@ -299,11 +258,6 @@ impl Stack {
     pub async fn start_worker(&mut self) {
         let config = self.worker_config.clone();
         self.world.add_worker(config).await.expect("worker");
-    }
-
-    /// Stops the in-process workers (their messages wait in the queue).
-    pub async fn stop_workers(&mut self) {
-        self.world.stop_workers().await.expect("the workers stop");
     }
 
     /// Serves the worker's listener (`/metrics`, `/healthz`, `/readyz`) on port 0 until
@@ -321,11 +275,10 @@ impl Stack {
     /// Stops the workers, the ingress and the simulator, checks the domain events left on
     /// the test's queue against their schemas and removes the queues and the database.
     pub async fn finish(mut self) {
-        self.stop_workers().await;
+        self.world.stop_workers().await.expect("the workers stop");
         self.domain_events().await;
         self.background.cancel();
-        if let Some((stop, server)) = self.restarted.take() {
-            stop.cancel();
+        if let Some(server) = self.restarted.take() {
             let _ = server.await;
         }
         self.world.teardown().await.expect("the world's teardown");
@@ -333,18 +286,15 @@ impl Stack {
 
     // ---- the simulator (Microsoft and the customer) -------------------------------------
 
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        self.admin.call(method, path, body).await.unwrap()
-    }
-
-    pub async fn set_faults(&self, faults: Value) {
-        self.admin.set_faults(faults).await.unwrap();
-    }
-
-    /// A purchase with every field of `POST /simulator/purchases` (`offerId` defaults to
-    /// `contoso-analytics`): `(subscription id, landing page URL)`.
+    /// A purchase with every field of `POST /simulator/purchases`: `(subscription id,
+    /// landing page URL)`.
     pub async fn purchase_with(&self, body: Value) -> (Uuid, Url) {
-        landing(&self.admin.purchase(body).await.unwrap())
+        let created = self.admin.purchase(body).await.unwrap();
+        let field = |name: &str| created[name].as_str().unwrap().to_owned();
+        (
+            field("subscriptionId").parse().unwrap(),
+            field("landingUrl").parse().unwrap(),
+        )
     }
 
     /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).
@@ -355,7 +305,8 @@ impl Stack {
 
     /// A purchase: `(subscription id, landing page URL)`.
     pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
-        landing(&self.buy(plan, quantity, auto).await)
+        let body = json!({"planId": plan, "quantity": quantity, "autoActivate": auto});
+        self.purchase_with(body).await
     }
 
     /// A customer/Microsoft action (`{action, planId?, quantity?}`); returns the operation id.
@@ -363,31 +314,12 @@ impl Stack {
         self.admin.act(id, body).await.unwrap().to_string()
     }
 
-    pub async fn sim_view(&self, id: Uuid) -> Value {
-        self.admin.view(id).await.unwrap()
-    }
-
-    /// Every subscription the simulator knows, by id.
+    /// Every subscription the simulator knows (its admin view), by id.
     pub async fn sim_views(&self) -> HashMap<Uuid, Value> {
         let all = self.admin.get("simulator/subscriptions").await.unwrap();
         let all = all["subscriptions"].as_array().unwrap().iter();
-        all.map(|v| {
-            (
-                v["subscription"]["id"].as_str().unwrap().parse().unwrap(),
-                v.clone(),
-            )
-        })
-        .collect()
-    }
-
-    pub async fn sim_side(&self, id: Uuid) -> View {
-        View::of_sim_view(&self.sim_view(id).await)
-    }
-
-    /// The customer opens the landing page (through the ingress), signs in at the
-    /// simulator's Entra stand-in and asks for activation (the form's POST).
-    pub async fn open_landing(&self, landing: &Url) {
-        activate_on_landing(landing).await.unwrap();
+        let id = |v: &Value| v["subscription"]["id"].as_str().unwrap().parse().unwrap();
+        all.map(|v| (id(v), v.clone())).collect()
     }
 
     /// Purchase, landing page, automatic activation; returns once both sides say Subscribed.
@@ -400,6 +332,13 @@ impl Stack {
         })
         .await;
         id
+    }
+
+    /// The customer opens the landing page, signs in and asks for activation.
+    pub async fn open_landing(&self, landing: &Url) {
+        marketplace_fulfillment::world::activate_on_landing(landing)
+            .await
+            .unwrap();
     }
 
     // ---- the ingress ----------------------------------------------------------------------
@@ -422,12 +361,11 @@ impl Stack {
 
     /// A request to our entitlement API with the stack's key.
     pub fn api(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(API_KEY)
+        let request = self.http.request(method, self.url(path));
+        request.bearer_auth(API_KEY)
     }
 
-    /// `path` on the ingress.
+    /// `path` on the ingress (also after [`Stack::restart_ingress`]).
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.ingress)
     }
@@ -444,24 +382,18 @@ impl Stack {
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
         let request = self.http.post(self.url("/webhook"));
-        let mut request = request
-            .header("content-type", "application/json")
-            .body(body);
+        let mut request = request.header("content-type", "application/json");
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        request.send().await.unwrap()
+        request.body(body).send().await.unwrap()
     }
 
     /// Tells the ingress to shut down; returns its task to await.
     pub fn begin_ingress_shutdown(&mut self) -> JoinHandle<anyhow::Result<()>> {
-        match self.restarted.take() {
-            Some((stop, server)) => {
-                stop.cancel();
-                server
-            }
-            None => self.world.stop_ingress().expect("the ingress runs"),
-        }
+        self.background.cancel();
+        let restarted = self.restarted.take();
+        restarted.unwrap_or_else(|| self.world.stop_ingress().expect("the ingress runs"))
     }
 
     /// Replaces the ingress by the production router on a new port, its state
@@ -469,24 +401,20 @@ impl Stack {
     /// simulator's landing page URL still names the first ingress.)
     pub async fn restart_ingress(&mut self, customise: impl FnOnce(&Settings, &mut AppState)) {
         let _ = self.begin_ingress_shutdown().await;
-        let mut state = AppState::from_settings(&self.settings)
-            .await
-            .expect("state");
+        self.background = CancellationToken::new();
+        let mut state = AppState::from_settings(&self.settings).await.unwrap();
         customise(&self.settings, &mut state);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.ingress = listener.local_addr().unwrap();
         self.tap.forward_to(self.url("/webhook").parse().unwrap());
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router(state.clone()))
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await?;
+        let stopped = self.background.clone().cancelled_owned();
+        self.restarted = Some(tokio::spawn(async move {
+            let serve = axum::serve(listener, router(state.clone()));
+            serve.with_graceful_shutdown(stopped).await?;
             state.broker.close().await;
             state.pool.close().await;
             Ok(())
-        });
-        self.restarted = Some((stop, server));
+        }));
     }
 
     // ---- our side --------------------------------------------------------------------
@@ -508,24 +436,11 @@ impl Stack {
 
     /// `SELECT count(*) …` with one text parameter.
     pub async fn count(&self, sql: &str, bind: &str) -> i64 {
-        let sql = sqlx::AssertSqlSafe(sql.to_string());
-        sqlx::query_scalar(sql)
-            .bind(bind)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        let sql = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()));
+        sql.bind(bind).fetch_one(&self.pool).await.unwrap()
     }
 
     // ---- RabbitMQ ----------------------------------------------------------------------
-
-    pub async fn lapin(&self) -> (Connection, lapin::Channel) {
-        let url = self.settings.amqp.url.expose();
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        (connection, channel)
-    }
 
     /// A broker connection of the test's own, on the stack's names.
     pub async fn connect_broker(&self) -> Broker {
@@ -540,40 +455,26 @@ impl Stack {
         self.broker.queue_counts(&inbound).await.unwrap()
     }
 
-    /// Whether `queue` exists (a passive declare).
-    pub async fn queue_exists(&self, queue: &str) -> bool {
-        self.broker.queue_counts(queue).await.is_ok()
-    }
-
     /// Messages ready in `queue`.
     pub async fn queue_len(&self, queue: &str) -> u32 {
         self.broker.queue_counts(queue).await.unwrap().0
     }
 
     /// Takes every message off the dead-letter queue: bodies and headers as text.
-    pub async fn drain_dlq(&self) -> Vec<(Value, HashMap<String, String>)> {
+    pub async fn drain_dlq(&self) -> Vec<(Value, BTreeMap<String, String>)> {
         self.take_all(&self.broker.topology().dead_letter_queue())
             .await
     }
 
     /// Takes every message off `queue`: bodies and headers as text.
-    pub async fn take_all(&self, queue: &str) -> Vec<(Value, HashMap<String, String>)> {
-        let (connection, channel) = self.lapin().await;
+    pub async fn take_all(&self, queue: &str) -> Vec<(Value, BTreeMap<String, String>)> {
+        let (connection, channel) = lapin(&self.settings).await;
         let mut all = Vec::new();
         let get = || channel.basic_get(queue.into(), BasicGetOptions { no_ack: true });
         while let Some(message) = get().await.unwrap() {
             let body = serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null);
-            let headers = message
-                .delivery
-                .properties
-                .headers()
-                .clone()
-                .unwrap_or_default();
-            let headers = headers
-                .inner()
-                .iter()
-                .map(|(k, v)| (k.to_string(), header_text(v)));
-            all.push((body, headers.collect()));
+            let headers = headers::stringify(message.delivery.properties.headers().as_ref());
+            all.push((body, headers));
         }
         let _ = connection.close(200, "drained".into()).await;
         all
@@ -581,8 +482,8 @@ impl Stack {
 
     /// Takes the domain events published since the last call off the test's queue and
     /// checks each against its schema (docs/events/): `(CloudEvent, headers)`.
-    pub async fn domain_events(&self) -> Vec<(Value, HashMap<String, String>)> {
-        if !self.queue_exists(&self.domain_queue).await {
+    pub async fn domain_events(&self) -> Vec<(Value, BTreeMap<String, String>)> {
+        if self.broker.queue_counts(&self.domain_queue).await.is_err() {
             // Gone with its virtual host (a test of a broker outage): nothing to check.
             return Vec::new();
         }
@@ -595,7 +496,7 @@ impl Stack {
     pub async fn domain_event_types(&self) -> Vec<String> {
         let events = self.domain_events().await.into_iter();
         events
-            .map(|(event, _)| event["type"].as_str().unwrap_or_default().to_owned())
+            .map(|(event, _)| event["type"].as_str().unwrap().to_owned())
             .collect()
     }
 
@@ -617,7 +518,7 @@ impl Stack {
         self.publisher
             .publish_inbound(message, &meta)
             .await
-            .expect("publish");
+            .unwrap();
     }
 
     /// Purchases in the simulator and resolves the token: the `PurchaseResolved` message
@@ -630,19 +531,15 @@ impl Stack {
         let created = self.buy(plan, quantity, false).await;
         let id: Uuid = created["subscriptionId"].as_str().unwrap().parse().unwrap();
         let token = created["token"].as_str().unwrap();
-        let resolved = self
-            .client
-            .resolve(&CallContext::random(), token)
-            .await
-            .unwrap();
+        let resolved = self.client.resolve(&CallContext::random(), token).await;
+        let subscription = resolved.unwrap().into_value().subscription.unwrap();
         let resolved_at = OffsetDateTime::now_utc();
-        let subscription = resolved.into_value().subscription.unwrap();
         let message = InboundMessage::PurchaseResolved {
             resolved_at,
             subscription: serde_json::to_string(&subscription).unwrap(),
         };
-        let message_id = format!("resolve:{id}:{}", resolved_at.unix_timestamp_nanos());
-        (id, message, message_id)
+        let key = InboxKey::purchase_resolved(id, resolved_at);
+        (id, message, key.into_message_id())
     }
 
     /// Purchases, resolves and publishes `PurchaseResolved` (no landing page involved).
@@ -666,13 +563,6 @@ impl Stack {
         command_id
     }
 
-    // ---- webhooks on the way ------------------------------------------------------------
-
-    /// Webhook bodies the simulator sent, in order.
-    pub fn webhooks_received(&self) -> Vec<String> {
-        self.tap.received()
-    }
-
     /// Deaf: webhooks are answered 200 and lost before the ingress (Microsoft thinks they
     /// were delivered).
     pub fn set_deaf(&self, deaf: bool) {
@@ -682,25 +572,16 @@ impl Stack {
     // ---- waiting -----------------------------------------------------------------------
 
     /// Waits until `check` gives a value; panics naming `what` after [`WAIT`].
-    pub async fn wait_for<T, F, Fut>(&self, what: &str, check: F) -> T
+    pub async fn wait_for<T, Fut>(&self, what: &str, check: impl FnMut() -> Fut) -> T
     where
-        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        self.wait_for_within(what, WAIT, check).await
+        marketplace_fulfillment::world::wait_until(what, WAIT, check)
+            .await
+            .unwrap()
     }
 
-    /// [`Stack::wait_for`] with a deadline of its own.
-    pub async fn wait_for_within<T, F, Fut>(&self, what: &str, within: Duration, check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        wait_until(what, within, check).await.unwrap()
-    }
-
-    /// Waits until every in-process worker is idle, nothing waits in the inbound queue and
-    /// the simulator has no webhook still being delivered, twice in a row.
+    /// Waits until the world is at rest ([`World::run_until_idle`]) within [`WAIT`].
     pub async fn run_until_idle(&self) {
         self.world.run_until_idle(WAIT).await.unwrap();
     }
@@ -713,23 +594,8 @@ impl Stack {
         }
     }
 
-    /// Waits until our side holds `id` in `state`.
-    pub async fn wait_for_state(&self, id: Uuid, state: &str) -> View {
-        self.wait_for_view(id, state, None, None).await
-    }
-
-    /// Waits until our side holds `id` on `plan`.
-    pub async fn wait_for_plan(&self, id: Uuid, plan: &str) -> View {
-        self.wait_for(&format!("{id} on {plan}"), || async {
-            self.engine(id)
-                .await
-                .filter(|view| view.plan.as_deref() == Some(plan))
-        })
-        .await
-    }
-
     /// Waits until our side holds `id` in `state`, on `plan` and with `quantity` seats
-    /// where those are given.
+    /// where those are given ([`View::is`]).
     pub async fn wait_for_view(
         &self,
         id: Uuid,
@@ -739,20 +605,17 @@ impl Stack {
     ) -> View {
         let what = format!("{id} in {state} {plan:?} {quantity:?}");
         self.wait_for(&what, || async {
-            self.engine(id).await.filter(|view| {
-                view.state == state
-                    && (plan.is_none() || view.plan.as_deref() == plan)
-                    && (quantity.is_none() || view.quantity == quantity)
-            })
+            let view = self.engine(id).await;
+            view.filter(|view| view.is(state, plan, quantity))
         })
         .await
     }
 
     /// Waits until Microsoft's subscription `id` has the status `status`.
-    pub async fn wait_for_sim(&self, id: Uuid, status: &str) -> Value {
+    pub async fn wait_for_sim(&self, id: Uuid, status: &str) {
         self.wait_for(&format!("Microsoft's {id} {status}"), || async {
-            let view = self.sim_view(id).await;
-            (view["subscription"]["saasSubscriptionStatus"] == status).then_some(view)
+            let view = self.admin.view(id).await.unwrap();
+            (view["subscription"]["saasSubscriptionStatus"] == status).then_some(())
         })
         .await
     }
@@ -765,7 +628,7 @@ impl Stack {
     /// Waits until the simulator sent a webhook with this operation id; returns its body.
     pub async fn wait_for_webhook(&self, op: &str) -> String {
         self.wait_for(&format!("a webhook of {op}"), || async {
-            let mut received = self.webhooks_received().into_iter();
+            let mut received = self.tap.received().into_iter();
             received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
         })
         .await
@@ -776,14 +639,12 @@ impl Stack {
     pub async fn wait_for_delivery(&self, id: Uuid, action_or_operation: &str) {
         let what = format!("{action_or_operation} delivered for {id}");
         self.wait_for(&what, || async {
-            let view = self.sim_view(id).await;
-            let mut webhooks = view["webhooks"].as_array()?.iter();
-            let names = |w: &Value| {
+            let view = self.admin.view(id).await.unwrap();
+            let named = |w: &&Value| {
                 w["action"] == action_or_operation || w["operationId"] == action_or_operation
             };
-            webhooks
-                .any(|w| names(w) && w["delivered"] == true)
-                .then_some(())
+            let mut webhooks = view["webhooks"].as_array()?.iter().filter(named);
+            webhooks.any(|w| w["delivered"] == true).then_some(())
         })
         .await
     }
@@ -794,70 +655,33 @@ impl Stack {
         (row.status.as_str().to_owned(), row.last_error)
     }
 
-    /// Every webhook Microsoft delivered, as `(subscription, operation id, action)`.
-    pub async fn delivered_webhooks(&self) -> Vec<(Uuid, String, String)> {
-        let mut all = Vec::new();
+    /// The checks every burst must pass, those of `bench chaos` and more: each webhook
+    /// Microsoft delivered decided exactly once (redeliveries logged as duplicates aside),
+    /// no event decided twice, no gap in a subscription's sequence.
+    pub async fn assert_each_event_decided_once(&self) {
+        let logged = store::verify::logged_webhook_operations(&self.pool).await;
+        let logged = logged.unwrap();
+        let mut delivered = 0;
         for (id, view) in self.sim_views().await {
-            for hook in view["webhooks"].as_array().unwrap() {
-                if hook["delivered"] == true {
-                    all.push((
-                        id,
-                        hook["operationId"].as_str().unwrap().to_string(),
-                        hook["action"].as_str().unwrap().to_string(),
-                    ));
-                }
+            let hooks = view["webhooks"].as_array().unwrap().iter();
+            for hook in hooks.filter(|hook| hook["delivered"] == true) {
+                let op: Uuid = hook["operationId"].as_str().unwrap().parse().unwrap();
+                assert!(logged.contains(&op), "{id}: webhook {hook} not in the log");
+                delivered += 1;
             }
         }
-        all
-    }
-
-    /// Webhook decisions in the event log (redeliveries logged as duplicates excluded), by
-    /// `(subscription, operation id, event kind)`.
-    pub async fn webhook_decisions(&self) -> HashMap<(Uuid, String, String), i64> {
-        let rows: Vec<(Uuid, Option<String>, String, i64)> = sqlx::query_as(
-            "SELECT subscription_id, message_id, event_kind, count(*) FROM subscription_events \
-             WHERE event_kind LIKE 'Webhook%' \
-               AND NOT (outcome = 'ignored' AND reason LIKE 'duplicate event%') \
-             GROUP BY 1, 2, 3",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        rows.into_iter()
-            .map(|(id, op, kind, n)| ((id, op.unwrap_or_default(), kind), n))
-            .collect()
-    }
-
-    /// The checks every burst must pass: each delivered webhook decided exactly once, no event
-    /// key applied twice, every subscription's sequence numbers 1..n without a gap.
-    pub async fn assert_each_event_decided_once(&self) {
-        let decisions = self.webhook_decisions().await;
-        let delivered = self.delivered_webhooks().await;
-        assert!(!delivered.is_empty());
-        for (id, op, action) in &delivered {
-            let n = decisions
-                .get(&(*id, op.clone(), format!("Webhook{action}")))
-                .copied()
-                .unwrap_or(0);
-            assert_eq!(n, 1, "{id}: webhook {action} {op} decided {n} times");
-        }
-        let twice: Vec<(Uuid, String, i64)> = sqlx::query_as(
-            "SELECT subscription_id, event_key, count(*) FROM subscription_events \
-             WHERE outcome IN ('applied', 'rejected') GROUP BY 1, 2 HAVING count(*) > 1",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        assert!(twice.is_empty(), "applied twice: {twice:?}");
-        let gaps: Vec<(Uuid, i64, i64, i64)> = sqlx::query_as(
-            "SELECT subscription_id, min(sequence), max(sequence), count(*) \
-             FROM subscription_events GROUP BY 1 \
-             HAVING min(sequence) <> 1 OR max(sequence) <> count(*)",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .unwrap();
-        assert!(gaps.is_empty(), "sequences with gaps: {gaps:?}");
+        let decided = "SELECT count(*) FROM subscription_events WHERE event_kind LIKE $1 \
+                       AND NOT (outcome = 'ignored' AND reason LIKE 'duplicate event%')";
+        assert_eq!(
+            self.count(decided, "Webhook%").await,
+            delivered,
+            "webhook decisions"
+        );
+        assert!(delivered > 0);
+        let twice = store::verify::decided_twice(&self.pool).await.unwrap();
+        assert!(twice.is_empty(), "decided twice: {twice:?}");
+        let gaps = store::verify::sequence_gaps(&self.pool).await.unwrap();
+        assert_eq!(gaps, 0, "subscriptions with gaps in their sequence");
     }
 
     /// Waits until `n` consumers are on the inbound queue, each of `workers` still running.
@@ -885,29 +709,25 @@ impl Stack {
     /// `(exit code, stdout, stderr)`.
     pub async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-        command
+        (command
             .args(args)
             .env_remove("FULFILLMENT_CONFIG")
-            .env_remove("COLUMNS")
-            .env("RUST_LOG", "warn");
-        command
-            .envs(self.process_env.iter().map(|(k, v)| (k, v)))
-            .envs(extra.iter().copied());
+            .env_remove("COLUMNS"))
+        .env("RUST_LOG", "warn")
+        .envs(self.process_env.iter().map(|(k, v)| (k, v)))
+        .envs(extra.iter().copied());
         let output = command.output().await.expect("run fulfillment");
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        (
-            output.status.code().unwrap_or(-1),
-            text(&output.stdout),
-            text(&output.stderr),
-        )
+        let code = output.status.code().unwrap_or(-1);
+        (code, text(&output.stdout), text(&output.stderr))
     }
 
     /// Starts `fulfillment work` with this stack's settings (and `extra` variables); killed
     /// when dropped.
     pub async fn spawn_worker_process(&self, extra: &[(&str, &str)]) -> ChildProcess {
         let mut env = self.process_env.clone();
-        let own = [("RUST_LOG", "info"), ("LOG_FORMAT", "pretty")];
         // Several workers (and tests) run at once: each its own metrics port.
+        let own = [("RUST_LOG", "info"), ("LOG_FORMAT", "pretty")];
         let own = own.iter().chain(&[("WORKER_METRICS_ADDR", "127.0.0.1:0")]);
         env.extend(
             own.chain(extra)
@@ -920,40 +740,11 @@ impl Stack {
     }
 }
 
-/// Declares `queue` (durable, the test's own) and binds it to every key of `exchange`.
-async fn bind_queue(settings: &Settings, queue: &str, exchange: &str) {
+/// A RabbitMQ connection and channel of the test's own.
+pub async fn lapin(settings: &Settings) -> (Connection, lapin::Channel) {
     let url = settings.amqp.url.expose();
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .unwrap();
+    let properties = ConnectionProperties::default();
+    let connection = Connection::connect(url, properties).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let (no_options, no_arguments) = (QueueDeclareOptions::default(), FieldTable::default());
-    channel
-        .queue_declare(queue.into(), no_options, no_arguments.clone())
-        .await
-        .unwrap();
-    let (key, bind) = ("#".into(), QueueBindOptions::default());
-    channel
-        .queue_bind(queue.into(), exchange.into(), key, bind, no_arguments)
-        .await
-        .unwrap();
-    let _ = connection.close(200, "bound".into()).await;
-}
-
-/// `(subscription id, landing page URL)` of the simulator's answer to a purchase.
-fn landing(created: &Value) -> (Uuid, Url) {
-    (
-        created["subscriptionId"].as_str().unwrap().parse().unwrap(),
-        created["landingUrl"].as_str().unwrap().parse().unwrap(),
-    )
-}
-
-pub fn header_text(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        other => format!("{other:?}"),
-    }
+    (connection, channel)
 }

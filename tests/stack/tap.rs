@@ -7,84 +7,61 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
+use axum::http::{HeaderMap, StatusCode, header};
 use tokio::net::TcpListener;
 use url::Url;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Tap {
-    url: Url,
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    ingress: Mutex<Url>,
+    ingress: Arc<Mutex<Option<Url>>>,
+    received: Arc<Mutex<Vec<String>>>,
+    deaf: Arc<AtomicBool>,
     http: reqwest::Client,
-    received: Mutex<Vec<String>>,
-    deaf: AtomicBool,
 }
 
 impl Tap {
-    /// Listens on port 0; forwards once [`Tap::forward_to`] names the ingress.
-    pub async fn start() -> Tap {
+    /// Listens on port 0: the tap and the URL the simulator is to send its webhooks to.
+    /// Forwards once [`Tap::forward_to`] names the ingress.
+    pub async fn start() -> (Tap, Url) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: Url = format!("http://{}/webhook", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let shared = Arc::new(Shared {
-            ingress: Mutex::new(url.clone()),
-            http: reqwest::Client::new(),
-            received: Mutex::default(),
-            deaf: AtomicBool::new(false),
-        });
-        let router = axum::Router::new()
-            .route("/webhook", post(forward))
-            .with_state(shared.clone());
+        let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+        let tap = Tap::default();
+        let router = axum::Router::new().route("/webhook", axum::routing::post(forward));
+        let router = router.with_state(tap.clone());
         tokio::spawn(async move { axum::serve(listener, router).await });
-        Tap { url, shared }
-    }
-
-    /// Where the simulator sends its webhooks.
-    pub fn url(&self) -> Url {
-        self.url.clone()
+        (tap, url.parse().unwrap())
     }
 
     /// The webhook bodies received so far, in order (also those lost while deaf).
     pub fn received(&self) -> Vec<String> {
-        self.shared.received.lock().unwrap().clone()
+        self.received.lock().unwrap().clone()
     }
 
     /// Forwards to another ingress from now on.
     pub fn forward_to(&self, ingress: Url) {
-        *self.shared.ingress.lock().unwrap() = ingress;
+        *self.ingress.lock().unwrap() = Some(ingress);
     }
 
     pub fn set_deaf(&self, deaf: bool) {
-        self.shared.deaf.store(deaf, Ordering::SeqCst);
+        self.deaf.store(deaf, Ordering::SeqCst);
     }
 }
 
-async fn forward(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    shared
-        .received
-        .lock()
-        .unwrap()
-        .push(String::from_utf8_lossy(&body).into_owned());
-    if shared.deaf.load(Ordering::SeqCst) {
+async fn forward(State(tap): State<Tap>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    tap.received.lock().unwrap().push(text);
+    let ingress = tap.ingress.lock().unwrap().clone();
+    let (Some(ingress), false) = (ingress, tap.deaf.load(Ordering::SeqCst)) else {
         return StatusCode::OK;
-    }
-    let ingress = shared.ingress.lock().unwrap().clone();
-    let mut request = shared.http.post(ingress).body(body);
+    };
+    let mut request = tap.http.post(ingress).body(body);
     for (name, value) in &headers {
-        if name != axum::http::header::HOST && name != axum::http::header::CONTENT_LENGTH {
+        if name != header::HOST && name != header::CONTENT_LENGTH {
             request = request.header(name.as_str(), value.as_bytes());
         }
     }
     match request.send().await {
-        Ok(answer) => {
-            StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY)
-        }
+        Ok(answer) => StatusCode::from_u16(answer.status().as_u16()).unwrap(),
         Err(_) => StatusCode::BAD_GATEWAY,
     }
 }
