@@ -30,7 +30,7 @@
 //! serialization race, or a whole window that could not commit, is applied again message
 //! by message (the inbox turns a commit whose answer was lost into a duplicate).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -197,6 +197,37 @@ pub struct MessageHandler {
     /// Executes a decision's effects right after its commit (the ACK fast path); without
     /// it they wait for an outbox runner.
     effects: Option<EffectRunner>,
+    known: Arc<KnownSubscriptions>,
+}
+
+/// Subscriptions this process saw stored: a subscription's row is never deleted, so a
+/// webhook about one of them needs no `SELECT EXISTS` before it is applied (P12), a round
+/// trip per webhook saved. Bounded: when full it forgets them all and learns again.
+#[derive(Debug, Default)]
+struct KnownSubscriptions(std::sync::Mutex<HashSet<Uuid>>);
+
+/// Subscriptions [`KnownSubscriptions`] holds at most (about 1 MiB).
+const KNOWN_SUBSCRIPTIONS: usize = 32_768;
+
+impl KnownSubscriptions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, id: Uuid) -> bool {
+        self.lock().contains(&id)
+    }
+
+    /// Only once its row is committed.
+    fn insert(&self, id: Uuid) {
+        let mut known = self.lock();
+        if known.len() >= KNOWN_SUBSCRIPTIONS {
+            known.clear();
+        }
+        known.insert(id);
+    }
 }
 
 impl std::fmt::Debug for MessageHandler {
@@ -578,6 +609,7 @@ impl MessageHandler {
             client,
             policy: Arc::new(policy),
             effects: None,
+            known: Arc::default(),
         }
     }
 
@@ -738,6 +770,7 @@ impl MessageHandler {
                     effects = applied.outbox_ids.len(),
                     "applied"
                 );
+                self.known.insert(applied.subscription_id);
                 delivery.ack().await?;
                 Ok((Handled::Applied, applied.outbox_ids))
             }
@@ -1029,13 +1062,14 @@ impl MessageHandler {
         subscription_id: Uuid,
         source: &EventSource,
     ) -> Result<Option<ApiError>, DeliveryError> {
-        if !matches!(event, Event::Webhook(_)) {
+        if !matches!(event, Event::Webhook(_)) || self.known.contains(subscription_id) {
             return Ok(None);
         }
         let known = subscriptions::exists(&self.pool, subscription_id)
             .await
             .map_err(StoreError::from)?;
         if known {
+            self.known.insert(subscription_id);
             return Ok(None);
         }
         self.observe_first(subscription_id, source).await
@@ -1333,6 +1367,23 @@ async fn handle_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_subscriptions_stay_known_until_the_set_is_full_then_start_again() {
+        let known = KnownSubscriptions::default();
+        let first = Uuid::new_v4();
+        assert!(!known.contains(first));
+        known.insert(first);
+        assert!(known.contains(first));
+        for _ in 1..KNOWN_SUBSCRIPTIONS {
+            known.insert(Uuid::new_v4());
+        }
+        assert!(known.contains(first), "not full yet");
+        let last = Uuid::new_v4();
+        known.insert(last);
+        assert!(!known.contains(first), "forgotten when full");
+        assert!(known.contains(last));
+    }
 
     #[test]
     fn what_becomes_of_a_failed_delivery_follows_from_its_error() {
