@@ -228,39 +228,6 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
 }
 
 #[tokio::test]
-async fn a_log_row_appended_without_the_counter_is_never_overwritten_by_the_next_sequence() {
-    // A worker of the version before `subscriptions.last_sequence` (a rolling upgrade)
-    // appends with max(sequence) + 1 and leaves the counter behind; the next append of
-    // this version must go past it instead of colliding forever.
-    let (_db, pool) = TestDatabase::migrated().await;
-    let id = SubscriptionId::from(Uuid::new_v4());
-    let policy = Policy::default();
-    seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &policy).await;
-    sqlx::query(
-        "INSERT INTO subscription_events (id, subscription_id, sequence, event_key, event_kind, \
-         event, from_state, to_state, outcome) \
-         VALUES ($1, $2, 2, 'old-writer', 'Observed', '{}', 'Subscribed', 'Subscribed', \
-         'ignored')",
-    )
-    .bind(Uuid::now_v7())
-    .bind(id.as_uuid())
-    .execute(&pool)
-    .await
-    .unwrap();
-    let now = OffsetDateTime::now_utc();
-    let outcome = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
-    let ApplyOutcome::Decided(applied) = outcome else {
-        panic!("a fresh message is decided: {outcome:?}");
-    };
-    assert_eq!(applied.sequence, 3);
-    let again = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
-    let ApplyOutcome::Decided(applied) = again else {
-        panic!("a fresh message is decided: {again:?}");
-    };
-    assert_eq!(applied.sequence, 4);
-}
-
-#[tokio::test]
 async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     use marketplace_fulfillment::store::outbox::{self, EffectKind, End};
     let (_db, pool) = TestDatabase::migrated().await;
@@ -477,4 +444,42 @@ async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker()
     assert_eq!(row.kind, EffectKind::FetchSubscription);
     claimed.end(&[(row.id, End::Done)]).await.unwrap();
     assert!(outbox::claim_due(&pool, 1).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration() {
+    // A worker of the version before `subscriptions.last_sequence` appended with
+    // max(sequence) + 1 and left the counter behind; the appends of this version read only
+    // the counter, so migration 20261209020000 catches it up once.
+    use marketplace_fulfillment::store::{self, MIGRATOR};
+    use sqlx::migrate::MigrateDatabase;
+    let db = TestDatabase::new();
+    let url = db.url().expose();
+    sqlx::Postgres::create_database(url).await.unwrap();
+    let pool = PgPool::connect(url).await.unwrap();
+    MIGRATOR.run_to(20261209015959, &pool).await.unwrap();
+    let id = SubscriptionId::from(Uuid::new_v4());
+    let policy = Policy::default();
+    seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &policy).await;
+    sqlx::query(
+        "INSERT INTO subscription_events (id, subscription_id, sequence, event_key, event_kind, \
+         event, from_state, to_state, outcome) \
+         VALUES ($1, $2, 2, 'old-writer', 'Observed', '{}', 'Subscribed', 'Subscribed', \
+         'ignored')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id.as_uuid())
+    .execute(&pool)
+    .await
+    .unwrap();
+    store::migrate(&db.settings.database).await.unwrap();
+    let now = OffsetDateTime::now_utc();
+    for expected in [3, 4] {
+        let outcome = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
+        let ApplyOutcome::Decided(applied) = outcome else {
+            panic!("a fresh message is decided: {outcome:?}");
+        };
+        assert_eq!(applied.sequence, expected);
+    }
+    pool.close().await;
 }

@@ -66,13 +66,12 @@ pub struct LogRow {
 }
 
 /// The event log's next sequence for the subscription `$1`, in an `UPDATE subscriptions`
-/// that holds its row: the counter, or past the log's newest row if a writer that does not
-/// keep the counter (a worker of the version before it, during a rolling upgrade) appended
-/// since. An index probe on `(subscription_id, sequence)`.
+/// that holds its row: the counter plus one. Every writer keeps the counter (migration
+/// 20261209020000 caught up any a writer before it left behind), so the log itself is not
+/// read: the `UPDATE` is one primary-key probe.
 macro_rules! next_sequence {
     () => {
-        "GREATEST(last_sequence, (SELECT coalesce(max(e.sequence), 0) \
-         FROM subscription_events e WHERE e.subscription_id = $1)) + 1"
+        "last_sequence + 1"
     };
 }
 

@@ -196,7 +196,8 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).expect("machine types always serialize to JSON")
 }
 
-fn restore(machine: Value) -> Result<SubscriptionMachine, StoreError> {
+/// A stored machine, read back.
+pub(super) fn restore(machine: Value) -> Result<SubscriptionMachine, StoreError> {
     serde_json::from_value(machine).map_err(StoreError::CorruptMachine)
 }
 

@@ -20,10 +20,11 @@ use uuid::Uuid;
 
 use crate::metrics::{self, EventOutcome};
 use crate::queue::InboxKey;
+use crate::store::inbox::{self, Recorded};
 use crate::store::ledger::{self, LogOutcome, LogRow};
 use crate::store::outbox::{self, EffectKind, NewRows};
 use crate::store::subscriptions::{self, SavedMachine};
-use crate::store::{StoreError, inbox, notices};
+use crate::store::{StoreError, notices};
 use crate::worker::protocol::acknowledge;
 
 /// Where an event came from, for the inbox and the event log.
@@ -187,16 +188,23 @@ pub async fn apply_in(
             return Ok(ApplyOutcome::Changed { current });
         }
     }
-    if let Some(key) = &source.inbox_key
-        && !inbox::record(conn, key, id).await?
-    {
-        // Skipped when we do not know the subscription (the key belongs to another one).
-        let reason = format!("duplicate event: message {key} was handled before (inbox)");
-        let row = log_row(event, source, LogOutcome::Ignored, reason, now);
-        ledger::append(conn, id, None, &row).await?;
-        return Ok(ApplyOutcome::Duplicate);
-    }
-    let mut machine = lock_or_create(conn, subscription_id).await?;
+    let locked = match &source.inbox_key {
+        Some(key) => match inbox::record_and_lock(conn, key, id).await? {
+            Recorded::Duplicate => {
+                // Skipped when we do not know the subscription (the key belongs to another one).
+                let reason = format!("duplicate event: message {key} was handled before (inbox)");
+                let row = log_row(event, source, LogOutcome::Ignored, reason, now);
+                ledger::append(conn, id, None, &row).await?;
+                return Ok(ApplyOutcome::Duplicate);
+            }
+            Recorded::Fresh(machine) => machine,
+        },
+        None => subscriptions::lock_machine(conn, id).await?,
+    };
+    let mut machine = match locked {
+        Some(machine) => machine,
+        None => create_and_lock(conn, subscription_id).await?,
+    };
     let notices_before = NoticeInputs::of(&machine);
     let decision = machine.handle(event, now, policy);
     let (outcome, reason) = outcome_columns(&decision.outcome);
@@ -266,20 +274,15 @@ pub fn count(event: &Event, outcome: &ApplyOutcome) {
     }
 }
 
-/// The subscription's machine, its row locked; a fresh one (and its row) on first sight.
-async fn lock_or_create(
+/// A fresh machine for a subscription met for the first time, its new row locked.
+async fn create_and_lock(
     conn: &mut PgConnection,
     subscription_id: SubscriptionId,
 ) -> Result<SubscriptionMachine, StoreError> {
-    let id = subscription_id.as_uuid();
-    // Known (the common case): one statement.
-    if let Some(machine) = subscriptions::lock_machine(conn, id).await? {
-        return Ok(machine);
-    }
     // Two workers meeting a new subscription at once: the insert of one waits for the
     // other's commit, then does nothing, and both go on to the same row lock.
     subscriptions::insert_new(conn, &SubscriptionMachine::new(subscription_id)).await?;
-    subscriptions::lock_machine(conn, id)
+    subscriptions::lock_machine(conn, subscription_id.as_uuid())
         .await?
         .ok_or(StoreError::Query(sqlx::Error::RowNotFound))
 }

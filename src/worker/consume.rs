@@ -22,14 +22,15 @@
 //! observes it first, P12) outside any transaction, then hands it to the batcher and waits.
 //! The batcher takes up to `apply_batch` ready heads of different subscriptions
 //! ([`next_window`]: the earliest ACK deadline first, applied in subscription-id order so
-//! two workers lock rows in the same order) and applies them in one transaction, a
-//! savepoint each, one commit; then acks them, frees their lanes, and starts all their
-//! effects in one [`EffectRunner::execute_now`]. A message that fails is rolled back to its
-//! savepoint alone and takes the same way as unbatched; one that lost a deadlock or a
+//! two workers lock rows in the same order) and applies them in one transaction, one
+//! commit; then acks them, frees their lanes, and starts all their effects in one
+//! [`EffectRunner::execute_now`]. A message that fails makes the window run again with a
+//! savepoint each: it is rolled back to its savepoint alone and takes the same way as
+//! unbatched; one that lost a deadlock or a
 //! serialization race, or a whole window that could not commit, is applied again message
 //! by message (the inbox turns a commit whose answer was lost into a duplicate).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -196,6 +197,37 @@ pub struct MessageHandler {
     /// Executes a decision's effects right after its commit (the ACK fast path); without
     /// it they wait for an outbox runner.
     effects: Option<EffectRunner>,
+    known: Arc<KnownSubscriptions>,
+}
+
+/// Subscriptions this process saw stored: a subscription's row is never deleted, so a
+/// webhook about one of them needs no `SELECT EXISTS` before it is applied (P12), a round
+/// trip per webhook saved. Bounded: when full it forgets them all and learns again.
+#[derive(Debug, Default)]
+struct KnownSubscriptions(std::sync::Mutex<HashSet<Uuid>>);
+
+/// Subscriptions [`KnownSubscriptions`] holds at most (about 1 MiB).
+const KNOWN_SUBSCRIPTIONS: usize = 32_768;
+
+impl KnownSubscriptions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Uuid>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, id: Uuid) -> bool {
+        self.lock().contains(&id)
+    }
+
+    /// Only once its row is committed.
+    fn insert(&self, id: Uuid) {
+        let mut known = self.lock();
+        if known.len() >= KNOWN_SUBSCRIPTIONS {
+            known.clear();
+        }
+        known.insert(id);
+    }
 }
 
 impl std::fmt::Debug for MessageHandler {
@@ -577,6 +609,7 @@ impl MessageHandler {
             client,
             policy: Arc::new(policy),
             effects: None,
+            known: Arc::default(),
         }
     }
 
@@ -737,6 +770,7 @@ impl MessageHandler {
                     effects = applied.outbox_ids.len(),
                     "applied"
                 );
+                self.known.insert(applied.subscription_id);
                 delivery.ack().await?;
                 Ok((Handled::Applied, applied.outbox_ids))
             }
@@ -759,8 +793,8 @@ impl MessageHandler {
     }
 
     /// Applies `window` — lane heads of different subscriptions, in lock order
-    /// ([`next_window`]) — in one transaction with a savepoint each and one commit; then
-    /// acks each (commit, then ack: guarantee 4) and frees its lane; then executes all
+    /// ([`next_window`]) — in one transaction and one commit ([`Self::apply_together`]);
+    /// then acks each (commit, then ack: guarantee 4) and frees its lane; then executes all
     /// their effects in one call. A message whose apply fails is rolled back to its
     /// savepoint alone and goes its own way (dead letter or retry tier, as alone); one that
     /// lost a deadlock or a serialization race against another worker is applied again
@@ -850,9 +884,58 @@ impl MessageHandler {
         }
     }
 
-    /// The window's transaction: each message under its own savepoint, one commit. `Err`
-    /// when the transaction failed as a whole (nothing of it committed).
+    /// The window's transaction, one commit. `Err` when the transaction failed as a whole
+    /// (nothing of it committed).
+    ///
+    /// First without savepoints: each costs two round trips per message, while the rows of
+    /// the window stay locked, and a message almost never fails. If one does, the whole
+    /// transaction is rolled back and the window applied again with a savepoint each, so
+    /// only that message is rolled back while the others commit.
     async fn apply_together(
+        &self,
+        window: &[Waiting],
+    ) -> Result<Vec<Result<ApplyOutcome, Together>>, StoreError> {
+        match self.apply_all_or_nothing(window).await? {
+            Some(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+            None => self.apply_with_savepoints(window).await,
+        }
+    }
+
+    /// Every message of the window in one transaction without savepoints; `None` when one
+    /// of them failed (the transaction is rolled back: nothing of it committed).
+    async fn apply_all_or_nothing(
+        &self,
+        window: &[Waiting],
+    ) -> Result<Option<Vec<ApplyOutcome>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes = Vec::with_capacity(window.len());
+        for waiting in window {
+            let ready = &waiting.ready;
+            let command = self.command(ready);
+            match apply::apply_in(&mut tx, &self.policy, &command)
+                .instrument(ready.span.clone())
+                .await
+            {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(error) => {
+                    ready.span.in_scope(|| {
+                        tracing::info!(
+                            %error,
+                            "the message's apply failed; applying its window again with a savepoint each"
+                        );
+                    });
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Some(outcomes))
+    }
+
+    /// The window's transaction with each message under its own savepoint: one that fails
+    /// is rolled back alone.
+    async fn apply_with_savepoints(
         &self,
         window: &[Waiting],
     ) -> Result<Vec<Result<ApplyOutcome, Together>>, StoreError> {
@@ -979,13 +1062,14 @@ impl MessageHandler {
         subscription_id: Uuid,
         source: &EventSource,
     ) -> Result<Option<ApiError>, DeliveryError> {
-        if !matches!(event, Event::Webhook(_)) {
+        if !matches!(event, Event::Webhook(_)) || self.known.contains(subscription_id) {
             return Ok(None);
         }
         let known = subscriptions::exists(&self.pool, subscription_id)
             .await
             .map_err(StoreError::from)?;
         if known {
+            self.known.insert(subscription_id);
             return Ok(None);
         }
         self.observe_first(subscription_id, source).await
@@ -1283,6 +1367,23 @@ async fn handle_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_subscriptions_stay_known_until_the_set_is_full_then_start_again() {
+        let known = KnownSubscriptions::default();
+        let first = Uuid::new_v4();
+        assert!(!known.contains(first));
+        known.insert(first);
+        assert!(known.contains(first));
+        for _ in 1..KNOWN_SUBSCRIPTIONS {
+            known.insert(Uuid::new_v4());
+        }
+        assert!(known.contains(first), "not full yet");
+        let last = Uuid::new_v4();
+        known.insert(last);
+        assert!(!known.contains(first), "forgotten when full");
+        assert!(known.contains(last));
+    }
 
     #[test]
     fn what_becomes_of_a_failed_delivery_follows_from_its_error() {
