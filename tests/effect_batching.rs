@@ -1,8 +1,9 @@
 //! The effect runner's batches against real PostgreSQL, RabbitMQ and the simulator: many
 //! rows claimed in one statement and settled in one transaction, a row whose call fails
 //! settling alone, a subscription's later row never overtaking an earlier one, ACK rows
-//! claimed by their deadline ahead of an older backlog, and a customer's seat change whose
-//! ACK makes the confirming GET of its operation unnecessary.
+//! claimed by their deadline ahead of an older backlog, a customer's seat change whose
+//! ACK makes the confirming GET of its operation unnecessary, and a batch's domain events
+//! entering the ISV's feed once each, in the batch's settle.
 //!
 //! The rows are queued straight into the outbox (the store's `enqueue`, as the apply does)
 //! after the stack's worker is stopped, so the test's own runner is the only one claiming.
@@ -285,5 +286,48 @@ async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_it
     .await
     .unwrap();
     assert_eq!(due_at - received_at, time::Duration::seconds(10));
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn a_batchs_domain_events_enter_the_feed_once_each_in_its_settle() {
+    let (stack, runner, subs) = quiet_stack(3).await;
+    let mut rows = Vec::new();
+    for (n, sub) in subs.iter().enumerate() {
+        let quantity = 6 + u32::try_from(n).unwrap();
+        rows.push(queue(&stack, *sub, 1000, &domain_event(quantity), None).await);
+    }
+    let feed = |sub: Uuid| {
+        let pool = stack.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM webhook_events \
+                 WHERE subscription_id = $1 AND type = 'subscription.quantity_changed'",
+            )
+            .bind(sub)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // One claim, one batch: the three events are published and recorded in the feed with
+    // the rows' ends, one commit.
+    assert_eq!(runner.execute_now(&rows).await, 3, "one batch");
+    for (row, sub) in rows.iter().zip(&subs) {
+        assert_eq!(row_status(&stack, *row).await.0, "done");
+        assert_eq!(feed(*sub).await, 1, "the event is in the feed");
+    }
+
+    // Published again (a runner that died before its commit): the feed keeps one each.
+    sqlx::query("UPDATE outbox SET status = 'pending' WHERE id = ANY($1)")
+        .bind(&rows)
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    assert_eq!(runner.execute_now(&rows).await, 3);
+    for sub in &subs {
+        assert_eq!(feed(*sub).await, 1, "still once");
+    }
     stack.finish().await;
 }

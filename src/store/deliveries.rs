@@ -1,8 +1,10 @@
 //! `webhook_events` (the feed, and the bodies deliveries sign), the `deliver_webhook` rows
 //! of `outbox`, and `webhook_attempts` (the delivery log).
 
+use std::collections::{HashMap, HashSet};
+
 use serde_json::Value;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -49,71 +51,134 @@ pub struct Candidate {
     pub topics: Vec<String>,
 }
 
-/// Records the event in the feed and, the first time only, queues the deliveries that
-/// `deliveries_for` picks among the enabled endpoints of the subscription's offer — one
-/// transaction, so each (event, endpoint) gets exactly one delivery row however often the
-/// publish runs. Returns whether the event was new.
+/// A [`Candidate`] of one subscription's events.
+#[derive(sqlx::FromRow)]
+struct SubscriptionCandidate {
+    subscription_id: Uuid,
+    id: Uuid,
+    topics: Vec<String>,
+}
+
+/// Records published events in the feed and, for each event new to it, queues the
+/// deliveries `deliveries_for` picks among the enabled endpoints of its subscription's offer
+/// — in the caller's transaction (the effect runner's settle, with the rows' ends), so each
+/// (event, endpoint) gets exactly one delivery row however often a publish runs. A few
+/// statements for any number of events. Returns how many events were new.
+///
+/// The feed lock is held until the caller commits: take it last, after any subscription row
+/// the transaction locks, and commit soon after.
 pub async fn fan_out<F>(
-    pool: &PgPool,
-    event: &PublishedEvent<'_>,
-    deliveries_for: F,
-) -> Result<bool, StoreError>
+    conn: &mut PgConnection,
+    events: &[PublishedEvent<'_>],
+    mut deliveries_for: F,
+) -> Result<usize, StoreError>
 where
-    F: FnOnce(Vec<Candidate>) -> Vec<NewDelivery>,
+    F: FnMut(&PublishedEvent<'_>, &[Candidate]) -> Vec<NewDelivery>,
 {
-    let mut tx = pool.begin().await?;
+    if events.is_empty() {
+        return Ok(0);
+    }
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(FEED_LOCK)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    let inserted = sqlx::query(
-        "INSERT INTO webhook_events (id, subscription_id, type, body) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (id) DO NOTHING",
+    // Positions are taken in the events' order (a batch never holds two of one
+    // subscription's events: the claim holds the later one back).
+    let inserted: HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO webhook_events (id, subscription_id, type, body) \
+         SELECT e.id, e.subscription_id, e.type, e.body \
+         FROM unnest($1::text[], $2::uuid[], $3::text[], $4::jsonb[]) WITH ORDINALITY \
+             AS e (id, subscription_id, type, body, n) \
+         ORDER BY e.n \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
     )
-    .bind(event.id)
-    .bind(event.subscription_id)
-    .bind(event.topic)
-    .bind(event.body)
-    .execute(&mut *tx)
+    .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.subscription_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.topic).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.body.clone())
+            .collect::<Vec<Value>>(),
+    )
+    .fetch_all(&mut *conn)
     .await?
-    .rows_affected()
-        == 1;
-    if inserted {
-        let candidates: Vec<Candidate> = sqlx::query_as(
-            "SELECT e.id, e.topics FROM webhook_endpoints e \
-             WHERE e.status = 'enabled' AND (e.offer_id IS NULL OR e.offer_id = \
-                 (SELECT s.offer_id FROM subscriptions s WHERE s.id = $1)) \
-             ORDER BY e.id",
-        )
-        .bind(event.subscription_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        let deliveries = deliveries_for(candidates);
-        for delivery in &deliveries {
-            sqlx::query(
-                "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, \
-                     event_sequence, correlation_id) \
-                 VALUES ($1, $2, $3, $4, $5, \
-                     coalesce((SELECT sequence FROM subscription_events WHERE id = $3), 0), $6)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(delivery.lane)
-            .bind(event.decision_id)
-            .bind(KIND)
-            .bind(&delivery.effect)
-            .bind(event.correlation_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !deliveries.is_empty() {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(NOTIFY_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
+    .into_iter()
+    .collect();
+    let new: Vec<&PublishedEvent<'_>> = events.iter().filter(|e| inserted.contains(e.id)).collect();
+    if new.is_empty() {
+        return Ok(0);
+    }
+    let subscriptions: Vec<Uuid> = new.iter().map(|e| e.subscription_id).collect();
+    let mut candidates: HashMap<Uuid, Vec<Candidate>> = HashMap::new();
+    let rows: Vec<SubscriptionCandidate> = sqlx::query_as(
+        "SELECT s.id AS subscription_id, e.id, e.topics \
+         FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS u (id)) AS s \
+         JOIN webhook_endpoints e ON e.status = 'enabled' AND (e.offer_id IS NULL OR \
+             e.offer_id = (SELECT o.offer_id FROM subscriptions o WHERE o.id = s.id)) \
+         ORDER BY s.id, e.id",
+    )
+    .bind(&subscriptions)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        candidates
+            .entry(row.subscription_id)
+            .or_default()
+            .push(Candidate {
+                id: row.id,
+                topics: row.topics,
+            });
+    }
+    let mut queued = Queued::default();
+    for event in &new {
+        let of_subscription = candidates
+            .get(&event.subscription_id)
+            .map_or(&[][..], Vec::as_slice);
+        for delivery in deliveries_for(event, of_subscription) {
+            queued.ids.push(Uuid::now_v7());
+            queued.lanes.push(delivery.lane);
+            queued.decisions.push(event.decision_id);
+            queued.effects.push(delivery.effect);
+            queued
+                .correlations
+                .push(event.correlation_id.map(str::to_owned));
         }
     }
-    tx.commit().await?;
-    Ok(inserted)
+    if !queued.ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO outbox (id, subscription_id, event_id, kind, effect, event_sequence, \
+                 correlation_id) \
+             SELECT d.id, d.lane, d.decision, $6, d.effect, \
+                 coalesce((SELECT sequence FROM subscription_events WHERE id = d.decision), 0), \
+                 d.correlation \
+             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::jsonb[], $5::text[]) \
+                 AS d (id, lane, decision, effect, correlation)",
+        )
+        .bind(&queued.ids)
+        .bind(&queued.lanes)
+        .bind(&queued.decisions)
+        .bind(&queued.effects)
+        .bind(&queued.correlations)
+        .bind(KIND)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(new.len())
+}
+
+/// The columns of a fan-out's delivery rows, as `unnest` binds them.
+#[derive(Default)]
+struct Queued {
+    ids: Vec<Uuid>,
+    lanes: Vec<Uuid>,
+    decisions: Vec<Uuid>,
+    effects: Vec<Value>,
+    correlations: Vec<Option<String>>,
 }
 
 /// Claims the most overdue claimable delivery (first in its lane).

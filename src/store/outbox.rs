@@ -278,7 +278,7 @@ pub struct Claimed {
 }
 
 /// The columns of [`OutboxRow`], as the claim queries select them. The claim queries are
-/// assembled from these constants only (hence `AssertSqlSafe`).
+/// assembled from these constants and the kinds' own words only (hence `AssertSqlSafe`).
 const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
      o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent, o.due_at";
 
@@ -290,7 +290,9 @@ const CLAIM_ORDER: &str = "o.due_at, o.priority, o.next_attempt_at";
 /// The claimability test (see the module docs): no earlier pending row of the same
 /// subscription that holds this one back. `$1` binds the kinds that hold back nothing, `$2`
 /// those that hold back only their own kind ([`EffectKind::ordering`]); a row marked `awaits_microsoft` (by the runner, from its
-/// progress) waits like them. An index probe on `outbox_pending_subscription_idx`.
+/// progress) waits like them. A probe of one range of `outbox_subscription_idx`, the only
+/// index it can use (see that index's migration: whatever the statistics, the planner
+/// never scans it whole per candidate).
 const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
          SELECT 1 FROM outbox p \
          WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
@@ -298,24 +300,37 @@ const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
            AND NOT p.awaits_microsoft \
            AND (p.event_sequence, p.id) < (o.event_sequence, o.id))";
 
+/// Begins a claim's transaction, whose statements — the claim, then the settle's — run with
+/// generic plans. They bind arrays (ids, kinds, a batch's ends), and for an array of known
+/// length PostgreSQL estimates a custom plan cheaper than the generic one of the same shape,
+/// so it planned every execution anew: measured under a burst, planning `claim_ids` took
+/// 0.41 ms a call against 0.14 ms to run it. One round trip, like a plain `BEGIN`.
+async fn begin_claim(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    Ok(pool
+        .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?)
+}
+
 /// Claims the first claimable row of one kind with runners of its own
-/// ([`EffectKind::has_own_runner`]): by priority, then the most overdue.
+/// ([`EffectKind::has_own_runner`]): by priority, then the most overdue. The kind is written
+/// into the statement, so its generic plan can use the kind's partial index
+/// (`outbox_deliveries_claim_idx` for deliveries).
 pub async fn claim_next_of_kind(
     pool: &PgPool,
     kind: EffectKind,
 ) -> Result<Option<Claimed>, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_claim(pool).await?;
+    let kind = kind.as_str();
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND o.kind = $3 AND {NOTHING_BEFORE_IT} \
+           AND o.kind = '{kind}' AND {NOTHING_BEFORE_IT} \
          ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
          FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
-    .bind(kind)
     .fetch_optional(&mut *tx)
     .await?;
     finish_claim(tx, row).await
@@ -348,18 +363,24 @@ async fn finish_claim(
 /// pending), so the rows of a batch may run at once without a later row of a subscription
 /// overtaking an earlier one.
 pub async fn claim_due(pool: &PgPool, limit: usize) -> Result<Option<ClaimedBatch>, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_claim(pool).await?;
+    // The kinds are written into the statement: they tell the planner that no delivery is
+    // wanted, which `outbox_claim_due_idx`'s predicate requires.
+    let kinds = EffectKind::claimed_by_effect_runners()
+        .iter()
+        .map(|kind| format!("'{}'", kind.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
-         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind = ANY($3) \
+         WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind IN ({kinds}) \
            AND {NOTHING_BEFORE_IT} \
          ORDER BY {CLAIM_ORDER} \
-         LIMIT $4 \
+         LIMIT $3 \
          FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
-    .bind(EffectKind::claimed_by_effect_runners())
     .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
     .fetch_all(&mut *tx)
     .await?;
@@ -375,7 +396,7 @@ pub async fn claim_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Option<ClaimedBatc
     if ids.is_empty() {
         return Ok(None);
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = begin_claim(pool).await?;
     let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.id = ANY($3) AND o.status = 'pending' AND o.next_attempt_at <= now() \
@@ -712,12 +733,19 @@ pub async fn notify_runners(conn: &mut PgConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The pending rows, each half through its partial index (no index covers every pending
+/// row: see the migration of `outbox_subscription_idx`).
+const PENDING_ROWS: &str = "(SELECT created_at, next_attempt_at FROM outbox \
+         WHERE status = 'pending' AND kind <> 'deliver_webhook' \
+     UNION ALL SELECT created_at, next_attempt_at FROM outbox \
+         WHERE status = 'pending' AND kind = 'deliver_webhook') AS pending";
+
 /// Pending rows due within `horizon` from now (0 = due now). For "run until idle".
 pub async fn due_within(pool: &PgPool, horizon: Duration) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM outbox WHERE status = 'pending' \
-         AND next_attempt_at <= now() + make_interval(secs => $1)",
-    )
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {PENDING_ROWS} \
+         WHERE next_attempt_at <= now() + make_interval(secs => $1)"
+    )))
     .bind(horizon.as_secs_f64())
     .fetch_one(pool)
     .await?)
@@ -726,10 +754,10 @@ pub async fn due_within(pool: &PgPool, horizon: Duration) -> Result<i64, StoreEr
 /// The unfinished outbox: how many rows are pending and how old the oldest is (zero when
 /// there is none). For the backlog gauges.
 pub async fn backlog(pool: &PgPool) -> Result<(i64, Duration), StoreError> {
-    let (pending, oldest_secs): (i64, Option<f64>) = sqlx::query_as(
+    let (pending, oldest_secs): (i64, Option<f64>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 \
-         FROM outbox WHERE status = 'pending'",
-    )
+         FROM {PENDING_ROWS}"
+    )))
     .fetch_one(pool)
     .await?;
     let oldest = Duration::from_secs_f64(oldest_secs.unwrap_or(0.0).max(0.0));
@@ -911,5 +939,15 @@ mod tests {
     fn the_pending_literal_the_partial_indexes_need_is_the_status_word() {
         let pending = format!("status = '{}'", OutboxStatus::Pending.as_str());
         assert!(NOTHING_BEFORE_IT.contains(&pending));
+        assert!(PENDING_ROWS.contains(&pending));
+    }
+
+    #[test]
+    fn the_delivery_literal_the_claim_indexes_split_on_is_the_kind_word() {
+        // outbox_claim_due_idx and outbox_deliveries_claim_idx split the pending rows on it.
+        let delivery = EffectKind::DeliverWebhook.as_str();
+        assert!(PENDING_ROWS.contains(&format!("kind <> '{delivery}'")));
+        assert!(PENDING_ROWS.contains(&format!("kind = '{delivery}'")));
+        assert!(!EffectKind::claimed_by_effect_runners().contains(&EffectKind::DeliverWebhook));
     }
 }

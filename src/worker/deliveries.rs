@@ -2,16 +2,15 @@
 //! claims `deliver_webhook` outbox rows with its own permits (a slow or dead endpoint never
 //! holds a permit of the effects towards Microsoft), signs and sends what
 //! [`deliver::step`](crate::worker::protocol::deliver::step) says, logs every attempt and
-//! settles the row as the step decides. [`fan_out`] queues the deliveries of a domain event
-//! (called by the effect runner when it publishes one); [`send`] is one signed POST, also
-//! used by the test event.
+//! settles the row as the step decides. [`fan_out`] queues the deliveries of domain events
+//! (called by the effect runner when it settles the rows that published them); [`send`] is
+//! one signed POST, also used by the test event.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fulfillment_state_machine::DomainEvent;
 use serde_json::{Value, json};
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::{PgConnection, PgListener, PgPool};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +22,7 @@ use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
 use crate::store::deliveries::{self, AttemptOutcome, NewAttempt, NewDelivery, PublishedEvent};
 use crate::store::endpoints::{self, EndpointStatus};
-use crate::store::outbox::{Claimed, OutboxRow};
+use crate::store::outbox::Claimed;
 use crate::webhooks::{Secret, TopicFilter, sign};
 use crate::worker::protocol::deliver::{
     self, Delivery, DeliveryAnswer, DeliveryConfig, DeliveryStep, DeliveryTurn, EndpointState,
@@ -143,36 +142,25 @@ fn without_url(error: &reqwest::Error) -> String {
     text
 }
 
-/// Records a published domain event in the feed and queues its deliveries (once per
-/// event and endpoint, however often the publish runs).
+/// Records published domain events in the feed and queues their deliveries to the endpoints
+/// whose topic filter matches (once per event and endpoint, however often a publish runs),
+/// in `conn`'s transaction: the effect runner's settle of the rows that published them.
 pub async fn fan_out(
-    pool: &PgPool,
-    row: &OutboxRow,
-    id: &str,
-    event: &DomainEvent,
-    body: &Value,
+    conn: &mut PgConnection,
+    events: &[PublishedEvent<'_>],
 ) -> Result<(), StoreError> {
-    let topic = event.kind.routing_key();
-    let published = PublishedEvent {
-        id,
-        subscription_id: row.subscription_id,
-        topic,
-        body,
-        decision_id: row.event_id,
-        correlation_id: row.correlation_id.as_deref(),
-    };
-    deliveries::fan_out(pool, &published, |candidates| {
+    deliveries::fan_out(conn, events, |event, candidates| {
         candidates
-            .into_iter()
-            .filter(|c| TopicFilter::parse(&c.topics).is_ok_and(|f| f.matches(topic)))
+            .iter()
+            .filter(|c| TopicFilter::parse(&c.topics).is_ok_and(|f| f.matches(event.topic)))
             .map(|c| NewDelivery {
                 endpoint_id: c.id,
-                lane: deliver::lane(c.id, row.subscription_id),
+                lane: deliver::lane(c.id, event.subscription_id),
                 effect: serde_json::to_value(Delivery {
                     endpoint_id: c.id,
-                    event_id: id.to_owned(),
-                    subscription_id: row.subscription_id,
-                    topic: topic.to_owned(),
+                    event_id: event.id.to_owned(),
+                    subscription_id: event.subscription_id,
+                    topic: event.topic.to_owned(),
                 })
                 .unwrap_or(Value::Null),
             })

@@ -39,6 +39,7 @@ use crate::marketplace::{
 use crate::metrics::{self, DeadLetterReason};
 use crate::queue::{MessageMeta, Publisher};
 use crate::store::StoreError;
+use crate::store::deliveries::PublishedEvent;
 use crate::store::outbox::{
     self, ClaimedBatch, EffectKind, End, OutboxRow, PublisherOperationUpdate,
 };
@@ -212,6 +213,17 @@ enum Write {
     ConfirmationKnown {
         operation_id: Uuid,
     },
+    /// A domain event went out: it goes into the ISV's feed with its deliveries, for the
+    /// whole batch at once ([`EffectRunner::settle_batch`]).
+    Published(Published),
+}
+
+/// A published domain event, as the ISV's feed records it.
+struct Published {
+    /// The CloudEvents id.
+    id: String,
+    topic: &'static str,
+    body: Value,
 }
 
 /// A claimed row being executed, with the writes it collects.
@@ -306,6 +318,8 @@ async fn write_all(
             Write::ConfirmationKnown { operation_id } => {
                 outbox::complete_confirmation(conn, row.subscription_id, operation_id).await?;
             }
+            // Taken out by the settle, which writes a batch's events together.
+            Write::Published(_) => {}
         }
     }
     Ok(fed)
@@ -637,7 +651,11 @@ impl EffectRunner {
 
     /// A database error during an execution: retried like a failed call, so nothing is
     /// half-recorded (the row's writes roll back with it).
-    fn database_failure(&self, execution: &Execution, error: StoreError) -> Disposition {
+    fn database_failure(
+        &self,
+        execution: &Execution,
+        error: impl std::fmt::Display,
+    ) -> Disposition {
         let config = &self.inner.config.protocol;
         let failed = u32::try_from(execution.attempts).unwrap_or(0) + 1;
         let error = format!("database: {error}");
@@ -663,7 +681,9 @@ impl EffectRunner {
     /// Ends the rows of a batch as their dispositions say, in the batch's transaction (one
     /// commit): each row's records and feeds (through `apply::apply_in`) in a savepoint of
     /// its own, so one whose writes fail is retried with the database error instead
-    /// (counting an attempt) while the others stand; then every row's end, one statement
+    /// (counting an attempt) while the others stand; then the batch's published domain
+    /// events into the ISV's feed, with their deliveries, in one savepoint (the feed's lock
+    /// is taken last and held only until the commit); then every row's end, one statement
     /// per kind of end ([`ClaimedBatch::end`]).
     async fn settle_batch(
         &self,
@@ -674,34 +694,83 @@ impl EffectRunner {
         // claim order), so two batches settling at once wait for each other instead of
         // deadlocking.
         executed.sort_by_key(|(execution, _, _)| execution.subscription_id);
-        let mut ends = Vec::with_capacity(executed.len());
         let mut fed = Vec::new();
-        for (execution, mut disposition, span) in executed {
-            if let Disposition::Dead { reason, .. } = &disposition {
-                self.record_dead(&execution, reason);
+        // Per row of `executed`: the domain events it published.
+        let mut published: Vec<Vec<Published>> = Vec::with_capacity(executed.len());
+        for (execution, disposition, span) in &mut executed {
+            if let Disposition::Dead { reason, .. } = &*disposition {
+                self.record_dead(execution, reason);
             }
-            let writes = execution.take_writes();
-            if !writes.is_empty() {
-                let mut savepoint = batch.savepoint().await?;
-                match write_all(&mut savepoint, &execution.row, writes, &self.inner.policy)
-                    .instrument(span.clone())
-                    .await
-                {
-                    Ok(applied) => {
-                        savepoint.commit().await?;
-                        fed.extend(applied);
-                    }
-                    Err(error) => {
-                        drop(savepoint);
-                        span.in_scope(|| {
-                            tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
-                        });
-                        disposition = self.database_failure(&execution, error);
+            let (events, writes): (Vec<Write>, Vec<Write>) = execution
+                .take_writes()
+                .into_iter()
+                .partition(|write| matches!(write, Write::Published(_)));
+            published.push(
+                events
+                    .into_iter()
+                    .filter_map(|write| match write {
+                        Write::Published(event) => Some(event),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+            if writes.is_empty() {
+                continue;
+            }
+            let mut savepoint = batch.savepoint().await?;
+            match write_all(&mut savepoint, &execution.row, writes, &self.inner.policy)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(applied) => {
+                    savepoint.commit().await?;
+                    fed.extend(applied);
+                }
+                Err(error) => {
+                    drop(savepoint);
+                    span.in_scope(|| {
+                        tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
+                    });
+                    *disposition = self.database_failure(execution, error);
+                }
+            }
+        }
+        if published.iter().any(|events| !events.is_empty()) {
+            let events: Vec<PublishedEvent<'_>> = executed
+                .iter()
+                .zip(&published)
+                .flat_map(|((execution, _, _), events)| {
+                    events.iter().map(|event| PublishedEvent {
+                        id: &event.id,
+                        subscription_id: execution.subscription_id,
+                        topic: event.topic,
+                        body: &event.body,
+                        decision_id: execution.event_id,
+                        correlation_id: execution.correlation_id.as_deref(),
+                    })
+                })
+                .collect();
+            let mut savepoint = batch.savepoint().await?;
+            match crate::worker::deliveries::fan_out(&mut savepoint, &events).await {
+                Ok(()) => savepoint.commit().await?,
+                Err(error) => {
+                    drop(savepoint);
+                    tracing::warn!(%error, events = events.len(), "cannot record the published domain events; retrying their effects");
+                    for ((execution, disposition, _), events) in executed.iter_mut().zip(&published)
+                    {
+                        if !events.is_empty() {
+                            *disposition = self.database_failure(execution, &error);
+                        }
                     }
                 }
             }
-            ends.push((execution.id, span.in_scope(|| end_of(disposition))));
         }
+        let ends: Vec<(Uuid, End)> = executed
+            .into_iter()
+            .map(|(execution, disposition, span)| {
+                (execution.id, span.in_scope(|| end_of(disposition)))
+            })
+            .collect();
         batch.end(&ends).await?;
         Ok(fed
             .into_iter()
@@ -1076,8 +1145,6 @@ impl EffectRunner {
                 .map(|row| row.answers);
             with_onboarding(&mut body, answers);
         }
-        // The ISV's webhooks and feed (docs/webhooks.md): queued once per event and endpoint.
-        crate::worker::deliveries::fan_out(&self.inner.pool, row, &id, event, &body).await?;
         let meta = MessageMeta {
             message_id: id.clone(),
             correlation_id: row.correlation_id.clone().unwrap_or_else(|| id.clone()),
@@ -1085,6 +1152,13 @@ impl EffectRunner {
             subscription_id: Some(row.subscription_id),
         };
         let bytes = serde_json::to_vec(&body).expect("a CloudEvent always serializes");
+        // The ISV's webhooks and feed (docs/webhooks.md), written when the batch settles:
+        // queued once per event and endpoint.
+        row.push(Write::Published(Published {
+            id: id.clone(),
+            topic: event.kind.routing_key(),
+            body,
+        }));
         match self
             .inner
             .publisher
