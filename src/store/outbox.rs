@@ -735,7 +735,7 @@ pub async fn notify_runners(conn: &mut PgConnection) -> Result<(), StoreError> {
 
 /// The pending rows, each half through its partial index (no index covers every pending
 /// row: see the migration of `outbox_subscription_idx`).
-const PENDING_ROWS: &str = "(SELECT created_at, next_attempt_at FROM outbox \
+pub(crate) const PENDING_ROWS: &str = "(SELECT created_at, next_attempt_at FROM outbox \
          WHERE status = 'pending' AND kind <> 'deliver_webhook' \
      UNION ALL SELECT created_at, next_attempt_at FROM outbox \
          WHERE status = 'pending' AND kind = 'deliver_webhook') AS pending";

@@ -7,9 +7,12 @@ use uuid::Uuid;
 
 /// Effects not yet carried out, over all subscriptions.
 pub async fn pending_effects(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        super::outbox::PENDING_ROWS
+    )))
+    .fetch_one(pool)
+    .await
 }
 
 /// The size of the current database on disk, in bytes (tables, indexes, TOAST).
@@ -22,10 +25,10 @@ pub async fn database_bytes(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// Effects not yet carried out and event-log rows, in one snapshot: a run is quiet when
 /// neither moves.
 pub async fn pending_effects_and_events(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "SELECT (SELECT count(*) FROM outbox WHERE status = 'pending'), \
-                (SELECT count(*) FROM subscription_events)",
-    )
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM {}), (SELECT count(*) FROM subscription_events)",
+        super::outbox::PENDING_ROWS
+    )))
     .fetch_one(pool)
     .await
 }
