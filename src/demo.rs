@@ -25,7 +25,7 @@ use crate::simulator::customer::{ScriptedCustomer, page_text};
 use crate::simulator::{PlanSpec, SimulatorConfig, Timings};
 use crate::worker::protocol::CommandStatus;
 use crate::worker::{EffectsConfig, ProtocolConfig, WorkerConfig};
-use crate::world::{OFFER, SimHandle, View, World, WorldOptions, wait_until};
+use crate::world::{OFFER, Purchase, SimHandle, View, World, WorldOptions, wait_until};
 
 /// Options of `fulfillment demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -498,26 +498,13 @@ impl Demo {
     /// The whole lifecycle; returns the subscription id.
     async fn play(&mut self) -> anyhow::Result<Uuid> {
         // 1. Purchase.
-        let purchased = self
-            .admin_post(
-                "simulator/purchases",
-                json!({"offerId": OFFER, "planId": "per-seat", "quantity": 5}),
-            )
-            .await?;
-        let id: Uuid = purchased["subscriptionId"]
-            .as_str()
-            .context("no subscriptionId")?
-            .parse()?;
-        let landing = purchased["landingUrl"]
-            .as_str()
-            .context("no landingUrl")?
-            .to_string();
+        let purchase = json!({"planId": "per-seat", "quantity": 5});
+        let Purchase { id, landing, .. } = self.sim.buy(purchase).await?;
         self.say(&format!(
             "1. customer buys {OFFER} / per-seat with 5 seats: subscription {id}"
         ));
 
         // 2. Landing page: the customer signs in (simulated Entra ID) and activates.
-        let landing: Url = landing.parse()?;
         self.say(&format!("2. customer opens the landing page: {landing}"));
         let customer = ScriptedCustomer::new("customer")?;
         let before = customer.open(&landing).await?;
@@ -547,16 +534,8 @@ impl Demo {
         ));
 
         // 3a. Beside it, a purchase of a plan with auto-activation (2026, §5.6).
-        let auto = self
-            .admin_post(
-                "simulator/purchases",
-                json!({"offerId": OFFER, "planId": "per-seat", "quantity": 3, "autoActivate": true}),
-            )
-            .await?;
-        let auto_id: Uuid = auto["subscriptionId"]
-            .as_str()
-            .context("no subscriptionId")?
-            .parse()?;
+        let auto = json!({"planId": "per-seat", "quantity": 3, "autoActivate": true});
+        let auto_id = self.sim.buy(auto).await?.id;
         let auto_view = self.settle(auto_id, "Subscribed", Some("per-seat")).await?;
         let activations = crate::store::verify::count_events_of_kind(
             &self.world.pool,
@@ -707,16 +686,8 @@ impl Demo {
     /// A metered purchase (`silver`, dimension `api-calls`) reports usage for an hour two
     /// hours ago; the worker closes the hour and submits it; the simulator shows it billed.
     async fn meter(&self) -> anyhow::Result<()> {
-        let bought = self
-            .admin_post(
-                "simulator/purchases",
-                json!({"offerId": OFFER, "planId": "silver", "autoActivate": true}),
-            )
-            .await?;
-        let id: Uuid = bought["subscriptionId"]
-            .as_str()
-            .context("no subscriptionId")?
-            .parse()?;
+        let purchase = json!({"planId": "silver", "autoActivate": true});
+        let id = self.sim.buy(purchase).await?.id;
         self.settle(id, "Subscribed", Some("silver")).await?;
         let hour = crate::metering::hour_of(OffsetDateTime::now_utc()) - time::Duration::hours(2);
         let events: Vec<Value> = [(5, 40.0), (25, 2.5), (50, 7.5)]

@@ -605,6 +605,14 @@ impl std::fmt::Display for View {
     }
 }
 
+/// A purchase in the simulator: the subscription, its marketplace token and landing page.
+#[derive(Debug, Clone)]
+pub struct Purchase {
+    pub id: Uuid,
+    pub token: String,
+    pub landing: Url,
+}
+
 /// The simulator's admin API (`/simulator/...`), as the customer and Microsoft use it.
 #[derive(Debug, Clone)]
 pub struct SimHandle {
@@ -652,6 +660,21 @@ impl SimHandle {
             body["offerId"] = json!(OFFER);
         }
         self.post("simulator/purchases", body).await
+    }
+
+    /// [`purchase`](Self::purchase), its answer parsed.
+    pub async fn buy(&self, body: Value) -> anyhow::Result<Purchase> {
+        let answer = self.purchase(body).await.map_err(anyhow::Error::msg)?;
+        let field = |name| {
+            answer[name]
+                .as_str()
+                .with_context(|| format!("no {name} in {answer}"))
+        };
+        Ok(Purchase {
+            id: field("subscriptionId")?.parse()?,
+            token: field("token")?.to_owned(),
+            landing: field("landingUrl")?.parse()?,
+        })
     }
 
     /// A customer- or Microsoft-side action (`{action, planId?, quantity?}`) on

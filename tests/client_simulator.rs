@@ -56,9 +56,8 @@ impl Harness {
 
     async fn purchase(&self, plan: &str, quantity: Option<u32>) -> (Uuid, String) {
         let body = json!({"planId": plan, "quantity": quantity});
-        let created = self.admin.purchase(body).await.unwrap();
-        let id = created["subscriptionId"].as_str().unwrap().parse().unwrap();
-        (id, created["token"].as_str().unwrap().to_string())
+        let purchase = self.admin.buy(body).await.unwrap();
+        (purchase.id, purchase.token)
     }
 
     async fn set_faults(&self, faults: Value) {

@@ -40,24 +40,9 @@ async fn spawn_app_with(options: Options) -> Stack {
 
 /// A purchase in the simulator: `(subscription id, token, landing URL)`.
 async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, String, Url) {
-    let mut body = json!({ "offerId": "contoso-analytics", "planId": plan });
-    if let Some(quantity) = quantity {
-        body["quantity"] = json!(quantity);
-    }
-    let purchased = app
-        .admin
-        .call(reqwest::Method::POST, "simulator/purchases", body)
-        .await
-        .unwrap();
-    (
-        purchased["subscriptionId"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap(),
-        purchased["token"].as_str().unwrap().to_string(),
-        Url::parse(purchased["landingUrl"].as_str().unwrap()).unwrap(),
-    )
+    let body = json!({ "offerId": "contoso-analytics", "planId": plan, "quantity": quantity });
+    let purchase = app.admin.buy(body).await.unwrap();
+    (purchase.id, purchase.token, purchase.landing)
 }
 
 /// A subscription row whose stored machine agrees with its state (commands are decided

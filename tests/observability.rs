@@ -27,7 +27,7 @@ use marketplace_fulfillment::worker::MetricsListener;
 use marketplace_fulfillment::world::wait_until;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase};
+use stack::{Options, Purchase, Stack, TestDatabase};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -149,13 +149,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     let ingress_before = scrape(&system.http, system.ingress).await;
 
     // Purchase, landing page, automatic activation.
-    let purchased = system.buy("silver", None, false).await;
-    let id: Uuid = purchased["subscriptionId"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let landing: url::Url = purchased["landingUrl"].as_str().unwrap().parse().unwrap();
+    let Purchase { id, landing, .. } = system.buy("silver", None, false).await;
     let page = ScriptedCustomer::new("customer")
         .unwrap()
         .activate(&landing, &[])

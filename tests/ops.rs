@@ -131,10 +131,8 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
         .set_faults(json!({"share5xx": 1.0}))
         .await
         .unwrap();
-    let auto = app.buy("silver", None, true).await;
-    let a: Uuid = auto["subscriptionId"].as_str().unwrap().parse().unwrap();
-    let pending = app.buy("gold", None, false).await;
-    let b: Uuid = pending["subscriptionId"].as_str().unwrap().parse().unwrap();
+    let a = app.buy("silver", None, true).await.id;
+    let b = app.buy("gold", None, false).await.id;
     let op_b = app.act(b, json!({"action": "Unsubscribe"})).await;
     // And a message no worker can ever apply.
     let poison = InboundMessage::Webhook {
@@ -653,8 +651,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     app.wait_for_operation(quantity_drift, &op).await;
     app.wait_for_delivery(quantity_drift, "ChangeQuantity")
         .await;
-    let auto = app.buy("silver", None, true).await;
-    let missing: Uuid = auto["subscriptionId"].as_str().unwrap().parse().unwrap();
+    let missing = app.buy("silver", None, true).await.id;
     app.wait_for_sim(missing, "Subscribed").await;
     app.wait_for_delivery(missing, "Subscribe").await;
     app.set_deaf(false);

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::measure;
 use crate::settings::Settings;
 use crate::simulator::SimulatorConfig;
-use crate::world::{World, WorldOptions, activate_on_landing, wait_until};
+use crate::world::{Purchase, World, WorldOptions, activate_on_landing, wait_until};
 
 /// The throwaway world of one run: the shared [`World`] without an ingress or workers of
 /// its own (the benchmarks start those as child processes).
@@ -314,27 +314,11 @@ pub(crate) async fn purchase_and_activate(
 ) -> anyhow::Result<Vec<Uuid>> {
     // Sixteen purchases at a time: thousands of them (`bench burst`) take seconds, not minutes.
     let buy = |(i, order): (usize, Order)| async move {
-        let answer = sim
-            .post(
-                "simulator/purchases",
-                json!({
-                    "offerId": OFFER,
-                    "planId": order.plan,
-                    "quantity": order.quantity,
-                    "name": format!("bench-{i}"),
-                }),
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let id = answer["subscriptionId"]
-            .as_str()
-            .and_then(|id| Uuid::parse_str(id).ok())
-            .with_context(|| format!("no subscriptionId in {answer}"))?;
-        let token = answer["token"]
-            .as_str()
-            .with_context(|| format!("no token in {answer}"))?;
+        let (plan, quantity, name) = (order.plan, order.quantity, format!("bench-{i}"));
+        let purchase = json!({"planId": plan, "quantity": quantity, "name": name});
+        let Purchase { id, token, .. } = sim.buy(purchase).await?;
         let mut landing = ingress.url("/landing");
-        landing.query_pairs_mut().append_pair("token", token);
+        landing.query_pairs_mut().append_pair("token", &token);
         // The customer signs in (at the simulator) and activates by POST, as in production.
         activate_on_landing(&landing)
             .await

@@ -26,7 +26,7 @@ mod tap;
 #[allow(unused_imports)]
 pub use common::{TestDatabase, strip_ansi, test_settings};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
-pub use marketplace_fulfillment::world::View;
+pub use marketplace_fulfillment::world::{Purchase, View};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -289,24 +289,20 @@ impl Stack {
     /// A purchase with every field of `POST /simulator/purchases`: `(subscription id,
     /// landing page URL)`.
     pub async fn purchase_with(&self, body: Value) -> (Uuid, Url) {
-        let created = self.admin.purchase(body).await.unwrap();
-        let field = |name: &str| created[name].as_str().unwrap().to_owned();
-        (
-            field("subscriptionId").parse().unwrap(),
-            field("landingUrl").parse().unwrap(),
-        )
+        let purchase = self.admin.buy(body).await.unwrap();
+        (purchase.id, purchase.landing)
     }
 
-    /// Buys `plan` in the simulator: its answer (`subscriptionId`, `token`, `landingUrl`).
-    pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Value {
+    /// Buys `plan` in the simulator (activated by Microsoft itself when `auto`).
+    pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Purchase {
         let body = json!({"planId": plan, "quantity": quantity, "autoActivate": auto});
-        self.admin.purchase(body).await.unwrap()
+        self.admin.buy(body).await.unwrap()
     }
 
     /// A purchase: `(subscription id, landing page URL)`.
     pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
-        let body = json!({"planId": plan, "quantity": quantity, "autoActivate": auto});
-        self.purchase_with(body).await
+        let purchase = self.buy(plan, quantity, auto).await;
+        (purchase.id, purchase.landing)
     }
 
     /// A customer/Microsoft action (`{action, planId?, quantity?}`); returns the operation id.
@@ -528,10 +524,9 @@ impl Stack {
         plan: &str,
         quantity: Option<u32>,
     ) -> (Uuid, InboundMessage, String) {
-        let created = self.buy(plan, quantity, false).await;
-        let id: Uuid = created["subscriptionId"].as_str().unwrap().parse().unwrap();
-        let token = created["token"].as_str().unwrap();
-        let resolved = self.client.resolve(&CallContext::random(), token).await;
+        let body = json!({"planId": plan, "quantity": quantity});
+        let Purchase { id, token, .. } = self.admin.buy(body).await.unwrap();
+        let resolved = self.client.resolve(&CallContext::random(), &token).await;
         let subscription = resolved.unwrap().into_value().subscription.unwrap();
         let resolved_at = OffsetDateTime::now_utc();
         let message = InboundMessage::PurchaseResolved {
