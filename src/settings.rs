@@ -1441,8 +1441,9 @@ fn parse_retry_schedule(text: &str) -> Result<Vec<Duration>, String> {
         .collect()
 }
 
-/// `http.max_connections` by default: about 10 MiB of connections at most.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// `http.max_connections` by default: above any burst Microsoft sends at once in our tests
+/// (5,000 webhooks queue partly in the accept backlog), below common descriptor limits.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 fn parse_http(raw: &RawHttp) -> Result<HttpSettings, SettingsError> {
     // tokio's semaphore holds at most MAX_PERMITS places.

@@ -1,13 +1,15 @@
 //! The ingress's listening socket, with two limits axum's own `serve` does not have.
 //!
-//! - **At most `http.max_connections` connections at once** (`HTTP_MAX_CONNECTIONS`). Each
-//!   open connection costs the ingress about 20 KiB (hyper's buffers, the request, the
-//!   publish waiting for RabbitMQ's confirm), so a burst of 5,000 simultaneous webhooks —
-//!   Microsoft flushing its backlog after an incident — grew the process past 120 MiB.
-//!   When the limit is reached the next connection is not accepted until one closes: it
-//!   waits in the kernel's accept queue ([`BACKLOG`]), handshake done, at no cost to this
-//!   process, and is served in its turn. Nothing is refused, so nothing Microsoft sends is
-//!   answered with an error because of the limit.
+//! - **At most `http.max_connections` connections at once** (`HTTP_MAX_CONNECTIONS`, default
+//!   4,096). Without a limit every connection is accepted until the process runs out of file
+//!   descriptors (under systemd's default soft limit of 1,024 that is a burst of about a
+//!   thousand webhooks), and then axum's accept loop only sleeps and retries. At the limit
+//!   the next connection is not accepted until one closes: it waits in the kernel's accept
+//!   queue ([`BACKLOG`]), handshake done, and is served in its turn. Nothing is refused.
+//!   Keep the limit below `ulimit -n`. It is not a memory knob: in `bench burst` (5,000
+//!   webhooks at once) a limit of 512 left the ingress's peak RSS where it was (69–82 MiB
+//!   against 82 MiB without one), and connections idle under the limit hold their place
+//!   until the idle timeout, so a low limit can make other callers wait.
 //! - **An idle connection is closed after `http.idle_timeout_secs`**
 //!   (`HTTP_IDLE_TIMEOUT_SECS`): a socket that has sent nothing for that long (an idle
 //!   keep-alive, a client that stalled mid-request) or does not take our answer is closed,
