@@ -345,6 +345,8 @@ struct Row {
     want: Want,
     attempts: u32,
     created_ago: Duration,
+    /// How long Microsoft's window has left (an ACK's `due_at` − now); `None`: no window.
+    window_left: Option<Duration>,
     /// The stage stored afterwards, by tag.
     stage: Option<&'static str>,
     /// The publisher command status recorded, if the row is about one.
@@ -373,6 +375,7 @@ fn row(
         want,
         attempts: 0,
         created_ago: secs(1),
+        window_left: None,
         stage: None,
         command: None,
         fresh_token_tried,
@@ -397,6 +400,13 @@ impl Row {
 
     fn attempts(self, attempts: u32) -> Self {
         Row { attempts, ..self }
+    }
+
+    fn window_left(self, left: Duration) -> Self {
+        Row {
+            window_left: Some(left),
+            ..self
+        }
     }
 
     fn created_ago(self, created_ago: Duration) -> Self {
@@ -532,6 +542,14 @@ fn rows() -> Vec<Row> {
             Some((ack_call(), timeout())), Retry(secs(1))),
         row("§8.1", "ACK 429 waits at least Retry-After", ack(false), fresh(),
             Some((ack_call(), throttled(secs(3)))), Retry(secs(3))),
+        row("P7", "an ACK's third 5xx retries within its window: half the 6 s left, not the 4 s backoff", ack(false), fresh(),
+            Some((ack_call(), server_error())), Retry(secs(3))).attempts(2).window_left(secs(6)),
+        row("P7", "an ACK's retry near the end of its window waits at least the backoff base", ack(false), fresh(),
+            Some((ack_call(), server_error())), Retry(secs(1))).attempts(3).window_left(Duration::from_millis(800)),
+        row("P7", "an ACK's 429 waits its Retry-After even past the window", ack(false), fresh(),
+            Some((ack_call(), throttled(secs(3)))), Retry(secs(3))).attempts(2).window_left(secs(2)),
+        row("P7", "an ACK whose window has closed backs off as before", ack(false), fresh(),
+            Some((ack_call(), server_error())), Retry(secs(4))).attempts(2).window_left(Duration::ZERO),
         row("§6.3", "a best-effort ACK ignores an unknown operation", ack(true), fresh(),
             Some((ack_call(), not_found())), Finish(vec![])),
         row("§6.3", "a best-effort ACK still retries a 5xx", ack(true), fresh(),
@@ -767,6 +785,7 @@ fn every_row_of_the_effect_protocols_holds() {
             now: now(),
             created_at: now() - row.created_ago,
             attempts: row.attempts,
+            deadline: row.window_left.map(|left| now() + left),
             jitter: 1.0,
             config: &config,
         });
@@ -880,6 +899,7 @@ fn after_a_lost_answer_no_answer_makes_a_change_refused() {
                         now: now(),
                         created_at: now() - secs(60),
                         attempts: 0,
+                        deadline: None,
                         jitter: 1.0,
                         config: &config,
                     });

@@ -808,6 +808,7 @@ impl EffectRunner {
                 now,
                 created_at: execution.created_at,
                 attempts: u32::try_from(execution.attempts).unwrap_or(0),
+                deadline: execution.due_at,
                 jitter: rand::random::<f64>(),
                 config,
             });

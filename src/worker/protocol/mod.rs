@@ -358,6 +358,10 @@ pub struct Turn<'a> {
     pub created_at: OffsetDateTime,
     /// Failed attempts so far.
     pub attempts: u32,
+    /// When Microsoft's window for this effect closes, if it has one (an ACK row's
+    /// `due_at`, P7): while it is open, retries are paced to fit in it (see
+    /// [`paced_for_deadline`]).
+    pub deadline: Option<OffsetDateTime>,
     /// In `0..=1`, spreads retries (the runner draws it; tables fix it).
     pub jitter: f64,
     pub config: &'a ProtocolConfig,
@@ -570,6 +574,15 @@ impl Turn<'_> {
             retry_after,
             self.jitter,
         );
+        let delay = match self.deadline {
+            Some(deadline) => paced_for_deadline(
+                delay,
+                elapsed(self.now, deadline),
+                self.config.backoff_base,
+                retry_after,
+            ),
+            None => delay,
+        };
         self.stay(Step::RetryLater {
             at: self.after(delay),
             because,
@@ -664,6 +677,25 @@ pub fn retry_delay(
         Some(after) => jittered.max(after.min(max)),
         None => jittered,
     }
+}
+
+/// The retry delay of an effect whose window closes in `left` (an ACK, P7): the backoff's
+/// `delay`, but at most half the time left (at least `base`), so a run of 5xx or 429 does
+/// not back an ACK off past its window: one failure at 1 s, 2 s and 4 s of backoff left it
+/// no attempt before Microsoft auto-accepted (seen in `bench chaos`). Never shorter than
+/// `Retry-After` (Microsoft's explicit ask, even when it reaches past the window). Once the
+/// window has closed (`left` zero) the backoff holds as it is.
+pub fn paced_for_deadline(
+    delay: Duration,
+    left: Duration,
+    base: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    if left.is_zero() {
+        return delay;
+    }
+    let pace = (left / 2).max(base).max(retry_after.unwrap_or_default());
+    delay.min(pace)
 }
 
 /// Time between two instants as a `Duration` (zero when `later` is not later).
