@@ -829,17 +829,9 @@ impl MessageHandler {
             let result = match outcome {
                 Ok(outcome) => {
                     apply::count(&ready.prepared.event, &outcome);
-                    if let (Some(error), ApplyOutcome::Decided(_)) =
-                        (&ready.prepared.unknown_to_microsoft, &outcome)
-                    {
-                        self.record_unknown(
-                            ready.prepared.subscription_id,
-                            &ready.prepared.source,
-                            error,
-                        )
+                    self.record_if_unknown(&ready, &outcome)
                         .instrument(ready.span.clone())
                         .await;
-                    }
                     Ok(outcome)
                 }
                 Err(Together::Again) => {
@@ -1041,8 +1033,14 @@ impl MessageHandler {
 
     async fn apply_alone(&self, ready: &Ready) -> Result<ApplyOutcome, DeliveryError> {
         let outcome = apply::apply(&self.pool, &self.policy, &self.command(ready)).await?;
+        self.record_if_unknown(ready, &outcome).await;
+        Ok(outcome)
+    }
+
+    /// After a decided apply of a message Microsoft did not know (P12), records that.
+    async fn record_if_unknown(&self, ready: &Ready, outcome: &ApplyOutcome) {
         if let (Some(error), ApplyOutcome::Decided(_)) =
-            (&ready.prepared.unknown_to_microsoft, &outcome)
+            (&ready.prepared.unknown_to_microsoft, outcome)
         {
             self.record_unknown(
                 ready.prepared.subscription_id,
@@ -1051,7 +1049,6 @@ impl MessageHandler {
             )
             .await;
         }
-        Ok(outcome)
     }
 
     /// For a webhook about a subscription we have never seen, the observation first (P12);
