@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use crate::http::Application;
+use crate::http::{AppState, Application, router};
 use crate::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use crate::queue::{Broker, Topology};
 use crate::settings::Settings;
@@ -240,6 +240,45 @@ impl World {
     pub fn stop_ingress(&mut self) -> Option<JoinHandle<anyhow::Result<()>>> {
         self.stop_ingress.cancel();
         self.server.take()
+    }
+
+    /// Replaces the in-process ingress by the production router on a new port, serving the
+    /// state of the world's settings as `customise` leaves it (e.g. a webhook verifier of
+    /// its own). The simulator's webhook and landing page URLs still name the first ingress.
+    pub async fn restart_ingress(
+        &mut self,
+        customise: impl FnOnce(&Settings, &mut AppState),
+    ) -> anyhow::Result<()> {
+        if let Some(server) = self.stop_ingress() {
+            let _ = server.await;
+        }
+        let mut state = AppState::from_settings(&self.settings).await?;
+        customise(&self.settings, &mut state);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        self.ingress = Some(listener.local_addr()?);
+        self.stop_ingress = CancellationToken::new();
+        let stopped = self.stop_ingress.clone().cancelled_owned();
+        self.server = Some(tokio::spawn(async move {
+            let serve = axum::serve(listener, router(state.clone()));
+            serve.with_graceful_shutdown(stopped).await?;
+            state.broker.close().await;
+            state.pool.close().await;
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// Starts `exe work` (`name` in its log's name) with `env`, its probes and metrics on
+    /// a free local address; the caller waits for it to be ready.
+    pub async fn spawn_worker(
+        &self,
+        exe: PathBuf,
+        name: &'static str,
+        mut env: Vec<(String, String)>,
+    ) -> anyhow::Result<ChildProcess> {
+        let metrics = free_local_address()?;
+        env.push(("WORKER_METRICS_ADDR".into(), metrics.to_string()));
+        ChildProcess::spawn_exe(exe, name, &self.id, &["work"], env, metrics).await
     }
 
     /// Also deletes `queue` at teardown (a queue the caller declared on the world's broker).

@@ -72,7 +72,9 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
         }
         let dead = stack
             .wait_for("the poisoned message in the dead-letter queue", || async {
-                let dead = stack.drain_dlq().await;
+                let dead = stack
+                    .take_all(&stack.broker.topology().dead_letter_queue())
+                    .await;
                 (!dead.is_empty()).then_some(dead)
             })
             .await;
@@ -167,7 +169,12 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
     }
     let windows = stack.workers[0].consumer_activity().windows();
     assert!(windows.committed > 0, "{windows:?}");
-    assert!(stack.drain_dlq().await.is_empty());
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
     stack.finish().await;
 }
 
@@ -191,7 +198,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     // changed by its customer at once.
     let mut ids = Vec::new();
     for i in 0..60 {
-        let (id, _) = stack.purchase("per-seat", Some(5), true).await;
+        let id = stack.buy("per-seat", Some(5), true).await.id;
         let quantity = 6 + i % 3;
         stack
             .act(
@@ -228,7 +235,12 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
         assert_eq!(*n, 1, "{id}: operation {op} ACKed {n} times");
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(stack.drain_dlq().await.is_empty());
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
     // The settings reached the processes: each logged its window size.
     for worker in [&first, &second] {
         let log = strip_ansi(&std::fs::read_to_string(&worker.log).unwrap());

@@ -11,7 +11,7 @@ mod stack;
 
 use marketplace_fulfillment::world::brand_as_contoso;
 use serde_json::json;
-use stack::{Options, Stack};
+use stack::{Options, Purchase, Stack};
 use thirtyfour::prelude::*;
 
 #[path = "common/browser.rs"]
@@ -26,7 +26,7 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         ..Options::default()
     })
     .await;
-    let (id, landing) = stack.purchase_with(json!({"planId": "silver"})).await;
+    let Purchase { id, landing, .. } = stack.admin.buy(json!({"planId": "silver"})).await.unwrap();
     let browser = Browser::start().await;
     let driver = &browser.driver;
 

@@ -157,7 +157,7 @@ async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
     let response = app
         .http
         .post(app.url("/webhook"))
-        .bearer_auth(app.webhook_token())
+        .bearer_auth(app.sim.mint_webhook_token(json!({})).unwrap())
         .header("content-type", "application/json")
         .header("traceparent", traceparent)
         .body(body.clone())
@@ -193,7 +193,9 @@ async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("Renew");
     let activity: Value = serde_json::from_str(&body).unwrap();
-    let response = app.post_webhook(Some(&app.webhook_token()), body).await;
+    let response = app
+        .post_webhook(Some(&app.sim.mint_webhook_token(json!({})).unwrap()), body)
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     let delivery = next_delivery(&mut consumer).await;
     let traceparent = delivery.meta.traceparent.clone().expect("a traceparent");
@@ -328,7 +330,7 @@ async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
         ),
         (
             "a body that is not a webhook",
-            Some(app.webhook_token()),
+            Some(app.sim.mint_webhook_token(json!({})).unwrap()),
             "{\"id\": 1}".into(),
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -350,7 +352,7 @@ async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
         ),
         (
             "a body over our limit",
-            Some(app.webhook_token()),
+            Some(app.sim.mint_webhook_token(json!({})).unwrap()),
             body.replacen(
                 '{',
                 &format!("{{\"padding\":\"{}\",", "x".repeat(65 * 1024)),
@@ -383,7 +385,7 @@ async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_act
     let app = spawn_app().await;
     let broker = app.connect_broker().await;
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
-    let token = app.webhook_token();
+    let token = app.sim.mint_webhook_token(json!({})).unwrap();
 
     let response = app.post_webhook(Some(&token), "{\"id\": ").await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
@@ -475,7 +477,7 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
         ..Options::default()
     })
     .await;
-    let token = app.webhook_token();
+    let token = app.sim.mint_webhook_token(json!({})).unwrap();
     let (_, _, body) = webhook_body("Suspend");
     assert_eq!(
         app.post_webhook(Some(&token), body.clone()).await.status(),
@@ -512,7 +514,7 @@ async fn a_broker_outage_answers_503_then_the_same_process_recovers() {
     assert_eq!(ready.status(), StatusCode::OK);
 
     let mut app = app;
-    tokio::time::timeout(WAIT, app.begin_ingress_shutdown())
+    tokio::time::timeout(WAIT, app.stop_ingress().unwrap())
         .await
         .unwrap()
         .unwrap()
@@ -1184,7 +1186,7 @@ async fn probes_and_metrics_report() {
 
     let (_, _, body) = webhook_body("Renew");
     assert_eq!(
-        app.post_webhook(Some(&app.webhook_token()), body)
+        app.post_webhook(Some(&app.sim.mint_webhook_token(json!({})).unwrap()), body)
             .await
             .status(),
         StatusCode::OK
@@ -1227,25 +1229,25 @@ async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
     let (head, tail) = body.split_at(body.len() / 2);
 
     // A webhook whose body is still arriving when the shutdown begins.
-    let mut stream = TcpStream::connect(app.ingress).await.unwrap();
+    let mut stream = TcpStream::connect(app.ingress.unwrap()).await.unwrap();
     let request = format!(
         "POST /webhook HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
-        app.ingress,
-        app.webhook_token(),
+        app.ingress.unwrap(),
+        app.sim.mint_webhook_token(json!({})).unwrap(),
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let server = app.begin_ingress_shutdown();
+    let server = app.stop_ingress().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !server.is_finished(),
         "the server returned with a request in flight"
     );
     assert!(
-        TcpStream::connect(app.ingress).await.is_err(),
+        TcpStream::connect(app.ingress.unwrap()).await.is_err(),
         "new connections are still accepted"
     );
 

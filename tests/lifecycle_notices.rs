@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use fulfillment_state_machine::NoticePolicy;
 use marketplace_fulfillment::ops::subscription::{render_timeline, timeline};
+use marketplace_fulfillment::world::activate_on_landing;
 use serde_json::json;
-use stack::{Options, Stack, WAIT};
+use stack::{Options, Purchase, Stack, WAIT};
 use uuid::Uuid;
 
 const DAY: Duration = Duration::from_millis(100);
@@ -90,18 +91,28 @@ async fn notice_statuses(stack: &Stack, id: Uuid) -> Vec<(String, String)> {
 async fn each_lifecycle_notice_is_emitted_once_on_a_compressed_calendar_and_shown() {
     // Manual activation keeps one purchase pending; the others activate at checkout.
     let stack = Stack::start(compressed(json!({"activation": "manual"}))).await;
-    let (ending, _) = stack
-        .purchase_with(json!({
+    let Purchase { id: ending, .. } = stack
+        .admin
+        .buy(json!({
             "planId": "gold", "termUnit": "P1M", "autoActivate": true, "autoRenew": false
         }))
-        .await;
-    let (suspended, _) = stack
-        .purchase_with(json!({"planId": "silver", "termUnit": "P1M", "autoActivate": true}))
-        .await;
-    let (pending, landing) = stack
-        .purchase_with(json!({"planId": "silver", "termUnit": "P1M"}))
-        .await;
-    stack.open_landing(&landing).await;
+        .await
+        .unwrap();
+    let Purchase { id: suspended, .. } = stack
+        .admin
+        .buy(json!({"planId": "silver", "termUnit": "P1M", "autoActivate": true}))
+        .await
+        .unwrap();
+    let Purchase {
+        id: pending,
+        landing,
+        ..
+    } = stack
+        .admin
+        .buy(json!({"planId": "silver", "termUnit": "P1M"}))
+        .await
+        .unwrap();
+    activate_on_landing(&landing).await.unwrap();
     for id in [ending, suspended] {
         stack
             .wait_for("the auto-activated purchase recorded", || async {
@@ -188,11 +199,13 @@ async fn each_lifecycle_notice_is_emitted_once_on_a_compressed_calendar_and_show
 async fn a_changed_state_cancels_the_pending_notice_and_schedules_the_new_one() {
     let stack = Stack::start(compressed(json!({}))).await;
     // A yearly term without renewal: its notices are 33 and 36 s away.
-    let (id, _) = stack
-        .purchase_with(json!({
+    let Purchase { id, .. } = stack
+        .admin
+        .buy(json!({
             "planId": "gold", "termUnit": "P1Y", "autoActivate": true, "autoRenew": false
         }))
-        .await;
+        .await
+        .unwrap();
     stack
         .wait_for("the term's notices scheduled", || async {
             let statuses = notice_statuses(&stack, id).await;

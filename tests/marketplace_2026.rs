@@ -12,9 +12,10 @@ use std::time::Duration;
 use marketplace_fulfillment::ops::reconcile;
 use marketplace_fulfillment::simulator::Timings;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
+use marketplace_fulfillment::world::activate_on_landing;
 use reqwest::Method;
 use serde_json::{Value, json};
-use stack::{Options, Stack, WAIT};
+use stack::{Options, Purchase, Stack, WAIT};
 use uuid::Uuid;
 
 /// The domain events an event-log row's decision published, by kind.
@@ -148,7 +149,7 @@ async fn a_reconcile_reads_every_page_of_varying_size_through_next_links_on_the_
     ];
     let mut never_seen = Vec::new();
     for _ in 0..6 {
-        never_seen.push(stack.purchase("silver", None, false).await.0);
+        never_seen.push(stack.buy("silver", None, false).await.id);
     }
     stack.settle(&known, WAIT).await;
 
@@ -188,10 +189,12 @@ async fn a_reconcile_reads_every_page_of_varying_size_through_next_links_on_the_
 #[tokio::test]
 async fn a_csp_purchase_is_recorded_with_its_purchaser_and_changes_are_refused_locally() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(json!({"planId": "silver", "csp": true}))
-        .await;
-    stack.open_landing(&landing).await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(json!({"planId": "silver", "csp": true}))
+        .await
+        .unwrap();
+    activate_on_landing(&landing).await.unwrap();
     stack
         .wait_for("the CSP purchase active", || async {
             (stack.engine(id).await?.state == "Subscribed").then_some(())
@@ -277,8 +280,8 @@ async fn pay_and_custom_term_units_and_private_offers_are_activated_recorded_and
         body.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        let (id, landing) = stack.purchase_with(body).await;
-        stack.open_landing(&landing).await;
+        let Purchase { id, landing, .. } = stack.admin.buy(body).await.unwrap();
+        activate_on_landing(&landing).await.unwrap();
         ids.push((unit, id));
     }
     let all: Vec<Uuid> = ids.iter().map(|(_, id)| *id).collect();
@@ -343,9 +346,11 @@ async fn pay_and_custom_term_units_and_private_offers_are_activated_recorded_and
 #[tokio::test]
 async fn the_landing_page_shows_the_private_offer_a_purchase_came_through() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(json!({"planId": "silver", "privateOfferId": "contoso-private-7"}))
-        .await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(json!({"planId": "silver", "privateOfferId": "contoso-private-7"}))
+        .await
+        .unwrap();
     let customer = ScriptedCustomer::new("customer").unwrap();
     let page = customer.open(&landing).await.unwrap().html;
     assert!(
@@ -369,9 +374,11 @@ async fn the_landing_page_shows_the_private_offer_a_purchase_came_through() {
 #[tokio::test]
 async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activated() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(json!({"planId": "gold", "autoActivate": true}))
-        .await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(json!({"planId": "gold", "autoActivate": true}))
+        .await
+        .unwrap();
     // No landing-page visit: the Subscribe webhook alone makes it known and active.
     stack
         .wait_for("the auto-activated purchase recorded", || async {
@@ -405,7 +412,7 @@ async fn an_auto_activated_purchase_is_recorded_announced_once_and_never_activat
     let token = stack.sim.mint_webhook_token(json!({})).unwrap();
     let answer = stack
         .http
-        .post(format!("http://{}/webhook", stack.ingress))
+        .post(stack.url("/webhook"))
         .bearer_auth(token)
         .json(&again)
         .send()
@@ -477,10 +484,16 @@ async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine
     };
     let first_term = term_start(renewing).await;
     assert!(first_term.is_string(), "{first_term}");
-    let (ending, landing) = stack
-        .purchase_with(json!({"planId": "gold", "autoRenew": false}))
-        .await;
-    stack.open_landing(&landing).await;
+    let Purchase {
+        id: ending,
+        landing,
+        ..
+    } = stack
+        .admin
+        .buy(json!({"planId": "gold", "autoRenew": false}))
+        .await
+        .unwrap();
+    activate_on_landing(&landing).await.unwrap();
     let suspended = stack.subscribed("silver", None).await;
     stack.act(suspended, json!({"action": "Suspend"})).await;
 
@@ -512,10 +525,12 @@ async fn renewals_term_ends_and_the_end_of_the_suspension_grace_reach_the_engine
 #[tokio::test]
 async fn an_activation_that_fails_at_microsoft_is_announced_and_ends_the_subscription() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(json!({"planId": "silver", "failActivation": true}))
-        .await;
-    stack.open_landing(&landing).await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(json!({"planId": "silver", "failActivation": true}))
+        .await
+        .unwrap();
+    activate_on_landing(&landing).await.unwrap();
     stack
         .wait_for("the failed activation to end the subscription", || async {
             let ours = stack.engine(id).await?;

@@ -144,9 +144,15 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         ..Options::default()
     })
     .await;
-    let metrics = system.serve_worker_metrics().await;
+    let localhost = "127.0.0.1:0".parse().unwrap();
+    let (pool, broker) = (system.pool.clone(), system.broker.clone());
+    let listener = MetricsListener::bind(localhost, pool, broker)
+        .await
+        .unwrap();
+    let metrics = listener.local_addr();
+    tokio::spawn(listener.run_until_stopped(CancellationToken::new()));
     let before = scrape(&system.http, metrics).await;
-    let ingress_before = scrape(&system.http, system.ingress).await;
+    let ingress_before = scrape(&system.http, system.ingress.unwrap()).await;
 
     // Purchase, landing page, automatic activation.
     let Purchase { id, landing, .. } = system.buy("silver", None, false).await;
@@ -164,7 +170,11 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     let plan_change = system
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    let operation = system.wait_for_operation(id, &plan_change).await;
+    let operation = system
+        .admin
+        .wait_for_operation(id, &plan_change, stack::WAIT)
+        .await
+        .unwrap();
     assert_eq!(operation["status"], "Succeeded");
     system
         .wait_for_view(id, "Subscribed", Some("gold"), None)
@@ -178,7 +188,11 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         .act(id, json!({"action": "ChangePlan", "planId": "silver"}))
         .await;
     system.wait_for_delivery(id, &late).await;
-    let operation = system.wait_for_operation(id, &late).await;
+    let operation = system
+        .admin
+        .wait_for_operation(id, &late, stack::WAIT)
+        .await
+        .unwrap();
     assert_eq!(operation["status"], "Succeeded");
     system.start_worker().await;
     let auto_accepted = (
@@ -373,7 +387,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     );
 
     // The ingress's own metrics.
-    let ingress_after = scrape(&system.http, system.ingress).await;
+    let ingress_after = scrape(&system.http, system.ingress.unwrap()).await;
     let di =
         |name: &str, labels: &[(&str, &str)]| delta(&ingress_before, &ingress_after, name, labels);
     assert!(

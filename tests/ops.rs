@@ -17,7 +17,7 @@ use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
 use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
 use marketplace_fulfillment::world::wait_until;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase};
+use stack::{Options, Stack, TestDatabase, WAIT};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -348,8 +348,11 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
         .collect();
     seed_dead_letters(&app, &letters, "database: connection refused").await;
     assert_eq!(
-        app.queue_len(&app.broker.topology().dead_letter_queue())
-            .await,
+        app.broker
+            .queue_counts(&app.broker.topology().dead_letter_queue())
+            .await
+            .unwrap()
+            .0,
         MESSAGES as u32
     );
 
@@ -390,13 +393,20 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     assert_eq!(report.moved, MESSAGES, "{:?}", report.not_moved);
     assert!(report.not_moved.is_empty());
     assert_eq!(
-        app.queue_len(&app.broker.topology().dead_letter_queue())
-            .await,
+        app.broker
+            .queue_counts(&app.broker.topology().dead_letter_queue())
+            .await
+            .unwrap()
+            .0,
         0,
         "none left behind"
     );
     assert_eq!(
-        app.queue_len(&app.broker.topology().inbound_queue()).await,
+        app.broker
+            .queue_counts(&app.broker.topology().inbound_queue())
+            .await
+            .unwrap()
+            .0,
         MESSAGES as u32
     );
 
@@ -430,12 +440,19 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
         .await;
     assert_eq!(journalled, MESSAGES as i64);
     assert_eq!(
-        app.queue_len(&app.broker.topology().dead_letter_queue())
-            .await,
+        app.broker
+            .queue_counts(&app.broker.topology().dead_letter_queue())
+            .await
+            .unwrap()
+            .0,
         0
     );
     assert_eq!(
-        app.queue_len(&app.broker.topology().inbound_queue()).await,
+        app.broker
+            .queue_counts(&app.broker.topology().inbound_queue())
+            .await
+            .unwrap()
+            .0,
         0
     );
     app.finish().await;
@@ -453,7 +470,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     let op = app
         .act(id, json!({"action": "ChangeQuantity", "quantity": 8}))
         .await;
-    app.wait_for_operation(id, &op).await;
+    app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
     app.wait_for_view(id, "Subscribed", None, Some(8)).await;
     app.run_until_idle().await;
 
@@ -513,7 +530,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
 
     for action in ["Renew", "Suspend", "Reinstate"] {
         let op = app.act(id, json!({"action": action})).await;
-        app.wait_for_operation(id, &op).await;
+        app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
         let state = if action == "Suspend" {
             "Suspended"
         } else {
@@ -525,7 +542,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     let op = app
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    app.wait_for_operation(id, &op).await;
+    app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
     app.wait_for_view(id, "Subscribed", Some("gold"), None)
         .await;
     app.run_until_idle().await;
@@ -630,9 +647,12 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     assert!(out.contains("no drift"), "{out}");
 
     // Webhooks lost on the way: Microsoft moves on without us.
-    app.set_deaf(true);
+    app.tap.set_deaf(true);
     let op = app.act(state_drift, json!({"action": "Suspend"})).await;
-    app.wait_for_operation(state_drift, &op).await;
+    app.admin
+        .wait_for_operation(state_drift, &op, WAIT)
+        .await
+        .unwrap();
     app.wait_for_delivery(state_drift, "Suspend").await;
     let op = app
         .act(
@@ -640,7 +660,10 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
             json!({"action": "ChangePlan", "planId": "gold"}),
         )
         .await;
-    app.wait_for_operation(plan_drift, &op).await; // auto-accepted after the window
+    app.admin
+        .wait_for_operation(plan_drift, &op, WAIT)
+        .await
+        .unwrap(); // auto-accepted after the window
     app.wait_for_delivery(plan_drift, "ChangePlan").await;
     let op = app
         .act(
@@ -648,13 +671,19 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
             json!({"action": "ChangeQuantity", "quantity": 7}),
         )
         .await;
-    app.wait_for_operation(quantity_drift, &op).await;
+    app.admin
+        .wait_for_operation(quantity_drift, &op, WAIT)
+        .await
+        .unwrap();
     app.wait_for_delivery(quantity_drift, "ChangeQuantity")
         .await;
     let missing = app.buy("silver", None, true).await.id;
-    app.wait_for_sim(missing, "Subscribed").await;
+    app.wait_for("Microsoft's missing Subscribed", || async {
+        (app.microsoft(missing)?.state == "Subscribed").then_some(())
+    })
+    .await;
     app.wait_for_delivery(missing, "Subscribe").await;
-    app.set_deaf(false);
+    app.tap.set_deaf(false);
 
     // A subscription Microsoft never sold (a forged webhook got through, P24).
     let unknown = Uuid::new_v4();
@@ -758,7 +787,10 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     app.wait_for_view(unknown, "Unsubscribed", None, None).await;
     app.wait_for_view(stuck, "Subscribed", Some("gold"), None)
         .await;
-    app.wait_for_sim(stuck, "Subscribed").await;
+    app.wait_for("Microsoft's stuck Subscribed", || async {
+        (app.microsoft(stuck)?.state == "Subscribed").then_some(())
+    })
+    .await;
     app.run_until_idle().await;
     for id in [
         state_drift,

@@ -17,7 +17,7 @@ use marketplace_fulfillment::simulator::sign_in::{OPERATORS_GROUP_ID, READER_OBJ
 use marketplace_fulfillment::web::auth::{
     CsrfToken, OperatorRole, Session, SignedInOperator, Surface, verify_csrf,
 };
-use stack::{Options, Stack};
+use stack::{Options, Purchase, Stack};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use url::Url;
@@ -25,9 +25,11 @@ use url::Url;
 #[tokio::test]
 async fn head_and_get_without_sign_in_never_activate_nor_show_the_purchase() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(serde_json::json!({"planId": "silver"}))
-        .await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(serde_json::json!({"planId": "silver"}))
+        .await
+        .unwrap();
     let purchaser = stack.admin.view(id).await.unwrap()["subscription"]["purchaser"]["emailId"]
         .as_str()
         .unwrap()
@@ -69,9 +71,11 @@ async fn head_and_get_without_sign_in_never_activate_nor_show_the_purchase() {
 #[tokio::test]
 async fn every_web_page_carries_the_strict_security_headers_and_no_script() {
     let stack = Stack::start(Options::default()).await;
-    let (_, landing) = stack
-        .purchase_with(serde_json::json!({"planId": "silver"}))
-        .await;
+    let Purchase { landing, .. } = stack
+        .admin
+        .buy(serde_json::json!({"planId": "silver"}))
+        .await
+        .unwrap();
     let response = stack.http.get(landing.clone()).send().await.unwrap();
     let headers = response.headers().clone();
     let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
@@ -124,9 +128,11 @@ async fn every_web_page_carries_the_strict_security_headers_and_no_script() {
 #[tokio::test]
 async fn forms_without_the_sessions_csrf_token_or_from_another_site_are_refused() {
     let stack = Stack::start(Options::default()).await;
-    let (id, landing) = stack
-        .purchase_with(serde_json::json!({"planId": "silver"}))
-        .await;
+    let Purchase { id, landing, .. } = stack
+        .admin
+        .buy(serde_json::json!({"planId": "silver"}))
+        .await
+        .unwrap();
     let customer = ScriptedCustomer::new("customer").unwrap();
     let page = customer.open(&landing).await.unwrap();
     let token = input_value(&page.html, "token").unwrap();
@@ -328,9 +334,11 @@ async fn the_operator_extractor_redirects_refuses_and_enforces_read_only() {
 #[tokio::test]
 async fn a_callback_without_its_sign_in_with_a_forged_state_or_a_replayed_code_starts_no_session() {
     let stack = Stack::start(Options::default()).await;
-    let (_, landing) = stack
-        .purchase_with(serde_json::json!({"planId": "silver"}))
-        .await;
+    let Purchase { landing, .. } = stack
+        .admin
+        .buy(serde_json::json!({"planId": "silver"}))
+        .await
+        .unwrap();
     let no_redirects = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
 use serde_json::{Value, json};
-use stack::{Options, Stack};
+use stack::{Options, Stack, WAIT};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -107,7 +107,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
     let op = app
         .act(flat, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    let operation = app.wait_for_operation(flat, &op).await;
+    let operation = app.admin.wait_for_operation(flat, &op, WAIT).await.unwrap();
     assert_eq!(operation["status"], "Succeeded", "{operation}");
     assert_eq!(
         operation["resolution"], "acknowledged Success",
@@ -143,7 +143,11 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
     let op = app
         .act(seats, json!({"action": "ChangeQuantity", "quantity": 20}))
         .await;
-    let operation = app.wait_for_operation(seats, &op).await;
+    let operation = app
+        .admin
+        .wait_for_operation(seats, &op, WAIT)
+        .await
+        .unwrap();
     assert_eq!(operation["status"], "Failed", "{operation}");
     assert_ne!(operation["resolution"], "auto-accepted", "{operation}");
     app.run_until_idle().await;
@@ -167,8 +171,13 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
     let op = app
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    let body = app.wait_for_webhook(&op).await;
-    app.wait_for_operation(id, &op).await;
+    let body = app
+        .wait_for(&format!("a webhook of {op}"), || async {
+            let mut received = app.tap.received().into_iter();
+            received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
+        })
+        .await;
+    app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
     app.run_until_idle().await;
     // The same message again, as a redelivery would bring it.
     let message = InboundMessage::Webhook {
@@ -346,7 +355,11 @@ async fn a_poison_message_is_dead_lettered_with_the_reason() {
     app.publish(&message, "poison-1", id).await;
     let dead = app
         .wait_for("a dead letter", || async {
-            Some(app.drain_dlq().await).filter(|got| !got.is_empty())
+            Some(
+                app.take_all(&app.broker.topology().dead_letter_queue())
+                    .await,
+            )
+            .filter(|got| !got.is_empty())
         })
         .await;
     assert_eq!(dead.len(), 1);
@@ -384,9 +397,9 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
         )
         .await;
 
-    let (status, last_error) = app.wait_for_command(command_id).await;
+    let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
     app.run_until_idle().await;
-    assert_eq!(status, "Succeeded", "{last_error:?}");
+    assert_eq!(row.status.as_str(), "Succeeded", "{:?}", row.last_error);
     assert_lost_answer_was_followed(&app, id).await;
     let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
@@ -414,9 +427,9 @@ async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it
         .unwrap();
     let command_id = app.command(id, PublisherCommand::Cancel).await;
 
-    let (status, last_error) = app.wait_for_command(command_id).await;
+    let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
     app.run_until_idle().await;
-    assert_eq!(status, "Succeeded", "{last_error:?}");
+    assert_eq!(row.status.as_str(), "Succeeded", "{:?}", row.last_error);
     assert_lost_answer_was_followed(&app, id).await;
     let view = app.admin.view(id).await.unwrap();
     assert_eq!(
@@ -480,7 +493,10 @@ async fn assert_lost_answer_was_followed(app: &Stack, id: Uuid) {
 /// The CloudEvents types announced to the ISV since the last drain; never
 /// `publisher_operation_failed` here.
 async fn announced(app: &Stack) -> Vec<String> {
-    let types = app.domain_event_types().await;
+    let events = app.domain_events().await.into_iter();
+    let types: Vec<String> = events
+        .map(|(e, _)| e["type"].as_str().unwrap().into())
+        .collect();
     assert!(
         !types
             .iter()

@@ -99,7 +99,7 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
     let seats = stack.subscribed("per-seat", Some(5)).await;
     let flat = stack.subscribed("silver", None).await;
     // Auto-activated at checkout: the Subscribe webhook (twice) is our first news (P12).
-    let (auto, _) = stack.purchase("per-seat", Some(3), true).await;
+    let auto = stack.buy("per-seat", Some(3), true).await.id;
     let all = [seats, flat, auto];
 
     let seat_change = stack
@@ -209,7 +209,7 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         .set_faults(json!({"share5xx": 0.3, "share429": 0.2, "retryAfterSecs": 1, "seed": 12}))
         .await
         .unwrap();
-    let (third, _) = stack.purchase("per-seat", Some(2), true).await;
+    let third = stack.buy("per-seat", Some(2), true).await.id;
     stack
         .act(second, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
@@ -249,7 +249,12 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         "{operation}"
     );
     assert_eq!(stack.outbox_left().await, (0, 0), "nothing pending or dead");
-    assert!(stack.drain_dlq().await.is_empty());
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
     stack.finish().await;
 }
 
@@ -387,10 +392,12 @@ async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsof
         .await
         .unwrap();
     // Auto-activated at checkout: a Subscribe webhook about a subscription we never saw.
-    let (id, _) = stack.purchase("per-seat", Some(4), true).await;
+    let id = stack.buy("per-seat", Some(4), true).await.id;
     let dead = stack
         .wait_for("the dead-lettered webhook", || async {
-            let dead = stack.drain_dlq().await;
+            let dead = stack
+                .take_all(&stack.broker.topology().dead_letter_queue())
+                .await;
             (!dead.is_empty()).then_some(dead)
         })
         .await;
@@ -421,9 +428,9 @@ async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsof
 async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_created() {
     let stack = Stack::start(Options::default()).await;
     // Auto-activation (§5.6): Subscribe arrives before any landing-page visit.
-    let (auto, _) = stack.purchase("per-seat", Some(6), true).await;
+    let auto = stack.buy("per-seat", Some(6), true).await.id;
     // A purchase that never reached our landing page, then cancelled.
-    let (never, _) = stack.purchase("gold", None, false).await;
+    let never = stack.buy("gold", None, false).await.id;
     stack.act(never, json!({"action": "Unsubscribe"})).await;
     stack.settle(&[auto, never], WAIT).await;
 
@@ -459,7 +466,7 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     let token = stack.sim.mint_webhook_token(json!({})).unwrap();
     let response = stack
         .http
-        .post(format!("http://{}/webhook", stack.ingress))
+        .post(stack.url("/webhook"))
         .bearer_auth(token)
         .json(&json!({
             "id": op, "activityId": op, "subscriptionId": stranger,

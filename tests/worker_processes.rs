@@ -37,13 +37,13 @@ async fn burst(stack: &Stack, n: usize) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id = if i % 2 == 0 {
-            let (id, _) = stack.purchase("per-seat", Some(5), true).await;
+            let id = stack.buy("per-seat", Some(5), true).await.id;
             stack
                 .act(id, json!({"action": "ChangeQuantity", "quantity": 6}))
                 .await;
             id
         } else {
-            let (id, _) = stack.purchase("silver", None, true).await;
+            let id = stack.buy("silver", None, true).await.id;
             stack
                 .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
                 .await;
@@ -88,17 +88,17 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
     for (id, op, n) in &acks {
         assert_eq!(*n, 1, "{id}: operation {op} ACKed {n} times");
     }
-    let views = stack.sim_views().await;
     let mut late = 0;
     for id in &ids {
-        let changes: Vec<&serde_json::Value> = views[id]["operations"]
+        let view = stack.admin.view(*id).await.unwrap();
+        let changes: Vec<&serde_json::Value> = view["operations"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|o| o["action"] == "ChangeQuantity" || o["action"] == "ChangePlan")
             .collect();
         assert_eq!(changes.len(), 1);
-        assert_eq!(changes[0]["status"], "Succeeded", "{}", views[id]);
+        assert_eq!(changes[0]["status"], "Succeeded", "{view}");
         if changes[0]["resolution"] != "acknowledged Success" {
             late += 1;
         }
@@ -112,7 +112,12 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
         );
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(stack.drain_dlq().await.is_empty());
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
 
     let within = Duration::from_secs(60);
     tokio::try_join!(first.stop_within(within), second.stop_within(within)).unwrap();
@@ -166,18 +171,23 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
 
     // Also: as many webhook decisions as Microsoft delivered webhooks.
     stack.assert_each_event_decided_once().await;
-    let views = stack.sim_views().await;
     for id in &ids {
-        let changes: Vec<&serde_json::Value> = views[id]["operations"]
+        let view = stack.admin.view(*id).await.unwrap();
+        let changes: Vec<&serde_json::Value> = view["operations"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|o| o["action"] == "ChangeQuantity" || o["action"] == "ChangePlan")
             .collect();
-        assert_eq!(changes[0]["status"], "Succeeded", "{}", views[id]);
+        assert_eq!(changes[0]["status"], "Succeeded", "{view}");
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(stack.drain_dlq().await.is_empty());
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
     successor
         .stop_within(Duration::from_secs(60))
         .await
@@ -198,7 +208,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
         .set_faults(json!({"latencyMs": 3000}))
         .await
         .unwrap();
-    let (id, _) = stack.purchase("per-seat", Some(4), true).await;
+    let id = stack.buy("per-seat", Some(4), true).await.id;
     let op = stack
         .wait_for("the worker holding the webhook", || async {
             let view = stack.admin.view(id).await.unwrap();
@@ -258,7 +268,7 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
         .spawn_worker_process(&[("FULFILLMENT__WORKER__SHUTDOWN_GRACE_SECS", "120")])
         .await;
     stack.wait_for_consumers(1, &mut [&mut worker]).await;
-    let (id, _) = stack.purchase("per-seat", Some(4), true).await;
+    let id = stack.buy("per-seat", Some(4), true).await.id;
     stack.settle(&[id], Duration::from_secs(60)).await;
     // Every call to Microsoft now takes 3 s: the ACK is in hand when SIGTERM arrives.
     stack

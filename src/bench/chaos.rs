@@ -461,16 +461,13 @@ impl Fleet {
         .await?;
         self.processes.push(ingress);
         for name in ["worker-1", "worker-2"].into_iter().take(WORKERS) {
-            let metrics = free_local_address()?;
             let mut worker_env = env.serve_env(free_local_address()?, false);
-            worker_env.extend([
-                ("WORKER_METRICS_ADDR".to_string(), metrics.to_string()),
-                (
-                    "FULFILLMENT__WORKER__BACKOFF_MAX_MS".to_string(),
-                    WORKER_BACKOFF_MAX_MS.to_string(),
-                ),
-            ]);
-            let worker = ChildProcess::spawn(name, &env.id, &["work"], worker_env, metrics).await?;
+            worker_env.push((
+                "FULFILLMENT__WORKER__BACKOFF_MAX_MS".to_string(),
+                WORKER_BACKOFF_MAX_MS.to_string(),
+            ));
+            let exe = std::env::current_exe()?;
+            let worker = env.spawn_worker(exe, name, worker_env).await?;
             self.processes.push(worker);
         }
         for process in &mut self.processes {

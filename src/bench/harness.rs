@@ -281,10 +281,11 @@ pub(crate) async fn start_ingress_and_worker(
         .context("no ingress")?
         .wait_ready(http)
         .await?;
-    let worker_addr = free_local_address()?;
-    let mut worker_env = env.serve_env(free_local_address()?, false);
-    worker_env.push(("WORKER_METRICS_ADDR".into(), worker_addr.to_string()));
-    let worker = ChildProcess::spawn("worker", &env.id, &["work"], worker_env, worker_addr).await?;
+    let (exe, worker_env) = (
+        std::env::current_exe()?,
+        env.serve_env(free_local_address()?, false),
+    );
+    let worker = env.spawn_worker(exe, "worker", worker_env).await?;
     children.push(worker);
     children
         .last_mut()

@@ -11,7 +11,7 @@
 //! let stack = Stack::start(Options::default()).await;
 //! let id = stack.subscribed("silver", None).await;        // landing page, activation
 //! let op = stack.act(id, json!({"action": "ChangePlan", "planId": "gold"})).await;
-//! stack.wait_for_operation(id, &op).await;
+//! stack.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
 //! stack.run_until_idle().await;
 //! stack.finish().await;
 //! ```
@@ -29,12 +29,10 @@ pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::{Purchase, View};
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::http::{AppState, router};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
 use marketplace_fulfillment::queue::{
     Broker, InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
@@ -42,16 +40,12 @@ use marketplace_fulfillment::queue::{
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
-use marketplace_fulfillment::worker::{
-    EffectsConfig, MetricsListener, ProtocolConfig, WorkerConfig,
+use marketplace_fulfillment::worker::{EffectsConfig, ProtocolConfig, WorkerConfig};
+use marketplace_fulfillment::world::{
+    ChildProcess, SimHandle, World, WorldOptions, activate_on_landing,
 };
-use marketplace_fulfillment::world::{ChildProcess, SimHandle, World, WorldOptions};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use url::Url;
 use uuid::Uuid;
 
 pub const API_KEY: &str = "stack-test-key";
@@ -113,7 +107,6 @@ pub fn patient_effects() -> EffectsConfig {
 /// `sim`, `broker`, `client`, `workers`, `engine`, `run_until_idle`, …).
 pub struct Stack {
     pub world: World,
-    pub ingress: SocketAddr,
     pub http: reqwest::Client,
     /// The simulator's admin API.
     pub admin: SimHandle,
@@ -123,12 +116,9 @@ pub struct Stack {
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
-    tap: tap::Tap,
+    /// Records the simulator's webhooks and forwards them to the ingress (unless deaf).
+    pub tap: tap::Tap,
     worker_config: WorkerConfig,
-    /// Stops what the stack serves besides the world (a restarted ingress, the worker's
-    /// listener), and the restarted ingress's task.
-    background: CancellationToken,
-    restarted: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl std::ops::Deref for Stack {
@@ -198,7 +188,6 @@ impl Stack {
             ..WorldOptions::bare("test")
         };
         let mut world = World::start(&base, world_options).await.expect("the world");
-        let ingress = world.ingress.expect("an ingress");
         tap.forward_to(world.url("/webhook").parse().unwrap());
         let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
         world.delete_at_teardown(domain_queue.clone());
@@ -242,15 +231,12 @@ impl Stack {
         Stack {
             admin: world.sim_admin(&http),
             publisher: world.broker.publisher().await.expect("a publisher"),
-            ingress,
             http,
             world,
             domain_queue,
             process_env,
             tap,
             worker_config,
-            background: CancellationToken::new(),
-            restarted: None,
         }
     }
 
@@ -260,38 +246,15 @@ impl Stack {
         self.world.add_worker(config).await.expect("worker");
     }
 
-    /// Serves the worker's listener (`/metrics`, `/healthz`, `/readyz`) on port 0 until
-    /// the stack finishes; returns its address.
-    pub async fn serve_worker_metrics(&self) -> SocketAddr {
-        let localhost = "127.0.0.1:0".parse().unwrap();
-        let listener = MetricsListener::bind(localhost, self.pool.clone(), self.broker.clone())
-            .await
-            .expect("the worker's listener");
-        let address = listener.local_addr();
-        tokio::spawn(listener.run_until_stopped(self.background.clone()));
-        address
-    }
-
     /// Stops the workers, the ingress and the simulator, checks the domain events left on
     /// the test's queue against their schemas and removes the queues and the database.
     pub async fn finish(mut self) {
         self.world.stop_workers().await.expect("the workers stop");
         self.domain_events().await;
-        self.background.cancel();
-        if let Some(server) = self.restarted.take() {
-            let _ = server.await;
-        }
         self.world.teardown().await.expect("the world's teardown");
     }
 
     // ---- the simulator (Microsoft and the customer) -------------------------------------
-
-    /// A purchase with every field of `POST /simulator/purchases`: `(subscription id,
-    /// landing page URL)`.
-    pub async fn purchase_with(&self, body: Value) -> (Uuid, Url) {
-        let purchase = self.admin.buy(body).await.unwrap();
-        (purchase.id, purchase.landing)
-    }
 
     /// Buys `plan` in the simulator (activated by Microsoft itself when `auto`).
     pub async fn buy(&self, plan: &str, quantity: Option<u32>, auto: bool) -> Purchase {
@@ -299,42 +262,21 @@ impl Stack {
         self.admin.buy(body).await.unwrap()
     }
 
-    /// A purchase: `(subscription id, landing page URL)`.
-    pub async fn purchase(&self, plan: &str, quantity: Option<u32>, auto: bool) -> (Uuid, Url) {
-        let purchase = self.buy(plan, quantity, auto).await;
-        (purchase.id, purchase.landing)
-    }
-
     /// A customer/Microsoft action (`{action, planId?, quantity?}`); returns the operation id.
     pub async fn act(&self, id: Uuid, body: Value) -> String {
         self.admin.act(id, body).await.unwrap().to_string()
     }
 
-    /// Every subscription the simulator knows (its admin view), by id.
-    pub async fn sim_views(&self) -> HashMap<Uuid, Value> {
-        let all = self.admin.get("simulator/subscriptions").await.unwrap();
-        let all = all["subscriptions"].as_array().unwrap().iter();
-        let id = |v: &Value| v["subscription"]["id"].as_str().unwrap().parse().unwrap();
-        all.map(|v| (id(v), v.clone())).collect()
-    }
-
     /// Purchase, landing page, automatic activation; returns once both sides say Subscribed.
     pub async fn subscribed(&self, plan: &str, quantity: Option<u32>) -> Uuid {
-        let (id, landing) = self.purchase(plan, quantity, false).await;
-        self.open_landing(&landing).await;
+        let Purchase { id, landing, .. } = self.buy(plan, quantity, false).await;
+        activate_on_landing(&landing).await.unwrap();
         self.wait_for(&format!("{id} Subscribed on both sides"), || async {
             let ours = self.engine(id).await?;
             (ours.state == "Subscribed" && Some(ours) == self.microsoft(id)).then_some(())
         })
         .await;
         id
-    }
-
-    /// The customer opens the landing page, signs in and asks for activation.
-    pub async fn open_landing(&self, landing: &Url) {
-        marketplace_fulfillment::world::activate_on_landing(landing)
-            .await
-            .unwrap();
     }
 
     // ---- the ingress ----------------------------------------------------------------------
@@ -361,16 +303,6 @@ impl Stack {
         request.bearer_auth(API_KEY)
     }
 
-    /// `path` on the ingress (also after [`Stack::restart_ingress`]).
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.ingress)
-    }
-
-    /// A webhook token as Microsoft signs them for this stack's ingress.
-    pub fn webhook_token(&self) -> String {
-        self.sim.mint_webhook_token(json!({})).unwrap()
-    }
-
     /// Posts `body` to the ingress's `/webhook` (with `token` as its bearer token).
     pub async fn post_webhook(
         &self,
@@ -383,34 +315,6 @@ impl Stack {
             request = request.bearer_auth(token);
         }
         request.body(body).send().await.unwrap()
-    }
-
-    /// Tells the ingress to shut down; returns its task to await.
-    pub fn begin_ingress_shutdown(&mut self) -> JoinHandle<anyhow::Result<()>> {
-        self.background.cancel();
-        let restarted = self.restarted.take();
-        restarted.unwrap_or_else(|| self.world.stop_ingress().expect("the ingress runs"))
-    }
-
-    /// Replaces the ingress by the production router on a new port, its state
-    /// `customise`d (e.g. a webhook verifier of its own); the tap follows it. (The
-    /// simulator's landing page URL still names the first ingress.)
-    pub async fn restart_ingress(&mut self, customise: impl FnOnce(&Settings, &mut AppState)) {
-        let _ = self.begin_ingress_shutdown().await;
-        self.background = CancellationToken::new();
-        let mut state = AppState::from_settings(&self.settings).await.unwrap();
-        customise(&self.settings, &mut state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        self.ingress = listener.local_addr().unwrap();
-        self.tap.forward_to(self.url("/webhook").parse().unwrap());
-        let stopped = self.background.clone().cancelled_owned();
-        self.restarted = Some(tokio::spawn(async move {
-            let serve = axum::serve(listener, router(state.clone()));
-            serve.with_graceful_shutdown(stopped).await?;
-            state.broker.close().await;
-            state.pool.close().await;
-            Ok(())
-        }));
     }
 
     // ---- our side --------------------------------------------------------------------
@@ -451,17 +355,6 @@ impl Stack {
         self.broker.queue_counts(&inbound).await.unwrap()
     }
 
-    /// Messages ready in `queue`.
-    pub async fn queue_len(&self, queue: &str) -> u32 {
-        self.broker.queue_counts(queue).await.unwrap().0
-    }
-
-    /// Takes every message off the dead-letter queue: bodies and headers as text.
-    pub async fn drain_dlq(&self) -> Vec<(Value, BTreeMap<String, String>)> {
-        self.take_all(&self.broker.topology().dead_letter_queue())
-            .await
-    }
-
     /// Takes every message off `queue`: bodies and headers as text.
     pub async fn take_all(&self, queue: &str) -> Vec<(Value, BTreeMap<String, String>)> {
         let (connection, channel) = lapin(&self.settings).await;
@@ -486,14 +379,6 @@ impl Stack {
         let events = self.take_all(&self.domain_queue).await;
         event_schemas::Contract::load().assert_valid(events.iter().map(|(body, _)| body));
         events
-    }
-
-    /// The `type`s of [`Stack::domain_events`].
-    pub async fn domain_event_types(&self) -> Vec<String> {
-        let events = self.domain_events().await.into_iter();
-        events
-            .map(|(event, _)| event["type"].as_str().unwrap().to_owned())
-            .collect()
     }
 
     // ---- the inbound queue, as the ingress and the landing page publish ----------------
@@ -558,12 +443,6 @@ impl Stack {
         command_id
     }
 
-    /// Deaf: webhooks are answered 200 and lost before the ingress (Microsoft thinks they
-    /// were delivered).
-    pub fn set_deaf(&self, deaf: bool) {
-        self.tap.set_deaf(deaf);
-    }
-
     // ---- waiting -----------------------------------------------------------------------
 
     /// Waits until `check` gives a value; panics naming `what` after [`WAIT`].
@@ -606,29 +485,6 @@ impl Stack {
         .await
     }
 
-    /// Waits until Microsoft's subscription `id` has the status `status`.
-    pub async fn wait_for_sim(&self, id: Uuid, status: &str) {
-        self.wait_for(&format!("Microsoft's {id} {status}"), || async {
-            let view = self.admin.view(id).await.unwrap();
-            (view["subscription"]["saasSubscriptionStatus"] == status).then_some(())
-        })
-        .await
-    }
-
-    /// Waits until the simulator's operation `op` on `id` is final; returns it.
-    pub async fn wait_for_operation(&self, id: Uuid, op: &str) -> Value {
-        self.admin.wait_for_operation(id, op, WAIT).await.unwrap()
-    }
-
-    /// Waits until the simulator sent a webhook with this operation id; returns its body.
-    pub async fn wait_for_webhook(&self, op: &str) -> String {
-        self.wait_for(&format!("a webhook of {op}"), || async {
-            let mut received = self.tap.received().into_iter();
-            received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
-        })
-        .await
-    }
-
     /// Waits until Microsoft's webhook for `id` with this action or operation id reached
     /// our ingress (answered 2xx).
     pub async fn wait_for_delivery(&self, id: Uuid, action_or_operation: &str) {
@@ -644,12 +500,6 @@ impl Stack {
         .await
     }
 
-    /// Waits until a publisher command's row is final: `(status, last error)`.
-    pub async fn wait_for_command(&self, command_id: Uuid) -> (String, Option<String>) {
-        let row = self.world.wait_for_command(command_id, WAIT).await.unwrap();
-        (row.status.as_str().to_owned(), row.last_error)
-    }
-
     /// The checks every burst must pass, those of `bench chaos` and more: each webhook
     /// Microsoft delivered decided exactly once (redeliveries logged as duplicates aside),
     /// no event decided twice, no gap in a subscription's sequence.
@@ -657,9 +507,14 @@ impl Stack {
         let logged = store::verify::logged_webhook_operations(&self.pool).await;
         let logged = logged.unwrap();
         let mut delivered = 0;
-        for (id, view) in self.sim_views().await {
-            let hooks = view["webhooks"].as_array().unwrap().iter();
-            for hook in hooks.filter(|hook| hook["delivered"] == true) {
+        let all = self.admin.get("simulator/subscriptions").await.unwrap();
+        for view in all["subscriptions"].as_array().unwrap() {
+            let (id, hooks) = (&view["subscription"]["id"], view["webhooks"].as_array());
+            for hook in hooks
+                .unwrap()
+                .iter()
+                .filter(|hook| hook["delivered"] == true)
+            {
                 let op: Uuid = hook["operationId"].as_str().unwrap().parse().unwrap();
                 assert!(logged.contains(&op), "{id}: webhook {hook} not in the log");
                 delivered += 1;
@@ -693,7 +548,8 @@ impl Stack {
     /// Waits until `queue` holds exactly `len` messages.
     pub async fn wait_for_queue_len(&self, queue: &str, len: u32) {
         self.wait_for(&format!("{queue} to hold {len}"), || async {
-            (self.queue_len(queue).await == len).then_some(())
+            let (ready, _) = self.broker.queue_counts(queue).await.unwrap();
+            (ready == len).then_some(())
         })
         .await
     }
@@ -720,18 +576,16 @@ impl Stack {
     /// Starts `fulfillment work` with this stack's settings (and `extra` variables); killed
     /// when dropped.
     pub async fn spawn_worker_process(&self, extra: &[(&str, &str)]) -> ChildProcess {
-        let mut env = self.process_env.clone();
-        // Several workers (and tests) run at once: each its own metrics port.
         let own = [("RUST_LOG", "info"), ("LOG_FORMAT", "pretty")];
-        let own = own.iter().chain(&[("WORKER_METRICS_ADDR", "127.0.0.1:0")]);
+        let mut env = self.process_env.clone();
         env.extend(
-            own.chain(extra)
+            own.iter()
+                .chain(extra)
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         let exe = env!("CARGO_BIN_EXE_fulfillment").into();
-        let listen = "127.0.0.1:0".parse().unwrap();
-        let spawned = ChildProcess::spawn_exe(exe, "worker", &self.id, &["work"], env, listen);
-        spawned.await.expect("start fulfillment work")
+        let spawned = self.world.spawn_worker(exe, "worker", env).await;
+        spawned.expect("start fulfillment work")
     }
 }
 
