@@ -29,16 +29,6 @@ const ROUND: usize = 5;
 /// window forms from what is ready when it starts; on a loaded machine a round may split).
 const ROUNDS: usize = 6;
 
-/// Stops the workers, waits until `n` messages wait in the inbound queue.
-async fn wait_for_backlog(stack: &Stack, n: u32) {
-    stack
-        .wait_for(
-            &format!("{n} messages waiting in the inbound queue"),
-            || async { (stack.inbound_queue().await.0 == n).then_some(()) },
-        )
-        .await;
-}
-
 #[tokio::test]
 async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_only_that_one() {
     let mut stack = Stack::start(Options::default()).await;
@@ -61,7 +51,8 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
                 .act(*id, json!({"action": "ChangeQuantity", "quantity": 6}))
                 .await;
         }
-        wait_for_backlog(&stack, u32::try_from(ROUND).unwrap()).await;
+        let inbound = stack.broker.topology().inbound_queue();
+        stack.wait_for_queue_len(&inbound, u32::try_from(ROUND).unwrap()).await;
         stack.start_worker().await;
         for id in ids.iter().filter(|id| **id != poisoned) {
             stack
@@ -147,7 +138,8 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
         let second = renew(*id, "2099-01-02T00:00:00Z");
         stack.publish(&second, &format!("renew-2-{id}"), *id).await;
     }
-    wait_for_backlog(&stack, 12).await;
+    let inbound = stack.broker.topology().inbound_queue();
+    stack.wait_for_queue_len(&inbound, 12).await;
     stack.start_worker().await;
     stack.run_until_idle().await;
     for id in &ids {
