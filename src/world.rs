@@ -570,15 +570,22 @@ impl Drop for Cleanup {
             queues: std::mem::take(&mut self.queues),
             armed: false,
         };
-        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(cleanup.run(false))
-        })
-        .join();
+        block_on_own_thread(async move { cleanup.run(false).await });
     }
+}
+
+/// Runs `work` to completion on a thread with a runtime of its own and waits for it: what
+/// `Drop` can do inside a runtime or outside one. `None` when that runtime cannot start.
+pub fn block_on_own_thread<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        runtime.ok().map(|runtime| runtime.block_on(work))
+    });
+    thread.join().ok().flatten()
 }
 
 /// The landing page as the ISV's customers see it in the demo and the browser tests:

@@ -52,7 +52,9 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
                 .await;
         }
         let inbound = stack.broker.topology().inbound_queue();
-        stack.wait_for_queue_len(&inbound, u32::try_from(ROUND).unwrap()).await;
+        stack
+            .wait_for_queue_len(&inbound, u32::try_from(ROUND).unwrap())
+            .await;
         stack.start_worker().await;
         for id in ids.iter().filter(|id| **id != poisoned) {
             stack

@@ -281,11 +281,9 @@ pub(crate) async fn start_ingress_and_worker(
         .context("no ingress")?
         .wait_ready(http)
         .await?;
-    let (exe, worker_env) = (
-        std::env::current_exe()?,
-        env.serve_env(free_local_address()?, false),
-    );
-    let worker = env.spawn_worker(exe, "worker", worker_env).await?;
+    let worker_env = env.serve_env(free_local_address()?, false);
+    let worker = env.spawn_worker(std::env::current_exe()?, "worker", worker_env);
+    let worker = worker.await?;
     children.push(worker);
     children
         .last_mut()

@@ -4,6 +4,7 @@
 
 use marketplace_fulfillment::settings::{ConnectionUrl, Settings};
 use marketplace_fulfillment::store;
+use marketplace_fulfillment::world::block_on_own_thread;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
@@ -53,14 +54,7 @@ impl TestDatabase {
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let url = self.settings.database.url.clone();
-        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
-        let drop = move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let _ = runtime.unwrap().block_on(store::drop_database(&url));
-        };
-        let _ = std::thread::spawn(drop).join();
+        block_on_own_thread(async move { store::drop_database(&url).await });
     }
 }
 
