@@ -16,7 +16,7 @@ use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
 use marketplace_fulfillment::world::{rabbitmqctl, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase};
+use stack::{Options, Purchase, Stack, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::Url;
@@ -36,13 +36,6 @@ async fn spawn_app_with(options: Options) -> Stack {
         ..options
     })
     .await
-}
-
-/// A purchase in the simulator: `(subscription id, token, landing URL)`.
-async fn purchase(app: &Stack, plan: &str, quantity: Option<u32>) -> (Uuid, String, Url) {
-    let body = json!({ "offerId": "contoso-analytics", "planId": plan, "quantity": quantity });
-    let purchase = app.admin.buy(body).await.unwrap();
-    (purchase.id, purchase.token, purchase.landing)
 }
 
 /// A subscription row whose stored machine agrees with its state (commands are decided
@@ -569,7 +562,12 @@ async fn the_landing_page_shows_a_signed_in_customer_the_purchase_and_queues_it_
     let app = spawn_app().await;
     let broker = app.connect_broker().await;
     let mut consumer = broker.consume_inbound(10, "").await.unwrap();
-    let (subscription, token, landing) = purchase(&app, "silver", None).await;
+    let Purchase {
+        id: subscription,
+        token,
+        landing,
+        ..
+    } = app.buy("silver", None, false).await;
     assert!(token.contains('+') && token.contains('/'), "{token}");
 
     // The simulator's landing link, with its percent-encoded token, pointed at us.
@@ -648,7 +646,11 @@ async fn the_landing_page_shows_a_signed_in_customer_the_purchase_and_queues_it_
 #[tokio::test]
 async fn the_landing_page_shows_our_state_when_we_know_the_subscription() {
     let app = spawn_app().await;
-    let (subscription, token, _) = purchase(&app, "per-seat", Some(5)).await;
+    let Purchase {
+        id: subscription,
+        token,
+        ..
+    } = app.buy("per-seat", Some(5), false).await;
     insert_subscription(
         &app,
         Row {
@@ -678,7 +680,7 @@ async fn manual_activation_says_the_publisher_activates() {
         ..Options::default()
     })
     .await;
-    let (_, token, _) = purchase(&app, "silver", None).await;
+    let Purchase { token, .. } = app.buy("silver", None, false).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
     let page = customer().activate(&url, &[]).await.unwrap();
@@ -736,7 +738,7 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     assert!(page.html.contains("Configure account"), "{}", page.html);
     assert!(!page.html.contains("<script>"), "{}", page.html);
 
-    let (_, token, _) = purchase(&app, "silver", None).await;
+    let Purchase { token, .. } = app.buy("silver", None, false).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
@@ -755,7 +757,7 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
 #[tokio::test]
 async fn microsoft_failing_gives_a_retry_in_a_minute_page() {
     let app = spawn_app().await;
-    let (_, token, _) = purchase(&app, "silver", None).await;
+    let Purchase { token, .. } = app.buy("silver", None, false).await;
     let mut url = Url::parse(&app.url("/landing")).unwrap();
     url.query_pairs_mut().append_pair("token", &token);
     let customer = customer();
