@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{TestDatabase, base_settings};
+use common::{TestDatabase, base_settings, run_fulfillment};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -38,27 +38,11 @@ fn env(world: &World, overrides: &[(&str, String)]) -> Vec<(String, String)> {
 
 /// `fulfillment doctor --json` with exactly this environment: (exit code, report).
 async fn doctor_json(world: &World, overrides: &[(&str, String)]) -> (i32, Value, String) {
-    let (code, stdout, stderr) = run_doctor(&env(world, overrides), &["--json"]).await;
+    let (code, stdout, stderr) =
+        run_fulfillment(&["doctor", "--json"], &env(world, overrides), true).await;
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}):\n{stdout}\n{stderr}"));
     (code, report, stdout)
-}
-
-async fn run_doctor(env: &[(String, String)], args: &[&str]) -> (i32, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .arg("doctor")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .await
-        .expect("run fulfillment doctor");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 /// The check `name` of a JSON report.
@@ -112,7 +96,7 @@ async fn a_correct_local_setup_passes_every_check() {
     );
     assert!(!stdout.contains(&deployment.client_secret));
 
-    let (code, human, stderr) = run_doctor(&env(&deployment, &[]), &[]).await;
+    let (code, human, stderr) = run_fulfillment(&["doctor"], &env(&deployment, &[]), true).await;
     if expected.is_empty() {
         assert_eq!(code, 0, "{human}{stderr}");
         assert!(human.ends_with("all 13 checks passed\n"), "{human}");
@@ -585,18 +569,12 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
         return;
     }
     let postgres = PrivatePostgres::start();
-    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .arg("migrate")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", postgres.url())
-        .output()
-        .await
-        .unwrap();
-    assert!(migrate.status.success(), "{migrate:?}");
+    let database = [("DATABASE_URL".to_string(), postgres.url())];
+    let (code, stdout, stderr) = run_fulfillment(&["migrate"], &database, true).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
 
     let env = env(&deployment, &[("DATABASE_URL", postgres.url())]);
-    let (code, human, stderr) = run_doctor(&env, &[]).await;
+    let (code, human, stderr) = run_fulfillment(&["doctor"], &env, true).await;
     assert_eq!(code, 0, "{human}{stderr}");
     assert!(human.ends_with("all 13 checks passed\n"), "{human}");
     assert!(
@@ -618,7 +596,7 @@ async fn unparsable_settings_exit_2_with_the_setting_named() {
             std::env::var("PATH").unwrap_or_default(),
         ),
     ];
-    let (code, stdout, _) = run_doctor(&env, &["--json"]).await;
+    let (code, stdout, _) = run_fulfillment(&["doctor", "--json"], &env, true).await;
     assert_eq!(code, 2, "{stdout}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["ok"], false);
@@ -630,7 +608,7 @@ async fn unparsable_settings_exit_2_with_the_setting_named() {
     );
     assert_eq!(check(&report, "postgres.reachable")["status"], "skipped");
 
-    let (code, human, _) = run_doctor(&env, &[]).await;
+    let (code, human, _) = run_fulfillment(&["doctor"], &env, true).await;
     assert_eq!(code, 2);
     assert!(human.starts_with("problem  config"), "{human}");
 }

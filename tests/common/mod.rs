@@ -72,3 +72,26 @@ pub fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// Runs `fulfillment ARGS` with `env` on top of this process's environment (less
+/// `FULFILLMENT_CONFIG` and `COLUMNS`), or on top of `PATH` alone when `clean`:
+/// `(exit code, stdout, stderr)`.
+pub async fn run_fulfillment(
+    args: &[&str],
+    env: &[(String, String)],
+    clean: bool,
+) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match clean {
+        true => command.env_clear().env("PATH", path),
+        false => command
+            .env_remove("FULFILLMENT_CONFIG")
+            .env_remove("COLUMNS"),
+    };
+    let output = command.args(args).envs(env.iter().cloned()).output().await;
+    let output = output.expect("run fulfillment");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let code = output.status.code().unwrap_or(-1);
+    (code, text(&output.stdout), text(&output.stderr))
+}

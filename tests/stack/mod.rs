@@ -559,18 +559,10 @@ impl Stack {
     /// Runs `fulfillment ARGS` against this stack (and `extra` variables):
     /// `(exit code, stdout, stderr)`.
     pub async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-        (command
-            .args(args)
-            .env_remove("FULFILLMENT_CONFIG")
-            .env_remove("COLUMNS"))
-        .env("RUST_LOG", "warn")
-        .envs(self.process_env.iter().map(|(k, v)| (k, v)))
-        .envs(extra.iter().copied());
-        let output = command.output().await.expect("run fulfillment");
-        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-        let code = output.status.code().unwrap_or(-1);
-        (code, text(&output.stdout), text(&output.stderr))
+        let extra = extra.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut env = vec![("RUST_LOG".to_string(), "warn".to_string())];
+        env.extend(self.process_env.iter().cloned().chain(extra));
+        common::run_fulfillment(args, &env, false).await
     }
 
     /// Starts `fulfillment work` with this stack's settings (and `extra` variables); killed
