@@ -76,8 +76,7 @@ async fn assert_nothing_queued_before_a_sentinel(app: &Stack) {
     let (sentinel, body) = webhook_body("Renew");
     let response = app.post_webhook(Some(&token), body).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let broker = app.connect_broker().await;
-    let mut consumer: InboundConsumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer: InboundConsumer = app.broker.consume_inbound(10, "").await.unwrap();
     let first = tokio::time::timeout(WAIT, consumer.next())
         .await
         .expect("the sentinel is queued")
@@ -91,7 +90,6 @@ async fn assert_nothing_queued_before_a_sentinel(app: &Stack) {
     );
     first.ack().await.unwrap();
     consumer.cancel().await;
-    broker.close().await;
 }
 
 /// `(operation id, body)` of a well-formed webhook.
@@ -330,8 +328,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     );
 
     // Drain the three accepted webhooks, then nothing else may follow them.
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     for _ in 0..4 {
         let delivery = tokio::time::timeout(WAIT, consumer.next())
             .await
@@ -341,7 +338,6 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
         delivery.ack().await.unwrap();
     }
     consumer.cancel().await;
-    broker.close().await;
     assert_nothing_queued_before_a_sentinel(&app).await;
     app.finish().await;
 }
@@ -466,8 +462,7 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
     assert_eq!(error_json(response).await["reason"], "bad_signature");
 
     // Drain the accepted webhook; then a cached-key webhook during the outage, as sentinel.
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let first = tokio::time::timeout(WAIT, consumer.next())
         .await
         .unwrap()
@@ -475,7 +470,6 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
         .unwrap();
     first.ack().await.unwrap();
     consumer.cancel().await;
-    broker.close().await;
     assert_nothing_queued_before_a_sentinel(&app).await;
     assert_eq!(proxy.hits(), 1, "no fetch was needed for the cached kid");
     app.finish().await;
@@ -691,8 +685,7 @@ async fn smuggling_shaped_requests_never_get_a_second_request_processed() {
 
     // Only the Transfer-Encoding-framed webhook may have been queued; none of the smuggled
     // ones, whose ids are all distinct.
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (sentinel, sentinel_body) = webhook_body("Renew");
     let response = app.post_webhook(Some(&token), sentinel_body.clone()).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -714,7 +707,6 @@ async fn smuggling_shaped_requests_never_get_a_second_request_processed() {
         assert_eq!(id, te_framed_id, "an unexpected message was queued");
     }
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 

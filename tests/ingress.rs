@@ -142,8 +142,7 @@ async fn json_body(response: reqwest::Response) -> Value {
 #[tokio::test]
 async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (id, subscription, body) = webhook_body("Suspend");
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -175,15 +174,13 @@ async fn a_signed_webhook_is_accepted_and_queued_exactly_once_byte_for_byte() {
     delivery.ack().await.unwrap();
     assert_no_more(&mut consumer).await;
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
 #[tokio::test]
 async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("Renew");
     let activity: Value = serde_json::from_str(&body).unwrap();
     let response = app
@@ -202,15 +199,13 @@ async fn a_webhook_without_traceparent_gets_a_new_one_and_activity_id_correlates
     );
     delivery.ack().await.unwrap();
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
 #[tokio::test]
 async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("Suspend");
 
     let response = app.post_webhook(None, body.clone()).await;
@@ -265,7 +260,6 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
         "{metrics}"
     );
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
@@ -278,8 +272,7 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
 #[tokio::test]
 async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (_, _, body) = webhook_body("ChangePlan");
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let token = |claims: Value| app.sim.mint_webhook_token(claims).unwrap();
@@ -369,15 +362,13 @@ async fn failures_of_our_own_side_answer_503_and_the_callers_4xx() {
     }
     assert_no_more(&mut consumer).await;
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
 #[tokio::test]
 async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_actions_accepted() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let token = app.sim.mint_webhook_token(json!({})).unwrap();
 
     let response = app.post_webhook(Some(&token), "{\"id\": ").await;
@@ -429,7 +420,6 @@ async fn malformed_incomplete_and_oversized_webhooks_are_refused_and_unknown_act
     assert_no_more(&mut consumer).await;
 
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
@@ -560,8 +550,7 @@ fn customer() -> ScriptedCustomer {
 #[tokio::test]
 async fn the_landing_page_shows_a_signed_in_customer_the_purchase_and_queues_it_only_when_asked() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let Purchase {
         id: subscription,
         token,
@@ -639,7 +628,6 @@ async fn the_landing_page_shows_a_signed_in_customer_the_purchase_and_queues_it_
     assert!(page.html.contains("Welcome to"), "{}", page.html);
 
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
@@ -710,8 +698,7 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
         ..Options::default()
     })
     .await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
 
     let response = app.http.get(app.url("/landing")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
@@ -750,7 +737,6 @@ async fn missing_invalid_and_expired_tokens_get_a_helpful_page() {
     // Nothing was queued for refused tokens.
     assert_no_more(&mut consumer).await;
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
@@ -1007,8 +993,7 @@ async fn subscriptions_can_be_read_filtered_and_paged() {
 #[tokio::test]
 async fn commands_are_validated_queued_and_answered_202() {
     let app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let id = Uuid::new_v4();
     insert_subscription(
         &app,
@@ -1142,7 +1127,6 @@ async fn commands_are_validated_queued_and_answered_202() {
 
     assert_no_more(&mut consumer).await;
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
@@ -1214,19 +1198,16 @@ async fn probes_and_metrics_report() {
         "{text}"
     );
     // Drain the queued webhook.
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     next_delivery(&mut consumer).await.ack().await.unwrap();
     consumer.cancel().await;
-    broker.close().await;
     app.finish().await;
 }
 
 #[tokio::test]
 async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
     let mut app = spawn_app().await;
-    let broker = app.connect_broker().await;
-    let mut consumer = broker.consume_inbound(10, "").await.unwrap();
+    let mut consumer = app.broker.consume_inbound(10, "").await.unwrap();
     let (id, _, body) = webhook_body("Suspend");
     let (head, tail) = body.split_at(body.len() / 2);
 
@@ -1271,6 +1252,5 @@ async fn shutdown_finishes_the_request_in_flight_and_stops_accepting() {
     assert_eq!(delivery.meta.message_id, id.to_string());
     delivery.ack().await.unwrap();
     consumer.cancel().await;
-    broker.delete_topology().await.unwrap();
-    broker.close().await;
+    app.broker.delete_topology().await.unwrap();
 }

@@ -35,7 +35,7 @@ use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
 use marketplace_fulfillment::queue::{
-    Broker, InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
+    InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
 };
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
@@ -341,13 +341,6 @@ impl Stack {
     }
 
     // ---- RabbitMQ ----------------------------------------------------------------------
-
-    /// A broker connection of the test's own, on the stack's names.
-    pub async fn connect_broker(&self) -> Broker {
-        Broker::connect(&self.settings.amqp, "stack-test-own")
-            .await
-            .expect("RabbitMQ")
-    }
 
     /// `(ready messages, consumers)` of the inbound queue.
     pub async fn inbound_queue(&self) -> (u32, u32) {
