@@ -10,7 +10,7 @@ use fulfillment_state_machine::{
 };
 use marketplace_fulfillment::queue::InboxKey;
 use marketplace_fulfillment::store::subscriptions;
-use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource};
+use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -482,4 +482,210 @@ async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration(
         assert_eq!(applied.sequence, expected);
     }
     pool.close().await;
+}
+
+/// The subscriptions of the window test, by role.
+struct Window {
+    known: SubscriptionId,
+    fresh: SubscriptionId,
+    handled: SubscriptionId,
+    stale: SubscriptionId,
+    absent: SubscriptionId,
+    twice: SubscriptionId,
+    unknown_duplicate: SubscriptionId,
+}
+
+/// Both databases of the window test start the same: four subscriptions seen Subscribed,
+/// one message already handled, one inbox key of a subscription we never saw.
+async fn window_setup(pool: &PgPool, w: &Window, handled: Uuid, orphan: Uuid, now: OffsetDateTime) {
+    let policy = Policy::default();
+    let seen = observed_at(MarketplaceStatus::Subscribed, now);
+    for id in [w.known, w.handled, w.stale, w.twice] {
+        apply::apply(
+            pool,
+            &policy,
+            &Apply::new(id, &seen, &EventSource::default(), now),
+        )
+        .await
+        .unwrap();
+    }
+    apply_renew(pool, w.handled, handled, now, &policy).await;
+    sqlx::query("INSERT INTO inbox (message_id, kind, subscription_id) VALUES ($1, 'Renew', $2)")
+        .bind(orphan.to_string())
+        .bind(w.unknown_duplicate.as_uuid())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// What a test compares of a database after the window: the event log, the subscriptions,
+/// the outbox, the inbox and the notices, without the generated ids, one line per row.
+async fn window_rows(pool: &PgPool) -> Vec<String> {
+    const TABLES: [&str; 5] = [
+        "SELECT 'event ' || (subscription_id, sequence, message_id, event_key, event_kind, \
+           from_state, to_state, outcome, reason, effects, correlation_id, recorded_at)::text \
+         FROM subscription_events ORDER BY subscription_id, sequence",
+        "SELECT 'subscription ' || (id, state, version, last_sequence, plan_id, machine, \
+           state_since, updated_at)::text FROM subscriptions ORDER BY id",
+        "SELECT 'outbox ' || (subscription_id, event_sequence, kind, effect, priority, due_at, \
+           status, correlation_id)::text FROM outbox ORDER BY subscription_id, event_sequence, id",
+        "SELECT 'inbox ' || (message_id, kind, subscription_id)::text FROM inbox \
+         ORDER BY message_id, kind",
+        "SELECT 'notice ' || (subscription_id, notice_key, due_at, status, updated_at)::text \
+         FROM scheduled_notices ORDER BY subscription_id, notice_key",
+    ];
+    let mut rows = Vec::new();
+    for query in TABLES {
+        rows.extend(
+            sqlx::query_scalar::<_, String>(query)
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+        );
+    }
+    rows
+}
+
+fn outcome_summary(outcome: &ApplyOutcome) -> String {
+    match outcome {
+        ApplyOutcome::Duplicate => "duplicate".into(),
+        ApplyOutcome::Changed { current } => format!("changed {current:?}"),
+        ApplyOutcome::Decided(applied) => format!(
+            "decided {} #{} {:?} {} effects",
+            applied.subscription_id,
+            applied.sequence,
+            applied.decision.to,
+            applied.outbox_ids.len()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_window_applied_at_once_leaves_the_rows_and_sequences_of_one_by_one() {
+    let (_one_db, one_by_one) = TestDatabase::migrated().await;
+    let (_many_db, at_once) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    let new_id = || SubscriptionId::from(Uuid::new_v4());
+    let w = Window {
+        known: new_id(),
+        fresh: new_id(),
+        handled: new_id(),
+        stale: new_id(),
+        absent: new_id(),
+        twice: new_id(),
+        unknown_duplicate: new_id(),
+    };
+    let (handled, orphan) = (Uuid::new_v4(), Uuid::new_v4());
+    for pool in [&one_by_one, &at_once] {
+        window_setup(pool, &w, handled, orphan, now).await;
+    }
+
+    let (renew, renew_known) = (Uuid::new_v4(), Uuid::new_v4());
+    let change_plan = Event::Webhook(Webhook {
+        plan_id: Some(PlanId::parse("silver").unwrap()),
+        action: WebhookAction::ChangePlan,
+        ..match renew_webhook(Uuid::new_v4()) {
+            Event::Webhook(w) => w,
+            _ => unreachable!(),
+        }
+    });
+    let change_plan_source = EventSource {
+        message_id: Some("change-plan".into()),
+        inbox_key: Some(InboxKey::command(Uuid::new_v4())),
+        received_at: Some(now),
+        ..EventSource::default()
+    };
+    let suspended = observed_at(MarketplaceStatus::Suspended, now + time::Duration::hours(1));
+    let subscribed = observed_at(MarketplaceStatus::Subscribed, now);
+    let renew_event = renew_webhook(renew);
+    let renew_known_event = renew_webhook(renew_known);
+    let handled_event = renew_webhook(handled);
+    let orphan_event = renew_webhook(orphan);
+    let (renew_source, renew_known_source) = (
+        from_message(&renew.to_string()),
+        from_message(&renew_known.to_string()),
+    );
+    let (handled_source, orphan_source) = (
+        from_message(&handled.to_string()),
+        from_message(&orphan.to_string()),
+    );
+    let stale_source = EventSource {
+        inbox_key: Some(InboxKey::command(Uuid::new_v4())),
+        ..EventSource::default()
+    };
+    let none = EventSource::default();
+    let commands = [
+        // A known subscription: a decision without an ACK, then (below) one with an ACK,
+        // which puts the first one's rows first too.
+        Apply::new(w.known, &renew_known_event, &renew_known_source, now),
+        // A subscription we never saw: created.
+        Apply::new(w.fresh, &subscribed, &none, now),
+        // A message handled before: a duplicate in the log.
+        Apply::new(w.handled, &handled_event, &handled_source, now),
+        // A subscription that changed since the caller looked: nothing, its key not kept.
+        Apply::new(w.stale, &suspended, &stale_source, now).if_unchanged(Expected::Version(1)),
+        Apply::new(w.known, &change_plan, &change_plan_source, now),
+        // Absent as expected: created by the check.
+        Apply::new(w.absent, &subscribed, &none, now).if_unchanged(Expected::Absent),
+        // The same message twice in one window: the second is a duplicate.
+        Apply::new(w.twice, &renew_event, &renew_source, now),
+        Apply::new(w.twice, &renew_event, &renew_source, now),
+        // A duplicate of a subscription we do not know: nothing logged, nothing created.
+        Apply::new(w.unknown_duplicate, &orphan_event, &orphan_source, now),
+        // As expected (seen, then nothing): decided.
+        Apply::new(w.stale, &suspended, &none, now).if_unchanged(Expected::Version(2)),
+        // Absent, but created by an earlier command of the window.
+        Apply::new(w.fresh, &subscribed, &none, now).if_unchanged(Expected::Absent),
+    ];
+
+    let mut tx = one_by_one.begin().await.unwrap();
+    let mut expected = Vec::new();
+    for command in &commands {
+        expected.push(apply::apply_in(&mut tx, &policy, command).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    let mut tx = at_once.begin().await.unwrap();
+    let outcomes = apply::apply_many(&mut tx, &policy, &commands)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let summary = |outcomes: &[ApplyOutcome]| -> Vec<String> {
+        outcomes.iter().map(outcome_summary).collect()
+    };
+    assert_eq!(summary(&outcomes), summary(&expected));
+    assert_eq!(
+        summary(&outcomes)
+            .iter()
+            .map(|s| s.split(' ').next().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "decided",
+            "decided",
+            "duplicate",
+            "changed",
+            "decided",
+            "decided",
+            "decided",
+            "duplicate",
+            "duplicate",
+            "decided",
+            "changed"
+        ]
+    );
+    let (one, many) = (window_rows(&one_by_one).await, window_rows(&at_once).await);
+    assert!(
+        one.iter()
+            .any(|row| row.starts_with("outbox") && row.contains("ack_operation")),
+        "the window queues an ACK: {one:#?}"
+    );
+    assert!(
+        one.iter().any(|row| row.starts_with("notice")),
+        "the window schedules notices: {one:#?}"
+    );
+    for (one, many) in one.iter().zip(&many) {
+        assert_eq!(one, many);
+    }
+    assert_eq!(one.len(), many.len());
 }
