@@ -1,13 +1,15 @@
 //! The one apply path (design.md guarantees 2–4): every event the machine decides on — a
 //! queue message in the consumer, an effect's result in the effect runner, an observation
-//! of the reconciler — goes through [`apply_in`], in one transaction: record the inbox
-//! key, lock (or create) the subscription, ask the machine, append the event-log row with
-//! the saved machine, reschedule the notices its plan changed, queue the effects in the
-//! outbox. All or nothing; a message is acked only after it committed. Metrics count what
-//! committed ([`count`]). The store only runs the statements.
+//! of the reconciler — goes through [`apply_many`] (alone: [`apply_in`]), in one
+//! transaction: record the inbox key, lock (or create) the subscription, ask the machine,
+//! append the event-log row with the saved machine, reschedule the notices its plan
+//! changed, queue the effects in the outbox. A window of messages of different
+//! subscriptions (the consumer's) takes one statement per table for them all. All or
+//! nothing; a message is acked only after it committed. Metrics count what committed
+//! ([`count`]). The store only runs the statements.
 //!
 //! Event-log rows that decide nothing — an effect execution, a drift the reconciler saw —
-//! are [`record`]ed through the same append.
+//! are [`record`]ed through the event log's own append.
 
 use fulfillment_state_machine::{
     Decision, Details, Effect, Event, NoticePolicy, Outcome, Policy, StateName, SubscriptionId,
