@@ -10,7 +10,9 @@ use fulfillment_state_machine::{
 };
 use marketplace_fulfillment::queue::InboxKey;
 use marketplace_fulfillment::store::subscriptions;
-use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
+use marketplace_fulfillment::worker::apply::{
+    self, Apply, ApplyOutcome, EffectRecord, Entry, EntryOutcome, EventSource, Expected,
+};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -561,7 +563,7 @@ fn outcome_summary(outcome: &ApplyOutcome) -> String {
 }
 
 #[tokio::test]
-async fn a_window_applied_at_once_leaves_the_rows_and_sequences_of_one_by_one() {
+async fn a_window_written_at_once_leaves_the_rows_and_sequences_of_one_by_one() {
     let (_one_db, one_by_one) = TestDatabase::migrated().await;
     let (_many_db, at_once) = TestDatabase::migrated().await;
     let policy = Policy::default();
@@ -639,20 +641,59 @@ async fn a_window_applied_at_once_leaves_the_rows_and_sequences_of_one_by_one() 
         Apply::new(w.fresh, &subscribed, &none, now).if_unchanged(Expected::Absent),
     ];
 
+    // An effect runner's records among them: of a known subscription between its two
+    // decisions, and of one we do not know (nothing written).
+    let record = EffectRecord {
+        event_kind: "effect:fetch_subscription".into(),
+        event_key: "effect:1:1".into(),
+        details: serde_json::json!({"status": 200}),
+        reason: "fetched".into(),
+        correlation_id: None,
+        request_id: Some("req-1".into()),
+    };
+    let mut entries: Vec<Entry<'_>> = commands.iter().copied().map(Entry::Apply).collect();
+    for (at, subscription_id) in [(1, w.known), (9, w.unknown_duplicate)] {
+        entries.insert(
+            at,
+            Entry::Record {
+                subscription_id: subscription_id.as_uuid(),
+                record: &record,
+                now,
+            },
+        );
+    }
+
     let mut tx = one_by_one.begin().await.unwrap();
     let mut expected = Vec::new();
-    for command in &commands {
-        expected.push(apply::apply_in(&mut tx, &policy, command).await.unwrap());
+    for entry in &entries {
+        expected.push(match entry {
+            Entry::Apply(command) => {
+                EntryOutcome::Applied(apply::apply_in(&mut tx, &policy, command).await.unwrap())
+            }
+            Entry::Record {
+                subscription_id,
+                record,
+                now,
+            } => EntryOutcome::Recorded(
+                apply::record_in(&mut tx, *subscription_id, record, *now)
+                    .await
+                    .unwrap(),
+            ),
+        });
     }
     tx.commit().await.unwrap();
     let mut tx = at_once.begin().await.unwrap();
-    let outcomes = apply::apply_many(&mut tx, &policy, &commands)
-        .await
-        .unwrap();
+    let outcomes = apply::write_many(&mut tx, &policy, &entries).await.unwrap();
     tx.commit().await.unwrap();
 
-    let summary = |outcomes: &[ApplyOutcome]| -> Vec<String> {
-        outcomes.iter().map(outcome_summary).collect()
+    let summary = |outcomes: &[EntryOutcome]| -> Vec<String> {
+        outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                EntryOutcome::Applied(outcome) => outcome_summary(outcome),
+                EntryOutcome::Recorded(id) => format!("recorded {}", id.is_some()),
+            })
+            .collect()
     };
     assert_eq!(summary(&outcomes), summary(&expected));
     assert_eq!(
@@ -662,6 +703,7 @@ async fn a_window_applied_at_once_leaves_the_rows_and_sequences_of_one_by_one() 
             .collect::<Vec<_>>(),
         [
             "decided",
+            "recorded",
             "decided",
             "duplicate",
             "changed",
@@ -669,11 +711,13 @@ async fn a_window_applied_at_once_leaves_the_rows_and_sequences_of_one_by_one() 
             "decided",
             "decided",
             "duplicate",
+            "recorded",
             "duplicate",
             "decided",
             "changed"
         ]
     );
+    assert_eq!(summary(&outcomes)[9], "recorded false");
     let (one, many) = (window_rows(&one_by_one).await, window_rows(&at_once).await);
     assert!(
         one.iter()

@@ -191,18 +191,65 @@ pub async fn apply_many(
     policy: &Policy,
     commands: &[Apply<'_>],
 ) -> Result<Vec<ApplyOutcome>, StoreError> {
-    if commands.is_empty() {
+    let entries: Vec<Entry<'_>> = commands.iter().copied().map(Entry::Apply).collect();
+    Ok(write_many(conn, policy, &entries)
+        .await?
+        .into_iter()
+        .filter_map(|outcome| match outcome {
+            EntryOutcome::Applied(outcome) => Some(outcome),
+            EntryOutcome::Recorded(_) => None,
+        })
+        .collect())
+}
+
+/// One entry of [`write_many`]: an event to apply, or an event-log row that decides nothing
+/// (as [`record_in`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Entry<'a> {
+    Apply(Apply<'a>),
+    Record {
+        subscription_id: Uuid,
+        record: &'a EffectRecord,
+        now: OffsetDateTime,
+    },
+}
+
+/// What an [`Entry`] did.
+#[derive(Debug, Clone)]
+pub enum EntryOutcome {
+    Applied(ApplyOutcome),
+    /// The event-log row's id; `None` when we do not know the subscription.
+    Recorded(Option<Uuid>),
+}
+
+/// [`apply_many`] with event-log rows that decide nothing among the commands (the effect
+/// runner's results: each execution's record, then the events it feeds back), in their
+/// order, in the same statements.
+pub async fn write_many(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    entries: &[Entry<'_>],
+) -> Result<Vec<EntryOutcome>, StoreError> {
+    if entries.is_empty() {
         return Ok(Vec::new());
     }
-    let mut keys: Vec<(&InboxKey, Uuid)> = commands
+    let mut keys: Vec<(&InboxKey, Uuid)> = entries
         .iter()
-        .filter_map(|c| Some((c.source.inbox_key.as_ref()?, c.subscription_id.as_uuid())))
+        .filter_map(|entry| match entry {
+            Entry::Apply(c) => Some((c.source.inbox_key.as_ref()?, c.subscription_id.as_uuid())),
+            Entry::Record { .. } => None,
+        })
         .collect();
     keys.sort_by(|(a, _), (b, _)| (a.message_id(), a.kind()).cmp(&(b.message_id(), b.kind())));
     keys.dedup_by(|(a, _), (b, _)| a == b);
-    let mut ids: Vec<Uuid> = commands
+    let mut ids: Vec<Uuid> = entries
         .iter()
-        .map(|c| c.subscription_id.as_uuid())
+        .map(|entry| match entry {
+            Entry::Apply(c) => c.subscription_id.as_uuid(),
+            Entry::Record {
+                subscription_id, ..
+            } => *subscription_id,
+        })
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -220,7 +267,7 @@ pub async fn apply_many(
         .collect();
     let mut created: HashMap<Uuid, LockedRow> = HashMap::new();
     let plan = loop {
-        let plan = Plan::of(commands, policy, &rows, &created, &fresh);
+        let plan = Plan::of(entries, policy, &rows, &created, &fresh);
         let missing: Vec<SubscriptionMachine> = plan
             .to_create
             .iter()
@@ -252,7 +299,7 @@ pub async fn apply_many(
 
 /// What a window of commands does, decided in memory from the locked rows.
 struct Plan<'c> {
-    outcomes: Vec<ApplyOutcome>,
+    outcomes: Vec<EntryOutcome>,
     /// Subscriptions a command needs that do not exist yet.
     to_create: Vec<Uuid>,
     /// Keys recorded for a command that turned out [`ApplyOutcome::Changed`] and no later
@@ -287,17 +334,17 @@ struct Holding {
 
 impl<'c> Plan<'c> {
     fn of(
-        commands: &'c [Apply<'c>],
+        entries: &'c [Entry<'c>],
         policy: &Policy,
         rows: &HashMap<Uuid, LockedRow>,
         created: &HashMap<Uuid, LockedRow>,
         fresh: &HashSet<&'c InboxKey>,
     ) -> Self {
         let mut plan = Plan {
-            outcomes: Vec::with_capacity(commands.len()),
+            outcomes: Vec::with_capacity(entries.len()),
             to_create: Vec::new(),
             unused_keys: Vec::new(),
-            log: Vec::with_capacity(commands.len()),
+            log: Vec::with_capacity(entries.len()),
             subscriptions: Vec::new(),
             notices: Vec::new(),
             put_first: Vec::new(),
@@ -330,7 +377,34 @@ impl<'c> Plan<'c> {
         };
         // Per decision: its outbox rows' range, for the priorities below.
         let mut acknowledging: Vec<(Uuid, usize)> = Vec::new();
-        for command in commands {
+        for entry in entries {
+            let command = match entry {
+                Entry::Apply(command) => command,
+                Entry::Record {
+                    subscription_id: id,
+                    record,
+                    now,
+                } => {
+                    let slot = held.entry(*id).or_insert_with(|| {
+                        rows.get(id).cloned().map(|row| Holding {
+                            row,
+                            appended: false,
+                            decided_at: None,
+                        })
+                    });
+                    let recorded = slot.as_mut().map(|holding| {
+                        let row = record_row(record, *now);
+                        let event_id = row.id;
+                        holding.row.last_sequence += 1;
+                        holding.appended = true;
+                        let state = state_name(&holding.row);
+                        plan.log.push((*id, holding.row.last_sequence, state, row));
+                        event_id
+                    });
+                    plan.outcomes.push(EntryOutcome::Recorded(recorded));
+                    continue;
+                }
+            };
             let Apply {
                 subscription_id,
                 event,
@@ -361,7 +435,8 @@ impl<'c> Plan<'c> {
                     }
                 };
                 if let Some(current) = changed {
-                    plan.outcomes.push(ApplyOutcome::Changed { current });
+                    plan.outcomes
+                        .push(EntryOutcome::Applied(ApplyOutcome::Changed { current }));
                     continue;
                 }
             }
@@ -379,7 +454,8 @@ impl<'c> Plan<'c> {
                     let state = state_name(&holding.row);
                     plan.log.push((id, holding.row.last_sequence, state, row));
                 }
-                plan.outcomes.push(ApplyOutcome::Duplicate);
+                plan.outcomes
+                    .push(EntryOutcome::Applied(ApplyOutcome::Duplicate));
                 continue;
             }
             let holding = slot.get_or_insert_with(|| create(id, &mut plan.to_create));
@@ -442,13 +518,14 @@ impl<'c> Plan<'c> {
             // One wake-up per transaction however many decisions it holds; none when the
             // caller runs the rows itself.
             plan.notify |= !outbox_ids.is_empty() && runs == Runs::Anywhere;
-            plan.outcomes.push(ApplyOutcome::Decided(Applied {
-                subscription_id: id,
-                event_id,
-                sequence,
-                decision,
-                outbox_ids,
-            }));
+            plan.outcomes
+                .push(EntryOutcome::Applied(ApplyOutcome::Decided(Applied {
+                    subscription_id: id,
+                    event_id,
+                    sequence,
+                    decision,
+                    outbox_ids,
+                })));
         }
         // A row goes first when its decision, or a later one of its subscription in this
         // window, acknowledges (as when each put the rows before it first).
@@ -481,7 +558,7 @@ impl<'c> Plan<'c> {
         self,
         conn: &mut PgConnection,
         policy: &Policy,
-    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+    ) -> Result<Vec<EntryOutcome>, StoreError> {
         if !self.unused_keys.is_empty() {
             inbox::forget(conn, &self.unused_keys).await?;
         }
@@ -675,7 +752,14 @@ pub async fn record_in(
     record: &EffectRecord,
     now: OffsetDateTime,
 ) -> Result<Option<Uuid>, StoreError> {
-    let row = LogRow {
+    let row = record_row(record, now);
+    let appended = ledger::append(conn, subscription_id, &row).await?;
+    Ok(appended.map(|_| row.id))
+}
+
+/// The event-log row of `record`.
+fn record_row(record: &EffectRecord, now: OffsetDateTime) -> LogRow {
+    LogRow {
         id: Uuid::now_v7(),
         message_id: None,
         event_key: record.event_key.clone(),
@@ -690,7 +774,5 @@ pub async fn record_in(
         trace_id: None,
         recorded_at: now,
         received_at: None,
-    };
-    let appended = ledger::append(conn, subscription_id, &row).await?;
-    Ok(appended.map(|_| row.id))
+    }
 }
