@@ -512,6 +512,12 @@ async fn window_setup(pool: &PgPool, w: &Window, handled: Uuid, orphan: Uuid, no
         .unwrap();
     }
     apply_renew(pool, w.handled, handled, now, &policy).await;
+    // A row written before `state_since` existed (or preloaded without it).
+    sqlx::query("UPDATE subscriptions SET state_since = NULL WHERE id = $1")
+        .bind(w.stale.as_uuid())
+        .execute(pool)
+        .await
+        .unwrap();
     sqlx::query("INSERT INTO inbox (message_id, kind, subscription_id) VALUES ($1, 'Renew', $2)")
         .bind(orphan.to_string())
         .bind(w.unknown_duplicate.as_uuid())
