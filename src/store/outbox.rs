@@ -568,22 +568,27 @@ struct Buried {
     reasons: Vec<String>,
 }
 
-/// Ends the pending `confirm_operation` row of `operation_id` (the subscription's) as done:
-/// a step already knows the operation's end, so the row has nothing left to ask. A row a
-/// runner holds right now is left alone (it asks once more, harmlessly). How many ended.
-pub async fn complete_confirmation(
+/// Ends the pending `confirm_operation` rows of these operations (each with its
+/// subscription) as done, in one statement: a step already knows the operation's end, so
+/// the row has nothing left to ask. A row a runner holds right now is left alone (it asks
+/// once more, harmlessly). How many ended.
+pub async fn complete_confirmations(
     conn: &mut PgConnection,
-    subscription_id: Uuid,
-    operation_id: Uuid,
+    operations: &[(Uuid, Uuid)],
 ) -> Result<u64, StoreError> {
+    let subscriptions: Vec<Uuid> = operations.iter().map(|(s, _)| *s).collect();
+    let operation_ids: Vec<String> = operations.iter().map(|(_, o)| o.to_string()).collect();
     Ok(sqlx::query(
         "UPDATE outbox SET status = $4, updated_at = now() WHERE id IN ( \
-             SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
-               AND kind = $2 AND effect ->> 'operation_id' = $3 FOR UPDATE SKIP LOCKED)",
+             SELECT id FROM outbox WHERE subscription_id = ANY($1) AND status = 'pending' \
+               AND kind = $3 \
+               AND (subscription_id, effect ->> 'operation_id') IN \
+                 (SELECT * FROM unnest($1::uuid[], $2::text[])) \
+             FOR UPDATE SKIP LOCKED)",
     )
-    .bind(subscription_id)
+    .bind(&subscriptions)
+    .bind(&operation_ids)
     .bind(EffectKind::ConfirmOperation)
-    .bind(operation_id.to_string())
     .bind(OutboxStatus::Done)
     .execute(&mut *conn)
     .await?

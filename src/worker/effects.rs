@@ -265,9 +265,9 @@ impl std::ops::Deref for Execution {
 }
 
 /// Writes the records and feeds of executions (each with its rows' writes) in `conn`'s
-/// transaction: each execution's other writes in order, then every record and feed of them
-/// all, in order, through one [`apply::write_many`] (one statement per table for the
-/// batch). Returns the decisions the feeds made (to count and to run their effects after
+/// transaction: each execution's other writes in order, then the confirmations they made
+/// needless in one statement, then every record and feed of them all, in order, through one
+/// [`apply::write_many`] (one statement per table for the batch). Returns the decisions the feeds made (to count and to run their effects after
 /// commit).
 async fn write_all(
     conn: &mut sqlx::PgConnection,
@@ -276,6 +276,7 @@ async fn write_all(
 ) -> Result<Vec<(Event, ApplyOutcome)>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::new();
+    let mut confirmed = Vec::new();
     for (row, writes) in executions {
         for write in *writes {
             match write {
@@ -295,9 +296,15 @@ async fn write_all(
                     // the row ends.
                     .run_by(Runs::Here),
                 )),
-                other => write_other(conn, row, other).await?,
+                Write::ConfirmationKnown { operation_id } => {
+                    confirmed.push((row.subscription_id, *operation_id));
+                }
+                other => write_other(conn, other).await?,
             }
         }
+    }
+    if !confirmed.is_empty() {
+        outbox::complete_confirmations(conn, &confirmed).await?;
     }
     let outcomes = apply::write_many(conn, policy, &entries).await?;
     Ok(entries
@@ -312,12 +319,8 @@ async fn write_all(
         .collect())
 }
 
-/// An execution's write other than a record or a feed.
-async fn write_other(
-    conn: &mut sqlx::PgConnection,
-    row: &OutboxRow,
-    write: &Write,
-) -> Result<(), StoreError> {
+/// An execution's write other than a record, a feed or a known confirmation.
+async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Command(update) => outbox::upsert_publisher_operation(conn, update).await?,
         Write::OperationEnded {
@@ -344,11 +347,11 @@ async fn write_other(
             usage::count_sends(conn, hours).await?;
             metrics::record_usage_submitted(hours.len());
         }
-        Write::ConfirmationKnown { operation_id } => {
-            outbox::complete_confirmation(conn, row.subscription_id, *operation_id).await?;
-        }
         // Written by `write_all` and by the settle, which writes a batch's events together.
-        Write::Record(_) | Write::Feed { .. } | Write::Published(_) => {}
+        Write::Record(_)
+        | Write::Feed { .. }
+        | Write::ConfirmationKnown { .. }
+        | Write::Published(_) => {}
     }
     Ok(())
 }
