@@ -195,7 +195,7 @@ impl CallLog {
 /// What an execution writes besides its row's end: event-log records of the calls made,
 /// the state of a publisher command, and results fed back through the machine. Collected
 /// while Microsoft is called and written in the claim's transaction by
-/// [`EffectRunner::settle`].
+/// [`EffectRunner::settle_batch`].
 enum Write {
     Record(EffectRecord),
     Command(PublisherOperationUpdate),
