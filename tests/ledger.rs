@@ -230,6 +230,75 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
 }
 
 #[tokio::test]
+async fn windows_over_the_same_subscriptions_at_once_wait_for_each_other_without_gaps() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = SubscriptionId::from(Uuid::new_v4());
+        seen_subscribed(&pool, id, now, &policy).await;
+        ids.push(id);
+    }
+    // One more, met by both windows at once for the first time.
+    ids.push(SubscriptionId::from(Uuid::new_v4()));
+    let rounds = 10;
+    let mut tasks = Vec::new();
+    for task in 0..3 {
+        let (pool, policy, mut ids) = (pool.clone(), policy.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            // Each window lists the subscriptions in its own order; the locks are taken in
+            // id order whatever the order given.
+            ids.rotate_left(task * 2);
+            for _ in 0..rounds {
+                let events: Vec<(Event, EventSource)> = ids
+                    .iter()
+                    .map(|_| {
+                        let op = Uuid::new_v4();
+                        (renew_webhook(op), from_message(&op.to_string()))
+                    })
+                    .collect();
+                let commands: Vec<Apply<'_>> = ids
+                    .iter()
+                    .zip(&events)
+                    .map(|(id, (event, source))| {
+                        Apply::new(*id, event, source, OffsetDateTime::now_utc())
+                    })
+                    .collect();
+                let mut tx = pool.begin().await.unwrap();
+                let outcomes = apply::apply_many(&mut tx, &policy, &commands)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                assert!(
+                    outcomes
+                        .iter()
+                        .all(|outcome| matches!(outcome, ApplyOutcome::Decided(_))),
+                    "{outcomes:?}"
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for (index, id) in ids.iter().enumerate() {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM subscription_events WHERE subscription_id = $1 \
+             ORDER BY sequence",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        // The seen ones start with their observation; the new one with the first renewal.
+        let first_sight = i64::from(index < 5);
+        let last = first_sight + 3 * rounds;
+        assert_eq!(sequences, (1..=last).collect::<Vec<i64>>(), "{id}");
+    }
+}
+
+#[tokio::test]
 async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     use marketplace_fulfillment::store::outbox::{self, EffectKind, End};
     let (_db, pool) = TestDatabase::migrated().await;
