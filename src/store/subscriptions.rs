@@ -230,7 +230,7 @@ pub async fn load_machine(
 
 /// A subscription's row as the apply path holds it: its machine and the counters a
 /// decision moves on from, read under the row lock (so they stay true until commit).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LockedRow {
     pub id: Uuid,
     pub machine: SubscriptionMachine,

@@ -280,7 +280,13 @@ pub async fn write_many(
         // Two transactions meeting a new subscription at once: the insert of one waits for
         // the other's commit, then skips the row, which this one then locks as it is.
         let new = subscriptions::insert_many_new(conn, &missing).await?;
+        // Every row inserted as the plan expected it: the plan stands.
+        let as_planned =
+            new.len() == missing.len() && new.iter().all(|row| *row == new_row(row.id));
         created.extend(new.into_iter().map(|row| (row.id, row)));
+        if as_planned {
+            break plan;
+        }
         let raced: Vec<Uuid> = missing
             .iter()
             .map(|machine| machine.subscription_id().as_uuid())
@@ -355,19 +361,8 @@ impl<'c> Plan<'c> {
         let mut held: HashMap<Uuid, Option<Holding>> = HashMap::new();
         let mut taken: HashSet<&InboxKey> = HashSet::new();
         let create = |id: Uuid, to_create: &mut Vec<Uuid>| -> Holding {
-            let row = created.get(&id).cloned().unwrap_or_else(|| {
-                // As the insert leaves it (the schema's defaults); the plan is made again
-                // with the inserted row.
-                let machine = SubscriptionMachine::new(SubscriptionId::from(id));
-                LockedRow {
-                    id,
-                    state: machine.state().as_str().to_string(),
-                    machine,
-                    version: 1,
-                    last_sequence: 0,
-                    state_since: None,
-                }
-            });
+            // Until it is inserted, as the insert is expected to leave it.
+            let row = created.get(&id).cloned().unwrap_or_else(|| new_row(id));
             to_create.push(id);
             Holding {
                 row,
@@ -612,6 +607,20 @@ impl<'c> Plan<'c> {
             outbox::notify_runners(conn).await?;
         }
         Ok(self.outcomes)
+    }
+}
+
+/// A new subscription's row as [`subscriptions::insert_many_new`] leaves it (the schema's
+/// defaults).
+fn new_row(id: Uuid) -> LockedRow {
+    let machine = SubscriptionMachine::new(SubscriptionId::from(id));
+    LockedRow {
+        id,
+        state: machine.state().as_str().to_string(),
+        machine,
+        version: 1,
+        last_sequence: 0,
+        state_since: None,
     }
 }
 
