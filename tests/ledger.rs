@@ -10,7 +10,9 @@ use fulfillment_state_machine::{
 };
 use marketplace_fulfillment::queue::InboxKey;
 use marketplace_fulfillment::store::subscriptions;
-use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource};
+use marketplace_fulfillment::worker::apply::{
+    self, Apply, ApplyOutcome, EffectRecord, Entry, EntryOutcome, EventSource, Expected,
+};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -225,6 +227,75 @@ async fn concurrent_events_of_one_subscription_get_one_gapless_sequence() {
         .await
         .unwrap();
     assert_eq!(version, 62);
+}
+
+#[tokio::test]
+async fn windows_over_the_same_subscriptions_at_once_wait_for_each_other_without_gaps() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = SubscriptionId::from(Uuid::new_v4());
+        seen_subscribed(&pool, id, now, &policy).await;
+        ids.push(id);
+    }
+    // One more, met by both windows at once for the first time.
+    ids.push(SubscriptionId::from(Uuid::new_v4()));
+    let rounds = 10;
+    let mut tasks = Vec::new();
+    for task in 0..3 {
+        let (pool, policy, mut ids) = (pool.clone(), policy.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            // Each window lists the subscriptions in its own order; the locks are taken in
+            // id order whatever the order given.
+            ids.rotate_left(task * 2);
+            for _ in 0..rounds {
+                let events: Vec<(Event, EventSource)> = ids
+                    .iter()
+                    .map(|_| {
+                        let op = Uuid::new_v4();
+                        (renew_webhook(op), from_message(&op.to_string()))
+                    })
+                    .collect();
+                let commands: Vec<Apply<'_>> = ids
+                    .iter()
+                    .zip(&events)
+                    .map(|(id, (event, source))| {
+                        Apply::new(*id, event, source, OffsetDateTime::now_utc())
+                    })
+                    .collect();
+                let mut tx = pool.begin().await.unwrap();
+                let outcomes = apply::apply_many(&mut tx, &policy, &commands)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                assert!(
+                    outcomes
+                        .iter()
+                        .all(|outcome| matches!(outcome, ApplyOutcome::Decided(_))),
+                    "{outcomes:?}"
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for (index, id) in ids.iter().enumerate() {
+        let sequences: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM subscription_events WHERE subscription_id = $1 \
+             ORDER BY sequence",
+        )
+        .bind(id.as_uuid())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        // The seen ones start with their observation; the new one with the first renewal.
+        let first_sight = i64::from(index < 5);
+        let last = first_sight + 3 * rounds;
+        assert_eq!(sequences, (1..=last).collect::<Vec<i64>>(), "{id}");
+    }
 }
 
 #[tokio::test]
@@ -482,4 +553,258 @@ async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration(
         assert_eq!(applied.sequence, expected);
     }
     pool.close().await;
+}
+
+/// The subscriptions of the window test, by role.
+struct Window {
+    known: SubscriptionId,
+    fresh: SubscriptionId,
+    handled: SubscriptionId,
+    stale: SubscriptionId,
+    absent: SubscriptionId,
+    twice: SubscriptionId,
+    unknown_duplicate: SubscriptionId,
+}
+
+/// Both databases of the window test start the same: four subscriptions seen Subscribed,
+/// one message already handled, one inbox key of a subscription we never saw.
+async fn window_setup(pool: &PgPool, w: &Window, handled: Uuid, orphan: Uuid, now: OffsetDateTime) {
+    let policy = Policy::default();
+    let seen = observed_at(MarketplaceStatus::Subscribed, now);
+    for id in [w.known, w.handled, w.stale, w.twice] {
+        apply::apply(
+            pool,
+            &policy,
+            &Apply::new(id, &seen, &EventSource::default(), now),
+        )
+        .await
+        .unwrap();
+    }
+    apply_renew(pool, w.handled, handled, now, &policy).await;
+    // A row written before `state_since` existed (or preloaded without it).
+    sqlx::query("UPDATE subscriptions SET state_since = NULL WHERE id = $1")
+        .bind(w.stale.as_uuid())
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO inbox (message_id, kind, subscription_id) VALUES ($1, 'Renew', $2)")
+        .bind(orphan.to_string())
+        .bind(w.unknown_duplicate.as_uuid())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// What a test compares of a database after the window: the event log, the subscriptions,
+/// the outbox, the inbox and the notices, without the generated ids, one line per row.
+async fn window_rows(pool: &PgPool) -> Vec<String> {
+    const TABLES: [&str; 5] = [
+        "SELECT 'event ' || (subscription_id, sequence, message_id, event_key, event_kind, \
+           from_state, to_state, outcome, reason, effects, correlation_id, recorded_at)::text \
+         FROM subscription_events ORDER BY subscription_id, sequence",
+        "SELECT 'subscription ' || (id, state, version, last_sequence, plan_id, machine, \
+           state_since, updated_at)::text FROM subscriptions ORDER BY id",
+        "SELECT 'outbox ' || (subscription_id, event_sequence, kind, effect, priority, due_at, \
+           status, correlation_id)::text FROM outbox ORDER BY subscription_id, event_sequence, id",
+        "SELECT 'inbox ' || (message_id, kind, subscription_id)::text FROM inbox \
+         ORDER BY message_id, kind",
+        "SELECT 'notice ' || (subscription_id, notice_key, due_at, status, updated_at)::text \
+         FROM scheduled_notices ORDER BY subscription_id, notice_key",
+    ];
+    let mut rows = Vec::new();
+    for query in TABLES {
+        rows.extend(
+            sqlx::query_scalar::<_, String>(query)
+                .fetch_all(pool)
+                .await
+                .unwrap(),
+        );
+    }
+    rows
+}
+
+fn outcome_summary(outcome: &ApplyOutcome) -> String {
+    match outcome {
+        ApplyOutcome::Duplicate => "duplicate".into(),
+        ApplyOutcome::Changed { current } => format!("changed {current:?}"),
+        ApplyOutcome::Decided(applied) => format!(
+            "decided {} #{} {:?} {} effects",
+            applied.subscription_id,
+            applied.sequence,
+            applied.decision.to,
+            applied.outbox_ids.len()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_window_written_at_once_leaves_the_rows_and_sequences_of_one_by_one() {
+    let (_one_db, one_by_one) = TestDatabase::migrated().await;
+    let (_many_db, at_once) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    let new_id = || SubscriptionId::from(Uuid::new_v4());
+    let w = Window {
+        known: new_id(),
+        fresh: new_id(),
+        handled: new_id(),
+        stale: new_id(),
+        absent: new_id(),
+        twice: new_id(),
+        unknown_duplicate: new_id(),
+    };
+    let (handled, orphan) = (Uuid::new_v4(), Uuid::new_v4());
+    for pool in [&one_by_one, &at_once] {
+        window_setup(pool, &w, handled, orphan, now).await;
+    }
+
+    let (renew, renew_known) = (Uuid::new_v4(), Uuid::new_v4());
+    let change_plan = Event::Webhook(Webhook {
+        plan_id: Some(PlanId::parse("silver").unwrap()),
+        action: WebhookAction::ChangePlan,
+        ..match renew_webhook(Uuid::new_v4()) {
+            Event::Webhook(w) => w,
+            _ => unreachable!(),
+        }
+    });
+    let change_plan_source = EventSource {
+        message_id: Some("change-plan".into()),
+        inbox_key: Some(InboxKey::command(Uuid::new_v4())),
+        received_at: Some(now),
+        ..EventSource::default()
+    };
+    let suspended = observed_at(MarketplaceStatus::Suspended, now + time::Duration::hours(1));
+    let subscribed = observed_at(MarketplaceStatus::Subscribed, now);
+    let renew_event = renew_webhook(renew);
+    let renew_known_event = renew_webhook(renew_known);
+    let handled_event = renew_webhook(handled);
+    let orphan_event = renew_webhook(orphan);
+    let (renew_source, renew_known_source) = (
+        from_message(&renew.to_string()),
+        from_message(&renew_known.to_string()),
+    );
+    let (handled_source, orphan_source) = (
+        from_message(&handled.to_string()),
+        from_message(&orphan.to_string()),
+    );
+    let stale_source = EventSource {
+        inbox_key: Some(InboxKey::command(Uuid::new_v4())),
+        ..EventSource::default()
+    };
+    let none = EventSource::default();
+    let commands = [
+        // A known subscription: a decision without an ACK, then (below) one with an ACK,
+        // which puts the first one's rows first too.
+        Apply::new(w.known, &renew_known_event, &renew_known_source, now),
+        // A subscription we never saw: created.
+        Apply::new(w.fresh, &subscribed, &none, now),
+        // A message handled before: a duplicate in the log.
+        Apply::new(w.handled, &handled_event, &handled_source, now),
+        // A subscription that changed since the caller looked: nothing, its key not kept.
+        Apply::new(w.stale, &suspended, &stale_source, now).if_unchanged(Expected::Version(1)),
+        Apply::new(w.known, &change_plan, &change_plan_source, now),
+        // Absent as expected: created by the check.
+        Apply::new(w.absent, &subscribed, &none, now).if_unchanged(Expected::Absent),
+        // The same message twice in one window: the second is a duplicate.
+        Apply::new(w.twice, &renew_event, &renew_source, now),
+        Apply::new(w.twice, &renew_event, &renew_source, now),
+        // A duplicate of a subscription we do not know: nothing logged, nothing created.
+        Apply::new(w.unknown_duplicate, &orphan_event, &orphan_source, now),
+        // As expected (seen, then nothing): decided.
+        Apply::new(w.stale, &suspended, &none, now).if_unchanged(Expected::Version(2)),
+        // Absent, but created by an earlier command of the window.
+        Apply::new(w.fresh, &subscribed, &none, now).if_unchanged(Expected::Absent),
+    ];
+
+    // An effect runner's records among them: of a known subscription between its two
+    // decisions, and of one we do not know (nothing written).
+    let record = EffectRecord {
+        event_kind: "effect:fetch_subscription".into(),
+        event_key: "effect:1:1".into(),
+        details: serde_json::json!({"status": 200}),
+        reason: "fetched".into(),
+        correlation_id: None,
+        request_id: Some("req-1".into()),
+    };
+    let mut entries: Vec<Entry<'_>> = commands.iter().copied().map(Entry::Apply).collect();
+    for (at, subscription_id) in [(1, w.known), (9, w.unknown_duplicate)] {
+        entries.insert(
+            at,
+            Entry::Record {
+                subscription_id: subscription_id.as_uuid(),
+                record: &record,
+                now,
+            },
+        );
+    }
+
+    let mut tx = one_by_one.begin().await.unwrap();
+    let mut expected = Vec::new();
+    for entry in &entries {
+        expected.push(match entry {
+            Entry::Apply(command) => {
+                EntryOutcome::Applied(apply::apply_in(&mut tx, &policy, command).await.unwrap())
+            }
+            Entry::Record {
+                subscription_id,
+                record,
+                now,
+            } => EntryOutcome::Recorded(
+                apply::record_in(&mut tx, *subscription_id, record, *now)
+                    .await
+                    .unwrap(),
+            ),
+        });
+    }
+    tx.commit().await.unwrap();
+    let mut tx = at_once.begin().await.unwrap();
+    let outcomes = apply::write_many(&mut tx, &policy, &entries).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let summary = |outcomes: &[EntryOutcome]| -> Vec<String> {
+        outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                EntryOutcome::Applied(outcome) => outcome_summary(outcome),
+                EntryOutcome::Recorded(id) => format!("recorded {}", id.is_some()),
+            })
+            .collect()
+    };
+    assert_eq!(summary(&outcomes), summary(&expected));
+    assert_eq!(
+        summary(&outcomes)
+            .iter()
+            .map(|s| s.split(' ').next().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "decided",
+            "recorded",
+            "decided",
+            "duplicate",
+            "changed",
+            "decided",
+            "decided",
+            "decided",
+            "duplicate",
+            "recorded",
+            "duplicate",
+            "decided",
+            "changed"
+        ]
+    );
+    assert_eq!(summary(&outcomes)[9], "recorded false");
+    let (one, many) = (window_rows(&one_by_one).await, window_rows(&at_once).await);
+    assert!(
+        one.iter()
+            .any(|row| row.starts_with("outbox") && row.contains("ack_operation")),
+        "the window queues an ACK: {one:#?}"
+    );
+    assert!(
+        one.iter().any(|row| row.starts_with("notice")),
+        "the window schedules notices: {one:#?}"
+    );
+    for (one, many) in one.iter().zip(&many) {
+        assert_eq!(one, many);
+    }
+    assert_eq!(one.len(), many.len());
 }

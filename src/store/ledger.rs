@@ -1,7 +1,9 @@
 //! `subscription_events`: the append-only event log — one row per event the machine decided
 //! on, per duplicate the inbox caught, per effect execution and per notice emitted.
-//! [`append`] is its one `INSERT`: it takes the subscription's next sequence under the
-//! subscription's row lock and, for a decision, saves the machine in the same statement.
+//! [`append`] writes a row that decides nothing, taking the subscription's next sequence
+//! under its row lock; [`append_many`] writes a window of decisions (and duplicates) with
+//! the sequences their caller took under the rows' locks, and saves the machines in the
+//! same statement.
 //! What goes into a row is the caller's (`worker::apply`); this module only writes it.
 
 use serde_json::Value;
@@ -65,66 +67,28 @@ pub struct LogRow {
     pub received_at: Option<OffsetDateTime>,
 }
 
-/// The event log's next sequence for the subscription `$1`, in an `UPDATE subscriptions`
-/// that holds its row: the counter plus one. Every writer keeps the counter (migration
-/// 20261209020000 caught up any a writer before it left behind), so the log itself is not
-/// read: the `UPDATE` is one primary-key probe.
-macro_rules! next_sequence {
-    () => {
-        "last_sequence + 1"
-    };
-}
-
-/// The one `INSERT`, from the CTE `s` (the subscription's state and new sequence).
-macro_rules! insert_row {
-    () => {
-        " INSERT INTO subscription_events \
+/// Appends `row` to the subscription's log without changing the subscription (a row that
+/// decides nothing: an effect execution, a notice), in one statement: an `UPDATE
+/// subscriptions` that holds its row takes the next sequence (the counter plus one; every
+/// writer keeps the counter — migration 20261209020000 caught up any a writer before it
+/// left behind — so the log itself is not read), and the `INSERT` uses it. The row's
+/// sequence, or `None` when we do not know the subscription (nothing is written).
+pub async fn append(
+    conn: &mut PgConnection,
+    subscription_id: Uuid,
+    row: &LogRow,
+) -> Result<Option<i64>, StoreError> {
+    Ok(sqlx::query_scalar::<_, i64>(
+        "WITH s AS (UPDATE subscriptions SET last_sequence = last_sequence + 1 \
+           WHERE id = $1 RETURNING state, last_sequence) \
+         INSERT INTO subscription_events \
          (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
           to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
           received_at) \
          SELECT $2, $1, s.last_sequence, $3, $4, $5, $6, coalesce($7, s.state), s.state, $8, \
                 $9, $10, $11, $12, $13, $14, $15 FROM s \
-         RETURNING sequence"
-    };
-}
-
-/// Appends without changing the subscription (a row that decides nothing).
-const APPEND: &str = concat!(
-    "WITH s AS (UPDATE subscriptions SET last_sequence = ",
-    next_sequence!(),
-    " WHERE id = $1 RETURNING state, last_sequence)",
-    insert_row!()
-);
-
-/// Saves the machine and appends its decision: one statement (the hot path's).
-const SAVE_AND_APPEND: &str = concat!(
-    "WITH s AS ( \
-         UPDATE subscriptions SET machine = $16, state = $17, offer_id = $18, plan_id = $19, \
-           quantity = $20, beneficiary_tenant_id = $21, purchaser_tenant_id = $22, \
-           term_unit = $23, charge_duration = $24, private_offer_id = $25, \
-           beneficiary = $26, purchaser = $27, allowed_customer_operations = $28, \
-           version = version + 1, updated_at = $14, \
-           state_since = CASE WHEN state IS DISTINCT FROM $17 OR state_since IS NULL \
-             THEN $14 ELSE state_since END, \
-           last_sequence = ",
-    next_sequence!(),
-    " WHERE id = $1 RETURNING state, last_sequence)",
-    insert_row!()
-);
-
-/// Appends `row` to the subscription's log, saving `saved` with it when given; the row's
-/// sequence, or `None` when we do not know the subscription (nothing is written). Call
-/// with the subscription's row locked when saving.
-pub async fn append(
-    conn: &mut PgConnection,
-    subscription_id: Uuid,
-    saved: Option<&SavedMachine>,
-    row: &LogRow,
-) -> Result<Option<i64>, StoreError> {
-    let query = sqlx::query_scalar::<_, i64>(match saved {
-        Some(_) => SAVE_AND_APPEND,
-        None => APPEND,
-    })
+         RETURNING sequence",
+    )
     .bind(subscription_id)
     .bind(row.id)
     .bind(&row.message_id)
@@ -139,23 +103,217 @@ pub async fn append(
     .bind(&row.request_id)
     .bind(&row.trace_id)
     .bind(row.recorded_at)
-    .bind(row.received_at);
-    let query = match saved {
-        Some(saved) => query
-            .bind(&saved.machine)
-            .bind(saved.state)
-            .bind(&saved.offer_id)
-            .bind(&saved.plan_id)
-            .bind(saved.quantity)
-            .bind(saved.beneficiary_tenant_id)
-            .bind(saved.purchaser_tenant_id)
-            .bind(&saved.term_unit)
-            .bind(&saved.charge_duration)
-            .bind(&saved.private_offer_id)
-            .bind(&saved.beneficiary)
-            .bind(&saved.purchaser)
-            .bind(&saved.allowed_customer_operations),
-        None => query,
+    .bind(row.received_at)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// One row of a window's append: its sequence and the state the subscription is in after
+/// it, both decided by the caller under the subscription's row lock.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequenced<'a> {
+    pub subscription_id: Uuid,
+    pub sequence: i64,
+    /// The `to_state` column (and `from_state` when the row's is `None`).
+    pub to_state: &'a str,
+    pub row: &'a LogRow,
+}
+
+/// Where a subscription's row stands after a window's appends: its event log's last
+/// sequence and, when a decision saved its machine, the saved columns.
+#[derive(Debug, Clone, Copy)]
+pub struct Counter<'a> {
+    pub subscription_id: Uuid,
+    pub last_sequence: i64,
+    pub saved: Option<Saved<'a>>,
+}
+
+/// A saved machine with the row's bookkeeping after the window's last decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Saved<'a> {
+    pub machine: &'a SavedMachine,
+    pub version: i64,
+    pub updated_at: OffsetDateTime,
+    pub state_since: Option<OffsetDateTime>,
+}
+
+/// [`append`] for a window: every row in one `INSERT`, and every subscription's counter
+/// (with its saved machine, for a decision) in one `UPDATE` per kind, in one statement.
+/// The caller holds the rows' locks and numbered the rows from the counters it read under
+/// them, so the sequences and versions it passes are the ones [`append`] would take.
+pub async fn append_many(
+    conn: &mut PgConnection,
+    counters: &[Counter<'_>],
+    rows: &[Sequenced<'_>],
+) -> Result<(), StoreError> {
+    let saved: Vec<(Uuid, i64, &Saved<'_>)> = counters
+        .iter()
+        .filter_map(|c| Some((c.subscription_id, c.last_sequence, c.saved.as_ref()?)))
+        .collect();
+    let counted: Vec<(Uuid, i64)> = counters
+        .iter()
+        .filter(|c| c.saved.is_none())
+        .map(|c| (c.subscription_id, c.last_sequence))
+        .collect();
+    let column = |f: &dyn Fn(&SavedMachine) -> Option<String>| -> Vec<Option<String>> {
+        saved.iter().map(|(_, _, s)| f(s.machine)).collect()
     };
-    Ok(query.fetch_optional(&mut *conn).await?)
+    let query = sqlx::query(
+        "WITH saved AS (UPDATE subscriptions s SET machine = u.machine, state = u.state, \
+             offer_id = u.offer_id, plan_id = u.plan_id, quantity = u.quantity, \
+             beneficiary_tenant_id = u.beneficiary_tenant_id, \
+             purchaser_tenant_id = u.purchaser_tenant_id, term_unit = u.term_unit, \
+             charge_duration = u.charge_duration, private_offer_id = u.private_offer_id, \
+             beneficiary = u.beneficiary, purchaser = u.purchaser, \
+             allowed_customer_operations = CASE WHEN u.allowed IS NULL THEN NULL \
+               ELSE ARRAY(SELECT jsonb_array_elements_text(u.allowed)) END, \
+             version = u.version, updated_at = u.updated_at, state_since = u.state_since, \
+             last_sequence = u.last_sequence \
+           FROM unnest($1::uuid[], $2::jsonb[], $3::text[], $4::text[], $5::text[], \
+             $6::int4[], $7::uuid[], $8::uuid[], $9::text[], $10::text[], $11::text[], \
+             $12::jsonb[], $13::jsonb[], $14::jsonb[], $15::int8[], $16::timestamptz[], \
+             $17::timestamptz[], $18::int8[]) \
+             AS u (id, machine, state, offer_id, plan_id, quantity, beneficiary_tenant_id, \
+               purchaser_tenant_id, term_unit, charge_duration, private_offer_id, \
+               beneficiary, purchaser, allowed, version, updated_at, state_since, \
+               last_sequence) \
+           WHERE s.id = u.id RETURNING 1), \
+         counted AS (UPDATE subscriptions s SET last_sequence = u.last_sequence \
+           FROM unnest($19::uuid[], $20::int8[]) AS u (id, last_sequence) \
+           WHERE s.id = u.id RETURNING 1) \
+         INSERT INTO subscription_events \
+         (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
+          to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
+          received_at) \
+         SELECT * FROM unnest($21::uuid[], $22::uuid[], $23::int8[], $24::text[], $25::text[], \
+           $26::text[], $27::jsonb[], $28::text[], $29::text[], $30::text[], $31::text[], \
+           $32::jsonb[], $33::text[], $34::text[], $35::text[], $36::timestamptz[], \
+           $37::timestamptz[])",
+    )
+    .bind(saved.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| &s.machine.machine)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.state)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(&|m| m.offer_id.clone()))
+    .bind(column(&|m| m.plan_id.clone()))
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.quantity)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.beneficiary_tenant_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.purchaser_tenant_id)
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(&|m| m.term_unit.clone()))
+    .bind(column(&|m| m.charge_duration.clone()))
+    .bind(column(&|m| m.private_offer_id.clone()))
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.beneficiary.as_ref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.machine.purchaser.as_ref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| {
+                s.machine
+                    .allowed_customer_operations
+                    .as_ref()
+                    .map(|allowed| Value::from(allowed.clone()))
+            })
+            .collect::<Vec<_>>(),
+    )
+    .bind(saved.iter().map(|(_, _, s)| s.version).collect::<Vec<_>>())
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.updated_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        saved
+            .iter()
+            .map(|(_, _, s)| s.state_since)
+            .collect::<Vec<_>>(),
+    )
+    .bind(saved.iter().map(|(_, last, _)| *last).collect::<Vec<_>>())
+    .bind(counted.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(counted.iter().map(|(_, last)| *last).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.row.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.sequence).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.row.message_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.row.event_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.row.event_kind.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| &r.row.event).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.row.from_state.unwrap_or(r.to_state))
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.to_state).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.row.outcome).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.row.reason.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| &r.row.effects).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.row.correlation_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.row.request_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        rows.iter()
+            .map(|r| r.row.trace_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.row.recorded_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.row.received_at).collect::<Vec<_>>());
+    query.execute(&mut *conn).await?;
+    Ok(())
 }

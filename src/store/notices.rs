@@ -57,17 +57,6 @@ macro_rules! columns {
     };
 }
 
-/// When the subscription entered its current state (set by the ledger's save).
-pub async fn state_since(
-    conn: &mut PgConnection,
-    subscription_id: Uuid,
-) -> Result<Option<OffsetDateTime>, sqlx::Error> {
-    sqlx::query_scalar("SELECT state_since FROM subscriptions WHERE id = $1")
-        .bind(subscription_id)
-        .fetch_one(conn)
-        .await
-}
-
 /// The keys of the subscription's pending notices.
 pub async fn pending_keys(
     conn: &mut PgConnection,

@@ -352,7 +352,7 @@ async fn finish_claim(
 /// Claims up to `limit` claimable rows in the claim order ([`CLAIM_ORDER`]), in one
 /// statement and one transaction: the ACK whose window closes soonest first, else the most
 /// overdue row of the subscriptions that have an ACK waiting (`priority` 0, set through
-/// [`put_first`] by the worker's apply), else the most overdue row: Microsoft's 10-second
+/// [`enqueue_many`] by the worker's apply), else the most overdue row: Microsoft's 10-second
 /// window (P7) must not be spent behind a burst of confirmations, GETs and domain events.
 /// `None` when nothing is claimable.
 ///
@@ -568,22 +568,27 @@ struct Buried {
     reasons: Vec<String>,
 }
 
-/// Ends the pending `confirm_operation` row of `operation_id` (the subscription's) as done:
-/// a step already knows the operation's end, so the row has nothing left to ask. A row a
-/// runner holds right now is left alone (it asks once more, harmlessly). How many ended.
-pub async fn complete_confirmation(
+/// Ends the pending `confirm_operation` rows of these operations (each with its
+/// subscription) as done, in one statement: a step already knows the operation's end, so
+/// the row has nothing left to ask. A row a runner holds right now is left alone (it asks
+/// once more, harmlessly). How many ended.
+pub async fn complete_confirmations(
     conn: &mut PgConnection,
-    subscription_id: Uuid,
-    operation_id: Uuid,
+    operations: &[(Uuid, Uuid)],
 ) -> Result<u64, StoreError> {
+    let subscriptions: Vec<Uuid> = operations.iter().map(|(s, _)| *s).collect();
+    let operation_ids: Vec<String> = operations.iter().map(|(_, o)| o.to_string()).collect();
     Ok(sqlx::query(
         "UPDATE outbox SET status = $4, updated_at = now() WHERE id IN ( \
-             SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
-               AND kind = $2 AND effect ->> 'operation_id' = $3 FOR UPDATE SKIP LOCKED)",
+             SELECT id FROM outbox WHERE subscription_id = ANY($1) AND status = 'pending' \
+               AND kind = $3 \
+               AND (subscription_id, effect ->> 'operation_id') IN \
+                 (SELECT * FROM unnest($1::uuid[], $2::text[])) \
+             FOR UPDATE SKIP LOCKED)",
     )
-    .bind(subscription_id)
+    .bind(&subscriptions)
+    .bind(&operation_ids)
     .bind(EffectKind::ConfirmOperation)
-    .bind(operation_id.to_string())
     .bind(OutboxStatus::Done)
     .execute(&mut *conn)
     .await?
@@ -707,15 +712,66 @@ pub async fn enqueue(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<(), 
     Ok(())
 }
 
-/// Puts the subscription's pending rows ahead of other subscriptions' (`priority` 0). Rows
-/// a runner holds right now are skipped; they are running already.
-pub async fn put_first(conn: &mut PgConnection, subscription_id: Uuid) -> Result<(), StoreError> {
+/// One row a window of decisions queues ([`enqueue_many`]).
+#[derive(Debug, Clone)]
+pub struct NewRow<'a> {
+    pub id: Uuid,
+    pub subscription_id: Uuid,
+    /// The event-log row of the decision, and its sequence (the rows' order).
+    pub event_id: Uuid,
+    pub event_sequence: i64,
+    pub kind: EffectKind,
+    pub effect: Value,
+    pub correlation_id: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+    /// Ahead of other subscriptions' rows (an ACK of its subscription is queued with it or
+    /// after it, P7).
+    pub first: bool,
+    /// An ACK row's deadline (see [`NewRows::ack_due_at`]).
+    pub due_at: Option<OffsetDateTime>,
+    pub now: OffsetDateTime,
+}
+
+/// A window's decisions' rows, in one statement: first the pending rows of the
+/// subscriptions in `put_first` go ahead of other subscriptions' (`priority` 0; rows a
+/// runner holds right now are skipped, they are running already; the rows inserted here
+/// are not among them, they carry their own [`NewRow::first`]), then the new rows are
+/// inserted.
+pub async fn enqueue_many(
+    conn: &mut PgConnection,
+    put_first: &[Uuid],
+    rows: &[NewRow<'_>],
+) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE outbox SET priority = 0 WHERE id IN ( \
-             SELECT id FROM outbox WHERE subscription_id = $1 AND status = 'pending' \
-               AND priority <> 0 FOR UPDATE SKIP LOCKED)",
+        "WITH first AS (UPDATE outbox SET priority = 0 WHERE id IN ( \
+             SELECT id FROM outbox WHERE subscription_id = ANY($1) AND status = 'pending' \
+               AND priority <> 0 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+         INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
+         correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority, \
+         due_at) \
+         SELECT r.id, r.subscription_id, r.event_id, r.event_sequence, r.kind, r.effect, \
+             r.correlation_id, r.now, r.now, r.now, r.traceparent, r.priority, r.due_at \
+         FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::int8[], $6::text[], $7::jsonb[], \
+             $8::text[], $9::timestamptz[], $10::text[], $11::int2[], $12::timestamptz[]) \
+           AS r (id, subscription_id, event_id, event_sequence, kind, effect, correlation_id, \
+             now, traceparent, priority, due_at)",
     )
-    .bind(subscription_id)
+    .bind(put_first)
+    .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.subscription_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.event_sequence).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| &r.effect).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.correlation_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.now).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.traceparent).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| if r.first { 0_i16 } else { 1 })
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|r| r.due_at).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(())

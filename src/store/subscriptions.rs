@@ -1,6 +1,6 @@
 //! `subscriptions`: the reads of the entitlement API and the landing page, and the row
-//! lock, creation and saved columns of the worker's apply (which saves a machine only with
-//! its event-log row, [`super::ledger::append`]).
+//! locks, creation and saved columns of the worker's apply (which saves a machine only with
+//! its event-log row, [`super::ledger::append_many`]).
 
 use fulfillment_state_machine::{StateName, SubscriptionId, SubscriptionMachine, Term};
 use serde_json::Value;
@@ -228,32 +228,92 @@ pub async fn load_machine(
     machine.map(restore).transpose()
 }
 
-/// Inserts a new subscription's row with its fresh machine unless one exists; `true` when
-/// this call created it (and holds it until the transaction ends). Two transactions meeting
-/// a new subscription at once: the second waits for the first's commit, then does nothing.
-pub async fn insert_new(
-    conn: &mut PgConnection,
-    machine: &SubscriptionMachine,
-) -> Result<bool, StoreError> {
-    let created = sqlx::query(
-        "INSERT INTO subscriptions (id, state, machine) VALUES ($1, $2, $3) \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(machine.subscription_id().as_uuid())
-    .bind(machine.state().as_str())
-    .bind(to_json(machine))
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(created == 1)
+/// A subscription's row as the apply path holds it: its machine and the counters a
+/// decision moves on from, read under the row lock (so they stay true until commit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockedRow {
+    pub id: Uuid,
+    pub machine: SubscriptionMachine,
+    /// The `state` column (the state event-log rows that decide nothing record).
+    pub state: String,
+    pub version: i64,
+    /// The event log's last sequence ([`super::ledger`]).
+    pub last_sequence: i64,
+    pub state_since: Option<OffsetDateTime>,
 }
 
-/// The subscription's `version`, its row locked until the transaction ends.
-pub async fn lock_version(conn: &mut PgConnection, id: Uuid) -> Result<Option<i64>, StoreError> {
-    Ok(
-        sqlx::query_scalar("SELECT version FROM subscriptions WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?,
-    )
+/// The columns of a [`LockedRow`], as the apply path's statements select them.
+pub(super) const LOCKED_COLUMNS: &str = "id, machine, state, version, last_sequence, state_since";
+
+#[derive(sqlx::FromRow)]
+struct LockedColumns {
+    id: Uuid,
+    machine: Value,
+    state: String,
+    version: i64,
+    last_sequence: i64,
+    state_since: Option<OffsetDateTime>,
+}
+
+impl LockedColumns {
+    fn restore(self) -> Result<LockedRow, StoreError> {
+        Ok(LockedRow {
+            id: self.id,
+            machine: restore(self.machine)?,
+            state: self.state,
+            version: self.version,
+            last_sequence: self.last_sequence,
+            state_since: self.state_since,
+        })
+    }
+}
+
+/// The rows among `ids` that we know, locked in id order (every caller locks in the same
+/// order, so two transactions cannot deadlock on them) until the transaction ends.
+pub async fn lock_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<LockedRow>, StoreError> {
+    sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
+        "SELECT {LOCKED_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    )))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(LockedColumns::restore)
+    .collect()
+}
+
+/// Inserts a row for each new subscription's fresh machine unless one exists (in id
+/// order); the rows this call created, held until the transaction ends. Another
+/// transaction creating one of them at once makes this one wait for its commit, then skip
+/// it (the caller locks it).
+pub async fn insert_many_new(
+    conn: &mut PgConnection,
+    machines: &[SubscriptionMachine],
+) -> Result<Vec<LockedRow>, StoreError> {
+    let ids: Vec<Uuid> = machines
+        .iter()
+        .map(|machine| machine.subscription_id().as_uuid())
+        .collect();
+    let states: Vec<&str> = machines
+        .iter()
+        .map(|machine| machine.state().as_str())
+        .collect();
+    let saved: Vec<Value> = machines.iter().map(to_json).collect();
+    sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO subscriptions (id, state, machine) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[]) AS new (id, state, machine) \
+         ORDER BY id \
+         ON CONFLICT (id) DO NOTHING RETURNING {LOCKED_COLUMNS}"
+    )))
+    .bind(&ids)
+    .bind(&states)
+    .bind(&saved)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(LockedColumns::restore)
+    .collect()
 }

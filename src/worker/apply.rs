@@ -1,18 +1,22 @@
 //! The one apply path (design.md guarantees 2–4): every event the machine decides on — a
 //! queue message in the consumer, an effect's result in the effect runner, an observation
-//! of the reconciler — goes through [`apply_in`], in one transaction: record the inbox
-//! key, lock (or create) the subscription, ask the machine, append the event-log row with
-//! the saved machine, reschedule the notices its plan changed, queue the effects in the
-//! outbox. All or nothing; a message is acked only after it committed. Metrics count what
-//! committed ([`count`]). The store only runs the statements.
+//! of the reconciler — goes through [`apply_many`] (alone: [`apply_in`]), in one
+//! transaction: record the inbox key, lock (or create) the subscription, ask the machine,
+//! append the event-log row with the saved machine, reschedule the notices its plan
+//! changed, queue the effects in the outbox. A window of messages of different
+//! subscriptions (the consumer's) takes one statement per table for them all. All or
+//! nothing; a message is acked only after it committed. Metrics count what committed
+//! ([`count`]). The store only runs the statements.
 //!
 //! Event-log rows that decide nothing — an effect execution, a drift the reconciler saw —
-//! are [`record`]ed through the same append.
+//! are [`record`]ed through the event log's own append.
 
 use fulfillment_state_machine::{
     Decision, Details, Effect, Event, NoticePolicy, Outcome, Policy, StateName, SubscriptionId,
     SubscriptionMachine, Term, notice,
 };
+use std::collections::{HashMap, HashSet};
+
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -20,10 +24,10 @@ use uuid::Uuid;
 
 use crate::metrics::{self, EventOutcome};
 use crate::queue::InboxKey;
-use crate::store::inbox::{self, Recorded};
+use crate::store::inbox;
 use crate::store::ledger::{self, LogOutcome, LogRow};
-use crate::store::outbox::{self, EffectKind, NewRows};
-use crate::store::subscriptions::{self, SavedMachine};
+use crate::store::outbox::{self, EffectKind};
+use crate::store::subscriptions::{self, LockedRow, SavedMachine};
 use crate::store::{StoreError, notices};
 use crate::worker::protocol::acknowledge;
 
@@ -154,113 +158,477 @@ pub async fn apply(
 }
 
 /// Applies `command` in the caller's transaction (an effect's result is committed with its
-/// outbox row's end); the caller commits, then [`count`]s.
+/// outbox row's end); the caller commits, then [`count`]s. The one-command case of
+/// [`apply_many`].
 pub async fn apply_in(
     conn: &mut PgConnection,
     policy: &Policy,
     command: &Apply<'_>,
 ) -> Result<ApplyOutcome, StoreError> {
-    let Apply {
-        subscription_id,
-        event,
-        source,
-        now,
-        expected,
-        runs,
-    } = *command;
-    let id = subscription_id.as_uuid();
-    if let Some(expected) = expected {
-        let current = match expected {
-            // Creating the row ourselves is the check: it holds the row until commit.
-            Expected::Absent => {
-                if subscriptions::insert_new(conn, &SubscriptionMachine::new(subscription_id))
-                    .await?
-                {
-                    None
-                } else {
-                    Some(subscriptions::lock_version(conn, id).await?)
+    let mut outcomes = apply_many(conn, policy, std::slice::from_ref(command)).await?;
+    Ok(outcomes.pop().expect("apply_many answers once per command"))
+}
+
+/// Applies `commands` in the caller's transaction, in their order, as [`apply_in`] would
+/// one after the other — the outcomes, rows and sequences are the same — but with one
+/// statement per table for them all (issue #17: a consumer's window of messages of
+/// different subscriptions is one transaction of a handful of statements, not a handful
+/// per message):
+///
+/// 1. the inbox keys are recorded, then the subscriptions' rows locked (in id order, so two
+///    windows wait for each other instead of deadlocking) and read;
+/// 2. the machines decide in memory, in order (several commands for one subscription
+///    follow each other; its sequences increase), which tells the subscriptions to create;
+///    they are created in one statement (one another transaction created at once is
+///    locked, and the window decided again);
+/// 3. every event-log row and every subscription's saved machine and counter: one
+///    statement; notices where their inputs changed; every outbox row, after the pending
+///    rows of acknowledging subscriptions went first: one statement; `NOTIFY` once.
+///
+/// The caller commits, then [`count`]s each outcome.
+pub async fn apply_many(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    commands: &[Apply<'_>],
+) -> Result<Vec<ApplyOutcome>, StoreError> {
+    let entries: Vec<Entry<'_>> = commands.iter().copied().map(Entry::Apply).collect();
+    Ok(write_many(conn, policy, &entries)
+        .await?
+        .into_iter()
+        .filter_map(|outcome| match outcome {
+            EntryOutcome::Applied(outcome) => Some(outcome),
+            EntryOutcome::Recorded(_) => None,
+        })
+        .collect())
+}
+
+/// One entry of [`write_many`]: an event to apply, or an event-log row that decides nothing
+/// (as [`record_in`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Entry<'a> {
+    Apply(Apply<'a>),
+    Record {
+        subscription_id: Uuid,
+        record: &'a EffectRecord,
+        now: OffsetDateTime,
+    },
+}
+
+/// What an [`Entry`] did.
+#[derive(Debug, Clone)]
+pub enum EntryOutcome {
+    Applied(ApplyOutcome),
+    /// The event-log row's id; `None` when we do not know the subscription.
+    Recorded(Option<Uuid>),
+}
+
+/// [`apply_many`] with event-log rows that decide nothing among the commands (the effect
+/// runner's results: each execution's record, then the events it feeds back), in their
+/// order, in the same statements.
+pub async fn write_many(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    entries: &[Entry<'_>],
+) -> Result<Vec<EntryOutcome>, StoreError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut keys: Vec<(&InboxKey, Uuid)> = entries
+        .iter()
+        .filter_map(|entry| match entry {
+            Entry::Apply(c) => Some((c.source.inbox_key.as_ref()?, c.subscription_id.as_uuid())),
+            Entry::Record { .. } => None,
+        })
+        .collect();
+    keys.sort_by(|(a, _), (b, _)| (a.message_id(), a.kind()).cmp(&(b.message_id(), b.kind())));
+    keys.dedup_by(|(a, _), (b, _)| a == b);
+    let mut ids: Vec<Uuid> = entries
+        .iter()
+        .map(|entry| match entry {
+            Entry::Apply(c) => c.subscription_id.as_uuid(),
+            Entry::Record {
+                subscription_id, ..
+            } => *subscription_id,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let recorded = inbox::record_and_lock_many(conn, &keys, &ids).await?;
+    let fresh: HashSet<&InboxKey> = keys
+        .iter()
+        .zip(&recorded.fresh)
+        .filter(|(_, fresh)| **fresh)
+        .map(|((key, _), _)| *key)
+        .collect();
+    let mut rows: HashMap<Uuid, LockedRow> = recorded
+        .locked
+        .into_iter()
+        .map(|row| (row.id, row))
+        .collect();
+    let mut created: HashMap<Uuid, LockedRow> = HashMap::new();
+    let plan = loop {
+        let plan = Plan::of(entries, policy, &rows, &created, &fresh);
+        let missing: Vec<SubscriptionMachine> = plan
+            .to_create
+            .iter()
+            .filter(|id| !created.contains_key(id))
+            .map(|id| SubscriptionMachine::new(SubscriptionId::from(*id)))
+            .collect();
+        if missing.is_empty() {
+            break plan;
+        }
+        // Two transactions meeting a new subscription at once: the insert of one waits for
+        // the other's commit, then skips the row, which this one then locks as it is.
+        let new = subscriptions::insert_many_new(conn, &missing).await?;
+        // Every row inserted as the plan expected it: the plan stands.
+        let as_planned =
+            new.len() == missing.len() && new.iter().all(|row| *row == new_row(row.id));
+        created.extend(new.into_iter().map(|row| (row.id, row)));
+        if as_planned {
+            break plan;
+        }
+        let raced: Vec<Uuid> = missing
+            .iter()
+            .map(|machine| machine.subscription_id().as_uuid())
+            .filter(|id| !created.contains_key(id))
+            .collect();
+        if !raced.is_empty() {
+            let locked = subscriptions::lock_many(conn, &raced).await?;
+            if locked.len() != raced.len() {
+                return Err(StoreError::Query(sqlx::Error::RowNotFound));
+            }
+            rows.extend(locked.into_iter().map(|row| (row.id, row)));
+        }
+    };
+    plan.write(conn, policy).await
+}
+
+/// What a window of commands does, decided in memory from the locked rows.
+struct Plan<'c> {
+    outcomes: Vec<EntryOutcome>,
+    /// Subscriptions a command needs that do not exist yet.
+    to_create: Vec<Uuid>,
+    /// Keys recorded for a command that turned out [`ApplyOutcome::Changed`] and no later
+    /// command took: they are taken back.
+    unused_keys: Vec<&'c InboxKey>,
+    /// The event-log rows, each with its subscription, sequence and state after it.
+    log: Vec<(Uuid, i64, &'static str, LogRow)>,
+    /// The subscriptions the window moved, in id order.
+    subscriptions: Vec<(Uuid, Holding)>,
+    /// Per decision whose notice inputs changed: the machine after it, its state's start,
+    /// its time, its event-log row.
+    notices: Vec<(
+        Uuid,
+        SubscriptionMachine,
+        OffsetDateTime,
+        OffsetDateTime,
+        Uuid,
+    )>,
+    /// Subscriptions whose pending rows go first (a decision acknowledges).
+    put_first: Vec<Uuid>,
+    outbox: Vec<outbox::NewRow<'c>>,
+    notify: bool,
+}
+
+/// A subscription as a window's commands leave it.
+struct Holding {
+    row: LockedRow,
+    appended: bool,
+    /// When its last decision was made (its machine is saved), if one was.
+    decided_at: Option<OffsetDateTime>,
+}
+
+impl<'c> Plan<'c> {
+    fn of(
+        entries: &'c [Entry<'c>],
+        policy: &Policy,
+        rows: &HashMap<Uuid, LockedRow>,
+        created: &HashMap<Uuid, LockedRow>,
+        fresh: &HashSet<&'c InboxKey>,
+    ) -> Self {
+        let mut plan = Plan {
+            outcomes: Vec::with_capacity(entries.len()),
+            to_create: Vec::new(),
+            unused_keys: Vec::new(),
+            log: Vec::with_capacity(entries.len()),
+            subscriptions: Vec::new(),
+            notices: Vec::new(),
+            put_first: Vec::new(),
+            outbox: Vec::new(),
+            notify: false,
+        };
+        // `None`: not created yet (unknown to us).
+        let mut held: HashMap<Uuid, Option<Holding>> = HashMap::new();
+        let mut taken: HashSet<&InboxKey> = HashSet::new();
+        let create = |id: Uuid, to_create: &mut Vec<Uuid>| -> Holding {
+            // Until it is inserted, as the insert is expected to leave it.
+            let row = created.get(&id).cloned().unwrap_or_else(|| new_row(id));
+            to_create.push(id);
+            Holding {
+                row,
+                appended: false,
+                decided_at: None,
+            }
+        };
+        // Per decision: its outbox rows' range, for the priorities below.
+        let mut acknowledging: Vec<(Uuid, usize)> = Vec::new();
+        for entry in entries {
+            let command = match entry {
+                Entry::Apply(command) => command,
+                Entry::Record {
+                    subscription_id: id,
+                    record,
+                    now,
+                } => {
+                    let slot = held.entry(*id).or_insert_with(|| {
+                        rows.get(id).cloned().map(|row| Holding {
+                            row,
+                            appended: false,
+                            decided_at: None,
+                        })
+                    });
+                    let recorded = slot.as_mut().map(|holding| {
+                        let row = record_row(record, *now);
+                        let event_id = row.id;
+                        holding.row.last_sequence += 1;
+                        holding.appended = true;
+                        let state = state_name(&holding.row);
+                        plan.log.push((*id, holding.row.last_sequence, state, row));
+                        event_id
+                    });
+                    plan.outcomes.push(EntryOutcome::Recorded(recorded));
+                    continue;
+                }
+            };
+            let Apply {
+                subscription_id,
+                event,
+                source,
+                now,
+                expected,
+                runs,
+            } = *command;
+            let id = subscription_id.as_uuid();
+            let slot = held.entry(id).or_insert_with(|| {
+                rows.get(&id).cloned().map(|row| Holding {
+                    row,
+                    appended: false,
+                    decided_at: None,
+                })
+            });
+            if let Some(expected) = expected {
+                let changed = match (expected, &*slot) {
+                    // Creating the row ourselves is the check: it holds the row until commit.
+                    (Expected::Absent, None) => {
+                        *slot = Some(create(id, &mut plan.to_create));
+                        None
+                    }
+                    (Expected::Absent, Some(holding)) => Some(Some(holding.row.version)),
+                    (Expected::Version(_), None) => Some(None),
+                    (Expected::Version(version), Some(holding)) => {
+                        (holding.row.version != version).then_some(Some(holding.row.version))
+                    }
+                };
+                if let Some(current) = changed {
+                    plan.outcomes
+                        .push(EntryOutcome::Applied(ApplyOutcome::Changed { current }));
+                    continue;
                 }
             }
-            Expected::Version(version) => Some(subscriptions::lock_version(conn, id).await?)
-                .filter(|current| *current != Some(version)),
-        };
-        if let Some(current) = current {
-            return Ok(ApplyOutcome::Changed { current });
-        }
-    }
-    let locked = match &source.inbox_key {
-        Some(key) => match inbox::record_and_lock(conn, key, id).await? {
-            Recorded::Duplicate => {
-                // Skipped when we do not know the subscription (the key belongs to another one).
-                let reason = format!("duplicate event: message {key} was handled before (inbox)");
-                let row = log_row(event, source, LogOutcome::Ignored, reason, now);
-                ledger::append(conn, id, None, &row).await?;
-                return Ok(ApplyOutcome::Duplicate);
+            if let Some(key) = &source.inbox_key
+                && (!fresh.contains(key) || !taken.insert(key))
+            {
+                // Logged only when we know the subscription (else the key belongs to
+                // another one).
+                if let Some(holding) = slot {
+                    let reason =
+                        format!("duplicate event: message {key} was handled before (inbox)");
+                    let row = log_row(event, source, LogOutcome::Ignored, reason, now);
+                    holding.row.last_sequence += 1;
+                    holding.appended = true;
+                    let state = state_name(&holding.row);
+                    plan.log.push((id, holding.row.last_sequence, state, row));
+                }
+                plan.outcomes
+                    .push(EntryOutcome::Applied(ApplyOutcome::Duplicate));
+                continue;
             }
-            Recorded::Fresh(machine) => machine,
-        },
-        None => subscriptions::lock_machine(conn, id).await?,
-    };
-    let mut machine = match locked {
-        Some(machine) => machine,
-        None => create_and_lock(conn, subscription_id).await?,
-    };
-    let notices_before = NoticeInputs::of(&machine);
-    let decision = machine.handle(event, now, policy);
-    let (outcome, reason) = outcome_columns(&decision.outcome);
-    let mut row = log_row(event, source, outcome, reason, now);
-    row.from_state = Some(decision.from.as_str());
-    row.effects = to_json(&decision.effects);
-    let event_id = row.id;
-    let sequence = ledger::append(conn, id, Some(&SavedMachine::of(&machine)), &row)
-        .await?
-        .ok_or(StoreError::Query(sqlx::Error::RowNotFound))?;
-    if NoticeInputs::of(&machine) != notices_before {
-        reschedule_notices(conn, id, &machine, now, &policy.notices, event_id).await?;
+            let holding = slot.get_or_insert_with(|| create(id, &mut plan.to_create));
+            let machine = &mut holding.row.machine;
+            let notices_before = NoticeInputs::of(machine);
+            let decision = machine.handle(event, now, policy);
+            let (outcome, reason) = outcome_columns(&decision.outcome);
+            let mut row = log_row(event, source, outcome, reason, now);
+            row.from_state = Some(decision.from.as_str());
+            row.effects = to_json(&decision.effects);
+            let event_id = row.id;
+            let to_state = machine.state().as_str();
+            let stored = &mut holding.row;
+            if stored.state != to_state || stored.state_since.is_none() {
+                stored.state_since = Some(now);
+            }
+            stored.state = to_state.to_string();
+            stored.version += 1;
+            stored.last_sequence += 1;
+            holding.appended = true;
+            holding.decided_at = Some(now);
+            let sequence = stored.last_sequence;
+            plan.log.push((id, sequence, to_state, row));
+            if NoticeInputs::of(&stored.machine) != notices_before {
+                let since = stored.state_since.unwrap_or(now);
+                plan.notices
+                    .push((id, stored.machine.clone(), since, now, event_id));
+            }
+            // A decision that answers Microsoft puts the subscription's pending rows first
+            // (P7): the ACK waits behind them, so they all go before other subscriptions'
+            // rows.
+            let acknowledges = decision
+                .effects
+                .iter()
+                .any(|effect| matches!(effect, Effect::AckOperation { .. }));
+            if acknowledges {
+                plan.put_first.push(id);
+                acknowledging.push((id, plan.outbox.len() + decision.effects.len()));
+            }
+            let outbox_ids: Vec<Uuid> = decision.effects.iter().map(|_| Uuid::now_v7()).collect();
+            for (effect, outbox_id) in decision.effects.iter().zip(&outbox_ids) {
+                let kind = EffectKind::of(effect);
+                plan.outbox.push(outbox::NewRow {
+                    id: *outbox_id,
+                    subscription_id: id,
+                    event_id,
+                    event_sequence: sequence,
+                    kind,
+                    effect: to_json(effect),
+                    correlation_id: source.correlation_id.as_deref(),
+                    traceparent: source.traceparent.as_deref(),
+                    first: false,
+                    // Microsoft's clock starts at the webhook's receipt (P7); a decision
+                    // without one (none today) counts from now.
+                    due_at: (kind == EffectKind::AckOperation)
+                        .then(|| source.received_at.unwrap_or(now) + acknowledge::ACK_WINDOW),
+                    now,
+                });
+            }
+            // One wake-up per transaction however many decisions it holds; none when the
+            // caller runs the rows itself.
+            plan.notify |= !outbox_ids.is_empty() && runs == Runs::Anywhere;
+            plan.outcomes
+                .push(EntryOutcome::Applied(ApplyOutcome::Decided(Applied {
+                    subscription_id: id,
+                    event_id,
+                    sequence,
+                    decision,
+                    outbox_ids,
+                })));
+        }
+        // A row goes first when its decision, or a later one of its subscription in this
+        // window, acknowledges (as when each put the rows before it first).
+        for (id, end) in acknowledging {
+            for row in &mut plan.outbox[..end] {
+                if row.subscription_id == id {
+                    row.first = true;
+                }
+            }
+        }
+        plan.put_first.sort_unstable();
+        plan.put_first.dedup();
+        plan.unused_keys = fresh
+            .iter()
+            .filter(|key| !taken.contains(*key))
+            .copied()
+            .collect();
+        let mut moved: Vec<(Uuid, Holding)> = held
+            .into_iter()
+            .filter_map(|(id, holding)| Some((id, holding?)))
+            .filter(|(_, holding)| holding.appended)
+            .collect();
+        moved.sort_unstable_by_key(|(id, _)| *id);
+        plan.subscriptions = moved;
+        plan
     }
-    // A decision that answers Microsoft puts the subscription's pending rows first (P7):
-    // the ACK waits behind them, so they all go before other subscriptions' rows.
-    let acknowledges = decision
-        .effects
-        .iter()
-        .any(|effect| matches!(effect, Effect::AckOperation { .. }));
-    if acknowledges {
-        outbox::put_first(conn, id).await?;
-    }
-    let outbox_ids: Vec<Uuid> = decision.effects.iter().map(|_| Uuid::now_v7()).collect();
-    if !outbox_ids.is_empty() {
-        let kinds: Vec<EffectKind> = decision.effects.iter().map(EffectKind::of).collect();
-        let effects: Vec<Value> = decision.effects.iter().map(to_json).collect();
-        let rows = NewRows {
-            subscription_id: id,
-            event_id,
-            event_sequence: sequence,
-            correlation_id: source.correlation_id.as_deref(),
-            traceparent: source.traceparent.as_deref(),
-            first: acknowledges,
-            // Microsoft's clock starts at the webhook's receipt (P7); a decision without
-            // one (none today) counts from now.
-            ack_due_at: acknowledges
-                .then(|| source.received_at.unwrap_or(now) + acknowledge::ACK_WINDOW),
-            now,
-            ids: &outbox_ids,
-            kinds: &kinds,
-            effects: &effects,
-        };
-        outbox::enqueue(conn, &rows).await?;
-        // One wake-up per transaction however many decisions it holds (a constant payload
-        // folds them); none when the caller runs the rows itself.
-        if runs == Runs::Anywhere {
+
+    /// Writes what the plan decided; the outcomes.
+    async fn write(
+        self,
+        conn: &mut PgConnection,
+        policy: &Policy,
+    ) -> Result<Vec<EntryOutcome>, StoreError> {
+        if !self.unused_keys.is_empty() {
+            inbox::forget(conn, &self.unused_keys).await?;
+        }
+        if !self.log.is_empty() {
+            let saved: Vec<Option<SavedMachine>> = self
+                .subscriptions
+                .iter()
+                .map(|(_, holding)| {
+                    holding
+                        .decided_at
+                        .map(|_| SavedMachine::of(&holding.row.machine))
+                })
+                .collect();
+            let counters: Vec<ledger::Counter<'_>> =
+                self.subscriptions
+                    .iter()
+                    .zip(&saved)
+                    .map(|((id, holding), saved)| ledger::Counter {
+                        subscription_id: *id,
+                        last_sequence: holding.row.last_sequence,
+                        saved: saved.as_ref().zip(holding.decided_at).map(
+                            |(machine, updated_at)| ledger::Saved {
+                                machine,
+                                version: holding.row.version,
+                                updated_at,
+                                state_since: holding.row.state_since,
+                            },
+                        ),
+                    })
+                    .collect();
+            let rows: Vec<ledger::Sequenced<'_>> = self
+                .log
+                .iter()
+                .map(|(id, sequence, to_state, row)| ledger::Sequenced {
+                    subscription_id: *id,
+                    sequence: *sequence,
+                    to_state,
+                    row,
+                })
+                .collect();
+            ledger::append_many(conn, &counters, &rows).await?;
+        }
+        for (id, machine, since, now, event_id) in &self.notices {
+            reschedule_notices(conn, *id, machine, *since, *now, &policy.notices, *event_id)
+                .await?;
+        }
+        if !self.outbox.is_empty() {
+            outbox::enqueue_many(conn, &self.put_first, &self.outbox).await?;
+        }
+        if self.notify {
             outbox::notify_runners(conn).await?;
         }
+        Ok(self.outcomes)
     }
-    Ok(ApplyOutcome::Decided(Applied {
-        subscription_id: id,
-        event_id,
-        sequence,
-        decision,
-        outbox_ids,
-    }))
+}
+
+/// A new subscription's row as [`subscriptions::insert_many_new`] leaves it (the schema's
+/// defaults).
+fn new_row(id: Uuid) -> LockedRow {
+    let machine = SubscriptionMachine::new(SubscriptionId::from(id));
+    LockedRow {
+        id,
+        state: machine.state().as_str().to_string(),
+        machine,
+        version: 1,
+        last_sequence: 0,
+        state_since: None,
+    }
+}
+
+/// The `state` column's name (every stored state is one of the machine's).
+fn state_name(row: &LockedRow) -> &'static str {
+    row.state
+        .parse::<StateName>()
+        .map_or_else(|_| row.machine.state().as_str(), StateName::as_str)
 }
 
 /// Counts an apply in the metrics, once its transaction committed.
@@ -272,19 +640,6 @@ pub fn count(event: &Event, outcome: &ApplyOutcome) {
         ApplyOutcome::Decided(applied) => metrics::record_decision(event.kind(), &applied.decision),
         ApplyOutcome::Changed { .. } => {}
     }
-}
-
-/// A fresh machine for a subscription met for the first time, its new row locked.
-async fn create_and_lock(
-    conn: &mut PgConnection,
-    subscription_id: SubscriptionId,
-) -> Result<SubscriptionMachine, StoreError> {
-    // Two workers meeting a new subscription at once: the insert of one waits for the
-    // other's commit, then does nothing, and both go on to the same row lock.
-    subscriptions::insert_new(conn, &SubscriptionMachine::new(subscription_id)).await?;
-    subscriptions::lock_machine(conn, subscription_id.as_uuid())
-        .await?
-        .ok_or(StoreError::Query(sqlx::Error::RowNotFound))
 }
 
 /// The event-log row of `event` from `source`, deciding nothing yet.
@@ -352,11 +707,11 @@ async fn reschedule_notices(
     conn: &mut PgConnection,
     id: Uuid,
     machine: &SubscriptionMachine,
+    since: OffsetDateTime,
     now: OffsetDateTime,
     policy: &NoticePolicy,
     event_id: Uuid,
 ) -> Result<(), StoreError> {
-    let since = notices::state_since(conn, id).await?.unwrap_or(now);
     let owed = notice::plan(machine.state(), since, machine.details(), now, policy);
     let pending = notices::pending_keys(conn, id).await?;
     let changes = notice::changes(&pending, &owed);
@@ -406,7 +761,14 @@ pub async fn record_in(
     record: &EffectRecord,
     now: OffsetDateTime,
 ) -> Result<Option<Uuid>, StoreError> {
-    let row = LogRow {
+    let row = record_row(record, now);
+    let appended = ledger::append(conn, subscription_id, &row).await?;
+    Ok(appended.map(|_| row.id))
+}
+
+/// The event-log row of `record`.
+fn record_row(record: &EffectRecord, now: OffsetDateTime) -> LogRow {
+    LogRow {
         id: Uuid::now_v7(),
         message_id: None,
         event_key: record.event_key.clone(),
@@ -421,7 +783,5 @@ pub async fn record_in(
         trace_id: None,
         recorded_at: now,
         received_at: None,
-    };
-    let appended = ledger::append(conn, subscription_id, None, &row).await?;
-    Ok(appended.map(|_| row.id))
+    }
 }

@@ -23,7 +23,8 @@
 //! The batcher takes up to `apply_batch` ready heads of different subscriptions
 //! ([`next_window`]: the earliest ACK deadline first, applied in subscription-id order so
 //! two workers lock rows in the same order) and applies them in one transaction, one
-//! commit; then acks them, frees their lanes, and starts all their effects in one
+//! commit, through one [`apply::apply_many`] (one statement per table for the window); then
+//! acks them, frees their lanes, and starts all their effects in one
 //! [`EffectRunner::execute_now`]. A message that fails makes the window run again with a
 //! savepoint each: it is rolled back to its savepoint alone and takes the same way as
 //! unbatched; one that lost a deadlock or a
@@ -893,36 +894,33 @@ impl MessageHandler {
         }
     }
 
-    /// Every message of the window in one transaction without savepoints; `None` when one
-    /// of them failed (the transaction is rolled back: nothing of it committed).
+    /// Every message of the window in one transaction without savepoints, through one
+    /// [`apply::apply_many`] (a handful of statements for the whole window); `None` when it
+    /// failed (the transaction is rolled back: nothing of it committed).
     async fn apply_all_or_nothing(
         &self,
         window: &[Waiting],
     ) -> Result<Option<Vec<ApplyOutcome>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(window.len());
-        for waiting in window {
-            let ready = &waiting.ready;
-            let command = self.command(ready);
-            match apply::apply_in(&mut tx, &self.policy, &command)
-                .instrument(ready.span.clone())
-                .await
-            {
-                Ok(outcome) => outcomes.push(outcome),
-                Err(error) => {
-                    ready.span.in_scope(|| {
-                        tracing::info!(
-                            %error,
-                            "the message's apply failed; applying its window again with a savepoint each"
-                        );
-                    });
-                    tx.rollback().await?;
-                    return Ok(None);
-                }
+        let commands: Vec<Apply<'_>> = window
+            .iter()
+            .map(|waiting| self.command(&waiting.ready))
+            .collect();
+        match apply::apply_many(&mut tx, &self.policy, &commands).await {
+            Ok(outcomes) => {
+                tx.commit().await?;
+                Ok(Some(outcomes))
+            }
+            Err(error) => {
+                tracing::info!(
+                    %error,
+                    messages = window.len(),
+                    "the window's apply failed; applying it again with a savepoint each"
+                );
+                tx.rollback().await?;
+                Ok(None)
             }
         }
-        tx.commit().await?;
-        Ok(Some(outcomes))
     }
 
     /// The window's transaction with each message under its own savepoint: one that fails

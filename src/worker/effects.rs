@@ -44,7 +44,9 @@ use crate::store::outbox::{
     self, ClaimedBatch, EffectKind, End, OutboxRow, PublisherOperationUpdate,
 };
 use crate::store::usage::{self, HourSettlement};
-use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Runs};
+use crate::worker::apply::{
+    self, Apply, ApplyOutcome, EffectRecord, Entry, EntryOutcome, EventSource, Runs,
+};
 use crate::worker::protocol::acknowledge::ACK_WINDOW;
 use crate::worker::protocol::metering::{
     self, MeteringProgress, MeteringTurn, Settlement, UsageBatch,
@@ -193,7 +195,7 @@ impl CallLog {
 /// What an execution writes besides its row's end: event-log records of the calls made,
 /// the state of a publisher command, and results fed back through the machine. Collected
 /// while Microsoft is called and written in the claim's transaction by
-/// [`EffectRunner::settle`].
+/// [`EffectRunner::settle_batch`].
 enum Write {
     Record(EffectRecord),
     Command(PublisherOperationUpdate),
@@ -262,67 +264,96 @@ impl std::ops::Deref for Execution {
     }
 }
 
-/// Writes an execution's records and feeds, in order, in `conn`'s transaction; returns the
-/// decisions the feeds made (to count and to run their effects after commit).
+/// Writes the records and feeds of executions (each with its rows' writes) in `conn`'s
+/// transaction: each execution's other writes in order, then the confirmations they made
+/// needless in one statement, then every record and feed of them all, in order, through one
+/// [`apply::write_many`] (one statement per table for the batch). Returns the decisions the feeds made (to count and to run their effects after
+/// commit).
 async fn write_all(
     conn: &mut sqlx::PgConnection,
-    row: &OutboxRow,
-    writes: Vec<Write>,
+    executions: &[(&OutboxRow, &[Write])],
     policy: &Policy,
 ) -> Result<Vec<(Event, ApplyOutcome)>, StoreError> {
     let now = OffsetDateTime::now_utc();
-    let mut fed = Vec::new();
-    for write in writes {
-        match write {
-            Write::Record(record) => {
-                apply::record_in(conn, row.subscription_id, &record, now).await?;
-            }
-            Write::Command(update) => outbox::upsert_publisher_operation(conn, &update).await?,
-            Write::OperationEnded {
-                operation_id,
-                status,
-            } => outbox::finish_publisher_operation(conn, operation_id, status).await?,
-            Write::Feed { event, source } => {
-                let command = Apply::new(
-                    SubscriptionId::from(row.subscription_id),
-                    &event,
-                    &source,
+    let mut entries = Vec::new();
+    let mut confirmed = Vec::new();
+    for (row, writes) in executions {
+        for write in *writes {
+            match write {
+                Write::Record(record) => entries.push(Entry::Record {
+                    subscription_id: row.subscription_id,
+                    record,
                     now,
-                )
-                // This runner goes on with them: the chain, or its own wake-up when the
-                // row ends.
-                .run_by(Runs::Here);
-                let outcome = apply::apply_in(conn, policy, &command).await?;
-                fed.push((event, outcome));
-            }
-            Write::UsageSettled(settled) => {
-                for settlement in &settled {
-                    usage::settle_hour(
-                        conn,
-                        &HourSettlement {
-                            hour_id: settlement.hour_id,
-                            status: settlement.outcome.as_str(),
-                            usage_event_id: settlement.usage_event_id.clone(),
-                            billed_quantity: settlement.billed_quantity,
-                            reason: settlement.reason.clone(),
-                        },
+                }),
+                Write::Feed { event, source } => entries.push(Entry::Apply(
+                    Apply::new(
+                        SubscriptionId::from(row.subscription_id),
+                        event,
+                        source,
+                        now,
                     )
-                    .await?;
-                    metrics::record_usage_settled(settlement.outcome.as_str());
+                    // This runner goes on with them: the chain, or its own wake-up when
+                    // the row ends.
+                    .run_by(Runs::Here),
+                )),
+                Write::ConfirmationKnown { operation_id } => {
+                    confirmed.push((row.subscription_id, *operation_id));
                 }
+                other => write_other(conn, other).await?,
             }
-            Write::UsageSent(hours) => {
-                usage::count_sends(conn, &hours).await?;
-                metrics::record_usage_submitted(hours.len());
-            }
-            Write::ConfirmationKnown { operation_id } => {
-                outbox::complete_confirmation(conn, row.subscription_id, operation_id).await?;
-            }
-            // Taken out by the settle, which writes a batch's events together.
-            Write::Published(_) => {}
         }
     }
-    Ok(fed)
+    if !confirmed.is_empty() {
+        outbox::complete_confirmations(conn, &confirmed).await?;
+    }
+    let outcomes = apply::write_many(conn, policy, &entries).await?;
+    Ok(entries
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(step, outcome)| match (step, outcome) {
+            (Entry::Apply(command), EntryOutcome::Applied(outcome)) => {
+                Some((command.event.clone(), outcome))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// An execution's write other than a record, a feed or a known confirmation.
+async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(), StoreError> {
+    match write {
+        Write::Command(update) => outbox::upsert_publisher_operation(conn, update).await?,
+        Write::OperationEnded {
+            operation_id,
+            status,
+        } => outbox::finish_publisher_operation(conn, *operation_id, *status).await?,
+        Write::UsageSettled(settled) => {
+            for settlement in settled {
+                usage::settle_hour(
+                    conn,
+                    &HourSettlement {
+                        hour_id: settlement.hour_id,
+                        status: settlement.outcome.as_str(),
+                        usage_event_id: settlement.usage_event_id.clone(),
+                        billed_quantity: settlement.billed_quantity,
+                        reason: settlement.reason.clone(),
+                    },
+                )
+                .await?;
+                metrics::record_usage_settled(settlement.outcome.as_str());
+            }
+        }
+        Write::UsageSent(hours) => {
+            usage::count_sends(conn, hours).await?;
+            metrics::record_usage_submitted(hours.len());
+        }
+        // Written by `write_all` and by the settle, which writes a batch's events together.
+        Write::Record(_)
+        | Write::Feed { .. }
+        | Write::ConfirmationKnown { .. }
+        | Write::Published(_) => {}
+    }
+    Ok(())
 }
 
 /// Counts effects being executed (for "run until idle").
@@ -679,9 +710,10 @@ impl EffectRunner {
     }
 
     /// Ends the rows of a batch as their dispositions say, in the batch's transaction (one
-    /// commit): each row's records and feeds (through `apply::apply_in`) in a savepoint of
-    /// its own, so one whose writes fail is retried with the database error instead
-    /// (counting an attempt) while the others stand; then the batch's published domain
+    /// commit): every row's records and feeds at once (through `apply::write_many`: one
+    /// statement per table for the batch) in one savepoint — if that fails, each row's in a
+    /// savepoint of its own, so one whose writes fail is retried with the database error
+    /// instead (counting an attempt) while the others stand; then the batch's published domain
     /// events into the ISV's feed, with their deliveries, in one savepoint (the feed's lock
     /// is taken last and held only until the commit); then every row's end, one statement
     /// per kind of end ([`ClaimedBatch::end`]).
@@ -695,9 +727,10 @@ impl EffectRunner {
         // deadlocking.
         executed.sort_by_key(|(execution, _, _)| execution.subscription_id);
         let mut fed = Vec::new();
-        // Per row of `executed`: the domain events it published.
+        // Per row of `executed`: the domain events it published, and its other writes.
         let mut published: Vec<Vec<Published>> = Vec::with_capacity(executed.len());
-        for (execution, disposition, span) in &mut executed {
+        let mut writes_of: Vec<Vec<Write>> = Vec::with_capacity(executed.len());
+        for (execution, disposition, _) in &mut executed {
             if let Disposition::Dead { reason, .. } = &*disposition {
                 self.record_dead(execution, reason);
             }
@@ -714,24 +747,61 @@ impl EffectRunner {
                     })
                     .collect(),
             );
-            if writes.is_empty() {
-                continue;
-            }
+            writes_of.push(writes);
+        }
+        // Every row's writes at once, in one savepoint; if that fails, row by row, each in
+        // a savepoint of its own, so only the rows whose writes fail are retried.
+        let at_once = if writes_of.iter().all(Vec::is_empty) {
+            Some(Vec::new())
+        } else {
+            let rows: Vec<(&OutboxRow, &[Write])> = executed
+                .iter()
+                .zip(&writes_of)
+                .filter(|(_, writes)| !writes.is_empty())
+                .map(|((execution, _, _), writes)| (&execution.row, writes.as_slice()))
+                .collect();
             let mut savepoint = batch.savepoint().await?;
-            match write_all(&mut savepoint, &execution.row, writes, &self.inner.policy)
-                .instrument(span.clone())
-                .await
-            {
+            match write_all(&mut savepoint, &rows, &self.inner.policy).await {
                 Ok(applied) => {
                     savepoint.commit().await?;
-                    fed.extend(applied);
+                    Some(applied)
                 }
                 Err(error) => {
                     drop(savepoint);
-                    span.in_scope(|| {
-                        tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
-                    });
-                    *disposition = self.database_failure(execution, error);
+                    tracing::info!(%error, rows = rows.len(), "cannot write the batch's results at once; writing them row by row");
+                    None
+                }
+            }
+        };
+        match at_once {
+            Some(applied) => fed.extend(applied),
+            None => {
+                for ((execution, disposition, span), writes) in executed.iter_mut().zip(&writes_of)
+                {
+                    if writes.is_empty() {
+                        continue;
+                    }
+                    let mut savepoint = batch.savepoint().await?;
+                    match write_all(
+                        &mut savepoint,
+                        &[(&execution.row, writes.as_slice())],
+                        &self.inner.policy,
+                    )
+                    .instrument(span.clone())
+                    .await
+                    {
+                        Ok(applied) => {
+                            savepoint.commit().await?;
+                            fed.extend(applied);
+                        }
+                        Err(error) => {
+                            drop(savepoint);
+                            span.in_scope(|| {
+                                tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
+                            });
+                            *disposition = self.database_failure(execution, error);
+                        }
+                    }
                 }
             }
         }

@@ -77,7 +77,7 @@ pub async fn emit_notice(
         recorded_at: now,
         received_at: None,
     };
-    let Some(sequence) = ledger::append(&mut tx, subscription_id, None, &log).await? else {
+    let Some(sequence) = ledger::append(&mut tx, subscription_id, &log).await? else {
         return Ok(None);
     };
     outbox::enqueue(
