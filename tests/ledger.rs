@@ -9,6 +9,7 @@ use fulfillment_state_machine::{
     StateName, SubscriptionId, Webhook, WebhookAction,
 };
 use marketplace_fulfillment::queue::InboxKey;
+use marketplace_fulfillment::store::MIGRATOR;
 use marketplace_fulfillment::store::subscriptions;
 use marketplace_fulfillment::worker::apply::{
     self, Apply, ApplyOutcome, EffectRecord, Entry, EntryOutcome, EventSource, Expected,
@@ -521,14 +522,9 @@ async fn a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_worker()
 async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration() {
     // A worker of the version before `subscriptions.last_sequence` appended with
     // max(sequence) + 1 and left the counter behind; the appends of this version read only
-    // the counter, so migration 20261209020000 catches it up once.
-    use marketplace_fulfillment::store::{self, MIGRATOR};
-    use sqlx::migrate::MigrateDatabase;
-    let db = TestDatabase::new();
-    let url = db.url().expose();
-    sqlx::Postgres::create_database(url).await.unwrap();
-    let pool = PgPool::connect(url).await.unwrap();
-    MIGRATOR.run_to(20261209015959, &pool).await.unwrap();
+    // the counter, so migration 20261209020000 catches it up once. Its SQL runs here on
+    // today's schema (this version's apply cannot write to the schema of its time).
+    let (_db, pool) = TestDatabase::migrated().await;
     let id = SubscriptionId::from(Uuid::new_v4());
     let policy = Policy::default();
     seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &policy).await;
@@ -543,7 +539,14 @@ async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration(
     .execute(&pool)
     .await
     .unwrap();
-    store::migrate(&db.settings.database).await.unwrap();
+    let migration = MIGRATOR
+        .iter()
+        .find(|migration| migration.version == 20261209020000)
+        .expect("the catch-up migration");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql.as_str().to_owned()))
+        .execute(&pool)
+        .await
+        .unwrap();
     let now = OffsetDateTime::now_utc();
     for expected in [3, 4] {
         let outcome = apply_renew(&pool, id, Uuid::new_v4(), now, &policy).await;
@@ -552,7 +555,6 @@ async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration(
         };
         assert_eq!(applied.sequence, expected);
     }
-    pool.close().await;
 }
 
 /// The subscriptions of the window test, by role.

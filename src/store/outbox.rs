@@ -267,6 +267,10 @@ pub struct OutboxRow {
     /// for other kinds (and for ACK rows queued before the column existed).
     #[sqlx(default)]
     pub due_at: Option<OffsetDateTime>,
+    /// A `publish_domain_event` row's CloudEvent id, fixed when its decision queued it.
+    /// `None` for other kinds and for rows queued without it (see [`domain_event_position`]).
+    #[sqlx(default)]
+    pub cloud_event_id: Option<String>,
 }
 
 /// A claimed row: its lock lives as long as this value; end it with one of the methods.
@@ -280,7 +284,8 @@ pub struct Claimed {
 /// The columns of [`OutboxRow`], as the claim queries select them. The claim queries are
 /// assembled from these constants and the kinds' own words only (hence `AssertSqlSafe`).
 const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect, o.attempts, \
-     o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent, o.due_at";
+     o.correlation_id, o.last_error, o.progress, o.created_at, o.traceparent, o.due_at, \
+     o.cloud_event_id";
 
 /// The claim order (see the module docs): ACK rows by deadline (`due_at` is NULL for every
 /// other row, and NULL sorts last), then the subscriptions with an ACK pending, then the
@@ -729,6 +734,8 @@ pub struct NewRow<'a> {
     pub first: bool,
     /// An ACK row's deadline (see [`NewRows::ack_due_at`]).
     pub due_at: Option<OffsetDateTime>,
+    /// A domain-event row's CloudEvent id ([`OutboxRow::cloud_event_id`]).
+    pub cloud_event_id: Option<String>,
     pub now: OffsetDateTime,
 }
 
@@ -748,13 +755,15 @@ pub async fn enqueue_many(
                AND priority <> 0 FOR UPDATE SKIP LOCKED) RETURNING 1) \
          INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
          correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority, \
-         due_at) \
+         due_at, cloud_event_id) \
          SELECT r.id, r.subscription_id, r.event_id, r.event_sequence, r.kind, r.effect, \
-             r.correlation_id, r.now, r.now, r.now, r.traceparent, r.priority, r.due_at \
+             r.correlation_id, r.now, r.now, r.now, r.traceparent, r.priority, r.due_at, \
+             r.cloud_event_id \
          FROM unnest($2::uuid[], $3::uuid[], $4::uuid[], $5::int8[], $6::text[], $7::jsonb[], \
-             $8::text[], $9::timestamptz[], $10::text[], $11::int2[], $12::timestamptz[]) \
+             $8::text[], $9::timestamptz[], $10::text[], $11::int2[], $12::timestamptz[], \
+             $13::text[]) \
            AS r (id, subscription_id, event_id, event_sequence, kind, effect, correlation_id, \
-             now, traceparent, priority, due_at)",
+             now, traceparent, priority, due_at, cloud_event_id)",
     )
     .bind(put_first)
     .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
@@ -772,6 +781,11 @@ pub async fn enqueue_many(
             .collect::<Vec<_>>(),
     )
     .bind(rows.iter().map(|r| r.due_at).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.cloud_event_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -831,7 +845,9 @@ pub async fn event_kind(pool: &PgPool, event_id: Uuid) -> Result<Option<String>,
 }
 
 /// Where the effect row stands among the `publish_domain_event` rows of its decision:
-/// `(1-based position, how many)`. Gives each CloudEvent a stable id.
+/// `(1-based position, how many)`. Gives each CloudEvent a stable id when the row was
+/// queued without [`OutboxRow::cloud_event_id`] (the notice emitter's rows, rows older than
+/// the column); a decision's rows carry it.
 pub async fn domain_event_position(
     pool: &PgPool,
     row: &OutboxRow,

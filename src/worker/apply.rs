@@ -29,7 +29,7 @@ use crate::store::ledger::{self, LogOutcome, LogRow};
 use crate::store::outbox::{self, EffectKind};
 use crate::store::subscriptions::{self, LockedRow, SavedMachine};
 use crate::store::{StoreError, notices};
-use crate::worker::protocol::acknowledge;
+use crate::worker::protocol::{acknowledge, publish};
 
 /// Where an event came from, for the inbox and the event log.
 #[derive(Debug, Clone, Default)]
@@ -491,8 +491,18 @@ impl<'c> Plan<'c> {
                 acknowledging.push((id, plan.outbox.len() + decision.effects.len()));
             }
             let outbox_ids: Vec<Uuid> = decision.effects.iter().map(|_| Uuid::now_v7()).collect();
+            let published = decision
+                .effects
+                .iter()
+                .filter(|effect| EffectKind::of(effect) == EffectKind::PublishDomainEvent)
+                .count();
+            let mut position = 0;
             for (effect, outbox_id) in decision.effects.iter().zip(&outbox_ids) {
                 let kind = EffectKind::of(effect);
+                let cloud_event_id = (kind == EffectKind::PublishDomainEvent).then(|| {
+                    position += 1;
+                    publish::cloud_event_id(event_id, position, published)
+                });
                 plan.outbox.push(outbox::NewRow {
                     id: *outbox_id,
                     subscription_id: id,
@@ -507,6 +517,7 @@ impl<'c> Plan<'c> {
                     // without one (none today) counts from now.
                     due_at: (kind == EffectKind::AckOperation)
                         .then(|| source.received_at.unwrap_or(now) + acknowledge::ACK_WINDOW),
+                    cloud_event_id,
                     now,
                 });
             }

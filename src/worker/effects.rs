@@ -53,7 +53,7 @@ use crate::worker::protocol::metering::{
 };
 use crate::worker::protocol::{
     self, Answer, Answered, Call, CommandRecord, CommandStatus, GiveUpWhy, Progress,
-    ProtocolConfig, Record, Step, Turn,
+    ProtocolConfig, Record, Step, Turn, publish,
 };
 
 pub use crate::worker::protocol::retry_delay;
@@ -1202,11 +1202,15 @@ impl EffectRunner {
         row: &Execution,
         event: &DomainEvent,
     ) -> Result<Answer, StoreError> {
-        let (position, total) = outbox::domain_event_position(&self.inner.pool, row).await?;
-        let id = if total > 1 {
-            format!("{}:{position}", row.event_id)
-        } else {
-            row.event_id.to_string()
+        let id = match &row.cloud_event_id {
+            Some(id) => id.clone(),
+            // Queued without it (the notice emitter, rows older than the column).
+            None => {
+                let (position, total) =
+                    outbox::domain_event_position(&self.inner.pool, row).await?;
+                let position = usize::try_from(position).unwrap_or(0);
+                publish::cloud_event_id(row.event_id, position, usize::try_from(total).unwrap_or(0))
+            }
         };
         let mut body = cloud_event(&id, row.subscription_id, event, row.created_at);
         if event.kind == fulfillment_state_machine::DomainEventKind::Activated {
