@@ -6,10 +6,13 @@
 //!   thousand webhooks), and then axum's accept loop only sleeps and retries. At the limit
 //!   the next connection is not accepted until one closes: it waits in the kernel's accept
 //!   queue ([`BACKLOG`]), handshake done, and is served in its turn. Nothing is refused.
-//!   Keep the limit below `ulimit -n`. It is not a memory knob: in `bench burst` (5,000
-//!   webhooks at once) a limit of 512 left the ingress's peak RSS where it was (69–82 MiB
-//!   against 82 MiB without one), and connections idle under the limit hold their place
-//!   until the idle timeout, so a low limit can make other callers wait.
+//!   Keep the limit below `ulimit -n`. It is not a memory knob: a burst of 5,000 webhooks
+//!   (`bench burst`) holds about 650 connections open at once, and an open connection
+//!   costs about 25 KiB (hyper's buffers, its task; the router is shared, see
+//!   [`Application::run_until_stopped`](super::Application::run_until_stopped)), so the
+//!   ingress peaks near 48 MiB (24 MiB of it the binary's code pages). Connections
+//!   idle under the limit hold their place until the idle timeout, so a low limit can make
+//!   other callers wait.
 //! - **An idle connection is closed after `http.idle_timeout_secs`**
 //!   (`HTTP_IDLE_TIMEOUT_SECS`): a socket that has sent nothing for that long (an idle
 //!   keep-alive, a client that stalled mid-request) or does not take our answer is closed,
