@@ -6,10 +6,16 @@
 //!   thousand webhooks), and then axum's accept loop only sleeps and retries. At the limit
 //!   the next connection is not accepted until one closes: it waits in the kernel's accept
 //!   queue ([`BACKLOG`]), handshake done, and is served in its turn. Nothing is refused.
-//!   Keep the limit below `ulimit -n`. It is not a memory knob: in `bench burst` (5,000
-//!   webhooks at once) a limit of 512 left the ingress's peak RSS where it was (69–82 MiB
-//!   against 82 MiB without one), and connections idle under the limit hold their place
-//!   until the idle timeout, so a low limit can make other callers wait.
+//!   Keep the limit below `ulimit -n`. The limit bounds the ingress's memory: an open
+//!   connection costs about 25 KiB (hyper's buffers, its task; the router is shared, see
+//!   [`Application::run_until_stopped`](super::Application::run_until_stopped)), on top of
+//!   about 33 MiB idle (24 MiB of it the binary's code pages). `bench burst` (5,000 webhooks
+//!   at once) held 400 to 2,000 connections open at the default limit (peak RSS 41 to
+//!   116 MiB, depending on how fast RabbitMQ confirmed); at most 512 with
+//!   `HTTP_MAX_CONNECTIONS=512` (45.5 and 49.4 MiB), 256 with `256` (40.8 MiB), none
+//!   refused or lost and no fewer acknowledged in time. While every place is taken each answer closes
+//!   its connection ([`close_when_full`]), so the connections waiting behind keep-alive ones
+//!   get their turn without waiting for the idle timeout.
 //! - **An idle connection is closed after `http.idle_timeout_secs`**
 //!   (`HTTP_IDLE_TIMEOUT_SECS`): a socket that has sent nothing for that long (an idle
 //!   keep-alive, a client that stalled mid-request) or does not take our answer is closed,
@@ -28,6 +34,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::http::header::CONNECTION;
+use axum::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -84,6 +94,11 @@ impl LimitedListener {
         self.inner.local_addr()
     }
 
+    /// A handle that tells whether every place is taken (see [`close_when_full`]).
+    pub fn saturation(&self) -> Saturation {
+        Saturation(Arc::clone(&self.places))
+    }
+
     async fn place(&mut self) -> OwnedSemaphorePermit {
         if let Ok(place) = self.places.clone().try_acquire_owned() {
             self.saturated = false;
@@ -127,6 +142,31 @@ impl axum::serve::Listener for LimitedListener {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+}
+
+/// Whether the listener has every place under its limit taken; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Saturation(Arc<Semaphore>);
+
+impl Saturation {
+    pub fn is_full(&self) -> bool {
+        self.0.available_permits() == 0
+    }
+}
+
+/// Response middleware: while every place is taken, the answer carries `Connection:
+/// close`, so hyper closes the connection after it and a connection waiting in the accept
+/// queue gets the place. Without it the places stay with keep-alive connections (a burst's
+/// client keeps each one it opened) and the connections behind them wait until the idle
+/// timeout, past Microsoft's 10 s.
+pub async fn close_when_full(State(saturation): State<Saturation>, response: Response) -> Response {
+    let mut response = response;
+    if saturation.is_full() {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// One accepted connection: the socket with its idle timeouts, and its place under the
@@ -217,6 +257,29 @@ mod tests {
         )
         .await;
         assert!(accepted.is_ok(), "not accepted after a place was freed");
+    }
+
+    #[tokio::test]
+    async fn answers_close_the_connection_only_while_every_place_is_taken() {
+        let mut listener = listener(1, Duration::from_secs(30));
+        let saturation = listener.saturation();
+        let connection_header = |response: Response| {
+            response
+                .headers()
+                .get(CONNECTION)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let answer = close_when_full(State(saturation.clone()), Response::default()).await;
+        assert_eq!(connection_header(answer), None);
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (connection, _) = axum::serve::Listener::accept(&mut listener).await;
+        let answer = close_when_full(State(saturation.clone()), Response::default()).await;
+        assert_eq!(connection_header(answer).as_deref(), Some("close"));
+        drop(connection);
+        let answer = close_when_full(State(saturation), Response::default()).await;
+        assert_eq!(connection_header(answer), None);
     }
 
     #[tokio::test]

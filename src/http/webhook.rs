@@ -190,6 +190,9 @@ pub async fn receive(
             }
         })?;
     let webhook = VerifiedWebhook::parse(caller, &body)?;
+    // The body is a slice of the connection's read buffer, which hyper cannot reuse while
+    // it is alive: held through the publish, every webhook in flight kept a second buffer.
+    drop(body);
     let correlation_id = webhook.activity_id.unwrap_or_else(Uuid::new_v4);
     let span = tracing::info_span!(
         "webhook",
