@@ -1,7 +1,7 @@
 //! The ingress's listening socket, with two limits axum's own `serve` does not have.
 //!
 //! - **At most `http.max_connections` connections at once** (`HTTP_MAX_CONNECTIONS`, default
-//!   4,096). Without a limit every connection is accepted until the process runs out of file
+//!   256, [`DEFAULT_MAX_CONNECTIONS`](crate::settings::DEFAULT_MAX_CONNECTIONS)). Without a limit every connection is accepted until the process runs out of file
 //!   descriptors (under systemd's default soft limit of 1,024 that is a burst of about a
 //!   thousand webhooks), and then axum's accept loop only sleeps and retries. At the limit
 //!   the next connection is not accepted until one closes: it waits in the kernel's accept
@@ -10,9 +10,9 @@
 //!   connection costs about 25 KiB (hyper's buffers, its task; the router is shared, see
 //!   [`Application::run_until_stopped`](super::Application::run_until_stopped)), on top of
 //!   about 33 MiB idle (24 MiB of it the binary's code pages). `bench burst` (5,000 webhooks
-//!   at once) held 400 to 2,000 connections open at the default limit (peak RSS 41 to
+//!   at once) held 400 to 2,000 connections open with a limit of 4,096 (peak RSS 41 to
 //!   116 MiB, depending on how fast RabbitMQ confirmed); at most 512 with
-//!   `HTTP_MAX_CONNECTIONS=512` (45.5 and 49.4 MiB), 256 with `256` (40.8 MiB), none
+//!   `HTTP_MAX_CONNECTIONS=512` (45.5 and 49.4 MiB), 256 at the default (40.8 MiB), none
 //!   refused or lost and no fewer acknowledged in time. While every place is taken each answer closes
 //!   its connection ([`close_when_full`]), so the connections waiting behind keep-alive ones
 //!   get their turn without waiting for the idle timeout.
