@@ -15,7 +15,7 @@ use std::time::Duration;
 use fulfillment_state_machine::{
     AckStatus, DomainEvent, DomainEventKind, Effect, OperationId, Quantity, StateName,
 };
-use marketplace_fulfillment::store::outbox::{self, EffectKind, NewRows};
+use marketplace_fulfillment::store::outbox::{self, EffectKind, NewRow};
 use marketplace_fulfillment::worker::EffectRunner;
 use serde_json::{Value, json};
 use stack::{Options, Stack};
@@ -58,24 +58,22 @@ async fn queue(
 ) -> Uuid {
     let id = Uuid::now_v7();
     let mut conn = stack.pool.acquire().await.unwrap();
-    outbox::enqueue(
-        &mut conn,
-        &NewRows {
-            subscription_id: subscription,
-            event_id: Uuid::now_v7(),
-            event_sequence,
-            correlation_id: None,
-            traceparent: None,
-            first: false,
-            ack_due_at,
-            now: OffsetDateTime::now_utc(),
-            ids: &[id],
-            kinds: &[EffectKind::of(effect)],
-            effects: &[serde_json::to_value(effect).unwrap()],
-        },
-    )
-    .await
-    .unwrap();
+    let kind = EffectKind::of(effect);
+    let row = NewRow {
+        id,
+        subscription_id: subscription,
+        event_id: Uuid::now_v7(),
+        event_sequence,
+        kind,
+        effect: serde_json::to_value(effect).unwrap(),
+        correlation_id: None,
+        traceparent: None,
+        first: false,
+        due_at: ack_due_at.filter(|_| kind == EffectKind::AckOperation),
+        cloud_event_id: None,
+        now: OffsetDateTime::now_utc(),
+    };
+    outbox::enqueue_many(&mut conn, &[], &[row]).await.unwrap();
     id
 }
 

@@ -1,5 +1,5 @@
 //! The outbox: effects the machine decided, queued with their transition by the worker's
-//! apply ([`enqueue`]), executed afterwards by the effect runner.
+//! apply ([`enqueue_many`]), executed afterwards by the effect runner.
 //!
 //! A runner claims due rows with `FOR UPDATE SKIP LOCKED` — many in one statement
 //! ([`claim_due`], [`claim_ids`]: a [`ClaimedBatch`]; a kind with runners of its own one at a
@@ -669,54 +669,6 @@ impl Claimed {
     }
 }
 
-/// The outbox rows of one decision, in the machine's order.
-#[derive(Debug)]
-pub struct NewRows<'a> {
-    pub subscription_id: Uuid,
-    /// The event-log row of the decision, and its sequence (the rows' order).
-    pub event_id: Uuid,
-    pub event_sequence: i64,
-    pub correlation_id: Option<&'a str>,
-    pub traceparent: Option<&'a str>,
-    /// Ahead of other subscriptions' rows (an ACK is among them, P7).
-    pub first: bool,
-    /// The deadline of the decision's ACK rows (the webhook's receipt plus Microsoft's
-    /// window, P7): the claim order puts them by it, ahead of every other row. Only
-    /// `ack_operation` rows get it.
-    pub ack_due_at: Option<OffsetDateTime>,
-    pub now: OffsetDateTime,
-    pub ids: &'a [Uuid],
-    pub kinds: &'a [EffectKind],
-    pub effects: &'a [Value],
-}
-
-/// Inserts a decision's rows: one statement.
-pub async fn enqueue(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect, \
-         correlation_id, next_attempt_at, created_at, updated_at, traceparent, priority, \
-         due_at) \
-         SELECT effect.id, $1, $2, $3, effect.kind, effect.body, $4, $5, $5, $5, $6, $7, \
-             CASE WHEN effect.kind = $11 THEN $12::timestamptz END \
-         FROM unnest($8::uuid[], $9::text[], $10::jsonb[]) AS effect (id, kind, body)",
-    )
-    .bind(rows.subscription_id)
-    .bind(rows.event_id)
-    .bind(rows.event_sequence)
-    .bind(rows.correlation_id)
-    .bind(rows.now)
-    .bind(rows.traceparent)
-    .bind(if rows.first { 0_i16 } else { 1 })
-    .bind(rows.ids)
-    .bind(rows.kinds)
-    .bind(rows.effects)
-    .bind(EffectKind::AckOperation)
-    .bind(rows.ack_due_at)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// One row a window of decisions queues ([`enqueue_many`]).
 #[derive(Debug, Clone)]
 pub struct NewRow<'a> {
@@ -732,7 +684,8 @@ pub struct NewRow<'a> {
     /// Ahead of other subscriptions' rows (an ACK of its subscription is queued with it or
     /// after it, P7).
     pub first: bool,
-    /// An ACK row's deadline (see [`NewRows::ack_due_at`]).
+    /// An ACK row's deadline: the webhook's receipt plus Microsoft's window (P7); the claim
+    /// order puts ACK rows by it, ahead of every other row. `None` for other kinds.
     pub due_at: Option<OffsetDateTime>,
     /// A domain-event row's CloudEvent id ([`OutboxRow::cloud_event_id`]).
     pub cloud_event_id: Option<String>,

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::store::ledger::{self, LogOutcome, LogRow};
-use crate::store::outbox::{self, EffectKind, NewRows};
+use crate::store::outbox::{self, EffectKind, NewRow};
 use crate::store::{StoreError, notices, subscriptions};
+use crate::worker::protocol::publish;
 
 /// Most notices one pass emits; the next pass takes the rest.
 const BATCH: i64 = 100;
@@ -80,23 +81,23 @@ pub async fn emit_notice(
     let Some(sequence) = ledger::append(&mut tx, subscription_id, &log).await? else {
         return Ok(None);
     };
-    outbox::enqueue(
-        &mut tx,
-        &NewRows {
-            subscription_id,
-            event_id: log.id,
-            event_sequence: sequence,
-            correlation_id: None,
-            traceparent: None,
-            first: false,
-            ack_due_at: None,
-            now,
-            ids: &[Uuid::now_v7()],
-            kinds: &[EffectKind::of(&effect)],
-            effects: &effects,
-        },
-    )
-    .await?;
+    let kind = EffectKind::of(&effect);
+    let row = NewRow {
+        id: Uuid::now_v7(),
+        subscription_id,
+        event_id: log.id,
+        event_sequence: sequence,
+        kind,
+        effect: effects[0].clone(),
+        correlation_id: None,
+        traceparent: None,
+        first: false,
+        due_at: None,
+        cloud_event_id: (kind == EffectKind::PublishDomainEvent)
+            .then(|| publish::cloud_event_id(log.id, 1, 1)),
+        now,
+    };
+    outbox::enqueue_many(&mut tx, &[], &[row]).await?;
     outbox::notify_runners(&mut tx).await?;
     notices::mark_sent(&mut tx, notice_id, log.id, now).await?;
     tx.commit().await?;
