@@ -1,9 +1,9 @@
 //! `subscription_events`: the append-only event log — one row per event the machine decided
 //! on, per duplicate the inbox caught, per effect execution and per notice emitted.
-//! [`append`] writes a row that decides nothing, taking the subscription's next sequence
-//! under its row lock; [`append_many`] writes a window of decisions (and duplicates) with
-//! the sequences their caller took under the rows' locks, and saves the machines in the
-//! same statement.
+//! [`append_many`] writes a window of decisions (and duplicates) with the sequences their
+//! caller took under the rows' locks, and saves the machines in the same statement; its
+//! `INSERT` is the log's only one. [`append`] writes one row that decides nothing, taking the
+//! subscription's next sequence under its row lock first.
 //! What goes into a row is the caller's (`worker::apply`); this module only writes it.
 
 use serde_json::Value;
@@ -68,44 +68,35 @@ pub struct LogRow {
 }
 
 /// Appends `row` to the subscription's log without changing the subscription (a row that
-/// decides nothing: an effect execution, a notice), in one statement: an `UPDATE
-/// subscriptions` that holds its row takes the next sequence (the counter plus one; every
-/// writer keeps the counter — migration 20261209020000 caught up any a writer before it
-/// left behind — so the log itself is not read), and the `INSERT` uses it. The row's
-/// sequence, or `None` when we do not know the subscription (nothing is written).
+/// decides nothing: an effect execution, a notice): an `UPDATE subscriptions` that holds its
+/// row takes the next sequence (the counter plus one; every writer keeps the counter —
+/// migration 20261209020000 caught up any a writer before it left behind — so the log
+/// itself is not read), and [`append_many`]'s `INSERT`, the log's only one, writes the row.
+/// The row's sequence, or `None` when we do not know the subscription (nothing is written).
 pub async fn append(
     conn: &mut PgConnection,
     subscription_id: Uuid,
     row: &LogRow,
 ) -> Result<Option<i64>, StoreError> {
-    Ok(sqlx::query_scalar::<_, i64>(
-        "WITH s AS (UPDATE subscriptions SET last_sequence = last_sequence + 1 \
-           WHERE id = $1 RETURNING state, last_sequence) \
-         INSERT INTO subscription_events \
-         (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
-          to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
-          received_at) \
-         SELECT $2, $1, s.last_sequence, $3, $4, $5, $6, coalesce($7, s.state), s.state, $8, \
-                $9, $10, $11, $12, $13, $14, $15 FROM s \
-         RETURNING sequence",
+    let counted: Option<(String, i64)> = sqlx::query_as(
+        "UPDATE subscriptions SET last_sequence = last_sequence + 1 WHERE id = $1 \
+         RETURNING state, last_sequence",
     )
     .bind(subscription_id)
-    .bind(row.id)
-    .bind(&row.message_id)
-    .bind(&row.event_key)
-    .bind(&row.event_kind)
-    .bind(&row.event)
-    .bind(row.from_state)
-    .bind(row.outcome)
-    .bind(&row.reason)
-    .bind(&row.effects)
-    .bind(&row.correlation_id)
-    .bind(&row.request_id)
-    .bind(&row.trace_id)
-    .bind(row.recorded_at)
-    .bind(row.received_at)
     .fetch_optional(&mut *conn)
-    .await?)
+    .await?;
+    let Some((state, sequence)) = counted else {
+        return Ok(None);
+    };
+    let row = Sequenced {
+        subscription_id,
+        sequence,
+        to_state: &state,
+        row,
+    };
+    // The counter is taken: no counter for the window's own update.
+    append_many(conn, &[], &[row]).await?;
+    Ok(Some(sequence))
 }
 
 /// One row of a window's append: its sequence and the state the subscription is in after
