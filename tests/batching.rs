@@ -245,3 +245,56 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     tokio::try_join!(first.stop_within(within), second.stop_within(within)).unwrap();
     stack.finish().await;
 }
+
+#[tokio::test]
+async fn a_window_leaves_out_a_message_whose_row_another_transaction_holds_and_applies_it_later() {
+    let mut stack = Stack::start(Options::default()).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(stack.subscribed("per-seat", Some(5)).await);
+    }
+    stack.run_until_idle().await;
+    stack.stop_workers().await.unwrap();
+    // Another transaction (an effect runner's settle, say) holds the first row.
+    let mut holder = stack.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    for id in &ids {
+        let renewal = renew(*id, "2099-01-01T00:00:00Z");
+        stack.publish(&renewal, &format!("renew-{id}"), *id).await;
+    }
+    stack.start_worker().await;
+    let renewed = async |id: Uuid| {
+        stack
+            .events(id)
+            .await
+            .into_iter()
+            .filter(|e| e.event_kind == "WebhookRenew")
+            .map(|e| e.outcome)
+            .collect::<Vec<_>>()
+    };
+    // The others do not wait for it.
+    for id in &ids[1..] {
+        stack
+            .wait_for(&format!("{id} renewed"), || async {
+                (renewed(*id).await == [LogOutcome::Applied]).then_some(())
+            })
+            .await;
+    }
+    assert!(renewed(ids[0]).await.is_empty(), "applied under a held row");
+    let windows = stack.workers[0].consumer_activity().windows();
+    assert!(windows.left_out_busy > 0, "{windows:?}");
+    holder.rollback().await.unwrap();
+    stack.run_until_idle().await;
+    assert_eq!(renewed(ids[0]).await, [LogOutcome::Applied]);
+    assert!(
+        stack
+            .take_all(&stack.broker.topology().dead_letter_queue())
+            .await
+            .is_empty()
+    );
+    stack.finish().await;
+}

@@ -91,6 +91,8 @@ pub struct Windows {
     /// Messages in the largest one in which a message was rolled back to its savepoint
     /// while the others committed.
     pub largest_with_a_rollback: usize,
+    /// Times a window left a message out because another transaction held its row.
+    pub left_out_busy: u64,
 }
 
 impl Default for ConsumerActivity {
@@ -168,11 +170,15 @@ impl ConsumerActivity {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn record_window(&self, messages: usize, rolled_back: bool) {
+    fn record_window(&self, messages: usize, rolled_back: bool, busy: usize) {
         let mut windows = self
             .windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        windows.left_out_busy += busy as u64;
+        if messages == 0 {
+            return;
+        }
         windows.committed += 1;
         windows.largest = windows.largest.max(messages);
         if rolled_back {
@@ -313,6 +319,13 @@ const WINDOWS_IN_FLIGHT: usize = 2;
 /// message never waits.
 const WINDOW_LINGER: Duration = Duration::from_millis(2);
 
+/// How long a head whose row another transaction held waits before it is ready again.
+const BUSY_RETRY: Duration = Duration::from_millis(2);
+
+/// Windows that may leave a head out for a busy row; the last applies it alone, waiting
+/// for the row like any transaction (so a row held over and over cannot starve it).
+const MAX_TIMES_BUSY: u32 = 25;
+
 /// How much the consumer takes on at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumerLimits {
@@ -385,6 +398,8 @@ struct Waiting {
     ready: Ready,
     arrival: u64,
     done: oneshot::Sender<()>,
+    /// Windows that left it out because another transaction held its subscription's row.
+    busy: u32,
 }
 
 /// A message of a window that did not commit with it.
@@ -394,6 +409,9 @@ enum Together {
     /// lost a deadlock or a serialization race against another worker (40P01, 40001), or
     /// the connection went: none of that is the message's fault.
     Again,
+    /// Left out: another transaction held its subscription's row
+    /// ([`subscriptions::lock_unheld`]). It goes back to the ready heads for a later window.
+    Busy,
     /// Its own failure: dead letter or retry tier, as when applied alone.
     Failed(StoreError),
 }
@@ -514,11 +532,22 @@ impl Batcher {
                 ready,
                 arrival,
                 done,
+                busy: 0,
             });
         }
         drop(preparing);
         // `Err` too once the window dropped the sender: either way the head is settled.
         let _ = settled.await;
+    }
+
+    /// Puts back heads a window left out because their rows were busy, with their arrival
+    /// (and so their deadline's place): the next window takes them first.
+    fn put_back(&self, heads: Vec<Waiting>) {
+        if heads.is_empty() {
+            return;
+        }
+        self.lock().ready.extend(heads);
+        self.wake.notify_one();
     }
 
     fn has_ready(&self) -> bool {
@@ -596,8 +625,10 @@ async fn run_batcher(
             }
         }
         let window = batcher.take_window();
-        let (handler, activity) = (handler.clone(), activity.clone());
-        windows.spawn(async move { handler.apply_window(window, slot, &activity).await });
+        let (handler, activity, heads) = (handler.clone(), activity.clone(), batcher.clone());
+        windows.spawn(async move {
+            handler.apply_window(window, slot, &activity, &heads).await;
+        });
     }
     windows.close();
     windows.wait().await;
@@ -807,10 +838,18 @@ impl MessageHandler {
         window: Vec<Waiting>,
         slot: OwnedSemaphorePermit,
         activity: &ConsumerActivity,
+        batcher: &Batcher,
     ) {
         let outcomes = match self.apply_together(&window).await {
             Ok(outcomes) => {
-                activity.record_window(outcomes.len(), outcomes.iter().any(Result::is_err));
+                let busy = outcomes
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Err(Together::Busy)))
+                    .count();
+                let rolled_back = outcomes
+                    .iter()
+                    .any(|outcome| matches!(outcome, Err(Together::Again | Together::Failed(_))));
+                activity.record_window(outcomes.len() - busy, rolled_back, busy);
                 outcomes
             }
             Err(error) => {
@@ -824,23 +863,34 @@ impl MessageHandler {
         };
         let mut executions = Vec::new();
         let mut again = Vec::new();
-        for (waiting, outcome) in window.into_iter().zip(outcomes) {
-            let Waiting { ready, done, .. } = waiting;
-            let deadline = ready.deadline();
+        let mut busy = Vec::new();
+        for (mut waiting, outcome) in window.into_iter().zip(outcomes) {
             let result = match outcome {
                 Ok(outcome) => {
-                    apply::count(&ready.prepared.event, &outcome);
-                    self.record_if_unknown(&ready, &outcome)
-                        .instrument(ready.span.clone())
+                    apply::count(&waiting.ready.prepared.event, &outcome);
+                    self.record_if_unknown(&waiting.ready, &outcome)
+                        .instrument(waiting.ready.span.clone())
                         .await;
                     Ok(outcome)
                 }
+                // Past its share of windows it waits for the row alone, after this one.
+                Err(Together::Busy) if waiting.busy + 1 >= MAX_TIMES_BUSY => {
+                    again.push((waiting.ready, waiting.done));
+                    continue;
+                }
+                Err(Together::Busy) => {
+                    waiting.busy += 1;
+                    busy.push(waiting);
+                    continue;
+                }
                 Err(Together::Again) => {
-                    again.push((ready, done));
+                    again.push((waiting.ready, waiting.done));
                     continue;
                 }
                 Err(Together::Failed(error)) => Err(DeliveryError::Database(error)),
             };
+            let Waiting { ready, done, .. } = waiting;
+            let deadline = ready.deadline();
             let span = ready.span.clone();
             match self
                 .finish(ready.delivery, ready.prepared.action, result)
@@ -856,6 +906,11 @@ impl MessageHandler {
         }
         // The next window may start; what is left of this one touches no row it holds.
         drop(slot);
+        if !busy.is_empty() {
+            // Whoever holds their rows (a settle, mostly) commits within milliseconds.
+            tokio::time::sleep(BUSY_RETRY).await;
+            batcher.put_back(busy);
+        }
         for (ready, done) in again {
             let span = ready.span.clone();
             let deadline = ready.deadline();
@@ -889,27 +944,56 @@ impl MessageHandler {
         window: &[Waiting],
     ) -> Result<Vec<Result<ApplyOutcome, Together>>, StoreError> {
         match self.apply_all_or_nothing(window).await? {
-            Some(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+            Some(outcomes) => Ok(outcomes
+                .into_iter()
+                .map(|outcome| outcome.ok_or(Together::Busy))
+                .collect()),
             None => self.apply_with_savepoints(window).await,
         }
     }
 
     /// Every message of the window in one transaction without savepoints, through one
     /// [`apply::apply_many`] (a handful of statements for the whole window); `None` when it
-    /// failed (the transaction is rolled back: nothing of it committed).
+    /// failed (the transaction is rolled back: nothing of it committed). First the rows no
+    /// other transaction holds are locked, without waiting
+    /// ([`subscriptions::lock_unheld`]); a message whose row is busy is left out (`None`
+    /// in its place) for a later window, so the window never holds its rows while it waits
+    /// for another's.
     async fn apply_all_or_nothing(
         &self,
         window: &[Waiting],
-    ) -> Result<Option<Vec<ApplyOutcome>>, StoreError> {
+    ) -> Result<Option<Vec<Option<ApplyOutcome>>>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let mut ids: Vec<Uuid> = window
+            .iter()
+            .map(|waiting| waiting.ready.prepared.subscription_id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let busy: HashSet<Uuid> = subscriptions::lock_unheld(&mut tx, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let free = |waiting: &Waiting| !busy.contains(&waiting.ready.prepared.subscription_id);
         let commands: Vec<Apply<'_>> = window
             .iter()
+            .filter(|waiting| free(waiting))
             .map(|waiting| self.command(&waiting.ready))
             .collect();
+        if commands.is_empty() {
+            tx.rollback().await?;
+            return Ok(Some(window.iter().map(|_| None).collect()));
+        }
         match apply::apply_many(&mut tx, &self.policy, &commands).await {
             Ok(outcomes) => {
                 tx.commit().await?;
-                Ok(Some(outcomes))
+                let mut outcomes = outcomes.into_iter();
+                Ok(Some(
+                    window
+                        .iter()
+                        .map(|waiting| free(waiting).then(|| outcomes.next()).flatten())
+                        .collect(),
+                ))
             }
             Err(error) => {
                 tracing::info!(
