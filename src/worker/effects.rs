@@ -710,13 +710,14 @@ impl EffectRunner {
     }
 
     /// Ends the rows of a batch as their dispositions say, in the batch's transaction (one
-    /// commit): every row's records and feeds at once (through `apply::write_many`: one
-    /// statement per table for the batch) in one savepoint — if that fails, each row's in a
-    /// savepoint of its own, so one whose writes fail is retried with the database error
-    /// instead (counting an attempt) while the others stand; then the batch's published domain
-    /// events into the ISV's feed, with their deliveries, in one savepoint (the feed's lock
-    /// is taken last and held only until the commit); then every row's end, one statement
-    /// per kind of end ([`ClaimedBatch::end`]).
+    /// commit): first the batch's published domain events into the ISV's feed, with their
+    /// deliveries, in one savepoint (the feed's lock is taken before any subscription row,
+    /// so nothing waits for it while holding one); then every row's records and feeds at
+    /// once (through `apply::write_many`: one statement per table for the batch) in one
+    /// savepoint — if that fails, each row's in a savepoint of its own, so one whose writes
+    /// fail is retried with the database error instead (counting an attempt) while the
+    /// others stand; then every row's end, one statement per kind of end
+    /// ([`ClaimedBatch::end`]).
     async fn settle_batch(
         &self,
         mut batch: ClaimedBatch,
@@ -748,6 +749,41 @@ impl EffectRunner {
                     .collect(),
             );
             writes_of.push(writes);
+        }
+        // The published events into the ISV's feed first, with their deliveries, in one
+        // savepoint. The feed's lock is global: taken after the records, it made the batch
+        // hold its subscription rows while it waited for the lock, and the consumer's
+        // windows and other settles then waited for those rows. Taken first, nothing waits
+        // for it while holding a subscription row.
+        if published.iter().any(|events| !events.is_empty()) {
+            let events: Vec<PublishedEvent<'_>> = executed
+                .iter()
+                .zip(&published)
+                .flat_map(|((execution, _, _), events)| {
+                    events.iter().map(|event| PublishedEvent {
+                        id: &event.id,
+                        subscription_id: execution.subscription_id,
+                        topic: event.topic,
+                        body: &event.body,
+                        decision_id: execution.event_id,
+                        correlation_id: execution.correlation_id.as_deref(),
+                    })
+                })
+                .collect();
+            let mut savepoint = batch.savepoint().await?;
+            match crate::worker::deliveries::fan_out(&mut savepoint, &events).await {
+                Ok(()) => savepoint.commit().await?,
+                Err(error) => {
+                    drop(savepoint);
+                    tracing::warn!(%error, events = events.len(), "cannot record the published domain events; retrying their effects");
+                    for ((execution, disposition, _), events) in executed.iter_mut().zip(&published)
+                    {
+                        if !events.is_empty() {
+                            *disposition = self.database_failure(execution, &error);
+                        }
+                    }
+                }
+            }
         }
         // Every row's writes at once, in one savepoint; if that fails, row by row, each in
         // a savepoint of its own, so only the rows whose writes fail are retried.
@@ -800,36 +836,6 @@ impl EffectRunner {
                                 tracing::warn!(%error, "cannot write the effect's results; retrying the effect");
                             });
                             *disposition = self.database_failure(execution, error);
-                        }
-                    }
-                }
-            }
-        }
-        if published.iter().any(|events| !events.is_empty()) {
-            let events: Vec<PublishedEvent<'_>> = executed
-                .iter()
-                .zip(&published)
-                .flat_map(|((execution, _, _), events)| {
-                    events.iter().map(|event| PublishedEvent {
-                        id: &event.id,
-                        subscription_id: execution.subscription_id,
-                        topic: event.topic,
-                        body: &event.body,
-                        decision_id: execution.event_id,
-                        correlation_id: execution.correlation_id.as_deref(),
-                    })
-                })
-                .collect();
-            let mut savepoint = batch.savepoint().await?;
-            match crate::worker::deliveries::fan_out(&mut savepoint, &events).await {
-                Ok(()) => savepoint.commit().await?,
-                Err(error) => {
-                    drop(savepoint);
-                    tracing::warn!(%error, events = events.len(), "cannot record the published domain events; retrying their effects");
-                    for ((execution, disposition, _), events) in executed.iter_mut().zip(&published)
-                    {
-                        if !events.is_empty() {
-                            *disposition = self.database_failure(execution, &error);
                         }
                     }
                 }
