@@ -65,9 +65,9 @@ struct SubscriptionCandidate {
 /// (event, endpoint) gets exactly one delivery row however often a publish runs. A few
 /// statements for any number of events. Returns how many events were new.
 ///
-/// The feed lock is held until the caller commits: take it before any subscription row the
-/// transaction locks (the effect runner's settle does), so no transaction waits for it while
-/// holding a row others wait for, and commit soon after.
+/// The feed lock is held until the caller commits: call it in a short transaction that locks
+/// nothing else (the effect runner's settle does, before its own), so no transaction waits
+/// for it while holding a row others wait for, and commit at once.
 pub async fn fan_out<F>(
     conn: &mut PgConnection,
     events: &[PublishedEvent<'_>],

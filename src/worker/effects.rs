@@ -711,8 +711,8 @@ impl EffectRunner {
 
     /// Ends the rows of a batch as their dispositions say, in the batch's transaction (one
     /// commit): first the batch's published domain events into the ISV's feed, with their
-    /// deliveries, in one savepoint (the feed's lock is taken before any subscription row,
-    /// so nothing waits for it while holding one); then every row's records and feeds at
+    /// deliveries, in a short transaction of their own (the feed's lock is global; nothing
+    /// waits for it while holding a subscription row); then every row's records and feeds at
     /// once (through `apply::write_many`: one statement per table for the batch) in one
     /// savepoint — if that fails, each row's in a savepoint of its own, so one whose writes
     /// fail is retried with the database error instead (counting an attempt) while the
@@ -750,11 +750,14 @@ impl EffectRunner {
             );
             writes_of.push(writes);
         }
-        // The published events into the ISV's feed first, with their deliveries, in one
-        // savepoint. The feed's lock is global: taken after the records, it made the batch
-        // hold its subscription rows while it waited for the lock, and the consumer's
-        // windows and other settles then waited for those rows. Taken first, nothing waits
-        // for it while holding a subscription row.
+        // The published events into the ISV's feed first, with their deliveries, in a short
+        // transaction of their own. The feed's lock is global: taken after the records it
+        // made the batch hold its subscription rows while it waited (the consumer's windows
+        // and other settles then waited for those rows); taken before them in the batch's
+        // transaction, it was held through the records and the commit, and every publishing
+        // settle queued for it. The feed's write is idempotent (an event already in it
+        // queues nothing), so a batch that fails to commit after it runs again without a
+        // second delivery.
         if published.iter().any(|events| !events.is_empty()) {
             let events: Vec<PublishedEvent<'_>> = executed
                 .iter()
@@ -770,17 +773,17 @@ impl EffectRunner {
                     })
                 })
                 .collect();
-            let mut savepoint = batch.savepoint().await?;
-            match crate::worker::deliveries::fan_out(&mut savepoint, &events).await {
-                Ok(()) => savepoint.commit().await?,
-                Err(error) => {
-                    drop(savepoint);
-                    tracing::warn!(%error, events = events.len(), "cannot record the published domain events; retrying their effects");
-                    for ((execution, disposition, _), events) in executed.iter_mut().zip(&published)
-                    {
-                        if !events.is_empty() {
-                            *disposition = self.database_failure(execution, &error);
-                        }
+            let written = async {
+                let mut tx = self.inner.pool.begin().await?;
+                crate::worker::deliveries::fan_out(&mut tx, &events).await?;
+                tx.commit().await?;
+                Ok::<(), StoreError>(())
+            };
+            if let Err(error) = written.await {
+                tracing::warn!(%error, events = events.len(), "cannot record the published domain events; retrying their effects");
+                for ((execution, disposition, _), events) in executed.iter_mut().zip(&published) {
+                    if !events.is_empty() {
+                        *disposition = self.database_failure(execution, &error);
                     }
                 }
             }
