@@ -34,9 +34,7 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
-use marketplace_fulfillment::queue::{
-    InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
-};
+use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publisher, headers};
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
@@ -203,19 +201,13 @@ impl Stack {
             .await
             .unwrap();
         let _ = connection.close(200, "bound".into()).await;
-        // Millisecond clocks for worker processes, through the [worker] settings.
+        // Worker processes run as the in-process workers do, with the world's notice clock.
         let notices = &world.settings.policy.notices;
         let notice_days = notices.term_ending_days.iter().map(u32::to_string);
         let mut process_env = world.process_env();
+        process_env.extend(worker_config.to_env());
         for (key, value) in [
             ("DATABASE__MAX_CONNECTIONS", "6".to_string()),
-            ("WORKER__PREFETCH", "8".into()),
-            ("WORKER__EFFECT_CONCURRENCY", "2".into()),
-            ("WORKER__POLL_INTERVAL_MS", "100".into()),
-            ("WORKER__BACKOFF_BASE_MS", "50".into()),
-            ("WORKER__BACKOFF_MAX_MS", "500".into()),
-            ("WORKER__OPERATION_POLL_INTERVAL_MS", "100".into()),
-            ("WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100".into()),
             (
                 "WORKER__TERM_ENDING_NOTICE_DAYS",
                 notice_days.collect::<Vec<_>>().join(","),
@@ -420,20 +412,6 @@ impl Stack {
         let (id, message, message_id) = self.resolve(plan, quantity).await;
         self.publish(&message, &message_id, id).await;
         id
-    }
-
-    /// Publishes a publisher command as the entitlement API would; returns its id.
-    pub async fn command(&self, id: Uuid, command: PublisherCommand) -> Uuid {
-        let command_id = Uuid::new_v4();
-        let message = InboundMessage::Command {
-            command_id,
-            subscription_id: id,
-            command,
-            requested_by: "api".into(),
-            requested_at: OffsetDateTime::now_utc(),
-        };
-        self.publish(&message, &command_id.to_string(), id).await;
-        command_id
     }
 
     // ---- waiting -----------------------------------------------------------------------
