@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use crate::http::{AppState, Application, router};
+use crate::http::{AppState, Application};
 use crate::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use crate::queue::{Broker, Topology};
 use crate::settings::Settings;
@@ -242,9 +242,9 @@ impl World {
         self.server.take()
     }
 
-    /// Replaces the in-process ingress by the production router on a new port, serving the
-    /// state of the world's settings as `customise` leaves it (e.g. a webhook verifier of
-    /// its own). The simulator's webhook and landing page URLs still name the first ingress.
+    /// Replaces the in-process ingress by a new [`Application`] on the same address (so the
+    /// simulator's webhook and landing page URLs still reach it), serving the state of the
+    /// world's settings as `customise` leaves it (e.g. a webhook verifier of its own).
     pub async fn restart_ingress(
         &mut self,
         customise: impl FnOnce(&Settings, &mut AppState),
@@ -254,17 +254,13 @@ impl World {
         }
         let mut state = AppState::from_settings(&self.settings).await?;
         customise(&self.settings, &mut state);
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        self.ingress = Some(listener.local_addr()?);
+        let mut settings = self.settings.clone();
+        settings.http.listen_addr = self.ingress.unwrap_or(([127, 0, 0, 1], 0).into());
+        let application = Application::with_state(&settings, state)?;
+        self.ingress = Some(application.local_addr());
         self.stop_ingress = CancellationToken::new();
-        let stopped = self.stop_ingress.clone().cancelled_owned();
-        self.server = Some(tokio::spawn(async move {
-            let serve = axum::serve(listener, router(state.clone()));
-            serve.with_graceful_shutdown(stopped).await?;
-            state.broker.close().await;
-            state.pool.close().await;
-            Ok(())
-        }));
+        let serve = application.run_until_stopped(self.stop_ingress.clone());
+        self.server = Some(tokio::spawn(serve));
         Ok(())
     }
 
