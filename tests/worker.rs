@@ -174,8 +174,9 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
         .await;
     let body = app
         .wait_for(&format!("a webhook of {op}"), || async {
-            let mut received = app.tap.received().into_iter();
-            received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
+            let mut sent = app.sim.view().webhook_payloads(id).into_iter();
+            sent.find(|body| body["id"] == op)
+                .map(|body| body.to_string())
         })
         .await;
     app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();

@@ -34,6 +34,10 @@ pub struct Faults {
     pub reorder: Reorder,
     /// Share of webhooks followed by one with an undocumented `action`.
     pub unknown_actions: f64,
+    /// Webhooks queued while this is set are lost on the way: none reaches the publisher,
+    /// and each is logged as delivered (a 200 from something in between), so it is not
+    /// redelivered.
+    pub lose_webhooks: bool,
     /// Calls answered with a fixed status every time, by call name (see [`CALLS`]): e.g.
     /// `{"updateOperation": 400}` makes every ACK fail for good. Wins over the shares.
     pub fail_calls: BTreeMap<String, u16>,

@@ -597,6 +597,15 @@ impl SimulatorView {
         })
     }
 
+    /// The payloads of the webhooks sent (or being sent) for a subscription, in order.
+    pub fn webhook_payloads(&self, subscription_id: Uuid) -> Vec<Value> {
+        self.shared.read(|st| {
+            let sub = st.subscriptions.get(&subscription_id);
+            let deliveries = sub.into_iter().flat_map(|s| &s.deliveries);
+            deliveries.map(|d| d.payload.clone()).collect()
+        })
+    }
+
     /// Preloads `count` Subscribed subscriptions without tokens, operations or webhooks
     /// (see `lifecycle::preload_subscribed`); their ids in order.
     pub fn preload_subscribed(

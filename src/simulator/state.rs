@@ -169,6 +169,9 @@ pub(crate) struct Delivery {
     pub duplicate: bool,
     /// Injected by the `unknownActions` fault.
     pub injected: bool,
+    /// The §6.2 payload as sent (not kept in the state file).
+    #[serde(skip)]
+    pub payload: Value,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

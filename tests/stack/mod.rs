@@ -1,7 +1,7 @@
 //! The one test world: [`World`] (the start path `demo` and the benchmarks share) wired
-//! for system tests. The simulator on port 0 sends signed webhooks through a [`tap`]
-//! (which records them, and can turn deaf to lose them) to the real ingress; workers
-//! (in-process, or `fulfillment work` child processes) apply them. Every test gets its own
+//! for system tests. The simulator on port 0 sends signed webhooks to the real ingress (its
+//! `loseWebhooks` fault loses them on the way); workers (in-process, or `fulfillment work`
+//! child processes) apply them. Every test gets its own
 //! database and RabbitMQ prefix, removed when the [`Stack`] is dropped, also on a panic.
 //! Domain events are collected on a queue of the test's own and checked against
 //! docs/events/. Waiting is by condition ([`Stack::wait_for`], [`World::run_until_idle`],
@@ -21,7 +21,6 @@
 mod common;
 #[path = "../common/event_schemas.rs"]
 pub mod event_schemas;
-mod tap;
 
 #[allow(unused_imports)]
 pub use common::{TestDatabase, strip_ansi, test_settings};
@@ -114,8 +113,6 @@ pub struct Stack {
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
-    /// Records the simulator's webhooks and forwards them to the ingress (unless deaf).
-    pub tap: tap::Tap,
     worker_config: WorkerConfig,
 }
 
@@ -149,7 +146,6 @@ impl Stack {
             base.policy = serde_json::from_value(options.policy).expect("a policy");
         }
         (options.settings)(&mut base);
-        let (tap, tap_url) = tap::Tap::start().await;
         let mut worker_config = WorkerConfig {
             prefetch: 8,
             effects: EffectsConfig {
@@ -162,7 +158,6 @@ impl Stack {
         let (ack_window, simulator) = (options.ack_window, options.simulator);
         let world_options = WorldOptions {
             ingress: true,
-            webhook_url: Some(tap_url),
             worker: options.in_process_worker.then(|| worker_config.clone()),
             client_retries: Some(RetryPolicy {
                 min_delay: Duration::from_millis(5),
@@ -186,7 +181,6 @@ impl Stack {
             ..WorldOptions::bare("test")
         };
         let mut world = World::start(&base, world_options).await.expect("the world");
-        tap.forward_to(world.url("/webhook").parse().unwrap());
         let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
         world.delete_at_teardown(domain_queue.clone());
         let (connection, channel) = lapin(&world.settings).await;
@@ -227,7 +221,6 @@ impl Stack {
             world,
             domain_queue,
             process_env,
-            tap,
             worker_config,
         }
     }
