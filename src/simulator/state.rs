@@ -284,6 +284,8 @@ pub(crate) struct Shared {
     pub credentials: super::credentials::Registrations,
     /// Authorization codes of interactive sign-ins, not yet redeemed.
     pub sign_in_codes: super::sign_in::SignInCodes,
+    /// GETs of the JWKS so far (a verifier's cache shows in how few there are).
+    pub jwks_fetches: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -318,6 +320,7 @@ impl Shared {
             sender_token: Mutex::new(None),
             credentials: Default::default(),
             sign_in_codes: Default::default(),
+            jwks_fetches: Default::default(),
         }
     }
 
