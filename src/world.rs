@@ -296,8 +296,15 @@ impl World {
         }
     }
 
-    /// The environment of a `fulfillment` child process pointed at this world.
+    /// The environment of a `fulfillment` child process pointed at this world, with the
+    /// world's pool size and notice clock.
     pub fn process_env(&self) -> Vec<(String, String)> {
+        let notices = &self.settings.policy.notices;
+        let notice_days: Vec<String> = notices
+            .term_ending_days
+            .iter()
+            .map(u32::to_string)
+            .collect();
         let mut env = simulator_env(&self.sim);
         env.extend(
             [
@@ -311,6 +318,18 @@ impl World {
                     self.settings.amqp.prefix.clone(),
                 ),
                 ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
+                (
+                    "FULFILLMENT__DATABASE__MAX_CONNECTIONS",
+                    self.settings.database.max_connections.to_string(),
+                ),
+                (
+                    "FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS",
+                    notice_days.join(","),
+                ),
+                (
+                    "FULFILLMENT__WORKER__NOTICE_DAY_MS",
+                    notices.day.as_millis().to_string(),
+                ),
             ]
             .map(|(key, value)| (key.to_string(), value)),
         );

@@ -195,21 +195,9 @@ impl Stack {
             .await
             .unwrap();
         let _ = connection.close(200, "bound".into()).await;
-        // Worker processes run as the in-process workers do, with the world's notice clock.
-        let notices = &world.settings.policy.notices;
-        let notice_days = notices.term_ending_days.iter().map(u32::to_string);
+        // Worker processes run as the in-process workers do.
         let mut process_env = world.process_env();
         process_env.extend(worker_config.to_env());
-        for (key, value) in [
-            ("DATABASE__MAX_CONNECTIONS", "6".to_string()),
-            (
-                "WORKER__TERM_ENDING_NOTICE_DAYS",
-                notice_days.collect::<Vec<_>>().join(","),
-            ),
-            ("WORKER__NOTICE_DAY_MS", notices.day.as_millis().to_string()),
-        ] {
-            process_env.push((format!("FULFILLMENT__{key}"), value));
-        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
