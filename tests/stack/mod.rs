@@ -302,9 +302,9 @@ impl Stack {
 
     /// Outbox rows not done: `(pending, dead)`.
     pub async fn outbox_left(&self) -> (i64, i64) {
-        let sql = "SELECT count(*) FILTER (WHERE status = 'pending'), \
-                   count(*) FILTER (WHERE status = 'dead') FROM outbox";
-        sqlx::query_as(sql).fetch_one(&self.pool).await.unwrap()
+        let pending = store::verify::pending_effects(&self.pool).await.unwrap();
+        let dead = store::verify::dead_effects(&self.pool).await.unwrap();
+        (pending, dead.iter().map(|(_, _, n)| n).sum())
     }
 
     /// `SELECT count(*) …` with one text parameter.
