@@ -37,7 +37,7 @@ use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publ
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
-use marketplace_fulfillment::worker::{EffectsConfig, ProtocolConfig, WorkerConfig};
+use marketplace_fulfillment::worker::{EffectsConfig, WorkerConfig};
 use marketplace_fulfillment::world::{
     ChildProcess, SimHandle, World, WorldOptions, activate_on_landing,
 };
@@ -88,18 +88,6 @@ impl Default for Options {
     }
 }
 
-/// Fast effect clocks with a large attempt budget (for faults that last a while).
-pub fn patient_effects() -> EffectsConfig {
-    EffectsConfig {
-        concurrency: 2,
-        protocol: ProtocolConfig {
-            max_attempts: 50,
-            ..ProtocolConfig::fast()
-        },
-        ..EffectsConfig::fast()
-    }
-}
-
 /// The world and what tests add to it; derefs to the [`World`] (`pool`, `settings`,
 /// `sim`, `broker`, `client`, `workers`, `engine`, `run_until_idle`, …).
 pub struct Stack {
@@ -113,7 +101,8 @@ pub struct Stack {
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
-    worker_config: WorkerConfig,
+    /// The workers' configuration: fast effect clocks, then `Options::worker`.
+    pub worker_config: WorkerConfig,
 }
 
 impl std::ops::Deref for Stack {
