@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use crate::http::{AppState, Application, router};
+use crate::http::{AppState, Application};
 use crate::marketplace::{MarketplaceClient, RetryPolicy, TokenProvider};
 use crate::queue::{Broker, Topology};
 use crate::settings::Settings;
@@ -242,9 +242,9 @@ impl World {
         self.server.take()
     }
 
-    /// Replaces the in-process ingress by the production router on a new port, serving the
-    /// state of the world's settings as `customise` leaves it (e.g. a webhook verifier of
-    /// its own). The simulator's webhook and landing page URLs still name the first ingress.
+    /// Replaces the in-process ingress by a new [`Application`] on the same address (so the
+    /// simulator's webhook and landing page URLs still reach it), serving the state of the
+    /// world's settings as `customise` leaves it (e.g. a webhook verifier of its own).
     pub async fn restart_ingress(
         &mut self,
         customise: impl FnOnce(&Settings, &mut AppState),
@@ -254,17 +254,13 @@ impl World {
         }
         let mut state = AppState::from_settings(&self.settings).await?;
         customise(&self.settings, &mut state);
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        self.ingress = Some(listener.local_addr()?);
+        let mut settings = self.settings.clone();
+        settings.http.listen_addr = self.ingress.unwrap_or(([127, 0, 0, 1], 0).into());
+        let application = Application::with_state(&settings, state)?;
+        self.ingress = Some(application.local_addr());
         self.stop_ingress = CancellationToken::new();
-        let stopped = self.stop_ingress.clone().cancelled_owned();
-        self.server = Some(tokio::spawn(async move {
-            let serve = axum::serve(listener, router(state.clone()));
-            serve.with_graceful_shutdown(stopped).await?;
-            state.broker.close().await;
-            state.pool.close().await;
-            Ok(())
-        }));
+        let serve = application.run_until_stopped(self.stop_ingress.clone());
+        self.server = Some(tokio::spawn(serve));
         Ok(())
     }
 
@@ -300,8 +296,15 @@ impl World {
         }
     }
 
-    /// The environment of a `fulfillment` child process pointed at this world.
+    /// The environment of a `fulfillment` child process pointed at this world, with the
+    /// world's pool size and notice clock.
     pub fn process_env(&self) -> Vec<(String, String)> {
+        let notices = &self.settings.policy.notices;
+        let notice_days: Vec<String> = notices
+            .term_ending_days
+            .iter()
+            .map(u32::to_string)
+            .collect();
         let mut env = simulator_env(&self.sim);
         env.extend(
             [
@@ -315,6 +318,18 @@ impl World {
                     self.settings.amqp.prefix.clone(),
                 ),
                 ("MARKETPLACE_CLIENT_SECRET", self.client_secret.clone()),
+                (
+                    "FULFILLMENT__DATABASE__MAX_CONNECTIONS",
+                    self.settings.database.max_connections.to_string(),
+                ),
+                (
+                    "FULFILLMENT__WORKER__TERM_ENDING_NOTICE_DAYS",
+                    notice_days.join(","),
+                ),
+                (
+                    "FULFILLMENT__WORKER__NOTICE_DAY_MS",
+                    notices.day.as_millis().to_string(),
+                ),
             ]
             .map(|(key, value)| (key.to_string(), value)),
         );

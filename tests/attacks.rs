@@ -14,23 +14,17 @@
 mod stack;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use marketplace_fulfillment::http::auth::{WebhookAuthConfig, WebhookVerifier};
 use marketplace_fulfillment::queue::InboundConsumer;
+use marketplace_fulfillment::simulator::JwksFault;
 use marketplace_fulfillment::world::rabbitmqctl;
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase, strip_ansi};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
 use url::Url;
 use uuid::Uuid;
 
@@ -53,7 +47,7 @@ async fn spawn_application() -> Stack {
     .await
 }
 
-/// The production router and state in place of the ingress, with the webhook verifier
+/// The production application in place of the ingress, with the webhook verifier
 /// reading the JWKS at `jwks_url` and allowed to refetch every 100 ms (production: 30 s),
 /// so rotation and outages play out quickly.
 async fn with_jwks(app: &mut Stack, jwks_url: Url) {
@@ -66,7 +60,6 @@ async fn with_jwks(app: &mut Stack, jwks_url: Url) {
         })
         .await
         .unwrap();
-    app.tap.forward_to(app.url("/webhook").parse().unwrap());
 }
 
 /// Posts a genuine webhook and checks that it is the first message in the queue: every
@@ -124,93 +117,17 @@ async fn error_json(response: reqwest::Response) -> Value {
 // A JWKS endpoint we can break: in front of the simulator's, counting requests
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum JwksMode {
-    /// The simulator's JWKS as is.
-    Serve,
-    /// Only the newest key: the older ones were withdrawn.
-    NewestOnly,
-    /// 500.
-    Fail,
-    /// 200 with an HTML page (a captive portal, a misrouted proxy).
-    Garbage,
-    /// 200 with a JSON document that holds no usable key.
-    NoKeys,
+/// What the simulator's JWKS endpoint answers from now on (every other fault off).
+async fn set_jwks(app: &Stack, fault: JwksFault) {
+    app.admin
+        .set_faults(json!({ "jwks": fault }))
+        .await
+        .unwrap();
 }
 
-#[derive(Clone)]
-struct JwksProxy {
-    url: Url,
-    hits: Arc<AtomicUsize>,
-    mode: Arc<Mutex<JwksMode>>,
-}
-
-#[derive(Clone)]
-struct ProxyState {
-    upstream: Url,
-    hits: Arc<AtomicUsize>,
-    mode: Arc<Mutex<JwksMode>>,
-}
-
-impl JwksProxy {
-    async fn start(upstream: Url) -> Self {
-        let hits = Arc::new(AtomicUsize::new(0));
-        let mode = Arc::new(Mutex::new(JwksMode::Serve));
-        let state = ProxyState {
-            upstream,
-            hits: Arc::clone(&hits),
-            mode: Arc::clone(&mode),
-        };
-        let router = Router::new()
-            .route("/keys", get(proxy_jwks))
-            .with_state(state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = Url::parse(&format!("http://{}/keys", listener.local_addr().unwrap())).unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Self { url, hits, mode }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    async fn set(&self, mode: JwksMode) {
-        *self.mode.lock().await = mode;
-    }
-}
-
-async fn proxy_jwks(State(state): State<ProxyState>) -> Response {
-    state.hits.fetch_add(1, Ordering::SeqCst);
-    let mode = *state.mode.lock().await;
-    let fetch = || async {
-        reqwest::get(state.upstream.clone())
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
-    match mode {
-        JwksMode::Serve => axum::Json(fetch().await).into_response(),
-        JwksMode::NewestOnly => {
-            let mut jwks = fetch().await;
-            let keys = jwks["keys"].as_array_mut().unwrap();
-            let newest = keys.pop().unwrap();
-            *keys = vec![newest];
-            axum::Json(jwks).into_response()
-        }
-        JwksMode::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-        JwksMode::Garbage => (
-            [("content-type", "text/html")],
-            "<html><body>Sign in to continue</body></html>",
-        )
-            .into_response(),
-        JwksMode::NoKeys => axum::Json(json!({ "keys": [
-            { "kty": "oct", "kid": "x", "k": "c2VjcmV0" },
-            { "kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB" },
-        ] }))
-        .into_response(),
-    }
+/// How often the simulator's JWKS was fetched so far.
+fn jwks_fetches(app: &Stack) -> usize {
+    app.sim.view().jwks_fetches()
 }
 
 /// The verifier's refetch rate limit in these tests. Steps that must fall *within* it (a
@@ -243,8 +160,8 @@ fn kid_of(token: &str) -> String {
 #[tokio::test]
 async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key_stops_verifying() {
     let mut app = spawn_application().await;
-    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
-    with_jwks(&mut app, proxy.url.clone()).await;
+    let jwks = app.sim.jwks_url();
+    with_jwks(&mut app, jwks).await;
     let old_token = app.sim.mint_webhook_token(json!({})).unwrap();
     let (_, body) = webhook_body("Renew");
     assert_eq!(
@@ -253,7 +170,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
             .status(),
         StatusCode::OK
     );
-    assert_eq!(proxy.hits(), 1);
+    assert_eq!(jwks_fetches(&app), 1);
 
     // Entra rolls its keys: a token signed with the new key names a kid we never saw.
     past_refresh_interval().await;
@@ -269,7 +186,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
         StatusCode::OK,
         "the new key is fetched on its unknown kid"
     );
-    assert_eq!(proxy.hits(), 2, "exactly one refetch");
+    assert_eq!(jwks_fetches(&app), 2, "exactly one refetch");
 
     // The old key is still published (Entra keeps both during a rollover): still valid.
     let (_, body) = webhook_body("Renew");
@@ -279,11 +196,11 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
             .status(),
         StatusCode::OK
     );
-    assert_eq!(proxy.hits(), 2, "known kids come from the cache");
+    assert_eq!(jwks_fetches(&app), 2, "known kids come from the cache");
 
     // The old key is withdrawn. The cache keeps it until the next fetch (at most the cache
     // TTL); a fetch, here provoked by another unknown kid, replaces the whole set.
-    proxy.set(JwksMode::NewestOnly).await;
+    set_jwks(&app, JwksFault::NewestOnly).await;
     past_refresh_interval().await;
     let forged_kid = {
         use base64::Engine;
@@ -298,7 +215,7 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
     let response = app.post_webhook(Some(&forged_kid), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
-    assert_eq!(proxy.hits(), 3);
+    assert_eq!(jwks_fetches(&app), 3);
 
     // Within the refetch interval, a kid we no longer hold may be our cache's lag, not the
     // caller's fault: 503 (Microsoft redelivers; a 401 would reject a ChangePlan, §15.5).
@@ -311,14 +228,14 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
             .unwrap()
             .contains("keys_not_refreshed")
     );
-    assert_eq!(proxy.hits(), 3);
+    assert_eq!(jwks_fetches(&app), 3);
     // Once a refetch is allowed and confirms the key is gone: the caller's, 401.
     past_refresh_interval().await;
     let (_, body) = webhook_body("Renew");
     let response = app.post_webhook(Some(&old_token), body.clone()).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_json(response).await["reason"], "unknown_kid");
-    assert_eq!(proxy.hits(), 4);
+    assert_eq!(jwks_fetches(&app), 4);
     let (_, body) = webhook_body("Renew");
     assert_eq!(
         app.post_webhook(Some(&new_token), body.clone())
@@ -353,20 +270,20 @@ async fn a_rotated_signing_key_is_fetched_on_its_unknown_kid_and_a_withdrawn_key
 #[tokio::test]
 async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_then_it_recovers() {
     let mut app = spawn_application().await;
-    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
-    proxy.set(JwksMode::Fail).await;
-    with_jwks(&mut app, proxy.url.clone()).await;
+    set_jwks(&app, JwksFault::Fail).await;
+    let jwks = app.sim.jwks_url();
+    with_jwks(&mut app, jwks).await;
     let genuine = app.sim.mint_webhook_token(json!({})).unwrap();
     let foreign_tenant = app
         .sim
         .mint_webhook_token(json!({ "tid": Uuid::new_v4().to_string() }))
         .unwrap();
 
-    for mode in [JwksMode::Fail, JwksMode::Garbage, JwksMode::NoKeys] {
-        proxy.set(mode).await;
+    for mode in [JwksFault::Fail, JwksFault::Garbage, JwksFault::NoKeys] {
+        set_jwks(&app, mode).await;
         for token in [&genuine, &foreign_tenant] {
             past_refresh_interval().await;
-            let before = proxy.hits();
+            let before = jwks_fetches(&app);
             let (_, body) = webhook_body("Unsubscribe");
             let response = app.post_webhook(Some(token), body.clone()).await;
             assert!(
@@ -382,7 +299,11 @@ async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_the
             assert_eq!(response.headers()["retry-after"], "5");
             let error = error_json(response).await;
             assert_eq!(error["error"], "unavailable", "{mode:?}: {error}");
-            assert_eq!(proxy.hits(), before + 1, "{mode:?}: the JWKS was asked");
+            assert_eq!(
+                jwks_fetches(&app),
+                before + 1,
+                "{mode:?}: the JWKS was asked"
+            );
         }
     }
 
@@ -414,7 +335,7 @@ async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_the
     dead.finish().await;
 
     // Back: the same process accepts the genuine token and still refuses the forgery.
-    proxy.set(JwksMode::Serve).await;
+    set_jwks(&app, JwksFault::Serve).await;
     past_refresh_interval().await;
     let (_, body) = webhook_body("Unsubscribe");
     let response = app.post_webhook(Some(&foreign_tenant), body.clone()).await;
@@ -429,8 +350,8 @@ async fn while_the_jwks_fails_every_webhook_is_refused_and_nothing_is_queued_the
 #[tokio::test]
 async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_are_401() {
     let mut app = spawn_application().await;
-    let proxy = JwksProxy::start(app.sim.jwks_url()).await;
-    with_jwks(&mut app, proxy.url.clone()).await;
+    let jwks = app.sim.jwks_url();
+    with_jwks(&mut app, jwks).await;
     let genuine = app.sim.mint_webhook_token(json!({})).unwrap();
     let (_, body) = webhook_body("Suspend");
     assert_eq!(
@@ -440,7 +361,7 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
         StatusCode::OK
     );
 
-    proxy.set(JwksMode::Fail).await;
+    set_jwks(&app, JwksFault::Fail).await;
     past_refresh_interval().await;
     // Same header (cached kid), other claims, the original signature.
     let tampered = {
@@ -471,7 +392,11 @@ async fn during_an_outage_cached_keys_verify_and_forgeries_under_a_cached_kid_ar
     first.ack().await.unwrap();
     consumer.cancel().await;
     assert_nothing_queued_before_a_sentinel(&app).await;
-    assert_eq!(proxy.hits(), 1, "no fetch was needed for the cached kid");
+    assert_eq!(
+        jwks_fetches(&app),
+        1,
+        "no fetch was needed for the cached kid"
+    );
     app.finish().await;
 }
 

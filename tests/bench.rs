@@ -2,25 +2,19 @@
 //! the local PostgreSQL and RabbitMQ: each completes, exits 0 and ends with a parseable JSON
 //! result line. Speed is measured by the benchmarks, never asserted here.
 
-use std::process::Command;
+mod common;
 
 use serde_json::Value;
 
 /// Runs `fulfillment bench <args>`, asserts it exits 0 and returns its last line as JSON.
 fn run_bench(args: &[&str]) -> Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .arg("bench")
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap_or_else(|e| panic!("run fulfillment bench {}: {e}", args[0]));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status.code()
+    let (args, env) = (
+        [&["bench"], args].concat(),
+        [("RUST_LOG".into(), "warn".into())],
     );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (code, stdout, stderr) = runtime.block_on(common::run_fulfillment(&args, &env, false));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let last = stdout.lines().last().expect("some output");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"))
 }

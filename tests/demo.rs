@@ -3,51 +3,38 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::TestDatabase;
 use marketplace_fulfillment::store;
 
-fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (Output, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-    command
-        .arg("demo")
-        .env("DATABASE_URL", db.url().expose())
-        .env("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix)
-        .env_remove("FULFILLMENT_CONFIG")
-        .env_remove("RUST_LOG");
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    let output = command.output().expect("run fulfillment demo");
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    (output, stdout)
-}
-
-/// Drops `<name>_demo` if it is still there; returns whether it was.
-async fn drop_demo_database(db: &TestDatabase) -> bool {
-    let demo = db
-        .url()
-        .with_path(&format!("{}_demo", db.url().url().path()));
-    let existed = store::connect_once(&demo, Duration::from_secs(5))
-        .await
-        .is_ok();
-    store::drop_database(&demo).await.unwrap();
-    existed
+/// Runs `fulfillment demo` with `db`'s server and prefix: `(exit code, stdout, stderr)`.
+async fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut env = vec![
+        ("DATABASE_URL", db.url().expose()),
+        ("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix),
+    ];
+    env.extend(extra_env);
+    let env: Vec<_> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    common::run_fulfillment(&["demo"], &env, false).await
 }
 
 #[tokio::test]
 async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
     let db = TestDatabase::new();
-    let (output, stdout) = run_demo(&db, &[]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let left_behind = drop_demo_database(&db).await;
-    assert!(
-        output.status.success(),
-        "exit {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
-    );
+    let (code, stdout, stderr) = run_demo(&db, &[]).await;
+    // The demo drops `<name>_demo` itself; was it still there?
+    let demo = db
+        .url()
+        .with_path(&format!("{}_demo", db.url().url().path()));
+    let left_behind = store::connect_once(&demo, Duration::from_secs(5))
+        .await
+        .is_ok();
+    store::drop_database(&demo).await.unwrap();
+    assert_eq!(code, 0, "--- stdout\n{stdout}\n--- stderr\n{stderr}");
 
     // The story, step by step.
     for expected in [
@@ -158,14 +145,15 @@ async fn the_demo_names_the_missing_service_and_how_to_start_it() {
     let unreachable = db.url().url().clone();
     let mut unreachable = unreachable;
     unreachable.set_port(Some(1)).unwrap();
-    let (output, stdout) = run_demo(
+    let (code, stdout, _) = run_demo(
         &db,
         &[
             ("DATABASE_URL", unreachable.as_str()),
             ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
         ],
-    );
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    )
+    .await;
+    assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("PostgreSQL is not reachable"), "{stdout}");
     assert!(stdout.contains("pg_ctlcluster"), "{stdout}");
     assert!(stdout.contains("RabbitMQ is not reachable"), "{stdout}");

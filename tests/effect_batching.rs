@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// A stack with `n` Subscribed subscriptions, its worker stopped and its outbox at rest,
-/// and a runner of the test's own on it.
+/// and a runner of the test's own on it (the workers' clocks, a large attempt budget).
 async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
     let mut stack = Stack::start(Options::default()).await;
     let mut ids = Vec::new();
@@ -36,13 +36,15 @@ async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
         })
         .await;
     stack.stop_workers().await.unwrap();
+    let mut effects = stack.worker_config.effects.clone();
+    effects.protocol.max_attempts = 50;
     let runner = EffectRunner::new(
         stack.pool.clone(),
         stack.client.clone(),
         stack.publisher.clone(),
         stack.settings.policy.clone(),
         stack.settings.marketplace.api_url.clone(),
-        stack::patient_effects(),
+        effects,
     );
     (stack, runner, ids)
 }

@@ -6,6 +6,7 @@
 
 mod stack;
 
+use marketplace_fulfillment::store::dead_effects::{self, DeadEffectFilter};
 use marketplace_fulfillment::store::timeline;
 use marketplace_fulfillment::worker::protocol::CommandStatus;
 use serde_json::{Value, json};
@@ -22,18 +23,22 @@ fn json_of(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// The first dead outbox row of `id`: `(effect id, kind)`.
+/// The first dead outbox row of `id`, as `fulfillment effects list` finds it:
+/// `(effect id, kind)`.
 async fn dead_effect_of(stack: &Stack, id: Uuid) -> (Uuid, String) {
+    let subscription_id = Some(id);
+    let filter = DeadEffectFilter {
+        subscription_id,
+        limit: 1,
+        ..Default::default()
+    };
     stack
         .wait_for(&format!("a dead effect of {id}"), || async {
-            sqlx::query_as::<_, (Uuid, String)>(
-                "SELECT id, kind FROM outbox WHERE subscription_id = $1 AND status = 'dead' \
-                 ORDER BY id LIMIT 1",
-            )
-            .bind(id)
-            .fetch_optional(&stack.pool)
-            .await
-            .unwrap()
+            let first = dead_effects::list(&stack.pool, &filter)
+                .await
+                .unwrap()
+                .pop()?;
+            Some((first.id, first.kind))
         })
         .await
 }

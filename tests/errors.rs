@@ -5,28 +5,20 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use common::TestDatabase;
 use marketplace_fulfillment::queue::Broker;
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::world::free_local_address;
 
-/// Runs `fulfillment ARGS` with only the variables given (plus PATH), no RUST_LOG.
-fn fulfillment(args: &[&str], env: &[(&str, String)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fulfillment"));
-    command.args(args).env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        command.env("PATH", path);
-    }
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command.output().expect("the binary runs")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
+/// Runs `fulfillment ARGS` with only the variables given (plus PATH), no RUST_LOG:
+/// `(exit code, stdout, stderr)`.
+fn fulfillment(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let env: Vec<_> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::run_fulfillment(args, &env, true))
 }
 
 /// The environment of `settings`' database and prefix, and a publisher identity.
@@ -72,9 +64,8 @@ fn once(text: &str, needle: &str) {
 #[test]
 fn serve_before_migrate_says_run_migrate_once_and_exits_2() {
     let db = TestDatabase::new();
-    let out = fulfillment(&["serve"], &env_of(&db.settings));
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = fulfillment(&["serve"], &env_of(&db.settings));
+    assert_eq!(code, 2, "{err}");
     once(&err, "run `fulfillment migrate`");
     assert!(!err.contains("Is it running"), "{err}");
     assert!(!err.contains("pg_ctlcluster"), "{err}");
@@ -96,9 +87,8 @@ fn an_unmigrated_database_says_the_schema_is_behind_and_exits_2() {
         pool.close().await;
     });
     for args in [&["subscription", "list"][..], &["serve"], &["work"]] {
-        let out = fulfillment(args, &env_of(&db.settings));
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let (code, _, err) = fulfillment(args, &env_of(&db.settings));
+        assert_eq!(code, 2, "{args:?}: {err}");
         once(&err, "run `fulfillment migrate`");
         assert!(err.contains("schema"), "{args:?}: {err}");
         assert!(!err.contains("relation"), "{args:?}: {err}");
@@ -111,9 +101,8 @@ fn an_unknown_role_is_a_refused_login_and_exits_2() {
     let mut url = db.url().url().clone();
     url.set_username("no_such_role_for_errors_test").unwrap();
     let env = with(env_of(&db.settings), "DATABASE_URL", url.to_string());
-    let out = fulfillment(&["subscription", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = fulfillment(&["subscription", "list"], &env);
+    assert_eq!(code, 2, "{err}");
     once(&err, "refused the login");
     assert!(
         err.contains("Check the user and password in DATABASE_URL"),
@@ -129,9 +118,8 @@ fn a_wrong_port_is_unreachable_not_a_pool_timeout_and_exits_3() {
     let mut url = db.url().url().clone();
     url.set_port(Some(port)).unwrap();
     let env = with(env_of(&db.settings), "DATABASE_URL", url.to_string());
-    let out = fulfillment(&["subscription", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(3), "{err}");
+    let (code, _, err) = fulfillment(&["subscription", "list"], &env);
+    assert_eq!(code, 3, "{err}");
     once(&err, "cannot reach PostgreSQL");
     assert!(
         err.contains("Check the host and port in DATABASE_URL"),
@@ -162,9 +150,8 @@ fn reconcile_against_an_unreachable_microsoft_exits_3_not_1() {
         "FULFILLMENT__MARKETPLACE__REQUEST_TIMEOUT_SECS",
         "2".into(),
     );
-    let out = fulfillment(&["reconcile"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(3), "{err}");
+    let (code, _, err) = fulfillment(&["reconcile"], &env);
+    assert_eq!(code, 3, "{err}");
 }
 
 #[test]
@@ -185,9 +172,8 @@ fn a_mistyped_prefix_on_dlq_list_declares_nothing_names_the_known_prefixes_and_e
         "FULFILLMENT__AMQP__PREFIX",
         typo.clone(),
     );
-    let out = fulfillment(&["dlq", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = fulfillment(&["dlq", "list"], &env);
+    assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!("no topology with the prefix \"{typo}\"")),
         "{err}"
@@ -209,9 +195,8 @@ fn dlq_list_with_rabbitmq_unreachable_exits_3() {
         "AMQP_URL",
         format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
     );
-    let out = fulfillment(&["dlq", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(3), "{err}");
+    let (code, _, err) = fulfillment(&["dlq", "list"], &env);
+    assert_eq!(code, 3, "{err}");
     once(&err, "cannot connect to RabbitMQ");
 }
 
@@ -223,9 +208,8 @@ fn a_wrong_rabbitmq_password_is_a_refused_login_and_exits_2() {
         "AMQP_URL",
         "amqp://guest:wrong-password@127.0.0.1:5672/%2f".into(),
     );
-    let out = fulfillment(&["dlq", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = fulfillment(&["dlq", "list"], &env);
+    assert_eq!(code, 2, "{err}");
     once(&err, "refused the login");
     assert!(err.contains("AMQP_URL"), "{err}");
     assert!(
@@ -266,9 +250,8 @@ fn every_option_of_every_command_has_a_description_and_help_lists_the_settings_r
         &["dlq", "list", "--help"],
         &["reconcile", "--help"],
     ] {
-        let out = fulfillment(args, &[]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{args:?}");
+        let (code, text, _) = fulfillment(args, &[]);
+        assert_eq!(code, 0, "{args:?}");
         assert!(text.contains("DATABASE_URL"), "{args:?}: {text}");
         assert!(text.contains("Exit codes: 0 all fine"), "{args:?}: {text}");
     }
@@ -280,9 +263,8 @@ fn every_invalid_setting_is_reported_at_once_with_exit_2() {
     let env = with(env_of(&db.settings), "LOG_FORMAT", "xml".into());
     let env = with(env, "MARKETPLACE_TOKEN_ENDPOINT", "v3".into());
     let env = with(env, "AMQP_URL", "http://127.0.0.1:5672".into());
-    let out = fulfillment(&["subscription", "list"], &env);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, _, err) = fulfillment(&["subscription", "list"], &env);
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("3 problems with the settings"), "{err}");
     for key in ["log.format", "marketplace.token_endpoint", "amqp.url"] {
         assert!(err.contains(key), "{key} not named: {err}");
@@ -304,9 +286,8 @@ fn serve_names_every_missing_setting_at_once_before_connecting_anywhere() {
         ),
     ];
     for command in ["serve", "work", "reconcile"] {
-        let out = fulfillment(&[command], &env);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        let (code, _, err) = fulfillment(&[command], &env);
+        assert_eq!(code, 2, "{command}: {err}");
         for needle in [
             "3 problems with the settings",
             "MARKETPLACE_TENANT_ID",

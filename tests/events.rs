@@ -13,7 +13,6 @@ mod event_schemas;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::TestDatabase;
 use event_schemas::{Contract, SCHEMA_SUFFIX, TYPE_PREFIX, schema_of, types_with_schemas};
@@ -430,13 +429,6 @@ fn the_asyncapi_document_is_generated_from_the_schemas_and_lists_every_type() {
 
 // ---- the demo's events -------------------------------------------------------------------
 
-fn demo_database(db: &TestDatabase) -> (String, PgPool) {
-    let name = format!("{}_demo", db.url().url().path().trim_start_matches('/'));
-    let url = db.url().with_path(&format!("/{name}"));
-    let pool = PgPool::connect_lazy(url.expose()).expect("a demo database URL");
-    (name, pool)
-}
-
 /// A `publish_domain_event` row: decision, subscription, effect, created, status, position
 /// among its decision's domain events, how many.
 type OutboxEvent = (Uuid, Uuid, Value, OffsetDateTime, String, i64, i64);
@@ -446,16 +438,18 @@ type OutboxEvent = (Uuid, Uuid, Value, OffsetDateTime, String, i64, i64);
 #[tokio::test]
 async fn the_domain_event_schemas_validate_every_event_the_demo_emits() {
     let db = TestDatabase::new();
-    let output = Command::new(env!("CARGO_BIN_EXE_fulfillment"))
-        .args(["demo", "--keep"])
-        .env("DATABASE_URL", db.url().expose())
-        .env("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix)
-        .env_remove("FULFILLMENT_CONFIG")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run fulfillment demo");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let (name, pool) = demo_database(&db);
+    let env = [
+        ("DATABASE_URL".into(), db.url().expose().to_string()),
+        (
+            "FULFILLMENT__AMQP__PREFIX".into(),
+            db.settings.amqp.prefix.clone(),
+        ),
+    ];
+    let (code, stdout, stderr) = common::run_fulfillment(&["demo", "--keep"], &env, false).await;
+    let demo = db
+        .url()
+        .with_path(&format!("{}_demo", db.url().url().path()));
+    let pool = PgPool::connect_lazy(demo.expose()).expect("a demo database URL");
     let rows: Result<Vec<OutboxEvent>, _> = sqlx::query_as(
         "SELECT o.event_id, o.subscription_id, o.effect, o.created_at, o.status,
                     (SELECT count(*) FROM outbox p WHERE p.event_id = o.event_id
@@ -469,16 +463,10 @@ async fn the_domain_event_schemas_validate_every_event_the_demo_emits() {
     .fetch_all(&pool)
     .await;
     pool.close().await;
-    let demo = db.url().with_path(&format!("/{name}"));
     marketplace_fulfillment::store::drop_database(&demo)
         .await
         .unwrap();
-    assert!(
-        output.status.success(),
-        "exit {:?}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
     let rows = rows.expect("the demo's outbox");
 
     let mut events = Vec::new();

@@ -647,7 +647,8 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     assert!(out.contains("no drift"), "{out}");
 
     // Webhooks lost on the way: Microsoft moves on without us.
-    app.tap.set_deaf(true);
+    let lose = json!({"loseWebhooks": true});
+    app.admin.set_faults(lose).await.unwrap();
     let op = app.act(state_drift, json!({"action": "Suspend"})).await;
     app.admin
         .wait_for_operation(state_drift, &op, WAIT)
@@ -683,7 +684,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     })
     .await;
     app.wait_for_delivery(missing, "Subscribe").await;
-    app.tap.set_deaf(false);
+    app.admin.set_faults(json!({})).await.unwrap();
 
     // A subscription Microsoft never sold (a forged webhook got through, P24).
     let unknown = Uuid::new_v4();

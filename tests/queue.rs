@@ -78,10 +78,6 @@ async fn messages_in(vhost: &str, queue: &str) -> u64 {
         .unwrap_or_else(|| panic!("queue {queue} not listed"))
 }
 
-async fn wait_until_empty(queue: &str) {
-    wait_until_empty_in("/", queue).await;
-}
-
 async fn wait_until_empty_in(vhost: &str, queue: &str) {
     let empty = || async { (messages_in(vhost, queue).await == 0).then_some(()) };
     wait_until(&format!("{queue} to empty"), WAIT, empty)
@@ -265,7 +261,7 @@ async fn a_confirmed_publish_arrives_intact_and_an_ack_removes_it() {
         meta.traceparent.clone().unwrap()
     );
     delivery.ack().await.unwrap();
-    wait_until_empty(&broker.topology().inbound_queue()).await;
+    wait_until_empty_in("/", &broker.topology().inbound_queue()).await;
 
     broker.delete_topology().await.unwrap();
     broker.close().await;
@@ -447,7 +443,7 @@ async fn a_failing_message_returns_through_each_retry_tier_then_dead_letters() {
         Some(meta.message_id.clone())
     );
     assert_eq!(dead.delivery.data, webhook_body_of(&dead.delivery.data));
-    wait_until_empty(&broker.topology().inbound_queue()).await;
+    wait_until_empty_in("/", &broker.topology().inbound_queue()).await;
 
     consumer.cancel().await;
     broker.delete_topology().await.unwrap();
@@ -513,7 +509,7 @@ async fn a_poison_body_is_reported_and_can_be_dead_lettered_with_the_response() 
         Some("LongLongInt(1)"),
         "dead-lettered at its first attempt"
     );
-    wait_until_empty(&broker.topology().inbound_queue()).await;
+    wait_until_empty_in("/", &broker.topology().inbound_queue()).await;
 
     consumer.cancel().await;
     broker.delete_topology().await.unwrap();

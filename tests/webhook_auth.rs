@@ -1,19 +1,12 @@
 //! Webhook bearer-token verification (docs/marketplace.md §6.6) against the simulator's Entra
 //! on 127.0.0.1:0: accepted tokens, every kind of forgery, key rotation and JWKS outages.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair, KeySize};
 use aws_lc_rs::signature::RSA_PKCS1_SHA256;
-use axum::Json;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use marketplace_fulfillment::http::auth::{
@@ -23,7 +16,7 @@ use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, MarketplaceSettings,
 use marketplace_fulfillment::simulator::{
     IssuerVersion, RunningSimulator, Simulator, SimulatorConfig,
 };
-use marketplace_fulfillment::world::simulator_env;
+use marketplace_fulfillment::world::{SimHandle, simulator_env};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -195,62 +188,6 @@ async fn public_key_forms(sim: &RunningSimulator, kid: &str) -> Vec<Vec<u8>> {
         lines.join("\n")
     );
     vec![der, pem.into_bytes(), serde_json::to_vec(&jwk).unwrap()]
-}
-
-/// A JWKS endpoint in front of the simulator's that counts requests and can be taken down.
-struct JwksProxy {
-    url: Url,
-    hits: Arc<AtomicUsize>,
-    down: Arc<AtomicBool>,
-}
-
-#[derive(Clone)]
-struct ProxyState {
-    upstream: Url,
-    hits: Arc<AtomicUsize>,
-    down: Arc<AtomicBool>,
-    http: reqwest::Client,
-}
-
-impl JwksProxy {
-    async fn start(upstream: Url) -> Self {
-        let hits = Arc::new(AtomicUsize::new(0));
-        let down = Arc::new(AtomicBool::new(false));
-        let state = ProxyState {
-            upstream,
-            hits: Arc::clone(&hits),
-            down: Arc::clone(&down),
-            http: reqwest::Client::new(),
-        };
-        let router = Router::new()
-            .route("/keys", get(proxy_jwks))
-            .with_state(state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = Url::parse(&format!("http://{}/keys", listener.local_addr().unwrap())).unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        Self { url, hits, down }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-async fn proxy_jwks(State(state): State<ProxyState>) -> Response {
-    state.hits.fetch_add(1, Ordering::SeqCst);
-    if state.down.load(Ordering::SeqCst) {
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    let jwks: Value = state
-        .http
-        .get(state.upstream.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Json(jwks).into_response()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -680,18 +617,21 @@ async fn rejections_never_echo_the_token() {
 async fn after_key_rotation_the_new_kid_is_fetched_once_and_a_second_unknown_kid_is_not_refetched()
 {
     let sim = start_simulator(IssuerVersion::V2).await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
     let interval = Duration::from_secs(1);
     let header = json!({ "typ": "JWT", "alg": "RS256", "kid": "never-published" });
     let forged = sign_with_foreign_key(&header, &valid_claims(&sim));
-    let verifier = verifier_for(&sim, Some(proxy.url.clone()), |c| {
+    let verifier = verifier_for(&sim, None, |c| {
         c.refresh_min_interval = interval;
     });
     let before = mint(&sim, json!({}));
     verify_token(&verifier, &before).await.unwrap();
-    assert_eq!(proxy.hits(), 1);
+    assert_eq!(sim.view().jwks_fetches(), 1);
     verify_token(&verifier, &before).await.unwrap();
-    assert_eq!(proxy.hits(), 1, "a known kid is served from the cache");
+    assert_eq!(
+        sim.view().jwks_fetches(),
+        1,
+        "a known kid is served from the cache"
+    );
 
     tokio::time::sleep(interval + Duration::from_millis(100)).await;
     let new_kid = sim.rotate_signing_key().unwrap();
@@ -700,7 +640,11 @@ async fn after_key_rotation_the_new_kid_is_fetched_once_and_a_second_unknown_kid
 
     let claims = verify_token(&verifier, &after).await.unwrap();
     assert_eq!(claims.tenant_id, sim.config().tenant_id);
-    assert_eq!(proxy.hits(), 2, "the unknown kid triggered one refetch");
+    assert_eq!(
+        sim.view().jwks_fetches(),
+        2,
+        "the unknown kid triggered one refetch"
+    );
 
     // Our cache may be behind a rotation we may not refetch yet: ours, not the caller's
     // (503, so Microsoft redelivers; a 401 would reject a ChangePlan, §15.5).
@@ -708,21 +652,20 @@ async fn after_key_rotation_the_new_kid_is_fetched_once_and_a_second_unknown_kid
     assert_eq!(error.reason(), "keys_not_refreshed");
     assert!(error.is_ours() && !error.is_unavailable());
     assert_eq!(
-        proxy.hits(),
+        sim.view().jwks_fetches(),
         2,
         "no second refetch inside the rate-limit interval"
     );
 
     verify_token(&verifier, &before).await.unwrap();
     verify_token(&verifier, &after).await.unwrap();
-    assert_eq!(proxy.hits(), 2);
+    assert_eq!(sim.view().jwks_fetches(), 2);
 }
 
 #[tokio::test]
 async fn concurrent_first_calls_share_a_single_jwks_fetch() {
     let sim = start_simulator(IssuerVersion::V2).await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let verifier = verifier_for(&sim, Some(proxy.url.clone()), |_| {});
+    let verifier = verifier_for(&sim, None, |_| {});
     let token = mint(&sim, json!({}));
 
     let calls = (0..16).map(|_| {
@@ -734,14 +677,13 @@ async fn concurrent_first_calls_share_a_single_jwks_fetch() {
         assert!(result.unwrap().is_ok());
     }
 
-    assert_eq!(proxy.hits(), 1);
+    assert_eq!(sim.view().jwks_fetches(), 1);
 }
 
 #[tokio::test]
 async fn a_flood_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
     let sim = start_simulator(IssuerVersion::V2).await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let verifier = verifier_for(&sim, Some(proxy.url.clone()), |_| {});
+    let verifier = verifier_for(&sim, None, |_| {});
     let claims = valid_claims(&sim);
     verify_token(&verifier, &mint(&sim, json!({})))
         .await
@@ -757,14 +699,13 @@ async fn a_flood_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
         );
     }
 
-    assert_eq!(proxy.hits(), 1);
+    assert_eq!(sim.view().jwks_fetches(), 1);
 }
 
 #[tokio::test]
 async fn the_jwks_is_refetched_once_the_cache_ttl_has_passed() {
     let sim = start_simulator(IssuerVersion::V2).await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let verifier = verifier_for(&sim, Some(proxy.url.clone()), |c| {
+    let verifier = verifier_for(&sim, None, |c| {
         c.cache_ttl = Duration::from_millis(200);
         c.refresh_min_interval = Duration::from_millis(50);
     });
@@ -774,20 +715,23 @@ async fn the_jwks_is_refetched_once_the_cache_ttl_has_passed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     verify_token(&verifier, &token).await.unwrap();
 
-    assert_eq!(proxy.hits(), 2);
+    assert_eq!(sim.view().jwks_fetches(), 2);
 }
 
 #[tokio::test]
 async fn when_the_jwks_goes_down_cached_keys_still_verify_and_unknown_kids_are_unavailable() {
     let sim = start_simulator(IssuerVersion::V2).await;
-    let proxy = JwksProxy::start(sim.jwks_url()).await;
-    let verifier = verifier_for(&sim, Some(proxy.url.clone()), |c| {
+    let verifier = verifier_for(&sim, None, |c| {
         c.refresh_min_interval = Duration::from_millis(50);
     });
     let token = mint(&sim, json!({}));
     verify_token(&verifier, &token).await.unwrap();
 
-    proxy.down.store(true, Ordering::SeqCst);
+    let admin = SimHandle {
+        http: reqwest::Client::new(),
+        base: sim.base_url(),
+    };
+    admin.set_faults(json!({"jwks": "fail"})).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     verify_token(&verifier, &token).await.unwrap();
 
@@ -796,7 +740,7 @@ async fn when_the_jwks_goes_down_cached_keys_still_verify_and_unknown_kids_are_u
     let error = verify_token(&verifier, &rotated).await.unwrap_err();
     assert_eq!(error.reason(), "jwks_unavailable");
     assert!(error.is_unavailable());
-    assert_eq!(proxy.hits(), 2);
+    assert_eq!(sim.view().jwks_fetches(), 2);
 
     // The failed fetch did not evict the keys we had.
     verify_token(&verifier, &token).await.unwrap();

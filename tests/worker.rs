@@ -7,6 +7,7 @@ mod stack;
 use marketplace_fulfillment::store::ledger::LogOutcome;
 use std::time::{Duration, Instant};
 
+use marketplace_fulfillment::ops::subscription::submit;
 use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
 use serde_json::{Value, json};
 use stack::{Options, Stack, WAIT};
@@ -173,8 +174,9 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
         .await;
     let body = app
         .wait_for(&format!("a webhook of {op}"), || async {
-            let mut received = app.tap.received().into_iter();
-            received.find(|body| serde_json::from_str::<Value>(body).unwrap()["id"] == op)
+            let mut sent = app.sim.view().webhook_payloads(id).into_iter();
+            sent.find(|body| body["id"] == op)
+                .map(|body| body.to_string())
         })
         .await;
     app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
@@ -388,14 +390,12 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
         .set_faults(json!({"loseResponses": {"updateSubscription": 1}}))
         .await
         .unwrap();
-    let command_id = app
-        .command(
-            id,
-            PublisherCommand::ChangePlan {
-                plan_id: "gold".into(),
-            },
-        )
-        .await;
+    let plan = PublisherCommand::ChangePlan {
+        plan_id: "gold".into(),
+    };
+    let command_id = submit(&app.broker, &app.pool, id, plan, "api")
+        .await
+        .unwrap();
 
     let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
     app.run_until_idle().await;
@@ -425,7 +425,10 @@ async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it
         .set_faults(json!({"loseResponses": {"deleteSubscription": 1}}))
         .await
         .unwrap();
-    let command_id = app.command(id, PublisherCommand::Cancel).await;
+    let cancel = PublisherCommand::Cancel;
+    let command_id = submit(&app.broker, &app.pool, id, cancel, "api")
+        .await
+        .unwrap();
 
     let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
     app.run_until_idle().await;

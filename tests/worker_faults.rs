@@ -173,7 +173,8 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
 #[tokio::test]
 async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
     let stack = Stack::start(Options {
-        worker: |worker| worker.effects = stack::patient_effects(),
+        // A large attempt budget: the faults last a while.
+        worker: |worker| worker.effects.protocol.max_attempts = 50,
         ..Options::default()
     })
     .await;
@@ -263,7 +264,8 @@ async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
     let stack = Stack::start(Options {
         policy: json!({"seats": {"max": 10}}),
         ack_window: Duration::from_millis(1500),
-        worker: |worker| worker.effects = stack::patient_effects(),
+        // A large attempt budget: the faults last a while.
+        worker: |worker| worker.effects.protocol.max_attempts = 50,
         ..Options::default()
     })
     .await;

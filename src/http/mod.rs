@@ -172,6 +172,11 @@ fn request_span(request: &Request<Body>) -> tracing::Span {
     span
 }
 
+fn listen(settings: &Settings) -> anyhow::Result<LimitedListener> {
+    let http = &settings.http;
+    LimitedListener::bind(http.listen_addr, http.max_connections, http.idle_timeout)
+}
+
 /// The ingress process: a bound listener and its connected state.
 #[derive(Debug)]
 pub struct Application {
@@ -185,16 +190,21 @@ impl Application {
     /// RabbitMQ (declaring the topology), and builds the webhook verifier and the
     /// Marketplace client. Errors name what is unreachable or missing.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let listener = LimitedListener::bind(
-            settings.http.listen_addr,
-            settings.http.max_connections,
-            settings.http.idle_timeout,
-        )?;
-        let local_addr = listener.local_addr()?;
+        let listener = listen(&settings)?;
         let state = AppState::from_settings(&settings).await?;
+        Application::serving(listener, state)
+    }
+
+    /// Binds `http.listen_addr` to serve `state` as it is (a state the caller changed, e.g.
+    /// a webhook verifier of its own: `World::restart_ingress`).
+    pub fn with_state(settings: &Settings, state: AppState) -> anyhow::Result<Application> {
+        Application::serving(listen(settings)?, state)
+    }
+
+    fn serving(listener: LimitedListener, state: AppState) -> anyhow::Result<Application> {
         Ok(Application {
+            local_addr: listener.local_addr()?,
             listener,
-            local_addr,
             state,
         })
     }

@@ -4,6 +4,7 @@
 //! (§2, §2.5) and the tokens Microsoft puts on webhook calls (§6.6).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::Context;
@@ -26,6 +27,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::IssuerVersion;
+use super::faults::JwksFault;
 use super::state::Shared;
 use crate::settings::MARKETPLACE_APP_ID;
 
@@ -548,9 +550,28 @@ fn signing_failed(error: &anyhow::Error) -> Response {
     )
 }
 
-async fn jwks(State(shared): State<Arc<Shared>>) -> Json<Value> {
+async fn jwks(State(shared): State<Arc<Shared>>) -> Response {
+    shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
     // Entra publishes the same keys for every tenant.
-    Json(shared.keys.jwks())
+    let mut jwks = shared.keys.jwks();
+    match shared.read(|st| st.faults.jwks) {
+        JwksFault::Serve => Json(jwks).into_response(),
+        JwksFault::NewestOnly => {
+            let keys = jwks["keys"].as_array_mut().expect("a key list");
+            keys.drain(..keys.len() - 1);
+            Json(jwks).into_response()
+        }
+        JwksFault::Fail => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        JwksFault::Garbage => {
+            let page = "<html><body>Sign in to continue</body></html>";
+            ([("content-type", "text/html")], page).into_response()
+        }
+        JwksFault::NoKeys => Json(json!({ "keys": [
+            { "kty": "oct", "kid": "x", "k": "c2VjcmV0" },
+            { "kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB" },
+        ] }))
+        .into_response(),
+    }
 }
 
 async fn openid_configuration_v2(

@@ -34,6 +34,12 @@ pub struct Faults {
     pub reorder: Reorder,
     /// Share of webhooks followed by one with an undocumented `action`.
     pub unknown_actions: f64,
+    /// What the Entra stand-in's JWKS endpoint answers instead of every published key.
+    pub jwks: JwksFault,
+    /// Webhooks queued while this is set are lost on the way: none reaches the publisher,
+    /// and each is logged as delivered (a 200 from something in between), so it is not
+    /// redelivered.
+    pub lose_webhooks: bool,
     /// Calls answered with a fixed status every time, by call name (see [`CALLS`]): e.g.
     /// `{"updateOperation": 400}` makes every ACK fail for good. Wins over the shares.
     pub fail_calls: BTreeMap<String, u16>,
@@ -100,6 +106,23 @@ pub(crate) fn call_name(method: &str, route: &str) -> Option<&'static str> {
         .iter()
         .find(|(_, m, r)| *m == method && *r == route)
         .map(|(name, _, _)| *name)
+}
+
+/// The `jwks` fault: how the JWKS endpoint misbehaves (key rotation and outages at Entra).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum JwksFault {
+    /// Every published key, as Entra does.
+    #[default]
+    Serve,
+    /// Only the newest key: the older ones were withdrawn.
+    NewestOnly,
+    /// 500.
+    Fail,
+    /// 200 with an HTML page (a captive portal, a misrouted proxy).
+    Garbage,
+    /// 200 with a JSON document that holds no usable key.
+    NoKeys,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,7 +47,7 @@ use url::Url;
 use uuid::Uuid;
 
 pub use credentials::{FEDERATED_AUDIENCE, FederatedCredential};
-pub use faults::{CALLS as FAULT_CALLS, Faults, Reorder};
+pub use faults::{CALLS as FAULT_CALLS, Faults, JwksFault, Reorder};
 
 use crate::settings::Settings;
 use entra::KeyRing;
@@ -594,6 +594,20 @@ impl SimulatorView {
                 created: op.created,
                 finished: op.finished,
             })
+        })
+    }
+
+    /// How often the JWKS was fetched so far.
+    pub fn jwks_fetches(&self) -> usize {
+        self.shared.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    /// The payloads of the webhooks sent (or being sent) for a subscription, in order.
+    pub fn webhook_payloads(&self, subscription_id: Uuid) -> Vec<Value> {
+        self.shared.read(|st| {
+            let sub = st.subscriptions.get(&subscription_id);
+            let deliveries = sub.into_iter().flat_map(|s| &s.deliveries);
+            deliveries.map(|d| d.payload.clone()).collect()
         })
     }
 

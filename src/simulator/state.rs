@@ -169,6 +169,9 @@ pub(crate) struct Delivery {
     pub duplicate: bool,
     /// Injected by the `unknownActions` fault.
     pub injected: bool,
+    /// The §6.2 payload as sent (not kept in the state file).
+    #[serde(skip)]
+    pub payload: Value,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +284,8 @@ pub(crate) struct Shared {
     pub credentials: super::credentials::Registrations,
     /// Authorization codes of interactive sign-ins, not yet redeemed.
     pub sign_in_codes: super::sign_in::SignInCodes,
+    /// GETs of the JWKS so far (a verifier's cache shows in how few there are).
+    pub jwks_fetches: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -315,6 +320,7 @@ impl Shared {
             sender_token: Mutex::new(None),
             credentials: Default::default(),
             sign_in_codes: Default::default(),
+            jwks_fetches: Default::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! a fresh Entra bearer token, redelivers on any non-2xx or connection error every
 //! `webhook_retry_interval` up to `webhook_max_attempts`, and reads a 4xx answer to a
 //! customer-initiated ChangePlan/ChangeQuantity as a rejection (§6.3). Every attempt lands in
-//! the subscription's delivery log.
+//! the subscription's delivery log, and every payload with it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +101,7 @@ pub(crate) fn notify(
             outcome: DeliveryOutcome::Pending,
             duplicate,
             injected,
+            payload: body.clone(),
         };
         let delay = shared.config.timings.webhook_delay + shared.jitter(faults.reorder.window());
         let job = Job {
@@ -110,6 +111,7 @@ pub(crate) fn notify(
             delivery_id: delivery.id,
             body,
             rejectable: rejectable && !injected,
+            lost: faults.lose_webhooks,
         };
         subscription.deliveries.push(delivery);
         let shared_for_task = Arc::clone(shared);
@@ -128,6 +130,8 @@ struct Job {
     delivery_id: Uuid,
     body: Value,
     rejectable: bool,
+    /// The `loseWebhooks` fault: answered 200 on the way, never sent.
+    lost: bool,
 }
 
 async fn deliver(shared: &Arc<Shared>, job: Job) {
@@ -135,6 +139,7 @@ async fn deliver(shared: &Arc<Shared>, job: Job) {
     let max_attempts = timings.webhook_max_attempts.max(1);
     for attempt in 1..=max_attempts {
         let sent = match shared.sender_webhook_token() {
+            Ok(_) if job.lost => Ok(200),
             Ok(token) => shared
                 .http
                 .post(job.url.clone())

@@ -121,6 +121,48 @@ impl WorkerConfig {
     }
 }
 
+impl WorkerConfig {
+    /// This configuration as the environment of a `fulfillment work` process: the
+    /// `FULFILLMENT__WORKER__*` variables that [`from_settings`](Self::from_settings) reads
+    /// back into it. Caps and budgets go in whole seconds; the metering and ISV delivery
+    /// clocks belong to their own sections and are not written.
+    pub fn to_env(&self) -> Vec<(String, String)> {
+        let (effects, protocol) = (&self.effects, &self.effects.protocol);
+        let ms = |d: Duration| d.as_millis().to_string();
+        let secs = |d: Duration| d.as_secs().to_string();
+        [
+            ("PREFETCH", self.prefetch.to_string()),
+            ("EFFECT_CONCURRENCY", effects.concurrency.to_string()),
+            ("POLL_INTERVAL_MS", ms(effects.poll_interval)),
+            ("MAX_ATTEMPTS", protocol.max_attempts.to_string()),
+            ("BACKOFF_BASE_MS", ms(protocol.backoff_base)),
+            ("BACKOFF_MAX_MS", ms(protocol.backoff_max)),
+            (
+                "OPERATION_POLL_INTERVAL_MS",
+                ms(protocol.operation_poll_interval),
+            ),
+            ("OPERATION_POLL_CAP_SECS", secs(protocol.operation_poll_cap)),
+            (
+                "ACTIVATION_CHECK_INTERVAL_MS",
+                ms(protocol.activation_check_interval),
+            ),
+            (
+                "ACTIVATION_WAIT_CAP_SECS",
+                secs(protocol.activation_wait_cap),
+            ),
+            (
+                "UNKNOWN_OUTCOME_BUDGET_SECS",
+                secs(protocol.unknown_outcome_budget),
+            ),
+            ("LOCK_WAIT_BUDGET_SECS", secs(protocol.lock_wait_budget)),
+            ("SHUTDOWN_GRACE_SECS", secs(self.shutdown_grace)),
+            ("APPLY_BATCH", self.apply_batch.to_string()),
+        ]
+        .map(|(key, value)| (format!("FULFILLMENT__WORKER__{key}"), value))
+        .into()
+    }
+}
+
 /// Two thirds of the pool, at most 10 calls in flight to Microsoft (§8.1).
 fn concurrency_for_pool(max_connections: u32) -> usize {
     let share = usize::try_from(max_connections.saturating_mul(2) / 3).unwrap_or(1);
@@ -448,6 +490,28 @@ mod tests {
             format!("{:?}", from_settings.effects),
             format!("{:?}", coded.effects)
         );
+    }
+
+    #[test]
+    fn a_config_written_as_environment_reads_back_the_same() {
+        let config = WorkerConfig {
+            prefetch: 8,
+            effects: EffectsConfig {
+                concurrency: 2,
+                poll_interval: Duration::from_millis(70),
+                protocol: ProtocolConfig {
+                    max_attempts: 50,
+                    operation_poll_cap: Duration::from_secs(7),
+                    ..ProtocolConfig::fast()
+                },
+            },
+            shutdown_grace: Duration::from_secs(120),
+            apply_batch: 5,
+            ..WorkerConfig::default()
+        };
+        let env: HashMap<String, String> = config.to_env().into_iter().collect();
+        let read = WorkerConfig::from_settings(&Settings::from_sources(None, &env).unwrap());
+        assert_eq!(format!("{read:?}"), format!("{config:?}"));
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub fn strip_ansi(text: &str) -> String {
 }
 
 /// Runs `fulfillment ARGS` with `env` on top of this process's environment (less
-/// `FULFILLMENT_CONFIG` and `COLUMNS`), or on top of `PATH` alone when `clean`:
+/// `FULFILLMENT_CONFIG`, `COLUMNS` and `RUST_LOG`), or on top of `PATH` alone when `clean`:
 /// `(exit code, stdout, stderr)`.
 pub async fn run_fulfillment(
     args: &[&str],
@@ -87,7 +87,8 @@ pub async fn run_fulfillment(
         true => command.env_clear().env("PATH", path),
         false => command
             .env_remove("FULFILLMENT_CONFIG")
-            .env_remove("COLUMNS"),
+            .env_remove("COLUMNS")
+            .env_remove("RUST_LOG"),
     };
     let output = command.args(args).envs(env.iter().cloned()).output().await;
     let output = output.expect("run fulfillment");

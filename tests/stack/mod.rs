@@ -1,7 +1,7 @@
 //! The one test world: [`World`] (the start path `demo` and the benchmarks share) wired
-//! for system tests. The simulator on port 0 sends signed webhooks through a [`tap`]
-//! (which records them, and can turn deaf to lose them) to the real ingress; workers
-//! (in-process, or `fulfillment work` child processes) apply them. Every test gets its own
+//! for system tests. The simulator on port 0 sends signed webhooks to the real ingress (its
+//! `loseWebhooks` fault loses them on the way); workers (in-process, or `fulfillment work`
+//! child processes) apply them. Every test gets its own
 //! database and RabbitMQ prefix, removed when the [`Stack`] is dropped, also on a panic.
 //! Domain events are collected on a queue of the test's own and checked against
 //! docs/events/. Waiting is by condition ([`Stack::wait_for`], [`World::run_until_idle`],
@@ -21,7 +21,6 @@
 mod common;
 #[path = "../common/event_schemas.rs"]
 pub mod event_schemas;
-mod tap;
 
 #[allow(unused_imports)]
 pub use common::{TestDatabase, strip_ansi, test_settings};
@@ -34,13 +33,11 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
-use marketplace_fulfillment::queue::{
-    InboundMessage, InboxKey, MessageMeta, Publisher, PublisherCommand, headers,
-};
+use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publisher, headers};
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
-use marketplace_fulfillment::worker::{EffectsConfig, ProtocolConfig, WorkerConfig};
+use marketplace_fulfillment::worker::{EffectsConfig, WorkerConfig};
 use marketplace_fulfillment::world::{
     ChildProcess, SimHandle, World, WorldOptions, activate_on_landing,
 };
@@ -91,18 +88,6 @@ impl Default for Options {
     }
 }
 
-/// Fast effect clocks with a large attempt budget (for faults that last a while).
-pub fn patient_effects() -> EffectsConfig {
-    EffectsConfig {
-        concurrency: 2,
-        protocol: ProtocolConfig {
-            max_attempts: 50,
-            ..ProtocolConfig::fast()
-        },
-        ..EffectsConfig::fast()
-    }
-}
-
 /// The world and what tests add to it; derefs to the [`World`] (`pool`, `settings`,
 /// `sim`, `broker`, `client`, `workers`, `engine`, `run_until_idle`, …).
 pub struct Stack {
@@ -116,9 +101,8 @@ pub struct Stack {
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
     pub process_env: Vec<(String, String)>,
-    /// Records the simulator's webhooks and forwards them to the ingress (unless deaf).
-    pub tap: tap::Tap,
-    worker_config: WorkerConfig,
+    /// The workers' configuration: fast effect clocks, then `Options::worker`.
+    pub worker_config: WorkerConfig,
 }
 
 impl std::ops::Deref for Stack {
@@ -151,7 +135,6 @@ impl Stack {
             base.policy = serde_json::from_value(options.policy).expect("a policy");
         }
         (options.settings)(&mut base);
-        let (tap, tap_url) = tap::Tap::start().await;
         let mut worker_config = WorkerConfig {
             prefetch: 8,
             effects: EffectsConfig {
@@ -164,7 +147,6 @@ impl Stack {
         let (ack_window, simulator) = (options.ack_window, options.simulator);
         let world_options = WorldOptions {
             ingress: true,
-            webhook_url: Some(tap_url),
             worker: options.in_process_worker.then(|| worker_config.clone()),
             client_retries: Some(RetryPolicy {
                 min_delay: Duration::from_millis(5),
@@ -188,7 +170,6 @@ impl Stack {
             ..WorldOptions::bare("test")
         };
         let mut world = World::start(&base, world_options).await.expect("the world");
-        tap.forward_to(world.url("/webhook").parse().unwrap());
         let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
         world.delete_at_teardown(domain_queue.clone());
         let (connection, channel) = lapin(&world.settings).await;
@@ -203,27 +184,9 @@ impl Stack {
             .await
             .unwrap();
         let _ = connection.close(200, "bound".into()).await;
-        // Millisecond clocks for worker processes, through the [worker] settings.
-        let notices = &world.settings.policy.notices;
-        let notice_days = notices.term_ending_days.iter().map(u32::to_string);
+        // Worker processes run as the in-process workers do.
         let mut process_env = world.process_env();
-        for (key, value) in [
-            ("DATABASE__MAX_CONNECTIONS", "6".to_string()),
-            ("WORKER__PREFETCH", "8".into()),
-            ("WORKER__EFFECT_CONCURRENCY", "2".into()),
-            ("WORKER__POLL_INTERVAL_MS", "100".into()),
-            ("WORKER__BACKOFF_BASE_MS", "50".into()),
-            ("WORKER__BACKOFF_MAX_MS", "500".into()),
-            ("WORKER__OPERATION_POLL_INTERVAL_MS", "100".into()),
-            ("WORKER__ACTIVATION_CHECK_INTERVAL_MS", "100".into()),
-            (
-                "WORKER__TERM_ENDING_NOTICE_DAYS",
-                notice_days.collect::<Vec<_>>().join(","),
-            ),
-            ("WORKER__NOTICE_DAY_MS", notices.day.as_millis().to_string()),
-        ] {
-            process_env.push((format!("FULFILLMENT__{key}"), value));
-        }
+        process_env.extend(worker_config.to_env());
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -235,7 +198,6 @@ impl Stack {
             world,
             domain_queue,
             process_env,
-            tap,
             worker_config,
         }
     }
@@ -329,9 +291,9 @@ impl Stack {
 
     /// Outbox rows not done: `(pending, dead)`.
     pub async fn outbox_left(&self) -> (i64, i64) {
-        let sql = "SELECT count(*) FILTER (WHERE status = 'pending'), \
-                   count(*) FILTER (WHERE status = 'dead') FROM outbox";
-        sqlx::query_as(sql).fetch_one(&self.pool).await.unwrap()
+        let pending = store::verify::pending_effects(&self.pool).await.unwrap();
+        let dead = store::verify::dead_effects(&self.pool).await.unwrap();
+        (pending, dead.iter().map(|(_, _, n)| n).sum())
     }
 
     /// `SELECT count(*) …` with one text parameter.
@@ -420,20 +382,6 @@ impl Stack {
         let (id, message, message_id) = self.resolve(plan, quantity).await;
         self.publish(&message, &message_id, id).await;
         id
-    }
-
-    /// Publishes a publisher command as the entitlement API would; returns its id.
-    pub async fn command(&self, id: Uuid, command: PublisherCommand) -> Uuid {
-        let command_id = Uuid::new_v4();
-        let message = InboundMessage::Command {
-            command_id,
-            subscription_id: id,
-            command,
-            requested_by: "api".into(),
-            requested_at: OffsetDateTime::now_utc(),
-        };
-        self.publish(&message, &command_id.to_string(), id).await;
-        command_id
     }
 
     // ---- waiting -----------------------------------------------------------------------
