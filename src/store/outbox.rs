@@ -804,19 +804,21 @@ pub async fn event_kind(pool: &PgPool, event_id: Uuid) -> Result<Option<String>,
 
 /// Where the effect row stands among the `publish_domain_event` rows of its decision:
 /// `(1-based position, how many)`. Gives each CloudEvent a stable id when the row was
-/// queued without [`OutboxRow::cloud_event_id`] (the notice emitter's rows, rows older than
-/// the column); a decision's rows carry it.
+/// queued without [`OutboxRow::cloud_event_id`]: rows older than the column, whose
+/// decision's rows all lack it (every row queued since carries it). The kind and the
+/// missing id are written into the statement: they are the predicate of the partial
+/// `outbox_event_idx`, which holds only such rows.
 pub async fn domain_event_position(
     pool: &PgPool,
     row: &OutboxRow,
 ) -> Result<(i64, i64), StoreError> {
-    let (position, total): (i64, i64) = sqlx::query_as(
+    let kind = EffectKind::PublishDomainEvent.as_str();
+    let (position, total): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE id <= $2), count(*) FROM outbox \
-         WHERE event_id = $1 AND kind = $3",
-    )
+         WHERE event_id = $1 AND kind = '{kind}' AND cloud_event_id IS NULL"
+    )))
     .bind(row.event_id)
     .bind(row.id)
-    .bind(EffectKind::PublishDomainEvent)
     .fetch_one(pool)
     .await?;
     Ok((position, total))
