@@ -585,6 +585,81 @@ async fn a_claim_probes_each_candidates_subscription_whatever_the_statistics_say
     );
 }
 
+/// A domain event queued before decisions fixed their CloudEvent ids (migration
+/// 20261210020000) is numbered among its decision's domain events when it is published.
+#[tokio::test]
+async fn a_domain_event_queued_without_its_cloud_event_id_is_numbered_among_its_decisions() {
+    use marketplace_fulfillment::store::outbox::{self, EffectKind, OutboxRow};
+    let (_db, pool) = TestDatabase::migrated().await;
+    let (subscription, decision) = (Uuid::new_v4(), Uuid::now_v7());
+    let mut rows = Vec::new();
+    for sequence in [1, 2] {
+        let row = OutboxRow {
+            id: Uuid::now_v7(),
+            subscription_id: subscription,
+            event_id: decision,
+            kind: EffectKind::PublishDomainEvent,
+            effect: serde_json::json!({}),
+            attempts: 0,
+            correlation_id: None,
+            last_error: None,
+            progress: serde_json::json!({}),
+            created_at: OffsetDateTime::now_utc(),
+            traceparent: None,
+            due_at: None,
+            cloud_event_id: None,
+        };
+        sqlx::query(
+            "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect) \
+             VALUES ($1, $2, $3, $4, 'publish_domain_event', '{}'::jsonb)",
+        )
+        .bind(row.id)
+        .bind(subscription)
+        .bind(decision)
+        .bind(sequence)
+        .execute(&pool)
+        .await
+        .unwrap();
+        rows.push(row);
+    }
+    for (position, row) in (1..).zip(&rows) {
+        assert_eq!(
+            outbox::domain_event_position(&pool, row).await.unwrap(),
+            (position, 2)
+        );
+    }
+}
+
+/// A machine bigger than a quarter page after compression stays in its row: saving it
+/// does not write and delete values in the TOAST table (migration 20261211020000).
+#[tokio::test]
+async fn a_large_machine_is_kept_in_its_subscriptions_row() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let id = SubscriptionId::from(Uuid::new_v4());
+    seen_subscribed(&pool, id, OffsetDateTime::now_utc(), &Policy::default()).await;
+    // 6,000 characters of random hex, which compression leaves about as long.
+    sqlx::query(
+        "UPDATE subscriptions SET machine = machine || jsonb_build_object('padding', \
+           (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 190))) \
+         WHERE id = $1",
+    )
+    .bind(id.as_uuid())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (stored, toasted): (i32, i64) = sqlx::query_as(
+        "SELECT pg_column_size(machine), \
+           (SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'subscriptions') \
+         FROM subscriptions WHERE id = $1",
+    )
+    .bind(id.as_uuid())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(stored > 2100, "the machine takes {stored} bytes");
+    assert_eq!(toasted, 0, "the TOAST table holds {toasted} bytes");
+}
+
 #[tokio::test]
 async fn a_counter_a_writer_before_it_left_behind_is_caught_up_by_the_migration() {
     // A worker of the version before `subscriptions.last_sequence` appended with
