@@ -630,8 +630,9 @@ async fn a_domain_event_queued_without_its_cloud_event_id_is_numbered_among_its_
     }
 }
 
-/// A machine bigger than a quarter page after compression stays in its row: saving it
-/// does not write and delete values in the TOAST table (migration 20261211020000).
+/// A machine bigger than a quarter page after compression stays in its row, and so do the
+/// small JSON columns beside it: saving a subscription does not write and delete values in
+/// the TOAST table (migration 20261211020000).
 #[tokio::test]
 async fn a_large_machine_is_kept_in_its_subscriptions_row() {
     let (_db, pool) = TestDatabase::migrated().await;
@@ -640,7 +641,11 @@ async fn a_large_machine_is_kept_in_its_subscriptions_row() {
     // 6,000 characters of random hex, which compression leaves about as long.
     sqlx::query(
         "UPDATE subscriptions SET machine = machine || jsonb_build_object('padding', \
-           (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 190))) \
+           (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 190))), \
+           beneficiary = jsonb_build_object('emailId', 'customer@example.com', \
+             'objectId', gen_random_uuid(), 'tenantId', gen_random_uuid()), \
+           purchaser = jsonb_build_object('emailId', 'buyer@example.com', \
+             'objectId', gen_random_uuid(), 'tenantId', gen_random_uuid()) \
          WHERE id = $1",
     )
     .bind(id.as_uuid())
