@@ -441,38 +441,28 @@ impl Stack {
         .await
     }
 
-    /// The checks every burst must pass, those of `bench chaos` and more: each webhook
-    /// Microsoft delivered decided exactly once (redeliveries logged as duplicates aside),
-    /// no event decided twice, no gap in a subscription's sequence.
-    pub async fn assert_each_event_decided_once(&self) {
-        let logged = store::verify::logged_webhook_operations(&self.pool).await;
-        let logged = logged.unwrap();
-        let mut delivered = 0;
-        let all = self.admin.get("simulator/subscriptions").await.unwrap();
-        for view in all["subscriptions"].as_array().unwrap() {
-            let (id, hooks) = (&view["subscription"]["id"], view["webhooks"].as_array());
-            for hook in hooks
-                .unwrap()
-                .iter()
-                .filter(|hook| hook["delivered"] == true)
-            {
-                let op: Uuid = hook["operationId"].as_str().unwrap().parse().unwrap();
-                assert!(logged.contains(&op), "{id}: webhook {hook} not in the log");
-                delivered += 1;
-            }
-        }
+    /// The checks every burst must pass: those of `bench chaos` ([`World::audit`] of `ids`:
+    /// each webhook our ingress accepted is in the event log, no event decided twice, no gap
+    /// in a sequence, both sides agree) and one more: as many webhook decisions
+    /// (redeliveries logged as duplicates aside) as webhooks accepted.
+    pub async fn assert_each_event_decided_once(&self, ids: &[Uuid]) {
+        let audit = self.world.audit(&self.http, &self.pool, ids).await.unwrap();
+        let lost = audit.lost.len() + audit.accepted_in_dead_letters;
+        assert_eq!(lost, 0, "accepted webhooks not in the log: {audit:#?}");
+        assert!(audit.duplicate_transitions.is_empty(), "{audit:#?}");
+        assert!(
+            audit.sequence_gaps == 0 && audit.divergent.is_empty(),
+            "{audit:#?}"
+        );
         let decided = "SELECT count(*) FROM subscription_events WHERE event_kind LIKE $1 \
                        AND NOT (outcome = 'ignored' AND reason LIKE 'duplicate event%')";
+        let accepted = audit.webhooks_accepted as i64;
         assert_eq!(
             self.count(decided, "Webhook%").await,
-            delivered,
+            accepted,
             "webhook decisions"
         );
-        assert!(delivered > 0);
-        let twice = store::verify::decided_twice(&self.pool).await.unwrap();
-        assert!(twice.is_empty(), "decided twice: {twice:?}");
-        let gaps = store::verify::sequence_gaps(&self.pool).await.unwrap();
-        assert_eq!(gaps, 0, "subscriptions with gaps in their sequence");
+        assert!(accepted > 0);
     }
 
     /// Waits until `n` consumers are on the inbound queue, each of `workers` still running.
