@@ -30,10 +30,9 @@ pub use marketplace_fulfillment::world::{Purchase, View};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
-use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publisher, headers};
+use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publisher};
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
@@ -172,18 +171,8 @@ impl Stack {
         let mut world = World::start(&base, world_options).await.expect("the world");
         let domain_queue = format!("{}.test-domain-events", world.settings.amqp.prefix);
         world.delete_at_teardown(domain_queue.clone());
-        let (connection, channel) = lapin(&world.settings).await;
-        let (declare, bind) = (QueueDeclareOptions::default(), QueueBindOptions::default());
-        let exchange = world.broker.topology().domain_exchange();
-        let no_arguments = lapin::types::FieldTable::default();
-        (channel.queue_declare(domain_queue.as_str().into(), declare, no_arguments.clone()))
-            .await
-            .unwrap();
-        let (queue, key) = (domain_queue.as_str().into(), "#".into());
-        (channel.queue_bind(queue, exchange.into(), key, bind, no_arguments))
-            .await
-            .unwrap();
-        let _ = connection.close(200, "bound".into()).await;
+        let every_event = world.broker.listen_to_domain_events(&domain_queue, "#");
+        every_event.await.expect("the test's domain-event queue");
         // Worker processes run as the in-process workers do.
         let mut process_env = world.process_env();
         process_env.extend(worker_config.to_env());
@@ -310,18 +299,12 @@ impl Stack {
         self.broker.queue_counts(&inbound).await.unwrap()
     }
 
-    /// Takes every message off `queue`: bodies and headers as text.
+    /// Takes every message off `queue` (a queue of the test's own, or the dead letters):
+    /// bodies as JSON and headers as text.
     pub async fn take_all(&self, queue: &str) -> Vec<(Value, BTreeMap<String, String>)> {
-        let (connection, channel) = lapin(&self.settings).await;
-        let mut all = Vec::new();
-        let get = || channel.basic_get(queue.into(), BasicGetOptions { no_ack: true });
-        while let Some(message) = get().await.unwrap() {
-            let body = serde_json::from_slice(&message.delivery.data).unwrap_or(Value::Null);
-            let headers = headers::stringify(message.delivery.properties.headers().as_ref());
-            all.push((body, headers));
-        }
-        let _ = connection.close(200, "drained".into()).await;
-        all
+        let taken = self.broker.take_all(queue).await.unwrap().into_iter();
+        let json = |body: &[u8]| serde_json::from_slice(body).unwrap_or(Value::Null);
+        taken.map(|m| (json(&m.body), m.headers)).collect()
     }
 
     /// Takes the domain events published since the last call off the test's queue and
@@ -512,7 +495,8 @@ impl Stack {
     }
 }
 
-/// A RabbitMQ connection and channel of the test's own.
+/// A RabbitMQ connection and channel of the test's own (`tests/ops.rs` seeds the
+/// dead-letter queue with it).
 pub async fn lapin(settings: &Settings) -> (Connection, lapin::Channel) {
     let url = settings.amqp.url.expose();
     let properties = ConnectionProperties::default();
