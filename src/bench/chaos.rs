@@ -1425,7 +1425,7 @@ async fn wait_for_quiescence(
 
 #[derive(Debug, Default)]
 struct Report {
-    /// Both sides after the run ([`World::audit`]).
+    /// Both sides after the run ([`crate::world::World::audit`]).
     audit: Audit,
     tally: Tally,
     disturbances: Vec<Disturbed>,

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
-use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta, Publisher};
+use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta};
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::{SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
@@ -94,8 +94,6 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// The simulator's admin API.
     pub admin: SimHandle,
-    /// Publishes on the inbound queue as the ingress and the landing page do.
-    pub publisher: Publisher,
     /// Bound to the domain exchange: every domain event the test's workers publish.
     pub domain_queue: String,
     /// What `fulfillment work` processes need in their environment.
@@ -182,7 +180,6 @@ impl Stack {
             .unwrap();
         Stack {
             admin: world.sim_admin(&http),
-            publisher: world.broker.publisher().await.expect("a publisher"),
             http,
             world,
             domain_queue,
@@ -334,10 +331,8 @@ impl Stack {
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             subscription_id: subscription.into(),
         };
-        self.publisher
-            .publish_inbound(message, &meta)
-            .await
-            .unwrap();
+        let publisher = self.broker.publisher().await.unwrap();
+        publisher.publish_inbound(message, &meta).await.unwrap();
     }
 
     /// Purchases in the simulator and resolves the token: the `PurchaseResolved` message
