@@ -114,7 +114,7 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         ..WorldOptions::bare("demo")
     };
     let world = World::start(&settings, options).await;
-    let world = match world {
+    let mut world = match world {
         Ok(world) => world,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&cert_dir);
@@ -130,6 +130,13 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         .trim_start_matches('/')
         .to_string();
     let ingress = world.ingress.context("the demo's ingress")?;
+    // The ISV's other service: a queue of its own on the domain exchange.
+    let isv_queue = format!("{}.isv-events", settings.amqp.prefix);
+    world.delete_at_teardown(isv_queue.clone());
+    let listening = world
+        .broker
+        .listen_to_domain_events(&isv_queue, "subscription.*");
+    (listening.await).context("cannot bind the ISV's queue to the domain exchange")?;
 
     println!("fulfillment demo");
     println!(
@@ -179,6 +186,7 @@ async fn demo(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode> {
         Ok(id) => {
             let agreed = demo.report(*id).await;
             let delivered = demo.show_deliveries(*id, receiver, &inbox).await;
+            demo.show_domain_events(&isv_queue).await;
             Some(agreed && delivered)
         }
         Err(_) => None,
@@ -493,6 +501,24 @@ impl Demo {
             }
         );
         in_order && verified
+    }
+
+    /// Prints the domain events the ISV's queue on the domain exchange received: the same
+    /// events, over AMQP, for the ISV's services.
+    async fn show_domain_events(&self, queue: &str) {
+        let exchange = self.world.broker.topology().domain_exchange();
+        println!();
+        println!("domain events on RabbitMQ, queue {queue} bound to {exchange} (subscription.*):");
+        let taken = match self.world.broker.take_all(queue).await {
+            Ok(taken) => taken,
+            Err(e) => return println!("  cannot read {queue}: {e}"),
+        };
+        for message in &taken {
+            let event: Value = serde_json::from_slice(&message.body).unwrap_or(Value::Null);
+            let kind = event["type"].as_str().unwrap_or("(not a CloudEvent)");
+            println!("  {kind:<56} {}", event["id"].as_str().unwrap_or("-"));
+        }
+        println!("  {} events", taken.len());
     }
 
     /// The whole lifecycle; returns the subscription id.

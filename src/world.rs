@@ -7,8 +7,10 @@
 //!
 //! Besides starting and stopping, it holds what every caller checks the world with: the
 //! simulator's admin API ([`SimHandle`]), a subscription's state on either side ([`View`]),
-//! and "wait until" by condition ([`wait_until`], [`World::run_until_idle`]).
+//! "wait until" by condition ([`wait_until`], [`World::run_until_idle`]), and the audit of
+//! both sides after a run ([`World::audit`]).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +21,7 @@ use anyhow::{Context, bail};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -533,6 +536,295 @@ impl std::fmt::Debug for World {
             .field("ingress", &self.ingress)
             .field("workers", &self.workers.len())
             .finish_non_exhaustive()
+    }
+}
+
+// ---- the audit after a run ---------------------------------------------------------------
+
+/// Both sides after a run, for `subscriptions`: Microsoft's operations and webhooks as the
+/// simulator logged them, checked against our event log, dead letters and states — what
+/// `bench chaos` reports and the burst tests assert ([`World::audit`]).
+#[derive(Debug, Default)]
+pub struct Audit {
+    pub subscriptions: usize,
+    /// Operations whose webhook the simulator sent.
+    pub webhooks_sent: usize,
+    /// Of those, the ones our ingress answered 2xx at least once.
+    pub webhooks_accepted: usize,
+    pub never_accepted: Vec<String>,
+    pub deliveries: usize,
+    pub duplicate_deliveries: usize,
+    /// Every answer of the ingress to a delivery attempt, by status.
+    pub answers: BTreeMap<String, usize>,
+    /// Accepted webhooks neither in the event log nor in the dead-letter queue.
+    pub lost: Vec<String>,
+    /// Accepted webhooks not in the event log but in the dead-letter queue.
+    pub accepted_in_dead_letters: usize,
+    /// Event keys decided (applied or rejected) more than once.
+    pub duplicate_transitions: Vec<String>,
+    /// Subscriptions whose event-log sequence has a gap.
+    pub sequence_gaps: usize,
+    /// Subscriptions whose state, plan or seats differ between the two sides.
+    pub divergent: Vec<String>,
+    pub dead_letters_queue: usize,
+    pub dead_letters_outbox: usize,
+    pub dead_letter_reasons: BTreeMap<String, usize>,
+    /// The simulator's operations by action, status and resolution.
+    pub operations: BTreeMap<String, usize>,
+    /// Changes Microsoft accepted because our ACK was late.
+    pub auto_accepted: Vec<AutoAccepted>,
+}
+
+/// A change Microsoft accepted because our ACK came after its window.
+#[derive(Debug, Clone)]
+pub struct AutoAccepted {
+    pub line: String,
+    /// When Microsoft created the operation: its ACK window starts here.
+    pub created: Option<OffsetDateTime>,
+}
+
+/// One operation of the simulator and what happened to its webhook.
+#[derive(Debug, Default)]
+struct OperationAudit {
+    action: String,
+    status: String,
+    resolution: String,
+    /// Deliveries of its webhook (the first and any duplicates).
+    deliveries: usize,
+    accepted: bool,
+    /// Every answer the ingress gave, by status code (or `error`).
+    answers: Vec<String>,
+    /// When Microsoft created it: its ACK window starts here.
+    created: Option<OffsetDateTime>,
+}
+
+impl World {
+    /// [`Audit`]s `subscriptions` (the simulator's admin API read with `http`, our side
+    /// with `pool`).
+    pub async fn audit(
+        &self,
+        http: &reqwest::Client,
+        pool: &PgPool,
+        subscriptions: &[Uuid],
+    ) -> anyhow::Result<Audit> {
+        let mut audit = Audit::default();
+        let ours: HashSet<Uuid> = subscriptions.iter().copied().collect();
+        let views: Value = http
+            .get(self.sim.base_url().join("simulator/subscriptions")?)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await
+            .context("the simulator's subscription list is not JSON")?;
+        let views = views["subscriptions"]
+            .as_array()
+            .context("the simulator's subscription list has no `subscriptions`")?;
+
+        // The simulator's side: operations, their webhooks, the final state.
+        let mut operations: HashMap<Uuid, (Uuid, OperationAudit)> = HashMap::new();
+        let mut theirs: HashMap<Uuid, (String, Option<String>, Option<i64>)> = HashMap::new();
+        for view in views {
+            let Some(id) = uuid_at(&view["subscription"]["id"]).filter(|id| ours.contains(id))
+            else {
+                continue;
+            };
+            let sub = &view["subscription"];
+            let status = match sub["saasSubscriptionStatus"].as_str().unwrap_or_default() {
+                "PendingFulfillmentStart" | "NotStarted" => "PendingFulfillment".to_string(),
+                other => other.to_string(),
+            };
+            theirs.insert(
+                id,
+                (
+                    status,
+                    sub["planId"].as_str().map(str::to_string),
+                    sub["quantity"].as_i64(),
+                ),
+            );
+            for op in view["operations"].as_array().into_iter().flatten() {
+                let Some(op_id) = uuid_at(&op["id"]) else {
+                    continue;
+                };
+                let entry = operations
+                    .entry(op_id)
+                    .or_insert_with(|| (id, OperationAudit::default()));
+                entry.1.action = op["action"].as_str().unwrap_or_default().to_string();
+                entry.1.status = op["status"].as_str().unwrap_or_default().to_string();
+                entry.1.resolution = op["resolution"].as_str().unwrap_or_default().to_string();
+                entry.1.created = op["timeStamp"].as_str().and_then(|t| {
+                    OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+                });
+            }
+            for delivery in view["webhooks"].as_array().into_iter().flatten() {
+                if delivery["injected"].as_bool() == Some(true) {
+                    continue;
+                }
+                let Some(op_id) = uuid_at(&delivery["operationId"]) else {
+                    continue;
+                };
+                let entry = operations
+                    .entry(op_id)
+                    .or_insert_with(|| (id, OperationAudit::default()));
+                entry.1.deliveries += 1;
+                if delivery["duplicate"].as_bool() == Some(true) {
+                    audit.duplicate_deliveries += 1;
+                }
+                for attempt in delivery["attempts"].as_array().into_iter().flatten() {
+                    let answer = match attempt["statusCode"].as_u64() {
+                        Some(code) => {
+                            if (200..300).contains(&code) {
+                                entry.1.accepted = true;
+                            }
+                            code.to_string()
+                        }
+                        None => "error".to_string(),
+                    };
+                    entry.1.answers.push(answer);
+                }
+            }
+        }
+
+        // Our side: the event log's webhooks, the dead letters, the state.
+        let logged: HashSet<Uuid> = store::verify::logged_webhook_operations(pool)
+            .await?
+            .into_iter()
+            .collect();
+        let dead_letters = crate::ops::dlq::list(&self.broker, &crate::ops::dlq::Filter::default())
+            .await
+            .context("cannot read the dead-letter queue")?;
+        let dead_lettered: HashSet<Uuid> = dead_letters
+            .iter()
+            .filter_map(|letter| Uuid::parse_str(&letter.id).ok())
+            .collect();
+        for letter in &dead_letters {
+            let reason = format!(
+                "queue: {} {}",
+                letter.action.as_deref().unwrap_or(&letter.message_type),
+                normalize(letter.reason.as_deref().unwrap_or("no reason recorded"))
+            );
+            *audit.dead_letter_reasons.entry(reason).or_default() += 1;
+            audit.dead_letters_queue += 1;
+        }
+        let dead_rows = store::verify::dead_effects(pool).await?;
+        for (kind, error, count) in dead_rows {
+            let reason = format!(
+                "outbox: {kind} {}",
+                normalize(error.as_deref().unwrap_or("no error recorded"))
+            );
+            *audit.dead_letter_reasons.entry(reason).or_default() += count as usize;
+            audit.dead_letters_outbox += count as usize;
+        }
+
+        for (op_id, (subscription, op)) in &operations {
+            if op.resolution == "auto-accepted" {
+                audit.auto_accepted.push(AutoAccepted {
+                    line: format!("{subscription} {} {op_id}", op.action),
+                    created: op.created,
+                });
+            }
+            *audit
+                .operations
+                .entry(format!(
+                    "{} {} ({})",
+                    op.action,
+                    op.status,
+                    normalize(&op.resolution)
+                ))
+                .or_default() += 1;
+            if op.deliveries == 0 {
+                continue;
+            }
+            audit.webhooks_sent += 1;
+            audit.deliveries += op.deliveries;
+            for answer in &op.answers {
+                *audit.answers.entry(answer.clone()).or_default() += 1;
+            }
+            if !op.accepted {
+                audit.never_accepted.push(format!(
+                    "{subscription} {} {op_id}: answers [{}]",
+                    op.action,
+                    op.answers.join(", ")
+                ));
+                continue;
+            }
+            audit.webhooks_accepted += 1;
+            if logged.contains(op_id) {
+                continue;
+            }
+            if dead_lettered.contains(op_id) {
+                audit.accepted_in_dead_letters += 1;
+            } else {
+                audit
+                    .lost
+                    .push(format!("{subscription} {} {op_id}", op.action));
+            }
+        }
+
+        let duplicates = store::verify::decided_twice(pool).await?;
+        audit.duplicate_transitions = duplicates
+            .into_iter()
+            .map(|(id, key, n)| format!("{id} {key}: decided {n} times"))
+            .collect();
+        audit.sequence_gaps = store::verify::sequence_gaps(pool).await? as usize;
+
+        let rows = store::verify::subscription_states(pool, subscriptions).await?;
+        let rows: HashMap<Uuid, (String, Option<String>, Option<i32>)> = rows
+            .into_iter()
+            .map(|(id, state, plan, seats)| (id, (state, plan, seats)))
+            .collect();
+        audit.subscriptions = subscriptions.len();
+        for id in subscriptions {
+            let Some((status, plan, seats)) = theirs.get(id) else {
+                audit
+                    .divergent
+                    .push(format!("{id}: the simulator does not know it"));
+                continue;
+            };
+            match rows.get(id) {
+                None => audit.divergent.push(format!(
+                    "{id}: unknown here; Microsoft: {status} {} {seats:?}",
+                    plan.as_deref().unwrap_or("-")
+                )),
+                Some((our_state, our_plan, our_seats))
+                    if our_state != status
+                        || our_plan != plan
+                        || our_seats.map(i64::from) != *seats =>
+                {
+                    audit.divergent.push(format!(
+                        "{id}: ours {our_state} {} {our_seats:?}, Microsoft's {status} {} {seats:?}",
+                        our_plan.as_deref().unwrap_or("-"),
+                        plan.as_deref().unwrap_or("-")
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(audit)
+    }
+}
+
+fn uuid_at(value: &Value) -> Option<Uuid> {
+    value.as_str().and_then(|s| Uuid::parse_str(s).ok())
+}
+
+/// A reason with its ids replaced by `…`, so equal reasons group together.
+pub(crate) fn normalize(reason: &str) -> String {
+    let words: Vec<String> = reason
+        .split(' ')
+        .map(|word| {
+            let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
+            if bare.len() >= 32 && Uuid::parse_str(bare).is_ok() {
+                word.replace(bare, "…")
+            } else {
+                word.to_string()
+            }
+        })
+        .collect();
+    let joined = words.join(" ");
+    match joined.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &joined[..cut]),
+        None => joined,
     }
 }
 

@@ -537,8 +537,6 @@ async fn managed_identity_through_identity_endpoint_and_imds() {
 /// worker looks (the notices are kept in PostgreSQL).
 #[tokio::test]
 async fn an_expiring_certificate_is_announced_once_per_threshold() {
-    use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
     use marketplace_fulfillment::queue::Broker;
     use marketplace_fulfillment::worker::credential_health::{ROUTING_KEY, check_once};
 
@@ -546,34 +544,9 @@ async fn an_expiring_certificate_is_announced_once_per_threshold() {
     let broker = Broker::connect(&db.settings.amqp, "credentials-test")
         .await
         .unwrap();
-    let connection = lapin::Connection::connect(
-        db.settings.amqp.url.expose(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
     let queue = format!("{}.test-credential-events", db.settings.amqp.prefix);
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            broker.topology().domain_exchange().as_str().into(),
-            ROUTING_KEY.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+    broker
+        .listen_to_domain_events(&queue, ROUTING_KEY)
         .await
         .unwrap();
 
@@ -601,14 +574,10 @@ async fn an_expiring_certificate_is_announced_once_per_threshold() {
         .unwrap();
     assert!(again.is_empty(), "announced twice: {again:?}");
 
-    let mut events = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        events.push(serde_json::from_slice::<serde_json::Value>(&message.delivery.data).unwrap());
-    }
+    let taken = broker.take_all(&queue).await.unwrap().into_iter();
+    let events: Vec<serde_json::Value> = taken
+        .map(|message| serde_json::from_slice(&message.body).unwrap())
+        .collect();
     assert_eq!(events.len(), 2, "{events:?}");
     // As docs/events/credential.expiring.schema.json says.
     event_schemas::Contract::load().assert_valid(&events);
@@ -617,7 +586,7 @@ async fn an_expiring_certificate_is_announced_once_per_threshold() {
         assert_eq!(event["data"]["credential"], "certificate");
         assert!(event["data"]["daysLeft"].as_i64().unwrap() <= 5, "{event}");
     }
-    let _ = connection.close(200, "done".into()).await;
+    broker.delete_queue(&queue).await.unwrap();
     broker.delete_topology().await.unwrap();
     pool.close().await;
 }

@@ -78,6 +78,13 @@ async fn the_demo_plays_the_whole_lifecycle_and_both_sides_agree() {
         stdout.contains("ok  com.fulfillment.subscription.unsubscribed"),
         "{stdout}"
     );
+    // The ISV's queue on the domain exchange got the events over AMQP too.
+    let amqp = stdout.split("domain events on RabbitMQ, queue").nth(1);
+    let amqp = amqp.unwrap_or_else(|| panic!("no domain events from RabbitMQ in\n{stdout}"));
+    assert!(
+        amqp.contains("com.fulfillment.subscription.unsubscribed"),
+        "{stdout}"
+    );
 
     // The timeline comes from the event log.
     let timeline = stdout

@@ -41,7 +41,7 @@ async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
     let runner = EffectRunner::new(
         stack.pool.clone(),
         stack.client.clone(),
-        stack.publisher.clone(),
+        stack.broker.publisher().await.unwrap(),
         stack.settings.policy.clone(),
         stack.settings.marketplace.api_url.clone(),
         effects,

@@ -374,22 +374,12 @@ fn observed_at(status: MarketplaceStatus, at: OffsetDateTime) -> Event {
     }
 }
 
-async fn notices(pool: &PgPool, id: SubscriptionId) -> Vec<(String, String, OffsetDateTime)> {
-    sqlx::query_as(
-        "SELECT notice_key, status, due_at FROM scheduled_notices WHERE subscription_id = $1 \
-         ORDER BY created_at, notice_key",
-    )
-    .bind(id.as_uuid())
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 /// The notice schedule lives in the database, written with the decision that caused it, and
 /// any process emits it once when a clock it is given says so (real days here: the clock
 /// is injected, nothing sleeps).
 #[tokio::test]
 async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cancelled_by_a_change() {
+    use marketplace_fulfillment::store::notices::{NoticeStatus, of_subscription};
     use marketplace_fulfillment::worker::notices::emit_due;
     use time::Duration;
 
@@ -414,19 +404,17 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
             .unwrap()
         }
     };
+    let notices = || async { of_subscription(&pool, id.as_uuid()).await.unwrap() };
     apply(MarketplaceStatus::Subscribed, t0).await;
-    assert!(
-        notices(&pool, id).await.is_empty(),
-        "a renewing term owes nothing"
-    );
+    assert!(notices().await.is_empty(), "a renewing term owes nothing");
 
     let suspended = t0 + Duration::hours(1);
     apply(MarketplaceStatus::Suspended, suspended).await;
-    let scheduled = notices(&pool, id).await;
+    let scheduled = notices().await;
     assert_eq!(scheduled.len(), 1, "{scheduled:?}");
-    assert!(scheduled[0].0.starts_with("grace_ending:"));
-    assert_eq!(scheduled[0].1, "pending");
-    assert_eq!(scheduled[0].2, suspended + Duration::days(23));
+    assert!(scheduled[0].notice_key.starts_with("grace_ending:"));
+    assert_eq!(scheduled[0].status, NoticeStatus::Pending);
+    assert_eq!(scheduled[0].due_at, suspended + Duration::days(23));
 
     assert_eq!(
         emit_due(&pool, suspended + Duration::days(22))
@@ -466,17 +454,23 @@ async fn notices_are_scheduled_with_the_decision_emitted_once_when_due_and_cance
     apply(MarketplaceStatus::Suspended, again + Duration::hours(1)).await;
     let ended = again + Duration::days(2);
     apply(MarketplaceStatus::Unsubscribed, ended).await;
-    let statuses: Vec<(String, String)> = notices(&pool, id)
+    let statuses: Vec<(String, NoticeStatus)> = notices()
         .await
         .into_iter()
-        .map(|(key, status, _)| (key.split(':').next().unwrap().to_string(), status))
+        .map(|row| {
+            (
+                row.notice_key.split(':').next().unwrap().to_string(),
+                row.status,
+            )
+        })
         .collect();
+    // By due time: the retention notice is due before the cancelled second grace would be.
     assert_eq!(
         statuses,
         [
-            ("grace_ending".to_string(), "sent".to_string()),
-            ("grace_ending".to_string(), "cancelled".to_string()),
-            ("data_retention_ends".to_string(), "pending".to_string()),
+            ("grace_ending".to_string(), NoticeStatus::Sent),
+            ("data_retention_ends".to_string(), NoticeStatus::Pending),
+            ("grace_ending".to_string(), NoticeStatus::Cancelled),
         ]
     );
     assert_eq!(emit_due(&pool, ended + Duration::days(8)).await.unwrap(), 1);

@@ -71,7 +71,7 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
     stack.settle(&ids, BURST_DEADLINE).await;
     assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
-    stack.assert_each_event_decided_once().await;
+    stack.assert_each_event_decided_once(&ids).await;
     // Each customer change was ACKed by exactly one execution, inside the window.
     let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
@@ -170,7 +170,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     stack.settle(&ids, BURST_DEADLINE).await;
 
     // Also: as many webhook decisions as Microsoft delivered webhooks.
-    stack.assert_each_event_decided_once().await;
+    stack.assert_each_event_decided_once(&ids).await;
     for id in &ids {
         let view = stack.admin.view(*id).await.unwrap();
         let changes: Vec<&serde_json::Value> = view["operations"]

@@ -50,7 +50,7 @@
 //! before `--max-seconds`. Everything is throwaway (see
 //! [`super::harness`]); a failed run keeps the child processes' logs and names them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -72,7 +72,7 @@ use super::harness::{
 use super::measure::round;
 use crate::settings::Settings;
 use crate::simulator::SimulatorView;
-use crate::world::{rabbitmqctl, run_tool};
+use crate::world::{Audit, AutoAccepted, rabbitmqctl, run_tool};
 use time::OffsetDateTime;
 
 /// The faults of the issue: shares of API calls answered 500 and 429, of webhooks sent
@@ -415,8 +415,12 @@ async fn run_in(
     let settle_seconds = settle_started.elapsed().as_secs_f64();
 
     eprintln!("chaos: checking both sides…");
-    let mut report = audit(env, &fleet.http, &pool, &subscriptions).await?;
+    let audit = env.audit(&fleet.http, &pool, &subscriptions).await?;
     pool.close().await;
+    let mut report = Report {
+        audit,
+        ..Report::default()
+    };
     report.tally = tally;
     report.excuse_auto_accepts(&disturbances);
     report.disturbances = disturbances;
@@ -1419,249 +1423,10 @@ async fn wait_for_quiescence(
     Ok(false)
 }
 
-/// One operation of the simulator and what happened to its webhook.
-#[derive(Debug, Default)]
-struct OperationAudit {
-    action: String,
-    status: String,
-    resolution: String,
-    /// Deliveries of its webhook (the first and any duplicates).
-    deliveries: usize,
-    accepted: bool,
-    /// Every answer the ingress gave, by status code (or `error`).
-    answers: Vec<String>,
-    /// When Microsoft created it: its ACK window starts here.
-    created: Option<OffsetDateTime>,
-}
-
-async fn audit(
-    env: &BenchEnv,
-    http: &reqwest::Client,
-    pool: &PgPool,
-    subscriptions: &[Uuid],
-) -> anyhow::Result<Report> {
-    let mut report = Report::default();
-    let ours: HashSet<Uuid> = subscriptions.iter().copied().collect();
-    let views: Value = http
-        .get(env.sim.base_url().join("simulator/subscriptions")?)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await
-        .context("the simulator's subscription list is not JSON")?;
-    let views = views["subscriptions"]
-        .as_array()
-        .context("the simulator's subscription list has no `subscriptions`")?;
-
-    // The simulator's side: operations, their webhooks, the final state.
-    let mut operations: HashMap<Uuid, (Uuid, OperationAudit)> = HashMap::new();
-    let mut theirs: HashMap<Uuid, (String, Option<String>, Option<i64>)> = HashMap::new();
-    for view in views {
-        let Some(id) = uuid_at(&view["subscription"]["id"]).filter(|id| ours.contains(id)) else {
-            continue;
-        };
-        let sub = &view["subscription"];
-        let status = match sub["saasSubscriptionStatus"].as_str().unwrap_or_default() {
-            "PendingFulfillmentStart" | "NotStarted" => "PendingFulfillment".to_string(),
-            other => other.to_string(),
-        };
-        theirs.insert(
-            id,
-            (
-                status,
-                sub["planId"].as_str().map(str::to_string),
-                sub["quantity"].as_i64(),
-            ),
-        );
-        for op in view["operations"].as_array().into_iter().flatten() {
-            let Some(op_id) = uuid_at(&op["id"]) else {
-                continue;
-            };
-            let entry = operations
-                .entry(op_id)
-                .or_insert_with(|| (id, OperationAudit::default()));
-            entry.1.action = op["action"].as_str().unwrap_or_default().to_string();
-            entry.1.status = op["status"].as_str().unwrap_or_default().to_string();
-            entry.1.resolution = op["resolution"].as_str().unwrap_or_default().to_string();
-            entry.1.created = op["timeStamp"].as_str().and_then(|t| {
-                OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            });
-        }
-        for delivery in view["webhooks"].as_array().into_iter().flatten() {
-            if delivery["injected"].as_bool() == Some(true) {
-                continue;
-            }
-            let Some(op_id) = uuid_at(&delivery["operationId"]) else {
-                continue;
-            };
-            let entry = operations
-                .entry(op_id)
-                .or_insert_with(|| (id, OperationAudit::default()));
-            entry.1.deliveries += 1;
-            if delivery["duplicate"].as_bool() == Some(true) {
-                report.duplicate_deliveries += 1;
-            }
-            for attempt in delivery["attempts"].as_array().into_iter().flatten() {
-                let answer = match attempt["statusCode"].as_u64() {
-                    Some(code) => {
-                        if (200..300).contains(&code) {
-                            entry.1.accepted = true;
-                        }
-                        code.to_string()
-                    }
-                    None => "error".to_string(),
-                };
-                entry.1.answers.push(answer);
-            }
-        }
-    }
-
-    // Our side: the event log's webhooks, the dead letters, the state.
-    let logged: HashSet<Uuid> = crate::store::verify::logged_webhook_operations(pool)
-        .await?
-        .into_iter()
-        .collect();
-    let dead_letters = crate::ops::dlq::list(&env.broker, &crate::ops::dlq::Filter::default())
-        .await
-        .context("cannot read the dead-letter queue")?;
-    let dead_lettered: HashSet<Uuid> = dead_letters
-        .iter()
-        .filter_map(|letter| Uuid::parse_str(&letter.id).ok())
-        .collect();
-    for letter in &dead_letters {
-        let reason = format!(
-            "queue: {} {}",
-            letter.action.as_deref().unwrap_or(&letter.message_type),
-            normalize(letter.reason.as_deref().unwrap_or("no reason recorded"))
-        );
-        *report.dead_letter_reasons.entry(reason).or_default() += 1;
-        report.dead_letters_queue += 1;
-    }
-    let dead_rows = crate::store::verify::dead_effects(pool).await?;
-    for (kind, error, count) in dead_rows {
-        let reason = format!(
-            "outbox: {kind} {}",
-            normalize(error.as_deref().unwrap_or("no error recorded"))
-        );
-        *report.dead_letter_reasons.entry(reason).or_default() += count as usize;
-        report.dead_letters_outbox += count as usize;
-    }
-
-    for (op_id, (subscription, op)) in &operations {
-        if op.resolution == "auto-accepted" {
-            report.auto_accepted.push(AutoAccepted {
-                line: format!("{subscription} {} {op_id}", op.action),
-                created: op.created,
-            });
-        }
-        *report
-            .operations
-            .entry(format!(
-                "{} {} ({})",
-                op.action,
-                op.status,
-                normalize(&op.resolution)
-            ))
-            .or_default() += 1;
-        if op.deliveries == 0 {
-            continue;
-        }
-        report.webhooks_sent += 1;
-        report.deliveries += op.deliveries;
-        for answer in &op.answers {
-            *report.answers.entry(answer.clone()).or_default() += 1;
-        }
-        if !op.accepted {
-            report.never_accepted.push(format!(
-                "{subscription} {} {op_id}: answers [{}]",
-                op.action,
-                op.answers.join(", ")
-            ));
-            continue;
-        }
-        report.webhooks_accepted += 1;
-        if logged.contains(op_id) {
-            continue;
-        }
-        if dead_lettered.contains(op_id) {
-            report.accepted_in_dead_letters += 1;
-        } else {
-            report
-                .lost
-                .push(format!("{subscription} {} {op_id}", op.action));
-        }
-    }
-
-    let duplicates = crate::store::verify::decided_twice(pool).await?;
-    report.duplicate_transitions = duplicates
-        .into_iter()
-        .map(|(id, key, n)| format!("{id} {key}: decided {n} times"))
-        .collect();
-    report.sequence_gaps = crate::store::verify::sequence_gaps(pool).await? as usize;
-
-    let rows = crate::store::verify::subscription_states(pool, subscriptions).await?;
-    let rows: HashMap<Uuid, (String, Option<String>, Option<i32>)> = rows
-        .into_iter()
-        .map(|(id, state, plan, seats)| (id, (state, plan, seats)))
-        .collect();
-    report.subscriptions = subscriptions.len();
-    for id in subscriptions {
-        let Some((status, plan, seats)) = theirs.get(id) else {
-            report
-                .divergent
-                .push(format!("{id}: the simulator does not know it"));
-            continue;
-        };
-        match rows.get(id) {
-            None => report.divergent.push(format!(
-                "{id}: unknown here; Microsoft: {status} {} {seats:?}",
-                plan.as_deref().unwrap_or("-")
-            )),
-            Some((our_state, our_plan, our_seats))
-                if our_state != status
-                    || our_plan != plan
-                    || our_seats.map(i64::from) != *seats =>
-            {
-                report.divergent.push(format!(
-                    "{id}: ours {our_state} {} {our_seats:?}, Microsoft's {status} {} {seats:?}",
-                    our_plan.as_deref().unwrap_or("-"),
-                    plan.as_deref().unwrap_or("-")
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(report)
-}
-
-fn uuid_at(value: &Value) -> Option<Uuid> {
-    value.as_str().and_then(|s| Uuid::parse_str(s).ok())
-}
-
-/// A reason with its ids replaced by `…`, so equal reasons group together.
-fn normalize(reason: &str) -> String {
-    let words: Vec<String> = reason
-        .split(' ')
-        .map(|word| {
-            let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
-            if bare.len() >= 32 && Uuid::parse_str(bare).is_ok() {
-                word.replace(bare, "…")
-            } else {
-                word.to_string()
-            }
-        })
-        .collect();
-    let joined = words.join(" ");
-    match joined.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}…", &joined[..cut]),
-        None => joined,
-    }
-}
-
 #[derive(Debug, Default)]
 struct Report {
-    subscriptions: usize,
+    /// Both sides after the run ([`crate::world::World::audit`]).
+    audit: Audit,
     tally: Tally,
     disturbances: Vec<Disturbed>,
     unexpected_exits: Vec<String>,
@@ -1669,41 +1434,15 @@ struct Report {
     quiescent: bool,
     load_seconds: f64,
     settle_seconds: f64,
-    webhooks_sent: usize,
-    webhooks_accepted: usize,
-    never_accepted: Vec<String>,
-    deliveries: usize,
-    duplicate_deliveries: usize,
-    /// Every answer of the ingress to a delivery attempt, by status.
-    answers: BTreeMap<String, usize>,
-    lost: Vec<String>,
-    accepted_in_dead_letters: usize,
-    duplicate_transitions: Vec<String>,
-    sequence_gaps: usize,
-    divergent: Vec<String>,
-    dead_letters_queue: usize,
-    dead_letters_outbox: usize,
-    dead_letter_reasons: BTreeMap<String, usize>,
-    /// The simulator's operations by action, status and resolution.
-    operations: BTreeMap<String, usize>,
-    /// Changes Microsoft accepted because our ACK was late.
-    auto_accepted: Vec<AutoAccepted>,
-    /// Of those, the ones whose whole window fell inside a disturbance.
+    /// Of the auto-accepted changes, the ones whose whole window fell inside a disturbance.
     auto_accepted_excused: usize,
-}
-
-/// A change Microsoft accepted because our ACK came after its window.
-#[derive(Debug, Clone)]
-struct AutoAccepted {
-    line: String,
-    created: Option<OffsetDateTime>,
 }
 
 impl Report {
     fn passed(&self) -> bool {
-        self.lost.is_empty()
-            && self.duplicate_transitions.is_empty()
-            && self.divergent.is_empty()
+        self.audit.lost.is_empty()
+            && self.audit.duplicate_transitions.is_empty()
+            && self.audit.divergent.is_empty()
             && self.unexpected_exits.is_empty()
             && self.stop_errors.is_empty()
             && self.quiescent
@@ -1716,7 +1455,7 @@ impl Report {
     fn excuse_auto_accepts(&mut self, disturbances: &[Disturbed]) {
         let window = time::Duration::try_from(ACK_WINDOW).unwrap_or(time::Duration::ZERO);
         let (excused, late): (Vec<AutoAccepted>, Vec<AutoAccepted>) =
-            std::mem::take(&mut self.auto_accepted)
+            std::mem::take(&mut self.audit.auto_accepted)
                 .into_iter()
                 .partition(|accepted| {
                     accepted.created.is_some_and(|created| {
@@ -1727,7 +1466,7 @@ impl Report {
                 });
         self.auto_accepted_excused = excused.len();
         // Say where each late one sat against the disturbances, for whoever reads the report.
-        self.auto_accepted = late
+        self.audit.auto_accepted = late
             .into_iter()
             .map(|mut accepted| {
                 if let Some(created) = accepted.created {
@@ -1752,7 +1491,7 @@ impl Report {
 
     /// Auto-accepted changes not excused by a disturbance.
     fn auto_accepted_late(&self) -> &[AutoAccepted] {
-        &self.auto_accepted
+        &self.audit.auto_accepted
     }
 
     /// Disturbances after which some process took longer than [`READY_WITHIN`].
@@ -1821,81 +1560,82 @@ impl Report {
             }
         }
         let answers: Vec<String> = self
+            .audit
             .answers
             .iter()
             .map(|(status, n)| format!("{status}: {n}"))
             .collect();
         println!(
             "  webhooks sent                   {} ({} deliveries, {} of them duplicates; ingress answers {})",
-            self.webhooks_sent,
-            self.deliveries,
-            self.duplicate_deliveries,
+            self.audit.webhooks_sent,
+            self.audit.deliveries,
+            self.audit.duplicate_deliveries,
             answers.join(", ")
         );
         println!(
             "  webhooks accepted (2xx once)    {}",
-            self.webhooks_accepted
+            self.audit.webhooks_accepted
         );
         println!(
             "  webhooks never accepted         {}",
-            self.never_accepted.len()
+            self.audit.never_accepted.len()
         );
-        for line in self.never_accepted.iter().take(10) {
+        for line in self.audit.never_accepted.iter().take(10) {
             println!("    {line}");
         }
         println!(
             "  events lost                     {}{}",
-            self.lost.len(),
-            if self.accepted_in_dead_letters > 0 {
+            self.audit.lost.len(),
+            if self.audit.accepted_in_dead_letters > 0 {
                 format!(
                     " ({} more accepted webhooks are in the dead-letter queue)",
-                    self.accepted_in_dead_letters
+                    self.audit.accepted_in_dead_letters
                 )
             } else {
                 String::new()
             }
         );
-        for line in self.lost.iter().take(10) {
+        for line in self.audit.lost.iter().take(10) {
             println!("    {line}");
         }
         println!(
             "  duplicate transitions           {}",
-            self.duplicate_transitions.len()
+            self.audit.duplicate_transitions.len()
         );
-        for line in self.duplicate_transitions.iter().take(10) {
+        for line in self.audit.duplicate_transitions.iter().take(10) {
             println!("    {line}");
         }
         println!(
             "  divergent subscriptions         {} of {}",
-            self.divergent.len(),
-            self.subscriptions
+            self.audit.divergent.len(),
+            self.audit.subscriptions
         );
-        for line in self.divergent.iter().take(10) {
+        for line in self.audit.divergent.iter().take(10) {
             println!("    {line}");
         }
         println!(
             "  auto-accepted by Microsoft      {} outside any disturbance, {} with the whole 10 s window inside one",
-            self.auto_accepted.len(),
+            self.audit.auto_accepted.len(),
             self.auto_accepted_excused
         );
-        for accepted in self.auto_accepted.iter().take(20) {
+        for accepted in self.audit.auto_accepted.iter().take(20) {
             println!("    {}", accepted.line);
         }
         println!(
             "  dead letters                    {} in the queue, {} dead outbox rows",
-            self.dead_letters_queue, self.dead_letters_outbox
+            self.audit.dead_letters_queue, self.audit.dead_letters_outbox
         );
-        for (reason, n) in &self.dead_letter_reasons {
+        for (reason, n) in &self.audit.dead_letter_reasons {
             println!("    {n} × {reason}");
         }
-        if self.sequence_gaps > 0 {
+        if self.audit.sequence_gaps > 0 {
             println!(
                 "  event-log sequence gaps         {} subscriptions",
-                self.sequence_gaps
+                self.audit.sequence_gaps
             );
         }
         println!("  operations at the simulator");
-        for (kind, n) in &self.operations {
+        for (kind, n) in &self.audit.operations {
             println!("    {n:>6} × {kind}");
         }
         for error in &self.stop_errors {
@@ -1924,22 +1664,22 @@ impl Report {
             "bench": "chaos",
             "seed": seed,
             "webhooks_requested": args.webhooks,
-            "subscriptions": self.subscriptions,
-            "webhooks_sent": self.webhooks_sent,
-            "webhooks_accepted": self.webhooks_accepted,
-            "webhooks_never_accepted": self.never_accepted.len(),
-            "deliveries": self.deliveries,
-            "duplicate_deliveries": self.duplicate_deliveries,
-            "events_lost": self.lost.len(),
-            "accepted_in_dead_letters": self.accepted_in_dead_letters,
-            "duplicate_transitions": self.duplicate_transitions.len(),
-            "divergent_subscriptions": self.divergent.len(),
-            "dead_letters_queue": self.dead_letters_queue,
-            "dead_letters_outbox": self.dead_letters_outbox,
-            "dead_letter_reasons": self.dead_letter_reasons,
-            "auto_accepted": self.auto_accepted.len() + self.auto_accepted_excused,
+            "subscriptions": self.audit.subscriptions,
+            "webhooks_sent": self.audit.webhooks_sent,
+            "webhooks_accepted": self.audit.webhooks_accepted,
+            "webhooks_never_accepted": self.audit.never_accepted.len(),
+            "deliveries": self.audit.deliveries,
+            "duplicate_deliveries": self.audit.duplicate_deliveries,
+            "events_lost": self.audit.lost.len(),
+            "accepted_in_dead_letters": self.audit.accepted_in_dead_letters,
+            "duplicate_transitions": self.audit.duplicate_transitions.len(),
+            "divergent_subscriptions": self.audit.divergent.len(),
+            "dead_letters_queue": self.audit.dead_letters_queue,
+            "dead_letters_outbox": self.audit.dead_letters_outbox,
+            "dead_letter_reasons": self.audit.dead_letter_reasons,
+            "auto_accepted": self.audit.auto_accepted.len() + self.auto_accepted_excused,
             "auto_accepted_in_disturbances": self.auto_accepted_excused,
-            "auto_accepted_late": self.auto_accepted.len(),
+            "auto_accepted_late": self.audit.auto_accepted.len(),
             "worker_kills": self.count(|d| matches!(d, Disturbance::KillWorker(_))),
             "broker_closes": self.count(|d| *d == Disturbance::CloseBrokerConnections),
             "postgres_restarts": self.count(|d| *d == Disturbance::RestartPostgres),
@@ -1972,6 +1712,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::world::normalize;
 
     fn args(kills: usize, closes: usize, restarts: usize) -> ChaosBenchArgs {
         ChaosBenchArgs {

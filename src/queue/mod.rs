@@ -10,6 +10,8 @@
 //!   [`InboundDelivery`]).
 //! - [`dead_letters`]: reading, replaying and removing dead letters without loss
 //!   ([`DeadLetterReader`]), for the operator CLI.
+//! - [`listener`]: a queue of one's own bound to the domain exchange, as an ISV's service
+//!   listens (`fulfillment demo`, the system tests).
 //! - [`inspect`]: a read-only look at a broker (connect without declaring, passive checks
 //!   of the topology and the queue types), for `fulfillment doctor`.
 //! - [`message`]: the message contract shared by producers and consumers.
@@ -30,6 +32,7 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod headers;
 pub mod inspect;
+pub mod listener;
 pub mod message;
 pub mod publisher;
 pub mod topology;
@@ -37,6 +40,7 @@ pub mod topology;
 pub use broker::{AckError, Broker, QueueError, connection_name_for};
 pub use consumer::{InboundConsumer, InboundDelivery, RetryOutcome};
 pub use dead_letters::{DeadLetter, DeadLetterReader, dead_letter_id};
+pub use listener::Taken;
 pub use message::{InboundMessage, InboxKey, MessageMeta, PublisherCommand};
 pub use publisher::{PublishError, Publisher};
 pub use topology::Topology;
