@@ -23,7 +23,9 @@
 //! The batcher takes up to `apply_batch` ready heads of different subscriptions
 //! ([`next_window`]: the earliest ACK deadline first, applied in subscription-id order so
 //! two workers lock rows in the same order) and applies them in one transaction, one
-//! commit, through one [`apply::apply_many`] (one statement per table for the window); then
+//! commit, through one [`apply::apply_many`] (one statement per table for the window) — first
+//! locking only the rows no other transaction holds: a head whose row is busy goes back for a
+//! later window, so a window never holds its rows while it waits for another's; then
 //! acks them, frees their lanes, and starts all their effects in one
 //! [`EffectRunner::execute_now`]. A message that fails makes the window run again with a
 //! savepoint each: it is rolled back to its savepoint alone and takes the same way as
