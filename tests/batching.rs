@@ -33,12 +33,7 @@ const ROUNDS: usize = 6;
 async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_only_that_one() {
     let mut stack = Stack::start(Options::default()).await;
     for round in 0..ROUNDS {
-        let mut ids = Vec::with_capacity(ROUND);
-        for _ in 0..ROUND {
-            ids.push(stack.subscribed("per-seat", Some(5)).await);
-        }
-        stack.run_until_idle().await;
-        stack.stop_workers().await.unwrap();
+        let ids = subscribed_then_stopped(&mut stack, ROUND).await;
         // A stored machine nobody can read back: its message can never be applied.
         let poisoned = ids[ROUND / 2];
         sqlx::query("UPDATE subscriptions SET machine = '{\"not\": \"a machine\"}' WHERE id = $1")
@@ -108,6 +103,18 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
     panic!("in {ROUNDS} rounds the poisoned message never shared a window");
 }
 
+/// `n` per-seat subscriptions, activated, their effects done, then the workers stopped: what
+/// is published next waits on the queue until a worker starts.
+async fn subscribed_then_stopped(stack: &mut Stack, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(stack.subscribed("per-seat", Some(5)).await);
+    }
+    stack.run_until_idle().await;
+    stack.stop_workers().await.unwrap();
+    ids
+}
+
 /// A `Renew` webhook of `id` stamped `at`, as the ingress queues it.
 fn renew(id: Uuid, at: &str) -> InboundMessage {
     let payload = json!({
@@ -126,12 +133,7 @@ fn renew(id: Uuid, at: &str) -> InboundMessage {
 #[tokio::test]
 async fn one_subscriptions_messages_keep_their_order_across_windows() {
     let mut stack = Stack::start(Options::default()).await;
-    let mut ids = Vec::new();
-    for _ in 0..6 {
-        ids.push(stack.subscribed("per-seat", Some(5)).await);
-    }
-    stack.run_until_idle().await;
-    stack.stop_workers().await.unwrap();
+    let ids = subscribed_then_stopped(&mut stack, 6).await;
     // Two renewals each, the newer second: applied out of order, the older one would be
     // ignored as stale.
     for id in &ids {
@@ -249,12 +251,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
 #[tokio::test]
 async fn a_window_leaves_out_a_message_whose_row_another_transaction_holds_and_applies_it_later() {
     let mut stack = Stack::start(Options::default()).await;
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(stack.subscribed("per-seat", Some(5)).await);
-    }
-    stack.run_until_idle().await;
-    stack.stop_workers().await.unwrap();
+    let ids = subscribed_then_stopped(&mut stack, 4).await;
     // Another transaction (an effect runner's settle, say) holds the first row.
     let mut holder = stack.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE")

@@ -20,6 +20,7 @@ use std::time::Duration;
 use fulfillment_state_machine::{
     DomainEvent, Effect, Event, PlanId, Policy, Quantity, SubscriptionId,
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPool};
 use time::OffsetDateTime;
@@ -661,7 +662,7 @@ impl EffectRunner {
                     Err(error) => self.database_failure(&execution, error),
                 }
             } else {
-                match serde_json::from_value::<Effect>(execution.effect.clone()) {
+                match Effect::deserialize(&execution.effect) {
                     Ok(effect) => {
                         match self.execute(&execution, &record_operation_id(effect)).await {
                             Ok(disposition) => disposition,

@@ -304,7 +304,7 @@ impl Progress {
     /// Reads a stored progress. Rows written before progress was typed hold `{}` or the
     /// old keys (`activate_sent`, `maybe_sent`); they map to the stages that meant the same.
     pub fn from_stored(value: &Value, created_at: OffsetDateTime) -> Self {
-        if let Ok(progress) = serde_json::from_value::<Progress>(value.clone()) {
+        if let Ok(progress) = Progress::deserialize(value) {
             return progress;
         }
         let flag = |key: &str| value.get(key).and_then(Value::as_bool) == Some(true);
