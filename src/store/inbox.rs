@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::StoreError;
-use super::subscriptions::{LOCKED_COLUMNS, LockedRow};
+use super::subscriptions::{LOCKED_COLUMNS, LockedRow, restore};
 use crate::queue::InboxKey;
 
 /// What [`record_and_lock_many`] found.
@@ -46,7 +46,7 @@ pub async fn record_and_lock_many(
            WHERE id = ANY($4) ORDER BY id FOR UPDATE) \
          SELECT ARRAY(SELECT message_id FROM recorded) AS recorded_ids, \
            ARRAY(SELECT kind FROM recorded) AS recorded_kinds, \
-           ARRAY(SELECT id FROM locked) AS ids, ARRAY(SELECT machine::text FROM locked) AS machines, \
+           ARRAY(SELECT id FROM locked) AS ids, ARRAY(SELECT machine FROM locked) AS machines, \
            ARRAY(SELECT state FROM locked) AS states, \
            ARRAY(SELECT version FROM locked) AS versions, \
            ARRAY(SELECT last_sequence FROM locked) AS last_sequences, \
@@ -80,9 +80,7 @@ pub async fn record_and_lock_many(
     for (((((id, machine), state), version), last_sequence), state_since) in columns {
         locked.push(LockedRow {
             id,
-            // Straight from the text: no `Value` tree on the way (a machine is about 2 kB,
-            // read here once per window or settle and subscription).
-            machine: serde_json::from_str(&machine).map_err(StoreError::CorruptMachine)?,
+            machine: restore(&machine)?,
             state,
             version,
             last_sequence,
