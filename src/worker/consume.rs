@@ -629,7 +629,7 @@ async fn run_batcher(
         let window = batcher.take_window();
         let (handler, activity, heads) = (handler.clone(), activity.clone(), batcher.clone());
         windows.spawn(async move {
-            handler.apply_window(window, slot, &activity, &heads).await;
+            handler.apply_window(window, slot, &activity, heads).await;
         });
     }
     windows.close();
@@ -840,7 +840,7 @@ impl MessageHandler {
         window: Vec<Waiting>,
         slot: OwnedSemaphorePermit,
         activity: &ConsumerActivity,
-        batcher: &Batcher,
+        batcher: Arc<Batcher>,
     ) {
         let outcomes = match self.apply_together(&window).await {
             Ok(outcomes) => {
@@ -909,9 +909,12 @@ impl MessageHandler {
         // The next window may start; what is left of this one touches no row it holds.
         drop(slot);
         if !busy.is_empty() {
-            // Whoever holds their rows (a settle, mostly) commits within milliseconds.
-            tokio::time::sleep(BUSY_RETRY).await;
-            batcher.put_back(busy);
+            // Whoever holds their rows (a settle, mostly) commits within milliseconds; this
+            // window's own ACKs do not wait for that.
+            tokio::spawn(async move {
+                tokio::time::sleep(BUSY_RETRY).await;
+                batcher.put_back(busy);
+            });
         }
         for (ready, done) in again {
             let span = ready.span.clone();

@@ -119,9 +119,7 @@ impl WorkerConfig {
             apply_batch: worker.apply_batch,
         }
     }
-}
 
-impl WorkerConfig {
     /// This configuration as the environment of a `fulfillment work` process: the
     /// `FULFILLMENT__WORKER__*` variables that [`from_settings`](Self::from_settings) reads
     /// back into it. Caps and budgets go in whole seconds; the metering and ISV delivery
