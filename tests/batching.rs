@@ -60,9 +60,7 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
         }
         let dead = stack
             .wait_for("the poisoned message in the dead-letter queue", || async {
-                let dead = stack
-                    .take_all(&stack.broker.topology().dead_letter_queue())
-                    .await;
+                let dead = stack.dead_letters().await;
                 (!dead.is_empty()).then_some(dead)
             })
             .await;
@@ -165,12 +163,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
     }
     let windows = stack.workers[0].consumer_activity().windows();
     assert!(windows.committed > 0, "{windows:?}");
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
     stack.finish().await;
 }
 
@@ -231,12 +224,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
         assert_eq!(*n, 1, "{id}: operation {op} ACKed {n} times");
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
     // The settings reached the processes: each logged its window size.
     for worker in [&first, &second] {
         let log = strip_ansi(&std::fs::read_to_string(&worker.log).unwrap());
@@ -287,11 +275,6 @@ async fn a_window_leaves_out_a_message_whose_row_another_transaction_holds_and_a
     holder.rollback().await.unwrap();
     stack.run_until_idle().await;
     assert_eq!(renewed(ids[0]).await, [LogOutcome::Applied]);
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
     stack.finish().await;
 }

@@ -357,11 +357,7 @@ async fn a_poison_message_is_dead_lettered_with_the_reason() {
     app.publish(&message, "poison-1", id).await;
     let dead = app
         .wait_for("a dead letter", || async {
-            Some(
-                app.take_all(&app.broker.topology().dead_letter_queue())
-                    .await,
-            )
-            .filter(|got| !got.is_empty())
+            Some(app.dead_letters().await).filter(|got| !got.is_empty())
         })
         .await;
     assert_eq!(dead.len(), 1);

@@ -250,12 +250,7 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         "{operation}"
     );
     assert_eq!(stack.outbox_left().await, (0, 0), "nothing pending or dead");
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
     stack.finish().await;
 }
 
@@ -397,9 +392,7 @@ async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsof
     let id = stack.buy("per-seat", Some(4), true).await.id;
     let dead = stack
         .wait_for("the dead-lettered webhook", || async {
-            let dead = stack
-                .take_all(&stack.broker.topology().dead_letter_queue())
-                .await;
+            let dead = stack.dead_letters().await;
             (!dead.is_empty()).then_some(dead)
         })
         .await;

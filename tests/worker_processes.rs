@@ -112,12 +112,7 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
         );
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
 
     let within = Duration::from_secs(60);
     tokio::try_join!(first.stop_within(within), second.stop_within(within)).unwrap();
@@ -182,12 +177,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
         assert_eq!(changes[0]["status"], "Succeeded", "{view}");
     }
     assert_eq!(stack.outbox_left().await, (0, 0));
-    assert!(
-        stack
-            .take_all(&stack.broker.topology().dead_letter_queue())
-            .await
-            .is_empty()
-    );
+    assert!(stack.dead_letters().await.is_empty());
     successor
         .stop_within(Duration::from_secs(60))
         .await

@@ -304,6 +304,12 @@ impl Stack {
         taken.map(|m| (json(&m.body), m.headers)).collect()
     }
 
+    /// Takes every message off the dead-letter queue ([`Self::take_all`]).
+    pub async fn dead_letters(&self) -> Vec<(Value, BTreeMap<String, String>)> {
+        self.take_all(&self.broker.topology().dead_letter_queue())
+            .await
+    }
+
     /// Takes the domain events published since the last call off the test's queue and
     /// checks each against its schema (docs/events/): `(CloudEvent, headers)`.
     pub async fn domain_events(&self) -> Vec<(Value, BTreeMap<String, String>)> {
