@@ -150,21 +150,24 @@ pub enum WebhookAction {
 }
 
 impl WebhookAction {
+    /// Every action but [`Self::Unknown`].
+    pub const KNOWN: [WebhookAction; 7] = [
+        Self::Subscribe,
+        Self::ChangePlan,
+        Self::ChangeQuantity,
+        Self::Renew,
+        Self::Suspend,
+        Self::Reinstate,
+        Self::Unsubscribe,
+    ];
+
     /// Trims and ignores ASCII case, like the client's wire enums; never fails.
     pub fn parse(raw: &str) -> Self {
         let raw = raw.trim();
-        [
-            Self::Subscribe,
-            Self::ChangePlan,
-            Self::ChangeQuantity,
-            Self::Renew,
-            Self::Suspend,
-            Self::Reinstate,
-            Self::Unsubscribe,
-        ]
-        .into_iter()
-        .find(|known| known.as_str().eq_ignore_ascii_case(raw))
-        .unwrap_or_else(|| Self::Unknown(raw.to_owned()))
+        Self::KNOWN
+            .into_iter()
+            .find(|known| known.as_str().eq_ignore_ascii_case(raw))
+            .unwrap_or_else(|| Self::Unknown(raw.to_owned()))
     }
 
     /// The wire spelling.

@@ -9,6 +9,7 @@
 //! - [`policy`]: the ISV's rules for changes and activation.
 //! - [`decision`]: the result of one `handle` call.
 //! - [`machine`]: the statig machine and the `SubscriptionMachine` wrapper.
+//! - `seen`: the ring of handled event keys (P9), as fingerprints.
 //! - [`notice`]: which lifecycle notices a subscription is owed, and when.
 //! - [`diagram`]: Mermaid/DOT diagrams derived by driving the machine.
 //!
@@ -23,6 +24,7 @@ pub mod ids;
 pub mod machine;
 pub mod notice;
 pub mod policy;
+mod seen;
 
 pub use decision::{Decision, IgnoreReason, Outcome, OutcomeKind};
 pub use details::{
@@ -38,8 +40,9 @@ pub use ids::{
     CommandId, InvalidId, OfferId, OperationId, PlanId, Quantity, SubscriptionId, TenantId,
 };
 pub use machine::{
-    ActivationProgress, PendingOperation, SEEN_KEYS_CAPACITY, SubscriptionMachine, UNCONFIRMED_TTL,
-    Unconfirmed, UnconfirmedChange,
+    ActivationProgress, PendingOperation, SubscriptionMachine, UNCONFIRMED_TTL, Unconfirmed,
+    UnconfirmedChange,
 };
 pub use notice::{Notice, NoticeChanges, NoticeKind, NoticePolicy};
 pub use policy::{ActivationMode, PlanMove, PlanMoves, Policy, SeatLimits, Verdict};
+pub use seen::SEEN_KEYS_CAPACITY;

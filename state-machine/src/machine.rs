@@ -10,8 +10,6 @@
 //! reconciliation, publisher-operation bookkeeping, Cancel). `pending_fulfillment` and
 //! the terminal `unsubscribed` stand alone.
 
-use std::collections::VecDeque;
-
 use serde::{Deserialize, Serialize};
 use statig::blocking::{InitializedStateMachine, StateOrSuperstate, UninitializedStateMachine};
 use statig::prelude::*;
@@ -23,10 +21,7 @@ use crate::effect::{AckStatus, DomainEvent, DomainEventKind, Effect};
 use crate::event::{Command, Event, OperationStatus, RequestSource, Webhook, WebhookAction};
 use crate::ids::{CommandId, OperationId, PlanId, Quantity, SubscriptionId};
 use crate::policy::{ActivationMode, Policy, Verdict};
-
-/// How many event keys we remember for deduplication. Microsoft retries one webhook up
-/// to 500 times over 8 hours (P9); the queue's own redeliveries are far fewer.
-pub const SEEN_KEYS_CAPACITY: usize = 512;
+use crate::seen::SeenKeys;
 
 /// Where activation stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,9 +106,9 @@ pub(crate) struct Ledger {
     /// Newest Resolve/GET observation applied.
     #[serde(default, with = "time::serde::rfc3339::option")]
     newest_observation_at: Option<OffsetDateTime>,
-    /// Ring of handled event keys, oldest first (P9).
+    /// Ring of handled event keys, oldest first, as fingerprints (P9).
     #[serde(default)]
-    seen: VecDeque<String>,
+    seen: SeenKeys,
     /// Changes we acknowledged that Microsoft has not confirmed yet (P13).
     #[serde(default)]
     unconfirmed: Vec<Unconfirmed>,
@@ -818,7 +813,7 @@ impl Ledger {
             subscription_id,
             newest_webhooks: Watermarks::default(),
             newest_observation_at: None,
-            seen: VecDeque::new(),
+            seen: SeenKeys::default(),
             unconfirmed: Vec::new(),
         }
     }
@@ -837,13 +832,7 @@ impl Ledger {
         event: &Event,
         context: &mut Ctx<'_>,
     ) {
-        let key = event.key();
-        if !self.seen.contains(&key) {
-            if self.seen.len() >= SEEN_KEYS_CAPACITY {
-                self.seen.pop_front();
-            }
-            self.seen.push_back(key);
-        }
+        self.seen.remember(&event.key());
         if !matches!(context.outcome, Some(Decided::Ignored { .. }) | None) {
             self.unconfirmed = context.unconfirmed.clone();
         }
@@ -880,10 +869,13 @@ impl Ledger {
         }
     }
 
-    /// Whether a webhook of this operation is among the handled keys.
+    /// Whether a webhook of this operation is among the handled keys (a webhook of a
+    /// known action: only those are acknowledged, so only those have results).
     fn saw_webhook_of(&self, operation_id: OperationId) -> bool {
-        let prefix = format!("webhook:{operation_id}:");
-        self.seen.iter().any(|key| key.starts_with(&prefix))
+        let key = |action: &WebhookAction| format!("webhook:{operation_id}:{action}");
+        WebhookAction::KNOWN
+            .iter()
+            .any(|action| self.seen.contains(&key(action)))
     }
 
     /// Why the event must be ignored before any state sees it, if it must.
