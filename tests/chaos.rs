@@ -125,10 +125,15 @@ impl Drop for BrokerStopped {
 /// error after `patience`.
 async fn broker_when_back(settings: &AmqpSettings, patience: Duration) -> anyhow::Result<Broker> {
     wait_until("RabbitMQ to declare a topology", patience, || async {
-        let connected = Broker::connect(settings, "chaos-test").await;
-        connected
-            .inspect_err(|error| eprintln!("RabbitMQ not back yet: {error}"))
-            .ok()
+        match Broker::connect(settings, "chaos-test").await {
+            Ok(broker) => Some(broker),
+            Err(error) => {
+                eprintln!("RabbitMQ not back yet: {error}");
+                // One declaration attempt every half second, not every 50 ms.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        }
     })
     .await
 }
