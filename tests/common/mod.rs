@@ -13,8 +13,7 @@ use uuid::Uuid;
 /// Settings as the process environment gives them (so `DATABASE_URL` still points the tests
 /// at another server), e.g. the base a `World` derives its names from.
 pub fn base_settings() -> Settings {
-    let env = std::env::vars().collect();
-    Settings::from_sources(None, &env).expect("settings from the environment")
+    Settings::load(None).expect("settings from the environment")
 }
 
 /// [`base_settings`] with a fresh database name and a fresh RabbitMQ prefix.
