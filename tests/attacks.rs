@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use marketplace_fulfillment::http::auth::{WebhookAuthConfig, WebhookVerifier};
 use marketplace_fulfillment::queue::InboundConsumer;
 use marketplace_fulfillment::simulator::JwksFault;
-use marketplace_fulfillment::world::rabbitmqctl;
+use marketplace_fulfillment::world::{block_on_own_thread, rabbitmqctl};
 use serde_json::{Value, json};
 use stack::{Options, Stack, TestDatabase, strip_ansi};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -875,10 +875,8 @@ struct RabbitUser(String);
 
 impl Drop for RabbitUser {
     fn drop(&mut self) {
-        let delete = ["delete_user", &self.0];
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(delete)
-            .output();
+        let user = self.0.clone();
+        let _ = block_on_own_thread(async move { rabbitmqctl(&["delete_user", &user]).await });
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use marketplace_fulfillment::queue::InboundMessage;
 use serde_json::json;
-use stack::{Options, Stack, strip_ansi};
+use stack::{Options, Stack, WAIT, strip_ansi};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -33,7 +33,9 @@ const ROUNDS: usize = 6;
 async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_only_that_one() {
     let mut stack = Stack::start(Options::default()).await;
     for round in 0..ROUNDS {
-        let ids = subscribed_then_stopped(&mut stack, ROUND).await;
+        let ids = stack
+            .subscribed_then_stopped("per-seat", Some(5), ROUND)
+            .await;
         // A stored machine nobody can read back: its message can never be applied.
         let poisoned = ids[ROUND / 2];
         sqlx::query("UPDATE subscriptions SET machine = '{\"not\": \"a machine\"}' WHERE id = $1")
@@ -54,7 +56,11 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
         for id in ids.iter().filter(|id| **id != poisoned) {
             stack
                 .wait_for(&format!("{id} at 6 seats"), || async {
-                    stack.engine(*id).await.filter(|v| v.quantity == Some(6))
+                    stack
+                        .engine(*id)
+                        .await
+                        .unwrap()
+                        .filter(|v| v.quantity == Some(6))
                 })
                 .await;
         }
@@ -101,18 +107,6 @@ async fn a_window_with_a_poisoned_message_commits_the_others_and_dead_letters_on
     panic!("in {ROUNDS} rounds the poisoned message never shared a window");
 }
 
-/// `n` per-seat subscriptions, activated, their effects done, then the workers stopped: what
-/// is published next waits on the queue until a worker starts.
-async fn subscribed_then_stopped(stack: &mut Stack, n: usize) -> Vec<Uuid> {
-    let mut ids = Vec::with_capacity(n);
-    for _ in 0..n {
-        ids.push(stack.subscribed("per-seat", Some(5)).await);
-    }
-    stack.run_until_idle().await;
-    stack.stop_workers().await.unwrap();
-    ids
-}
-
 /// A `Renew` webhook of `id` stamped `at`, as the ingress queues it.
 fn renew(id: Uuid, at: &str) -> InboundMessage {
     let payload = json!({
@@ -131,7 +125,7 @@ fn renew(id: Uuid, at: &str) -> InboundMessage {
 #[tokio::test]
 async fn one_subscriptions_messages_keep_their_order_across_windows() {
     let mut stack = Stack::start(Options::default()).await;
-    let ids = subscribed_then_stopped(&mut stack, 6).await;
+    let ids = stack.subscribed_then_stopped("per-seat", Some(5), 6).await;
     // Two renewals each, the newer second: applied out of order, the older one would be
     // ignored as stale.
     for id in &ids {
@@ -143,7 +137,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
     let inbound = stack.broker.topology().inbound_queue();
     stack.wait_for_queue_len(&inbound, 12).await;
     stack.start_worker().await;
-    stack.run_until_idle().await;
+    stack.run_until_idle(WAIT).await.unwrap();
     for id in &ids {
         let renewals: Vec<(String, LogOutcome)> = stack
             .events(*id)
@@ -198,11 +192,14 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
         ids.push((id, quantity));
     }
     let only_ids: Vec<Uuid> = ids.iter().map(|(id, _)| *id).collect();
-    stack.settle(&only_ids, Duration::from_secs(240)).await;
+    stack
+        .settle(&only_ids, Duration::from_secs(240))
+        .await
+        .unwrap();
     assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
     for (id, quantity) in &ids {
-        let ours = stack.engine(*id).await.unwrap();
+        let ours = stack.engine(*id).await.unwrap().unwrap();
         assert_eq!(ours.quantity, Some(i64::from(*quantity)), "{id}");
         assert_eq!(ours.state, "Subscribed", "{id}");
     }
@@ -239,7 +236,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
 #[tokio::test]
 async fn a_window_leaves_out_a_message_whose_row_another_transaction_holds_and_applies_it_later() {
     let mut stack = Stack::start(Options::default()).await;
-    let ids = subscribed_then_stopped(&mut stack, 4).await;
+    let ids = stack.subscribed_then_stopped("per-seat", Some(5), 4).await;
     // Another transaction (an effect runner's settle, say) holds the first row.
     let mut holder = stack.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM subscriptions WHERE id = $1 FOR UPDATE")
@@ -273,7 +270,7 @@ async fn a_window_leaves_out_a_message_whose_row_another_transaction_holds_and_a
     let windows = stack.workers[0].consumer_activity().windows();
     assert!(windows.left_out_busy > 0, "{windows:?}");
     holder.rollback().await.unwrap();
-    stack.run_until_idle().await;
+    stack.run_until_idle(WAIT).await.unwrap();
     assert_eq!(renewed(ids[0]).await, [LogOutcome::Applied]);
     assert!(stack.dead_letters().await.is_empty());
     stack.finish().await;

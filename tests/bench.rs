@@ -8,12 +8,9 @@ use serde_json::Value;
 
 /// Runs `fulfillment bench <args>`, asserts it exits 0 and returns its last line as JSON.
 fn run_bench(args: &[&str]) -> Value {
-    let (args, env) = (
-        [&["bench"], args].concat(),
-        [("RUST_LOG".into(), "warn".into())],
-    );
+    let (args, env) = ([&["bench"], args].concat(), [("RUST_LOG", "warn")]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (code, stdout, stderr) = runtime.block_on(common::run_fulfillment(&args, &env, false));
+    let (code, stdout, stderr) = runtime.block_on(common::run_fulfillment(&args, env, false));
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     let last = stdout.lines().last().expect("some output");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"))

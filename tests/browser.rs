@@ -71,7 +71,7 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
         "{page}"
     );
     assert!(
-        stack.engine(id).await.is_none(),
+        stack.engine(id).await.unwrap().is_none(),
         "signing in recorded the purchase"
     );
     browser.screenshot("landing-new-purchase").await;
@@ -126,7 +126,7 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
     stack.act(id, json!({"action": "Suspend"})).await;
     stack
         .wait_for("suspended here", || async {
-            (stack.engine(id).await?.state == "Suspended").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Suspended").then_some(())
         })
         .await;
     driver.goto(landing.as_str()).await.unwrap();
@@ -142,7 +142,7 @@ async fn a_customer_signs_in_activates_by_the_form_and_sees_every_state_in_chrom
     stack.act(id, json!({"action": "Unsubscribe"})).await;
     stack
         .wait_for("cancelled here", || async {
-            (stack.engine(id).await?.state == "Unsubscribed").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Unsubscribed").then_some(())
         })
         .await;
     driver.goto(landing.as_str()).await.unwrap();

@@ -21,11 +21,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use marketplace_fulfillment::queue::{Broker, InboundMessage, MessageMeta};
+use marketplace_fulfillment::settings::AmqpSettings;
+use marketplace_fulfillment::world::{block_on_own_thread, rabbitmqctl, wait_until};
 use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 mod common;
+
+/// How long RabbitMQ may take to declare again after `start_app`.
+const BACK: Duration = Duration::from_secs(60);
 
 /// The tests of this binary disturb the same servers: one at a time, each starting on a
 /// RabbitMQ node able to declare new topologies and leaving a freshly restarted one for
@@ -35,7 +40,7 @@ fn one_at_a_time() -> Turn {
     let lock = TURN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    on_own_thread(|| async {
+    block_on_own_thread(async {
         if let Err(error) = probe_rabbitmq(Duration::from_secs(15)).await {
             eprintln!("RabbitMQ cannot declare a new topology ({error}); restarting the node");
             restart_rabbitmq_node().await;
@@ -50,45 +55,18 @@ struct Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        on_own_thread(restart_rabbitmq_node);
+        block_on_own_thread(restart_rabbitmq_node());
     }
-}
-
-/// Runs `work` on a thread with its own runtime: the callers run inside or outside one.
-fn on_own_thread<F, Fut>(work: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let _ = std::thread::spawn(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-            .block_on(work());
-    })
-    .join();
 }
 
 /// Whether RabbitMQ declares (and deletes) a fresh topology within `patience`. One prefix
 /// for every attempt: a failed declaration leaves what it did declare, and the attempt that
 /// succeeds deletes all of it.
-async fn probe_rabbitmq(patience: Duration) -> Result<(), String> {
-    let settings = common::test_settings();
-    let probe = || async {
-        let broker = Broker::connect(&settings.amqp, "chaos-test-probe").await?;
-        let deleted = broker.delete_topology().await;
-        broker.close().await;
-        deleted
-    };
-    let since = Instant::now();
-    loop {
-        match probe().await {
-            Ok(()) => return Ok(()),
-            Err(error) if since.elapsed() > patience => return Err(error.to_string()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
+async fn probe_rabbitmq(patience: Duration) -> anyhow::Result<()> {
+    let broker = broker_when_back(&common::test_settings().amqp, patience).await?;
+    let deleted = broker.delete_topology().await;
+    broker.close().await;
+    Ok(deleted?)
 }
 
 /// Restarts the whole RabbitMQ node (`rabbitmqctl stop`, `rabbitmq-server -detached`) and
@@ -99,20 +77,13 @@ async fn probe_rabbitmq(patience: Duration) -> Result<(), String> {
 /// declare fresh topologies, so every test of this binary ends with a node restart, which
 /// cures it.
 async fn restart_rabbitmq_node() {
-    let _ = Command::new("rabbitmqctl").args(["-q", "stop"]).status();
+    let _ = rabbitmqctl(&["-q", "stop"]).await;
     let _ = Command::new("rabbitmq-server").arg("-detached").status();
-    let started = Instant::now();
-    while !Command::new("rabbitmqctl")
-        .args(["-q", "await_startup"])
-        .status()
-        .is_ok_and(|status| status.success())
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "RabbitMQ did not start again"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let started = || async { rabbitmqctl(&["-q", "await_startup"]).await.ok() };
+    let within = Duration::from_secs(120);
+    wait_until("RabbitMQ to start again", within, started)
+        .await
+        .unwrap();
     if let Err(error) = probe_rabbitmq(Duration::from_secs(30)).await {
         panic!("RabbitMQ cannot declare a new topology after a node restart: {error}");
     }
@@ -126,17 +97,10 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// `rabbitmqctl ARGS` from outside a runtime (or in a blocking task); its stdout.
+fn rabbitmqctl_now(args: &'static [&'static str]) -> String {
+    let output = block_on_own_thread(rabbitmqctl(args)).expect("a runtime for rabbitmqctl");
+    output.unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 /// RabbitMQ stopped (`stop_app`) until this is dropped: started again even when the test
@@ -145,31 +109,33 @@ struct BrokerStopped;
 
 impl BrokerStopped {
     fn now() -> Self {
-        rabbitmqctl(&["-q", "stop_app"]);
+        rabbitmqctl_now(&["-q", "stop_app"]);
         BrokerStopped
     }
 }
 
 impl Drop for BrokerStopped {
     fn drop(&mut self) {
-        rabbitmqctl(&["-q", "start_app"]);
+        rabbitmqctl_now(&["-q", "start_app"]);
     }
 }
 
-/// A broker handle on `settings`, once RabbitMQ takes declarations again: right after
-/// `start_app` it answers INTERNAL_ERROR to quorum queue declarations for a moment.
-async fn broker_when_back(settings: &marketplace_fulfillment::settings::AmqpSettings) -> Broker {
-    let started = Instant::now();
-    loop {
+/// A broker handle on `settings` once RabbitMQ takes declarations again (right after
+/// `start_app` it answers INTERNAL_ERROR to quorum queue declarations for a moment); an
+/// error after `patience`.
+async fn broker_when_back(settings: &AmqpSettings, patience: Duration) -> anyhow::Result<Broker> {
+    wait_until("RabbitMQ to declare a topology", patience, || async {
         match Broker::connect(settings, "chaos-test").await {
-            Ok(broker) => return broker,
-            Err(error) if started.elapsed() < Duration::from_secs(60) => {
+            Ok(broker) => Some(broker),
+            Err(error) => {
                 eprintln!("RabbitMQ not back yet: {error}");
+                // One declaration attempt every half second, not every 50 ms.
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                None
             }
-            Err(error) => panic!("RabbitMQ did not come back within 60 s: {error}"),
         }
-    }
+    })
+    .await
 }
 
 #[test]
@@ -260,7 +226,7 @@ fn a_broker_restart_under_load_leaves_no_delivery_unacknowledged() {
     let _turn = one_at_a_time();
     let settings = common::test_settings();
     runtime().block_on(async move {
-        let broker = broker_when_back(&settings.amqp).await;
+        let broker = broker_when_back(&settings.amqp, BACK).await.unwrap();
         let inbound = broker.topology().inbound_queue();
         let publisher = broker.publisher().await.expect("a publisher");
         let mut consumer = broker
@@ -369,7 +335,9 @@ fn a_broker_restart_under_load_leaves_no_delivery_unacknowledged() {
                 "name",
                 "messages_ready",
                 "messages_unacknowledged",
-            ]);
+            ])
+            .await
+            .unwrap();
             let line = listing
                 .lines()
                 .find(|line| line.split('\t').next() == Some(inbound.as_str()))
@@ -405,7 +373,8 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
     let runtime = runtime();
     let (db, _pool) = runtime.block_on(common::TestDatabase::migrated());
     // The worker's topology declared beforehand, once the broker takes declarations.
-    runtime.block_on(async { broker_when_back(&db.settings.amqp).await.close().await });
+    let back = runtime.block_on(broker_when_back(&db.settings.amqp, BACK));
+    runtime.block_on(back.unwrap().close());
     let grace = Duration::from_secs(3);
     let log_path = std::env::temp_dir().join(format!("sigterm-test-{}.log", Uuid::new_v4()));
     let log = std::fs::File::create(&log_path).expect("a log file");
@@ -433,7 +402,7 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
     // Started: it declared its topology (the inbound queue exists).
     let inbound = format!("{}.inbound", db.settings.amqp.prefix);
     let started = Instant::now();
-    while !rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"])
+    while !rabbitmqctl_now(&["list_queues", "-q", "--no-table-headers", "name"])
         .lines()
         .any(|name| name.trim() == inbound)
     {
@@ -476,7 +445,7 @@ fn sigterm_ends_a_worker_within_its_grace_period_while_rabbitmq_is_down() {
     let _ = std::fs::remove_file(&log_path);
     // Its topology, on the broker that is back.
     runtime.block_on(async {
-        let broker = broker_when_back(&db.settings.amqp).await;
+        let broker = broker_when_back(&db.settings.amqp, BACK).await.unwrap();
         broker.delete_topology().await.expect("delete the topology");
         broker.close().await;
     });

@@ -1,57 +1,61 @@
-//! The Marketplace client against the simulator over real HTTP: the whole publisher-side
-//! lifecycle, retries through injected faults, and classified errors that are not retried.
+//! The Marketplace client against the simulator over real HTTP (the test world's, as its
+//! workers call it): the whole publisher-side lifecycle, retries through injected faults,
+//! and classified errors that are not retried.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use marketplace_fulfillment::marketplace::{
     CallContext, Error, MarketplaceClient, OperationStatus, RetryPolicy, SubscriptionStatus,
     TokenProvider,
 };
-use marketplace_fulfillment::settings::Settings;
-use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
-use marketplace_fulfillment::world::{SimHandle, simulator_env, wait_until};
+use marketplace_fulfillment::settings::{Settings, TokenEndpoint};
+use marketplace_fulfillment::simulator::Timings;
+use marketplace_fulfillment::world::{Configure, SimHandle, World, WorldOptions, wait_until};
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
-const SECRET: &str = "client-simulator-secret";
+mod common;
+
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The test world's simulator (fast clocks) and the client its workers would use, with six
+/// quick attempts per call; derefs to the [`World`] (`client`, `sim`).
 struct Harness {
-    sim: RunningSimulator,
-    client: MarketplaceClient,
+    world: World,
     admin: SimHandle,
 }
 
+impl std::ops::Deref for Harness {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
 impl Harness {
-    async fn start(token_endpoint: &str) -> Self {
-        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-        config.client_secret = Some(SecretString::from(SECRET));
-        config.timings = Timings::fast();
-        let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
-            .await
-            .unwrap();
-        let mut env: HashMap<String, String> = simulator_env(&sim).into_iter().collect();
-        env.insert("MARKETPLACE_CLIENT_SECRET".into(), SECRET.into());
-        env.insert("MARKETPLACE_TOKEN_ENDPOINT".into(), token_endpoint.into());
-        let settings = Settings::from_sources(None, &env).unwrap();
-        let tokens = TokenProvider::new(&settings.marketplace).unwrap();
-        let client = MarketplaceClient::new(&settings.marketplace, tokens)
-            .unwrap()
-            .with_retry_policy(RetryPolicy {
-                min_delay: Duration::from_millis(5),
-                max_delay: Duration::from_millis(50),
-                max_attempts: 6,
-                max_retry_after: Duration::from_secs(2),
-                give_up_beyond_cap: false,
-            });
-        let admin = SimHandle {
-            http: reqwest::Client::new(),
-            base: sim.base_url(),
+    async fn start(token_endpoint: TokenEndpoint) -> Self {
+        let configure: Configure = Box::new(move |settings, config| {
+            settings.marketplace.token_endpoint = token_endpoint;
+            config.timings = Timings::fast();
+            Ok(())
+        });
+        let client_retries = Some(RetryPolicy {
+            min_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
+            max_attempts: 6,
+            max_retry_after: Duration::from_secs(2),
+            give_up_beyond_cap: false,
+        });
+        let options = WorldOptions {
+            configure,
+            client_retries,
+            ..WorldOptions::bare("test")
         };
-        Self { sim, client, admin }
+        let world = World::start(&common::base_settings(), options).await;
+        let world = world.expect("the world");
+        let admin = world.sim_admin(&reqwest::Client::new());
+        Self { world, admin }
     }
 
     async fn purchase(&self, plan: &str, quantity: Option<u32>) -> (Uuid, String) {
@@ -93,7 +97,7 @@ impl Harness {
 
 #[tokio::test]
 async fn purchase_resolve_activate_change_plan_and_delete_through_the_client() {
-    let h = Harness::start("v2").await;
+    let h = Harness::start(TokenEndpoint::V2).await;
     let (id, token) = h.purchase("silver", None).await;
     let ctx = CallContext::random();
 
@@ -158,7 +162,7 @@ async fn purchase_resolve_activate_change_plan_and_delete_through_the_client() {
 
 #[tokio::test]
 async fn the_v1_token_endpoint_works_as_well() {
-    let h = Harness::start("v1").await;
+    let h = Harness::start(TokenEndpoint::V1).await;
     let (id, _) = h.purchase("gold", None).await;
     let sub = h
         .client
@@ -173,7 +177,7 @@ async fn the_v1_token_endpoint_works_as_well() {
 
 #[tokio::test]
 async fn list_all_follows_next_links_across_pages() {
-    let h = Harness::start("v2").await;
+    let h = Harness::start(TokenEndpoint::V2).await;
     for _ in 0..120 {
         h.purchase("silver", None).await;
     }
@@ -188,7 +192,7 @@ async fn list_all_follows_next_links_across_pages() {
 
 #[tokio::test]
 async fn calls_succeed_through_injected_server_errors_and_throttling() {
-    let h = Harness::start("v2").await;
+    let h = Harness::start(TokenEndpoint::V2).await;
     let (id, _) = h.purchase("silver", None).await;
     // Half the calls fail: with six attempts each, twenty calls all get through.
     h.set_faults(json!({"seed": 7, "share5xx": 0.3, "share429": 0.2, "retryAfterSecs": 0}))
@@ -210,7 +214,7 @@ async fn calls_succeed_through_injected_server_errors_and_throttling() {
 
 #[tokio::test]
 async fn throttling_honours_retry_after() {
-    let h = Harness::start("v2").await;
+    let h = Harness::start(TokenEndpoint::V2).await;
     let (id, _) = h.purchase("silver", None).await;
     h.set_faults(json!({"share429": 1.0, "retryAfterSecs": 1}))
         .await;
@@ -232,7 +236,7 @@ async fn throttling_honours_retry_after() {
 
 #[tokio::test]
 async fn client_errors_are_classified_and_not_retried() {
-    let h = Harness::start("v2").await;
+    let h = Harness::start(TokenEndpoint::V2).await;
     let ctx = CallContext::random();
 
     // 404: unknown subscription.

@@ -10,16 +10,12 @@ use marketplace_fulfillment::store;
 
 /// Runs `fulfillment demo` with `db`'s server and prefix: `(exit code, stdout, stderr)`.
 async fn run_demo(db: &TestDatabase, extra_env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut env = vec![
+    let own = [
         ("DATABASE_URL", db.url().expose()),
         ("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix),
     ];
-    env.extend(extra_env);
-    let env: Vec<_> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    common::run_fulfillment(&["demo"], &env, false).await
+    let env = own.iter().chain(extra_env).copied();
+    common::run_fulfillment(&["demo"], env, false).await
 }
 
 #[tokio::test]

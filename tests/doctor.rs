@@ -39,7 +39,7 @@ fn env(world: &World, overrides: &[(&str, String)]) -> Vec<(String, String)> {
 /// `fulfillment doctor --json` with exactly this environment: (exit code, report).
 async fn doctor_json(world: &World, overrides: &[(&str, String)]) -> (i32, Value, String) {
     let (code, stdout, stderr) =
-        run_fulfillment(&["doctor", "--json"], &env(world, overrides), true).await;
+        run_fulfillment(&["doctor", "--json"], env(world, overrides), true).await;
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}):\n{stdout}\n{stderr}"));
     (code, report, stdout)
@@ -96,7 +96,7 @@ async fn a_correct_local_setup_passes_every_check() {
     );
     assert!(!stdout.contains(&deployment.client_secret));
 
-    let (code, human, stderr) = run_fulfillment(&["doctor"], &env(&deployment, &[]), true).await;
+    let (code, human, stderr) = run_fulfillment(&["doctor"], env(&deployment, &[]), true).await;
     if expected.is_empty() {
         assert_eq!(code, 0, "{human}{stderr}");
         assert!(human.ends_with("all 13 checks passed\n"), "{human}");
@@ -570,11 +570,11 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
     }
     let postgres = PrivatePostgres::start();
     let database = [("DATABASE_URL".to_string(), postgres.url())];
-    let (code, stdout, stderr) = run_fulfillment(&["migrate"], &database, true).await;
+    let (code, stdout, stderr) = run_fulfillment(&["migrate"], database, true).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
 
     let env = env(&deployment, &[("DATABASE_URL", postgres.url())]);
-    let (code, human, stderr) = run_fulfillment(&["doctor"], &env, true).await;
+    let (code, human, stderr) = run_fulfillment(&["doctor"], env, true).await;
     assert_eq!(code, 0, "{human}{stderr}");
     assert!(human.ends_with("all 13 checks passed\n"), "{human}");
     assert!(
@@ -596,7 +596,7 @@ async fn unparsable_settings_exit_2_with_the_setting_named() {
             std::env::var("PATH").unwrap_or_default(),
         ),
     ];
-    let (code, stdout, _) = run_fulfillment(&["doctor", "--json"], &env, true).await;
+    let (code, stdout, _) = run_fulfillment(&["doctor", "--json"], env.clone(), true).await;
     assert_eq!(code, 2, "{stdout}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["ok"], false);
@@ -608,7 +608,7 @@ async fn unparsable_settings_exit_2_with_the_setting_named() {
     );
     assert_eq!(check(&report, "postgres.reachable")["status"], "skipped");
 
-    let (code, human, _) = run_fulfillment(&["doctor"], &env, true).await;
+    let (code, human, _) = run_fulfillment(&["doctor"], env, true).await;
     assert_eq!(code, 2);
     assert!(human.starts_with("problem  config"), "{human}");
 }

@@ -26,16 +26,7 @@ use uuid::Uuid;
 /// and a runner of the test's own on it (the workers' clocks, a large attempt budget).
 async fn quiet_stack(n: usize) -> (Stack, EffectRunner, Vec<Uuid>) {
     let mut stack = Stack::start(Options::default()).await;
-    let mut ids = Vec::new();
-    for _ in 0..n {
-        ids.push(stack.subscribed("silver", Some(5)).await);
-    }
-    stack
-        .wait_for("an outbox at rest", || async {
-            (stack.outbox_left().await.0 == 0).then_some(())
-        })
-        .await;
-    stack.stop_workers().await.unwrap();
+    let ids = stack.subscribed_then_stopped("silver", Some(5), n).await;
     let mut effects = stack.worker_config.effects.clone();
     effects.protocol.max_attempts = 50;
     let runner = EffectRunner::new(
@@ -260,7 +251,7 @@ async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_it
         .await;
     stack
         .wait_for("the change on both sides, the outbox at rest", || async {
-            let ours = stack.engine(sub).await?;
+            let ours = stack.engine(sub).await.unwrap()?;
             (ours.quantity == Some(7)
                 && Some(ours) == stack.microsoft(sub)
                 && stack.outbox_left().await == (0, 0))

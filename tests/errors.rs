@@ -18,7 +18,7 @@ fn fulfillment(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(common::run_fulfillment(args, &env, true))
+    runtime.block_on(common::run_fulfillment(args, env, true))
 }
 
 /// The environment of `settings`' database and prefix, and a publisher identity.

@@ -439,13 +439,10 @@ type OutboxEvent = (Uuid, Uuid, Value, OffsetDateTime, String, i64, i64);
 async fn the_domain_event_schemas_validate_every_event_the_demo_emits() {
     let db = TestDatabase::new();
     let env = [
-        ("DATABASE_URL".into(), db.url().expose().to_string()),
-        (
-            "FULFILLMENT__AMQP__PREFIX".into(),
-            db.settings.amqp.prefix.clone(),
-        ),
+        ("DATABASE_URL", db.url().expose()),
+        ("FULFILLMENT__AMQP__PREFIX", &db.settings.amqp.prefix),
     ];
-    let (code, stdout, stderr) = common::run_fulfillment(&["demo", "--keep"], &env, false).await;
+    let (code, stdout, stderr) = common::run_fulfillment(&["demo", "--keep"], env, false).await;
     let demo = db
         .url()
         .with_path(&format!("{}_demo", db.url().url().path()));

@@ -13,7 +13,7 @@ use marketplace_fulfillment::queue::{InboundConsumer, InboundDelivery, InboundMe
 use marketplace_fulfillment::settings::Settings;
 use marketplace_fulfillment::simulator::Timings;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
-use marketplace_fulfillment::world::{rabbitmqctl, wait_until};
+use marketplace_fulfillment::world::{block_on_own_thread, rabbitmqctl, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stack::{Options, Purchase, Stack, TestDatabase};
@@ -435,9 +435,8 @@ struct VhostGuard(String);
 
 impl Drop for VhostGuard {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
+        let vhost = self.0.clone();
+        let _ = block_on_own_thread(async move { rabbitmqctl(&["delete_vhost", &vhost]).await });
     }
 }
 

@@ -261,13 +261,13 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
         .await;
     stack
         .wait_for("8 seats", || async {
-            (stack.engine(id).await?.quantity == Some(8)).then_some(())
+            (stack.engine(id).await.unwrap()?.quantity == Some(8)).then_some(())
         })
         .await;
     stack.act(id, json!({"action": "Suspend"})).await;
     stack
         .wait_for("Suspended", || async {
-            (stack.engine(id).await?.state == "Suspended").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Suspended").then_some(())
         })
         .await;
     // Then it recovers.
@@ -275,7 +275,7 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
     stack.act(id, json!({"action": "Reinstate"})).await;
     stack
         .wait_for("Subscribed again", || async {
-            (stack.engine(id).await?.state == "Subscribed").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Subscribed").then_some(())
         })
         .await;
 
@@ -297,7 +297,7 @@ async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failu
     stack.act(id, json!({"action": "Unsubscribe"})).await;
     stack
         .wait_for("Unsubscribed", || async {
-            (stack.engine(id).await?.state == "Unsubscribed").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Unsubscribed").then_some(())
         })
         .await;
 

@@ -50,14 +50,15 @@ fn from_message(id: &str) -> EventSource {
     }
 }
 
-/// Our side's first sight of the subscription: Microsoft reports it Subscribed on gold.
+/// Our side's first sight of the subscription: Microsoft reports it Subscribed on gold at
+/// `now`.
 async fn seen_subscribed(pool: &PgPool, id: SubscriptionId, now: OffsetDateTime, policy: &Policy) {
     apply::apply(
         pool,
         policy,
         &Apply::new(
             id,
-            &observed(MarketplaceStatus::Subscribed, "gold"),
+            &observed_at(MarketplaceStatus::Subscribed, now),
             &EventSource::default(),
             now,
         ),
@@ -713,15 +714,8 @@ struct Window {
 /// one message already handled, one inbox key of a subscription we never saw.
 async fn window_setup(pool: &PgPool, w: &Window, handled: Uuid, orphan: Uuid, now: OffsetDateTime) {
     let policy = Policy::default();
-    let seen = observed_at(MarketplaceStatus::Subscribed, now);
     for id in [w.known, w.handled, w.stale, w.twice] {
-        apply::apply(
-            pool,
-            &policy,
-            &Apply::new(id, &seen, &EventSource::default(), now),
-        )
-        .await
-        .unwrap();
+        seen_subscribed(pool, id, now, &policy).await;
     }
     apply_renew(pool, w.handled, handled, now, &policy).await;
     // A row written before `state_since` existed (or preloaded without it).

@@ -116,13 +116,13 @@ async fn each_lifecycle_notice_is_emitted_once_on_a_compressed_calendar_and_show
     for id in [ending, suspended] {
         stack
             .wait_for("the auto-activated purchase recorded", || async {
-                (stack.engine(id).await?.state == "Subscribed").then_some(())
+                (stack.engine(id).await.unwrap()?.state == "Subscribed").then_some(())
             })
             .await;
     }
     stack
         .wait_for("the pending purchase recorded", || async {
-            (stack.engine(pending).await?.state == "PendingFulfillment").then_some(())
+            (stack.engine(pending).await.unwrap()?.state == "PendingFulfillment").then_some(())
         })
         .await;
     stack.act(suspended, json!({"action": "Suspend"})).await;
@@ -159,8 +159,14 @@ async fn each_lifecycle_notice_is_emitted_once_on_a_compressed_calendar_and_show
     for (id, kinds) in &expected {
         assert_eq!(&emitted_kinds(&stack, *id).await, kinds, "{id}");
     }
-    assert_eq!(stack.engine(ending).await.unwrap().state, "Unsubscribed");
-    assert_eq!(stack.engine(suspended).await.unwrap().state, "Unsubscribed");
+    assert_eq!(
+        stack.engine(ending).await.unwrap().unwrap().state,
+        "Unsubscribed"
+    );
+    assert_eq!(
+        stack.engine(suspended).await.unwrap().unwrap().state,
+        "Unsubscribed"
+    );
     stack
         .wait_for("every notice published", || async {
             (unpublished_notices(&stack).await == 0).then_some(())
@@ -228,6 +234,6 @@ async fn a_changed_state_cancels_the_pending_notice_and_schedules_the_new_one() 
     assert_eq!(term, ["cancelled", "cancelled"], "{statuses:?}");
     let kinds = emitted_kinds(&stack, id).await;
     assert_eq!(kinds, [("data_retention_ends".to_string(), 1)]);
-    stack.settle(&[id], WAIT).await;
+    stack.settle(&[id], WAIT).await.unwrap();
     stack.finish().await;
 }

@@ -348,7 +348,7 @@ async fn the_hours_before_an_unsubscribe_are_flushed_and_billed() {
     stack.act(id, json!({"action": "Unsubscribe"})).await;
     stack
         .wait_for("Unsubscribed here", || async {
-            (stack.engine(id).await?.state == "Unsubscribed").then_some(())
+            (stack.engine(id).await.unwrap()?.state == "Unsubscribed").then_some(())
         })
         .await;
     let statuses = settled(&stack).await;

@@ -179,7 +179,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
     system
         .wait_for_view(id, "Subscribed", Some("gold"), None)
         .await;
-    system.run_until_idle().await;
+    system.run_until_idle(stack::WAIT).await.unwrap();
 
     // A plan change Microsoft auto-accepts: no worker runs until the window has passed,
     // so our ACK comes back 409.
@@ -215,7 +215,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
         &[("reason", "untranslatable")][..],
     );
     wait_for_metric(&system, metrics, &before, dead_letters, 1.0).await;
-    system.run_until_idle().await;
+    system.run_until_idle(stack::WAIT).await.unwrap();
 
     let after = scrape(&system.http, metrics).await;
     let d = |name: &str, labels: &[(&str, &str)]| delta(&before, &after, name, labels);

@@ -9,11 +9,8 @@ mod stack;
 use std::time::Duration;
 
 use fulfillment_state_machine::{Event, Snapshot, SubscriptionId};
-use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use marketplace_fulfillment::ops::dlq::{self, Filter, ReplayOptions};
-use marketplace_fulfillment::queue::{InboundMessage, PublisherCommand};
+use marketplace_fulfillment::queue::{InboundMessage, MessageMeta, PublisherCommand};
 use marketplace_fulfillment::worker::apply::{self, Apply, ApplyOutcome, EventSource, Expected};
 use marketplace_fulfillment::world::wait_until;
 use serde_json::{Value, json};
@@ -51,60 +48,25 @@ async fn cli_with(app: &Stack, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
     app.cli(args, &env).await
 }
 
-/// Publishes `bodies` straight into the dead-letter queue as the worker's `dead_letter`
-/// would leave them (confirmed, persistent).
+/// Publishes `letters` (message id, subscription, body) straight into the dead-letter
+/// queue as the worker's `dead_letter` would leave them after two attempts.
 async fn seed_dead_letters(app: &Stack, letters: &[(String, Option<Uuid>, Vec<u8>)], reason: &str) {
-    let (connection, channel) = stack::lapin(&app.settings).await;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let topology = app.broker.topology();
-    let exchange = topology.dead_letter_exchange();
-    let key = topology.dead_letter_routing_key();
-    let at = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    let publisher = app.broker.publisher().await.unwrap();
     for chunk in letters.chunks(1000) {
-        let mut confirms = Vec::with_capacity(chunk.len());
-        for (message_id, subscription, body) in chunk {
-            let mut headers = FieldTable::default();
-            let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-            headers.insert("x-attempt".into(), AMQPValue::LongLongInt(2));
-            headers.insert("x-failure-reason".into(), text(reason));
-            headers.insert("x-last-error".into(), text(reason));
-            headers.insert("x-dead-lettered-at".into(), text(&at));
-            headers.insert("x-first-failed-at".into(), text(&at));
-            if let Some(s) = subscription {
-                headers.insert("x-subscription-id".into(), text(&s.to_string()));
-            }
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(ShortString::from(message_id.as_str()))
-                .with_correlation_id(ShortString::from(message_id.as_str()))
-                .with_headers(headers);
-            confirms.push(
-                channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        body,
-                        properties,
-                    )
-                    .await
-                    .unwrap(),
-            );
-        }
-        for confirm in confirms {
-            assert!(confirm.await.unwrap().is_ack());
+        let published = chunk.iter().map(|(message_id, subscription, body)| {
+            let meta = MessageMeta {
+                message_id: message_id.clone(),
+                correlation_id: message_id.clone(),
+                traceparent: None,
+                subscription_id: *subscription,
+            };
+            let publisher = &publisher;
+            async move { publisher.publish_dead_letter(body, &meta, 2, reason).await }
+        });
+        for result in futures_util::future::join_all(published).await {
+            result.unwrap();
         }
     }
-    let _ = connection.close(200, "seeded".into()).await;
 }
 
 fn activate_command(subscription: Uuid, command_id: Uuid) -> Vec<u8> {
@@ -235,8 +197,8 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     assert!(out.contains("dry run: 2 of 3"), "{out}");
     app.wait_for_queue_len(&app.broker.topology().dead_letter_queue(), 3)
         .await;
-    app.run_until_idle().await;
-    assert!(app.engine(a).await.is_none() && app.engine(b).await.is_none());
+    app.run_until_idle(WAIT).await.unwrap();
+    assert!(app.engine(a).await.unwrap().is_none() && app.engine(b).await.unwrap().is_none());
     assert_eq!(
         app.count("SELECT count(*) FROM operator_actions WHERE $1 <> ''", "x")
             .await,
@@ -254,7 +216,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     app.wait_for_view(a, "Subscribed", Some("silver"), None)
         .await;
     app.wait_for_view(b, "Unsubscribed", None, None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     app.wait_for_queue_len(&app.broker.topology().dead_letter_queue(), 1)
         .await; // the poison message stays
     // Decided once: a later copy is only logged as an ignored duplicate (inbox).
@@ -291,7 +253,7 @@ async fn dead_letters_from_real_failures_are_listed_filtered_shown_and_replayed_
     assert_eq!(code, 0, "{out}{err}");
     app.wait_for_queue_len(&app.broker.topology().dead_letter_queue(), 1)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     assert_eq!(app.count(once, &op_a).await, 1);
     assert_eq!(app.count(duplicates, &op_a).await, 1);
     assert_eq!(app.count(journal, &op_a).await, 2);
@@ -423,7 +385,7 @@ async fn ten_thousand_dead_letters_are_replayed_and_each_processed_once() {
     })
     .await
     .unwrap();
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let (events, distinct): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT message_id) FROM subscription_events \
          WHERE event_kind = 'ActivationRequested'",
@@ -464,7 +426,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     let id = app.purchase_resolved("per-seat", Some(5)).await;
     app.wait_for_view(id, "Subscribed", Some("per-seat"), Some(5))
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let sid = id.to_string();
 
     let op = app
@@ -472,7 +434,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
         .await;
     app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
     app.wait_for_view(id, "Subscribed", None, Some(8)).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     // Publisher commands through the queue and the machine, as the entitlement API's.
     let (code, out, err) = cli(
@@ -483,7 +445,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("change_quantity): succeeded"), "{out}");
     app.wait_for_view(id, "Subscribed", None, Some(10)).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     // Microsoft refuses the next change: --wait waits for its answer and exits 1, and the
     // command's outcome says so (issue #18: it printed "applied" and exited 0).
     app.admin
@@ -522,7 +484,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     );
     app.admin.set_faults(json!({})).await.unwrap();
     app.wait_for_view(id, "Subscribed", None, Some(10)).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     // Already active: the machine says so, and the exit code says it did nothing.
     let (code, out, _) = cli(&app, &["subscription", "activate", &sid, "--wait"]).await;
     assert_eq!(code, 1, "{out}");
@@ -537,7 +499,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
             "Subscribed"
         };
         app.wait_for_view(id, state, None, None).await;
-        app.run_until_idle().await;
+        app.run_until_idle(WAIT).await.unwrap();
     }
     let op = app
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
@@ -545,7 +507,7 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
     app.wait_for_view(id, "Subscribed", Some("gold"), None)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let (code, out, err) = cli(
         &app,
         &["subscription", "change-plan", &sid, "silver", "--wait"],
@@ -554,12 +516,12 @@ async fn subscription_show_prints_a_timeline_a_person_can_follow_through_every_a
     assert_eq!(code, 0, "{out}{err}");
     app.wait_for_view(id, "Subscribed", Some("silver"), None)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let (code, out, err) = cli(&app, &["subscription", "cancel", &sid]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queued command"), "{out}");
     app.wait_for_view(id, "Unsubscribed", None, None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     let (code, out, err) = cli(&app, &["subscription", "show", &sid]).await;
     assert_eq!(code, 0, "{out}{err}");
@@ -641,7 +603,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     }
     app.wait_for_view(quantity_drift, "Subscribed", Some("per-seat"), Some(5))
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let (code, out, err) = cli(&app, &["reconcile"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("no drift"), "{out}");
@@ -708,7 +670,10 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     )
     .await
     .unwrap();
-    assert_eq!(app.engine(unknown).await.unwrap().state, "Subscribed");
+    assert_eq!(
+        app.engine(unknown).await.unwrap().unwrap().state,
+        "Subscribed"
+    );
 
     // A resolved purchase whose Activate effect died while Microsoft was down: stuck.
     let (stuck, resolved, message_id) = app.resolve("gold", None).await;
@@ -728,8 +693,11 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     })
     .await;
     app.admin.set_faults(json!({})).await.unwrap();
-    app.run_until_idle().await;
-    assert_eq!(app.engine(stuck).await.unwrap().state, "PendingFulfillment");
+    app.run_until_idle(WAIT).await.unwrap();
+    assert_eq!(
+        app.engine(stuck).await.unwrap().unwrap().state,
+        "PendingFulfillment"
+    );
 
     // The report: every kind, each on its subscription; exit 1; nothing changed.
     let stuck_now = [("FULFILLMENT__RECONCILE__STUCK_PENDING_AFTER_SECS", "0")];
@@ -770,8 +738,11 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     ] {
         assert!(out.contains(needle), "{needle}:\n{out}");
     }
-    assert_eq!(app.engine(state_drift).await.unwrap().state, "Subscribed");
-    assert!(app.engine(missing).await.is_none());
+    assert_eq!(
+        app.engine(state_drift).await.unwrap().unwrap().state,
+        "Subscribed"
+    );
+    assert!(app.engine(missing).await.unwrap().is_none());
 
     // Healed through the machine, with event-log entries.
     let (code, out, err) = cli_with(&app, &["reconcile", "--execute"], &stuck_now).await;
@@ -792,7 +763,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
         (app.microsoft(stuck)?.state == "Subscribed").then_some(())
     })
     .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     for id in [
         state_drift,
         plan_drift,
@@ -866,7 +837,7 @@ async fn reconcile_finds_each_kind_of_drift_and_heals_it_through_the_machine() {
     assert!(matches!(stale, ApplyOutcome::Changed { .. }), "{stale:?}");
     app.wait_for_view(plan_drift, "Subscribed", Some("silver"), None)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     app.finish().await;
 }
 

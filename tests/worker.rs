@@ -35,7 +35,7 @@ async fn subscribed(stack: &Stack, plan: &str, quantity: Option<u32>) -> Uuid {
 async fn a_resolved_purchase_is_activated_exactly_once_and_announced() {
     let app = start(json!({})).await;
     let id = subscribed(&app, "silver", None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["saasSubscriptionStatus"], "Subscribed");
@@ -102,7 +102,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
     let app = start(json!({"seats": {"max": 10}})).await;
     let flat = subscribed(&app, "silver", None).await;
     let seats = subscribed(&app, "per-seat", Some(5)).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     let started = Instant::now();
     let op = app
@@ -117,7 +117,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
     assert!(started.elapsed() < Duration::from_secs(5));
     app.wait_for_view(flat, "Subscribed", Some("gold"), None)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let view = app.admin.view(flat).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
     let acks: Vec<_> = app
@@ -151,10 +151,10 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
         .unwrap();
     assert_eq!(operation["status"], "Failed", "{operation}");
     assert_ne!(operation["resolution"], "auto-accepted", "{operation}");
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let view = app.admin.view(seats).await.unwrap();
     assert_eq!(view["subscription"]["quantity"], 5);
-    assert_eq!(app.engine(seats).await.unwrap().quantity, Some(5));
+    assert_eq!(app.engine(seats).await.unwrap().unwrap().quantity, Some(5));
     assert!(
         app.events(seats)
             .await
@@ -168,7 +168,7 @@ async fn customer_changes_are_acknowledged_inside_the_window_or_refused_by_polic
 async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
     let app = start(json!({})).await;
     let id = subscribed(&app, "silver", None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let op = app
         .act(id, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
@@ -180,14 +180,14 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
         })
         .await;
     app.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     // The same message again, as a redelivery would bring it.
     let message = InboundMessage::Webhook {
         received_at: OffsetDateTime::now_utc(),
         payload: body,
     };
     app.publish(&message, &op, id).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     let events = app.events(id).await;
     let decisions = events
@@ -225,7 +225,7 @@ async fn a_webhook_published_twice_is_decided_and_acknowledged_once() {
 async fn a_publisher_plan_change_is_requested_polled_and_applied_on_both_sides() {
     let app = start(json!({})).await;
     let id = subscribed(&app, "silver", None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let command_id = Uuid::new_v4();
     let command = InboundMessage::Command {
         command_id,
@@ -239,7 +239,7 @@ async fn a_publisher_plan_change_is_requested_polled_and_applied_on_both_sides()
     app.publish(&command, &command_id.to_string(), id).await;
     app.wait_for_view(id, "Subscribed", Some("gold"), None)
         .await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
 
     let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
@@ -295,7 +295,7 @@ async fn effects_outlast_transient_faults_and_permanent_failures_end_dead_with_t
     .await;
     app.admin.set_faults(json!({})).await.unwrap();
     app.wait_for_view(id, "Subscribed", None, None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     let retried = failed_attempts(&app, id).await;
     assert!(
         retried > 0,
@@ -380,7 +380,7 @@ async fn a_poison_message_is_dead_lettered_with_the_reason() {
 async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_out() {
     let app = start(json!({})).await;
     let id = subscribed(&app, "silver", None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     app.domain_events().await;
     app.admin
         .set_faults(json!({"loseResponses": {"updateSubscription": 1}}))
@@ -394,12 +394,12 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
         .unwrap();
 
     let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     assert_eq!(row.status.as_str(), "Succeeded", "{:?}", row.last_error);
     assert_lost_answer_was_followed(&app, id).await;
     let view = app.admin.view(id).await.unwrap();
     assert_eq!(view["subscription"]["planId"], "gold");
-    let ours = app.engine(id).await.unwrap();
+    let ours = app.engine(id).await.unwrap().unwrap();
     assert_eq!(
         (ours.state.as_str(), ours.plan.as_deref()),
         ("Subscribed", Some("gold"))
@@ -415,7 +415,7 @@ async fn a_plan_change_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_
 async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it_out() {
     let app = start(json!({})).await;
     let id = subscribed(&app, "silver", None).await;
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     app.domain_events().await;
     app.admin
         .set_faults(json!({"loseResponses": {"deleteSubscription": 1}}))
@@ -427,7 +427,7 @@ async fn a_cancellation_whose_202_is_lost_ends_succeeded_as_microsoft_carried_it
         .unwrap();
 
     let row = app.world.wait_for_command(command_id, WAIT).await.unwrap();
-    app.run_until_idle().await;
+    app.run_until_idle(WAIT).await.unwrap();
     assert_eq!(row.status.as_str(), "Succeeded", "{:?}", row.last_error);
     assert_lost_answer_was_followed(&app, id).await;
     let view = app.admin.view(id).await.unwrap();

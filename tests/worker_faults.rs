@@ -108,7 +108,7 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
     let plan_change = stack
         .act(flat, json!({"action": "ChangePlan", "planId": "gold"}))
         .await;
-    stack.settle(&all, WAIT).await;
+    stack.settle(&all, WAIT).await.unwrap();
 
     // Renewals in quick succession, so that their webhooks overtake each other, then a
     // suspension with the reinstatement right behind it.
@@ -121,21 +121,24 @@ async fn duplicated_and_reordered_webhooks_change_no_outcome_and_are_logged_as_i
         stack.act(id, json!({"action": "Suspend"})).await;
         stack.act(id, json!({"action": "Reinstate"})).await;
     }
-    stack.settle(&all, WAIT).await;
+    stack.settle(&all, WAIT).await.unwrap();
     let second_seat_change = stack
         .act(seats, json!({"action": "ChangeQuantity", "quantity": 12}))
         .await;
     stack.act(flat, json!({"action": "Unsubscribe"})).await;
-    stack.settle(&all, WAIT).await;
+    stack.settle(&all, WAIT).await.unwrap();
 
     // The outcomes are those of an orderly run, on both sides (settle compared them).
     assert_eq!(
-        stack.engine(seats).await,
+        stack.engine(seats).await.unwrap(),
         view("Subscribed", "per-seat", Some(12))
     );
-    assert_eq!(stack.engine(flat).await, view("Unsubscribed", "gold", None));
     assert_eq!(
-        stack.engine(auto).await,
+        stack.engine(flat).await.unwrap(),
+        view("Unsubscribed", "gold", None)
+    );
+    assert_eq!(
+        stack.engine(auto).await.unwrap(),
         view("Subscribed", "per-seat", Some(3))
     );
 
@@ -216,21 +219,24 @@ async fn effects_and_messages_outlast_a_spell_of_5xx_and_429() {
         .await;
     stack
         .wait_for("the new subscription", || async {
-            stack.engine(third).await.map(|_| ())
+            stack.engine(third).await.unwrap().map(|_| ())
         })
         .await;
     // … and then Microsoft is well again.
     stack.admin.set_faults(json!({})).await.unwrap();
     let all = [first, second, third];
-    stack.settle(&all, WAIT).await;
+    stack.settle(&all, WAIT).await.unwrap();
 
     assert_eq!(
-        stack.engine(first).await,
+        stack.engine(first).await.unwrap(),
         view("Subscribed", "per-seat", Some(9))
     );
-    assert_eq!(stack.engine(second).await, view("Subscribed", "gold", None));
     assert_eq!(
-        stack.engine(third).await,
+        stack.engine(second).await.unwrap(),
+        view("Subscribed", "gold", None)
+    );
+    assert_eq!(
+        stack.engine(third).await.unwrap(),
         view("Subscribed", "per-seat", Some(2))
     );
     assert_eq!(
@@ -288,9 +294,9 @@ async fn an_ack_that_missed_the_window_is_reconciled_with_microsofts_view() {
         .await;
     stack.admin.set_faults(json!({})).await.unwrap();
     // Our refusal came too late: Microsoft's 20 seats stand, and we learn it.
-    stack.settle(&[id], WAIT).await;
+    stack.settle(&[id], WAIT).await.unwrap();
     assert_eq!(
-        stack.engine(id).await,
+        stack.engine(id).await.unwrap(),
         view("Subscribed", "per-seat", Some(20))
     );
     let rows = stack.events(id).await;
@@ -371,9 +377,9 @@ async fn a_permanently_refused_ack_is_dead_with_microsofts_answer_in_the_outbox_
             (stack.microsoft(id)?.quantity == Some(7)).then_some(())
         })
         .await;
-    stack.settle(&[id], WAIT).await;
+    stack.settle(&[id], WAIT).await.unwrap();
     assert_eq!(
-        stack.engine(id).await,
+        stack.engine(id).await.unwrap(),
         view("Subscribed", "per-seat", Some(7))
     );
     assert_eq!(stack.outbox_left().await, (0, 1), "only the ACK is dead");
@@ -413,7 +419,7 @@ async fn a_webhook_whose_verifying_get_is_refused_is_dead_lettered_with_microsof
         "{response}"
     );
     // Nothing was applied on a guess.
-    assert_eq!(stack.engine(id).await, None);
+    assert_eq!(stack.engine(id).await.unwrap(), None);
     assert!(stack.events(id).await.is_empty());
     stack.admin.set_faults(json!({})).await.unwrap();
     stack.finish().await;
@@ -427,10 +433,10 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     // A purchase that never reached our landing page, then cancelled.
     let never = stack.buy("gold", None, false).await.id;
     stack.act(never, json!({"action": "Unsubscribe"})).await;
-    stack.settle(&[auto, never], WAIT).await;
+    stack.settle(&[auto, never], WAIT).await.unwrap();
 
     assert_eq!(
-        stack.engine(auto).await,
+        stack.engine(auto).await.unwrap(),
         view("Subscribed", "per-seat", Some(6))
     );
     let rows = stack.events(auto).await;
@@ -447,7 +453,7 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
     assert_eq!(rows[1].event_kind, "WebhookSubscribe", "{rows:#?}");
 
     assert_eq!(
-        stack.engine(never).await,
+        stack.engine(never).await.unwrap(),
         view("Unsubscribed", "gold", None)
     );
     let rows = stack.events(never).await;
@@ -481,7 +487,10 @@ async fn a_webhook_for_a_subscription_we_never_saw_is_verified_with_get_and_crea
                 .then_some(rows)
         })
         .await;
-    assert_eq!(stack.engine(stranger).await.unwrap().state, "Unsubscribed");
+    assert_eq!(
+        stack.engine(stranger).await.unwrap().unwrap().state,
+        "Unsubscribed"
+    );
     assert!(
         rows.iter()
             .any(|r| r.event_kind == "WebhookUnsubscribe" && r.outcome == LogOutcome::Applied),

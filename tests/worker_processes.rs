@@ -68,7 +68,7 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
         .await;
 
     let ids = burst(&stack, 200).await;
-    stack.settle(&ids, BURST_DEADLINE).await;
+    stack.settle(&ids, BURST_DEADLINE).await.unwrap();
     assert!(first.exited().unwrap().is_none() && second.exited().unwrap().is_none());
 
     stack.assert_each_event_decided_once(&ids).await;
@@ -162,7 +162,7 @@ async fn a_worker_killed_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
 
     let mut successor = stack.spawn_worker_process(&[]).await;
     stack.wait_for_consumers(1, &mut [&mut successor]).await;
-    stack.settle(&ids, BURST_DEADLINE).await;
+    stack.settle(&ids, BURST_DEADLINE).await.unwrap();
 
     // Also: as many webhook decisions as Microsoft delivered webhooks.
     stack.assert_each_event_decided_once(&ids).await;
@@ -205,7 +205,7 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
             let hook = view["webhooks"][0].clone();
             let taken = hook["delivered"] == true
                 && stack.inbound_queue().await.0 == 0
-                && stack.engine(id).await.is_none();
+                && stack.engine(id).await.unwrap().is_none();
             taken.then(|| hook["operationId"].as_str().unwrap().to_string())
         })
         .await;
@@ -219,14 +219,14 @@ async fn sigterm_lets_the_worker_finish_the_message_in_hand_and_exit_0() {
         })
         .collect();
     assert_eq!(decisions.len(), 1, "{rows:#?}");
-    assert_eq!(stack.engine(id).await.unwrap().state, "Subscribed");
+    assert_eq!(stack.engine(id).await.unwrap().unwrap().state, "Subscribed");
     assert_eq!(stack.inbound_queue().await, (0, 0), "nothing left unacked");
 
     // A successor finds nothing to redo: no redelivery, no second decision.
     stack.admin.set_faults(json!({})).await.unwrap();
     let mut successor = stack.spawn_worker_process(&[]).await;
     stack.wait_for_consumers(1, &mut [&mut successor]).await;
-    stack.settle(&[id], Duration::from_secs(60)).await;
+    stack.settle(&[id], Duration::from_secs(60)).await.unwrap();
     let rows = stack.events(id).await;
     assert!(
         !rows.iter().any(|r| r
@@ -259,7 +259,7 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
         .await;
     stack.wait_for_consumers(1, &mut [&mut worker]).await;
     let id = stack.buy("per-seat", Some(4), true).await.id;
-    stack.settle(&[id], Duration::from_secs(60)).await;
+    stack.settle(&[id], Duration::from_secs(60)).await.unwrap();
     // Every call to Microsoft now takes 3 s: the ACK is in hand when SIGTERM arrives.
     stack
         .admin
@@ -304,7 +304,7 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
     stack.admin.set_faults(json!({})).await.unwrap();
     let mut successor = stack.spawn_worker_process(&[]).await;
     stack.wait_for_consumers(1, &mut [&mut successor]).await;
-    stack.settle(&[id], Duration::from_secs(60)).await;
+    stack.settle(&[id], Duration::from_secs(60)).await.unwrap();
     let acks = stack
         .events(id)
         .await

@@ -11,8 +11,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::json;
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
@@ -133,37 +131,15 @@ async fn measure_replay(
     purge(broker, &topology.inbound_queue()).await?;
 
     // The dead letters, as the worker leaves them.
-    let dead_at = crate::ops::rfc3339(OffsetDateTime::now_utc());
     let filled = {
         let publisher = publisher.clone();
-        let exchange = topology.dead_letter_exchange();
-        let key = topology.dead_letter_routing_key();
         measure::drive(args.batch, args.messages, deadline, move |i| {
             let publisher = publisher.clone();
-            let exchange = exchange.clone();
-            let key = key.clone();
-            let dead_at = dead_at.clone();
             async move {
                 let (meta, body) = message(i);
-                let mut headers = FieldTable::default();
-                let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-                headers.insert("x-attempt".into(), AMQPValue::LongLongInt(4));
-                headers.insert("x-failure-reason".into(), text("bench: retries exhausted"));
-                headers.insert("x-dead-lettered-at".into(), text(&dead_at));
-                headers.insert(
-                    "x-subscription-id".into(),
-                    text(&meta.subscription_id.unwrap_or_default().to_string()),
-                );
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(ShortString::from(meta.message_id.as_str()))
-                    .with_correlation_id(ShortString::from(meta.correlation_id.as_str()))
-                    .with_headers(headers);
-                publisher
-                    .publish(&exchange, &key, &body, properties, true)
-                    .await
-                    .is_ok()
+                let reason = "bench: retries exhausted";
+                let published = publisher.publish_dead_letter(&body, &meta, 4, reason);
+                published.await.is_ok()
             }
         })
         .await

@@ -452,7 +452,8 @@ impl InboundDelivery {
     }
 }
 
-fn now_rfc3339() -> String {
+/// Now in RFC 3339: the times of the dead-letter headers.
+pub(crate) fn now_rfc3339() -> String {
     let now = OffsetDateTime::now_utc();
     now.format(&Rfc3339)
         .unwrap_or_else(|_| now.unix_timestamp().to_string())

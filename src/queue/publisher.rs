@@ -170,6 +170,36 @@ impl Publisher {
             .await
     }
 
+    /// Publishes `body` straight into the dead-letter queue as
+    /// [`InboundDelivery::dead_letter`](crate::queue::InboundDelivery::dead_letter) leaves a
+    /// message whose `attempts` failed with `reason` (persistent, mandatory, confirmed): how
+    /// `bench replay` and the tests of the dead-letter tools fill the queue.
+    pub async fn publish_dead_letter(
+        &self,
+        body: &[u8],
+        meta: &MessageMeta,
+        attempts: u32,
+        reason: &str,
+    ) -> Result<(), PublishError> {
+        let mut table = meta_headers(meta);
+        let attempts = AMQPValue::LongLongInt(i64::from(attempts));
+        headers::set(&mut table, headers::ATTEMPT, attempts);
+        for key in [headers::FAILURE_REASON, headers::LAST_ERROR] {
+            headers::set(&mut table, key, headers::long_string(reason));
+        }
+        let now = crate::queue::consumer::now_rfc3339();
+        for key in [headers::DEAD_LETTERED_AT, headers::FIRST_FAILED_AT] {
+            headers::set(&mut table, key, headers::long_string(&now));
+        }
+        let properties = properties(meta, JSON, table)?;
+        let topology = self.topology();
+        let (exchange, key) = (
+            topology.dead_letter_exchange(),
+            topology.dead_letter_routing_key(),
+        );
+        self.publish(&exchange, &key, body, properties, true).await
+    }
+
     /// Publishes with a confirm, recovering from a broken connection within
     /// `recovery_timeout`.
     pub(crate) async fn publish(

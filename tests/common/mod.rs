@@ -2,6 +2,8 @@
 //! local server (dropped afterwards) and its own RabbitMQ names.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
+
 use marketplace_fulfillment::settings::{ConnectionUrl, Settings};
 use marketplace_fulfillment::store;
 use marketplace_fulfillment::world::block_on_own_thread;
@@ -11,8 +13,7 @@ use uuid::Uuid;
 /// Settings as the process environment gives them (so `DATABASE_URL` still points the tests
 /// at another server), e.g. the base a `World` derives its names from.
 pub fn base_settings() -> Settings {
-    let env = std::env::vars().collect();
-    Settings::from_sources(None, &env).expect("settings from the environment")
+    Settings::load(None).expect("settings from the environment")
 }
 
 /// [`base_settings`] with a fresh database name and a fresh RabbitMQ prefix.
@@ -76,9 +77,9 @@ pub fn strip_ansi(text: &str) -> String {
 /// Runs `fulfillment ARGS` with `env` on top of this process's environment (less
 /// `FULFILLMENT_CONFIG`, `COLUMNS` and `RUST_LOG`), or on top of `PATH` alone when `clean`:
 /// `(exit code, stdout, stderr)`.
-pub async fn run_fulfillment(
+pub async fn run_fulfillment<K: AsRef<OsStr>, V: AsRef<OsStr>>(
     args: &[&str],
-    env: &[(String, String)],
+    env: impl IntoIterator<Item = (K, V)>,
     clean: bool,
 ) -> (i32, String, String) {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulfillment"));
@@ -90,7 +91,7 @@ pub async fn run_fulfillment(
             .env_remove("COLUMNS")
             .env_remove("RUST_LOG"),
     };
-    let output = command.args(args).envs(env.iter().cloned()).output().await;
+    let output = command.args(args).envs(env).output().await;
     let output = output.expect("run fulfillment");
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     let code = output.status.code().unwrap_or(-1);

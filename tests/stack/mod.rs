@@ -12,7 +12,7 @@
 //! let id = stack.subscribed("silver", None).await;        // landing page, activation
 //! let op = stack.act(id, json!({"action": "ChangePlan", "planId": "gold"})).await;
 //! stack.admin.wait_for_operation(id, &op, WAIT).await.unwrap();
-//! stack.run_until_idle().await;
+//! stack.run_until_idle(WAIT).await.unwrap();
 //! stack.finish().await;
 //! ```
 #![allow(dead_code)]
@@ -30,7 +30,6 @@ pub use marketplace_fulfillment::world::{Purchase, View};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
 use marketplace_fulfillment::marketplace::{CallContext, RetryPolicy};
 use marketplace_fulfillment::queue::{InboundMessage, InboxKey, MessageMeta};
 use marketplace_fulfillment::settings::Settings;
@@ -220,11 +219,29 @@ impl Stack {
         let Purchase { id, landing, .. } = self.buy(plan, quantity, false).await;
         activate_on_landing(&landing).await.unwrap();
         self.wait_for(&format!("{id} Subscribed on both sides"), || async {
-            let ours = self.engine(id).await?;
+            let ours = self.engine(id).await.unwrap()?;
             (ours.state == "Subscribed" && Some(ours) == self.microsoft(id)).then_some(())
         })
         .await;
         id
+    }
+
+    /// `n` subscriptions to `plan` (with `quantity` seats), activated, their effects done,
+    /// then the workers stopped: what is published next waits on the queue until a worker
+    /// starts.
+    pub async fn subscribed_then_stopped(
+        &mut self,
+        plan: &str,
+        quantity: Option<u32>,
+        n: usize,
+    ) -> Vec<Uuid> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(self.subscribed(plan, quantity).await);
+        }
+        self.run_until_idle(WAIT).await.unwrap();
+        self.world.stop_workers().await.expect("the workers stop");
+        ids
     }
 
     // ---- the ingress ----------------------------------------------------------------------
@@ -266,10 +283,6 @@ impl Stack {
     }
 
     // ---- our side --------------------------------------------------------------------
-
-    pub async fn engine(&self, id: Uuid) -> Option<View> {
-        self.world.engine(id).await.unwrap()
-    }
 
     pub async fn events(&self, id: Uuid) -> Vec<LogRow> {
         store::timeline::events(&self.pool, id).await.unwrap()
@@ -380,19 +393,6 @@ impl Stack {
             .unwrap()
     }
 
-    /// Waits until the world is at rest ([`World::run_until_idle`]) within [`WAIT`].
-    pub async fn run_until_idle(&self) {
-        self.world.run_until_idle(WAIT).await.unwrap();
-    }
-
-    /// Waits until the world is at rest and both sides agree on state, plan and seats of
-    /// `ids` (`World::settle`); panics with the differences and timelines after `deadline`.
-    pub async fn settle(&self, ids: &[Uuid], deadline: Duration) {
-        if let Err(e) = self.world.settle(ids, deadline).await {
-            panic!("{e:#}");
-        }
-    }
-
     /// Waits until our side holds `id` in `state`, on `plan` and with `quantity` seats
     /// where those are given ([`View::is`]).
     pub async fn wait_for_view(
@@ -404,7 +404,7 @@ impl Stack {
     ) -> View {
         let what = format!("{id} in {state} {plan:?} {quantity:?}");
         self.wait_for(&what, || async {
-            let view = self.engine(id).await;
+            let view = self.engine(id).await.unwrap();
             view.filter(|view| view.is(state, plan, quantity))
         })
         .await
@@ -474,10 +474,12 @@ impl Stack {
     /// Runs `fulfillment ARGS` against this stack (and `extra` variables):
     /// `(exit code, stdout, stderr)`.
     pub async fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
-        let extra = extra.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        let mut env = vec![("RUST_LOG".to_string(), "warn".to_string())];
-        env.extend(self.process_env.iter().cloned().chain(extra));
-        common::run_fulfillment(args, &env, false).await
+        let own = self
+            .process_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let env = [("RUST_LOG", "warn")].into_iter().chain(own);
+        common::run_fulfillment(args, env.chain(extra.iter().copied()), false).await
     }
 
     /// Starts `fulfillment work` with this stack's settings (and `extra` variables); killed
@@ -494,14 +496,4 @@ impl Stack {
         let spawned = self.world.spawn_worker(exe, "worker", env).await;
         spawned.expect("start fulfillment work")
     }
-}
-
-/// A RabbitMQ connection and channel of the test's own (`tests/ops.rs` seeds the
-/// dead-letter queue with it).
-pub async fn lapin(settings: &Settings) -> (Connection, lapin::Channel) {
-    let url = settings.amqp.url.expose();
-    let properties = ConnectionProperties::default();
-    let connection = Connection::connect(url, properties).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    (connection, channel)
 }
