@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
-use sqlx::{Connection, Postgres};
+use sqlx::{Connection, Postgres, Transaction};
 
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
@@ -246,6 +246,24 @@ pub async fn applied_migrations(
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Ok(Vec::new()),
         Err(error) => Err(error.into()),
     }
+}
+
+/// How the worker's hot-path transactions begin (a consumer's window, an apply, an outbox
+/// claim and its settle): every statement in them reaches its rows through an index by
+/// design (a primary key, `outbox_subscription_idx`, `outbox_claim_due_idx`), and this
+/// keeps it so whatever the statistics say. PostgreSQL plans a prepared statement once it
+/// has run a few times, and keeps the plan until the table's statistics change; planned
+/// while a table is nearly empty, or where statistics never come (autovacuum off, a table
+/// never analyzed), the plan scans the table, and keeps scanning it as it grows: in
+/// `bench pipeline` on a server without autovacuum, the settle's `UPDATE outbox … WHERE
+/// id = ANY($1)` read the whole outbox on every call (5-6 ms each, auto_explain), and the
+/// window's save read every subscription. Only a cost penalty: a statement without an index
+/// path still runs. One round trip, like a plain `BEGIN`.
+pub const HOT_PATH_BEGIN: &str = "BEGIN; SET LOCAL enable_seqscan = off";
+
+/// Begins a hot-path transaction ([`HOT_PATH_BEGIN`]).
+pub async fn begin_hot_path(pool: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    Ok(pool.begin_with(HOT_PATH_BEGIN).await?)
 }
 
 /// Whether the server runs autovacuum (`SHOW autovacuum`). Without it the outbox and inbox

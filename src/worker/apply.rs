@@ -28,7 +28,7 @@ use crate::store::inbox;
 use crate::store::ledger::{self, LogOutcome, LogRow};
 use crate::store::outbox::{self, EffectKind};
 use crate::store::subscriptions::{self, LockedRow, SavedMachine};
-use crate::store::{StoreError, notices};
+use crate::store::{self, StoreError, notices};
 use crate::worker::protocol::{acknowledge, publish};
 
 /// Where an event came from, for the inbox and the event log.
@@ -146,7 +146,7 @@ pub async fn apply(
     policy: &Policy,
     command: &Apply<'_>,
 ) -> Result<ApplyOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = store::begin_hot_path(pool).await?;
     let outcome = apply_in(&mut tx, policy, command).await?;
     if matches!(outcome, ApplyOutcome::Changed { .. }) {
         tx.rollback().await?;

@@ -52,7 +52,7 @@ use uuid::Uuid;
 use crate::marketplace::{CallContext, Error as ApiError, MarketplaceClient};
 use crate::metrics::{self, DeadLetterReason, EventOutcome};
 use crate::queue::{InboundConsumer, InboundDelivery, InboundMessage, QueueError, RetryOutcome};
-use crate::store::{StoreError, subscriptions};
+use crate::store::{self, StoreError, subscriptions};
 use crate::worker::apply::{self, Apply, ApplyOutcome, EffectRecord, EventSource, Runs};
 use crate::worker::effects::EffectRunner;
 use crate::worker::translate::{self, TranslateError, translate};
@@ -968,7 +968,7 @@ impl MessageHandler {
         &self,
         window: &[Waiting],
     ) -> Result<Option<Vec<Option<ApplyOutcome>>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::begin_hot_path(&self.pool).await?;
         let mut ids: Vec<Uuid> = window
             .iter()
             .map(|waiting| waiting.ready.prepared.subscription_id)
@@ -1018,7 +1018,7 @@ impl MessageHandler {
         &self,
         window: &[Waiting],
     ) -> Result<Vec<Result<ApplyOutcome, Together>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::begin_hot_path(&self.pool).await?;
         let mut outcomes = Vec::with_capacity(window.len());
         for waiting in window {
             let ready = &waiting.ready;
