@@ -212,10 +212,6 @@ enum Write {
     UsageSettled(Vec<Settlement>),
     /// Hours of a metering batch sent once more.
     UsageSent(Vec<Uuid>),
-    /// A step knows the operation's end already: its pending `ConfirmOperation` row ends.
-    ConfirmationKnown {
-        operation_id: Uuid,
-    },
     /// A domain event went out: it goes into the ISV's feed with its deliveries, for the
     /// whole batch at once ([`EffectRunner::settle_batch`]).
     Published(Published),
@@ -266,9 +262,9 @@ impl std::ops::Deref for Execution {
 }
 
 /// Writes the records and feeds of executions (each with its rows' writes) in `conn`'s
-/// transaction: each execution's other writes in order, then the confirmations they made
-/// needless in one statement, then every record and feed of them all, in order, through one
-/// [`apply::write_many`] (one statement per table for the batch). Returns the decisions the feeds made (to count and to run their effects after
+/// transaction: each execution's other writes in order, then every record and feed of them
+/// all, in order, through one [`apply::write_many`] (one statement per table for the
+/// batch). Returns the decisions the feeds made (to count and to run their effects after
 /// commit).
 async fn write_all(
     conn: &mut sqlx::PgConnection,
@@ -277,7 +273,6 @@ async fn write_all(
 ) -> Result<Vec<(Event, ApplyOutcome)>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::new();
-    let mut confirmed = Vec::new();
     for (row, writes) in executions {
         for write in *writes {
             match write {
@@ -297,15 +292,9 @@ async fn write_all(
                     // the row ends.
                     .run_by(Runs::Here),
                 )),
-                Write::ConfirmationKnown { operation_id } => {
-                    confirmed.push((row.subscription_id, *operation_id));
-                }
                 other => write_other(conn, other).await?,
             }
         }
-    }
-    if !confirmed.is_empty() {
-        outbox::complete_confirmations(conn, &confirmed).await?;
     }
     let outcomes = apply::write_many(conn, policy, &entries).await?;
     Ok(entries
@@ -320,7 +309,7 @@ async fn write_all(
         .collect())
 }
 
-/// An execution's write other than a record, a feed or a known confirmation.
+/// An execution's write other than a record or a feed.
 async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Command(update) => outbox::upsert_publisher_operation(conn, update).await?,
@@ -349,10 +338,7 @@ async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(),
             metrics::record_usage_submitted(hours.len());
         }
         // Written by `write_all` and by the settle, which writes a batch's events together.
-        Write::Record(_)
-        | Write::Feed { .. }
-        | Write::ConfirmationKnown { .. }
-        | Write::Published(_) => {}
+        Write::Record(_) | Write::Feed { .. } | Write::Published(_) => {}
     }
     Ok(())
 }
@@ -650,7 +636,12 @@ impl EffectRunner {
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         let execution = Execution::new(row);
         let disposition = async {
-            let calls = if execution.kind == EffectKind::AckOperation {
+            // An ACK row that only polls its operation (its PATCH was answered) calls with
+            // the other effects: the ACK permits are for the PATCHes Microsoft's window waits for.
+            let patches = execution.kind == EffectKind::AckOperation
+                && !Progress::from_stored(&execution.progress, execution.created_at)
+                    .awaits_microsoft_only();
+            let calls = if patches {
                 &self.inner.ack_calls
             } else {
                 &self.inner.calls
@@ -865,7 +856,9 @@ impl EffectRunner {
     }
 
     /// Runs the effect's protocol: asks it for a step, makes the call it names, hands the
-    /// answer back, until a step waits, finishes, retries or gives up.
+    /// answer back, until a step waits, finishes, retries or gives up. The execution's
+    /// event-log row gives the notes of all its steps, in order (an ACK's "ACK … recorded"
+    /// and the end of the poll that followed it in the same execution).
     async fn execute(
         &self,
         execution: &Execution,
@@ -878,7 +871,8 @@ impl EffectRunner {
         let mut answered: Option<Answered> = None;
         let mut log = CallLog::default();
         let mut extra = serde_json::Map::new();
-        let mut note: Option<String> = None;
+        // The notes of the steps that made a call; the last step's own note comes after.
+        let mut notes: Vec<String> = Vec::new();
         for _ in 0..=MAX_CALLS {
             let now = OffsetDateTime::now_utc();
             let next = protocol::step(&Turn {
@@ -893,6 +887,7 @@ impl EffectRunner {
                 config,
             });
             progress = next.progress;
+            let mut note: Option<String> = None;
             for record in next.records {
                 match record {
                     Record::Note(text) => note = Some(text),
@@ -904,23 +899,19 @@ impl EffectRunner {
                         operation_id: operation_id.as_uuid(),
                         status: status.into(),
                     }),
-                    Record::ConfirmationKnown { operation_id } => {
-                        execution.push(Write::ConfirmationKnown {
-                            operation_id: operation_id.as_uuid(),
-                        });
-                    }
                 }
             }
             let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();
             match next.step {
                 Step::Call(call) => {
+                    notes.extend(note);
                     let answer = self
                         .perform(execution, effect, &call, &mut log, &mut extra)
                         .await?;
                     answered = Some(Answered { call, answer });
                 }
                 Step::WaitUntil(at) => {
-                    if let Some(reason) = note {
+                    if let Some(reason) = joined(notes, note) {
                         self.record(execution, &log, &reason, extra);
                     }
                     return Ok(Disposition::Wait {
@@ -929,7 +920,7 @@ impl EffectRunner {
                     });
                 }
                 Step::Finish { events } => {
-                    if let Some(reason) = note {
+                    if let Some(reason) = joined(notes, note) {
                         self.record(execution, &log, &reason, extra);
                     }
                     for event in events {
@@ -938,7 +929,9 @@ impl EffectRunner {
                     return Ok(Disposition::Done);
                 }
                 Step::RetryLater { at, because } => {
-                    let reason = format!("{} failed: {because}", execution.kind);
+                    notes.extend(note);
+                    let failed = format!("{} failed: {because}", execution.kind);
+                    let reason = joined(notes, Some(failed)).unwrap_or_default();
                     self.record(execution, &log, &reason, extra);
                     return Ok(Disposition::Retry {
                         error: because,
@@ -947,8 +940,9 @@ impl EffectRunner {
                     });
                 }
                 Step::GiveUp { because, why } => {
-                    let reason =
+                    let last =
                         note.unwrap_or_else(|| format!("{} failed: {because}", execution.kind));
+                    let reason = joined(notes, Some(last)).unwrap_or_default();
                     self.record(execution, &log, &reason, extra);
                     return Ok(Disposition::Dead {
                         reason: because,
@@ -958,7 +952,8 @@ impl EffectRunner {
             }
         }
         let error = format!("the protocol made more than {MAX_CALLS} calls in one execution");
-        self.record(execution, &log, &error, extra);
+        let reason = joined(notes, Some(error.clone())).unwrap_or_default();
+        self.record(execution, &log, &reason, extra);
         Ok(Disposition::Retry {
             after: self.inner.config.protocol.backoff_base,
             error,
@@ -1347,6 +1342,13 @@ impl EffectRunner {
         extra.insert("dead".into(), json!(true));
         self.record(row, &CallLog::default(), &format!("dead: {reason}"), extra);
     }
+}
+
+/// The reason of an execution's event-log row: the notes of its steps, then `last`, in
+/// order; `None` when there is nothing to say.
+fn joined(mut notes: Vec<String>, last: Option<String>) -> Option<String> {
+    notes.extend(last);
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// How a batch's row ends, as its disposition says (logged in the row's span).
