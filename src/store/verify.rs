@@ -144,9 +144,7 @@ pub async fn webhook_to_ack_ms(
 }
 
 /// The ACK of one operation: (outbox rows made for it, ACKs recorded as made, the ACK's
-/// status sent). An ACK recorded is an execution whose reason starts with its note
-/// `ACK … recorded` (alone, or followed by the notes of the polls that came after it in
-/// the same execution).
+/// status sent).
 pub async fn ack_of_operation(
     pool: &PgPool,
     subscription_id: Uuid,
@@ -157,7 +155,7 @@ pub async fn ack_of_operation(
            AND kind = $3 AND effect->>'operation_id' = $2), \
          (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
            AND event_kind = 'effect:' || $3 AND event->>'operation_id' = $2 \
-           AND (reason LIKE 'ACK % recorded' OR reason LIKE 'ACK % recorded; %')), \
+           AND reason LIKE 'ACK % recorded'), \
          (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
            AND kind = $3 AND effect->>'operation_id' = $2)",
     )

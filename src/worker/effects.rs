@@ -508,9 +508,11 @@ impl EffectRunner {
     /// instead of waiting for a runner to notice it (P7). The rows of `ids` that are
     /// claimable now are claimed in one statement ([`outbox::claim_ids`]), run at once and
     /// settled in one transaction, in the caller's task; the rest — rows that waited behind
-    /// them (a confirmation, a domain event) and the rows their results queue (the GET
-    /// after an operation's end) — continue in rounds of the same kind in a task of their
-    /// own, so the caller (a consumer) is free for its next messages. A row that is not
+    /// them (a domain event, a GET), the rows their results queue (the GET after an
+    /// operation's end) and the rows that go on at once (an ACK's first poll of its
+    /// operation when the PATCH's answer did not tell its end) — continue in rounds of the
+    /// same kind in a task of their own, so the caller (a consumer) is free for its next
+    /// messages. A row that is not
     /// claimable (held back by an earlier row, held by a runner, not due, done already) is
     /// left to the runners. Returns how many ran in the caller's task.
     pub async fn execute_now(&self, ids: &[Uuid]) -> usize {
@@ -546,7 +548,7 @@ impl EffectRunner {
 
     /// Claims those of `ids` that are claimable now, executes and settles them as one
     /// batch; returns how many ran and what is left to try next: the rows of `ids` not
-    /// claimed, then the rows the results queued.
+    /// claimed, then the rows that go on at once and those the results queued.
     async fn round(&self, ids: &[Uuid]) -> (usize, Vec<Uuid>) {
         if ids.is_empty() {
             return (0, Vec::new());
@@ -592,7 +594,8 @@ impl EffectRunner {
 
     /// Executes the rows of a batch at once — each call holding one of the `calls`
     /// permits, taken in the claim order, so the ACKs due soonest go first — and settles
-    /// them in the batch's transaction; returns the outbox rows their results queued.
+    /// them in the batch's transaction; returns the rows that go on at once and those their
+    /// results queued.
     async fn execute_batch(&self, batch: ClaimedBatch) -> Vec<Uuid> {
         let count = batch.rows.len();
         self.inner
@@ -637,7 +640,8 @@ impl EffectRunner {
         let execution = Execution::new(row);
         let disposition = async {
             // An ACK row that only polls its operation (its PATCH was answered) calls with
-            // the other effects: the ACK permits are for the PATCHes Microsoft's window waits for.
+            // the other effects: the ACK permits are for the PATCHes Microsoft's window
+            // waits for.
             let patches = execution.kind == EffectKind::AckOperation
                 && !Progress::from_stored(&execution.progress, execution.created_at)
                     .awaits_microsoft_only();
@@ -709,7 +713,9 @@ impl EffectRunner {
     /// savepoint — if that fails, each row's in a savepoint of its own, so one whose writes
     /// fail is retried with the database error instead (counting an attempt) while the
     /// others stand; then every row's end, one statement per kind of end
-    /// ([`ClaimedBatch::end`]).
+    /// ([`ClaimedBatch::end`]). Returns the rows to run next: those rescheduled without
+    /// delay (they go on at once, in an execution of their own), then those the results
+    /// queued.
     async fn settle_batch(
         &self,
         mut batch: ClaimedBatch,
@@ -836,6 +842,15 @@ impl EffectRunner {
                 }
             }
         }
+        // Rows that go on at once in an execution of their own (an ACK's first poll of its
+        // operation, after the PATCH): next in the chain, like the rows the results queue.
+        let go_on: Vec<Uuid> = executed
+            .iter()
+            .filter(|(_, disposition, _)| {
+                matches!(disposition, Disposition::Wait { after, .. } if after.is_zero())
+            })
+            .map(|(execution, _, _)| execution.id)
+            .collect();
         let ends: Vec<(Uuid, End)> = executed
             .into_iter()
             .map(|(execution, disposition, span)| {
@@ -843,22 +858,20 @@ impl EffectRunner {
             })
             .collect();
         batch.end(&ends).await?;
-        Ok(fed
+        Ok(go_on
             .into_iter()
-            .flat_map(|(event, outcome)| {
+            .chain(fed.into_iter().flat_map(|(event, outcome)| {
                 apply::count(&event, &outcome);
                 match outcome {
                     ApplyOutcome::Decided(applied) => applied.outbox_ids,
                     ApplyOutcome::Duplicate | ApplyOutcome::Changed { .. } => Vec::new(),
                 }
-            })
+            }))
             .collect())
     }
 
     /// Runs the effect's protocol: asks it for a step, makes the call it names, hands the
-    /// answer back, until a step waits, finishes, retries or gives up. The execution's
-    /// event-log row gives the notes of all its steps, in order (an ACK's "ACK … recorded"
-    /// and the end of the poll that followed it in the same execution).
+    /// answer back, until a step waits, finishes, retries or gives up.
     async fn execute(
         &self,
         execution: &Execution,
@@ -871,8 +884,7 @@ impl EffectRunner {
         let mut answered: Option<Answered> = None;
         let mut log = CallLog::default();
         let mut extra = serde_json::Map::new();
-        // The notes of the steps that made a call; the last step's own note comes after.
-        let mut notes: Vec<String> = Vec::new();
+        let mut note: Option<String> = None;
         for _ in 0..=MAX_CALLS {
             let now = OffsetDateTime::now_utc();
             let next = protocol::step(&Turn {
@@ -887,7 +899,6 @@ impl EffectRunner {
                 config,
             });
             progress = next.progress;
-            let mut note: Option<String> = None;
             for record in next.records {
                 match record {
                     Record::Note(text) => note = Some(text),
@@ -904,14 +915,13 @@ impl EffectRunner {
             let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();
             match next.step {
                 Step::Call(call) => {
-                    notes.extend(note);
                     let answer = self
                         .perform(execution, effect, &call, &mut log, &mut extra)
                         .await?;
                     answered = Some(Answered { call, answer });
                 }
                 Step::WaitUntil(at) => {
-                    if let Some(reason) = joined(notes, note) {
+                    if let Some(reason) = note {
                         self.record(execution, &log, &reason, extra);
                     }
                     return Ok(Disposition::Wait {
@@ -920,7 +930,7 @@ impl EffectRunner {
                     });
                 }
                 Step::Finish { events } => {
-                    if let Some(reason) = joined(notes, note) {
+                    if let Some(reason) = note {
                         self.record(execution, &log, &reason, extra);
                     }
                     for event in events {
@@ -929,9 +939,7 @@ impl EffectRunner {
                     return Ok(Disposition::Done);
                 }
                 Step::RetryLater { at, because } => {
-                    notes.extend(note);
-                    let failed = format!("{} failed: {because}", execution.kind);
-                    let reason = joined(notes, Some(failed)).unwrap_or_default();
+                    let reason = format!("{} failed: {because}", execution.kind);
                     self.record(execution, &log, &reason, extra);
                     return Ok(Disposition::Retry {
                         error: because,
@@ -940,9 +948,8 @@ impl EffectRunner {
                     });
                 }
                 Step::GiveUp { because, why } => {
-                    let last =
+                    let reason =
                         note.unwrap_or_else(|| format!("{} failed: {because}", execution.kind));
-                    let reason = joined(notes, Some(last)).unwrap_or_default();
                     self.record(execution, &log, &reason, extra);
                     return Ok(Disposition::Dead {
                         reason: because,
@@ -952,8 +959,7 @@ impl EffectRunner {
             }
         }
         let error = format!("the protocol made more than {MAX_CALLS} calls in one execution");
-        let reason = joined(notes, Some(error.clone())).unwrap_or_default();
-        self.record(execution, &log, &reason, extra);
+        self.record(execution, &log, &error, extra);
         Ok(Disposition::Retry {
             after: self.inner.config.protocol.backoff_base,
             error,
@@ -1342,13 +1348,6 @@ impl EffectRunner {
         extra.insert("dead".into(), json!(true));
         self.record(row, &CallLog::default(), &format!("dead: {reason}"), extra);
     }
-}
-
-/// The reason of an execution's event-log row: the notes of its steps, then `last`, in
-/// order; `None` when there is nothing to say.
-fn joined(mut notes: Vec<String>, last: Option<String>) -> Option<String> {
-    notes.extend(last);
-    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// How a batch's row ends, as its disposition says (logged in the row's span).

@@ -16,7 +16,10 @@
 //! a best-effort ACK (a Reinstate, §6.3) answered or ignored (it waits for Microsoft's own
 //! final status before GETs are trusted, P13). Once the PATCH is answered the row only
 //! waits for Microsoft ([`super::Progress::awaits_microsoft_only`]): it holds back no later
-//! row of its subscription, and its deadline no longer ranks it among the ACKs.
+//! row of its subscription, and its deadline no longer ranks it among the ACKs. The first
+//! poll goes at once but in an execution of its own (a wait of zero), not after the PATCH in
+//! the same one: the PATCH's execution is often the consumer's fast path, whose batch of
+//! ACKs (and the consumer's next window) would otherwise wait for the GET.
 //!
 //! An unknown operation (404, or the live service's 400, P19) will not become known by
 //! asking again: the row gives up, unless the ACK is best-effort, which ignores every answer
@@ -26,7 +29,7 @@ use std::time::Duration;
 
 use fulfillment_state_machine::{AckStatus, Event, OperationId, OperationStatus};
 
-use super::{Answer, Call, Next, Stage, Turn, observe};
+use super::{Answer, Call, Next, Stage, Step, Turn, observe};
 use crate::marketplace::UpdateOutcome;
 
 /// Microsoft's window for an ACK, from the webhook's receipt (P7): past it, the operation
@@ -72,11 +75,10 @@ pub fn step(
             )
         }
         Answer::Acknowledged(UpdateOutcome::Recorded) => {
-            confirm_after(turn, operation_id, format!("ACK {status} recorded"))
+            confirm_after(turn, format!("ACK {status} recorded"))
         }
         Answer::Acknowledged(UpdateOutcome::AlreadyFinal) => confirm_after(
             turn,
-            operation_id,
             format!("ACK {status}: the operation was already final (409)"),
         ),
         // A fresh token first (P2), like any call.
@@ -90,11 +92,7 @@ pub fn step(
         | Answer::Unexpected { detail, .. }
             if best_effort =>
         {
-            confirm_after(
-                turn,
-                operation_id,
-                format!("best-effort ACK {status} ignored: {detail}"),
-            )
+            confirm_after(turn, format!("best-effort ACK {status} ignored: {detail}"))
         }
         other => turn.failed(&call, other),
     }
@@ -110,10 +108,13 @@ fn confirm(turn: &Turn<'_>, operation_id: OperationId) -> Next {
     observe::poll(&polls, operation_id, None, None)
 }
 
-/// The PATCH was just answered (`note` says how): the first poll follows at once, with a
-/// fresh-token try of its own (P2), as a call of its own row had.
-fn confirm_after(turn: &Turn<'_>, operation_id: OperationId, note: String) -> Next {
-    let mut next = confirm(turn, operation_id).noting(note);
+/// The PATCH was just answered (`note` says how) without telling the operation's end: the
+/// row moves on to the polls, the first at once in an execution of its own, with a
+/// fresh-token try of its own (P2).
+fn confirm_after(turn: &Turn<'_>, note: String) -> Next {
+    let mut next = turn
+        .next(Stage::Polling { polls: 0 }, Step::WaitUntil(turn.now))
+        .noting(note);
     next.progress.fresh_token_tried = false;
     next
 }
