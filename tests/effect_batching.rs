@@ -1,9 +1,10 @@
 //! The effect runner's batches against real PostgreSQL, RabbitMQ and the simulator: many
 //! rows claimed in one statement and settled in one transaction, a row whose call fails
 //! settling alone, a subscription's later row never overtaking an earlier one, ACK rows
-//! claimed by their deadline ahead of an older backlog, a customer's seat change whose
-//! ACK makes the confirming GET of its operation unnecessary, and a batch's domain events
-//! entering the ISV's feed once each, in the batch's settle.
+//! claimed by their deadline ahead of an older backlog, an ACK whose PATCH was answered and
+//! that only polls its operation holding back nothing and ranked behind the ACKs, a
+//! customer's seat change whose ACK makes the GET of its operation unnecessary, and a
+//! batch's domain events entering the ISV's feed once each, in the batch's settle.
 //!
 //! The rows are queued straight into the outbox (the store's `enqueue`, as the apply does)
 //! after the stack's worker is stopped, so the test's own runner is the only one claiming.
@@ -15,8 +16,9 @@ use std::time::Duration;
 use fulfillment_state_machine::{
     AckStatus, DomainEvent, DomainEventKind, Effect, OperationId, Quantity, StateName,
 };
-use marketplace_fulfillment::store::outbox::{self, EffectKind, NewRow};
+use marketplace_fulfillment::store::outbox::{self, EffectKind, End, NewRow};
 use marketplace_fulfillment::worker::EffectRunner;
+use marketplace_fulfillment::worker::protocol::{Progress, Stage};
 use serde_json::{Value, json};
 use stack::{Options, Stack};
 use time::OffsetDateTime;
@@ -238,6 +240,61 @@ async fn ack_rows_are_claimed_by_deadline_before_an_older_backlog() {
         order[2..].iter().all(|id| backlog.contains(id)),
         "then the backlog"
     );
+    all.release().await.unwrap();
+    stack.finish().await;
+}
+
+#[tokio::test]
+async fn an_ack_that_only_polls_its_operation_holds_back_nothing_and_loses_its_deadline() {
+    let (stack, _runner, subs) = quiet_stack(2).await;
+    let now = OffsetDateTime::now_utc();
+    let ack = |seconds: u64| Some(now + Duration::from_secs(seconds));
+    let first = queue(&stack, subs[0], 1000, &ack_of_unknown_operation(), ack(1)).await;
+    let next_change = queue(&stack, subs[0], 1001, &ack_of_unknown_operation(), ack(2)).await;
+    let other = queue(&stack, subs[1], 1000, &ack_of_unknown_operation(), ack(5)).await;
+
+    // While its PATCH is to be made, an ACK holds back the next change's ACK.
+    let batch = outbox::claim_ids(&stack.pool, &[first, next_change])
+        .await
+        .unwrap()
+        .expect("the first ACK");
+    let claimed: Vec<Uuid> = batch.rows.iter().map(|row| row.id).collect();
+    assert_eq!(claimed, [first]);
+    // Its PATCH answered without telling the operation's end, the row polls it: as the
+    // runner ends such an execution (a wait of zero, awaiting Microsoft only).
+    let polling = Progress {
+        stage: Stage::Polling { polls: 0 },
+        fresh_token_tried: false,
+    };
+    assert!(polling.awaits_microsoft_only());
+    batch
+        .end(&[(
+            first,
+            End::Reschedule {
+                delay: Duration::ZERO,
+                failed: false,
+                error: None,
+                progress: polling.to_stored(),
+                awaits_microsoft: polling.awaits_microsoft_only(),
+            },
+        )])
+        .await
+        .unwrap();
+    let due_at: Option<OffsetDateTime> =
+        sqlx::query_scalar("SELECT due_at FROM outbox WHERE id = $1")
+            .bind(first)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(due_at, None, "a row that only polls keeps no ACK deadline");
+
+    // Now the next change's ACK is claimable, and every ACK ranks ahead of the polling row.
+    let all = outbox::claim_due(&stack.pool, 64)
+        .await
+        .unwrap()
+        .expect("rows");
+    let order: Vec<Uuid> = all.rows.iter().map(|row| row.id).collect();
+    assert_eq!(order, [next_change, other, first]);
     all.release().await.unwrap();
     stack.finish().await;
 }

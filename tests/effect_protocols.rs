@@ -352,9 +352,11 @@ struct Row {
     /// The publisher command status recorded, if the row is about one.
     command: Option<CommandStatus>,
     fresh_token_tried: bool,
-    /// Whether the step records the operation's end as known, so its confirming GET is
-    /// collapsed (`Record::ConfirmationKnown`).
-    confirmation_known: bool,
+    /// Whether the progress afterwards only waits for Microsoft (the runner's
+    /// `awaits_microsoft` column: the row holds back nothing and keeps no ACK deadline).
+    awaits: Option<bool>,
+    /// The note the step records for the event log.
+    note: Option<&'static str>,
 }
 
 fn row(
@@ -379,7 +381,8 @@ fn row(
         stage: None,
         command: None,
         fresh_token_tried,
-        confirmation_known: false,
+        awaits: None,
+        note: None,
     }
 }
 
@@ -416,10 +419,18 @@ impl Row {
         }
     }
 
-    /// The step records the operation's end as known (no confirming GET of it).
-    fn confirmation_known(self) -> Self {
+    /// Whether the row only waits for Microsoft afterwards.
+    fn awaits(self, awaits: bool) -> Self {
         Row {
-            confirmation_known: true,
+            awaits: Some(awaits),
+            ..self
+        }
+    }
+
+    /// The note the step records.
+    fn note(self, note: &'static str) -> Self {
+        Row {
+            note: Some(note),
             ..self
         }
     }
@@ -519,25 +530,26 @@ fn rows() -> Vec<Row> {
             Some((Call::GetSubscription, not_found())), Finish(vec![E::ActivationFailed])),
         // ── ACK of a Marketplace operation ─────────────────────────────────────
         row("§4.11 P7", "an ACK PATCHes the operation", ack(false), fresh(), None,
-            Make(ack_call())),
+            Make(ack_call())).awaits(false),
         row("§4.11 §7.3", "ACK Success 200: the operation Succeeded, no GET of it confirms",
             ack(false), fresh(),
             Some((ack_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
-            Finish(vec![E::OperationResult])).confirmation_known(),
-        row("P7", "ACK Failure 200 keeps its confirming GET (rejections were ignored, acc#348)",
+            Finish(vec![E::OperationResult])),
+        row("P7 §7.3", "ACK Failure 200: the same row polls the operation at once (rejections were ignored, acc#348)",
             ack_failure(), fresh(),
             Some((ack_failure_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
-            Finish(vec![])),
-        row("§6.3 P13", "a best-effort ACK 200 keeps its confirming GET (Reinstate)", ack(true),
-            fresh(), Some((ack_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
-            Finish(vec![])),
-        row("§8.2 P7", "ACK 409 means already final: done, its confirming GET kept", ack(false), fresh(),
-            Some((ack_call(), Answer::Acknowledged(UpdateOutcome::AlreadyFinal))),
-            Finish(vec![])),
+            Wait(Duration::ZERO)).stage("polling").awaits(true).note("ACK Failure recorded"),
+        row("§6.3 P13", "a best-effort ACK 200 polls its operation in the same row (Reinstate)",
+            ack(true), fresh(), Some((ack_call(), Answer::Acknowledged(UpdateOutcome::Recorded))),
+            Wait(Duration::ZERO)).stage("polling").awaits(true),
+        row("§8.2 P7", "ACK 409 means already final: the same row polls how it ended", ack(false),
+            fresh(), Some((ack_call(), Answer::Acknowledged(UpdateOutcome::AlreadyFinal))),
+            Wait(Duration::ZERO)).stage("polling").awaits(true)
+            .note("ACK Success: the operation was already final (409)"),
         row("P19", "ACK of an unknown operation (400/404) gives up", ack(false), fresh(),
             Some((ack_call(), not_found())), GiveUp(GiveUpWhy::Permanent)),
         row("§8.2", "ACK 5xx is retried (safe to repeat)", ack(false), fresh(),
-            Some((ack_call(), server_error())), Retry(secs(1))),
+            Some((ack_call(), server_error())), Retry(secs(1))).awaits(false),
         row("§8.2", "ACK timeout is retried", ack(false), fresh(),
             Some((ack_call(), timeout())), Retry(secs(1))),
         row("§8.1", "ACK 429 waits at least Retry-After", ack(false), fresh(),
@@ -550,8 +562,9 @@ fn rows() -> Vec<Row> {
             Some((ack_call(), throttled(secs(3)))), Retry(secs(3))).attempts(2).window_left(secs(2)),
         row("P7", "an ACK whose window has closed backs off as before", ack(false), fresh(),
             Some((ack_call(), server_error())), Retry(secs(4))).attempts(2).window_left(Duration::ZERO),
-        row("§6.3", "a best-effort ACK ignores an unknown operation", ack(true), fresh(),
-            Some((ack_call(), not_found())), Finish(vec![])),
+        row("§6.3 P17", "a best-effort ACK ignores an unknown operation, then polls it", ack(true),
+            fresh(), Some((ack_call(), not_found())), Wait(Duration::ZERO)).stage("polling")
+            .awaits(true),
         row("§6.3", "a best-effort ACK still retries a 5xx", ack(true), fresh(),
             Some((ack_call(), server_error())), Retry(secs(1))),
         row("P2", "ACK 401 is tried once more with a fresh token", ack(false), fresh(),
@@ -559,7 +572,41 @@ fn rows() -> Vec<Row> {
         row("P2", "ACK 401 with a fresh token too gives up", ack(false), token_tried(fresh()),
             Some((ack_call(), unauthorized(401))), GiveUp(GiveUpWhy::Permanent)),
         row("§6.3 P2", "a best-effort ACK refused with a fresh token too is ignored", ack(true),
-            token_tried(fresh()), Some((ack_call(), unauthorized(403))), Finish(vec![])),
+            token_tried(fresh()), Some((ack_call(), unauthorized(403))),
+            Wait(Duration::ZERO)).stage("polling").fresh_token(false),
+        // ── the ACK's row after its PATCH: the operation polled to its end ─────
+        row("§7.3", "the next execution of an acknowledged operation polls it, no second PATCH",
+            ack_failure(), polling(0), None, Make(get_operation(false))),
+        row("§7.1", "an acknowledged operation reported Failed ends the ACK's row",
+            ack_failure(), polling(0), Some((get_operation(false), operation("Failed"))),
+            Finish(vec![E::OperationResult])),
+        row("§7.1 P13", "a Reinstate's operation reported Succeeded ends its best-effort ACK",
+            ack(true), polling(0), Some((get_operation(false), operation("Succeeded"))),
+            Finish(vec![E::OperationResult])),
+        row("§7.1 P11", "an acknowledged operation reported Conflict ends the ACK's row",
+            ack(false), polling(0), Some((get_operation(false), operation("Conflict"))),
+            Finish(vec![E::OperationResult])),
+        row("§7.2", "an acknowledged operation InProgress is polled again, waiting for Microsoft only",
+            ack_failure(), polling(0), Some((get_operation(false), operation("InProgress"))),
+            Wait(ms(1500))).stage("polling").awaits(true),
+        row("§7.2", "an acknowledged operation's polls grow apart up to 10 s", ack_failure(),
+            polling(12), Some((get_operation(false), operation("InProgress"))), Wait(secs(10))),
+        row("§7.2", "past the polling cap an acknowledged operation's subscription is observed",
+            ack_failure(), polling(300), Some((get_operation(false), operation("InProgress"))),
+            Make(Call::GetSubscription)).created_ago(secs(31 * 60)).stage("observing")
+            .awaits(true),
+        row("P17 P19", "an acknowledged operation Microsoft does not know: observe the subscription",
+            ack(true), polling(1), Some((get_operation(false), not_found())),
+            Make(Call::GetSubscription)).stage("observing"),
+        row("§7.2 P13", "the observation after an ACK's polls is fed back", ack_failure(),
+            observing(), Some((Call::GetSubscription, subscription("Subscribed", "gold", 5))),
+            Finish(vec![E::Observed])),
+        row("§8.2 P7", "a poll after the PATCH answered 5xx backs off as usual: the window was the PATCH's",
+            ack_failure(), polling(1), Some((get_operation(false), server_error())),
+            Retry(secs(4))).attempts(2).window_left(secs(6)).stage("polling").awaits(true),
+        row("P2", "a poll after the PATCH answered 401 is tried once more with a fresh token",
+            ack_failure(), polling(1), Some((get_operation(false), unauthorized(401))),
+            Make(get_operation(false))).fresh_token(true),
         // ── Fetch subscription ─────────────────────────────────────────────────
         row("P13", "a fetch GETs the subscription", fetch(), fresh(), None,
             Make(Call::GetSubscription)),
@@ -581,7 +628,8 @@ fn rows() -> Vec<Row> {
         row("P2", "GET 403 is tried once more with a fresh token", fetch(), fresh(),
             Some((Call::GetSubscription, unauthorized(403))), Make(Call::GetSubscription))
             .fresh_token(true),
-        // ── Poll our operation / confirm an acknowledged one ────────────────────
+        // ── Poll our operation / confirm one (ConfirmOperation: a change after
+        //    Unsubscribe, or a row an older version queued after its ACK) ─────────
         row("§15.1", "the first poll waits for the 202's Retry-After", poll(Some(secs(10))),
             fresh(), None, Wait(secs(9))).stage("polling"),
         row("§15.1", "once Retry-After has passed the operation is polled at its location",
@@ -810,14 +858,24 @@ fn every_row_of_the_effect_protocols_holds() {
         {
             wrong.push(format!("records {:?}, wanted {status:?}", next.records));
         }
-        let known = next
-            .records
-            .iter()
-            .any(|record| matches!(record, Record::ConfirmationKnown { .. }));
-        if known != row.confirmation_known {
+        if let Some(awaits) = row.awaits
+            && next.progress.awaits_microsoft_only() != awaits
+        {
             wrong.push(format!(
-                "records {:?}, wanted the confirmation known: {}",
-                next.records, row.confirmation_known
+                "progress {:?} awaits Microsoft only: {}, wanted {awaits}",
+                next.progress,
+                next.progress.awaits_microsoft_only()
+            ));
+        }
+        if let Some(note) = row.note
+            && !next
+                .records
+                .iter()
+                .any(|record| *record == Record::Note(note.to_owned()))
+        {
+            wrong.push(format!(
+                "records {:?}, wanted the note {note:?}",
+                next.records
             ));
         }
         if next.progress.fresh_token_tried != row.fresh_token_tried {

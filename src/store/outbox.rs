@@ -18,9 +18,12 @@
 //! Microsoft and hold back nothing, nor does a row the runner marked `awaits_microsoft`
 //! (e.g. an `activate` whose POST went out: it only waits for Microsoft to report
 //! Subscribed, P4, so a customer's first change right after checkout is acknowledged
-//! without waiting for our next activation check). ACK rows go first, the one whose
-//! 10-second window (P7) closes soonest first (`due_at`: the webhook's receipt plus the
-//! window, written at enqueue), then the subscriptions with an ACK pending, so a burst of
+//! without waiting for our next activation check; an `ack_operation` whose PATCH was
+//! answered and that polls its operation to its end, so the next change's ACK never waits
+//! for it). ACK rows go first, the one whose 10-second window (P7) closes soonest first
+//! (`due_at`: the webhook's receipt plus the window, written at enqueue, and cleared when
+//! the runner marks the row `awaits_microsoft`: an ACK row that only polls ranks with the
+//! other reads), then the subscriptions with an ACK pending, so a burst of
 //! confirmations, GETs and domain events cannot eat Microsoft's window.
 //! A `dead` row no longer blocks anything; operators replay it. Webhook deliveries to the
 //! ISV ([`EffectKind::DeliverWebhook`]) have runners of their own ([`claim_next_of_kind`]);
@@ -288,8 +291,9 @@ const ROW_COLUMNS: &str = "o.id, o.subscription_id, o.event_id, o.kind, o.effect
      o.cloud_event_id";
 
 /// The claim order (see the module docs): ACK rows by deadline (`due_at` is NULL for every
-/// other row, and NULL sorts last), then the subscriptions with an ACK pending, then the
-/// most overdue. `outbox_claim_due_idx` holds the rows in this order.
+/// other row, and for an ACK row whose PATCH was answered, and NULL sorts last), then the
+/// subscriptions with an ACK pending, then the most overdue. `outbox_claim_due_idx` holds
+/// the rows in this order.
 const CLAIM_ORDER: &str = "o.due_at, o.priority, o.next_attempt_at";
 
 /// The claimability test (see the module docs): no earlier pending row of the same
@@ -484,7 +488,9 @@ impl ClaimedBatch {
     /// Ends the rows — one statement per kind of end — and commits everything once. A
     /// delay counts from the statement's own clock (`clock_timestamp()`), not from `now()`:
     /// that is the start of the claim's transaction, before the calls, and a poll told to
-    /// wait for the 202's `Retry-After` would come early by as long as the calls took.
+    /// wait for the 202's `Retry-After` would come early by as long as the calls took. A
+    /// row rescheduled `awaits_microsoft` loses its ACK deadline (`due_at`): what it had to
+    /// send within Microsoft's window has left, and it must not rank ahead of other ACKs.
     pub async fn end(mut self, ends: &[(Uuid, End)]) -> Result<(), StoreError> {
         let done: Vec<Uuid> = ends
             .iter()
@@ -532,7 +538,9 @@ impl ClaimedBatch {
                 "UPDATE outbox o SET attempts = o.attempts + r.failed, \
                      next_attempt_at = clock_timestamp() + make_interval(secs => r.delay), \
                      last_error = coalesce(r.error, o.last_error), progress = r.progress, \
-                     awaits_microsoft = r.awaits, updated_at = now() \
+                     awaits_microsoft = r.awaits, \
+                     due_at = CASE WHEN r.awaits THEN NULL ELSE o.due_at END, \
+                     updated_at = now() \
                  FROM unnest($1::uuid[], $2::int4[], $3::float8[], $4::text[], $5::jsonb[], \
                              $6::bool[]) AS r (id, failed, delay, error, progress, awaits) \
                  WHERE o.id = r.id",
@@ -584,33 +592,6 @@ struct Buried {
     reasons: Vec<String>,
 }
 
-/// Ends the pending `confirm_operation` rows of these operations (each with its
-/// subscription) as done, in one statement: a step already knows the operation's end, so
-/// the row has nothing left to ask. A row a runner holds right now is left alone (it asks
-/// once more, harmlessly). How many ended.
-pub async fn complete_confirmations(
-    conn: &mut PgConnection,
-    operations: &[(Uuid, Uuid)],
-) -> Result<u64, StoreError> {
-    let subscriptions: Vec<Uuid> = operations.iter().map(|(s, _)| *s).collect();
-    let operation_ids: Vec<String> = operations.iter().map(|(_, o)| o.to_string()).collect();
-    Ok(sqlx::query(
-        "UPDATE outbox SET status = $4, updated_at = now() WHERE id IN ( \
-             SELECT id FROM outbox WHERE subscription_id = ANY($1) AND status = 'pending' \
-               AND kind = $3 \
-               AND (subscription_id, effect ->> 'operation_id') IN \
-                 (SELECT * FROM unnest($1::uuid[], $2::text[])) \
-             FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(&subscriptions)
-    .bind(&operation_ids)
-    .bind(EffectKind::ConfirmOperation)
-    .bind(OutboxStatus::Done)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected())
-}
-
 impl Claimed {
     /// A savepoint in the claim's transaction, for what the execution writes with the row's
     /// end (one commit for both); dropped without commit it rolls back to the savepoint and
@@ -635,7 +616,8 @@ impl Claimed {
 
     /// Runs the row again after `delay`. `failed` counts an attempt against the budget
     /// (a retryable error); waiting for Microsoft to finish something does not.
-    /// `awaits_microsoft`: the row no longer holds back later rows (see the module docs).
+    /// `awaits_microsoft`: the row no longer holds back later rows, nor keeps an ACK
+    /// deadline (see the module docs).
     pub async fn reschedule(
         mut self,
         delay: Duration,
@@ -648,7 +630,8 @@ impl Claimed {
             "UPDATE outbox SET attempts = attempts + $2, \
                  next_attempt_at = clock_timestamp() + make_interval(secs => $3), \
                  last_error = coalesce($4, last_error), progress = $5, \
-                 awaits_microsoft = $6, updated_at = now() \
+                 awaits_microsoft = $6, due_at = CASE WHEN $6 THEN NULL ELSE due_at END, \
+                 updated_at = now() \
              WHERE id = $1",
         )
         .bind(self.row.id)

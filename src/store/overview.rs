@@ -21,7 +21,8 @@ pub async fn subscriptions_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>,
 /// The ACKs recorded since a point in time.
 #[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct AckStats {
-    /// ACK calls recorded (each `effect:ack_operation` row of the event log).
+    /// ACK calls recorded (each `effect:ack_operation` row of the event log that made the
+    /// PATCH: the later executions of an ACK row, which only poll its operation, are not).
     pub acks: i64,
     /// Of those with a webhook-to-ACK time: the median and 99th percentile, in ms.
     pub p50_ms: Option<f64>,
@@ -36,7 +37,7 @@ pub struct AckStats {
 /// The ACKs recorded at or after `since` (an index range on `recorded_at`).
 pub async fn ack_stats(pool: &PgPool, since: OffsetDateTime) -> Result<AckStats, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT count(*) AS acks, \
+        "SELECT count(*) FILTER (WHERE event ? 'webhook_to_ack_ms') AS acks, \
              percentile_cont(0.5) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \
                  AS p50_ms, \
              percentile_cont(0.99) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \

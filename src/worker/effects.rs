@@ -212,10 +212,6 @@ enum Write {
     UsageSettled(Vec<Settlement>),
     /// Hours of a metering batch sent once more.
     UsageSent(Vec<Uuid>),
-    /// A step knows the operation's end already: its pending `ConfirmOperation` row ends.
-    ConfirmationKnown {
-        operation_id: Uuid,
-    },
     /// A domain event went out: it goes into the ISV's feed with its deliveries, for the
     /// whole batch at once ([`EffectRunner::settle_batch`]).
     Published(Published),
@@ -266,9 +262,9 @@ impl std::ops::Deref for Execution {
 }
 
 /// Writes the records and feeds of executions (each with its rows' writes) in `conn`'s
-/// transaction: each execution's other writes in order, then the confirmations they made
-/// needless in one statement, then every record and feed of them all, in order, through one
-/// [`apply::write_many`] (one statement per table for the batch). Returns the decisions the feeds made (to count and to run their effects after
+/// transaction: each execution's other writes in order, then every record and feed of them
+/// all, in order, through one [`apply::write_many`] (one statement per table for the
+/// batch). Returns the decisions the feeds made (to count and to run their effects after
 /// commit).
 async fn write_all(
     conn: &mut sqlx::PgConnection,
@@ -277,7 +273,6 @@ async fn write_all(
 ) -> Result<Vec<(Event, ApplyOutcome)>, StoreError> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::new();
-    let mut confirmed = Vec::new();
     for (row, writes) in executions {
         for write in *writes {
             match write {
@@ -297,15 +292,9 @@ async fn write_all(
                     // the row ends.
                     .run_by(Runs::Here),
                 )),
-                Write::ConfirmationKnown { operation_id } => {
-                    confirmed.push((row.subscription_id, *operation_id));
-                }
                 other => write_other(conn, other).await?,
             }
         }
-    }
-    if !confirmed.is_empty() {
-        outbox::complete_confirmations(conn, &confirmed).await?;
     }
     let outcomes = apply::write_many(conn, policy, &entries).await?;
     Ok(entries
@@ -320,7 +309,7 @@ async fn write_all(
         .collect())
 }
 
-/// An execution's write other than a record, a feed or a known confirmation.
+/// An execution's write other than a record or a feed.
 async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Command(update) => outbox::upsert_publisher_operation(conn, update).await?,
@@ -349,10 +338,7 @@ async fn write_other(conn: &mut sqlx::PgConnection, write: &Write) -> Result<(),
             metrics::record_usage_submitted(hours.len());
         }
         // Written by `write_all` and by the settle, which writes a batch's events together.
-        Write::Record(_)
-        | Write::Feed { .. }
-        | Write::ConfirmationKnown { .. }
-        | Write::Published(_) => {}
+        Write::Record(_) | Write::Feed { .. } | Write::Published(_) => {}
     }
     Ok(())
 }
@@ -522,9 +508,11 @@ impl EffectRunner {
     /// instead of waiting for a runner to notice it (P7). The rows of `ids` that are
     /// claimable now are claimed in one statement ([`outbox::claim_ids`]), run at once and
     /// settled in one transaction, in the caller's task; the rest — rows that waited behind
-    /// them (a confirmation, a domain event) and the rows their results queue (the GET
-    /// after an operation's end) — continue in rounds of the same kind in a task of their
-    /// own, so the caller (a consumer) is free for its next messages. A row that is not
+    /// them (a domain event, a GET), the rows their results queue (the GET after an
+    /// operation's end) and the rows that go on at once (an ACK's first poll of its
+    /// operation when the PATCH's answer did not tell its end) — continue in rounds of the
+    /// same kind in a task of their own, so the caller (a consumer) is free for its next
+    /// messages. A row that is not
     /// claimable (held back by an earlier row, held by a runner, not due, done already) is
     /// left to the runners. Returns how many ran in the caller's task.
     pub async fn execute_now(&self, ids: &[Uuid]) -> usize {
@@ -560,7 +548,7 @@ impl EffectRunner {
 
     /// Claims those of `ids` that are claimable now, executes and settles them as one
     /// batch; returns how many ran and what is left to try next: the rows of `ids` not
-    /// claimed, then the rows the results queued.
+    /// claimed, then the rows that go on at once and those the results queued.
     async fn round(&self, ids: &[Uuid]) -> (usize, Vec<Uuid>) {
         if ids.is_empty() {
             return (0, Vec::new());
@@ -606,7 +594,8 @@ impl EffectRunner {
 
     /// Executes the rows of a batch at once — each call holding one of the `calls`
     /// permits, taken in the claim order, so the ACKs due soonest go first — and settles
-    /// them in the batch's transaction; returns the outbox rows their results queued.
+    /// them in the batch's transaction; returns the rows that go on at once and those their
+    /// results queued.
     async fn execute_batch(&self, batch: ClaimedBatch) -> Vec<Uuid> {
         let count = batch.rows.len();
         self.inner
@@ -650,7 +639,13 @@ impl EffectRunner {
         crate::telemetry::continue_trace(&span, row.traceparent.as_deref());
         let execution = Execution::new(row);
         let disposition = async {
-            let calls = if execution.kind == EffectKind::AckOperation {
+            // An ACK row that only polls its operation (its PATCH was answered) calls with
+            // the other effects: the ACK permits are for the PATCHes Microsoft's window
+            // waits for.
+            let patches = execution.kind == EffectKind::AckOperation
+                && !Progress::from_stored(&execution.progress, execution.created_at)
+                    .awaits_microsoft_only();
+            let calls = if patches {
                 &self.inner.ack_calls
             } else {
                 &self.inner.calls
@@ -718,7 +713,9 @@ impl EffectRunner {
     /// savepoint — if that fails, each row's in a savepoint of its own, so one whose writes
     /// fail is retried with the database error instead (counting an attempt) while the
     /// others stand; then every row's end, one statement per kind of end
-    /// ([`ClaimedBatch::end`]).
+    /// ([`ClaimedBatch::end`]). Returns the rows to run next: those rescheduled without
+    /// delay (they go on at once, in an execution of their own), then those the results
+    /// queued.
     async fn settle_batch(
         &self,
         mut batch: ClaimedBatch,
@@ -845,6 +842,15 @@ impl EffectRunner {
                 }
             }
         }
+        // Rows that go on at once in an execution of their own (an ACK's first poll of its
+        // operation, after the PATCH): next in the chain, like the rows the results queue.
+        let go_on: Vec<Uuid> = executed
+            .iter()
+            .filter(|(_, disposition, _)| {
+                matches!(disposition, Disposition::Wait { after, .. } if after.is_zero())
+            })
+            .map(|(execution, _, _)| execution.id)
+            .collect();
         let ends: Vec<(Uuid, End)> = executed
             .into_iter()
             .map(|(execution, disposition, span)| {
@@ -852,15 +858,15 @@ impl EffectRunner {
             })
             .collect();
         batch.end(&ends).await?;
-        Ok(fed
+        Ok(go_on
             .into_iter()
-            .flat_map(|(event, outcome)| {
+            .chain(fed.into_iter().flat_map(|(event, outcome)| {
                 apply::count(&event, &outcome);
                 match outcome {
                     ApplyOutcome::Decided(applied) => applied.outbox_ids,
                     ApplyOutcome::Duplicate | ApplyOutcome::Changed { .. } => Vec::new(),
                 }
-            })
+            }))
             .collect())
     }
 
@@ -904,11 +910,6 @@ impl EffectRunner {
                         operation_id: operation_id.as_uuid(),
                         status: status.into(),
                     }),
-                    Record::ConfirmationKnown { operation_id } => {
-                        execution.push(Write::ConfirmationKnown {
-                            operation_id: operation_id.as_uuid(),
-                        });
-                    }
                 }
             }
             let until = |at: OffsetDateTime| Duration::try_from(at - now).unwrap_or_default();

@@ -19,7 +19,10 @@ pub enum Effect {
         /// Seats to activate.
         quantity: Option<Quantity>,
     },
-    /// PATCH the operation with Success/Failure (§4.11, within 10 s: P7).
+    /// PATCH the operation with Success/Failure (§4.11, within 10 s: P7), then confirm the
+    /// operation's end and feed `Event::OperationResult`: a 200 to a `Success` is that end
+    /// (§4.11, §7.3); otherwise GET the operation until Microsoft reports it final, in the
+    /// same effect (as `ConfirmOperation` does).
     AckOperation {
         /// The webhook's operation.
         operation_id: OperationId,
@@ -61,11 +64,14 @@ pub enum Effect {
         #[serde(default)]
         retry_after_ms: Option<u64>,
     },
-    /// After an ACK: GET the operation until Microsoft reports it final, then feed
-    /// `Event::OperationResult`. Microsoft applies a change only after the ACK (§7.3), so
-    /// until then a GET of the subscription may still show the old values (P13).
+    /// GET the operation until Microsoft reports it final, then feed
+    /// `Event::OperationResult`: a change webhook after Unsubscribe (no ACK, P10). Microsoft
+    /// applies a change only after the ACK or the window (§7.3), so until then a GET of the
+    /// subscription may still show the old values (P13). An ACK confirms its own operation
+    /// (`AckOperation`); versions before that queued this effect after every ACK, and such
+    /// rows still queued run as before (rolling upgrade).
     ConfirmOperation {
-        /// The acknowledged operation.
+        /// The operation to follow.
         operation_id: OperationId,
     },
     /// Tell the ISV's systems (outbox → broker).

@@ -434,8 +434,8 @@ impl Ledger {
     ///
     /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
     ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
-    ///   ACK `Failure` (within 10 s, P7). Every ACK is followed by `ConfirmOperation`
-    ///   (its result brings a GET, P13). No target in a minimal payload → `FetchSubscription`.
+    ///   ACK `Failure` (within 10 s, P7). Every ACK also confirms its operation's end
+    ///   (`AckOperation` follows it to `OperationResult`, whose result brings a GET, P13). No target in a minimal payload → `FetchSubscription`.
     /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
     ///   operation until its result so success is not announced twice.
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
@@ -557,7 +557,7 @@ impl Ledger {
     /// `Suspended`: payment failed, 30-day grace; keep data restorable (P25).
     ///
     /// - Webhook `Reinstate` → **Subscribed**, ACK `Success` best-effort (§6.3 client policy),
-    ///   then `ConfirmOperation`.
+    ///   which also confirms the operation's end.
     /// - Webhook `Suspend` → no change. `ChangePlan`/`ChangeQuantity`/`Renew`/`Subscribe` →
     ///   not applicable (only Subscribed can be updated or renewed, §5.2 rules).
     /// - Publisher `ChangePlan`/`ChangeQuantity` → rejected; `Cancel` is allowed (→ `live`).
@@ -1201,7 +1201,8 @@ fn is_ours(webhook: &Webhook, pending: &Option<PendingOperation>) -> bool {
     }
 }
 
-/// ACK the webhook's operation within the window (P7), then confirm its final status: only
+/// ACK the webhook's operation within the window (P7). The ACK's effect also confirms the
+/// operation's final status (the PATCH's answer, or GETs of the operation after it): only
 /// once Microsoft reports it final does a GET show the outcome (P13), which the result's
 /// confirming fetch then reads.
 fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
@@ -1210,21 +1211,16 @@ fn acknowledge(context: &mut Ctx<'_>, webhook: &Webhook, status: AckStatus) {
         status,
         best_effort: false,
     });
-    context.push(Effect::ConfirmOperation {
-        operation_id: webhook.operation_id,
-    });
 }
 
-/// ACK a Reinstate (best-effort: Microsoft auto-accepts it anyway), confirm it, and keep
-/// Subscribed against GETs that still say Suspended until Microsoft reports it final (P13).
+/// ACK a Reinstate (best-effort: Microsoft auto-accepts it anyway; the ACK's effect then
+/// confirms it), and keep Subscribed against GETs that still say Suspended until Microsoft
+/// reports it final (P13).
 fn acknowledge_reinstatement(context: &mut Ctx<'_>, webhook: &Webhook) {
     context.push(Effect::AckOperation {
         operation_id: webhook.operation_id,
         status: AckStatus::Success,
         best_effort: true,
-    });
-    context.push(Effect::ConfirmOperation {
-        operation_id: webhook.operation_id,
     });
     context.await_confirmation(webhook.operation_id, UnconfirmedChange::Reinstatement);
 }

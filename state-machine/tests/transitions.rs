@@ -430,7 +430,6 @@ fn cases() -> Vec<Case> {
             vec![
                 domain(K::Activated, Some("gold"), Some(10), Subscribed, None),
                 ack(1, AckStatus::Success, false),
-                confirm(1),
                 domain(K::PlanChanged, Some("platinum"), Some(10), Subscribed, None),
             ],
             Applied,
@@ -443,7 +442,6 @@ fn cases() -> Vec<Case> {
             vec![
                 domain(K::Activated, Some("gold"), Some(10), Subscribed, None),
                 ack(1, AckStatus::Success, false),
-                confirm(1),
                 domain(K::QuantityChanged, Some("gold"), Some(12), Subscribed, None),
             ],
             Applied,
@@ -470,7 +468,6 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(7, AckStatus::Success, false),
-                confirm(7),
                 domain(K::PlanChanged, Some("platinum"), Some(10), Subscribed, None),
             ],
             Applied,
@@ -480,7 +477,7 @@ fn cases() -> Vec<Case> {
             subscribed(),
             change_plan(7, RequestSource::Azure, "gold", 5),
             Subscribed,
-            vec![ack(7, AckStatus::Success, false), confirm(7)],
+            vec![ack(7, AckStatus::Success, false)],
             Applied,
         ),
         with_policy(
@@ -498,7 +495,6 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
-                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -525,7 +521,6 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(7, AckStatus::Success, false),
-                confirm(7),
                 domain(K::QuantityChanged, Some("gold"), Some(20), Subscribed, None),
             ],
             Applied,
@@ -535,7 +530,7 @@ fn cases() -> Vec<Case> {
             subscribed(),
             change_quantity(7, RequestSource::Azure, 10, 5),
             Subscribed,
-            vec![ack(7, AckStatus::Success, false), confirm(7)],
+            vec![ack(7, AckStatus::Success, false)],
             Applied,
         ),
         with_policy(
@@ -553,7 +548,6 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
-                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -580,7 +574,6 @@ fn cases() -> Vec<Case> {
                 Subscribed,
                 vec![
                     ack(7, AckStatus::Failure, false),
-                    confirm(7),
                     domain(
                         K::ChangeRejected,
                         Some("gold"),
@@ -673,7 +666,7 @@ fn cases() -> Vec<Case> {
             subscribed(),
             azure(8, WebhookAction::Reinstate, 5),
             Subscribed,
-            vec![ack(8, AckStatus::Success, true), confirm(8)],
+            vec![ack(8, AckStatus::Success, true)],
             Applied,
         ),
         case(
@@ -703,7 +696,6 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(8, AckStatus::Success, true),
-                confirm(8),
                 gold(K::Activated, Subscribed),
             ],
             Applied,
@@ -1105,7 +1097,6 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(9, AckStatus::Success, true),
-                confirm(9),
                 gold(K::Reinstated, Subscribed),
             ],
             Applied,
@@ -1194,7 +1185,6 @@ fn cases() -> Vec<Case> {
             Subscribed,
             vec![
                 ack(7, AckStatus::Success, false),
-                confirm(7),
                 domain(K::QuantityChanged, Some("gold"), Some(12), Subscribed, None),
             ],
             Applied,
@@ -1544,8 +1534,8 @@ fn flat(plan_id: &str, minute: i64) -> Event {
 #[test]
 fn a_customer_move_to_a_flat_plan_drops_the_seats_once_microsoft_confirms_it() {
     // Subscribed on per-seat gold with 10 seats; the customer moves to flat platinum. The
-    // ACK is followed by a confirmation, not by a GET: before the operation is final a GET
-    // may still show gold/10 (P13).
+    // ACK (which also confirms the operation's end) is not followed by a GET: before the
+    // operation is final a GET may still show gold/10 (P13).
     let policy = Policy::default();
     let mut machine = machine_after(&subscribed(), &policy);
     let decision = machine.handle(
@@ -1553,10 +1543,7 @@ fn a_customer_move_to_a_flat_plan_drops_the_seats_once_microsoft_confirms_it() {
         t(5),
         &policy,
     );
-    assert_eq!(
-        decision.effects[..2],
-        [ack(7, AckStatus::Success, false), confirm(7)]
-    );
+    assert_eq!(decision.effects[..1], [ack(7, AckStatus::Success, false)]);
     assert!(!decision.effects.contains(&Effect::FetchSubscription));
     // Microsoft reports the operation final: now the GET is safe.
     let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(6), &policy);

@@ -9,7 +9,8 @@
 //! (`tests/effect_protocols.rs`).
 //!
 //! - [`activate`]: POST activate, then GET until `Subscribed` (P3–P5, §15.4).
-//! - [`acknowledge`]: PATCH an operation with Success/Failure (§4.11, P7).
+//! - [`acknowledge`]: PATCH an operation with Success/Failure (§4.11, P7), then confirm its
+//!   end (§7.3) with [`observe::poll`]'s polls unless the PATCH's answer told it.
 //! - [`observe`]: GET the subscription; poll an operation to its end (§7.2, §15.1, P17).
 //! - [`change`]: our PATCH/DELETE, including the one whose answer was lost (§8.2, §15.2).
 //! - [`publish`]: a domain event on the broker.
@@ -340,9 +341,15 @@ impl Progress {
 
     /// The row no longer holds back the later rows of its subscription: what it sent has
     /// left and it only waits for Microsoft to report (an activation whose POST was
-    /// answered, P4). The claim query reads this as a column the runner writes.
+    /// answered, P4; an operation being polled, e.g. after its ACK's PATCH was answered).
+    /// The claim query reads this as a column the runner writes, which also drops the row's
+    /// ACK deadline then (another change's ACK must not wait for, nor be ranked behind, a
+    /// row that only polls).
     pub fn awaits_microsoft_only(&self) -> bool {
-        matches!(self.stage, Stage::ActivationSent { .. })
+        matches!(
+            self.stage,
+            Stage::ActivationSent { .. } | Stage::Polling { .. } | Stage::Observing { .. }
+        )
     }
 }
 
@@ -414,9 +421,6 @@ pub enum Record {
         operation_id: OperationId,
         status: fulfillment_state_machine::OperationStatus,
     },
-    /// The operation's end is known already (an ACK `Success` answered 200): its pending
-    /// `ConfirmOperation` row has nothing left to ask and ends with this execution.
-    ConfirmationKnown { operation_id: OperationId },
 }
 
 /// Where a publisher command stands.
@@ -511,6 +515,7 @@ fn step_of_effect(turn: &Turn<'_>) -> Next {
             Some(location.as_str()),
             retry_after_ms.map(Duration::from_millis),
         ),
+        // A change webhook after Unsubscribe; and rows older versions queued after an ACK.
         Effect::ConfirmOperation { operation_id } => observe::poll(turn, *operation_id, None, None),
         Effect::PublishDomainEvent(_) => publish::step(turn),
     }

@@ -1,6 +1,8 @@
 //! Reading Microsoft's view: GET the subscription (P13, P17), and poll an operation until
-//! it is final (§7.2) — ours after a 202 (`PollOperation`) or one we acknowledged
-//! (`ConfirmOperation`, §7.3).
+//! it is final (§7.2) — ours after a 202 (`PollOperation`), one we acknowledged (the ACK's
+//! own row once its PATCH is answered, [`super::acknowledge`], §7.3), or one a change
+//! webhook after Unsubscribe names (`ConfirmOperation`, which older versions also queued
+//! after every ACK).
 //!
 //! Polls honour the 202's `Retry-After` as the first delay and as a floor (§15.1); the
 //! cadence grows from the configured interval to about 10 s. `NotStarted` is the normal
@@ -34,7 +36,9 @@ pub fn fetch(turn: &Turn<'_>) -> Next {
     }
 }
 
-/// `PollOperation` (with the 202's location and `Retry-After`) and `ConfirmOperation`.
+/// `PollOperation` (with the 202's location and `Retry-After`), `ConfirmOperation`, and an
+/// ACK after its PATCH (no location: by id). The stages are `Polling` and `Observing`; any
+/// other stage is the start.
 pub fn poll(
     turn: &Turn<'_>,
     operation_id: OperationId,
