@@ -59,21 +59,6 @@ impl Drop for TestDatabase {
     }
 }
 
-/// `text` without the terminal colour sequences (`ESC [ … m`) of the log formatter, so a
-/// value split by them would still be found.
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.by_ref().find(|c| c.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Runs `fulfillment ARGS` with `env` on top of this process's environment (less
 /// `FULFILLMENT_CONFIG`, `COLUMNS` and `RUST_LOG`), or on top of `PATH` alone when `clean`:
 /// `(exit code, stdout, stderr)`.

@@ -23,7 +23,7 @@ mod common;
 pub mod event_schemas;
 
 #[allow(unused_imports)]
-pub use common::{TestDatabase, strip_ansi, test_settings};
+pub use common::{TestDatabase, test_settings};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::{Purchase, View};
 
