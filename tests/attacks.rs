@@ -40,7 +40,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// prefix and simulator, and this file's entitlement API key.
 async fn spawn_application() -> Stack {
     Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         env: vec![("ENTITLEMENT_API_KEY", API_KEY.to_string())],
         ..Options::default()
     })

@@ -165,7 +165,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
 async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         ack_window: Duration::from_secs(10),
         ..Options::default()
     })

@@ -156,7 +156,7 @@ async fn attempts_failed_since(stack: &Stack, endpoint: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failures() {
     let mut stack = Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         // Fast delivery clocks and a long retry schedule: an endpoint failing for a while
         // loses nothing.
         worker: |worker| {
