@@ -9,11 +9,9 @@ use common::{TestDatabase, base_settings, run_fulfillment};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig};
 use marketplace_fulfillment::store;
 use marketplace_fulfillment::world::{World, WorldOptions, free_local_address};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
 /// A correct local deployment: a migrated database, the declared topology, the simulator
@@ -135,12 +133,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
     let closed = free_local_address().unwrap().port();
     // Another publisher's simulator: its API refuses tokens of ours, as Microsoft refuses
     // an app that is not the one of the offer.
-    let other = Simulator::start(
-        SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4()),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let other = common::simulator(|_| {}).await;
     let amqp = deployment.settings.amqp.url.url().clone();
     let with_password = |password: &str| {
         let mut url = amqp.clone();

@@ -113,10 +113,7 @@ async fn start_receiver() -> (SocketAddr, Shared) {
         .route("/hooks", post(hooks))
         .route("/gone", post(gone))
         .with_state(shared.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (address, shared)
+    (stack::serve_local(app).await, shared)
 }
 
 fn accepted(shared: &Shared) -> Vec<Received> {

@@ -23,7 +23,9 @@ mod common;
 pub mod event_schemas;
 
 #[allow(unused_imports)]
-pub use common::{TestDatabase, test_settings};
+pub use common::{
+    SIM_SECRET, TestDatabase, serve_local, simulator, simulator_settings, test_settings,
+};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::{Purchase, View};
 
