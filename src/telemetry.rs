@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -154,7 +155,12 @@ where
             .event_format(FlatJson)
             .with_writer(writer)
             .boxed(),
-        LogFormat::Pretty => log_fmt::layer().with_writer(writer).boxed(),
+        // Colours only on a terminal (services log to stderr): a log file or a pipe gets
+        // plain text, which `grep` and a test's `contains` find.
+        LogFormat::Pretty => log_fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(writer)
+            .boxed(),
     }
 }
 

@@ -22,7 +22,7 @@ use marketplace_fulfillment::queue::InboundConsumer;
 use marketplace_fulfillment::simulator::JwksFault;
 use marketplace_fulfillment::world::{block_on_own_thread, rabbitmqctl};
 use serde_json::{Value, json};
-use stack::{Options, Stack, TestDatabase, strip_ansi};
+use stack::{Options, Stack, TestDatabase};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use url::Url;
@@ -40,7 +40,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// prefix and simulator, and this file's entitlement API key.
 async fn spawn_application() -> Stack {
     Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         env: vec![("ENTITLEMENT_API_KEY", API_KEY.to_string())],
         ..Options::default()
     })
@@ -934,7 +934,7 @@ async fn a_debug_level_demo_run_logs_no_secret() {
         .expect("run fulfillment demo");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let logs = strip_ansi(&format!("{stdout}\n{stderr}"));
+    let logs = format!("{stdout}\n{stderr}");
     assert!(
         output.status.success(),
         "the demo failed ({:?}):\n{}",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use marketplace_fulfillment::queue::InboundMessage;
 use serde_json::json;
-use stack::{Options, Stack, WAIT, strip_ansi};
+use stack::{Options, Stack, WAIT};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -165,7 +165,7 @@ async fn one_subscriptions_messages_keep_their_order_across_windows() {
 async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
     let stack = Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         ack_window: Duration::from_secs(10),
         ..Options::default()
     })
@@ -224,7 +224,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     assert!(stack.dead_letters().await.is_empty());
     // The settings reached the processes: each logged its window size.
     for worker in [&first, &second] {
-        let log = strip_ansi(&std::fs::read_to_string(&worker.log).unwrap());
+        let log = std::fs::read_to_string(&worker.log).unwrap();
         assert!(log.contains("apply_batch=16"), "{log}");
     }
 

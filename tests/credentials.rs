@@ -16,12 +16,10 @@ use marketplace_fulfillment::marketplace::token::failure_code;
 use marketplace_fulfillment::marketplace::{CallContext, MarketplaceClient, TokenProvider};
 use marketplace_fulfillment::settings::{CredentialKind, Settings};
 use marketplace_fulfillment::simulator::{
-    FEDERATED_AUDIENCE, FederatedCredential, RunningSimulator, Simulator, SimulatorConfig,
+    FEDERATED_AUDIENCE, FederatedCredential, RunningSimulator, SimulatorConfig,
 };
-use marketplace_fulfillment::world::simulator_env;
 use secrecy::SecretString;
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
 const SUBJECT: &str = "system:serviceaccount:fulfillment:fulfillment";
@@ -33,12 +31,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start(configure: impl FnOnce(&mut SimulatorConfig)) -> Self {
-        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-        config.client_secret = Some(SecretString::from("the-secret"));
-        configure(&mut config);
-        let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
-            .await
-            .unwrap();
+        let sim = common::simulator(configure).await;
         let dir = std::env::temp_dir().join(format!("creds-test-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         Self { sim, dir }
@@ -46,9 +39,7 @@ impl Fixture {
 
     /// Settings of an engine pointed at the simulator, with `extra` variables.
     fn settings(&self, extra: &[(&str, String)]) -> Settings {
-        let mut env: HashMap<String, String> = simulator_env(&self.sim).into_iter().collect();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        Settings::from_sources(None, &env).unwrap()
+        common::simulator_settings(&self.sim, extra)
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -152,7 +143,7 @@ async fn the_credential_follows_the_environment_like_the_azure_sdks() {
 #[tokio::test]
 async fn a_client_secret_still_works() {
     let f = Fixture::start(|_| {}).await;
-    token_works(&f.settings(&[("MARKETPLACE_CLIENT_SECRET", "the-secret".into())]))
+    token_works(&f.settings(&[("MARKETPLACE_CLIENT_SECRET", common::SIM_SECRET.into())]))
         .await
         .unwrap();
     let code = entra_code(&f.settings(&[("MARKETPLACE_CLIENT_SECRET", "wrong".into())])).await;
@@ -160,7 +151,7 @@ async fn a_client_secret_still_works() {
 
     // Its health comes from MARKETPLACE_CLIENT_SECRET_EXPIRES_AT.
     let settings = f.settings(&[
-        ("MARKETPLACE_CLIENT_SECRET", "the-secret".into()),
+        ("MARKETPLACE_CLIENT_SECRET", common::SIM_SECRET.into()),
         (
             "MARKETPLACE_CLIENT_SECRET_EXPIRES_AT",
             "2027-06-30T00:00:00Z".into(),

@@ -9,11 +9,11 @@ use common::{TestDatabase, base_settings, run_fulfillment};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig};
 use marketplace_fulfillment::store;
-use marketplace_fulfillment::world::{World, WorldOptions, free_local_address};
+use marketplace_fulfillment::world::{
+    World, WorldOptions, block_on_own_thread, free_local_address, run_tool,
+};
 use serde_json::Value;
-use tokio::net::TcpListener;
 use uuid::Uuid;
 
 /// A correct local deployment: a migrated database, the declared topology, the simulator
@@ -135,12 +135,7 @@ async fn each_seeded_misconfiguration_exits_1_naming_the_problem_and_its_fix() {
     let closed = free_local_address().unwrap().port();
     // Another publisher's simulator: its API refuses tokens of ours, as Microsoft refuses
     // an app that is not the one of the offer.
-    let other = Simulator::start(
-        SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4()),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let other = common::simulator(|_| {}).await;
     let amqp = deployment.settings.amqp.url.url().clone();
     let with_password = |password: &str| {
         let mut url = amqp.clone();
@@ -478,63 +473,38 @@ struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    fn start() -> Self {
-        let bin = std::path::Path::new("/usr/lib/postgresql/15/bin");
+    async fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("fulfillment-doctor-pg-{}", Uuid::new_v4()));
         let port = free_local_address().unwrap().port();
         let dir_text = dir.to_str().unwrap().to_string();
-        Self::run(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                &dir_text,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ],
-        );
+        let init = [
+            "-D",
+            &dir_text,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ];
+        Self::run("initdb", &init).await.unwrap();
         let options = format!("-p {port} -k {dir_text} -c listen_addresses=127.0.0.1");
-        Self::run(
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                &dir_text,
-                "-o",
-                &options,
-                "-w",
-                "-l",
-                &format!("{dir_text}/log"),
-                "start",
-            ],
-        );
+        let log = format!("{dir_text}/log");
+        let start = ["-D", &dir_text, "-o", &options, "-w", "-l", &log, "start"];
+        Self::run("pg_ctl", &start).await.unwrap();
         Self { dir, port }
     }
 
-    /// Runs a PostgreSQL tool, as the `postgres` user when the tests run as root (initdb
-    /// refuses root).
-    fn run(tool: &std::path::Path, args: &[&str]) {
+    /// Runs a PostgreSQL tool (`world::run_tool`), as the `postgres` user when the tests
+    /// run as root (initdb refuses root).
+    async fn run(tool: &str, args: &[&str]) -> anyhow::Result<String> {
         let root = std::env::var("USER").is_ok_and(|u| u == "root")
-            || std::process::Command::new("id")
-                .arg("-u")
-                .output()
-                .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        let mut command = if root {
-            let mut command = std::process::Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(tool);
-            command
-        } else {
-            std::process::Command::new(tool)
-        };
-        let output = command.args(args).output().expect("run a PostgreSQL tool");
-        assert!(
-            output.status.success(),
-            "{} {args:?}: {}{}",
-            tool.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+            || run_tool("id", &["-u"]).await.is_ok_and(|uid| uid == "0\n");
+        let tool = format!("/usr/lib/postgresql/15/bin/{tool}");
+        let as_postgres = [&["-u", "postgres", "--", tool.as_str()], args].concat();
+        match root {
+            true => run_tool("runuser", &as_postgres).await,
+            false => run_tool(&tool, args).await,
+        }
     }
 
     fn url(&self) -> String {
@@ -548,11 +518,8 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let dir = self.dir.to_str().unwrap().to_string();
-        let _ = std::panic::catch_unwind(|| {
-            Self::run(
-                std::path::Path::new("/usr/lib/postgresql/15/bin/pg_ctl"),
-                &["-D", &dir, "-m", "immediate", "stop"],
-            )
+        block_on_own_thread(async move {
+            Self::run("pg_ctl", &["-D", &dir, "-m", "immediate", "stop"]).await
         });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -568,7 +535,7 @@ async fn a_correct_setup_exits_0_on_a_server_with_autovacuum() {
         deployment.teardown().await.unwrap();
         return;
     }
-    let postgres = PrivatePostgres::start();
+    let postgres = PrivatePostgres::start().await;
     let database = [("DATABASE_URL".to_string(), postgres.url())];
     let (code, stdout, stderr) = run_fulfillment(&["migrate"], database, true).await;
     assert_eq!(code, 0, "{stdout}{stderr}");

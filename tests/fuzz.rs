@@ -620,11 +620,9 @@ mod jwt {
     use marketplace_fulfillment::http::auth::{
         AuthError, MAX_TOKEN_BYTES, WebhookAuthConfig, WebhookVerifier,
     };
-    use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, Settings};
-    use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig};
-    use marketplace_fulfillment::world::simulator_env;
+    use marketplace_fulfillment::settings::MARKETPLACE_APP_ID;
+    use marketplace_fulfillment::simulator::RunningSimulator;
     use time::OffsetDateTime;
-    use tokio::net::TcpListener;
     use tokio::runtime::Runtime;
     use uuid::Uuid;
 
@@ -638,13 +636,8 @@ mod jwt {
     impl Fixture {
         fn new() -> Self {
             let runtime = Runtime::new().unwrap();
-            let sim = runtime.block_on(async {
-                let config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                Simulator::start(config, listener).await.unwrap()
-            });
-            let env = simulator_env(&sim).into_iter().collect();
-            let settings = Settings::from_sources(None, &env).unwrap().marketplace;
+            let sim = runtime.block_on(crate::common::simulator(|_| {}));
+            let settings = crate::common::simulator_settings(&sim, &[]).marketplace;
             let config = WebhookAuthConfig::from_settings(&settings, None).unwrap();
             let verifier = WebhookVerifier::new(config, reqwest::Client::new());
             let genuine = sim.mint_webhook_token(json!({})).unwrap();

@@ -32,7 +32,7 @@ async fn spawn_app() -> Stack {
 
 async fn spawn_app_with(options: Options) -> Stack {
     Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         ..options
     })
     .await

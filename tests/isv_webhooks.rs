@@ -113,10 +113,7 @@ async fn start_receiver() -> (SocketAddr, Shared) {
         .route("/hooks", post(hooks))
         .route("/gone", post(gone))
         .with_state(shared.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (address, shared)
+    (stack::serve_local(app).await, shared)
 }
 
 fn accepted(shared: &Shared) -> Vec<Received> {
@@ -156,7 +153,7 @@ async fn attempts_failed_since(stack: &Stack, endpoint: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_isv_receives_every_event_signed_in_order_exactly_once_through_failures() {
     let mut stack = Stack::start(Options {
-        in_process_worker: false,
+        workers: 0,
         // Fast delivery clocks and a long retry schedule: an endpoint failing for a while
         // loses nothing.
         worker: |worker| {

@@ -53,18 +53,10 @@ fn from_message(id: &str) -> EventSource {
 /// Our side's first sight of the subscription: Microsoft reports it Subscribed on gold at
 /// `now`.
 async fn seen_subscribed(pool: &PgPool, id: SubscriptionId, now: OffsetDateTime, policy: &Policy) {
-    apply::apply(
-        pool,
-        policy,
-        &Apply::new(
-            id,
-            &observed_at(MarketplaceStatus::Subscribed, now),
-            &EventSource::default(),
-            now,
-        ),
-    )
-    .await
-    .unwrap();
+    let subscribed = observed_at(MarketplaceStatus::Subscribed, now);
+    let source = EventSource::default();
+    let command = Apply::new(id, &subscribed, &source, now);
+    apply::apply(pool, policy, &command).await.unwrap();
 }
 
 /// A Renew webhook of operation `op`, carried by a message of the same id.
@@ -75,13 +67,9 @@ async fn apply_renew(
     now: OffsetDateTime,
     policy: &Policy,
 ) -> ApplyOutcome {
-    apply::apply(
-        pool,
-        policy,
-        &Apply::new(id, &renew_webhook(op), &from_message(&op.to_string()), now),
-    )
-    .await
-    .unwrap()
+    let (renew, source) = (renew_webhook(op), from_message(&op.to_string()));
+    let command = Apply::new(id, &renew, &source, now);
+    apply::apply(pool, policy, &command).await.unwrap()
 }
 
 #[tokio::test]

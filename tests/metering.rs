@@ -10,6 +10,7 @@ use std::time::Duration;
 use marketplace_fulfillment::marketplace::{MarketplaceClient, TokenProvider};
 use marketplace_fulfillment::metering::{MeteringConfig, hour_of, submit};
 use marketplace_fulfillment::ops::usage::reconcile;
+use marketplace_fulfillment::store::verify;
 use reqwest::Method;
 use serde_json::{Value, json};
 use stack::{Options, Stack};
@@ -41,15 +42,12 @@ async fn report(stack: &Stack, body: Value) -> (u16, Value) {
 async fn settled(stack: &Stack) -> HashMap<String, i64> {
     stack
         .wait_for("every usage hour settled", || async {
-            let rows: Vec<(String, i64)> =
-                sqlx::query_as("SELECT status, count(*) FROM usage_hours GROUP BY status")
-                    .fetch_all(&stack.pool)
-                    .await
-                    .unwrap();
-            let map: HashMap<String, i64> = rows.into_iter().collect();
-            let pending =
-                map.get("open").copied().unwrap_or(0) + map.get("submitting").copied().unwrap_or(0);
-            (pending == 0 && !map.is_empty()).then_some(map)
+            let mut statuses = HashMap::new();
+            for (.., status, _) in verify::usage_hours(&stack.pool).await.unwrap() {
+                *statuses.entry(status).or_insert(0) += 1;
+            }
+            let unsettled = verify::unsettled_usage_hours(&stack.pool).await.unwrap();
+            (unsettled == 0 && !statuses.is_empty()).then_some(statuses)
         })
         .await
 }

@@ -22,14 +22,12 @@ use marketplace_fulfillment::marketplace::{
 use marketplace_fulfillment::queue::{Broker, InboundMessage};
 use marketplace_fulfillment::settings::WebhookAuth;
 use marketplace_fulfillment::simulator::customer::ScriptedCustomer;
-use marketplace_fulfillment::simulator::{Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::worker::MetricsListener;
 use marketplace_fulfillment::world::wait_until;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use stack::{Options, Purchase, Stack, TestDatabase};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use wiremock::matchers::{method, path, path_regex};
@@ -442,14 +440,7 @@ async fn ingress_and_worker_metrics_tell_the_story_of_a_lifecycle() {
 #[tokio::test]
 async fn retries_and_token_failures_are_counted() {
     let (db, pool) = TestDatabase::migrated().await;
-    let tenant = Uuid::new_v4();
-    let client_id = Uuid::new_v4();
-    let mut config = SimulatorConfig::new(tenant, client_id);
-    config.client_secret = Some(SecretString::from(SECRET));
-    config.timings = Timings::fast();
-    let sim = Simulator::start(config, TcpListener::bind("127.0.0.1:0").await.unwrap())
-        .await
-        .unwrap();
+    let sim = stack::simulator(|_| {}).await;
     let http = reqwest::Client::new();
     let broker = Broker::connect(&db.settings.amqp, "observability-test")
         .await
@@ -462,11 +453,7 @@ async fn retries_and_token_failures_are_counted() {
     tokio::spawn(metrics.run_until_stopped(stop.clone()));
     let before = scrape(&http, address).await;
 
-    let mut settings = db.settings.marketplace.clone();
-    settings.api_url = sim.api_url();
-    settings.entra_authority_url = sim.authority_url();
-    settings.tenant_id = Some(tenant);
-    settings.client_id = Some(client_id);
+    let mut settings = stack::simulator_settings(&sim, &[]).marketplace;
 
     // A wrong secret: the token cannot be fetched.
     settings.client_secret = Some(SecretString::from("wrong"));
@@ -474,7 +461,7 @@ async fn retries_and_token_failures_are_counted() {
     assert!(refused.token().await.is_err());
 
     // Microsoft answers 500 to everything: every attempt is counted, and each retry.
-    settings.client_secret = Some(SecretString::from(SECRET));
+    settings.client_secret = Some(SecretString::from(stack::SIM_SECRET));
     let client = MarketplaceClient::new(&settings, TokenProvider::new(&settings).unwrap())
         .unwrap()
         .with_retry_policy(RetryPolicy {

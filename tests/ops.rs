@@ -21,18 +21,14 @@ use uuid::Uuid;
 /// The stack with `workers` in-process workers, retry tiers of milliseconds and an ACK
 /// window our ACK comes well inside (a lost webhook's change is auto-accepted after it).
 async fn start(workers: usize) -> Stack {
-    let mut stack = Stack::start(Options {
+    Stack::start(Options {
         ack_window: Duration::from_secs(2),
         retry_delays: Some(vec![Duration::from_millis(50), Duration::from_millis(100)]),
         worker: |worker| worker.prefetch = 32,
-        in_process_worker: false,
+        workers,
         ..Options::default()
     })
-    .await;
-    for _ in 0..workers {
-        stack.start_worker().await;
-    }
-    stack
+    .await
 }
 
 /// Runs `fulfillment ARGS` as the operator `ops-tester`.

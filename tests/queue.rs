@@ -25,14 +25,9 @@ fn unique_prefix() -> String {
     format!("test-{}", &Uuid::new_v4().simple().to_string()[..16])
 }
 
-fn amqp_settings(prefix: &str) -> AmqpSettings {
-    let mut amqp = common::base_settings().amqp;
-    amqp.prefix = prefix.into();
-    amqp
-}
-
-async fn connect(prefix: &str) -> Broker {
-    Broker::connect(&amqp_settings(prefix), &format!("{prefix}-test"))
+/// A connection on `amqp`'s prefix (one of [`common::test_settings`]).
+async fn connect(amqp: &AmqpSettings) -> Broker {
+    Broker::connect(amqp, &format!("{}-test", amqp.prefix))
         .await
         .expect("connect to the local RabbitMQ")
 }
@@ -87,7 +82,7 @@ async fn wait_until_empty_in(vhost: &str, queue: &str) {
 
 /// Fetches (and acks) one message from `queue` with a plain lapin channel.
 async fn get_one(queue: &str) -> lapin::message::BasicGetMessage {
-    let url = amqp_settings("unused").url.expose().to_string();
+    let url = common::base_settings().amqp.url.expose().to_string();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
@@ -119,9 +114,9 @@ fn header(message: &lapin::message::BasicGetMessage, key: &str) -> Option<String
 
 #[tokio::test]
 async fn declaring_twice_is_idempotent_and_matches_the_definitions() {
-    let prefix = unique_prefix();
-    let first = connect(&prefix).await;
-    let second = connect(&prefix).await;
+    let amqp = common::test_settings().amqp;
+    let first = connect(&amqp).await;
+    let second = connect(&amqp).await;
     assert!(first.is_connected() && second.is_connected());
 
     let definitions = first.topology().definitions_json();
@@ -131,7 +126,7 @@ async fn declaring_twice_is_idempotent_and_matches_the_definitions() {
         .filter(|q| {
             q["name"]
                 .as_str()
-                .is_some_and(|n| n.starts_with(&format!("{prefix}.")))
+                .is_some_and(|n| n.starts_with(&format!("{}.", amqp.prefix)))
         })
         .collect();
     ours.sort_by_key(|q| q["name"].as_str().unwrap().to_string());
@@ -222,8 +217,8 @@ fn the_deployed_definitions_file_is_current() {
 
 #[tokio::test]
 async fn a_confirmed_publish_arrives_intact_and_an_ack_removes_it() {
-    let prefix = unique_prefix();
-    let broker = connect(&prefix).await;
+    let amqp = common::test_settings().amqp;
+    let broker = connect(&amqp).await;
     let publisher = broker.publisher().await.unwrap();
     let message = InboundMessage::Command {
         command_id: Uuid::new_v4(),
@@ -277,11 +272,11 @@ async fn a_confirmed_publish_arrives_intact_and_an_ack_removes_it() {
 
 #[tokio::test]
 async fn an_unroutable_publish_is_an_error_not_a_success() {
-    let prefix = unique_prefix();
-    let broker = connect(&prefix).await;
+    let amqp = common::test_settings().amqp;
+    let broker = connect(&amqp).await;
     let publisher = broker.publisher().await.unwrap();
     // The exchange stays, the only queue bound to it goes: the broker returns the message.
-    let url = amqp_settings(&prefix).url.expose().to_string();
+    let url = amqp.url.expose().to_string();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
@@ -304,8 +299,8 @@ async fn an_unroutable_publish_is_an_error_not_a_success() {
 
 #[tokio::test]
 async fn domain_events_are_published_as_cloudevents_on_the_topic_exchange() {
-    let prefix = unique_prefix();
-    let broker = connect(&prefix).await;
+    let amqp = common::test_settings().amqp;
+    let broker = connect(&amqp).await;
     let publisher = broker.publisher().await.unwrap();
     // Nobody listening is fine for domain events.
     publisher
@@ -313,12 +308,12 @@ async fn domain_events_are_published_as_cloudevents_on_the_topic_exchange() {
         .await
         .unwrap();
 
-    let url = amqp_settings(&prefix).url.expose().to_string();
+    let url = amqp.url.expose().to_string();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let isv_queue = format!("{prefix}.isv");
+    let isv_queue = format!("{}.isv", amqp.prefix);
     channel
         .queue_declare(
             isv_queue.as_str().into(),
@@ -373,10 +368,10 @@ async fn domain_events_are_published_as_cloudevents_on_the_topic_exchange() {
 
 #[tokio::test]
 async fn a_failing_message_returns_through_each_retry_tier_then_dead_letters() {
-    let prefix = unique_prefix();
+    let amqp = common::test_settings().amqp;
     let delays = [Duration::from_millis(300), Duration::from_millis(600)];
-    let topology = Topology::with_retry_delays(&prefix, &delays);
-    let broker = Broker::connect_with_topology(&amqp_settings(&prefix), "retry-test", topology)
+    let topology = Topology::with_retry_delays(&amqp.prefix, &delays);
+    let broker = Broker::connect_with_topology(&amqp, "retry-test", topology)
         .await
         .unwrap();
     let publisher = broker.publisher().await.unwrap();
@@ -460,9 +455,9 @@ fn webhook_body_of(body: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_poison_body_is_reported_and_can_be_dead_lettered_with_the_response() {
-    let prefix = unique_prefix();
-    let broker = connect(&prefix).await;
-    let url = amqp_settings(&prefix).url.expose().to_string();
+    let amqp = common::test_settings().amqp;
+    let broker = connect(&amqp).await;
+    let url = amqp.url.expose().to_string();
     let connection = Connection::connect(&url, ConnectionProperties::default())
         .await
         .unwrap();
@@ -531,8 +526,9 @@ impl TestVhost {
         Self { name: name.into() }
     }
 
-    fn settings(&self, prefix: &str) -> AmqpSettings {
-        let mut settings = amqp_settings(prefix);
+    /// [`common::test_settings`] on this virtual host.
+    fn settings(&self) -> AmqpSettings {
+        let mut settings = common::test_settings().amqp;
         settings.url = settings.url.with_path(&format!("/{}", self.name));
         settings
     }
@@ -559,9 +555,8 @@ async fn publishing_and_consuming_resume_after_the_broker_drops_the_connection()
         .with_env_filter("marketplace_fulfillment=debug,lapin=info")
         .with_test_writer()
         .try_init();
-    let prefix = unique_prefix();
-    let vhost = TestVhost::create(&prefix).await;
-    let broker = Broker::connect(&vhost.settings(&prefix), "recovery-test")
+    let vhost = TestVhost::create(&unique_prefix()).await;
+    let broker = Broker::connect(&vhost.settings(), "recovery-test")
         .await
         .unwrap();
     let publisher = broker.publisher().await.unwrap();
@@ -628,9 +623,8 @@ async fn the_broker_replaces_a_connection_that_lapin_cannot_recover() {
         .with_env_filter("marketplace_fulfillment=debug,lapin=warn")
         .with_test_writer()
         .try_init();
-    let prefix = unique_prefix();
-    let vhost = TestVhost::create(&prefix).await;
-    let broker = Broker::connect(&vhost.settings(&prefix), "replace-test")
+    let vhost = TestVhost::create(&unique_prefix()).await;
+    let broker = Broker::connect(&vhost.settings(), "replace-test")
         .await
         .unwrap();
     let publisher = broker.publisher().await.unwrap();

@@ -1,5 +1,7 @@
 //! The marketplace simulator over real HTTP on 127.0.0.1:0, with millisecond clocks.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,21 +10,17 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use common::SIM_SECRET;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use marketplace_fulfillment::settings::MARKETPLACE_APP_ID;
-use marketplace_fulfillment::simulator::{
-    IssuerVersion, RunningSimulator, Simulator, SimulatorConfig, Timings,
-};
+use marketplace_fulfillment::simulator::{IssuerVersion, RunningSimulator, SimulatorConfig};
 use marketplace_fulfillment::world::wait_until;
 use reqwest::{Method, RequestBuilder, Response};
-use secrecy::SecretString;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use url::Url;
 use uuid::Uuid;
 
-const SECRET: &str = "s3cr3t-value";
 const DEADLINE: Duration = Duration::from_secs(10);
 
 struct TestSim {
@@ -33,19 +31,14 @@ struct TestSim {
 
 impl TestSim {
     async fn start(webhook_url: Option<Url>, adjust: impl FnOnce(&mut SimulatorConfig)) -> Self {
-        let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-        config.client_secret = Some(SecretString::from(SECRET));
-        config.webhook_url = webhook_url;
-        config.timings = Timings::fast();
-        adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = Simulator::start(config, listener).await.unwrap();
+        let sim = common::simulator(|config| {
+            config.webhook_url = webhook_url;
+            adjust(config);
+        })
+        .await;
         let token = sim.issue_access_token().unwrap();
-        Self {
-            sim,
-            http: reqwest::Client::new(),
-            token,
-        }
+        let http = reqwest::Client::new();
+        Self { sim, http, token }
     }
 
     async fn plain() -> Self {
@@ -168,13 +161,8 @@ impl Receiver {
         let app = Router::new()
             .route("/webhook", post(receive))
             .with_state(receiver.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = Url::parse(&format!(
-            "http://{}/webhook",
-            listener.local_addr().unwrap()
-        ))
-        .unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let address = common::serve_local(app).await;
+        let url = Url::parse(&format!("http://{address}/webhook")).unwrap();
         (receiver, url)
     }
 
@@ -238,7 +226,7 @@ async fn token_endpoint_answers_in_v2_and_v1_shapes_and_rejects_a_bad_secret() {
         .post(s.url(&format!("{tenant}/oauth2/v2.0/token")))
         .form(&form(
             ("scope", format!("{MARKETPLACE_APP_ID}/.default")),
-            SECRET,
+            SIM_SECRET,
         ))
         .send()
         .await
@@ -253,7 +241,10 @@ async fn token_endpoint_answers_in_v2_and_v1_shapes_and_rejects_a_bad_secret() {
     let v1: Value = s
         .http
         .post(s.url(&format!("{tenant}/oauth2/token")))
-        .form(&form(("resource", MARKETPLACE_APP_ID.to_string()), SECRET))
+        .form(&form(
+            ("resource", MARKETPLACE_APP_ID.to_string()),
+            SIM_SECRET,
+        ))
         .send()
         .await
         .unwrap()
@@ -303,7 +294,7 @@ async fn token_endpoint_answers_in_v2_and_v1_shapes_and_rejects_a_bad_secret() {
         .post(s.url(&format!("{}/oauth2/v2.0/token", Uuid::new_v4())))
         .form(&form(
             ("scope", format!("{MARKETPLACE_APP_ID}/.default")),
-            SECRET,
+            SIM_SECRET,
         ))
         .send()
         .await

@@ -1,6 +1,8 @@
 //! Webhook bearer-token verification (docs/marketplace.md §6.6) against the simulator's Entra
 //! on 127.0.0.1:0: accepted tokens, every kind of forgery, key rotation and JWKS outages.
 
+mod common;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -12,11 +14,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use marketplace_fulfillment::http::auth::{
     AuthError, MAX_TOKEN_BYTES, TokenVersion, WebhookAuthConfig, WebhookVerifier,
 };
-use marketplace_fulfillment::settings::{MARKETPLACE_APP_ID, MarketplaceSettings, Settings};
-use marketplace_fulfillment::simulator::{
-    IssuerVersion, RunningSimulator, Simulator, SimulatorConfig,
-};
-use marketplace_fulfillment::world::{SimHandle, simulator_env};
+use marketplace_fulfillment::settings::MARKETPLACE_APP_ID;
+use marketplace_fulfillment::simulator::{IssuerVersion, RunningSimulator};
+use marketplace_fulfillment::world::SimHandle;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -29,26 +29,17 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-async fn start_simulator(issuer: IssuerVersion) -> RunningSimulator {
-    let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
-    config.issuer = issuer;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(config, listener).await.unwrap()
-}
-
-/// The simulator's publisher identity, read as production reads the environment.
-fn settings_for(sim: &RunningSimulator) -> MarketplaceSettings {
-    let env = simulator_env(sim).into_iter().collect();
-    Settings::from_sources(None, &env).unwrap().marketplace
-}
-
 /// A verifier configured like production for the simulator's publisher identity.
 fn verifier_for(
     sim: &RunningSimulator,
     jwks_url: Option<Url>,
     adjust: impl FnOnce(&mut WebhookAuthConfig),
 ) -> WebhookVerifier {
-    let mut config = WebhookAuthConfig::from_settings(&settings_for(sim), jwks_url).unwrap();
+    let mut config = WebhookAuthConfig::from_settings(
+        &common::simulator_settings(sim, &[]).marketplace,
+        jwks_url,
+    )
+    .unwrap();
     adjust(&mut config);
     WebhookVerifier::new(config, reqwest::Client::new())
 }
@@ -196,7 +187,7 @@ async fn public_key_forms(sim: &RunningSimulator, kid: &str) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn a_v2_webhook_token_minted_by_the_simulator_is_accepted() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({}));
 
@@ -215,7 +206,7 @@ async fn a_v2_webhook_token_minted_by_the_simulator_is_accepted() {
 
 #[tokio::test]
 async fn a_v1_webhook_token_with_appid_and_the_sts_issuer_is_accepted() {
-    let sim = start_simulator(IssuerVersion::V1).await;
+    let sim = common::simulator(|c| c.issuer = IssuerVersion::V1).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({}));
     assert!(decode_part(&token, 1).get("azp").is_none());
@@ -232,7 +223,7 @@ async fn a_v1_webhook_token_with_appid_and_the_sts_issuer_is_accepted() {
 
 #[tokio::test]
 async fn a_token_with_microsofts_own_v2_issuer_is_accepted() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let issuer = format!(
         "https://login.microsoftonline.com/{}/v2.0",
@@ -248,7 +239,7 @@ async fn a_token_with_microsofts_own_v2_issuer_is_accepted() {
 
 #[tokio::test]
 async fn an_audience_in_app_id_uri_form_is_accepted() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let audience = format!("api://{}", sim.config().client_id);
     let token = mint(&sim, json!({ "aud": audience }));
@@ -260,7 +251,7 @@ async fn an_audience_in_app_id_uri_form_is_accepted() {
 
 #[tokio::test]
 async fn a_token_expired_within_the_leeway_is_still_accepted() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({ "exp": now() - 20, "nbf": now() - 3600 }));
 
@@ -269,7 +260,7 @@ async fn a_token_expired_within_the_leeway_is_still_accepted() {
 
 #[tokio::test]
 async fn the_scheme_name_is_case_insensitive() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({}));
 
@@ -283,7 +274,7 @@ async fn the_scheme_name_is_case_insensitive() {
 
 #[tokio::test]
 async fn a_token_with_a_tampered_payload_is_rejected_as_bad_signature() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({}));
     let mut claims = decode_part(&token, 1);
@@ -299,7 +290,7 @@ async fn a_token_with_a_tampered_payload_is_rejected_as_bad_signature() {
 
 #[tokio::test]
 async fn a_token_signed_with_another_rsa_key_under_a_published_kid_is_rejected_as_bad_signature() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let header = json!({ "typ": "JWT", "alg": "RS256", "kid": current_kid(&sim) });
     let forged = sign_with_foreign_key(&header, &valid_claims(&sim));
@@ -309,7 +300,7 @@ async fn a_token_signed_with_another_rsa_key_under_a_published_kid_is_rejected_a
 
 #[tokio::test]
 async fn a_token_signed_with_an_unpublished_key_is_rejected_as_unknown_kid() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let header = json!({ "typ": "JWT", "alg": "RS256", "kid": "not-a-published-kid" });
     let forged = sign_with_foreign_key(&header, &valid_claims(&sim));
@@ -319,7 +310,7 @@ async fn a_token_signed_with_an_unpublished_key_is_rejected_as_unknown_kid() {
 
 #[tokio::test]
 async fn a_token_without_kid_is_rejected_as_malformed() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let header = json!({ "typ": "JWT", "alg": "RS256" });
     let forged = sign_with_foreign_key(&header, &valid_claims(&sim));
@@ -329,7 +320,7 @@ async fn a_token_without_kid_is_rejected_as_malformed() {
 
 #[tokio::test]
 async fn an_unsigned_token_with_alg_none_is_rejected_as_bad_algorithm() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let header = json!({ "typ": "JWT", "alg": "none", "kid": current_kid(&sim) });
     let claims = valid_claims(&sim);
@@ -344,7 +335,7 @@ async fn an_unsigned_token_with_alg_none_is_rejected_as_bad_algorithm() {
 
 #[tokio::test]
 async fn an_hs256_token_keyed_with_the_published_public_key_is_rejected_as_bad_algorithm() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let kid = current_kid(&sim);
     let header = json!({ "typ": "JWT", "alg": "HS256", "kid": kid });
@@ -358,7 +349,7 @@ async fn an_hs256_token_keyed_with_the_published_public_key_is_rejected_as_bad_a
 
 #[tokio::test]
 async fn a_token_announcing_another_rsa_algorithm_is_rejected_as_bad_algorithm() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let claims = valid_claims(&sim);
 
@@ -379,7 +370,7 @@ async fn a_token_announcing_another_rsa_algorithm_is_rejected_as_bad_algorithm()
 
 #[tokio::test]
 async fn an_expired_token_is_rejected_as_expired() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(
         &sim,
@@ -393,7 +384,7 @@ async fn an_expired_token_is_rejected_as_expired() {
 /// remembered token gets no longer life than its `exp`.
 #[tokio::test]
 async fn a_token_verified_before_is_refused_once_it_expires() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |c| c.leeway = Duration::ZERO);
     let token = mint(&sim, json!({ "nbf": now() - 60, "exp": now() + 2 }));
     verify_token(&verifier, &token).await.unwrap();
@@ -414,7 +405,7 @@ async fn a_token_verified_before_is_refused_once_it_expires() {
 
 #[tokio::test]
 async fn a_token_not_valid_yet_is_rejected_as_not_yet_valid() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({ "nbf": now() + 3600, "exp": now() + 7200 }));
 
@@ -423,7 +414,7 @@ async fn a_token_not_valid_yet_is_rejected_as_not_yet_valid() {
 
 #[tokio::test]
 async fn a_token_without_exp_or_nbf_is_rejected_as_malformed() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     for missing in ["exp", "nbf"] {
@@ -440,7 +431,7 @@ async fn a_token_without_exp_or_nbf_is_rejected_as_malformed() {
 
 #[tokio::test]
 async fn a_token_for_another_audience_is_rejected_as_wrong_audience() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     for aud in [
@@ -460,7 +451,7 @@ async fn a_token_for_another_audience_is_rejected_as_wrong_audience() {
 
 #[tokio::test]
 async fn a_token_from_another_tenant_is_rejected_as_wrong_tenant() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     for tid in [json!(Uuid::new_v4()), json!("not-a-guid"), Value::Null] {
@@ -475,7 +466,7 @@ async fn a_token_from_another_tenant_is_rejected_as_wrong_tenant() {
 
 #[tokio::test]
 async fn a_v2_token_requested_by_another_app_is_rejected_as_wrong_app() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     for azp in [
@@ -497,7 +488,7 @@ async fn a_v2_token_requested_by_another_app_is_rejected_as_wrong_app() {
 
 #[tokio::test]
 async fn a_v1_token_requested_by_another_app_is_rejected_as_wrong_app() {
-    let sim = start_simulator(IssuerVersion::V1).await;
+    let sim = common::simulator(|c| c.issuer = IssuerVersion::V1).await;
     let verifier = default_verifier(&sim);
 
     for appid in [json!(Uuid::new_v4()), Value::Null] {
@@ -512,7 +503,7 @@ async fn a_v1_token_requested_by_another_app_is_rejected_as_wrong_app() {
 
 #[tokio::test]
 async fn a_token_from_another_issuer_is_rejected_as_wrong_issuer() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let other = Uuid::new_v4();
 
@@ -538,7 +529,7 @@ async fn a_token_from_another_issuer_is_rejected_as_wrong_issuer() {
 
 #[tokio::test]
 async fn a_call_without_authorization_header_is_rejected_as_missing() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     assert_eq!(verifier.verify(None).await, Err(AuthError::Missing));
@@ -547,7 +538,7 @@ async fn a_call_without_authorization_header_is_rejected_as_missing() {
 
 #[tokio::test]
 async fn an_authorization_header_that_is_not_bearer_is_rejected_as_malformed() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({}));
 
@@ -566,7 +557,7 @@ async fn an_authorization_header_that_is_not_bearer_is_rejected_as_malformed() {
 
 #[tokio::test]
 async fn a_garbage_token_is_rejected_as_malformed() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
 
     for garbage in [
@@ -587,7 +578,7 @@ async fn a_garbage_token_is_rejected_as_malformed() {
 
 #[tokio::test]
 async fn an_oversized_token_is_rejected_as_malformed_before_parsing() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let padding = "x".repeat(MAX_TOKEN_BYTES);
     let token = mint(&sim, json!({ "padding": padding }));
@@ -598,7 +589,7 @@ async fn an_oversized_token_is_rejected_as_malformed_before_parsing() {
 
 #[tokio::test]
 async fn rejections_never_echo_the_token() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = default_verifier(&sim);
     let token = mint(&sim, json!({ "aud": "someone-else" }));
 
@@ -616,7 +607,7 @@ async fn rejections_never_echo_the_token() {
 #[tokio::test]
 async fn after_key_rotation_the_new_kid_is_fetched_once_and_a_second_unknown_kid_is_not_refetched()
 {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let interval = Duration::from_secs(1);
     let header = json!({ "typ": "JWT", "alg": "RS256", "kid": "never-published" });
     let forged = sign_with_foreign_key(&header, &valid_claims(&sim));
@@ -664,7 +655,7 @@ async fn after_key_rotation_the_new_kid_is_fetched_once_and_a_second_unknown_kid
 
 #[tokio::test]
 async fn concurrent_first_calls_share_a_single_jwks_fetch() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |_| {});
     let token = mint(&sim, json!({}));
 
@@ -682,7 +673,7 @@ async fn concurrent_first_calls_share_a_single_jwks_fetch() {
 
 #[tokio::test]
 async fn a_flood_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |_| {});
     let claims = valid_claims(&sim);
     verify_token(&verifier, &mint(&sim, json!({})))
@@ -704,7 +695,7 @@ async fn a_flood_of_unknown_kids_causes_at_most_one_fetch_per_interval() {
 
 #[tokio::test]
 async fn the_jwks_is_refetched_once_the_cache_ttl_has_passed() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |c| {
         c.cache_ttl = Duration::from_millis(200);
         c.refresh_min_interval = Duration::from_millis(50);
@@ -720,7 +711,7 @@ async fn the_jwks_is_refetched_once_the_cache_ttl_has_passed() {
 
 #[tokio::test]
 async fn when_the_jwks_goes_down_cached_keys_still_verify_and_unknown_kids_are_unavailable() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |c| {
         c.refresh_min_interval = Duration::from_millis(50);
     });
@@ -748,7 +739,7 @@ async fn when_the_jwks_goes_down_cached_keys_still_verify_and_unknown_kids_are_u
 
 #[tokio::test]
 async fn a_jwks_endpoint_answering_500_on_first_use_rejects_as_jwks_unavailable() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let jwks = MockServer::start().await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(500))
@@ -775,7 +766,7 @@ async fn a_jwks_endpoint_answering_500_on_first_use_rejects_as_jwks_unavailable(
 
 #[tokio::test]
 async fn a_jwks_endpoint_on_a_closed_port_rejects_as_jwks_unavailable() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     drop(listener);
@@ -791,7 +782,7 @@ async fn a_jwks_endpoint_on_a_closed_port_rejects_as_jwks_unavailable() {
 
 #[tokio::test]
 async fn a_jwks_endpoint_serving_no_usable_keys_rejects_as_jwks_unavailable() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let jwks = MockServer::start().await;
     Mock::given(method("GET"))
         .respond_with(ResponseTemplate::new(200).set_body_string("<html>sign in</html>"))
@@ -822,9 +813,11 @@ async fn a_jwks_endpoint_serving_no_usable_keys_rejects_as_jwks_unavailable() {
 
 #[tokio::test]
 async fn the_default_jwks_url_is_the_tenants_v2_discovery_keys_under_the_authority() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
 
-    let config = WebhookAuthConfig::from_settings(&settings_for(&sim), None).unwrap();
+    let config =
+        WebhookAuthConfig::from_settings(&common::simulator_settings(&sim, &[]).marketplace, None)
+            .unwrap();
 
     assert_eq!(config.jwks_url, sim.jwks_url());
     assert_eq!(config.tenant_id, sim.config().tenant_id);
@@ -840,9 +833,9 @@ async fn the_default_jwks_url_is_the_tenants_v2_discovery_keys_under_the_authori
 
 #[tokio::test]
 async fn missing_publisher_identity_is_reported_by_variable_name() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
 
-    let mut settings = settings_for(&sim);
+    let mut settings = common::simulator_settings(&sim, &[]).marketplace;
     settings.tenant_id = None;
     let error = WebhookAuthConfig::from_settings(&settings, None).unwrap_err();
     assert!(
@@ -850,7 +843,7 @@ async fn missing_publisher_identity_is_reported_by_variable_name() {
         "{error}"
     );
 
-    let mut settings = settings_for(&sim);
+    let mut settings = common::simulator_settings(&sim, &[]).marketplace;
     settings.client_id = None;
     let error = WebhookAuthConfig::from_settings(&settings, None).unwrap_err();
     assert!(
@@ -861,7 +854,7 @@ async fn missing_publisher_identity_is_reported_by_variable_name() {
 
 #[tokio::test]
 async fn a_configured_leeway_above_five_minutes_is_capped() {
-    let sim = start_simulator(IssuerVersion::V2).await;
+    let sim = common::simulator(|_| {}).await;
     let verifier = verifier_for(&sim, None, |c| c.leeway = Duration::from_secs(3600));
     assert_eq!(verifier.config().leeway, Duration::from_secs(300));
 

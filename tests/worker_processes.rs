@@ -23,7 +23,7 @@ const BURST_DEADLINE: Duration = Duration::from_secs(240);
 
 fn options() -> Options {
     Options {
-        in_process_worker: false,
+        workers: 0,
         // Microsoft's real 10 s window: the workers must ACK inside it even in a burst.
         ack_window: Duration::from_secs(10),
         ..Options::default()

@@ -2,12 +2,17 @@
 //! local server (dropped afterwards) and its own RabbitMQ names.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::net::SocketAddr;
 
 use marketplace_fulfillment::settings::{ConnectionUrl, Settings};
+use marketplace_fulfillment::simulator::{RunningSimulator, Simulator, SimulatorConfig, Timings};
 use marketplace_fulfillment::store;
-use marketplace_fulfillment::world::block_on_own_thread;
+use marketplace_fulfillment::world::{block_on_own_thread, simulator_env};
+use secrecy::SecretString;
 use sqlx::postgres::PgPool;
+use tokio::net::TcpListener;
 use uuid::Uuid;
 
 /// Settings as the process environment gives them (so `DATABASE_URL` still points the tests
@@ -59,19 +64,38 @@ impl Drop for TestDatabase {
     }
 }
 
-/// `text` without the terminal colour sequences (`ESC [ … m`) of the log formatter, so a
-/// value split by them would still be found.
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.by_ref().find(|c| c.is_ascii_alphabetic());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// The client secret a [`simulator`] accepts.
+pub const SIM_SECRET: &str = "simulator-test-secret";
+
+/// The simulator alone on 127.0.0.1:0, the one start of the tests that need no database or
+/// broker (a `World` starts it with those): a fresh publisher identity that knows
+/// [`SIM_SECRET`], millisecond clocks, then `configure`.
+pub async fn simulator(configure: impl FnOnce(&mut SimulatorConfig)) -> RunningSimulator {
+    let mut config = SimulatorConfig::new(Uuid::new_v4(), Uuid::new_v4());
+    config.client_secret = Some(SecretString::from(SIM_SECRET));
+    config.timings = Timings::fast();
+    configure(&mut config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(config, listener)
+        .await
+        .expect("the simulator")
+}
+
+/// Settings of an engine that `sim`'s variables ([`simulator_env`]) and `extra` (only
+/// those, not this process's environment) point at the simulator.
+pub fn simulator_settings(sim: &RunningSimulator, extra: &[(&str, String)]) -> Settings {
+    let mut env: HashMap<String, String> = simulator_env(sim).into_iter().collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    Settings::from_sources(None, &env).expect("settings pointed at the simulator")
+}
+
+/// Serves `app` on 127.0.0.1:0 in the background (an endpoint of the test's own, e.g. where
+/// webhooks go): its address.
+pub async fn serve_local(app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address
 }
 
 /// Runs `fulfillment ARGS` with `env` on top of this process's environment (less

@@ -23,7 +23,9 @@ mod common;
 pub mod event_schemas;
 
 #[allow(unused_imports)]
-pub use common::{TestDatabase, strip_ansi, test_settings};
+pub use common::{
+    SIM_SECRET, TestDatabase, serve_local, simulator, simulator_settings, test_settings,
+};
 pub use marketplace_fulfillment::store::timeline::EventRow as LogRow;
 pub use marketplace_fulfillment::world::{Purchase, View};
 
@@ -55,8 +57,9 @@ pub struct Options {
     pub policy: Value,
     /// Microsoft's ACK window; the simulator's other clocks are fast.
     pub ack_window: Duration,
-    /// Run a worker inside the test process (else start `fulfillment work` processes).
-    pub in_process_worker: bool,
+    /// Workers inside the test process (0: the test starts `fulfillment work` processes,
+    /// or none).
+    pub workers: usize,
     /// Last changes to the in-process workers' configuration (prefetch, effect clocks,
     /// ISV deliveries).
     pub worker: fn(&mut WorkerConfig),
@@ -76,7 +79,7 @@ impl Default for Options {
             policy: json!({}),
             // Long enough that Microsoft's auto-accept cannot pass for our ACK.
             ack_window: Duration::from_secs(8),
-            in_process_worker: true,
+            workers: 1,
             worker: |_| {},
             simulator: |_| {},
             retry_delays: None,
@@ -143,7 +146,7 @@ impl Stack {
         let (ack_window, simulator) = (options.ack_window, options.simulator);
         let world_options = WorldOptions {
             ingress: true,
-            worker: options.in_process_worker.then(|| worker_config.clone()),
+            worker: (options.workers > 0).then(|| worker_config.clone()),
             client_retries: Some(RetryPolicy {
                 min_delay: Duration::from_millis(5),
                 max_delay: Duration::from_millis(20),
@@ -177,14 +180,18 @@ impl Stack {
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
-        Stack {
+        let mut stack = Stack {
             admin: world.sim_admin(&http),
             http,
             world,
             domain_queue,
             process_env,
             worker_config,
+        };
+        for _ in 1..options.workers {
+            stack.start_worker().await;
         }
+        stack
     }
 
     /// Starts one more in-process worker: fast effect clocks, a fast client retry policy.
