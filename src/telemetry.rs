@@ -67,7 +67,13 @@ pub fn init_service(format: LogFormat, service: &str, default_filter: &str) {
     let installed = tracing_subscriber::registry()
         .with(filter)
         .with(otel_layer(&provider))
-        .with(log_layer(format, std::io::stderr))
+        // Colours only on a terminal: a log file or a pipe gets plain text, which `grep`
+        // and a test's `contains` find.
+        .with(log_layer(
+            format,
+            std::io::stderr,
+            std::io::stderr().is_terminal(),
+        ))
         .try_init()
         .is_ok();
     if installed {
@@ -140,10 +146,12 @@ where
         .with_tracked_inactivity(false)
 }
 
-/// The log layer for `format`, writing to `writer`.
+/// The log layer for `format`, writing to `writer`; `ansi`: the pretty format colours its
+/// output (for a terminal only).
 pub fn log_layer<S, W>(
     format: LogFormat,
     writer: W,
+    ansi: bool,
 ) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -155,12 +163,7 @@ where
             .event_format(FlatJson)
             .with_writer(writer)
             .boxed(),
-        // Colours only on a terminal (services log to stderr): a log file or a pipe gets
-        // plain text, which `grep` and a test's `contains` find.
-        LogFormat::Pretty => log_fmt::layer()
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(writer)
-            .boxed(),
+        LogFormat::Pretty => log_fmt::layer().with_ansi(ansi).with_writer(writer).boxed(),
     }
 }
 
@@ -174,7 +177,7 @@ where
     tracing_subscriber::registry()
         .with(EnvFilter::new("info"))
         .with(otel_layer(&provider))
-        .with(log_layer(format, writer))
+        .with(log_layer(format, writer, false))
 }
 
 // ---- trace context ---------------------------------------------------------------------
@@ -432,7 +435,7 @@ mod tests {
     fn without_an_opentelemetry_layer_the_trace_id_still_comes_from_the_header() {
         let buffer = Buffer::default();
         let subscriber =
-            tracing_subscriber::registry().with(log_layer(LogFormat::Json, buffer.clone()));
+            tracing_subscriber::registry().with(log_layer(LogFormat::Json, buffer.clone(), false));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("message", trace_id = tracing::field::Empty);
             assert_eq!(
