@@ -435,7 +435,8 @@ impl Ledger {
     /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
     ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
     ///   ACK `Failure` (within 10 s, P7). Every ACK also confirms its operation's end
-    ///   (`AckOperation` follows it to `OperationResult`, whose result brings a GET, P13). No target in a minimal payload → `FetchSubscription`.
+    ///   (`AckOperation` follows it to `OperationResult`, whose result brings a GET, P13).
+    ///   No target in a minimal payload → `FetchSubscription`.
     /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
     ///   operation until its result so success is not announced twice.
     /// - Webhook `Renew` → stay, term from the snapshot. `Suspend` → **Suspended**.
