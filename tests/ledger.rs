@@ -9,8 +9,8 @@ use fulfillment_state_machine::{
     StateName, SubscriptionId, Webhook, WebhookAction,
 };
 use marketplace_fulfillment::queue::InboxKey;
-use marketplace_fulfillment::store::MIGRATOR;
 use marketplace_fulfillment::store::subscriptions;
+use marketplace_fulfillment::store::{MIGRATOR, StoreError};
 use marketplace_fulfillment::worker::apply::{
     self, Apply, ApplyOutcome, EffectRecord, Entry, EntryOutcome, EventSource, Expected,
 };
@@ -255,11 +255,20 @@ async fn windows_over_the_same_subscriptions_at_once_wait_for_each_other_without
                         Apply::new(*id, event, source, OffsetDateTime::now_utc())
                     })
                     .collect();
-                let mut tx = pool.begin().await.unwrap();
-                let outcomes = apply::apply_many(&mut tx, &policy, &commands)
-                    .await
-                    .unwrap();
-                tx.commit().await.unwrap();
+                // A subscription created by one window while another waited is taken
+                // without waiting when it comes before rows already held: that window
+                // rolls back and tries again instead of deadlocking.
+                let outcomes = loop {
+                    let mut tx = pool.begin().await.unwrap();
+                    match apply::apply_many(&mut tx, &policy, &commands).await {
+                        Ok(outcomes) => {
+                            tx.commit().await.unwrap();
+                            break outcomes;
+                        }
+                        Err(StoreError::Contended { .. }) => tx.rollback().await.unwrap(),
+                        Err(error) => panic!("{error}"),
+                    }
+                };
                 assert!(
                     outcomes
                         .iter()

@@ -7,6 +7,8 @@ use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, Transaction};
 
+use uuid::Uuid;
+
 use crate::settings::{ConnectionUrl, DatabaseSettings};
 
 pub mod baseline;
@@ -80,6 +82,13 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Query(sqlx::Error),
+    #[error(
+        "subscription(s) {} were created by another transaction while this one waited for \
+         its rows and are now held by a third; taking them after the rows this one holds \
+         could deadlock: roll back and try again",
+        subscriptions.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    Contended { subscriptions: Vec<Uuid> },
     #[error("a stored state machine cannot be read back: {0}")]
     CorruptMachine(#[source] serde_json::Error),
 }

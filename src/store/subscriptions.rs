@@ -289,6 +289,31 @@ pub async fn lock_many(
     .collect()
 }
 
+/// [`lock_many`] without waiting (`NOWAIT`): `None` when another transaction holds one of
+/// the rows (nothing is locked then).
+pub async fn try_lock_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Option<Vec<LockedRow>>, StoreError> {
+    let rows = sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
+        "SELECT {LOCKED_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id \
+         FOR UPDATE NOWAIT"
+    )))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await;
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(LockedColumns::restore)
+            .collect::<Result<_, _>>()
+            .map(Some),
+        // 55P03 lock_not_available.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Locks those rows among `ids` that no other transaction holds, in id order, without
 /// waiting (`SKIP LOCKED`); returns the others: rows we know that another transaction holds
 /// now (an effect runner's settle, another worker's window). A consumer's window applies

@@ -180,7 +180,9 @@ pub async fn apply_in(
 /// 2. the machines decide in memory, in order (several commands for one subscription
 ///    follow each other; its sequences increase), which tells the subscriptions to create;
 ///    they are created in one statement (one another transaction created at once is
-///    locked, and the window decided again);
+///    locked, and the window decided again; when that lock could deadlock because another
+///    transaction holds the row, [`StoreError::Contended`]: the caller rolls back and
+///    tries again);
 /// 3. every event-log row and every subscription's saved machine and counter: one
 ///    statement; notices where their inputs changed; every outbox row, after the pending
 ///    rows of acknowledging subscriptions went first: one statement; `NOTIFY` once.
@@ -293,7 +295,22 @@ pub async fn write_many(
             .filter(|id| !created.contains_key(id))
             .collect();
         if !raced.is_empty() {
-            let locked = subscriptions::lock_many(conn, &raced).await?;
+            // Created by another transaction after the first statement's snapshot. Waiting
+            // for them after the rows held keeps the id order only when they all come
+            // later; otherwise a transaction that saw them may hold one while it waits for
+            // one of ours (a deadlock), so they are taken without waiting, or the caller
+            // rolls back and tries again.
+            let held = rows.keys().chain(created.keys()).max().copied();
+            let in_order = raced.iter().all(|id| held.is_none_or(|held| *id > held));
+            let locked = if in_order {
+                subscriptions::lock_many(conn, &raced).await?
+            } else {
+                subscriptions::try_lock_many(conn, &raced)
+                    .await?
+                    .ok_or_else(|| StoreError::Contended {
+                        subscriptions: raced.clone(),
+                    })?
+            };
             if locked.len() != raced.len() {
                 return Err(StoreError::Query(sqlx::Error::RowNotFound));
             }
