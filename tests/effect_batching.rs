@@ -60,7 +60,7 @@ async fn queue(
         event_id: Uuid::now_v7(),
         event_sequence,
         kind,
-        effect: serde_json::to_value(effect).unwrap(),
+        effect: marketplace_fulfillment::store::json_text(&effect),
         correlation_id: None,
         traceparent: None,
         first: false,

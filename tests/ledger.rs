@@ -591,7 +591,7 @@ async fn a_domain_event_queued_without_its_cloud_event_id_is_numbered_among_its_
             subscription_id: subscription,
             event_id: decision,
             kind: EffectKind::PublishDomainEvent,
-            effect: serde_json::json!({}),
+            effect: marketplace_fulfillment::store::json_text(&serde_json::json!({})),
             attempts: 0,
             correlation_id: None,
             last_error: None,

@@ -60,8 +60,11 @@ impl CallContext {
     }
 }
 
-/// What the event log records about a completed call.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// What the event log records about a completed call. Its JSON leaves out what repeats
+/// another field (issue #17: a call record is written per execution): `request_ids` when
+/// there was one attempt (it is `[request_id]`), and Microsoft's echoed ids when they are
+/// ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallMeta {
     pub call: Call,
     /// The `x-ms-requestid` of the attempt that produced the response.
@@ -78,6 +81,45 @@ pub struct CallMeta {
     pub response_correlation_id: Option<String>,
     /// Wall time of all attempts and backoff sleeps.
     pub elapsed_ms: u64,
+}
+
+impl Serialize for CallMeta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// The JSON's fields; `None` ones are left out.
+        #[derive(Serialize)]
+        struct Recorded<'a> {
+            call: Call,
+            request_id: Uuid,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            request_ids: Option<&'a [Uuid]>,
+            correlation_id: Uuid,
+            status: u16,
+            attempts: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            response_request_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            response_correlation_id: Option<&'a str>,
+            elapsed_ms: u64,
+        }
+        fn echoed(echo: Option<&str>, ours: Uuid) -> Option<&str> {
+            echo.filter(|echo| Uuid::parse_str(echo).ok() != Some(ours))
+        }
+        Recorded {
+            call: self.call,
+            request_id: self.request_id,
+            request_ids: (self.request_ids.len() > 1).then_some(self.request_ids.as_slice()),
+            correlation_id: self.correlation_id,
+            status: self.status,
+            attempts: self.attempts,
+            response_request_id: echoed(self.response_request_id.as_deref(), self.request_id),
+            response_correlation_id: echoed(
+                self.response_correlation_id.as_deref(),
+                self.correlation_id,
+            ),
+            elapsed_ms: self.elapsed_ms,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// A successful call's value and metadata.

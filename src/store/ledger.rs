@@ -8,12 +8,13 @@
 
 use serde_json::Value;
 use sqlx::postgres::PgConnection;
+use sqlx::types::Json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::StoreError;
 use super::subscriptions::SavedMachine;
 use super::text::{TextValue, text_column};
+use super::{JsonText, StoreError};
 
 /// What became of the event a row logs: the `outcome` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +53,13 @@ pub struct LogRow {
     pub message_id: Option<String>,
     pub event_key: String,
     pub event_kind: String,
-    pub event: Value,
+    pub event: JsonText,
     /// The state before; `None`: the subscription's state (a row that decides nothing).
     pub from_state: Option<&'static str>,
     pub outcome: LogOutcome,
     pub reason: String,
     /// The effects decided, as JSON (an empty array for none).
-    pub effects: Value,
+    pub effects: JsonText,
     pub correlation_id: Option<String>,
     pub request_id: Option<String>,
     pub trace_id: Option<String>,
@@ -185,7 +186,7 @@ pub async fn append_many(
     .bind(
         saved
             .iter()
-            .map(|(_, _, s)| &s.machine.machine)
+            .map(|(_, _, s)| Json(&*s.machine.machine))
             .collect::<Vec<_>>(),
     )
     .bind(
@@ -274,7 +275,7 @@ pub async fn append_many(
             .map(|r| r.row.event_kind.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| &r.row.event).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| Json(&*r.row.event)).collect::<Vec<_>>())
     .bind(
         rows.iter()
             .map(|r| r.row.from_state.unwrap_or(r.to_state))
@@ -287,7 +288,11 @@ pub async fn append_many(
             .map(|r| r.row.reason.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(rows.iter().map(|r| &r.row.effects).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| Json(&*r.row.effects))
+            .collect::<Vec<_>>(),
+    )
     .bind(
         rows.iter()
             .map(|r| r.row.correlation_id.as_deref())

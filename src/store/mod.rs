@@ -136,6 +136,21 @@ impl StoreError {
     }
 }
 
+/// JSON text for a `jsonb` column, written once from the value (no `serde_json::Value`
+/// tree on the way: issue #17).
+pub type JsonText = Box<serde_json::value::RawValue>;
+
+/// `value` as [`JsonText`]. For types whose serialization cannot fail (no maps with
+/// non-string keys, no failing `Serialize`): the machine's and the store's own.
+pub fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> JsonText {
+    serde_json::value::to_raw_value(value).expect("the store's types always serialize to JSON")
+}
+
+/// An empty JSON array as [`JsonText`] (a row without effects).
+pub fn json_empty_array() -> JsonText {
+    json_text::<[(); 0]>(&[])
+}
+
 /// See [`StoreError::is_unavailable`]. SQLSTATE class 08 is "connection exception"; 57P01-03
 /// are the server shutting down or not yet accepting connections; 53300 is "too many
 /// connections".

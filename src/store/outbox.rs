@@ -253,7 +253,7 @@ pub struct OutboxRow {
     pub event_id: Uuid,
     pub kind: EffectKind,
     /// The serialized `Effect` (a usage batch for [`EffectKind::SubmitUsage`]).
-    pub effect: Value,
+    pub effect: super::JsonText,
     /// Failed attempts so far (waiting for Microsoft does not count).
     pub attempts: i32,
     pub correlation_id: Option<String>,
@@ -672,7 +672,7 @@ pub struct NewRow<'a> {
     pub event_id: Uuid,
     pub event_sequence: i64,
     pub kind: EffectKind,
-    pub effect: Value,
+    pub effect: super::JsonText,
     pub correlation_id: Option<&'a str>,
     pub traceparent: Option<&'a str>,
     /// Ahead of other subscriptions' rows (an ACK of its subscription is queued with it or
@@ -718,7 +718,11 @@ pub async fn enqueue_many(
     .bind(rows.iter().map(|r| r.event_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.event_sequence).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| &r.effect).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| sqlx::types::Json(&*r.effect))
+            .collect::<Vec<_>>(),
+    )
     .bind(rows.iter().map(|r| r.correlation_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.now).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.traceparent).collect::<Vec<_>>())

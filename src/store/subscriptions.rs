@@ -149,7 +149,7 @@ pub async fn list(
 /// The columns a decision saves: the machine and what the projections read of it.
 #[derive(Debug, Clone)]
 pub struct SavedMachine {
-    pub machine: Value,
+    pub machine: super::JsonText,
     pub state: &'static str,
     pub offer_id: Option<String>,
     pub plan_id: Option<String>,
@@ -170,7 +170,7 @@ impl SavedMachine {
         let details = machine.details();
         let term = details.term.as_ref();
         Self {
-            machine: to_json(machine),
+            machine: super::json_text(machine),
             state: machine.state().as_str(),
             offer_id: details.offer_id.as_ref().map(|o| o.as_str().to_string()),
             plan_id: details.plan_id.as_ref().map(|p| p.as_str().to_string()),

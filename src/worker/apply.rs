@@ -471,13 +471,18 @@ impl<'c> Plan<'c> {
                 continue;
             }
             let holding = slot.get_or_insert_with(|| create(id, &mut plan.to_create));
+            let never_saved = holding.row.state_since.is_none();
             let machine = &mut holding.row.machine;
             let notices_before = NoticeInputs::of(machine);
+            let before = machine.clone();
             let decision = machine.handle(event, now, policy);
+            // A decision that left the machine as it was (most confirming GETs: "no
+            // change") appends its row without saving the machine or moving its version.
+            let moved = *machine != before || never_saved;
             let (outcome, reason) = outcome_columns(&decision.outcome);
             let mut row = log_row(event, source, outcome, reason, now);
             row.from_state = Some(decision.from.as_str());
-            row.effects = to_json(&decision.effects);
+            row.effects = store::json_text(&decision.effects);
             let event_id = row.id;
             let to_state = machine.state().as_str();
             let stored = &mut holding.row;
@@ -485,10 +490,12 @@ impl<'c> Plan<'c> {
                 stored.state_since = Some(now);
             }
             stored.state = to_state.to_string();
-            stored.version += 1;
             stored.last_sequence += 1;
             holding.appended = true;
-            holding.decided_at = Some(now);
+            if moved {
+                stored.version += 1;
+                holding.decided_at = Some(now);
+            }
             let sequence = stored.last_sequence;
             plan.log.push((id, sequence, to_state, row));
             if NoticeInputs::of(&stored.machine) != notices_before {
@@ -526,7 +533,7 @@ impl<'c> Plan<'c> {
                     event_id,
                     event_sequence: sequence,
                     kind,
-                    effect: to_json(effect),
+                    effect: store::json_text(effect),
                     correlation_id: source.correlation_id.as_deref(),
                     traceparent: source.traceparent.as_deref(),
                     first: false,
@@ -683,11 +690,11 @@ fn log_row(
         message_id: source.message_id.clone(),
         event_key: event.key(),
         event_kind: event.kind().as_str().to_string(),
-        event: to_json(event),
+        event: store::json_text(event),
         from_state: None,
         outcome,
         reason,
-        effects: Value::Array(Vec::new()),
+        effects: store::json_empty_array(),
         correlation_id: source.correlation_id.clone(),
         request_id: source.request_id.clone(),
         trace_id: source.trace_id.clone(),
@@ -702,10 +709,6 @@ fn outcome_columns(outcome: &Outcome) -> (LogOutcome, String) {
         Outcome::Rejected { reason } => (LogOutcome::Rejected, reason.clone()),
         Outcome::Ignored { reason } => (LogOutcome::Ignored, reason.to_string()),
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).expect("machine types always serialize to JSON")
 }
 
 /// What the notices a subscription is owed depend on: a decision that changes none of it
@@ -801,11 +804,11 @@ fn record_row(record: &EffectRecord, now: OffsetDateTime) -> LogRow {
         message_id: None,
         event_key: record.event_key.clone(),
         event_kind: record.event_kind.clone(),
-        event: record.details.clone(),
+        event: store::json_text(&record.details),
         from_state: None,
         outcome: LogOutcome::Recorded,
         reason: record.reason.clone(),
-        effects: Value::Array(Vec::new()),
+        effects: store::json_empty_array(),
         correlation_id: record.correlation_id.clone(),
         request_id: record.request_id.clone(),
         trace_id: None,

@@ -294,7 +294,7 @@ impl DeliveryRunner {
     async fn execute(&self, claimed: Claimed) -> Result<(), StoreError> {
         let pool = &self.inner.pool;
         let config = &self.inner.config;
-        let delivery: Delivery = match serde_json::from_value(claimed.row.effect.clone()) {
+        let delivery: Delivery = match serde_json::from_str(claimed.row.effect.get()) {
             Ok(delivery) => delivery,
             Err(error) => {
                 let reason = format!("the stored delivery cannot be read: {error}");

@@ -20,7 +20,6 @@ use std::time::Duration;
 use fulfillment_state_machine::{
     DomainEvent, Effect, Event, PlanId, Policy, Quantity, SubscriptionId,
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgListener, PgPool};
 use time::OffsetDateTime;
@@ -657,7 +656,7 @@ impl EffectRunner {
                     Err(error) => self.database_failure(&execution, error),
                 }
             } else {
-                match Effect::deserialize(&execution.effect) {
+                match serde_json::from_str::<Effect>(execution.effect.get()) {
                     Ok(effect) => {
                         match self.execute(&execution, &record_operation_id(effect)).await {
                             Ok(disposition) => disposition,
@@ -972,7 +971,7 @@ impl EffectRunner {
     async fn execute_usage(&self, execution: &Execution) -> Result<Disposition, StoreError> {
         /// Sends in one execution (an item answered `Error` is sent again at once).
         const MAX_SENDS: usize = 3;
-        let batch: UsageBatch = match serde_json::from_value(execution.effect.clone()) {
+        let batch: UsageBatch = match serde_json::from_str(execution.effect.get()) {
             Ok(batch) => batch,
             Err(error) => {
                 return Ok(Disposition::Dead {

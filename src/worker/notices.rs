@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -14,7 +13,7 @@ use uuid::Uuid;
 
 use crate::store::ledger::{self, LogOutcome, LogRow};
 use crate::store::outbox::{self, EffectKind, NewRow};
-use crate::store::{StoreError, notices, subscriptions};
+use crate::store::{self, StoreError, notices, subscriptions};
 use crate::worker::protocol::publish;
 
 /// Most notices one pass emits; the next pass takes the rest.
@@ -61,17 +60,16 @@ pub async fn emit_notice(
         return Ok(None);
     };
     let effect = notice.effect(machine.state(), machine.details());
-    let effects = [to_json(&effect)];
     let log = LogRow {
         id: Uuid::now_v7(),
         message_id: Some(format!("notice:{}", notice.key)),
         event_key: format!("notice:{}", notice.key),
         event_kind: format!("notice:{}", notice.kind.as_str()),
-        event: to_json(&notice),
+        event: store::json_text(&notice),
         from_state: None,
         outcome: LogOutcome::Applied,
         reason: notice.reason.clone(),
-        effects: Value::Array(effects.to_vec()),
+        effects: store::json_text(&[&effect]),
         correlation_id: None,
         request_id: None,
         trace_id: None,
@@ -88,7 +86,7 @@ pub async fn emit_notice(
         event_id: log.id,
         event_sequence: sequence,
         kind,
-        effect: effects[0].clone(),
+        effect: store::json_text(&effect),
         correlation_id: None,
         traceparent: None,
         first: false,
@@ -102,10 +100,6 @@ pub async fn emit_notice(
     notices::mark_sent(&mut tx, notice_id, log.id, now).await?;
     tx.commit().await?;
     Ok(Some(log.id))
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).expect("machine types always serialize to JSON")
 }
 
 /// Emits due notices every `poll` until `shutdown` fires.
