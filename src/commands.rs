@@ -207,6 +207,7 @@ mod tests {
             effects,
             correlation_id: None,
             request_id: None,
+            execution: None,
         }
     }
 

@@ -280,8 +280,14 @@ fn event_entry(row: &EventRow) -> TimelineEntry {
         .as_array()
         .map(|effects| effects.iter().map(effect_label).collect())
         .unwrap_or_default();
-    let calls = row.event["calls"]
-        .as_array()
+    // A read's calls are in the row of the event it fed (`execution`), others' in their
+    // execution's own row.
+    let calls = row
+        .execution
+        .as_ref()
+        .unwrap_or(&row.event)
+        .get("calls")
+        .and_then(Value::as_array)
         .map(|calls| calls.iter().map(call_view).collect())
         .unwrap_or_default();
     TimelineEntry {

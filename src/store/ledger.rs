@@ -66,6 +66,9 @@ pub struct LogRow {
     pub recorded_at: OffsetDateTime,
     /// When the message reached us (a webhook's receipt at the ingress).
     pub received_at: Option<OffsetDateTime>,
+    /// The effect execution whose call produced the event, when it has no `effect:*` row
+    /// of its own (a GET of the subscription and the observation it fed are one row).
+    pub execution: Option<JsonText>,
 }
 
 /// Appends `row` to the subscription's log without changing the subscription (a row that
@@ -176,11 +179,11 @@ pub async fn append_many(
          INSERT INTO subscription_events \
          (id, subscription_id, sequence, message_id, event_key, event_kind, event, from_state, \
           to_state, outcome, reason, effects, correlation_id, request_id, trace_id, recorded_at, \
-          received_at) \
+          received_at, execution) \
          SELECT * FROM unnest($21::uuid[], $22::uuid[], $23::int8[], $24::text[], $25::text[], \
            $26::text[], $27::jsonb[], $28::text[], $29::text[], $30::text[], $31::text[], \
            $32::jsonb[], $33::text[], $34::text[], $35::text[], $36::timestamptz[], \
-           $37::timestamptz[])",
+           $37::timestamptz[], $38::jsonb[])",
     )
     .bind(saved.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
     .bind(
@@ -309,7 +312,12 @@ pub async fn append_many(
             .collect::<Vec<_>>(),
     )
     .bind(rows.iter().map(|r| r.row.recorded_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.row.received_at).collect::<Vec<_>>());
+    .bind(rows.iter().map(|r| r.row.received_at).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.row.execution.as_deref().map(Json))
+            .collect::<Vec<_>>(),
+    );
     query.execute(&mut *conn).await?;
     Ok(())
 }

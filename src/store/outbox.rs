@@ -87,6 +87,15 @@ pub enum Ordering {
 }
 
 impl EffectKind {
+    /// Whether an execution that ends with its call's result (one event fed back, nothing
+    /// else written) is recorded in that event's row (its `execution` column) instead of a
+    /// row of its own: a read, whose result is the event (issue #17: one event-log row less
+    /// per confirmed change). Calls that change something at Microsoft keep their own row
+    /// (ACK statistics and the tools read `effect:ack_operation` rows).
+    pub fn records_with_its_result(self) -> bool {
+        self == Self::FetchSubscription
+    }
+
     /// The kind of a machine effect.
     pub fn of(effect: &Effect) -> Self {
         match effect {

@@ -46,13 +46,17 @@ pub struct EventRow {
     pub effects: Value,
     pub correlation_id: Option<String>,
     pub request_id: Option<String>,
+    /// The execution whose call produced the event, when it has no row of its own
+    /// (`kind`, `note`, `calls`, …: what that row's `event` would hold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution: Option<Value>,
 }
 
 /// The whole event log of a subscription, in sequence order.
 pub async fn events(pool: &PgPool, subscription_id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, sequence, recorded_at, received_at, message_id, event_kind, event, from_state, \
-         to_state, outcome, reason, effects, correlation_id, request_id \
+         to_state, outcome, reason, effects, correlation_id, request_id, execution \
          FROM subscription_events WHERE subscription_id = $1 ORDER BY sequence",
     )
     .bind(subscription_id)
@@ -67,7 +71,7 @@ pub async fn events_of_message(
 ) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, sequence, recorded_at, received_at, message_id, event_kind, event, from_state, \
-         to_state, outcome, reason, effects, correlation_id, request_id \
+         to_state, outcome, reason, effects, correlation_id, request_id, execution \
          FROM subscription_events WHERE message_id = $1 ORDER BY recorded_at, sequence",
     )
     .bind(message_id)

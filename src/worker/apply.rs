@@ -83,6 +83,9 @@ pub struct Apply<'a> {
     /// observations this way and never races the worker). `None`: unconditionally.
     pub expected: Option<Expected>,
     pub runs: Runs,
+    /// The effect execution whose call produced `event`, recorded in the event's row
+    /// instead of a row of its own (see [`Apply::recorded_with`]).
+    pub execution: Option<&'a EffectRecord>,
 }
 
 impl<'a> Apply<'a> {
@@ -100,7 +103,16 @@ impl<'a> Apply<'a> {
             now,
             expected: None,
             runs: Runs::Anywhere,
+            execution: None,
         }
+    }
+
+    /// With the record of the execution whose call produced the event, written in the
+    /// event's row (its `execution` column) instead of an `effect:*` row of its own: one
+    /// row for a GET and the observation it fed.
+    pub fn recorded_with(mut self, record: &'a EffectRecord) -> Self {
+        self.execution = Some(record);
+        self
     }
 
     /// Only if the subscription is still as `expected`.
@@ -424,6 +436,7 @@ impl<'c> Plan<'c> {
                 now,
                 expected,
                 runs,
+                execution,
             } = *command;
             let id = subscription_id.as_uuid();
             let slot = held.entry(id).or_insert_with(|| {
@@ -483,6 +496,7 @@ impl<'c> Plan<'c> {
             let mut row = log_row(event, source, outcome, reason, now);
             row.from_state = Some(decision.from.as_str());
             row.effects = store::json_text(&decision.effects);
+            row.execution = execution.map(ExecutionColumn::of);
             let event_id = row.id;
             let to_state = machine.state().as_str();
             let stored = &mut holding.row;
@@ -700,6 +714,7 @@ fn log_row(
         trace_id: source.trace_id.clone(),
         recorded_at: now,
         received_at: source.received_at,
+        execution: None,
     }
 }
 
@@ -797,6 +812,27 @@ pub async fn record_in(
     Ok(appended.map(|_| row.id))
 }
 
+/// The `execution` column of a decision's row: the record of the execution whose call
+/// produced its event, as the execution's own row would have held it (its kind, its note,
+/// its details).
+#[derive(serde::Serialize)]
+struct ExecutionColumn<'a> {
+    kind: &'a str,
+    note: &'a str,
+    #[serde(flatten)]
+    details: &'a Value,
+}
+
+impl ExecutionColumn<'_> {
+    fn of(record: &EffectRecord) -> store::JsonText {
+        store::json_text(&ExecutionColumn {
+            kind: &record.event_kind,
+            note: &record.reason,
+            details: &record.details,
+        })
+    }
+}
+
 /// The event-log row of `record`.
 fn record_row(record: &EffectRecord, now: OffsetDateTime) -> LogRow {
     LogRow {
@@ -814,5 +850,6 @@ fn record_row(record: &EffectRecord, now: OffsetDateTime) -> LogRow {
         trace_id: None,
         recorded_at: now,
         received_at: None,
+        execution: None,
     }
 }

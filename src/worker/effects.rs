@@ -273,6 +273,23 @@ async fn write_all(
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::new();
     for (row, writes) in executions {
+        // A read that ended with its result (a GET of the subscription and the one
+        // observation it fed): its record goes into the observation's row.
+        if let [Write::Record(record), Write::Feed { event, source }] = writes
+            && row.kind.records_with_its_result()
+        {
+            entries.push(Entry::Apply(
+                Apply::new(
+                    SubscriptionId::from(row.subscription_id),
+                    event,
+                    source,
+                    now,
+                )
+                .run_by(Runs::Here)
+                .recorded_with(record),
+            ));
+            continue;
+        }
         for write in *writes {
             match write {
                 Write::Record(record) => entries.push(Entry::Record {

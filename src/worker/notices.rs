@@ -75,6 +75,7 @@ pub async fn emit_notice(
         trace_id: None,
         recorded_at: now,
         received_at: None,
+        execution: None,
     };
     let Some(sequence) = ledger::append(&mut tx, subscription_id, &log).await? else {
         return Ok(None);
