@@ -22,7 +22,6 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -148,8 +147,7 @@ impl World {
             .with_context(|| format!("cannot create the {kind} database"))?;
         let pool = store::connect(&settings.database).await?;
 
-        let sim_listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        let sim_listener = crate::http::listener::listen(([127, 0, 0, 1], 0).into())
             .context("cannot listen for the simulator")?;
         let sim_base: Url = format!("http://{}/", sim_listener.local_addr()?).parse()?;
         let (tenant, client_id) = (Uuid::new_v4(), Uuid::new_v4());

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -52,8 +51,7 @@ pub async fn serve(settings: Settings, args: BaselineEngineArgs) -> anyhow::Resu
     let writer = tokio::spawn(write_batches(pool.clone(), batches));
 
     let stop = CancellationToken::new();
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = crate::http::listener::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let router = Router::new().route("/readyz", get(|| async { "ok" }));
     let http_stop = stop.clone();

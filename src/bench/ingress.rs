@@ -24,7 +24,6 @@ use axum::routing::{get, post};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
 use url::Url;
 use uuid::Uuid;
 
@@ -88,8 +87,7 @@ pub async fn serve_bare_http(args: BareHttpArgs) -> anyhow::Result<ExitCode> {
             }),
         )
         .route("/readyz", get(|| async { "ok" }));
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = crate::http::listener::listen(args.listen)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     axum::serve(listener, router)
         .with_graceful_shutdown(crate::http::shutdown_signal())

@@ -61,6 +61,25 @@ pub struct LimitedListener {
     saturated: bool,
 }
 
+/// A listening socket on `address` with a [`BACKLOG`]-deep accept queue, for every server of
+/// ours (the ingress, the simulator, the worker's metrics, the bench's engines). tokio's and
+/// std's `TcpListener::bind` listen with a queue of 128: a burst of new connections beyond
+/// it loses their SYNs, which the clients' kernels send again only after a second (the
+/// simulator's listener gave `bench pipeline` an ACK p99 of 1.2 s in about one run in three,
+/// `TcpExtListenOverflows` counting 22 to 54 per run). Port 0 picks a free port.
+pub fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server can bind at once although the last
+    // one's connections are still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
+}
+
 impl LimitedListener {
     /// Binds `address` with a [`BACKLOG`]-deep accept queue. Port 0 picks a free port.
     pub fn bind(
@@ -68,19 +87,8 @@ impl LimitedListener {
         max_connections: usize,
         idle_timeout: Duration,
     ) -> anyhow::Result<LimitedListener> {
-        let bound = || -> io::Result<TcpListener> {
-            let socket = if address.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            // As `TcpListener::bind` does: a restarted ingress can bind at once although
-            // the last one's connections are still in TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            socket.bind(address)?;
-            socket.listen(BACKLOG)
-        };
-        let inner = bound().with_context(|| format!("cannot listen on {address} (LISTEN_ADDR)"))?;
+        let inner =
+            listen(address).with_context(|| format!("cannot listen on {address} (LISTEN_ADDR)"))?;
         Ok(LimitedListener {
             inner,
             places: Arc::new(Semaphore::new(max_connections)),

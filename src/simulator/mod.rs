@@ -993,8 +993,7 @@ pub async fn run(
     }
     let listen = args.listen;
     args.apply(&mut config);
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = crate::http::listener::listen(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let tenant = config.tenant_id;
     let client = config.client_id;

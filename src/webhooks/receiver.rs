@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::signature::{Secret, verify};
@@ -56,7 +55,7 @@ pub async fn start(
     let app = Router::new()
         .route("/hooks", post(receive))
         .with_state(shared.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = crate::http::listener::listen(([127, 0, 0, 1], 0).into())?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)

@@ -71,8 +71,7 @@ impl std::fmt::Debug for MetricsListener {
 impl MetricsListener {
     /// Binds `address` (port 0 picks a free port).
     pub async fn bind(address: SocketAddr, pool: PgPool, broker: Broker) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(address)
-            .await
+        let listener = crate::http::listener::listen(address)
             .with_context(|| format!("cannot listen on {address} (WORKER_METRICS_ADDR)"))?;
         let local_addr = listener.local_addr()?;
         Ok(Self {
