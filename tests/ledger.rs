@@ -362,6 +362,73 @@ async fn subscriptions_with_an_ack_waiting_get_their_effects_run_first() {
     assert!(left > 0);
 }
 
+/// A decision that leaves the machine as it was (an observation older than the newest one
+/// seen) is logged, but the saved machine, its version and its `updated_at` stay; one that
+/// changes it saves.
+#[tokio::test]
+async fn a_decision_that_changes_nothing_appends_its_row_without_saving_the_machine() {
+    let (_db, pool) = TestDatabase::migrated().await;
+    let policy = Policy::default();
+    let now = OffsetDateTime::now_utc();
+    let id = SubscriptionId::from(Uuid::new_v4());
+    seen_subscribed(&pool, id, now, &policy).await;
+    let saved = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, i64, String, OffsetDateTime)>(
+            "SELECT version, last_sequence, machine::text, updated_at FROM subscriptions \
+             WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = saved(pool.clone()).await;
+    let later = now + time::Duration::seconds(5);
+    let stale = observed_at(
+        MarketplaceStatus::Suspended,
+        now - time::Duration::seconds(5),
+    );
+    let outcome = apply::apply(
+        &pool,
+        &policy,
+        &Apply::new(id, &stale, &EventSource::default(), later),
+    )
+    .await
+    .unwrap();
+    let ApplyOutcome::Decided(applied) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(applied.sequence, before.1 + 1);
+    let after = saved(pool.clone()).await;
+    assert_eq!(after.1, before.1 + 1, "the row is counted");
+    assert_eq!(
+        (after.0, &after.2, after.3),
+        (before.0, &before.2, before.3),
+        "version, machine and updated_at stay"
+    );
+    let outcome: String = sqlx::query_scalar(
+        "SELECT outcome FROM subscription_events WHERE subscription_id = $1 AND sequence = $2",
+    )
+    .bind(id.as_uuid())
+    .bind(applied.sequence)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(outcome, "ignored");
+    // A change is saved as before.
+    let suspended = observed_at(MarketplaceStatus::Suspended, later);
+    apply::apply(
+        &pool,
+        &policy,
+        &Apply::new(id, &suspended, &EventSource::default(), later),
+    )
+    .await
+    .unwrap();
+    let changed = saved(pool.clone()).await;
+    assert_eq!(changed.0, before.0 + 1);
+    assert_ne!(changed.2, before.2);
+}
+
 fn observed_at(status: MarketplaceStatus, at: OffsetDateTime) -> Event {
     let Event::Observed { snapshot, .. } = observed(status, "gold") else {
         unreachable!()

@@ -489,8 +489,10 @@ impl<'c> Plan<'c> {
             let notices_before = NoticeInputs::of(machine);
             let before = machine.clone();
             let decision = machine.handle(event, now, policy);
-            // A decision that left the machine as it was (most confirming GETs: "no
-            // change") appends its row without saving the machine or moving its version.
+            // A decision that left the machine as it was (an observation older than the
+            // newest one it saw) appends its row without saving the machine or moving its
+            // version. A confirming GET that shows nothing new still moves it: the machine
+            // remembers the observation's time and key.
             let moved = *machine != before || never_saved;
             let (outcome, reason) = outcome_columns(&decision.outcome);
             let mut row = log_row(event, source, outcome, reason, now);
