@@ -42,11 +42,14 @@ async fn report(stack: &Stack, body: Value) -> (u16, Value) {
 async fn settled(stack: &Stack) -> HashMap<String, i64> {
     stack
         .wait_for("every usage hour settled", || async {
+            // Counted first: a settled hour stays settled, so statuses read after a count
+            // of none unsettled are final (read before it, they could still show hours
+            // the runner settled in between as `submitting`).
+            let unsettled = verify::unsettled_usage_hours(&stack.pool).await.unwrap();
             let mut statuses = HashMap::new();
             for (.., status, _) in verify::usage_hours(&stack.pool).await.unwrap() {
                 *statuses.entry(status).or_insert(0) += 1;
             }
-            let unsettled = verify::unsettled_usage_hours(&stack.pool).await.unwrap();
             (unsettled == 0 && !statuses.is_empty()).then_some(statuses)
         })
         .await
