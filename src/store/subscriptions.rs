@@ -278,15 +278,7 @@ pub async fn lock_many(
     conn: &mut PgConnection,
     ids: &[Uuid],
 ) -> Result<Vec<LockedRow>, StoreError> {
-    sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
-        "SELECT {LOCKED_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    )))
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(LockedColumns::restore)
-    .collect()
+    lock_rows(conn, ids, "").await
 }
 
 /// [`lock_many`] without waiting (`NOWAIT`): `None` when another transaction holds one of
@@ -295,23 +287,32 @@ pub async fn try_lock_many(
     conn: &mut PgConnection,
     ids: &[Uuid],
 ) -> Result<Option<Vec<LockedRow>>, StoreError> {
-    let rows = sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
-        "SELECT {LOCKED_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id \
-         FOR UPDATE NOWAIT"
+    match lock_rows(conn, ids, " NOWAIT").await {
+        // 55P03 lock_not_available.
+        Err(StoreError::Query(sqlx::Error::Database(db)))
+            if db.code().as_deref() == Some("55P03") =>
+        {
+            Ok(None)
+        }
+        locked => locked.map(Some),
+    }
+}
+
+/// The statement of [`lock_many`] and [`try_lock_many`]; `wait` follows `FOR UPDATE`.
+async fn lock_rows(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    wait: &str,
+) -> Result<Vec<LockedRow>, StoreError> {
+    sqlx::query_as::<_, LockedColumns>(sqlx::AssertSqlSafe(format!(
+        "SELECT {LOCKED_COLUMNS} FROM subscriptions WHERE id = ANY($1) ORDER BY id FOR UPDATE{wait}"
     )))
     .bind(ids)
     .fetch_all(&mut *conn)
-    .await;
-    match rows {
-        Ok(rows) => rows
-            .into_iter()
-            .map(LockedColumns::restore)
-            .collect::<Result<_, _>>()
-            .map(Some),
-        // 55P03 lock_not_available.
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => Ok(None),
-        Err(error) => Err(error.into()),
-    }
+    .await?
+    .into_iter()
+    .map(LockedColumns::restore)
+    .collect()
 }
 
 /// Locks those rows among `ids` that no other transaction holds, in id order, without
