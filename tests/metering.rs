@@ -27,6 +27,18 @@ fn this_hour() -> OffsetDateTime {
     hour_of(OffsetDateTime::now_utc())
 }
 
+/// The start of the hour `back` hours before the current one, for usage a test waits to see
+/// settled. The previous hour (`back` 1) closes only 5 minutes (the default grace) after it
+/// ends, so a test run in an hour's first 5 minutes would wait for it in vain: `back` is at
+/// least 2.
+fn closed_hour(back: i64) -> OffsetDateTime {
+    assert!(
+        back >= 2,
+        "hour {back} back may still be in its grace period"
+    );
+    this_hour() - time::Duration::hours(back)
+}
+
 fn event(id: Uuid, dimension: &str, quantity: f64, at: OffsetDateTime, key: &str) -> Value {
     json!({"subscriptionId": id, "dimension": dimension, "quantity": quantity,
            "effectiveAt": rfc(at), "idempotencyKey": key})
@@ -140,7 +152,7 @@ async fn every_hour_is_billed_with_its_exact_total() {
 async fn the_same_idempotency_key_counts_once() {
     let stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("silver", None).await;
-    let at = this_hour() - time::Duration::hours(2) + time::Duration::minutes(10);
+    let at = closed_hour(2) + time::Duration::minutes(10);
     let first = event(id, "api-calls", 5.0, at, "once");
     let (status, answer) = report(&stack, first.clone()).await;
     assert_eq!(
@@ -177,17 +189,10 @@ async fn lost_answers_never_bill_an_hour_twice() {
         .set_faults(json!({"loseResponses": {"batchUsageEvent": 2}}))
         .await
         .unwrap();
-    let h = this_hour();
+    // Computed once: the test may cross an hour's start.
+    let hours: Vec<OffsetDateTime> = (1..=4).map(|n| closed_hour(n + 1)).collect();
     let events: Vec<Value> = (1..=4)
-        .map(|n| {
-            event(
-                id,
-                "api-calls",
-                n as f64,
-                h - time::Duration::hours(n),
-                &format!("k{n}"),
-            )
-        })
+        .map(|n| event(id, "api-calls", n as f64, hours[n - 1], &format!("k{n}")))
         .collect();
     let (status, answer) = report(&stack, Value::Array(events)).await;
     assert_eq!(status, 200, "{answer}");
@@ -197,8 +202,7 @@ async fn lost_answers_never_bill_an_hour_twice() {
     let at_microsoft = billed(&stack).await;
     assert_eq!(at_microsoft.len(), 4);
     for n in 1..=4 {
-        let (quantity, repeats) =
-            at_microsoft[&(id, "api-calls".into(), h - time::Duration::hours(n))];
+        let (quantity, repeats) = at_microsoft[&(id, "api-calls".into(), hours[n - 1])];
         assert_eq!(quantity, n as f64);
         assert!(
             repeats >= 1,
@@ -280,7 +284,7 @@ async fn usage_for_an_hour_already_submitted_is_reported_as_late_never_sent_agai
     let mut stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("silver", None).await;
     stack.stop_workers().await.unwrap();
-    let hour = this_hour() - time::Duration::hours(2);
+    let hour = closed_hour(2);
     let (status, _) = report(&stack, event(id, "api-calls", 10.0, hour, "first")).await;
     assert_eq!(status, 200);
     let closed = submit::close_due_hours(
@@ -421,7 +425,7 @@ async fn a_dimension_not_in_the_plan_is_refused_and_nothing_is_stored() {
 async fn reconciliation_reports_a_difference_microsoft_shows() {
     let stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
-    let at = this_hour() - time::Duration::hours(1);
+    let at = closed_hour(2);
     let (status, _) = report(
         &stack,
         json!([
@@ -475,7 +479,7 @@ async fn cli(stack: &Stack, args: &[&str]) -> (i32, String) {
 async fn the_cli_imports_a_csv_after_a_dry_run_and_lists_and_reconciles_the_hours() {
     let stack = Stack::start(Options::default()).await;
     let id = stack.subscribed("gold", None).await;
-    let hour = this_hour() - time::Duration::hours(3);
+    let hour = closed_hour(3);
     let dir = std::env::temp_dir().join(format!("metering-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("usage.csv");
