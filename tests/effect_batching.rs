@@ -296,7 +296,7 @@ async fn an_ack_that_only_polls_its_operation_holds_back_nothing_and_loses_its_d
 }
 
 #[tokio::test]
-async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_its_operation() {
+async fn a_seat_change_acknowledged_with_success_is_confirmed_by_no_get_a_plan_change_by_one() {
     let stack = Stack::start(Options::default()).await;
     let sub = stack.subscribed("per-seat", Some(5)).await;
     stack
@@ -313,19 +313,59 @@ async fn a_seat_change_acknowledged_with_success_is_not_confirmed_by_a_get_of_it
         .await;
     let events = stack.events(sub).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.event_kind.as_str()).collect();
-    // The ACK's 200 told the operation's end: its result went through the machine, the
-    // GET of the subscription it brings (P13) ran, no GET of the operation did.
+    // The ACK's 200 told the operation's end: its result went through the machine, and
+    // neither a GET of the operation nor one of the subscription followed (the success
+    // of a seat change we accepted says its whole outcome).
     assert!(kinds.contains(&"effect:ack_operation"), "{kinds:?}");
-    assert!(kinds.contains(&"OperationResult"), "{kinds:?}");
-    assert!(!kinds.contains(&"effect:confirm_operation"), "{kinds:?}");
-    // The GET is recorded in the row of the observation it fed, not in a row of its own.
+    let result = events
+        .iter()
+        .find(|e| e.event_kind == "OperationResult")
+        .unwrap_or_else(|| panic!("{kinds:?}"));
     assert!(
-        events
-            .iter()
-            .any(|e| e.event_kind == "Observed" && fetched(e)),
-        "{events:?}"
+        result
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no GET needed")),
+        "{result:?}"
     );
+    assert!(!kinds.contains(&"effect:confirm_operation"), "{kinds:?}");
+    assert!(!kinds.contains(&"Observed"), "{kinds:?}");
     assert!(!kinds.contains(&"effect:fetch_subscription"), "{kinds:?}");
+    let gets: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE subscription_id = $1 AND kind = 'fetch_subscription'",
+    )
+    .bind(sub)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(gets, 0);
+    // A plan change's success still brings the GET (a plan may drop the seats, P13), and
+    // the GET is recorded in the row of the observation it fed, not in a row of its own.
+    stack
+        .act(sub, json!({"action": "ChangePlan", "planId": "gold"}))
+        .await;
+    stack
+        .wait_for("the plan change confirmed by a GET", || async {
+            let events = stack.events(sub).await;
+            events
+                .iter()
+                .any(|e| e.event_kind == "Observed" && fetched(e))
+                .then_some(())
+        })
+        .await;
+    let ours = stack.engine(sub).await.unwrap().unwrap();
+    assert_eq!(ours.plan.as_deref(), Some("gold"));
+    assert_eq!(ours.quantity, None, "the flat plan's GET dropped the seats");
+    let kinds: Vec<String> = stack
+        .events(sub)
+        .await
+        .into_iter()
+        .map(|e| e.event_kind)
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k == "effect:fetch_subscription"),
+        "{kinds:?}"
+    );
     // The ACK row carried its deadline: the webhook's receipt plus the window (P7).
     let (due_at, received_at): (OffsetDateTime, OffsetDateTime) = sqlx::query_as(
         "SELECT o.due_at, e.received_at FROM outbox o \

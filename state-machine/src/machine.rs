@@ -435,7 +435,8 @@ impl Ledger {
     /// - Webhook `ChangePlan`/`ChangeQuantity` from `Azure`: same target as now → accept the
     ///   revert (P8, ACK `Success`); policy accepts → apply, ACK `Success`; policy rejects →
     ///   ACK `Failure` (within 10 s, P7). Every ACK also confirms its operation's end
-    ///   (`AckOperation` follows it to `OperationResult`, whose result brings a GET, P13).
+    ///   (`AckOperation` follows it to `OperationResult`, whose result brings a GET, P13,
+    ///   except the success of a seat change we accepted: it says the whole outcome).
     ///   No target in a minimal payload → `FetchSubscription`.
     /// - The same from `Partner` (our own PATCH): apply without ACK (P18); keep the pending
     ///   operation until its result so success is not announced twice.
@@ -615,7 +616,8 @@ impl Ledger {
     /// - `OperationResult` `Succeeded` → apply the change (once) and `FetchSubscription`
     ///   (§7.2), or **Unsubscribed** for Cancel; `PublisherOperationConcluded` (our 202 was
     ///   lost, GET showed how it ended, §15.2) the same. The result of a customer operation we
-    ///   ACKed (its webhook was handled) → `FetchSubscription`: now a GET shows its outcome.
+    ///   ACKed (its webhook was handled) → `FetchSubscription`: now a GET shows its outcome;
+    ///   not after the success of a seat change we accepted, which says it all.
     #[superstate]
     fn live(
         details: &mut Details,
@@ -1425,12 +1427,27 @@ fn operation_result(
         .cloned()
     else {
         if context.known_operation {
-            // A customer change or reinstatement we acknowledged is final at Microsoft:
-            // only now can a GET be trusted to show its outcome (P13, §7.3) — a plan
-            // without seats, a rejection Microsoft ignored (acc#348), an auto-accept.
-            context
+            let accepted = context
                 .unconfirmed
-                .retain(|u| u.operation_id != operation_id);
+                .iter()
+                .position(|u| u.operation_id == operation_id)
+                .map(|at| context.unconfirmed.remove(at).change);
+            if let (OperationStatus::Succeeded, Some(UnconfirmedChange::Quantity { quantity })) =
+                (status, &accepted)
+                && details.quantity == Some(*quantity)
+            {
+                // A seat change we accepted succeeded: the operation's end says the whole
+                // outcome (its seats are the ones we applied; a seat change moves no plan,
+                // term or status), so a GET would only repeat it.
+                context.applied(format!(
+                    "operation {operation_id} ended Succeeded: {quantity} seats, as accepted \
+                     (no GET needed: a seat change's success says its whole outcome)"
+                ));
+                return Handled;
+            }
+            // Otherwise only a GET after the operation is final shows its outcome (P13,
+            // §7.3): a plan change (a plan may drop the seats), a rejection Microsoft
+            // ignored (acc#348), an auto-accept, a reinstatement, seats moved again since.
             context.push(Effect::FetchSubscription);
             context.applied(format!(
                 "operation {operation_id} ended {status} at Microsoft; confirming with GET (its GET lags the operation)"

@@ -1021,6 +1021,62 @@ fn cases() -> Vec<Case> {
             Applied,
         ),
         case(
+            "P13 the success of a seat change we accepted says its outcome: no GET (§4.10)",
+            then(
+                subscribed(),
+                change_quantity(7, RequestSource::Azure, 12, 5),
+            ),
+            result(7, OperationStatus::Succeeded),
+            Subscribed,
+            vec![],
+            Applied,
+        ),
+        case(
+            "P13 a failed seat change we accepted is confirmed with GET (acc#348)",
+            then(
+                subscribed(),
+                change_quantity(7, RequestSource::Azure, 12, 5),
+            ),
+            result(7, OperationStatus::Failed),
+            Subscribed,
+            vec![Effect::FetchSubscription],
+            Applied,
+        ),
+        case(
+            "P13 a seat change's success after the seats moved again is confirmed with GET",
+            then(
+                then(
+                    subscribed(),
+                    change_quantity(7, RequestSource::Azure, 12, 5),
+                ),
+                change_quantity(8, RequestSource::Azure, 15, 6),
+            ),
+            result(7, OperationStatus::Succeeded),
+            Subscribed,
+            vec![Effect::FetchSubscription],
+            Applied,
+        ),
+        with_policy(
+            Policy {
+                seats: SeatLimits {
+                    min: None,
+                    max: Some(50),
+                },
+                ..Policy::default()
+            },
+            case(
+                "P13 a seat change we refused that Microsoft says Succeeded is confirmed with GET (acc#348)",
+                then(
+                    subscribed(),
+                    change_quantity(7, RequestSource::Azure, 500, 5),
+                ),
+                result(7, OperationStatus::Succeeded),
+                Subscribed,
+                vec![Effect::FetchSubscription],
+                Applied,
+            ),
+        ),
+        case(
             "P13 a failed customer change we ACKed is confirmed with GET (acc#348)",
             then(
                 subscribed(),
@@ -1594,9 +1650,10 @@ fn p13_a_lagging_get_does_not_undo_an_acknowledged_seat_change_until_microsoft_c
     let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 6), t(6), &policy);
     assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
     assert_eq!(machine.details().quantity, Some(qty(12)));
-    // Microsoft reports the operation final: the entry goes, the GET is believed again.
+    // Microsoft reports the operation final: the entry goes, the GET is believed again (the
+    // success needs none: it says the 12 seats itself).
     let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(7), &policy);
-    assert_eq!(decision.effects, vec![Effect::FetchSubscription]);
+    assert_eq!(decision.effects, vec![]);
     assert!(machine.unconfirmed().is_empty());
     machine.handle(&observed(MS::Subscribed, "gold", 12, 8), t(8), &policy);
     assert_eq!(machine.details().quantity, Some(qty(12)));

@@ -5,8 +5,9 @@
 //! A 200 to `Success` already says how the operation ends: Microsoft recorded our Success
 //! (§4.11), and Success is also what the window would have decided without us (§7.3: no
 //! PATCH ⇒ auto-Success), so the operation is `Succeeded`: the step feeds the result at
-//! once and the row is done, with no GET of the operation. The GET of the subscription the
-//! result brings stays (P13: only a GET after the operation is final shows its outcome).
+//! once and the row is done, with no GET of the operation. Whether the result brings a GET
+//! of the subscription is the machine's call (P13: only a GET after the operation is final
+//! shows its outcome; the success of a seat change we accepted already says all of it).
 //!
 //! Every other end of the PATCH leaves the operation's end to learn, and the row goes on to
 //! poll the operation as [`observe::poll`] does for any operation (same cadence, cap, and
