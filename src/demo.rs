@@ -907,6 +907,7 @@ impl Demo {
             Option<String>,
             Value,
             Value,
+            Option<Value>,
         );
         let rows: Vec<Row> = crate::store::timeline::events(&self.world.pool, id)
             .await?
@@ -922,6 +923,7 @@ impl Demo {
                     row.reason,
                     row.effects,
                     row.event,
+                    row.execution,
                 )
             })
             .collect();
@@ -935,14 +937,24 @@ impl Demo {
             "{:>4}  {:<12}  {:<28}  {:<32}  {:<8}  {:<56}  effects",
             "seq", "time (UTC)", "event", "from → to", "outcome", "reason"
         );
-        for (sequence, at, kind, from, to, outcome, reason, effects, event) in &rows {
+        for (sequence, at, kind, from, to, outcome, reason, effects, event, execution) in &rows {
             let states = if from == to {
                 from.clone()
             } else {
                 format!("{from} → {to}")
             };
             let mut reason = reason.clone().unwrap_or_default();
-            if let Some(ms) = event["webhook_to_ack_ms"].as_i64() {
+            // The call that produced the event, when recorded in its row (a GET, an ACK):
+            // named first, as its own row would have been.
+            let record = match execution {
+                Some(execution) => {
+                    let by = execution["kind"].as_str().unwrap_or("effect");
+                    reason = format!("[{by}] {reason}");
+                    execution
+                }
+                None => event,
+            };
+            if let Some(ms) = record["webhook_to_ack_ms"].as_i64() {
                 let _ = write!(reason, " ({ms} ms after the webhook)");
             }
             println!(

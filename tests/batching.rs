@@ -10,6 +10,7 @@
 mod stack;
 
 use marketplace_fulfillment::store::ledger::LogOutcome;
+use marketplace_fulfillment::store::verify;
 use std::time::Duration;
 
 use marketplace_fulfillment::queue::InboundMessage;
@@ -205,13 +206,7 @@ async fn two_batching_worker_processes_share_a_burst_and_lose_or_repeat_nothing(
     }
     // Every event decided once, every ACK made once.
     stack.assert_each_event_decided_once(&only_ids).await;
-    let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
-         WHERE event_kind = 'effect:ack_operation' GROUP BY 1, 2",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
+    let acks = verify::acks_per_operation(&stack.pool).await.unwrap();
     assert_eq!(
         acks.len(),
         ids.len(),

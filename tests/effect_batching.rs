@@ -316,7 +316,6 @@ async fn a_seat_change_acknowledged_with_success_is_confirmed_by_no_get_a_plan_c
     // The ACK's 200 told the operation's end: its result went through the machine, and
     // neither a GET of the operation nor one of the subscription followed (the success
     // of a seat change we accepted says its whole outcome).
-    assert!(kinds.contains(&"effect:ack_operation"), "{kinds:?}");
     let result = events
         .iter()
         .find(|e| e.event_kind == "OperationResult")
@@ -328,6 +327,16 @@ async fn a_seat_change_acknowledged_with_success_is_confirmed_by_no_get_a_plan_c
             .is_some_and(|r| r.contains("no GET needed")),
         "{result:?}"
     );
+    // The ACK is recorded in the row of the operation's end it fed, with its call and its
+    // time from the webhook, not in a row of its own.
+    let ack = result
+        .record_of("effect:ack_operation")
+        .unwrap_or_else(|| panic!("{result:?}"));
+    assert!(ack.note.starts_with("ACK Success"), "{ack:?}");
+    assert_eq!(ack.details["calls"][0]["call"], "update_operation");
+    assert_eq!(ack.details["calls"][0]["status"], 200);
+    assert!(ack.details["webhook_to_ack_ms"].is_i64(), "{ack:?}");
+    assert!(!kinds.contains(&"effect:ack_operation"), "{kinds:?}");
     assert!(!kinds.contains(&"effect:confirm_operation"), "{kinds:?}");
     assert!(!kinds.contains(&"Observed"), "{kinds:?}");
     assert!(!kinds.contains(&"effect:fetch_subscription"), "{kinds:?}");

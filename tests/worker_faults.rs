@@ -79,11 +79,9 @@ fn assert_contiguous(id: Uuid, rows: &[LogRow]) {
 fn acks_recorded(rows: &[LogRow], op: &str) -> usize {
     rows.iter()
         .filter(|r| {
-            r.event_kind == "effect:ack_operation"
-                && r.event["operation_id"] == op
-                && r.reason
-                    .as_deref()
-                    .is_some_and(|reason| reason.ends_with(" recorded"))
+            r.record_of("effect:ack_operation").is_some_and(|ack| {
+                ack.details["operation_id"] == op && ack.note.ends_with(" recorded")
+            })
         })
         .count()
 }

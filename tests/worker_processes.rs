@@ -11,6 +11,7 @@ mod stack;
 use std::process::Command;
 use std::time::Duration;
 
+use marketplace_fulfillment::store::verify;
 use serde_json::json;
 use stack::{Options, Stack};
 use tokio::sync::Mutex;
@@ -73,13 +74,7 @@ async fn two_worker_processes_share_a_burst_of_200_subscriptions_without_a_doubl
 
     stack.assert_each_event_decided_once(&ids).await;
     // Each customer change was ACKed by exactly one execution, inside the window.
-    let acks: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT subscription_id, event->>'operation_id', count(*) FROM subscription_events \
-         WHERE event_kind = 'effect:ack_operation' GROUP BY 1, 2",
-    )
-    .fetch_all(&stack.pool)
-    .await
-    .unwrap();
+    let acks = verify::acks_per_operation(&stack.pool).await.unwrap();
     assert_eq!(
         acks.len(),
         ids.len(),
@@ -309,7 +304,10 @@ async fn sigterm_lets_the_worker_finish_the_ack_in_hand_and_exit_0() {
         .events(id)
         .await
         .into_iter()
-        .filter(|r| r.event_kind == "effect:ack_operation" && r.event["operation_id"] == op)
+        .filter(|r| {
+            r.record_of("effect:ack_operation")
+                .is_some_and(|ack| ack.details["operation_id"] == op)
+        })
         .count();
     assert_eq!(acks, 1, "the ACK ran once");
     let view = stack.admin.view(id).await.unwrap();

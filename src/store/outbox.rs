@@ -89,11 +89,14 @@ pub enum Ordering {
 impl EffectKind {
     /// Whether an execution that ends with its call's result (one event fed back, nothing
     /// else written) is recorded in that event's row (its `execution` column) instead of a
-    /// row of its own: a read, whose result is the event (issue #17: one event-log row less
-    /// per confirmed change). Calls that change something at Microsoft keep their own row
-    /// (ACK statistics and the tools read `effect:ack_operation` rows).
+    /// row of its own (issue #17: one event-log row less per step): a GET of the
+    /// subscription and the observation it fed; an ACK whose answer told the operation's
+    /// end and the `OperationResult` it fed. The ACK statistics and tools read an ACK's
+    /// record from either place (`store::verify`, `store::overview`). An ACK execution that
+    /// feeds nothing (its operation is polled next) and the other calls that change
+    /// something at Microsoft keep their own row.
     pub fn records_with_its_result(self) -> bool {
-        self == Self::FetchSubscription
+        matches!(self, Self::FetchSubscription | Self::AckOperation)
     }
 
     /// The kind of a machine effect.

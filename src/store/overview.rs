@@ -21,8 +21,9 @@ pub async fn subscriptions_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>,
 /// The ACKs recorded since a point in time.
 #[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct AckStats {
-    /// ACK calls recorded (each `effect:ack_operation` row of the event log that made the
-    /// PATCH: the later executions of an ACK row, which only poll its operation, are not).
+    /// ACK calls recorded (each `effect:ack_operation` record of the event log that made the
+    /// PATCH, in a row of its own or in the `execution` column of the operation's end it
+    /// fed: the later executions of an ACK row, which only poll its operation, are not).
     pub acks: i64,
     /// Of those with a webhook-to-ACK time: the median and 99th percentile, in ms.
     pub p50_ms: Option<f64>,
@@ -37,22 +38,19 @@ pub struct AckStats {
 /// The ACKs recorded at or after `since` (an index range on `recorded_at`).
 pub async fn ack_stats(pool: &PgPool, since: OffsetDateTime) -> Result<AckStats, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE event ? 'webhook_to_ack_ms') AS acks, \
-             percentile_cont(0.5) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \
+        "SELECT count(*) FILTER (WHERE ack ? 'webhook_to_ack_ms') AS acks, \
+             percentile_cont(0.5) WITHIN GROUP (ORDER BY (ack->>'webhook_to_ack_ms')::float8) \
                  AS p50_ms, \
-             percentile_cont(0.99) WITHIN GROUP (ORDER BY (event->>'webhook_to_ack_ms')::float8) \
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY (ack->>'webhook_to_ack_ms')::float8) \
                  AS p99_ms, \
-             count(*) FILTER (WHERE (event->>'webhook_to_ack_ms')::float8 > 10000) AS late, \
-             count(*) FILTER (WHERE event->'calls' @> '[{\"status\": 409}]') AS auto_accepted \
-         FROM subscription_events \
-         WHERE recorded_at >= $1 AND event_kind = $2",
+             count(*) FILTER (WHERE (ack->>'webhook_to_ack_ms')::float8 > 10000) AS late, \
+             count(*) FILTER (WHERE ack->'calls' @> '[{\"status\": 409}]') AS auto_accepted \
+         FROM (SELECT coalesce(execution, event) AS ack FROM subscription_events \
+               WHERE recorded_at >= $1 AND (event_kind = $2 OR execution->>'kind' = $2)) acks",
     )
     .bind(since)
-    // The event kind the effect runner logs an execution under (`effect:<kind>`).
-    .bind(format!(
-        "effect:{}",
-        super::outbox::EffectKind::AckOperation
-    ))
+    // An ACK execution's record: its own row, or the row of the operation's end it fed.
+    .bind(super::verify::ack_record_kind())
     .fetch_one(pool)
     .await?)
 }

@@ -52,6 +52,36 @@ pub struct EventRow {
     pub execution: Option<Value>,
 }
 
+/// An effect execution's record, as an event-log row holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutionRecord<'a> {
+    /// Its details: `calls`, `attempt`, the kind's own keys (`operation_id`,
+    /// `webhook_to_ack_ms`, …).
+    pub details: &'a Value,
+    /// What became of the execution (`ACK Success … recorded`, `dead: …`).
+    pub note: &'a str,
+}
+
+impl EventRow {
+    /// The record of an execution of `kind` (`effect:<kind>`, e.g. `effect:ack_operation`)
+    /// that this row holds: the row itself when it is the execution's own (its `event`, its
+    /// note in `reason`), or its `execution` column when the execution is recorded with the
+    /// event it fed (a GET and its observation, an ACK and the operation's end).
+    pub fn record_of(&self, kind: &str) -> Option<ExecutionRecord<'_>> {
+        if self.event_kind == kind {
+            return Some(ExecutionRecord {
+                details: &self.event,
+                note: self.reason.as_deref().unwrap_or_default(),
+            });
+        }
+        let execution = self.execution.as_ref()?;
+        (execution["kind"] == kind).then(|| ExecutionRecord {
+            details: execution,
+            note: execution["note"].as_str().unwrap_or_default(),
+        })
+    }
+}
+
 /// The whole event log of a subscription, in sequence order.
 pub async fn events(pool: &PgPool, subscription_id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(

@@ -131,13 +131,16 @@ pub async fn webhook_to_ack_ms(
     subscription_id: Uuid,
     operation_id: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
+    // The ACK's record: its own row, or the row of the operation's end it fed.
     Ok(sqlx::query_scalar(
-        "SELECT (event->>'webhook_to_ack_ms')::bigint FROM subscription_events \
-         WHERE subscription_id = $1 AND event_kind = 'effect:ack_operation' \
-         AND event->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
+        "SELECT (coalesce(execution, event)->>'webhook_to_ack_ms')::bigint \
+         FROM subscription_events \
+         WHERE subscription_id = $1 AND (event_kind = $3 OR execution->>'kind' = $3) \
+         AND coalesce(execution, event)->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
     )
     .bind(subscription_id)
     .bind(operation_id)
+    .bind(ack_record_kind())
     .fetch_optional(pool)
     .await?
     .flatten())
@@ -150,20 +153,43 @@ pub async fn ack_of_operation(
     subscription_id: Uuid,
     operation_id: &str,
 ) -> Result<(i64, i64, Option<String>), sqlx::Error> {
+    // An ACK's record is its own row (its note in `reason`) or in the `execution` column of
+    // the operation's end it fed (its note in `note`).
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM outbox WHERE subscription_id = $1 \
            AND kind = $3 AND effect->>'operation_id' = $2), \
          (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
-           AND event_kind = 'effect:' || $3 AND event->>'operation_id' = $2 \
-           AND reason LIKE 'ACK % recorded'), \
+           AND (event_kind = $4 OR execution->>'kind' = $4) \
+           AND coalesce(execution, event)->>'operation_id' = $2 \
+           AND coalesce(execution->>'note', reason) LIKE 'ACK % recorded'), \
          (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
            AND kind = $3 AND effect->>'operation_id' = $2)",
     )
     .bind(subscription_id)
     .bind(operation_id)
     .bind(super::outbox::EffectKind::AckOperation)
+    .bind(ack_record_kind())
     .fetch_one(pool)
     .await
+}
+
+/// The ACK executions recorded, per subscription and operation: `(subscription, operation
+/// id, executions)`, each in a row of its own or in the row of the operation's end it fed.
+pub async fn acks_per_operation(pool: &PgPool) -> Result<Vec<(Uuid, String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT subscription_id, coalesce(execution, event)->>'operation_id', count(*) \
+         FROM subscription_events WHERE event_kind = $1 OR execution->>'kind' = $1 \
+         GROUP BY 1, 2",
+    )
+    .bind(ack_record_kind())
+    .fetch_all(pool)
+    .await
+}
+
+/// The event kind of an ACK execution's record (`effect:ack_operation`): its own row's
+/// `event_kind`, or the `kind` in the `execution` column of the result it fed.
+pub(crate) fn ack_record_kind() -> String {
+    format!("effect:{}", super::outbox::EffectKind::AckOperation)
 }
 
 /// Operator-journal rows of one action (e.g. `dlq_replay`).

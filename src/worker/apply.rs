@@ -109,7 +109,7 @@ impl<'a> Apply<'a> {
 
     /// With the record of the execution whose call produced the event, written in the
     /// event's row (its `execution` column) instead of an `effect:*` row of its own: one
-    /// row for a GET and the observation it fed.
+    /// row for a GET and the observation it fed, or an ACK and the operation's end.
     pub fn recorded_with(mut self, record: &'a EffectRecord) -> Self {
         self.execution = Some(record);
         self
@@ -473,7 +473,9 @@ impl<'c> Plan<'c> {
                 if let Some(holding) = slot {
                     let reason =
                         format!("duplicate event: message {key} was handled before (inbox)");
-                    let row = log_row(event, source, LogOutcome::Ignored, reason, now);
+                    let mut row = log_row(event, source, LogOutcome::Ignored, reason, now);
+                    // The execution's record stays, whatever became of its event.
+                    row.execution = execution.map(ExecutionColumn::of);
                     holding.row.last_sequence += 1;
                     holding.appended = true;
                     let state = state_name(&holding.row);

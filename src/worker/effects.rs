@@ -273,8 +273,9 @@ async fn write_all(
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::new();
     for (row, writes) in executions {
-        // A read that ended with its result (a GET of the subscription and the one
-        // observation it fed): its record goes into the observation's row.
+        // A call that ended with its result (a GET of the subscription and the one
+        // observation it fed, an ACK and the operation's end): its record goes into the
+        // result's row.
         if let [Write::Record(record), Write::Feed { event, source }] = writes
             && row.kind.records_with_its_result()
         {
