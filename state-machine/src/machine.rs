@@ -76,6 +76,12 @@ pub struct Unconfirmed {
     /// When we acknowledged it.
     #[serde(with = "time::serde::rfc3339")]
     pub since: OffsetDateTime,
+    /// Microsoft reported the operation `Succeeded` and no GET confirms it (a seat change:
+    /// its success says the outcome). The entry still holds against GETs made before the
+    /// operation ended — one already in flight can be applied after the result — until
+    /// one shows the change, a later change supersedes it, or [`UNCONFIRMED_TTL`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub succeeded: bool,
 }
 
 /// What an acknowledged operation changes.
@@ -195,12 +201,23 @@ impl<'p> Ctx<'p> {
 
     /// Observations must not undo `change` until Microsoft confirms `operation_id`.
     fn await_confirmation(&mut self, operation_id: OperationId, change: UnconfirmedChange) {
+        if !matches!(change, UnconfirmedChange::Reinstatement) {
+            self.drop_succeeded();
+        }
         self.unconfirmed.retain(|u| u.operation_id != operation_id);
         self.unconfirmed.push(Unconfirmed {
             operation_id,
             change,
             since: self.now,
+            succeeded: false,
         });
+    }
+
+    /// Forgets the succeeded seat changes still held against older GETs: a later plan or
+    /// seat change supersedes them (the GET it brings, or the entry it holds, speaks now; a
+    /// plan change may drop the seats).
+    fn drop_succeeded(&mut self) {
+        self.unconfirmed.retain(|u| !u.succeeded);
     }
 
     fn publish(&mut self, kind: DomainEventKind, details: &Details, state: StateName) {
@@ -1378,6 +1395,7 @@ fn change_webhook(
             op.applied = true;
         }
         target.apply(details);
+        context.drop_succeeded();
         context.publish(target.changed(), details, StateName::Subscribed);
         context.applied(format!(
             "{noun} changed to {target} by our request (our own change: no ACK)"
@@ -1427,24 +1445,30 @@ fn operation_result(
         .cloned()
     else {
         if context.known_operation {
-            let accepted = context
+            let entry = context
                 .unconfirmed
-                .iter()
-                .position(|u| u.operation_id == operation_id)
-                .map(|at| context.unconfirmed.remove(at).change);
-            if let (OperationStatus::Succeeded, Some(UnconfirmedChange::Quantity { quantity })) =
-                (status, &accepted)
-                && details.quantity == Some(*quantity)
+                .iter_mut()
+                .find(|u| u.operation_id == operation_id && !u.succeeded);
+            if let Some(entry) = entry
+                && let UnconfirmedChange::Quantity { quantity } = entry.change
+                && status == OperationStatus::Succeeded
+                && details.quantity == Some(quantity)
             {
                 // A seat change we accepted succeeded: the operation's end says the whole
                 // outcome (its seats are the ones we applied; a seat change moves no plan,
-                // term or status), so a GET would only repeat it.
+                // term or status), so a GET would only repeat it. The entry stays, marked,
+                // against a GET made before the end and applied after it.
+                entry.succeeded = true;
                 context.applied(format!(
                     "operation {operation_id} ended Succeeded: {quantity} seats, as accepted \
-                     (no GET needed: a seat change's success says its whole outcome)"
+                     (no GET needed: a seat change's success says its whole outcome; older \
+                     GETs cannot undo it)"
                 ));
                 return Handled;
             }
+            context
+                .unconfirmed
+                .retain(|u| u.operation_id != operation_id);
             // Otherwise only a GET after the operation is final shows its outcome (P13,
             // §7.3): a plan change (a plan may drop the seats), a rejection Microsoft
             // ignored (acc#348), an auto-accept, a reinstatement, seats moved again since.
@@ -1510,6 +1534,7 @@ fn conclude(
         // §7.2 "on Succeeded: apply change locally; GET subscription to confirm": the GET
         // also brings what the change implies (a flat plan has no seats).
         Command::ChangePlan { plan_id } => {
+            context.drop_succeeded();
             if !op.applied && details.plan_id.as_ref() != Some(&plan_id) {
                 details.plan_id = Some(plan_id.clone());
                 context.publish(DomainEventKind::PlanChanged, details, state);
@@ -1519,6 +1544,7 @@ fn conclude(
             Handled
         }
         Command::ChangeQuantity { quantity } => {
+            context.drop_succeeded();
             if !op.applied && details.quantity != Some(quantity) {
                 details.quantity = Some(quantity);
                 context.publish(DomainEventKind::QuantityChanged, details, state);

@@ -1650,13 +1650,46 @@ fn p13_a_lagging_get_does_not_undo_an_acknowledged_seat_change_until_microsoft_c
     let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 6), t(6), &policy);
     assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
     assert_eq!(machine.details().quantity, Some(qty(12)));
-    // Microsoft reports the operation final: the entry goes, the GET is believed again (the
-    // success needs none: it says the 12 seats itself).
+    // Microsoft reports the operation final: no GET follows (the success says the 12 seats
+    // itself), and the entry stays, marked, because a GET made before the end can still be
+    // applied after it (one already in flight: chaos met it, a seat change undone).
     let decision = machine.handle(&result(7, OperationStatus::Succeeded), t(7), &policy);
     assert_eq!(decision.effects, vec![]);
-    assert!(machine.unconfirmed().is_empty());
-    machine.handle(&observed(MS::Subscribed, "gold", 12, 8), t(8), &policy);
+    assert!(
+        machine.unconfirmed()[0].succeeded,
+        "{:?}",
+        machine.unconfirmed()
+    );
+    let decision = machine.handle(&observed(MS::Subscribed, "gold", 10, 8), t(8), &policy);
+    assert_eq!(Want::of(&decision.outcome), Want::NoChange, "{decision:?}");
     assert_eq!(machine.details().quantity, Some(qty(12)));
+    // A GET that shows the change ends the entry; GETs are believed again.
+    machine.handle(&observed(MS::Subscribed, "gold", 12, 9), t(9), &policy);
+    assert!(machine.unconfirmed().is_empty());
+    machine.handle(&observed(MS::Subscribed, "gold", 11, 10), t(10), &policy);
+    assert_eq!(machine.details().quantity, Some(qty(11)));
+}
+
+#[test]
+fn p13_a_succeeded_seat_change_is_superseded_by_the_next_one_not_kept_forever() {
+    let policy = Policy::default();
+    let mut machine = machine_after(&subscribed(), &policy);
+    for (n, seats) in [(7, 12), (8, 14), (9, 16)] {
+        machine.handle(
+            &change_quantity(n, RequestSource::Azure, seats, n as i64),
+            t(n as i64),
+            &policy,
+        );
+        let decision = machine.handle(&result(n, OperationStatus::Succeeded), t(n as i64), &policy);
+        assert_eq!(decision.effects, vec![], "{decision:?}");
+    }
+    assert_eq!(
+        machine.unconfirmed().len(),
+        1,
+        "{:?}",
+        machine.unconfirmed()
+    );
+    assert_eq!(machine.details().quantity, Some(qty(16)));
 }
 
 #[test]
