@@ -945,17 +945,20 @@ impl Demo {
             };
             let mut reason = reason.clone().unwrap_or_default();
             // The call that produced the event, when recorded in its row (a GET, an ACK):
-            // named first, as its own row would have been.
-            let record = match execution {
+            // named first, as its own row would have been, with the ACK's time.
+            match execution {
                 Some(execution) => {
                     let by = execution["kind"].as_str().unwrap_or("effect");
-                    reason = format!("[{by}] {reason}");
-                    execution
+                    reason = match execution["webhook_to_ack_ms"].as_i64() {
+                        Some(ms) => format!("[{by}, {ms} ms after the webhook] {reason}"),
+                        None => format!("[{by}] {reason}"),
+                    };
                 }
-                None => event,
-            };
-            if let Some(ms) = record["webhook_to_ack_ms"].as_i64() {
-                let _ = write!(reason, " ({ms} ms after the webhook)");
+                None => {
+                    if let Some(ms) = event["webhook_to_ack_ms"].as_i64() {
+                        let _ = write!(reason, " ({ms} ms after the webhook)");
+                    }
+                }
             }
             println!(
                 "{sequence:>4}  {:<12}  {kind:<28}  {states:<32}  {outcome:<8}  {:<56}  {}",
