@@ -1518,6 +1518,9 @@ fn conclude(
         context.rejected(reason);
         return Handled;
     }
+    // Our change supersedes the succeeded seat changes held against older GETs (the GET it
+    // brings speaks now; a cancellation ends the subscription, where nothing is held).
+    context.drop_succeeded();
     match op.command {
         Command::Cancel => {
             context.publish(
@@ -1534,7 +1537,6 @@ fn conclude(
         // §7.2 "on Succeeded: apply change locally; GET subscription to confirm": the GET
         // also brings what the change implies (a flat plan has no seats).
         Command::ChangePlan { plan_id } => {
-            context.drop_succeeded();
             if !op.applied && details.plan_id.as_ref() != Some(&plan_id) {
                 details.plan_id = Some(plan_id.clone());
                 context.publish(DomainEventKind::PlanChanged, details, state);
@@ -1544,7 +1546,6 @@ fn conclude(
             Handled
         }
         Command::ChangeQuantity { quantity } => {
-            context.drop_succeeded();
             if !op.applied && details.quantity != Some(quantity) {
                 details.quantity = Some(quantity);
                 context.publish(DomainEventKind::QuantityChanged, details, state);
