@@ -37,20 +37,18 @@ pub struct AckStats {
 
 /// The ACKs recorded at or after `since` (an index range on `recorded_at`).
 pub async fn ack_stats(pool: &PgPool, since: OffsetDateTime) -> Result<AckStats, StoreError> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FILTER (WHERE ack ? 'webhook_to_ack_ms') AS acks, \
              percentile_cont(0.5) WITHIN GROUP (ORDER BY (ack->>'webhook_to_ack_ms')::float8) \
                  AS p50_ms, \
              percentile_cont(0.99) WITHIN GROUP (ORDER BY (ack->>'webhook_to_ack_ms')::float8) \
                  AS p99_ms, \
              count(*) FILTER (WHERE (ack->>'webhook_to_ack_ms')::float8 > 10000) AS late, \
-             count(*) FILTER (WHERE ack->'calls' @> '[{\"status\": 409}]') AS auto_accepted \
-         FROM (SELECT coalesce(execution, event) AS ack FROM subscription_events \
-               WHERE recorded_at >= $1 AND (event_kind = $2 OR execution->>'kind' = $2)) acks",
-    )
+             count(*) FILTER (WHERE ack->'calls' @> '[{{\"status\": 409}}]') AS auto_accepted \
+         FROM {} WHERE recorded_at >= $1",
+        super::verify::ack_records()
+    )))
     .bind(since)
-    // An ACK execution's record: its own row, or the row of the operation's end it fed.
-    .bind(super::verify::ack_record_kind())
     .fetch_one(pool)
     .await?)
 }

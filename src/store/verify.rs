@@ -131,16 +131,13 @@ pub async fn webhook_to_ack_ms(
     subscription_id: Uuid,
     operation_id: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
-    // The ACK's record: its own row, or the row of the operation's end it fed.
-    Ok(sqlx::query_scalar(
-        "SELECT (coalesce(execution, event)->>'webhook_to_ack_ms')::bigint \
-         FROM subscription_events \
-         WHERE subscription_id = $1 AND (event_kind = $3 OR execution->>'kind' = $3) \
-         AND coalesce(execution, event)->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
-    )
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT (ack->>'webhook_to_ack_ms')::bigint FROM {} \
+         WHERE subscription_id = $1 AND ack->>'operation_id' = $2 ORDER BY sequence LIMIT 1",
+        ack_records()
+    )))
     .bind(subscription_id)
     .bind(operation_id)
-    .bind(ack_record_kind())
     .fetch_optional(pool)
     .await?
     .flatten())
@@ -153,22 +150,18 @@ pub async fn ack_of_operation(
     subscription_id: Uuid,
     operation_id: &str,
 ) -> Result<(i64, i64, Option<String>), sqlx::Error> {
-    // An ACK's record is its own row (its note in `reason`) or in the `execution` column of
-    // the operation's end it fed (its note in `note`).
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM outbox WHERE subscription_id = $1 \
            AND kind = $3 AND effect->>'operation_id' = $2), \
-         (SELECT count(*) FROM subscription_events WHERE subscription_id = $1 \
-           AND (event_kind = $4 OR execution->>'kind' = $4) \
-           AND coalesce(execution, event)->>'operation_id' = $2 \
-           AND coalesce(execution->>'note', reason) LIKE 'ACK % recorded'), \
+         (SELECT count(*) FROM {} WHERE subscription_id = $1 \
+           AND ack->>'operation_id' = $2 AND note LIKE 'ACK % recorded'), \
          (SELECT min(effect->>'status') FROM outbox WHERE subscription_id = $1 \
            AND kind = $3 AND effect->>'operation_id' = $2)",
-    )
+        ack_records()
+    )))
     .bind(subscription_id)
     .bind(operation_id)
     .bind(super::outbox::EffectKind::AckOperation)
-    .bind(ack_record_kind())
     .fetch_one(pool)
     .await
 }
@@ -176,20 +169,26 @@ pub async fn ack_of_operation(
 /// The ACK executions recorded, per subscription and operation: `(subscription, operation
 /// id, executions)`, each in a row of its own or in the row of the operation's end it fed.
 pub async fn acks_per_operation(pool: &PgPool) -> Result<Vec<(Uuid, String, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT subscription_id, coalesce(execution, event)->>'operation_id', count(*) \
-         FROM subscription_events WHERE event_kind = $1 OR execution->>'kind' = $1 \
-         GROUP BY 1, 2",
-    )
-    .bind(ack_record_kind())
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT subscription_id, ack->>'operation_id', count(*) FROM {} GROUP BY 1, 2",
+        ack_records()
+    )))
     .fetch_all(pool)
     .await
 }
 
-/// The event kind of an ACK execution's record (`effect:ack_operation`): its own row's
-/// `event_kind`, or the `kind` in the `execution` column of the result it fed.
-pub(crate) fn ack_record_kind() -> String {
-    format!("effect:{}", super::outbox::EffectKind::AckOperation)
+/// Every ACK execution's record, as a subquery `acks (subscription_id, sequence,
+/// recorded_at, ack, note)`: the execution's own `effect:ack_operation` row (`ack` its
+/// `event`, `note` its `reason`), or the `execution` column of the operation's end it fed
+/// (`EffectKind::records_with_its_result`; `note` in it). The one place that knows where an
+/// ACK is recorded, for the console's statistics and these checks.
+pub(crate) fn ack_records() -> String {
+    let kind = format!("effect:{}", super::outbox::EffectKind::AckOperation);
+    format!(
+        "(SELECT subscription_id, sequence, recorded_at, coalesce(execution, event) AS ack, \
+           coalesce(execution->>'note', reason) AS note FROM subscription_events \
+         WHERE event_kind = '{kind}' OR execution->>'kind' = '{kind}') acks"
+    )
 }
 
 /// Operator-journal rows of one action (e.g. `dlq_replay`).
