@@ -3,10 +3,8 @@
 //! settling alone, a subscription's later row never overtaking an earlier one, ACK rows
 //! claimed by their deadline ahead of an older backlog, an ACK whose PATCH was answered and
 //! that only polls its operation holding back nothing and ranked behind the ACKs, a
-//! customer's seat change whose ACK makes the GET of its operation unnecessary, a batch's
-//! domain events entering the ISV's feed once each, in the batch's settle, and a domain
-//! event claimed with the ACK of its decision and run after that ACK's answer, or not at
-//! all.
+//! customer's seat change whose ACK makes the GET of its operation unnecessary, and a
+//! batch's domain events entering the ISV's feed once each, in the batch's settle.
 //!
 //! The rows are queued straight into the outbox (the store's `enqueue`, as the apply does)
 //! after the stack's worker is stopped, so the test's own runner is the only one claiming.
@@ -53,49 +51,25 @@ async fn queue(
     effect: &Effect,
     ack_due_at: Option<OffsetDateTime>,
 ) -> Uuid {
-    queue_decision(
-        stack,
-        subscription,
-        event_sequence,
-        std::slice::from_ref(effect),
-        ack_due_at,
-    )
-    .await[0]
-}
-
-/// Queues the rows of one decision's `effects`, in their order, as the apply does.
-async fn queue_decision(
-    stack: &Stack,
-    subscription: Uuid,
-    event_sequence: i64,
-    effects: &[Effect],
-    ack_due_at: Option<OffsetDateTime>,
-) -> Vec<Uuid> {
+    let id = Uuid::now_v7();
     let mut conn = stack.pool.acquire().await.unwrap();
-    let event_id = Uuid::now_v7();
-    let now = OffsetDateTime::now_utc();
-    let rows: Vec<NewRow<'_>> = effects
-        .iter()
-        .map(|effect| {
-            let kind = EffectKind::of(effect);
-            NewRow {
-                id: Uuid::now_v7(),
-                subscription_id: subscription,
-                event_id,
-                event_sequence,
-                kind,
-                effect: marketplace_fulfillment::store::json_text(&effect),
-                correlation_id: None,
-                traceparent: None,
-                first: false,
-                due_at: ack_due_at.filter(|_| kind == EffectKind::AckOperation),
-                cloud_event_id: None,
-                now,
-            }
-        })
-        .collect();
-    outbox::enqueue_many(&mut conn, &[], &rows).await.unwrap();
-    rows.iter().map(|row| row.id).collect()
+    let kind = EffectKind::of(effect);
+    let row = NewRow {
+        id,
+        subscription_id: subscription,
+        event_id: Uuid::now_v7(),
+        event_sequence,
+        kind,
+        effect: marketplace_fulfillment::store::json_text(&effect),
+        correlation_id: None,
+        traceparent: None,
+        first: false,
+        due_at: ack_due_at.filter(|_| kind == EffectKind::AckOperation),
+        cloud_event_id: None,
+        now: OffsetDateTime::now_utc(),
+    };
+    outbox::enqueue_many(&mut conn, &[], &[row]).await.unwrap();
+    id
 }
 
 fn domain_event(quantity: u32) -> Effect {
@@ -455,81 +429,6 @@ async fn a_batchs_domain_events_enter_the_feed_once_each_in_its_settle() {
     for sub in &subs {
         assert_eq!(feed(*sub).await, 1, "still once");
     }
-    stack.finish().await;
-}
-
-#[tokio::test]
-async fn a_domain_event_runs_after_the_ack_of_its_decision_in_the_same_batch_or_not_at_all() {
-    let (stack, runner, subs) = quiet_stack(1).await;
-    let sub = subs[0];
-    let soon = OffsetDateTime::now_utc() + Duration::from_secs(10);
-    let rows = queue_decision(
-        &stack,
-        sub,
-        1000,
-        &[ack_of_unknown_operation(), domain_event(6)],
-        Some(soon),
-    )
-    .await;
-    let (ack, event) = (rows[0], rows[1]);
-    async fn published(stack: &Stack) -> usize {
-        stack
-            .take_all(&stack.domain_queue)
-            .await
-            .into_iter()
-            .filter(|(body, _)| body["type"] == "com.fulfillment.subscription.quantity_changed")
-            .count()
-    }
-    async fn untouched(stack: &Stack, event: Uuid) -> (String, i32) {
-        sqlx::query_as("SELECT status, attempts FROM outbox WHERE id = $1")
-            .bind(event)
-            .fetch_one(&stack.pool)
-            .await
-            .unwrap()
-    }
-
-    // Both claims take the event with the ACK that holds it back, and say so.
-    for fast_path in [true, false] {
-        let batch = if fast_path {
-            outbox::claim_ids(&stack.pool, &[event, ack]).await
-        } else {
-            outbox::claim_due(&stack.pool, 10).await
-        };
-        let batch = batch.unwrap().expect("claimable rows");
-        let follows: Vec<(Uuid, Option<Uuid>)> =
-            batch.rows.iter().map(|row| (row.id, row.runs_after)).collect();
-        assert_eq!(follows, [(ack, None), (event, Some(ack))]);
-        batch.release().await.unwrap();
-    }
-
-    // Another runner holds the ACK: the event is claimed without it and not run.
-    let held = outbox::claim_ids(&stack.pool, &[ack]).await.unwrap().unwrap();
-    assert_eq!(runner.execute_now(&[ack, event]).await, 0);
-    assert_eq!(runner.run_until_idle().await.unwrap(), 0);
-    assert_eq!(untouched(&stack, event).await, ("pending".to_string(), 0));
-    held.release().await.unwrap();
-
-    // Microsoft fails the ACK's PATCH: the ACK runs again later, and the event, which must
-    // not leave before it, is not run.
-    stack.admin.set_faults(json!({"share5xx": 1.0})).await.unwrap();
-    assert_eq!(runner.execute_now(&[ack, event]).await, 1, "the ACK alone ran");
-    let (status, error) = row_status(&stack, ack).await;
-    assert_eq!(status, "pending", "{error:?}");
-    assert!(error.is_some(), "the ACK's failure is kept");
-    assert_eq!(untouched(&stack, event).await, ("pending".to_string(), 0));
-    assert_eq!(published(&stack).await, 0);
-    stack.admin.set_faults(json!({})).await.unwrap();
-
-    // The ACK's PATCH is answered (Microsoft does not know the operation: dead, P19), and
-    // the event follows it in the same batch, published once and settled with it.
-    stack
-        .wait_for("the ACK and its event in one batch", || async {
-            (runner.execute_now(&[ack, event]).await == 2).then_some(())
-        })
-        .await;
-    assert_eq!(row_status(&stack, ack).await.0, "dead");
-    assert_eq!(row_status(&stack, event).await.0, "done");
-    assert_eq!(published(&stack).await, 1);
     stack.finish().await;
 }
 

@@ -667,7 +667,6 @@ async fn a_domain_event_queued_without_its_cloud_event_id_is_numbered_among_its_
             traceparent: None,
             due_at: None,
             cloud_event_id: None,
-            runs_after: None,
         };
         sqlx::query(
             "INSERT INTO outbox (id, subscription_id, event_id, event_sequence, kind, effect) \

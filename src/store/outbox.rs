@@ -286,12 +286,6 @@ pub struct OutboxRow {
     /// `None` for other kinds and for rows queued without it (see [`domain_event_position`]).
     #[sqlx(default)]
     pub cloud_event_id: Option<String>,
-    /// Set by the effect runners' claims ([`claim_due`], [`claim_ids`]) only: the pending
-    /// ACK of the same decision that this domain event follows. The batch runs the event once that ACK's
-    /// PATCH has been answered (it is done or dead, or only waits for Microsoft), and leaves
-    /// it pending, untouched, when the ACK was not claimed with it or must run again.
-    #[sqlx(default)]
-    pub runs_after: Option<Uuid>,
 }
 
 /// A claimed row: its lock lives as long as this value; end it with one of the methods.
@@ -316,58 +310,22 @@ const CLAIM_ORDER: &str = "o.due_at, o.priority, o.next_attempt_at";
 
 /// The claimability test (see the module docs): no earlier pending row of the same
 /// subscription that holds this one back. `$1` binds the kinds that hold back nothing, `$2`
-/// those that hold back only their own kind ([`EffectKind::ordering`]); a row marked
-/// `awaits_microsoft` (by the runner, from its progress) waits like them. A probe of one
-/// range of `outbox_subscription_idx`, the only index it can use (see that index's
-/// migration: whatever the statistics, the planner never scans it whole per candidate),
-/// once per candidate: `OFFSET 0` keeps the planner from turning the test into an
-/// anti-join, which statistics taken while little was pending made a sequential scan of the
-/// whole outbox per claim, its pending rows then compared with every candidate (measured in
-/// `bench pipeline`: a third of the claims, 26 ms each; in the runs that hit it, PostgreSQL
-/// used 2.3-2.9 ms of CPU per change instead of 1.3-1.6).
-///
-/// `but_its_ack`, for the effect runners' claims ([`claim_due`], [`claim_ids`]): a domain
-/// event is not held back by the pending ACK of its own decision (same `event_id`). Those
-/// claims name the ACK in the row's `runs_after` ([`its_ack`]), and the batch runs the event
-/// only after the ACK's PATCH was answered: the order the rule keeps, without a second
-/// claim and settle for the event (issue #17).
-fn nothing_before_it(but_its_ack: bool) -> String {
-    let exception = if but_its_ack {
-        format!(
-            "AND NOT (o.kind = '{event}' AND p.kind = '{ack}' AND p.event_id = o.event_id)",
-            event = EffectKind::PublishDomainEvent.as_str(),
-            ack = EffectKind::AckOperation.as_str(),
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "NOT EXISTS ( \
-             SELECT 1 FROM outbox p \
-             WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
-               AND p.kind <> ALL($1) AND (p.kind = o.kind OR p.kind <> ALL($2)) \
-               AND NOT p.awaits_microsoft \
-               AND (p.event_sequence, p.id) < (o.event_sequence, o.id) {exception} \
-             OFFSET 0)"
-    )
-}
-
-/// The `runs_after` column of [`claim_due`] and [`claim_ids`]: for a domain event, the pending ACK of its
-/// decision that comes before it and would hold it back (the exception of
-/// [`nothing_before_it`]); a probe of the same range of
-/// `outbox_subscription_idx`.
-fn its_ack() -> String {
-    format!(
-        "CASE WHEN o.kind = '{event}' THEN ( \
-             SELECT p.id FROM outbox p \
-             WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
-               AND p.event_sequence = o.event_sequence AND p.id < o.id \
-               AND p.event_id = o.event_id AND p.kind = '{ack}' AND NOT p.awaits_microsoft \
-             LIMIT 1) END AS runs_after",
-        event = EffectKind::PublishDomainEvent.as_str(),
-        ack = EffectKind::AckOperation.as_str(),
-    )
-}
+/// those that hold back only their own kind ([`EffectKind::ordering`]); a row marked `awaits_microsoft` (by the runner, from its
+/// progress) waits like them. A probe of one range of `outbox_subscription_idx`, the only
+/// index it can use (see that index's migration: whatever the statistics, the planner
+/// never scans it whole per candidate), once per candidate: `OFFSET 0` keeps the planner
+/// from turning the test into an anti-join, which statistics taken while little was
+/// pending made a sequential scan of the whole outbox per claim, its pending rows then
+/// compared with every candidate (measured in `bench pipeline`: a third of the claims,
+/// 26 ms each; in the runs that hit it, PostgreSQL used 2.3-2.9 ms of CPU per change
+/// instead of 1.3-1.6).
+const NOTHING_BEFORE_IT: &str = "NOT EXISTS ( \
+         SELECT 1 FROM outbox p \
+         WHERE p.subscription_id = o.subscription_id AND p.status = 'pending' \
+           AND p.kind <> ALL($1) AND (p.kind = o.kind OR p.kind <> ALL($2)) \
+           AND NOT p.awaits_microsoft \
+           AND (p.event_sequence, p.id) < (o.event_sequence, o.id) \
+         OFFSET 0)";
 
 /// Begins a claim's transaction, whose statements — the claim, then the settle's — run with
 /// generic plans. They bind arrays (ids, kinds, a batch's ends), and for an array of known
@@ -398,11 +356,10 @@ pub async fn claim_next_of_kind(
     let row = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND o.kind = '{kind}' AND {nothing_before_it} \
+           AND o.kind = '{kind}' AND {NOTHING_BEFORE_IT} \
          ORDER BY o.priority, o.next_attempt_at \
          LIMIT 1 \
-         FOR UPDATE OF o SKIP LOCKED",
-        nothing_before_it = nothing_before_it(false),
+         FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
@@ -431,10 +388,6 @@ async fn finish_claim(
 /// window (P7) must not be spent behind a burst of confirmations, GETs and domain events.
 /// `None` when nothing is claimable.
 ///
-/// A domain event held back only by the ACK of its own decision is claimed too, with that
-/// ACK in [`OutboxRow::runs_after`] (see [`nothing_before_it`]): the caller runs it after
-/// the ACK, or not at all.
-///
 /// The scan follows `outbox_claim_due_idx` and stops once it has `limit` rows that are
 /// claimable and not locked by another runner, so a claim costs the rows it skips, not the
 /// size of the backlog. A row held back by an earlier pending row of its subscription is
@@ -451,14 +404,12 @@ pub async fn claim_due(pool: &PgPool, limit: usize) -> Result<Option<ClaimedBatc
         .collect::<Vec<_>>()
         .join(", ");
     let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROW_COLUMNS}, {its_ack} FROM outbox o \
+        "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND o.kind IN ({kinds}) \
-           AND {nothing_before_it} \
+           AND {NOTHING_BEFORE_IT} \
          ORDER BY {CLAIM_ORDER} \
          LIMIT $3 \
-         FOR UPDATE OF o SKIP LOCKED",
-        its_ack = its_ack(),
-        nothing_before_it = nothing_before_it(true),
+         FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
@@ -472,22 +423,18 @@ pub async fn claim_due(pool: &PgPool, limit: usize) -> Result<Option<ClaimedBatc
 /// row of their subscription, not held by another runner — in one statement and one
 /// transaction, in the claim order. `None` when none is: the others are done already,
 /// behind an earlier row, or being executed elsewhere, and the runners take them in their
-/// turn. A domain event held back only by the ACK of its own decision is claimed too, with
-/// that ACK in [`OutboxRow::runs_after`] (see [`nothing_before_it`]): the
-/// caller runs it after the ACK, or not at all.
+/// turn.
 pub async fn claim_ids(pool: &PgPool, ids: &[Uuid]) -> Result<Option<ClaimedBatch>, StoreError> {
     if ids.is_empty() {
         return Ok(None);
     }
     let mut tx = begin_claim(pool).await?;
     let rows = sqlx::query_as::<_, OutboxRow>(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROW_COLUMNS}, {its_ack} FROM outbox o \
+        "SELECT {ROW_COLUMNS} FROM outbox o \
          WHERE o.id = ANY($3) AND o.status = 'pending' AND o.next_attempt_at <= now() \
-           AND o.kind = ANY($4) AND {nothing_before_it} \
+           AND o.kind = ANY($4) AND {NOTHING_BEFORE_IT} \
          ORDER BY {CLAIM_ORDER} \
-         FOR UPDATE OF o SKIP LOCKED",
-        its_ack = its_ack(),
-        nothing_before_it = nothing_before_it(true),
+         FOR UPDATE OF o SKIP LOCKED"
     )))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackNothing))
     .bind(EffectKind::with_ordering(Ordering::HoldsBackItsKind))
@@ -1028,9 +975,7 @@ mod tests {
     #[test]
     fn the_pending_literal_the_partial_indexes_need_is_the_status_word() {
         let pending = format!("status = '{}'", OutboxStatus::Pending.as_str());
-        assert!(nothing_before_it(false).contains(&pending));
-        assert!(nothing_before_it(true).contains(&pending));
-        assert!(its_ack().contains(&pending));
+        assert!(NOTHING_BEFORE_IT.contains(&pending));
         assert!(PENDING_ROWS.contains(&pending));
     }
 

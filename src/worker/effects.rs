@@ -12,7 +12,7 @@
 //! one that gives up leaves it `dead` with the reason, also in the event log, for an
 //! operator to replay.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -131,48 +131,6 @@ pub fn with_onboarding(cloud_event: &mut Value, answers: Option<Value>) {
     }
 }
 
-/// When the rows of a claimed batch run.
-struct RunOrder {
-    /// At once.
-    leaders: Vec<OutboxRow>,
-    /// After the ACK they follow ([`OutboxRow::runs_after`], by its id), in the batch.
-    followers: HashMap<Uuid, Vec<OutboxRow>>,
-    /// Not in this batch: the ACK they follow is not in it (another runner holds it).
-    not_run: Vec<Uuid>,
-}
-
-impl RunOrder {
-    fn of(rows: &[OutboxRow]) -> Self {
-        let claimed: HashSet<Uuid> = rows.iter().map(|row| row.id).collect();
-        let mut order = Self {
-            leaders: Vec::with_capacity(rows.len()),
-            followers: HashMap::new(),
-            not_run: Vec::new(),
-        };
-        for row in rows {
-            match row.runs_after {
-                Some(ack) if claimed.contains(&ack) => {
-                    order.followers.entry(ack).or_default().push(row.clone());
-                }
-                Some(_) => order.not_run.push(row.id),
-                None => order.leaders.push(row.clone()),
-            }
-        }
-        order
-    }
-}
-
-/// What [`EffectRunner::execute_batch`] did with a claimed batch.
-struct BatchRun {
-    /// Rows executed and settled.
-    count: usize,
-    /// Domain events claimed with an ACK and not run: the ACK was not in the batch or must
-    /// run again ([`OutboxRow::runs_after`]).
-    not_run: Vec<Uuid>,
-    /// The rows that go on at once and those the results queued.
-    next: Vec<Uuid>,
-}
-
 /// How one execution ended.
 #[derive(Debug)]
 enum Disposition {
@@ -199,21 +157,6 @@ enum Disposition {
         after: Duration,
         progress: Value,
     },
-}
-
-impl Disposition {
-    /// Whether the row, ended so, no longer holds back the later rows of its subscription
-    /// (the claim's rule): it is done or dead, or it only waits for Microsoft ([`end_of`]
-    /// marks it `awaits_microsoft`).
-    fn releases_later_rows(&self) -> bool {
-        match self {
-            Self::Done | Self::Dead { .. } => true,
-            Self::Wait { progress, .. } | Self::Retry { progress, .. } => {
-                progress.awaits_microsoft_only()
-            }
-            Self::RetryUsage { .. } => false,
-        }
-    }
 }
 
 /// The calls of one execution, for the event log.
@@ -544,15 +487,6 @@ impl EffectRunner {
                     },
                 };
                 match outbox::claim_due(&self.inner.pool, BATCH_LIMIT).await {
-                    Ok(Some(batch)) if RunOrder::of(&batch.rows).leaders.is_empty() => {
-                        // Only domain events whose ACK another batch holds: claiming again
-                        // now would take them again; that batch's end wakes this loop.
-                        drop(permit);
-                        if let Err(error) = batch.release().await {
-                            tracing::warn!(%error, "cannot give back outbox rows");
-                        }
-                        break;
-                    }
                     Ok(Some(batch)) => {
                         let runner = self.clone();
                         tasks.spawn(async move {
@@ -660,18 +594,8 @@ impl EffectRunner {
             .copied()
             .filter(|id| !claimed.contains(id))
             .collect();
-        let ran = self.execute_batch(batch).await;
-        if ran.count == 0 {
-            // Only domain events whose ACK another runner holds: as if nothing was claimable.
-            self.inner.deferred.store(true, Ordering::SeqCst);
-            self.inner.wake.notify_one();
-            return (0, Vec::new());
-        }
-        // A domain event claimed with its ACK but not run (the ACK must run again) is tried
-        // again like the rows not claimed.
-        rest.extend(ran.not_run);
-        rest.extend(ran.next);
-        (ran.count, rest)
+        rest.extend(self.execute_batch(batch).await);
+        (claimed.len(), rest)
     }
 
     /// Executes due rows, a batch at a time, until none is due; returns how many ran. For
@@ -679,54 +603,25 @@ impl EffectRunner {
     pub async fn run_until_idle(&self) -> Result<usize, StoreError> {
         let mut ran = 0;
         while let Some(batch) = outbox::claim_due(&self.inner.pool, BATCH_LIMIT).await? {
-            if RunOrder::of(&batch.rows).leaders.is_empty() {
-                // Only domain events whose ACK another runner holds.
-                batch.release().await?;
-                break;
-            }
-            ran += self.execute_batch(batch).await.count;
+            ran += batch.rows.len();
+            self.execute_batch(batch).await;
         }
         Ok(ran)
     }
 
     /// Executes the rows of a batch at once — each call holding one of the `calls`
     /// permits, taken in the claim order, so the ACKs due soonest go first — and settles
-    /// them in the batch's transaction. A domain event claimed with the ACK of its decision
-    /// ([`OutboxRow::runs_after`]) runs after that ACK, once its PATCH was answered
-    /// ([`Disposition::releases_later_rows`]); if the ACK was not claimed with it or must
-    /// run again, the event is not run and stays pending, untouched.
-    async fn execute_batch(&self, batch: ClaimedBatch) -> BatchRun {
+    /// them in the batch's transaction; returns the rows that go on at once and those their
+    /// results queued.
+    async fn execute_batch(&self, batch: ClaimedBatch) -> Vec<Uuid> {
         let count = batch.rows.len();
         self.inner
             .activity
             .in_flight
             .fetch_add(count, Ordering::SeqCst);
-        let RunOrder {
-            leaders,
-            mut followers,
-            mut not_run,
-        } = RunOrder::of(&batch.rows);
-        let runs = leaders.into_iter().map(|row| {
-            let after = followers.remove(&row.id).unwrap_or_default();
-            async move {
-                let first = self.run_row(row).await;
-                if after.is_empty() || !first.1.releases_later_rows() {
-                    let held = after.iter().map(|row| row.id).collect();
-                    return (vec![first], held);
-                }
-                let mut ran = vec![first];
-                for row in after {
-                    ran.push(self.run_row(row).await);
-                }
-                (ran, Vec::new())
-            }
-        });
-        let mut executed = Vec::with_capacity(count);
-        for (ran, held) in futures_util::future::join_all(runs).await {
-            executed.extend(ran);
-            not_run.extend(held);
-        }
-        let ran = executed.len();
+        let executed =
+            futures_util::future::join_all(batch.rows.iter().cloned().map(|row| self.run_row(row)))
+                .await;
         let follow_ups = match self.settle_batch(batch, executed).await {
             Ok(follow_ups) => follow_ups,
             Err(error) => {
@@ -741,11 +636,7 @@ impl EffectRunner {
         if self.inner.deferred.swap(false, Ordering::SeqCst) {
             self.inner.wake.notify_one();
         }
-        BatchRun {
-            count: ran,
-            not_run,
-            next: follow_ups,
-        }
+        follow_ups
     }
 
     /// Executes one claimed row's protocol (its calls, not its end): what it collected,
