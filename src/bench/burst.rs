@@ -5,6 +5,16 @@
 //! simulator's clock from the operation's creation (its webhook); one that is not is
 //! auto-accepted by Microsoft — decided without the ISV's policy — and the run exits 1.
 //!
+//! Where an auto-accepted change was lost is told from both sides: how its webhook's first
+//! delivery ended and when (the simulator's record: no answer within the attempt's timeout,
+//! or the status answered), and what the ingress counted over the burst (its `/metrics`
+//! before and after: webhook requests answered, those answered more than 10 s after they
+//! were read, connections that waited for a place under `HTTP_MAX_CONNECTIONS`). A webhook
+//! that timed out while the ingress answered every request it read in time never reached the
+//! handler. JSON keys: `auto_accepted_first_attempts` (by outcome),
+//! `ingress_webhook_requests`, `ingress_webhook_requests_over_10s`,
+//! `ingress_connections_waited`.
+//!
 //! The world is the pipeline bench's: the simulator in this process, `fulfillment serve` and
 //! one `fulfillment work` as children, a throwaway database and RabbitMQ topology.
 
@@ -14,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::harness::{
@@ -75,6 +86,59 @@ struct Report {
     worker_peak_rss_mib: f64,
     /// This process: the simulator and the load driver.
     simulator_peak_rss_mib: f64,
+    /// Where the auto-accepted changes were lost: the first delivery of each one's webhook.
+    missed: Vec<Missed>,
+    /// When the burst's first operation was created (the simulator's clock).
+    began: Option<OffsetDateTime>,
+    /// What the ingress counted while the burst ran.
+    ingress: IngressSide,
+}
+
+/// The first delivery attempt of an auto-accepted change's webhook.
+struct Missed {
+    /// When its operation was created.
+    created: OffsetDateTime,
+    /// When the attempt ended (answer or error), and how; `None` when it was never tried.
+    first_attempt: Option<(OffsetDateTime, String)>,
+}
+
+/// The ingress's own counts over the burst (its `/metrics` before and after): whether a
+/// webhook that went unanswered reached its handler, or waited before it.
+#[derive(Debug, Default)]
+struct IngressSide {
+    /// Webhook requests answered (any status).
+    webhooks: f64,
+    /// Of those, answered more than Microsoft's 10 s window after they were read.
+    over_window: f64,
+    /// Connections that waited for a place under `HTTP_MAX_CONNECTIONS`.
+    waited: f64,
+}
+
+impl IngressSide {
+    fn between(before: &str, after: &str) -> Self {
+        use crate::http::metrics::HTTP_REQUEST_DURATION_SECONDS;
+        use crate::metrics::FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL;
+        let webhook = "route=\"/webhook\"";
+        let count =
+            |text: &str| measure::histogram_totals(text, HTTP_REQUEST_DURATION_SECONDS, webhook).1;
+        let in_window = |text: &str| {
+            measure::histogram_at_most(
+                text,
+                HTTP_REQUEST_DURATION_SECONDS,
+                webhook,
+                WINDOW.as_secs_f64(),
+            )
+        };
+        let waited = |text: &str| {
+            measure::series_total(text, FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL, &[])
+        };
+        let webhooks = count(after) - count(before);
+        Self {
+            webhooks,
+            over_window: webhooks - (in_window(after) - in_window(before)),
+            waited: waited(after) - waited(before),
+        }
+    }
 }
 
 async fn measure(
@@ -117,6 +181,19 @@ async fn measure(
         .context("the outbox did not drain after the purchases")?;
     pool.close().await;
 
+    let ingress_metrics = format!("http://{ingress_addr}/metrics");
+    let scrape = async || -> anyhow::Result<String> {
+        Ok(http
+            .get(&ingress_metrics)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    };
+    let metrics_before = scrape()
+        .await
+        .context("cannot read the ingress's /metrics")?;
     eprintln!("bench: {} seat changes issued at once…", args.changes);
     let issued = Instant::now();
     let operations: Vec<(Uuid, Uuid)> = {
@@ -142,12 +219,15 @@ async fn measure(
     let mut acked_us = Vec::with_capacity(operations.len());
     let (mut auto_accepted, mut not_ended) = (0, 0);
     let mut other = Vec::new();
+    let mut missed = Vec::new();
+    let mut began: Option<OffsetDateTime> = None;
     for (subscription, operation) in operations {
         let left = deadline.saturating_sub(issued.elapsed());
         let progress = view
             .wait_for_operation(subscription, operation, left)
             .await
             .with_context(|| format!("operation {operation} vanished"))?;
+        began = Some(began.map_or(progress.created, |t| t.min(progress.created)));
         match (progress.finished, progress.resolution.as_deref()) {
             (Some(finished), Some(resolution)) if resolution.starts_with("acknowledged") => {
                 let us = (finished - progress.created).whole_microseconds();
@@ -155,6 +235,13 @@ async fn measure(
             }
             (Some(_), Some(resolution)) if resolution.starts_with("auto-accepted") => {
                 auto_accepted += 1;
+                missed.push(Missed {
+                    created: progress.created,
+                    first_attempt: progress
+                        .webhook_attempts
+                        .first()
+                        .map(|attempt| (attempt.ended, attempt.outcome.clone())),
+                });
             }
             (finished, resolution) => {
                 not_ended += 1;
@@ -170,6 +257,9 @@ async fn measure(
         }
     }
     let drained_seconds = issued.elapsed().as_secs_f64();
+    let metrics_after = scrape()
+        .await
+        .context("cannot read the ingress's /metrics")?;
     acked_us.sort_unstable();
     Ok(Report {
         acked_us,
@@ -181,10 +271,68 @@ async fn measure(
         ingress_peak_rss_mib: ingress_rss.peak_mib(),
         worker_peak_rss_mib: worker_rss.peak_mib(),
         simulator_peak_rss_mib: measure::own_peak_rss_mib(),
+        missed,
+        began,
+        ingress: IngressSide::between(&metrics_before, &metrics_after),
     })
 }
 
 impl Report {
+    /// The auto-accepted changes by how their webhook's first delivery ended: the error's
+    /// last clause (e.g. "operation timed out") or the status answered.
+    fn missed_by_outcome(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        for missed in &self.missed {
+            let outcome = match &missed.first_attempt {
+                Some((_, outcome)) => outcome.rsplit(": ").next().unwrap_or(outcome).to_string(),
+                None => "never tried".to_string(),
+            };
+            *by.entry(outcome).or_default() += 1;
+        }
+        by
+    }
+
+    /// One line per way the auto-accepted changes' first deliveries ended: how many, when
+    /// their operations were created into the burst, and how long after that the attempt
+    /// ended.
+    fn missed_lines(&self) -> Vec<String> {
+        let Some(began) = self.began else {
+            return Vec::new();
+        };
+        let seconds = |d: time::Duration| d.as_seconds_f64();
+        self.missed_by_outcome()
+            .into_iter()
+            .map(|(outcome, count)| {
+                let of_outcome = self.missed.iter().filter(|m| match &m.first_attempt {
+                    Some((_, text)) => text.rsplit(": ").next() == Some(outcome.as_str()),
+                    None => outcome == "never tried",
+                });
+                let (mut into, mut after) = (Vec::new(), Vec::new());
+                for missed in of_outcome {
+                    into.push(seconds(missed.created - began));
+                    if let Some((ended, _)) = &missed.first_attempt {
+                        after.push(seconds(*ended - missed.created));
+                    }
+                }
+                let range = |values: &[f64]| {
+                    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{min:.2}–{max:.2} s")
+                };
+                let ended = if after.is_empty() {
+                    String::new()
+                } else {
+                    format!(", the attempt ended {} after the change", range(&after))
+                };
+                format!(
+                    "{count} × first webhook delivery: {outcome} (changes created {} into the \
+                     burst{ended})",
+                    range(&into)
+                )
+            })
+            .collect()
+    }
+
     fn in_window(&self) -> usize {
         let window = WINDOW.as_micros() as u64;
         self.acked_us.iter().filter(|us| **us <= window).count()
@@ -210,6 +358,17 @@ impl Report {
             share * 100.0
         );
         println!("  auto-accepted by Microsoft      {}", self.auto_accepted);
+        for line in self.missed_lines() {
+            println!("    {line}");
+        }
+        println!(
+            "  ingress, during the burst       {:.0} webhook requests answered, {:.0} of them \
+             after more than {} s; {:.0} connections waited for a place (HTTP_MAX_CONNECTIONS)",
+            self.ingress.webhooks,
+            self.ingress.over_window,
+            WINDOW.as_secs(),
+            self.ingress.waited
+        );
         println!(
             "  webhook-to-ACK                  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (simulator clock)",
             ms(0.50),
@@ -259,8 +418,97 @@ impl Report {
             "ingress_peak_rss_mib": round(self.ingress_peak_rss_mib, 1),
             "worker_peak_rss_mib": round(self.worker_peak_rss_mib, 1),
             "simulator_peak_rss_mib": round(self.simulator_peak_rss_mib, 1),
+            "auto_accepted_first_attempts": self.missed_by_outcome(),
+            "ingress_webhook_requests": self.ingress.webhooks.round() as u64,
+            "ingress_webhook_requests_over_10s": self.ingress.over_window.round() as u64,
+            "ingress_connections_waited": self.ingress.waited.round() as u64,
             "target": {"auto_accepted": 0, "met": met},
         });
         println!("{json}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_accepted_changes_are_told_by_how_their_first_delivery_ended() {
+        let began = OffsetDateTime::now_utc();
+        let ms = |n: i64| time::Duration::milliseconds(n);
+        let timed_out = "error sending request for url (http://127.0.0.1:1/webhook): \
+                         operation timed out";
+        let missed = vec![
+            Missed {
+                created: began + ms(10),
+                first_attempt: Some((began + ms(10_020), timed_out.to_string())),
+            },
+            Missed {
+                created: began + ms(90),
+                first_attempt: Some((began + ms(10_140), timed_out.to_string())),
+            },
+            Missed {
+                created: began + ms(2_000),
+                first_attempt: Some((began + ms(2_500), "503".to_string())),
+            },
+            Missed {
+                created: began + ms(3_000),
+                first_attempt: None,
+            },
+        ];
+        let report = Report {
+            acked_us: Vec::new(),
+            auto_accepted: missed.len(),
+            not_ended: 0,
+            other: Vec::new(),
+            issue_seconds: 1.0,
+            drained_seconds: 12.0,
+            ingress_peak_rss_mib: 0.0,
+            worker_peak_rss_mib: 0.0,
+            simulator_peak_rss_mib: 0.0,
+            missed,
+            began: Some(began),
+            ingress: IngressSide::default(),
+        };
+        let by: Vec<(String, usize)> = report.missed_by_outcome().into_iter().collect();
+        assert_eq!(
+            by,
+            [
+                ("503".to_string(), 1),
+                ("never tried".to_string(), 1),
+                ("operation timed out".to_string(), 2)
+            ]
+        );
+        assert_eq!(
+            report.missed_lines(),
+            [
+                "1 × first webhook delivery: 503 (changes created 2.00–2.00 s into the burst, \
+                 the attempt ended 0.50–0.50 s after the change)",
+                "1 × first webhook delivery: never tried (changes created 3.00–3.00 s into the \
+                 burst)",
+                "2 × first webhook delivery: operation timed out (changes created 0.01–0.09 s \
+                 into the burst, the attempt ended 10.01–10.05 s after the change)",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_ingress_side_is_the_difference_of_two_scrapes() {
+        let exposition = |answered: u32, in_window: u32, waited: u32| {
+            format!(
+                "http_request_duration_seconds_bucket{{route=\"/webhook\",status=\"200\",le=\"10\"}} \
+                 {in_window}\n\
+                 http_request_duration_seconds_bucket{{route=\"/webhook\",status=\"200\",le=\"+Inf\"}} \
+                 {answered}\n\
+                 http_request_duration_seconds_sum{{route=\"/webhook\",status=\"200\"}} 1.5\n\
+                 http_request_duration_seconds_count{{route=\"/webhook\",status=\"200\"}} \
+                 {answered}\n\
+                 fulfillment_http_connections_waited_total {waited}\n"
+            )
+        };
+        let side = IngressSide::between(&exposition(200, 200, 0), &exposition(5200, 5175, 300));
+        assert_eq!(side.webhooks, 5000.0);
+        assert_eq!(side.over_window, 25.0);
+        assert_eq!(side.waited, 300.0);
     }
 }

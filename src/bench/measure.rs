@@ -225,16 +225,52 @@ impl CpuMark {
 /// Sum of the `_sum` and `_count` series of a Prometheus histogram whose labels contain
 /// `label` (e.g. `route="/webhook"`), from a text exposition.
 pub fn histogram_totals(exposition: &str, metric: &str, label: &str) -> (f64, f64) {
-    let value_of = |suffix: &str| -> f64 {
-        let prefix = format!("{metric}{suffix}");
-        exposition
-            .lines()
-            .filter(|line| line.starts_with(&prefix) && line.contains(label))
-            .filter(|line| line[prefix.len()..].starts_with('{'))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (value_of("_sum"), value_of("_count"))
+    (
+        series_total(exposition, &format!("{metric}_sum"), &[label]),
+        series_total(exposition, &format!("{metric}_count"), &[label]),
+    )
+}
+
+/// How many observations of a Prometheus histogram whose labels contain `label` were at
+/// most `le` (its bucket of that bound, which must be one of its bounds), from a text
+/// exposition.
+pub fn histogram_at_most(exposition: &str, metric: &str, label: &str, le: f64) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(metric)
+                .and_then(|rest| rest.strip_prefix("_bucket{"))
+                .is_some_and(|labels| labels.contains(label))
+        })
+        .filter(|line| {
+            line.split("le=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .and_then(|bound| bound.parse::<f64>().ok())
+                .is_some_and(|bound| bound == le)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sum of the values of `series` (a counter, or one series of a histogram) over its label
+/// sets that contain every one of `labels`, from a text exposition; a series without labels
+/// counts when `labels` is empty.
+pub fn series_total(exposition: &str, series: &str, labels: &[&str]) -> f64 {
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            let (label_text, value) = match rest.strip_prefix('{') {
+                Some(rest) => rest.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            labels
+                .iter()
+                .all(|label| label_text.contains(label))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// Rounds to `places` decimals for the report.
@@ -269,6 +305,29 @@ mod tests {
             histogram_totals(text, "x", "route=\"/webhook\""),
             (1.5, 3.0)
         );
+    }
+
+    #[test]
+    fn buckets_and_counters_are_read_by_their_labels() {
+        let text = "# TYPE x histogram\n\
+            x_bucket{route=\"/webhook\",status=\"200\",le=\"5\"} 7\n\
+            x_bucket{route=\"/webhook\",status=\"200\",le=\"10\"} 8\n\
+            x_bucket{route=\"/webhook\",status=\"503\",le=\"10\"} 2\n\
+            x_bucket{route=\"/webhook\",status=\"200\",le=\"+Inf\"} 9\n\
+            x_bucket{route=\"/readyz\",status=\"200\",le=\"10\"} 100\n\
+            waited_total 3\n\
+            waited_total_other 40\n";
+        assert_eq!(
+            histogram_at_most(text, "x", "route=\"/webhook\"", 10.0),
+            10.0
+        );
+        assert_eq!(histogram_at_most(text, "x", "route=\"/webhook\"", 5.0), 7.0);
+        assert_eq!(series_total(text, "waited_total", &[]), 3.0);
+        assert_eq!(
+            series_total(text, "x_bucket", &["status=\"503\"", "le=\"10\""]),
+            2.0
+        );
+        assert_eq!(series_total(text, "absent", &[]), 0.0);
     }
 
     #[test]

@@ -516,7 +516,12 @@ impl ProgressReader {
                 "{} ({}); webhook attempts: [{}]",
                 progress.status,
                 resolution.unwrap_or("no resolution"),
-                progress.webhook_attempts.join(", ")
+                progress
+                    .webhook_attempts
+                    .iter()
+                    .map(|attempt| attempt.outcome.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
             (None, _) => Err("still InProgress at the deadline".into()),
         }

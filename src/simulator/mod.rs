@@ -546,10 +546,19 @@ pub struct OperationProgress {
     pub resolution: Option<String>,
     pub created: time::OffsetDateTime,
     pub finished: Option<time::OffsetDateTime>,
-    /// Each webhook delivery attempt for it: the status code, or the error.
-    pub webhook_attempts: Vec<String>,
+    /// Each webhook delivery attempt for it, in order.
+    pub webhook_attempts: Vec<WebhookAttempt>,
     /// The status each Get Operation answered, in order.
     pub reads: Vec<String>,
+}
+
+/// One delivery attempt of an operation's webhook, as Microsoft's side saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    /// When it ended: the ISV's answer came, or the attempt failed (its timeout included).
+    pub ended: time::OffsetDateTime,
+    /// The status code answered, or the error.
+    pub outcome: String,
 }
 
 /// See [`SimulatorView::outstanding`].
@@ -580,10 +589,13 @@ impl SimulatorView {
                 .iter()
                 .filter(|d| d.operation_id == operation_id)
                 .flat_map(|d| &d.attempts)
-                .map(|a| match (a.status_code, &a.error) {
-                    (Some(code), _) => code.to_string(),
-                    (None, Some(error)) => error.clone(),
-                    (None, None) => "no answer".to_string(),
+                .map(|a| WebhookAttempt {
+                    ended: a.at,
+                    outcome: match (a.status_code, &a.error) {
+                        (Some(code), _) => code.to_string(),
+                        (None, Some(error)) => error.clone(),
+                        (None, None) => "no answer".to_string(),
+                    },
                 })
                 .collect();
             Some(OperationProgress {
