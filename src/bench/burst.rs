@@ -11,7 +11,9 @@
 //! before and after: webhook requests answered, those answered more than 10 s after they
 //! were read, connections that waited for a place under `HTTP_MAX_CONNECTIONS`). A webhook
 //! that timed out while the ingress answered every request it read in time never reached the
-//! handler. JSON keys: `auto_accepted_first_attempts` (by outcome),
+//! handler. A run that misses its target keeps the ingress's and the worker's log files and
+//! names them (a JWKS fetch of a second or more is a warning there). JSON keys:
+//! `auto_accepted_first_attempts` (by outcome),
 //! `ingress_webhook_requests`, `ingress_webhook_requests_over_10s`,
 //! `ingress_connections_waited`.
 //!
@@ -92,6 +94,8 @@ struct Report {
     began: Option<OffsetDateTime>,
     /// What the ingress counted while the burst ran.
     ingress: IngressSide,
+    /// The children's log files, kept when the run missed its target (name, path).
+    kept_logs: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 /// The first delivery attempt of an auto-accepted change's webhook.
@@ -261,6 +265,14 @@ async fn measure(
         .await
         .context("cannot read the ingress's /metrics")?;
     acked_us.sort_unstable();
+    // A missed target wants the ingress's and the worker's own account read.
+    let mut kept_logs = Vec::new();
+    if auto_accepted > 0 || not_ended > 0 {
+        for child in children.iter_mut() {
+            child.keep_log = true;
+            kept_logs.push((child.name, child.log.clone()));
+        }
+    }
     Ok(Report {
         acked_us,
         auto_accepted,
@@ -274,6 +286,7 @@ async fn measure(
         missed,
         began,
         ingress: IngressSide::between(&metrics_before, &metrics_after),
+        kept_logs,
     })
 }
 
@@ -397,6 +410,12 @@ impl Report {
                 println!("    {n} × {reason}");
             }
         }
+        for (name, path) in &self.kept_logs {
+            println!(
+                "  log kept                        {name}: {}",
+                path.display()
+            );
+        }
         let met = self.auto_accepted == 0 && self.not_ended == 0;
         println!(
             "\ntarget (every change acknowledged within 10 s, none auto-accepted): {}",
@@ -469,6 +488,7 @@ mod tests {
             missed,
             began: Some(began),
             ingress: IngressSide::default(),
+            kept_logs: Vec::new(),
         };
         let by: Vec<(String, usize)> = report.missed_by_outcome().into_iter().collect();
         assert_eq!(

@@ -38,6 +38,9 @@ pub const MAX_LEEWAY: Duration = Duration::from_secs(5 * 60);
 
 /// A JWKS fetch that takes longer than this fails (callers wait on it).
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// A JWKS fetch that took this long is logged as a warning: the webhooks waiting for it
+/// spent a tenth of Microsoft's window on it.
+const SLOW_JWKS_FETCH: Duration = Duration::from_secs(1);
 
 /// Entra's JWKS is a few KiB; anything far larger is not a key set.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -574,12 +577,23 @@ impl Inner {
         }
         let keys = parse_jwks(&body)?;
         anyhow::ensure!(!keys.is_empty(), "the JWKS holds no RS256 signing key");
-        tracing::info!(
-            jwks_url = %self.config.jwks_url,
-            keys = keys.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "fetched the Entra JWKS"
-        );
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        // Every webhook that needs the keys waits for this fetch, on Microsoft's 10 s clock.
+        if started.elapsed() >= SLOW_JWKS_FETCH {
+            tracing::warn!(
+                jwks_url = %self.config.jwks_url,
+                keys = keys.len(),
+                elapsed_ms,
+                "fetched the Entra JWKS slowly; the webhooks that needed it waited as long"
+            );
+        } else {
+            tracing::info!(
+                jwks_url = %self.config.jwks_url,
+                keys = keys.len(),
+                elapsed_ms,
+                "fetched the Entra JWKS"
+            );
+        }
         Ok(KeySet {
             keys,
             fetched_at: Instant::now(),
