@@ -106,6 +106,17 @@ struct Missed {
     first_attempt: Option<(OffsetDateTime, String)>,
 }
 
+impl Missed {
+    /// How the first delivery ended: the status answered, or the error's last clause (e.g.
+    /// "operation timed out").
+    fn outcome(&self) -> String {
+        match &self.first_attempt {
+            Some((_, outcome)) => outcome.rsplit(": ").next().unwrap_or(outcome).to_string(),
+            None => "never tried".to_string(),
+        }
+    }
+}
+
 /// The ingress's own counts over the burst (its `/metrics` before and after): whether a
 /// webhook that went unanswered reached its handler, or waited before it.
 #[derive(Debug, Default)]
@@ -291,16 +302,12 @@ async fn measure(
 }
 
 impl Report {
-    /// The auto-accepted changes by how their webhook's first delivery ended: the error's
-    /// last clause (e.g. "operation timed out") or the status answered.
+    /// The auto-accepted changes by how their webhook's first delivery ended
+    /// ([`Missed::outcome`]).
     fn missed_by_outcome(&self) -> std::collections::BTreeMap<String, usize> {
         let mut by = std::collections::BTreeMap::new();
         for missed in &self.missed {
-            let outcome = match &missed.first_attempt {
-                Some((_, outcome)) => outcome.rsplit(": ").next().unwrap_or(outcome).to_string(),
-                None => "never tried".to_string(),
-            };
-            *by.entry(outcome).or_default() += 1;
+            *by.entry(missed.outcome()).or_default() += 1;
         }
         by
     }
@@ -316,10 +323,7 @@ impl Report {
         self.missed_by_outcome()
             .into_iter()
             .map(|(outcome, count)| {
-                let of_outcome = self.missed.iter().filter(|m| match &m.first_attempt {
-                    Some((_, text)) => text.rsplit(": ").next() == Some(outcome.as_str()),
-                    None => outcome == "never tried",
-                });
+                let of_outcome = self.missed.iter().filter(|m| m.outcome() == outcome);
                 let (mut into, mut after) = (Vec::new(), Vec::new());
                 for missed in of_outcome {
                     into.push(seconds(missed.created - began));
