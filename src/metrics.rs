@@ -20,6 +20,9 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const PUBLISH_CONFIRM_SECONDS: &str = "publish_confirm_seconds";
 /// Counter `{reason}`: webhook tokens refused.
 pub const JWT_REJECTIONS_TOTAL: &str = "jwt_rejections_total";
+/// Histogram `{outcome}` (`ok`, `failed`): fetches of Entra's JWKS, which every webhook
+/// needing the keys waits for.
+pub const JWKS_FETCH_SECONDS: &str = "jwks_fetch_seconds";
 /// Gauge: connections the ingress has open (at most `HTTP_MAX_CONNECTIONS`).
 pub const FULFILLMENT_HTTP_CONNECTIONS: &str = "fulfillment_http_connections";
 /// Counter: connections that waited in the accept queue for a place under the limit.
@@ -161,6 +164,11 @@ fn describe() {
         "Time RabbitMQ took to confirm a publish"
     );
     describe_counter!(JWT_REJECTIONS_TOTAL, "Webhook tokens refused, by reason");
+    describe_histogram!(
+        JWKS_FETCH_SECONDS,
+        Unit::Seconds,
+        "Fetches of Entra's JWKS by outcome; the webhooks that need the keys wait for them"
+    );
     describe_gauge!(
         FULFILLMENT_HTTP_CONNECTIONS,
         "Connections the ingress has open (at most HTTP_MAX_CONNECTIONS)"

@@ -48,6 +48,7 @@ const COUNTERS_AND_GAUGES: &[&str] = &[
 const HISTOGRAMS: &[&str] = &[
     "http_request_duration_seconds",
     "publish_confirm_seconds",
+    "jwks_fetch_seconds",
     "marketplace_request_duration_seconds",
     "fulfillment_webhook_to_ack_seconds",
 ];

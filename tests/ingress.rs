@@ -259,6 +259,13 @@ async fn webhooks_without_a_valid_token_are_refused_with_the_reason() {
                 && l.contains("reason=\"wrong_audience\"")),
         "{metrics}"
     );
+    // The keys were fetched to check the tokens, and the fetch is timed.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("jwks_fetch_seconds_count{outcome=\"ok\"}")),
+        "{metrics}"
+    );
     consumer.cancel().await;
     app.finish().await;
 }

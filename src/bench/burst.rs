@@ -15,7 +15,8 @@
 //! names them (a JWKS fetch of a second or more is a warning there). JSON keys:
 //! `auto_accepted_first_attempts` (by outcome),
 //! `ingress_webhook_requests`, `ingress_webhook_requests_over_10s`,
-//! `ingress_connections_waited`.
+//! `ingress_connections_waited`, `ingress_jwks_fetches`, `ingress_jwks_fetch_s` (the
+//! ingress's fetches of the JWKS during the burst: its first webhooks wait for the keys).
 //!
 //! The world is the pipeline bench's: the simulator in this process, `fulfillment serve` and
 //! one `fulfillment work` as children, a throwaway database and RabbitMQ topology.
@@ -127,11 +128,15 @@ struct IngressSide {
     over_window: f64,
     /// Connections that waited for a place under `HTTP_MAX_CONNECTIONS`.
     waited: f64,
+    /// Fetches of Entra's JWKS (the simulator's here), and their time in all: the webhooks
+    /// that need the keys wait for them.
+    jwks_fetches: f64,
+    jwks_seconds: f64,
 }
 
 impl IngressSide {
     fn between(before: &str, after: &str) -> Self {
-        use crate::http::metrics::HTTP_REQUEST_DURATION_SECONDS;
+        use crate::http::metrics::{HTTP_REQUEST_DURATION_SECONDS, JWKS_FETCH_SECONDS};
         use crate::metrics::FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL;
         let webhook = "route=\"/webhook\"";
         let count =
@@ -147,11 +152,14 @@ impl IngressSide {
         let waited = |text: &str| {
             measure::series_total(text, FULFILLMENT_HTTP_CONNECTIONS_WAITED_TOTAL, &[])
         };
+        let jwks = |text: &str| measure::histogram_totals(text, JWKS_FETCH_SECONDS, "outcome=");
         let webhooks = count(after) - count(before);
         Self {
             webhooks,
             over_window: webhooks - (in_window(after) - in_window(before)),
             waited: waited(after) - waited(before),
+            jwks_fetches: jwks(after).1 - jwks(before).1,
+            jwks_seconds: jwks(after).0 - jwks(before).0,
         }
     }
 }
@@ -380,11 +388,14 @@ impl Report {
         }
         println!(
             "  ingress, during the burst       {:.0} webhook requests answered, {:.0} of them \
-             after more than {} s; {:.0} connections waited for a place (HTTP_MAX_CONNECTIONS)",
+             after more than {} s; {:.0} connections waited for a place (HTTP_MAX_CONNECTIONS); \
+             {:.0} JWKS fetch(es), {:.2} s in all",
             self.ingress.webhooks,
             self.ingress.over_window,
             WINDOW.as_secs(),
-            self.ingress.waited
+            self.ingress.waited,
+            self.ingress.jwks_fetches,
+            self.ingress.jwks_seconds
         );
         println!(
             "  webhook-to-ACK                  p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (simulator clock)",
@@ -445,6 +456,8 @@ impl Report {
             "ingress_webhook_requests": self.ingress.webhooks.round() as u64,
             "ingress_webhook_requests_over_10s": self.ingress.over_window.round() as u64,
             "ingress_connections_waited": self.ingress.waited.round() as u64,
+            "ingress_jwks_fetches": self.ingress.jwks_fetches.round() as u64,
+            "ingress_jwks_fetch_s": round(self.ingress.jwks_seconds, 3),
             "target": {"auto_accepted": 0, "met": met},
         });
         println!("{json}");
@@ -518,7 +531,7 @@ mod tests {
 
     #[test]
     fn the_ingress_side_is_the_difference_of_two_scrapes() {
-        let exposition = |answered: u32, in_window: u32, waited: u32| {
+        let exposition = |answered: u32, in_window: u32, waited: u32, jwks_s: f64, jwks: u32| {
             format!(
                 "http_request_duration_seconds_bucket{{route=\"/webhook\",status=\"200\",le=\"10\"}} \
                  {in_window}\n\
@@ -527,12 +540,18 @@ mod tests {
                  http_request_duration_seconds_sum{{route=\"/webhook\",status=\"200\"}} 1.5\n\
                  http_request_duration_seconds_count{{route=\"/webhook\",status=\"200\"}} \
                  {answered}\n\
-                 fulfillment_http_connections_waited_total {waited}\n"
+                 fulfillment_http_connections_waited_total {waited}\n\
+                 jwks_fetch_seconds_sum{{outcome=\"ok\"}} {jwks_s}\n\
+                 jwks_fetch_seconds_count{{outcome=\"ok\"}} {jwks}\n"
             )
         };
-        let side = IngressSide::between(&exposition(200, 200, 0), &exposition(5200, 5175, 300));
+        let side = IngressSide::between(
+            &exposition(200, 200, 0, 0.5, 1),
+            &exposition(5200, 5175, 300, 3.0, 2),
+        );
         assert_eq!(side.webhooks, 5000.0);
         assert_eq!(side.over_window, 25.0);
         assert_eq!(side.waited, 300.0);
+        assert_eq!((side.jwks_fetches, side.jwks_seconds), (1.0, 2.5));
     }
 }

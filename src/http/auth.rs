@@ -561,6 +561,12 @@ impl Inner {
 
     async fn fetch_keys(&self) -> anyhow::Result<KeySet> {
         let started = Instant::now();
+        let fetched = self.fetch_keys_once(started).await;
+        super::metrics::record_jwks_fetch(started.elapsed(), fetched.is_ok());
+        fetched
+    }
+
+    async fn fetch_keys_once(&self, started: Instant) -> anyhow::Result<KeySet> {
         let mut response = self
             .http
             .get(self.config.jwks_url.clone())

@@ -3,7 +3,7 @@
 //!
 //! Names: `http_requests_total{route,method,status}`,
 //! `http_request_duration_seconds{route,status}`, `publish_confirm_seconds{outcome}`,
-//! `jwt_rejections_total{reason}`. `route` is the matched route template (`/api/v1/
+//! `jwt_rejections_total{reason}`, `jwks_fetch_seconds{outcome}`. `route` is the matched route template (`/api/v1/
 //! subscriptions/{id}`), never the raw path, so label cardinality stays bounded.
 
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::state::AppState;
 pub use crate::metrics::{
-    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL, JWT_REJECTIONS_TOTAL,
+    HTTP_REQUEST_DURATION_SECONDS, HTTP_REQUESTS_TOTAL, JWKS_FETCH_SECONDS, JWT_REJECTIONS_TOTAL,
     PUBLISH_CONFIRM_SECONDS, prometheus_handle,
 };
 
@@ -50,6 +50,12 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
 pub fn record_publish_confirm(elapsed: Duration, outcome: &'static str) {
     metrics::histogram!(PUBLISH_CONFIRM_SECONDS, "outcome" => outcome)
         .record(elapsed.as_secs_f64());
+}
+
+/// Records how long a fetch of Entra's JWKS took, and whether it gave keys.
+pub fn record_jwks_fetch(elapsed: Duration, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::histogram!(JWKS_FETCH_SECONDS, "outcome" => outcome).record(elapsed.as_secs_f64());
 }
 
 /// Counts a refused webhook token by reason.
