@@ -154,12 +154,14 @@ impl IngressSide {
         };
         let jwks = |text: &str| measure::histogram_totals(text, JWKS_FETCH_SECONDS, "outcome=");
         let webhooks = count(after) - count(before);
+        let ((seconds_before, fetches_before), (seconds_after, fetches_after)) =
+            (jwks(before), jwks(after));
         Self {
             webhooks,
             over_window: webhooks - (in_window(after) - in_window(before)),
             waited: waited(after) - waited(before),
-            jwks_fetches: jwks(after).1 - jwks(before).1,
-            jwks_seconds: jwks(after).0 - jwks(before).0,
+            jwks_fetches: fetches_after - fetches_before,
+            jwks_seconds: seconds_after - seconds_before,
         }
     }
 }
@@ -204,17 +206,8 @@ async fn measure(
         .context("the outbox did not drain after the purchases")?;
     pool.close().await;
 
-    let ingress_metrics = format!("http://{ingress_addr}/metrics");
-    let scrape = async || -> anyhow::Result<String> {
-        Ok(http
-            .get(&ingress_metrics)
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?)
-    };
-    let metrics_before = scrape()
+    let ingress_metrics = url::Url::parse(&format!("http://{ingress_addr}/metrics"))?;
+    let metrics_before = measure::scrape(&http, ingress_metrics.clone())
         .await
         .context("cannot read the ingress's /metrics")?;
     eprintln!("bench: {} seat changes issued at once…", args.changes);
@@ -280,7 +273,7 @@ async fn measure(
         }
     }
     let drained_seconds = issued.elapsed().as_secs_f64();
-    let metrics_after = scrape()
+    let metrics_after = measure::scrape(&http, ingress_metrics)
         .await
         .context("cannot read the ingress's /metrics")?;
     acked_us.sort_unstable();

@@ -400,13 +400,6 @@ struct Report {
     warmup: usize,
 }
 
-async fn scrape(http: &reqwest::Client, url: Url) -> String {
-    match http.get(url).send().await {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
-
 fn server_side(before: &str, after: &str) -> ServerSide {
     use crate::http::metrics::{HTTP_REQUEST_DURATION_SECONDS, PUBLISH_CONFIRM_SECONDS};
     let delta = |metric: &str, label: &str| {
@@ -541,7 +534,9 @@ async fn measure_all(
             failures.take();
         }
         env.purge().await?;
-        let before = scrape(&probe, ingress_metrics.clone()).await;
+        let before = measure::scrape(&probe, ingress_metrics.clone())
+            .await
+            .unwrap_or_default();
         let load = http_load(
             client.clone(),
             ingress_webhook.clone(),
@@ -556,7 +551,9 @@ async fn measure_all(
         let cpu = mark.since(Some(ingress_pid));
         let rss_max_mib = rss.max_mib();
         rss.max_kib.fetch_max(rss_before, Ordering::Relaxed);
-        let after = scrape(&probe, ingress_metrics.clone()).await;
+        let after = measure::scrape(&probe, ingress_metrics.clone())
+            .await
+            .unwrap_or_default();
         let ingress = Phase {
             stats,
             failures: failures.take(),

@@ -235,21 +235,17 @@ pub fn histogram_totals(exposition: &str, metric: &str, label: &str) -> (f64, f6
 /// most `le` (its bucket of that bound, which must be one of its bounds), from a text
 /// exposition.
 pub fn histogram_at_most(exposition: &str, metric: &str, label: &str, le: f64) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(metric)
-                .and_then(|rest| rest.strip_prefix("_bucket{"))
-                .is_some_and(|labels| labels.contains(label))
-        })
-        .filter(|line| {
-            line.split("le=\"")
+    series_values(exposition, &format!("{metric}_bucket"))
+        .filter(|(labels, _)| labels.contains(label))
+        .filter(|(labels, _)| {
+            labels
+                .split("le=\"")
                 .nth(1)
                 .and_then(|rest| rest.split('"').next())
                 .and_then(|bound| bound.parse::<f64>().ok())
                 .is_some_and(|bound| bound == le)
         })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|(_, value)| value)
         .sum()
 }
 
@@ -257,20 +253,38 @@ pub fn histogram_at_most(exposition: &str, metric: &str, label: &str, le: f64) -
 /// sets that contain every one of `labels`, from a text exposition; a series without labels
 /// counts when `labels` is empty.
 pub fn series_total(exposition: &str, series: &str, labels: &[&str]) -> f64 {
-    exposition
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(series)?;
-            let (label_text, value) = match rest.strip_prefix('{') {
-                Some(rest) => rest.split_once("} ")?,
-                None => ("", rest.strip_prefix(' ')?),
-            };
-            labels
-                .iter()
-                .all(|label| label_text.contains(label))
-                .then(|| value.trim().parse::<f64>().ok())?
-        })
+    series_values(exposition, series)
+        .filter(|(text, _)| labels.iter().all(|label| text.contains(label)))
+        .map(|(_, value)| value)
         .sum()
+}
+
+/// The samples of `series` in a text exposition: each one's label text (between the
+/// braces; empty without labels) and value. Longer names that start with `series` are not
+/// its samples.
+fn series_values<'a>(
+    exposition: &'a str,
+    series: &'a str,
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    exposition.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(series)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => rest.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels, value.trim().parse::<f64>().ok()?))
+    })
+}
+
+/// A process's `/metrics` text.
+pub async fn scrape(http: &reqwest::Client, url: url::Url) -> anyhow::Result<String> {
+    Ok(http
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
 }
 
 /// Rounds to `places` decimals for the report.

@@ -559,14 +559,32 @@ impl Inner {
         }
     }
 
+    /// [`Self::fetch_jwks`], timed: the metric counts every fetch, and the log tells a
+    /// slow one apart (every webhook that needs the keys waits for it, on Microsoft's 10 s
+    /// clock).
     async fn fetch_keys(&self) -> anyhow::Result<KeySet> {
         let started = Instant::now();
-        let fetched = self.fetch_keys_once(started).await;
-        super::metrics::record_jwks_fetch(started.elapsed(), fetched.is_ok());
+        let fetched = self.fetch_jwks().await;
+        let elapsed = started.elapsed();
+        super::metrics::record_jwks_fetch(elapsed, fetched.is_ok());
+        if let Ok(set) = &fetched {
+            let elapsed_ms = elapsed.as_millis() as u64;
+            let keys = set.keys.len();
+            if elapsed >= SLOW_JWKS_FETCH {
+                tracing::warn!(
+                    jwks_url = %self.config.jwks_url,
+                    keys,
+                    elapsed_ms,
+                    "fetched the Entra JWKS slowly; the webhooks that needed it waited as long"
+                );
+            } else {
+                tracing::info!(jwks_url = %self.config.jwks_url, keys, elapsed_ms, "fetched the Entra JWKS");
+            }
+        }
         fetched
     }
 
-    async fn fetch_keys_once(&self, started: Instant) -> anyhow::Result<KeySet> {
+    async fn fetch_jwks(&self) -> anyhow::Result<KeySet> {
         let mut response = self
             .http
             .get(self.config.jwks_url.clone())
@@ -583,23 +601,6 @@ impl Inner {
         }
         let keys = parse_jwks(&body)?;
         anyhow::ensure!(!keys.is_empty(), "the JWKS holds no RS256 signing key");
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        // Every webhook that needs the keys waits for this fetch, on Microsoft's 10 s clock.
-        if started.elapsed() >= SLOW_JWKS_FETCH {
-            tracing::warn!(
-                jwks_url = %self.config.jwks_url,
-                keys = keys.len(),
-                elapsed_ms,
-                "fetched the Entra JWKS slowly; the webhooks that needed it waited as long"
-            );
-        } else {
-            tracing::info!(
-                jwks_url = %self.config.jwks_url,
-                keys = keys.len(),
-                elapsed_ms,
-                "fetched the Entra JWKS"
-            );
-        }
         Ok(KeySet {
             keys,
             fetched_at: Instant::now(),

@@ -3,8 +3,9 @@
 //!
 //! Names: `http_requests_total{route,method,status}`,
 //! `http_request_duration_seconds{route,status}`, `publish_confirm_seconds{outcome}`,
-//! `jwt_rejections_total{reason}`, `jwks_fetch_seconds{outcome}`. `route` is the matched route template (`/api/v1/
-//! subscriptions/{id}`), never the raw path, so label cardinality stays bounded.
+//! `jwt_rejections_total{reason}`, `jwks_fetch_seconds{outcome}`. `route` is the matched
+//! route template (`/api/v1/subscriptions/{id}`), never the raw path, so label cardinality
+//! stays bounded.
 
 use std::time::{Duration, Instant};
 
