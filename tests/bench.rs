@@ -119,6 +119,13 @@ fn bench_scale_preloads_with_copy_and_reconciles_everything() {
     assert_eq!(result["bench"], "scale");
     assert_eq!(result["subscriptions"], 300, "{result}");
     assert_eq!(result["events"], 1500, "{result}");
+    // The history a real database keeps beside its event log went in too.
+    for table in ["inbox", "outbox", "webhook_events"] {
+        assert!(
+            result["preloaded_rows"][table].as_u64().unwrap() > 0,
+            "{table} in {result}"
+        );
+    }
     assert_eq!(result["not_acknowledged"], 0, "{result}");
     // The copies are coherent: Microsoft lists the preloaded subscriptions and the bench's
     // own, and reconcile finds every one here, with nothing drifted.

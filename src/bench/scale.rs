@@ -2,7 +2,8 @@
 //! bench's changes and a `fulfillment reconcile` run first against an empty database, then
 //! again after N subscriptions (at the simulator and here) and M event-log rows were
 //! preloaded with `COPY` (copies of a real subscription and its event log, not through the
-//! pipeline); the report puts the two side by side.
+//! pipeline), with the inbox keys, done outbox rows and feed events that much history leaves
+//! (`store::preload`); the report puts the two side by side.
 //!
 //! The world is the pipeline bench's: the simulator in this process, `fulfillment serve` and
 //! one `fulfillment work` as children, a throwaway database and RabbitMQ topology;
@@ -84,6 +85,8 @@ struct Report {
     reconcile_loaded: Reconciled,
     preloaded_subscriptions: u64,
     preloaded_events: u64,
+    /// Rows copied into the history tables beside the event log (inbox, outbox, feed).
+    preloaded_history: Vec<(&'static str, u64)>,
     preload_seconds: f64,
     database_mib: f64,
     ingress_peak_rss_mib: f64,
@@ -160,7 +163,7 @@ async fn measure(
     })
     .await
     .context("the simulator's preload panicked")??;
-    let (preloaded_subscriptions, preloaded_events) = crate::store::preload::copy(
+    let preloaded = crate::store::preload::copy(
         &pool,
         &template,
         &preloaded_ids,
@@ -169,6 +172,7 @@ async fn measure(
     .await
     .context("cannot preload the database")?;
     drop(preloaded_ids);
+    let (preloaded_subscriptions, preloaded_events) = (preloaded.subscriptions, preloaded.events);
     crate::store::analyze(&pool).await?;
     let preload_seconds = preloading.elapsed().as_secs_f64();
     let database_mib = crate::store::verify::database_bytes(&pool).await? as f64 / 1048576.0;
@@ -198,6 +202,7 @@ async fn measure(
         reconcile_loaded,
         preloaded_subscriptions,
         preloaded_events,
+        preloaded_history: preloaded.history,
         preload_seconds,
         database_mib,
         ingress_peak_rss_mib: ingress_rss.peak_mib(),
@@ -269,6 +274,15 @@ impl Report {
             "  preload (COPY)                  {:.1} s; database {:.0} MiB",
             self.preload_seconds, self.database_mib
         );
+        let history: Vec<String> = self
+            .preloaded_history
+            .iter()
+            .map(|(table, rows)| format!("{table} {rows}"))
+            .collect();
+        println!(
+            "  preloaded beside the event log  {} (rows, in the template's proportion to its event log)",
+            history.join(", ")
+        );
         for (name, phase) in [("empty", &self.empty), ("loaded", &self.loaded)] {
             println!(
                 "  pipeline, {name:<6}                {:>8.0} events/s  (ACK p99 {:.0} ms; {} not acknowledged)",
@@ -309,6 +323,11 @@ impl Report {
             "bench": "scale",
             "subscriptions": self.preloaded_subscriptions,
             "events": self.preloaded_events,
+            "preloaded_rows": self
+                .preloaded_history
+                .iter()
+                .map(|(table, rows)| (table.to_string(), json!(rows)))
+                .collect::<serde_json::Map<String, Value>>(),
             "changes": args.changes,
             "in_flight": args.in_flight,
             "preload_s": round(self.preload_seconds, 1),
