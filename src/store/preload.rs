@@ -16,7 +16,9 @@
 //! `last_sequence`.
 
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgPool, PgPoolCopyExt};
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgCopyIn, PgPool, PgPoolCopyExt};
 use uuid::Uuid;
 
 /// Rows sent per `COPY` chunk.
@@ -171,24 +173,16 @@ pub async fn copy(
     events_each: usize,
 ) -> Result<Preloaded, sqlx::Error> {
     let old = template.subscription_id.to_string();
-    let mut subscriptions = pool.copy_in_raw("COPY subscriptions FROM STDIN").await?;
-    let mut buffer = String::with_capacity(CHUNK_BYTES + 4096);
+    let mut subscriptions = CopyIn::start(pool, "COPY subscriptions FROM STDIN").await?;
+    let last = events_each.to_string();
     for id in ids {
         let line = template.subscription.replace(&old, &id.to_string());
         let mut fields: Vec<&str> = line.split('\t').collect();
-        let last = events_each.to_string();
         if let Some(field) = fields.get_mut(template.last_sequence_column) {
             *field = &last;
         }
-        buffer.push_str(&fields.join("\t"));
-        buffer.push('\n');
-        if buffer.len() >= CHUNK_BYTES {
-            subscriptions.send(buffer.as_bytes()).await?;
-            buffer.clear();
-        }
+        subscriptions.row(&fields).await?;
     }
-    subscriptions.send(buffer.as_bytes()).await?;
-    buffer.clear();
     let subscription_rows = subscriptions.finish().await?;
 
     if template.events.is_empty() || events_each == 0 {
@@ -197,9 +191,7 @@ pub async fn copy(
             ..Preloaded::default()
         });
     }
-    let mut events = pool
-        .copy_in_raw("COPY subscription_events FROM STDIN")
-        .await?;
+    let mut events = CopyIn::start(pool, "COPY subscription_events FROM STDIN").await?;
     for id in ids {
         let id_text = id.to_string();
         for sequence in 1..=events_each {
@@ -213,16 +205,9 @@ pub async fn copy(
                 fields[0] = &event_id;
                 fields[2] = &sequence_text;
             }
-            buffer.push_str(&fields.join("\t"));
-            buffer.push('\n');
-            if buffer.len() >= CHUNK_BYTES {
-                events.send(buffer.as_bytes()).await?;
-                buffer.clear();
-            }
+            events.row(&fields).await?;
         }
     }
-    events.send(buffer.as_bytes()).await?;
-    buffer.clear();
     let event_rows = events.finish().await?;
 
     let mut history = Vec::with_capacity(HISTORY.len());
@@ -232,12 +217,8 @@ pub async fn copy(
             history.push((table.table, 0));
             continue;
         }
-        let mut sink = pool
-            .copy_in_raw(&format!(
-                "COPY {} {} FROM STDIN",
-                table.table, table.columns
-            ))
-            .await?;
+        let statement = format!("COPY {} {} FROM STDIN", table.table, table.columns);
+        let mut sink = CopyIn::start(pool, &statement).await?;
         for id in ids {
             let id_text = id.to_string();
             for n in 0..each {
@@ -250,16 +231,9 @@ pub async fn copy(
                 if let Some(field) = fields.first_mut() {
                     *field = &fresh;
                 }
-                buffer.push_str(&fields.join("\t"));
-                buffer.push('\n');
-                if buffer.len() >= CHUNK_BYTES {
-                    sink.send(buffer.as_bytes()).await?;
-                    buffer.clear();
-                }
+                sink.row(&fields).await?;
             }
         }
-        sink.send(buffer.as_bytes()).await?;
-        buffer.clear();
         history.push((table.table, sink.finish().await?));
     }
     Ok(Preloaded {
@@ -267,6 +241,38 @@ pub async fn copy(
         events: event_rows,
         history,
     })
+}
+
+/// A `COPY … FROM STDIN`, fed row by row and sent in chunks of about [`CHUNK_BYTES`].
+struct CopyIn {
+    sink: PgCopyIn<PoolConnection<Postgres>>,
+    buffer: String,
+}
+
+impl CopyIn {
+    async fn start(pool: &PgPool, statement: &str) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            sink: pool.copy_in_raw(statement).await?,
+            buffer: String::with_capacity(CHUNK_BYTES + 4096),
+        })
+    }
+
+    /// One row, its fields in COPY's text format.
+    async fn row(&mut self, fields: &[&str]) -> Result<(), sqlx::Error> {
+        self.buffer.push_str(&fields.join("\t"));
+        self.buffer.push('\n');
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.sink.send(self.buffer.as_bytes()).await?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends what is left; the rows the server took.
+    async fn finish(mut self) -> Result<u64, sqlx::Error> {
+        self.sink.send(self.buffer.as_bytes()).await?;
+        self.sink.finish().await
+    }
 }
 
 /// A copy's rows of a history table the template has `rows` of beside `template_events`
