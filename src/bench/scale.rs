@@ -23,6 +23,7 @@ use super::harness::{
 use super::measure::{self, round};
 use super::pipeline::{Phase, drive_changes};
 use crate::settings::Settings;
+use crate::store::preload::Preloaded;
 
 const PLAN: &str = "per-seat";
 const SEATS: u32 = 5;
@@ -83,10 +84,8 @@ struct Report {
     loaded: Phase,
     reconcile_empty: Reconciled,
     reconcile_loaded: Reconciled,
-    preloaded_subscriptions: u64,
-    preloaded_events: u64,
-    /// Rows copied into the history tables beside the event log (inbox, outbox, feed).
-    preloaded_history: Vec<(&'static str, u64)>,
+    /// The rows the preload copied, per table.
+    preloaded: Preloaded,
     preload_seconds: f64,
     database_mib: f64,
     ingress_peak_rss_mib: f64,
@@ -172,7 +171,6 @@ async fn measure(
     .await
     .context("cannot preload the database")?;
     drop(preloaded_ids);
-    let (preloaded_subscriptions, preloaded_events) = (preloaded.subscriptions, preloaded.events);
     crate::store::analyze(&pool).await?;
     let preload_seconds = preloading.elapsed().as_secs_f64();
     let database_mib = crate::store::verify::database_bytes(&pool).await? as f64 / 1048576.0;
@@ -200,9 +198,7 @@ async fn measure(
         loaded,
         reconcile_empty,
         reconcile_loaded,
-        preloaded_subscriptions,
-        preloaded_events,
-        preloaded_history: preloaded.history,
+        preloaded,
         preload_seconds,
         database_mib,
         ingress_peak_rss_mib: ingress_rss.peak_mib(),
@@ -268,14 +264,15 @@ impl Report {
         println!(
             "fulfillment bench scale: {cores} cores, loopback; {} seat changes over {} subscriptions, \
              on an empty database and after preloading {} subscriptions and {} event-log rows\n",
-            args.changes, args.in_flight, self.preloaded_subscriptions, self.preloaded_events
+            args.changes, args.in_flight, self.preloaded.subscriptions, self.preloaded.events
         );
         println!(
             "  preload (COPY)                  {:.1} s; database {:.0} MiB",
             self.preload_seconds, self.database_mib
         );
         let history: Vec<String> = self
-            .preloaded_history
+            .preloaded
+            .history
             .iter()
             .map(|(table, rows)| format!("{table} {rows}"))
             .collect();
@@ -321,10 +318,11 @@ impl Report {
         println!("run took {:.1} s", took.as_secs_f64());
         let json = json!({
             "bench": "scale",
-            "subscriptions": self.preloaded_subscriptions,
-            "events": self.preloaded_events,
+            "subscriptions": self.preloaded.subscriptions,
+            "events": self.preloaded.events,
             "preloaded_rows": self
-                .preloaded_history
+                .preloaded
+                .history
                 .iter()
                 .map(|(table, rows)| (table.to_string(), json!(rows)))
                 .collect::<serde_json::Map<String, Value>>(),

@@ -46,8 +46,10 @@ impl Template {
 /// A table of a subscription's history besides its event log, copied with the event log.
 struct History {
     table: &'static str,
-    /// The columns copied (`*`: all, in the table's order), and which rows.
+    /// The columns copied (`*`: all, in the table's order).
     select: &'static str,
+    /// Which of the template's rows, besides being its subscription's (`AND …`, or empty).
+    only: &'static str,
     /// The column list of the `COPY … FROM STDIN` (empty: all columns).
     columns: &'static str,
     /// The one field that must be unique, and what a copy puts there.
@@ -69,18 +71,22 @@ const HISTORY: [History; 3] = [
     History {
         table: "inbox",
         select: "message_id, kind, subscription_id, received_at",
+        only: "",
         columns: "(message_id, kind, subscription_id, received_at)",
         fresh: Fresh::Guid,
     },
     History {
         table: "outbox",
         select: "*",
+        // Only what a finished change leaves: done rows, not pending or dead ones.
+        only: " AND status = 'done'",
         columns: "",
         fresh: Fresh::TimeOrdered,
     },
     History {
         table: "webhook_events",
         select: "id, subscription_id, type, body, created_at",
+        only: "",
         columns: "(id, subscription_id, type, body, created_at)",
         fresh: Fresh::TimeOrdered,
     },
@@ -124,18 +130,12 @@ pub async fn template(pool: &PgPool, id: Uuid) -> Result<Template, sqlx::Error> 
         .ok_or(sqlx::Error::RowNotFound)?;
     let mut history = Vec::with_capacity(HISTORY.len());
     for table in &HISTORY {
-        // Only what a finished change leaves: the outbox's done rows, not pending or dead.
-        let done = if table.table == "outbox" {
-            " AND status = 'done'"
-        } else {
-            ""
-        };
         history.push(
             copy_out(
                 pool,
                 &format!(
-                    "COPY (SELECT {} FROM {} WHERE subscription_id = '{id}'{done}) TO STDOUT",
-                    table.select, table.table
+                    "COPY (SELECT {} FROM {} WHERE subscription_id = '{id}'{}) TO STDOUT",
+                    table.select, table.table, table.only
                 ),
             )
             .await?,
