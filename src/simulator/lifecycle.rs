@@ -704,7 +704,7 @@ fn finish(shared: &Arc<Shared>, st: &mut State, id: Uuid, op_id: Uuid, outcome: 
         }
     }
     tracing::info!(subscription_id = %id, operation_id = %op_id, status = %wire_name(&status), resolution, "operation finished");
-    shared.operation_finished.notify_waiters();
+    shared.operation_waiters.wake(op_id);
     if status == OperationStatus::Succeeded
         && op.action == Action::Unsubscribe
         && op.source == RequestSource::Partner

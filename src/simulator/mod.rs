@@ -645,15 +645,19 @@ impl SimulatorView {
         timeout: Duration,
     ) -> Option<OperationProgress> {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.shared.operation_finished.notified();
-            let progress = self.operation_progress(subscription_id, operation_id)?;
-            if progress.finished.is_some() || tokio::time::Instant::now() >= deadline {
-                return Some(progress);
+        let ended = self.shared.operation_waiters.register(operation_id);
+        let progress = loop {
+            let notified = ended.notified();
+            let progress = self.operation_progress(subscription_id, operation_id);
+            let over = progress.as_ref().is_none_or(|p| p.finished.is_some());
+            if over || tokio::time::Instant::now() >= deadline {
+                break progress;
             }
             // Re-check now and then too: not every way an operation ends wakes waiters.
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        }
+        };
+        self.shared.operation_waiters.release(operation_id, ended);
+        progress
     }
 
     /// What is still moving: operations in progress and webhook deliveries not yet final

@@ -276,8 +276,10 @@ pub(crate) struct Shared {
     pub dirty: AtomicBool,
     /// The plans on sale; starts as `config.plans`, replaced by `PUT /simulator/catalogue`.
     catalogue: Mutex<Vec<PlanSpec>>,
-    /// Woken whenever an operation ends (benchmarks wait on it instead of polling).
-    pub operation_finished: tokio::sync::Notify,
+    /// Those waiting for an operation to end, by operation: woken when it ends (benchmarks
+    /// wait on it instead of polling). One per operation, so an ending wakes its own
+    /// waiters only, not every waiter of a load's hundreds.
+    pub operation_waiters: OperationWaiters,
     /// The webhook sender's current token: `(kid, token, minted at)`.
     pub sender_token: Mutex<Option<(String, String, std::time::Instant)>>,
     /// Certificates and federated credentials registered on the app.
@@ -286,6 +288,39 @@ pub(crate) struct Shared {
     pub sign_in_codes: super::sign_in::SignInCodes,
     /// GETs of the JWKS so far (a verifier's cache shows in how few there are).
     pub jwks_fetches: std::sync::atomic::AtomicUsize,
+}
+
+/// Who waits for which operation to end: one wake-up per operation, so an operation's end
+/// wakes its own waiters only, not every waiter of a load's hundreds (each of which would
+/// read the state under its lock to find its operation still open).
+#[derive(Debug, Default)]
+pub struct OperationWaiters(Mutex<HashMap<Uuid, Arc<tokio::sync::Notify>>>);
+
+impl OperationWaiters {
+    fn map(&self) -> MutexGuard<'_, HashMap<Uuid, Arc<tokio::sync::Notify>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The wake-up of `operation`'s end, registered until [`Self::release`].
+    pub fn register(&self, operation: Uuid) -> Arc<tokio::sync::Notify> {
+        Arc::clone(self.map().entry(operation).or_default())
+    }
+
+    /// Gives back a wake-up from [`Self::register`]; the last one unregisters it.
+    pub fn release(&self, operation: Uuid, waiter: Arc<tokio::sync::Notify>) {
+        let mut map = self.map();
+        // The map's and this one: nobody else waits.
+        if Arc::strong_count(&waiter) == 2 {
+            map.remove(&operation);
+        }
+    }
+
+    /// Wakes those waiting for `operation` to end.
+    pub fn wake(&self, operation: Uuid) {
+        if let Some(waiter) = self.map().get(&operation) {
+            waiter.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -316,7 +351,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             dirty: AtomicBool::new(false),
-            operation_finished: tokio::sync::Notify::new(),
+            operation_waiters: OperationWaiters::default(),
             sender_token: Mutex::new(None),
             credentials: Default::default(),
             sign_in_codes: Default::default(),
@@ -625,6 +660,35 @@ impl Delivery {
 mod tests {
     use super::*;
     use time::macros::{date, datetime};
+
+    #[test]
+    fn an_operation_ends_wakes_its_own_waiters_and_the_last_one_unregisters() {
+        use std::future::Future;
+        let waiters = OperationWaiters::default();
+        let (mine, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = waiters.register(mine);
+        let second = waiters.register(mine);
+        let elsewhere = waiters.register(other);
+        {
+            let (woken, not_woken) = (first.notified(), elsewhere.notified());
+            tokio::pin!(woken, not_woken);
+            waiters.wake(mine);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                woken.as_mut().poll(&mut cx).is_ready(),
+                "the operation's end wakes its waiter"
+            );
+            assert!(
+                not_woken.as_mut().poll(&mut cx).is_pending(),
+                "another operation's waiter sleeps on"
+            );
+        }
+        waiters.release(mine, first);
+        assert_eq!(waiters.map().len(), 2, "a second waiter still waits");
+        waiters.release(mine, second);
+        waiters.release(other, elsewhere);
+        assert!(waiters.map().is_empty(), "the last waiter unregisters");
+    }
 
     #[test]
     fn monthly_term_ends_the_day_before_the_same_day_next_month() {
