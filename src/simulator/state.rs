@@ -306,11 +306,17 @@ impl OperationWaiters {
         Arc::clone(self.map().entry(operation).or_default())
     }
 
-    /// Gives back a wake-up from [`Self::register`]; the last one unregisters it.
+    /// Gives back a wake-up from [`Self::register`]; the last one unregisters it. Every
+    /// clone is taken and dropped under the map's lock, so two waiters releasing at once
+    /// cannot both see the other's and leave the entry behind.
     pub fn release(&self, operation: Uuid, waiter: Arc<tokio::sync::Notify>) {
         let mut map = self.map();
-        // The map's and this one: nobody else waits.
-        if Arc::strong_count(&waiter) == 2 {
+        drop(waiter);
+        // Only the map's own is left: nobody else waits.
+        if map
+            .get(&operation)
+            .is_some_and(|w| Arc::strong_count(w) == 1)
+        {
             map.remove(&operation);
         }
     }
